@@ -1,0 +1,142 @@
+"""cnnmodels: registry, exact parameter counts, MACs and torchvision state-dict compatibility."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import cnnmodels
+from cnnmodels import create_model, profile
+
+
+def n_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, expected",
+    [
+        ("alexnet", {}, 61_100_840),
+        ("vgg16", {}, 138_357_544),
+        ("vgg16_bn", {}, 138_365_992),
+        ("resnet18", {}, 11_689_512),
+        ("resnet50", {}, 25_557_032),
+        ("resnet152", {}, 60_192_808),
+        ("densenet121", {}, 7_978_856),
+        ("densenet161", {}, 28_681_000),
+        ("efficientnet_b0", {}, 5_288_548),
+        ("efficientnet_b7", {}, 66_347_960),
+        ("googlenet", {"torchvision_compat": True}, 13_004_888),
+        ("googlenet", {"torchvision_compat": True, "aux_logits": False}, 6_624_904),
+        ("googlenet", {"aux_logits": False}, 7_005_832),  # the paper's 5x5 branch
+        ("se_resnet18", {}, 11_778_592),
+        ("se_resnet50", {}, 28_088_024),
+        ("se_resnet152", {}, 66_821_848),
+        ("lenet5", {"num_classes": 10, "in_chans": 1}, 61_706),
+    ],
+)
+def test_parameter_counts_match_references(name, kwargs, expected):
+    with torch.device("meta"):  # shapes only: skips the (slow, irrelevant) random initialisation
+        model = create_model(name, **kwargs)
+    assert n_params(model) == expected
+
+
+def test_lenet5_paper_variant_has_60000_trainable_parameters():
+    model = create_model("lenet5", num_classes=10, in_chans=1, variant="paper")
+    assert n_params(model, trainable_only=True) == 60_000
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_se_adds_the_papers_ten_percent_to_resnet50():
+    extra = n_params(create_model("se_resnet50")) - n_params(create_model("resnet50"))
+    assert extra == 2_530_992
+
+
+@pytest.mark.parametrize("name, gmacs", [("resnet50", 4.089), ("efficientnet_b0", 0.386), ("alexnet", 0.714),
+                                         ("densenet121", 2.834)])
+def test_macs_at_224_match_torchvision_ops(name, gmacs):
+    assert profile(create_model(name)).macs / 1e9 == pytest.approx(gmacs, rel=0.005)
+
+
+def test_googlenet_macs_exclude_training_only_aux_heads():
+    assert profile(create_model("googlenet", torchvision_compat=True)).macs / 1e9 == pytest.approx(1.498, rel=0.005)
+
+
+TORCHVISION_ARCHS = [
+    "alexnet",
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "googlenet",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "densenet121", "densenet161", "densenet169", "densenet201",
+    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+    "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+]
+
+
+def _randomise_norm_stats(model: torch.nn.Module) -> None:
+    # Fresh BN layers are the identity in eval mode; random statistics make the comparison meaningful.
+    generator = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_ARCHS)
+@torch.no_grad()
+def test_torchvision_state_dict_loads_strictly_and_gives_same_outputs(name):
+    torch.manual_seed(0)
+    tv_kwargs = {"init_weights": True} if name == "googlenet" else {}
+    reference = torchvision.models.get_model(name, weights=None, num_classes=10, **tv_kwargs).eval()
+    _randomise_norm_stats(reference)
+    ours_kwargs = {"torchvision_compat": True} if name == "googlenet" else {}
+    with torch.device("meta"):  # every tensor is overwritten by the strict load below
+        ours = create_model(name, num_classes=10, **ours_kwargs)
+    ours = ours.to_empty(device="cpu").eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()
+    }
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    expected = reference(x)
+    torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+    assert expected.abs().max() > 1e-3  # the comparison is not between two near-zero outputs
+
+
+def test_unknown_model_name_lists_closest_names():
+    with pytest.raises(ValueError, match=r"unknown model 'resnet05'.*'resnet50'"):
+        create_model("resnet05")
+
+
+def test_unknown_keyword_raises_type_error_naming_it():
+    with pytest.raises(TypeError, match=r"'small_inputs'.*did you mean 'small_input'"):
+        create_model("resnet18", small_inputs=True)
+
+
+def test_bad_option_values_are_rejected():
+    with pytest.raises(ValueError, match="inception"):
+        create_model("googlenet", inception="fancy")
+    with pytest.raises(ValueError, match="gamma"):
+        create_model("efficientnet", phi=1, gamma=0.9)
+    with pytest.raises(ValueError, match="num_classes"):
+        create_model("resnet18", num_classes=0)
+
+
+def test_list_models_covers_every_family_and_filters():
+    names = cnnmodels.list_models()
+    for expected in ["lenet5", "alexnet", "vgg19_bn", "googlenet", "resnet152", "densenet201", "se_resnet50",
+                     "se_googlenet", "se_vgg16_bn", "efficientnet_b7", "efficientnet"]:
+        assert expected in names
+    assert cnnmodels.list_models("se_*") == sorted(n for n in names if n.startswith("se_"))
+
+
+def test_cnnmodels_imports_neither_ray_nor_mlflow():
+    code = "import sys, cnnmodels; cnnmodels.create_model('resnet18'); print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

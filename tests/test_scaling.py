@@ -1,0 +1,74 @@
+"""Compound scaling math and the compound-scaled EfficientNet builder."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cnnmodels import create_model, scaling
+from cnnmodels.efficientnet import B0_STAGES
+from cnnmodels.scaling import PAPER_COEFFICIENTS, CompoundCoefficients
+
+
+def test_paper_coefficients_satisfy_the_constraint():
+    assert PAPER_COEFFICIENTS.product == pytest.approx(1.2 * 1.1**2 * 1.15**2)
+    assert PAPER_COEFFICIENTS.product == pytest.approx(1.92027, abs=1e-5)
+    assert PAPER_COEFFICIENTS.satisfies(target=2.0, tolerance=0.1)
+    assert not CompoundCoefficients(1.5, 1.2, 1.2).satisfies(target=2.0, tolerance=0.1)
+
+
+@pytest.mark.parametrize("phi", [0, 1, 2, 3])
+def test_multipliers_and_resolution_follow_the_rule(phi):
+    m = PAPER_COEFFICIENTS.multipliers(phi, base_resolution=224)
+    assert m.depth == pytest.approx(1.2**phi)
+    assert m.width == pytest.approx(1.1**phi)
+    assert m.resolution == round(224 * 1.15**phi)
+    assert PAPER_COEFFICIENTS.flops_growth(phi) == pytest.approx(1.92027**phi, rel=1e-4)
+
+
+@pytest.mark.parametrize("phi", [0, 1, 2, 3])
+def test_compound_builder_applies_the_multipliers(phi):
+    with torch.device("meta"):
+        model = create_model("efficientnet", phi=phi, alpha=1.2, beta=1.1, gamma=1.15)
+    assert model.default_input_size == (3, round(224 * 1.15**phi), round(224 * 1.15**phi))
+    stages = list(model.features)[1:-1]
+    for stage, base in zip(stages, B0_STAGES):
+        assert len(stage) == math.ceil(base.num_layers * 1.2**phi)
+        assert stage[-1].out_channels == scaling.make_divisible(base.out_channels * 1.1**phi, 8)
+    assert model.features[0][0].out_channels == scaling.make_divisible(32 * 1.1**phi, 8)
+
+
+def test_compound_builder_at_phi_zero_is_b0():
+    with torch.device("meta"):
+        b0 = create_model("efficientnet_b0")
+        scaled = create_model("efficientnet", phi=0)
+    assert {k: v.shape for k, v in b0.state_dict().items()} == {k: v.shape for k, v in scaled.state_dict().items()}
+
+
+def test_base_resolution_is_configurable():
+    model = create_model("efficientnet", phi=2, gamma=1.15, base_resolution=32, small_input=True, num_classes=10)
+    assert model.default_input_size[1] == round(32 * 1.15**2) == 42
+    assert model(torch.randn(2, 3, 42, 42)).shape == (2, 10)
+
+
+def test_rounding_rules_match_the_official_code():
+    assert scaling.make_divisible(32 * 1.1) == 32  # 35.2 -> 32 (within 10%)
+    assert scaling.make_divisible(16 * 1.4) == 24  # 22.4 -> 24
+    assert scaling.make_divisible(10) == 16  # never below the divisor... and 8 would be >10% down
+    assert scaling.scale_depth(3, 1.1) == 4  # rounded up
+    assert scaling.scale_depth(1, 1.0) == 1
+
+
+def test_feasible_grid_only_holds_triples_within_tolerance():
+    grid = scaling.feasible_grid((1.0, 1.4), (1.0, 1.4), (1.0, 1.4), step=0.05, target=2.0, tolerance=0.1)
+    assert grid, "the paper's region is feasible"
+    assert all(abs(c.product - 2.0) <= 0.1 + 1e-9 for c in grid)
+    assert any((c.alpha, c.beta, c.gamma) == (1.2, 1.1, 1.15) for c in grid)
+    assert scaling.feasible_grid((1.5, 2.0), (1.5, 2.0), (1.5, 2.0), 0.1, target=2.0, tolerance=0.1) == []
+
+
+def test_coefficients_below_one_are_rejected():
+    with pytest.raises(ValueError, match="beta"):
+        CompoundCoefficients(1.2, 0.9, 1.1)
