@@ -107,7 +107,8 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block(x)
         if self.use_res_connect:
-            out = self.stochastic_depth(out) + x
+            out = self.stochastic_depth(out)
+            out += x
         return out
 
 

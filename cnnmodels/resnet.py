@@ -65,7 +65,8 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         if self.se is not None:
             out = self.se(out)
-        return self.relu(out + identity)
+        out += identity
+        return self.relu(out)
 
     def last_norm(self) -> nn.BatchNorm2d:
         return self.bn2
@@ -102,7 +103,8 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         if self.se is not None:
             out = self.se(out)
-        return self.relu(out + identity)
+        out += identity
+        return self.relu(out)
 
     def last_norm(self) -> nn.BatchNorm2d:
         return self.bn3

@@ -1,0 +1,105 @@
+"""Training-step throughput of cnnmodels against torchvision's same architecture.
+
+One training step = forward, cross-entropy, backward and an SGD (momentum) step. For every architecture
+both implementations run in the same process with identical weights, interleaved round by round (ours
+first in even rounds, torchvision first in odd ones) so that machine noise hits both alike; the table
+reports the median images/s of each and their ratio.
+
+    python bench/models.py                          # every shared architecture at 32 px, families at 224 px
+    python bench/models.py --models resnet50 vgg16_bn --sizes 224 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pandas as pd
+import torch
+import torchvision
+
+import cnnmodels
+
+SHARED = [
+    "alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "googlenet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "densenet121", "densenet161", "densenet169", "densenet201",
+    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
+    "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+]
+FAMILY_REPRESENTATIVES = ["alexnet", "vgg11_bn", "googlenet", "resnet18", "resnet50", "densenet121", "efficientnet_b0"]
+DEFAULT_BATCH = {32: 64, 224: 8}
+
+
+def build_pair(name: str, num_classes: int = 10) -> tuple[torch.nn.Module, torch.nn.Module]:
+    if name == "googlenet":
+        ours = cnnmodels.create_model(name, num_classes=num_classes, torchvision_compat=True)
+        theirs = torchvision.models.get_model(name, weights=None, num_classes=num_classes, init_weights=True)
+    else:
+        ours = cnnmodels.create_model(name, num_classes=num_classes)
+        theirs = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    ours.load_state_dict(theirs.state_dict())  # identical weights: identical arithmetic, fair timing
+    return ours, theirs
+
+
+def step_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        # Works for plain logits and for both libraries' GoogLeNetOutputs (same field names).
+        loss = cnnmodels.googlenet_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(name: str, size: int, batch: int, rounds: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    ours, theirs = build_pair(name)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    step_seconds(ours, x, y, 1)  # warm-up (allocator, oneDNN primitive caches)
+    step_seconds(theirs, x, y, 1)
+    ours_ips, theirs_ips = [], []
+    for i in range(rounds):
+        # Alternate which one goes first (ABBA): the first of a pair measures systematically slower here.
+        pair = [(ours, ours_ips), (theirs, theirs_ips)]
+        for model, results in pair if i % 2 == 0 else reversed(pair):
+            results.append(batch / step_seconds(model, x, y, steps))
+    o, t = statistics.median(ours_ips), statistics.median(theirs_ips)
+    return {"model": name, "input": f"{size}x{size}", "batch": batch, "cnnmodels img/s": round(o, 1),
+            "torchvision img/s": round(t, 1), "ratio": round(o / t, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", help="architectures (default: all shared at 32 px, "
+                        "one per family at 224 px)")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[32, 224])
+    parser.add_argument("--batch", type=int, help="batch size (default: 64 at 32 px, 8 at 224 px)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds (median)")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per round")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = parser.parse_args()
+
+    rows = []
+    for size in args.sizes:
+        names = args.models or (SHARED if size <= 64 else FAMILY_REPRESENTATIVES)
+        for name in names:
+            row = measure(name, size, args.batch or DEFAULT_BATCH.get(size, 8), args.rounds, args.steps)
+            rows.append(row)
+            print(f"  {row['model']:<16} {row['input']:>8}  ours {row['cnnmodels img/s']:>8}  "
+                  f"torchvision {row['torchvision img/s']:>8}  ratio {row['ratio']:.3f}", flush=True)
+    table = pd.DataFrame(rows)
+    print()
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads")
+    print(table.to_markdown(index=False) if args.markdown else table.to_string(index=False))
+    print(f"\nmedian ratio (cnnmodels / torchvision): {table['ratio'].median():.3f}; "
+          f"min {table['ratio'].min():.3f} ({table.loc[table['ratio'].idxmin(), 'model']})")
+
+
+if __name__ == "__main__":
+    main()
