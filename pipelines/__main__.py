@@ -1,0 +1,169 @@
+"""Command line: ``python -m pipelines <command> [--config FILE] [--set key=value ...]``.
+
+Commands: ``run`` (all stages), ``search``, ``train``, ``report``, ``serve``, ``predict`` (HTTP client) and
+``check-config``. Config errors exit with code 2 before Ray starts; a failed stage exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, PipelineConfig, load_config
+
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE",
+                        help="pipeline config YAML (default: the embedded quickstart.yaml)")
+    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, value parsed as YAML (repeatable), e.g. --set train.epochs=5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines",
+        description="Search, train, compare and serve the cnnmodels zoo on Ray, tracked in MLflow.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the stages in order: search, train, report, serve")
+    _add_config_args(run)
+    run.add_argument("--stages", help="comma-separated subset, e.g. search,train,report (default: all)")
+    run.add_argument("--no-block", action="store_true", help="return once serving has started")
+
+    for name, text in (("search", "search EfficientNet's compound-scaling coefficients with Ray Tune"),
+                       ("train", "train every model of train.models (and the searched EfficientNet family)"),
+                       ("report", "comparison table and plots of the trained models"),
+                       ("serve", "serve the registered models over HTTP until Ctrl-C")):
+        sub = commands.add_parser(name, help=text)
+        _add_config_args(sub)
+        if name == "search":
+            sub.add_argument("--force", action="store_true", help="search again even if a finished search exists")
+        if name == "serve":
+            sub.add_argument("--no-block", action="store_true", help="return once serving has started")
+
+    check = commands.add_parser("check-config", help="validate a config and print it resolved")
+    check.add_argument("file", nargs="?", help="config YAML (same as --config)")
+    _add_config_args(check)
+
+    predict = commands.add_parser("predict", help="send an image to a running endpoint and print the top classes")
+    predict.add_argument("image", help="image file")
+    predict.add_argument("--model", "-m", help="alias (default: the champion)")
+    predict.add_argument("--url", default="http://127.0.0.1:8000", help="endpoint base URL")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--token", help="bearer token, if the server has serve.auth_token")
+    return parser
+
+
+def _load(args) -> PipelineConfig:
+    path = getattr(args, "file", None) or args.config
+    return load_config(path, args.overrides)
+
+
+def _block_until_interrupted(url: str) -> None:
+    print(f"[serve] {url} is up; press Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\n[serve] shutting down", flush=True)
+
+
+def _predict(args) -> int:
+    import requests
+
+    from .results import format_predictions
+
+    path = Path(args.image)
+    if not path.is_file():
+        print(f"error: {path} not found", file=sys.stderr)
+        return EXIT_CONFIG
+    params = {"top_k": args.top_k}
+    if args.model:
+        params["model"] = args.model
+    headers = {"Content-Type": "application/octet-stream"}
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
+    try:
+        response = requests.post(f"{args.url.rstrip('/')}/predict", params=params, data=path.read_bytes(),
+                                 headers=headers, timeout=60)
+    except requests.RequestException as err:
+        print(f"error: cannot reach {args.url}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": response.text[:500]}
+    if response.status_code != 200:
+        print(f"error {response.status_code}: {body.get('error', body)}", file=sys.stderr)
+        return EXIT_FAILED
+    print(format_predictions(body))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "predict":
+        return _predict(args)
+    try:
+        cfg = _load(args)
+        if args.command == "run":
+            from .pipeline import parse_stages
+
+            try:
+                stages = parse_stages(args.stages)
+            except ValueError as err:
+                raise ConfigError("--stages", str(err)) from None
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        print(cfg.to_yaml(), end="")
+        print(f"# config OK: {len(cfg.train.models)} model(s), dataset {cfg.data.dataset}, "
+              f"outputs in {cfg.run_dir}", file=sys.stderr)
+        return 0
+
+    from .runtime import ray_session
+
+    with ray_session(cfg):
+        if args.command == "run":
+            from .pipeline import run_pipeline
+
+            result = run_pipeline(cfg, stages)
+            if result.serve is not None and not args.no_block:
+                _block_until_interrupted(result.serve.url)
+            return 0 if result.ok else EXIT_FAILED
+        if args.command == "search":
+            from .search import search_stage
+
+            search_stage(cfg, force=args.force)
+            return 0
+        if args.command == "train":
+            from .search import load_search_result
+            from .train import train_stage
+
+            previous = load_search_result(cfg)
+            return 0 if train_stage(cfg, previous.coefficients if previous else None).ok else EXIT_FAILED
+        if args.command == "report":
+            from .report import report_stage
+
+            report_stage(cfg)
+            return 0
+        if args.command == "serve":
+            from .serve import serve_stage
+
+            handle = serve_stage(cfg)
+            print(f"[serve] models: {', '.join(handle.models)} (champion: {handle.champion}); "
+                  f"serve deploy config: {handle.config_path}", flush=True)
+            if not args.no_block:
+                _block_until_interrupted(handle.url)
+            return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

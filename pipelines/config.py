@@ -1,0 +1,414 @@
+"""The pipeline's one config schema: typed, loaded from YAML, overridable with ``--set``, validated early.
+
+Every stage takes a :class:`PipelineConfig`. :func:`load_config` reads a YAML file (or the embedded
+``quickstart.yaml``), applies ``--set key=value`` overrides (values parsed as YAML) and validates
+everything (types, unknown keys with a did-you-mean, model names, data set, data root, search ranges)
+before Ray starts. Any problem raises :class:`ConfigError` naming the key; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+import cnnmodels
+from cnnmodels.scaling import feasible_grid
+
+__all__ = [
+    "ConfigError",
+    "PipelineConfig",
+    "DataConfig",
+    "TrainConfig",
+    "SearchConfig",
+    "TrackingConfig",
+    "ServeConfig",
+    "RayConfig",
+    "load_config",
+    "DEFAULT_CONFIG",
+    "DATASETS",
+]
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "imagefolder")
+#: The embedded default config, used when no ``--config`` is given.
+DEFAULT_CONFIG = "quickstart.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted ``key`` it concerns."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+class _Section(BaseModel):
+    # strict: no silent "3" -> 3 or 1 -> True coercion; forbid: unknown keys are errors.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class RayConfig(_Section):
+    """Where Ray runs. ``address: null`` starts a local Ray; ``auto`` joins the cluster this runs on."""
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
+    num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of a local Ray (default: all)")
+    include_dashboard: bool = Field(True, description="Ray's dashboard (Ray Train's state checks need it)")
+
+
+class DataConfig(_Section):
+    dataset: str = "digits"
+    root: Optional[str] = Field(None, description="data directory (fashion-mnist, cifar10, imagefolder)")
+    image_size: int = Field(32, ge=8, le=1024, description="side length the images are resized to")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="held-out share where the data set has no test split")
+    train_subset: Optional[int] = Field(None, ge=10, description="use only this many training images")
+    augment: bool = True
+    download: bool = Field(True, description="let torchvision download cifar10/fashion-mnist when missing")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
+    seed: int = 0
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            close = difflib.get_close_matches(value, DATASETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown dataset {value!r}{hint} (choose from {', '.join(DATASETS)})")
+        return value
+
+
+class TrainConfig(_Section):
+    models: list[str] = Field(default_factory=lambda: ["resnet18"], min_length=1)
+    model_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="extra create_model keyword arguments per model name"
+    )
+    small_input: Union[bool, Literal["auto"]] = "auto"
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch size, split across the workers")
+    lr: float = Field(0.05, gt=0.0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    aux_loss_weight: float = Field(0.3, ge=0.0, description="GoogLeNet auxiliary classifiers' loss weight")
+    num_workers: int = Field(1, ge=1, description="data-parallel workers per model")
+    use_gpu: bool = False
+    cpus_per_worker: Union[float, Literal["auto"]] = "auto"
+    max_concurrent_models: Union[int, Literal["auto"]] = "auto"
+    max_failures: int = Field(2, ge=-1, description="worker failures survived per model (-1: unlimited)")
+    amp: bool = Field(True, description="mixed precision (GPU only)")
+    channels_last: bool = Field(True, description="channels-last memory format (GPU only)")
+    checkpoints_to_keep: int = Field(1, ge=1, description="best checkpoints kept besides the latest")
+    simulate_failure_at_epoch: Optional[int] = Field(
+        None, ge=0, description="kill one worker once at this epoch, to rehearse fault tolerance"
+    )
+    seed: int = 0
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, names: list[str]) -> list[str]:
+        known = set(cnnmodels.list_models())
+        for name in names:
+            base = _base_arch(name)
+            if base not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(f"unknown model {name!r}{hint}")
+        if len(set(names)) != len(names):
+            raise ValueError("model names must be unique")
+        return names
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _positive_cpus(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError("must be positive or 'auto'")
+        return value
+
+    @field_validator("max_concurrent_models")
+    @classmethod
+    def _positive_concurrency(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return value
+
+
+class SearchConfig(_Section):
+    """Ray Tune search of EfficientNet's compound-scaling coefficients (the paper's step 1)."""
+
+    alpha: tuple[float, float] = (1.0, 1.4)
+    beta: tuple[float, float] = (1.0, 1.4)
+    gamma: tuple[float, float] = (1.0, 1.4)
+    target: float = Field(2.0, gt=1.0, description="alpha * beta^2 * gamma^2 must be close to this")
+    tolerance: float = Field(0.1, gt=0.0)
+    mode: Literal["grid", "optuna"] = "grid"
+    step: float = Field(0.05, gt=0.0)
+    num_trials: int = Field(8, ge=1, description="at most this many trials")
+    epochs: int = Field(3, ge=1, description="training budget of each trial")
+    phi: float = Field(1.0, gt=0.0, description="the compound coefficient the search scales by")
+    phis: list[float] = Field(default_factory=lambda: [0.0, 1.0], description="family members to train")
+    base_model: str = "efficientnet"
+    objective: Literal["val_acc", "mnas"] = "val_acc"
+    target_macs: Optional[int] = Field(None, ge=1, description="MnasNet objective target (default: baseline MACs x target^phi)")
+    asha: bool = True
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent_trials: Union[int, Literal["auto"]] = "auto"
+    seed: int = 0
+
+    @field_validator("alpha", "beta", "gamma", mode="before")
+    @classmethod
+    def _range(cls, value):
+        if isinstance(value, list):
+            value = tuple(value)
+        if not (isinstance(value, tuple) and len(value) == 2):
+            raise ValueError("must be a [low, high] pair")
+        low, high = value
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"range bounds must be numbers, got {v!r}")
+        if low < 1.0:
+            raise ValueError(f"low end {low} is below 1 (scaling coefficients are >= 1)")
+        if low > high:
+            raise ValueError(f"low end {low} is above high end {high}")
+        return (float(low), float(high))
+
+    @field_validator("phis")
+    @classmethod
+    def _phis(cls, values: list[float]) -> list[float]:
+        if any(v < 0 for v in values):
+            raise ValueError("phi values must be >= 0")
+        if len(set(values)) != len(values):
+            raise ValueError("phi values must be unique")
+        return values
+
+
+class TrackingConfig(_Section):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite file under workdir)")
+    registered_model: Optional[str] = Field(None, description="registry name (default: the pipeline name)")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_file_store(cls, value):
+        if value is not None and (value.startswith("file:") or ("://" not in value and not value.startswith("databricks"))):
+            raise ValueError(
+                f"{value!r} is a file store, which MLflow 3.13+ refuses; use sqlite:///path/mlflow.db or http://host:5000"
+            )
+        return value
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: bool = False
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    num_cpus: float = Field(0.5, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_models_per_replica: int = Field(4, ge=1)
+    max_upload_mb: float = Field(10.0, gt=0.0)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    auth_token: Optional[str] = None
+    models: list[str] = Field(default_factory=list, description="aliases to serve (default: all registered)")
+    checkpoints: dict[str, str] = Field(
+        default_factory=dict, description="alias -> checkpoint file, served instead of the registry"
+    )
+    fold_batchnorm: bool = True
+    default_top_k: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _replicas(self):
+        if self.autoscaling and self.min_replicas > self.max_replicas:
+            raise ValueError("serve.min_replicas must not exceed serve.max_replicas")
+        return self
+
+
+class PipelineConfig(_Section):
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    workdir: str = "./runs"
+    storage_path: Optional[str] = None
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    # Derived locations: one place decides where everything goes.
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+    @property
+    def run_dir(self) -> Path:
+        """``<workdir>/<name>``: search results, per-model results, report, serve config."""
+        return self.workdir_path / self.name
+
+    @property
+    def resolved_storage_path(self) -> str:
+        """Ray Train/Tune storage: ``storage_path`` or ``<workdir>/ray_results``."""
+        if self.storage_path:
+            return self.storage_path if "://" in self.storage_path else str(Path(self.storage_path).expanduser().resolve())
+        return str(self.workdir_path / "ray_results")
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.tracking.registered_model or self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _base_arch(model_name: str) -> str:
+    """``efficientnet_phi1`` style names (the searched family) map to the ``efficientnet`` builder."""
+    if model_name.startswith("efficientnet_phi"):
+        return "efficientnet"
+    return model_name
+
+
+def _semantic_checks(cfg: PipelineConfig) -> None:
+    data = cfg.data
+    if data.dataset == "imagefolder":
+        if not data.root:
+            raise ConfigError("data.root", "the imagefolder data set needs data.root (a directory of class folders)")
+    if data.root and data.dataset in ("imagefolder",) and "://" not in data.root and not Path(data.root).expanduser().is_dir():
+        raise ConfigError("data.root", f"directory {data.root!r} does not exist")
+    if data.root and data.dataset in ("fashion-mnist", "cifar10") and not data.download \
+            and not Path(data.root).expanduser().is_dir():
+        raise ConfigError("data.root", f"directory {data.root!r} does not exist and data.download is false")
+    for name in cfg.train.model_options:
+        if name not in cfg.train.models:
+            raise ConfigError(f"train.model_options.{name}", f"{name!r} is not in train.models")
+    for name, options in cfg.train.model_options.items():
+        allowed = cnnmodels.model_options(_base_arch(name))
+        for key in options:
+            if key not in allowed or key in ("num_classes", "in_chans"):
+                close = difflib.get_close_matches(key, list(allowed), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"train.model_options.{name}.{key}", f"{name} has no option {key!r}{hint}")
+    search = cfg.search
+    if search.base_model != "efficientnet":
+        raise ConfigError("search.base_model", "only 'efficientnet' supports compound scaling")
+    feasible = feasible_grid(search.alpha, search.beta, search.gamma, search.step, search.target, search.tolerance)
+    if not feasible and not _range_can_meet(search):
+        raise ConfigError(
+            "search",
+            f"no (alpha, beta, gamma) in alpha {list(search.alpha)}, beta {list(search.beta)}, gamma "
+            f"{list(search.gamma)} satisfies |alpha * beta^2 * gamma^2 - {search.target}| <= {search.tolerance}",
+        )
+    if search.mode == "grid" and not feasible:
+        raise ConfigError(
+            "search.step",
+            f"the grid with step {search.step} has no feasible triple; use a smaller step or mode 'optuna'",
+        )
+
+
+def _range_can_meet(search: SearchConfig) -> bool:
+    low = search.alpha[0] * search.beta[0] ** 2 * search.gamma[0] ** 2
+    high = search.alpha[1] * search.beta[1] ** 2 * search.gamma[1] ** 2
+    return low <= search.target + search.tolerance and high >= search.target - search.tolerance
+
+
+def _format_validation_error(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        parent_model = PipelineConfig
+        for part in loc[:-1]:
+            field = parent_model.model_fields.get(part)
+            annotation = getattr(field, "annotation", None)
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                parent_model = annotation
+            else:
+                parent_model = None
+                break
+        close = difflib.get_close_matches(loc[-1], list(parent_model.model_fields), n=1) if parent_model else []
+        hint = f"; did you mean {'.'.join(loc[:-1] + [close[0]])!r}?" if close else ""
+        return ConfigError(key, f"unknown key{hint}")
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    got = first.get("input")
+    if first["type"] not in ("value_error",) and not isinstance(got, (dict, list)):
+        message = f"{message} (got {got!r})"
+    return ConfigError(key, message)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(text, "overrides look like key=value, e.g. train.epochs=5")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(key, "malformed key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(key, f"value {raw!r} is not valid YAML: {err}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set ``key=value`` pairs (dotted keys, YAML values) into a nested dict."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(path), f"{part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike | None) -> dict:
+    """The raw YAML mapping of ``path``, or of the embedded default config when ``path`` is None."""
+    if path is None:
+        text = resources.files("pipelines.configs").joinpath(DEFAULT_CONFIG).read_text()
+        source = f"embedded {DEFAULT_CONFIG}"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", f"file {str(path)!r} not found")
+        text = p.read_text()
+        source = str(path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("--config", f"{source} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{source} must hold a mapping of sections")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load, override and validate a pipeline config; raises :class:`ConfigError` naming the bad key."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise _format_validation_error(err) from None
+    _semantic_checks(cfg)
+    return cfg

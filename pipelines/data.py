@@ -1,0 +1,341 @@
+"""Data sets, seeded train/val/test splits and the per-run preprocessing spec.
+
+* ``digits``: scikit-learn's bundled 8x8 digits (1,797 images); no download.
+* ``fashion-mnist``: the IDX files from ``data.root``, else from ``/usr/share/datasets/fashion-mnist``
+  (Debian's ``dataset-fashion-mnist`` package), else downloaded by torchvision (``data.download``).
+* ``cifar10``: torchvision's CIFAR-10 under ``data.root`` (downloaded when missing and allowed).
+* ``imagefolder``: ``data.root`` holds one folder per class; if it has ``train/`` (and ``val/`` or
+  ``test/``) sub-folders those splits are used, otherwise the images are split here.
+
+Splits are stratified and seeded by ``data.seed``: every worker on every node computes the same split.
+Images are converted once to uint8 tensors at the model's input size through the same
+:class:`~pipelines.preprocess.PreprocessSpec` the server uses, so training and serving see identical pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from filelock import FileLock
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+
+from .config import DataConfig
+from .preprocess import PreprocessSpec
+
+__all__ = [
+    "DatasetInfo",
+    "ImageSplits",
+    "SplitDataset",
+    "load_splits",
+    "describe_dataset",
+    "make_spec",
+    "DataError",
+    "DEBIAN_FASHION_MNIST",
+]
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+#: Data sets whose images are meaningful mirrored (not digits or letters).
+FLIP_OK = {"fashion-mnist", "cifar10", "imagefolder"}
+
+
+class DataError(RuntimeError):
+    """The data set cannot be found or read (the message says where it looked)."""
+
+
+@dataclass
+class RawSplit:
+    """One split before resizing: either in-memory uint8 images (N, H, W[, C]) or image file paths."""
+
+    labels: np.ndarray
+    images: np.ndarray | None = None
+    paths: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pil(self, index: int) -> Image.Image:
+        if self.images is not None:
+            return Image.fromarray(self.images[index])
+        with Image.open(self.paths[index]) as image:
+            image.load()
+            return image
+
+    def subset(self, indices: np.ndarray) -> "RawSplit":
+        return RawSplit(
+            labels=self.labels[indices],
+            images=None if self.images is None else self.images[indices],
+            paths=None if self.paths is None else [self.paths[i] for i in indices],
+        )
+
+
+@dataclass
+class ImageSplits:
+    train: RawSplit
+    val: RawSplit
+    test: RawSplit
+    class_names: tuple[str, ...]
+    channels: int
+    dataset: str
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the driver needs to know before training: classes, channels, normalisation, split sizes."""
+
+    dataset: str
+    class_names: tuple[str, ...]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    background: int
+    sizes: dict[str, int]
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    indices = np.arange(len(labels))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    keep, held = train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
+    return np.sort(keep), np.sort(held)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / stem, directory / f"{stem}.gz", directory / "FashionMNIST" / "raw" / stem,
+                      directory / "FashionMNIST" / "raw" / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _default_root(dataset: str) -> Path:
+    return Path(os.environ.get("CNNZOO_DATA", Path.home() / ".cache" / "cnnzoo" / "data")) / dataset
+
+
+def _load_digits(cfg: DataConfig) -> ImageSplits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    rest, test = _stratified_split(labels, cfg.test_fraction, cfg.seed)
+    full = RawSplit(labels=labels, images=images)
+    rest_split = full.subset(rest)
+    train, val = _stratified_split(rest_split.labels, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
+    return ImageSplits(rest_split.subset(train), rest_split.subset(val), full.subset(test),
+                       tuple(str(d) for d in digits.target_names), 1, "digits")
+
+
+def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
+    stems = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+    searched = ([Path(cfg.root).expanduser()] if cfg.root else []) + [DEBIAN_FASHION_MNIST]
+    for directory in searched:
+        found = {key: _find_idx(directory, stem) for key, stem in stems.items()}
+        if all(found.values()):
+            return {key: _read_idx(path) for key, path in found.items()}
+    if not cfg.download:
+        raise DataError(
+            f"Fashion-MNIST IDX files not found in {', '.join(map(str, searched))} and data.download is false; "
+            "install Debian's dataset-fashion-mnist package or set data.root"
+        )
+    import torchvision
+
+    root = Path(cfg.root).expanduser() if cfg.root else _default_root("fashion-mnist")
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".download.lock")):
+        train = torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+        test = torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+    return {"train_images": train.data.numpy(), "train_labels": train.targets.numpy(),
+            "test_images": test.data.numpy(), "test_labels": test.targets.numpy()}
+
+
+def _load_fashion_mnist(cfg: DataConfig) -> ImageSplits:
+    arrays = _fashion_mnist_arrays(cfg)
+    full_train = RawSplit(labels=arrays["train_labels"].astype(np.int64), images=np.ascontiguousarray(arrays["train_images"]))
+    test = RawSplit(labels=arrays["test_labels"].astype(np.int64), images=np.ascontiguousarray(arrays["test_images"]))
+    train, val = _stratified_split(full_train.labels, cfg.val_fraction, cfg.seed)
+    return ImageSplits(full_train.subset(train), full_train.subset(val), test, FASHION_MNIST_CLASSES, 1,
+                       "fashion-mnist")
+
+
+def _load_cifar10(cfg: DataConfig) -> ImageSplits:
+    import torchvision
+
+    root = Path(cfg.root).expanduser() if cfg.root else _default_root("cifar10")
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(root / ".download.lock")):
+            train_set = torchvision.datasets.CIFAR10(str(root), train=True, download=cfg.download)
+            test_set = torchvision.datasets.CIFAR10(str(root), train=False, download=cfg.download)
+    except RuntimeError as err:
+        raise DataError(f"CIFAR-10 not found under {root} ({err}); set data.root or data.download: true") from None
+    full_train = RawSplit(labels=np.asarray(train_set.targets, dtype=np.int64), images=train_set.data)
+    test = RawSplit(labels=np.asarray(test_set.targets, dtype=np.int64), images=test_set.data)
+    train, val = _stratified_split(full_train.labels, cfg.val_fraction, cfg.seed)
+    return ImageSplits(full_train.subset(train), full_train.subset(val), test, tuple(train_set.classes), 3, "cifar10")
+
+
+def _scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    if classes is None:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                paths.append(str(path))
+                labels.append(index)
+    return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+def _load_imagefolder(cfg: DataConfig) -> ImageSplits:
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    if (root / "train").is_dir():
+        classes, paths, labels = _scan_class_folders(root / "train")
+        train_all = RawSplit(labels=labels, paths=paths)
+        splits = {}
+        for name in ("val", "test"):
+            if (root / name).is_dir():
+                _, p, lab = _scan_class_folders(root / name, classes)
+                splits[name] = RawSplit(labels=lab, paths=p)
+        if "val" not in splits:
+            keep, held = _stratified_split(train_all.labels, cfg.val_fraction, cfg.seed)
+            splits["val"], train_all = train_all.subset(held), train_all.subset(keep)
+        if "test" not in splits:
+            keep, held = _stratified_split(train_all.labels, cfg.test_fraction, cfg.seed)
+            splits["test"], train_all = train_all.subset(held), train_all.subset(keep)
+        train, val, test = train_all, splits["val"], splits["test"]
+    else:
+        classes, paths, labels = _scan_class_folders(root)
+        full = RawSplit(labels=labels, paths=paths)
+        rest, test_idx = _stratified_split(labels, cfg.test_fraction, cfg.seed)
+        rest_split = full.subset(rest)
+        tr, va = _stratified_split(rest_split.labels, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
+        train, val, test = rest_split.subset(tr), rest_split.subset(va), full.subset(test_idx)
+    if len(classes) < 2 or len(train) == 0:
+        raise DataError(f"{root} needs at least two class folders with images ({IMAGE_EXTENSIONS})")
+    with Image.open(train.paths[0]) as first:
+        channels = 1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    return ImageSplits(train, val, test, tuple(classes), channels, "imagefolder")
+
+
+_LOADERS = {"digits": _load_digits, "fashion-mnist": _load_fashion_mnist, "cifar10": _load_cifar10,
+            "imagefolder": _load_imagefolder}
+
+
+@functools.lru_cache(maxsize=4)
+def _load_splits_cached(cfg_json: str) -> ImageSplits:
+    cfg = DataConfig.model_validate_json(cfg_json)
+    splits = _LOADERS[cfg.dataset](cfg)
+    if cfg.train_subset is not None and cfg.train_subset < len(splits.train):
+        fraction = cfg.train_subset / len(splits.train)
+        _, keep = _stratified_split(splits.train.labels, fraction, cfg.seed)
+        splits.train = splits.train.subset(keep)
+    return splits
+
+
+def load_splits(cfg: DataConfig) -> ImageSplits:
+    """The seeded train/val/test splits of ``cfg.dataset`` (cached per process)."""
+    return _load_splits_cached(cfg.model_dump_json())
+
+
+def describe_dataset(cfg: DataConfig) -> DatasetInfo:
+    """Classes, channels and the training split's per-channel mean and std (at native resolution)."""
+    splits = load_splits(cfg)
+    train = splits.train
+    if train.images is not None:
+        pixels = train.images.astype(np.float64) / 255.0
+        axes = tuple(range(pixels.ndim - 1)) if splits.channels == 3 else None
+        mean = np.atleast_1d(pixels.mean(axis=axes))
+        std = np.atleast_1d(pixels.std(axis=axes))
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        sample = rng.choice(len(train), size=min(256, len(train)), replace=False)
+        probe = PreprocessSpec(cfg.image_size, splits.channels, (0.0,) * splits.channels, (1.0,) * splits.channels,
+                               splits.class_names)
+        stack = torch.stack([probe.image_to_uint8(train.pil(int(i))) for i in sample]).double() / 255.0
+        mean = stack.mean(dim=(0, 2, 3)).numpy()
+        std = stack.std(dim=(0, 2, 3)).numpy()
+    std = np.maximum(std, 1e-3)
+    background = 0 if float(mean.mean()) < 0.5 else 255
+    return DatasetInfo(
+        dataset=cfg.dataset,
+        class_names=splits.class_names,
+        channels=splits.channels,
+        mean=tuple(round(float(m), 6) for m in mean),
+        std=tuple(round(float(s), 6) for s in std),
+        background=background,
+        sizes={"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+    )
+
+
+def make_spec(info: DatasetInfo, image_size: int) -> PreprocessSpec:
+    """The preprocessing spec for one model input size."""
+    return PreprocessSpec(
+        image_size=image_size,
+        channels=info.channels,
+        mean=info.mean,
+        std=info.std,
+        class_names=info.class_names,
+        background=info.background,
+        dataset=info.dataset,
+    )
+
+
+class SplitDataset(Dataset):
+    """One split at one spec: uint8 (C, H, W) images and int64 labels.
+
+    In-memory data sets are converted once, up front, through the spec's PIL path; image folders are
+    decoded lazily per item. ``augment`` adds random crops (padding 1/8 of the side) and, where the data
+    set allows it, horizontal flips.
+    """
+
+    def __init__(self, split: RawSplit, spec: PreprocessSpec, augment: bool = False) -> None:
+        self.split = split
+        self.spec = spec
+        self.labels = torch.as_tensor(split.labels, dtype=torch.long)
+        self.images = None
+        if split.images is not None:
+            self.images = torch.stack([spec.image_to_uint8(split.pil(i)) for i in range(len(split))]) \
+                if len(split) else torch.empty((0, *spec.input_shape), dtype=torch.uint8)
+        self.transform = None
+        if augment:
+            ops = [T.RandomCrop(spec.image_size, padding=max(1, spec.image_size // 8))]
+            if spec.dataset in FLIP_OK:
+                ops.append(T.RandomHorizontalFlip())
+            self.transform = T.Compose(ops)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index] if self.images is not None else self.spec.image_to_uint8(self.split.pil(index))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]

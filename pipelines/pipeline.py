@@ -1,0 +1,94 @@
+"""Stage orchestration: search -> train (+ register) -> report -> serve, each idempotent.
+
+Re-running after an interruption skips what is finished (a search with the same settings, a model already
+trained to its epochs) and resumes the rest from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import PipelineConfig
+
+__all__ = ["STAGES", "PipelineResult", "run_pipeline", "parse_stages"]
+
+STAGES = ("search", "train", "report", "serve")
+
+
+def parse_stages(text: str | None) -> list[str]:
+    """``"search,train"`` -> ordered stage list; raises ValueError naming an unknown stage."""
+    if not text:
+        return list(STAGES)
+    wanted = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    return [s for s in STAGES if s in wanted]
+
+
+@dataclass
+class PipelineResult:
+    stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "skipped" | "failed"
+    search: Any = None
+    train: Any = None
+    report: Any = None
+    serve: Any = None
+    seconds_to_serving: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return "failed" not in self.stages.values()
+
+
+def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> PipelineResult:
+    """Run the chosen stages in order on the current Ray session (see :func:`pipelines.runtime.ray_session`).
+
+    Serving is started but not waited on; the CLI blocks on it.
+    """
+    from .report import report_stage
+    from .search import load_search_result, search_stage
+    from .serve import serve_stage
+    from .train import train_stage
+    from .tracking import ui_hint
+
+    stages = stages or list(STAGES)
+    started = time.time()
+    out = PipelineResult()
+    coefficients = None
+    if "search" in stages:
+        out.search = search_stage(cfg)
+        out.stages["search"] = "skipped" if out.search.skipped else "ran"
+        coefficients = out.search.coefficients
+    elif (previous := load_search_result(cfg)) is not None:
+        coefficients = previous.coefficients
+    elif cfg.search.phis:
+        print("[pipeline] no finished search for this config: the EfficientNet family is not trained "
+              "(add the search stage to train it)", flush=True)
+
+    if "train" in stages:
+        out.train = train_stage(cfg, coefficients)
+        out.stages["train"] = "failed" if out.train.failed else ("ran" if out.train.trained else "skipped")
+        if out.train.failed and not out.train.results:
+            out.seconds = time.time() - started
+            return out
+
+    if "report" in stages:
+        out.report = report_stage(cfg)
+        out.stages["report"] = "ran"
+
+    if "serve" in stages:
+        out.serve = serve_stage(cfg)
+        out.stages["serve"] = "ran"
+        out.seconds_to_serving = time.time() - started
+        print(f"\n[pipeline] serving {len(out.serve.models)} models at {out.serve.url} "
+              f"(champion: {out.serve.champion}) {out.seconds_to_serving:.0f} s after the start", flush=True)
+        print(f"  curl -s -X POST --data-binary @image.png -H 'Content-Type: image/png' {out.serve.url}/predict",
+              flush=True)
+        print(f"  python -m pipelines predict image.png --url {out.serve.url}", flush=True)
+        print(f"  API docs: {out.serve.url}/docs   Serve config for `serve deploy`: {out.serve.config_path}", flush=True)
+    print(f"[pipeline] MLflow UI: {ui_hint(cfg.tracking_uri)}", flush=True)
+    out.seconds = time.time() - started
+    return out

@@ -1,0 +1,100 @@
+"""Per-model training results: the record each finished model leaves in ``<workdir>/<name>/train/``.
+
+A result file means "this model is trained to its epochs, tested, logged and registered"; the training
+stage skips such models on a re-run, and the report and serving stages read them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["ModelResult", "load_results", "comparison_table"]
+
+
+@dataclass
+class ModelResult:
+    model_name: str
+    arch: str
+    model_kwargs: dict[str, Any]
+    run_name: str
+    fingerprint: str
+    input_size: int
+    params_count: int
+    macs: int
+    epochs: int
+    best_val_acc: float
+    best_epoch: int
+    test_acc: float
+    train_images_per_sec: float
+    train_seconds: float
+    checkpoint_path: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    mlflow_run_id: str = ""
+    registered_model: str = ""
+    version: str = ""
+    serving_latency_ms: float | None = None
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / f"{self.model_name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelResult":
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def load_results(directory: str | os.PathLike) -> dict[str, ModelResult]:
+    """Every result record under ``directory``, by model name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    results = {}
+    for path in sorted(directory.glob("*.json")):
+        try:
+            result = ModelResult.load(path)
+        except (json.JSONDecodeError, TypeError, KeyError):
+            continue  # a foreign or damaged file is not a finished model
+        results[result.model_name] = result
+    return results
+
+
+def comparison_table(results: list[ModelResult], champion: str | None = None) -> pd.DataFrame:
+    """One row per model, best test accuracy first."""
+    rows = []
+    for r in results:
+        rows.append({
+            "model": r.model_name + (" *" if r.model_name == champion else ""),
+            "arch": r.arch,
+            "input": r.input_size,
+            "params": r.params_count,
+            "MMACs": round(r.macs / 1e6, 1),
+            "best val_acc": round(r.best_val_acc, 4),
+            "test_acc": round(r.test_acc, 4),
+            "train img/s": round(r.train_images_per_sec, 1),
+            "train s": round(r.train_seconds, 1),
+            **({"serve ms": round(r.serving_latency_ms, 2)} if r.serving_latency_ms is not None else {}),
+        })
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table = table.sort_values(["test_acc", "best val_acc"], ascending=False, kind="stable").reset_index(drop=True)
+    return table
+
+
+def format_predictions(body: dict) -> str:
+    """A ``/predict`` response as a small table, for the ``predict`` command."""
+    table = pd.DataFrame(body["predictions"])[["label", "index", "score"]]
+    table["score"] = table["score"].map(lambda s: f"{s:.4f}")
+    header = f"model {body['model']} (version {body['version']}), server latency {body['latency_ms']:.1f} ms"
+    return header + "\n" + table.to_string(index=False)

@@ -1,0 +1,65 @@
+"""Starting Ray for a pipeline command, and sizing work to the cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from typing import Iterator
+
+from .config import PipelineConfig
+
+__all__ = ["ray_session", "cluster_resources", "concurrency_for"]
+
+# Quiet, deterministic defaults for a command-line tool (users can still override them).
+_ENV_DEFAULTS = {
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+
+@contextlib.contextmanager
+def ray_session(cfg: PipelineConfig) -> Iterator[None]:
+    """Connect to ``ray.address`` (or start a local Ray) for the duration of a command.
+
+    If Ray is already initialised in this process (tests, notebooks), it is used as it is and left running.
+    """
+    import ray
+
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = {"include_dashboard": cfg.ray.include_dashboard, "logging_level": logging.WARNING,
+              "configure_logging": True}
+    if cfg.ray.address is None:
+        kwargs.update(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
+    ray.init(address=cfg.ray.address, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the running Ray cluster (CPU and GPU default to 0)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return {"CPU": float(resources.get("CPU", 0.0)), "GPU": float(resources.get("GPU", 0.0))}
+
+
+def concurrency_for(requested: int | str, per_trial: dict[str, float], trials: int) -> int:
+    """How many trials run at once: ``requested``, or (``"auto"``) as many as the cluster fits now."""
+    if requested != "auto":
+        return max(1, min(int(requested), trials))
+    total = cluster_resources()
+    fits = []
+    for key, need in per_trial.items():
+        if need > 0:
+            fits.append(math.floor((total.get(key, 0.0) + 1e-9) / need))
+    return max(1, min([trials] + fits))

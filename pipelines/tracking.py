@@ -1,0 +1,298 @@
+"""MLflow tracking and model registry.
+
+Layout in MLflow: experiment = the pipeline ``name``. Each stage invocation opens a parent run (tag
+``stage``); each model (training) or coefficient triple (search) is a child run with the same params and
+metrics keys, so the MLflow UI compares them side by side. The best checkpoint of every trained model is
+logged as an MLflow PyTorch model (signature, input example, the checkpoint file and the ``cnnmodels``
+code) and registered as a version of one registered model named after the pipeline, with the model name
+as alias; alias ``champion`` marks the version with the best ``test_acc``.
+
+Everything is logged from the driver (Tune callbacks run there), never from Train workers: one writer,
+no duplicate runs after a worker restart, and workers need no access to the tracking store.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from ray.tune import Callback
+
+from .checkpoints import CHECKPOINT_FILE, load_checkpoint
+
+__all__ = ["Tracker", "TrialTracking", "CHAMPION", "ui_hint"]
+
+logger = logging.getLogger(__name__)
+
+
+class _DropPickleAdvice(logging.Filter):
+    """MLflow warns on every pickled PyTorch model. We log pickled models on purpose (they load anywhere
+    with the bundled cnnmodels code) and serve from the weights-only checkpoint stored beside them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+CHAMPION = "champion"
+TAG_STAGE = "stage"
+TAG_MODEL = "cnnzoo.model"
+TAG_TRIAL = "ray.trial_id"
+TAG_PARENT = "mlflow.parentRunId"
+#: Per-epoch metrics (step = epoch).
+EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "train_images_per_sec", "epoch_seconds", "lr")
+#: Metrics logged once when a run ends.
+FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_images_per_sec", "train_seconds")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class Tracker:
+    """A thin, picklable handle on one MLflow experiment (the client is created lazily per process)."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, artifact_root: str | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.artifact_root = artifact_root
+        self._client = None
+        self._experiment_id: str | None = None
+
+    @classmethod
+    def for_config(cls, cfg) -> "Tracker":
+        """The tracker of a pipeline config: experiment = ``cfg.name``; local sqlite stores keep their
+        artifacts next to the database (``<workdir>/mlartifacts``), servers decide for themselves."""
+        uri = cfg.tracking_uri
+        root = (cfg.workdir_path / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        return cls(uri, cfg.name, artifact_root=root)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_client"] = None  # SQLAlchemy engines do not pickle; reconnect after unpickling
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            logging.getLogger("alembic").setLevel(logging.WARNING)
+            logging.getLogger("mlflow.pytorch").addFilter(_DropPickleAdvice())
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            experiment = self.client.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                self._experiment_id = self.client.create_experiment(
+                    self.experiment_name,
+                    artifact_location=self.artifact_root,
+                    # Opens the classic runs table rather than the GenAI view in MLflow 3's UI.
+                    tags={"mlflow.experimentKind": "custom_model_development"},
+                )
+            else:
+                self._experiment_id = experiment.experiment_id
+        return self._experiment_id
+
+    # -- runs ------------------------------------------------------------------------------------------
+    def start_run(self, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+        tags = dict(tags)
+        if parent_run_id:
+            tags[TAG_PARENT] = parent_run_id
+        return self.client.create_run(self.experiment_id, tags=tags, run_name=run_name).info.run_id
+
+    def find_run(self, filter_string: str):
+        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0] if runs else None
+
+    def reopen(self, run_id: str, parent_run_id: str | None = None) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+        if parent_run_id:
+            self.client.set_tag(run_id, TAG_PARENT, parent_run_id)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        run = self.client.get_run(run_id)
+        existing = run.data.params
+        new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        if new:
+            self.client.log_batch(run_id, params=new)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if _finite(v)]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    # -- registry --------------------------------------------------------------------------------------
+    def log_and_register(
+        self, run_id: str, checkpoint_dir: str | os.PathLike, registered_model: str, alias: str,
+        tags: dict[str, Any] | None = None,
+    ) -> str:
+        """Log a checkpoint as an MLflow PyTorch model under ``run_id``, register it and set ``alias``.
+
+        Returns the new version number. The logged model carries the checkpoint file itself (so servers
+        can rebuild it with ``weights_only`` loading) and the ``cnnmodels`` source (so the pickled model
+        loads where cnnmodels is not installed).
+        """
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        import torchvision
+        from mlflow.models import infer_signature
+
+        import cnnmodels
+
+        checkpoint_file = Path(checkpoint_dir) / CHECKPOINT_FILE
+        checkpoint = load_checkpoint(checkpoint_file)
+        model = checkpoint.build_model()
+        example = np.zeros((1, *checkpoint.spec.input_shape), dtype=np.float32)
+        with torch.inference_mode():
+            output = model(torch.from_numpy(example)).numpy()
+        signature = infer_signature(example, output)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        with tempfile.TemporaryDirectory() as scratch:
+            spec_file = Path(scratch) / "preprocess.json"
+            import json
+
+            spec_file.write_text(json.dumps(checkpoint.spec.to_dict(), indent=2))
+            with mlflow.start_run(run_id=run_id, nested=True):
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=signature,
+                    input_example=example,
+                    serialization_format="pickle",
+                    code_paths=[str(Path(cnnmodels.__file__).parent)],
+                    extra_files=[str(checkpoint_file), str(spec_file)],
+                    pip_requirements=[f"torch>={torch.__version__.split('+')[0]}",
+                                      f"torchvision>={torchvision.__version__.split('+')[0]}"],
+                )
+        version = mlflow.register_model(info.model_uri, registered_model, tags={k: str(v) for k, v in (tags or {}).items()})
+        self.client.set_registered_model_alias(registered_model, alias, version.version)
+        return str(version.version)
+
+    def update_champion(self, registered_model: str, metric: str = "test_acc") -> tuple[str, str] | None:
+        """Point alias ``champion`` at the aliased version with the best ``metric``; returns (alias, version)."""
+        try:
+            model = self.client.get_registered_model(registered_model)
+        except Exception:  # noqa: BLE001 - not registered yet
+            return None
+        best = None
+        for alias, version in model.aliases.items():
+            if alias == CHAMPION:
+                continue
+            value = self.client.get_model_version(registered_model, version).tags.get(metric)
+            if value is not None and (best is None or float(value) > best[0]):
+                best = (float(value), alias, version)
+        if best is None:
+            return None
+        self.client.set_registered_model_alias(registered_model, CHAMPION, best[2])
+        return best[1], best[2]
+
+
+def ui_hint(tracking_uri: str, port: int = 5000) -> str:
+    """The command that opens the MLflow UI on this store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --port {port}   # then http://127.0.0.1:{port}"
+
+
+class TrialTracking(Callback):
+    """A Ray Tune callback that mirrors every trial into an MLflow child run, live, from the driver.
+
+    ``describe(config)`` returns ``(run_name, model_name, params)`` for a trial; ``on_complete(trial,
+    run_id)`` (optional) runs when a trial finishes, e.g. to register its model. Both must be picklable
+    (module-level functions or ``functools.partial`` of them): Tune saves its callbacks with the experiment
+    so that a restored search keeps logging into the same parent run. Child runs are found again by trial
+    id after a restore.
+    """
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        stage: str,
+        parent_run_id: str,
+        describe: Callable[[dict], tuple[str, str, dict[str, Any]]],
+        on_complete: Callable[[Any, str], None] | None = None,
+    ) -> None:
+        self.tracker = tracker
+        self.stage = stage
+        self.parent_run_id = parent_run_id
+        self.describe = describe
+        self.on_complete = on_complete
+        self.run_ids: dict[str, str] = {}
+        self.names: dict[str, str] = {}
+
+    def progress(self, message: str) -> None:
+        print(message, flush=True)
+
+    def _run_id(self, trial) -> str:
+        if trial.trial_id in self.run_ids:
+            return self.run_ids[trial.trial_id]
+        run_name, model_name, params = self.describe(trial.config)
+        existing = self.tracker.find_run(
+            f"tags.`{TAG_TRIAL}` = '{trial.trial_id}' and tags.`{TAG_STAGE}` = '{self.stage}' "
+            f"and tags.`{TAG_PARENT}` = '{self.parent_run_id}'")
+        if existing is not None:
+            run_id = existing.info.run_id
+            self.tracker.reopen(run_id)
+        else:
+            run_id = self.tracker.start_run(run_name, {TAG_STAGE: self.stage, TAG_TRIAL: trial.trial_id,
+                                                       TAG_MODEL: model_name}, self.parent_run_id)
+        self.tracker.log_params(run_id, params)
+        self.run_ids[trial.trial_id] = run_id
+        self.names[trial.trial_id] = model_name
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        run_id = self._run_id(trial)
+        self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: started (MLflow run {run_id[:8]})")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_id(trial)
+        if "val_acc" in result and "test_acc" not in result:  # an epoch, not the final test report
+            epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
+            self.tracker.log_metrics(run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=epoch)
+            total = trial.config.get("run", {}).get("epochs", "?")
+            self.progress(
+                f"[{self.stage}] {self.names[trial.trial_id]}: epoch {epoch + 1}/{total}  "
+                f"train_loss {result.get('train_loss', float('nan')):.4f}  val_loss {result['val_loss']:.4f}  "
+                f"val_acc {result['val_acc']:.4f}  {result.get('train_images_per_sec', 0):.0f} img/s")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_id(trial)
+        result = trial.last_result or {}
+        self.tracker.log_metrics(run_id, {k: result[k] for k in FINAL_METRICS if k in result}, step=0)
+        if self.on_complete is not None:
+            self.on_complete(trial, run_id)
+        self.tracker.end_run(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_id(trial)
+        self.tracker.set_tags(run_id, {"error": str(getattr(trial, "error_msg", "") or "trial failed")[:4000]})
+        self.tracker.end_run(run_id, "FAILED")
+        self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: FAILED (see the Ray logs and MLflow run {run_id[:8]})")
