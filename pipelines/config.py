@@ -105,6 +105,8 @@ class TrainConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: Union[float, Literal["auto"]] = "auto"
     max_concurrent_models: Union[int, Literal["auto"]] = "auto"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how one model's workers are placed on nodes (Ray placement group strategy)")
     max_failures: int = Field(2, ge=-1, description="worker failures survived per model (-1: unlimited)")
     amp: bool = Field(True, description="mixed precision (GPU only)")
     channels_last: bool = Field(True, description="channels-last memory format (GPU only)")

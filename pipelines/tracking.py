@@ -248,7 +248,7 @@ class TrialTracking(Callback):
         self.names: dict[str, str] = {}
 
     def progress(self, message: str) -> None:
-        print(message, flush=True)
+        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
     def _run_id(self, trial) -> str:
         if trial.trial_id in self.run_ids:

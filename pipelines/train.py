@@ -144,6 +144,7 @@ class ModelRun:
     num_workers: int
     use_gpu: bool
     cpus_per_worker: float
+    placement_strategy: str
     amp: bool
     channels_last: bool
     loader_workers: int
@@ -225,7 +226,8 @@ def plan_model_runs(
             weight_decay=t.weight_decay, schedule=t.schedule, warmup_epochs=t.warmup_epochs,
             label_smoothing=t.label_smoothing, aux_loss_weight=t.aux_loss_weight, augment=cfg.data.augment,
             seed=t.seed, num_workers=t.num_workers, use_gpu=t.use_gpu,
-            cpus_per_worker=auto_cpus_per_worker(cfg, cluster_cpus), amp=t.amp, channels_last=t.channels_last,
+            cpus_per_worker=auto_cpus_per_worker(cfg, cluster_cpus), placement_strategy=t.placement_strategy,
+            amp=t.amp, channels_last=t.channels_last,
             loader_workers=cfg.data.loader_workers, storage_path=cfg.resolved_storage_path,
             max_failures=t.max_failures, checkpoints_to_keep=t.checkpoints_to_keep,
             simulate_failure_at_epoch=t.simulate_failure_at_epoch, evaluate_test=stage == "train",
@@ -276,6 +278,18 @@ def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def _gather_node_ids(world: int) -> list[str]:
+    """The Ray node of every rank, in rank order (recorded so users can see where their workers ran)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node]
+    nodes: list[str | None] = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
 def _evaluate(model, loader, spec: PreprocessSpec, device, amp_dtype, channels_last) -> tuple[float, float, int]:
     model.eval()
     loss_sum, correct, count = 0.0, 0.0, 0
@@ -305,6 +319,11 @@ def _quiet_report_logging() -> None:
 
 
 def _kill_this_worker_for_rehearsal(run: ModelRun, epoch: int) -> None:
+    import ray.train
+
+    # Reports reach the controller asynchronously; wait until the last checkpoint is committed, as it
+    # would be in a real failure some time after the report, so the restart has something to resume.
+    ray.train.get_all_reported_checkpoints()
     print(f"[{run.model_name}] simulate_failure_at_epoch={epoch}: killing worker rank 0 now", flush=True)
     os._exit(1)
 
@@ -345,9 +364,17 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     start_epoch, history = 0, []
     restored = ray.train.get_checkpoint()
+    ckpt = None
     if restored:
         with restored.as_directory() as directory:
             ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
+        if (ckpt.model_name, ckpt.arch) != (run.model_name, run.arch):
+            # A run directory shared by several models (or reused by hand): never cross-load weights.
+            if rank == 0:
+                print(f"[{run.model_name}] ignoring the run's latest checkpoint (it belongs to "
+                      f"{ckpt.model_name}); starting fresh", flush=True)
+            restored, ckpt = None, None
+    if ckpt is not None:
         model.load_state_dict(ckpt.state_dict)
         state = ckpt.training_state or {}
         if "optimizer" in state:
@@ -361,6 +388,7 @@ def train_loop_per_worker(config: dict) -> None:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model)
+    worker_nodes = json.dumps(_gather_node_ids(world))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=run.label_smoothing)
     steps_per_epoch = len(train_loader)
 
@@ -404,6 +432,7 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch_seconds": seconds,
             "lr": optimizer.param_groups[0]["lr"],
             "start_epoch": start_epoch,
+            "worker_nodes": worker_nodes,
         }
         history.append(metrics)
         with tempfile.TemporaryDirectory() as directory:
@@ -412,7 +441,7 @@ def train_loop_per_worker(config: dict) -> None:
                 save_checkpoint(ModelCheckpoint(
                     arch=run.arch, model_kwargs=run.model_kwargs, spec=spec, model_name=run.model_name,
                     state_dict=_unwrap(model).state_dict(), epoch=epoch,
-                    metrics={k: float(v) for k, v in metrics.items()},
+                    metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                     training_state={"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                     "history": history},
                 ), Path(directory) / CHECKPOINT_FILE)
@@ -471,7 +500,8 @@ def build_trainer(run: ModelRun, callbacks: list | None = None):
         train_loop_config=run.to_dict(),
         torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=run.placement_strategy),
         run_config=ray.train.RunConfig(
             name=run.run_name,
             storage_path=run.storage_path,

@@ -1,0 +1,79 @@
+"""Shared fixtures: one local Ray instance for the whole session, configs in temporary directories."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Before Ray starts: quiet, no telemetry, no token prompts for the local test cluster.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray (2 CPUs, dashboard on: Ray Train's placement-group cleanup queries its state API)."""
+    import logging
+
+    import ray
+
+    from pipelines.runtime import WORKER_ENV
+
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=True, logging_level=logging.WARNING,
+             runtime_env={"env_vars": dict(WORKER_ENV)})
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """Build a validated config rooted in a temporary directory: ``make_config("train.epochs=2", ...)``."""
+    from pipelines.config import load_config
+
+    def build(*overrides: str, workdir=None):
+        base = [f"workdir={workdir or tmp_path / 'runs'}", "name=test"]
+        return load_config(None, base + list(overrides))
+
+    return build
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+#: The tiny end-to-end config: two models, one epoch, three search trials on a 300-image subset of digits
+#: (the searched EfficientNet family itself is left out to keep the suite fast: `search.phis=[]`).
+TINY = [
+    "train.models=[lenet5, resnet18]", "train.epochs=1", "train.optimizer=adamw", "train.lr=0.003",
+    "train.weight_decay=0.0001", "data.image_size=16", "data.train_subset=300",
+    "train.max_concurrent_models=2", "train.cpus_per_worker=0.95",
+    "search.mode=grid", "search.num_trials=3", "search.epochs=1", "search.step=0.1",
+    "search.alpha=[1.0, 1.4]", "search.beta=[1.0, 1.3]", "search.gamma=[1.0, 1.3]", "search.phis=[]",
+    "search.max_concurrent_trials=2", "serve.num_cpus=0.25", "serve.max_upload_mb=1",
+    "serve.max_image_pixels=1000000",
+]
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(ray_cluster, tmp_path_factory):
+    """``run_pipeline`` through every stage on the tiny config; the deployment stays up for the serve tests."""
+    from pipelines.config import load_config
+    from pipelines.pipeline import run_pipeline
+
+    workdir = tmp_path_factory.mktemp("pipeline")
+    cfg = load_config(None, [f"workdir={workdir}", "name=tiny", f"serve.port={free_port()}", *TINY])
+    result = run_pipeline(cfg)
+    return cfg, result

@@ -1,0 +1,73 @@
+"""Checkpoints: round trip, and every kind of corruption refused before a model is handed out."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import cnnmodels
+from pipelines.checkpoints import CheckpointError, ModelCheckpoint, load_checkpoint, save_checkpoint
+from pipelines.preprocess import PreprocessSpec
+
+SPEC = PreprocessSpec(image_size=32, channels=1, mean=(0.3,), std=(0.4,), class_names=tuple("0123456789"))
+
+
+def _checkpoint(arch="lenet5", **kwargs):
+    model = cnnmodels.create_model(arch, num_classes=10, in_chans=1, **kwargs)
+    return ModelCheckpoint(arch=arch, model_kwargs=kwargs, spec=SPEC, state_dict=model.state_dict(), epoch=3,
+                           metrics={"val_acc": 0.5}, model_name=arch), model
+
+
+def test_round_trip_rebuilds_the_same_model(tmp_path):
+    checkpoint, model = _checkpoint("resnet18", small_input=True)
+    path = save_checkpoint(checkpoint, tmp_path / "model.pt")
+    loaded = load_checkpoint(path)
+    assert loaded.arch == "resnet18" and loaded.epoch == 3 and loaded.spec == SPEC
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.build_model()(x), model.eval()(x))
+    assert load_checkpoint(tmp_path).arch == "resnet18"  # a directory holding model.pt works too
+
+
+def test_truncated_and_garbage_files_are_refused(tmp_path):
+    path = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
+    data = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.pt").write_bytes(b"\x00garbage" * 100)
+    for name in ("truncated.pt", "garbage.pt", "missing.pt"):
+        with pytest.raises(CheckpointError):
+            load_checkpoint(tmp_path / name)
+
+
+def test_pickled_code_is_refused_by_weights_only_loading(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "cnnzoo.checkpoint", "version": 1, "state_dict": Payload()}, f)
+    with pytest.raises(CheckpointError, match="unreadable or corrupt"):
+        load_checkpoint(path)
+
+
+def test_mismatched_and_non_finite_weights_are_refused(tmp_path):
+    checkpoint, _ = _checkpoint()
+    wrong_arch = ModelCheckpoint(**{**checkpoint.__dict__, "arch": "alexnet"})
+    with pytest.raises(CheckpointError, match="does not fit architecture 'alexnet'"):
+        load_checkpoint(save_checkpoint(wrong_arch, tmp_path / "a.pt"))
+    poisoned = dict(checkpoint.state_dict)
+    poisoned["c1.weight"] = torch.full_like(poisoned["c1.weight"], float("nan"))
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_checkpoint(save_checkpoint(ModelCheckpoint(**{**checkpoint.__dict__, "state_dict": poisoned}),
+                                        tmp_path / "b.pt"))
+    torch.save({"format": "something else"}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="not a cnnzoo checkpoint"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_save_is_atomic(tmp_path):
+    path = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind

@@ -1,0 +1,108 @@
+"""Config schema: defaults, overrides and errors that exit 2 before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, load_config, read_yaml
+
+
+def test_default_config_is_the_embedded_quickstart():
+    embedded = yaml.safe_load(resources.files("pipelines.configs").joinpath("quickstart.yaml").read_text())
+    cfg = load_config()
+    assert read_yaml(None) == embedded
+    assert cfg.name == embedded["name"] == "quickstart"
+    assert cfg.data.dataset == "digits" and cfg.ray.address is None
+    assert cfg.train.models == embedded["train"]["models"]
+    assert cfg.tracking_uri.startswith("sqlite:///") and cfg.tracking_uri.endswith("mlflow.db")
+    for model in ("lenet5", "alexnet", "vgg11_bn", "googlenet", "resnet18", "densenet121", "se_resnet18"):
+        assert model in cfg.train.models
+    assert cfg.search.phis  # the EfficientNet family comes from the search
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(None, ["train.models=[resnet18, lenet5]", "train.epochs=5", "train.lr=0.1",
+                             f"workdir={tmp_path}", "search.alpha=[1.0, 1.3]", "train.use_gpu=true"])
+    assert cfg.train.models == ["resnet18", "lenet5"]
+    assert cfg.train.epochs == 5 and cfg.train.lr == 0.1 and cfg.train.use_gpu is True
+    assert cfg.search.alpha == (1.0, 1.3)
+    assert cfg.run_dir == tmp_path.resolve() / "quickstart"
+    assert cfg.resolved_storage_path == str(tmp_path.resolve() / "ray_results")
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: mine\ntrain:\n  models: [lenet5]\n  epochs: 2\n")
+    cfg = load_config(path, ["train.epochs=3"])
+    assert cfg.name == "mine" and cfg.train.models == ["lenet5"] and cfg.train.epochs == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, key, fragment",
+    [
+        (["train.modles=[resnet18]"], "train.modles", "did you mean 'train.models'"),
+        (["nmae=x"], "nmae", "did you mean 'name'"),
+        (["train.epochs=three"], "train.epochs", "valid integer"),
+        (["train.epochs=true"], "train.epochs", "valid integer"),
+        (["train.epochs=0"], "train.epochs", "greater than or equal to 1"),
+        (["train.models=[resnet19]"], "train.models", "did you mean 'resnet18'"),
+        (["data.dataset=cifar"], "data.dataset", "did you mean 'cifar10'"),
+        (["data.dataset=imagefolder"], "data.root", "needs data.root"),
+        (["data.dataset=imagefolder", "data.root=/no/such/dir"], "data.root", "does not exist"),
+        (["search.alpha=[1.5, 2.0]", "search.beta=[1.5, 2.0]", "search.gamma=[1.5, 2.0]"], "search",
+         "satisfies |alpha * beta^2 * gamma^2 - 2.0| <= 0.1"),
+        (["search.alpha=[1.3, 1.1]"], "search.alpha", "above high end"),
+        (["search.gamma=[0.9, 1.2]"], "search.gamma", "below 1"),
+        (["tracking.uri=./mlruns"], "tracking.uri", "file store"),
+        (["train.model_options={resnet18: {small_inputs: true}}"], "train.model_options", "did you mean 'small_input'"),
+        (["serve.port=70000"], "serve.port", "less than or equal to 65535"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert info.value.key.startswith(key), str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_cli_config_errors_exit_2_before_ray_starts():
+    # One interpreter runs every case; Ray must never be initialised in it.
+    script = """
+import sys, ray
+from pipelines.__main__ import main
+cases = [
+    ["train", "--set", "train.modles=[resnet18]"],
+    ["run", "--set", "train.epochs=-1"],
+    ["search", "--set", "search.alpha=[1.5,2.0]", "--set", "search.beta=[1.5,2.0]", "--set", "search.gamma=[1.5,2.0]"],
+    ["search", "--set", "search.alpha=[1.3,1.1]"],
+    ["search", "--set", "search.beta=[0.5,1.1]"],
+    ["train", "--set", "data.dataset=mnist"],
+    ["train", "--set", "data.dataset=imagefolder", "--set", "data.root=/does/not/exist"],
+    ["train", "--config", "/does/not/exist.yaml"],
+    ["run", "--stages", "search,fly"],
+]
+codes = [main(argv) for argv in cases]
+print(codes)
+sys.exit(0 if codes == [2] * len(cases) and not ray.is_initialized() else 1)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for fragment in ("config error: train.modles: unknown key; did you mean 'train.models'?",
+                     "train.epochs", "search.alpha: low end 1.3 is above high end 1.1", "search.beta",
+                     "data.dataset: unknown dataset 'mnist'", "data.root", "--config", "--stages"):
+        assert fragment in out.stderr
+
+
+def test_check_config_prints_the_resolved_config(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pipelines", "check-config", "--set", "train.epochs=7",
+                          "--set", f"workdir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["train"]["epochs"] == 7
+    assert resolved["train"]["models"][0] == "lenet5"
+    assert "config OK" in out.stderr

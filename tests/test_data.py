@@ -1,0 +1,141 @@
+"""Data sets, splits and the preprocessing spec shared by training and serving."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.config import DataConfig
+from pipelines.data import DEBIAN_FASHION_MNIST, SplitDataset, describe_dataset, load_splits, make_spec
+from pipelines.preprocess import ImageDecodeError, PreprocessSpec, decode_image
+
+
+def test_digits_splits_are_seeded_disjoint_and_stratified():
+    cfg = DataConfig(dataset="digits", seed=3)
+    a, b = load_splits(cfg), load_splits(DataConfig(dataset="digits", seed=3))
+    assert np.array_equal(a.test.labels, b.test.labels) and np.array_equal(a.train.images, b.train.images)
+    sizes = len(a.train) + len(a.val) + len(a.test)
+    assert sizes == 1797
+    assert len(a.test) == pytest.approx(0.2 * 1797, abs=2) and len(a.val) == pytest.approx(0.1 * 1797, abs=2)
+    from sklearn.datasets import load_digits
+
+    everything = sorted(img.tobytes() for split in (a.train, a.val, a.test) for img in split.images)
+    original = sorted(np.round(load_digits().images * (255 / 16)).astype(np.uint8).reshape(-1, 8, 8)[i].tobytes()
+                      for i in range(1797))
+    assert everything == original  # a partition: every image in exactly one split
+    assert set(np.bincount(a.test.labels)) <= set(range(33, 40))  # every class ~36 times
+    other = load_splits(DataConfig(dataset="digits", seed=4))
+    assert not np.array_equal(a.test.labels, other.test.labels)
+
+
+def test_describe_dataset_reports_training_statistics():
+    info = describe_dataset(DataConfig(dataset="digits"))
+    assert info.channels == 1 and info.class_names == tuple(str(i) for i in range(10))
+    assert 0.2 < info.mean[0] < 0.4 and 0.3 < info.std[0] < 0.45
+    assert info.background == 0  # white ink on black, like MNIST
+    assert info.sizes["train"] + info.sizes["val"] + info.sizes["test"] == 1797
+
+
+def test_train_subset_is_stratified():
+    splits = load_splits(DataConfig(dataset="digits", train_subset=100))
+    assert len(splits.train) == pytest.approx(100, abs=1)
+    assert len(np.unique(splits.train.labels)) == 10
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_reads_the_debian_idx_files():
+    cfg = DataConfig(dataset="fashion-mnist", download=False)
+    splits = load_splits(cfg)
+    assert len(splits.test) == 10_000 and len(splits.train) + len(splits.val) == 60_000
+    assert splits.train.images.shape[1:] == (28, 28) and splits.class_names[9] == "Ankle boot"
+
+
+def _write_images(root, classes=("cat", "dog"), per_class=6, mode="RGB"):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            array = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(array).convert(mode).save(root / name / f"{i}.png")
+
+
+def test_imagefolder_flat_and_presplit(tmp_path):
+    flat = tmp_path / "flat"
+    _write_images(flat, per_class=10)
+    splits = load_splits(DataConfig(dataset="imagefolder", root=str(flat), val_fraction=0.2, test_fraction=0.2))
+    assert splits.class_names == ("cat", "dog") and splits.channels == 3
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 20
+    presplit = tmp_path / "presplit"
+    _write_images(presplit / "train", per_class=8)
+    _write_images(presplit / "test", per_class=2)
+    splits = load_splits(DataConfig(dataset="imagefolder", root=str(presplit), val_fraction=0.25))
+    assert len(splits.test) == 4 and len(splits.train) == 12 and len(splits.val) == 4
+    spec = make_spec(describe_dataset(DataConfig(dataset="imagefolder", root=str(presplit), image_size=16)), 16)
+    image, label = SplitDataset(splits.train, spec, augment=True)[0]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label in (0, 1)
+
+
+def test_training_and_serving_see_identical_pixels():
+    """An in-memory training image and the same image sent as PNG to the server give the same input."""
+    cfg = DataConfig(dataset="digits", image_size=16)
+    splits = load_splits(cfg)
+    spec = make_spec(describe_dataset(cfg), 16)
+    dataset = SplitDataset(splits.test, spec)
+    buffer = io.BytesIO()
+    Image.fromarray(splits.test.images[0]).save(buffer, format="PNG")
+    served = spec.image_to_uint8(decode_image(buffer.getvalue(), max_pixels=10_000))
+    assert torch.equal(served, dataset[0][0])
+
+
+def _spec(channels, background=0):
+    return PreprocessSpec(image_size=8, channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels,
+                          class_names=("a", "b"), background=background)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_pil_mode_converts_to_the_model_input(mode, channels):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 10, 3), dtype=np.uint8)).convert(mode)
+    tensor = _spec(channels).tensor_from_image(image)
+    assert tensor.shape == (1, channels, 8, 8) and tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
+
+
+def test_transparency_composites_onto_the_dataset_background():
+    transparent = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
+    assert _spec(1, background=0).image_to_uint8(transparent).max() == 0
+    assert _spec(1, background=255).image_to_uint8(transparent).min() == 255
+    palette = Image.new("P", (8, 8))
+    palette.info["transparency"] = 0
+    assert _spec(3).image_to_uint8(palette).shape == (3, 8, 8)
+
+
+def test_exif_orientation_is_honoured():
+    image = Image.new("L", (16, 8), 0)
+    image.paste(255, (0, 0, 8, 8))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    upright = _spec(1).convert_mode(decode_image(buffer.getvalue(), max_pixels=1000))
+    assert upright.size == (8, 16)
+    pixels = np.asarray(upright)
+    assert pixels[:8].mean() > 200 and pixels[8:].mean() < 50  # the white half is now on top
+
+
+def test_decode_refuses_bad_input():
+    with pytest.raises(ImageDecodeError, match="empty"):
+        decode_image(b"", 100)
+    with pytest.raises(ImageDecodeError, match="not a readable image"):
+        decode_image(b"definitely not an image", 100)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    with pytest.raises(ImageDecodeError, match="above the limit"):
+        decode_image(buffer.getvalue(), max_pixels=1000)
+    noisy = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noisy, format="PNG")
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt|not a readable"):
+        decode_image(noisy.getvalue()[: len(noisy.getvalue()) // 2], max_pixels=10_000)

@@ -1,0 +1,123 @@
+"""``run``: every stage end to end, idempotent re-runs, the report, and a simulated two-node cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from cnnmodels.scaling import constraint_value
+from pipelines.tracking import Tracker
+
+
+def test_every_stage_runs_and_the_champion_answers_over_http(pipeline_run):
+    cfg, result = pipeline_run
+    assert result.ok and result.stages == {"search": "ran", "train": "ran", "report": "ran", "serve": "ran"}
+    assert set(result.train.results) == {"lenet5", "resnet18"}
+    assert result.train.champion in result.train.results
+    image = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(image, format="PNG")
+    response = requests.post(f"{result.serve.url}/predict", data=image.getvalue(),
+                             headers={"Content-Type": "image/png"}, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == result.train.champion and body["requested"] == "champion"
+    assert len(body["predictions"]) == 5
+    assert result.seconds_to_serving is not None
+
+
+def test_search_trials_respect_the_constraint_and_include_the_paper(pipeline_run):
+    cfg, result = pipeline_run
+    search = result.search
+    assert len(search.trials) == 3
+    for trial in search.trials:
+        assert abs(constraint_value(trial["alpha"], trial["beta"], trial["gamma"]) - 2.0) <= 0.1 + 1e-9
+    assert any(t["paper"] and (t["alpha"], t["beta"], t["gamma"]) == (1.2, 1.1, 1.15) for t in search.trials)
+    best = json.loads((cfg.run_dir / "search" / "best.json").read_text())
+    assert best["best"]["val_acc"] == max(t["val_acc"] for t in best["trials"])
+    assert {"alpha", "beta", "gamma", "val_acc", "score", "params_count", "macs"} <= set(best["best"])
+
+
+def test_search_is_tracked_as_a_parent_with_a_child_per_trial(pipeline_run):
+    cfg, result = pipeline_run
+    tracker = Tracker.for_config(cfg)
+    parent = tracker.find_run("tags.stage = 'search' and tags.`cnnzoo.stage_parent` = 'true'")
+    assert parent.info.status == "FINISHED"
+    assert float(parent.data.params["best_alpha"]) == result.search.best["alpha"]
+    children = tracker.client.search_runs([tracker.experiment_id],
+                                          f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 3
+    for child in children:
+        assert child.data.tags["stage"] == "search"
+        for key in ("alpha", "beta", "gamma", "phi", "compound_product", "params_count", "macs"):
+            assert key in child.data.params
+        steps = tracker.client.get_metric_history(child.info.run_id, "val_acc")
+        assert [m.step for m in steps] == [0]
+
+
+def test_report_has_the_table_and_plots(pipeline_run):
+    cfg, result = pipeline_run
+    directory = cfg.run_dir / "report"
+    for name in ("models.csv", "models.md", "accuracy_vs_macs.png", "accuracy_vs_params.png", "val_curves.png",
+                 "search.png"):
+        assert (directory / name).is_file(), name
+    import pandas as pd
+
+    table = pd.read_csv(directory / "models.csv")
+    assert len(table) == 2
+    for column in ("arch", "params", "MMACs", "best val_acc", "test_acc", "train img/s", "train s", "serve ms"):
+        assert column in table.columns
+    assert (table["serve ms"] > 0).all()
+    tracker = Tracker.for_config(cfg)
+    parent = tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
+    logged = {a.path for a in tracker.client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/accuracy_vs_macs.png" in logged and "report/models.csv" in logged
+
+
+def test_a_second_run_skips_finished_stages(pipeline_run, capsys):
+    from pipelines.pipeline import run_pipeline
+
+    cfg, first = pipeline_run
+    again = run_pipeline(cfg, ["search", "train", "report"])
+    assert again.stages["search"] == "skipped" and again.stages["train"] == "skipped"
+    assert sorted(again.train.skipped) == sorted(first.train.results)
+    assert again.train.trained == []
+    assert again.search.best == first.search.best
+
+
+def test_simulated_two_node_cluster_places_ddp_workers_on_both_nodes(tmp_path):
+    """A real multi-node Ray (ray.cluster_utils.Cluster): the 2-worker run spreads over both nodes."""
+    script = textwrap.dedent(f"""
+        import json, os, ray
+        from ray.cluster_utils import Cluster
+        from pipelines.config import load_config
+        from pipelines.train import train_stage
+
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING")
+        try:
+            cfg = load_config(None, ["workdir={tmp_path}", "name=twonode", "train.models=[lenet5]",
+                                     "train.epochs=2", "train.num_workers=2", "train.cpus_per_worker=1",
+                                     "train.placement_strategy=SPREAD", "data.train_subset=200"])
+            stage = train_stage(cfg)
+            nodes = {{n["NodeID"] for n in ray.nodes() if n["Alive"]}}
+            placed = json.loads(stage.results["lenet5"].history[-1]["worker_nodes"]) if stage.ok else []
+            print(json.dumps({{"ok": stage.ok, "nodes": len(nodes), "placed": placed}}))
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and summary["nodes"] == 2
+    assert len(set(summary["placed"])) == 2  # rank 0 and rank 1 on different nodes

@@ -1,0 +1,62 @@
+"""The compound-scaling search: spaces, the family it defines, and the Optuna mode on real Ray Tune."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from cnnmodels.scaling import constraint_value
+from pipelines.config import SearchConfig
+from pipelines.search import PAPER, FeasibleRegion, grid_candidates, search_stage
+from pipelines.train import resolve_models
+
+
+def test_grid_candidates_are_feasible_capped_and_start_with_the_paper():
+    search = SearchConfig(alpha=(1.0, 1.4), beta=(1.0, 1.4), gamma=(1.0, 1.4), step=0.05, num_trials=6)
+    candidates = grid_candidates(search)
+    assert len(candidates) == 6 and candidates[0] == PAPER
+    assert all(abs(constraint_value(*c) - 2.0) <= 0.1 + 1e-9 for c in candidates)
+    assert len(set(candidates)) == 6
+
+
+def test_the_paper_is_left_out_when_the_constraint_excludes_it():
+    search = SearchConfig(tolerance=0.05, step=0.05)  # 1.92 is 0.08 away from 2.0
+    assert PAPER not in grid_candidates(search)
+
+
+def test_feasible_region_maps_every_draw_onto_the_constraint():
+    region = FeasibleRegion.of(SearchConfig(alpha=(1.0, 1.5), beta=(1.0, 1.3), gamma=(1.0, 1.3)))
+    for u, v, w in itertools.product([0.0, 0.3, 0.77, 1.0], repeat=3):
+        a, b, g = region.point(u, v, w)
+        assert 1.0 <= a <= 1.5 and 1.0 <= b <= 1.3 and 1.0 <= g <= 1.3
+        assert abs(constraint_value(a, b, g) - 2.0) <= 0.1 + 1e-3
+    uvw = region.inverse(*PAPER)
+    assert uvw is not None and region.point(*uvw) == pytest.approx(PAPER, abs=1e-3)
+
+
+def test_found_coefficients_define_the_efficientnet_family(make_config):
+    cfg = make_config("train.models=[resnet18]", "search.phis=[0, 1, 2]", "data.image_size=16")
+    choices = {c.name: c for c in resolve_models(cfg, {"alpha": 1.3, "beta": 1.1, "gamma": 1.1})}
+    assert list(choices) == ["resnet18", "efficientnet_phi0", "efficientnet_phi1", "efficientnet_phi2"]
+    member = choices["efficientnet_phi2"]
+    assert member.arch == "efficientnet"
+    assert member.kwargs == {"phi": 2.0, "alpha": 1.3, "beta": 1.1, "gamma": 1.1, "base_resolution": 16,
+                             "small_input": True}
+    assert [c.name for c in resolve_models(cfg)] == ["resnet18"]  # no search result: no family
+
+
+def test_optuna_mode_runs_two_feasible_trials(ray_cluster, make_config):
+    cfg = make_config("search.mode=optuna", "search.num_trials=2", "search.epochs=1", "search.asha=false",
+                      "search.alpha=[1.0, 1.4]", "search.beta=[1.0, 1.3]", "search.gamma=[1.0, 1.3]",
+                      "search.max_concurrent_trials=2", "train.cpus_per_worker=0.95", "data.image_size=16",
+                      "data.train_subset=200", "train.optimizer=adamw", "train.lr=0.003")
+    result = search_stage(cfg)
+    assert len(result.trials) == 2
+    assert any(t["paper"] for t in result.trials)  # enqueued as Optuna's first point
+    for trial in result.trials:
+        assert abs(trial["compound_product"] - 2.0) <= 0.1 + 1e-3
+        assert trial["epochs_trained"] == 1
+    assert (cfg.run_dir / "search" / "best.json").is_file()
+    again = search_stage(cfg)
+    assert again.skipped and again.best == result.best

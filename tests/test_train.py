@@ -1,0 +1,142 @@
+"""Ray Train: DDP on CPU, MLflow tracking and registry, fault tolerance, resume, every architecture."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+import cnnmodels
+from pipelines.checkpoints import load_checkpoint
+from pipelines.tracking import Tracker
+from pipelines.train import train_stage
+
+FAST = ["data.image_size=32", "train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.0001",
+        "train.batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_cluster, tmp_path_factory):
+    """lenet5 trained with 2 DDP workers (gloo, CPU) for 6 epochs; shared by the tests below."""
+    from pipelines.config import load_config
+
+    workdir = tmp_path_factory.mktemp("ddp")
+    cfg = load_config(None, [f"workdir={workdir}", "name=ddp", "train.models=[lenet5]", "train.epochs=6",
+                             "train.num_workers=2", *FAST])
+    return cfg, train_stage(cfg)
+
+
+def test_two_worker_ddp_learns_digits(ddp_run):
+    cfg, stage = ddp_run
+    assert stage.ok and stage.trained == ["lenet5"]
+    result = stage.results["lenet5"]
+    assert result.best_val_acc >= 0.9, result.history
+    assert result.test_acc >= 0.85
+    assert [h["epoch"] for h in result.history] == list(range(6))
+    assert result.params_count == 61_706 and result.input_size == 32
+    assert all(h["train_images_per_sec"] > 0 for h in result.history)
+
+
+def test_mlflow_child_run_has_the_comparable_params_and_metrics(ddp_run):
+    cfg, stage = ddp_run
+    tracker = Tracker.for_config(cfg)
+    run = tracker.client.get_run(stage.results["lenet5"].mlflow_run_id)
+    assert run.data.tags["stage"] == "train" and run.info.status == "FINISHED"
+    parent = tracker.client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["stage"] == "train"
+    params = run.data.params
+    for key, value in {"arch": "lenet5", "params_count": "61706", "input_size": "32", "epochs": "6",
+                       "batch_size": "64", "lr": "0.003", "num_workers": "2", "dataset": "digits"}.items():
+        assert params[key] == value
+    assert int(params["macs"]) == cnnmodels.profile(cnnmodels.create_model("lenet5", num_classes=10, in_chans=1),
+                                                    (1, 32, 32)).macs
+    for metric in ("train_loss", "val_loss", "val_acc"):
+        history = tracker.client.get_metric_history(run.info.run_id, metric)
+        assert sorted(m.step for m in history) == list(range(6)), metric
+    for metric in ("test_acc", "best_val_acc", "train_images_per_sec", "train_seconds"):
+        assert metric in run.data.metrics
+    assert run.data.metrics["test_acc"] == pytest.approx(stage.results["lenet5"].test_acc)
+
+
+def test_registered_version_loads_back_and_predicts_like_the_checkpoint(ddp_run):
+    cfg, stage = ddp_run
+    result = stage.results["lenet5"]
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    client = Tracker.for_config(cfg).client
+    version = client.get_model_version_by_alias(cfg.registered_model_name, "lenet5")
+    assert str(version.version) == result.version
+    assert str(client.get_model_version_by_alias(cfg.registered_model_name, "champion").version) == result.version
+    registered = mlflow.pytorch.load_model(f"models:/{cfg.registered_model_name}@lenet5")
+    from_checkpoint = load_checkpoint(result.checkpoint_path).build_model()
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(registered.eval()(x), from_checkpoint(x))
+    assert float(version.tags["test_acc"]) == pytest.approx(result.test_acc)
+
+
+def test_second_invocation_skips_and_more_epochs_resume(ddp_run):
+    cfg, _ = ddp_run
+    again = train_stage(cfg)
+    assert again.skipped == ["lenet5"] and again.trained == []
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 7})})
+    extended = train_stage(longer)
+    history = extended.results["lenet5"].history
+    assert [h["epoch"] for h in history] == list(range(7))
+    # Only the new epoch was trained: the attempt that ran it started from the epoch-5 checkpoint.
+    assert history[6]["start_epoch"] == 6 and history[0]["start_epoch"] == 0
+
+
+def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(ray_cluster, make_config):
+    cfg = make_config("train.models=[lenet5]", "train.epochs=3", "train.max_failures=1",
+                      "train.simulate_failure_at_epoch=1", *FAST)
+    stage = train_stage(cfg)
+    assert stage.ok, stage.failed
+    history = stage.results["lenet5"].history
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert [h["start_epoch"] for h in history] == [0, 1, 1]  # restarted at epoch 1, not from epoch 0
+    client = Tracker.for_config(cfg).client
+    steps = [m.step for m in client.get_metric_history(stage.results["lenet5"].mlflow_run_id, "val_acc")]
+    assert sorted(steps) == [0, 1, 2]  # one MLflow run, each epoch logged once
+
+
+def test_without_failure_budget_the_run_fails_cleanly(ray_cluster, make_config):
+    cfg = make_config("train.models=[lenet5]", "train.epochs=2", "train.max_failures=0",
+                      "train.simulate_failure_at_epoch=1", *FAST)
+    stage = train_stage(cfg)
+    assert stage.failed == ["lenet5"] and not stage.ok
+    run = Tracker.for_config(cfg).find_run("tags.stage = 'train' and tags.`cnnzoo.model` = 'lenet5'")
+    assert run.info.status == "FAILED" and "error" in run.data.tags
+
+
+def test_every_architecture_trains_one_short_epoch_through_the_worker_loop(ray_cluster, make_config, tmp_path):
+    """All cnnmodels architectures through train_loop_per_worker in one Train run (one worker)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.data import describe_dataset
+    from pipelines.train import ModelChoice, plan_model_runs, resolve_models
+
+    cfg = make_config("data.image_size=16", "data.train_subset=32", "data.val_fraction=0.02",
+                      "train.batch_size=16", "train.models=[lenet5]")
+    small = resolve_models(cfg)[0].kwargs  # nothing for lenet5; the other archs get small_input below
+    choices = [ModelChoice(name, name, {} if name == "lenet5" else {"small_input": True, **small})
+               for name in cnnmodels.list_models()]
+    runs = plan_model_runs(cfg, describe_dataset(cfg.data), choices, epochs=1, cluster_cpus=2)
+    log = tmp_path / "trained.jsonl"
+
+    def train_each(config):
+        from pipelines.train import ModelRun, train_loop_per_worker
+
+        for run in config["runs"]:
+            train_loop_per_worker(dict(run, evaluate_test=False))
+            with open(config["log"], "a") as f:
+                f.write(json.dumps({"model": run["model_name"], "t": __import__("time").time()}) + "\n")
+
+    TorchTrainer(train_each, train_loop_config={"runs": [r.to_dict() for r in runs], "log": str(log)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.9}),
+                 run_config=ray.train.RunConfig(name="every-arch", storage_path=str(tmp_path / "ray"))).fit()
+    trained = [json.loads(line)["model"] for line in log.read_text().splitlines()]
+    assert trained == cnnmodels.list_models()
