@@ -17,9 +17,9 @@ reaches the last stage at 2x2.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ class MBConvConfig:
     out_channels: int
     num_layers: int
 
-    def scaled(self, width_multiplier: float, depth_multiplier: float) -> "MBConvConfig":
+    def scaled(self, width_multiplier: float, depth_multiplier: float) -> MBConvConfig:
         return replace(
             self,
             input_channels=scale_channels(self.input_channels, width_multiplier),

@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 

@@ -18,8 +18,6 @@ convolution and the stem max-pool is dropped, so a 32 px image reaches the last 
 
 from __future__ import annotations
 
-from typing import Type
-
 import torch
 from torch import nn
 
@@ -115,7 +113,7 @@ class ResNet(ImageClassifier):
 
     def __init__(
         self,
-        block: Type[BasicBlock | Bottleneck],
+        block: type[BasicBlock | Bottleneck],
         layers: tuple[int, int, int, int],
         num_classes: int = 1000,
         in_chans: int = 3,
@@ -149,7 +147,7 @@ class ResNet(ImageClassifier):
                     nn.init.zeros_(m.last_norm().weight)
 
     def _make_layer(
-        self, block: Type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int, se_reduction: int | None
+        self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int, se_reduction: int | None
     ) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -57,23 +58,25 @@ class _Section(BaseModel):
 class RayConfig(_Section):
     """Where Ray runs. ``address: null`` starts a local Ray; ``auto`` joins the cluster this runs on."""
 
-    address: Optional[str] = None
+    address: Optional[str] = Field(
+        None, description="null starts a local Ray; 'auto' joins the cluster this runs on; or ray://host:10001"
+    )
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
     num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of a local Ray (default: all)")
     include_dashboard: bool = Field(True, description="Ray's dashboard (Ray Train's state checks need it)")
 
 
 class DataConfig(_Section):
-    dataset: str = "digits"
+    dataset: str = Field("digits", description="digits, fashion-mnist, cifar10 or imagefolder")
     root: Optional[str] = Field(None, description="data directory (fashion-mnist, cifar10, imagefolder)")
     image_size: int = Field(32, ge=8, le=1024, description="side length the images are resized to")
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of the training data held out for validation")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="held-out share where the data set has no test split")
     train_subset: Optional[int] = Field(None, ge=10, description="use only this many training images")
-    augment: bool = True
+    augment: bool = Field(True, description="random crops (and flips where the data allows) while training")
     download: bool = Field(True, description="let torchvision download cifar10/fashion-mnist when missing")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the train/val/test split")
 
     @field_validator("dataset")
     @classmethod
@@ -86,27 +89,40 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    models: list[str] = Field(default_factory=lambda: ["resnet18"], min_length=1)
+    models: list[str] = Field(
+        default_factory=lambda: ["resnet18"],
+        min_length=1,
+        description="cnnmodels names (cnnmodels.list_models()); efficientnet_phiN for a compound-scaled member",
+    )
     model_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="extra create_model keyword arguments per model name"
     )
-    small_input: Union[bool, Literal["auto"]] = "auto"
-    epochs: int = Field(3, ge=1)
+    small_input: Union[bool, Literal["auto"]] = Field(
+        "auto", description="small-image stems for inputs up to 64 px; auto decides by data.image_size"
+    )
+    epochs: int = Field(3, ge=1, description="epochs per model")
     batch_size: int = Field(64, ge=1, description="global batch size, split across the workers")
-    lr: float = Field(0.05, gt=0.0)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(5e-4, ge=0.0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    lr: float = Field(0.05, gt=0.0, description="peak learning rate (for the global batch)")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, Nesterov) or adamw")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0.0, description="weight decay (not applied to biases and norm scales)")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="learning-rate schedule after warm-up")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up length, in epochs")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     aux_loss_weight: float = Field(0.3, ge=0.0, description="GoogLeNet auxiliary classifiers' loss weight")
     num_workers: int = Field(1, ge=1, description="data-parallel workers per model")
-    use_gpu: bool = False
-    cpus_per_worker: Union[float, Literal["auto"]] = "auto"
-    max_concurrent_models: Union[int, Literal["auto"]] = "auto"
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL")
+    cpus_per_worker: Union[float, Literal["auto"]] = Field(
+        "auto",
+        description="CPUs each worker reserves; auto: the free CPUs split among one model's workers "
+        "(1 + loader_workers with GPUs)",
+    )
+    max_concurrent_models: Union[int, Literal["auto"]] = Field(
+        "auto", description="models trained at the same time; auto: as many as the free resources fit"
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="how one model's workers are placed on nodes (Ray placement group strategy)")
+        "PACK", description="how one model's workers are placed on nodes (Ray placement group strategy)"
+    )
     max_failures: int = Field(2, ge=-1, description="worker failures survived per model (-1: unlimited)")
     amp: bool = Field(True, description="mixed precision (GPU only)")
     channels_last: bool = Field(True, description="channels-last memory format (GPU only)")
@@ -114,7 +130,7 @@ class TrainConfig(_Section):
     simulate_failure_at_epoch: Optional[int] = Field(
         None, ge=0, description="kill one worker once at this epoch, to rehearse fault tolerance"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of initialisation and shuffling")
 
     @field_validator("models")
     @classmethod
@@ -148,25 +164,36 @@ class TrainConfig(_Section):
 class SearchConfig(_Section):
     """Ray Tune search of EfficientNet's compound-scaling coefficients (the paper's step 1)."""
 
-    alpha: tuple[float, float] = (1.0, 1.4)
-    beta: tuple[float, float] = (1.0, 1.4)
-    gamma: tuple[float, float] = (1.0, 1.4)
+    alpha: tuple[float, float] = Field((1.0, 1.4), description="[low, high] range of the depth coefficient")
+    beta: tuple[float, float] = Field((1.0, 1.4), description="[low, high] range of the width coefficient")
+    gamma: tuple[float, float] = Field((1.0, 1.4), description="[low, high] range of the resolution coefficient")
     target: float = Field(2.0, gt=1.0, description="alpha * beta^2 * gamma^2 must be close to this")
-    tolerance: float = Field(0.1, gt=0.0)
-    mode: Literal["grid", "optuna"] = "grid"
-    step: float = Field(0.05, gt=0.0)
+    tolerance: float = Field(0.1, gt=0.0, description="allowed distance of alpha * beta^2 * gamma^2 from target")
+    mode: Literal["grid", "optuna"] = Field(
+        "grid", description="grid (feasible grid points) or optuna (Optuna sampling inside the feasible region)"
+    )
+    step: float = Field(0.05, gt=0.0, description="grid spacing")
     num_trials: int = Field(8, ge=1, description="at most this many trials")
     epochs: int = Field(3, ge=1, description="training budget of each trial")
     phi: float = Field(1.0, gt=0.0, description="the compound coefficient the search scales by")
+    train_subset: Optional[int] = Field(
+        None, ge=10, description="search on this many training images (a cheaper proxy); default: data.train_subset"
+    )
     phis: list[float] = Field(default_factory=lambda: [0.0, 1.0], description="family members to train")
-    base_model: str = "efficientnet"
-    objective: Literal["val_acc", "mnas"] = "val_acc"
-    target_macs: Optional[int] = Field(None, ge=1, description="MnasNet objective target (default: baseline MACs x target^phi)")
-    asha: bool = True
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: int = Field(2, ge=2)
-    max_concurrent_trials: Union[int, Literal["auto"]] = "auto"
-    seed: int = 0
+    base_model: str = Field("efficientnet", description="the baseline that is scaled")
+    objective: Literal["val_acc", "mnas"] = Field(
+        "val_acc", description="val_acc, or mnas: val_acc * (macs / target_macs)^-0.07"
+    )
+    target_macs: Optional[int] = Field(
+        None, ge=1, description="MnasNet objective target (default: baseline MACs x target^phi)"
+    )
+    asha: bool = Field(True, description="stop weak trials early with ASHA")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1 / reduction_factor of trials at each rung")
+    max_concurrent_trials: Union[int, Literal["auto"]] = Field(
+        "auto", description="trials at the same time; auto: as many as the free resources fit"
+    )
+    seed: int = Field(0, description="Optuna sampler seed")
 
     @field_validator("alpha", "beta", "gamma", mode="before")
     @classmethod
@@ -202,7 +229,9 @@ class TrackingConfig(_Section):
     @field_validator("uri")
     @classmethod
     def _no_file_store(cls, value):
-        if value is not None and (value.startswith("file:") or ("://" not in value and not value.startswith("databricks"))):
+        if value is not None and (
+            value.startswith("file:") or ("://" not in value and not value.startswith("databricks"))
+        ):
             raise ValueError(
                 f"{value!r} is a file store, which MLflow 3.13+ refuses; use sqlite:///path/mlflow.db or http://host:5000"
             )
@@ -210,27 +239,31 @@ class TrackingConfig(_Section):
 
 
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    num_replicas: int = Field(1, ge=1)
-    autoscaling: bool = False
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    num_cpus: float = Field(0.5, ge=0.0)
-    num_gpus: float = Field(0.0, ge=0.0)
-    max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
-    max_ongoing_requests: int = Field(64, ge=1)
-    max_models_per_replica: int = Field(4, ge=1)
-    max_upload_mb: float = Field(10.0, gt=0.0)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    auth_token: Optional[str] = None
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    num_replicas: int = Field(1, ge=1, description="replicas (without autoscaling)")
+    autoscaling: bool = Field(False, description="autoscale between min_replicas and max_replicas")
+    min_replicas: int = Field(1, ge=0, description="autoscaling lower bound")
+    max_replicas: int = Field(2, ge=1, description="autoscaling upper bound")
+    num_cpus: float = Field(0.5, ge=0.0, description="CPUs per replica (fractions fit small machines)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (fractions share a GPU)")
+    max_batch_size: int = Field(16, ge=1, description="dynamic batching: largest batch")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, description="dynamic batching: longest wait for a batch to fill")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="requests a replica accepts at once (must be >= max_batch_size for batches to fill)"
+    )
+    max_models_per_replica: int = Field(4, ge=1, description="LRU size of loaded models per replica (multiplexing)")
+    max_upload_mb: float = Field(10.0, gt=0.0, description="largest request body (413 above)")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest decoded image, width x height (400 above; decompression bombs)"
+    )
+    auth_token: Optional[str] = Field(None, description="require Authorization: Bearer <token> on /predict and /models")
     models: list[str] = Field(default_factory=list, description="aliases to serve (default: all registered)")
     checkpoints: dict[str, str] = Field(
         default_factory=dict, description="alias -> checkpoint file, served instead of the registry"
     )
-    fold_batchnorm: bool = True
-    default_top_k: int = Field(5, ge=1)
+    fold_batchnorm: bool = Field(True, description="fold batch norm into convolutions for serving (verified)")
+    default_top_k: int = Field(5, ge=1, description="classes returned when top_k is not given")
 
     @model_validator(mode="after")
     def _replicas(self):
@@ -240,9 +273,17 @@ class ServeConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    workdir: str = "./runs"
-    storage_path: Optional[str] = None
+    name: str = Field(
+        "quickstart",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="MLflow experiment, registered model and run directory name",
+    )
+    workdir: str = Field(
+        "./runs", description="local outputs: <workdir>/<name>/..., the MLflow sqlite file, default Ray storage"
+    )
+    storage_path: Optional[str] = Field(
+        None, description="Ray Train/Tune storage (default <workdir>/ray_results); S3 or NFS on multi-node clusters"
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -264,7 +305,9 @@ class PipelineConfig(_Section):
     def resolved_storage_path(self) -> str:
         """Ray Train/Tune storage: ``storage_path`` or ``<workdir>/ray_results``."""
         if self.storage_path:
-            return self.storage_path if "://" in self.storage_path else str(Path(self.storage_path).expanduser().resolve())
+            return (
+                self.storage_path if "://" in self.storage_path else str(Path(self.storage_path).expanduser().resolve())
+            )
         return str(self.workdir_path / "ray_results")
 
     @property
@@ -291,10 +334,19 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
     if data.dataset == "imagefolder":
         if not data.root:
             raise ConfigError("data.root", "the imagefolder data set needs data.root (a directory of class folders)")
-    if data.root and data.dataset in ("imagefolder",) and "://" not in data.root and not Path(data.root).expanduser().is_dir():
+    if (
+        data.root
+        and data.dataset in ("imagefolder",)
+        and "://" not in data.root
+        and not Path(data.root).expanduser().is_dir()
+    ):
         raise ConfigError("data.root", f"directory {data.root!r} does not exist")
-    if data.root and data.dataset in ("fashion-mnist", "cifar10") and not data.download \
-            and not Path(data.root).expanduser().is_dir():
+    if (
+        data.root
+        and data.dataset in ("fashion-mnist", "cifar10")
+        and not data.download
+        and not Path(data.root).expanduser().is_dir()
+    ):
         raise ConfigError("data.root", f"directory {data.root!r} does not exist and data.download is false")
     for name in cfg.train.model_options:
         if name not in cfg.train.models:
@@ -348,7 +400,7 @@ def _format_validation_error(err: ValidationError) -> ConfigError:
         return ConfigError(key, f"unknown key{hint}")
     message = first["msg"]
     if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+        message = message[len("Value error, ") :]
     got = first.get("input")
     if first["type"] not in ("value_error",) and not isinstance(got, (dict, list)):
         message = f"{message} (got {got!r})"
@@ -405,12 +457,75 @@ def read_yaml(path: str | os.PathLike | None) -> dict:
     return data
 
 
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(data: Any, key: str = "") -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in string values with environment variables, so one
+    preset serves every cluster (``storage_path: ${CNNZOO_STORAGE_PATH}``)."""
+    if isinstance(data, dict):
+        return {k: expand_env(v, f"{key}.{k}" if key else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, key) for v in data]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value is None:
+            if default is None:
+                raise ConfigError(key, f"environment variable {name} is not set (the value is {data!r})")
+            return default
+        return value
+
+    return _ENV_REFERENCE.sub(substitute, data)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load, override and validate a pipeline config; raises :class:`ConfigError` naming the bad key."""
-    data = apply_overrides(read_yaml(path), overrides or [])
+    """Load, override and validate a pipeline config; raises :class:`ConfigError` naming the bad key.
+
+    ``${VAR}`` references in values are replaced by environment variables first.
+    """
+    data = expand_env(apply_overrides(read_yaml(path), overrides or []))
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise _format_validation_error(err) from None
     _semantic_checks(cfg)
     return cfg
+
+
+def config_reference() -> str:
+    """Every config key with its type, default and description, as a Markdown table (docs/configuration.md)."""
+    from typing import get_args, get_origin
+
+    def type_name(annotation) -> str:
+        origin = get_origin(annotation)
+        if origin is Literal:
+            return " \\| ".join(repr(a) for a in get_args(annotation))
+        if origin is Union:
+            return " \\| ".join(type_name(a) for a in get_args(annotation))
+        if annotation is type(None):
+            return "null"
+        if origin is not None:
+            return str(annotation).replace("typing.", "")
+        return getattr(annotation, "__name__", str(annotation))
+
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    defaults = PipelineConfig().model_dump(mode="json")
+
+    def walk(model: type[BaseModel], prefix: str, values: dict) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.", values[name])
+                continue
+            default = values[name]
+            default_text = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+            default_text = default_text.removesuffix("\n...").strip()
+            description = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{prefix}{name}` | {type_name(annotation)} | `{default_text}` | {description} |")
+
+    walk(PipelineConfig, "", defaults)
+    return "\n".join(lines) + "\n"

@@ -10,6 +10,9 @@
 Splits are stratified and seeded by ``data.seed``: every worker on every node computes the same split.
 Images are converted once to uint8 tensors at the model's input size through the same
 :class:`~pipelines.preprocess.PreprocessSpec` the server uses, so training and serving see identical pixels.
+
+Heavy libraries (torchvision, scikit-learn) are imported where they are used: this module is imported by
+every Ray Train controller and Tune trial process, most of which never touch the data.
 """
 
 from __future__ import annotations
@@ -22,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as T
 from filelock import FileLock
 from PIL import Image
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
 from .config import DataConfig
@@ -73,7 +74,7 @@ class RawSplit:
             image.load()
             return image
 
-    def subset(self, indices: np.ndarray) -> "RawSplit":
+    def subset(self, indices: np.ndarray) -> RawSplit:
         return RawSplit(
             labels=self.labels[indices],
             images=None if self.images is None else self.images[indices],
@@ -105,10 +106,16 @@ class DatasetInfo:
 
 
 def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
     indices = np.arange(len(labels))
     counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    keep, held = train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
+    classes = int((counts > 0).sum())
+    held_out = int(np.ceil(fraction * len(labels)))
+    # Stratify when every class can appear on both sides; tiny splits fall back to a plain random split.
+    can_stratify = counts[counts > 0].min() >= 2 and classes <= held_out <= len(labels) - classes
+    keep, held = train_test_split(indices, test_size=fraction, random_state=seed,
+                                  stratify=labels if can_stratify else None)
     return np.sort(keep), np.sort(held)
 
 
@@ -173,7 +180,8 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
 
 def _load_fashion_mnist(cfg: DataConfig) -> ImageSplits:
     arrays = _fashion_mnist_arrays(cfg)
-    full_train = RawSplit(labels=arrays["train_labels"].astype(np.int64), images=np.ascontiguousarray(arrays["train_images"]))
+    full_train = RawSplit(labels=arrays["train_labels"].astype(np.int64),
+                          images=np.ascontiguousarray(arrays["train_images"]))
     test = RawSplit(labels=arrays["test_labels"].astype(np.int64), images=np.ascontiguousarray(arrays["test_images"]))
     train, val = _stratified_split(full_train.labels, cfg.val_fraction, cfg.seed)
     return ImageSplits(full_train.subset(train), full_train.subset(val), test, FASHION_MNIST_CLASSES, 1,
@@ -326,6 +334,8 @@ class SplitDataset(Dataset):
                 if len(split) else torch.empty((0, *spec.input_shape), dtype=torch.uint8)
         self.transform = None
         if augment:
+            import torchvision.transforms.v2 as T  # noqa: N812
+
             ops = [T.RandomCrop(spec.image_size, padding=max(1, spec.image_size // 8))]
             if spec.dataset in FLIP_OK:
                 ops.append(T.RandomHorizontalFlip())

@@ -51,8 +51,8 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
     from .report import report_stage
     from .search import load_search_result, search_stage
     from .serve import serve_stage
-    from .train import train_stage
     from .tracking import ui_hint
+    from .train import train_stage
 
     stages = stages or list(STAGES)
     started = time.time()
@@ -88,7 +88,8 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
         print(f"  curl -s -X POST --data-binary @image.png -H 'Content-Type: image/png' {out.serve.url}/predict",
               flush=True)
         print(f"  python -m pipelines predict image.png --url {out.serve.url}", flush=True)
-        print(f"  API docs: {out.serve.url}/docs   Serve config for `serve deploy`: {out.serve.config_path}", flush=True)
+        print(f"  API docs: {out.serve.url}/docs   Serve config for `serve deploy`: {out.serve.config_path}",
+              flush=True)
     print(f"[pipeline] MLflow UI: {ui_hint(cfg.tracking_uri)}", flush=True)
     out.seconds = time.time() - started
     return out

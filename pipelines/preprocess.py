@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 
 __all__ = ["PreprocessSpec", "ImageDecodeError", "decode_image"]
@@ -61,7 +60,7 @@ class PreprocessSpec:
     def input_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
-    def with_size(self, image_size: int) -> "PreprocessSpec":
+    def with_size(self, image_size: int) -> PreprocessSpec:
         return replace(self, image_size=image_size)
 
     def to_dict(self) -> dict:
@@ -70,7 +69,7 @@ class PreprocessSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PreprocessSpec":
+    def from_dict(cls, data: dict) -> PreprocessSpec:
         data = dict(data)
         for key in ("mean", "std", "class_names"):
             data[key] = tuple(data[key])
@@ -95,12 +94,16 @@ class PreprocessSpec:
 
     def resize(self, image: Image.Image) -> Image.Image:
         """Resize the shorter side to ``image_size`` and centre-crop a square."""
+        import torchvision.transforms.v2.functional as TF  # noqa: N812 - deferred: a heavy import
+
         interpolation = TF.InterpolationMode(self.interpolation)
         image = TF.resize(image, self.image_size, interpolation=interpolation, antialias=True)
         return TF.center_crop(image, [self.image_size, self.image_size])
 
     def image_to_uint8(self, image: Image.Image) -> torch.Tensor:
         """A PIL image as the uint8 (C, H, W) tensor the model's loader would produce."""
+        import torchvision.transforms.v2.functional as TF  # noqa: N812
+
         return TF.pil_to_tensor(self.resize(self.convert_mode(image)))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,7 @@ def _plots(results: list[ModelResult], search: dict | None, directory: Path) -> 
     if search and search.get("trials"):
         trials = pd.DataFrame(search["trials"])
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), sharey=True)
-        for ax, key in zip(axes, ("alpha", "beta", "gamma")):
+        for ax, key in zip(axes, ("alpha", "beta", "gamma"), strict=True):
             ax.scatter(trials[key], trials["val_acc"], c=trials["compound_product"], cmap="viridis", s=40)
             best = search["best"]
             ax.scatter([best[key]], [best["val_acc"]], marker="*", s=200, color="crimson", label="best")

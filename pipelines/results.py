@@ -10,9 +10,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["ModelResult", "load_results", "comparison_table"]
 
@@ -49,7 +50,7 @@ class ModelResult:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ModelResult":
+    def load(cls, path: str | os.PathLike) -> ModelResult:
         data = json.loads(Path(path).read_text())
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -72,6 +73,8 @@ def load_results(directory: str | os.PathLike) -> dict[str, ModelResult]:
 
 def comparison_table(results: list[ModelResult], champion: str | None = None) -> pd.DataFrame:
     """One row per model, best test accuracy first."""
+    import pandas as pd
+
     rows = []
     for r in results:
         rows.append({
@@ -94,6 +97,8 @@ def comparison_table(results: list[ModelResult], champion: str | None = None) ->
 
 def format_predictions(body: dict) -> str:
     """A ``/predict`` response as a small table, for the ``predict`` command."""
+    import pandas as pd
+
     table = pd.DataFrame(body["predictions"])[["label", "index", "score"]]
     table["score"] = table["score"].map(lambda s: f"{s:.4f}")
     header = f"model {body['model']} (version {body['version']}), server latency {body['latency_ms']:.1f} ms"

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from .config import PipelineConfig
 
@@ -52,21 +52,27 @@ def ray_session(cfg: PipelineConfig) -> Iterator[None]:
         ray.shutdown()
 
 
-def cluster_resources() -> dict[str, float]:
-    """Total resources of the running Ray cluster (CPU and GPU default to 0)."""
+def cluster_resources(available: bool = False) -> dict[str, float]:
+    """Total (or currently unclaimed) resources of the running Ray cluster; CPU and GPU default to 0."""
     import ray
 
-    resources = ray.cluster_resources()
+    resources = ray.available_resources() if available else ray.cluster_resources()
     return {"CPU": float(resources.get("CPU", 0.0)), "GPU": float(resources.get("GPU", 0.0))}
 
 
 def concurrency_for(requested: int | str, per_trial: dict[str, float], trials: int) -> int:
-    """How many trials run at once: ``requested``, or (``"auto"``) as many as the cluster fits now."""
+    """How many trials run at once: ``requested``, or (``"auto"``) as many as the cluster fits now.
+
+    Warns when not even one trial fits the currently free resources: it will wait for them (an autoscaling
+    cluster adds nodes; a fixed one needs other work to finish first).
+    """
+    free = cluster_resources(available=True)
+    fits = [math.floor((free.get(key, 0.0) + 1e-9) / need) for key, need in per_trial.items() if need > 0]
+    if fits and min(fits) < 1:
+        wanted = ", ".join(f"{need:g} {key}" for key, need in per_trial.items() if need > 0)
+        have = ", ".join(f"{free.get(key, 0.0):g} {key}" for key, need in per_trial.items() if need > 0)
+        print(f"warning: one run needs {wanted} but only {have} are free now; it waits until they are "
+              "(on a fixed cluster, lower train.num_workers or train.cpus_per_worker)", flush=True)
     if requested != "auto":
         return max(1, min(int(requested), trials))
-    total = cluster_resources()
-    fits = []
-    for key, need in per_trial.items():
-        if need > 0:
-            fits.append(math.floor((total.get(key, 0.0) + 1e-9) / need))
     return max(1, min([trials] + fits))

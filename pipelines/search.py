@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from cnnmodels.scaling import PAPER_COEFFICIENTS, CompoundCoefficients, constraint_value, feasible_grid
+from cnnmodels.scaling import PAPER_COEFFICIENTS, constraint_value, feasible_grid
 
 from .config import PipelineConfig, SearchConfig
 from .train import ModelChoice, ModelRun, plan_model_runs, run_model_trials
@@ -125,7 +125,7 @@ class FeasibleRegion:
     high: float
 
     @classmethod
-    def of(cls, search: SearchConfig) -> "FeasibleRegion":
+    def of(cls, search: SearchConfig) -> FeasibleRegion:
         return cls(search.alpha, search.beta, search.gamma, search.target - search.tolerance,
                    search.target + search.tolerance)
 
@@ -188,7 +188,7 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
 
     from .data import describe_dataset
     from .runtime import cluster_resources, concurrency_for
-    from .tracking import TrialTracking, Tracker
+    from .tracking import Tracker, TrialTracking
 
     search = cfg.search
     fingerprint = search_fingerprint(cfg)
@@ -198,13 +198,15 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
         previous.skipped = True
         return previous
 
+    if search.train_subset is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train_subset": search.train_subset})})
     info = describe_dataset(cfg.data)
     base = ModelChoice("efficientnet", "efficientnet", {
         "phi": float(search.phi), "base_resolution": cfg.data.image_size,
         "small_input": cfg.train.small_input if cfg.train.small_input != "auto" else cfg.data.image_size <= 64,
     })
     template = plan_model_runs(cfg, info, [base], stage="search", epochs=search.epochs,
-                               cluster_cpus=cluster_resources()["CPU"])[0]
+                               cluster_cpus=cluster_resources(available=True)["CPU"])[0]
     template.run_name = f"{cfg.name}-search-{fingerprint}"
     experiment = f"{cfg.name}-search-{fingerprint}"
 
@@ -222,7 +224,7 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
         region = FeasibleRegion.of(search)
         points = []
         if paper_included and (uvw := region.inverse(*PAPER)) is not None:
-            points.append(dict(zip(("u_alpha", "u_beta", "u_gamma"), uvw)))
+            points.append(dict(zip(("u_alpha", "u_beta", "u_gamma"), uvw, strict=True)))
         else:
             paper_included = False
         search_alg = OptunaSearch(space=partial(optuna_space, region), metric="val_acc", mode="max",

@@ -343,7 +343,7 @@ def make_deployment(cfg: PipelineConfig):
                 "requested": requested,
                 "version": loaded.version,
                 "predictions": [{"label": loaded.spec.class_names[i], "index": int(i), "score": float(p)}
-                                for p, i in zip(scores.tolist(), indices.tolist())],
+                                for p, i in zip(scores.tolist(), indices.tolist(), strict=True)],
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3),
             }
 
@@ -398,7 +398,8 @@ def write_serve_config(cfg: PipelineConfig) -> Path:
             "args": {"config": cfg.model_dump(mode="json")},
         }],
     }
-    path.write_text("# serve deploy " + str(path) + "   (on a running Ray cluster)\n" + yaml.safe_dump(document, sort_keys=False))
+    header = f"# serve deploy {path}   (on a running Ray cluster)\n"
+    path.write_text(header + yaml.safe_dump(document, sort_keys=False))
     return path
 
 

@@ -18,8 +18,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from ray.tune import Callback
@@ -64,7 +65,7 @@ class Tracker:
         self._experiment_id: str | None = None
 
     @classmethod
-    def for_config(cls, cfg) -> "Tracker":
+    def for_config(cls, cfg) -> Tracker:
         """The tracker of a pipeline config: experiment = ``cfg.name``; local sqlite stores keep their
         artifacts next to the database (``<workdir>/mlartifacts``), servers decide for themselves."""
         uri = cfg.tracking_uri
@@ -191,7 +192,8 @@ class Tracker:
                     pip_requirements=[f"torch>={torch.__version__.split('+')[0]}",
                                       f"torchvision>={torchvision.__version__.split('+')[0]}"],
                 )
-        version = mlflow.register_model(info.model_uri, registered_model, tags={k: str(v) for k, v in (tags or {}).items()})
+        version_tags = {k: str(v) for k, v in (tags or {}).items()}
+        version = mlflow.register_model(info.model_uri, registered_model, tags=version_tags)
         self.client.set_registered_model_alias(registered_model, alias, version.version)
         return str(version.version)
 
@@ -295,4 +297,5 @@ class TrialTracking(Callback):
         run_id = self._run_id(trial)
         self.tracker.set_tags(run_id, {"error": str(getattr(trial, "error_msg", "") or "trial failed")[:4000]})
         self.tracker.end_run(run_id, "FAILED")
-        self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: FAILED (see the Ray logs and MLflow run {run_id[:8]})")
+        self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: FAILED (see the Ray logs and MLflow run "
+                      f"{run_id[:8]})")

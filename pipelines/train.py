@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,7 +157,7 @@ class ModelRun:
     macs: int = 0
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelRun":
+    def from_dict(cls, data: dict) -> ModelRun:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -172,7 +172,7 @@ class ModelRun:
     def threads_per_worker(self) -> int:
         return max(1, int(round(self.cpus_per_worker)))
 
-    def with_coefficients(self, alpha: float, beta: float, gamma: float) -> "ModelRun":
+    def with_coefficients(self, alpha: float, beta: float, gamma: float) -> ModelRun:
         """This (search-template) run with other compound-scaling coefficients, named after them."""
         name = coefficients_label(alpha, beta, gamma)
         kwargs = dict(self.model_kwargs, alpha=float(alpha), beta=float(beta), gamma=float(gamma))
@@ -308,6 +308,19 @@ def _evaluate(model, loader, spec: PreprocessSpec, device, amp_dtype, channels_l
     return loss_sum / max(count, 1), correct / max(count, 1), int(count)
 
 
+#: Small JSON beside each checkpoint: which model and epoch it holds, readable without loading weights.
+CHECKPOINT_META = "meta.json"
+
+
+def _checkpoint_owner(directory: Path) -> tuple[str, str]:
+    meta = directory / CHECKPOINT_META
+    if meta.is_file():
+        data = json.loads(meta.read_text())
+        return data.get("model_name", ""), data.get("arch", "")
+    ckpt = load_checkpoint(directory / CHECKPOINT_FILE, verify=False)  # written before meta.json existed
+    return ckpt.model_name, ckpt.arch
+
+
 def _quiet_report_logging() -> None:
     # Ray Train logs every report (with all metrics) through a logger named by its file path, which
     # escapes RunConfig's LoggingConfig; our own progress lines already say the same, once.
@@ -367,13 +380,15 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = None
     if restored:
         with restored.as_directory() as directory:
-            ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
-        if (ckpt.model_name, ckpt.arch) != (run.model_name, run.arch):
+            owner = _checkpoint_owner(Path(directory))
+            if owner == (run.model_name, run.arch):
+                ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
+        if ckpt is None:
             # A run directory shared by several models (or reused by hand): never cross-load weights.
             if rank == 0:
                 print(f"[{run.model_name}] ignoring the run's latest checkpoint (it belongs to "
-                      f"{ckpt.model_name}); starting fresh", flush=True)
-            restored, ckpt = None, None
+                      f"{owner[0]}); starting fresh", flush=True)
+            restored = None
     if ckpt is not None:
         model.load_state_dict(ckpt.state_dict)
         state = ckpt.training_state or {}
@@ -445,6 +460,8 @@ def train_loop_per_worker(config: dict) -> None:
                     training_state={"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                     "history": history},
                 ), Path(directory) / CHECKPOINT_FILE)
+                (Path(directory) / CHECKPOINT_META).write_text(json.dumps(
+                    {"model_name": run.model_name, "arch": run.arch, "epoch": epoch, "val_acc": val_acc}))
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -675,11 +692,12 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
 
     from .data import describe_dataset
     from .runtime import cluster_resources, concurrency_for
-    from .tracking import TrialTracking, Tracker
+    from .tracking import Tracker, TrialTracking
 
     info = describe_dataset(cfg.data)
     choices = resolve_models(cfg, coefficients)
-    cpus = cluster_resources()["CPU"]
+    # Size workers to what is free now (a running Serve app, say, keeps its share), not to the total.
+    cpus = cluster_resources(available=True)["CPU"]
     runs = plan_model_runs(cfg, info, choices, stage="train", cluster_cpus=cpus)
     for run in runs:
         run.run_name = f"{run.run_name}-{training_fingerprint(run)}"

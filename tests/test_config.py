@@ -106,3 +106,12 @@ def test_check_config_prints_the_resolved_config(tmp_path):
     assert resolved["train"]["epochs"] == 7
     assert resolved["train"]["models"][0] == "lenet5"
     assert "config OK" in out.stderr
+
+
+def test_configuration_reference_doc_is_current():
+    from pathlib import Path
+
+    from pipelines.config import config_reference
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert config_reference() in doc, "regenerate docs/configuration.md from pipelines.config.config_reference()"

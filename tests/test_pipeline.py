@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 import requests
 from PIL import Image
 
@@ -106,8 +105,8 @@ def test_simulated_two_node_cluster_places_ddp_workers_on_both_nodes(tmp_path):
         ray.init(address=cluster.address, logging_level="WARNING")
         try:
             cfg = load_config(None, ["workdir={tmp_path}", "name=twonode", "train.models=[lenet5]",
-                                     "train.epochs=2", "train.num_workers=2", "train.cpus_per_worker=1",
-                                     "train.placement_strategy=SPREAD", "data.train_subset=200"])
+                                     "train.epochs=1", "train.num_workers=2", "train.cpus_per_worker=1",
+                                     "train.placement_strategy=SPREAD", "data.train_subset=100"])
             stage = train_stage(cfg)
             nodes = {{n["NodeID"] for n in ray.nodes() if n["Alive"]}}
             placed = json.loads(stage.results["lenet5"].history[-1]["worker_nodes"]) if stage.ok else []

@@ -34,7 +34,7 @@ def test_compound_builder_applies_the_multipliers(phi):
         model = create_model("efficientnet", phi=phi, alpha=1.2, beta=1.1, gamma=1.15)
     assert model.default_input_size == (3, round(224 * 1.15**phi), round(224 * 1.15**phi))
     stages = list(model.features)[1:-1]
-    for stage, base in zip(stages, B0_STAGES):
+    for stage, base in zip(stages, B0_STAGES, strict=True):
         assert len(stage) == math.ceil(base.num_layers * 1.2**phi)
         assert stage[-1].out_channels == scaling.make_divisible(base.out_channels * 1.1**phi, 8)
     assert model.features[0][0].out_channels == scaling.make_divisible(32 * 1.1**phi, 8)

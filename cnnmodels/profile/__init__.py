@@ -13,7 +13,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +56,7 @@ class Profile:
         lines = []
         for i, row in enumerate(rows):
             cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])] + [
-                c.rjust(w) for c, w in zip(row[2:], widths[2:])
+                c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)
             ]
             lines.append("  ".join(cells))
             if i == 0 or i == len(rows) - 2:
@@ -155,7 +154,8 @@ def _format_inception_example() -> str:
         "branch4": "3x3 max-pool + 1x1 proj (64)",
     }
     lines = ["Inception module on a 28x28x256 input (filters: 1x1 128, 3x3 192, 5x5 96)", ""]
-    for title, prof, names in (("naive (Fig. 2a)", naive, labels), ("dimension-reduced (Fig. 2b)", reduced, reduced_labels)):
+    sections = (("naive (Fig. 2a)", naive, labels), ("dimension-reduced (Fig. 2b)", reduced, reduced_labels))
+    for title, prof, names in sections:
         lines.append(f"{title}: output 28x28x{_out_channels(prof)}")
         width = max(len(v) for v in names.values())
         for stage in prof.stages:

@@ -1,0 +1,121 @@
+"""Ray Train's cost over a plain PyTorch loop: steady-state throughput and fixed start-up time.
+
+Both sides train the same model on the same data with the same batch size, optimizer and per-epoch
+validation, one process / one worker using every core, in one run:
+
+* plain: a minimal PyTorch loop in this process (the baseline);
+* ray: ``pipelines.train`` through Ray Train (1 worker, the same epochs), started via ``build_trainer``.
+
+Reported: median training images/s over the epochs after the first, their ratio (goal >= 0.9), and Ray's
+fixed cost = Ray's wall time minus the plain loop's for the same work (start-up, checkpointing, reporting,
+the final test evaluation of the best checkpoint).
+
+    python bench/train_overhead.py                           # resnet18 (small input) on digits at 32 px
+    python bench/train_overhead.py --model lenet5 --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+import cnnmodels
+from pipelines.config import load_config
+from pipelines.data import SplitDataset, describe_dataset, load_splits
+from pipelines.runtime import ray_session
+from pipelines.train import ModelChoice, build_trainer, plan_model_runs
+
+
+def plain_loop(run, epochs: int) -> tuple[list[float], float]:
+    """Train like a hand-written PyTorch script would; returns per-epoch images/s and wall seconds."""
+    from pipelines.preprocess import PreprocessSpec
+    from pipelines.config import DataConfig
+
+    started = time.perf_counter()
+    torch.set_num_threads(run.threads_per_worker)
+    torch.manual_seed(0)
+    spec = PreprocessSpec.from_dict(run.spec)
+    splits = load_splits(DataConfig.model_validate(run.data))
+    train = DataLoader(SplitDataset(splits.train, spec, augment=run.augment), batch_size=run.batch_size,
+                       shuffle=True, drop_last=True)
+    val = DataLoader(SplitDataset(splits.val, spec), batch_size=run.batch_size * 2)
+    model = cnnmodels.create_model(run.arch, num_classes=spec.num_classes, in_chans=spec.channels,
+                                   **run.model_kwargs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9, nesterov=True,
+                                weight_decay=run.weight_decay)
+    criterion = torch.nn.CrossEntropyLoss()
+    rates = []
+    for _ in range(epochs):
+        model.train()
+        seen, start = 0, time.perf_counter()
+        for images, labels in train:
+            loss = cnnmodels.googlenet_loss(model(spec.normalize(images)), labels, criterion=criterion)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += labels.numel()
+        rates.append(seen / (time.perf_counter() - start))
+        model.eval()
+        with torch.inference_mode():
+            for images, labels in val:
+                model(spec.normalize(images)).argmax(1).eq(labels).sum()
+        with tempfile.TemporaryDirectory() as d:  # a checkpoint per epoch, as the Ray side writes
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, f"{d}/ckpt.pt")
+    return rates, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dataset", default="digits")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as workdir:
+        cfg = load_config(None, [f"workdir={workdir}", "name=bench", f"data.dataset={args.dataset}",
+                                 f"data.image_size={args.image_size}", f"train.batch_size={args.batch_size}",
+                                 f"train.models=[{args.model}]", f"train.epochs={args.epochs}", "train.num_workers=1"])
+        with ray_session(cfg):
+            import ray
+
+            choice = ModelChoice(args.model, args.model, {} if args.model == "lenet5" else {"small_input": True})
+            run = plan_model_runs(cfg, describe_dataset(cfg.data), [choice], epochs=args.epochs,
+                                  cluster_cpus=ray.cluster_resources()["CPU"])[0]
+            run.run_name = "bench-overhead"
+
+            plain_rates, plain_seconds = plain_loop(run, args.epochs)
+            started = time.perf_counter()
+            result = build_trainer(run).fit()
+            ray_seconds = time.perf_counter() - started
+            history = result.metrics_dataframe if hasattr(result, "metrics_dataframe") else None
+            ray_rates = []
+            if history is not None and "train_images_per_sec" in history:
+                ray_rates = [v for v in history["train_images_per_sec"].tolist() if v == v]
+            if not ray_rates:
+                import json
+
+                ray_rates = [h["train_images_per_sec"] for h in json.loads(result.metrics["history"])]
+
+    plain = statistics.median(plain_rates[1:] or plain_rates)
+    ray_ips = statistics.median(ray_rates[1:] or ray_rates)
+    table = pd.DataFrame([
+        {"loop": "plain PyTorch", "img/s (median, epochs 2+)": round(plain, 1), "wall s": round(plain_seconds, 1)},
+        {"loop": "Ray Train, 1 worker", "img/s (median, epochs 2+)": round(ray_ips, 1), "wall s": round(ray_seconds, 1)},
+    ])
+    print(f"\n{args.model} on {args.dataset} at {args.image_size} px, batch {args.batch_size}, {args.epochs} epochs, "
+          f"{torch.get_num_threads()} threads")
+    print(table.to_string(index=False))
+    print(f"\nthroughput ratio Ray / plain: {ray_ips / plain:.3f} (goal >= 0.9)")
+    print(f"Ray fixed cost: {ray_seconds - plain_seconds:.1f} s (start-up, checkpoints, reports, final test)")
+
+
+if __name__ == "__main__":
+    main()
