@@ -34,8 +34,8 @@ from pipelines.train import ModelChoice, build_trainer, plan_model_runs
 
 def plain_loop(run, epochs: int) -> tuple[list[float], float]:
     """Train like a hand-written PyTorch script would; returns per-epoch images/s and wall seconds."""
-    from pipelines.preprocess import PreprocessSpec
     from pipelines.config import DataConfig
+    from pipelines.preprocess import PreprocessSpec
 
     started = time.perf_counter()
     torch.set_num_threads(run.threads_per_worker)
@@ -108,7 +108,8 @@ def main() -> None:
     ray_ips = statistics.median(ray_rates[1:] or ray_rates)
     table = pd.DataFrame([
         {"loop": "plain PyTorch", "img/s (median, epochs 2+)": round(plain, 1), "wall s": round(plain_seconds, 1)},
-        {"loop": "Ray Train, 1 worker", "img/s (median, epochs 2+)": round(ray_ips, 1), "wall s": round(ray_seconds, 1)},
+        {"loop": "Ray Train, 1 worker", "img/s (median, epochs 2+)": round(ray_ips, 1),
+         "wall s": round(ray_seconds, 1)},
     ])
     print(f"\n{args.model} on {args.dataset} at {args.image_size} px, batch {args.batch_size}, {args.epochs} epochs, "
           f"{torch.get_num_threads()} threads")

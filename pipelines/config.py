@@ -108,6 +108,12 @@ class TrainConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0.0, description="weight decay (not applied to biases and norm scales)")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="learning-rate schedule after warm-up")
     warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up length, in epochs")
+    precise_bn_batches: int = Field(
+        20,
+        ge=0,
+        description="before each validation, recompute batch-norm statistics over this many training batches with "
+        "the epoch's final weights (precise BN; 0: off). Short runs, EfficientNet above all, need it",
+    )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     aux_loss_weight: float = Field(0.3, ge=0.0, description="GoogLeNet auxiliary classifiers' loss weight")
     num_workers: int = Field(1, ge=1, description="data-parallel workers per model")

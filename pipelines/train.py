@@ -138,6 +138,7 @@ class ModelRun:
     schedule: str
     warmup_epochs: float
     label_smoothing: float
+    precise_bn_batches: int
     aux_loss_weight: float
     augment: bool
     seed: int
@@ -224,7 +225,8 @@ def plan_model_runs(
             data=cfg.data.model_dump(mode="json"), spec=spec.to_dict(),
             epochs=epochs or t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer, momentum=t.momentum,
             weight_decay=t.weight_decay, schedule=t.schedule, warmup_epochs=t.warmup_epochs,
-            label_smoothing=t.label_smoothing, aux_loss_weight=t.aux_loss_weight, augment=cfg.data.augment,
+            label_smoothing=t.label_smoothing, precise_bn_batches=t.precise_bn_batches,
+            aux_loss_weight=t.aux_loss_weight, augment=cfg.data.augment,
             seed=t.seed, num_workers=t.num_workers, use_gpu=t.use_gpu,
             cpus_per_worker=auto_cpus_per_worker(cfg, cluster_cpus), placement_strategy=t.placement_strategy,
             amp=t.amp, channels_last=t.channels_last,
@@ -276,6 +278,36 @@ def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+def _recalibrate_batchnorm(model, loader, spec: PreprocessSpec, device, batches: int, amp_dtype,
+                           channels_last: bool) -> None:
+    """Precise BN: re-estimate every batch norm's running mean/variance with the current weights.
+
+    The running averages trail the weights by about 1 / momentum steps; early in training (and in deep
+    stacks such as EfficientNet's ~50 BN layers) that lag makes eval-mode outputs collapse while
+    train-mode accuracy is fine. Averaging fresh statistics over a few batches removes the lag. With DDP,
+    rank 0's statistics are broadcast to the others with every forward (DDP's ``broadcast_buffers``).
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if batches <= 0 or not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the recalibration batches
+    model.train()
+    with torch.no_grad():
+        for step, (images, _) in enumerate(loader):
+            if step >= batches:
+                break
+            x = spec.normalize(images.to(device, non_blocking=True))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
 
 
 def _gather_node_ids(world: int) -> list[str]:
@@ -437,6 +469,7 @@ def train_loop_per_worker(config: dict) -> None:
         seconds = time.perf_counter() - started
         # Global throughput: the sum of every worker's own images per second.
         loss_sum, seen_all, images_per_sec = _all_reduce_sums([loss_sum, seen, seen / max(seconds, 1e-9)], device)
+        _recalibrate_batchnorm(model, train_loader, spec, device, run.precise_bn_batches, amp_dtype, channels_last)
         val_loss, val_acc, _ = _evaluate(model, val_loader, spec, device, amp_dtype, channels_last)
         metrics = {
             "epoch": epoch,
@@ -601,7 +634,8 @@ def training_fingerprint(run: ModelRun) -> str:
     import hashlib
 
     keys = ("arch", "model_kwargs", "data", "spec", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
-            "schedule", "warmup_epochs", "label_smoothing", "aux_loss_weight", "augment", "seed", "num_workers")
+            "schedule", "warmup_epochs", "label_smoothing", "precise_bn_batches", "aux_loss_weight", "augment",
+            "seed", "num_workers")
     payload = json.dumps({k: getattr(run, k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:8]
 
