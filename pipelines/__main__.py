@@ -7,6 +7,7 @@ Commands: ``run`` (all stages), ``search``, ``train``, ``report``, ``serve``, ``
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,9 @@ def _load(args) -> PipelineConfig:
 
 
 def _block_until_interrupted(url: str) -> None:
+    # Ray Tune installs its own SIGINT handler for every run and leaves it in place afterwards; without
+    # Python's default handler back, the first Ctrl-C after the train stage would be swallowed.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"[serve] {url} is up; press Ctrl-C to stop", flush=True)
     try:
         while True:

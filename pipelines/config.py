@@ -88,6 +88,14 @@ class DataConfig(_Section):
         return value
 
 
+# Training settings that may differ per model (``train.model_overrides``): architectures without batch norm,
+# AlexNet above all, need a far smaller learning rate than the rest of a zoo trained side by side.
+PER_MODEL_TRAIN_KEYS = (
+    "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "warmup_epochs",
+    "label_smoothing", "precise_bn_batches",
+)
+
+
 class TrainConfig(_Section):
     models: list[str] = Field(
         default_factory=lambda: ["resnet18"],
@@ -96,6 +104,11 @@ class TrainConfig(_Section):
     )
     model_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="extra create_model keyword arguments per model name"
+    )
+    model_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="training settings per model name, over the ones above: "
+        + ", ".join(PER_MODEL_TRAIN_KEYS) + " (e.g. {alexnet: {lr: 0.0003}})",
     )
     small_input: Union[bool, Literal["auto"]] = Field(
         "auto", description="small-image stems for inputs up to 64 px; auto decides by data.image_size"
@@ -328,6 +341,14 @@ class PipelineConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def train_config_for(cfg: PipelineConfig, model_name: str) -> TrainConfig:
+    """``cfg.train`` with ``train.model_overrides[model_name]`` applied (validated like the rest of the schema)."""
+    overrides = cfg.train.model_overrides.get(model_name)
+    if not overrides:
+        return cfg.train
+    return TrainConfig.model_validate({**cfg.train.model_dump(), **overrides})
+
+
 def _base_arch(model_name: str) -> str:
     """``efficientnet_phi1`` style names (the searched family) map to the ``efficientnet`` builder."""
     if model_name.startswith("efficientnet_phi"):
@@ -354,9 +375,14 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
         and not Path(data.root).expanduser().is_dir()
     ):
         raise ConfigError("data.root", f"directory {data.root!r} does not exist and data.download is false")
-    for name in cfg.train.model_options:
-        if name not in cfg.train.models:
-            raise ConfigError(f"train.model_options.{name}", f"{name!r} is not in train.models")
+    # Per-model entries for known models that are not selected are ignored (a preset may tune models a
+    # `--set train.models=[...]` leaves out); names that are no model at all are typos and errors.
+    for section in ("model_options", "model_overrides"):
+        for name in getattr(cfg.train, section):
+            if _base_arch(name) not in cnnmodels.list_models():
+                close = difflib.get_close_matches(name, cnnmodels.list_models(), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"train.{section}.{name}", f"unknown model {name!r}{hint}")
     for name, options in cfg.train.model_options.items():
         allowed = cnnmodels.model_options(_base_arch(name))
         for key in options:
@@ -364,6 +390,18 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
                 close = difflib.get_close_matches(key, list(allowed), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"train.model_options.{name}.{key}", f"{name} has no option {key!r}{hint}")
+    for name, overrides in cfg.train.model_overrides.items():
+        for key in overrides:
+            if key not in PER_MODEL_TRAIN_KEYS:
+                close = difflib.get_close_matches(key, PER_MODEL_TRAIN_KEYS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"train.model_overrides.{name}.{key}",
+                                  f"not a per-model setting{hint} (choose from {', '.join(PER_MODEL_TRAIN_KEYS)})")
+        try:
+            train_config_for(cfg, name)
+        except ValidationError as err:
+            first = _format_validation_error(err)
+            raise ConfigError(f"train.model_overrides.{name}.{first.key.split('.')[-1]}", first.message) from None
     search = cfg.search
     if search.base_model != "efficientnet":
         raise ConfigError("search.base_model", "only 'efficientnet' supports compound scaling")
@@ -413,6 +451,25 @@ def _format_validation_error(err: ValidationError) -> ConfigError:
     return ConfigError(key, message)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``3e-4`` (no dot) is a string; read it as the float users mean (YAML 1.2)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(text, "overrides look like key=value, e.g. train.epochs=5")
@@ -421,7 +478,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(key, "malformed key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(key, f"value {raw!r} is not valid YAML: {err}") from None
     return key.split("."), value
@@ -455,7 +512,7 @@ def read_yaml(path: str | os.PathLike | None) -> dict:
         text = p.read_text()
         source = str(path)
     try:
-        data = yaml.safe_load(text) or {}
+        data = _load_yaml(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError("--config", f"{source} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

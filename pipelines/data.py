@@ -273,6 +273,17 @@ def load_splits(cfg: DataConfig) -> ImageSplits:
     return _load_splits_cached(cfg.model_dump_json())
 
 
+def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
+    """Save the first test image as ``sample-<class>.png`` (for the example request printed after serving)."""
+    splits = load_splits(cfg)
+    label = splits.class_names[int(splits.test.labels[0])]
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"sample-{safe}.png"
+    splits.test.pil(0).save(path)
+    return path
+
+
 def describe_dataset(cfg: DataConfig) -> DatasetInfo:
     """Classes, channels and the training split's per-channel mean and std (at native resolution)."""
     splits = load_splits(cfg)

@@ -85,9 +85,10 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
         out.seconds_to_serving = time.time() - started
         print(f"\n[pipeline] serving {len(out.serve.models)} models at {out.serve.url} "
               f"(champion: {out.serve.champion}) {out.seconds_to_serving:.0f} s after the start", flush=True)
-        print(f"  curl -s -X POST --data-binary @image.png -H 'Content-Type: image/png' {out.serve.url}/predict",
+        image = out.serve.sample_image or "image.png"
+        print(f"  curl -s -X POST --data-binary @{image} -H 'Content-Type: image/png' {out.serve.url}/predict",
               flush=True)
-        print(f"  python -m pipelines predict image.png --url {out.serve.url}", flush=True)
+        print(f"  python -m pipelines predict {image} --url {out.serve.url}", flush=True)
         print(f"  API docs: {out.serve.url}/docs   Serve config for `serve deploy`: {out.serve.config_path}",
               flush=True)
     print(f"[pipeline] MLflow UI: {ui_hint(cfg.tracking_uri)}", flush=True)

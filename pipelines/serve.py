@@ -409,6 +409,7 @@ class ServeHandle:
     config_path: Path
     models: list[str]
     champion: str | None
+    sample_image: Path | None = None
 
 
 def serve_stage(cfg: PipelineConfig) -> ServeHandle:
@@ -431,4 +432,11 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
         except requests.RequestException:
             pass
         time.sleep(0.5)
-    return ServeHandle(url=url, config_path=config_path, models=[m.alias for m in models], champion=champion)
+    try:
+        from .data import write_sample_image
+
+        sample = write_sample_image(cfg.data, config_path.parent)
+    except Exception:  # noqa: BLE001 - the example image is a convenience; serving from checkpoints needs no data
+        sample = None
+    return ServeHandle(url=url, config_path=config_path, models=[m.alias for m in models], champion=champion,
+                       sample_image=sample)

@@ -20,11 +20,14 @@ The pieces, from the inside out:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -38,7 +41,7 @@ from torch.utils.data import DataLoader, Subset
 import cnnmodels
 
 from .checkpoints import CHECKPOINT_FILE, ModelCheckpoint, load_checkpoint, save_checkpoint
-from .config import DataConfig, PipelineConfig
+from .config import DataConfig, PipelineConfig, train_config_for
 from .data import DatasetInfo, SplitDataset, load_splits, make_spec
 from .preprocess import PreprocessSpec
 from .results import ModelResult, comparison_table, load_results
@@ -212,8 +215,8 @@ def plan_model_runs(
 ) -> list[ModelRun]:
     """One :class:`ModelRun` per model choice: input size, preprocessing spec, profile and hyper-parameters."""
     runs = []
-    t = cfg.train
     for choice in choices:
+        t = train_config_for(cfg, choice.name)
         model = cnnmodels.create_model(choice.arch, num_classes=len(info.class_names), in_chans=info.channels,
                                        **choice.kwargs)
         size = input_size_for(model, choice.arch, cfg.data.image_size)
@@ -373,6 +376,22 @@ def _kill_this_worker_for_rehearsal(run: ModelRun, epoch: int) -> None:
     os._exit(1)
 
 
+def _exit_quietly_if_interrupted(training_thread: threading.Thread) -> None:
+    """When Ray tears a worker down mid-step (ASHA stopping a search trial, a cancelled run), the
+    interpreter's shutdown force-unwinds the still-running training thread through PyTorch's C++ frames,
+    which aborts with a page of "Fatal Python error: Aborted" stack dumps. The process is going away either
+    way; leaving before that unwinding keeps the console readable. Normal completion is untouched: the
+    training thread has ended by then."""
+
+    def leave_if_still_training() -> None:
+        if training_thread.is_alive():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    atexit.register(leave_if_still_training)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function (see the module docstring)."""
     import ray.train
@@ -380,6 +399,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     run = ModelRun.from_dict(config)
     _quiet_report_logging()
+    _exit_quietly_if_interrupted(threading.current_thread())
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(run.threads_per_worker)

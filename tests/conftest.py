@@ -60,7 +60,7 @@ TINY = [
     "train.models=[lenet5, resnet18]", "train.epochs=1", "train.optimizer=adamw", "train.lr=0.003",
     "train.weight_decay=0.0001", "data.image_size=16", "data.train_subset=300",
     "train.max_concurrent_models=2", "train.cpus_per_worker=0.95",
-    "search.mode=grid", "search.num_trials=3", "search.epochs=1", "search.step=0.1",
+    "search.mode=grid", "search.num_trials=2", "search.epochs=1", "search.step=0.1",
     "search.alpha=[1.0, 1.4]", "search.beta=[1.0, 1.3]", "search.gamma=[1.0, 1.3]", "search.phis=[]",
     "search.max_concurrent_trials=2", "serve.num_cpus=0.25", "serve.max_upload_mb=1",
     "serve.max_image_pixels=1000000",

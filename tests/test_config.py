@@ -26,6 +26,7 @@ def test_default_config_is_the_embedded_quickstart():
 
 
 def test_set_overrides_parse_yaml_values(tmp_path):
+    # The quickstart's per-model settings for alexnet are ignored when alexnet is not selected.
     cfg = load_config(None, ["train.models=[resnet18, lenet5]", "train.epochs=5", "train.lr=0.1",
                              f"workdir={tmp_path}", "search.alpha=[1.0, 1.3]", "train.use_gpu=true"])
     assert cfg.train.models == ["resnet18", "lenet5"]
@@ -40,6 +41,26 @@ def test_config_file_and_overrides(tmp_path):
     path.write_text("name: mine\ntrain:\n  models: [lenet5]\n  epochs: 2\n")
     cfg = load_config(path, ["train.epochs=3"])
     assert cfg.name == "mine" and cfg.train.models == ["lenet5"] and cfg.train.epochs == 3
+
+
+def test_exponent_floats_read_as_numbers(tmp_path):
+    """PyYAML alone reads ``3e-4`` as a string (YAML 1.1); learning rates are written that way."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  weight_decay: 1e-5\n")
+    cfg = load_config(path, ["search.tolerance=5e-2"])
+    assert cfg.train.lr == 3e-4 and cfg.train.weight_decay == 1e-5 and cfg.search.tolerance == 5e-2
+    assert load_config(None, ["name='1e3'"]).name == "1e3"
+
+
+def test_model_overrides_change_only_that_model(make_config):
+    from pipelines.data import describe_dataset
+    from pipelines.train import plan_model_runs, resolve_models
+
+    cfg = make_config("train.models=[lenet5, resnet18]", "train.lr=0.01",
+                      "train.model_overrides={lenet5: {lr: 2e-4, epochs: 3, optimizer: sgd}}")
+    runs = {r.model_name: r for r in plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg))}
+    assert (runs["lenet5"].lr, runs["lenet5"].epochs, runs["lenet5"].optimizer) == (2e-4, 3, "sgd")
+    assert (runs["resnet18"].lr, runs["resnet18"].epochs) == (0.01, cfg.train.epochs)
 
 
 @pytest.mark.parametrize(
@@ -61,6 +82,10 @@ def test_config_file_and_overrides(tmp_path):
         (["tracking.uri=./mlruns"], "tracking.uri", "file store"),
         (["train.model_options={resnet18: {small_inputs: true}}"], "train.model_options", "did you mean 'small_input'"),
         (["serve.port=70000"], "serve.port", "less than or equal to 65535"),
+        (["train.model_overrides={alexnet: {lrr: 0.001}}"], "train.model_overrides.alexnet.lrr", "did you mean 'lr'"),
+        (["train.model_overrides={alexnet: {lr: -1.0}}"], "train.model_overrides.alexnet.lr", "greater than 0"),
+        (["train.model_overrides={resnet180: {lr: 0.1}}"], "train.model_overrides.resnet180", "did you mean"),
+        (["train.model_options={alexnett: {dropout: 0.1}}"], "train.model_options.alexnett", "did you mean 'alexnet'"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key, fragment):

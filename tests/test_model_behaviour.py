@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,21 @@ def test_every_model_overfits_a_fixed_small_batch(name):
     assert min(losses[-3:]) < 0.8 * losses[0], losses
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters without gradient: {missing[:5]}"
+
+
+@pytest.mark.parametrize("name", ["lenet5", "alexnet", "vgg11_bn", "googlenet", "resnet18", "densenet121",
+                                  "se_resnet18", "se_googlenet", "efficientnet_b0", "efficientnet_b3"])
+@torch.no_grad()
+def test_training_from_scratch_starts_near_chance_with_few_classes(name):
+    """The initial loss is about ln(num_classes): huge initial logits (EfficientNet's reference classifier
+    init, scaled for 1000 classes, gave a loss of ~5 at 10 classes) cost the first epochs of a short run."""
+    torch.manual_seed(0)
+    model = small_model(name, in_chans=1).train()
+    side = model.min_input_size
+    logits = model(torch.randn(32, 1, side, side))
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    loss = F.cross_entropy(logits, torch.randint(0, 10, (32,))).item()
+    assert loss < 2.0 * math.log(10), loss
 
 
 @pytest.mark.parametrize("name", ["lenet5", "alexnet", "vgg11_bn", "googlenet", "resnet18", "densenet121",
