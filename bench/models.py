@@ -7,6 +7,7 @@ reports the median images/s of each and their ratio.
 
     python bench/models.py                          # every shared architecture at 32 px, families at 224 px
     python bench/models.py --models resnet50 vgg16_bn --sizes 224 --rounds 7
+    python bench/models.py --models densenet201 --sizes 32 --noise-floor   # torchvision against itself
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ FAMILY_REPRESENTATIVES = ["alexnet", "vgg11_bn", "googlenet", "resnet18", "resne
 DEFAULT_BATCH = {32: 64, 224: 8}
 
 
-def build_pair(name: str, num_classes: int = 10) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_pair(name: str, num_classes: int = 10, same: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(cnnmodels, torchvision) with identical weights; ``same``: two torchvision copies (the noise floor)."""
+    if same:
+        first = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        second = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        second.load_state_dict(first.state_dict())
+        return first, second
     if name == "googlenet":
         ours = cnnmodels.create_model(name, num_classes=num_classes, torchvision_compat=True)
         theirs = torchvision.models.get_model(name, weights=None, num_classes=num_classes, init_weights=True)
@@ -56,9 +63,9 @@ def step_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps
     return (time.perf_counter() - start) / steps
 
 
-def measure(name: str, size: int, batch: int, rounds: int, steps: int) -> dict:
+def measure(name: str, size: int, batch: int, rounds: int, steps: int, same: bool = False) -> dict:
     torch.manual_seed(0)
-    ours, theirs = build_pair(name)
+    ours, theirs = build_pair(name, same=same)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
     step_seconds(ours, x, y, 1)  # warm-up (allocator, oneDNN primitive caches)
@@ -83,19 +90,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds (median)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per round")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="time torchvision against a copy of itself: how far from 1.0 noise alone moves a ratio")
     args = parser.parse_args()
 
     rows = []
     for size in args.sizes:
         names = args.models or (SHARED if size <= 64 else FAMILY_REPRESENTATIVES)
         for name in names:
-            row = measure(name, size, args.batch or DEFAULT_BATCH.get(size, 8), args.rounds, args.steps)
+            smallest = cnnmodels.create_model(name, num_classes=10).min_input_size
+            if size < smallest:
+                print(f"  {name:<16} skipped at {size}x{size}: the ImageNet layout needs >= {smallest} px", flush=True)
+                continue
+            row = measure(name, size, args.batch or DEFAULT_BATCH.get(size, 8), args.rounds, args.steps,
+                          same=args.noise_floor)
             rows.append(row)
             print(f"  {row['model']:<16} {row['input']:>8}  ours {row['cnnmodels img/s']:>8}  "
                   f"torchvision {row['torchvision img/s']:>8}  ratio {row['ratio']:.3f}", flush=True)
     table = pd.DataFrame(rows)
     print()
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads")
+    if args.noise_floor:
+        print("noise floor: both columns are torchvision's model (identical copies); ratios show the noise")
     print(table.to_markdown(index=False) if args.markdown else table.to_string(index=False))
     print(f"\nmedian ratio (cnnmodels / torchvision): {table['ratio'].median():.3f}; "
           f"min {table['ratio'].min():.3f} ({table.loc[table['ratio'].idxmin(), 'model']})")

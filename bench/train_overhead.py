@@ -82,7 +82,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         cfg = load_config(None, [f"workdir={workdir}", "name=bench", f"data.dataset={args.dataset}",
                                  f"data.image_size={args.image_size}", f"train.batch_size={args.batch_size}",
-                                 f"train.models=[{args.model}]", f"train.epochs={args.epochs}", "train.num_workers=1"])
+                                 f"train.models=[{args.model}]", f"train.epochs={args.epochs}", "train.num_workers=1",
+                                 # the plain loop has no precise-BN pass; leave it out on both sides
+                                 "train.precise_bn_batches=0"])
         with ray_session(cfg):
             import ray
 

@@ -65,7 +65,7 @@ def _scatter(ax, results: list[ModelResult], x_of, xlabel: str) -> None:
         for r in family:
             ax.annotate(r.model_name.replace("efficientnet_", ""), (x_of(r), r.test_acc), textcoords="offset points",
                         xytext=(4, -10), fontsize=8, color="crimson")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")

@@ -6,11 +6,12 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 
 from .config import PipelineConfig
 
-__all__ = ["ray_session", "cluster_resources", "concurrency_for"]
+__all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for"]
 
 # Quiet, deterministic defaults for a command-line tool (users can still override them).
 _ENV_DEFAULTS = {
@@ -60,13 +61,37 @@ def cluster_resources(available: bool = False) -> dict[str, float]:
     return {"CPU": float(resources.get("CPU", 0.0)), "GPU": float(resources.get("GPU", 0.0))}
 
 
-def concurrency_for(requested: int | str, per_trial: dict[str, float], trials: int) -> int:
+def free_resources(settle_s: float = 8.0) -> dict[str, float]:
+    """The cluster's unclaimed CPU/GPU, once the previous stage's actors have handed theirs back.
+
+    Right after a Tune run ends, its trial and Train actors are still being torn down and
+    ``ray.available_resources()`` under-reports for a second or two; sizing the next stage on that reading
+    would crowd every model onto a sliver of CPU. So poll for up to ``settle_s`` seconds, returning as soon
+    as everything is free, else the most seen (a long-lived Serve app legitimately keeps its share).
+    """
+    total = cluster_resources()
+    best = cluster_resources(available=True)
+    started = last_change = time.monotonic()
+    while any(best[key] < total[key] - 1e-6 for key in total):
+        now = time.monotonic()
+        if now - started > settle_s or now - last_change > 2.0:  # 2 s without a release: settled
+            break
+        time.sleep(0.25)
+        reading = cluster_resources(available=True)
+        if any(reading[key] > best[key] + 1e-6 for key in best):
+            last_change = time.monotonic()
+        best = {key: max(best[key], reading[key]) for key in best}
+    return best
+
+
+def concurrency_for(requested: int | str, per_trial: dict[str, float], trials: int,
+                    free: dict[str, float] | None = None) -> int:
     """How many trials run at once: ``requested``, or (``"auto"``) as many as the cluster fits now.
 
     Warns when not even one trial fits the currently free resources: it will wait for them (an autoscaling
     cluster adds nodes; a fixed one needs other work to finish first).
     """
-    free = cluster_resources(available=True)
+    free = free if free is not None else free_resources()
     fits = [math.floor((free.get(key, 0.0) + 1e-9) / need) for key, need in per_trial.items() if need > 0]
     if fits and min(fits) < 1:
         wanted = ", ".join(f"{need:g} {key}" for key, need in per_trial.items() if need > 0)

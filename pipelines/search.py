@@ -187,7 +187,7 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     from ray.tune.schedulers import ASHAScheduler
 
     from .data import describe_dataset
-    from .runtime import cluster_resources, concurrency_for
+    from .runtime import concurrency_for, free_resources
     from .tracking import Tracker, TrialTracking
 
     search = cfg.search
@@ -205,8 +205,9 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
         "phi": float(search.phi), "base_resolution": cfg.data.image_size,
         "small_input": cfg.train.small_input if cfg.train.small_input != "auto" else cfg.data.image_size <= 64,
     })
+    free = free_resources()
     template = plan_model_runs(cfg, info, [base], stage="search", epochs=search.epochs,
-                               cluster_cpus=cluster_resources(available=True)["CPU"])[0]
+                               cluster_cpus=free["CPU"])[0]
     template.run_name = f"{cfg.name}-search-{fingerprint}"
     experiment = f"{cfg.name}-search-{fingerprint}"
 
@@ -258,7 +259,7 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     trials = len(param_space["coefficients"]["grid_search"]) if search.mode == "grid" else num_samples
     grid = run_model_trials(
         cfg, experiment=experiment, param_space=param_space, callbacks=[callback],
-        max_concurrent=concurrency_for(search.max_concurrent_trials, per_trial, trials),
+        max_concurrent=concurrency_for(search.max_concurrent_trials, per_trial, trials, free),
         num_samples=num_samples, search_alg=search_alg, scheduler=scheduler, restore=True,
     )
 

@@ -745,14 +745,14 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     from ray import tune
 
     from .data import describe_dataset
-    from .runtime import cluster_resources, concurrency_for
+    from .runtime import concurrency_for, free_resources
     from .tracking import Tracker, TrialTracking
 
     info = describe_dataset(cfg.data)
     choices = resolve_models(cfg, coefficients)
     # Size workers to what is free now (a running Serve app, say, keeps its share), not to the total.
-    cpus = cluster_resources(available=True)["CPU"]
-    runs = plan_model_runs(cfg, info, choices, stage="train", cluster_cpus=cpus)
+    free = free_resources()
+    runs = plan_model_runs(cfg, info, choices, stage="train", cluster_cpus=free["CPU"])
     for run in runs:
         run.run_name = f"{run.run_name}-{training_fingerprint(run)}"
     results_dir = cfg.run_dir / "train"
@@ -772,7 +772,7 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     if todo:
         per_model = {"CPU": todo[0].cpus_per_worker * todo[0].num_workers + TRIAL_DRIVER_RESOURCES["CPU"],
                      "GPU": float(todo[0].num_workers) if todo[0].use_gpu else 0.0}
-        concurrency = concurrency_for(cfg.train.max_concurrent_models, per_model, len(todo))
+        concurrency = concurrency_for(cfg.train.max_concurrent_models, per_model, len(todo), free)
         print(f"[train] training {len(todo)} model(s) on {info.dataset} ({info.sizes['train']} train / "
               f"{info.sizes['val']} val / {info.sizes['test']} test images), {todo[0].num_workers} worker(s) "
               f"each, {concurrency} at a time: {', '.join(r.model_name for r in todo)}", flush=True)

@@ -161,3 +161,23 @@ def test_every_architecture_trains_one_short_epoch_through_the_worker_loop(ray_c
                  run_config=ray.train.RunConfig(name="every-arch", storage_path=str(tmp_path / "ray"))).fit()
     trained = [json.loads(line)["model"] for line in log.read_text().splitlines()]
     assert trained == cnnmodels.list_models()
+
+
+def test_free_resources_counts_cpus_a_finished_actor_is_still_handing_back(ray_cluster):
+    """Right after an actor dies Ray briefly under-reports free CPUs; the next stage must not size its
+    workers (and concurrency) on that reading, or it crowds every model onto a sliver of CPU."""
+    import ray
+
+    from pipelines.runtime import free_resources
+
+    before = free_resources()
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    holder = Holder.remote()
+    ray.get(holder.ping.remote())
+    ray.kill(holder)
+    assert free_resources()["CPU"] >= before["CPU"] - 1e-6
