@@ -50,6 +50,19 @@ class ConfigError(ValueError):
         self.message = message
 
 
+def _did_you_mean(word: str, choices, n: int = 1, cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _check_model_name(name: str) -> None:
+    """ValueError naming the closest models when ``name`` is no cnnmodels name (nor ``efficientnet_phiN``)."""
+    known = cnnmodels.list_models()
+    if _base_arch(name) not in known:
+        raise ValueError(f"unknown model {name!r}{_did_you_mean(name, known, n=3, cutoff=0.5)}")
+
+
 class _Section(BaseModel):
     # strict: no silent "3" -> 3 or 1 -> True coercion; forbid: unknown keys are errors.
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
@@ -82,9 +95,8 @@ class DataConfig(_Section):
     @classmethod
     def _known_dataset(cls, value: str) -> str:
         if value not in DATASETS:
-            close = difflib.get_close_matches(value, DATASETS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown dataset {value!r}{hint} (choose from {', '.join(DATASETS)})")
+            raise ValueError(f"unknown dataset {value!r}{_did_you_mean(value, DATASETS)} "
+                             f"(choose from {', '.join(DATASETS)})")
         return value
 
 
@@ -154,13 +166,8 @@ class TrainConfig(_Section):
     @field_validator("models")
     @classmethod
     def _known_models(cls, names: list[str]) -> list[str]:
-        known = set(cnnmodels.list_models())
         for name in names:
-            base = _base_arch(name)
-            if base not in known:
-                close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)
-                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise ValueError(f"unknown model {name!r}{hint}")
+            _check_model_name(name)
         if len(set(names)) != len(names):
             raise ValueError("model names must be unique")
         return names
@@ -379,24 +386,22 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
     # `--set train.models=[...]` leaves out); names that are no model at all are typos and errors.
     for section in ("model_options", "model_overrides"):
         for name in getattr(cfg.train, section):
-            if _base_arch(name) not in cnnmodels.list_models():
-                close = difflib.get_close_matches(name, cnnmodels.list_models(), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"train.{section}.{name}", f"unknown model {name!r}{hint}")
+            try:
+                _check_model_name(name)
+            except ValueError as err:
+                raise ConfigError(f"train.{section}.{name}", str(err)) from None
     for name, options in cfg.train.model_options.items():
         allowed = cnnmodels.model_options(_base_arch(name))
         for key in options:
             if key not in allowed or key in ("num_classes", "in_chans"):
-                close = difflib.get_close_matches(key, list(allowed), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"train.model_options.{name}.{key}", f"{name} has no option {key!r}{hint}")
+                raise ConfigError(f"train.model_options.{name}.{key}",
+                                  f"{name} has no option {key!r}{_did_you_mean(key, allowed)}")
     for name, overrides in cfg.train.model_overrides.items():
         for key in overrides:
             if key not in PER_MODEL_TRAIN_KEYS:
-                close = difflib.get_close_matches(key, PER_MODEL_TRAIN_KEYS, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"train.model_overrides.{name}.{key}",
-                                  f"not a per-model setting{hint} (choose from {', '.join(PER_MODEL_TRAIN_KEYS)})")
+                                  f"not a per-model setting{_did_you_mean(key, PER_MODEL_TRAIN_KEYS)} "
+                                  f"(choose from {', '.join(PER_MODEL_TRAIN_KEYS)})")
         try:
             train_config_for(cfg, name)
         except ValidationError as err:
