@@ -142,7 +142,7 @@ class DenseNet(ImageClassifier):
         init_conv_bn_linear(self, conv_mode="fan_in", linear="zero_bias")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.features(x))
+        return F.relu(self.features(x), inplace=True)  # norm5's output is a fresh tensor, as in torchvision
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 
 import pytest
 import torch
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import cnnmodels
 from cnnmodels import create_model, profile
@@ -122,6 +125,45 @@ def test_torchvision_state_dict_loads_strictly_and_gives_same_outputs(name):
     expected = reference(x)
     torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
     assert expected.abs().max() > 1e-3  # the comparison is not between two near-zero outputs
+
+
+class _KernelRecorder(TorchDispatchMode):
+    """Counts every ATen kernel call with the shapes it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = tuple(tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        self.calls[(str(func.overloadpacket), shapes)] += 1
+        return out
+
+
+def _training_step_kernels(model: torch.nn.Module) -> collections.Counter:
+    x = torch.randn(2, 3, 64, 64, device="meta")
+    y = torch.zeros(2, dtype=torch.long, device="meta")
+    model.train()
+    with _KernelRecorder() as recorder:
+        cnnmodels.googlenet_loss(model(x), y).backward()
+    return recorder.calls
+
+
+# One architecture per block type; the deeper variants stack the same blocks.
+@pytest.mark.parametrize("name", ["alexnet", "vgg11_bn", "googlenet", "resnet18", "resnet101", "densenet121",
+                                  "efficientnet_b0"])
+def test_training_step_runs_the_same_kernels_as_torchvision(name):
+    # Same kernels on the same shapes, forward and backward: equal cost by construction, so any
+    # throughput gap bench/models.py shows is measurement noise. Meta tensors make this free to check.
+    with torch.device("meta"):
+        ours = create_model(name, num_classes=10, **({"torchvision_compat": True} if name == "googlenet" else {}))
+        reference = torchvision.models.get_model(name, weights=None, num_classes=10,
+                                                 **({"init_weights": True} if name == "googlenet" else {}))
+    ours_calls, reference_calls = _training_step_kernels(ours), _training_step_kernels(reference)
+    assert ours_calls == reference_calls, (
+        f"only ours: {(ours_calls - reference_calls).most_common(5)}; "
+        f"only torchvision: {(reference_calls - ours_calls).most_common(5)}")
 
 
 def test_unknown_model_name_lists_closest_names():
