@@ -12,7 +12,7 @@ EfficientNet with compound scaling. Plain PyTorch: importing it needs neither Ra
 from . import alexnet, densenet, efficientnet, googlenet, lenet, resnet, scaling, senet, vgg  # noqa: F401  (registers)
 from .googlenet import GoogLeNetOutputs, googlenet_loss
 from .layers import ImageClassifier, SqueezeExcitation
-from .profile import Profile, profile
+from .profile import Profile, profile, training_step_kernels
 from .registry import create_model, get_model_builder, list_models, model_options, register_model
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "register_model",
     "profile",
     "Profile",
+    "training_step_kernels",
     "ImageClassifier",
     "SqueezeExcitation",
     "GoogLeNetOutputs",

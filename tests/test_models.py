@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import collections
 import subprocess
 import sys
 
 import pytest
 import torch
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import cnnmodels
-from cnnmodels import create_model, profile
+from cnnmodels import create_model, profile, training_step_kernels
 
 
 def n_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -127,29 +124,6 @@ def test_torchvision_state_dict_loads_strictly_and_gives_same_outputs(name):
     assert expected.abs().max() > 1e-3  # the comparison is not between two near-zero outputs
 
 
-class _KernelRecorder(TorchDispatchMode):
-    """Counts every ATen kernel call with the shapes it returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        shapes = tuple(tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-        self.calls[(str(func.overloadpacket), shapes)] += 1
-        return out
-
-
-def _training_step_kernels(model: torch.nn.Module) -> collections.Counter:
-    x = torch.randn(2, 3, 64, 64, device="meta")
-    y = torch.zeros(2, dtype=torch.long, device="meta")
-    model.train()
-    with _KernelRecorder() as recorder:
-        cnnmodels.googlenet_loss(model(x), y).backward()
-    return recorder.calls
-
-
 # One architecture per block type; the deeper variants stack the same blocks.
 @pytest.mark.parametrize("name", ["alexnet", "vgg11_bn", "googlenet", "resnet18", "resnet101", "densenet121",
                                   "efficientnet_b0"])
@@ -160,10 +134,21 @@ def test_training_step_runs_the_same_kernels_as_torchvision(name):
         ours = create_model(name, num_classes=10, **({"torchvision_compat": True} if name == "googlenet" else {}))
         reference = torchvision.models.get_model(name, weights=None, num_classes=10,
                                                  **({"init_weights": True} if name == "googlenet" else {}))
-    ours_calls, reference_calls = _training_step_kernels(ours), _training_step_kernels(reference)
+    ours_calls, reference_calls = training_step_kernels(ours), training_step_kernels(reference)
     assert ours_calls == reference_calls, (
         f"only ours: {(ours_calls - reference_calls).most_common(5)}; "
         f"only torchvision: {(reference_calls - ours_calls).most_common(5)}")
+
+
+def test_kernel_counter_sees_a_one_kernel_difference_and_leaves_the_model_alone():
+    def conv_relu(inplace: bool) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=inplace), torch.nn.Flatten())
+
+    model = conv_relu(inplace=False)
+    calls = training_step_kernels(model, input_size=(3, 8, 8))
+    assert next(model.parameters()).device.type == "cpu"  # counted on a meta copy
+    assert calls[("aten.relu", ((2, 4, 6, 6),))] == 1
+    assert calls != training_step_kernels(conv_relu(inplace=True), input_size=(3, 8, 8))
 
 
 def test_unknown_model_name_lists_closest_names():

@@ -1,4 +1,4 @@
-"""Parameter and multiply-add counting.
+"""Parameter and multiply-add counting, and the kernels a training step runs.
 
 MACs follow torchvision's ``_ops`` convention: multiply-adds of convolutions and linear layers only (batch
 norm, activations, pooling, additions and the SE gate's multiplication are not counted), for one image.
@@ -13,12 +13,16 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import collections
+import copy
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-__all__ = ["Profile", "StageProfile", "profile", "inception_example"]
+__all__ = ["Profile", "StageProfile", "profile", "inception_example", "training_step_kernels"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,40 @@ def profile(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> Pr
     ]
     params = sum(p.numel() for p in model.parameters())
     return Profile(params=params, macs=total[0], input_size=tuple(input_size), stages=stage_profiles)
+
+
+class _KernelRecorder(TorchDispatchMode):
+    """Counts every ATen kernel call together with the shapes it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[tuple[str, tuple]] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = tuple(tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        self.calls[(str(func.overloadpacket), shapes)] += 1
+        return out
+
+
+def training_step_kernels(model: nn.Module, input_size: tuple[int, ...] = (3, 64, 64),
+                          batch_size: int = 2) -> collections.Counter[tuple[str, tuple]]:
+    """The ATen kernels one training step (forward, cross-entropy, backward) calls, with their output shapes.
+
+    Runs on meta tensors (a copy of ``model`` moved to the meta device), so no arithmetic is done and even
+    the largest models take about a second. Two implementations with equal counters do the same work: any
+    throughput difference between them is measurement noise.
+    """
+    from ..googlenet import googlenet_loss  # handles plain logits and GoogLeNet's aux outputs alike
+
+    if any(p.device.type != "meta" for p in model.parameters()):
+        model = copy.deepcopy(model).to("meta")
+    model.train()
+    x = torch.randn(batch_size, *input_size, device="meta")
+    y = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    with _KernelRecorder() as recorder:
+        googlenet_loss(model(x), y).backward()
+    return recorder.calls
 
 
 def inception_example() -> tuple[Profile, Profile]:
