@@ -64,10 +64,9 @@ def main() -> None:
     grid_scores = {(t["alpha"], t["beta"], t["gamma"]): t["val_acc"] for t in grid.trials}
     asha_pick = (asha.best["alpha"], asha.best["beta"], asha.best["gamma"])
     gap = grid.best["val_acc"] - grid_scores.get(asha_pick, float("nan"))
+    asha_epochs = {(t["alpha"], t["beta"], t["gamma"]): t["epochs_trained"] for t in asha.trials}
     per_trial = pd.DataFrame([
-        {"(alpha, beta, gamma)": key, "grid val_acc": round(score, 4),
-         "ASHA epochs": next((t["epochs_trained"] for t in asha.trials
-                              if (t["alpha"], t["beta"], t["gamma"]) == key), None)}
+        {"(alpha, beta, gamma)": key, "grid val_acc": round(score, 4), "ASHA epochs": asha_epochs.get(key)}
         for key, score in grid_scores.items()]).sort_values("grid val_acc", ascending=False)
     print()
     print(per_trial.to_string(index=False))

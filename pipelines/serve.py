@@ -328,7 +328,7 @@ def make_deployment(cfg: PipelineConfig):
             for alias, indices in groups.items():
                 loaded = await self.get_model(alias)
                 # On the event loop on purpose: in a worker thread the forward's many short Python steps
-                # queue for the GIL behind request handling (bench/serve.py: 0.58 of the ceiling, not 0.68).
+                # queue for the GIL behind request handling (bench/serve.py: 0.58 of the ceiling against 0.69-0.71).
                 probabilities = _classify(loaded, [items[i][1] for i in indices])
                 for row, i in enumerate(indices):
                     outputs[i] = probabilities[row]
