@@ -13,7 +13,17 @@ from . import alexnet, densenet, efficientnet, googlenet, lenet, resnet, scaling
 from .googlenet import GoogLeNetOutputs, googlenet_loss
 from .layers import ImageClassifier, SqueezeExcitation
 from .profile import Profile, profile, training_step_kernels
-from .registry import create_model, get_model_builder, list_models, model_options, register_model
+from .registry import (
+    create_model,
+    family_member_name,
+    get_model_builder,
+    is_family_member,
+    list_models,
+    model_options,
+    register_family,
+    register_model,
+    resolve_model_name,
+)
 
 __all__ = [
     "create_model",
@@ -21,6 +31,10 @@ __all__ = [
     "get_model_builder",
     "model_options",
     "register_model",
+    "register_family",
+    "resolve_model_name",
+    "family_member_name",
+    "is_family_member",
     "profile",
     "Profile",
     "training_step_kernels",

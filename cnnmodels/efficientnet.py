@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .layers import ConvNormAct, ImageClassifier, SqueezeExcitation, StochasticDepth
-from .registry import register_model
+from .registry import register_family, register_model
 from .scaling import CompoundCoefficients, scale_channels, scale_depth
 
 __all__ = ["MBConvConfig", "MBConv", "EfficientNet", "B0_STAGES", "EFFICIENTNET_TABLE", "build_efficientnet"]
@@ -159,6 +159,9 @@ class EfficientNet(ImageClassifier):
         self.classifier = nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(head_channels, num_classes))
         self.default_input_size = (in_chans, resolution, resolution)
         self.min_input_size = 16 if small_input else 32
+        #: Whether ``resolution`` is part of the model's scaling (compound scaling, the B0-B7 table) and so
+        #: the side it should see, rather than a default that follows the data.
+        self.scales_resolution = not small_input
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -185,6 +188,11 @@ class EfficientNet(ImageClassifier):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else self.classifier(x)
+
+    def input_size_for(self, image_size: int) -> int:
+        """The scaled resolution where it is part of the model (compound scaling, B0-B7 at their table's
+        resolution); with ``small_input`` B0-B7 follow the data instead."""
+        return self.resolution if self.scales_resolution else super().input_size_for(image_size)
 
 
 def build_efficientnet(name: str, *, small_input: bool = False, **kwargs) -> EfficientNet:
@@ -293,4 +301,9 @@ def efficientnet(
         small_input=small_input,
     )
     model.compound = {"phi": phi, "alpha": alpha, "beta": beta, "gamma": gamma, "base_resolution": base_resolution}
+    model.scales_resolution = True  # base_resolution * gamma**phi, whatever the stem
     return model
+
+
+# ``efficientnet_phi1`` names the compound-scaled member at phi = 1 (the pipeline's searched family).
+register_family("efficientnet_phi", "efficientnet", "phi")

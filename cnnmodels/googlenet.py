@@ -243,6 +243,7 @@ class GoogLeNet(ImageClassifier):
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> GoogLeNetOutputs | torch.Tensor:
+        self.check_input_size(x)
         with_aux = self.training and self.aux1 is not None
         features, aux1, aux2 = self._trunk(x, with_aux)
         logits = self.forward_head(features)

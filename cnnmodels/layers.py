@@ -9,12 +9,25 @@ from torch import nn
 
 __all__ = [
     "ImageClassifier",
+    "check_input_size",
     "ConvNormAct",
     "SqueezeExcitation",
     "StochasticDepth",
     "stochastic_depth",
     "init_conv_bn_linear",
 ]
+
+
+@torch.fx.wrap  # traced as one call (its comparisons would otherwise be control flow on proxies)
+def check_input_size(x: torch.Tensor, min_size: int, model_name: str) -> None:
+    """Raise ``ValueError`` naming the model's minimum when ``x`` is smaller than ``min_size`` on a side.
+
+    Without it a too-small image fails deep inside a convolution ("Kernel size can't be greater than
+    actual input size"), which says nothing about what to change.
+    """
+    height, width = x.shape[-2], x.shape[-1]
+    if height < min_size or width < min_size:
+        raise ValueError(f"{model_name} needs inputs of at least {min_size}x{min_size} pixels, got {height}x{width}")
 
 
 class ImageClassifier(nn.Module):
@@ -39,7 +52,18 @@ class ImageClassifier(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input_size(x)
         return self.forward_head(self.forward_features(x))
+
+    def check_input_size(self, x: torch.Tensor) -> None:
+        """``ValueError`` naming :attr:`min_input_size` when ``x`` is too small for this model."""
+        check_input_size(x, self.min_input_size, getattr(self, "model_name", type(self).__name__))
+
+    def input_size_for(self, image_size: int) -> int:
+        """The square side this model trains and serves at for images of ``image_size`` pixels: the
+        images' own size, raised to :attr:`min_input_size` where they are smaller. Models whose input
+        resolution is part of their scaling (EfficientNet) override this."""
+        return max(image_size, self.min_input_size)
 
     def get_classifier(self) -> nn.Linear:
         """The final linear layer."""

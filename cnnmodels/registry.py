@@ -15,10 +15,22 @@ from typing import TypeVar
 
 from torch import nn
 
-__all__ = ["register_model", "list_models", "create_model", "get_model_builder", "model_options"]
+__all__ = [
+    "register_model",
+    "register_family",
+    "list_models",
+    "create_model",
+    "get_model_builder",
+    "model_options",
+    "resolve_model_name",
+    "family_member_name",
+    "is_family_member",
+]
 
 M = TypeVar("M", bound=nn.Module)
 _MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+#: Families of models named by one option's value (``efficientnet_phi1``): prefix -> (builder, option).
+_FAMILIES: dict[str, tuple[str, str]] = {}
 
 
 def register_model(name: str | None = None) -> Callable[[Callable[..., M]], Callable[..., M]]:
@@ -32,6 +44,57 @@ def register_model(name: str | None = None) -> Callable[[Callable[..., M]], Call
         return fn
 
     return wrapper
+
+
+def register_family(prefix: str, builder: str, option: str) -> None:
+    """Name the members of a scaled family ``<prefix><value>``: ``efficientnet_phi1`` is the registered
+    ``efficientnet`` builder with ``phi=1.0`` (decimal points are written ``p``: ``efficientnet_phi0p5``).
+
+    Family members are valid names for :func:`create_model` but are not listed by :func:`list_models`
+    (there is one per value of the option).
+    """
+    if prefix in _FAMILIES:
+        raise ValueError(f"a family is already registered under the prefix {prefix!r}")
+    _FAMILIES[prefix] = (builder, option)
+
+
+def family_member_name(builder: str, value: float) -> str:
+    """The name of ``builder``'s family member at ``value``: ``("efficientnet", 1.0) -> "efficientnet_phi1"``."""
+    for prefix, (family_builder, _) in _FAMILIES.items():
+        if family_builder == builder:
+            return f"{prefix}{value:g}".replace(".", "p")
+    raise ValueError(f"{builder!r} has no registered family")
+
+
+def _parse_family_member(name: str) -> tuple[str, dict[str, float]] | None:
+    for prefix, (builder, option) in _FAMILIES.items():
+        if name.startswith(prefix) and len(name) > len(prefix):
+            try:
+                value = float(name[len(prefix):].replace("p", "."))
+            except ValueError:
+                return None
+            return builder, {option: value}
+    return None
+
+
+def is_family_member(name: str) -> bool:
+    """Whether ``name`` names a member of a scaled family (``efficientnet_phi1``) rather than a fixed model."""
+    return _parse_family_member(name) is not None
+
+
+def resolve_model_name(name: str) -> tuple[str, dict[str, float]]:
+    """The registered builder behind ``name`` and the options its name implies.
+
+    ``"resnet18" -> ("resnet18", {})``; ``"efficientnet_phi1" -> ("efficientnet", {"phi": 1.0})``. Unknown
+    names raise ``ValueError`` naming the closest known ones.
+    """
+    if name in _MODEL_BUILDERS:
+        return name, {}
+    member = _parse_family_member(name)
+    if member is not None:
+        return member
+    get_model_builder(name)  # raises with a did-you-mean
+    raise AssertionError("unreachable")
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -60,10 +123,11 @@ def get_model_builder(name: str) -> Callable[..., nn.Module]:
 
 
 def model_options(name: str) -> dict[str, object]:
-    """The keyword options a model accepts, with their defaults."""
-    sig = inspect.signature(get_model_builder(name))
+    """The keyword options a model (or family member) accepts, with their defaults."""
+    builder, implied = resolve_model_name(name)
+    sig = inspect.signature(get_model_builder(builder))
     return {
-        p.name: p.default
+        p.name: implied.get(p.name, p.default)
         for p in sig.parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
@@ -73,7 +137,8 @@ def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3, **kwa
     """Build the registered model ``name``.
 
     Args:
-        name: a name from :func:`list_models`, e.g. ``"resnet50"`` or ``"efficientnet"``.
+        name: a name from :func:`list_models`, e.g. ``"resnet50"`` or ``"efficientnet"``, or a family
+            member such as ``"efficientnet_phi1"`` (see :func:`register_family`).
         num_classes: size of the classifier output.
         in_chans: number of input image channels (1 for grey-scale data).
         **kwargs: model options (see :func:`model_options`), e.g. ``small_input=True`` or, for
@@ -83,8 +148,10 @@ def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3, **kwa
         ValueError: unknown model name (the message lists the closest known names) or a bad value.
         TypeError: an option the model does not accept (the message names it and lists the valid ones).
     """
-    builder = get_model_builder(name)
-    options = model_options(name)
+    builder_name, implied = resolve_model_name(name)
+    builder = get_model_builder(builder_name)
+    options = model_options(builder_name)
+    kwargs = {**implied, **kwargs}
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         suggestions = []
@@ -99,4 +166,6 @@ def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3, **kwa
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"in_chans must be a positive integer, got {in_chans!r}")
-    return builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model.model_name = name  # for messages (e.g. the input-size check); not part of the state dict
+    return model

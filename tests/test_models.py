@@ -183,3 +183,53 @@ def test_cnnmodels_imports_neither_ray_nor_mlflow():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_family_members_are_named_by_the_registry():
+    """``efficientnet_phi1`` is the compound-scaled builder at phi 1; the naming rule lives in cnnmodels."""
+    assert cnnmodels.resolve_model_name("resnet18") == ("resnet18", {})
+    assert cnnmodels.resolve_model_name("efficientnet_phi0p5") == ("efficientnet", {"phi": 0.5})
+    assert cnnmodels.family_member_name("efficientnet", 2.0) == "efficientnet_phi2"
+    assert cnnmodels.family_member_name("efficientnet", 0.5) == "efficientnet_phi0p5"
+    assert cnnmodels.is_family_member("efficientnet_phi1") and not cnnmodels.is_family_member("efficientnet_b1")
+    assert "efficientnet_phi1" not in cnnmodels.list_models()
+    torch.manual_seed(0)
+    member = create_model("efficientnet_phi1", num_classes=10, alpha=1.3)
+    torch.manual_seed(0)
+    direct = create_model("efficientnet", num_classes=10, phi=1.0, alpha=1.3)
+    assert member.default_input_size == direct.default_input_size == (3, 258, 258)
+    assert n_params(member) == n_params(direct)
+    assert cnnmodels.model_options("efficientnet_phi2")["phi"] == 2.0
+    with pytest.raises(ValueError, match="did you mean"):
+        cnnmodels.resolve_model_name("efficientnet_phiX")
+
+
+@pytest.mark.parametrize("name, kwargs, image_size, expected", [
+    ("lenet5", {}, 16, 32),  # raised to LeNet-5's 32x32
+    ("resnet18", {"small_input": True}, 16, 16),
+    ("resnet18", {}, 16, 32),
+    ("alexnet", {}, 32, 63),
+    ("efficientnet_b0", {}, 16, 224),  # B0-B7 train at their table's resolution
+    ("efficientnet_b0", {"small_input": True}, 28, 28),  # ... unless adapted to small images
+    ("efficientnet", {"phi": 1.0, "gamma": 1.15, "base_resolution": 16, "small_input": True}, 16, 18),
+])
+def test_input_size_for_comes_from_the_model(name, kwargs, image_size, expected):
+    with torch.device("meta"):
+        model = create_model(name, num_classes=10, in_chans=1, **kwargs)
+    assert model.input_size_for(image_size) == expected
+
+
+def test_a_too_small_input_names_the_models_minimum():
+    lenet = create_model("lenet5", num_classes=10, in_chans=1)
+    with pytest.raises(ValueError, match=r"lenet5 needs inputs of at least 32x32 pixels, got 28x28"):
+        lenet(torch.zeros(1, 1, 28, 28))
+    googlenet = create_model("googlenet", num_classes=10).train()
+    with pytest.raises(ValueError, match="at least 32x32"):
+        googlenet(torch.zeros(2, 3, 16, 16))
+    # The check survives torch.fx tracing (the server folds batch norm with it) as one opaque call.
+    from torch.fx.experimental.optimization import fuse
+
+    folded = fuse(create_model("resnet18", num_classes=10).eval())
+    assert folded(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ValueError, match="resnet18 needs inputs of at least 32x32"):
+        folded(torch.zeros(1, 3, 16, 16))
