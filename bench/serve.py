@@ -30,9 +30,9 @@ from PIL import Image
 import cnnmodels
 from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
 from pipelines.config import load_config
+from pipelines.model_store import fold_batchnorm
 from pipelines.preprocess import PreprocessSpec
 from pipelines.runtime import ray_session
-from pipelines.serve import fold_batchnorm
 
 CONCURRENCY = (1, 8, 32)
 

@@ -4,7 +4,7 @@ Both sides train the same model on the same data with the same batch size, optim
 validation, one process / one worker using every core, in one run:
 
 * plain: a minimal PyTorch loop in this process (the baseline);
-* ray: ``pipelines.train`` through Ray Train (1 worker, the same epochs), started via ``build_trainer``.
+* ray: the pipeline's worker loop through Ray Train (1 worker, the same epochs), started via ``build_trainer``.
 
 Reported: median training images/s over the epochs after the first, their ratio (goal >= 0.9), and Ray's
 fixed cost = Ray's wall time minus the plain loop's for the same work (start-up, checkpointing, reporting,
@@ -28,27 +28,26 @@ from torch.utils.data import DataLoader
 import cnnmodels
 from pipelines.config import load_config
 from pipelines.data import SplitDataset, describe_dataset, load_splits
+from pipelines.planning import ModelChoice, plan_model_runs
 from pipelines.runtime import ray_session
-from pipelines.train import ModelChoice, build_trainer, plan_model_runs
+from pipelines.trials import build_trainer
 
 
 def plain_loop(run, epochs: int) -> tuple[list[float], float]:
     """Train like a hand-written PyTorch script would; returns per-epoch images/s and wall seconds."""
-    from pipelines.config import DataConfig
-    from pipelines.preprocess import PreprocessSpec
-
     started = time.perf_counter()
     torch.set_num_threads(run.threads_per_worker)
     torch.manual_seed(0)
-    spec = PreprocessSpec.from_dict(run.spec)
-    splits = load_splits(DataConfig.model_validate(run.data))
-    train = DataLoader(SplitDataset(splits.train, spec, augment=run.augment), batch_size=run.batch_size,
+    spec = run.spec
+    splits = load_splits(run.data)
+    batch_size = run.hyper.batch_size
+    train = DataLoader(SplitDataset(splits.train, spec, augment=run.data.augment), batch_size=batch_size,
                        shuffle=True, drop_last=True)
-    val = DataLoader(SplitDataset(splits.val, spec), batch_size=run.batch_size * 2)
+    val = DataLoader(SplitDataset(splits.val, spec), batch_size=batch_size * 2)
     model = cnnmodels.create_model(run.arch, num_classes=spec.num_classes, in_chans=spec.channels,
-                                   **run.model_kwargs)
-    optimizer = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9, nesterov=True,
-                                weight_decay=run.weight_decay)
+                                   **run.model.kwargs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=run.hyper.lr, momentum=0.9, nesterov=True,
+                                weight_decay=run.hyper.weight_decay)
     criterion = torch.nn.CrossEntropyLoss()
     rates = []
     for _ in range(epochs):
@@ -91,7 +90,7 @@ def main() -> None:
             choice = ModelChoice(args.model, args.model, {} if args.model == "lenet5" else {"small_input": True})
             run = plan_model_runs(cfg, describe_dataset(cfg.data), [choice], epochs=args.epochs,
                                   cluster_cpus=ray.cluster_resources()["CPU"])[0]
-            run.run_name = "bench-overhead"
+            run = run.model_copy(update={"run_name": "bench-overhead"})
 
             plain_rates, plain_seconds = plain_loop(run, args.epochs)
             started = time.perf_counter()

@@ -1,21 +1,28 @@
 """Command line: ``python -m pipelines <command> [--config FILE] [--set key=value ...]``.
 
 Commands: ``run`` (all stages), ``search``, ``train``, ``report``, ``serve``, ``predict`` (HTTP client) and
-``check-config``. Config errors exit with code 2 before Ray starts; a failed stage exits with 1.
+``check-config``. The CLI only parses and calls the stage functions. Config errors exit with code 2 before
+Ray starts; a stage that fails (or raises) exits with 1 and a one-line message (``--debug`` shows the
+traceback); Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
 from pathlib import Path
 
 from .config import ConfigError, PipelineConfig, load_config
+from .console import configure_console
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+logger = logging.getLogger("pipelines.cli")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +30,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="pipeline config YAML (default: the embedded quickstart.yaml)")
     parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, value parsed as YAML (repeatable), e.g. --set train.epochs=5")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback when a stage fails")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,12 +77,12 @@ def _block_until_interrupted(url: str) -> None:
     # Ray Tune installs its own SIGINT handler for every run and leaves it in place afterwards; without
     # Python's default handler back, the first Ctrl-C after the train stage would be swallowed.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(f"[serve] {url} is up; press Ctrl-C to stop", flush=True)
+    logger.info("[serve] %s is up; press Ctrl-C to stop", url)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("\n[serve] shutting down", flush=True)
+        logger.info("\n[serve] shutting down")
 
 
 def _predict(args) -> int:
@@ -84,7 +92,7 @@ def _predict(args) -> int:
 
     path = Path(args.image)
     if not path.is_file():
-        print(f"error: {path} not found", file=sys.stderr)
+        logger.error("error: %s not found", path)
         return EXIT_CONFIG
     params = {"top_k": args.top_k}
     if args.model:
@@ -96,41 +104,21 @@ def _predict(args) -> int:
         response = requests.post(f"{args.url.rstrip('/')}/predict", params=params, data=path.read_bytes(),
                                  headers=headers, timeout=60)
     except requests.RequestException as err:
-        print(f"error: cannot reach {args.url}: {err}", file=sys.stderr)
+        logger.error("error: cannot reach %s: %s", args.url, err)
         return EXIT_FAILED
     try:
         body = response.json()
     except ValueError:
         body = {"error": response.text[:500]}
     if response.status_code != 200:
-        print(f"error {response.status_code}: {body.get('error', body)}", file=sys.stderr)
+        logger.error("error %s: %s", response.status_code, body.get("error", body))
         return EXIT_FAILED
     print(format_predictions(body))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "predict":
-        return _predict(args)
-    try:
-        cfg = _load(args)
-        if args.command == "run":
-            from .pipeline import parse_stages
-
-            try:
-                stages = parse_stages(args.stages)
-            except ValueError as err:
-                raise ConfigError("--stages", str(err)) from None
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.command == "check-config":
-        print(cfg.to_yaml(), end="")
-        print(f"# config OK: {len(cfg.train.models)} model(s), dataset {cfg.data.dataset}, "
-              f"outputs in {cfg.run_dir}", file=sys.stderr)
-        return 0
-
+def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
+    """Call the command's stage function(s) on a Ray session; the exit code says whether they succeeded."""
     from .runtime import ray_session
 
     with ray_session(cfg):
@@ -157,16 +145,55 @@ def main(argv: list[str] | None = None) -> int:
 
             report_stage(cfg)
             return 0
-        if args.command == "serve":
-            from .serve import serve_stage
+        from .serve import serve_stage
 
-            handle = serve_stage(cfg)
-            print(f"[serve] models: {', '.join(handle.models)} (champion: {handle.champion}); "
-                  f"serve deploy config: {handle.config_path}", flush=True)
-            if not args.no_block:
-                _block_until_interrupted(handle.url)
-            return 0
-    return 0
+        handle = serve_stage(cfg)
+        logger.info("[serve] models: %s (champion: %s); serve deploy config: %s", ", ".join(handle.models),
+                    handle.champion, handle.config_path)
+        if not args.no_block:
+            _block_until_interrupted(handle.url)
+        return 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_console()
+    if args.command == "predict":
+        return _predict(args)
+    stages = None
+    try:
+        cfg = _load(args)
+        if args.command == "run":
+            from .pipeline import parse_stages
+
+            try:
+                stages = parse_stages(args.stages)
+            except ValueError as err:
+                raise ConfigError("--stages", str(err)) from None
+    except ConfigError as err:
+        logger.error("config error: %s", err)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        print(cfg.to_yaml(), end="")
+        # The resolved YAML is the command's output (stdout, pipeable); the verdict goes beside it.
+        print(f"# config OK: {len(cfg.train.models)} model(s), dataset {cfg.data.dataset}, "
+              f"outputs in {cfg.paths.run_dir}", file=sys.stderr)
+        return 0
+    try:
+        return _run_command(args, cfg, stages)
+    except KeyboardInterrupt:
+        logger.error("interrupted; re-run the same command to resume")
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - every stage failure ends in one line and exit 1
+        if args.debug:
+            raise
+        logger.error("error: %s (run with --debug for the traceback)", _one_line(err))
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

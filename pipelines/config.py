@@ -22,11 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import cnnmodels
 from cnnmodels.scaling import feasible_grid
 
+from .paths import RunPaths
+
 __all__ = [
     "ConfigError",
     "PipelineConfig",
     "DataConfig",
     "TrainConfig",
+    "Hyperparameters",
+    "WorkerSettings",
+    "ModelSelection",
+    "hyperparameters_for",
     "SearchConfig",
     "TrackingConfig",
     "ServeConfig",
@@ -57,10 +63,13 @@ def _did_you_mean(word: str, choices, n: int = 1, cutoff: float = 0.6) -> str:
 
 
 def _check_model_name(name: str) -> None:
-    """ValueError naming the closest models when ``name`` is no cnnmodels name (nor ``efficientnet_phiN``)."""
-    known = cnnmodels.list_models()
-    if _base_arch(name) not in known:
-        raise ValueError(f"unknown model {name!r}{_did_you_mean(name, known, n=3, cutoff=0.5)}")
+    """ValueError naming the closest models when ``name`` is no cnnmodels name (nor a family member such as
+    ``efficientnet_phi1``)."""
+    try:
+        cnnmodels.resolve_model_name(name)
+    except ValueError:
+        known = cnnmodels.list_models()
+        raise ValueError(f"unknown model {name!r}{_did_you_mean(name, known, n=3, cutoff=0.5)}") from None
 
 
 class _Section(BaseModel):
@@ -100,31 +109,10 @@ class DataConfig(_Section):
         return value
 
 
-# Training settings that may differ per model (``train.model_overrides``): architectures without batch norm,
-# AlexNet above all, need a far smaller learning rate than the rest of a zoo trained side by side.
-PER_MODEL_TRAIN_KEYS = (
-    "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "warmup_epochs",
-    "label_smoothing", "precise_bn_batches",
-)
+class Hyperparameters(_Section):
+    """How one model trains. Every field may differ per model (``train.model_overrides``) and every field
+    but ``epochs`` is part of a run's fingerprint (a change starts the model afresh)."""
 
-
-class TrainConfig(_Section):
-    models: list[str] = Field(
-        default_factory=lambda: ["resnet18"],
-        min_length=1,
-        description="cnnmodels names (cnnmodels.list_models()); efficientnet_phiN for a compound-scaled member",
-    )
-    model_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="extra create_model keyword arguments per model name"
-    )
-    model_overrides: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="training settings per model name, over the ones above: "
-        + ", ".join(PER_MODEL_TRAIN_KEYS) + " (e.g. {alexnet: {lr: 0.0003}})",
-    )
-    small_input: Union[bool, Literal["auto"]] = Field(
-        "auto", description="small-image stems for inputs up to 64 px; auto decides by data.image_size"
-    )
     epochs: int = Field(3, ge=1, description="epochs per model")
     batch_size: int = Field(64, ge=1, description="global batch size, split across the workers")
     lr: float = Field(0.05, gt=0.0, description="peak learning rate (for the global batch)")
@@ -141,15 +129,23 @@ class TrainConfig(_Section):
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     aux_loss_weight: float = Field(0.3, ge=0.0, description="GoogLeNet auxiliary classifiers' loss weight")
+    seed: int = Field(0, description="seed of initialisation and shuffling")
+
+
+# Training settings that may differ per model (``train.model_overrides``): architectures without batch norm,
+# AlexNet above all, need a far smaller learning rate than the rest of a zoo trained side by side.
+PER_MODEL_TRAIN_KEYS = tuple(Hyperparameters.model_fields)
+
+
+class WorkerSettings(_Section):
+    """Where and how one model's Ray Train run executes: workers, devices, precision, fault tolerance."""
+
     num_workers: int = Field(1, ge=1, description="data-parallel workers per model")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL")
     cpus_per_worker: Union[float, Literal["auto"]] = Field(
         "auto",
         description="CPUs each worker reserves; auto: the free CPUs split among one model's workers "
         "(1 + loader_workers with GPUs)",
-    )
-    max_concurrent_models: Union[int, Literal["auto"]] = Field(
-        "auto", description="models trained at the same time; auto: as many as the free resources fit"
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how one model's workers are placed on nodes (Ray placement group strategy)"
@@ -161,7 +157,37 @@ class TrainConfig(_Section):
     simulate_failure_at_epoch: Optional[int] = Field(
         None, ge=0, description="kill one worker once at this epoch, to rehearse fault tolerance"
     )
-    seed: int = Field(0, description="seed of initialisation and shuffling")
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _positive_cpus(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError("must be positive or 'auto'")
+        return value
+
+
+class ModelSelection(_Section):
+    """Which models the training stage trains, with which builder options."""
+
+    models: list[str] = Field(
+        default_factory=lambda: ["resnet18"],
+        min_length=1,
+        description="cnnmodels names (cnnmodels.list_models()); efficientnet_phiN for a compound-scaled member",
+    )
+    model_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="extra create_model keyword arguments per model name"
+    )
+    model_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="training settings per model name, over the ones below: "
+        + ", ".join(PER_MODEL_TRAIN_KEYS) + " (e.g. {alexnet: {lr: 0.0003}})",
+    )
+    small_input: Union[bool, Literal["auto"]] = Field(
+        "auto", description="small-image stems for inputs up to 64 px; auto decides by data.image_size"
+    )
+    max_concurrent_models: Union[int, Literal["auto"]] = Field(
+        "auto", description="models trained at the same time; auto: as many as the free resources fit"
+    )
 
     @field_validator("models")
     @classmethod
@@ -172,19 +198,24 @@ class TrainConfig(_Section):
             raise ValueError("model names must be unique")
         return names
 
-    @field_validator("cpus_per_worker")
-    @classmethod
-    def _positive_cpus(cls, value):
-        if value != "auto" and value <= 0:
-            raise ValueError("must be positive or 'auto'")
-        return value
-
     @field_validator("max_concurrent_models")
     @classmethod
     def _positive_concurrency(cls, value):
         if value != "auto" and value < 1:
             raise ValueError("must be >= 1 or 'auto'")
         return value
+
+
+# Fields come in reverse order of the bases: the model list first, then how each model trains, then where.
+class TrainConfig(WorkerSettings, Hyperparameters, ModelSelection):
+    """The training stage: the models (:class:`ModelSelection`), how each trains (:class:`Hyperparameters`)
+    and where its Ray Train run executes (:class:`WorkerSettings`)."""
+
+
+def hyperparameters_for(train: TrainConfig, model_name: str) -> Hyperparameters:
+    """``train``'s hyper-parameters with ``train.model_overrides[model_name]`` applied (validated)."""
+    values = train.model_dump(include=set(Hyperparameters.model_fields))
+    return Hyperparameters.model_validate({**values, **train.model_overrides.get(model_name, {})})
 
 
 class SearchConfig(_Section):
@@ -317,28 +348,14 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
-    # Derived locations: one place decides where everything goes.
     @property
-    def workdir_path(self) -> Path:
-        return Path(self.workdir).expanduser().resolve()
-
-    @property
-    def run_dir(self) -> Path:
-        """``<workdir>/<name>``: search results, per-model results, report, serve config."""
-        return self.workdir_path / self.name
-
-    @property
-    def resolved_storage_path(self) -> str:
-        """Ray Train/Tune storage: ``storage_path`` or ``<workdir>/ray_results``."""
-        if self.storage_path:
-            return (
-                self.storage_path if "://" in self.storage_path else str(Path(self.storage_path).expanduser().resolve())
-            )
-        return str(self.workdir_path / "ray_results")
+    def paths(self) -> RunPaths:
+        """Every output location of this config (one place decides where everything goes)."""
+        return RunPaths.of(self.workdir, self.name, self.storage_path)
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
+        return self.tracking.uri or f"sqlite:///{self.paths.mlflow_db}"
 
     @property
     def registered_model_name(self) -> str:
@@ -346,21 +363,6 @@ class PipelineConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def train_config_for(cfg: PipelineConfig, model_name: str) -> TrainConfig:
-    """``cfg.train`` with ``train.model_overrides[model_name]`` applied (validated like the rest of the schema)."""
-    overrides = cfg.train.model_overrides.get(model_name)
-    if not overrides:
-        return cfg.train
-    return TrainConfig.model_validate({**cfg.train.model_dump(), **overrides})
-
-
-def _base_arch(model_name: str) -> str:
-    """``efficientnet_phi1`` style names (the searched family) map to the ``efficientnet`` builder."""
-    if model_name.startswith("efficientnet_phi"):
-        return "efficientnet"
-    return model_name
 
 
 def _semantic_checks(cfg: PipelineConfig) -> None:
@@ -391,7 +393,7 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
             except ValueError as err:
                 raise ConfigError(f"train.{section}.{name}", str(err)) from None
     for name, options in cfg.train.model_options.items():
-        allowed = cnnmodels.model_options(_base_arch(name))
+        allowed = cnnmodels.model_options(name)
         for key in options:
             if key not in allowed or key in ("num_classes", "in_chans"):
                 raise ConfigError(f"train.model_options.{name}.{key}",
@@ -403,7 +405,7 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
                                   f"not a per-model setting{_did_you_mean(key, PER_MODEL_TRAIN_KEYS)} "
                                   f"(choose from {', '.join(PER_MODEL_TRAIN_KEYS)})")
         try:
-            train_config_for(cfg, name)
+            hyperparameters_for(cfg.train, name)
         except ValidationError as err:
             first = _format_validation_error(err)
             raise ConfigError(f"train.model_overrides.{name}.{first.key.split('.')[-1]}", first.message) from None

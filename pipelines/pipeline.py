@@ -6,11 +6,14 @@ trained to its epochs) and resumes the rest from its checkpoints.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import PipelineConfig
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["STAGES", "PipelineResult", "run_pipeline", "parse_stages"]
 
@@ -51,7 +54,7 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
     from .report import report_stage
     from .search import load_search_result, search_stage
     from .serve import serve_stage
-    from .tracking import ui_hint
+    from .tracking import Tracker, ui_hint
     from .train import train_stage
 
     stages = stages or list(STAGES)
@@ -65,11 +68,12 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
     elif (previous := load_search_result(cfg)) is not None:
         coefficients = previous.coefficients
     elif cfg.search.phis:
-        print("[pipeline] no finished search for this config: the EfficientNet family is not trained "
-              "(add the search stage to train it)", flush=True)
+        logger.info("[pipeline] no finished search for this config: the EfficientNet family is not trained "
+                    "(add the search stage to train it)")
 
     if "train" in stages:
-        out.train = train_stage(cfg, coefficients)
+        # The report prints the fuller table (with serving latency); print it once.
+        out.train = train_stage(cfg, coefficients, show_table="report" not in stages)
         out.stages["train"] = "failed" if out.train.failed else ("ran" if out.train.trained else "skipped")
         if out.train.failed and not out.train.results:
             out.seconds = time.time() - started
@@ -83,14 +87,17 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
         out.serve = serve_stage(cfg)
         out.stages["serve"] = "ran"
         out.seconds_to_serving = time.time() - started
-        print(f"\n[pipeline] serving {len(out.serve.models)} models at {out.serve.url} "
-              f"(champion: {out.serve.champion}) {out.seconds_to_serving:.0f} s after the start", flush=True)
-        image = out.serve.sample_image or "image.png"
-        print(f"  curl -s -X POST --data-binary @{image} -H 'Content-Type: image/png' {out.serve.url}/predict",
-              flush=True)
-        print(f"  python -m pipelines predict {image} --url {out.serve.url}", flush=True)
-        print(f"  API docs: {out.serve.url}/docs   Serve config for `serve deploy`: {out.serve.config_path}",
-              flush=True)
-    print(f"[pipeline] MLflow UI: {ui_hint(cfg.tracking_uri)}", flush=True)
+        _log_serving_hints(out)
+    logger.info("[pipeline] MLflow UI: %s", ui_hint(cfg.tracking_uri, Tracker.for_config(cfg).experiment_id))
     out.seconds = time.time() - started
     return out
+
+
+def _log_serving_hints(out: PipelineResult) -> None:
+    serving = out.serve
+    image = serving.sample_image or "image.png"
+    logger.info("\n[pipeline] serving %d models at %s (champion: %s) %.0f s after the start", len(serving.models),
+                serving.url, serving.champion, out.seconds_to_serving)
+    logger.info("  curl -s -X POST --data-binary @%s -H 'Content-Type: image/png' %s/predict", image, serving.url)
+    logger.info("  python -m pipelines predict %s --url %s", image, serving.url)
+    logger.info("  API docs: %s/docs   Serve config for `serve deploy`: %s", serving.url, serving.config_path)

@@ -14,6 +14,7 @@ folded, ``torch.inference_mode``), measured in this process.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,10 +23,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+import cnnmodels
+
 from .config import PipelineConfig
 from .results import ModelResult, comparison_table, load_results
 
 __all__ = ["ReportResult", "report_stage", "measure_latency_ms"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,7 +43,7 @@ class ReportResult:
 def measure_latency_ms(result: ModelResult, repeats: int = 20) -> float:
     """Median single-image latency (ms) of the serving form of a trained model."""
     from .checkpoints import load_checkpoint
-    from .serve import fold_batchnorm
+    from .model_store import fold_batchnorm
 
     checkpoint = load_checkpoint(result.checkpoint_path)
     model, _ = fold_batchnorm(checkpoint.build_model(), checkpoint.spec)
@@ -54,7 +59,7 @@ def measure_latency_ms(result: ModelResult, repeats: int = 20) -> float:
 
 
 def _scatter(ax, results: list[ModelResult], x_of, xlabel: str) -> None:
-    family = sorted((r for r in results if r.model_name.startswith("efficientnet_phi")), key=x_of)
+    family = sorted((r for r in results if cnnmodels.is_family_member(r.model_name)), key=x_of)
     others = [r for r in results if r not in family]
     for r in others:
         ax.scatter(x_of(r), r.test_acc, s=36)
@@ -72,7 +77,7 @@ def _scatter(ax, results: list[ModelResult], x_of, xlabel: str) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _plots(results: list[ModelResult], search: dict | None, directory: Path) -> list[Path]:
+def _plots(results: list[ModelResult], search, directory: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,12 +109,12 @@ def _plots(results: list[ModelResult], search: dict | None, directory: Path) -> 
     plt.close(fig)
     files.append(directory / "val_curves.png")
 
-    if search and search.get("trials"):
-        trials = pd.DataFrame(search["trials"])
+    if search is not None and search.trials:
+        trials = pd.DataFrame(search.trials)
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), sharey=True)
         for ax, key in zip(axes, ("alpha", "beta", "gamma"), strict=True):
             ax.scatter(trials[key], trials["val_acc"], c=trials["compound_product"], cmap="viridis", s=40)
-            best = search["best"]
+            best = search.best
             ax.scatter([best[key]], [best["val_acc"]], marker="*", s=200, color="crimson", label="best")
             paper = trials[trials["paper"]]
             if not paper.empty:
@@ -127,42 +132,38 @@ def _plots(results: list[ModelResult], search: dict | None, directory: Path) -> 
     return files
 
 
+def _measure_latencies(results: list[ModelResult]) -> None:
+    for r in results:
+        try:
+            r.serving_latency_ms = measure_latency_ms(r)
+        except Exception as err:  # noqa: BLE001 - a missing checkpoint should not sink the report
+            logger.warning("[report] %s: latency not measured (%s)", r.model_name, err)
+
+
 def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
     """Build the table and plots from the finished models, save them and log them to MLflow."""
-    import json
-
+    from .search import load_search_result
     from .tracking import Tracker
 
-    results = list(load_results(cfg.run_dir / "train").values())
+    paths = cfg.paths
+    results = list(load_results(paths.train_dir).values())
     if not results:
-        raise LookupError(f"no trained models under {cfg.run_dir / 'train'}; run the train stage first")
+        raise LookupError(f"no trained models under {paths.train_dir}; run the train stage first")
     if latency:
-        for r in results:
-            try:
-                r.serving_latency_ms = measure_latency_ms(r)
-            except Exception as err:  # noqa: BLE001 - a missing checkpoint should not sink the report
-                print(f"[report] {r.model_name}: latency not measured ({err})", flush=True)
+        _measure_latencies(results)
     tracker = Tracker.for_config(cfg)
-    champion = None
-    try:
-        registered = tracker.client.get_registered_model(cfg.registered_model_name)
-        version = registered.aliases.get("champion")
-        champion = next((r.model_name for r in results if r.version == str(version)), None)
-    except Exception:  # noqa: BLE001 - registry not available: no champion mark
-        pass
-    table = comparison_table(results, champion=champion)
-    directory = cfg.run_dir / "report"
+    table = comparison_table(results, champion=tracker.champion_alias(cfg.registered_model_name))
+    directory = paths.report_dir
     directory.mkdir(parents=True, exist_ok=True)
     table.to_csv(directory / "models.csv", index=False)
     (directory / "models.md").write_text(table.to_markdown(index=False) + "\n")
-    search_file = cfg.run_dir / "search" / "best.json"
-    search = json.loads(search_file.read_text()) if search_file.is_file() else None
+    search = load_search_result(cfg)  # only a search with this config's settings
     files = [directory / "models.csv", directory / "models.md"] + _plots(results, search, directory)
 
     parent = tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
     if parent is not None:
         for path in files:
             tracker.log_artifact(parent.info.run_id, path, "report")
-    print("\n" + table.to_string(index=False), flush=True)
-    print(f"[report] {len(results)} models; table and plots in {directory}", flush=True)
+    logger.info("\n%s", table.to_string(index=False))
+    logger.info("[report] %d models; table and plots in %s", len(results), directory)
     return ReportResult(table=table, directory=directory, files=files)

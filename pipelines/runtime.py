@@ -13,6 +13,8 @@ from .config import PipelineConfig
 
 __all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for"]
 
+logger = logging.getLogger(__name__)
+
 # Quiet, deterministic defaults for a command-line tool (users can still override them).
 _ENV_DEFAULTS = {
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
@@ -96,8 +98,8 @@ def concurrency_for(requested: int | str, per_trial: dict[str, float], trials: i
     if fits and min(fits) < 1:
         wanted = ", ".join(f"{need:g} {key}" for key, need in per_trial.items() if need > 0)
         have = ", ".join(f"{free.get(key, 0.0):g} {key}" for key, need in per_trial.items() if need > 0)
-        print(f"warning: one run needs {wanted} but only {have} are free now; it waits until they are "
-              "(on a fixed cluster, lower train.num_workers or train.cpus_per_worker)", flush=True)
+        logger.warning("warning: one run needs %s but only %s are free now; it waits until they are "
+                       "(on a fixed cluster, lower train.num_workers or train.cpus_per_worker)", wanted, have)
     if requested != "auto":
         return max(1, min(int(requested), trials))
     return max(1, min([trials] + fits))

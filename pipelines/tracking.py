@@ -1,4 +1,4 @@
-"""MLflow tracking and model registry.
+"""MLflow tracking and model registry: the only module that talks to MLflow.
 
 Layout in MLflow: experiment = the pipeline ``name``. Each stage invocation opens a parent run (tag
 ``stage``); each model (training) or coefficient triple (search) is a child run with the same params and
@@ -13,12 +13,14 @@ no duplicate runs after a worker restart, and workers need no access to the trac
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,9 @@ import numpy as np
 from ray.tune import Callback
 
 from .checkpoints import CHECKPOINT_FILE, load_checkpoint
+from .console import timestamped
 
-__all__ = ["Tracker", "TrialTracking", "CHAMPION", "ui_hint"]
+__all__ = ["Tracker", "TrialTracking", "RegisteredVersion", "CHAMPION", "choose_champion", "ui_hint"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,33 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def choose_champion(scores: dict[str, float | None], *, allow_unscored: bool = False) -> str | None:
+    """The alias with the highest score (the first in ``scores`` among equals).
+
+    Aliases without a score rank below every scored one; with ``allow_unscored`` the first of them wins
+    when none has a score (checkpoint files served without metrics), otherwise there is no champion.
+    """
+    best = None
+    for alias, score in scores.items():
+        if score is None:
+            continue
+        if best is None or score > best[1]:
+            best = (alias, score)
+    if best is not None:
+        return best[0]
+    return next(iter(scores), None) if allow_unscored else None
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """One aliased version of the registered model."""
+
+    alias: str
+    version: str
+    tags: dict[str, str]
+    uri: str  # models:/<name>/<version>
+
+
 class Tracker:
     """A thin, picklable handle on one MLflow experiment (the client is created lazily per process)."""
 
@@ -69,7 +99,7 @@ class Tracker:
         """The tracker of a pipeline config: experiment = ``cfg.name``; local sqlite stores keep their
         artifacts next to the database (``<workdir>/mlartifacts``), servers decide for themselves."""
         uri = cfg.tracking_uri
-        root = (cfg.workdir_path / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        root = cfg.paths.mlflow_artifacts.as_uri() if uri.startswith("sqlite:") else None
         return cls(uri, cfg.name, artifact_root=root)
 
     def __getstate__(self) -> dict:
@@ -177,8 +207,6 @@ class Tracker:
         mlflow.set_registry_uri(self.tracking_uri)
         with tempfile.TemporaryDirectory() as scratch:
             spec_file = Path(scratch) / "preprocess.json"
-            import json
-
             spec_file.write_text(json.dumps(checkpoint.spec.to_dict(), indent=2))
             with mlflow.start_run(run_id=run_id, nested=True):
                 info = mlflow.pytorch.log_model(
@@ -197,30 +225,80 @@ class Tracker:
         self.client.set_registered_model_alias(registered_model, alias, version.version)
         return str(version.version)
 
+    def _registered(self, registered_model: str):
+        try:
+            return self.client.get_registered_model(registered_model)
+        except Exception as err:  # noqa: BLE001 - MlflowException when missing
+            raise LookupError(f"registered model {registered_model!r} not found at {self.tracking_uri}; "
+                              "train first") from err
+
+    def registered_versions(self, registered_model: str) -> tuple[list[RegisteredVersion], str | None]:
+        """Every aliased version (but ``champion`` itself), by alias, and the alias the champion points at.
+
+        Raises ``LookupError`` when nothing is registered under ``registered_model``.
+        """
+        registered = self._registered(registered_model)
+        tags_of: dict[str, dict[str, str]] = {}
+        versions = []
+        for alias, version in sorted(registered.aliases.items()):
+            if alias == CHAMPION:
+                continue
+            if version not in tags_of:
+                tags_of[version] = dict(self.client.get_model_version(registered_model, version).tags)
+            versions.append(RegisteredVersion(alias, str(version), tags_of[version],
+                                              f"models:/{registered_model}/{version}"))
+        champion_version = str(registered.aliases.get(CHAMPION))
+        champion = next((v.alias for v in versions if v.version == champion_version), None)
+        return versions, champion
+
+    def champion_alias(self, registered_model: str) -> str | None:
+        """The model alias ``champion`` points at, or None (nothing registered, no champion yet)."""
+        try:
+            return self.registered_versions(registered_model)[1]
+        except LookupError:
+            return None
+
     def update_champion(self, registered_model: str, metric: str = "test_acc") -> tuple[str, str] | None:
         """Point alias ``champion`` at the aliased version with the best ``metric``; returns (alias, version)."""
         try:
-            model = self.client.get_registered_model(registered_model)
-        except Exception:  # noqa: BLE001 - not registered yet
+            versions, _ = self.registered_versions(registered_model)
+        except LookupError:
             return None
-        best = None
-        for alias, version in model.aliases.items():
-            if alias == CHAMPION:
-                continue
-            value = self.client.get_model_version(registered_model, version).tags.get(metric)
-            if value is not None and (best is None or float(value) > best[0]):
-                best = (float(value), alias, version)
-        if best is None:
+        scores = {}
+        for v in versions:
+            try:
+                scores[v.alias] = float(v.tags[metric]) if metric in v.tags else None
+            except ValueError:
+                scores[v.alias] = None
+        alias = choose_champion(scores)
+        if alias is None:
             return None
-        self.client.set_registered_model_alias(registered_model, CHAMPION, best[2])
-        return best[1], best[2]
+        version = next(v.version for v in versions if v.alias == alias)
+        self.client.set_registered_model_alias(registered_model, CHAMPION, version)
+        return alias, version
+
+    def download_model_file(self, model_uri: str, filename: str) -> Path:
+        """Download a registered model's artifacts and return the path of ``filename`` among them."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        found = sorted(local.rglob(filename))
+        if not found:
+            from .checkpoints import CheckpointError
+
+            raise CheckpointError(f"{model_uri} holds no {filename}")
+        return found[0]
 
 
-def ui_hint(tracking_uri: str, port: int = 5000) -> str:
-    """The command that opens the MLflow UI on this store."""
+def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:
+    """The command (or link) that opens this experiment's runs in the MLflow UI's model-training view
+    (MLflow 3's UI opens its GenAI view unless the link asks for ``workflowType=machine_learning``)."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --port {port}   # then http://127.0.0.1:{port}"
+        return f"open {tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --port {port}   # then http://127.0.0.1:{port}/{page}"
 
 
 class TrialTracking(Callback):
@@ -250,7 +328,7 @@ class TrialTracking(Callback):
         self.names: dict[str, str] = {}
 
     def progress(self, message: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+        logger.info(timestamped(message))
 
     def _run_id(self, trial) -> str:
         if trial.trial_id in self.run_ids:
@@ -279,7 +357,7 @@ class TrialTracking(Callback):
         if "val_acc" in result and "test_acc" not in result:  # an epoch, not the final test report
             epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
             self.tracker.log_metrics(run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=epoch)
-            total = trial.config.get("run", {}).get("epochs", "?")
+            total = trial.config.get("run", {}).get("hyper", {}).get("epochs", "?")
             self.progress(
                 f"[{self.stage}] {self.names[trial.trial_id]}: epoch {epoch + 1}/{total}  "
                 f"train_loss {result.get('train_loss', float('nan')):.4f}  val_loss {result['val_loss']:.4f}  "

@@ -61,5 +61,5 @@ def test_every_preset_is_a_valid_config(preset, monkeypatch, tmp_path):
     monkeypatch.setenv("CNNZOO_DATA_ROOT", str(tmp_path))
     cfg = load_config(ROOT / "pipelines" / "configs" / preset)
     if cfg.train.use_gpu:
-        assert cfg.resolved_storage_path == "s3://bucket/prefix" and cfg.tracking_uri == "http://10.0.0.1:5000"
+        assert cfg.paths.storage == "s3://bucket/prefix" and cfg.tracking_uri == "http://10.0.0.1:5000"
         assert cfg.ray.address == "auto"

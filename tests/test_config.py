@@ -32,8 +32,8 @@ def test_set_overrides_parse_yaml_values(tmp_path):
     assert cfg.train.models == ["resnet18", "lenet5"]
     assert cfg.train.epochs == 5 and cfg.train.lr == 0.1 and cfg.train.use_gpu is True
     assert cfg.search.alpha == (1.0, 1.3)
-    assert cfg.run_dir == tmp_path.resolve() / "quickstart"
-    assert cfg.resolved_storage_path == str(tmp_path.resolve() / "ray_results")
+    assert cfg.paths.run_dir == tmp_path.resolve() / "quickstart"
+    assert cfg.paths.storage == str(tmp_path.resolve() / "ray_results")
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -54,13 +54,13 @@ def test_exponent_floats_read_as_numbers(tmp_path):
 
 def test_model_overrides_change_only_that_model(make_config):
     from pipelines.data import describe_dataset
-    from pipelines.train import plan_model_runs, resolve_models
+    from pipelines.planning import plan_model_runs, resolve_models
 
     cfg = make_config("train.models=[lenet5, resnet18]", "train.lr=0.01",
                       "train.model_overrides={lenet5: {lr: 2e-4, epochs: 3, optimizer: sgd}}")
     runs = {r.model_name: r for r in plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg))}
-    assert (runs["lenet5"].lr, runs["lenet5"].epochs, runs["lenet5"].optimizer) == (2e-4, 3, "sgd")
-    assert (runs["resnet18"].lr, runs["resnet18"].epochs) == (0.01, cfg.train.epochs)
+    assert (runs["lenet5"].hyper.lr, runs["lenet5"].hyper.epochs, runs["lenet5"].hyper.optimizer) == (2e-4, 3, "sgd")
+    assert (runs["resnet18"].hyper.lr, runs["resnet18"].hyper.epochs) == (0.01, cfg.train.epochs)
 
 
 @pytest.mark.parametrize(
@@ -140,3 +140,13 @@ def test_configuration_reference_doc_is_current():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     assert config_reference() in doc, "regenerate docs/configuration.md from pipelines.config.config_reference()"
+
+
+@pytest.mark.slow
+def test_a_failed_stage_exits_1_with_one_line_and_no_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pipelines", "report", "--set", f"workdir={tmp_path}",
+                          "--set", "ray.include_dashboard=false", "--set", "ray.num_cpus=1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "error: LookupError: no trained models under" in out.stderr
+    assert "run the train stage first" in out.stderr and "Traceback" not in out.stderr

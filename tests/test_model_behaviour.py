@@ -18,6 +18,7 @@ def small_model(name: str, in_chans: int = 3, num_classes: int = 10, **kwargs) -
     return create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", cnnmodels.list_models())
 def test_every_model_overfits_a_fixed_small_batch(name):
     """Forward and backward at the model's smallest input; the loss falls over 20 optimizer steps.

@@ -9,11 +9,14 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import requests
 from PIL import Image
 
 from cnnmodels.scaling import constraint_value
 from pipelines.tracking import Tracker
+
+pytestmark = pytest.mark.slow
 
 
 def test_every_stage_runs_and_the_champion_answers_over_http(pipeline_run):
@@ -51,7 +54,7 @@ def test_search_trials_respect_the_constraint_and_include_the_paper(pipeline_run
     for trial in search.trials:
         assert abs(constraint_value(trial["alpha"], trial["beta"], trial["gamma"]) - 2.0) <= 0.1 + 1e-9
     assert any(t["paper"] and (t["alpha"], t["beta"], t["gamma"]) == (1.2, 1.1, 1.15) for t in search.trials)
-    best = json.loads((cfg.run_dir / "search" / "best.json").read_text())
+    best = json.loads(cfg.paths.search_result.read_text())
     assert best["best"]["val_acc"] == max(t["val_acc"] for t in best["trials"])
     assert {"alpha", "beta", "gamma", "val_acc", "score", "params_count", "macs"} <= set(best["best"])
 
@@ -75,7 +78,7 @@ def test_search_is_tracked_as_a_parent_with_a_child_per_trial(pipeline_run):
 
 def test_report_has_the_table_and_plots(pipeline_run):
     cfg, result = pipeline_run
-    directory = cfg.run_dir / "report"
+    directory = cfg.paths.report_dir
     for name in ("models.csv", "models.md", "accuracy_vs_macs.png", "accuracy_vs_params.png", "val_curves.png",
                  "search.png"):
         assert (directory / name).is_file(), name

@@ -8,8 +8,9 @@ import pytest
 
 from cnnmodels.scaling import constraint_value
 from pipelines.config import SearchConfig
-from pipelines.search import PAPER, FeasibleRegion, grid_candidates, search_stage
-from pipelines.train import resolve_models
+from pipelines.planning import resolve_models
+from pipelines.search import search_stage
+from pipelines.search_space import PAPER, FeasibleRegion, grid_candidates
 
 
 def test_grid_candidates_are_feasible_capped_and_start_with_the_paper():
@@ -46,6 +47,7 @@ def test_found_coefficients_define_the_efficientnet_family(make_config):
     assert [c.name for c in resolve_models(cfg)] == ["resnet18"]  # no search result: no family
 
 
+@pytest.mark.slow
 def test_optuna_mode_runs_two_feasible_trials(ray_cluster, make_config):
     cfg = make_config("search.mode=optuna", "search.num_trials=2", "search.epochs=1", "search.asha=false",
                       "search.alpha=[1.0, 1.4]", "search.beta=[1.0, 1.3]", "search.gamma=[1.0, 1.3]",
@@ -57,6 +59,6 @@ def test_optuna_mode_runs_two_feasible_trials(ray_cluster, make_config):
     for trial in result.trials:
         assert abs(trial["compound_product"] - 2.0) <= 0.1 + 1e-3
         assert trial["epochs_trained"] == 1
-    assert (cfg.run_dir / "search" / "best.json").is_file()
+    assert cfg.paths.search_result.is_file()
     again = search_stage(cfg)
     assert again.skipped and again.best == result.best

@@ -14,6 +14,8 @@ from PIL import Image
 from pipelines.checkpoints import load_checkpoint
 from pipelines.preprocess import decode_image
 
+pytestmark = pytest.mark.slow
+
 
 def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()

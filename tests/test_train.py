@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import mlflow
 import pytest
@@ -29,6 +28,7 @@ def ddp_run(ray_cluster, tmp_path_factory):
     return cfg, train_stage(cfg)
 
 
+@pytest.mark.slow
 def test_two_worker_ddp_learns_digits(ddp_run):
     cfg, stage = ddp_run
     assert stage.ok and stage.trained == ["lenet5"]
@@ -40,6 +40,7 @@ def test_two_worker_ddp_learns_digits(ddp_run):
     assert all(h["train_images_per_sec"] > 0 for h in result.history)
 
 
+@pytest.mark.slow
 def test_mlflow_child_run_has_the_comparable_params_and_metrics(ddp_run):
     cfg, stage = ddp_run
     tracker = Tracker.for_config(cfg)
@@ -61,6 +62,7 @@ def test_mlflow_child_run_has_the_comparable_params_and_metrics(ddp_run):
     assert run.data.metrics["test_acc"] == pytest.approx(stage.results["lenet5"].test_acc)
 
 
+@pytest.mark.slow
 def test_registered_version_loads_back_and_predicts_like_the_checkpoint(ddp_run):
     cfg, stage = ddp_run
     result = stage.results["lenet5"]
@@ -77,6 +79,7 @@ def test_registered_version_loads_back_and_predicts_like_the_checkpoint(ddp_run)
     assert float(version.tags["test_acc"]) == pytest.approx(result.test_acc)
 
 
+@pytest.mark.slow
 def test_second_invocation_skips_and_more_epochs_resume(ddp_run):
     cfg, _ = ddp_run
     again = train_stage(cfg)
@@ -89,6 +92,7 @@ def test_second_invocation_skips_and_more_epochs_resume(ddp_run):
     assert history[6]["start_epoch"] == 6 and history[0]["start_epoch"] == 0
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(ray_cluster, make_config):
     cfg = make_config("train.models=[lenet5]", "train.epochs=3", "train.max_failures=1",
                       "train.simulate_failure_at_epoch=1", *FAST)
@@ -107,8 +111,9 @@ def test_a_failed_trial_is_recorded_as_failed_in_mlflow(make_config):
     from types import SimpleNamespace
 
     from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
     from pipelines.tracking import TrialTracking
-    from pipelines.train import describe_run, plan_model_runs, resolve_models
+    from pipelines.train import describe_run
 
     cfg = make_config("train.models=[lenet5]")
     run = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)[0]
@@ -131,6 +136,7 @@ WORKER_LOOP_ARCHS = ["lenet5", "alexnet", "vgg11", "vgg11_bn", "se_vgg11_bn", "g
                      "efficientnet"]
 
 
+@pytest.mark.slow
 def test_every_block_type_trains_one_short_epoch_through_the_worker_loop(ray_cluster, make_config, tmp_path):
     """One architecture per family and block type through train_loop_per_worker in one Train run."""
     families = {cnnmodels.get_model_builder(name).__module__ for name in cnnmodels.list_models()}
@@ -139,7 +145,7 @@ def test_every_block_type_trains_one_short_epoch_through_the_worker_loop(ray_clu
     from ray.train.torch import TorchTrainer
 
     from pipelines.data import describe_dataset, make_spec
-    from pipelines.train import ModelChoice, input_size_for, plan_model_runs
+    from pipelines.planning import ModelChoice, plan_model_runs
 
     cfg = make_config("data.image_size=16", "data.train_subset=10", "data.val_fraction=0.01",
                       "train.batch_size=8", "train.models=[lenet5]")
@@ -151,27 +157,29 @@ def test_every_block_type_trains_one_short_epoch_through_the_worker_loop(ray_clu
         kwargs = {} if name == "lenet5" else {"small_input": True}
         with torch.device("meta"):  # only its input-size attributes are needed here
             model = cnnmodels.create_model(name, num_classes=10, in_chans=1, **kwargs)
-        size = input_size_for(model, name, cfg.data.image_size)
-        runs.append(replace(template, model_name=name, arch=name, model_kwargs=kwargs,
-                            spec=make_spec(info, size).to_dict()))
+        size = model.input_size_for(cfg.data.image_size)
+        # stage "search": a trial without the final test evaluation
+        runs.append(template.model_copy(update={"model": ModelChoice(name, name, kwargs), "stage": "search",
+                                                "spec": make_spec(info, size)}))
     log = tmp_path / "trained.jsonl"
 
     def train_each(config):
-        from pipelines.train import train_loop_per_worker
+        from pipelines.worker import train_loop_per_worker
 
         for run in config["runs"]:
-            train_loop_per_worker(dict(run, evaluate_test=False))
+            train_loop_per_worker({"run": run})
             with open(config["log"], "a") as f:
-                f.write(json.dumps({"model": run["model_name"]}) + "\n")
+                f.write(json.dumps({"model": run["model"]["name"]}) + "\n")
 
     TorchTrainer(train_each, train_loop_config={"runs": [r.to_dict() for r in runs], "log": str(log)},
                  scaling_config=ray.train.ScalingConfig(num_workers=1,
-                                                        resources_per_worker={"CPU": runs[0].cpus_per_worker}),
+                                                        resources_per_worker={"CPU": runs[0].workers.cpus_per_worker}),
                  run_config=ray.train.RunConfig(name="every-arch", storage_path=str(tmp_path / "ray"))).fit()
     trained = [json.loads(line)["model"] for line in log.read_text().splitlines()]
     assert trained == WORKER_LOOP_ARCHS
 
 
+@pytest.mark.slow
 def test_free_resources_counts_cpus_a_finished_actor_is_still_handing_back(ray_cluster):
     """Right after an actor dies Ray briefly under-reports free CPUs; the next stage must not size its
     workers (and concurrency) on that reading, or it crowds every model onto a sliver of CPU."""
@@ -190,3 +198,16 @@ def test_free_resources_counts_cpus_a_finished_actor_is_still_handing_back(ray_c
     ray.get(holder.ping.remote())
     ray.kill(holder)
     assert free_resources()["CPU"] >= before["CPU"] - 1e-6
+
+
+def test_the_learning_rate_warms_up_linearly_then_follows_the_schedule():
+    from pipelines.worker import lr_at
+
+    steps = 10  # per epoch; 3 epochs, 1 of warm-up
+    cosine = [lr_at(0.1, "cosine", 1.0, 3, step, steps) for step in range(30)]
+    assert cosine[0] == pytest.approx(0.01) and cosine[9] == pytest.approx(0.1)  # linear warm-up to the peak
+    assert cosine[10] == pytest.approx(0.1) and cosine[-1] < 0.002  # then cosine decay towards zero
+    assert all(a >= b for a, b in zip(cosine[9:], cosine[10:], strict=False))
+    assert cosine[20] == pytest.approx(0.05, abs=0.003)  # half-way through the decay
+    constant = [lr_at(0.1, "constant", 0.0, 3, step, steps) for step in range(30)]
+    assert constant == [0.1] * 30

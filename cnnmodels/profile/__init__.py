@@ -7,7 +7,7 @@ Command line::
 
     python -m cnnmodels.profile resnet50                      # per-stage table at 3x224x224
     python -m cnnmodels.profile resnet18 --input-size 1 32 32 --small-input --num-classes 10
-    python -m cnnmodels.profile --inception-example           # the seed's naive vs reduced module
+    python -m cnnmodels.profile --inception-example           # the GoogLeNet tutorial's naive vs reduced module
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def training_step_kernels(model: nn.Module, input_size: tuple[int, ...] = (3, 64
 
 
 def inception_example() -> tuple[Profile, Profile]:
-    """The seed document's worked example: one inception module on a 28x28x256 input with 128 1x1, 192 3x3
+    """The worked example of the GoogLeNet tutorial ("Image Classification (2): GoogLeNet, ResNet, DenseNet,
+    SENet, EfficientNet"): one inception module on a 28x28x256 input with 128 1x1, 192 3x3
     and 96 5x5 filters, naive (Fig. 2a) and with 64-channel 1x1 reductions and pool projection (Fig. 2b)."""
     from ..googlenet import Inception
 
@@ -203,7 +204,8 @@ def _format_inception_example() -> str:
         lines.append("")
     lines.append(f"reduction: {naive.macs:,} / {reduced.macs:,} = {naive.macs / reduced.macs:.2f}x")
     lines.append(
-        "(The seed document prints 271,350,808 for the reduced module because it adds its 5x5 path "
+        "(The tutorial's worked figure for the dimension-reduced module, \"Image Classification (2): GoogLeNet, "
+        "ResNet, DenseNet, SENet, EfficientNet\", prints 271,350,808 because it adds its 5x5 path "
         "12,845,056 + 120,422,400 as 133,266,456; the correct sum is 133,267,456.)"
     )
     return "\n".join(lines)
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--small-input", action="store_true", help="build the small-image variant")
     parser.add_argument("--inception-example", action="store_true",
-                        help="reproduce the seed's naive vs dimension-reduced inception module count")
+                        help="reproduce the GoogLeNet tutorial's naive vs dimension-reduced inception module count")
     args = parser.parse_args(argv)
     if args.inception_example:
         print(_format_inception_example())

@@ -1,0 +1,120 @@
+"""The HTTP layer of the server: the FastAPI app, its JSON errors, and reading images from requests.
+
+Every client error is a :class:`RequestError` with a status code and becomes ``{"error": "..."}``; FastAPI's
+own validation errors (a bad ``top_k``) are 422 in the same shape; anything unexpected is a JSON 500 and
+the replica keeps serving. The routes themselves are methods of the Serve deployment
+(:mod:`pipelines.serve`), registered on :data:`api`.
+"""
+
+# No ``from __future__ import annotations`` here: Serve pickles the route handlers by value, and FastAPI must
+# see real types (not strings to resolve against module globals) in their signatures.
+import hmac
+import logging
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .preprocess import PreprocessSpec, decode_image
+
+__all__ = ["api", "RequestError", "MULTIPLEX_HEADER", "read_image_bytes", "image_tensor", "authorize"]
+
+logger = logging.getLogger(__name__)
+#: The header Serve routes multiplexed requests by (a replica that already holds the model).
+MULTIPLEX_HEADER = "serve_multiplexed_model_id"
+RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+
+api = FastAPI(
+    title="cnnzoo classifier",
+    description="Image classification with the pipeline's registered models. POST an image to /predict.",
+    version="1",
+)
+
+
+class RequestError(Exception):
+    """A client error: HTTP ``status`` and a message for ``{"error": ...}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@api.exception_handler(RequestError)
+async def _request_error(_, err: RequestError):
+    return JSONResponse({"error": err.message}, status_code=err.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_, err: RequestValidationError):
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+    return JSONResponse({"error": problems}, status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_, err: StarletteHTTPException):
+    return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_, err: Exception):  # last resort: a JSON 500, the replica keeps serving
+    logger.exception("unexpected error")
+    return JSONResponse({"error": f"internal error: {type(err).__name__}"}, status_code=500)
+
+
+def authorize(request: Request, token: str | None) -> None:
+    """401 unless ``Authorization: Bearer <token>`` matches (no-op when no token is configured)."""
+    if not token:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise RequestError(413, f"body of {int(declared):,} bytes exceeds the {limit:,}-byte limit")
+        except ValueError:
+            raise RequestError(400, "invalid Content-Length header") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"body exceeds the {limit:,}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_image_bytes(request: Request, limit: int) -> bytes:
+    """The uploaded image: the raw body (``image/*``, ``application/octet-stream``) or the multipart field
+    ``file``; at most ``limit`` bytes (413 above)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await _read_limited(request, limit)
+    if content_type.startswith(RAW_IMAGE_TYPES) or (not content_type and body):
+        return body
+    if content_type == "multipart/form-data":
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+        except Exception as err:  # noqa: BLE001 - malformed multipart
+            raise RequestError(400, f"malformed multipart body: {err}") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise RequestError(400, "multipart body needs the image in a field named 'file'")
+        return await upload.read()
+    if not content_type and not body:
+        raise RequestError(400, "empty body: send the image bytes")
+    raise RequestError(415, f"unsupported content type {content_type!r}: send image/* bytes or multipart/form-data "
+                            "with a 'file' field")
+
+
+def image_tensor(data: bytes, spec: PreprocessSpec, max_pixels: int) -> torch.Tensor:
+    """Decode an upload and preprocess it as in training: a (1, C, H, W) tensor."""
+    return spec.tensor_from_image(decode_image(data, max_pixels))

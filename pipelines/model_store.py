@@ -1,0 +1,142 @@
+"""The models a server (or the report) can load: discovered, verified, loaded and batch-norm folded.
+
+Models come from the pipeline's MLflow registry (through :class:`~pipelines.tracking.Tracker`: aliases =
+model names, plus ``champion``) or from checkpoint files (``serve.checkpoints``). Every load goes through
+:func:`~pipelines.checkpoints.load_checkpoint` (``weights_only``, verified against its architecture), so a
+corrupt file is refused before a model is handed out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import CHECKPOINT_FILE, ModelCheckpoint, load_checkpoint
+from .config import PipelineConfig
+from .preprocess import PreprocessSpec
+from .tracking import Tracker, choose_champion
+
+__all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """What the server knows about one alias before loading it."""
+
+    alias: str
+    source: str  # "models:/<name>/<version>" or a checkpoint path
+    version: str = ""
+    arch: str = ""
+    model_name: str = ""
+    test_acc: float | None = None
+    params_count: int | None = None
+    macs: int | None = None
+    status: str = "unchecked"
+    error: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    alias: str
+    version: str
+    model: nn.Module
+    spec: PreprocessSpec
+    folded: bool
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def fold_batchnorm(model: nn.Module, spec: PreprocessSpec) -> tuple[nn.Module, bool]:
+    """Fold eval-mode batch norm into the preceding convolutions (torch.fx conv-BN fusion).
+
+    The folded model is used only if its outputs match the original's on a random batch; otherwise (or if
+    the model cannot be traced) the original is returned. Returns ``(model, folded)``.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    model = model.eval()
+    try:
+        folded = fuse(model, inplace=False)
+    except Exception as err:  # noqa: BLE001 - untraceable models are served unfolded
+        logger.info("batch-norm folding skipped: %s", err)
+        return model, False
+    probe = torch.randn(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, actual = model(probe), folded(probe)
+    tolerance = 1e-4 * max(1.0, expected.abs().max().item())
+    if not torch.allclose(actual, expected, atol=tolerance, rtol=1e-4):
+        logger.warning("batch-norm folding changed the outputs (max diff %.2e); serving unfolded",
+                       (actual - expected).abs().max().item())
+        return model, False
+    return folded, True
+
+
+def _number(tags: dict, key: str, kind=float):
+    try:
+        return kind(float(tags[key])) if key in tags else None
+    except (TypeError, ValueError):
+        return None
+
+
+class ModelStore:
+    """Where one config's served models come from, and how they are loaded."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.tracker = Tracker.for_config(cfg)
+
+    def discover(self) -> tuple[list[ServedModel], str | None]:
+        """The aliases to serve and the champion's alias, from ``serve.checkpoints`` or the registry."""
+        wanted = set(self.cfg.serve.models)
+        if self.cfg.serve.checkpoints:
+            models = [ServedModel(alias=a, source=str(Path(p).expanduser()))
+                      for a, p in self.cfg.serve.checkpoints.items()]
+            return [m for m in models if not wanted or m.alias in wanted], None
+        versions, champion = self.tracker.registered_versions(self.cfg.registered_model_name)
+        models = [
+            ServedModel(alias=v.alias, source=v.uri, version=v.version, arch=v.tags.get("arch", ""),
+                        model_name=v.tags.get("model_name", v.alias), test_acc=_number(v.tags, "test_acc"),
+                        params_count=_number(v.tags, "params_count", int), macs=_number(v.tags, "macs", int))
+            for v in versions if not wanted or v.alias in wanted
+        ]
+        return models, champion if any(m.alias == champion for m in models) else None
+
+    def checkpoint_file(self, served: ServedModel) -> Path:
+        if served.source.startswith("models:/"):
+            return self.tracker.download_model_file(served.source, CHECKPOINT_FILE)
+        return Path(served.source)
+
+    def load(self, served: ServedModel, *, fold: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
+        """Download (registry) or open (file) the checkpoint, verify it and build the serving model."""
+        checkpoint: ModelCheckpoint = load_checkpoint(self.checkpoint_file(served))
+        model = checkpoint.build_model()
+        folded = False
+        if fold:
+            model, folded = fold_batchnorm(model, checkpoint.spec)
+        device = torch.device(device)
+        return LoadedModel(alias=served.alias, version=served.version or f"epoch{checkpoint.epoch}",
+                           model=model.to(device).eval(), spec=checkpoint.spec, folded=folded, device=device)
+
+    def verify(self, models: list[ServedModel]) -> None:
+        """Load every model once (unfolded); failures are recorded on the model, not raised."""
+        for served in models:
+            try:
+                loaded = self.load(served, fold=False)
+                served.status = "ok"
+                served.arch = served.arch or type(loaded.model).__name__
+            except Exception as err:  # noqa: BLE001 - any failure makes the model unservable, not the server
+                served.status, served.error = "error", f"{type(err).__name__}: {err}"
+                logger.error("model %s failed to load: %s", served.alias, served.error)
+
+    @staticmethod
+    def servable_champion(models: list[ServedModel], champion: str | None) -> str | None:
+        """``champion`` if it loaded, else the loaded model with the best ``test_acc``."""
+        ok = [m for m in models if m.status == "ok"]
+        if champion in {m.alias for m in ok}:
+            return champion
+        return choose_champion({m.alias: m.test_acc for m in ok}, allow_unscored=True)

@@ -1,0 +1,244 @@
+"""Planning, on the driver: which models run, with which settings, at which input size.
+
+A :class:`ModelRun` is one Ray Train run's whole description. It composes the typed config sections
+(``DataConfig``, ``Hyperparameters``, ``WorkerSettings``) instead of copying their fields, so a new
+setting reaches the workers without being listed anywhere, and it is validated (unknown keys are errors)
+whenever it is rebuilt from JSON. Its :attr:`~ModelRun.fingerprint` hashes everything that decides the
+result except the number of epochs: a re-run with the same fingerprint continues the run, a changed
+learning rate (or label smoothing, data, model option...) starts a fresh one. The search's fingerprint
+(:func:`search_fingerprint`) is derived the same way from the search settings and the template run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+import cnnmodels
+
+from .config import DataConfig, Hyperparameters, PipelineConfig, WorkerSettings, hyperparameters_for
+from .data import DatasetInfo, make_spec
+from .preprocess import PreprocessSpec
+
+__all__ = [
+    "ModelChoice",
+    "ModelRun",
+    "resolve_models",
+    "plan_model_runs",
+    "search_template",
+    "search_fingerprint",
+    "coefficients_label",
+    "auto_cpus_per_worker",
+    "fingerprint",
+]
+
+#: Data settings that change how fast data arrives, not which images a model sees.
+_DATA_RUNTIME_KEYS = {"loader_workers", "download"}
+#: Search settings that change how the search runs, not what it finds.
+_SEARCH_RUNTIME_KEYS = {"max_concurrent_trials", "phis"}
+
+
+def fingerprint(payload: Any) -> str:
+    """A short, stable hash of a JSON-serialisable payload."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One entry of the model list: a display/registry name, the cnnmodels builder and its options."""
+
+    name: str
+    arch: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def coefficients_label(alpha: float, beta: float, gamma: float) -> str:
+    """``a1.2_b1.1_g1.15``: how search trials are named in Ray, MLflow and the results."""
+    return f"a{alpha:g}_b{beta:g}_g{gamma:g}"
+
+
+def _recipe(choice: ModelChoice, data: DataConfig, hyper: Hyperparameters, workers: WorkerSettings) -> dict:
+    """The settings that decide a model's result, except its length (``epochs``)."""
+    return {
+        "arch": choice.arch,
+        "model_kwargs": choice.kwargs,
+        "data": data.model_dump(mode="json", exclude=_DATA_RUNTIME_KEYS),
+        "hyper": hyper.model_dump(mode="json", exclude={"epochs"}),
+        "num_workers": workers.num_workers,
+        "amp": workers.amp,
+    }
+
+
+class ModelRun(BaseModel):
+    """Everything one training run needs; travels to Tune trials as JSON and to workers as this object."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelChoice
+    data: DataConfig
+    hyper: Hyperparameters
+    workers: WorkerSettings
+    spec: PreprocessSpec
+    stage: Literal["train", "search"]
+    run_name: str
+    storage_path: str
+    params_count: int = 0
+    macs: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelRun:
+        """Rebuild from :meth:`to_dict`'s JSON form; unknown or missing keys are errors."""
+        return cls.model_validate(data)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
+    def arch(self) -> str:
+        return self.model.arch
+
+    @property
+    def evaluate_test(self) -> bool:
+        """Training runs end with a test evaluation of their best checkpoint; search trials do not."""
+        return self.stage == "train"
+
+    @property
+    def threads_per_worker(self) -> int:
+        return max(1, int(round(float(self.workers.cpus_per_worker))))
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of every setting that decides the result (model, data, preprocessing, hyper-parameters but
+        epochs, workers, precision): equal fingerprints mean a re-run continues this run."""
+        return fingerprint({**_recipe(self.model, self.data, self.hyper, self.workers), "spec": self.spec.to_dict()})
+
+    def with_coefficients(self, alpha: float, beta: float, gamma: float) -> ModelRun:
+        """This (search-template) run with other compound-scaling coefficients, named after them."""
+        label = coefficients_label(alpha, beta, gamma)
+        choice = ModelChoice(label, self.arch, dict(self.model.kwargs, alpha=float(alpha), beta=float(beta),
+                                                    gamma=float(gamma)))
+        model = _build(choice, self.spec.num_classes, self.spec.channels)
+        spec = self.spec.with_size(model.input_size_for(self.spec.image_size))
+        profile = cnnmodels.profile(model, spec.input_shape)
+        return self.model_copy(update={"model": choice, "spec": spec, "run_name": f"{self.run_name}-{label}",
+                                       "params_count": profile.params, "macs": profile.macs})
+
+
+def _build(choice: ModelChoice, num_classes: int, channels: int):
+    return cnnmodels.create_model(choice.arch, num_classes=num_classes, in_chans=channels, **choice.kwargs)
+
+
+def _small_input(cfg: PipelineConfig) -> bool:
+    if cfg.train.small_input == "auto":
+        return cfg.data.image_size <= 64
+    return bool(cfg.train.small_input)
+
+
+def _with_data_defaults(cfg: PipelineConfig, arch: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``small_input`` from the data's image size, EfficientNet's base resolution from it too."""
+    options = dict(options)
+    accepted = cnnmodels.model_options(arch)
+    if arch != "lenet5" and "small_input" in accepted:
+        options.setdefault("small_input", _small_input(cfg))
+    if "base_resolution" in accepted:
+        options.setdefault("base_resolution", cfg.data.image_size)
+    return options
+
+
+def resolve_models(cfg: PipelineConfig, coefficients: dict[str, float] | None = None) -> list[ModelChoice]:
+    """``train.models`` plus, when coefficients were found, the EfficientNet family at ``search.phis``."""
+    choices = []
+    for name in cfg.train.models:
+        arch, implied = cnnmodels.resolve_model_name(name)
+        options = {**implied, **cfg.train.model_options.get(name, {})}
+        choices.append(ModelChoice(name, arch, _with_data_defaults(cfg, arch, options)))
+    if coefficients is not None:
+        known = {c.name for c in choices}
+        for phi in cfg.search.phis:
+            name = cnnmodels.family_member_name("efficientnet", phi)
+            if name not in known:
+                options = {"phi": float(phi), **{k: coefficients[k] for k in ("alpha", "beta", "gamma")}}
+                choices.append(ModelChoice(name, "efficientnet", _with_data_defaults(cfg, "efficientnet", options)))
+    return choices
+
+
+def auto_cpus_per_worker(cfg: PipelineConfig, cluster_cpus: float) -> float:
+    """CPUs each Train worker reserves: explicit, or (GPU) one per worker plus its loader processes, or
+    (CPU) the machine divided among the workers of one model, leaving a sliver for the Tune trial actors."""
+    if cfg.train.cpus_per_worker != "auto":
+        return float(cfg.train.cpus_per_worker)
+    if cfg.train.use_gpu:
+        return float(1 + cfg.data.loader_workers)
+    share = (cluster_cpus - 0.05) / cfg.train.num_workers
+    return max(0.25, math.floor(share * 100) / 100)
+
+
+def _worker_settings(cfg: PipelineConfig, cluster_cpus: float) -> WorkerSettings:
+    settings = WorkerSettings.model_validate(cfg.train.model_dump(include=set(WorkerSettings.model_fields)))
+    return settings.model_copy(update={"cpus_per_worker": auto_cpus_per_worker(cfg, cluster_cpus)})
+
+
+def plan_model_runs(
+    cfg: PipelineConfig,
+    info: DatasetInfo,
+    choices: list[ModelChoice],
+    *,
+    stage: Literal["train", "search"] = "train",
+    epochs: int | None = None,
+    cluster_cpus: float = 1.0,
+) -> list[ModelRun]:
+    """One :class:`ModelRun` per model choice: input size, preprocessing spec, profile and settings.
+
+    Training runs are named ``<name>-train-<model>-<fingerprint>``, so a changed setting starts a new Ray
+    Train run while an unchanged one resumes its own.
+    """
+    workers = _worker_settings(cfg, cluster_cpus)
+    runs = []
+    for choice in choices:
+        hyper = hyperparameters_for(cfg.train, choice.name)
+        if epochs is not None:
+            hyper = hyper.model_copy(update={"epochs": epochs})
+        model = _build(choice, len(info.class_names), info.channels)
+        spec = make_spec(info, model.input_size_for(cfg.data.image_size))
+        profile = cnnmodels.profile(model, spec.input_shape)
+        run = ModelRun(model=choice, data=cfg.data, hyper=hyper, workers=workers, spec=spec, stage=stage,
+                       run_name=f"{cfg.name}-{stage}-{choice.name}", storage_path=cfg.paths.storage,
+                       params_count=profile.params, macs=profile.macs)
+        if stage == "train":
+            run = run.model_copy(update={"run_name": f"{run.run_name}-{run.fingerprint}"})
+        runs.append(run)
+    return runs
+
+
+def search_data(cfg: PipelineConfig) -> DataConfig:
+    """The data the search trains on: ``search.train_subset`` images when set (a cheaper proxy)."""
+    if cfg.search.train_subset is None:
+        return cfg.data
+    return cfg.data.model_copy(update={"train_subset": cfg.search.train_subset})
+
+
+def search_template(cfg: PipelineConfig) -> ModelChoice:
+    """The baseline the search scales: EfficientNet at ``search.phi`` on the data's resolution."""
+    return ModelChoice("efficientnet", "efficientnet",
+                       _with_data_defaults(cfg, "efficientnet", {"phi": float(cfg.search.phi)}))
+
+
+def search_fingerprint(cfg: PipelineConfig) -> str:
+    """Hash of every setting that decides the search's outcome: the search section (but its concurrency
+    and the family members trained afterwards) and the template run's recipe, epochs included."""
+    hyper = hyperparameters_for(cfg.train, "efficientnet").model_copy(update={"epochs": cfg.search.epochs})
+    workers = WorkerSettings.model_validate(cfg.train.model_dump(include=set(WorkerSettings.model_fields)))
+    return fingerprint({
+        "search": cfg.search.model_dump(mode="json", exclude=_SEARCH_RUNTIME_KEYS),
+        "template": _recipe(search_template(cfg), search_data(cfg), hyper, workers),
+        "epochs": cfg.search.epochs,
+    })

@@ -1,0 +1,109 @@
+"""The search space of EfficientNet's compound-scaling coefficients, and the ways to sample it.
+
+Only feasible triples are ever trained: ``|alpha * beta^2 * gamma^2 - target| <= tolerance`` with every
+coefficient in its configured range.
+
+* :func:`grid_candidates`: the feasible points of a regular grid (``search.step``), at most
+  ``search.num_trials`` of them, the paper's (1.2, 1.1, 1.15) first, the rest spread over the feasible set.
+* :class:`FeasibleRegion` and :func:`optuna_space`: Optuna's define-by-run space; each trial draws three
+  numbers in [0, 1] that are mapped into the feasible region (alpha first, then beta and gamma within the
+  bounds the constraint leaves), so every sampled triple is feasible by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from cnnmodels.scaling import PAPER_COEFFICIENTS, constraint_value, feasible_grid
+
+from .config import SearchConfig
+
+__all__ = ["PAPER", "paper_is_feasible", "same_triple", "grid_candidates", "FeasibleRegion", "optuna_space"]
+
+PAPER = (PAPER_COEFFICIENTS.alpha, PAPER_COEFFICIENTS.beta, PAPER_COEFFICIENTS.gamma)
+
+
+# --------------------------------------------------------------------------------------------------
+def _key(c: tuple[float, float, float]) -> tuple[float, float, float]:
+    return tuple(round(v, 6) for v in c)
+
+
+def same_triple(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
+    """Whether two coefficient triples are equal up to rounding noise."""
+    return _key(a) == _key(b)
+
+
+def paper_is_feasible(search: SearchConfig) -> bool:
+    return abs(constraint_value(*PAPER) - search.target) <= search.tolerance + 1e-12
+
+
+def grid_candidates(search: SearchConfig) -> list[tuple[float, float, float]]:
+    """At most ``num_trials`` feasible grid triples, the paper's first, the rest spread evenly."""
+    grid = [(c.alpha, c.beta, c.gamma) for c in feasible_grid(search.alpha, search.beta, search.gamma, search.step,
+                                                              search.target, search.tolerance)]
+    grid.sort()
+    chosen: list[tuple[float, float, float]] = []
+    if paper_is_feasible(search):
+        chosen.append(PAPER)
+    others = [c for c in grid if _key(c) != _key(PAPER)]
+    slots = search.num_trials - len(chosen)
+    if slots >= len(others):
+        chosen += others
+    elif slots > 0:
+        step = len(others) / slots
+        chosen += [others[int(i * step + step / 2)] for i in range(slots)]
+    return chosen
+
+
+@dataclass(frozen=True)
+class FeasibleRegion:
+    """Maps (u, v, w) in [0, 1]^3 onto feasible (alpha, beta, gamma): every draw satisfies the constraint."""
+
+    alpha: tuple[float, float]
+    beta: tuple[float, float]
+    gamma: tuple[float, float]
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, search: SearchConfig) -> FeasibleRegion:
+        return cls(search.alpha, search.beta, search.gamma, search.target - search.tolerance,
+                   search.target + search.tolerance)
+
+    def alpha_bounds(self) -> tuple[float, float]:
+        (blo, bhi), (glo, ghi) = self.beta, self.gamma
+        return (max(self.alpha[0], self.low / (bhi**2 * ghi**2)), min(self.alpha[1], self.high / (blo**2 * glo**2)))
+
+    def beta_bounds(self, a: float) -> tuple[float, float]:
+        glo, ghi = self.gamma
+        return (max(self.beta[0], math.sqrt(self.low / (a * ghi**2))),
+                min(self.beta[1], math.sqrt(self.high / (a * glo**2))))
+
+    def gamma_bounds(self, a: float, b: float) -> tuple[float, float]:
+        return (max(self.gamma[0], math.sqrt(self.low / (a * b**2))),
+                min(self.gamma[1], math.sqrt(self.high / (a * b**2))))
+
+    def point(self, u: float, v: float, w: float) -> tuple[float, float, float]:
+        lerp = lambda lo_hi, t: lo_hi[0] + t * max(0.0, lo_hi[1] - lo_hi[0])  # noqa: E731
+        a = lerp(self.alpha_bounds(), u)
+        b = lerp(self.beta_bounds(a), v)
+        g = lerp(self.gamma_bounds(a, b), w)
+        return (round(a, 4), round(b, 4), round(g, 4))
+
+    def inverse(self, a: float, b: float, g: float) -> tuple[float, float, float] | None:
+        """The (u, v, w) of a triple, if it lies in the region."""
+        result = []
+        for (lo, hi), value in ((self.alpha_bounds(), a), (self.beta_bounds(a), b), (self.gamma_bounds(a, b), g)):
+            if not lo - 1e-9 <= value <= hi + 1e-9:
+                return None
+            result.append(0.0 if hi - lo < 1e-12 else (value - lo) / (hi - lo))
+        return tuple(result)
+
+
+def optuna_space(region: FeasibleRegion, trial) -> dict[str, Any]:
+    """OptunaSearch define-by-run space: three unit draws mapped to a feasible triple."""
+    u, v, w = (trial.suggest_float(name, 0.0, 1.0) for name in ("u_alpha", "u_beta", "u_gamma"))
+    a, b, g = region.point(u, v, w)
+    return {"coefficients": {"alpha": a, "beta": b, "gamma": g}}

@@ -1,0 +1,417 @@
+"""The code that runs inside every Ray Train worker: one model's training, epoch by epoch.
+
+:func:`train_loop_per_worker` is a short sequence of steps that share one :class:`StepContext`:
+
+1. :func:`setup`: data loaders (a ``DistributedSampler`` under DDP), the model (``prepare_model`` wraps it
+   in DDP), the optimizer and the AMP scaler, from the run's settings;
+2. :func:`restore`: the run's latest checkpoint, if Ray hands one back (a replaced worker group, or a
+   re-run of the same run name), with its optimizer state and history;
+3. per epoch :func:`train_epoch`, :func:`evaluate` on the validation split (after precise BN) and
+   :func:`report_epoch` (metrics to Ray, a checkpoint from rank 0);
+4. :func:`report_test`: the best checkpoint (by ``val_acc``) evaluated on the test split.
+
+Rank 0 writes the checkpoints; every rank reports (``ray.train.report`` is a barrier).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+import cnnmodels
+
+from .checkpoints import CHECKPOINT_FILE, ModelCheckpoint, load_checkpoint, save_checkpoint
+from .data import SplitDataset, load_splits
+from .planning import ModelRun
+from .preprocess import PreprocessSpec
+
+__all__ = ["train_loop_per_worker", "StepContext", "lr_at", "CHECKPOINT_META"]
+
+logger = logging.getLogger(__name__)
+
+#: Small JSON beside each checkpoint: which model and epoch it holds, readable without loading weights.
+CHECKPOINT_META = "meta.json"
+
+
+def lr_at(base_lr: float, schedule: str, warmup_epochs: float, epochs: int, step: int, steps_per_epoch: int) -> float:
+    """The learning rate at global ``step``: linear warm-up, then constant or cosine decay to zero."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(warmup_epochs * steps_per_epoch)
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return base_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(run: ModelRun, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW; no weight decay on biases and norm scales (decaying them only hurts)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    hyper = run.hyper
+    groups = [{"params": decay, "weight_decay": hyper.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if hyper.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=hyper.lr)
+    return torch.optim.SGD(groups, lr=hyper.lr, momentum=hyper.momentum, nesterov=hyper.momentum > 0)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _shard(dataset, rank: int, world: int):
+    # Evaluation shards without the padding a DistributedSampler adds, so global metrics are exact.
+    return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
+
+
+def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@dataclass
+class StepContext:
+    """What every step of one worker's training shares."""
+
+    run: ModelRun
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    train_loader: Any
+    val_loader: Any
+    loader_kwargs: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    resumed: bool = False
+    worker_nodes: str = "[]"
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.run.spec
+
+    @property
+    def per_worker_batch(self) -> int:
+        return max(1, self.run.hyper.batch_size // self.world)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        """Normalise, lay out (channels-last on GPU) and run the model under autocast. With ``labels``,
+        returns ``(outputs, training loss)``, the loss computed under autocast too (GoogLeNet's auxiliary
+        heads included)."""
+        x = self.spec.normalize(images.to(self.device, non_blocking=True))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            outputs = self.model(x)
+            if labels is None:
+                return outputs
+            loss = cnnmodels.googlenet_loss(outputs, labels.to(self.device, non_blocking=True),
+                                            criterion=self.criterion, aux_weight=self.run.hyper.aux_loss_weight)
+            return outputs, loss
+
+
+def setup(run: ModelRun) -> StepContext:
+    """Data loaders, model (DDP-wrapped by Ray), optimizer and scaler for this worker."""
+    import ray.train
+    from ray.train.torch import get_device, prepare_data_loader
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(run.threads_per_worker)
+    torch.manual_seed(run.hyper.seed * 1000 + rank)
+    device = get_device()
+    on_gpu = device.type == "cuda"
+    amp_dtype = None
+    if on_gpu and run.workers.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    splits = load_splits(run.data)
+    train_set = SplitDataset(splits.train, run.spec, augment=run.data.augment)
+    per_worker_batch = max(1, run.hyper.batch_size // world)
+    loader_kwargs = {"num_workers": run.data.loader_workers, "pin_memory": on_gpu,
+                     "persistent_workers": run.data.loader_workers > 0}
+    train_loader = prepare_data_loader(DataLoader(
+        train_set, batch_size=per_worker_batch, shuffle=True,
+        drop_last=len(train_set) >= 2 * per_worker_batch * world, **loader_kwargs))
+    val_loader = prepare_data_loader(DataLoader(
+        _shard(SplitDataset(splits.val, run.spec), rank, world), batch_size=per_worker_batch * 2, **loader_kwargs),
+        add_dist_sampler=False)
+
+    model = cnnmodels.create_model(run.arch, num_classes=run.spec.num_classes, in_chans=run.spec.channels,
+                                   **run.model.kwargs)
+    return StepContext(
+        run=run, rank=rank, world=world, device=device, amp_dtype=amp_dtype,
+        channels_last=on_gpu and run.workers.channels_last, model=model, optimizer=make_optimizer(run, model),
+        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+        criterion=torch.nn.CrossEntropyLoss(label_smoothing=run.hyper.label_smoothing),
+        train_loader=train_loader, val_loader=val_loader, loader_kwargs=loader_kwargs,
+    )
+
+
+def _checkpoint_owner(directory: Path) -> tuple[str, str]:
+    meta = directory / CHECKPOINT_META
+    if meta.is_file():
+        data = json.loads(meta.read_text())
+        return data.get("model_name", ""), data.get("arch", "")
+    ckpt = load_checkpoint(directory / CHECKPOINT_FILE, verify=False)  # written before meta.json existed
+    return ckpt.model_name, ckpt.arch
+
+
+def restore(ctx: StepContext) -> None:
+    """Load the run's latest checkpoint (if Ray hands one back and it is this model's), then wrap the model
+    for DDP. A checkpoint of another model (a run directory reused by hand) is never cross-loaded."""
+    import ray.train
+    from ray.train.torch import prepare_model
+
+    restored = ray.train.get_checkpoint()
+    ckpt = None
+    if restored:
+        with restored.as_directory() as directory:
+            owner = _checkpoint_owner(Path(directory))
+            if owner == (ctx.run.model_name, ctx.run.arch):
+                ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
+        if ckpt is None and ctx.rank == 0:
+            logger.info("[%s] ignoring the run's latest checkpoint (it belongs to %s); starting fresh",
+                        ctx.run.model_name, owner[0])
+    if ckpt is not None:
+        ctx.model.load_state_dict(ckpt.state_dict)
+        state = ckpt.training_state or {}
+        if "optimizer" in state:
+            ctx.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            ctx.scaler.load_state_dict(state["scaler"])
+        ctx.history = list(state.get("history", []))
+        ctx.start_epoch, ctx.resumed = ckpt.epoch + 1, True
+        if ctx.rank == 0:
+            logger.info("[%s] resuming from the checkpoint of epoch %d", ctx.run.model_name, ckpt.epoch)
+    if ctx.channels_last:
+        ctx.model = ctx.model.to(memory_format=torch.channels_last)
+    ctx.model = prepare_model(ctx.model)
+    ctx.worker_nodes = json.dumps(_gather_node_ids(ctx.world))
+
+
+def _gather_node_ids(world: int) -> list[str]:
+    """The Ray node of every rank, in rank order (recorded so users can see where their workers ran)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node]
+    nodes: list[str | None] = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
+def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
+    """One pass over this worker's shard; returns the global loss, throughput and this worker's seconds."""
+    hyper = ctx.run.hyper
+    loader = ctx.train_loader
+    if ctx.world > 1 and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    steps_per_epoch = len(loader)
+    ctx.model.train()
+    loss_sum, seen = 0.0, 0
+    started = time.perf_counter()
+    for step, (images, labels) in enumerate(loader):
+        lr = lr_at(hyper.lr, hyper.schedule, hyper.warmup_epochs, hyper.epochs, epoch * steps_per_epoch + step,
+                   steps_per_epoch)
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = lr
+        _, loss = ctx.forward(images, labels)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.scaler.scale(loss).backward()
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+        loss_sum += loss.detach().float().item() * labels.numel()
+        seen += labels.numel()
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    # Global throughput: the sum of every worker's own images per second.
+    loss_sum, seen_all, images_per_sec = _all_reduce_sums([loss_sum, seen, seen / max(seconds, 1e-9)], ctx.device)
+    return {"train_loss": loss_sum / max(seen_all, 1), "train_images_per_sec": images_per_sec,
+            "epoch_seconds": seconds, "lr": ctx.optimizer.param_groups[0]["lr"]}
+
+
+def recalibrate_batchnorm(ctx: StepContext, batches: int) -> None:
+    """Precise BN: re-estimate every batch norm's running mean/variance with the current weights.
+
+    The running averages trail the weights by about 1 / momentum steps; early in training (and in deep
+    stacks such as EfficientNet's ~50 BN layers) that lag makes eval-mode outputs collapse while
+    train-mode accuracy is fine. Averaging fresh statistics over a few batches removes the lag. With DDP,
+    rank 0's statistics are broadcast to the others with every forward (DDP's ``broadcast_buffers``).
+    """
+    norms = [m for m in ctx.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if batches <= 0 or not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the recalibration batches
+    ctx.model.train()
+    with torch.no_grad():
+        for step, (images, _) in enumerate(ctx.train_loader):
+            if step >= batches:
+                break
+            ctx.forward(images)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+
+
+def evaluate(ctx: StepContext, loader) -> tuple[float, float, int]:
+    """Global (all-reduced) mean loss, accuracy and image count of the model on ``loader``."""
+    ctx.model.eval()
+    loss_sum, correct, count = 0.0, 0.0, 0
+    with torch.inference_mode():
+        for images, labels in loader:
+            labels = labels.to(ctx.device, non_blocking=True)
+            logits = ctx.forward(images)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            count += labels.numel()
+    loss_sum, correct, count = _all_reduce_sums([loss_sum, correct, count], ctx.device)
+    return loss_sum / max(count, 1), correct / max(count, 1), int(count)
+
+
+def report_epoch(ctx: StepContext, epoch: int, metrics: dict[str, Any]) -> None:
+    """Record the epoch in the history and report it to Ray with a checkpoint written by rank 0."""
+    import ray.train
+
+    run = ctx.run
+    ctx.history.append(metrics)
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if ctx.rank == 0:
+            save_checkpoint(ModelCheckpoint(
+                arch=run.arch, model_kwargs=run.model.kwargs, spec=run.spec, model_name=run.model_name,
+                state_dict=_unwrap(ctx.model).state_dict(), epoch=epoch,
+                metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                training_state={"optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
+                                "history": ctx.history},
+            ), Path(directory) / CHECKPOINT_FILE)
+            (Path(directory) / CHECKPOINT_META).write_text(json.dumps(
+                {"model_name": run.model_name, "arch": run.arch, "epoch": epoch, "val_acc": metrics["val_acc"]}))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _best_reported_checkpoint():
+    import ray.train
+
+    reported = ray.train.get_all_reported_checkpoints()
+    scored = [(r.checkpoint, r.metrics) for r in reported if "val_acc" in r.metrics]
+    if not scored:
+        return None
+    # Highest val_acc; among equals the later epoch (trained longer).
+    return max(scored, key=lambda cm: (cm[1]["val_acc"], cm[1]["epoch"]))
+
+
+def report_test(ctx: StepContext) -> None:
+    """Evaluate the best reported checkpoint on the test split and report it as the run's final result."""
+    import ray.train
+    from ray.train.torch import prepare_data_loader
+
+    run = ctx.run
+    best = _best_reported_checkpoint()
+    if best is None:
+        raise RuntimeError(f"{run.model_name}: no checkpoint was reported, nothing to evaluate")
+    best_checkpoint, best_metrics = best
+    with best_checkpoint.as_directory() as directory:
+        ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
+    _unwrap(ctx.model).load_state_dict(ckpt.state_dict)
+    splits = load_splits(run.data)
+    test_set = _shard(SplitDataset(splits.test, run.spec), ctx.rank, ctx.world)
+    test_loader = prepare_data_loader(DataLoader(test_set, batch_size=ctx.per_worker_batch * 2, **ctx.loader_kwargs),
+                                      add_dist_sampler=False)
+    test_loss, test_acc, test_count = evaluate(ctx, test_loader)
+    ray.train.report({
+        "epoch": run.hyper.epochs - 1,
+        "val_acc": float(best_metrics["val_acc"]),  # the metric Tune tracks: the chosen checkpoint's
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "test_count": test_count,
+        "best_val_acc": float(best_metrics["val_acc"]),
+        "best_epoch": int(best_metrics["epoch"]),
+        "best_checkpoint_path": best_checkpoint.path,
+        "history": json.dumps(ctx.history),
+    })
+
+
+def _quiet_report_logging() -> None:
+    # Ray Train logs every report (with all metrics) through a logger named by its file path, which
+    # escapes RunConfig's LoggingConfig; our own progress lines already say the same, once.
+    import ray.train.v2._internal.execution.context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _kill_this_worker_for_rehearsal(run: ModelRun, epoch: int) -> None:
+    import ray.train
+
+    # Reports reach the controller asynchronously; wait until the last checkpoint is committed, as it
+    # would be in a real failure some time after the report, so the restart has something to resume.
+    ray.train.get_all_reported_checkpoints()
+    logger.warning("[%s] simulate_failure_at_epoch=%d: killing worker rank 0 now", run.model_name, epoch)
+    os._exit(1)
+
+
+def _exit_quietly_if_interrupted(training_thread: threading.Thread) -> None:
+    """When Ray tears a worker down mid-step (ASHA stopping a search trial, a cancelled run), the
+    interpreter's shutdown force-unwinds the still-running training thread through PyTorch's C++ frames,
+    which aborts with a page of "Fatal Python error: Aborted" stack dumps. The process is going away either
+    way; leaving before that unwinding keeps the console readable. Normal completion is untouched: the
+    training thread has ended by then."""
+
+    def leave_if_still_training() -> None:
+        if training_thread.is_alive():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    atexit.register(leave_if_still_training)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker function: ``config["run"]`` is a :class:`~pipelines.planning.ModelRun`."""
+    from .console import configure_console
+
+    run = config["run"] if isinstance(config["run"], ModelRun) else ModelRun.from_dict(config["run"])
+    configure_console()
+    _quiet_report_logging()
+    _exit_quietly_if_interrupted(threading.current_thread())
+    ctx = setup(run)
+    restore(ctx)
+    for epoch in range(ctx.start_epoch, run.hyper.epochs):
+        if run.workers.simulate_failure_at_epoch == epoch and not ctx.resumed and epoch > 0 and ctx.rank == 0:
+            _kill_this_worker_for_rehearsal(run, epoch)
+        metrics = train_epoch(ctx, epoch)
+        recalibrate_batchnorm(ctx, run.hyper.precise_bn_batches)
+        val_loss, val_acc, _ = evaluate(ctx, ctx.val_loader)
+        report_epoch(ctx, epoch, {"epoch": epoch, **metrics, "val_loss": val_loss, "val_acc": val_acc,
+                                  "start_epoch": ctx.start_epoch, "worker_nodes": ctx.worker_nodes})
+    if run.evaluate_test:
+        report_test(ctx)

@@ -1,0 +1,108 @@
+"""Planning on the driver, without Ray: runs, fingerprints, cached searches, sizing and output paths."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from pydantic import ValidationError
+
+from pipelines.data import describe_dataset
+from pipelines.planning import (
+    ModelRun,
+    auto_cpus_per_worker,
+    plan_model_runs,
+    resolve_models,
+    search_fingerprint,
+)
+from pipelines.runtime import concurrency_for
+from pipelines.search import SearchResult, load_search_result
+
+
+def lenet_run(make_config, *overrides: str) -> ModelRun:
+    cfg = make_config("train.models=[lenet5]", *overrides)
+    return plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)[0]
+
+
+def test_a_run_travels_as_json_and_refuses_unknown_keys(make_config):
+    run = lenet_run(make_config, "train.label_smoothing=0.1", "train.model_overrides={lenet5: {lr: 0.02}}")
+    again = ModelRun.from_dict(run.to_dict())
+    assert again == run and again.hyper.lr == 0.02 and again.hyper.label_smoothing == 0.1
+    assert again.spec == run.spec and again.spec.image_size == 32  # raised to LeNet-5's minimum
+    data = run.to_dict()
+    data["hyper"]["learning_rate"] = 0.1
+    with pytest.raises(ValidationError, match="learning_rate"):
+        ModelRun.from_dict(data)
+
+
+@pytest.mark.parametrize("change, starts_afresh", [
+    ("train.label_smoothing=0.1", True),
+    ("train.lr=0.01", True),
+    ("train.momentum=0.5", True),
+    ("train.schedule=constant", True),
+    ("train.warmup_epochs=1.0", True),
+    ("train.model_overrides={lenet5: {weight_decay: 0.01}}", True),
+    ("train.model_options={lenet5: {variant: paper}}", True),
+    ("data.augment=true", True),  # the quick start trains without augmentation
+    ("train.num_workers=2", True),
+    ("train.epochs=9", False),  # more epochs continue the run
+    ("train.cpus_per_worker=0.5", False),  # where a run executes does not change what it learns
+    ("train.max_failures=5", False),
+    ("data.loader_workers=2", False),
+])
+def test_the_training_fingerprint_covers_every_setting_that_changes_results(make_config, change, starts_afresh):
+    base = lenet_run(make_config)
+    changed = lenet_run(make_config, change)
+    assert (changed.fingerprint != base.fingerprint) is starts_afresh
+    assert (changed.run_name != base.run_name) is starts_afresh  # the Ray Train run it resumes or starts
+
+
+@pytest.mark.parametrize("change, invalidates", [
+    ("train.label_smoothing=0.1", True),
+    ("search.epochs=5", True),
+    ("search.step=0.05", True),
+    ("train.model_overrides={efficientnet: {lr: 0.3}}", True),
+    ("search.train_subset=50", True),
+    ("search.max_concurrent_trials=1", False),
+    ("search.phis=[0, 1, 2]", False),  # the family trained afterwards, not the search
+    ("train.models=[resnet18]", False),
+])
+def test_a_changed_search_setting_invalidates_the_cached_search(make_config, change, invalidates):
+    cfg = make_config()
+    result = SearchResult(best={"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "val_acc": 0.9}, trials=[],
+                          objective="val_acc", phi=1.0, paper_included=True, fingerprint=search_fingerprint(cfg))
+    result.save(cfg.paths.search_result)
+    assert load_search_result(cfg) is not None
+    changed = make_config(change)
+    assert (load_search_result(changed) is None) is invalidates
+
+
+def test_cpus_per_worker_split_the_free_cpus_among_one_models_workers(make_config):
+    assert auto_cpus_per_worker(make_config(), 2.0) == 1.95
+    assert auto_cpus_per_worker(make_config("train.num_workers=2"), 2.0) == 0.97
+    assert auto_cpus_per_worker(make_config("train.num_workers=8"), 1.0) == 0.25  # never below a quarter
+    assert auto_cpus_per_worker(make_config("train.use_gpu=true", "data.loader_workers=3"), 16.0) == 4.0
+    assert auto_cpus_per_worker(make_config("train.cpus_per_worker=1.5"), 16.0) == 1.5
+
+
+def test_concurrency_counts_how_many_runs_fit_the_free_resources(caplog):
+    free = {"CPU": 16.0, "GPU": 4.0}
+    assert concurrency_for("auto", {"CPU": 3.0, "GPU": 0.0}, 10, free) == 5
+    assert concurrency_for("auto", {"CPU": 2.0, "GPU": 2.0}, 10, free) == 2  # GPUs run out first
+    assert concurrency_for("auto", {"CPU": 1.0, "GPU": 0.0}, 3, free) == 3  # no more than there are runs
+    assert concurrency_for(2, {"CPU": 1.0, "GPU": 0.0}, 10, free) == 2
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert concurrency_for("auto", {"CPU": 32.0, "GPU": 0.0}, 4, free) == 1  # waits for resources
+    assert "only 16 CPU are free" in caplog.text
+
+
+def test_every_output_location_comes_from_one_paths_object(make_config, tmp_path):
+    cfg = make_config(f"storage_path={tmp_path / 'shared'}")
+    paths = cfg.paths
+    assert paths.run_dir == (tmp_path / "runs" / "test").resolve()
+    assert paths.search_result == paths.run_dir / "search" / "best.json"
+    assert paths.train_dir.parent == paths.report_dir.parent == paths.serve_dir.parent == paths.run_dir
+    assert paths.storage == str((tmp_path / "shared").resolve())
+    assert paths.experiment("x-train") == f"{paths.storage}/x-train"
+    assert cfg.tracking_uri == f"sqlite:///{paths.mlflow_db}"
+    assert make_config("storage_path=s3://bucket/p").paths.storage == "s3://bucket/p"

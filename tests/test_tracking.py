@@ -1,0 +1,57 @@
+"""The MLflow side without Ray: champion choice and the registry on a real sqlite store."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.tracking import CHAMPION, Tracker, choose_champion, ui_hint
+
+
+def test_the_champion_is_the_best_score_and_the_first_among_equals():
+    assert choose_champion({"lenet5": 0.91, "resnet18": 0.97, "vgg11_bn": 0.95}) == "resnet18"
+    assert choose_champion({"a": 0.9, "b": 0.9}) == "a"
+    assert choose_champion({"a": None, "b": 0.5}) == "b"  # unscored aliases rank last
+    assert choose_champion({"a": None, "b": None}) is None
+    assert choose_champion({"a": None, "b": None}, allow_unscored=True) == "a"  # checkpoint files, no metrics
+    assert choose_champion({}) is None
+
+
+@pytest.fixture
+def tracker(make_config, tmp_path):
+    cfg = make_config()
+    source = tmp_path / "artifacts"
+    source.mkdir()
+    tracker = Tracker.for_config(cfg)
+    client = tracker.client
+    client.create_registered_model(cfg.registered_model_name)
+    for alias, test_acc in (("lenet5", "0.91"), ("resnet18", "0.97"), ("alexnet", "0.62")):
+        version = client.create_model_version(cfg.registered_model_name, source.as_uri(), tags={"test_acc": test_acc,
+                                                                                                "arch": alias})
+        client.set_registered_model_alias(cfg.registered_model_name, alias, version.version)
+    return cfg, tracker
+
+
+def test_update_champion_points_the_alias_at_the_best_test_accuracy(tracker):
+    cfg, tracker = tracker
+    assert tracker.champion_alias(cfg.registered_model_name) is None
+    assert tracker.update_champion(cfg.registered_model_name) == ("resnet18", "2")
+    versions, champion = tracker.registered_versions(cfg.registered_model_name)
+    assert champion == "resnet18" == tracker.champion_alias(cfg.registered_model_name)
+    assert [v.alias for v in versions] == ["alexnet", "lenet5", "resnet18"]  # champion itself is not listed
+    assert {v.alias: v.uri for v in versions}["lenet5"] == f"models:/{cfg.registered_model_name}/1"
+    assert CHAMPION in tracker.client.get_registered_model(cfg.registered_model_name).aliases
+
+
+def test_a_missing_registered_model_is_a_lookup_error(make_config):
+    tracker = Tracker.for_config(make_config())
+    with pytest.raises(LookupError, match="train first"):
+        tracker.registered_versions("nothing-here")
+    assert tracker.champion_alias("nothing-here") is None
+    assert tracker.update_champion("nothing-here") is None
+
+
+def test_the_ui_hint_opens_the_model_training_view():
+    hint = ui_hint("sqlite:////tmp/mlflow.db", "7")
+    assert "mlflow ui --backend-store-uri sqlite:////tmp/mlflow.db" in hint
+    assert "#/experiments/7/runs?workflowType=machine_learning" in hint
+    assert ui_hint("http://head:5000", "3") == "open http://head:5000/#/experiments/3/runs?workflowType=machine_learning"
