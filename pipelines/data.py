@@ -36,6 +36,8 @@ __all__ = [
     "DatasetInfo",
     "ImageSplits",
     "SplitDataset",
+    "ConvertedSplit",
+    "convert_splits",
     "load_splits",
     "describe_dataset",
     "make_spec",
@@ -327,22 +329,44 @@ def make_spec(info: DatasetInfo, image_size: int) -> PreprocessSpec:
     )
 
 
+@dataclass
+class ConvertedSplit:
+    """An in-memory split converted to one spec: uint8 (N, C, H, W) images and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def _to_uint8(split: RawSplit, spec: PreprocessSpec) -> torch.Tensor:
+    if not len(split):
+        return torch.empty((0, *spec.input_shape), dtype=torch.uint8)
+    return torch.stack([spec.image_to_uint8(split.pil(i)) for i in range(len(split))])
+
+
+def convert_splits(splits: ImageSplits, spec: PreprocessSpec) -> dict[str, ConvertedSplit] | None:
+    """Every split of an in-memory data set at ``spec`` (None for image folders, decoded per item)."""
+    if splits.train.images is None:
+        return None
+    return {name: ConvertedSplit(_to_uint8(split, spec), torch.as_tensor(split.labels, dtype=torch.long))
+            for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+
+
 class SplitDataset(Dataset):
     """One split at one spec: uint8 (C, H, W) images and int64 labels.
 
-    In-memory data sets are converted once, up front, through the spec's PIL path; image folders are
-    decoded lazily per item. ``augment`` adds random crops (padding 1/8 of the side) and, where the data
-    set allows it, horizontal flips.
+    In-memory data sets are converted once, up front, through the spec's PIL path (or arrive converted, a
+    :class:`ConvertedSplit`); image folders are decoded lazily per item. ``augment`` adds random crops
+    (padding 1/8 of the side) and, where the data set allows it, horizontal flips.
     """
 
-    def __init__(self, split: RawSplit, spec: PreprocessSpec, augment: bool = False) -> None:
+    def __init__(self, split: RawSplit | ConvertedSplit, spec: PreprocessSpec, augment: bool = False) -> None:
         self.split = split
         self.spec = spec
-        self.labels = torch.as_tensor(split.labels, dtype=torch.long)
-        self.images = None
-        if split.images is not None:
-            self.images = torch.stack([spec.image_to_uint8(split.pil(i)) for i in range(len(split))]) \
-                if len(split) else torch.empty((0, *spec.input_shape), dtype=torch.uint8)
+        if isinstance(split, ConvertedSplit):
+            self.images, self.labels = split.images, split.labels
+        else:
+            self.labels = torch.as_tensor(split.labels, dtype=torch.long)
+            self.images = _to_uint8(split, spec) if split.images is not None else None
         self.transform = None
         if augment:
             import torchvision.transforms.v2 as T  # noqa: N812

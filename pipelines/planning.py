@@ -89,6 +89,9 @@ class ModelRun(BaseModel):
     storage_path: str
     params_count: int = 0
     macs: int = 0
+    #: The stage's shared-data actor (:mod:`pipelines.shared_data`), where workers fetch converted splits;
+    #: not part of the fingerprint (it changes how fast the data arrives, not which data).
+    shared_data: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelRun:

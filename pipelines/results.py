@@ -40,6 +40,16 @@ class ModelResult:
     registered_model: str = ""
     version: str = ""
     serving_latency_ms: float | None = None
+    #: Seconds since the run's trial started (``started_at``, wall-clock) at each milestone, and the summed
+    #: seconds of its phases (``loop_seconds``...): where a run's time goes (``bench/overhead.py``).
+    timeline: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fixed_seconds(self) -> float | None:
+        """The run's wall time minus its training loops: what it costs around the training itself."""
+        if "recorded" not in self.timeline or "loop_seconds" not in self.timeline:
+            return None
+        return self.timeline["recorded"] - self.timeline["loop_seconds"]
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / f"{self.model_name}.json"

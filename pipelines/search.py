@@ -26,6 +26,7 @@ from cnnmodels.scaling import constraint_value
 from .config import PipelineConfig
 from .planning import ModelChoice, ModelRun, plan_model_runs, search_data, search_fingerprint, search_template
 from .search_space import PAPER, FeasibleRegion, grid_candidates, optuna_space, paper_is_feasible, same_triple
+from .shared_data import shared_splits
 from .trials import run_model_trials, trial_resources, trial_run
 
 __all__ = ["SearchResult", "search_stage", "load_search_result", "describe_search_trial"]
@@ -212,11 +213,14 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     tracker = Tracker.for_config(cfg)
     parent = _parent_run(tracker, cfg, experiment, info.dataset)
     callback = TrialTracking(tracker, "search", parent, describe=partial(describe_search_trial, search.phi))
-    grid = run_model_trials(
-        cfg.paths, experiment=experiment, param_space=plan.param_space, callbacks=[callback],
-        max_concurrent=concurrency_for(search.max_concurrent_trials, trial_resources(template), plan.trials, free),
-        num_samples=plan.num_samples, search_alg=plan.search_alg, scheduler=scheduler, restore=True,
-    )
+    with shared_splits() as shared:
+        plan.param_space["run"] = template.model_copy(update={"shared_data": shared}).to_dict()
+        grid = run_model_trials(
+            cfg.paths, experiment=experiment, param_space=plan.param_space, callbacks=[callback],
+            max_concurrent=concurrency_for(search.max_concurrent_trials, trial_resources(template), plan.trials,
+                                           free),
+            num_samples=plan.num_samples, search_alg=plan.search_alg, scheduler=scheduler, restore=True,
+        )
     records = _trial_records(grid, search.phi)
     if not records:
         tracker.end_run(parent, "FAILED")

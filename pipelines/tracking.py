@@ -305,7 +305,9 @@ class TrialTracking(Callback):
     """A Ray Tune callback that mirrors every trial into an MLflow child run, live, from the driver.
 
     ``describe(config)`` returns ``(run_name, model_name, params)`` for a trial; ``on_complete(trial,
-    run_id)`` (optional) runs when a trial finishes, e.g. to register its model. Both must be picklable
+    run_id, started_at)`` (optional) runs when a trial finishes, e.g. to register its model (``started_at``:
+    the wall-clock time the trial started, for its timeline), and then ends the MLflow run itself (it may
+    finish in the background); without it the run ends when the trial does. Both must be picklable
     (module-level functions or ``functools.partial`` of them): Tune saves its callbacks with the experiment
     so that a restored search keeps logging into the same parent run. Child runs are found again by trial
     id after a restore.
@@ -317,7 +319,7 @@ class TrialTracking(Callback):
         stage: str,
         parent_run_id: str,
         describe: Callable[[dict], tuple[str, str, dict[str, Any]]],
-        on_complete: Callable[[Any, str], None] | None = None,
+        on_complete: Callable[[Any, str, float], None] | None = None,
     ) -> None:
         self.tracker = tracker
         self.stage = stage
@@ -326,6 +328,7 @@ class TrialTracking(Callback):
         self.on_complete = on_complete
         self.run_ids: dict[str, str] = {}
         self.names: dict[str, str] = {}
+        self.started_at: dict[str, float] = {}
 
     def progress(self, message: str) -> None:
         logger.info(timestamped(message))
@@ -349,6 +352,7 @@ class TrialTracking(Callback):
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.started_at[trial.trial_id] = time.time()
         run_id = self._run_id(trial)
         self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: started (MLflow run {run_id[:8]})")
 
@@ -368,8 +372,9 @@ class TrialTracking(Callback):
         result = trial.last_result or {}
         self.tracker.log_metrics(run_id, {k: result[k] for k in FINAL_METRICS if k in result}, step=0)
         if self.on_complete is not None:
-            self.on_complete(trial, run_id)
-        self.tracker.end_run(run_id, "FINISHED")
+            self.on_complete(trial, run_id, self.started_at.get(trial.trial_id, time.time()))
+        else:
+            self.tracker.end_run(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_id(trial)

@@ -10,11 +10,13 @@ the champion alias moves to the best test accuracy and a comparison table is pri
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ import numpy as np
 from .config import PipelineConfig
 from .planning import ModelChoice, ModelRun, plan_model_runs, resolve_models
 from .results import ModelResult, comparison_table, load_results
+from .shared_data import shared_splits
 from .trials import reported_checkpoint_dir, run_model_trials, trial_resources
 
 __all__ = ["TrainStageResult", "train_stage", "describe_run", "finish_model_trial"]
@@ -49,8 +52,17 @@ def describe_run(config: dict) -> tuple[str, str, dict[str, Any]]:
     return run.model_name, run.model_name, params
 
 
-def finish_model_trial(cfg: PipelineConfig, tracker, trial, run_id: str) -> None:
+def _timeline(worker: dict[str, float], started_at: float, driver: dict[str, float]) -> dict[str, float]:
+    """Milestones as seconds since the trial started (phase sums such as ``loop_seconds`` stay as they are)."""
+    timeline = {"started_at": started_at}
+    for key, value in {**worker, **driver}.items():
+        timeline[key] = round(value if key.endswith("_seconds") else value - started_at, 3)
+    return timeline
+
+
+def finish_model_trial(cfg: PipelineConfig, tracker, trial, run_id: str, started_at: float) -> None:
     """When a model's trial completes: log and register its best checkpoint, write its result record."""
+    driver = {"complete": time.time()}
     result = trial.last_result or {}
     run = ModelRun.from_dict(trial.config["run"])
     if "test_acc" not in result:
@@ -63,6 +75,7 @@ def finish_model_trial(cfg: PipelineConfig, tracker, trial, run_id: str) -> None
                   "model_name": run.model_name, "params_count": run.params_count, "macs": run.macs,
                   "input_size": run.spec.image_size},
         )
+    driver["registered"] = time.time()
     throughput = [h["train_images_per_sec"] for h in history]
     model_result = ModelResult(
         model_name=run.model_name, arch=run.arch, model_kwargs=run.model.kwargs, run_name=run.run_name,
@@ -76,10 +89,60 @@ def finish_model_trial(cfg: PipelineConfig, tracker, trial, run_id: str) -> None
     )
     tracker.log_metrics(run_id, {"train_images_per_sec": model_result.train_images_per_sec,
                                  "train_seconds": model_result.train_seconds})
+    driver["recorded"] = time.time()
+    model_result.timeline = _timeline(json.loads(result.get("timeline", "{}")), started_at, driver)
     model_result.save(cfg.paths.train_dir)
     logger.info("[train] %s: test_acc %.4f (best val_acc %.4f at epoch %d); registered %s v%s as @%s",
                 run.model_name, model_result.test_acc, model_result.best_val_acc, model_result.best_epoch + 1,
                 cfg.registered_model_name, version, run.model_name)
+
+
+class ModelFinisher:
+    """Logs, registers and records finished models on one background thread of the driver.
+
+    Tune calls it (through the tracking callback) when a model's trial completes; it returns at once, so
+    Tune starts the next model while this one's best checkpoint goes to MLflow. :meth:`wait` collects the
+    outcome at the end of the stage. Picklable (Tune saves its callbacks): the thread is recreated on use.
+    """
+
+    def __init__(self, cfg: PipelineConfig, tracker) -> None:
+        self.cfg = cfg
+        self.tracker = tracker
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: dict[str, Future] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_executor": None, "_pending": {}}
+
+    def __call__(self, trial, run_id: str, started_at: float) -> None:
+        # A snapshot: Tune owns the trial object and may reuse or change it once this returns.
+        finished = SimpleNamespace(config=copy.deepcopy(trial.config), last_result=dict(trial.last_result or {}))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="cnnzoo-finish")
+        name = finished.config["run"]["model"]["name"]
+        self._pending[name] = self._executor.submit(self._finish, finished, run_id, started_at)
+
+    def _finish(self, finished, run_id: str, started_at: float) -> None:
+        try:
+            finish_model_trial(self.cfg, self.tracker, finished, run_id, started_at)
+        except Exception as err:
+            logger.error("[train] %s: could not log and register the model: %s", run_id[:8], err)
+            self.tracker.set_tags(run_id, {"error": f"{type(err).__name__}: {err}"[:4000]})
+            self.tracker.end_run(run_id, "FAILED")
+            raise
+        self.tracker.end_run(run_id, "FINISHED")
+
+    def wait(self) -> list[str]:
+        """Block until every submitted model is finished; returns the names of those that failed."""
+        failed = []
+        for name, future in self._pending.items():
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - already logged by _finish
+                failed.append(name)
+        if self._executor is not None:
+            self._executor.shutdown()
+        return failed
 
 
 @dataclass
@@ -125,14 +188,17 @@ def _train_models(cfg: PipelineConfig, tracker, info, runs: list[ModelRun], todo
                                {"stage": "train", "cnnzoo.stage_parent": "true"})
     tracker.log_params(parent, {"dataset": info.dataset, "models": ",".join(r.model_name for r in runs),
                                 "epochs": cfg.train.epochs, "num_workers": cfg.train.num_workers})
-    callback = TrialTracking(tracker, "train", parent, describe=describe_run,
-                             on_complete=partial(finish_model_trial, cfg, tracker))
-    grid = run_model_trials(
-        cfg.paths, experiment=f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}",
-        param_space={"run": tune.grid_search([r.to_dict() for r in todo])},
-        callbacks=[callback], max_concurrent=concurrency,
-    )
+    finisher = ModelFinisher(cfg, tracker)
+    callback = TrialTracking(tracker, "train", parent, describe=describe_run, on_complete=finisher)
+    with shared_splits() as shared:
+        grid = run_model_trials(
+            cfg.paths, experiment=f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}",
+            param_space={"run": tune.grid_search([r.model_copy(update={"shared_data": shared}).to_dict()
+                                                  for r in todo])},
+            callbacks=[callback], max_concurrent=concurrency,
+        )
     failed = [result.config["run"]["model"]["name"] for result in grid if result.error is not None]
+    failed += [name for name in finisher.wait() if name not in failed]
     tracker.end_run(parent, "FAILED" if failed else "FINISHED")
     return failed
 

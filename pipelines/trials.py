@@ -132,6 +132,8 @@ def run_model_trials(
             tune_config=tune.TuneConfig(
                 metric="val_acc", mode="max", num_samples=num_samples, search_alg=search_alg, scheduler=scheduler,
                 max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                # One trial actor process serves trial after trial: no new process, no new imports per model.
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(name=experiment, storage_path=paths.storage, callbacks=callbacks, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)),

@@ -38,6 +38,7 @@ from .checkpoints import CHECKPOINT_FILE, ModelCheckpoint, load_checkpoint, save
 from .data import SplitDataset, load_splits
 from .planning import ModelRun
 from .preprocess import PreprocessSpec
+from .shared_data import fetch_converted
 
 __all__ = ["train_loop_per_worker", "StepContext", "lr_at", "CHECKPOINT_META"]
 
@@ -105,10 +106,21 @@ class StepContext:
     train_loader: Any
     val_loader: Any
     loader_kwargs: dict[str, Any]
+    #: The splits this worker reads: converted ones from the stage's shared data, or its own.
+    sources: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
     resumed: bool = False
     worker_nodes: str = "[]"
+    #: Wall-clock milestones (``time.time()``) and summed phase seconds of this attempt, for the run's
+    #: timeline (``bench/overhead.py``): where the seconds around the training loops go.
+    timeline: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, milestone: str) -> None:
+        self.timeline.setdefault(milestone, time.time())
+
+    def add_seconds(self, phase: str, seconds: float) -> None:
+        self.timeline[phase] = self.timeline.get(phase, 0.0) + seconds
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -149,8 +161,11 @@ def setup(run: ModelRun) -> StepContext:
     if on_gpu and run.workers.amp:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-    splits = load_splits(run.data)
-    train_set = SplitDataset(splits.train, run.spec, augment=run.data.augment)
+    sources = fetch_converted(run.shared_data, run.data, run.spec)
+    if sources is None:
+        splits = load_splits(run.data)
+        sources = {"train": splits.train, "val": splits.val, "test": splits.test}
+    train_set = SplitDataset(sources["train"], run.spec, augment=run.data.augment)
     per_worker_batch = max(1, run.hyper.batch_size // world)
     loader_kwargs = {"num_workers": run.data.loader_workers, "pin_memory": on_gpu,
                      "persistent_workers": run.data.loader_workers > 0}
@@ -158,7 +173,7 @@ def setup(run: ModelRun) -> StepContext:
         train_set, batch_size=per_worker_batch, shuffle=True,
         drop_last=len(train_set) >= 2 * per_worker_batch * world, **loader_kwargs))
     val_loader = prepare_data_loader(DataLoader(
-        _shard(SplitDataset(splits.val, run.spec), rank, world), batch_size=per_worker_batch * 2, **loader_kwargs),
+        _shard(SplitDataset(sources["val"], run.spec), rank, world), batch_size=per_worker_batch * 2, **loader_kwargs),
         add_dist_sampler=False)
 
     model = cnnmodels.create_model(run.arch, num_classes=run.spec.num_classes, in_chans=run.spec.channels,
@@ -168,7 +183,7 @@ def setup(run: ModelRun) -> StepContext:
         channels_last=on_gpu and run.workers.channels_last, model=model, optimizer=make_optimizer(run, model),
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         criterion=torch.nn.CrossEntropyLoss(label_smoothing=run.hyper.label_smoothing),
-        train_loader=train_loader, val_loader=val_loader, loader_kwargs=loader_kwargs,
+        train_loader=train_loader, val_loader=val_loader, loader_kwargs=loader_kwargs, sources=sources,
     )
 
 
@@ -246,11 +261,14 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
         ctx.scaler.scale(loss).backward()
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
+        if step == 0:
+            ctx.mark("first_step")  # the first step pays for lazy initialisation (kernels, caches)
         loss_sum += loss.detach().float().item() * labels.numel()
         seen += labels.numel()
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    ctx.add_seconds("loop_seconds", seconds)
     # Global throughput: the sum of every worker's own images per second.
     loss_sum, seen_all, images_per_sec = _all_reduce_sums([loss_sum, seen, seen / max(seconds, 1e-9)], ctx.device)
     return {"train_loss": loss_sum / max(seen_all, 1), "train_images_per_sec": images_per_sec,
@@ -301,6 +319,7 @@ def report_epoch(ctx: StepContext, epoch: int, metrics: dict[str, Any]) -> None:
     """Record the epoch in the history and report it to Ray with a checkpoint written by rank 0."""
     import ray.train
 
+    started = time.perf_counter()
     run = ctx.run
     ctx.history.append(metrics)
     with tempfile.TemporaryDirectory() as directory:
@@ -317,6 +336,7 @@ def report_epoch(ctx: StepContext, epoch: int, metrics: dict[str, Any]) -> None:
                 {"model_name": run.model_name, "arch": run.arch, "epoch": epoch, "val_acc": metrics["val_acc"]}))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
+    ctx.add_seconds("report_seconds", time.perf_counter() - started)
 
 
 def _best_reported_checkpoint():
@@ -336,6 +356,7 @@ def report_test(ctx: StepContext) -> None:
     from ray.train.torch import prepare_data_loader
 
     run = ctx.run
+    ctx.mark("test_start")
     best = _best_reported_checkpoint()
     if best is None:
         raise RuntimeError(f"{run.model_name}: no checkpoint was reported, nothing to evaluate")
@@ -343,11 +364,11 @@ def report_test(ctx: StepContext) -> None:
     with best_checkpoint.as_directory() as directory:
         ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
     _unwrap(ctx.model).load_state_dict(ckpt.state_dict)
-    splits = load_splits(run.data)
-    test_set = _shard(SplitDataset(splits.test, run.spec), ctx.rank, ctx.world)
+    test_set = _shard(SplitDataset(ctx.sources["test"], run.spec), ctx.rank, ctx.world)
     test_loader = prepare_data_loader(DataLoader(test_set, batch_size=ctx.per_worker_batch * 2, **ctx.loader_kwargs),
                                       add_dist_sampler=False)
     test_loss, test_acc, test_count = evaluate(ctx, test_loader)
+    ctx.mark("test_done")
     ray.train.report({
         "epoch": run.hyper.epochs - 1,
         "val_acc": float(best_metrics["val_acc"]),  # the metric Tune tracks: the chosen checkpoint's
@@ -358,6 +379,7 @@ def report_test(ctx: StepContext) -> None:
         "best_epoch": int(best_metrics["epoch"]),
         "best_checkpoint_path": best_checkpoint.path,
         "history": json.dumps(ctx.history),
+        "timeline": json.dumps(ctx.timeline),
     })
 
 
@@ -399,18 +421,23 @@ def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function: ``config["run"]`` is a :class:`~pipelines.planning.ModelRun`."""
     from .console import configure_console
 
+    started = time.time()
     run = config["run"] if isinstance(config["run"], ModelRun) else ModelRun.from_dict(config["run"])
     configure_console()
     _quiet_report_logging()
     _exit_quietly_if_interrupted(threading.current_thread())
     ctx = setup(run)
+    ctx.timeline["worker_start"] = started
+    ctx.mark("data_ready")
     restore(ctx)
     for epoch in range(ctx.start_epoch, run.hyper.epochs):
         if run.workers.simulate_failure_at_epoch == epoch and not ctx.resumed and epoch > 0 and ctx.rank == 0:
             _kill_this_worker_for_rehearsal(run, epoch)
         metrics = train_epoch(ctx, epoch)
+        evaluation_started = time.perf_counter()
         recalibrate_batchnorm(ctx, run.hyper.precise_bn_batches)
         val_loss, val_acc, _ = evaluate(ctx, ctx.val_loader)
+        ctx.add_seconds("eval_seconds", time.perf_counter() - evaluation_started)
         report_epoch(ctx, epoch, {"epoch": epoch, **metrics, "val_loss": val_loss, "val_acc": val_acc,
                                   "start_epoch": ctx.start_epoch, "worker_nodes": ctx.worker_nodes})
     if run.evaluate_test:

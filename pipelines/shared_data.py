@@ -1,0 +1,94 @@
+"""Data converted once per stage and input size, shared with every worker through Ray's object store.
+
+Without it every model run's worker loads the data set itself (scikit-learn's digits, the Fashion-MNIST IDX
+files, CIFAR-10), converts every image to its input size through PIL and imports what that needs: seconds
+per run before the first step, repeated for every model and every search trial. A stage instead starts one
+:class:`SplitsCache` actor; the first worker that asks for ``(data settings, spec)`` has the actor load and
+convert the splits and ``ray.put`` them, every later worker (on any node) just reads them back.
+
+In-memory data sets only: image folders are decoded lazily per item and are not shared; neither is data
+whose converted size exceeds :data:`MAX_SHARED_BYTES` (it would crowd the object store). When the cache is
+not there (a run resumed by a later driver) or declines, the worker loads the data itself as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+
+import ray
+
+from .config import DataConfig
+from .data import ConvertedSplit, convert_splits, load_splits
+from .preprocess import PreprocessSpec
+
+__all__ = ["SplitsCache", "shared_splits", "fetch_converted", "MAX_SHARED_BYTES"]
+
+logger = logging.getLogger(__name__)
+
+#: Converted splits larger than this are not put in the object store (workers convert their own).
+MAX_SHARED_BYTES = 2 * 1024**3
+
+
+@ray.remote(num_cpus=0)
+class SplitsCache:
+    """Converts a data set's splits once per spec and keeps them in the object store for the stage."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, list] = {}
+
+    def converted(self, data_json: str, spec_json: str) -> list:
+        """``[ObjectRef]`` of ``{split: (images, labels)}`` numpy arrays, or ``[]`` when not shared (the
+        reference travels inside a list so that fetching this answer does not fetch the data too)."""
+        key = data_json + spec_json
+        if key not in self._entries:
+            self._entries[key] = self._convert(DataConfig.model_validate_json(data_json),
+                                               PreprocessSpec.from_dict(json.loads(spec_json)))
+        return self._entries[key]
+
+    @staticmethod
+    def _convert(data: DataConfig, spec: PreprocessSpec) -> list:
+        converted = convert_splits(load_splits(data), spec)
+        if converted is None:
+            return []
+        arrays = {name: (split.images.numpy(), split.labels.numpy()) for name, split in converted.items()}
+        size = sum(images.nbytes + labels.nbytes for images, labels in arrays.values())
+        if size > MAX_SHARED_BYTES:
+            logger.info("not sharing %s at %d px through the object store (%.1f GB); workers convert their own",
+                        data.dataset, spec.image_size, size / 1024**3)
+            return []
+        return [ray.put(arrays)]
+
+
+@contextlib.contextmanager
+def shared_splits() -> Iterator[str]:
+    """Start a stage's :class:`SplitsCache`; yields its actor name (for ``ModelRun.shared_data``)."""
+    name = f"cnnzoo-splits-{uuid.uuid4().hex[:12]}"
+    cache = SplitsCache.options(name=name).remote()
+    try:
+        yield name
+    finally:
+        ray.kill(cache)
+
+
+def fetch_converted(name: str | None, data: DataConfig, spec: PreprocessSpec) -> dict[str, ConvertedSplit] | None:
+    """The converted splits from the stage's cache, or None (no cache, or the cache does not share them)."""
+    import torch
+
+    if not name:
+        return None
+    try:
+        cache = ray.get_actor(name)
+        refs = ray.get(cache.converted.remote(data.model_dump_json(), json.dumps(spec.to_dict())))
+        if not refs:
+            return None
+        arrays = ray.get(refs[0])
+    except (ValueError, ray.exceptions.RayError) as err:  # gone with its stage, or failed: convert here
+        logger.info("shared data unavailable (%s); loading it in this worker", type(err).__name__)
+        return None
+    # Copies: arrays read from the object store are read-only, and the training loop may augment in place.
+    return {split: ConvertedSplit(torch.from_numpy(images.copy()), torch.from_numpy(labels.copy()))
+            for split, (images, labels) in arrays.items()}
