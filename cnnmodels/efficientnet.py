@@ -113,6 +113,10 @@ class MBConv(nn.Module):
 
 
 class EfficientNet(ImageClassifier):
+    # Measured on a 2-core Xeon (AVX-512), batch 32 at 16-18 px: training steps 1.6-1.9x faster in
+    # channels-last, thanks to the depthwise convolutions.
+    channels_last_on_cpu = True
+
     classifier_name = "classifier.1"
 
     def __init__(

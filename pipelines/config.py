@@ -141,7 +141,12 @@ class WorkerSettings(_Section):
     """Where and how one model's Ray Train run executes: workers, devices, precision, fault tolerance."""
 
     num_workers: int = Field(1, ge=1, description="data-parallel workers per model")
-    use_gpu: bool = Field(False, description="one GPU per worker, NCCL")
+    use_gpu: bool = Field(False, description="train on GPUs (NCCL between a model's workers)")
+    gpus_per_worker: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="share of a GPU each worker reserves: fractions let several single-worker models train on "
+        "one GPU at once (0.25: four); DDP with several workers needs whole GPUs (1)",
+    )
     cpus_per_worker: Union[float, Literal["auto"]] = Field(
         "auto",
         description="CPUs each worker reserves; auto: the free CPUs split among one model's workers "
@@ -152,7 +157,9 @@ class WorkerSettings(_Section):
     )
     max_failures: int = Field(2, ge=-1, description="worker failures survived per model (-1: unlimited)")
     amp: bool = Field(True, description="mixed precision (GPU only)")
-    channels_last: bool = Field(True, description="channels-last memory format (GPU only)")
+    channels_last: bool = Field(
+        True, description="channels-last memory format: on GPUs, and on CPUs for models that run faster in it "
+        "(EfficientNet's depthwise convolutions)")
     checkpoints_to_keep: int = Field(1, ge=1, description="best checkpoints kept besides the latest")
     simulate_failure_at_epoch: Optional[int] = Field(
         None, ge=0, description="kill one worker once at this epoch, to rehearse fault tolerance"
@@ -187,6 +194,11 @@ class ModelSelection(_Section):
     )
     max_concurrent_models: Union[int, Literal["auto"]] = Field(
         "auto", description="models trained at the same time; auto: as many as the free resources fit"
+    )
+    overlap_startup: bool = Field(
+        True,
+        description="on CPUs with cpus_per_worker auto, start the next model while the current one trains (it "
+        "waits for the cores once it is up), so its start-up does not leave them idle",
     )
 
     @field_validator("models")
@@ -249,6 +261,11 @@ class SearchConfig(_Section):
     reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1 / reduction_factor of trials at each rung")
     max_concurrent_trials: Union[int, Literal["auto"]] = Field(
         "auto", description="trials at the same time; auto: as many as the free resources fit"
+    )
+    gpus_per_trial: Optional[float] = Field(
+        None, gt=0.0, le=1.0,
+        description="share of a GPU each (single-worker) search trial reserves, so several trials share a GPU; "
+        "default: train.gpus_per_worker",
     )
     seed: int = Field(0, description="Optuna sampler seed")
 
@@ -409,6 +426,7 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
         except ValidationError as err:
             first = _format_validation_error(err)
             raise ConfigError(f"train.model_overrides.{name}.{first.key.split('.')[-1]}", first.message) from None
+    _check_gpu_shares(cfg)
     search = cfg.search
     if search.base_model != "efficientnet":
         raise ConfigError("search.base_model", "only 'efficientnet' supports compound scaling")
@@ -424,6 +442,33 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
             "search.step",
             f"the grid with step {search.step} has no feasible triple; use a smaller step or mode 'optuna'",
         )
+
+
+def _local_gpus(cfg: PipelineConfig) -> int | None:
+    """GPUs a local Ray will have (None when joining a cluster: its nodes are not known before Ray starts)."""
+    if cfg.ray.address is not None:
+        return None
+    if cfg.ray.num_gpus is not None:
+        return cfg.ray.num_gpus
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _check_gpu_shares(cfg: PipelineConfig) -> None:
+    """Fractional GPUs only for single-worker runs (NCCL needs one GPU per DDP rank), and only where a GPU is."""
+    train = cfg.train
+    shares = [("train.gpus_per_worker", train.gpus_per_worker)]
+    if cfg.search.gpus_per_trial is not None:
+        shares.append(("search.gpus_per_trial", cfg.search.gpus_per_trial))
+    for key, share in shares:
+        if share < 1.0 and train.num_workers > 1:
+            raise ConfigError(key, f"a share of {share:g} GPU needs train.num_workers: 1; DDP across "
+                                   f"{train.num_workers} workers uses one whole GPU per worker (set it to 1)")
+    gpus = _local_gpus(cfg) if train.use_gpu else None
+    if gpus == 0:
+        raise ConfigError("train.use_gpu", "this machine has no GPU for the local Ray (ray.num_gpus or CUDA); "
+                                           "set train.use_gpu: false or run on a GPU node (ray.address: auto)")
 
 
 def _range_can_meet(search: SearchConfig) -> bool:

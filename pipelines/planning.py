@@ -34,6 +34,7 @@ __all__ = [
     "search_fingerprint",
     "coefficients_label",
     "auto_cpus_per_worker",
+    "with_overlapped_startup",
     "fingerprint",
 ]
 
@@ -92,6 +93,10 @@ class ModelRun(BaseModel):
     #: The stage's shared-data actor (:mod:`pipelines.shared_data`), where workers fetch converted splits;
     #: not part of the fingerprint (it changes how fast the data arrives, not which data).
     shared_data: str | None = None
+    #: PyTorch threads per worker when they differ from the reserved CPUs (overlapped start-up).
+    threads: int | None = None
+    #: The stage's compute gate (:mod:`pipelines.compute_gate`) that workers wait at before training.
+    compute_gate: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelRun:
@@ -116,7 +121,7 @@ class ModelRun(BaseModel):
 
     @property
     def threads_per_worker(self) -> int:
-        return max(1, int(round(float(self.workers.cpus_per_worker))))
+        return self.threads or max(1, int(round(float(self.workers.cpus_per_worker))))
 
     @property
     def fingerprint(self) -> str:
@@ -183,6 +188,28 @@ def auto_cpus_per_worker(cfg: PipelineConfig, cluster_cpus: float) -> float:
         return float(1 + cfg.data.loader_workers)
     share = (cluster_cpus - 0.05) / cfg.train.num_workers
     return max(0.25, math.floor(share * 100) / 100)
+
+
+def with_overlapped_startup(cfg: PipelineConfig, runs: list[ModelRun],
+                            free_cpus: float) -> tuple[list[ModelRun], int | None]:
+    """Admit one run more than the CPUs train at once, when that pays (see :mod:`pipelines.compute_gate`).
+
+    Where runs reserve the CPUs automatically and fewer fit than there are to train, each worker reserves
+    ``capacity / (capacity + 1)`` of its share but keeps the share's threads, and a gate of ``capacity``
+    lets only that many train at a time. Returns the runs and the gate's capacity (None: no overlap).
+    """
+    train = cfg.train
+    if not runs or not train.overlap_startup or train.cpus_per_worker != "auto" or train.use_gpu:
+        return runs, None
+    workers = runs[0].workers
+    share = float(workers.cpus_per_worker)
+    capacity = int((free_cpus + 1e-9) // (share * workers.num_workers + 0.01))
+    if capacity < 1 or capacity >= len(runs):
+        return runs, None
+    reserved = math.floor(share * capacity / (capacity + 1) * 100) / 100
+    overlapped = [run.model_copy(update={"threads": run.threads_per_worker, "workers": run.workers.model_copy(
+        update={"cpus_per_worker": reserved})}) for run in runs]
+    return overlapped, capacity
 
 
 def _worker_settings(cfg: PipelineConfig, cluster_cpus: float) -> WorkerSettings:

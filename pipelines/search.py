@@ -23,11 +23,20 @@ from typing import Any
 
 from cnnmodels.scaling import constraint_value
 
+from .compute_gate import ReleaseOnTrialEnd, compute_gate
 from .config import PipelineConfig
-from .planning import ModelChoice, ModelRun, plan_model_runs, search_data, search_fingerprint, search_template
+from .planning import (
+    ModelChoice,
+    ModelRun,
+    plan_model_runs,
+    search_data,
+    search_fingerprint,
+    search_template,
+    with_overlapped_startup,
+)
 from .search_space import PAPER, FeasibleRegion, grid_candidates, optuna_space, paper_is_feasible, same_triple
 from .shared_data import shared_splits
-from .trials import run_model_trials, trial_resources, trial_run
+from .trials import run_model_trials, trial_resources, trial_run, trial_run_name
 
 __all__ = ["SearchResult", "search_stage", "load_search_result", "describe_search_trial"]
 
@@ -203,6 +212,9 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     free = free_resources()
     template = plan_model_runs(data_cfg, info, [search_template(cfg)], stage="search", epochs=search.epochs,
                                cluster_cpus=free["CPU"])[0].model_copy(update={"run_name": experiment})
+    if search.gpus_per_trial is not None:
+        template = template.model_copy(update={"workers": template.workers.model_copy(
+            update={"gpus_per_worker": search.gpus_per_trial})})
     plan = _plan_trials(cfg, template)
     if not plan.paper_included:
         logger.info("[search] note: the paper's (1.2, 1.1, 1.15) (product %.3f) is outside the configured ranges "
@@ -213,10 +225,14 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     tracker = Tracker.for_config(cfg)
     parent = _parent_run(tracker, cfg, experiment, info.dataset)
     callback = TrialTracking(tracker, "search", parent, describe=partial(describe_search_trial, search.phi))
-    with shared_splits() as shared:
-        plan.param_space["run"] = template.model_copy(update={"shared_data": shared}).to_dict()
+    # Every trial runs the template with its own coefficients: they overlap as the training stage's models do.
+    overlapped, capacity = with_overlapped_startup(cfg, [template] * plan.trials, free["CPU"])
+    template = overlapped[0]
+    with shared_splits() as shared, compute_gate(capacity) as gate:
+        plan.param_space["run"] = template.model_copy(update={"shared_data": shared, "compute_gate": gate}).to_dict()
         grid = run_model_trials(
-            cfg.paths, experiment=experiment, param_space=plan.param_space, callbacks=[callback],
+            cfg.paths, experiment=experiment, param_space=plan.param_space,
+            callbacks=[callback, ReleaseOnTrialEnd(gate, trial_run_name)],
             max_concurrent=concurrency_for(search.max_concurrent_trials, trial_resources(template), plan.trials,
                                            free),
             num_samples=plan.num_samples, search_alg=plan.search_alg, scheduler=scheduler, restore=True,

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from .compute_gate import ReleaseOnTrialEnd, compute_gate
 from .config import PipelineConfig
-from .planning import ModelChoice, ModelRun, plan_model_runs, resolve_models
+from .planning import ModelChoice, ModelRun, plan_model_runs, resolve_models, with_overlapped_startup
 from .results import ModelResult, comparison_table, load_results
 from .shared_data import shared_splits
-from .trials import reported_checkpoint_dir, run_model_trials, trial_resources
+from .trials import reported_checkpoint_dir, run_model_trials, trial_resources, trial_run_name
 
 __all__ = ["TrainStageResult", "train_stage", "describe_run", "finish_model_trial"]
 
@@ -180,22 +181,25 @@ def _train_models(cfg: PipelineConfig, tracker, info, runs: list[ModelRun], todo
     from .runtime import concurrency_for
     from .tracking import TrialTracking
 
+    todo, capacity = with_overlapped_startup(cfg, todo, free["CPU"])
     concurrency = concurrency_for(cfg.train.max_concurrent_models, trial_resources(todo[0]), len(todo), free)
+    training_at_once = min(concurrency, capacity) if capacity else concurrency
     logger.info("[train] training %d model(s) on %s (%d train / %d val / %d test images), %d worker(s) each, "
-                "%d at a time: %s", len(todo), info.dataset, info.sizes["train"], info.sizes["val"],
-                info.sizes["test"], todo[0].workers.num_workers, concurrency, ", ".join(r.model_name for r in todo))
+                "%d at a time%s: %s", len(todo), info.dataset, info.sizes["train"], info.sizes["val"],
+                info.sizes["test"], todo[0].workers.num_workers, training_at_once,
+                " (the next one starting up meanwhile)" if capacity else "", ", ".join(r.model_name for r in todo))
     parent = tracker.start_run(f"train-{time.strftime('%Y%m%d-%H%M%S')}",
                                {"stage": "train", "cnnzoo.stage_parent": "true"})
     tracker.log_params(parent, {"dataset": info.dataset, "models": ",".join(r.model_name for r in runs),
                                 "epochs": cfg.train.epochs, "num_workers": cfg.train.num_workers})
     finisher = ModelFinisher(cfg, tracker)
     callback = TrialTracking(tracker, "train", parent, describe=describe_run, on_complete=finisher)
-    with shared_splits() as shared:
+    with shared_splits() as shared, compute_gate(capacity) as gate:
+        runs_json = [r.model_copy(update={"shared_data": shared, "compute_gate": gate}).to_dict() for r in todo]
         grid = run_model_trials(
             cfg.paths, experiment=f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}",
-            param_space={"run": tune.grid_search([r.model_copy(update={"shared_data": shared}).to_dict()
-                                                  for r in todo])},
-            callbacks=[callback], max_concurrent=concurrency,
+            param_space={"run": tune.grid_search(runs_json)},
+            callbacks=[callback, ReleaseOnTrialEnd(gate, trial_run_name)], max_concurrent=concurrency,
         )
     failed = [result.config["run"]["model"]["name"] for result in grid if result.error is not None]
     failed += [name for name in finisher.wait() if name not in failed]

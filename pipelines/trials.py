@@ -29,6 +29,7 @@ __all__ = [
     "model_trial",
     "run_model_trials",
     "reported_checkpoint_dir",
+    "trial_run_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def trial_resources(run: ModelRun) -> dict[str, float]:
     """CPU and GPU one trial of ``run`` holds at once: its driver and all of its workers."""
     workers = run.workers
     return {"CPU": float(workers.cpus_per_worker) * workers.num_workers + TRIAL_DRIVER_RESOURCES["CPU"],
-            "GPU": float(workers.num_workers) if workers.use_gpu else 0.0}
+            "GPU": workers.gpus_per_worker * workers.num_workers if workers.use_gpu else 0.0}
 
 
 def build_trainer(run: ModelRun, callbacks: list | None = None):
@@ -54,11 +55,13 @@ def build_trainer(run: ModelRun, callbacks: list | None = None):
     workers = run.workers
     resources = {"CPU": float(workers.cpus_per_worker)}
     if workers.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = workers.gpus_per_worker  # a fraction lets several runs share one GPU
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": run},
-        torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
+        # NCCL only where GPUs talk to each other: a single worker has no collectives to run, and an NCCL
+        # communicator per run would cost GPU memory and start-up time on a shared GPU.
+        torch_config=TorchConfig(backend="nccl" if workers.use_gpu and workers.num_workers > 1 else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=workers.placement_strategy),
@@ -83,6 +86,15 @@ def trial_run(config: dict) -> ModelRun:
         c = config["coefficients"]
         run = run.with_coefficients(c["alpha"], c["beta"], c["gamma"])
     return run
+
+
+def trial_run_name(config: dict) -> str:
+    """The Ray Train run name of a trial's config, without building its model (see :func:`trial_run`)."""
+    name = config["run"]["run_name"]
+    if "coefficients" in config:
+        c = config["coefficients"]
+        name = f"{name}-{coefficients_label(c['alpha'], c['beta'], c['gamma'])}"
+    return name
 
 
 def model_trial(config: dict) -> None:

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Subset
 import cnnmodels
 
 from .checkpoints import CHECKPOINT_FILE, ModelCheckpoint, load_checkpoint, save_checkpoint
+from .compute_gate import release_compute, wait_for_compute
 from .data import SplitDataset, load_splits
 from .planning import ModelRun
 from .preprocess import PreprocessSpec
@@ -180,7 +181,8 @@ def setup(run: ModelRun) -> StepContext:
                                    **run.model.kwargs)
     return StepContext(
         run=run, rank=rank, world=world, device=device, amp_dtype=amp_dtype,
-        channels_last=on_gpu and run.workers.channels_last, model=model, optimizer=make_optimizer(run, model),
+        channels_last=run.workers.channels_last and (on_gpu or getattr(model, "channels_last_on_cpu", False)),
+        model=model, optimizer=make_optimizer(run, model),
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         criterion=torch.nn.CrossEntropyLoss(label_smoothing=run.hyper.label_smoothing),
         train_loader=train_loader, val_loader=val_loader, loader_kwargs=loader_kwargs, sources=sources,
@@ -430,6 +432,9 @@ def train_loop_per_worker(config: dict) -> None:
     ctx.timeline["worker_start"] = started
     ctx.mark("data_ready")
     restore(ctx)
+    ctx.mark("restored")
+    wait_for_compute(run.compute_gate, run.run_name)  # the previous run may still be training
+    ctx.mark("compute_granted")
     for epoch in range(ctx.start_epoch, run.hyper.epochs):
         if run.workers.simulate_failure_at_epoch == epoch and not ctx.resumed and epoch > 0 and ctx.rank == 0:
             _kill_this_worker_for_rehearsal(run, epoch)
@@ -440,5 +445,7 @@ def train_loop_per_worker(config: dict) -> None:
         ctx.add_seconds("eval_seconds", time.perf_counter() - evaluation_started)
         report_epoch(ctx, epoch, {"epoch": epoch, **metrics, "val_loss": val_loss, "val_acc": val_acc,
                                   "start_epoch": ctx.start_epoch, "worker_nodes": ctx.worker_nodes})
+    if ctx.rank == 0:
+        release_compute(run.compute_gate, run.run_name)  # the test is short; let the next run train
     if run.evaluate_test:
         report_test(ctx)

@@ -28,7 +28,8 @@ def test_default_config_is_the_embedded_quickstart():
 def test_set_overrides_parse_yaml_values(tmp_path):
     # The quickstart's per-model settings for alexnet are ignored when alexnet is not selected.
     cfg = load_config(None, ["train.models=[resnet18, lenet5]", "train.epochs=5", "train.lr=0.1",
-                             f"workdir={tmp_path}", "search.alpha=[1.0, 1.3]", "train.use_gpu=true"])
+                             f"workdir={tmp_path}", "search.alpha=[1.0, 1.3]", "train.use_gpu=true",
+                             "ray.num_gpus=1"])
     assert cfg.train.models == ["resnet18", "lenet5"]
     assert cfg.train.epochs == 5 and cfg.train.lr == 0.1 and cfg.train.use_gpu is True
     assert cfg.search.alpha == (1.0, 1.3)
@@ -86,6 +87,11 @@ def test_model_overrides_change_only_that_model(make_config):
         (["train.model_overrides={alexnet: {lr: -1.0}}"], "train.model_overrides.alexnet.lr", "greater than 0"),
         (["train.model_overrides={resnet180: {lr: 0.1}}"], "train.model_overrides.resnet180", "did you mean"),
         (["train.model_options={alexnett: {dropout: 0.1}}"], "train.model_options.alexnett", "did you mean 'alexnet'"),
+        (["train.use_gpu=true", "train.num_workers=2", "train.gpus_per_worker=0.5", "ray.num_gpus=2"],
+         "train.gpus_per_worker", "one whole GPU per worker"),
+        (["train.gpus_per_worker=2.0", "train.use_gpu=true"], "train.gpus_per_worker", "less than or equal to 1"),
+        (["search.gpus_per_trial=0.25", "train.num_workers=2"], "search.gpus_per_trial", "needs train.num_workers: 1"),
+        (["train.use_gpu=true", "ray.num_gpus=0"], "train.use_gpu", "no GPU"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key, fragment):

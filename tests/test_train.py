@@ -211,3 +211,54 @@ def test_the_learning_rate_warms_up_linearly_then_follows_the_schedule():
     assert cosine[20] == pytest.approx(0.05, abs=0.003)  # half-way through the decay
     constant = [lr_at(0.1, "constant", 0.0, 3, step, steps) for step in range(30)]
     assert constant == [0.1] * 30
+
+
+@pytest.mark.slow
+def test_the_next_model_starts_up_while_one_trains_and_waits_for_the_cores(ray_cluster, make_config):
+    """Overlapped start-up: two runs are admitted on the 2-CPU session Ray, but the compute gate lets only
+    one train at a time; both are trained, tested and registered as usual."""
+    cfg = make_config("train.models=[lenet5, vgg11]", "train.epochs=2", "data.train_subset=200",
+                      "data.image_size=16", *FAST[1:])
+    stage = train_stage(cfg)
+    assert stage.ok and sorted(stage.trained) == ["lenet5", "vgg11"]
+
+    def at(result, milestone: str) -> float:  # wall-clock time of a run's milestone
+        return result.timeline["started_at"] + result.timeline[milestone]
+
+    first, second = sorted(stage.results.values(), key=lambda r: at(r, "compute_granted"))
+    assert at(second, "worker_start") < at(first, "test_start"), "the second run did not start up meanwhile"
+    assert at(second, "compute_granted") >= at(first, "test_start") - 0.5, "both trained at the same time"
+    assert all(r.version for r in stage.results.values()), "both registered"
+
+
+@pytest.mark.slow
+def test_the_compute_gate_admits_runs_first_come_first_served(ray_cluster):
+    import ray
+
+    from pipelines.compute_gate import ComputeGate
+
+    gate = ComputeGate.remote(1)
+    assert ray.get(gate.acquire.remote("a")) and ray.get(gate.acquire.remote("a"))  # every rank of "a" passes
+    assert not ray.get(gate.acquire.remote("b")) and not ray.get(gate.acquire.remote("c"))
+    ray.get(gate.release.remote("a"))
+    assert not ray.get(gate.acquire.remote("c")) and ray.get(gate.acquire.remote("b"))  # b asked first
+    ray.get(gate.release.remote("c"))  # a run that ends while still waiting leaves the queue
+    ray.get(gate.release.remote("b"))
+    assert ray.get(gate.acquire.remote("d"))
+    ray.kill(gate)
+
+
+@pytest.mark.slow
+def test_workers_read_the_stages_shared_conversion(ray_cluster, make_config):
+    from pipelines.data import convert_splits, describe_dataset, load_splits, make_spec
+    from pipelines.shared_data import fetch_converted, shared_splits
+
+    cfg = make_config("data.image_size=16")
+    spec = make_spec(describe_dataset(cfg.data), 16)
+    local = convert_splits(load_splits(cfg.data), spec)
+    with shared_splits() as name:
+        shared = fetch_converted(name, cfg.data, spec)
+    for split in ("train", "val", "test"):
+        assert torch.equal(shared[split].images, local[split].images)
+        assert torch.equal(shared[split].labels, local[split].labels)
+    assert fetch_converted(name, cfg.data, spec) is None  # the stage's cache is gone: workers convert their own

@@ -1,0 +1,110 @@
+"""Start the next model while the current one trains: a gate that admits runs to the CPUs one at a time.
+
+On a machine where one model's workers take every core, runs used to go strictly one after another, and
+each paid its whole start-up (a Tune trial, a Ray Train controller and worker processes importing PyTorch,
+the data, the model) with the cores idle. With the gate, one more run than fits is admitted by Ray (its
+workers reserve a smaller share of CPU), starts up while the current run trains, and then waits at the gate
+until that run's training is done; only ``capacity`` runs train at once, each with the threads of a full
+share. The planner decides when this pays (:func:`pipelines.planning.with_prestart`); a stage starts the
+gate (:func:`compute_gate`), workers pass it (:func:`wait_for_compute`, :func:`release_compute`), and the
+driver releases a run whose trial ended in any way (:class:`ReleaseOnTrialEnd`), so a failed run cannot
+hold it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+
+import ray
+from ray.tune import Callback
+
+__all__ = ["ComputeGate", "compute_gate", "wait_for_compute", "release_compute", "ReleaseOnTrialEnd"]
+
+logger = logging.getLogger(__name__)
+
+#: How often a waiting worker asks the gate again.
+POLL_S = 0.25
+
+
+@ray.remote(num_cpus=0)
+class ComputeGate:
+    """First come, first served: at most ``capacity`` runs (by run name) hold the compute at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.holders: set[str] = set()
+        self.queue: list[str] = []
+
+    def acquire(self, run: str) -> bool:
+        """Queue ``run`` (once) and say whether it holds the compute now. Every rank of a run may ask."""
+        if run not in self.holders and run not in self.queue:
+            self.queue.append(run)
+        while self.queue and len(self.holders) < self.capacity:
+            self.holders.add(self.queue.pop(0))
+        return run in self.holders
+
+    def release(self, run: str) -> None:
+        self.holders.discard(run)
+        if run in self.queue:
+            self.queue.remove(run)
+
+
+@contextlib.contextmanager
+def compute_gate(capacity: int | None) -> Iterator[str | None]:
+    """A stage's gate for ``capacity`` concurrent trainings (None: no gate); yields its actor name."""
+    if capacity is None:
+        yield None
+        return
+    name = f"cnnzoo-gate-{uuid.uuid4().hex[:12]}"
+    gate = ComputeGate.options(name=name).remote(capacity)
+    try:
+        yield name
+    finally:
+        ray.kill(gate)
+
+
+def _gate(name: str | None):
+    if not name:
+        return None
+    try:
+        return ray.get_actor(name)
+    except ValueError:  # the stage that made it is gone (a resumed run): no gate to wait for
+        return None
+
+
+def wait_for_compute(gate_name: str | None, run: str) -> None:
+    """Block until ``run`` may train (at once when there is no gate)."""
+    gate = _gate(gate_name)
+    if gate is None:
+        return
+    while not ray.get(gate.acquire.remote(run)):
+        time.sleep(POLL_S)
+
+
+def release_compute(gate_name: str | None, run: str) -> None:
+    """Hand the compute on to the next waiting run."""
+    gate = _gate(gate_name)
+    if gate is not None:
+        gate.release.remote(run)
+
+
+class ReleaseOnTrialEnd(Callback):
+    """Tune callback on the driver: however a trial ends (done, stopped by ASHA, failed), its run leaves
+    the gate. ``run_name_of(config)`` names a trial's run; both must be picklable."""
+
+    def __init__(self, gate_name: str | None, run_name_of) -> None:
+        self.gate_name = gate_name
+        self.run_name_of = run_name_of
+
+    def _release(self, trial) -> None:
+        release_compute(self.gate_name, self.run_name_of(trial.config))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._release(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._release(trial)
