@@ -35,7 +35,7 @@ from .planning import (
     with_overlapped_startup,
 )
 from .search_space import PAPER, FeasibleRegion, grid_candidates, optuna_space, paper_is_feasible, same_triple
-from .shared_data import shared_splits
+from .shared_data import prepare, shared_splits
 from .trials import run_model_trials, trial_resources, trial_run, trial_run_name
 
 __all__ = ["SearchResult", "search_stage", "load_search_result", "describe_search_trial"]
@@ -229,6 +229,9 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     overlapped, capacity = with_overlapped_startup(cfg, [template] * plan.trials, free["CPU"])
     template = overlapped[0]
     with shared_splits() as shared, compute_gate(capacity) as gate:
+        if search.mode == "grid":  # every trial's input size is known: convert them now
+            prepare(shared, template.data, [template.with_coefficients(**c).spec
+                                            for c in plan.param_space["coefficients"]["grid_search"]])
         plan.param_space["run"] = template.model_copy(update={"shared_data": shared, "compute_gate": gate}).to_dict()
         grid = run_model_trials(
             cfg.paths, experiment=experiment, param_space=plan.param_space,

@@ -25,7 +25,7 @@ from .config import DataConfig
 from .data import ConvertedSplit, convert_splits, load_splits
 from .preprocess import PreprocessSpec
 
-__all__ = ["SplitsCache", "shared_splits", "fetch_converted", "MAX_SHARED_BYTES"]
+__all__ = ["SplitsCache", "shared_splits", "prepare", "fetch_converted", "MAX_SHARED_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,13 @@ def shared_splits() -> Iterator[str]:
         yield name
     finally:
         ray.kill(cache)
+
+
+def prepare(name: str, data: DataConfig, specs) -> None:
+    """Have the stage's cache convert these specs now, while the runs' processes are still starting."""
+    cache = ray.get_actor(name)
+    for spec_json in sorted({json.dumps(spec.to_dict()) for spec in specs}):
+        cache.converted.remote(data.model_dump_json(), spec_json)
 
 
 def fetch_converted(name: str | None, data: DataConfig, spec: PreprocessSpec) -> dict[str, ConvertedSplit] | None:

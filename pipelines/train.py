@@ -25,7 +25,7 @@ from .compute_gate import ReleaseOnTrialEnd, compute_gate
 from .config import PipelineConfig
 from .planning import ModelChoice, ModelRun, plan_model_runs, resolve_models, with_overlapped_startup
 from .results import ModelResult, comparison_table, load_results
-from .shared_data import shared_splits
+from .shared_data import prepare, shared_splits
 from .trials import reported_checkpoint_dir, run_model_trials, trial_resources, trial_run_name
 
 __all__ = ["TrainStageResult", "train_stage", "describe_run", "finish_model_trial"]
@@ -195,6 +195,7 @@ def _train_models(cfg: PipelineConfig, tracker, info, runs: list[ModelRun], todo
     finisher = ModelFinisher(cfg, tracker)
     callback = TrialTracking(tracker, "train", parent, describe=describe_run, on_complete=finisher)
     with shared_splits() as shared, compute_gate(capacity) as gate:
+        prepare(shared, cfg.data, [r.spec for r in todo])
         runs_json = [r.model_copy(update={"shared_data": shared, "compute_gate": gate}).to_dict() for r in todo]
         grid = run_model_trials(
             cfg.paths, experiment=f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -363,9 +363,10 @@ def report_test(ctx: StepContext) -> None:
     if best is None:
         raise RuntimeError(f"{run.model_name}: no checkpoint was reported, nothing to evaluate")
     best_checkpoint, best_metrics = best
-    with best_checkpoint.as_directory() as directory:
-        ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
-    _unwrap(ctx.model).load_state_dict(ckpt.state_dict)
+    if int(best_metrics["epoch"]) != ctx.history[-1]["epoch"]:  # else the model in memory is the best one
+        with best_checkpoint.as_directory() as directory:
+            ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
+        _unwrap(ctx.model).load_state_dict(ckpt.state_dict)
     test_set = _shard(SplitDataset(ctx.sources["test"], run.spec), ctx.rank, ctx.world)
     test_loader = prepare_data_loader(DataLoader(test_set, batch_size=ctx.per_worker_batch * 2, **ctx.loader_kwargs),
                                       add_dist_sampler=False)
