@@ -164,6 +164,9 @@ class WorkerSettings(_Section):
     simulate_failure_at_epoch: Optional[int] = Field(
         None, ge=0, description="kill one worker once at this epoch, to rehearse fault tolerance"
     )
+    progress_interval_s: float = Field(
+        30.0, gt=0.0, description="within an epoch, print batches done, img/s and the epoch's ETA this often"
+    )
 
     @field_validator("cpus_per_worker")
     @classmethod

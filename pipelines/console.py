@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-__all__ = ["configure_console", "timestamped"]
+__all__ = ["configure_console", "timestamped", "duration"]
 
 LOGGER = "pipelines"
 _HANDLER_NAME = "pipelines-console"
@@ -45,6 +45,16 @@ def configure_console(level: int = logging.INFO) -> logging.Logger:
         logger.propagate = False  # one line per message, whatever the root logger does
     logger.setLevel(level)
     return logger
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``: how long, at a glance."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def timestamped(message: str) -> str:

@@ -156,26 +156,38 @@ def _load_digits(cfg: DataConfig) -> ImageSplits:
                        tuple(str(d) for d in digits.target_names), 1, "digits")
 
 
+FASHION_MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+                       "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+_FASHION_MNIST_HELP = ("install Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist), or "
+                       "set data.root to a directory holding the four IDX files")
+
+
 def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
-    stems = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
-    searched = ([Path(cfg.root).expanduser()] if cfg.root else []) + [DEBIAN_FASHION_MNIST]
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    searched = ([root] if root else []) + [DEBIAN_FASHION_MNIST]
     for directory in searched:
-        found = {key: _find_idx(directory, stem) for key, stem in stems.items()}
+        found = {key: _find_idx(directory, stem) for key, stem in FASHION_MNIST_FILES.items()}
         if all(found.values()):
             return {key: _read_idx(path) for key, path in found.items()}
+        if directory == root and any(found.values()):
+            missing = [stem for key, stem in FASHION_MNIST_FILES.items() if found[key] is None]
+            raise DataError(f"data.root {root} holds some Fashion-MNIST IDX files but not {', '.join(missing)} "
+                            "(plain or .gz); add them, or point data.root at a complete copy")
+    where = ", ".join(map(str, searched))
     if not cfg.download:
-        raise DataError(
-            f"Fashion-MNIST IDX files not found in {', '.join(map(str, searched))} and data.download is false; "
-            "install Debian's dataset-fashion-mnist package or set data.root"
-        )
+        raise DataError(f"Fashion-MNIST IDX files not found in {where} and data.download is false; "
+                        + _FASHION_MNIST_HELP)
     import torchvision
 
-    root = Path(cfg.root).expanduser() if cfg.root else _default_root("fashion-mnist")
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".download.lock")):
-        train = torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
-        test = torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+    target = root or _default_root("fashion-mnist")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target / ".download.lock")):
+            train = torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
+            test = torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError too
+        raise DataError(f"Fashion-MNIST IDX files not found in {where} and the download to {target} failed "
+                        f"({type(err).__name__}: {err}); " + _FASHION_MNIST_HELP) from None
     return {"train_images": train.data.numpy(), "train_labels": train.targets.numpy(),
             "test_images": test.data.numpy(), "test_labels": test.targets.numpy()}
 
@@ -194,13 +206,16 @@ def _load_cifar10(cfg: DataConfig) -> ImageSplits:
     import torchvision
 
     root = Path(cfg.root).expanduser() if cfg.root else _default_root("cifar10")
-    root.mkdir(parents=True, exist_ok=True)
     try:
+        root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root / ".download.lock")):
             train_set = torchvision.datasets.CIFAR10(str(root), train=True, download=cfg.download)
             test_set = torchvision.datasets.CIFAR10(str(root), train=False, download=cfg.download)
-    except RuntimeError as err:
-        raise DataError(f"CIFAR-10 not found under {root} ({err}); set data.root or data.download: true") from None
+    except (OSError, RuntimeError) as err:  # not there, or the download failed (no network: URLError)
+        hint = "the download failed" if cfg.download else "data.download is false"
+        raise DataError(f"CIFAR-10 not found under {root} and {hint} ({type(err).__name__}: {err}); set data.root "
+                        "to a directory with cifar-10-batches-py, or allow the download (data.download: true)"
+                        ) from None
     full_train = RawSplit(labels=np.asarray(train_set.targets, dtype=np.int64), images=train_set.data)
     test = RawSplit(labels=np.asarray(test_set.targets, dtype=np.int64), images=test_set.data)
     train, val = _stratified_split(full_train.labels, cfg.val_fraction, cfg.seed)

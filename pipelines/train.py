@@ -23,6 +23,7 @@ import numpy as np
 
 from .compute_gate import ReleaseOnTrialEnd, compute_gate
 from .config import PipelineConfig
+from .console import duration, timestamped
 from .planning import ModelChoice, ModelRun, plan_model_runs, resolve_models, with_overlapped_startup
 from .results import ModelResult, comparison_table, load_results
 from .shared_data import prepare, shared_splits
@@ -106,9 +107,12 @@ class ModelFinisher:
     outcome at the end of the stage. Picklable (Tune saves its callbacks): the thread is recreated on use.
     """
 
-    def __init__(self, cfg: PipelineConfig, tracker) -> None:
+    def __init__(self, cfg: PipelineConfig, tracker, total: int) -> None:
         self.cfg = cfg
         self.tracker = tracker
+        self.total = total
+        self.started = time.time()
+        self.done = 0
         self._executor: ThreadPoolExecutor | None = None
         self._pending: dict[str, Future] = {}
 
@@ -132,6 +136,11 @@ class ModelFinisher:
             self.tracker.end_run(run_id, "FAILED")
             raise
         self.tracker.end_run(run_id, "FINISHED")
+        self.done += 1
+        elapsed = time.time() - self.started
+        left = self.total - self.done
+        eta = f", about {duration(elapsed / self.done * left)} to go" if left else ""
+        logger.info(timestamped(f"[train] {self.done}/{self.total} models done in {duration(elapsed)}{eta}"))
 
     def wait(self) -> list[str]:
         """Block until every submitted model is finished; returns the names of those that failed."""
@@ -192,7 +201,7 @@ def _train_models(cfg: PipelineConfig, tracker, info, runs: list[ModelRun], todo
                                {"stage": "train", "cnnzoo.stage_parent": "true"})
     tracker.log_params(parent, {"dataset": info.dataset, "models": ",".join(r.model_name for r in runs),
                                 "epochs": cfg.train.epochs, "num_workers": cfg.train.num_workers})
-    finisher = ModelFinisher(cfg, tracker)
+    finisher = ModelFinisher(cfg, tracker, total=len(todo))
     callback = TrialTracking(tracker, "train", parent, describe=describe_run, on_complete=finisher)
     with shared_splits() as shared, compute_gate(capacity) as gate:
         prepare(shared, cfg.data, [r.spec for r in todo])

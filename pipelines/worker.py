@@ -36,6 +36,7 @@ import cnnmodels
 
 from .checkpoints import CHECKPOINT_FILE, ModelCheckpoint, load_checkpoint, save_checkpoint
 from .compute_gate import release_compute, wait_for_compute
+from .console import duration, timestamped
 from .data import SplitDataset, load_splits
 from .planning import ModelRun
 from .preprocess import PreprocessSpec
@@ -252,7 +253,7 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
     steps_per_epoch = len(loader)
     ctx.model.train()
     loss_sum, seen = 0.0, 0
-    started = time.perf_counter()
+    started = last_progress = time.perf_counter()
     for step, (images, labels) in enumerate(loader):
         lr = lr_at(hyper.lr, hyper.schedule, hyper.warmup_epochs, hyper.epochs, epoch * steps_per_epoch + step,
                    steps_per_epoch)
@@ -267,6 +268,9 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
             ctx.mark("first_step")  # the first step pays for lazy initialisation (kernels, caches)
         loss_sum += loss.detach().float().item() * labels.numel()
         seen += labels.numel()
+        if ctx.rank == 0 and time.perf_counter() - last_progress >= ctx.run.workers.progress_interval_s:
+            last_progress = time.perf_counter()
+            _log_progress(ctx, epoch, step + 1, steps_per_epoch, seen, last_progress - started)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -275,6 +279,13 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
     loss_sum, seen_all, images_per_sec = _all_reduce_sums([loss_sum, seen, seen / max(seconds, 1e-9)], ctx.device)
     return {"train_loss": loss_sum / max(seen_all, 1), "train_images_per_sec": images_per_sec,
             "epoch_seconds": seconds, "lr": ctx.optimizer.param_groups[0]["lr"]}
+
+
+def _log_progress(ctx: StepContext, epoch: int, done: int, total: int, seen: int, elapsed: float) -> None:
+    """A long epoch is never silent: batches done, throughput (all workers) and the epoch's ETA."""
+    logger.info(timestamped(
+        f"[{ctx.run.model_name}] epoch {epoch + 1}/{ctx.run.hyper.epochs}: batch {done}/{total}, "
+        f"{seen * ctx.world / elapsed:.0f} img/s, epoch ETA {duration(elapsed / done * (total - done))}"))
 
 
 def recalibrate_batchnorm(ctx: StepContext, batches: int) -> None:

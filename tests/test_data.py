@@ -143,3 +143,38 @@ def test_decode_refuses_bad_input():
 def test_tiny_splits_fall_back_to_unstratified():
     splits = load_splits(DataConfig(dataset="digits", val_fraction=0.004, train_subset=10))
     assert len(splits.val) >= 1 and len(splits.train) == pytest.approx(10, abs=1)
+
+
+def test_missing_fashion_mnist_names_the_package_and_data_root(tmp_path, monkeypatch):
+    """No IDX files anywhere and no network: one clear DataError (the CLI prints it in one line, exit 1)."""
+    import torchvision
+
+    import pipelines.data as data
+
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    # An address that refuses at once: the real download code runs and fails as it does offline.
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for download in (True, False):
+        cfg = DataConfig(dataset="fashion-mnist", root=str(empty), download=download)
+        with pytest.raises(data.DataError) as info:
+            data.load_splits(cfg)
+        message = str(info.value)
+        assert "dataset-fashion-mnist" in message and "data.root" in message and str(empty) in message
+        assert ("download" in message and "failed" in message) if download else "data.download is false" in message
+
+
+def test_a_partial_fashion_mnist_root_names_the_missing_files(tmp_path):
+    import gzip
+
+    from pipelines.data import DataError
+
+    for stem in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(tmp_path / f"{stem}.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x01\x00\x00\x00\x00")
+    with pytest.raises(DataError) as info:
+        load_splits(DataConfig(dataset="fashion-mnist", root=str(tmp_path), download=False))
+    message = str(info.value)
+    assert "train-labels-idx1-ubyte" in message and "t10k-images-idx3-ubyte" in message
+    assert "train-images-idx3-ubyte" not in message.split("but not")[1]

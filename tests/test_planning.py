@@ -81,7 +81,8 @@ def test_cpus_per_worker_split_the_free_cpus_among_one_models_workers(make_confi
     assert auto_cpus_per_worker(make_config(), 2.0) == 1.95
     assert auto_cpus_per_worker(make_config("train.num_workers=2"), 2.0) == 0.97
     assert auto_cpus_per_worker(make_config("train.num_workers=8"), 1.0) == 0.25  # never below a quarter
-    assert auto_cpus_per_worker(make_config("train.use_gpu=true", "ray.num_gpus=1", "data.loader_workers=3"), 16.0) == 4.0
+    gpu = make_config("train.use_gpu=true", "ray.num_gpus=1", "data.loader_workers=3")
+    assert auto_cpus_per_worker(gpu, 16.0) == 4.0
     assert auto_cpus_per_worker(make_config("train.cpus_per_worker=1.5"), 16.0) == 1.5
 
 

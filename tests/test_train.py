@@ -214,11 +214,16 @@ def test_the_learning_rate_warms_up_linearly_then_follows_the_schedule():
 
 
 @pytest.mark.slow
-def test_the_next_model_starts_up_while_one_trains_and_waits_for_the_cores(ray_cluster, make_config):
+def test_the_next_model_starts_up_while_one_trains_and_waits_for_the_cores(ray_cluster, make_config, capfd):
     """Overlapped start-up: two runs are admitted on the 2-CPU session Ray, but the compute gate lets only
-    one train at a time; both are trained, tested and registered as usual."""
+    one train at a time; both are trained, tested and registered as usual, with progress on the console."""
+    import time
+
+    from pipelines.console import configure_console
+
+    configure_console()
     cfg = make_config("train.models=[lenet5, vgg11]", "train.epochs=2", "data.train_subset=200",
-                      "data.image_size=16", *FAST[1:])
+                      "data.image_size=16", "train.progress_interval_s=0.01", *FAST[1:])
     stage = train_stage(cfg)
     assert stage.ok and sorted(stage.trained) == ["lenet5", "vgg11"]
 
@@ -229,6 +234,10 @@ def test_the_next_model_starts_up_while_one_trains_and_waits_for_the_cores(ray_c
     assert at(second, "worker_start") < at(first, "test_start"), "the second run did not start up meanwhile"
     assert at(second, "compute_granted") >= at(first, "test_start") - 0.5, "both trained at the same time"
     assert all(r.version for r in stage.results.values()), "both registered"
+    time.sleep(2)  # worker lines reach the driver's console through Ray's log monitor
+    out = capfd.readouterr().out
+    assert "[vgg11] epoch 1/2: batch " in out and " img/s, epoch ETA " in out  # within an epoch
+    assert "[train] 1/2 models done in " in out and "to go" in out and "[train] 2/2 models done" in out
 
 
 @pytest.mark.slow
