@@ -1,9 +1,11 @@
 """The models a server (or the report) can load: discovered, verified, loaded and batch-norm folded.
 
 Models come from the pipeline's MLflow registry (through :class:`~pipelines.tracking.Tracker`: aliases =
-model names, plus ``champion``) or from checkpoint files (``serve.checkpoints``). Every load goes through
+model names, plus ``champion``; only versions trained on the config's data set) or from checkpoint files
+(``serve.checkpoints``). A registered version's checkpoint, and nothing else of it, is downloaded once into
+``<workdir>/<name>/serve/model-cache/`` (keyed by version). Every load goes through
 :func:`~pipelines.checkpoints.load_checkpoint` (``weights_only``, verified against its architecture), so a
-corrupt file is refused before a model is handed out.
+corrupt or tampered file is refused before a model is handed out.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import CHECKPOINT_FILE, ModelCheckpoint, load_checkpoint
+from .checkpoints import ModelCheckpoint, load_checkpoint
 from .config import PipelineConfig
 from .preprocess import PreprocessSpec
-from .tracking import Tracker, choose_champion
+from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion
 
 __all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm"]
 
@@ -34,11 +36,18 @@ class ServedModel:
     version: str = ""
     arch: str = ""
     model_name: str = ""
+    dataset: str = ""  # what it was trained on (its class names come from there)
+    fingerprint: str = ""  # the training run's fingerprint (planning.ModelRun.fingerprint)
     test_acc: float | None = None
     params_count: int | None = None
     macs: int | None = None
     status: str = "unchecked"
     error: str | None = None
+
+    def mark_failed(self, err: BaseException) -> None:
+        """Record that this model cannot be loaded: ``/models`` and ``/healthz`` report it, requests get 503."""
+        self.status, self.error = "error", f"{type(err).__name__}: {err}"
+        logger.error("model %s failed to load: %s", self.alias, self.error)
 
 
 @dataclass
@@ -97,18 +106,27 @@ class ModelStore:
             models = [ServedModel(alias=a, source=str(Path(p).expanduser()))
                       for a, p in self.cfg.serve.checkpoints.items()]
             return [m for m in models if not wanted or m.alias in wanted], None
+        # Only versions trained on this config's data set: another data set's aliases under the same name
+        # would answer with that data set's class names.
         versions, champion = self.tracker.registered_versions(self.cfg.registered_model_name)
         models = [
             ServedModel(alias=v.alias, source=v.uri, version=v.version, arch=v.tags.get("arch", ""),
-                        model_name=v.tags.get("model_name", v.alias), test_acc=_number(v.tags, "test_acc"),
+                        model_name=v.tags.get("model_name", v.alias), dataset=v.tags.get(TAG_DATASET, ""),
+                        fingerprint=v.tags.get(TAG_FINGERPRINT, ""), test_acc=_number(v.tags, "test_acc"),
                         params_count=_number(v.tags, "params_count", int), macs=_number(v.tags, "macs", int))
             for v in versions if not wanted or v.alias in wanted
         ]
         return models, champion if any(m.alias == champion for m in models) else None
 
+    @property
+    def cache_dir(self) -> Path:
+        """Where registered checkpoints are downloaded to, one directory per version."""
+        return self.cfg.paths.serve_dir / "model-cache"
+
     def checkpoint_file(self, served: ServedModel) -> Path:
+        """The checkpoint of ``served``: downloaded into the cache (registry), or the file itself."""
         if served.source.startswith("models:/"):
-            return self.tracker.download_model_file(served.source, CHECKPOINT_FILE)
+            return self.tracker.download_checkpoint(self.cfg.registered_model_name, served.version, self.cache_dir)
         return Path(served.source)
 
     def load(self, served: ServedModel, *, fold: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
@@ -129,9 +147,9 @@ class ModelStore:
                 loaded = self.load(served, fold=False)
                 served.status = "ok"
                 served.arch = served.arch or type(loaded.model).__name__
+                served.dataset = served.dataset or loaded.spec.dataset
             except Exception as err:  # noqa: BLE001 - any failure makes the model unservable, not the server
-                served.status, served.error = "error", f"{type(err).__name__}: {err}"
-                logger.error("model %s failed to load: %s", served.alias, served.error)
+                served.mark_failed(err)
 
     @staticmethod
     def servable_champion(models: list[ServedModel], champion: str | None) -> str | None:
