@@ -325,18 +325,23 @@ class Tracker:
         target = Path(cache_dir) / registered_model / f"v{version}-{key}" / CHECKPOINT_FILE
         if target.is_file():
             return target
+        # The artifact location through this client: a models:/ URI would be resolved against the process's
+        # default tracking store, which in a Serve replica is not this one.
+        location = self.client.get_model_version_download_uri(registered_model, version).rstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
+        problems = []
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
             for relative in REGISTERED_CHECKPOINTS:
                 try:
-                    local = mlflow.artifacts.download_artifacts(
-                        artifact_uri=f"models:/{registered_model}/{version}/{relative}", dst_path=scratch,
-                        tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-                except Exception:  # noqa: BLE001 - MlflowException or OSError: not at this path
+                    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{relative}", dst_path=scratch,
+                                                                tracking_uri=self.tracking_uri)
+                except Exception as err:  # noqa: BLE001 - MlflowException or OSError: not at this path
+                    problems.append(f"{relative}: {type(err).__name__}: {err}")
                     continue
                 os.replace(local, target)
                 return target
-        raise CheckpointError(f"models:/{registered_model}/{version} holds no {' or '.join(REGISTERED_CHECKPOINTS)}")
+        raise CheckpointError(f"models:/{registered_model}/{version} holds no weights-only checkpoint "
+                              f"({'; '.join(problems)})")
 
 
 def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:
