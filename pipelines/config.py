@@ -312,7 +312,9 @@ class ServeConfig(_Section):
     num_cpus: float = Field(0.5, ge=0.0, description="CPUs per replica (fractions fit small machines)")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (fractions share a GPU)")
     max_batch_size: int = Field(16, ge=1, description="dynamic batching: largest batch")
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, description="dynamic batching: longest wait for a batch to fill")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0.0, description="dynamic batching: how long a request waits for others when the model is idle"
+    )
     max_ongoing_requests: int = Field(
         64, ge=1, description="requests a replica accepts at once (must be >= max_batch_size for batches to fill)"
     )
@@ -357,6 +359,11 @@ class ServeConfig(_Section):
         default_factory=dict, description="alias -> checkpoint file, served instead of the registry"
     )
     fold_batchnorm: bool = Field(True, description="fold batch norm into convolutions for serving (verified)")
+    trace_models: bool = Field(
+        True,
+        description="serve TorchScript traces (verified; else eager): their forward runs beside request handling "
+        "instead of blocking it",
+    )
     default_top_k: int = Field(
         5, ge=1, description="classes returned when top_k is not given (at most the model's class count)"
     )

@@ -13,8 +13,10 @@ Routes (OpenAPI docs at ``/docs``):
 
 :class:`Classifier` is the deployment, defined here once; :func:`build_app` configures it from
 ``serve.*`` with ``.options()``. Each replica keeps a bounded LRU of loaded models (Serve model
-multiplexing), batches requests per model (``@serve.batch``) and serves the model store's verified,
-batch-norm folded models (:mod:`pipelines.model_store`); the HTTP plumbing is :mod:`pipelines.http_api`.
+multiplexing), batches requests (:class:`~pipelines.batching.Batcher`: a batch is what arrived while the
+previous one ran) and serves the model store's verified, batch-norm folded, traced models
+(:mod:`pipelines.model_store`), their forward in a thread beside the event loop; the HTTP plumbing is
+:mod:`pipelines.http_api`.
 No request can exhaust a replica: each has a deadline (``serve.request_timeout_s``, and
 ``serve.body_timeout_s`` for its body), and images are decoded within a budget checked from their header
 (:class:`~pipelines.preprocess.DecodeBudget`), at most ``serve.max_concurrent_decodes`` at a time.
@@ -35,6 +37,7 @@ from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from .batching import Batcher
 from .config import ConfigError, PipelineConfig, ServeConfig, check_serve_access
 from .http_api import MULTIPLEX_HEADER, RequestError, api, authorize, decode_upload, read_image_bytes
 from .model_store import LoadedModel, ModelStore, ServedModel
@@ -73,16 +76,18 @@ class Classifier:
         self.by_alias = {m.alias: m for m in self.models}
         self.store.verify(self.models)
         self.champion = self.store.servable_champion(self.models, self.registry_champion)
-        self._infer.set_max_batch_size(s.max_batch_size)
-        self._infer.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.max_bytes = int(s.max_upload_mb * 1024 * 1024)
         self.budget = DecodeBudget(s.max_image_pixels, s.max_aspect_ratio, s.max_resized_pixels)
         # Decodes run here, never more than this many at once: the rest wait in the pool's queue, not in memory.
         self.decoder = ThreadPoolExecutor(max_workers=s.max_concurrent_decodes, thread_name_prefix="decode")
+        # Traced forwards run here, one batch at a time, while the event loop goes on reading and decoding
+        # requests; the next batch is what arrived meanwhile.
+        self.forwards = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self.batcher = Batcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s)
 
         async def load(alias: str) -> LoadedModel:
             return await asyncio.to_thread(self.store.load, self.by_alias[alias], fold=s.fold_batchnorm,
-                                           device=self.device)
+                                           trace=s.trace_models, device=self.device)
 
         # The LRU size is a config value, so the multiplexed loader is made here rather than as a decorated
         # method (Serve detects loaders wired up at init).
@@ -124,16 +129,19 @@ class Classifier:
             raise RequestError(422, f"top_k must be at most {classes} for {loaded.alias}")
         return requested
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _infer(self, items: list[tuple[LoadedModel, torch.Tensor]]) -> list[torch.Tensor]:
+    async def _forward(self, items: list[tuple[LoadedModel, torch.Tensor]]) -> list[torch.Tensor]:
+        """One batch (:attr:`batcher`): one forward per loaded model in it."""
         outputs: list[torch.Tensor | None] = [None] * len(items)
-        groups: dict[int, list[int]] = {}  # one forward per loaded model in the batch
+        groups: dict[int, list[int]] = {}
         for i, (loaded, _) in enumerate(items):
             groups.setdefault(id(loaded), []).append(i)
         for indices in groups.values():
-            # On the event loop on purpose: in a worker thread the forward's many short Python steps
-            # queue for the GIL behind request handling (bench/serve.py: 0.58 of the ceiling against 0.69-0.71).
-            probabilities = classify(items[indices[0]][0], [items[i][1] for i in indices])
+            loaded, tensors = items[indices[0]][0], [items[i][1] for i in indices]
+            if loaded.traced:  # TorchScript holds no GIL while it computes: the loop keeps serving meanwhile
+                probabilities = await asyncio.get_running_loop().run_in_executor(self.forwards, classify, loaded,
+                                                                                 tensors)
+            else:  # an eager forward in a thread would queue for the GIL behind request handling at every layer
+                probabilities = classify(loaded, tensors)
             for row, i in enumerate(indices):
                 outputs[i] = probabilities[row]
         return outputs
@@ -145,7 +153,7 @@ class Classifier:
         top_k = self._top_k(top_k, loaded)
         loop = asyncio.get_running_loop()
         tensor = await loop.run_in_executor(self.decoder, decode_upload, data, loaded.spec, self.budget)
-        scores, indices = (await self._infer((loaded, tensor))).topk(top_k)
+        scores, indices = (await self.batcher.submit((loaded, tensor))).topk(top_k)
         return {
             "model": served.alias,
             "version": loaded.version,

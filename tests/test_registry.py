@@ -82,10 +82,11 @@ def test_serving_downloads_only_the_checkpoint_once_into_a_cache_keyed_by_versio
                                                                                   "abc12345")
     assert champion == "lenet5"
     first = store.load(served, fold=False)
-    second = store.load(served, fold=True)
+    second = store.load(served, fold=True, trace=True)  # as the server runs it
     cached = [p for p in store.cache_dir.rglob("*") if p.is_file()]
     assert len(cached) == 1 and cached[0].name == "model.pt" and f"v{version}-" in cached[0].parent.name
-    x = torch.randn(2, 1, 32, 32)
+    assert not first.traced and second.traced and second.folded
+    x = torch.randn(5, 1, 32, 32)  # not the batch size the trace was made with
     with torch.inference_mode():
         torch.testing.assert_close(first.model(x), model(x))
         torch.testing.assert_close(second.model(x), model(x), rtol=1e-4, atol=1e-4)

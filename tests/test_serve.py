@@ -226,9 +226,9 @@ class PlantedCode:
 
 @pytest.fixture(scope="module")
 def strict_app(server, tmp_path_factory):
-    """A second app serving checkpoint files, with a bearer token, 2 s / 4 s deadlines, two requests at a time
-    and one model in memory: a good model, a 3-class one, a corrupt file, a planted pickle, and a good file
-    that disappears once the app is up."""
+    """A second app serving checkpoint files, with a bearer token, 2 s / 4 s deadlines, two requests at a time,
+    one model in memory and eager (untraced) models: a good model, a 3-class one, a corrupt file, a planted
+    pickle, and a good file that disappears once the app is up."""
     from ray import serve
 
     from pipelines.serve import build_app
@@ -247,7 +247,7 @@ def strict_app(server, tmp_path_factory):
                    **{name: str(directory / f"{name}.pt") for name in ("three", "broken", "planted", "vanishing")}}
     strict = cfg.serve.model_copy(update={
         "auth_token": SecretStr(TOKEN), "checkpoints": checkpoints, "body_timeout_s": 2.0, "request_timeout_s": 4.0,
-        "max_ongoing_requests": 2, "max_models_per_replica": 1})
+        "max_ongoing_requests": 2, "max_models_per_replica": 1, "trace_models": False})  # eager forwards here
     serve.run(build_app(cfg.model_copy(update={"serve": strict})), name="strict", route_prefix="/strict",
               blocking=False)
     deadline = time.time() + 120
