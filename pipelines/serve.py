@@ -93,7 +93,7 @@ class Classifier:
         # method (Serve detects loaders wired up at init).
         self.get_model = serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)(load)
         if self.champion is not None:
-            # Load (and BN-fold) the default model before the first request rather than during it.
+            # Load (BN-fold, trace) the default model before the first request rather than during it.
             try:
                 await self._loaded(self.by_alias[self.champion])
             except RequestError:
@@ -298,7 +298,8 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
     """Deploy the app on the running Ray (non-blocking) and wait until it answers ``/healthz``."""
     models, champion = ModelStore(cfg).discover()
     if not models:
-        raise LookupError("nothing to serve: no registered model aliases (train first) and no serve.checkpoints")
+        raise LookupError(f"nothing to serve: no registered model alias trained on {cfg.data.dataset} (train first) "
+                          "and no serve.checkpoints")
     config_path = write_serve_config(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
                               "request_timeout_s": proxy_timeout_s(cfg.serve)})
