@@ -7,6 +7,7 @@ the pixels it was trained on: the same channel count, size, interpolation and no
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -171,7 +172,7 @@ def _known_format(prefix: bytes) -> str | None:
         try:
             if accept is not None and accept(prefix):
                 return name
-        except Exception:  # noqa: BLE001, S112 - a signature check that fails is no match
+        except Exception:  # noqa: BLE001 - a signature check that fails is no match
             continue
     return None
 
@@ -179,7 +180,7 @@ def _known_format(prefix: bytes) -> str | None:
 def open_image(data: bytes, formats: tuple[str, ...] = ACCEPTED_FORMATS) -> Image.Image:
     """Open image bytes lazily (header only) with the plugins of ``formats`` and no others.
 
-    Raises :class:`UnsupportedImageFormat` for another format Pillow would recognise (EPS, PDF, PSD, ...) and
+    Raises :class:`UnsupportedImageFormat` for another format Pillow would recognise (EPS, PSD, ICO, ...) and
     :class:`ImageDecodeError` for empty or non-image bytes.
     """
     if not data:
@@ -216,8 +217,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     :class:`UnsupportedImageFormat` for formats other than :data:`ACCEPTED_FORMATS`.
     """
     image = open_image(data)
-    if image.width * image.height > max_pixels:  # the other limits need the model: see preprocess_upload
-        raise ImageDecodeError(f"image has {image.width}x{image.height} pixels, above the limit of {max_pixels:,}")
+    # Only the pixel count: the aspect ratio and resize limits concern a model's input (preprocess_upload).
+    DecodeBudget(max_pixels=max_pixels, max_aspect_ratio=math.inf).check(image.width, image.height)
     return _load_pixels(image)
 
 
