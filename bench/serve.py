@@ -3,8 +3,9 @@
 One process, one local Ray: a checkpoint of the model is served by the real Serve app (``pipelines.serve``)
 twice, with dynamic batching (``max_batch_size`` 32) and without (1); an asyncio client sends the same PNG at
 concurrency 1, 8 and 32. The ceiling is the model's own forward throughput in this process at batch sizes
-1, 8 and 32 (batch norm folded, inference mode). Reported: requests/s, p50/p99 latency, and requests/s as
-a share of the ceiling. Goal: >= 0.7 of the ceiling at concurrency 32 with batching.
+1, 8 and 32, as the replica runs it (``prepare_for_serving``: batch norm folded, traced, inference mode).
+Reported: requests/s, p50/p99 latency, and requests/s as a share of the ceiling. Goal: >= 0.7 of the
+ceiling at concurrency 32 with batching.
 
     python bench/serve.py                                  # resnet18 (small input), 1x32x32
     python bench/serve.py --model lenet5 --requests 2000
@@ -30,7 +31,7 @@ from PIL import Image
 import cnnmodels
 from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
 from pipelines.config import load_config
-from pipelines.model_store import fold_batchnorm
+from pipelines.model_store import prepare_for_serving
 from pipelines.preprocess import PreprocessSpec
 from pipelines.runtime import ray_session
 
@@ -38,7 +39,7 @@ CONCURRENCY = (1, 8, 32)
 
 
 def ceiling(model: torch.nn.Module, spec: PreprocessSpec, batch: int, seconds: float = 3.0) -> float:
-    """Images per second of the bare (folded) model at ``batch``."""
+    """Images per second of the bare model (as served: folded, traced) at ``batch``."""
     x = torch.randn(batch, *spec.input_shape)
     with torch.inference_mode():
         for _ in range(3):
@@ -107,8 +108,8 @@ def main() -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).save(buffer, format="PNG")
     body = buffer.getvalue()
     torch.set_num_threads(max(1, int(args.replica_cpus)))
-    folded, _ = fold_batchnorm(model, spec)
-    ceilings = {c: ceiling(folded, spec, c) for c in args.concurrency}
+    served = prepare_for_serving(model, spec, fold=True, trace=True).model
+    ceilings = {c: ceiling(served, spec, c) for c in args.concurrency}
 
     rows = []
     with tempfile.TemporaryDirectory() as workdir:

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("image", help="image file")
     predict.add_argument("--model", "-m", help="alias (default: the champion)")
     predict.add_argument("--url", default="http://127.0.0.1:8000", help="endpoint base URL")
-    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--top-k", type=int, help="classes shown (default: the server's, at most the model's classes)")
     predict.add_argument("--token", help="bearer token, if the server has serve.auth_token")
     return parser
 
@@ -94,7 +94,7 @@ def _predict(args) -> int:
     if not path.is_file():
         logger.error("error: %s not found", path)
         return EXIT_CONFIG
-    params = {"top_k": args.top_k}
+    params = {"top_k": args.top_k} if args.top_k is not None else {}
     if args.model:
         params["model"] = args.model
     headers = {"Content-Type": "application/octet-stream"}

@@ -9,6 +9,7 @@ before Ray starts. Any problem raises :class:`ConfigError` naming the key; the C
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 import cnnmodels
 from cnnmodels.scaling import feasible_grid
@@ -36,6 +37,8 @@ __all__ = [
     "SearchConfig",
     "TrackingConfig",
     "ServeConfig",
+    "is_loopback",
+    "check_serve_access",
     "RayConfig",
     "load_config",
     "DEFAULT_CONFIG",
@@ -316,7 +319,11 @@ class TrackingConfig(_Section):
 
 
 class ServeConfig(_Section):
-    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
+    host: str = Field(
+        "127.0.0.1",
+        description="HTTP bind address of the Serve proxy; any non-loopback address needs a token (or "
+        "allow_unauthenticated)",
+    )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     num_replicas: int = Field(1, ge=1, description="replicas (without autoscaling)")
     autoscaling: bool = Field(False, description="autoscale between min_replicas and max_replicas")
@@ -325,28 +332,102 @@ class ServeConfig(_Section):
     num_cpus: float = Field(0.5, ge=0.0, description="CPUs per replica (fractions fit small machines)")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (fractions share a GPU)")
     max_batch_size: int = Field(16, ge=1, description="dynamic batching: largest batch")
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, description="dynamic batching: longest wait for a batch to fill")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0.0, description="dynamic batching: how long a request waits for others when the model is idle"
+    )
     max_ongoing_requests: int = Field(
         64, ge=1, description="requests a replica accepts at once (must be >= max_batch_size for batches to fill)"
     )
     max_models_per_replica: int = Field(4, ge=1, description="LRU size of loaded models per replica (multiplexing)")
     max_upload_mb: float = Field(10.0, gt=0.0, description="largest request body (413 above)")
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="largest decoded image, width x height (400 above; decompression bombs)"
+        40_000_000, ge=1,
+        description="largest input image, width x height, read from its header before any pixel is decoded (400 above)",
     )
-    auth_token: Optional[str] = Field(None, description="require Authorization: Bearer <token> on /predict and /models")
+    max_aspect_ratio: float = Field(
+        20.0, ge=1.0, description="largest ratio of an input image's long side to its short side (400 above)"
+    )
+    max_resized_pixels: int = Field(
+        4_000_000, ge=1,
+        description="largest image once its shorter side is resized to the model input, before the centre crop "
+        "(400 above; checked from the header)",
+    )
+    max_concurrent_decodes: int = Field(
+        2, ge=1, description="images a replica decodes and resizes at once (worker threads); the others wait"
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0.0, description="deadline of one request, body to answer (503 after; the Serve proxy's too)"
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0.0, description="deadline for receiving a request's body (408 after): a stalled client frees its slot"
+    )
+    auth_token: Optional[SecretStr] = Field(
+        None,
+        description="require Authorization: Bearer <token> on /predict and /models; never printed or written "
+        "(shown as '**********'); prefer auth_token_env",
+    )
+    auth_token_env: Optional[str] = Field(
+        None,
+        description="environment variable holding the bearer token, read where the app is built (the GPU presets: "
+        "CNNZOO_SERVE_TOKEN, set by cluster.yaml)",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="serve a non-loopback host without a token (anyone who reaches the port can use it)"
+    )
     models: list[str] = Field(default_factory=list, description="aliases to serve (default: all registered)")
     checkpoints: dict[str, str] = Field(
         default_factory=dict, description="alias -> checkpoint file, served instead of the registry"
     )
     fold_batchnorm: bool = Field(True, description="fold batch norm into convolutions for serving (verified)")
-    default_top_k: int = Field(5, ge=1, description="classes returned when top_k is not given")
+    trace_models: bool = Field(
+        True,
+        description="serve TorchScript traces (verified; else eager): their forward runs beside request handling "
+        "instead of blocking it",
+    )
+    default_top_k: int = Field(
+        5, ge=1, description="classes returned when top_k is not given (at most the model's class count)"
+    )
 
     @model_validator(mode="after")
     def _replicas(self):
         if self.autoscaling and self.min_replicas > self.max_replicas:
             raise ValueError("serve.min_replicas must not exceed serve.max_replicas")
         return self
+
+    def bearer_token(self) -> str | None:
+        """The token clients must send: ``auth_token``, else the variable ``auth_token_env`` names, else None."""
+        if self.auth_token is not None and self.auth_token.get_secret_value():
+            return self.auth_token.get_secret_value()
+        if self.auth_token_env:
+            return os.environ.get(self.auth_token_env) or None
+        return None
+
+
+def check_serve_access(serve: ServeConfig) -> None:
+    """:class:`ConfigError` unless the endpoint is either loopback-only or protected by a token (or the config
+    says ``allow_unauthenticated``); the token's environment variable must be set where this runs."""
+    if serve.auth_token is not None and serve.auth_token_env:
+        raise ConfigError("serve.auth_token", "set serve.auth_token or serve.auth_token_env, not both")
+    if serve.auth_token_env and not os.environ.get(serve.auth_token_env):
+        raise ConfigError("serve.auth_token_env",
+                          f"environment variable {serve.auth_token_env} is not set (it holds the bearer token)")
+    if not is_loopback(serve.host) and serve.bearer_token() is None and not serve.allow_unauthenticated:
+        raise ConfigError(
+            "serve.host",
+            f"{serve.host!r} is reachable from other machines, so the endpoint needs a token: set "
+            "serve.auth_token_env (the environment variable holding it) or serve.auth_token, or set "
+            "serve.allow_unauthenticated: true to serve without one",
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is only reachable from this machine (``127.0.0.0/8``, ``::1``, ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: assume other machines can reach it
+        return False
 
 
 class PipelineConfig(_Section):
@@ -445,6 +526,17 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
             "search.step",
             f"the grid with step {search.step} has no feasible triple; use a smaller step or mode 'optuna'",
         )
+    _serve_checks(cfg)
+
+
+def _serve_checks(cfg: PipelineConfig) -> None:
+    """Who may call the endpoint, and a decode budget every request can meet."""
+    serve = cfg.serve
+    check_serve_access(serve)
+    if serve.max_resized_pixels < cfg.data.image_size ** 2:
+        raise ConfigError("serve.max_resized_pixels",
+                          f"{serve.max_resized_pixels:,} is below one {cfg.data.image_size}x{cfg.data.image_size} "
+                          "model input: no image could be served")
 
 
 def _local_gpus(cfg: PipelineConfig) -> int | None:

@@ -1,13 +1,16 @@
 """The HTTP layer of the server: the FastAPI app, its JSON errors, and reading images from requests.
 
 Every client error is a :class:`RequestError` with a status code and becomes ``{"error": "..."}``; FastAPI's
-own validation errors (a bad ``top_k``) are 422 in the same shape; anything unexpected is a JSON 500 and
-the replica keeps serving. The routes themselves are methods of the Serve deployment
-(:mod:`pipelines.serve`), registered on :data:`api`.
+own validation errors (a bad ``top_k``) are 422 in the same shape; running out of memory is a 503; anything
+unexpected is a JSON 500 and the replica keeps serving. Bodies are read with a size limit and a deadline
+(:func:`read_image_bytes`), images decoded within a :class:`~pipelines.preprocess.DecodeBudget`
+(:func:`decode_upload`). The routes themselves are methods of the Serve deployment (:mod:`pipelines.serve`),
+registered on :data:`api`.
 """
 
 # No ``from __future__ import annotations`` here: Serve pickles the route handlers by value, and FastAPI must
 # see real types (not strings to resolve against module globals) in their signatures.
+import asyncio
 import hmac
 import logging
 
@@ -17,9 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .preprocess import PreprocessSpec, decode_image
+from .preprocess import DecodeBudget, ImageDecodeError, PreprocessSpec, UnsupportedImageFormat, preprocess_upload
 
-__all__ = ["api", "RequestError", "MULTIPLEX_HEADER", "read_image_bytes", "image_tensor", "authorize"]
+__all__ = ["api", "RequestError", "MULTIPLEX_HEADER", "read_image_bytes", "decode_upload", "authorize"]
 
 logger = logging.getLogger(__name__)
 #: The header Serve routes multiplexed requests by (a replica that already holds the model).
@@ -58,6 +61,13 @@ async def _http_error(_, err: StarletteHTTPException):
     return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
 
 
+@api.exception_handler(MemoryError)
+async def _out_of_memory(_, err: MemoryError):  # the request asked too much of this replica now, not a bug
+    logger.warning("out of memory while answering a request")
+    return JSONResponse({"error": "the server ran out of memory for this request; try a smaller image or later"},
+                        status_code=503)
+
+
 @api.exception_handler(Exception)
 async def _unexpected(_, err: Exception):  # last resort: a JSON 500, the replica keeps serving
     logger.exception("unexpected error")
@@ -90,11 +100,15 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_image_bytes(request: Request, limit: int) -> bytes:
+async def read_image_bytes(request: Request, limit: int, timeout_s: float) -> bytes:
     """The uploaded image: the raw body (``image/*``, ``application/octet-stream``) or the multipart field
-    ``file``; at most ``limit`` bytes (413 above)."""
+    ``file``; at most ``limit`` bytes (413 above), received within ``timeout_s`` (408 after: a client that
+    stalls mid-body does not keep its slot)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await _read_limited(request, limit)
+    try:
+        body = await asyncio.wait_for(_read_limited(request, limit), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {timeout_s:g} s") from None
     if content_type.startswith(RAW_IMAGE_TYPES) or (not content_type and body):
         return body
     if content_type == "multipart/form-data":
@@ -115,6 +129,16 @@ async def read_image_bytes(request: Request, limit: int) -> bytes:
                             "with a 'file' field")
 
 
-def image_tensor(data: bytes, spec: PreprocessSpec, max_pixels: int) -> torch.Tensor:
-    """Decode an upload and preprocess it as in training: a (1, C, H, W) tensor."""
-    return spec.tensor_from_image(decode_image(data, max_pixels))
+def decode_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -> torch.Tensor:
+    """Decode an upload within ``budget`` and preprocess it as in training: a (1, C, H, W) tensor.
+
+    A refused format is 415, any other unreadable or unconvertible image 400, ``MemoryError`` 503.
+    """
+    try:
+        return preprocess_upload(data, spec, budget)
+    except UnsupportedImageFormat as err:
+        raise RequestError(415, str(err)) from None
+    except ImageDecodeError as err:
+        raise RequestError(400, str(err)) from None
+    except MemoryError:
+        raise RequestError(503, "the server ran out of memory decoding this image; try a smaller one") from None

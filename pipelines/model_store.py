@@ -1,26 +1,29 @@
 """The models a server (or the report) can load: discovered, verified, loaded and batch-norm folded.
 
 Models come from the pipeline's MLflow registry (through :class:`~pipelines.tracking.Tracker`: aliases =
-model names, plus ``champion``) or from checkpoint files (``serve.checkpoints``). Every load goes through
+model names, plus ``champion``; only versions trained on the config's data set) or from checkpoint files
+(``serve.checkpoints``). A registered version's checkpoint, and nothing else of it, is downloaded once into
+``<workdir>/<name>/serve/model-cache/`` (keyed by version). Every load goes through
 :func:`~pipelines.checkpoints.load_checkpoint` (``weights_only``, verified against its architecture), so a
-corrupt file is refused before a model is handed out.
+corrupt or tampered file is refused before a model is handed out.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoints import CHECKPOINT_FILE, ModelCheckpoint, load_checkpoint
+from .checkpoints import ModelCheckpoint, load_checkpoint
 from .config import PipelineConfig
 from .preprocess import PreprocessSpec
-from .tracking import Tracker, choose_champion
+from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion
 
-__all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm"]
+__all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm", "trace_for_serving", "prepare_for_serving"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +37,18 @@ class ServedModel:
     version: str = ""
     arch: str = ""
     model_name: str = ""
+    dataset: str = ""  # what it was trained on (its class names come from there)
+    fingerprint: str = ""  # the training run's fingerprint (planning.ModelRun.fingerprint)
     test_acc: float | None = None
     params_count: int | None = None
     macs: int | None = None
     status: str = "unchecked"
     error: str | None = None
+
+    def mark_failed(self, err: BaseException) -> None:
+        """Record that this model cannot be loaded: ``/models`` and ``/healthz`` report it, requests get 503."""
+        self.status, self.error = "error", f"{type(err).__name__}: {err}"
+        logger.error("model %s failed to load: %s", self.alias, self.error)
 
 
 @dataclass
@@ -49,6 +59,22 @@ class LoadedModel:
     spec: PreprocessSpec
     folded: bool
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    traced: bool = False  # a TorchScript trace: its forward runs without holding the GIL
+
+
+def _probe(spec: PreprocessSpec, batch: int, device: torch.device) -> torch.Tensor:
+    return torch.randn(batch, *spec.input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _disagreement(reference: nn.Module, candidate: nn.Module, probe: torch.Tensor) -> float | None:
+    """None when ``candidate`` gives ``reference``'s outputs on ``probe`` (to float tolerance), else the
+    largest difference."""
+    with torch.inference_mode():
+        expected, actual = reference(probe), candidate(probe)
+    tolerance = 1e-4 * max(1.0, expected.abs().max().item())
+    if torch.allclose(actual, expected, atol=tolerance, rtol=1e-4):
+        return None
+    return (actual - expected).abs().max().item()
 
 
 def fold_batchnorm(model: nn.Module, spec: PreprocessSpec) -> tuple[nn.Module, bool]:
@@ -65,15 +91,50 @@ def fold_batchnorm(model: nn.Module, spec: PreprocessSpec) -> tuple[nn.Module, b
     except Exception as err:  # noqa: BLE001 - untraceable models are served unfolded
         logger.info("batch-norm folding skipped: %s", err)
         return model, False
-    probe = torch.randn(2, *spec.input_shape, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected, actual = model(probe), folded(probe)
-    tolerance = 1e-4 * max(1.0, expected.abs().max().item())
-    if not torch.allclose(actual, expected, atol=tolerance, rtol=1e-4):
-        logger.warning("batch-norm folding changed the outputs (max diff %.2e); serving unfolded",
-                       (actual - expected).abs().max().item())
+    difference = _disagreement(model, folded, _probe(spec, 2, torch.device("cpu")))
+    if difference is not None:
+        logger.warning("batch-norm folding changed the outputs (max diff %.2e); serving unfolded", difference)
         return model, False
     return folded, True
+
+
+def trace_for_serving(model: nn.Module, spec: PreprocessSpec) -> tuple[nn.Module, bool]:
+    """A TorchScript trace of ``model``, used only if it matches the model on another batch size.
+
+    Why: TorchScript runs the whole forward without holding the GIL, so a server can run it in a worker
+    thread while its event loop keeps handling requests; an eager model re-takes the GIL at every layer and
+    waits behind request handling each time. Returns ``(model, traced)``.
+    """
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # cnnmodels' input-size check reads the shape as a Python bool: constant for a fixed input size.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # torch.jit.trace is deprecated for torch.compile/torch.export, whose CPU models run Python (and
+            # take the GIL) between kernels. Until TorchScript goes, it is the one GIL-free forward; once it
+            # is gone, this raises and models are served eagerly (serve.trace_models: false does that now).
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(model.eval(), _probe(spec, 2, device), check_trace=False)
+    except Exception as err:  # noqa: BLE001 - untraceable models are served eagerly
+        logger.info("tracing skipped: %s", err)
+        return model, False
+    difference = _disagreement(model, traced, _probe(spec, 3, device))
+    if difference is not None:
+        logger.warning("the traced model's outputs differ (max diff %.2e); serving it eagerly", difference)
+        return model, False
+    return traced, True
+
+
+def prepare_for_serving(model: nn.Module, spec: PreprocessSpec, *, fold: bool = True, trace: bool = False,
+                        device: str | torch.device = "cpu") -> LoadedModel:
+    """``model`` as a server runs it: eval mode, batch norm folded, on ``device``, traced (each step
+    verified against the model's own outputs). Alias and version are left empty."""
+    model, folded = fold_batchnorm(model, spec) if fold else (model.eval(), False)
+    device = torch.device(device)
+    model, traced = trace_for_serving(model.to(device), spec) if trace else (model.to(device), False)
+    return LoadedModel(alias="", version="", model=model.eval(), spec=spec, folded=folded, device=device,
+                       traced=traced)
 
 
 def _number(tags: dict, key: str, kind=float):
@@ -97,30 +158,37 @@ class ModelStore:
             models = [ServedModel(alias=a, source=str(Path(p).expanduser()))
                       for a, p in self.cfg.serve.checkpoints.items()]
             return [m for m in models if not wanted or m.alias in wanted], None
+        # Only versions trained on this config's data set: another data set's aliases under the same name
+        # would answer with that data set's class names.
         versions, champion = self.tracker.registered_versions(self.cfg.registered_model_name)
         models = [
             ServedModel(alias=v.alias, source=v.uri, version=v.version, arch=v.tags.get("arch", ""),
-                        model_name=v.tags.get("model_name", v.alias), test_acc=_number(v.tags, "test_acc"),
+                        model_name=v.tags.get("model_name", v.alias), dataset=v.tags.get(TAG_DATASET, ""),
+                        fingerprint=v.tags.get(TAG_FINGERPRINT, ""), test_acc=_number(v.tags, "test_acc"),
                         params_count=_number(v.tags, "params_count", int), macs=_number(v.tags, "macs", int))
             for v in versions if not wanted or v.alias in wanted
         ]
         return models, champion if any(m.alias == champion for m in models) else None
 
+    @property
+    def cache_dir(self) -> Path:
+        """Where registered checkpoints are downloaded to, one directory per version."""
+        return self.cfg.paths.serve_dir / "model-cache"
+
     def checkpoint_file(self, served: ServedModel) -> Path:
+        """The checkpoint of ``served``: downloaded into the cache (registry), or the file itself."""
         if served.source.startswith("models:/"):
-            return self.tracker.download_model_file(served.source, CHECKPOINT_FILE)
+            return self.tracker.download_checkpoint(self.cfg.registered_model_name, served.version, self.cache_dir)
         return Path(served.source)
 
-    def load(self, served: ServedModel, *, fold: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
-        """Download (registry) or open (file) the checkpoint, verify it and build the serving model."""
+    def load(self, served: ServedModel, *, fold: bool = True, trace: bool = False,
+             device: str | torch.device = "cpu") -> LoadedModel:
+        """Download (registry) or open (file) the checkpoint, verify it and build the serving model
+        (:func:`prepare_for_serving`)."""
         checkpoint: ModelCheckpoint = load_checkpoint(self.checkpoint_file(served))
-        model = checkpoint.build_model()
-        folded = False
-        if fold:
-            model, folded = fold_batchnorm(model, checkpoint.spec)
-        device = torch.device(device)
-        return LoadedModel(alias=served.alias, version=served.version or f"epoch{checkpoint.epoch}",
-                           model=model.to(device).eval(), spec=checkpoint.spec, folded=folded, device=device)
+        loaded = prepare_for_serving(checkpoint.build_model(), checkpoint.spec, fold=fold, trace=trace, device=device)
+        loaded.alias, loaded.version = served.alias, served.version or f"epoch{checkpoint.epoch}"
+        return loaded
 
     def verify(self, models: list[ServedModel]) -> None:
         """Load every model once (unfolded); failures are recorded on the model, not raised."""
@@ -129,9 +197,9 @@ class ModelStore:
                 loaded = self.load(served, fold=False)
                 served.status = "ok"
                 served.arch = served.arch or type(loaded.model).__name__
+                served.dataset = served.dataset or loaded.spec.dataset
             except Exception as err:  # noqa: BLE001 - any failure makes the model unservable, not the server
-                served.status, served.error = "error", f"{type(err).__name__}: {err}"
-                logger.error("model %s failed to load: %s", served.alias, served.error)
+                served.mark_failed(err)
 
     @staticmethod
     def servable_champion(models: list[ServedModel], champion: str | None) -> str | None:

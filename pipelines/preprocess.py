@@ -7,13 +7,15 @@ the pixels it was trained on: the same channel count, size, interpolation and no
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["PreprocessSpec", "ImageDecodeError", "decode_image"]
+__all__ = ["PreprocessSpec", "ImageDecodeError", "UnsupportedImageFormat", "DecodeBudget", "ACCEPTED_FORMATS",
+           "open_image", "decode_image", "preprocess_upload"]
 
 
 class ImageDecodeError(ValueError):
@@ -77,7 +79,7 @@ class PreprocessSpec:
 
     # -- pixels ---------------------------------------------------------------------------------------
     def convert_mode(self, image: Image.Image) -> Image.Image:
-        """Any PIL mode (1, L, LA, P, RGBA, CMYK, I;16, I, F, ...) to ``L`` or ``RGB``, EXIF-upright."""
+        """Any PIL mode (1, L, LA, P, RGBA, CMYK, LAB, I;16, I, F, ...) to ``L`` or ``RGB``, EXIF-upright."""
         image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             array = np.asarray(image, dtype=np.float64)
@@ -90,7 +92,12 @@ class PreprocessSpec:
             canvas = Image.new("RGBA", rgba.size, (self.background,) * 3 + (255,))
             image = Image.alpha_composite(canvas, rgba)
         target = "L" if self.channels == 1 else "RGB"
-        return image.convert(target) if image.mode != target else image
+        if image.mode == target:
+            return image
+        try:
+            return image.convert(target)
+        except ValueError:  # Pillow converts some modes (LAB) to RGB only
+            return image.convert("RGB").convert(target)
 
     def resize(self, image: Image.Image) -> Image.Image:
         """Resize the shorter side to ``image_size`` and centre-crop a square."""
@@ -117,29 +124,117 @@ class PreprocessSpec:
         return self.normalize(self.image_to_uint8(image).unsqueeze(0))
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes with Pillow, fully, refusing anything that is not a sane image.
+#: The image formats an upload may be in (Pillow format names); anything else is refused before Pillow parses it.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
-    Raises :class:`ImageDecodeError` for empty or non-image bytes, truncated files and images above
-    ``max_pixels`` (decompression bombs) - checked from the header, before the pixels are decoded.
+
+@dataclass(frozen=True)
+class DecodeBudget:
+    """What one upload may cost, checked from its header before any pixel is decoded or resized.
+
+    Attributes:
+        max_pixels: width x height of the input image.
+        max_aspect_ratio: its long side over its short side.
+        max_resized_pixels: the image once its shorter side is resized to the model input (before the centre
+            crop): a 4,000,000 x 1 strip is small as a file and as an input, but not after that resize.
+    """
+
+    max_pixels: int = 40_000_000
+    max_aspect_ratio: float = 20.0
+    max_resized_pixels: int = 4_000_000
+
+    def check(self, width: int, height: int, image_size: int | None = None) -> None:
+        """Raise :class:`ImageDecodeError` if a ``width`` x ``height`` image (resized for ``image_size``) is over."""
+        if width < 1 or height < 1:
+            raise ImageDecodeError("image has no pixels")
+        if width * height > self.max_pixels:
+            raise ImageDecodeError(f"image has {width}x{height} pixels, above the limit of {self.max_pixels:,}")
+        short, long = sorted((width, height))
+        if long / short > self.max_aspect_ratio:
+            raise ImageDecodeError(f"image of {width}x{height} pixels has an aspect ratio above the limit of "
+                                   f"{self.max_aspect_ratio:g}")
+        if image_size is not None:
+            # torchvision's resize to an int: the shorter side becomes image_size, the longer one in proportion.
+            resized = image_size * int(image_size * long / short)
+            if resized > self.max_resized_pixels:
+                raise ImageDecodeError(f"image of {width}x{height} pixels resizes to {resized:,} pixels for a "
+                                       f"{image_size}-pixel model, above the limit of {self.max_resized_pixels:,}")
+
+
+class UnsupportedImageFormat(ImageDecodeError):
+    """An image in a format Pillow knows but this server does not accept (HTTP 415)."""
+
+
+def _known_format(prefix: bytes) -> str | None:
+    """The Pillow format whose signature ``prefix`` carries (its header is not parsed), or None."""
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # noqa: BLE001 - a signature check that fails is no match
+            continue
+    return None
+
+
+def open_image(data: bytes, formats: tuple[str, ...] = ACCEPTED_FORMATS) -> Image.Image:
+    """Open image bytes lazily (header only) with the plugins of ``formats`` and no others.
+
+    Raises :class:`UnsupportedImageFormat` for another format Pillow would recognise (EPS, PSD, ICO, ...) and
+    :class:`ImageDecodeError` for empty or non-image bytes.
     """
     if not data:
         raise ImageDecodeError("empty body: send the image bytes")
     try:
-        image = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data), formats=list(formats))
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"image too large: {err}") from None
     except Exception:  # noqa: BLE001 - Pillow raises many types for garbage input
-        raise ImageDecodeError("the body is not a readable image (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)") from None
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ImageDecodeError("image has no pixels")
-    if width * height > max_pixels:
-        raise ImageDecodeError(f"image has {width}x{height} pixels, above the limit of {max_pixels:,}")
+        pass
+    other = _known_format(data[:16])
+    if other is not None and other not in formats:
+        raise UnsupportedImageFormat(f"{other} images are not accepted; send {', '.join(formats)}") from None
+    raise ImageDecodeError(f"the body is not a readable image ({', '.join(formats)})") from None
+
+
+def _load_pixels(image: Image.Image) -> Image.Image:
     try:
         image.load()
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"image too large: {err}") from None
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001
         raise ImageDecodeError(f"the image data is truncated or corrupt ({type(err).__name__})") from None
     return image
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode image bytes with Pillow, fully, refusing anything that is not a sane image.
+
+    Raises :class:`ImageDecodeError` for empty or non-image bytes, truncated files and images above
+    ``max_pixels`` (decompression bombs) - checked from the header, before the pixels are decoded - and
+    :class:`UnsupportedImageFormat` for formats other than :data:`ACCEPTED_FORMATS`.
+    """
+    image = open_image(data)
+    # Only the pixel count: the aspect ratio and resize limits concern a model's input (preprocess_upload).
+    DecodeBudget(max_pixels=max_pixels, max_aspect_ratio=math.inf).check(image.width, image.height)
+    return _load_pixels(image)
+
+
+def preprocess_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -> torch.Tensor:
+    """An uploaded image as model input (1, C, H, W), within ``budget``; checked before decoding.
+
+    Every failure to read or convert the image is an :class:`ImageDecodeError` (its subclass
+    :class:`UnsupportedImageFormat` for a refused format); only ``MemoryError`` passes through as itself.
+    """
+    image = open_image(data)
+    budget.check(image.width, image.height, spec.image_size)
+    _load_pixels(image)
+    try:
+        return spec.tensor_from_image(image)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Pillow and numpy raise many types for odd modes
+        raise ImageDecodeError(f"cannot convert the {image.mode} image to model input ({err}); send an RGB, "
+                               "grey-scale, palette or CMYK image") from None

@@ -5,16 +5,21 @@ Routes (OpenAPI docs at ``/docs``):
 * ``POST /predict``: the image as the raw body (``Content-Type: image/png``, ``image/jpeg``, ...) or as the
   multipart field ``file``. The model is chosen by ``?model=<alias>`` or the ``serve_multiplexed_model_id``
   header (Serve routes such requests to a replica that already holds the model), default ``champion``.
-  ``top_k`` (default ``serve.default_top_k``). Returns ``{"model", "requested", "version", "predictions":
-  [{"label", "index", "score"}], "latency_ms"}``.
-* ``GET /models``: every servable alias with its architecture, version, ``test_acc``, ``params_count``,
-  ``macs``, load status, and which one is the champion.
+  ``top_k`` (default ``serve.default_top_k``, at most the model's class count). Returns ``{"model",
+  "requested", "version", "predictions": [{"label", "index", "score"}], "latency_ms"}``.
+* ``GET /models``: every servable alias with its architecture, version, data set, training fingerprint,
+  ``test_acc``, ``params_count``, ``macs``, load status, and which one is the champion.
 * ``GET /healthz``: 200 while at least one model is servable, 503 otherwise.
 
 :class:`Classifier` is the deployment, defined here once; :func:`build_app` configures it from
 ``serve.*`` with ``.options()``. Each replica keeps a bounded LRU of loaded models (Serve model
-multiplexing), batches requests per model (``@serve.batch``) and serves the model store's verified,
-batch-norm folded models (:mod:`pipelines.model_store`); the HTTP plumbing is :mod:`pipelines.http_api`.
+multiplexing), batches requests (:class:`~pipelines.batching.Batcher`: a batch is what arrived while the
+previous one ran) and serves the model store's verified, batch-norm folded, traced models
+(:mod:`pipelines.model_store`), their forward in a thread beside the event loop; the HTTP plumbing is
+:mod:`pipelines.http_api`.
+No request can exhaust a replica: each has a deadline (``serve.request_timeout_s``, and
+``serve.body_timeout_s`` for its body), and images are decoded within a budget checked from their header
+(:class:`~pipelines.preprocess.DecodeBudget`), at most ``serve.max_concurrent_decodes`` at a time.
 """
 
 # No ``from __future__ import annotations`` here: Serve pickles the route handlers by value, and FastAPI must
@@ -22,6 +27,7 @@ batch-norm folded models (:mod:`pipelines.model_store`); the HTTP plumbing is :m
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +37,11 @@ from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from .config import PipelineConfig
-from .http_api import MULTIPLEX_HEADER, RequestError, api, authorize, image_tensor, read_image_bytes
+from .batching import Batcher
+from .config import ConfigError, PipelineConfig, ServeConfig, check_serve_access
+from .http_api import MULTIPLEX_HEADER, RequestError, api, authorize, decode_upload, read_image_bytes
 from .model_store import LoadedModel, ModelStore, ServedModel
-from .preprocess import ImageDecodeError
+from .preprocess import DecodeBudget
 from .tracking import CHAMPION
 
 __all__ = ["Classifier", "build_app", "app_builder", "serve_stage", "write_serve_config", "ServeHandle"]
@@ -52,34 +59,44 @@ def classify(loaded: LoadedModel, tensors: list[torch.Tensor]) -> torch.Tensor:
 @serve.deployment(name="Classifier", health_check_period_s=10)
 @serve.ingress(api)
 class Classifier:
-    """One replica: the config's models, verified at start, the champion preloaded."""
+    """One replica: the config's models, verified at start, the champion preloaded.
 
-    async def __init__(self, config: dict) -> None:  # Serve awaits async constructors
+    ``auth_token`` travels beside the config (whose dump masks it): :func:`build_app` reads it where the app
+    is built, so replicas on other nodes need no copy of the environment variable.
+    """
+
+    async def __init__(self, config: dict, auth_token: str | None = None) -> None:  # Serve awaits it
         self.cfg = PipelineConfig.model_validate(config)
         s = self.cfg.serve
+        self.auth_token = auth_token
         torch.set_num_threads(max(1, int(round(s.num_cpus)) or 1))
         self.device = torch.device("cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.store = ModelStore(self.cfg)
-        self.models, champion = self.store.discover()
+        self.models, self.registry_champion = self.store.discover()
         self.by_alias = {m.alias: m for m in self.models}
         self.store.verify(self.models)
-        self.champion = self.store.servable_champion(self.models, champion)
-        self._infer.set_max_batch_size(s.max_batch_size)
-        self._infer.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.champion = self.store.servable_champion(self.models, self.registry_champion)
         self.max_bytes = int(s.max_upload_mb * 1024 * 1024)
+        self.budget = DecodeBudget(s.max_image_pixels, s.max_aspect_ratio, s.max_resized_pixels)
+        # Decodes run here, never more than this many at once: the rest wait in the pool's queue, not in memory.
+        self.decoder = ThreadPoolExecutor(max_workers=s.max_concurrent_decodes, thread_name_prefix="decode")
+        # Traced forwards run here, one batch at a time, while the event loop goes on reading and decoding
+        # requests; the next batch is what arrived meanwhile.
+        self.forwards = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self.batcher = Batcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s)
 
         async def load(alias: str) -> LoadedModel:
             return await asyncio.to_thread(self.store.load, self.by_alias[alias], fold=s.fold_batchnorm,
-                                           device=self.device)
+                                           trace=s.trace_models, device=self.device)
 
         # The LRU size is a config value, so the multiplexed loader is made here rather than as a decorated
         # method (Serve detects loaders wired up at init).
         self.get_model = serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)(load)
         if self.champion is not None:
-            # Load (and BN-fold) the default model before the first request rather than during it.
+            # Load (BN-fold, trace) the default model before the first request rather than during it.
             try:
-                await self.get_model(self.champion)
-            except Exception:  # noqa: BLE001 - the first request retries and reports it
+                await self._loaded(self.by_alias[self.champion])
+            except RequestError:
                 logger.exception("could not preload the champion %s", self.champion)
 
     def _resolve(self, requested: str) -> ServedModel:
@@ -90,24 +107,59 @@ class Classifier:
             if requested == CHAMPION:
                 raise RequestError(503, "no servable champion model")
             raise RequestError(404, f"unknown model {requested!r}; known aliases: {CHAMPION}, {known}")
-        if served.status != "ok":
+        if served.status == "error":
             raise RequestError(503, f"model {alias!r} failed to load: {served.error}")
         return served
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _infer(self, items: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+    async def _loaded(self, served: ServedModel) -> LoadedModel:
+        """The loaded model of ``served`` (from the LRU, or loaded now); a failure marks it failed: 503."""
+        try:
+            return await self.get_model(served.alias)
+        except Exception as err:  # noqa: BLE001 - MemoryError too: the model is unservable, the replica is not
+            served.mark_failed(err)
+            self.champion = self.store.servable_champion(self.models, self.registry_champion)
+            raise RequestError(503, f"model {served.alias!r} failed to load: {served.error}") from None
+
+    def _top_k(self, requested: int | None, loaded: LoadedModel) -> int:
+        """``top_k``: an explicit one must fit the model's classes (422); the default is clamped to them."""
+        classes = loaded.spec.num_classes
+        if requested is None:
+            return min(self.cfg.serve.default_top_k, classes)
+        if requested > classes:
+            raise RequestError(422, f"top_k must be at most {classes} for {loaded.alias}")
+        return requested
+
+    async def _forward(self, items: list[tuple[LoadedModel, torch.Tensor]]) -> list[torch.Tensor]:
+        """One batch (:attr:`batcher`): one forward per loaded model in it."""
         outputs: list[torch.Tensor | None] = [None] * len(items)
-        groups: dict[str, list[int]] = {}
-        for i, (alias, _) in enumerate(items):
-            groups.setdefault(alias, []).append(i)
-        for alias, indices in groups.items():
-            loaded = await self.get_model(alias)
-            # On the event loop on purpose: in a worker thread the forward's many short Python steps
-            # queue for the GIL behind request handling (bench/serve.py: 0.58 of the ceiling against 0.69-0.71).
-            probabilities = classify(loaded, [items[i][1] for i in indices])
+        groups: dict[int, list[int]] = {}
+        for i, (loaded, _) in enumerate(items):
+            groups.setdefault(id(loaded), []).append(i)
+        for indices in groups.values():
+            loaded, tensors = items[indices[0]][0], [items[i][1] for i in indices]
+            if loaded.traced:  # TorchScript holds no GIL while it computes: the loop keeps serving meanwhile
+                probabilities = await asyncio.get_running_loop().run_in_executor(self.forwards, classify, loaded,
+                                                                                 tensors)
+            else:  # an eager forward in a thread would queue for the GIL behind request handling at every layer
+                probabilities = classify(loaded, tensors)
             for row, i in enumerate(indices):
                 outputs[i] = probabilities[row]
         return outputs
+
+    async def _answer(self, request: Request, served: ServedModel, top_k: int | None) -> dict[str, Any]:
+        s = self.cfg.serve
+        data = await read_image_bytes(request, self.max_bytes, s.body_timeout_s)
+        loaded = await self._loaded(served)
+        top_k = self._top_k(top_k, loaded)
+        loop = asyncio.get_running_loop()
+        tensor = await loop.run_in_executor(self.decoder, decode_upload, data, loaded.spec, self.budget)
+        scores, indices = (await self.batcher.submit((loaded, tensor))).topk(top_k)
+        return {
+            "model": served.alias,
+            "version": loaded.version,
+            "predictions": [{"label": loaded.spec.class_names[i], "index": int(i), "score": float(p)}
+                            for p, i in zip(scores.tolist(), indices.tolist(), strict=True)],
+        }
 
     @api.post("/predict", summary="Classify one image")
     async def predict(
@@ -115,49 +167,50 @@ class Classifier:
         request: Request,
         model: str | None = Query(None, description="alias (default: the champion)"),
         top_k: int | None = Query(None, ge=1, le=1000,
-                                  description="number of classes returned (default: serve.default_top_k)"),
-    ) -> dict[str, Any]:
+                                  description="number of classes returned (default: serve.default_top_k, at most "
+                                              "the model's classes)"),
+    ) -> JSONResponse:
         started = time.perf_counter()
-        authorize(request, self.cfg.serve.auth_token)
+        authorize(request, self.auth_token)
         requested = model or request.headers.get(MULTIPLEX_HEADER) or CHAMPION
         served = self._resolve(requested)
-        data = await read_image_bytes(request, self.max_bytes)
-        loaded = await self.get_model(served.alias)
-        top_k = top_k or self.cfg.serve.default_top_k
-        if top_k > loaded.spec.num_classes:
-            raise RequestError(422, f"top_k must be at most {loaded.spec.num_classes} for {served.alias}")
+        timeout_s = self.cfg.serve.request_timeout_s
         try:
-            tensor = await asyncio.to_thread(image_tensor, data, loaded.spec, self.cfg.serve.max_image_pixels)
-        except ImageDecodeError as err:
-            raise RequestError(400, str(err)) from None
-        probabilities = await self._infer((served.alias, tensor))
-        scores, indices = probabilities.topk(top_k)
-        return {
-            "model": served.alias,
-            "requested": requested,
-            "version": loaded.version,
-            "predictions": [{"label": loaded.spec.class_names[i], "index": int(i), "score": float(p)}
-                            for p, i in zip(scores.tolist(), indices.tolist(), strict=True)],
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-        }
+            # The replica's own deadline: the proxy's can be lifted by a client header (x-request-timeout-seconds).
+            answer = await asyncio.wait_for(self._answer(request, served, top_k), timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(503, f"no answer within serve.request_timeout_s ({timeout_s:g} s)") from None
+        answer["requested"] = requested
+        answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        return JSONResponse(answer)
 
     @api.get("/models", summary="Servable models and the champion")
     async def list_models(self, request: Request) -> dict[str, Any]:
-        authorize(request, self.cfg.serve.auth_token)
+        authorize(request, self.auth_token)
         return {"champion": self.champion, "registered_model": self.cfg.registered_model_name,
+                "dataset": self.cfg.data.dataset,
                 "models": [dict(asdict(m), champion=m.alias == self.champion) for m in self.models]}
 
     @api.get("/healthz", summary="Liveness: 200 while some model is servable")
     async def healthz(self):
         ok = [m.alias for m in self.models if m.status == "ok"]
-        failed = {m.alias: m.error for m in self.models if m.status != "ok"}
+        failed = {m.alias: m.error for m in self.models if m.status == "error"}
         body = {"status": "ok" if ok and not failed else ("degraded" if ok else "unavailable"),
                 "models": ok, "errors": failed}
         return JSONResponse(body, status_code=200 if ok else 503)
 
 
+def _portable_config(cfg: PipelineConfig) -> dict:
+    """``cfg`` as JSON for replicas and config files: without the token, with the workdir made absolute (a
+    replica's working directory is not the driver's)."""
+    config = cfg.model_dump(mode="json", exclude={"serve": {"auth_token"}})
+    config["workdir"] = str(cfg.paths.workdir)
+    return config
+
+
 def build_app(cfg: PipelineConfig):
-    """The Serve application for ``cfg``: replicas, autoscaling and resources from ``serve.*``."""
+    """The Serve application for ``cfg``: replicas, autoscaling and resources from ``serve.*``; the bearer
+    token (``serve.auth_token`` or the variable ``serve.auth_token_env`` names) is read here."""
     s = cfg.serve
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
                                "max_ongoing_requests": s.max_ongoing_requests}
@@ -166,16 +219,29 @@ def build_app(cfg: PipelineConfig):
                                          "target_ongoing_requests": max(1, s.max_batch_size // 2)}
     else:
         options["num_replicas"] = s.num_replicas
-    return Classifier.options(**options).bind(cfg.model_dump(mode="json"))
+    return Classifier.options(**options).bind(_portable_config(cfg), s.bearer_token())
 
 
 def app_builder(args: dict):
-    """Application builder for ``serve deploy``/``serve run`` configs: ``args: {config: {...}}``."""
-    return build_app(PipelineConfig.model_validate(args["config"]))
+    """Application builder for ``serve deploy``/``serve run`` configs: ``args: {config: {...}, require_token}``.
+
+    The token comes from ``serve.auth_token_env`` in the environment the application is built in; a config
+    that had one (``require_token``) or binds a non-loopback host is refused without it.
+    """
+    cfg = PipelineConfig.model_validate(args["config"])
+    check_serve_access(cfg.serve)
+    if args.get("require_token") and cfg.serve.bearer_token() is None:
+        raise ConfigError("serve.auth_token_env", "this application requires a bearer token: export it in the "
+                                                  "variable serve.auth_token_env names where it is deployed")
+    return build_app(cfg)
 
 
 def write_serve_config(cfg: PipelineConfig) -> Path:
-    """A Serve config file for ``serve deploy`` on a running cluster, next to the run's outputs."""
+    """A Serve config file for ``serve deploy`` on a running cluster, next to the run's outputs.
+
+    It never holds the token (only ``serve.auth_token_env``, the name of the variable holding it) and is
+    readable by its owner only.
+    """
     import yaml
 
     s = cfg.serve
@@ -183,17 +249,27 @@ def write_serve_config(cfg: PipelineConfig) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": s.host, "port": s.port},
+        "http_options": {"host": s.host, "port": s.port, "request_timeout_s": proxy_timeout_s(s)},
         "applications": [{
             "name": cfg.name,
             "route_prefix": "/",
             "import_path": "pipelines.serve:app_builder",
-            "args": {"config": cfg.model_dump(mode="json")},
+            "args": {"config": _portable_config(cfg), "require_token": s.bearer_token() is not None},
         }],
     }
     header = f"# serve deploy {path}   (on a running Ray cluster)\n"
+    if s.auth_token is not None:
+        header += "# The token itself is not written here: set serve.auth_token_env and export it where it deploys.\n"
+    path.touch(mode=0o600)
+    path.chmod(0o600)  # touch keeps an existing file's mode
     path.write_text(header + yaml.safe_dump(document, sort_keys=False))
     return path
+
+
+def proxy_timeout_s(s: ServeConfig) -> float:
+    """The Serve proxy's request timeout: a backstop a little after the replica's own deadline (which answers
+    with a clearer message), and the only one for a request still queued for a replica."""
+    return s.request_timeout_s + 5.0
 
 
 @dataclass
@@ -222,9 +298,11 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
     """Deploy the app on the running Ray (non-blocking) and wait until it answers ``/healthz``."""
     models, champion = ModelStore(cfg).discover()
     if not models:
-        raise LookupError("nothing to serve: no registered model aliases (train first) and no serve.checkpoints")
+        raise LookupError(f"nothing to serve: no registered model alias trained on {cfg.data.dataset} (train first) "
+                          "and no serve.checkpoints")
     config_path = write_serve_config(cfg)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
+                              "request_timeout_s": proxy_timeout_s(cfg.serve)})
     serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     url = f"http://{host}:{cfg.serve.port}"

@@ -3,9 +3,12 @@
 Layout in MLflow: experiment = the pipeline ``name``. Each stage invocation opens a parent run (tag
 ``stage``); each model (training) or coefficient triple (search) is a child run with the same params and
 metrics keys, so the MLflow UI compares them side by side. The best checkpoint of every trained model is
-logged as an MLflow PyTorch model (signature, input example, the checkpoint file and the ``cnnmodels``
-code) and registered as a version of one registered model named after the pipeline, with the model name
-as alias; alias ``champion`` marks the version with the best ``test_acc``.
+logged as an MLflow pyfunc model "from code" (:mod:`pipelines.pyfunc_model`: the weights-only checkpoint,
+the preprocessing spec, a signature and an input example; no pickle anywhere) and registered as a version
+of one registered model named after the pipeline, with the model name as alias and the data set and
+training fingerprint as tags; alias ``champion`` marks the version with the best ``test_acc``. Only
+versions trained on the config's data set count (:meth:`Tracker.registered_versions`): aliases left by an
+earlier run of the same name on other data are neither served nor champion.
 
 Everything is logged from the driver (Tune callbacks run there), never from Train workers: one writer,
 no duplicate runs after a worker restart, and workers need no access to the tracking store.
@@ -13,6 +16,8 @@ no duplicate runs after a worker restart, and workers need no access to the trac
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -27,20 +32,14 @@ from typing import Any
 import numpy as np
 from ray.tune import Callback
 
-from .checkpoints import CHECKPOINT_FILE, load_checkpoint
+from .checkpoints import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from .console import timestamped
 
-__all__ = ["Tracker", "TrialTracking", "RegisteredVersion", "CHAMPION", "choose_champion", "ui_hint"]
+__all__ = ["Tracker", "TrialTracking", "RegisteredVersion", "CHAMPION", "TAG_DATASET", "TAG_DATA_ROOT",
+           "TAG_FINGERPRINT", "choose_champion", "ui_hint"]
 
 logger = logging.getLogger(__name__)
 
-
-class _DropPickleAdvice(logging.Filter):
-    """MLflow warns on every pickled PyTorch model. We log pickled models on purpose (they load anywhere
-    with the bundled cnnmodels code) and serve from the weights-only checkpoint stored beside them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Pickle or CloudPickle" not in record.getMessage()
 
 CHAMPION = "champion"
 TAG_STAGE = "stage"
@@ -49,6 +48,11 @@ TAG_TRIAL = "ray.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
 #: Per-epoch metrics (step = epoch).
 EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "train_images_per_sec", "epoch_seconds", "lr")
+#: Where the registered model keeps its weights-only checkpoint (``log_model`` copies artifacts under
+#: ``artifacts/``); versions registered as pickled PyTorch models kept it under ``extra_files/``.
+REGISTERED_CHECKPOINTS = (f"artifacts/{CHECKPOINT_FILE}", f"extra_files/{CHECKPOINT_FILE}")
+#: Version tags that say which data a version was trained on (also a run param, for older versions).
+TAG_DATASET, TAG_DATA_ROOT, TAG_FINGERPRINT = "dataset", "data_root", "fingerprint"
 #: Metrics logged once when a run ends.
 FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_images_per_sec", "train_seconds")
 
@@ -87,20 +91,26 @@ class RegisteredVersion:
 class Tracker:
     """A thin, picklable handle on one MLflow experiment (the client is created lazily per process)."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, artifact_root: str | None = None) -> None:
+    def __init__(self, tracking_uri: str, experiment_name: str, artifact_root: str | None = None, *,
+                 dataset: str | None = None, data_root: str | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.artifact_root = artifact_root
+        # The data the config trains on: registered versions of other data are left out (None: all count).
+        self.dataset = dataset
+        self.data_root = data_root
         self._client = None
         self._experiment_id: str | None = None
 
     @classmethod
     def for_config(cls, cfg) -> Tracker:
         """The tracker of a pipeline config: experiment = ``cfg.name``; local sqlite stores keep their
-        artifacts next to the database (``<workdir>/mlartifacts``), servers decide for themselves."""
+        artifacts next to the database (``<workdir>/mlartifacts``), servers decide for themselves. Only
+        registered versions trained on ``cfg.data`` count (for ``imagefolder``: the same ``data.root``)."""
         uri = cfg.tracking_uri
         root = cfg.paths.mlflow_artifacts.as_uri() if uri.startswith("sqlite:") else None
-        return cls(uri, cfg.name, artifact_root=root)
+        data_root = cfg.data.root if cfg.data.dataset == "imagefolder" else None
+        return cls(uri, cfg.name, artifact_root=root, dataset=cfg.data.dataset, data_root=data_root)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -113,7 +123,6 @@ class Tracker:
             from mlflow import MlflowClient
 
             logging.getLogger("alembic").setLevel(logging.WARNING)
-            logging.getLogger("mlflow.pytorch").addFilter(_DropPickleAdvice())
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         return self._client
@@ -182,43 +191,41 @@ class Tracker:
         self, run_id: str, checkpoint_dir: str | os.PathLike, registered_model: str, alias: str,
         tags: dict[str, Any] | None = None,
     ) -> str:
-        """Log a checkpoint as an MLflow PyTorch model under ``run_id``, register it and set ``alias``.
+        """Log a checkpoint as an MLflow pyfunc model under ``run_id``, register it and set ``alias``.
 
-        Returns the new version number. The logged model carries the checkpoint file itself (so servers
-        can rebuild it with ``weights_only`` loading) and the ``cnnmodels`` source (so the pickled model
-        loads where cnnmodels is not installed).
+        Returns the new version number. The model is logged "from code" (:mod:`pipelines.pyfunc_model`, whose
+        loader rebuilds the architecture from cnnmodels by name): its artifacts are the checkpoint without
+        the optimizer state (read back with ``weights_only``) and the preprocessing spec as JSON, so
+        ``mlflow.pyfunc.load_model`` unpickles nothing and servers download one file.
         """
         import mlflow
-        import mlflow.pytorch
         import torch
         import torchvision
         from mlflow.models import infer_signature
 
-        import cnnmodels
+        from . import pyfunc_model
 
-        checkpoint_file = Path(checkpoint_dir) / CHECKPOINT_FILE
-        checkpoint = load_checkpoint(checkpoint_file)
+        checkpoint = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
         model = checkpoint.build_model()
         example = np.zeros((1, *checkpoint.spec.input_shape), dtype=np.float32)
         with torch.inference_mode():
             output = model(torch.from_numpy(example)).numpy()
-        signature = infer_signature(example, output)
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         with tempfile.TemporaryDirectory() as scratch:
+            weights = save_checkpoint(dataclasses.replace(checkpoint, training_state=None),
+                                      Path(scratch) / CHECKPOINT_FILE)
             spec_file = Path(scratch) / "preprocess.json"
             spec_file.write_text(json.dumps(checkpoint.spec.to_dict(), indent=2))
             with mlflow.start_run(run_id=run_id, nested=True):
-                info = mlflow.pytorch.log_model(
-                    model,
+                info = mlflow.pyfunc.log_model(
                     name="model",
-                    signature=signature,
+                    python_model=pyfunc_model.__file__,
+                    artifacts={pyfunc_model.CHECKPOINT_ARTIFACT: str(weights), "preprocess": str(spec_file)},
+                    signature=infer_signature(example, output),
                     input_example=example,
-                    serialization_format="pickle",
-                    code_paths=[str(Path(cnnmodels.__file__).parent)],
-                    extra_files=[str(checkpoint_file), str(spec_file)],
                     pip_requirements=[f"torch>={torch.__version__.split('+')[0]}",
-                                      f"torchvision>={torchvision.__version__.split('+')[0]}"],
+                                      f"torchvision>={torchvision.__version__.split('+')[0]}", "numpy"],
                 )
         version_tags = {k: str(v) for k, v in (tags or {}).items()}
         version = mlflow.register_model(info.model_uri, registered_model, tags=version_tags)
@@ -232,20 +239,43 @@ class Tracker:
             raise LookupError(f"registered model {registered_model!r} not found at {self.tracking_uri}; "
                               "train first") from err
 
+    def trained_on_this_data(self, tags: dict[str, str], run_id: str | None) -> bool:
+        """Whether a version was trained on this tracker's data set: its ``dataset`` tag (or, for versions
+        registered before the tag existed, its run's ``dataset`` param) names it, and for ``imagefolder``
+        its ``data_root`` tag names the same root. Versions that say nothing count."""
+        if self.dataset is None:
+            return True
+        dataset = tags.get(TAG_DATASET)
+        if dataset is None and run_id:
+            try:
+                dataset = self.client.get_run(run_id).data.params.get("dataset")
+            except Exception:  # noqa: BLE001 - a deleted run: nothing to compare
+                dataset = None
+        if dataset is not None and dataset != self.dataset:
+            return False
+        return self.data_root is None or tags.get(TAG_DATA_ROOT, self.data_root) == self.data_root
+
     def registered_versions(self, registered_model: str) -> tuple[list[RegisteredVersion], str | None]:
-        """Every aliased version (but ``champion`` itself), by alias, and the alias the champion points at.
+        """Every aliased version trained on this tracker's data (but ``champion`` itself), by alias, and the
+        alias the champion points at (None when it points at a version of other data).
 
         Raises ``LookupError`` when nothing is registered under ``registered_model``.
         """
         registered = self._registered(registered_model)
-        tags_of: dict[str, dict[str, str]] = {}
+        current: dict[str, dict[str, str] | None] = {}  # version -> its tags, None for another data set
         versions = []
         for alias, version in sorted(registered.aliases.items()):
             if alias == CHAMPION:
                 continue
-            if version not in tags_of:
-                tags_of[version] = dict(self.client.get_model_version(registered_model, version).tags)
-            versions.append(RegisteredVersion(alias, str(version), tags_of[version],
+            if version not in current:
+                details = self.client.get_model_version(registered_model, version)
+                tags = dict(details.tags)
+                current[version] = tags if self.trained_on_this_data(tags, details.run_id) else None
+            if current[version] is None:
+                logger.info("@%s (version %s of %s) was trained on other data than %s: left out", alias, version,
+                            registered_model, self.dataset)
+                continue
+            versions.append(RegisteredVersion(alias, str(version), current[version],
                                               f"models:/{registered_model}/{version}"))
         champion_version = str(registered.aliases.get(CHAMPION))
         champion = next((v.alias for v in versions if v.version == champion_version), None)
@@ -259,7 +289,8 @@ class Tracker:
             return None
 
     def update_champion(self, registered_model: str, metric: str = "test_acc") -> tuple[str, str] | None:
-        """Point alias ``champion`` at the aliased version with the best ``metric``; returns (alias, version)."""
+        """Point alias ``champion`` at the best ``metric`` among the aliased versions trained on this
+        tracker's data; returns (alias, version), or None (and no champion alias) when none has a score."""
         try:
             versions, _ = self.registered_versions(registered_model)
         except LookupError:
@@ -272,24 +303,45 @@ class Tracker:
                 scores[v.alias] = None
         alias = choose_champion(scores)
         if alias is None:
+            if CHAMPION in self._registered(registered_model).aliases:  # it points at other data
+                self.client.delete_registered_model_alias(registered_model, CHAMPION)
             return None
         version = next(v.version for v in versions if v.alias == alias)
         self.client.set_registered_model_alias(registered_model, CHAMPION, version)
         return alias, version
 
-    def download_model_file(self, model_uri: str, filename: str) -> Path:
-        """Download a registered model's artifacts and return the path of ``filename`` among them."""
+    def download_checkpoint(self, registered_model: str, version: str, cache_dir: str | os.PathLike) -> Path:
+        """A registered version's weights-only checkpoint, and nothing else of its artifacts, cached.
+
+        The cache entry ``<cache_dir>/<registered_model>/v<version>-<key>/model.pt`` is keyed by the
+        version and by what it was registered from (so a re-created registry never hits an old file);
+        it is downloaded once, into a temporary directory beside it, and moved into place whole.
+        """
         import mlflow
 
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-        found = sorted(local.rglob(filename))
-        if not found:
-            from .checkpoints import CheckpointError
-
-            raise CheckpointError(f"{model_uri} holds no {filename}")
-        return found[0]
+        details = self.client.get_model_version(registered_model, version)
+        identity = f"{self.tracking_uri}|{registered_model}|{version}|{details.source}|{details.creation_timestamp}"
+        key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        target = Path(cache_dir) / registered_model / f"v{version}-{key}" / CHECKPOINT_FILE
+        if target.is_file():
+            return target
+        # The artifact location through this client: a models:/ URI would be resolved against the process's
+        # default tracking store, which in a Serve replica is not this one.
+        location = self.client.get_model_version_download_uri(registered_model, version).rstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        problems = []
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
+            for relative in REGISTERED_CHECKPOINTS:
+                try:
+                    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{relative}", dst_path=scratch,
+                                                                tracking_uri=self.tracking_uri)
+                except Exception as err:  # noqa: BLE001 - MlflowException or OSError: not at this path
+                    problems.append(f"{relative}: {type(err).__name__}: {err}")
+                    continue
+                os.replace(local, target)
+                return target
+        raise CheckpointError(f"models:/{registered_model}/{version} holds no weights-only checkpoint "
+                              f"({'; '.join(problems)})")
 
 
 def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:

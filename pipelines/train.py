@@ -75,7 +75,8 @@ def finish_model_trial(cfg: PipelineConfig, tracker, trial, run_id: str, started
             run_id, directory, cfg.registered_model_name, alias=run.model_name,
             tags={"test_acc": result["test_acc"], "best_val_acc": result["best_val_acc"], "arch": run.arch,
                   "model_name": run.model_name, "params_count": run.params_count, "macs": run.macs,
-                  "input_size": run.spec.image_size},
+                  "input_size": run.spec.image_size, "dataset": run.data.dataset, "data_root": run.data.root or "",
+                  "fingerprint": run.fingerprint},
         )
     driver["registered"] = time.time()
     throughput = [h["train_images_per_sec"] for h in history]

@@ -59,6 +59,7 @@ def test_every_preset_is_a_valid_config(preset, monkeypatch, tmp_path):
     monkeypatch.setenv("CNNZOO_STORAGE_PATH", "s3://bucket/prefix")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
     monkeypatch.setenv("CNNZOO_DATA_ROOT", str(tmp_path))
+    monkeypatch.setenv("CNNZOO_SERVE_TOKEN", "preset-test-token")
     cfg = load_config(ROOT / "pipelines" / "configs" / preset)
     if cfg.train.use_gpu:
         assert cfg.paths.storage == "s3://bucket/prefix" and cfg.tracking_uri == "http://10.0.0.1:5000"

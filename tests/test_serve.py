@@ -1,26 +1,42 @@
-"""Ray Serve over real HTTP: routing, agreement with the models, bad input, load, auth, broken models."""
+"""Ray Serve over real HTTP: routing, agreement with the models, bad input, load, auth, broken models, and
+requests that try to exhaust a replica (decode bombs, stalled bodies)."""
 
 from __future__ import annotations
 
 import io
+import shutil
+import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 import requests
 import torch
 from PIL import Image
+from pydantic import SecretStr
 
-from pipelines.checkpoints import load_checkpoint
-from pipelines.preprocess import decode_image
+import cnnmodels
+from pipelines.checkpoints import CHECKPOINT_FILE, ModelCheckpoint, load_checkpoint, save_checkpoint
+from pipelines.preprocess import PreprocessSpec, decode_image
 
 pytestmark = pytest.mark.slow
 
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
 
 def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode(Image.fromarray(array))
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +65,11 @@ def test_models_lists_every_alias_and_the_champion(server):
     assert set(aliases) == {"lenet5", "resnet18"}
     assert body["champion"] == result.train.champion
     assert [m["alias"] for m in body["models"] if m["champion"]] == [body["champion"]]
+    assert body["dataset"] == "digits"
     for alias, model in aliases.items():
         trained = result.train.results[alias]
         assert model["arch"] == trained.arch and model["version"] == trained.version
+        assert model["dataset"] == "digits" and model["fingerprint"] == trained.fingerprint
         assert model["test_acc"] == pytest.approx(trained.test_acc)
         assert model["params_count"] == trained.params_count and model["macs"] == trained.macs
         assert model["status"] == "ok"
@@ -103,6 +121,8 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, digit_pn
         ("not an image", lambda: predict(url, b"%PDF-1.4 hello"), 400),
         ("truncated image", lambda: predict(url, noisy[: len(noisy) // 2]), 400),
         ("decompression bomb", lambda: predict(url, _bomb()), (400, 413)),
+        ("aspect-ratio bomb", lambda: predict(url, encode(Image.new("L", (1_000_000, 1)))), 400),
+        ("EPS", lambda: predict(url, encode(Image.new("RGB", (8, 8)), "EPS")), 415),
         ("body over max_upload_mb", lambda: predict(url, b"\x89PNG" + b"0" * (2 * 1024 * 1024)), 413),
         ("unsupported content type", lambda: predict(url, b"{}", content_type="application/json"), 415),
         ("unknown alias", lambda: predict(url, digit_png, params={"model": "resnet9000"}), 404),
@@ -136,36 +156,174 @@ def test_two_hundred_requests_at_concurrency_16_all_succeed(server, digit_png):
     assert codes == [200] * 200
 
 
-def test_auth_token_and_a_broken_checkpoint(server, digit_png, tmp_path):
-    """A second app serving checkpoint files: one good, one corrupt; with a bearer token required."""
+def test_odd_but_valid_images_are_answered(server):
+    cfg, result, url = server
+    for name, data in (("LAB TIFF", encode(Image.new("LAB", (24, 24), (128, 200, 128)), "TIFF")),
+                       ("CMYK JPEG", encode(Image.new("CMYK", (24, 24), (0, 80, 200, 0)), "JPEG")),
+                       ("16-bit PNG", encode(Image.new("I;16", (24, 24), 40000))),
+                       ("WebP", encode(Image.new("RGB", (24, 24), (9, 9, 9)), "WEBP"))):
+        response = predict(url, data)
+        assert response.status_code == 200, (name, response.text)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise LookupError(pid)
+
+
+def replica_pid(app: str) -> int:
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # other Ray instances may run here
+                         filters=[("class_name", "=", f"ServeReplica:{app}:Classifier"), ("state", "=", "ALIVE")])
+    assert len(actors) == 1, actors
+    return actors[0].pid
+
+
+def test_twenty_concurrent_oversized_decodes_leave_the_replica_healthy_and_its_memory_flat(server, digit_png):
+    """A 1,000,000 x 1 PNG (1 KB, a million pixels: within serve.max_image_pixels) would resize to a strip of
+    16-32 million pixels per request; 20 at once, and 20 images at the pixel limit."""
+    cfg, result, url = server
+    pid = replica_pid(cfg.name)
+    strip = encode(Image.new("L", (1_000_000, 1)))
+    at_the_limit = encode(Image.new("L", (1000, 1000), 128))
+    baseline, peak, sampling = rss_mb(pid), [0.0], threading.Event()
+
+    def sample():
+        while not sampling.is_set():
+            peak[0] = max(peak[0], rss_mb(pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            strips = list(pool.map(lambda _: predict(url, strip), range(20)))
+            large = list(pool.map(lambda _: predict(url, at_the_limit), range(20)))
+    finally:
+        sampling.set()
+        sampler.join()
+    assert [r.status_code for r in strips] == [400] * 20
+    assert "aspect ratio" in strips[0].json()["error"]
+    assert [r.status_code for r in large] == [200] * 20
+    assert peak[0] - baseline < 150, (baseline, peak[0])
+    assert predict(url, digit_png).status_code == 200
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+class PlantedCode:
+    """Unpickling this creates ``path``: proof that a pickle ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.fixture(scope="module")
+def strict_app(server, tmp_path_factory):
+    """A second app serving checkpoint files, with a bearer token, 2 s / 4 s deadlines, two requests at a time,
+    one model in memory and eager (untraced) models: a good model, a 3-class one, a corrupt file, a planted
+    pickle, and a good file that disappears once the app is up."""
     from ray import serve
 
     from pipelines.serve import build_app
 
     cfg, result, url = server
-    broken = tmp_path / "broken.pt"
-    broken.write_bytes(b"not a checkpoint at all")
-    files_cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
-        "auth_token": "s3cret", "checkpoints": {"good": result.train.results["lenet5"].checkpoint_path,
-                                                "broken": str(broken)}})})
-    serve.run(build_app(files_cfg), name="secure", route_prefix="/secure", blocking=False)
-    try:
-        base = f"{url}/secure"
-        assert requests.get(f"{base}/models", timeout=60).status_code == 401
-        assert predict(base, digit_png).status_code == 401
-        wrong = predict(base, digit_png, headers={"Authorization": "Bearer nope"})
-        assert wrong.status_code == 401 and "error" in wrong.json()
-        auth = {"Authorization": "Bearer s3cret"}
-        models = requests.get(f"{base}/models", headers=auth, timeout=60).json()
-        status = {m["alias"]: m for m in models["models"]}
-        assert status["good"]["status"] == "ok" and status["broken"]["status"] == "error"
-        assert "CheckpointError" in status["broken"]["error"]
-        health = requests.get(f"{base}/healthz", timeout=60)
-        assert health.status_code == 200 and health.json()["status"] == "degraded"
-        failed = predict(base, digit_png, params={"model": "broken"}, headers=auth)
-        assert failed.status_code == 503 and "failed to load" in failed.json()["error"]
-        ok = predict(base, digit_png, params={"model": "good"}, headers=auth)
-        assert ok.status_code == 200 and ok.json()["model"] == "good"
-        assert models["champion"] == "good"
-    finally:
-        serve.delete("secure")
+    directory = tmp_path_factory.mktemp("strict")
+    (directory / "broken.pt").write_bytes(b"not a checkpoint at all")
+    marker = directory / "pickle-ran"
+    torch.save({"format": "cnnzoo.checkpoint", "payload": PlantedCode(marker)}, directory / "planted.pt")
+    shutil.copy(Path(result.train.results["lenet5"].checkpoint_path) / CHECKPOINT_FILE, directory / "vanishing.pt")
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,), class_names=("x", "y", "z"))
+    save_checkpoint(ModelCheckpoint("lenet5", {}, spec, cnnmodels.create_model("lenet5", num_classes=3,
+                                                                               in_chans=1).state_dict()),
+                    directory / "three.pt")
+    checkpoints = {"good": result.train.results["lenet5"].checkpoint_path,
+                   **{name: str(directory / f"{name}.pt") for name in ("three", "broken", "planted", "vanishing")}}
+    strict = cfg.serve.model_copy(update={
+        "auth_token": SecretStr(TOKEN), "checkpoints": checkpoints, "body_timeout_s": 2.0, "request_timeout_s": 4.0,
+        "max_ongoing_requests": 2, "max_models_per_replica": 1, "trace_models": False})  # eager forwards here
+    serve.run(build_app(cfg.model_copy(update={"serve": strict})), name="strict", route_prefix="/strict",
+              blocking=False)
+    deadline = time.time() + 120
+    while requests.get(f"{url}/strict/healthz", timeout=30).status_code not in (200, 503) and time.time() < deadline:
+        time.sleep(0.5)
+    (directory / "vanishing.pt").unlink()  # verified at start, gone when first requested
+    yield f"{url}/strict", marker
+    serve.delete("strict")
+
+
+def test_auth_token_and_broken_checkpoints(strict_app, digit_png):
+    base, marker = strict_app
+    assert requests.get(f"{base}/models", timeout=60).status_code == 401
+    assert predict(base, digit_png).status_code == 401
+    wrong = predict(base, digit_png, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "error" in wrong.json()
+    models = requests.get(f"{base}/models", headers=AUTH, timeout=60).json()
+    status = {m["alias"]: m for m in models["models"]}
+    assert status["good"]["status"] == "ok" and status["broken"]["status"] == "error"
+    assert "CheckpointError" in status["broken"]["error"]
+    assert status["planted"]["status"] == "error" and "unreadable or corrupt" in status["planted"]["error"]
+    assert not marker.exists()  # the planted pickle was refused, never run
+    health = requests.get(f"{base}/healthz", timeout=60)
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    failed = predict(base, digit_png, params={"model": "broken"}, headers=AUTH)
+    assert failed.status_code == 503 and "failed to load" in failed.json()["error"]
+    ok = predict(base, digit_png, params={"model": "good"}, headers=AUTH)
+    assert ok.status_code == 200 and ok.json()["model"] == "good"
+    assert models["champion"] == "good"
+
+
+def test_a_load_failing_at_request_time_is_503_and_reported(strict_app, digit_png):
+    base, _ = strict_app
+    before = requests.get(f"{base}/models", headers=AUTH, timeout=60).json()
+    assert {m["alias"]: m["status"] for m in before["models"]}["vanishing"] == "ok"
+    failed = predict(base, digit_png, params={"model": "vanishing"}, headers=AUTH)
+    assert failed.status_code == 503 and "does not exist" in failed.json()["error"]
+    after = {m["alias"]: m for m in requests.get(f"{base}/models", headers=AUTH, timeout=60).json()["models"]}
+    assert after["vanishing"]["status"] == "error"
+    assert "vanishing" in requests.get(f"{base}/healthz", timeout=60).json()["errors"]
+    assert predict(base, digit_png, params={"model": "vanishing"}, headers=AUTH).status_code == 503
+    assert predict(base, digit_png, params={"model": "good"}, headers=AUTH).status_code == 200
+
+
+def test_top_k_defaults_to_the_class_count_of_a_small_model(strict_app, digit_png, tmp_path, capsys):
+    from pipelines.__main__ import main
+
+    base, _ = strict_app
+    clamped = predict(base, digit_png, params={"model": "three"}, headers=AUTH)
+    assert clamped.status_code == 200 and len(clamped.json()["predictions"]) == 3
+    assert predict(base, digit_png, params={"model": "three", "top_k": 2}, headers=AUTH).json()["predictions"][1]
+    too_many = predict(base, digit_png, params={"model": "three", "top_k": 4}, headers=AUTH)
+    assert too_many.status_code == 422 and "at most 3" in too_many.json()["error"]
+    image = tmp_path / "digit.png"
+    image.write_bytes(digit_png)
+    assert main(["predict", str(image), "--url", base, "--model", "three", "--token", TOKEN]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]  # after the header and the column names
+    assert sorted(row.split()[0] for row in rows) == ["x", "y", "z"]
+
+
+def test_a_stalled_body_frees_its_slot_at_the_body_deadline(strict_app, digit_png):
+    """Two clients send headers and a few bytes, then stall: the replica's two slots. A third request gets
+    through once the 2 s body deadline answers them 408, even though they asked the proxy for no timeout."""
+    base, _ = strict_app
+    where = urlparse(base)
+    head = (f"POST {where.path}/predict?model=good HTTP/1.1\r\nHost: {where.netloc}\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n"
+            "x-request-timeout-seconds: 0\r\n\r\n").encode()
+    stalled = [socket.create_connection((where.hostname, where.port), timeout=30) for _ in range(2)]
+    for connection in stalled:
+        connection.sendall(head + digit_png[:20])
+    time.sleep(0.5)
+    started = time.perf_counter()
+    answered = predict(base, digit_png, params={"model": "good"}, headers=AUTH)
+    assert answered.status_code == 200 and time.perf_counter() - started < 8
+    for connection in stalled:
+        reply = connection.recv(4096).decode()
+        connection.close()
+        assert reply.startswith("HTTP/1.1 408") and "did not arrive within 2 s" in reply, reply

@@ -71,12 +71,13 @@ def test_registered_version_loads_back_and_predicts_like_the_checkpoint(ddp_run)
     version = client.get_model_version_by_alias(cfg.registered_model_name, "lenet5")
     assert str(version.version) == result.version
     assert str(client.get_model_version_by_alias(cfg.registered_model_name, "champion").version) == result.version
-    registered = mlflow.pytorch.load_model(f"models:/{cfg.registered_model_name}@lenet5")
+    registered = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model_name}@lenet5")  # no pickle: from code
     from_checkpoint = load_checkpoint(result.checkpoint_path).build_model()
     x = torch.randn(4, 1, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(registered.eval()(x), from_checkpoint(x))
+        torch.testing.assert_close(torch.from_numpy(registered.predict(x.numpy())), from_checkpoint(x))
     assert float(version.tags["test_acc"]) == pytest.approx(result.test_acc)
+    assert version.tags["dataset"] == "digits" and version.tags["fingerprint"] == result.fingerprint
 
 
 @pytest.mark.slow

@@ -1,0 +1,79 @@
+"""The server's batcher: a batch is what arrived while the previous one ran, up to the size limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pipelines.batching import Batcher
+
+
+class SlowModel:
+    """Doubles its inputs, taking ``seconds`` per batch; records the batches it saw."""
+
+    def __init__(self, seconds: float = 0.05) -> None:
+        self.seconds = seconds
+        self.batches: list[list[int]] = []
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        await asyncio.sleep(self.seconds)
+        if -1 in items:
+            raise ValueError("bad item")
+        return [2 * i for i in items]
+
+
+async def submit_later(batcher: Batcher, item: int, delay: float):
+    await asyncio.sleep(delay)
+    return await batcher.submit(item)
+
+
+def test_requests_arriving_during_a_batch_form_the_next_one():
+    model = SlowModel()
+
+    async def scenario():
+        batcher = Batcher(model, max_batch_size=8, wait_s=0.0)
+        first = asyncio.ensure_future(batcher.submit(0))
+        later = [submit_later(batcher, i, 0.01) for i in range(1, 21)]  # while batch [0] runs
+        return await asyncio.gather(first, *later)
+
+    results = asyncio.run(scenario())
+    assert results == [2 * i for i in range(21)]
+    assert [len(b) for b in model.batches] == [1, 8, 8, 4]
+    assert [i for b in model.batches for i in b] == list(range(21))
+
+
+def test_an_idle_model_waits_for_a_batch_to_gather():
+    model = SlowModel(seconds=0.0)
+
+    async def scenario():
+        batcher = Batcher(model, max_batch_size=8, wait_s=0.05)
+        return await asyncio.gather(*(submit_later(batcher, i, 0.005 * i) for i in range(4)))
+
+    assert asyncio.run(scenario()) == [0, 2, 4, 6]
+    assert model.batches == [[0, 1, 2, 3]]
+
+
+def test_abandoned_requests_are_left_out_and_errors_reach_only_their_batch():
+    model = SlowModel()
+
+    async def scenario():
+        batcher = Batcher(model, max_batch_size=4)
+        running = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.01)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(batcher.submit(2), 0.01)  # gives up while batch [1] runs
+        failing = asyncio.gather(batcher.submit(-1), batcher.submit(3), return_exceptions=True)
+        assert await running == 2
+        bad, also_bad = await failing
+        assert isinstance(bad, ValueError) and isinstance(also_bad, ValueError)
+        return await batcher.submit(5)
+
+    assert asyncio.run(scenario()) == 10
+    assert model.batches == [[1], [-1, 3], [5]]
+
+
+def test_a_batch_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="at least 1"):
+        Batcher(SlowModel(), max_batch_size=0)

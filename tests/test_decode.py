@@ -1,0 +1,89 @@
+"""Decoding uploads: the budget is checked from the header before any pixel is decoded, only the accepted
+formats are opened, and every failure is an ImageDecodeError (415's subclass for a refused format)."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.preprocess import (
+    ACCEPTED_FORMATS,
+    DecodeBudget,
+    ImageDecodeError,
+    PreprocessSpec,
+    UnsupportedImageFormat,
+    decode_image,
+    preprocess_upload,
+)
+
+SPEC = PreprocessSpec(image_size=16, channels=1, mean=(0.5,), std=(0.25,), class_names=tuple("abc"))
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_the_budget_limits_pixels_aspect_ratio_and_the_resized_image():
+    budget = DecodeBudget(max_pixels=1_000_000, max_aspect_ratio=20, max_resized_pixels=16 * 320)
+    budget.check(1000, 1000, 16)
+    budget.check(320, 16, 16)  # 20:1 resizes to 320x16, exactly the limit
+    with pytest.raises(ImageDecodeError, match="above the limit of 1,000,000"):
+        budget.check(1001, 1000, 16)
+    with pytest.raises(ImageDecodeError, match="aspect ratio above the limit of 20"):
+        budget.check(1_000_000, 1, 16)  # a million pixels, but a 16 million pixel strip once resized
+    with pytest.raises(ImageDecodeError, match="resizes to 5,120 pixels for a 16-pixel model"):
+        DecodeBudget(max_resized_pixels=5000).check(16, 320, 16)
+    with pytest.raises(ImageDecodeError, match="no pixels"):
+        budget.check(0, 5, 16)
+
+
+def test_an_aspect_ratio_bomb_is_refused_from_its_header_before_decoding():
+    bomb = encode(Image.new("L", (4_000_000, 1)), "PNG")
+    assert len(bomb) < 10_000
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="aspect ratio"):
+        preprocess_upload(bomb, SPEC, DecodeBudget())
+    # The header alone decides: a copy with its pixel data cut off fails the same way, not as "truncated".
+    with pytest.raises(ImageDecodeError, match="aspect ratio"):
+        preprocess_upload(bomb[:100], SPEC, DecodeBudget())
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("fmt", ACCEPTED_FORMATS)
+def test_every_accepted_format_decodes_to_the_training_pixels(fmt):
+    array = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(array), fmt)
+    expected = SPEC.tensor_from_image(Image.open(io.BytesIO(data)))
+    assert preprocess_upload(data, SPEC, DecodeBudget()).equal(expected)
+
+
+def test_formats_pillow_knows_but_the_server_does_not_accept_are_415_and_never_opened():
+    eps = encode(Image.new("RGB", (8, 8)), "EPS")
+    with pytest.raises(UnsupportedImageFormat, match="EPS images are not accepted"):
+        preprocess_upload(eps, SPEC, DecodeBudget())
+    with pytest.raises(UnsupportedImageFormat):
+        decode_image(eps, 1000)
+    for garbage in (b"%PDF-1.4 hello", b"definitely not an image"):  # no format at all: plain 400
+        with pytest.raises(ImageDecodeError, match="not a readable image") as caught:
+            preprocess_upload(garbage, SPEC, DecodeBudget())
+        assert not isinstance(caught.value, UnsupportedImageFormat)
+
+
+def test_a_lab_tiff_is_converted_through_rgb_for_grey_and_colour_models():
+    """Pillow converts LAB to RGB but not to L: grey-scale models get the RGB image's grey."""
+    lab = Image.new("LAB", (8, 8), (128, 200, 128))
+    data = encode(lab, "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "LAB"
+    grey = PreprocessSpec(image_size=8, channels=1, mean=(0.0,), std=(1.0,), class_names=("a", "b"))
+    colour = PreprocessSpec(image_size=8, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3, class_names=("a", "b"))
+    expected_grey = lab.convert("RGB").convert("L").getpixel((0, 0)) / 255
+    assert preprocess_upload(data, grey, DecodeBudget())[0, 0].flatten().tolist() == pytest.approx([expected_grey] * 64)
+    red, green, blue = (c / 255 for c in lab.convert("RGB").getpixel((0, 0)))
+    rgb = preprocess_upload(data, colour, DecodeBudget())[0]
+    assert rgb[:, 0, 0].tolist() == pytest.approx([red, green, blue])

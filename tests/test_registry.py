@@ -1,0 +1,185 @@
+"""The registered model on a real sqlite MLflow store, without Ray: a pyfunc model with no pickled code, what
+serving downloads and caches, planted pickles, and which versions count for the current data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+import cnnmodels
+from pipelines.checkpoints import CheckpointError, ModelCheckpoint, load_checkpoint, save_checkpoint
+from pipelines.model_store import ModelStore
+from pipelines.preprocess import PreprocessSpec
+from pipelines.tracking import CHAMPION, Tracker
+
+SPEC = PreprocessSpec(image_size=32, channels=1, mean=(0.3,), std=(0.4,),
+                      class_names=tuple(str(i) for i in range(10)), dataset="digits")
+
+
+class PlantedCode:
+    """Unpickling this creates ``path``: proof that a pickle ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """lenet5 (random weights, with optimizer state in its checkpoint) registered as @lenet5 of digits."""
+    from pipelines.config import load_config
+
+    workdir = tmp_path_factory.mktemp("registry")
+    cfg = load_config(None, [f"workdir={workdir}", "name=reg"])
+    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    checkpoint = ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=SPEC, state_dict=model.state_dict(),
+                                 model_name="lenet5", training_state={"optimizer": {"momentum": torch.ones(8)}})
+    save_checkpoint(checkpoint, workdir / "best" / "model.pt")
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    version = tracker.log_and_register(run_id, workdir / "best", cfg.registered_model_name, "lenet5",
+                                       tags={"test_acc": 0.5, "dataset": "digits", "fingerprint": "abc12345"})
+    tracker.update_champion(cfg.registered_model_name)
+    return cfg, tracker, version, model.eval()
+
+
+def artifact_dir(tracker: Tracker, name: str, version: str) -> Path:
+    """The version's logged-model directory in the local artifact store."""
+    uri = tracker.client.get_model_version_download_uri(name, version)
+    return Path(uri.removeprefix("file://"))
+
+
+def test_the_registered_model_is_a_pyfunc_from_code_without_optimizer_state(registered):
+    cfg, tracker, version, model = registered
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model_name}@{CHAMPION}")
+    x = np.random.default_rng(0).standard_normal((3, 1, 32, 32)).astype(np.float32)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(pyfunc.predict(x), expected, rtol=1e-5, atol=1e-6)
+    assert pyfunc.unwrap_python_model().spec == SPEC
+    files = {p.relative_to(artifact_dir(tracker, cfg.registered_model_name, version)).as_posix()
+             for p in artifact_dir(tracker, cfg.registered_model_name, version).rglob("*") if p.is_file()}
+    assert {"MLmodel", "pyfunc_model.py", "artifacts/model.pt", "artifacts/preprocess.json"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pth", ".pickle"))], files
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in (
+        artifact_dir(tracker, cfg.registered_model_name, version) / "MLmodel").read_text()
+    assert load_checkpoint(artifact_dir(tracker, cfg.registered_model_name, version) / "artifacts/model.pt"
+                           ).training_state is None
+
+
+def test_serving_downloads_only_the_checkpoint_once_into_a_cache_keyed_by_version(registered):
+    cfg, tracker, version, model = registered
+    store = ModelStore(cfg)
+    [served], champion = store.discover()
+    assert (served.alias, served.version, served.dataset, served.fingerprint) == ("lenet5", version, "digits",
+                                                                                  "abc12345")
+    assert champion == "lenet5"
+    first = store.load(served, fold=False)
+    second = store.load(served, fold=True, trace=True)  # as the server runs it
+    cached = [p for p in store.cache_dir.rglob("*") if p.is_file()]
+    assert len(cached) == 1 and cached[0].name == "model.pt" and f"v{version}-" in cached[0].parent.name
+    assert not first.traced and second.traced and second.folded
+    x = torch.randn(5, 1, 32, 32)  # not the batch size the trace was made with
+    with torch.inference_mode():
+        torch.testing.assert_close(first.model(x), model(x))
+        torch.testing.assert_close(second.model(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_planted_pickle_is_never_executed_by_serving_or_the_pyfunc_loader(registered, tmp_path):
+    cfg, tracker, version, model = registered
+    name = cfg.registered_model_name
+    # A second version, so the first one's files stay intact for the other tests.
+    run_id = tracker.start_run("lenet5-planted", {"stage": "train"})
+    source = tmp_path / "best"
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=SPEC, state_dict=model.state_dict()),
+                    source / "model.pt")
+    planted_version = tracker.log_and_register(run_id, source, name, "planted", tags={"dataset": "digits"})
+    directory = artifact_dir(tracker, name, planted_version)
+    marker = tmp_path / "pwned"
+    for path in (directory / "python_model.pkl", directory / "artifacts" / "extra.pkl"):
+        torch.save(PlantedCode(marker), path)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    assert mlflow.pyfunc.load_model(f"models:/{name}@planted").predict(np.zeros((1, 1, 32, 32), np.float32)).shape \
+        == (1, 10)
+    # Now the checkpoint itself: a pickle that runs code when unpickled.
+    torch.save({"format": "cnnzoo.checkpoint", "version": 1, "payload": PlantedCode(marker)},
+               directory / "artifacts" / "model.pt")
+    with pytest.raises(Exception, match="Unsupported global|unreadable"):
+        mlflow.pyfunc.load_model(f"models:/{name}@planted")
+    store = ModelStore(cfg)
+    served = next(m for m in store.discover()[0] if m.alias == "planted")
+    with pytest.raises(CheckpointError, match="unreadable or corrupt"):
+        store.load(served)
+    assert not marker.exists()
+    tracker.client.delete_registered_model_alias(name, "planted")
+
+
+@pytest.fixture
+def two_datasets(make_config, tmp_path):
+    """One registered model with aliases from a digits run and from a fashion-mnist run of the same name."""
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    client, name = tracker.client, cfg.registered_model_name
+    client.create_registered_model(name)
+    source = tmp_path.as_uri()
+    for alias, dataset, test_acc in (("lenet5", "digits", "0.99"), ("resnet18", "digits", "0.98"),
+                                     ("alexnet", "fashion-mnist", "0.80"), ("lenet5", "fashion-mnist", "0.85")):
+        version = client.create_model_version(name, source, tags={"test_acc": test_acc, "dataset": dataset})
+        client.set_registered_model_alias(name, alias, version.version)  # lenet5 moves to fashion-mnist
+    # A version registered before versions were tagged: its run's `dataset` param tells.
+    run_id = tracker.start_run("old-vgg", {"stage": "train"})
+    tracker.log_params(run_id, {"dataset": "digits"})
+    old = client.create_model_version(name, source, run_id=run_id, tags={"test_acc": "0.995"})
+    client.set_registered_model_alias(name, "vgg11_bn", old.version)
+    return cfg, tracker
+
+
+def test_only_versions_of_the_current_data_set_are_served_or_champion(two_datasets):
+    cfg, _ = two_datasets
+    digits = Tracker.for_config(cfg)
+    fashion_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": "fashion-mnist"})})
+    fashion = Tracker.for_config(fashion_cfg)
+    name = cfg.registered_model_name
+    assert fashion.update_champion(name) == ("lenet5", "4")
+    assert [v.alias for v in fashion.registered_versions(name)[0]] == ["alexnet", "lenet5"]
+    # The digits config sees only resnet18 (v2) and the old vgg11_bn: lenet5 now points at fashion-mnist.
+    assert [v.alias for v in digits.registered_versions(name)[0]] == ["resnet18", "vgg11_bn"]
+    assert digits.champion_alias(name) is None  # champion is a fashion-mnist version
+    models, champion = ModelStore(fashion_cfg).discover()
+    assert {m.alias: m.dataset for m in models} == {"alexnet": "fashion-mnist", "lenet5": "fashion-mnist"}
+    assert champion == "lenet5"
+    assert digits.update_champion(name) == ("vgg11_bn", "5")
+
+
+def test_a_champion_left_on_other_data_is_removed_when_no_version_fits(two_datasets):
+    cfg, tracker = two_datasets
+    cifar_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": "cifar10"})})
+    cifar = Tracker.for_config(cifar_cfg)
+    name = cfg.registered_model_name
+    tracker.update_champion(name)
+    assert cifar.update_champion(name) is None
+    assert CHAMPION not in tracker.client.get_registered_model(name).aliases
+    assert ModelStore(cifar_cfg).discover() == ([], None)
+
+
+def test_an_imagefolder_version_counts_only_for_its_own_root(make_config, tmp_path):
+    roots = [tmp_path / "cats", tmp_path / "cars"]
+    for root in roots:
+        (root / "a").mkdir(parents=True)
+    cfg = make_config("data.dataset=imagefolder", f"data.root={roots[0]}")
+    tracker = Tracker.for_config(cfg)
+    name = cfg.registered_model_name
+    tracker.client.create_registered_model(name)
+    for alias, root in (("resnet18", roots[0]), ("lenet5", roots[1])):
+        version = tracker.client.create_model_version(name, tmp_path.as_uri(), tags={
+            "test_acc": "0.9", "dataset": "imagefolder", "data_root": str(root)})
+        tracker.client.set_registered_model_alias(name, alias, version.version)
+    assert [v.alias for v in tracker.registered_versions(name)[0]] == ["resnet18"]
+

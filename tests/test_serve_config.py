@@ -1,0 +1,97 @@
+"""Who may call the endpoint: a non-loopback bind needs a token, the token comes from the environment and is
+never printed or written in clear; the GPU presets and cluster.yaml agree on it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, is_loopback, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "tok-3f9a1c-never-shown"
+
+
+def check_config(*overrides: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "pipelines", "check-config"]
+    for override in overrides:
+        args += ["--set", override]
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.0.0.53", True), ("::1", True),
+                                            ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                            ("10.0.0.5", False), ("head.internal", False)])
+def test_loopback_addresses(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_a_public_bind_without_a_token_exits_2_before_ray_starts(make_config):
+    refused = check_config("serve.host=0.0.0.0")
+    assert refused.returncode == 2
+    assert "serve.host" in refused.stderr and "allow_unauthenticated" in refused.stderr
+    assert make_config("serve.host=0.0.0.0", "serve.allow_unauthenticated=true").serve.bearer_token() is None
+
+
+def test_the_token_comes_from_the_environment_and_is_never_printed(make_config, monkeypatch):
+    monkeypatch.setenv("MY_SERVE_TOKEN", TOKEN)
+    from_env = make_config("serve.host=0.0.0.0", "serve.auth_token_env=MY_SERVE_TOKEN")
+    assert from_env.serve.bearer_token() == TOKEN
+    literal = make_config(f"serve.auth_token={TOKEN}")
+    assert literal.serve.bearer_token() == TOKEN
+    for cfg in (from_env, literal):  # what check-config prints
+        assert TOKEN not in cfg.to_yaml() + repr(cfg) + str(cfg)
+    assert "auth_token: '**********'" in literal.to_yaml()
+    with pytest.raises(ConfigError, match="serve.auth_token_env: environment variable NO_SUCH_VARIABLE"):
+        make_config("serve.auth_token_env=NO_SUCH_VARIABLE")
+    with pytest.raises(ConfigError, match="not both"):
+        make_config("serve.auth_token_env=MY_SERVE_TOKEN", "serve.auth_token=x")
+
+
+def test_serve_config_yaml_holds_no_token_and_only_its_owner_reads_it(make_config, monkeypatch):
+    from pipelines.serve import app_builder, write_serve_config
+
+    monkeypatch.setenv("MY_SERVE_TOKEN", TOKEN)
+    for overrides in (["serve.auth_token_env=MY_SERVE_TOKEN"], [f"serve.auth_token={TOKEN}"]):
+        cfg = make_config("serve.host=0.0.0.0", *overrides)
+        path = write_serve_config(cfg)
+        text = path.read_text()
+        assert TOKEN not in text and "*****" not in text
+        assert path.stat().st_mode & 0o777 == 0o600
+        args = yaml.safe_load(text)["applications"][0]["args"]
+        assert args["require_token"] is True and args["config"]["workdir"] == str(cfg.paths.workdir)
+    # `serve deploy` of the file with the literal token: it refuses to build without a token to enforce.
+    with pytest.raises(ConfigError, match="serve.auth_token_env|serve.host"):
+        app_builder(args)
+    monkeypatch.delenv("MY_SERVE_TOKEN")
+    env_args = yaml.safe_load(write_serve_config(make_config()).read_text())["applications"][0]["args"]
+    assert env_args["require_token"] is False
+    app_builder(env_args)  # loopback, no token: builds
+
+
+def test_gpu_presets_read_the_token_that_cluster_yaml_exports(monkeypatch, tmp_path):
+    monkeypatch.setenv("CNNZOO_STORAGE_PATH", "s3://bucket/prefix")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
+    monkeypatch.setenv("CNNZOO_DATA_ROOT", str(tmp_path))
+    monkeypatch.delenv("CNNZOO_SERVE_TOKEN", raising=False)
+    presets = sorted((ROOT / "pipelines" / "configs").glob("*-gpu.yaml"))
+    assert presets
+    for preset in presets:
+        with pytest.raises(ConfigError, match="serve.auth_token_env"):
+            load_config(preset)
+    monkeypatch.setenv("CNNZOO_SERVE_TOKEN", TOKEN)
+    for preset in presets:
+        cfg = load_config(preset)
+        assert not is_loopback(cfg.serve.host) and cfg.serve.bearer_token() == TOKEN
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    head = " ".join(cluster["head_setup_commands"])
+    assert "export CNNZOO_SERVE_TOKEN=" in head and "umask 077" in head
+
+
+def test_the_decode_budget_must_admit_one_model_input(make_config):
+    with pytest.raises(ConfigError, match="serve.max_resized_pixels"):
+        make_config("data.image_size=64", "serve.max_resized_pixels=4000")
