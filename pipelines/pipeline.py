@@ -87,17 +87,22 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
         out.serve = serve_stage(cfg)
         out.stages["serve"] = "ran"
         out.seconds_to_serving = time.time() - started
-        _log_serving_hints(out)
+        _log_serving_hints(out, cfg)
     logger.info("[pipeline] MLflow UI: %s", ui_hint(cfg.tracking_uri, Tracker.for_config(cfg).experiment_id))
     out.seconds = time.time() - started
     return out
 
 
-def _log_serving_hints(out: PipelineResult) -> None:
+def _log_serving_hints(out: PipelineResult, cfg: PipelineConfig) -> None:
     serving = out.serve
     image = serving.sample_image or "image.png"
+    # The token itself is never printed: the hint reads it from where the config says it comes from.
+    variable = cfg.serve.auth_token_env or "CNNZOO_SERVE_TOKEN"
+    auth = f" -H \"Authorization: Bearer ${variable}\"" if cfg.serve.bearer_token() else ""
+    token = f" --token \"${variable}\"" if auth else ""
     logger.info("\n[pipeline] serving %d models at %s (champion: %s) %.0f s after the start", len(serving.models),
                 serving.url, serving.champion, out.seconds_to_serving)
-    logger.info("  curl -s -X POST --data-binary @%s -H 'Content-Type: image/png' %s/predict", image, serving.url)
-    logger.info("  python -m pipelines predict %s --url %s", image, serving.url)
+    logger.info("  curl -s -X POST --data-binary @%s -H 'Content-Type: image/png'%s %s/predict", image, auth,
+                serving.url)
+    logger.info("  python -m pipelines predict %s --url %s%s", image, serving.url, token)
     logger.info("  API docs: %s/docs   Serve config for `serve deploy`: %s", serving.url, serving.config_path)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -38,41 +37,17 @@ from .checkpoints import CHECKPOINT_FILE, ModelCheckpoint, load_checkpoint, save
 from .compute_gate import release_compute, wait_for_compute
 from .console import duration, timestamped
 from .data import SplitDataset, load_splits
+from .optim import lr_at, make_optimizer
 from .planning import ModelRun
 from .preprocess import PreprocessSpec
 from .shared_data import fetch_converted
 
-__all__ = ["train_loop_per_worker", "StepContext", "lr_at", "CHECKPOINT_META"]
+__all__ = ["train_loop_per_worker", "StepContext", "CHECKPOINT_META"]
 
 logger = logging.getLogger(__name__)
 
 #: Small JSON beside each checkpoint: which model and epoch it holds, readable without loading weights.
 CHECKPOINT_META = "meta.json"
-
-
-def lr_at(base_lr: float, schedule: str, warmup_epochs: float, epochs: int, step: int, steps_per_epoch: int) -> float:
-    """The learning rate at global ``step``: linear warm-up, then constant or cosine decay to zero."""
-    total = max(1, epochs * steps_per_epoch)
-    warmup = int(warmup_epochs * steps_per_epoch)
-    if warmup and step < warmup:
-        return base_lr * (step + 1) / warmup
-    if schedule == "constant":
-        return base_lr
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(run: ModelRun, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW; no weight decay on biases and norm scales (decaying them only hurts)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    hyper = run.hyper
-    groups = [{"params": decay, "weight_decay": hyper.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if hyper.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=hyper.lr)
-    return torch.optim.SGD(groups, lr=hyper.lr, momentum=hyper.momentum, nesterov=hyper.momentum > 0)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -106,53 +106,29 @@ def test_a_second_run_skips_finished_stages(pipeline_run, capsys):
     assert again.search.best == first.search.best
 
 
-def test_simulated_two_node_cluster_places_ddp_workers_on_both_nodes(tmp_path):
-    """A real multi-node Ray (ray.cluster_utils.Cluster): the 2-worker run spreads over both nodes."""
-    script = textwrap.dedent(f"""
-        import json, os, ray
-        from ray.cluster_utils import Cluster
-        from pipelines.config import load_config
-        from pipelines.train import train_stage
-
-        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level="WARNING")
-        try:
-            cfg = load_config(None, ["workdir={tmp_path}", "name=twonode", "train.models=[lenet5]",
-                                     "train.epochs=1", "train.num_workers=2", "train.cpus_per_worker=1",
-                                     "train.placement_strategy=SPREAD", "data.train_subset=100"])
-            stage = train_stage(cfg)
-            nodes = {{n["NodeID"] for n in ray.nodes() if n["Alive"]}}
-            placed = json.loads(stage.results["lenet5"].history[-1]["worker_nodes"]) if stage.ok else []
-            print(json.dumps({{"ok": stage.ok, "nodes": len(nodes), "placed": placed}}))
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["ok"] and summary["nodes"] == 2
-    assert len(set(summary["placed"])) == 2  # rank 0 and rank 1 on different nodes
-
-
-NO_OP_LOOP = '''
+NO_OP_GPU_LOOP = '''
 import json, os, time
 
 def install():
-    """Worker process setup hook: the training loop becomes a no-op that records where and when it ran."""
+    """Worker process setup hook: GPU runs train with a no-op loop (no CUDA here) that records where and
+    when it ran; CPU runs keep the real loop."""
     import pipelines.worker
 
-    pipelines.worker.train_loop_per_worker = hold_a_gpu_share
+    real = pipelines.worker.train_loop_per_worker
+
+    def loop(config):
+        run = config["run"]
+        return hold_a_gpu_share(run) if run.workers.use_gpu else real(config)
+
+    pipelines.worker.train_loop_per_worker = loop
 
 
-def hold_a_gpu_share(config):
+def hold_a_gpu_share(run):
     import ray, ray.train
 
     started = time.time()
-    time.sleep(4)
-    record = {"model": config["run"].model_name, "node": ray.get_runtime_context().get_node_id(),
+    time.sleep(3)
+    record = {"model": run.model_name, "node": ray.get_runtime_context().get_node_id(),
               "gpus": ray.get_gpu_ids(), "start": started, "end": time.time()}
     with open(os.environ["GPU_SHARE_LOG"], "a") as f:
         f.write(json.dumps(record) + "\\n")
@@ -160,37 +136,48 @@ def hold_a_gpu_share(config):
 '''
 
 
-def test_fractional_gpu_shares_put_four_runs_on_one_gpu_at_once(tmp_path):
-    """A simulated cluster: a CPU head and a worker node declaring one GPU. Four single-worker runs at
-    train.gpus_per_worker=0.25 all land on that GPU together; the loop is a no-op (no CUDA here)."""
-    (tmp_path / "gpu_share_hook.py").write_text(NO_OP_LOOP)
+@pytest.fixture(scope="module")
+def simulated_cluster(tmp_path_factory):
+    """One real multi-node Ray (ray.cluster_utils.Cluster) for both tests below: a 2-CPU head and a 2-CPU
+    node that declares one GPU. It trains lenet5 with 2 DDP workers spread over both nodes, then runs two
+    single-worker runs at train.gpus_per_worker=0.5 with a no-op loop."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
+    (tmp_path / "gpu_share_hook.py").write_text(NO_OP_GPU_LOOP)
     log = tmp_path / "placed.jsonl"
     script = textwrap.dedent(f"""
         import json, ray
+        from ray import tune
         from ray.cluster_utils import Cluster
         from pipelines.config import load_config
         from pipelines.data import describe_dataset
         from pipelines.planning import ModelChoice, plan_model_runs
         from pipelines.runtime import concurrency_for, free_resources
+        from pipelines.train import train_stage
         from pipelines.trials import run_model_trials, trial_resources
-        from ray import tune
 
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
-        gpu_node = cluster.add_node(num_cpus=4, num_gpus=1)
+        gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING", runtime_env={{
             "worker_process_setup_hook": "gpu_share_hook.install",
             "env_vars": {{"PYTHONPATH": "{tmp_path}", "GPU_SHARE_LOG": "{log}"}}}})
         try:
+            cfg = load_config(None, ["workdir={tmp_path}", "name=twonode", "train.models=[lenet5]",
+                                     "train.epochs=1", "train.num_workers=2", "train.cpus_per_worker=1",
+                                     "train.placement_strategy=SPREAD", "data.train_subset=100"])
+            stage = train_stage(cfg)
+            nodes = {{n["NodeID"] for n in ray.nodes() if n["Alive"]}}
+            placed = json.loads(stage.results["lenet5"].history[-1]["worker_nodes"]) if stage.ok else []
+
             cfg = load_config(None, ["workdir={tmp_path}", "name=shares", "ray.address=auto", "train.use_gpu=true",
-                                     "train.gpus_per_worker=0.25", "train.cpus_per_worker=0.5", "train.epochs=1"])
-            choices = [ModelChoice(f"lenet5_{{i}}", "lenet5") for i in range(4)]
-            runs = plan_model_runs(cfg, describe_dataset(cfg.data), choices, cluster_cpus=6)
+                                     "train.gpus_per_worker=0.5", "train.cpus_per_worker=0.5", "train.epochs=1"])
+            choices = [ModelChoice(f"lenet5_{{i}}", "lenet5") for i in range(2)]
+            runs = plan_model_runs(cfg, describe_dataset(cfg.data), choices, cluster_cpus=4)
             concurrency = concurrency_for("auto", trial_resources(runs[0]), len(runs), free_resources())
             grid = run_model_trials(cfg.paths, experiment="shares", callbacks=[], max_concurrent=concurrency,
                                     param_space={{"run": tune.grid_search([r.to_dict() for r in runs])}})
-            print(json.dumps({{"concurrency": concurrency, "errors": [str(r.error) for r in grid if r.error],
-                              "gpu_node": gpu_node.node_id}}))
+            print(json.dumps({{"ok": stage.ok, "nodes": len(nodes), "placed": placed, "concurrency": concurrency,
+                              "errors": [str(r.error) for r in grid if r.error], "gpu_node": gpu_node.node_id}}))
         finally:
             ray.shutdown()
             cluster.shutdown()
@@ -198,9 +185,21 @@ def test_fractional_gpu_shares_put_four_runs_on_one_gpu_at_once(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["concurrency"] == 4 and not summary["errors"], summary
-    placed = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(placed) == 4
+    summary["gpu_runs"] = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return summary
+
+
+def test_simulated_two_node_cluster_places_ddp_workers_on_both_nodes(simulated_cluster):
+    summary = simulated_cluster
+    assert summary["ok"] and summary["nodes"] == 2
+    assert len(set(summary["placed"])) == 2  # rank 0 and rank 1 on different nodes
+
+
+def test_fractional_gpu_shares_put_two_runs_on_one_gpu_at_once(simulated_cluster):
+    """Two single-worker runs at train.gpus_per_worker=0.5 both land on the one GPU, at the same time."""
+    summary = simulated_cluster
+    assert summary["concurrency"] == 2 and not summary["errors"], summary
+    placed = summary["gpu_runs"]
+    assert len(placed) == 2
     assert {p["node"] for p in placed} == {summary["gpu_node"]} and all(p["gpus"] == [0] for p in placed)
-    # All four held their quarter of the GPU at the same time.
-    assert max(p["start"] for p in placed) < min(p["end"] for p in placed), placed
+    assert max(p["start"] for p in placed) < min(p["end"] for p in placed), placed  # held it together

@@ -202,7 +202,7 @@ def test_free_resources_counts_cpus_a_finished_actor_is_still_handing_back(ray_c
 
 
 def test_the_learning_rate_warms_up_linearly_then_follows_the_schedule():
-    from pipelines.worker import lr_at
+    from pipelines.optim import lr_at
 
     steps = 10  # per epoch; 3 epochs, 1 of warm-up
     cosine = [lr_at(0.1, "cosine", 1.0, 3, step, steps) for step in range(30)]
