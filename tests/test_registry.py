@@ -64,6 +64,12 @@ def test_the_registered_model_is_a_pyfunc_from_code_without_optimizer_state(regi
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(pyfunc.predict(x), expected, rtol=1e-5, atol=1e-6)
     assert pyfunc.unwrap_python_model().spec == SPEC
+    # The signature comes from the spec (no forward at registration): images in, one logit per class out.
+    signature = pyfunc.metadata.signature
+    assert signature.inputs.inputs[0].shape == (-1, *SPEC.input_shape)
+    assert signature.outputs.inputs[0].shape == (-1, SPEC.num_classes)
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        pyfunc.predict(np.zeros((1, 3, 32, 32), np.float32))  # wrong channel count, refused by the signature
     files = {p.relative_to(artifact_dir(tracker, cfg.registered_model_name, version)).as_posix()
              for p in artifact_dir(tracker, cfg.registered_model_name, version).rglob("*") if p.is_file()}
     assert {"MLmodel", "pyfunc_model.py", "artifacts/model.pt", "artifacts/preprocess.json"} <= files
