@@ -81,10 +81,12 @@ class _Section(BaseModel):
 
 
 class RayConfig(_Section):
-    """Where Ray runs. ``address: null`` starts a local Ray; ``auto`` joins the cluster this runs on."""
+    """Where Ray runs. ``address: null`` starts a local Ray (inside a Ray job: the job's cluster); ``auto``
+    joins the cluster this runs on."""
 
     address: Optional[str] = Field(
-        None, description="null starts a local Ray; 'auto' joins the cluster this runs on; or ray://host:10001"
+        None, description="null starts a local Ray (a Ray job's driver joins its cluster); 'auto' joins the "
+                    "cluster this runs on; or ray://host:10001"
     )
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
     num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of a local Ray (default: all)")
@@ -305,6 +307,11 @@ class SearchConfig(_Section):
 class TrackingConfig(_Section):
     uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite file under workdir)")
     registered_model: Optional[str] = Field(None, description="registry name (default: the pipeline name)")
+    pending_timeout_s: float = Field(
+        120.0, ge=0,
+        description="how long the end of a stage waits for tracking writes queued while MLflow was unreachable; "
+                    "what is left is kept in <run dir>/tracking-pending.json for `python -m pipelines register` "
+                    "(exit code 3)")
 
     @field_validator("uri")
     @classmethod

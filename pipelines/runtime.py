@@ -45,10 +45,15 @@ def ray_session(cfg: PipelineConfig) -> Iterator[None]:
         return
     kwargs = {"include_dashboard": cfg.ray.include_dashboard, "logging_level": logging.WARNING,
               "configure_logging": True}
-    if cfg.ray.address is None:
+    address = cfg.ray.address
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]  # a Ray job's driver: its cluster, not a Ray of its own
+    elif address is None:
+        # "local", not None: None would join any `ray start` cluster on this machine, with other settings.
+        address = "local"
         kwargs.update(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
                       runtime_env={"env_vars": dict(WORKER_ENV)})
-    ray.init(address=cfg.ray.address, **kwargs)
+    ray.init(address=address, **kwargs)
     try:
         yield
     finally:

@@ -23,7 +23,8 @@ def ray_cluster():
 
     from pipelines.runtime import WORKER_ENV
 
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=True, logging_level=logging.WARNING,
+    # address="local": a `ray start` head elsewhere on this machine (the job-flow test's) is not joined.
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=True, logging_level=logging.WARNING,
              runtime_env={"env_vars": dict(WORKER_ENV)})
     yield ray
     try:
