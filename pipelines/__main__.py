@@ -1,9 +1,10 @@
 """Command line: ``python -m pipelines <command> [--config FILE] [--set key=value ...]``.
 
-Commands: ``run`` (all stages), ``search``, ``train``, ``report``, ``serve``, ``predict`` (HTTP client) and
-``check-config``. The CLI only parses and calls the stage functions. Config errors exit with code 2 before
-Ray starts; a stage that fails (or raises) exits with 1 and a one-line message (``--debug`` shows the
-traceback); Ctrl-C exits with 130.
+Commands: ``run`` (all stages), ``search``, ``train``, ``report``, ``serve``, ``register`` (send tracking
+writes left pending by an MLflow outage), ``predict`` (HTTP client) and ``check-config``. The CLI only
+parses and calls the stage functions. Config errors exit with code 2 before Ray starts; a stage that fails
+(or raises) exits with 1 and a one-line message (``--debug`` shows the traceback); a stage that finished
+while MLflow had not taken every write exits with 3; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--force", action="store_true", help="search again even if a finished search exists")
         if name == "serve":
             sub.add_argument("--no-block", action="store_true", help="return once serving has started")
+
+    register = commands.add_parser(
+        "register", help="send the MLflow writes (metrics, registrations, champion) an outage left pending")
+    _add_config_args(register)
 
     check = commands.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("file", nargs="?", help="config YAML (same as --config)")
@@ -155,6 +160,28 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
         return 0
 
 
+def _same_config(args) -> str:
+    """This command's config options, for a command line the user can paste."""
+    import shlex
+
+    parts = ["--config", args.config] if args.config else []
+    for override in args.overrides:
+        parts += ["--set", override]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _pending_exit(args, cfg: PipelineConfig, code: int) -> int:
+    """``code``, or EXIT_PENDING with one summary when MLflow has not taken every write of the stage."""
+    from .tracking_queue import EXIT_PENDING, load_pending, pending_summary
+
+    pending = load_pending(cfg.paths.run_dir)
+    if not pending:
+        return code
+    command = f"python -m pipelines register {_same_config(args)}".rstrip()
+    logger.error("%s", pending_summary(pending, cfg.paths.run_dir, command))
+    return code or EXIT_PENDING
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -185,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
               f"outputs in {cfg.paths.run_dir}", file=sys.stderr)
         return 0
     try:
-        return _run_command(args, cfg, stages)
+        if args.command == "register":
+            from .tracking_queue import send_pending
+
+            send_pending(cfg)
+            return _pending_exit(args, cfg, 0)
+        return _pending_exit(args, cfg, _run_command(args, cfg, stages))
     except KeyboardInterrupt:
         logger.error("interrupted; re-run the same command to resume")
         return EXIT_INTERRUPTED

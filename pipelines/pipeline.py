@@ -78,6 +78,14 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
         if out.train.failed and not out.train.results:
             out.seconds = time.time() - started
             return out
+        if out.train.pending:
+            # Report and serving read the registry, which has not got every version yet.
+            for stage in ("report", "serve"):
+                if stage in stages:
+                    out.stages[stage] = "skipped"
+            logger.warning("[pipeline] report and serve skipped: MLflow has not taken every registration yet")
+            out.seconds = time.time() - started
+            return out
 
     if "report" in stages:
         out.report = report_stage(cfg)

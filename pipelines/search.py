@@ -134,18 +134,13 @@ def _plan_trials(cfg: PipelineConfig, template: ModelRun) -> _SearchPlan:
 def _parent_run(tracker, cfg: PipelineConfig, experiment: str, dataset: str) -> str:
     """The search's MLflow parent run: reopened when this experiment ran before (a resumed search)."""
     search = cfg.search
-    previous = tracker.find_run(f"tags.`cnnzoo.experiment` = '{experiment}'")
-    if previous is not None:
-        tracker.reopen(previous.info.run_id)
-        return previous.info.run_id
-    parent = tracker.start_run(f"search-{time.strftime('%Y%m%d-%H%M%S')}",
-                               {"stage": "search", "cnnzoo.stage_parent": "true", "cnnzoo.experiment": experiment})
-    tracker.log_params(parent, {"mode": search.mode, "phi": search.phi, "target": search.target,
-                                "tolerance": search.tolerance, "epochs": search.epochs,
-                                "alpha_range": list(search.alpha), "beta_range": list(search.beta),
-                                "gamma_range": list(search.gamma), "objective": search.objective,
-                                "dataset": dataset})
-    return parent
+    return tracker.open_stage_run(
+        f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+        {"stage": "search", "cnnzoo.stage_parent": "true", "cnnzoo.experiment": experiment},
+        {"mode": search.mode, "phi": search.phi, "target": search.target, "tolerance": search.tolerance,
+         "epochs": search.epochs, "alpha_range": list(search.alpha), "beta_range": list(search.beta),
+         "gamma_range": list(search.gamma), "objective": search.objective, "dataset": dataset},
+        cfg.to_yaml(), reuse=f"tags.`cnnzoo.experiment` = '{experiment}'")
 
 
 def _trial_records(grid, phi: float) -> list[dict[str, Any]]:
@@ -195,7 +190,7 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
 
     from .data import describe_dataset
     from .runtime import concurrency_for, free_resources
-    from .tracking import Tracker, TrialTracking
+    from .tracking_queue import TrackingQueue, TrialTracking
 
     search = cfg.search
     if not force and (previous := load_search_result(cfg)) is not None:
@@ -222,9 +217,9 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=search.epochs, grace_period=search.grace_period,
                               reduction_factor=search.reduction_factor) if search.asha else None
 
-    tracker = Tracker.for_config(cfg)
-    parent = _parent_run(tracker, cfg, experiment, info.dataset)
-    callback = TrialTracking(tracker, "search", parent, describe=partial(describe_search_trial, search.phi))
+    queue = TrackingQueue.for_config(cfg)
+    parent = _parent_run(queue.tracker, cfg, experiment, info.dataset)
+    callback = TrialTracking(queue, "search", parent, describe=partial(describe_search_trial, search.phi))
     # Every trial runs the template with its own coefficients: they overlap as the training stage's models do.
     overlapped, capacity = with_overlapped_startup(cfg, [template] * plan.trials, free["CPU"])
     template = overlapped[0]
@@ -242,19 +237,22 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
         )
     records = _trial_records(grid, search.phi)
     if not records:
-        tracker.end_run(parent, "FAILED")
+        queue.put("end_run", parent, status="FAILED")
+        queue.flush(cfg.tracking.pending_timeout_s)
         raise RuntimeError("the search finished without a single trial reporting val_acc; see the Ray logs")
     _score(records, cfg, template)
     best = dict(records[0])
     result = SearchResult(best=best, trials=records, objective=search.objective, phi=search.phi,
                           paper_included=plan.paper_included, fingerprint=fingerprint)
     result.save(cfg.paths.search_result)
-    tracker.log_params(parent, {"best_alpha": best["alpha"], "best_beta": best["beta"], "best_gamma": best["gamma"]})
-    tracker.set_tags(parent, {"alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"]})
-    tracker.log_metrics(parent, {"best_val_acc": best["val_acc"], "best_score": best["score"],
-                                 "trial_epochs": sum(r["epochs_trained"] for r in records)})
-    tracker.log_artifact(parent, result.path)
-    tracker.end_run(parent, "FINISHED")
+    queue.put("log_params", parent,
+              params={"best_alpha": best["alpha"], "best_beta": best["beta"], "best_gamma": best["gamma"]})
+    queue.put("set_tags", parent, tags={"alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"]})
+    queue.put("log_metrics", parent, metrics={"best_val_acc": best["val_acc"], "best_score": best["score"],
+                                              "trial_epochs": sum(r["epochs_trained"] for r in records)})
+    queue.put("log_artifact", parent, path=str(result.path))
+    queue.put("end_run", parent, status="FINISHED")
+    queue.flush(cfg.tracking.pending_timeout_s)
     _log_search_table(records, best)
     return result
 

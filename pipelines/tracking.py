@@ -24,18 +24,15 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ray.tune import Callback
 
 from .checkpoints import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from .console import timestamped
 
-__all__ = ["Tracker", "TrialTracking", "RegisteredVersion", "CHAMPION", "TAG_DATASET", "TAG_DATA_ROOT",
+__all__ = ["Tracker", "TrackingUnavailable", "RegisteredVersion", "CHAMPION", "TAG_DATASET", "TAG_DATA_ROOT",
            "TAG_FINGERPRINT", "choose_champion", "ui_hint"]
 
 logger = logging.getLogger(__name__)
@@ -55,6 +52,18 @@ REGISTERED_CHECKPOINTS = (f"artifacts/{CHECKPOINT_FILE}", f"extra_files/{CHECKPO
 TAG_DATASET, TAG_DATA_ROOT, TAG_FINGERPRINT = "dataset", "data_root", "fingerprint"
 #: Metrics logged once when a run ends.
 FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_images_per_sec", "train_seconds")
+
+#: The MLflow HTTP client's retry settings in the driver (each one only where the user has not set it).
+CLIENT_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server or its artifact store cannot be written at the start of a stage."""
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def _finite(value: Any) -> bool:
@@ -135,6 +144,10 @@ class Tracker:
 
             logging.getLogger("alembic").setLevel(logging.WARNING)
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+            # Fail a request within seconds rather than MLflow's minutes of back-off: the tracking queue
+            # retries for as long as a stage lasts, and stage-start checks should fail fast and clearly.
+            for variable, value in CLIENT_RETRY_DEFAULTS.items():
+                os.environ.setdefault(variable, value)
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         return self._client
 
@@ -179,11 +192,13 @@ class Tracker:
         if new:
             self.client.log_batch(run_id, params=new)
 
-    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0,
+                    timestamp_ms: int | None = None) -> None:
+        """Log finite metrics at ``step``, stamped ``timestamp_ms`` (when they were measured; default now)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if _finite(v)]
+        stamp = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
+        batch = [Metric(k, float(v), stamp, int(step)) for k, v in metrics.items() if _finite(v)]
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
@@ -196,6 +211,33 @@ class Tracker:
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def open_stage_run(self, run_name: str, tags: dict[str, str], params: dict[str, Any], config_yaml: str,
+                       reuse: str | None = None) -> str:
+        """Open a stage's parent run (the run ``reuse`` matches, when there is one) and write the resolved
+        config into it as ``config.yaml``. This is the stage's check that the tracking store and the
+        artifact store both take writes, made before any model starts: a wrong URI or bucket is a
+        :class:`TrackingUnavailable` error in seconds, not after training."""
+        try:
+            previous = self.find_run(reuse) if reuse else None
+            if previous is not None:
+                run_id = previous.info.run_id
+                self.reopen(run_id)
+            else:
+                run_id = self.start_run(run_name, tags)
+            self.log_params(run_id, params)
+        except Exception as err:
+            raise TrackingUnavailable(f"cannot write to the MLflow tracking store at {self.tracking_uri}: "
+                                      f"{_first_line(err)}") from err
+        try:
+            self.client.log_text(run_id, config_yaml, "config.yaml")
+        except Exception as err:
+            location = self.client.get_run(run_id).info.artifact_uri
+            self.end_run(run_id, "FAILED")
+            raise TrackingUnavailable(
+                f"cannot write artifacts to {location} (the experiment's artifact location; check the bucket "
+                f"name and this machine's credentials): {_first_line(err)}") from err
+        return run_id
 
     # -- registry --------------------------------------------------------------------------------------
     def log_and_register(
@@ -358,86 +400,3 @@ def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri.rstrip('/')}/{page}"
     return f"mlflow ui --backend-store-uri {tracking_uri} --port {port}   # then http://127.0.0.1:{port}/{page}"
-
-
-class TrialTracking(Callback):
-    """A Ray Tune callback that mirrors every trial into an MLflow child run, live, from the driver.
-
-    ``describe(config)`` returns ``(run_name, model_name, params)`` for a trial; ``on_complete(trial,
-    run_id, started_at)`` (optional) runs when a trial finishes, e.g. to register its model (``started_at``:
-    the wall-clock time the trial started, for its timeline), and then ends the MLflow run itself (it may
-    finish in the background); without it the run ends when the trial does. Both must be picklable
-    (module-level functions or ``functools.partial`` of them): Tune saves its callbacks with the experiment
-    so that a restored search keeps logging into the same parent run. Child runs are found again by trial
-    id after a restore.
-    """
-
-    def __init__(
-        self,
-        tracker: Tracker,
-        stage: str,
-        parent_run_id: str,
-        describe: Callable[[dict], tuple[str, str, dict[str, Any]]],
-        on_complete: Callable[[Any, str, float], None] | None = None,
-    ) -> None:
-        self.tracker = tracker
-        self.stage = stage
-        self.parent_run_id = parent_run_id
-        self.describe = describe
-        self.on_complete = on_complete
-        self.run_ids: dict[str, str] = {}
-        self.names: dict[str, str] = {}
-        self.started_at: dict[str, float] = {}
-
-    def progress(self, message: str) -> None:
-        logger.info(timestamped(message))
-
-    def _run_id(self, trial) -> str:
-        if trial.trial_id in self.run_ids:
-            return self.run_ids[trial.trial_id]
-        run_name, model_name, params = self.describe(trial.config)
-        existing = self.tracker.find_run(
-            f"tags.`{TAG_TRIAL}` = '{trial.trial_id}' and tags.`{TAG_STAGE}` = '{self.stage}' "
-            f"and tags.`{TAG_PARENT}` = '{self.parent_run_id}'")
-        if existing is not None:
-            run_id = existing.info.run_id
-            self.tracker.reopen(run_id)
-        else:
-            run_id = self.tracker.start_run(run_name, {TAG_STAGE: self.stage, TAG_TRIAL: trial.trial_id,
-                                                       TAG_MODEL: model_name}, self.parent_run_id)
-        self.tracker.log_params(run_id, params)
-        self.run_ids[trial.trial_id] = run_id
-        self.names[trial.trial_id] = model_name
-        return run_id
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.started_at[trial.trial_id] = time.time()
-        run_id = self._run_id(trial)
-        self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: started (MLflow run {run_id[:8]})")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_id(trial)
-        if "val_acc" in result and "test_acc" not in result:  # an epoch, not the final test report
-            epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
-            self.tracker.log_metrics(run_id, {k: result[k] for k in EPOCH_METRICS if k in result}, step=epoch)
-            total = trial.config.get("run", {}).get("hyper", {}).get("epochs", "?")
-            self.progress(
-                f"[{self.stage}] {self.names[trial.trial_id]}: epoch {epoch + 1}/{total}  "
-                f"train_loss {result.get('train_loss', float('nan')):.4f}  val_loss {result['val_loss']:.4f}  "
-                f"val_acc {result['val_acc']:.4f}  {result.get('train_images_per_sec', 0):.0f} img/s")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
-        result = trial.last_result or {}
-        self.tracker.log_metrics(run_id, {k: result[k] for k in FINAL_METRICS if k in result}, step=0)
-        if self.on_complete is not None:
-            self.on_complete(trial, run_id, self.started_at.get(trial.trial_id, time.time()))
-        else:
-            self.tracker.end_run(run_id, "FINISHED")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
-        self.tracker.set_tags(run_id, {"error": str(getattr(trial, "error_msg", "") or "trial failed")[:4000]})
-        self.tracker.end_run(run_id, "FAILED")
-        self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: FAILED (see the Ray logs and MLflow run "
-                      f"{run_id[:8]})")

@@ -3,20 +3,19 @@
 :func:`train_stage` plans one :class:`~pipelines.planning.ModelRun` per model (plus the searched
 EfficientNet family when coefficients are given), skips models already trained to their epochs with the
 same settings, and runs the rest as Ray Tune trials (:mod:`pipelines.trials`), as many at once as the
-cluster fits. Each trial's epochs are mirrored live into an MLflow child run; when a model finishes,
-:func:`finish_model_trial` logs and registers its best checkpoint and writes its result record. At the end
-the champion alias moves to the best test accuracy and a comparison table is printed.
+cluster fits. Each trial's epochs are mirrored into an MLflow child run; when a model finishes,
+:func:`finish_model_trial` writes its result record and queues the registration of its best checkpoint.
+Every MLflow write goes through :class:`~pipelines.tracking_queue.TrackingQueue`, off the training's
+critical path. At the end the champion alias moves to the best test accuracy, the stage waits (up to
+``tracking.pending_timeout_s``) for the queued writes, and a comparison table is printed.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from .console import duration, timestamped
 from .planning import ModelChoice, ModelRun, plan_model_runs, resolve_models, with_overlapped_startup
 from .results import ModelResult, comparison_table, load_results
 from .shared_data import prepare, shared_splits
-from .trials import reported_checkpoint_dir, run_model_trials, trial_resources, trial_run_name
+from .trials import run_model_trials, trial_resources, trial_run_name
 
 __all__ = ["TrainStageResult", "train_stage", "describe_run", "finish_model_trial"]
 
@@ -62,23 +61,15 @@ def _timeline(worker: dict[str, float], started_at: float, driver: dict[str, flo
     return timeline
 
 
-def finish_model_trial(cfg: PipelineConfig, tracker, trial, run_id: str, started_at: float) -> None:
-    """When a model's trial completes: log and register its best checkpoint, write its result record."""
+def finish_model_trial(cfg: PipelineConfig, queue, trial, run_ref: str, started_at: float) -> ModelResult:
+    """When a model's trial completes: write its result record and queue the registration of its best
+    checkpoint (the record learns its version once MLflow has it: :mod:`pipelines.tracking_queue`)."""
     driver = {"complete": time.time()}
     result = trial.last_result or {}
     run = ModelRun.from_dict(trial.config["run"])
     if "test_acc" not in result:
         raise RuntimeError(f"{run.model_name}: the run ended without a test evaluation")
     history = json.loads(result.get("history", "[]"))
-    with reported_checkpoint_dir(result["best_checkpoint_path"], run.storage_path) as directory:
-        version = tracker.log_and_register(
-            run_id, directory, cfg.registered_model_name, alias=run.model_name,
-            tags={"test_acc": result["test_acc"], "best_val_acc": result["best_val_acc"], "arch": run.arch,
-                  "model_name": run.model_name, "params_count": run.params_count, "macs": run.macs,
-                  "input_size": run.spec.image_size, "dataset": run.data.dataset, "data_root": run.data.root or "",
-                  "fingerprint": run.fingerprint},
-        )
-    driver["registered"] = time.time()
     throughput = [h["train_images_per_sec"] for h in history]
     model_result = ModelResult(
         model_name=run.model_name, arch=run.arch, model_kwargs=run.model.kwargs, run_name=run.run_name,
@@ -87,73 +78,56 @@ def finish_model_trial(cfg: PipelineConfig, tracker, trial, run_id: str, started
         best_epoch=int(result["best_epoch"]), test_acc=float(result["test_acc"]),
         train_images_per_sec=float(np.median(throughput)) if throughput else 0.0,
         train_seconds=float(sum(h["epoch_seconds"] for h in history)),
-        checkpoint_path=result["best_checkpoint_path"], history=history, mlflow_run_id=run_id,
-        registered_model=cfg.registered_model_name, version=version,
+        checkpoint_path=result["best_checkpoint_path"], history=history, mlflow_run_id=queue.run_id(run_ref) or "",
+        registered_model=cfg.registered_model_name, version="",
     )
-    tracker.log_metrics(run_id, {"train_images_per_sec": model_result.train_images_per_sec,
-                                 "train_seconds": model_result.train_seconds})
     driver["recorded"] = time.time()
     model_result.timeline = _timeline(json.loads(result.get("timeline", "{}")), started_at, driver)
-    model_result.save(cfg.paths.train_dir)
-    logger.info("[train] %s: test_acc %.4f (best val_acc %.4f at epoch %d); registered %s v%s as @%s",
-                run.model_name, model_result.test_acc, model_result.best_val_acc, model_result.best_epoch + 1,
-                cfg.registered_model_name, version, run.model_name)
+    record = model_result.save(cfg.paths.train_dir)
+    queue.put("register", run_ref, checkpoint_path=result["best_checkpoint_path"], storage_path=run.storage_path,
+              registered_model=cfg.registered_model_name, alias=run.model_name, result_file=str(record),
+              tags={"test_acc": result["test_acc"], "best_val_acc": result["best_val_acc"], "arch": run.arch,
+                    "model_name": run.model_name, "params_count": run.params_count, "macs": run.macs,
+                    "input_size": run.spec.image_size, "dataset": run.data.dataset,
+                    "data_root": run.data.root or "", "fingerprint": run.fingerprint})
+    queue.put("log_metrics", run_ref, metrics={"train_images_per_sec": model_result.train_images_per_sec,
+                                               "train_seconds": model_result.train_seconds})
+    queue.put("end_run", run_ref, status="FINISHED")
+    logger.info("[train] %s: test_acc %.4f (best val_acc %.4f at epoch %d)", run.model_name, model_result.test_acc,
+                model_result.best_val_acc, model_result.best_epoch + 1)
+    return model_result
 
 
 class ModelFinisher:
-    """Logs, registers and records finished models on one background thread of the driver.
+    """Records finished models and says how far the stage is (Tune calls it through the tracking callback).
 
-    Tune calls it (through the tracking callback) when a model's trial completes; it returns at once, so
-    Tune starts the next model while this one's best checkpoint goes to MLflow. :meth:`wait` collects the
-    outcome at the end of the stage. Picklable (Tune saves its callbacks): the thread is recreated on use.
+    Registration is queued, not waited for, so Tune starts the next model at once. Picklable (Tune saves
+    its callbacks).
     """
 
-    def __init__(self, cfg: PipelineConfig, tracker, total: int) -> None:
+    def __init__(self, cfg: PipelineConfig, queue, total: int) -> None:
         self.cfg = cfg
-        self.tracker = tracker
+        self.queue = queue
         self.total = total
         self.started = time.time()
         self.done = 0
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: dict[str, Future] = {}
+        self.failed: list[str] = []
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_executor": None, "_pending": {}}
-
-    def __call__(self, trial, run_id: str, started_at: float) -> None:
-        # A snapshot: Tune owns the trial object and may reuse or change it once this returns.
-        finished = SimpleNamespace(config=copy.deepcopy(trial.config), last_result=dict(trial.last_result or {}))
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="cnnzoo-finish")
-        name = finished.config["run"]["model"]["name"]
-        self._pending[name] = self._executor.submit(self._finish, finished, run_id, started_at)
-
-    def _finish(self, finished, run_id: str, started_at: float) -> None:
+    def __call__(self, trial, run_ref: str, started_at: float) -> None:
         try:
-            finish_model_trial(self.cfg, self.tracker, finished, run_id, started_at)
-        except Exception as err:
-            logger.error("[train] %s: could not log and register the model: %s", run_id[:8], err)
-            self.tracker.set_tags(run_id, {"error": f"{type(err).__name__}: {err}"[:4000]})
-            self.tracker.end_run(run_id, "FAILED")
-            raise
-        self.tracker.end_run(run_id, "FINISHED")
+            finish_model_trial(self.cfg, self.queue, trial, run_ref, started_at)
+        except Exception as err:  # noqa: BLE001 - one model's failure must not end the others (Tune re-raises)
+            name = trial.config["run"]["model"]["name"]
+            logger.error("[train] %s: could not record the model: %s", name, err)
+            self.failed.append(name)
+            self.queue.put("set_tags", run_ref, tags={"error": f"{type(err).__name__}: {err}"[:4000]})
+            self.queue.put("end_run", run_ref, status="FAILED")
+            return
         self.done += 1
         elapsed = time.time() - self.started
         left = self.total - self.done
         eta = f", about {duration(elapsed / self.done * left)} to go" if left else ""
         logger.info(timestamped(f"[train] {self.done}/{self.total} models done in {duration(elapsed)}{eta}"))
-
-    def wait(self) -> list[str]:
-        """Block until every submitted model is finished; returns the names of those that failed."""
-        failed = []
-        for name, future in self._pending.items():
-            try:
-                future.result()
-            except Exception:  # noqa: BLE001 - already logged by _finish
-                failed.append(name)
-        if self._executor is not None:
-            self._executor.shutdown()
-        return failed
 
 
 @dataclass
@@ -164,6 +138,7 @@ class TrainStageResult:
     trained: list[str]
     champion: str | None
     table: Any = None
+    pending: int = 0  #: tracking writes MLflow did not take in time (see pipelines.tracking_queue)
 
     @property
     def ok(self) -> bool:
@@ -183,13 +158,13 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
     return todo, skipped
 
 
-def _train_models(cfg: PipelineConfig, tracker, info, runs: list[ModelRun], todo: list[ModelRun],
+def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[ModelRun],
                   free: dict[str, float]) -> list[str]:
-    """Run ``todo`` as Tune trials under one MLflow parent run; returns the names of the failed models."""
+    """Run ``todo`` as Tune trials under the MLflow run ``parent``; returns the names of the failed models."""
     from ray import tune
 
     from .runtime import concurrency_for
-    from .tracking import TrialTracking
+    from .tracking_queue import TrialTracking
 
     todo, capacity = with_overlapped_startup(cfg, todo, free["CPU"])
     concurrency = concurrency_for(cfg.train.max_concurrent_models, trial_resources(todo[0]), len(todo), free)
@@ -198,12 +173,8 @@ def _train_models(cfg: PipelineConfig, tracker, info, runs: list[ModelRun], todo
                 "%d at a time%s: %s", len(todo), info.dataset, info.sizes["train"], info.sizes["val"],
                 info.sizes["test"], todo[0].workers.num_workers, training_at_once,
                 " (the next one starting up meanwhile)" if capacity else "", ", ".join(r.model_name for r in todo))
-    parent = tracker.start_run(f"train-{time.strftime('%Y%m%d-%H%M%S')}",
-                               {"stage": "train", "cnnzoo.stage_parent": "true"})
-    tracker.log_params(parent, {"dataset": info.dataset, "models": ",".join(r.model_name for r in runs),
-                                "epochs": cfg.train.epochs, "num_workers": cfg.train.num_workers})
-    finisher = ModelFinisher(cfg, tracker, total=len(todo))
-    callback = TrialTracking(tracker, "train", parent, describe=describe_run, on_complete=finisher)
+    finisher = ModelFinisher(cfg, queue, total=len(todo))
+    callback = TrialTracking(queue, "train", parent, describe=describe_run, on_complete=finisher)
     with shared_splits() as shared, compute_gate(capacity) as gate:
         prepare(shared, cfg.data, [r.spec for r in todo])
         runs_json = [r.model_copy(update={"shared_data": shared, "compute_gate": gate}).to_dict() for r in todo]
@@ -213,8 +184,8 @@ def _train_models(cfg: PipelineConfig, tracker, info, runs: list[ModelRun], todo
             callbacks=[callback, ReleaseOnTrialEnd(gate, trial_run_name)], max_concurrent=concurrency,
         )
     failed = [result.config["run"]["model"]["name"] for result in grid if result.error is not None]
-    failed += [name for name in finisher.wait() if name not in failed]
-    tracker.end_run(parent, "FAILED" if failed else "FINISHED")
+    failed += [name for name in finisher.failed if name not in failed]
+    queue.put("end_run", parent, status="FAILED" if failed else "FINISHED")
     return failed
 
 
@@ -225,7 +196,7 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     with the same settings and epochs are skipped. Logs progress and (``show_table``) a comparison table."""
     from .data import describe_dataset
     from .runtime import free_resources
-    from .tracking import Tracker
+    from .tracking_queue import TrackingQueue
 
     info = describe_dataset(cfg.data)
     choices: list[ModelChoice] = resolve_models(cfg, coefficients)
@@ -235,9 +206,18 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     todo, skipped = _split_finished(cfg, runs)
     if skipped:
         logger.info("[train] already trained, skipping: %s", ", ".join(skipped))
-    tracker = Tracker.for_config(cfg)
-    failed = _train_models(cfg, tracker, info, runs, todo, free) if todo else []
-    champion = tracker.update_champion(cfg.registered_model_name)
+    queue = TrackingQueue.for_config(cfg)
+    failed = []
+    if todo:
+        # Fails in seconds, before any model starts, when MLflow or its artifact store cannot be written.
+        parent = queue.tracker.open_stage_run(
+            f"train-{time.strftime('%Y%m%d-%H%M%S')}", {"stage": "train", "cnnzoo.stage_parent": "true"},
+            {"dataset": info.dataset, "models": ",".join(r.model_name for r in runs), "epochs": cfg.train.epochs,
+             "num_workers": cfg.train.num_workers}, cfg.to_yaml())
+        failed = _train_models(cfg, queue, parent, info, todo, free)
+    champion_write = queue.put("update_champion", registered_model=cfg.registered_model_name)
+    pending = queue.flush(cfg.tracking.pending_timeout_s)
+    champion = queue.outcomes.get(champion_write)
     names = {c.name for c in choices}
     results = {name: r for name, r in load_results(cfg.paths.train_dir).items() if name in names}
     table = comparison_table(list(results.values()), champion=champion[0] if champion else None)
@@ -249,4 +229,4 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
         logger.error("[train] FAILED: %s (their MLflow runs hold the error; re-run to resume)", ", ".join(failed))
     return TrainStageResult(results=results, failed=failed, skipped=skipped,
                             trained=[r.model_name for r in todo if r.model_name not in failed],
-                            champion=champion[0] if champion else None, table=table)
+                            champion=champion[0] if champion else None, table=table, pending=len(pending))

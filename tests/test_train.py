@@ -113,18 +113,20 @@ def test_a_failed_trial_is_recorded_as_failed_in_mlflow(make_config):
 
     from pipelines.data import describe_dataset
     from pipelines.planning import plan_model_runs, resolve_models
-    from pipelines.tracking import TrialTracking
+    from pipelines.tracking_queue import TrackingQueue, TrialTracking
     from pipelines.train import describe_run
 
     cfg = make_config("train.models=[lenet5]")
     run = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)[0]
     tracker = Tracker.for_config(cfg)
     parent = tracker.start_run("train-test", {"stage": "train"})
-    callback = TrialTracking(tracker, "train", parent, describe=describe_run)
+    queue = TrackingQueue(tracker)
+    callback = TrialTracking(queue, "train", parent, describe=describe_run)
     trial = SimpleNamespace(trial_id="t0", config={"run": run.to_dict()}, error_msg="WorkerGroupError: boom",
                             last_result={})
     callback.on_trial_start(0, [], trial)
     callback.on_trial_error(0, [], trial)
+    assert queue.flush(timeout_s=60) == []
     failed = tracker.find_run("tags.`ray.trial_id` = 't0'")
     assert failed.info.status == "FAILED" and "boom" in failed.data.tags["error"]
     assert failed.data.params["arch"] == "lenet5" and failed.data.tags["mlflow.parentRunId"] == parent

@@ -1,0 +1,422 @@
+"""Tracking writes off the training's critical path: a queue that survives a tracking outage.
+
+The Tune callbacks and the stages hand every MLflow write (runs, params, metrics, tags, artifacts, model
+registrations, the champion alias) to a :class:`TrackingQueue` and return at once; one background thread
+of the driver sends them in order through :class:`~pipelines.tracking.Tracker`. While the tracking
+server or the artifact store is unreachable the thread retries the oldest write with a capped back-off
+(every ``RETRY_CAP_S`` at most), so training goes on and the backlog goes out within seconds of the
+server's return. A run created during an outage has no MLflow id yet; callers hold a *reference* for it
+(``local:...``) that the queue resolves once the run exists.
+
+At the end of a stage :meth:`TrackingQueue.flush` waits up to ``tracking.pending_timeout_s`` for the
+backlog. What is still unwritten then is saved to ``<workdir>/<name>/tracking-pending.json`` and listed in
+one message with the command that finishes it (``python -m pipelines register``); the next stage or that
+command picks the file up and sends it. A write MLflow refuses for good (an invalid value, say) is logged
+and dropped, not retried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from .console import duration, timestamped
+from .tracking import EPOCH_METRICS, FINAL_METRICS, TAG_MODEL, TAG_STAGE, TAG_TRIAL
+
+__all__ = ["TrackingQueue", "TrialTracking", "TrackingOp", "PENDING_FILE", "EXIT_PENDING", "load_pending",
+           "send_pending", "pending_summary"]
+
+logger = logging.getLogger(__name__)
+
+#: Written next to the run's other outputs when a stage ends with tracking writes unsent.
+PENDING_FILE = "tracking-pending.json"
+#: The CLI's exit code when training finished but some tracking writes are still pending.
+EXIT_PENDING = 3
+#: Longest wait between two attempts while the tracking store is unreachable.
+RETRY_CAP_S = 10.0
+#: MLflow errors that no retry can fix: the write is dropped with an error message.
+PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                              "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+#: What each kind of write is, for the pending summary.
+DESCRIPTIONS = {"start_run": "run created", "start_trial_run": "run created", "log_params": "params",
+                "log_metrics": "metrics", "set_tags": "tags", "end_run": "run ended", "log_artifact": "artifact",
+                "register": "model registration", "update_champion": "champion alias"}
+
+
+@dataclass
+class TrackingOp:
+    """One queued MLflow write: ``kind`` names a ``_do_<kind>`` method, ``ref`` the run it writes to."""
+
+    seq: int
+    kind: str
+    ref: str | None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_permanent(err: BaseException) -> bool:
+    return getattr(err, "error_code", None) in PERMANENT_ERRORS
+
+
+class TrackingQueue:
+    """MLflow writes in order on one background thread, retried while the tracking store is unreachable.
+
+    Picklable (Tune saves its callbacks, which hold the queue): the thread and lock are recreated on use,
+    the backlog and the resolved run ids travel with it.
+    """
+
+    def __init__(self, tracker, pending_file: str | os.PathLike | None = None) -> None:
+        self.tracker = tracker
+        self.pending_file = Path(pending_file) if pending_file else None
+        self.run_ids: dict[str, str] = {}  #: reference -> MLflow run id, once the run exists
+        self.outcomes: dict[int, Any] = {}  #: seq -> what the write returned (e.g. a registered version)
+        self.dropped: list[str] = []  #: writes MLflow refused for good, as messages
+        self._ops: deque[TrackingOp] = deque()
+        self._seq = 0
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._down_since: float | None = None
+        if self.pending_file is not None and self.pending_file.exists():
+            self._load_pending()
+
+    def __getstate__(self) -> dict:
+        with self._lock:
+            state = dict(self.__dict__)
+            state["_ops"] = list(self._ops)
+        return {**state, "_lock": None, "_thread": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._ops = deque(state["_ops"])
+        self._lock = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    @classmethod
+    def for_config(cls, cfg) -> TrackingQueue:
+        """The queue of a pipeline config's tracker; picks up writes an earlier stage left pending."""
+        from .tracking import Tracker
+
+        return cls(Tracker.for_config(cfg), cfg.paths.run_dir / PENDING_FILE)
+
+    # -- producers: never block on MLflow --------------------------------------------------------------
+    def put(self, kind: str, ref: str | None = None, **args: Any) -> int:
+        """Queue one write; returns its sequence number (see :attr:`outcomes`)."""
+        with self._lock:
+            self._seq += 1
+            self._ops.append(TrackingOp(self._seq, kind, ref, args))
+            self._ensure_thread()
+            self._lock.notify_all()
+            return self._seq
+
+    def new_run(self, run_name: str, tags: dict[str, str], parent: str | None = None) -> str:
+        """Queue a new run; returns the reference that later writes to it use."""
+        ref = f"local:{uuid.uuid4().hex}"
+        self.put("start_run", ref, run_name=run_name, tags=tags, parent=parent)
+        return ref
+
+    def trial_run(self, ref: str, find: str, run_name: str, tags: dict[str, str], parent: str) -> str:
+        """Queue the run of a Tune trial under ``ref``: the run ``find`` matches is reopened (a restored
+        trial), otherwise a new one is created."""
+        self.put("start_trial_run", ref, find=find, run_name=run_name, tags=tags, parent=parent)
+        return ref
+
+    def run_id(self, ref: str) -> str | None:
+        """The MLflow run id behind a reference, or None while its run is not created yet."""
+        return ref if not ref.startswith("local:") else self.run_ids.get(ref)
+
+    # -- the writer thread ---------------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop = False
+            self._thread = threading.Thread(target=self._drain, name="cnnzoo-tracking", daemon=True)
+            self._thread.start()
+
+    def _drain(self) -> None:
+        delay = 1.0
+        while True:
+            with self._lock:
+                while not self._ops and not self._stop:
+                    self._lock.wait()
+                if self._stop:
+                    return
+                op = self._ops[0]
+            try:
+                self.outcomes[op.seq] = self._execute(op)
+            except Exception as err:  # noqa: BLE001 - sorted into retry and drop below
+                if _is_permanent(err):
+                    message = f"{DESCRIPTIONS.get(op.kind, op.kind)} for run {op.ref}: {err}"
+                    logger.error("[tracking] MLflow refused a write, dropped: %s", message[:500])
+                    self.dropped.append(message)
+                else:
+                    self._note_outage(err)
+                    with self._lock:
+                        self._lock.wait(timeout=delay)  # flush() wakes it to stop
+                    delay = min(delay * 2, RETRY_CAP_S)
+                    continue
+            with self._lock:
+                self._ops.popleft()
+                self._lock.notify_all()
+            delay = 1.0
+            if self._down_since is not None:
+                logger.info("[tracking] MLflow is reachable again after %s; sending %d queued write(s)",
+                            duration(time.time() - self._down_since), len(self._ops))
+                self._down_since = None
+
+    def _note_outage(self, err: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = time.time()
+            logger.warning("[tracking] MLflow at %s is unreachable (%s); training goes on, writes are queued "
+                           "and retried", self.tracker.tracking_uri, str(err).splitlines()[0][:200])
+
+    def _resolve(self, ref: str | None) -> str:
+        if ref is None:
+            raise ValueError("this write needs a run")
+        run_id = self.run_id(ref)
+        if run_id is None:
+            raise LookupError(f"run {ref} was never created")
+        return run_id
+
+    def _execute(self, op: TrackingOp) -> Any:
+        return getattr(self, f"_do_{op.kind}")(op.ref, **op.args)
+
+    # -- the writes (run on the writer thread, or by ``pipelines register``) --------------------------
+    def _do_start_run(self, ref: str, run_name: str, tags: dict, parent: str | None) -> str:
+        if ref not in self.run_ids:  # a retry after the create went through but its reply was lost
+            self.run_ids[ref] = self.tracker.start_run(run_name, tags, self._resolve(parent) if parent else None)
+        return self.run_ids[ref]
+
+    def _do_start_trial_run(self, ref: str, find: str, run_name: str, tags: dict, parent: str) -> str:
+        if ref not in self.run_ids:
+            parent_id = self._resolve(parent)
+            existing = self.tracker.find_run(f"{find} and tags.`mlflow.parentRunId` = '{parent_id}'")
+            if existing is not None:
+                self.tracker.reopen(existing.info.run_id)
+                self.run_ids[ref] = existing.info.run_id
+            else:
+                self.run_ids[ref] = self.tracker.start_run(run_name, tags, parent_id)
+        return self.run_ids[ref]
+
+    def _do_log_params(self, ref: str, params: dict) -> None:
+        self.tracker.log_params(self._resolve(ref), params)
+
+    def _do_log_metrics(self, ref: str, metrics: dict, step: int = 0, timestamp_ms: int | None = None) -> None:
+        self.tracker.log_metrics(self._resolve(ref), metrics, step=step, timestamp_ms=timestamp_ms)
+
+    def _do_set_tags(self, ref: str, tags: dict) -> None:
+        self.tracker.set_tags(self._resolve(ref), tags)
+
+    def _do_end_run(self, ref: str, status: str) -> None:
+        self.tracker.end_run(self._resolve(ref), status)
+
+    def _do_log_artifact(self, ref: str, path: str, artifact_path: str | None = None) -> None:
+        self.tracker.log_artifact(self._resolve(ref), path, artifact_path)
+
+    def _do_register(self, ref: str, checkpoint_path: str, storage_path: str, registered_model: str, alias: str,
+                     tags: dict, result_file: str | None = None) -> str:
+        from .results import ModelResult
+        from .trials import reported_checkpoint_dir
+
+        with reported_checkpoint_dir(checkpoint_path, storage_path) as directory:
+            version = self.tracker.log_and_register(self._resolve(ref), directory, registered_model, alias, tags)
+        if result_file and Path(result_file).exists():
+            # The result record was written when training ended; it learns its version now.
+            record = ModelResult.load(result_file)
+            record.version = version
+            record.mlflow_run_id = self._resolve(ref)
+            if "started_at" in record.timeline:
+                record.timeline["registered"] = round(time.time() - record.timeline["started_at"], 3)
+            record.save(Path(result_file).parent)
+        logger.info("[tracking] %s: registered %s v%s as @%s", alias, registered_model, version, alias)
+        return version
+
+    def _do_update_champion(self, ref: None, registered_model: str) -> tuple[str, str] | None:
+        return self.tracker.update_champion(registered_model)
+
+    # -- the end of a stage ---------------------------------------------------------------------------
+    def flush(self, timeout_s: float) -> list[TrackingOp]:
+        """Wait for the backlog while MLflow answers, and up to ``timeout_s`` while it is unreachable; returns
+        what is still unsent (and saves it to the pending file, or removes that file when nothing is left)."""
+        deadline = time.monotonic() + timeout_s
+        announced = False
+        with self._lock:
+            left = len(self._ops)
+            while self._ops and time.monotonic() < deadline:
+                if len(self._ops) < left or self._down_since is None:
+                    # Draining, or slow but answering: only time with MLflow unreachable counts.
+                    left, deadline = len(self._ops), time.monotonic() + timeout_s
+                if self._down_since is not None and not announced:
+                    logger.warning("[tracking] waiting up to %s for MLflow to take %d queued write(s) "
+                                   "(tracking.pending_timeout_s)", duration(timeout_s), len(self._ops))
+                    announced = True
+                self._ensure_thread()
+                self._lock.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            # An attempt in flight ends within the client's request timeout; it may still succeed.
+            self._thread.join(timeout=float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")) + 5)
+        with self._lock:
+            pending = list(self._ops)
+        self._save_pending(pending)
+        return pending
+
+    def _save_pending(self, pending: list[TrackingOp]) -> None:
+        if self.pending_file is None:
+            return
+        if not pending:
+            self.pending_file.unlink(missing_ok=True)
+            return
+        self.pending_file.parent.mkdir(parents=True, exist_ok=True)
+        body = {"tracking_uri": self.tracker.tracking_uri, "run_ids": self.run_ids,
+                "ops": [asdict(op) for op in pending]}
+        scratch = self.pending_file.with_suffix(".tmp")
+        scratch.write_text(json.dumps(body, indent=1))
+        scratch.replace(self.pending_file)
+
+    def _load_pending(self) -> None:
+        body = json.loads(self.pending_file.read_text())
+        self.run_ids.update(body.get("run_ids", {}))
+        for op in body.get("ops", []):
+            self._seq += 1
+            self._ops.append(TrackingOp(self._seq, op["kind"], op["ref"], op["args"]))
+        logger.info("[tracking] %d write(s) left pending by an earlier stage are queued again (%s)",
+                    len(self._ops), self.pending_file)
+
+
+def _trial_error(trial) -> str:
+    """The end of a failed trial's error trace (Ray keeps it in the trial's storage), for the run's tags."""
+    text = getattr(trial, "error_msg", None)  # older Tune trials carried it; 2.60's have get_error()
+    if not text and hasattr(trial, "get_error"):
+        try:
+            text = trial.get_error()
+        except Exception:  # noqa: BLE001 - the storage may be gone with its node
+            text = None
+    return str(text or "trial failed").strip()[-4000:]
+
+
+class TrialTracking(Callback):
+    """A Ray Tune callback that mirrors every trial into an MLflow child run, live, from the driver.
+
+    Every write goes through a :class:`~pipelines.tracking_queue.TrackingQueue`, so a slow or unreachable
+    tracking server never holds up Tune's loop. ``describe(config)`` returns ``(run_name, model_name,
+    params)`` for a trial; ``on_complete(trial, run_ref, started_at)`` (optional) runs when a trial
+    finishes, e.g. to register its model (``run_ref``: the queue's reference for the trial's run,
+    ``started_at``: the wall-clock time the trial started, for its timeline), and then ends the MLflow run
+    itself; without it the run ends when the trial does. Both must be picklable (module-level functions or
+    ``functools.partial`` of them): Tune saves its callbacks with the experiment so that a restored search
+    keeps logging into the same parent run. Child runs are found again by trial id after a restore.
+    """
+
+    def __init__(
+        self,
+        queue,
+        stage: str,
+        parent_run_id: str,
+        describe: Callable[[dict], tuple[str, str, dict[str, Any]]],
+        on_complete: Callable[[Any, str, float], None] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.stage = stage
+        self.parent_run_id = parent_run_id
+        self.describe = describe
+        self.on_complete = on_complete
+        self.run_refs: dict[str, str] = {}
+        self.names: dict[str, str] = {}
+        self.started_at: dict[str, float] = {}
+
+    def progress(self, message: str) -> None:
+        logger.info(timestamped(message))
+
+    def _run_ref(self, trial) -> str:
+        if trial.trial_id in self.run_refs:
+            return self.run_refs[trial.trial_id]
+        run_name, model_name, params = self.describe(trial.config)
+        ref = self.queue.trial_run(
+            f"local:trial:{self.parent_run_id}:{self.stage}:{trial.trial_id}",
+            find=f"tags.`{TAG_TRIAL}` = '{trial.trial_id}' and tags.`{TAG_STAGE}` = '{self.stage}'",
+            run_name=run_name, tags={TAG_STAGE: self.stage, TAG_TRIAL: trial.trial_id, TAG_MODEL: model_name},
+            parent=self.parent_run_id)
+        self.queue.put("log_params", ref, params=params)
+        self.run_refs[trial.trial_id] = ref
+        self.names[trial.trial_id] = model_name
+        return ref
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started_at[trial.trial_id] = time.time()
+        self._run_ref(trial)
+        self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        ref = self._run_ref(trial)
+        if "val_acc" in result and "test_acc" not in result:  # an epoch, not the final test report
+            epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
+            self.queue.put("log_metrics", ref, metrics={k: result[k] for k in EPOCH_METRICS if k in result},
+                           step=epoch, timestamp_ms=int(time.time() * 1000))
+            total = trial.config.get("run", {}).get("hyper", {}).get("epochs", "?")
+            self.progress(
+                f"[{self.stage}] {self.names[trial.trial_id]}: epoch {epoch + 1}/{total}  "
+                f"train_loss {result.get('train_loss', float('nan')):.4f}  val_loss {result['val_loss']:.4f}  "
+                f"val_acc {result['val_acc']:.4f}  {result.get('train_images_per_sec', 0):.0f} img/s")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        ref = self._run_ref(trial)
+        result = trial.last_result or {}
+        self.queue.put("log_metrics", ref, metrics={k: result[k] for k in FINAL_METRICS if k in result}, step=0,
+                       timestamp_ms=int(time.time() * 1000))
+        if self.on_complete is not None:
+            self.on_complete(trial, ref, self.started_at.get(trial.trial_id, time.time()))
+        else:
+            self.queue.put("end_run", ref, status="FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        ref = self._run_ref(trial)
+        self.queue.put("set_tags", ref, tags={"error": _trial_error(trial)})
+        self.queue.put("end_run", ref, status="FAILED")
+        self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: FAILED (see the Ray logs and its MLflow run)")
+
+
+def load_pending(run_dir: str | os.PathLike) -> list[TrackingOp]:
+    """The writes a stage left pending in ``run_dir`` (none when the file is absent)."""
+    path = Path(run_dir) / PENDING_FILE
+    if not path.exists():
+        return []
+    return [TrackingOp(**op) for op in json.loads(path.read_text()).get("ops", [])]
+
+
+def send_pending(cfg) -> list[TrackingOp]:
+    """Send what earlier stages left pending, then move the champion alias; returns what is still unsent."""
+    queue = TrackingQueue.for_config(cfg)
+    if not len(queue):
+        logger.info("[tracking] nothing pending in %s", cfg.paths.run_dir)
+        return []
+    if not any(op.kind == "update_champion" for op in load_pending(cfg.paths.run_dir)):
+        queue.put("update_champion", registered_model=cfg.registered_model_name)
+    total = len(queue)
+    pending = queue.flush(cfg.tracking.pending_timeout_s)
+    logger.info("[tracking] sent %d of %d pending write(s) to %s", total - len(pending), total,
+                queue.tracker.tracking_uri)
+    return pending
+
+
+def pending_summary(pending: list[TrackingOp], run_dir: Path, command: str) -> str:
+    """One message: what is unsent, where it is kept and the command that sends it."""
+    pending_file = Path(run_dir) / PENDING_FILE
+    counts = Counter(DESCRIPTIONS.get(op.kind, op.kind) for op in pending)
+    what = ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+    models = sorted({op.args["alias"] for op in pending if op.kind == "register"})
+    unregistered = f"; not registered yet: {', '.join(models)}" if models else ""
+    return (f"[tracking] MLflow did not take {len(pending)} write(s) in time ({what}){unregistered}. They are kept "
+            f"in {pending_file}; once MLflow is reachable, send them with:\n  {command}")

@@ -1,0 +1,194 @@
+"""A tracking outage against a real ``mlflow server`` process: training goes on, writes are queued and sent
+when the server is back, and what an outage outlasts is left pending for ``python -m pipelines register``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import free_port
+
+from pipelines.results import load_results
+from pipelines.tracking import CHAMPION, Tracker
+from pipelines.tracking_queue import EXIT_PENDING, PENDING_FILE, TrackingQueue
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on a local port, stopped and started again on the same store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> None:
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the process owns it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.root / "server.log").read_text()[-2000:]
+            try:
+                if requests.get(f"{self.uri}/health", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.5)
+        raise TimeoutError(f"mlflow server did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        # The server's workers are its children; the port must be free before the next start.
+        subprocess.run(["pkill", "-f", f"mlflow.*--port {self.port}"], check=False)
+
+
+@pytest.fixture(scope="module")
+def running_server(tmp_path_factory):
+    # One store for the module (a cold start creates the database, the slow part); tests use their own
+    # experiments and each leaves the server running.
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_server(running_server):
+    if running_server.process is None or running_server.process.poll() is not None:
+        running_server.start()
+    yield running_server
+    if running_server.process.poll() is not None:
+        running_server.start()
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def test_an_outage_queues_writes_and_register_sends_what_the_stage_left_pending(mlflow_server, tmp_path):
+    from pipelines.config import load_config
+
+    overrides = [f"workdir={tmp_path / 'work'}", "name=pending", f"tracking.uri={mlflow_server.uri}",
+                 "tracking.pending_timeout_s=2"]
+    cfg = load_config(None, overrides)
+    queue = TrackingQueue.for_config(cfg)
+    run = queue.new_run("lenet5", {"stage": "train"})
+    assert queue.flush(timeout_s=60) == [] and queue.run_id(run)
+
+    mlflow_server.stop()
+    started = time.monotonic()
+    late = queue.new_run("alexnet", {"stage": "train"}, parent=run)
+    for step in range(3):
+        queue.put("log_metrics", late, metrics={"val_acc": step / 10}, step=step)
+    queue.put("set_tags", run, tags={"note": "written late"})
+    assert time.monotonic() - started < 0.5, "queuing never waits for the server"
+    pending = queue.flush(timeout_s=cfg.tracking.pending_timeout_s)
+    assert [op.kind for op in pending] == ["start_run", "log_metrics", "log_metrics", "log_metrics", "set_tags"]
+    saved = json.loads((cfg.paths.run_dir / PENDING_FILE).read_text())
+    assert saved["run_ids"] == {run: queue.run_id(run)} and len(saved["ops"]) == 5
+
+    command = [sys.executable, "-m", "pipelines", "register", *[a for o in overrides for a in ("--set", o)]]
+    still_down = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert still_down.returncode == EXIT_PENDING, still_down.stderr
+    # The five writes and the champion alias, with the command that sends them.
+    assert "python -m pipelines register" in still_down.stderr and "6 write(s)" in still_down.stderr
+
+    mlflow_server.start()
+    sent = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert sent.returncode == 0, sent.stderr
+    client = Tracker(mlflow_server.uri, "pending").client
+    assert client.get_run(queue.run_id(run)).data.tags["note"] == "written late"
+    [child] = client.search_runs([client.get_experiment_by_name("pending").experiment_id],
+                                 "attributes.run_name = 'alexnet'")
+    assert child.data.tags["mlflow.parentRunId"] == queue.run_id(run)
+    assert [m.value for m in client.get_metric_history(child.info.run_id, "val_acc")] == [0.0, 0.1, 0.2]
+    assert not (cfg.paths.run_dir / PENDING_FILE).exists()
+
+
+def test_a_wrong_artifact_store_fails_before_any_model_starts(make_config, tmp_path):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the artifact store should be")
+    cfg = make_config("train.models=[lenet5]")
+    tracker = Tracker(cfg.tracking_uri, "blocked", artifact_root=(blocked / "artifacts").as_uri())
+    from pipelines.tracking import TrackingUnavailable
+
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="cannot write artifacts to .*not-a-directory"):
+        tracker.open_stage_run("train-x", {"stage": "train"}, {"dataset": "digits"}, cfg.to_yaml())
+    assert time.monotonic() - started < 30
+    assert tracker.find_run("tags.stage = 'train'").info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_training_goes_on_through_a_tracking_outage(ray_cluster, mlflow_server, make_config):
+    """The server stops while the first model trains and comes back later: both models train on, and at
+    the end every epoch's metrics, both registrations and the champion are in MLflow."""
+    from pipelines.train import train_stage
+
+    cfg = make_config("train.models=[lenet5, alexnet]", "train.epochs=2", f"tracking.uri={mlflow_server.uri}",
+                      "train.max_concurrent_models=1")
+    tracker = Tracker.for_config(cfg)
+
+    def first_model_started() -> bool:
+        try:
+            return bool(tracker.client.search_runs([tracker.experiment_id], "tags.`cnnzoo.model` = 'lenet5'"))
+        except Exception:  # noqa: BLE001 - the experiment may not exist yet
+            return False
+
+    outage: dict = {}
+
+    def interrupt_tracking() -> None:  # beside the stage, which runs in the main thread as Tune wants
+        try:
+            _wait_for(first_model_started, 300, "the first model's MLflow run")
+            mlflow_server.stop()
+            outage["stopped"] = time.monotonic()
+            # Training goes on without the server: the first model finishes and records its result.
+            _wait_for(lambda: "lenet5" in load_results(cfg.paths.train_dir), 300, "lenet5 to finish")
+            outage["lenet5_done"] = time.monotonic()
+            mlflow_server.start()
+            outage["back"] = time.monotonic()
+        except Exception as err:  # noqa: BLE001 - reported by the assertions below
+            outage["error"] = err
+
+    monitor = threading.Thread(target=interrupt_tracking, daemon=True)
+    monitor.start()
+    result = train_stage(cfg, show_table=False)
+    ended = time.monotonic()
+    monitor.join(timeout=60)
+    assert "error" not in outage, outage.get("error")
+    assert outage["stopped"] < outage["lenet5_done"] < outage["back"] < ended
+    assert result.ok and result.pending == 0 and set(result.trained) == {"lenet5", "alexnet"}
+    assert ended - outage["back"] < 120, "the stage ends soon after the server's return"
+
+    records = load_results(cfg.paths.train_dir)
+    versions, champion = tracker.registered_versions(cfg.registered_model_name)
+    assert {v.alias for v in versions} >= {"lenet5", "alexnet"} and champion is not None
+    assert result.champion in {"lenet5", "alexnet"}
+    for name in ("lenet5", "alexnet"):
+        assert records[name].version, f"{name}'s record learns its registered version"
+        history = tracker.client.get_metric_history(records[name].mlflow_run_id, "val_acc")
+        assert sorted(m.step for m in history) == [0, 1], f"{name}: every epoch's metrics reached MLflow"
+    assert CHAMPION in tracker.client.get_registered_model(cfg.registered_model_name).aliases
+    assert not (cfg.paths.run_dir / PENDING_FILE).exists()
