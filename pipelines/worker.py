@@ -140,7 +140,7 @@ def setup(run: ModelRun) -> StepContext:
 
     sources = fetch_converted(run.shared_data, run.data, run.spec)
     if sources is None:
-        splits = load_splits(run.data)
+        splits = load_splits(run.data, run.excluded_files)
         sources = {"train": splits.train, "val": splits.val, "test": splits.test}
     train_set = SplitDataset(sources["train"], run.spec, augment=run.data.augment)
     per_worker_batch = max(1, run.hyper.batch_size // world)

@@ -178,3 +178,86 @@ def test_a_partial_fashion_mnist_root_names_the_missing_files(tmp_path):
     message = str(info.value)
     assert "train-labels-idx1-ubyte" in message and "t10k-images-idx3-ubyte" in message
     assert "train-images-idx3-ubyte" not in message.split("but not")[1]
+
+
+def write_folder_with_bad_files(root):
+    """Two classes of six good PNGs, plus what real folders hold: a corrupt (truncated) PNG, a zero-byte
+    JPEG, macOS's AppleDouble ``._0.png`` and a hidden directory with junk in it. Returns the bad files."""
+    _write_images(root, per_class=6)
+    png = (root / "cat" / "0.png").read_bytes()
+    (root / "cat" / "broken.png").write_bytes(png[: len(png) // 2])
+    (root / "dog" / "empty.jpg").write_bytes(b"")
+    (root / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " * 8)
+    (root / "dog" / ".thumbnails").mkdir()
+    (root / "dog" / ".thumbnails" / "0.png").write_bytes(b"not an image")
+    return {"cat/broken.png", "dog/empty.jpg"}
+
+
+def test_unreadable_image_files_are_listed_and_hidden_files_never_opened(tmp_path):
+    from pipelines.data import BadImageFilesError, check_image_folder
+
+    bad = write_folder_with_bad_files(tmp_path)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16)
+    with pytest.raises(BadImageFilesError) as info:
+        describe_dataset(cfg)  # the stages' first call on the driver
+    assert {path for path, _ in info.value.bad} == bad and info.value.checked == 14
+    message = str(info.value)
+    assert "2 of the 14 image files" in message and "data.skip_bad_files: true" in message
+    assert "cat/broken.png" in message and "dog/empty.jpg" in message
+    assert "._0.png" not in message and ".thumbnails" not in message
+
+    skipping = cfg.model_copy(update={"skip_bad_files": True})
+    assert set(check_image_folder(skipping)) == bad
+    info = describe_dataset(skipping)
+    assert set(info.excluded_files) == bad and sum(info.sizes.values()) == 12
+    splits = load_splits(skipping, info.excluded_files)
+    used = [p for split in (splits.train, splits.val, splits.test) for p in split.paths]
+    assert sorted(used) == sorted(str(tmp_path / c / f"{i}.png") for c in ("cat", "dog") for i in range(6))
+    # A plain scan (what a worker would do without the run's exclusions) still lists the bad files.
+    plain = load_splits(skipping)
+    assert sum(len(s) for s in (plain.train, plain.val, plain.test)) == 14
+
+
+def test_the_error_shows_the_first_ten_bad_files_and_the_count(tmp_path):
+    from pipelines.data import BadImageFilesError, check_image_folder
+
+    _write_images(tmp_path, per_class=2)
+    for i in range(13):
+        (tmp_path / "cat" / f"empty{i:02d}.jpg").write_bytes(b"")
+    with pytest.raises(BadImageFilesError) as info:
+        check_image_folder(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    lines = [line for line in str(info.value).splitlines() if "empty" in line]
+    assert len(lines) == 10 and "13 of the 17 image files" in str(info.value) and "... and 3 more" in str(info.value)
+
+
+def test_cli_exits_2_listing_the_bad_files_before_ray_starts(tmp_path):
+    import subprocess
+    import sys
+
+    write_folder_with_bad_files(tmp_path / "images")
+    script = f"""
+import sys, ray
+from pipelines.__main__ import main
+code = main(["train", "--set", "workdir={tmp_path / 'runs'}", "--set", "data.dataset=imagefolder",
+             "--set", "data.root={tmp_path / 'images'}"])
+print("exit", code, "ray", ray.is_initialized())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "exit 2 ray False" in out.stdout, out.stdout + out.stderr
+    assert "data error: 2 of the 14 image files" in out.stderr
+    assert "cat/broken.png" in out.stderr and "dog/empty.jpg" in out.stderr and "._0.png" not in out.stderr
+
+
+@pytest.mark.slow
+def test_skip_bad_files_trains_without_them(ray_cluster, make_config, tmp_path):
+    """The driver leaves the bad files out and its runs carry the list: a worker that read them (a plain
+    scan of the folder) would fail on the corrupt PNG or the empty JPEG in whichever split they fell."""
+    from pipelines.train import train_stage
+
+    write_folder_with_bad_files(tmp_path / "images")
+    cfg = make_config("data.dataset=imagefolder", f"data.root={tmp_path / 'images'}", "data.skip_bad_files=true",
+                      "data.image_size=16", "train.models=[lenet5]", "train.epochs=1", "train.batch_size=4",
+                      "train.precise_bn_batches=1")
+    stage = train_stage(cfg)
+    assert stage.ok and stage.trained == ["lenet5"], stage.failed
+    assert [h["epoch"] for h in stage.results["lenet5"].history] == [0]
