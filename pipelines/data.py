@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from .config import DataConfig
 from .preprocess import PreprocessSpec
@@ -52,6 +52,7 @@ __all__ = [
     "DataError",
     "BadImageFilesError",
     "check_image_folder",
+    "EpochSampler",
     "DEBIAN_FASHION_MNIST",
 ]
 
@@ -516,12 +517,44 @@ def convert_splits(splits: ImageSplits, spec: PreprocessSpec) -> dict[str, Conve
             for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
 
 
+def augmentation_seed(epoch_seed: int, index: int) -> int:
+    """The seed of one item's augmentation in one epoch: a mix of the epoch's seed and the item's index."""
+    return (epoch_seed ^ (index * 0x9E3779B97F4A7C15)) & (2**63 - 1)
+
+
+class EpochSampler(DistributedSampler):
+    """This worker's share of a shuffled epoch; yields ``(index, augmentation seed)``.
+
+    The order of epoch N depends on ``(seed, N)`` alone (``DistributedSampler``'s permutation, used for one
+    worker too, where a plain shuffle would draw from the global RNG): a run resumed at epoch N sees the
+    same batches as one that never stopped. Each index carries the seed of its augmentation, mixed from
+    the epoch's ``epoch_seed`` (which the training loop draws from the torch RNG that checkpoints save and
+    restore) and the index, so an image's random crop does not depend on which loader process decodes it
+    nor on whether those processes persisted from an earlier epoch.
+    """
+
+    def __init__(self, dataset, *, rank: int, world: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.epoch_seed = 0
+
+    def start_epoch(self, epoch: int, epoch_seed: int) -> None:
+        """Select epoch ``epoch``'s order and its augmentation seed."""
+        self.set_epoch(epoch)
+        self.epoch_seed = epoch_seed
+
+    def __iter__(self):
+        for index in super().__iter__():
+            yield index, augmentation_seed(self.epoch_seed, index)
+
+
 class SplitDataset(Dataset):
     """One split at one spec: uint8 (C, H, W) images and int64 labels.
 
     In-memory data sets are converted once, up front, through the spec's PIL path (or arrive converted, a
     :class:`ConvertedSplit`); image folders are decoded lazily per item. ``augment`` adds random crops
-    (padding 1/8 of the side) and, where the data set allows it, horizontal flips.
+    (padding 1/8 of the side) and, where the data set allows it, horizontal flips. Indexed with an
+    ``(index, seed)`` pair (:class:`EpochSampler`), the augmentation draws from that seed; with a plain
+    index, from the global RNG.
     """
 
     def __init__(self, split: RawSplit | ConvertedSplit, spec: PreprocessSpec, augment: bool = False) -> None:
@@ -544,8 +577,16 @@ class SplitDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image = self.images[index] if self.images is not None else self.spec.image_to_uint8(self.split.pil(index))
         if self.transform is not None:
-            image = self.transform(image)
+            if seed is None:
+                image = self.transform(image)
+            else:
+                # The CPU generator only (manual_seed would reseed CUDA's too), restored afterwards: the
+                # caller's RNG stream is the same whether or not it decoded images in this process.
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(seed)
+                    image = self.transform(image)
         return image, self.labels[index]

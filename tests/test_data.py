@@ -248,6 +248,44 @@ print("exit", code, "ray", ray.is_initialized())
     assert "cat/broken.png" in out.stderr and "dog/empty.jpg" in out.stderr and "._0.png" not in out.stderr
 
 
+def test_epoch_order_depends_on_seed_and_epoch_only(tmp_path):
+    from pipelines.data import EpochSampler
+
+    dataset = list(range(50))
+    resumed = EpochSampler(dataset, rank=0, world=1, seed=7)
+    resumed.start_epoch(3, epoch_seed=11)
+    torch.manual_seed(123)  # whatever ran before must not matter
+    first = list(resumed)
+    uninterrupted = EpochSampler(dataset, rank=0, world=1, seed=7)
+    for epoch in range(4):
+        torch.rand(5)
+        uninterrupted.start_epoch(epoch, epoch_seed=11)
+        order = list(uninterrupted)
+    assert order == first and sorted(i for i, _ in first) == dataset
+    other = EpochSampler(dataset, rank=0, world=1, seed=7)
+    other.start_epoch(4, epoch_seed=11)
+    assert [i for i, _ in other] != [i for i, _ in first]
+    halves = [EpochSampler(dataset, rank=r, world=2, seed=7) for r in (0, 1)]
+    for half in halves:
+        half.start_epoch(3, epoch_seed=11)
+    assert sorted(i for half in halves for i, _ in half) == dataset
+
+
+def test_augmentation_follows_the_item_seed_not_the_global_rng():
+    cfg = DataConfig(dataset="digits", image_size=16, train_subset=20)
+    spec = make_spec(describe_dataset(cfg), 16)
+    dataset = SplitDataset(load_splits(cfg).train, spec, augment=True)
+    torch.manual_seed(0)
+    a = dataset[(3, 42)][0]
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    b = dataset[(3, 42)][0]
+    torch.manual_seed(0)
+    dataset[(3, 42)]
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)  # the caller's stream untouched
+    assert any(not torch.equal(a, dataset[(3, seed)][0]) for seed in range(43, 53))  # it does augment
+
+
 @pytest.mark.slow
 def test_skip_bad_files_trains_without_them(ray_cluster, make_config, tmp_path):
     """The driver leaves the bad files out and its runs carry the list: a worker that read them (a plain
