@@ -320,6 +320,7 @@ CHECK_THREADS = 16
 #: Results of checks already done in this process, by folder content (paths, sizes, modification times):
 #: the CLI checks before Ray starts and the stages call the check again; an unchanged folder is not re-read.
 _CHECKED: dict[tuple[str, str], list[tuple[str, str]]] = {}
+_WARNED: set[tuple[str, str]] = set()
 
 
 def _find_unreadable(root: Path, paths: list[str]) -> list[tuple[str, str]]:
@@ -366,14 +367,15 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
     key = (str(root), content.hexdigest())
     if key not in _CHECKED:
         _CHECKED[key] = _find_unreadable(root, paths)
-        if _CHECKED[key] and cfg.skip_bad_files:
-            shown = ", ".join(path for path, _ in _CHECKED[key][: BadImageFilesError.SHOWN])
-            more = len(_CHECKED[key]) - BadImageFilesError.SHOWN
-            logger.warning("[data] data.skip_bad_files: leaving out %d unreadable file(s) of %s: %s%s",
-                           len(_CHECKED[key]), root, shown, f" and {more} more" if more > 0 else "")
     bad = _CHECKED[key]
     if bad and not cfg.skip_bad_files:
         raise BadImageFilesError(root, bad, len(paths))
+    if bad and key not in _WARNED:  # once per folder content, not once per stage
+        _WARNED.add(key)
+        shown = ", ".join(path for path, _ in bad[: BadImageFilesError.SHOWN])
+        more = len(bad) - BadImageFilesError.SHOWN
+        logger.warning("[data] data.skip_bad_files: leaving out %d unreadable file(s) of %s: %s%s", len(bad), root,
+                       shown, f" and {more} more" if more > 0 else "")
     return tuple(path for path, _ in bad)
 
 

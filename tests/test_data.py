@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -207,7 +208,18 @@ def test_unreadable_image_files_are_listed_and_hidden_files_never_opened(tmp_pat
     assert "._0.png" not in message and ".thumbnails" not in message
 
     skipping = cfg.model_copy(update={"skip_bad_files": True})
-    assert set(check_image_folder(skipping)) == bad
+    # On the module's logger itself: once the console is configured, "pipelines" stops propagating.
+    records, handler = [], logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    data_logger = logging.getLogger("pipelines.data")
+    data_logger.addHandler(handler)
+    try:
+        assert set(check_image_folder(skipping)) == bad
+        check_image_folder(skipping)  # the stages call it again: no second read, no second warning
+    finally:
+        data_logger.removeHandler(handler)
+    warnings = [r.getMessage() for r in records if "skip_bad_files" in r.getMessage()]
+    assert len(warnings) == 1 and "leaving out 2 unreadable file(s)" in warnings[0]
     info = describe_dataset(skipping)
     assert set(info.excluded_files) == bad and sum(info.sizes.values()) == 12
     splits = load_splits(skipping, info.excluded_files)
