@@ -2,7 +2,8 @@
 
 Commands: ``run`` (all stages), ``search``, ``train``, ``report``, ``serve``, ``register`` (send tracking
 writes left pending by an MLflow outage), ``predict`` (HTTP client) and ``check-config``. The CLI only
-parses and calls the stage functions. Config errors exit with code 2 before Ray starts; a stage that fails
+parses and calls the stage functions. Bad input exits with code 2 before Ray starts: config errors, and
+image-folder files Pillow cannot open (checked once, here, for the commands that train). A stage that fails
 (or raises) exits with 1 and a one-line message (``--debug`` shows the traceback); a stage that finished
 while MLflow had not taken every write exits with 3; Ctrl-C exits with 130.
 """
@@ -122,10 +123,24 @@ def _predict(args) -> int:
     return 0
 
 
+def _trains(args, stages: list[str] | None) -> bool:
+    if args.command == "run":
+        from .pipeline import STAGES
+
+        return bool({"search", "train"} & set(stages or STAGES))
+    return args.command in ("search", "train")
+
+
 def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
     """Call the command's stage function(s) on a Ray session; the exit code says whether they succeeded."""
     from .runtime import ray_session
 
+    if _trains(args, stages):
+        from .data import check_image_folder
+
+        # Before Ray starts: a bad file is the user's to fix, like a config error, and it must not take a
+        # cluster start (or every model's retries) to find out. The stages see the result again, cached.
+        check_image_folder(cfg.data)
     with ray_session(cfg):
         if args.command == "run":
             from .pipeline import run_pipeline
@@ -211,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# config OK: {len(cfg.train.models)} model(s), dataset {cfg.data.dataset}, "
               f"outputs in {cfg.paths.run_dir}", file=sys.stderr)
         return 0
+    from .data import BadImageFilesError
+
     try:
         if args.command == "register":
             from .tracking_queue import send_pending
@@ -218,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             send_pending(cfg)
             return _pending_exit(args, cfg, 0)
         return _pending_exit(args, cfg, _run_command(args, cfg, stages))
+    except BadImageFilesError as err:  # bad input, like a config error: exit 2 with the whole list
+        logger.error("data error: %s", err)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         logger.error("interrupted; re-run the same command to resume")
         return EXIT_INTERRUPTED

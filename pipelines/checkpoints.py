@@ -5,16 +5,23 @@ preprocessing spec (so serving applies exactly what training used), the epoch an
 optionally the optimizer/scaler state for resuming. Files are written atomically and read with
 ``torch.load(weights_only=True)``; anything malformed, truncated, non-finite or not matching its
 architecture is refused with :class:`CheckpointError` before a model is handed out.
+
+Beside it, every training worker (DDP rank) writes its random-number generators' states
+(``rng_state_rank<N>.pt``: Python's ``random``, NumPy's global generator, torch's CPU generator and, on a
+GPU, its CUDA generator): a resumed run continues their streams, so it draws what an uninterrupted run
+would have drawn. Checkpoints written before these files existed still load; they resume without them.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,11 +29,13 @@ import cnnmodels
 
 from .preprocess import PreprocessSpec
 
-__all__ = ["ModelCheckpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FILE"]
+__all__ = ["ModelCheckpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FILE",
+           "capture_rng_state", "restore_rng_state", "save_rng_state", "load_rng_state", "rng_state_file"]
 
 CHECKPOINT_FILE = "model.pt"
 _FORMAT = "cnnzoo.checkpoint"
 _VERSION = 1
+_RNG_FORMAT = "cnnzoo.rng_state"
 
 
 class CheckpointError(ValueError):
@@ -144,3 +153,62 @@ def load_checkpoint(
         except (RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {path} does not fit architecture {checkpoint.arch!r}: {err}") from None
     return checkpoint
+
+
+def rng_state_file(rank: int) -> str:
+    """The file name of one rank's generator states inside a checkpoint directory."""
+    return f"rng_state_rank{rank}.pt"
+
+
+def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's generator states, in types ``torch.load(weights_only=True)`` reads back (tensors,
+    numbers, tuples: NumPy's key array travels as a tensor)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": (version, tuple(internal), gauss_next),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                  float(cached_gaussian)),
+        "torch": torch.get_rng_state(),
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Set this process's generators to ``state`` (from :func:`capture_rng_state`). A CUDA state is applied
+    only on a CUDA device: a run moved from GPU to CPU resumes its CPU streams."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_rng_state(directory: str | os.PathLike, rank: int, state: dict[str, Any]) -> Path:
+    """Write one rank's generator states into a checkpoint directory."""
+    path = Path(directory) / rng_state_file(rank)
+    torch.save({"format": _RNG_FORMAT, "version": 1, "rank": rank, **state}, path)
+    return path
+
+
+def load_rng_state(directory: str | os.PathLike, rank: int) -> dict[str, Any] | None:
+    """One rank's generator states from a checkpoint directory, or None when it has none (written before
+    they were saved, or by fewer ranks). Read with ``weights_only=True``; a malformed file is refused with
+    :class:`CheckpointError`."""
+    path = Path(directory) / rng_state_file(rank)
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt archives
+        raise CheckpointError(f"generator state {path} is unreadable or corrupt: {err}") from None
+    if not isinstance(payload, dict) or payload.get("format") != _RNG_FORMAT or payload.get("rank") != rank:
+        raise CheckpointError(f"{path} is not rank {rank}'s cnnzoo generator state")
+    missing = [key for key in ("python", "numpy", "torch") if key not in payload]
+    if missing:
+        raise CheckpointError(f"generator state {path} lacks {', '.join(missing)}")
+    return {key: payload[key] for key in ("python", "numpy", "torch", "cuda") if key in payload}

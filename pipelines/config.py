@@ -104,6 +104,11 @@ class DataConfig(_Section):
     download: bool = Field(True, description="let torchvision download cifar10/fashion-mnist when missing")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
     seed: int = Field(0, description="seed of the train/val/test split")
+    skip_bad_files: bool = Field(
+        False,
+        description="imagefolder: leave out (with a warning) the image files Pillow cannot open, such as a corrupt "
+        "PNG or a zero-byte JPEG, instead of stopping with exit 2 and their list",
+    )
 
     @field_validator("dataset")
     @classmethod

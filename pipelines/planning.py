@@ -38,8 +38,10 @@ __all__ = [
     "fingerprint",
 ]
 
-#: Data settings that change how fast data arrives, not which images a model sees.
-_DATA_RUNTIME_KEYS = {"loader_workers", "download"}
+#: Data settings that change how fast data arrives, not which images a model sees. ``skip_bad_files`` only
+#: decides whether unreadable files stop the stage; the files left out are fingerprinted themselves
+#: (``ModelRun.excluded_files``).
+_DATA_RUNTIME_KEYS = {"loader_workers", "download", "skip_bad_files"}
 #: Search settings that change how the search runs, not what it finds.
 _SEARCH_RUNTIME_KEYS = {"max_concurrent_trials", "phis"}
 
@@ -97,6 +99,9 @@ class ModelRun(BaseModel):
     threads: int | None = None
     #: The stage's compute gate (:mod:`pipelines.compute_gate`) that workers wait at before training.
     compute_gate: str | None = None
+    #: Image-folder files the driver's check found unreadable and ``data.skip_bad_files`` leaves out
+    #: (relative to ``data.root``): every worker builds its file list without them, without re-checking.
+    excluded_files: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelRun:
@@ -127,7 +132,10 @@ class ModelRun(BaseModel):
     def fingerprint(self) -> str:
         """Hash of every setting that decides the result (model, data, preprocessing, hyper-parameters but
         epochs, workers, precision): equal fingerprints mean a re-run continues this run."""
-        return fingerprint({**_recipe(self.model, self.data, self.hyper, self.workers), "spec": self.spec.to_dict()})
+        payload = {**_recipe(self.model, self.data, self.hyper, self.workers), "spec": self.spec.to_dict()}
+        if self.excluded_files:  # only when there are any: runs on clean data keep their earlier names
+            payload["excluded_files"] = sorted(self.excluded_files)
+        return fingerprint(payload)
 
     def with_coefficients(self, alpha: float, beta: float, gamma: float) -> ModelRun:
         """This (search-template) run with other compound-scaling coefficients, named after them."""
@@ -242,7 +250,7 @@ def plan_model_runs(
         profile = cnnmodels.profile(model, spec.input_shape)
         run = ModelRun(model=choice, data=cfg.data, hyper=hyper, workers=workers, spec=spec, stage=stage,
                        run_name=f"{cfg.name}-{stage}-{choice.name}", storage_path=cfg.paths.storage,
-                       params_count=profile.params, macs=profile.macs)
+                       params_count=profile.params, macs=profile.macs, excluded_files=info.excluded_files)
         if stage == "train":
             run = run.model_copy(update={"run_name": f"{run.run_name}-{run.fingerprint}"})
         runs.append(run)

@@ -51,6 +51,8 @@ class SplitsCache:
 
     @staticmethod
     def _convert(data: DataConfig, spec: PreprocessSpec) -> list:
+        if data.dataset == "imagefolder":  # decoded per item, never shared: not even worth scanning here
+            return []
         converted = convert_splits(load_splits(data), spec)
         if converted is None:
             return []

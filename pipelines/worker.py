@@ -2,15 +2,18 @@
 
 :func:`train_loop_per_worker` is a short sequence of steps that share one :class:`StepContext`:
 
-1. :func:`setup`: data loaders (a ``DistributedSampler`` under DDP), the model (``prepare_model`` wraps it
-   in DDP), the optimizer and the AMP scaler, from the run's settings;
+1. :func:`setup`: data loaders (an :class:`~pipelines.data.EpochSampler`: each epoch's order depends on the
+   seed and the epoch alone), the model (``prepare_model`` wraps it in DDP), the optimizer and the AMP
+   scaler, from the run's settings;
 2. :func:`restore`: the run's latest checkpoint, if Ray hands one back (a replaced worker group, or a
-   re-run of the same run name), with its optimizer state and history;
+   re-run of the same run name), with its optimizer state, history and this rank's generator states
+   (so a resumed run trains exactly as an uninterrupted one would have);
 3. per epoch :func:`train_epoch`, :func:`evaluate` on the validation split (after precise BN) and
    :func:`report_epoch` (metrics to Ray, a checkpoint from rank 0);
 4. :func:`report_test`: the best checkpoint (by ``val_acc``) evaluated on the test split.
 
-Rank 0 writes the checkpoints; every rank reports (``ray.train.report`` is a barrier).
+Rank 0 writes the model checkpoint, every rank its generator states beside it (Ray merges the ranks'
+directories); every rank reports (``ray.train.report`` is a barrier).
 """
 
 from __future__ import annotations
@@ -33,10 +36,19 @@ from torch.utils.data import DataLoader, Subset
 
 import cnnmodels
 
-from .checkpoints import CHECKPOINT_FILE, ModelCheckpoint, load_checkpoint, save_checkpoint
+from .checkpoints import (
+    CHECKPOINT_FILE,
+    ModelCheckpoint,
+    capture_rng_state,
+    load_checkpoint,
+    load_rng_state,
+    restore_rng_state,
+    save_checkpoint,
+    save_rng_state,
+)
 from .compute_gate import release_compute, wait_for_compute
 from .console import duration, timestamped
-from .data import SplitDataset, load_splits
+from .data import EpochSampler, SplitDataset, load_splits
 from .optim import lr_at, make_optimizer
 from .planning import ModelRun
 from .preprocess import PreprocessSpec
@@ -81,6 +93,7 @@ class StepContext:
     scaler: torch.amp.GradScaler
     criterion: torch.nn.Module
     train_loader: Any
+    train_sampler: EpochSampler
     val_loader: Any
     loader_kwargs: dict[str, Any]
     #: The splits this worker reads: converted ones from the stage's shared data, or its own.
@@ -140,15 +153,18 @@ def setup(run: ModelRun) -> StepContext:
 
     sources = fetch_converted(run.shared_data, run.data, run.spec)
     if sources is None:
-        splits = load_splits(run.data)
+        splits = load_splits(run.data, run.excluded_files)
         sources = {"train": splits.train, "val": splits.val, "test": splits.test}
     train_set = SplitDataset(sources["train"], run.spec, augment=run.data.augment)
     per_worker_batch = max(1, run.hyper.batch_size // world)
     loader_kwargs = {"num_workers": run.data.loader_workers, "pin_memory": on_gpu,
                      "persistent_workers": run.data.loader_workers > 0}
+    # Our own sampler, for one worker too: Ray's (DDP only) and DataLoader's shuffle (the global RNG) would
+    # make an epoch's order depend on what ran before it in this process, so a resumed run would differ.
+    train_sampler = EpochSampler(train_set, rank=rank, world=world, seed=run.hyper.seed)
     train_loader = prepare_data_loader(DataLoader(
-        train_set, batch_size=per_worker_batch, shuffle=True,
-        drop_last=len(train_set) >= 2 * per_worker_batch * world, **loader_kwargs))
+        train_set, batch_size=per_worker_batch, sampler=train_sampler,
+        drop_last=len(train_set) >= 2 * per_worker_batch * world, **loader_kwargs), add_dist_sampler=False)
     val_loader = prepare_data_loader(DataLoader(
         _shard(SplitDataset(sources["val"], run.spec), rank, world), batch_size=per_worker_batch * 2, **loader_kwargs),
         add_dist_sampler=False)
@@ -161,7 +177,8 @@ def setup(run: ModelRun) -> StepContext:
         model=model, optimizer=make_optimizer(run, model),
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         criterion=torch.nn.CrossEntropyLoss(label_smoothing=run.hyper.label_smoothing),
-        train_loader=train_loader, val_loader=val_loader, loader_kwargs=loader_kwargs, sources=sources,
+        train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader, loader_kwargs=loader_kwargs,
+        sources=sources,
     )
 
 
@@ -181,12 +198,13 @@ def restore(ctx: StepContext) -> None:
     from ray.train.torch import prepare_model
 
     restored = ray.train.get_checkpoint()
-    ckpt = None
+    ckpt = rng_state = None
     if restored:
         with restored.as_directory() as directory:
             owner = _checkpoint_owner(Path(directory))
             if owner == (ctx.run.model_name, ctx.run.arch):
                 ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
+                rng_state = load_rng_state(directory, ctx.rank)
         if ckpt is None and ctx.rank == 0:
             logger.info("[%s] ignoring the run's latest checkpoint (it belongs to %s); starting fresh",
                         ctx.run.model_name, owner[0])
@@ -205,6 +223,14 @@ def restore(ctx: StepContext) -> None:
         ctx.model = ctx.model.to(memory_format=torch.channels_last)
     ctx.model = prepare_model(ctx.model)
     ctx.worker_nodes = json.dumps(_gather_node_ids(ctx.world))
+    if ckpt is not None:
+        # Last, after everything that may draw random numbers on the way here (the model's initialisation):
+        # from now on this rank draws exactly what it would have drawn had the run never stopped.
+        if rng_state is not None:
+            restore_rng_state(rng_state, ctx.device)
+        elif ctx.rank == 0:
+            logger.info("[%s] the checkpoint holds no generator state (written by an earlier version): "
+                        "resuming with fresh random streams", ctx.run.model_name)
 
 
 def _gather_node_ids(world: int) -> list[str]:
@@ -223,8 +249,8 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
     """One pass over this worker's shard; returns the global loss, throughput and this worker's seconds."""
     hyper = ctx.run.hyper
     loader = ctx.train_loader
-    if ctx.world > 1 and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
+    # The order from (seed, epoch); the augmentation from the torch RNG, whose state checkpoints carry.
+    ctx.train_sampler.start_epoch(epoch, int(torch.randint(0, 2**62, ()).item()))
     steps_per_epoch = len(loader)
     ctx.model.train()
     loss_sum, seen = 0.0, 0
@@ -304,14 +330,16 @@ def evaluate(ctx: StepContext, loader) -> tuple[float, float, int]:
 
 
 def report_epoch(ctx: StepContext, epoch: int, metrics: dict[str, Any]) -> None:
-    """Record the epoch in the history and report it to Ray with a checkpoint written by rank 0."""
+    """Record the epoch in the history and report it to Ray with a checkpoint: the model from rank 0, the
+    generator states from every rank (Ray merges the ranks' directories into one checkpoint)."""
     import ray.train
 
     started = time.perf_counter()
+    rng_state = capture_rng_state(ctx.device)  # first: nothing below may draw before it is saved
     run = ctx.run
     ctx.history.append(metrics)
     with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
+        save_rng_state(directory, ctx.rank, rng_state)
         if ctx.rank == 0:
             save_checkpoint(ModelCheckpoint(
                 arch=run.arch, model_kwargs=run.model.kwargs, spec=run.spec, model_name=run.model_name,
@@ -322,8 +350,7 @@ def report_epoch(ctx: StepContext, epoch: int, metrics: dict[str, Any]) -> None:
             ), Path(directory) / CHECKPOINT_FILE)
             (Path(directory) / CHECKPOINT_META).write_text(json.dumps(
                 {"model_name": run.model_name, "arch": run.arch, "epoch": epoch, "val_acc": metrics["val_acc"]}))
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
     ctx.add_seconds("report_seconds", time.perf_counter() - started)
 
 

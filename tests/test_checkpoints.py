@@ -71,3 +71,40 @@ def test_mismatched_and_non_finite_weights_are_refused(tmp_path):
 def test_save_is_atomic(tmp_path):
     path = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
+
+
+def test_generator_states_round_trip_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    from pipelines.checkpoints import capture_rng_state, load_rng_state, restore_rng_state, save_rng_state
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's state: it must travel too
+    save_rng_state(tmp_path, 1, capture_rng_state(torch.device("cpu")))
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), torch.rand(3))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    restore_rng_state(load_rng_state(tmp_path, 1), torch.device("cpu"))
+    again = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), torch.rand(3))
+    assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
+
+
+def test_a_checkpoint_without_generator_states_still_loads(tmp_path):
+    """Checkpoints written before the generator states existed: the model loads, the state is simply absent;
+    another rank's file or a malformed one is refused."""
+    from pipelines.checkpoints import capture_rng_state, load_rng_state, rng_state_file, save_rng_state
+
+    save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
+    assert load_checkpoint(tmp_path).epoch == 3 and load_rng_state(tmp_path, 0) is None
+    save_rng_state(tmp_path, 1, capture_rng_state())
+    (tmp_path / rng_state_file(1)).rename(tmp_path / rng_state_file(0))
+    with pytest.raises(CheckpointError, match="rank 0"):
+        load_rng_state(tmp_path, 0)
+    (tmp_path / rng_state_file(2)).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_rng_state(tmp_path, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -178,3 +179,135 @@ def test_a_partial_fashion_mnist_root_names_the_missing_files(tmp_path):
     message = str(info.value)
     assert "train-labels-idx1-ubyte" in message and "t10k-images-idx3-ubyte" in message
     assert "train-images-idx3-ubyte" not in message.split("but not")[1]
+
+
+def write_folder_with_bad_files(root):
+    """Two classes of six good PNGs, plus what real folders hold: a corrupt (truncated) PNG, a zero-byte
+    JPEG, macOS's AppleDouble ``._0.png`` and a hidden directory with junk in it. Returns the bad files."""
+    _write_images(root, per_class=6)
+    png = (root / "cat" / "0.png").read_bytes()
+    (root / "cat" / "broken.png").write_bytes(png[: len(png) // 2])
+    (root / "dog" / "empty.jpg").write_bytes(b"")
+    (root / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " * 8)
+    (root / "dog" / ".thumbnails").mkdir()
+    (root / "dog" / ".thumbnails" / "0.png").write_bytes(b"not an image")
+    return {"cat/broken.png", "dog/empty.jpg"}
+
+
+def test_unreadable_image_files_are_listed_and_hidden_files_never_opened(tmp_path):
+    from pipelines.data import BadImageFilesError, check_image_folder
+
+    bad = write_folder_with_bad_files(tmp_path)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16)
+    with pytest.raises(BadImageFilesError) as info:
+        describe_dataset(cfg)  # the stages' first call on the driver
+    assert {path for path, _ in info.value.bad} == bad and info.value.checked == 14
+    message = str(info.value)
+    assert "2 of the 14 image files" in message and "data.skip_bad_files: true" in message
+    assert "cat/broken.png" in message and "dog/empty.jpg" in message
+    assert "._0.png" not in message and ".thumbnails" not in message
+
+    skipping = cfg.model_copy(update={"skip_bad_files": True})
+    # On the module's logger itself: once the console is configured, "pipelines" stops propagating.
+    records, handler = [], logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    data_logger = logging.getLogger("pipelines.data")
+    data_logger.addHandler(handler)
+    try:
+        assert set(check_image_folder(skipping)) == bad
+        check_image_folder(skipping)  # the stages call it again: no second read, no second warning
+    finally:
+        data_logger.removeHandler(handler)
+    warnings = [r.getMessage() for r in records if "skip_bad_files" in r.getMessage()]
+    assert len(warnings) == 1 and "leaving out 2 unreadable file(s)" in warnings[0]
+    info = describe_dataset(skipping)
+    assert set(info.excluded_files) == bad and sum(info.sizes.values()) == 12
+    splits = load_splits(skipping, info.excluded_files)
+    used = [p for split in (splits.train, splits.val, splits.test) for p in split.paths]
+    assert sorted(used) == sorted(str(tmp_path / c / f"{i}.png") for c in ("cat", "dog") for i in range(6))
+    # A plain scan (what a worker would do without the run's exclusions) still lists the bad files.
+    plain = load_splits(skipping)
+    assert sum(len(s) for s in (plain.train, plain.val, plain.test)) == 14
+
+
+def test_the_error_shows_the_first_ten_bad_files_and_the_count(tmp_path):
+    from pipelines.data import BadImageFilesError, check_image_folder
+
+    _write_images(tmp_path, per_class=2)
+    for i in range(13):
+        (tmp_path / "cat" / f"empty{i:02d}.jpg").write_bytes(b"")
+    with pytest.raises(BadImageFilesError) as info:
+        check_image_folder(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    lines = [line for line in str(info.value).splitlines() if "empty" in line]
+    assert len(lines) == 10 and "13 of the 17 image files" in str(info.value) and "... and 3 more" in str(info.value)
+
+
+def test_cli_exits_2_listing_the_bad_files_before_ray_starts(tmp_path):
+    import subprocess
+    import sys
+
+    write_folder_with_bad_files(tmp_path / "images")
+    script = f"""
+import sys, ray
+from pipelines.__main__ import main
+code = main(["train", "--set", "workdir={tmp_path / 'runs'}", "--set", "data.dataset=imagefolder",
+             "--set", "data.root={tmp_path / 'images'}"])
+print("exit", code, "ray", ray.is_initialized())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "exit 2 ray False" in out.stdout, out.stdout + out.stderr
+    assert "data error: 2 of the 14 image files" in out.stderr
+    assert "cat/broken.png" in out.stderr and "dog/empty.jpg" in out.stderr and "._0.png" not in out.stderr
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only(tmp_path):
+    from pipelines.data import EpochSampler
+
+    dataset = list(range(50))
+    resumed = EpochSampler(dataset, rank=0, world=1, seed=7)
+    resumed.start_epoch(3, epoch_seed=11)
+    torch.manual_seed(123)  # whatever ran before must not matter
+    first = list(resumed)
+    uninterrupted = EpochSampler(dataset, rank=0, world=1, seed=7)
+    for epoch in range(4):
+        torch.rand(5)
+        uninterrupted.start_epoch(epoch, epoch_seed=11)
+        order = list(uninterrupted)
+    assert order == first and sorted(i for i, _ in first) == dataset
+    other = EpochSampler(dataset, rank=0, world=1, seed=7)
+    other.start_epoch(4, epoch_seed=11)
+    assert [i for i, _ in other] != [i for i, _ in first]
+    halves = [EpochSampler(dataset, rank=r, world=2, seed=7) for r in (0, 1)]
+    for half in halves:
+        half.start_epoch(3, epoch_seed=11)
+    assert sorted(i for half in halves for i, _ in half) == dataset
+
+
+def test_augmentation_follows_the_item_seed_not_the_global_rng():
+    cfg = DataConfig(dataset="digits", image_size=16, train_subset=20)
+    spec = make_spec(describe_dataset(cfg), 16)
+    dataset = SplitDataset(load_splits(cfg).train, spec, augment=True)
+    torch.manual_seed(0)
+    a = dataset[(3, 42)][0]
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    b = dataset[(3, 42)][0]
+    torch.manual_seed(0)
+    dataset[(3, 42)]
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), state)  # the caller's stream untouched
+    assert any(not torch.equal(a, dataset[(3, seed)][0]) for seed in range(43, 53))  # it does augment
+
+
+@pytest.mark.slow
+def test_skip_bad_files_trains_without_them(ray_cluster, make_config, tmp_path):
+    """The driver leaves the bad files out and its runs carry the list: a worker that read them (a plain
+    scan of the folder) would fail on the corrupt PNG or the empty JPEG in whichever split they fell."""
+    from pipelines.train import train_stage
+
+    write_folder_with_bad_files(tmp_path / "images")
+    cfg = make_config("data.dataset=imagefolder", f"data.root={tmp_path / 'images'}", "data.skip_bad_files=true",
+                      "data.image_size=16", "train.models=[lenet5]", "train.epochs=1", "train.batch_size=4",
+                      "train.precise_bn_batches=1")
+    stage = train_stage(cfg)
+    assert stage.ok and stage.trained == ["lenet5"], stage.failed
+    assert [h["epoch"] for h in stage.results["lenet5"].history] == [0]

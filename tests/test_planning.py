@@ -49,12 +49,21 @@ def test_a_run_travels_as_json_and_refuses_unknown_keys(make_config):
     ("train.cpus_per_worker=0.5", False),  # where a run executes does not change what it learns
     ("train.max_failures=5", False),
     ("data.loader_workers=2", False),
+    ("data.skip_bad_files=true", False),  # how bad files are handled; the files left out count (below)
 ])
 def test_the_training_fingerprint_covers_every_setting_that_changes_results(make_config, change, starts_afresh):
     base = lenet_run(make_config)
     changed = lenet_run(make_config, change)
     assert (changed.fingerprint != base.fingerprint) is starts_afresh
     assert (changed.run_name != base.run_name) is starts_afresh  # the Ray Train run it resumes or starts
+
+
+def test_files_left_out_travel_with_the_run_and_start_it_afresh(make_config):
+    run = lenet_run(make_config)
+    skipping = run.model_copy(update={"excluded_files": ("cat/broken.png", "dog/empty.jpg")})
+    assert ModelRun.from_dict(skipping.to_dict()).excluded_files == ("cat/broken.png", "dog/empty.jpg")
+    assert skipping.fingerprint != run.fingerprint  # other images: not the same run
+    assert run.model_copy(update={"excluded_files": ()}).fingerprint == run.fingerprint
 
 
 @pytest.mark.parametrize("change, invalidates", [

@@ -38,6 +38,11 @@ def test_two_worker_ddp_learns_digits(ddp_run):
     assert [h["epoch"] for h in result.history] == list(range(6))
     assert result.params_count == 61_706 and result.input_size == 32
     assert all(h["train_images_per_sec"] > 0 for h in result.history)
+    # Each DDP rank saved its own generator states into the (merged) checkpoint directory.
+    from pathlib import Path
+
+    assert sorted(p.name for p in Path(result.checkpoint_path).glob("rng_state_rank*.pt")) == [
+        "rng_state_rank0.pt", "rng_state_rank1.pt"]
 
 
 @pytest.mark.slow
@@ -274,3 +279,35 @@ def test_workers_read_the_stages_shared_conversion(ray_cluster, make_config):
         assert torch.equal(shared[split].images, local[split].images)
         assert torch.equal(shared[split].labels, local[split].labels)
     assert fetch_converted(name, cfg.data, spec) is None  # the stage's cache is gone: workers convert their own
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_first_epoch_resumes_to_the_same_weights(ray_cluster, make_config, tmp_path):
+    """Exact resume: the worker is killed (a real process exit) after epoch 0's checkpoint and Ray restarts
+    it from there; its final weights equal those of a run that never stopped, bit for bit. Augmentation is
+    on, so this also needs the restored generator states, not only the (seed, epoch) order."""
+    from pathlib import Path
+
+    from pipelines.checkpoints import CHECKPOINT_FILE, rng_state_file
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.trials import build_trainer
+
+    settings = ["train.models=[lenet5]", "train.epochs=2", "data.train_subset=64", "data.augment=true",
+                "train.batch_size=16", "train.precise_bn_batches=2", "train.max_failures=1", *FAST[1:4]]
+    free = ray_cluster.available_resources()["CPU"]
+    final = {}
+    for name, extra in (("uninterrupted", []), ("killed", ["train.simulate_failure_at_epoch=1"])):
+        cfg = make_config(*settings, *extra, workdir=tmp_path / name)
+        run = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), stage="search",
+                              cluster_cpus=free)[0]
+        result = build_trainer(run).fit()
+        assert result.metrics["epoch"] == 1
+        with result.checkpoint.as_directory() as directory:
+            assert (Path(directory) / rng_state_file(0)).is_file()
+            final[name] = (load_checkpoint(Path(directory) / CHECKPOINT_FILE).state_dict,
+                           result.metrics["start_epoch"])
+    (uninterrupted, started), (resumed, restarted_at) = final["uninterrupted"], final["killed"]
+    assert started == 0 and restarted_at == 1  # the second attempt began at epoch 1, from the checkpoint
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
