@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -114,9 +115,10 @@ def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster,
     cfg = make_config("train.models=[lenet5]", "train.epochs=2", "train.max_failures=0", "train.trial_retries=1",
                       "train.simulate_failure_at_epoch=1", "data.train_subset=200", *FAST)
     stage = train_stage(cfg)
+    # A retry that resumed would have passed epoch 1 (the rehearsal kills only a fresh attempt) and succeeded.
     assert stage.failed == ["lenet5"]
-    failed = Tracker.for_config(cfg).find_run("tags.stage = 'train' and tags.`cnnzoo.model` = 'lenet5'")
-    assert "not retried" in failed.data.tags["error"] and failed.info.status == "FAILED"
+    errors = [path.read_text() for path in Path(cfg.paths.storage).glob("*-train-*/lenet5_*/error.txt")]
+    assert len(errors) == 1 and "not retried" in errors[0], errors  # Tune did retry; the retry stopped at once
 
 
 def test_the_give_up_note_holds_only_for_the_same_trial_of_the_same_tune_run(make_config):
