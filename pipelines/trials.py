@@ -35,6 +35,8 @@ __all__ = [
     "trial_driver_resources",
     "build_trainer",
     "model_trial",
+    "record_gave_up",
+    "earlier_give_up",
     "run_model_trials",
     "reported_checkpoint_dir",
     "trial_run_name",
