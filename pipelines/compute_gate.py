@@ -22,6 +22,8 @@ from collections.abc import Iterator
 import ray
 from ray.tune import Callback
 
+from .runtime import on_this_node
+
 __all__ = ["ComputeGate", "compute_gate", "wait_for_compute", "release_compute", "ReleaseOnTrialEnd"]
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ def compute_gate(capacity: int | None) -> Iterator[str | None]:
         yield None
         return
     name = f"cnnzoo-gate-{uuid.uuid4().hex[:12]}"
-    gate = ComputeGate.options(name=name).remote(capacity)
+    gate = ComputeGate.options(name=name, scheduling_strategy=on_this_node()).remote(capacity)
     try:
         yield name
     finally:

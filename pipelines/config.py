@@ -166,6 +166,11 @@ class WorkerSettings(_Section):
         "PACK", description="how one model's workers are placed on nodes (Ray placement group strategy)"
     )
     max_failures: int = Field(2, ge=-1, description="worker failures survived per model (-1: unlimited)")
+    trial_retries: int = Field(
+        2, ge=-1,
+        description="times a model's (or search trial's) Tune trial is started again when it is lost with its "
+        "node; it resumes from its last checkpoint. A run that spent max_failures is not retried (-1: unlimited)",
+    )
     amp: bool = Field(True, description="mixed precision (GPU only)")
     channels_last: bool = Field(
         True, description="channels-last memory format: on GPUs, and on CPUs for models that run faster in it "

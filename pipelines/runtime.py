@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from .config import PipelineConfig
 
-__all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for"]
+__all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for", "on_this_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,18 @@ def ray_session(cfg: PipelineConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def on_this_node():
+    """A scheduling strategy that keeps an actor on the node of the calling process.
+
+    A stage's helper actors (the compute gate, the shared-data cache) serve every trial of the stage; the
+    stage's driver runs on the head, and there they cannot be lost with a spot worker, as they could be
+    wherever Ray's default placement happened to put them."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def cluster_resources(available: bool = False) -> dict[str, float]:

@@ -24,6 +24,7 @@ import ray
 from .config import DataConfig
 from .data import ConvertedSplit, convert_splits, load_splits
 from .preprocess import PreprocessSpec
+from .runtime import on_this_node
 
 __all__ = ["SplitsCache", "shared_splits", "prepare", "fetch_converted", "MAX_SHARED_BYTES"]
 
@@ -69,7 +70,7 @@ class SplitsCache:
 def shared_splits() -> Iterator[str]:
     """Start a stage's :class:`SplitsCache`; yields its actor name (for ``ModelRun.shared_data``)."""
     name = f"cnnzoo-splits-{uuid.uuid4().hex[:12]}"
-    cache = SplitsCache.options(name=name).remote()
+    cache = SplitsCache.options(name=name, scheduling_strategy=on_this_node()).remote()
     try:
         yield name
     finally:

@@ -182,6 +182,7 @@ def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[Mode
             cfg.paths, experiment=f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}",
             param_space={"run": tune.grid_search(runs_json)},
             callbacks=[callback, ReleaseOnTrialEnd(gate, trial_run_name)], max_concurrent=concurrency,
+            trial_retries=cfg.train.trial_retries,
         )
     failed = [result.config["run"]["model"]["name"] for result in grid if result.error is not None]
     failed += [name for name in finisher.failed if name not in failed]

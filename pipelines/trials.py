@@ -11,22 +11,32 @@ coefficient triple (the template run with the triple applied).
 * :func:`run_model_trials` runs many trials, as many at a time as asked, and resumes an interrupted
   experiment of the same name.
 * :func:`trial_resources` is what one trial holds (its driver plus its workers): the stages size their
-  concurrency with it.
+  concurrency with it. :func:`trial_driver_resources` is what the trial's own actor asks for: on a cluster
+  whose head declares :data:`DRIVER_NODE_RESOURCE` (cluster.yaml does) that pins every trial driver, and the
+  Train controller that follows it, to the head, where losing a spot worker cannot take them down.
+* Trials lost with their node are started again (``train.trial_retries``) and resume their Train run from
+  its last checkpoint; a Train run that already spent its own ``train.max_failures`` is not retried again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+from collections.abc import Mapping
 
 from .paths import RunPaths
 from .planning import ModelRun, coefficients_label
 
 __all__ = [
     "TRIAL_DRIVER_RESOURCES",
+    "DRIVER_NODE_RESOURCE",
     "trial_resources",
+    "trial_driver_resources",
     "build_trainer",
     "model_trial",
+    "record_gave_up",
+    "earlier_give_up",
     "run_model_trials",
     "reported_checkpoint_dir",
     "trial_run_name",
@@ -37,12 +47,32 @@ logger = logging.getLogger(__name__)
 #: Resources of a Tune trial's own actor (the Train driver); its workers reserve their own.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
 
+#: The custom resource of the node that hosts trial drivers: cluster.yaml's head declares 1000 of it (room
+#: for that many trials at once) and no other node type does. A trial driver owns its Train controller and
+#: workers, so a driver on a spot node that goes away would end the whole trial; the head stays.
+DRIVER_NODE_RESOURCE = "cnnzoo_driver"
+#: What one trial driver takes of it.
+DRIVER_NODE_RESOURCE_PER_TRIAL = 1.0
+
+#: Written beside a Train run whose ``fit()`` gave up (its own ``max_failures`` spent), naming the Tune trial.
+GAVE_UP_FILE = "cnnzoo-trial-gave-up.json"
+
 
 def trial_resources(run: ModelRun) -> dict[str, float]:
     """CPU and GPU one trial of ``run`` holds at once: its driver and all of its workers."""
     workers = run.workers
     return {"CPU": float(workers.cpus_per_worker) * workers.num_workers + TRIAL_DRIVER_RESOURCES["CPU"],
             "GPU": workers.gpus_per_worker * workers.num_workers if workers.use_gpu else 0.0}
+
+
+def trial_driver_resources(cluster: Mapping[str, float]) -> dict[str, float]:
+    """What a trial's own actor reserves on a cluster with ``cluster`` resources (``ray.cluster_resources()``):
+    a sliver of CPU, plus one unit of :data:`DRIVER_NODE_RESOURCE` where some node declares it, so that the
+    driver lands there. Without it (a laptop, CI, another cluster) drivers go wherever the CPU sliver fits."""
+    resources = dict(TRIAL_DRIVER_RESOURCES)
+    if cluster.get(DRIVER_NODE_RESOURCE, 0.0) >= DRIVER_NODE_RESOURCE_PER_TRIAL:
+        resources[DRIVER_NODE_RESOURCE] = DRIVER_NODE_RESOURCE_PER_TRIAL
+    return resources
 
 
 def build_trainer(run: ModelRun, callbacks: list | None = None):
@@ -97,11 +127,67 @@ def trial_run_name(config: dict) -> str:
     return name
 
 
-def model_trial(config: dict) -> None:
-    """Ray Tune trainable: drive one TorchTrainer; per-epoch metrics flow to Tune (and ASHA, and MLflow)."""
+def _gave_up_marker(run: ModelRun) -> tuple:
+    """The filesystem, directory and path of :data:`GAVE_UP_FILE` in ``run``'s Train run directory (local
+    or S3)."""
+    import pyarrow.fs
+
+    filesystem, directory = pyarrow.fs.FileSystem.from_uri(f"{run.storage_path.rstrip('/')}/{run.run_name}")
+    return filesystem, directory, f"{directory}/{GAVE_UP_FILE}"
+
+
+def record_gave_up(run: ModelRun, attempt: str, trial_id: str, error: BaseException) -> None:
+    """Note that ``run``'s Train run failed for good in trial ``trial_id`` of Tune run ``attempt`` (see
+    :func:`earlier_give_up`)."""
+    filesystem, directory, path = _gave_up_marker(run)
+    filesystem.create_dir(directory, recursive=True)
+    with filesystem.open_output_stream(path) as out:
+        out.write(json.dumps({"attempt": attempt, "trial_id": trial_id, "error": str(error)[:4000]}).encode())
+
+
+def earlier_give_up(run: ModelRun, attempt: str, trial_id: str) -> str | None:
+    """The error with which ``run``'s Train run already failed for good in this same trial of this same Tune
+    run, if it did.
+
+    Tune's retries (``train.trial_retries``) are for a trial whose driver was lost with its node. A Train run
+    that raised has already been retried ``train.max_failures`` times by Ray Train; retrying the trial would
+    multiply that budget on a failure that repeats (a bad file, a bug). ``attempt`` is new for every
+    :func:`run_model_trials` call, so re-running the pipeline (or restoring the experiment) resumes the run
+    as usual."""
+    import pyarrow.fs
+
+    filesystem, _, path = _gave_up_marker(run)
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        marker = json.loads(stream.read().decode())
+    return marker["error"] if (marker.get("attempt"), marker.get("trial_id")) == (attempt, trial_id) else None
+
+
+def model_trial(config: dict, attempt: str = "") -> None:
+    """Ray Tune trainable: drive one TorchTrainer; per-epoch metrics flow to Tune (and ASHA, and MLflow).
+
+    When Tune starts it again (its driver was lost), the same Train run name makes ``fit()`` resume from the
+    run's last checkpoint instead of training from the start. ``attempt`` names the Tune run (see
+    :func:`earlier_give_up`)."""
+    from ray import tune
+    from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    build_trainer(trial_run(config), callbacks=[TuneReportCallback()]).fit()
+    run = trial_run(config)
+    trial_id = tune.get_context().get_trial_id()
+    earlier = earlier_give_up(run, attempt, trial_id)
+    if earlier is not None:
+        raise RuntimeError(f"{run.model_name}: not retried, its training already failed after "
+                           f"train.max_failures retries: {earlier}")
+    try:
+        build_trainer(run, callbacks=[TuneReportCallback()]).fit()
+    except TrainingFailedError as error:
+        try:
+            record_gave_up(run, attempt, trial_id, error)
+        except OSError as unwritten:  # the training error is the one to report; a retry merely costs time
+            logger.warning("[%s] could not note the failure for Tune's retry: %s", run.model_name, unwritten)
+        raise
 
 
 def _trial_name(trial) -> str:
@@ -123,16 +209,23 @@ def run_model_trials(
     search_alg=None,
     scheduler=None,
     restore: bool = False,
+    trial_retries: int = 0,
 ):
     """Run :func:`model_trial` over ``param_space`` with Ray Tune; returns the ``ResultGrid``.
 
     Each trial's own actor reserves a sliver of CPU (its TorchTrainer's workers reserve the real
-    resources), so trials never deadlock against their workers on a small machine. With ``restore``, an
-    interrupted experiment of the same name continues where it stopped (Tune's restore).
+    resources), so trials never deadlock against their workers on a small machine; on a cluster with a
+    driver node it also asks for :data:`DRIVER_NODE_RESOURCE` (:func:`trial_driver_resources`). A trial that
+    fails is started again up to ``trial_retries`` times (-1: always) and resumes its Train run. With
+    ``restore``, an interrupted experiment of the same name continues where it stopped (Tune's restore).
     """
+    import uuid
+
+    import ray
     from ray import tune
 
-    trainable = tune.with_resources(model_trial, TRIAL_DRIVER_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(model_trial, attempt=uuid.uuid4().hex),
+                                    trial_driver_resources(ray.cluster_resources()))
     path = paths.experiment(experiment)
     if restore and tune.Tuner.can_restore(path):
         logger.info("[%s] resuming the interrupted Tune experiment at %s", experiment, path)
@@ -148,7 +241,7 @@ def run_model_trials(
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(name=experiment, storage_path=paths.storage, callbacks=callbacks, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=trial_retries)),
         )
     return tuner.fit()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,158 @@ def test_every_preset_is_a_valid_config(preset, monkeypatch, tmp_path):
     if cfg.train.use_gpu:
         assert cfg.paths.storage == "s3://bucket/prefix" and cfg.tracking_uri == "http://10.0.0.1:5000"
         assert cfg.ray.address == "auto"
+
+
+# --- the registry outlives the cluster; least privilege; the network ---------------------------------------
+
+AWS = ROOT / "docs" / "aws"
+
+
+def _policy(name: str) -> list[dict]:
+    return json.loads((AWS / name).read_text())["Statement"]
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _allowed(statements: list[dict], action: str) -> list[dict]:
+    return [s for s in statements if s["Effect"] == "Allow" and action in _as_list(s["Action"])]
+
+
+def test_head_and_workers_have_their_own_instance_profiles(cluster):
+    types = cluster["available_node_types"]
+    head = types[cluster["head_node_type"]]["node_config"]["IamInstanceProfile"]["Arn"]
+    worker = types["gpu_worker"]["node_config"]["IamInstanceProfile"]["Arn"]
+    assert head != worker
+    assert head.endswith(":instance-profile/cnnzoo-ray-head") and worker.endswith(":instance-profile/cnnzoo-ray-worker")
+
+
+def test_only_the_head_may_launch_instances_and_it_may_pass_only_the_worker_role(cluster):
+    head, worker = _policy("head-policy.json"), _policy("worker-policy.json")
+    worker_profile = cluster["available_node_types"]["gpu_worker"]["node_config"]["IamInstanceProfile"]["Arn"]
+    account, profile = worker_profile.split(":")[4], worker_profile.rsplit("/", 1)[1]
+    passes = _allowed(head, "iam:PassRole")
+    assert len(passes) == 1 and passes[0]["Resource"] == f"arn:aws:iam::{account}:role/{profile}"
+    assert passes[0]["Condition"]["StringEquals"]["iam:PassedToService"] == "ec2.amazonaws.com"
+    for action in ("ec2:RunInstances", "ec2:TerminateInstances", "ec2:DescribeInstances"):
+        assert _allowed(head, action), action
+    # Terminating is limited to this cluster's instances.
+    for statement in _allowed(head, "ec2:TerminateInstances"):
+        assert statement["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == cluster["cluster_name"]
+    # Workers: objects in the bucket's Ray storage prefix, and nothing of EC2, IAM or SSM.
+    actions = {a for s in worker for a in _as_list(s["Action"])}
+    assert actions and all(a.startswith("s3:") for a in actions), actions
+    objects = [r for s in worker for r in _as_list(s["Resource"]) if r.count("/")]
+    assert objects and all(r.startswith("arn:aws:s3:::YOUR-BUCKET/cnnzoo/ray/") for r in objects), objects
+    wildcards = [s["Sid"] for s in head + worker if "*" in _as_list(s["Resource"])]
+    assert wildcards == ["AutoscalerDescribes"]  # EC2's Describe calls take no resource ARN; nothing else is open
+
+
+def test_ssh_is_admitted_only_from_a_configured_address(cluster):
+    # Ray creates a missing group with SSH from 0.0.0.0/0 on top of provider.security_group's rules, so the
+    # nodes name a group made beforehand and Ray must not configure one of its own.
+    from ray.autoscaler._private.aws.config import _create_default_inbound_rules
+
+    assert any(r.get("IpRanges") == [{"CidrIp": "0.0.0.0/0"}] for r in _create_default_inbound_rules(set(), []))
+    assert "security_group" not in cluster["provider"]
+    for name, node_type in cluster["available_node_types"].items():
+        assert node_type["node_config"]["SecurityGroupIds"], name
+    ingress = json.loads((AWS / "ssh-ingress.json").read_text())
+    ssh = [rule for rule in ingress if rule["FromPort"] <= 22 <= rule["ToPort"]]
+    assert ssh and all(rule["IpProtocol"] == "tcp" for rule in ssh)
+    cidrs = [r["CidrIp"] for rule in ssh for r in rule["IpRanges"]] + [
+        r["CidrIpv6"] for rule in ssh for r in rule.get("Ipv6Ranges", [])]
+    assert cidrs and not {"0.0.0.0/0", "::/0"} & set(cidrs), cidrs
+    assert all(rule["FromPort"] == rule["ToPort"] == 22 for rule in ingress)  # nothing else from outside
+
+
+def test_the_mlflow_store_outlives_the_container_and_the_cluster(cluster):
+    head_options = cluster["docker"].get("run_options", []) + cluster["docker"].get("head_run_options", [])
+    mounts = [o for o in head_options if o.startswith("-v ") and o.endswith(":/home/ray/mlflow")]
+    assert len(mounts) == 1, head_options
+    host_dir = mounts[0].split()[1].split(":")[0]
+    assert any(host_dir in command for command in cluster["initialization_commands"])  # made before docker runs
+    start = "\n".join(cluster["head_start_ray_commands"])
+    assert '"${CNNZOO_MLFLOW_BACKEND_URI:-sqlite:////home/ray/mlflow/mlflow.db}"' in start
+    assert "MLFLOW_BACKEND_STORE_URI=" in start and "--backend-store-uri" not in start  # the password stays off argv
+    assert "pipelines.mlflow_state restore" in start and "pipelines.mlflow_state backup" in start
+    assert start.index("mlflow_state restore") < start.index("mlflow server")
+    setup = "\n".join(cluster["head_setup_commands"])
+    assert "fetch-backend-uri" in setup and "CNNZOO_MLFLOW_BACKUP_URI=s3://" in setup
+    assert any("[postgres" in c and "aws]" in c for c in cluster["setup_commands"])
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("psycopg[binary]") for r in extras["postgres"])
+
+
+def test_local_secrets_and_state_are_not_synced_to_the_nodes(cluster):
+    assert cluster["rsync_filter"] == [".gitignore"]
+    ignored = (ROOT / ".gitignore").read_text().split()
+    for pattern in (".venv/", "*.db", ".env", "runs/", "*.pem"):
+        assert pattern in ignored, pattern
+
+
+def test_only_the_head_declares_the_trial_driver_resource(cluster):
+    from pipelines.trials import DRIVER_NODE_RESOURCE
+
+    types = cluster["available_node_types"]
+    assert types[cluster["head_node_type"]]["resources"].get(DRIVER_NODE_RESOURCE, 0) >= 100
+    for name, node_type in types.items():
+        if name != cluster["head_node_type"]:
+            assert DRIVER_NODE_RESOURCE not in node_type.get("resources", {}), name
+
+
+def test_a_trial_driver_asks_for_the_driver_node_only_where_a_node_declares_it():
+    from pipelines.trials import DRIVER_NODE_RESOURCE, TRIAL_DRIVER_RESOURCES, trial_driver_resources
+
+    laptop = {"CPU": 8.0, "memory": 1e10}
+    assert trial_driver_resources(laptop) == TRIAL_DRIVER_RESOURCES
+    cluster = {"CPU": 24.0, "GPU": 4.0, DRIVER_NODE_RESOURCE: 1000.0}
+    assert trial_driver_resources(cluster) == {**TRIAL_DRIVER_RESOURCES, DRIVER_NODE_RESOURCE: 1.0}
+    assert trial_driver_resources(cluster)["CPU"] < 0.1  # still a sliver: the workers reserve the real CPUs
+
+
+# --- the sqlite fallback's backups --------------------------------------------------------------------------
+
+
+def test_an_mlflow_registry_backed_up_and_restored_keeps_its_models_and_aliases(tmp_path, monkeypatch):
+    """A real MLflow sqlite store with a registered model and an alias: backed up (to a local path standing
+    in for the bucket) and restored onto a new, empty head, it still answers for the alias."""
+    from mlflow import MlflowClient
+
+    from pipelines.mlflow_state import backup, main, restore
+
+    monkeypatch.delenv("CNNZOO_MLFLOW_BACKEND_URI", raising=False)
+    db = tmp_path / "old-head" / "mlflow.db"
+    db.parent.mkdir()
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    client.create_registered_model("zoo")
+    run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts")))
+    version = client.create_model_version("zoo", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias("zoo", "champion", version.version)
+    bucket = tmp_path / "bucket" / "cnnzoo" / "mlflow-state" / "mlflow.db"
+    assert backup(db, str(bucket)) > 0 and bucket.is_file()
+    assert not list(bucket.parent.glob("*.partial"))
+
+    new = tmp_path / "new-head" / "mlflow.db"
+    assert main(["restore", "--db", str(new), "--uri", str(bucket)]) == 0 and new.is_file()
+    restored = MlflowClient(tracking_uri=f"sqlite:///{new}")
+    assert restored.get_model_version_by_alias("zoo", "champion").version == version.version
+    assert restore(new, str(bucket)) is False  # never over an existing store
+    assert restore(tmp_path / "other" / "mlflow.db", str(tmp_path / "bucket" / "missing.db")) is False
+
+
+def test_the_state_commands_name_a_missing_setting_and_skip_a_managed_backend(tmp_path, monkeypatch, capsys):
+    from pipelines.mlflow_state import main
+
+    monkeypatch.delenv("CNNZOO_MLFLOW_BACKUP_URI", raising=False)
+    monkeypatch.delenv("CNNZOO_MLFLOW_BACKEND_URI", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["backup", "--db", str(tmp_path / "mlflow.db")])
+    assert exit_info.value.code == 2 and "--uri" in capsys.readouterr().err
+    assert main(["backup", "--db", str(tmp_path / "absent.db"), "--uri", str(tmp_path / "b.db")]) == 1
+    monkeypatch.setenv("CNNZOO_MLFLOW_BACKEND_URI", "postgresql+psycopg://u@db.internal/mlflow")
+    assert main(["backup", "--db", str(tmp_path / "absent.db")]) == 0
+    assert "nothing to do" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,10 @@ from cnnmodels.scaling import constraint_value
 from pipelines.tracking import Tracker
 
 pytestmark = pytest.mark.slow
+
+#: This checkout: the simulated cluster's worker setup hook imports `pipelines` before Ray puts the driver's
+#: directory on the workers' path, so without it on PYTHONPATH they would import an installed copy instead.
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_stage_runs_and_the_champion_answers_over_http(pipeline_run):
@@ -138,14 +143,16 @@ def hold_a_gpu_share(run):
 
 @pytest.fixture(scope="module")
 def simulated_cluster(tmp_path_factory):
-    """One real multi-node Ray (ray.cluster_utils.Cluster) for both tests below: a 2-CPU head and a 2-CPU
-    node that declares one GPU. It trains lenet5 with 2 DDP workers spread over both nodes, then runs two
-    single-worker runs at train.gpus_per_worker=0.5 with a no-op loop."""
+    """One real multi-node Ray (ray.cluster_utils.Cluster) for the three tests below: a 2-CPU head and a
+    2-CPU node that declares one GPU. It trains lenet5 with 2 DDP workers spread over both nodes, then runs
+    two single-worker runs at train.gpus_per_worker=0.5 with a no-op loop. Then a 1-CPU node that declares the
+    trial-driver resource joins, lenet5 trains again, and that node (where its trial driver runs) is killed
+    once the run has a checkpoint, as a spot node goes; a replacement node joins."""
     tmp_path = tmp_path_factory.mktemp("cluster")
     (tmp_path / "gpu_share_hook.py").write_text(NO_OP_GPU_LOOP)
     log = tmp_path / "placed.jsonl"
     script = textwrap.dedent(f"""
-        import json, ray
+        import glob, json, threading, time, ray
         from ray import tune
         from ray.cluster_utils import Cluster
         from pipelines.config import load_config
@@ -153,14 +160,31 @@ def simulated_cluster(tmp_path_factory):
         from pipelines.planning import ModelChoice, plan_model_runs
         from pipelines.runtime import concurrency_for, free_resources
         from pipelines.train import train_stage
-        from pipelines.trials import run_model_trials, trial_resources
+        from pipelines.trials import DRIVER_NODE_RESOURCE, run_model_trials, trial_resources
+
+        def kill_once_checkpointed(cfg, victim, trainer):
+            # The trial driver can only be on `victim`, the one node that declares the driver resource. Once the
+            # run has committed a checkpoint, the victim dies without a graceful shutdown, as a reclaimed spot
+            # node does. (Here, in the main thread: Ray's Cluster starts and stops nodes from there only.)
+            while trainer.is_alive():
+                for path in glob.glob(f"{{cfg.paths.storage}}/{{cfg.name}}-train-lenet5-*/"
+                                      "checkpoint_manager_snapshot.json"):
+                    try:
+                        committed = bool(json.load(open(path)).get("checkpoint_results"))
+                    except ValueError:  # being written
+                        committed = False
+                    if committed:
+                        cluster.remove_node(victim, allow_graceful=False)
+                        return victim.node_id
+                time.sleep(0.1)
+            return None
 
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
         gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING", runtime_env={{
             "worker_process_setup_hook": "gpu_share_hook.install",
-            "env_vars": {{"PYTHONPATH": "{tmp_path}", "GPU_SHARE_LOG": "{log}"}}}})
+            "env_vars": {{"PYTHONPATH": "{tmp_path}:{ROOT}", "GPU_SHARE_LOG": "{log}"}}}})
         try:
             cfg = load_config(None, ["workdir={tmp_path}", "name=twonode", "train.models=[lenet5]",
                                      "train.epochs=1", "train.num_workers=2", "train.cpus_per_worker=1",
@@ -176,8 +200,41 @@ def simulated_cluster(tmp_path_factory):
             concurrency = concurrency_for("auto", trial_resources(runs[0]), len(runs), free_resources())
             grid = run_model_trials(cfg.paths, experiment="shares", callbacks=[], max_concurrent=concurrency,
                                     param_space={{"run": tune.grid_search([r.to_dict() for r in runs])}})
+
+            lost = {{}}
+            try:
+                victim = cluster.add_node(num_cpus=1, resources={{DRIVER_NODE_RESOURCE: 1000}})
+                cluster.wait_for_nodes()
+                # A Train run that cannot replace anything itself (max_failures=0): only Tune's retry can save it.
+                cfg = load_config(None, ["workdir={tmp_path}", "name=nodeloss", "train.models=[lenet5]",
+                                         "train.epochs=3", "train.cpus_per_worker=1", "train.max_failures=0",
+                                         "train.trial_retries=1", "data.train_subset=200", "data.image_size=16"])
+                outcome = {{}}
+
+                def train_in_background():
+                    try:
+                        outcome["stage"] = train_stage(cfg)
+                    except Exception as error:
+                        outcome["error"] = repr(error)
+
+                trainer = threading.Thread(target=train_in_background, daemon=True)
+                started = time.time()
+                trainer.start()
+                lost["killed"] = kill_once_checkpointed(cfg, victim, trainer)
+                if lost["killed"]:  # a node that declares the resource, for Tune's retry to land on
+                    lost["replacement"] = cluster.add_node(num_cpus=1, resources={{DRIVER_NODE_RESOURCE: 1000}}).node_id
+                trainer.join(timeout=400)
+                retried = outcome.get("stage")
+                result = retried.results.get("lenet5") if retried else None
+                lost.update(ok=bool(retried and retried.ok), seconds=round(time.time() - started, 1),
+                            stage_error=outcome.get("error"),
+                            history=[{{"epoch": h["epoch"], "start_epoch": h["start_epoch"]}} for h in result.history]
+                            if result else [])
+            except Exception as error:  # reported by its own test, so the other tests still run
+                lost["error"] = repr(error)
             print(json.dumps({{"ok": stage.ok, "nodes": len(nodes), "placed": placed, "concurrency": concurrency,
-                              "errors": [str(r.error) for r in grid if r.error], "gpu_node": gpu_node.node_id}}))
+                              "errors": [str(r.error) for r in grid if r.error], "gpu_node": gpu_node.node_id,
+                              "node_loss": lost}}))
         finally:
             ray.shutdown()
             cluster.shutdown()
@@ -203,3 +260,18 @@ def test_fractional_gpu_shares_put_two_runs_on_one_gpu_at_once(simulated_cluster
     assert len(placed) == 2
     assert {p["node"] for p in placed} == {summary["gpu_node"]} and all(p["gpus"] == [0] for p in placed)
     assert max(p["start"] for p in placed) < min(p["end"] for p in placed), placed  # held it together
+
+
+def test_a_trial_lost_with_its_node_is_retried_and_resumes_from_its_checkpoint(simulated_cluster):
+    """The node that runs a trial's driver dies mid-training: Tune starts the trial again on a node that
+    declares the driver resource, its Train run resumes from the last checkpoint, and the stage ends."""
+    lost = simulated_cluster["node_loss"]
+    assert "error" not in lost and not lost["stage_error"], lost
+    assert lost["killed"] and lost["replacement"], lost  # killed once a checkpoint was committed
+    assert lost["ok"], lost
+    history = lost["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2], lost
+    # Resumed, not retrained: the later epochs ran in an attempt that started from the checkpoint. That also
+    # shows the driver was on the killed node (the only one with the driver resource): anywhere else the
+    # kill would not have touched the run and every epoch would have start_epoch 0.
+    assert history[0]["start_epoch"] == 0 and history[-1]["start_epoch"] >= 1, lost

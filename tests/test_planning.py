@@ -48,6 +48,7 @@ def test_a_run_travels_as_json_and_refuses_unknown_keys(make_config):
     ("train.epochs=9", False),  # more epochs continue the run
     ("train.cpus_per_worker=0.5", False),  # where a run executes does not change what it learns
     ("train.max_failures=5", False),
+    ("train.trial_retries=0", False),
     ("data.loader_workers=2", False),
     ("data.skip_bad_files=true", False),  # how bad files are handled; the files left out count (below)
 ])

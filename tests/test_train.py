@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -110,6 +111,33 @@ def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(
     client = Tracker.for_config(cfg).client
     steps = [m.step for m in client.get_metric_history(stage.results["lenet5"].mlflow_run_id, "val_acc")]
     assert sorted(steps) == [0, 1, 2]  # one MLflow run, each epoch logged once
+
+
+@pytest.mark.slow
+def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster, make_config):
+    """Tune's trial retries are for a lost driver: a Train run that gave up after train.max_failures (here 0)
+    is not run again by the retry, which would otherwise resume it and hide the failure."""
+    cfg = make_config("train.models=[lenet5]", "train.epochs=2", "train.max_failures=0", "train.trial_retries=1",
+                      "train.simulate_failure_at_epoch=1", "data.train_subset=200", *FAST)
+    stage = train_stage(cfg)
+    # A retry that resumed would have passed epoch 1 (the rehearsal kills only a fresh attempt) and succeeded.
+    assert stage.failed == ["lenet5"]
+    errors = [path.read_text() for path in Path(cfg.paths.storage).glob("*-train-*/lenet5_*/error.txt")]
+    assert len(errors) == 1 and "not retried" in errors[0], errors  # Tune did retry; the retry stopped at once
+
+
+def test_the_give_up_note_holds_only_for_the_same_trial_of_the_same_tune_run(make_config):
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.trials import earlier_give_up, record_gave_up
+
+    cfg = make_config("train.models=[lenet5]")
+    run = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)[0]
+    assert earlier_give_up(run, "tune-run-1", "t0") is None
+    record_gave_up(run, "tune-run-1", "t0", RuntimeError("WorkerGroupError: bad file x.png"))
+    assert "bad file x.png" in earlier_give_up(run, "tune-run-1", "t0")
+    assert earlier_give_up(run, "tune-run-2", "t0") is None  # a re-run of the pipeline resumes as usual
+    assert earlier_give_up(run, "tune-run-1", "t1") is None
 
 
 def test_a_failed_trial_is_recorded_as_failed_in_mlflow(make_config):

@@ -1,0 +1,166 @@
+"""The cluster head's MLflow store: where it comes from, and the sqlite fallback's backups in the bucket.
+
+``cluster.yaml`` keeps the registry (runs, versions, aliases; the artifacts are in S3 already) across
+``ray down`` in one of two ways:
+
+* The documented setup: a managed PostgreSQL. Its URI (``postgresql+psycopg://...``, a secret) is kept in
+  AWS SSM Parameter Store; :func:`fetch_backend_uri` writes it on the head into a file only its owner
+  reads, from which the head's shell exports ``CNNZOO_MLFLOW_BACKEND_URI`` for the tracking server.
+* Without that parameter: sqlite on a host volume of the head. The volume outlives the container (a second
+  ``ray up``) but not the instance, and ``ray down`` runs no command of ours before it terminates the head
+  (Ray's launcher only runs ``ray stop`` there). So the head :func:`restore` s the last backup when it
+  starts without a database, :func:`backup` s it periodically while it runs, and the README's
+  ``ray exec cluster.yaml 'python -m pipelines.mlflow_state backup'`` before ``ray down`` takes the last one.
+
+Run on the head: ``python -m pipelines.mlflow_state {backup,restore,fetch-backend-uri} ...``. Exit codes: 0
+done (or nothing to do), 1 failed, 2 a missing setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sqlite3
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["backup", "restore", "fetch_backend_uri", "main"]
+
+logger = logging.getLogger(__name__)
+
+#: Where cluster.yaml's head keeps the sqlite fallback (the host volume mounted into the container).
+DEFAULT_DB = "/home/ray/mlflow/mlflow.db"
+
+
+def _filesystem(uri: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def backup(db: Path, uri: str) -> int:
+    """Copy the sqlite database ``db`` to ``uri`` (``s3://bucket/key`` or an absolute local path); returns
+    its size in bytes.
+
+    The copy is taken with sqlite's online backup API, so a server writing meanwhile cannot leave a torn
+    file; it is uploaded beside the target and then moved over it, so an interrupted upload never replaces
+    the previous backup."""
+    if not db.is_file():
+        raise FileNotFoundError(f"no sqlite database at {db}")
+    filesystem, path = _filesystem(uri)
+    with tempfile.TemporaryDirectory(dir=db.parent) as scratch:
+        snapshot = Path(scratch) / db.name
+        source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        target = sqlite3.connect(snapshot)
+        try:
+            source.backup(target)
+        finally:
+            target.close()
+            source.close()
+        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        partial = f"{path}.partial"
+        with snapshot.open("rb") as data, filesystem.open_output_stream(partial) as out:
+            while chunk := data.read(1 << 20):
+                out.write(chunk)
+        filesystem.move(partial, path)
+        return snapshot.stat().st_size
+
+
+def restore(db: Path, uri: str) -> bool:
+    """Download the backup at ``uri`` to ``db`` if there is no database there yet; returns whether it did.
+
+    An existing database is never replaced: it is at least as new as any backup taken from it."""
+    import pyarrow.fs
+
+    if db.exists():
+        return False
+    filesystem, path = _filesystem(uri)
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return False
+    db.parent.mkdir(parents=True, exist_ok=True)
+    partial = db.with_name(db.name + ".restoring")
+    with filesystem.open_input_stream(path) as stream, partial.open("wb") as out:
+        while chunk := stream.read(1 << 20):
+            out.write(chunk)
+    check = sqlite3.connect(f"file:{partial}?mode=ro", uri=True)
+    try:
+        verdict = check.execute("PRAGMA quick_check").fetchone()[0]
+    finally:
+        check.close()
+    if verdict != "ok":
+        partial.unlink()
+        raise RuntimeError(f"the backup at {uri} is not a sound sqlite database ({verdict})")
+    os.replace(partial, db)
+    return True
+
+
+def fetch_backend_uri(parameter: str, out: Path, region: str | None = None) -> bool:
+    """Write the SecureString SSM ``parameter`` (the backend store URI) to ``out``, readable by its owner only;
+    returns False, and removes ``out``, when the parameter does not exist (the sqlite fallback then applies).
+    Any other error (no permission, no network) raises: silently falling back would split the registry."""
+    import boto3
+
+    client = boto3.client("ssm", region_name=region)
+    try:
+        value = client.get_parameter(Name=parameter, WithDecryption=True)["Parameter"]["Value"].strip()
+    except client.exceptions.ParameterNotFound:
+        out.unlink(missing_ok=True)
+        return False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(value + "\n")
+    os.chmod(out, 0o600)  # an older file keeps its mode through O_CREAT
+    return True
+
+
+def _setting(value: str | None, option: str, env: str) -> str:
+    value = value or os.environ.get(env)
+    if not value:
+        print(f"error: {option} (or ${env}) is not set", file=sys.stderr)
+        raise SystemExit(2)
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``backup``, ``restore`` and ``fetch-backend-uri`` (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.mlflow_state", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, verb in (("backup", "copy the sqlite store to"), ("restore", "restore a missing store from")):
+        command = commands.add_parser(name, help=f"{verb} the bucket")
+        command.add_argument("--db", default=None, help=f"the sqlite file (default $CNNZOO_MLFLOW_DB or {DEFAULT_DB})")
+        command.add_argument("--uri", default=None, help="the backup's s3:// URI (default $CNNZOO_MLFLOW_BACKUP_URI)")
+    fetch = commands.add_parser("fetch-backend-uri", help="write the backend store URI from SSM to a private file")
+    fetch.add_argument("--parameter", required=True, help="the SSM parameter name, e.g. /cnnzoo/mlflow-backend-uri")
+    fetch.add_argument("--out", required=True, type=Path, help="the file to write it to (mode 0600)")
+    fetch.add_argument("--region", default=None, help="the AWS region (default: boto3's)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch-backend-uri":
+            found = fetch_backend_uri(args.parameter, args.out, args.region)
+            print(f"MLflow backend store: the URI in SSM parameter {args.parameter} (in {args.out})" if found
+                  else f"no SSM parameter {args.parameter}: the MLflow server uses the sqlite fallback")
+            return 0
+        if os.environ.get("CNNZOO_MLFLOW_BACKEND_URI"):
+            print(f"{args.command}: the MLflow backend store is $CNNZOO_MLFLOW_BACKEND_URI (a managed database), "
+                  "nothing to do")
+            return 0
+        db = Path(args.db or os.environ.get("CNNZOO_MLFLOW_DB") or DEFAULT_DB)
+        uri = _setting(args.uri, "--uri", "CNNZOO_MLFLOW_BACKUP_URI")
+        if args.command == "backup":
+            size = backup(db, uri)
+            print(f"backed up {db} ({size / 1e6:.1f} MB) to {uri}")
+        elif restore(db, uri):
+            print(f"restored {db} from {uri}")
+        else:
+            print(f"not restored: {db} exists" if db.exists() else f"no backup at {uri}: starting an empty store")
+        return 0
+    except Exception as error:  # noqa: BLE001 - one line for the setup log, exit 1
+        print(f"error: {args.command} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
