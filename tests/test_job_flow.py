@@ -52,7 +52,7 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
     """End the head and every process it started, by their ids (``ray stop`` would end every Ray on the machine).
 
     Its processes are ``ray start``'s descendants (GCS, raylet, dashboard, and the raylet's workers: the job's
-    driver, Train, Serve), plus any that names its temp dir; each gets SIGTERM, then SIGKILL after 3 s (the head
+    driver, Train, Serve), plus any that names its temp dir; each gets SIGTERM, then SIGKILL after 1 s (the head
     is thrown away, a graceful shutdown would only cost time).
     """
     import psutil  # Ray's vendored copy: `import ray` above put it on sys.path
@@ -71,7 +71,7 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=3)
+    _, alive = psutil.wait_procs(procs, timeout=1)
     for proc in alive:
         try:
             proc.kill()
