@@ -1,11 +1,12 @@
 """The training stage: every model of the config, each its own Ray Train run, tracked and registered.
 
 :func:`train_stage` plans one :class:`~pipelines.planning.ModelRun` per model (plus the searched
-EfficientNet family when coefficients are given), skips models already trained to their epochs with the
-same settings, and runs the rest as Ray Tune trials (:mod:`pipelines.trials`), as many at once as the
-cluster fits. Each trial's epochs are mirrored live into an MLflow child run; when a model finishes,
-:func:`finish_model_trial` logs and registers its best checkpoint and writes its result record. At the end
-the champion alias moves to the best test accuracy and a comparison table is printed.
+EfficientNet family when coefficients are given, and the paper's family next to it with
+``search.compare_paper``), skips models already trained to their epochs with the same settings, and runs the
+rest as Ray Tune trials (:mod:`pipelines.trials`), as many at once as the cluster fits. Each trial's epochs
+are mirrored live into an MLflow child run; when a model finishes, :func:`finish_model_trial` logs and
+registers its best checkpoint and writes its result record. At the end the champion alias moves to the best
+test accuracy and a comparison table is printed.
 """
 
 from __future__ import annotations
@@ -221,8 +222,9 @@ def _train_models(cfg: PipelineConfig, tracker, info, runs: list[ModelRun], todo
 def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = None, *,
                 show_table: bool = True) -> TrainStageResult:
     """Train every model of ``train.models`` (plus the searched EfficientNet family when ``coefficients``
-    are given), each its own Ray Train run, as many at once as the cluster fits. Models already trained
-    with the same settings and epochs are skipped. Logs progress and (``show_table``) a comparison table."""
+    are given, and with ``search.compare_paper`` the paper's family at the same phis), each its own Ray Train
+    run, as many at once as the cluster fits. Models already trained with the same settings and epochs are
+    skipped. Logs progress and (``show_table``) a comparison table."""
     from .data import describe_dataset
     from .runtime import free_resources
     from .tracking import Tracker
