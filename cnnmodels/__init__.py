@@ -16,6 +16,7 @@ from .profile import Profile, profile, training_step_kernels
 from .registry import (
     create_model,
     family_member_name,
+    family_of,
     get_model_builder,
     is_family_member,
     list_models,
@@ -35,6 +36,7 @@ __all__ = [
     "resolve_model_name",
     "family_member_name",
     "is_family_member",
+    "family_of",
     "profile",
     "Profile",
     "training_step_kernels",

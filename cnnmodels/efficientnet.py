@@ -311,3 +311,7 @@ def efficientnet(
 
 # ``efficientnet_phi1`` names the compound-scaled member at phi = 1 (the pipeline's searched family).
 register_family("efficientnet_phi", "efficientnet", "phi")
+# ``efficientnet_paper_phi1``: the member with the paper's (1.2, 1.1, 1.15), the builder's defaults. A name of
+# its own lets the pipeline train it next to the searched member of the same phi (``search.compare_paper``)
+# without the two colliding in result files, registry aliases or MLflow runs.
+register_family("efficientnet_paper_phi", "efficientnet", "phi")

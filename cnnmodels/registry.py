@@ -25,6 +25,7 @@ __all__ = [
     "resolve_model_name",
     "family_member_name",
     "is_family_member",
+    "family_of",
 ]
 
 M = TypeVar("M", bound=nn.Module)
@@ -58,28 +59,41 @@ def register_family(prefix: str, builder: str, option: str) -> None:
     _FAMILIES[prefix] = (builder, option)
 
 
-def family_member_name(builder: str, value: float) -> str:
-    """The name of ``builder``'s family member at ``value``: ``("efficientnet", 1.0) -> "efficientnet_phi1"``."""
-    for prefix, (family_builder, _) in _FAMILIES.items():
-        if family_builder == builder:
-            return f"{prefix}{value:g}".replace(".", "p")
-    raise ValueError(f"{builder!r} has no registered family")
+def family_member_name(builder: str, value: float, *, prefix: str | None = None) -> str:
+    """The name of ``builder``'s family member at ``value``: ``("efficientnet", 1.0) -> "efficientnet_phi1"``.
+
+    A builder may have several families (the EfficientNet members with searched coefficients and those with
+    the paper's): ``prefix`` picks one, by default the first registered for ``builder``.
+    """
+    for family_prefix, (family_builder, _) in _FAMILIES.items():
+        if family_builder == builder and prefix in (None, family_prefix):
+            return f"{family_prefix}{value:g}".replace(".", "p")
+    which = f" under the prefix {prefix!r}" if prefix else ""
+    raise ValueError(f"{builder!r} has no registered family{which}")
 
 
-def _parse_family_member(name: str) -> tuple[str, dict[str, float]] | None:
+def _parse_family_member(name: str) -> tuple[str, str, dict[str, float]] | None:
+    """(prefix, builder, implied options) of a family member's name, or None."""
     for prefix, (builder, option) in _FAMILIES.items():
         if name.startswith(prefix) and len(name) > len(prefix):
             try:
                 value = float(name[len(prefix):].replace("p", "."))
             except ValueError:
-                return None
-            return builder, {option: value}
+                continue  # maybe a longer prefix of another family matches
+            return prefix, builder, {option: value}
     return None
 
 
 def is_family_member(name: str) -> bool:
     """Whether ``name`` names a member of a scaled family (``efficientnet_phi1``) rather than a fixed model."""
     return _parse_family_member(name) is not None
+
+
+def family_of(name: str) -> str | None:
+    """The prefix of the family ``name`` belongs to (``"efficientnet_paper_phi1" -> "efficientnet_paper_phi"``),
+    or None for a fixed model."""
+    member = _parse_family_member(name)
+    return None if member is None else member[0]
 
 
 def resolve_model_name(name: str) -> tuple[str, dict[str, float]]:
@@ -92,7 +106,7 @@ def resolve_model_name(name: str) -> tuple[str, dict[str, float]]:
         return name, {}
     member = _parse_family_member(name)
     if member is not None:
-        return member
+        return member[1], member[2]
     get_model_builder(name)  # raises with a did-you-mean
     raise AssertionError("unreachable")
 

@@ -267,6 +267,11 @@ class SearchConfig(_Section):
         None, ge=10, description="search on this many training images (a cheaper proxy); default: data.train_subset"
     )
     phis: list[float] = Field(default_factory=lambda: [0.0, 1.0], description="family members to train")
+    compare_paper: bool = Field(
+        False, description="also train the family of the paper's (1.2, 1.1, 1.15) at the same phis "
+        "(efficientnet_paper_phiN), so the report shows whether the search paid; skipped when the search found "
+        "the paper's triple"
+    )
     base_model: str = Field("efficientnet", description="the baseline that is scaled")
     objective: Literal["val_acc", "mnas"] = Field(
         "val_acc", description="val_acc, or mnas: val_acc * (macs / target_macs)^-0.07"

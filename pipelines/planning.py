@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,10 +25,13 @@ import cnnmodels
 from .config import DataConfig, Hyperparameters, PipelineConfig, WorkerSettings, hyperparameters_for
 from .data import DatasetInfo, make_spec
 from .preprocess import PreprocessSpec
+from .search_space import PAPER, same_triple
 
 __all__ = [
     "ModelChoice",
     "ModelRun",
+    "SEARCHED_FAMILY",
+    "PAPER_FAMILY",
     "resolve_models",
     "plan_model_runs",
     "search_template",
@@ -38,12 +42,18 @@ __all__ = [
     "fingerprint",
 ]
 
+logger = logging.getLogger(__name__)
+
 #: Data settings that change how fast data arrives, not which images a model sees. ``skip_bad_files`` only
 #: decides whether unreadable files stop the stage; the files left out are fingerprinted themselves
 #: (``ModelRun.excluded_files``).
 _DATA_RUNTIME_KEYS = {"loader_workers", "download", "skip_bad_files"}
-#: Search settings that change how the search runs, not what it finds.
-_SEARCH_RUNTIME_KEYS = {"max_concurrent_trials", "phis"}
+#: Search settings that change how the search runs or what is trained after it, not what it finds.
+_SEARCH_RUNTIME_KEYS = {"max_concurrent_trials", "phis", "compare_paper"}
+#: Name prefixes (cnnmodels families) of the EfficientNet members built from the searched coefficients
+#: (``efficientnet_phi1``) and from the paper's (``efficientnet_paper_phi1``, with ``search.compare_paper``).
+SEARCHED_FAMILY = "efficientnet_phi"
+PAPER_FAMILY = "efficientnet_paper_phi"
 
 
 def fingerprint(payload: Any) -> str:
@@ -171,18 +181,30 @@ def _with_data_defaults(cfg: PipelineConfig, arch: str, options: dict[str, Any])
 
 
 def resolve_models(cfg: PipelineConfig, coefficients: dict[str, float] | None = None) -> list[ModelChoice]:
-    """``train.models`` plus, when coefficients were found, the EfficientNet family at ``search.phis``."""
+    """``train.models`` plus, when coefficients were found, the EfficientNet family at ``search.phis``
+    (``efficientnet_phiN``) and, with ``search.compare_paper``, the family of the paper's coefficients at the
+    same phis (``efficientnet_paper_phiN``), unless the searched triple is the paper's."""
     choices = []
     for name in cfg.train.models:
         arch, implied = cnnmodels.resolve_model_name(name)
         options = {**implied, **cfg.train.model_options.get(name, {})}
         choices.append(ModelChoice(name, arch, _with_data_defaults(cfg, arch, options)))
-    if coefficients is not None:
-        known = {c.name for c in choices}
+    if coefficients is None:
+        return choices
+    triple = tuple(float(coefficients[k]) for k in ("alpha", "beta", "gamma"))
+    families = [(SEARCHED_FAMILY, triple)]
+    if cfg.search.compare_paper:
+        if same_triple(triple, PAPER):
+            logger.info("[train] search.compare_paper: the search found the paper's (1.2, 1.1, 1.15) itself, so "
+                        "the searched family is the paper's; it is trained once, as %sN", SEARCHED_FAMILY)
+        else:
+            families.append((PAPER_FAMILY, PAPER))
+    known = {c.name for c in choices}
+    for prefix, (alpha, beta, gamma) in families:
         for phi in cfg.search.phis:
-            name = cnnmodels.family_member_name("efficientnet", phi)
+            name = cnnmodels.family_member_name("efficientnet", phi, prefix=prefix)
             if name not in known:
-                options = {"phi": float(phi), **{k: coefficients[k] for k in ("alpha", "beta", "gamma")}}
+                options = {"phi": float(phi), "alpha": alpha, "beta": beta, "gamma": gamma}
                 choices.append(ModelChoice(name, "efficientnet", _with_data_defaults(cfg, "efficientnet", options)))
     return choices
 

@@ -4,7 +4,10 @@ Written to ``<workdir>/<name>/report/`` (``models.csv``, ``models.md``, PNG plot
 training parent run in MLflow:
 
 * ``accuracy_vs_macs.png`` and ``accuracy_vs_params.png``: test accuracy against compute and size, the
-  EfficientNet paper's Figure 1 for the user's data (the searched EfficientNet family joined by a line);
+  EfficientNet paper's Figure 1 for the user's data (the searched EfficientNet family joined by a line, and
+  with ``search.compare_paper`` the family of the paper's coefficients by a second one);
+* ``families.csv`` and ``families.md`` (with ``search.compare_paper``): the searched and the paper's member at
+  each phi side by side, and which won (:func:`family_comparison`);
 * ``val_curves.png``: validation accuracy per epoch for every model;
 * ``search.png``: each search trial's alpha, beta and gamma against its validation accuracy.
 
@@ -26,11 +29,16 @@ import torch
 import cnnmodels
 
 from .config import PipelineConfig
+from .planning import PAPER_FAMILY, SEARCHED_FAMILY
 from .results import ModelResult, comparison_table, load_results
 
-__all__ = ["ReportResult", "report_stage", "measure_latency_ms"]
+__all__ = ["ReportResult", "report_stage", "measure_latency_ms", "family_comparison", "accuracy_figure"]
 
 logger = logging.getLogger(__name__)
+
+
+#: How each EfficientNet family is drawn: (who chose its coefficients, colour, line style).
+_FAMILY_STYLES = {SEARCHED_FAMILY: ("searched", "crimson", "o-"), PAPER_FAMILY: ("paper", "royalblue", "s--")}
 
 
 @dataclass
@@ -38,6 +46,8 @@ class ReportResult:
     table: pd.DataFrame
     directory: Path
     files: list[Path]
+    #: The searched family against the paper's, one row per phi (None without members of both).
+    families: pd.DataFrame | None = None
 
 
 def measure_latency_ms(result: ModelResult, repeats: int = 20) -> float:
@@ -58,23 +68,98 @@ def measure_latency_ms(result: ModelResult, repeats: int = 20) -> float:
     return statistics.median(timings)
 
 
+def _phi(result: ModelResult) -> float:
+    return float(result.model_kwargs.get("phi", cnnmodels.resolve_model_name(result.model_name)[1].get("phi", 0.0)))
+
+
+def _coefficients(result: ModelResult) -> str:
+    return "({:g}, {:g}, {:g})".format(*(result.model_kwargs[k] for k in ("alpha", "beta", "gamma")))
+
+
+def _families(results: list[ModelResult]) -> dict[str, list[ModelResult]]:
+    """The EfficientNet family members among ``results`` by family prefix, each sorted by phi."""
+    families: dict[str, list[ModelResult]] = {}
+    for r in results:
+        prefix = cnnmodels.family_of(r.model_name)
+        if prefix in _FAMILY_STYLES:
+            families.setdefault(prefix, []).append(r)
+    return {prefix: sorted(members, key=_phi) for prefix, members in families.items()}
+
+
+def family_comparison(results: list[ModelResult]) -> pd.DataFrame | None:
+    """The searched EfficientNet family against the paper's (``search.compare_paper``): one row per phi with
+    each member's MACs and test accuracy, the difference (searched - paper) and ``winner`` (``searched``,
+    ``paper``, ``tie``, or empty where one of the two is missing). None unless both families have members."""
+    families = _families(results)
+    if SEARCHED_FAMILY not in families or PAPER_FAMILY not in families:
+        return None
+    by_phi: dict[float, dict[str, ModelResult]] = {}
+    for prefix, members in families.items():
+        for r in members:
+            by_phi.setdefault(_phi(r), {})[prefix] = r
+    rows = []
+    for phi in sorted(by_phi):
+        searched, paper = by_phi[phi].get(SEARCHED_FAMILY), by_phi[phi].get(PAPER_FAMILY)
+        row: dict[str, object] = {"phi": phi}
+        for label, r in (("searched", searched), ("paper", paper)):
+            row[label] = r.model_name if r else ""
+            row[f"{label} (alpha, beta, gamma)"] = _coefficients(r) if r else ""
+            row[f"{label} MMACs"] = round(r.macs / 1e6, 1) if r else None
+            row[f"{label} test_acc"] = round(r.test_acc, 4) if r else None
+        if searched and paper:
+            difference = searched.test_acc - paper.test_acc
+            row["difference"] = round(difference, 4)
+            row["winner"] = "tie" if difference == 0 else ("searched" if difference > 0 else "paper")
+        else:
+            row["difference"], row["winner"] = None, ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _scatter(ax, results: list[ModelResult], x_of, xlabel: str) -> None:
-    family = sorted((r for r in results if cnnmodels.is_family_member(r.model_name)), key=x_of)
-    others = [r for r in results if r not in family]
-    for r in others:
-        ax.scatter(x_of(r), r.test_acc, s=36)
-        ax.annotate(r.model_name, (x_of(r), r.test_acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if family:
-        ax.plot([x_of(r) for r in family], [r.test_acc for r in family], "o-", color="crimson",
-                label="EfficientNet (searched coefficients)")
+    families = _families(results)
+    members = [r for family in families.values() for r in family]
+    for r in results:
+        if r not in members:
+            ax.scatter(x_of(r), r.test_acc, s=36)
+            ax.annotate(r.model_name, (x_of(r), r.test_acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for prefix, family in families.items():
+        who, color, style = _FAMILY_STYLES[prefix]
+        ax.plot([x_of(r) for r in family], [r.test_acc for r in family], style, color=color,
+                label=f"EfficientNet, {who} {_coefficients(family[0])}")
         for r in family:
             ax.annotate(r.model_name.replace("efficientnet_", ""), (x_of(r), r.test_acc), textcoords="offset points",
-                        xytext=(4, -10), fontsize=8, color="crimson")
+                        xytext=(4, -10), fontsize=8, color=color)
+    if families:
         ax.legend(fontsize=8, loc="best")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
     ax.grid(True, alpha=0.3)
+
+
+#: accuracy_vs_<x>.png: (file, the x value of a result, axis label, what the title calls it)
+_ACCURACY_PLOTS = {
+    "macs": ("accuracy_vs_macs.png", lambda r: max(r.macs, 1) / 1e6, "MMACs per image (log)", "compute"),
+    "params": ("accuracy_vs_params.png", lambda r: max(r.params_count, 1) / 1e6, "parameters, millions (log)",
+               "size"),
+}
+
+
+def accuracy_figure(results: list[ModelResult], against: str = "macs"):
+    """The figure the report saves as ``accuracy_vs_macs.png`` (``against="macs"``) or
+    ``accuracy_vs_params.png``: test accuracy of every model, each EfficientNet family a labelled line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, x_of, label, title = _ACCURACY_PLOTS[against]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    _scatter(ax, results, x_of, label)
+    ax.set_title(f"Test accuracy vs {title}")
+    fig.tight_layout()
+    return fig
 
 
 def _plots(results: list[ModelResult], search, directory: Path) -> list[Path]:
@@ -84,13 +169,8 @@ def _plots(results: list[ModelResult], search, directory: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     files = []
-    for name, x_of, label in (("accuracy_vs_macs.png", lambda r: max(r.macs, 1) / 1e6, "MMACs per image (log)"),
-                              ("accuracy_vs_params.png", lambda r: max(r.params_count, 1) / 1e6,
-                               "parameters, millions (log)")):
-        fig, ax = plt.subplots(figsize=(7, 5))
-        _scatter(ax, results, x_of, label)
-        ax.set_title(f"Test accuracy vs {'compute' if 'macs' in name else 'size'}")
-        fig.tight_layout()
+    for against, (name, *_rest) in _ACCURACY_PLOTS.items():
+        fig = accuracy_figure(results, against)
         fig.savefig(directory / name, dpi=110)
         plt.close(fig)
         files.append(directory / name)
@@ -159,11 +239,24 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
     (directory / "models.md").write_text(table.to_markdown(index=False) + "\n")
     search = load_search_result(cfg)  # only a search with this config's settings
     files = [directory / "models.csv", directory / "models.md"] + _plots(results, search, directory)
+    families = family_comparison(results)
+    if families is not None:
+        families.to_csv(directory / "families.csv", index=False)
+        (directory / "families.md").write_text(families.to_markdown(index=False) + "\n")
+        files += [directory / "families.csv", directory / "families.md"]
+    elif cfg.search.compare_paper and search is not None and search.best.get("paper"):
+        logger.info("[report] search.compare_paper: the search found the paper's (1.2, 1.1, 1.15) itself; "
+                    "there is no second family to compare")
 
     parent = tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
     if parent is not None:
         for path in files:
             tracker.log_artifact(parent.info.run_id, path, "report")
     logger.info("\n%s", table.to_string(index=False))
+    if families is not None:
+        wins = families["winner"].value_counts()
+        logger.info("\n[report] does the search pay? The searched EfficientNet family against the paper's, per phi "
+                    "(searched won at %d, the paper at %d, ties %d):\n%s", wins.get("searched", 0),
+                    wins.get("paper", 0), wins.get("tie", 0), families.to_string(index=False))
     logger.info("[report] %d models; table and plots in %s", len(results), directory)
-    return ReportResult(table=table, directory=directory, files=files)
+    return ReportResult(table=table, directory=directory, files=files, families=families)

@@ -1,13 +1,14 @@
 """The training stage: every model of the config, each its own Ray Train run, tracked and registered.
 
 :func:`train_stage` plans one :class:`~pipelines.planning.ModelRun` per model (plus the searched
-EfficientNet family when coefficients are given), skips models already trained to their epochs with the
-same settings, and runs the rest as Ray Tune trials (:mod:`pipelines.trials`), as many at once as the
-cluster fits. Each trial's epochs are mirrored into an MLflow child run; when a model finishes,
-:func:`finish_model_trial` writes its result record and queues the registration of its best checkpoint.
-Every MLflow write goes through :class:`~pipelines.tracking_queue.TrackingQueue`, off the training's
-critical path. At the end the champion alias moves to the best test accuracy, the stage waits (up to
-``tracking.pending_timeout_s``) for the queued writes, and a comparison table is printed.
+EfficientNet family when coefficients are given, and the paper's family next to it with
+``search.compare_paper``), skips models already trained to their epochs with the same settings, and runs the
+rest as Ray Tune trials (:mod:`pipelines.trials`), as many at once as the cluster fits. Each trial's epochs
+are mirrored into an MLflow child run; when a model finishes, :func:`finish_model_trial` writes its result
+record and queues the registration of its best checkpoint. Every MLflow write goes through
+:class:`~pipelines.tracking_queue.TrackingQueue`, off the training's critical path. At the end the champion
+alias moves to the best test accuracy, the stage waits (up to ``tracking.pending_timeout_s``) for the queued
+writes, and a comparison table is printed.
 """
 
 from __future__ import annotations
@@ -193,8 +194,9 @@ def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[Mode
 def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = None, *,
                 show_table: bool = True) -> TrainStageResult:
     """Train every model of ``train.models`` (plus the searched EfficientNet family when ``coefficients``
-    are given), each its own Ray Train run, as many at once as the cluster fits. Models already trained
-    with the same settings and epochs are skipped. Logs progress and (``show_table``) a comparison table."""
+    are given, and with ``search.compare_paper`` the paper's family at the same phis), each its own Ray Train
+    run, as many at once as the cluster fits. Models already trained with the same settings and epochs are
+    skipped. Logs progress and (``show_table``) a comparison table."""
     from .data import describe_dataset
     from .runtime import free_resources
     from .tracking_queue import TrackingQueue

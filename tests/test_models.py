@@ -204,6 +204,22 @@ def test_family_members_are_named_by_the_registry():
         cnnmodels.resolve_model_name("efficientnet_phiX")
 
 
+def test_the_paper_family_has_names_of_its_own():
+    """``efficientnet_paper_phi1``: the builder's defaults (the paper's coefficients) at phi 1, named apart from
+    the searched ``efficientnet_phi1`` so that both can be trained side by side."""
+    assert cnnmodels.family_member_name("efficientnet", 1.0, prefix="efficientnet_paper_phi") == \
+        "efficientnet_paper_phi1"
+    assert cnnmodels.family_member_name("efficientnet", 1.0) == "efficientnet_phi1"  # the first family stays default
+    assert cnnmodels.resolve_model_name("efficientnet_paper_phi1p5") == ("efficientnet", {"phi": 1.5})
+    assert cnnmodels.family_of("efficientnet_paper_phi2") == "efficientnet_paper_phi"
+    assert cnnmodels.family_of("efficientnet_phi2") == "efficientnet_phi"
+    assert cnnmodels.family_of("resnet18") is None
+    paper = create_model("efficientnet_paper_phi1", num_classes=10)
+    assert paper.compound == {"phi": 1.0, "alpha": 1.2, "beta": 1.1, "gamma": 1.15, "base_resolution": 224}
+    with pytest.raises(ValueError, match="no registered family under the prefix 'efficientnet_b'"):
+        cnnmodels.family_member_name("efficientnet", 1.0, prefix="efficientnet_b")
+
+
 @pytest.mark.parametrize("name, kwargs, image_size, expected", [
     ("lenet5", {}, 16, 32),  # raised to LeNet-5's 32x32
     ("resnet18", {"small_input": True}, 16, 16),

@@ -75,6 +75,7 @@ def test_files_left_out_travel_with_the_run_and_start_it_afresh(make_config):
     ("search.train_subset=50", True),
     ("search.max_concurrent_trials=1", False),
     ("search.phis=[0, 1, 2]", False),  # the family trained afterwards, not the search
+    ("search.compare_paper=true", False),  # so is the paper's family
     ("train.models=[resnet18]", False),
 ])
 def test_a_changed_search_setting_invalidates_the_cached_search(make_config, change, invalidates):
@@ -134,3 +135,31 @@ def test_one_run_more_than_fits_is_admitted_to_start_up_while_one_trains(make_co
     for off in ("train.overlap_startup=false", "train.cpus_per_worker=1.9"):
         other = make_config("train.models=[lenet5, resnet18, vgg11_bn]", off)
         assert with_overlapped_startup(other, runs, 2.0)[1] is None
+
+
+def test_compare_paper_adds_the_paper_family_at_the_searched_phis(make_config, caplog):
+    searched = {"alpha": 1.3, "beta": 1.05, "gamma": 1.2}
+    cfg = make_config("train.models=[resnet18]", "search.phis=[0, 1.5]", "search.compare_paper=true")
+    choices = {c.name: c for c in resolve_models(cfg, searched)}
+    assert list(choices) == ["resnet18", "efficientnet_phi0", "efficientnet_phi1p5",
+                             "efficientnet_paper_phi0", "efficientnet_paper_phi1p5"]
+    for phi, name in ((0.0, "efficientnet_paper_phi0"), (1.5, "efficientnet_paper_phi1p5")):
+        paper, mine = choices[name], choices[name.replace("paper_", "")]
+        assert paper.arch == mine.arch == "efficientnet"
+        assert {k: paper.kwargs[k] for k in ("phi", "alpha", "beta", "gamma")} == \
+            {"phi": phi, "alpha": 1.2, "beta": 1.1, "gamma": 1.15}
+        assert {k: mine.kwargs[k] for k in ("alpha", "beta", "gamma")} == searched
+    runs = {r.model_name: r for r in plan_model_runs(cfg, describe_dataset(cfg.data), list(choices.values()))}
+    # Distinct Ray Train runs (and so result files, MLflow runs, aliases), and really different networks.
+    assert len({r.run_name for r in runs.values()}) == len({r.fingerprint for r in runs.values()}) == 5
+    assert runs["efficientnet_paper_phi1p5"].macs != runs["efficientnet_phi1p5"].macs
+    assert runs["efficientnet_phi0"].macs == runs["efficientnet_paper_phi0"].macs  # phi 0: the same B0 ...
+    assert runs["efficientnet_phi0"].fingerprint != runs["efficientnet_paper_phi0"].fingerprint  # ... run apart
+
+    off = make_config("train.models=[resnet18]", "search.phis=[0, 1.5]")
+    assert [c.name for c in resolve_models(off, searched)] == ["resnet18", "efficientnet_phi0", "efficientnet_phi1p5"]
+    assert [c.name for c in resolve_models(cfg, None)] == ["resnet18"]  # no search, no families to compare
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        same = resolve_models(cfg, {"alpha": 1.2, "beta": 1.1, "gamma": 1.15})
+    assert [c.name for c in same] == ["resnet18", "efficientnet_phi0", "efficientnet_phi1p5"]
+    assert "found the paper's (1.2, 1.1, 1.15) itself" in caplog.text

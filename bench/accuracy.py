@@ -1,0 +1,256 @@
+"""Accuracy and wall time on Fashion-MNIST: a plain PyTorch loop against the pipeline's resnet18.
+
+Both train on the same IDX files on the same machine, one after the other in one invocation (never at the
+same time, so neither takes cores from the other):
+
+* plain: torchvision's resnet18 with a 3x3 stride-2 stem (no stem max-pool), the 1-channel 28x28 images
+  zero-padded to 32, SGD (Nesterov, momentum 0.9, weight decay 5e-4), a one-cycle schedule to lr 0.1, label
+  smoothing 0.1, random horizontal flips, batch 128, all 60,000 training images; the 10,000 test images are
+  evaluated after every epoch (its wall time includes loading the data and these evaluations).
+* pipeline: ``python -m pipelines train --config pipelines/configs/fashion-mnist.yaml --set
+  train.models=[resnet18] --set train.epochs=N`` as a subprocess in a fresh workdir (Ray Train, MLflow and
+  registration included: its wall time is the command's), keeping every epoch's checkpoint. The pipeline holds
+  out ``data.val_fraction`` of the training images for validation and tests only its best checkpoint, so this
+  script evaluates each epoch's checkpoint on the same test split afterwards, outside the timed command.
+
+Printed: test accuracy after every epoch of each (and the pipeline's val_acc), seconds per epoch, both wall
+times and the ratios (pipeline / plain).
+
+    python bench/accuracy.py                              # 3 epochs each: about 30+ min on 2 cores
+    python bench/accuracy.py --epochs 1 --subset 2000     # a smoke run
+    python bench/accuracy.py --skip-plain --epochs 15 --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = "pipelines/configs/fashion-mnist.yaml"
+DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
+
+
+# -- the plain loop -----------------------------------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped or not) as a numpy array: 2 zero bytes, a type code, the rank, then the sizes."""
+    data = (gzip.decompress if path.suffix == ".gz" else bytes)(path.read_bytes())
+    rank = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(rank)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(shape)
+
+
+def load_padded(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 1, 32, 32), the 28x28 originals zero-padded by 2 on each side, and int64 labels."""
+    stem = "train" if split == "train" else "t10k"
+    find = lambda name: next(p for p in (root / name, root / f"{name}.gz") if p.exists())  # noqa: E731
+    images = torch.from_numpy(read_idx(find(f"{stem}-images-idx3-ubyte")).copy())
+    labels = torch.from_numpy(read_idx(find(f"{stem}-labels-idx1-ubyte")).astype(np.int64))
+    return nn.functional.pad(images, (2, 2, 2, 2)).unsqueeze(1), labels
+
+
+def plain_resnet18() -> nn.Module:
+    """torchvision's resnet18 for 1-channel 32x32 images: a 3x3 stride-2 stem and no stem max-pool, so the
+    first stage works at 16x16."""
+    model = torchvision.models.resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=2, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def train_plain(root: Path, epochs: int, subset: int | None, seed: int = 0) -> dict:
+    """The plain PyTorch loop; returns test accuracy and seconds per epoch, and the wall time."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    train_x, train_y = load_padded(root, "train")
+    test_x, test_y = load_padded(root, "test")
+    if subset is not None:
+        keep = torch.randperm(len(train_y))[:subset]
+        train_x, train_y = train_x[keep], train_y[keep]
+    mean, std = train_x.float().mean() / 255, train_x.float().std() / 255
+    normalize = lambda x: (x.float() / 255 - mean) / std  # noqa: E731
+    model = plain_resnet18()
+    batch, steps_per_epoch = 128, math.ceil(len(train_y) / 128)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    # cycle_momentum off: the recipe's momentum is 0.9 throughout, only the learning rate cycles.
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, epochs=epochs,
+                                                   steps_per_epoch=steps_per_epoch, cycle_momentum=False)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    history = []
+    for epoch in range(epochs):
+        epoch_start = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(train_y))
+        for i in range(steps_per_epoch):
+            index = order[i * batch:(i + 1) * batch]
+            x = normalize(train_x[index])
+            flip = torch.rand(len(index)) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            loss = criterion(model(x), train_y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        train_seconds = time.perf_counter() - epoch_start
+        model.eval()
+        correct = 0
+        with torch.inference_mode():
+            for i in range(0, len(test_y), 500):
+                correct += (model(normalize(test_x[i:i + 500])).argmax(1) == test_y[i:i + 500]).sum().item()
+        history.append({"epoch": epoch + 1, "test_acc": correct / len(test_y), "train_seconds": train_seconds,
+                        "epoch_seconds": time.perf_counter() - epoch_start})
+        print(f"[plain] epoch {epoch + 1}/{epochs}: test_acc {history[-1]['test_acc']:.4f}, "
+              f"{train_seconds:.0f} s training ({len(train_y) / train_seconds:.0f} img/s)", flush=True)
+    return {"history": history, "wall": time.perf_counter() - started, "train_images": len(train_y)}
+
+
+# -- the pipeline -------------------------------------------------------------------------------------
+def pipeline_overrides(root: Path, epochs: int, subset: int | None, workdir: str) -> list[str]:
+    overrides = [f"workdir={workdir}", "train.models=[resnet18]", f"train.epochs={epochs}", f"data.root={root}",
+                 # Every epoch's checkpoint stays, so each can be tested afterwards (retention is not part of
+                 # the run's fingerprint and costs no time: every epoch is checkpointed anyway).
+                 f"train.checkpoints_to_keep={epochs}"]
+    return overrides + ([f"data.train_subset={subset}"] if subset is not None else [])
+
+
+def evaluate_checkpoints(cfg, run_name: str) -> dict[int, float]:
+    """Test accuracy of each of a run's epoch checkpoints, through the spec and splits the pipeline used."""
+    from torch.utils.data import DataLoader
+
+    from pipelines.checkpoints import CHECKPOINT_FILE, load_checkpoint
+    from pipelines.data import SplitDataset, load_splits
+
+    test = load_splits(cfg.data).test
+    accuracy = {}
+    for path in sorted(Path(cfg.paths.storage).glob(f"**/{run_name}/**/{CHECKPOINT_FILE}")):
+        checkpoint = load_checkpoint(path)
+        model = checkpoint.build_model()
+        correct = 0
+        with torch.inference_mode():
+            for images, labels in DataLoader(SplitDataset(test, checkpoint.spec), batch_size=500):
+                correct += (model(checkpoint.spec.normalize(images)).argmax(1) == labels).sum().item()
+        accuracy[checkpoint.epoch + 1] = correct / len(test)
+    return accuracy
+
+
+def train_pipeline(root: Path, epochs: int, subset: int | None, workdir: str) -> dict:
+    """``python -m pipelines train`` on the preset (timed), then its record and each epoch's test accuracy."""
+    from pipelines.config import load_config
+    from pipelines.data import describe_dataset
+    from pipelines.results import load_results
+
+    overrides = pipeline_overrides(root, epochs, subset, workdir)
+    command = [sys.executable, "-m", "pipelines", "train", "--config", PRESET]
+    for override in overrides:
+        command += ["--set", override]
+    print("[pipeline]", " ".join(command), flush=True)
+    started = time.perf_counter()
+    # RAY_ADDRESS=local: a Ray of its own. With no address, ray.init() joins a cluster that `ray start` left
+    # running on this machine (other users' work, other resources), which would make the times meaningless.
+    code = subprocess.run(command, cwd=REPO, env={**os.environ, "RAY_ADDRESS": "local"}).returncode
+    wall = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"the pipeline exited with {code}")
+    cfg = load_config(str(REPO / PRESET), overrides)
+    result = load_results(cfg.paths.train_dir)["resnet18"]
+    print("[pipeline] testing each epoch's checkpoint (not timed)...", flush=True)
+    tested = evaluate_checkpoints(cfg, result.run_name)
+    if abs(tested.get(result.best_epoch + 1, -1.0) - result.test_acc) > 1e-3:
+        print(f"[pipeline] note: its own test of epoch {result.best_epoch + 1} gave {result.test_acc:.4f}, "
+              f"this script's {tested.get(result.best_epoch + 1)}", flush=True)
+    history = [{"epoch": h["epoch"] + 1, "test_acc": tested.get(h["epoch"] + 1), "val_acc": h["val_acc"],
+                "train_seconds": h["epoch_seconds"]} for h in result.history]
+    return {"history": history, "wall": wall, "train_images": describe_dataset(cfg.data).sizes["train"],
+            "record_test_acc": result.test_acc, "best_epoch": result.best_epoch + 1}
+
+
+# -- the tables ---------------------------------------------------------------------------------------
+def tables(plain: dict | None, pipeline: dict | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per epoch: test accuracy and training seconds of each, and their ratio; the summary: wall times."""
+    epochs = pd.DataFrame({"epoch": [h["epoch"] for h in (plain or pipeline)["history"]]})
+    if plain:
+        epochs["plain test_acc"] = [h["test_acc"] for h in plain["history"]]
+    if pipeline:
+        epochs["pipeline test_acc"] = [h["test_acc"] for h in pipeline["history"]]
+        epochs["pipeline val_acc"] = [h["val_acc"] for h in pipeline["history"]]
+    if plain:
+        epochs["plain train s"] = [h["train_seconds"] for h in plain["history"]]
+    if pipeline:
+        epochs["pipeline train s"] = [h["train_seconds"] for h in pipeline["history"]]
+    if plain and pipeline:
+        epochs["test_acc difference"] = epochs["pipeline test_acc"] - epochs["plain test_acc"]
+        epochs["train s ratio"] = epochs["pipeline train s"] / epochs["plain train s"]
+    rows = []
+    for name, run in (("plain", plain), ("pipeline", pipeline)):
+        if run:
+            loops = sum(h["train_seconds"] for h in run["history"])
+            rows.append({"run": name, "train images": run["train_images"],
+                         "final test_acc": run["history"][-1]["test_acc"], "wall s": run["wall"],
+                         "training loops s": loops, "train img/s": run["train_images"] * len(run["history"]) / loops})
+    runs = pd.DataFrame(rows).astype({"train images": float})
+    summary = _rounded(runs)
+    if plain and pipeline:
+        ratio = (runs.iloc[1, 1:] / runs.iloc[0, 1:]).astype(float).round(3)
+        summary = pd.concat([summary, pd.DataFrame([{"run": "pipeline / plain", **ratio.to_dict()}])],
+                            ignore_index=True)
+    return _rounded(epochs), summary
+
+
+def _rounded(table: pd.DataFrame) -> pd.DataFrame:
+    """Seconds and throughput to 0.1, the rest (accuracies, ratios) to 4 places."""
+    return table.round({c: 1 for c in table.columns if c.endswith((" s", "img/s"))}).round(4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--subset", type=int, help="train on this many images (a smoke run); default: all")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT, help="the four Fashion-MNIST IDX files")
+    parser.add_argument("--workdir", help="the pipeline's workdir, kept afterwards (default: a temporary directory, "
+                        "removed after); one that holds a finished run skips its training, so the times mean nothing")
+    parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    args = parser.parse_args()
+    if args.skip_plain and args.skip_pipeline:
+        parser.error("nothing to run: --skip-plain and --skip-pipeline")
+    os.chdir(REPO)  # `python -m pipelines` must import this checkout
+
+    plain = None if args.skip_plain else train_plain(args.data_root, args.epochs, args.subset)
+    pipeline = None
+    if not args.skip_pipeline:
+        with tempfile.TemporaryDirectory(prefix="cnnzoo-accuracy-") as tmp:
+            pipeline = train_pipeline(args.data_root, args.epochs, args.subset, args.workdir or tmp)
+    epochs, summary = tables(plain, pipeline)
+    show = (lambda t: t.to_markdown(index=False)) if args.markdown else (lambda t: t.to_string(index=False))
+    print(f"\nFashion-MNIST, resnet18, {args.epochs} epoch(s), {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    print(show(epochs))
+    print()
+    print(show(summary))
+    if pipeline:
+        print(f"\npipeline: its own test of its best checkpoint (epoch {pipeline['best_epoch']}): "
+              f"{pipeline['record_test_acc']:.4f}; it trains on the training images less data.val_fraction")
+    if plain and pipeline:
+        reached = pipeline["history"][-1]["test_acc"] >= plain["history"][-1]["test_acc"]
+        faster = pipeline["wall"] <= plain["wall"]
+        print(f"goal (the pipeline reaches the plain loop's final test accuracy in at most its wall time): "
+              f"{'yes' if reached and faster else 'NO'} (accuracy {'yes' if reached else 'no'}, "
+              f"time {'yes' if faster else 'no'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The report from finished models' result records, without Ray: the searched EfficientNet family against the
+paper's (``search.compare_paper``)."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from pipelines.report import accuracy_figure, family_comparison, report_stage
+from pipelines.results import ModelResult, load_results
+
+SEARCHED = {"alpha": 1.3, "beta": 1.05, "gamma": 1.2}
+PAPER = {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}
+
+
+def record(name: str, arch: str, kwargs: dict, macs: int, test_acc: float) -> ModelResult:
+    return ModelResult(model_name=name, arch=arch, model_kwargs=kwargs, run_name=f"test-train-{name}-0",
+                       fingerprint="0", input_size=32, params_count=macs // 10, macs=macs, epochs=1,
+                       best_val_acc=test_acc, best_epoch=0, test_acc=test_acc, train_images_per_sec=100.0,
+                       train_seconds=10.0, checkpoint_path="", history=[{"epoch": 0, "val_acc": test_acc}])
+
+
+def test_the_report_sets_the_searched_family_against_the_papers_and_marks_the_winner(make_config, caplog):
+    cfg = make_config("search.compare_paper=true")
+    for r in (
+        record("resnet18", "resnet18", {}, 560_000_000, 0.93),
+        record("efficientnet_phi0", "efficientnet", {"phi": 0.0, **SEARCHED}, 8_000_000, 0.90),
+        record("efficientnet_phi1", "efficientnet", {"phi": 1.0, **SEARCHED}, 30_000_000, 0.915),
+        record("efficientnet_paper_phi0", "efficientnet", {"phi": 0.0, **PAPER}, 8_000_000, 0.92),
+        record("efficientnet_paper_phi1", "efficientnet", {"phi": 1.0, **PAPER}, 26_000_000, 0.91),
+    ):
+        r.save(cfg.paths.train_dir)
+
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        report = report_stage(cfg, latency=False)
+    saved = pd.read_csv(report.directory / "families.csv")
+    assert report.directory / "families.md" in report.files and (report.directory / "families.md").is_file()
+    assert list(saved["phi"]) == [0.0, 1.0]
+    assert list(saved["searched"]) == ["efficientnet_phi0", "efficientnet_phi1"]
+    assert list(saved["paper"]) == ["efficientnet_paper_phi0", "efficientnet_paper_phi1"]
+    assert list(saved["winner"]) == ["paper", "searched"]
+    assert list(saved["difference"]) == [-0.02, 0.005]
+    assert list(saved["searched (alpha, beta, gamma)"]) == ["(1.3, 1.05, 1.2)"] * 2
+    assert "searched won at 1, the paper at 1, ties 0" in caplog.text
+    assert "efficientnet_paper_phi1" in pd.read_csv(report.directory / "models.csv")["model"].tolist()
+
+    # accuracy_vs_macs.png: one labelled line per family, its members in phi order; other models are points.
+    figure = accuracy_figure(list(load_results(cfg.paths.train_dir).values()), "macs")
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    assert set(lines) == {"EfficientNet, searched (1.3, 1.05, 1.2)", "EfficientNet, paper (1.2, 1.1, 1.15)"}
+    searched, paper = lines["EfficientNet, searched (1.3, 1.05, 1.2)"], lines["EfficientNet, paper (1.2, 1.1, 1.15)"]
+    assert list(searched.get_xdata()) == [8.0, 30.0] and list(searched.get_ydata()) == [0.90, 0.915]
+    assert list(paper.get_xdata()) == [8.0, 26.0] and list(paper.get_ydata()) == [0.92, 0.91]
+    assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == list(lines)
+
+
+def test_no_family_comparison_without_both_families():
+    searched = [record("efficientnet_phi0", "efficientnet", {"phi": 0.0, **SEARCHED}, 8_000_000, 0.9),
+                record("resnet18", "resnet18", {}, 560_000_000, 0.93)]
+    assert family_comparison(searched) is None
+    paper_at_phi2 = record("efficientnet_paper_phi2", "efficientnet", {"phi": 2.0, **PAPER}, 60_000_000, 0.93)
+    table = family_comparison([*searched, paper_at_phi2])
+    assert list(table["winner"]) == ["", ""]  # no phi has both members: nothing won
