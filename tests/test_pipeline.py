@@ -112,7 +112,7 @@ def test_a_second_run_skips_finished_stages(pipeline_run, capsys):
 
 
 NO_OP_GPU_LOOP = '''
-import json, os, time
+import glob, json, os, time
 
 def install():
     """Worker process setup hook: GPU runs train with a no-op loop (no CUDA here) that records where and
@@ -132,7 +132,13 @@ def hold_a_gpu_share(run):
     import ray, ray.train
 
     started = time.time()
-    time.sleep(3)
+    # Hold the share until the other run has started too (or 60 s): start-ups skew by seconds on a busy
+    # machine, and runs that cannot share the GPU never overlap, however long each holds it.
+    marker = f"{os.environ['GPU_SHARE_LOG']}.{run.model_name}.started"
+    open(marker, "w").close()
+    while time.time() - started < 60 and len(glob.glob(f"{os.environ['GPU_SHARE_LOG']}.*.started")) < 2:
+        time.sleep(0.2)
+    time.sleep(1)
     record = {"model": run.model_name, "node": ray.get_runtime_context().get_node_id(),
               "gpus": ray.get_gpu_ids(), "start": started, "end": time.time()}
     with open(os.environ["GPU_SHARE_LOG"], "a") as f:
