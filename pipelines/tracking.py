@@ -267,7 +267,7 @@ class Tracker:
             spec_file = Path(scratch) / "preprocess.json"
             spec_file.write_text(json.dumps(checkpoint.spec.to_dict(), indent=2))
             with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="An input example was not provided")
+                warnings.filterwarnings("ignore", message=".*An input example was not provided")
                 # The signature is known from the spec; no input example, since MLflow would load and run
                 # the model to validate it, seconds of the driver's CPU while the next model trains.
                 info = mlflow.pyfunc.log_model(
