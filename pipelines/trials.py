@@ -238,7 +238,9 @@ def run_model_trials(
                 metric="val_acc", mode="max", num_samples=num_samples, search_alg=search_alg, scheduler=scheduler,
                 max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
                 # One trial actor process serves trial after trial: no new process, no new imports per model.
-                reuse_actors=True,
+                # Not under a scheduler: a trial it stops is still inside TorchTrainer.fit, the actor cannot be
+                # reset in Tune's 2 s, and Tune logs an ERROR before starting a new one anyway.
+                reuse_actors=scheduler is None,
             ),
             run_config=tune.RunConfig(name=experiment, storage_path=paths.storage, callbacks=callbacks, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=trial_retries)),
