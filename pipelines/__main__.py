@@ -136,7 +136,7 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
     from .runtime import ray_session
 
     if _trains(args, stages):
-        from .data import check_image_folder
+        from .image_folder import check_image_folder
 
         # Before Ray starts: a bad file is the user's to fix, like a config error, and it must not take a
         # cluster start (or every model's retries) to find out. The stages see the result again, cached.
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# config OK: {len(cfg.train.models)} model(s), dataset {cfg.data.dataset}, "
               f"outputs in {cfg.paths.run_dir}", file=sys.stderr)
         return 0
-    from .data import BadImageFilesError
+    from .image_folder import BadImageFilesError
 
     try:
         if args.command == "register":

@@ -195,7 +195,7 @@ def write_folder_with_bad_files(root):
 
 
 def test_unreadable_image_files_are_listed_and_hidden_files_never_opened(tmp_path):
-    from pipelines.data import BadImageFilesError, check_image_folder
+    from pipelines.image_folder import BadImageFilesError, check_image_folder
 
     bad = write_folder_with_bad_files(tmp_path)
     cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16)
@@ -211,7 +211,7 @@ def test_unreadable_image_files_are_listed_and_hidden_files_never_opened(tmp_pat
     # On the module's logger itself: once the console is configured, "pipelines" stops propagating.
     records, handler = [], logging.Handler(logging.WARNING)
     handler.emit = records.append
-    data_logger = logging.getLogger("pipelines.data")
+    data_logger = logging.getLogger("pipelines.image_folder")
     data_logger.addHandler(handler)
     try:
         assert set(check_image_folder(skipping)) == bad
@@ -231,7 +231,7 @@ def test_unreadable_image_files_are_listed_and_hidden_files_never_opened(tmp_pat
 
 
 def test_the_error_shows_the_first_ten_bad_files_and_the_count(tmp_path):
-    from pipelines.data import BadImageFilesError, check_image_folder
+    from pipelines.image_folder import BadImageFilesError, check_image_folder
 
     _write_images(tmp_path, per_class=2)
     for i in range(13):
