@@ -154,7 +154,9 @@ class TrackingQueue:
                     return
                 op = self._ops[0]
             try:
-                self.outcomes[op.seq] = self._execute(op)
+                outcome = self._execute(op)
+                if outcome is not None:  # Tune pickles the queue with its callbacks: keep only what matters
+                    self.outcomes[op.seq] = outcome
             except Exception as err:  # noqa: BLE001 - sorted into retry and drop below
                 if _is_permanent(err):
                     message = f"{DESCRIPTIONS.get(op.kind, op.kind)} for run {op.ref}: {err}"
