@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,13 @@ def pipeline_run(ray_cluster, tmp_path_factory):
     cfg = load_config(None, [f"workdir={workdir}", "name=tiny", f"serve.port={free_port()}", *TINY])
     result = run_pipeline(cfg)
     return cfg, result
+
+
+class PlantedCode:
+    """Unpickling this creates ``path``: proof that a pickle ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))

@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import PlantedCode
 
 import cnnmodels
 from pipelines.checkpoints import CheckpointError, ModelCheckpoint, load_checkpoint, save_checkpoint
@@ -18,16 +19,6 @@ from pipelines.tracking import CHAMPION, Tracker
 
 SPEC = PreprocessSpec(image_size=32, channels=1, mean=(0.3,), std=(0.4,),
                       class_names=tuple(str(i) for i in range(10)), dataset="digits")
-
-
-class PlantedCode:
-    """Unpickling this creates ``path``: proof that a pickle ran."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (str(self.path), "w"))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from conftest import PlantedCode
 from PIL import Image
 from pydantic import SecretStr
 
@@ -212,16 +213,6 @@ def test_twenty_concurrent_oversized_decodes_leave_the_replica_healthy_and_its_m
     assert peak[0] - baseline < 150, (baseline, peak[0])
     assert predict(url, digit_png).status_code == 200
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
-
-
-class PlantedCode:
-    """Unpickling this creates ``path``: proof that a pickle ran."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (str(self.path), "w"))
 
 
 @pytest.fixture(scope="module")
