@@ -11,6 +11,9 @@ the identity (Goyal et al. 2017).
 
 ``small_input=True`` (16-64 px images, the CIFAR variant): the 7x7 stride-2 stem becomes a 3x3 stride-1
 convolution and the stem max-pool is dropped, so a 32 px image reaches the last stage at 4x4.
+``stem_stride=2`` keeps that 3x3 stem but strides it: a quarter of the multiply-adds of every later layer
+(a 28 px image reaches the last stage at 2x2), the usual trade on 28-32 px data when time matters more
+than the last percent (the Fashion-MNIST recipe, :mod:`pipelines.configs`).
 
 ``se_reduction`` adds a squeeze-and-excitation block on each residual branch before the addition
 (SE-ResNet, see :mod:`cnnmodels.senet`).
@@ -120,12 +123,17 @@ class ResNet(ImageClassifier):
         zero_init_residual: bool = False,
         small_input: bool = False,
         se_reduction: int | None = None,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        if stem_stride != 1 and not small_input:
+            raise ValueError("stem_stride applies to the small-input stem only (small_input=True)")
         self.num_classes = num_classes
         self.inplanes = 64
         if small_input:
-            self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         else:
             self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -138,7 +146,7 @@ class ResNet(ImageClassifier):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         self.default_input_size = (in_chans, 32, 32) if small_input else (in_chans, 224, 224)
-        self.min_input_size = 8 if small_input else 32
+        self.min_input_size = 8 * stem_stride if small_input else 32
 
         init_conv_bn_linear(self, conv_mode="fan_out", linear="default")
         if zero_init_residual:
@@ -186,44 +194,49 @@ def build_resnet(depth: int, *, se_reduction: int | None = None, **kwargs) -> Re
 
 @register_model()
 def resnet18(
-    *, num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False, small_input: bool = False
+    *, num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False, small_input: bool = False,
+    stem_stride: int = 1,
 ) -> ResNet:
     """ResNet-18: BasicBlock x (2, 2, 2, 2); 11,689,512 parameters at 1000 classes."""
     return build_resnet(18, num_classes=num_classes, in_chans=in_chans,
-                        zero_init_residual=zero_init_residual, small_input=small_input)
+                        zero_init_residual=zero_init_residual, small_input=small_input, stem_stride=stem_stride)
 
 
 @register_model()
 def resnet34(
-    *, num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False, small_input: bool = False
+    *, num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False, small_input: bool = False,
+    stem_stride: int = 1,
 ) -> ResNet:
     """ResNet-34: BasicBlock x (3, 4, 6, 3)."""
     return build_resnet(34, num_classes=num_classes, in_chans=in_chans,
-                        zero_init_residual=zero_init_residual, small_input=small_input)
+                        zero_init_residual=zero_init_residual, small_input=small_input, stem_stride=stem_stride)
 
 
 @register_model()
 def resnet50(
-    *, num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False, small_input: bool = False
+    *, num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False, small_input: bool = False,
+    stem_stride: int = 1,
 ) -> ResNet:
     """ResNet-50: Bottleneck x (3, 4, 6, 3); 25,557,032 parameters, 4.089 GMACs at 224."""
     return build_resnet(50, num_classes=num_classes, in_chans=in_chans,
-                        zero_init_residual=zero_init_residual, small_input=small_input)
+                        zero_init_residual=zero_init_residual, small_input=small_input, stem_stride=stem_stride)
 
 
 @register_model()
 def resnet101(
-    *, num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False, small_input: bool = False
+    *, num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False, small_input: bool = False,
+    stem_stride: int = 1,
 ) -> ResNet:
     """ResNet-101: Bottleneck x (3, 4, 23, 3)."""
     return build_resnet(101, num_classes=num_classes, in_chans=in_chans,
-                        zero_init_residual=zero_init_residual, small_input=small_input)
+                        zero_init_residual=zero_init_residual, small_input=small_input, stem_stride=stem_stride)
 
 
 @register_model()
 def resnet152(
-    *, num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False, small_input: bool = False
+    *, num_classes: int = 1000, in_chans: int = 3, zero_init_residual: bool = False, small_input: bool = False,
+    stem_stride: int = 1,
 ) -> ResNet:
     """ResNet-152: Bottleneck x (3, 8, 36, 3); 60,192,808 parameters at 1000 classes."""
     return build_resnet(152, num_classes=num_classes, in_chans=in_chans,
-                        zero_init_residual=zero_init_residual, small_input=small_input)
+                        zero_init_residual=zero_init_residual, small_input=small_input, stem_stride=stem_stride)

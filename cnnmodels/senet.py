@@ -28,44 +28,50 @@ SE_REDUCTION = 16
 
 
 def _se_resnet(depth: int, num_classes: int, in_chans: int, se_reduction: int, zero_init_residual: bool,
-               small_input: bool) -> ResNet:
+               small_input: bool, stem_stride: int) -> ResNet:
     return build_resnet(depth, num_classes=num_classes, in_chans=in_chans, se_reduction=se_reduction,
-                        zero_init_residual=zero_init_residual, small_input=small_input)
+                        zero_init_residual=zero_init_residual, small_input=small_input,
+                        stem_stride=stem_stride)
 
 
 @register_model()
 def se_resnet18(*, num_classes: int = 1000, in_chans: int = 3, se_reduction: int = SE_REDUCTION,
-                zero_init_residual: bool = False, small_input: bool = False) -> ResNet:
+                zero_init_residual: bool = False, small_input: bool = False,
+                stem_stride: int = 1) -> ResNet:
     """SE-ResNet-18 (11,778,592 parameters at 1000 classes)."""
-    return _se_resnet(18, num_classes, in_chans, se_reduction, zero_init_residual, small_input)
+    return _se_resnet(18, num_classes, in_chans, se_reduction, zero_init_residual, small_input, stem_stride)
 
 
 @register_model()
 def se_resnet34(*, num_classes: int = 1000, in_chans: int = 3, se_reduction: int = SE_REDUCTION,
-                zero_init_residual: bool = False, small_input: bool = False) -> ResNet:
+                zero_init_residual: bool = False, small_input: bool = False,
+                stem_stride: int = 1) -> ResNet:
     """SE-ResNet-34 (21,958,868 parameters at 1000 classes)."""
-    return _se_resnet(34, num_classes, in_chans, se_reduction, zero_init_residual, small_input)
+    return _se_resnet(34, num_classes, in_chans, se_reduction, zero_init_residual, small_input, stem_stride)
 
 
 @register_model()
 def se_resnet50(*, num_classes: int = 1000, in_chans: int = 3, se_reduction: int = SE_REDUCTION,
-                zero_init_residual: bool = False, small_input: bool = False) -> ResNet:
+                zero_init_residual: bool = False, small_input: bool = False,
+                stem_stride: int = 1) -> ResNet:
     """SE-ResNet-50 (28,088,024 parameters at 1000 classes)."""
-    return _se_resnet(50, num_classes, in_chans, se_reduction, zero_init_residual, small_input)
+    return _se_resnet(50, num_classes, in_chans, se_reduction, zero_init_residual, small_input, stem_stride)
 
 
 @register_model()
 def se_resnet101(*, num_classes: int = 1000, in_chans: int = 3, se_reduction: int = SE_REDUCTION,
-                 zero_init_residual: bool = False, small_input: bool = False) -> ResNet:
+                 zero_init_residual: bool = False, small_input: bool = False,
+                stem_stride: int = 1) -> ResNet:
     """SE-ResNet-101 (49,326,872 parameters at 1000 classes)."""
-    return _se_resnet(101, num_classes, in_chans, se_reduction, zero_init_residual, small_input)
+    return _se_resnet(101, num_classes, in_chans, se_reduction, zero_init_residual, small_input, stem_stride)
 
 
 @register_model()
 def se_resnet152(*, num_classes: int = 1000, in_chans: int = 3, se_reduction: int = SE_REDUCTION,
-                 zero_init_residual: bool = False, small_input: bool = False) -> ResNet:
+                 zero_init_residual: bool = False, small_input: bool = False,
+                stem_stride: int = 1) -> ResNet:
     """SE-ResNet-152 (66,821,848 parameters at 1000 classes)."""
-    return _se_resnet(152, num_classes, in_chans, se_reduction, zero_init_residual, small_input)
+    return _se_resnet(152, num_classes, in_chans, se_reduction, zero_init_residual, small_input, stem_stride)
 
 
 @register_model()

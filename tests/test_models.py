@@ -249,3 +249,19 @@ def test_a_too_small_input_names_the_models_minimum():
     assert folded(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     with pytest.raises(ValueError, match="resnet18 needs inputs of at least 32x32"):
         folded(torch.zeros(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "se_resnet18"])
+def test_a_strided_small_input_stem_quarters_the_work_and_keeps_the_weights(name):
+    full = create_model(name, num_classes=10, in_chans=1, small_input=True)
+    strided = create_model(name, num_classes=10, in_chans=1, small_input=True, stem_stride=2)
+    # Same modules and shapes (a checkpoint of one loads into the other); every layer after the stem sees a
+    # quarter of the positions.
+    assert {k: v.shape for k, v in full.state_dict().items()} == {k: v.shape for k, v in strided.state_dict().items()}
+    ratio = profile(strided, (1, 28, 28)).macs / profile(full, (1, 28, 28)).macs
+    assert 0.24 < ratio < 0.27
+    assert strided(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="stem_stride applies to the small-input stem only"):
+        create_model(name, stem_stride=2)
+    with pytest.raises(ValueError, match="stem_stride must be 1 or 2"):
+        create_model(name, small_input=True, stem_stride=3)
