@@ -94,6 +94,9 @@ class Transition(nn.Sequential):
 
 class DenseNet(ImageClassifier):
     classifier_name = "classifier"
+    # Measured on a 2-core Xeon (AVX-512), small-input densenet121: training steps 1.17x (28 px, batch 128)
+    # and 1.22x (16 px, batch 32) faster in channels-last (the concatenations and 1x1 bottlenecks).
+    channels_last_on_cpu = True
 
     def __init__(
         self,

