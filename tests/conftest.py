@@ -15,6 +15,13 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+#: The smallest architecture of every block type (one or more per model file): these train for real in the
+#: tests (a fixed batch, the worker loop); deeper and wider variants repeat the same blocks in other counts.
+ONE_PER_BLOCK_TYPE = ["lenet5", "alexnet", "vgg11", "vgg11_bn", "se_vgg11_bn", "googlenet", "se_googlenet",
+                      "resnet18", "resnet50", "se_resnet18", "se_resnet50", "densenet121", "efficientnet_b0",
+                      "efficientnet"]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray (2 CPUs, dashboard on: Ray Train's placement-group cleanup queries its state API)."""

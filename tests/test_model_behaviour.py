@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ONE_PER_BLOCK_TYPE
 
 import cnnmodels
 from cnnmodels import GoogLeNetOutputs, create_model, googlenet_loss, profile
@@ -18,21 +19,25 @@ def small_model(name: str, in_chans: int = 3, num_classes: int = 10, **kwargs) -
     return create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", cnnmodels.list_models())
-def test_every_model_overfits_a_fixed_small_batch(name):
-    """Forward and backward at the model's smallest input; the loss falls over 20 optimizer steps.
-
-    Dropout and stochastic depth are switched off so that the check is about the architecture's ability to
-    learn, not about regularisation noise on a 4-image batch.
-    """
+def fixed_small_batch(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The small-input model without dropout or stochastic depth, and 4 images at its smallest input."""
     torch.manual_seed(0)
     options = cnnmodels.model_options(name)
     kwargs = {key: 0.0 for key in ("dropout", "stochastic_depth_prob") if key in options}
     model = small_model(name, in_chans=1, **kwargs)
     side = model.min_input_size
-    x = torch.randn(4, 1, side, side)
-    y = torch.tensor([0, 1, 2, 3])
+    return model, torch.randn(4, 1, side, side), torch.tensor([0, 1, 2, 3])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ONE_PER_BLOCK_TYPE)
+def test_one_model_per_block_type_overfits_a_fixed_small_batch(name):
+    """Forward and backward at the model's smallest input; the loss falls over 20 optimizer steps.
+
+    Dropout and stochastic depth are switched off so that the check is about the architecture's ability to
+    learn, not about regularisation noise on a 4-image batch.
+    """
+    model, x, y = fixed_small_batch(name)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, fused=True)
     model.train()
     losses = []
@@ -46,6 +51,25 @@ def test_every_model_overfits_a_fixed_small_batch(name):
     assert min(losses[-3:]) < 0.8 * losses[0], losses
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters without gradient: {missing[:5]}"
+
+
+def test_the_block_type_list_covers_every_model_file():
+    assert {cnnmodels.get_model_builder(n).__module__ for n in ONE_PER_BLOCK_TYPE} == {
+        cnnmodels.get_model_builder(n).__module__ for n in cnnmodels.list_models()}
+
+
+@pytest.mark.parametrize("name", sorted(set(cnnmodels.list_models()) - set(ONE_PER_BLOCK_TYPE)))
+def test_every_other_model_trains_a_step_with_a_finite_gradient_everywhere(name):
+    """The deeper and wider variants repeat the blocks above in other counts and widths: one training step
+    at the smallest input reaches every parameter with a finite gradient, and the loss is finite."""
+    model, x, y = fixed_small_batch(name)
+    model.train()
+    loss = googlenet_loss(model(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("name", ["lenet5", "alexnet", "vgg11_bn", "googlenet", "resnet18", "densenet121",

@@ -151,7 +151,7 @@ def test_training_goes_on_through_a_tracking_outage(ray_cluster, mlflow_server, 
     from pipelines.train import train_stage
 
     cfg = make_config("train.models=[lenet5, alexnet]", "train.epochs=2", f"tracking.uri={mlflow_server.uri}",
-                      "train.max_concurrent_models=1")
+                      "train.max_concurrent_models=1", "data.image_size=16", "data.train_subset=400")
     tracker = Tracker.for_config(cfg)
 
     def first_model_started() -> bool:

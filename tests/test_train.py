@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from conftest import ONE_PER_BLOCK_TYPE
 
 import cnnmodels
 from pipelines.checkpoints import load_checkpoint
@@ -100,20 +101,6 @@ def test_second_invocation_skips_and_more_epochs_resume(ddp_run):
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(ray_cluster, make_config):
-    cfg = make_config("train.models=[lenet5]", "train.epochs=3", "train.max_failures=1",
-                      "train.simulate_failure_at_epoch=1", *FAST)
-    stage = train_stage(cfg)
-    assert stage.ok, stage.failed
-    history = stage.results["lenet5"].history
-    assert [h["epoch"] for h in history] == [0, 1, 2]
-    assert [h["start_epoch"] for h in history] == [0, 1, 1]  # restarted at epoch 1, not from epoch 0
-    client = Tracker.for_config(cfg).client
-    steps = [m.step for m in client.get_metric_history(stage.results["lenet5"].mlflow_run_id, "val_acc")]
-    assert sorted(steps) == [0, 1, 2]  # one MLflow run, each epoch logged once
-
-
-@pytest.mark.slow
 def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster, make_config):
     """Tune's trial retries are for a lost driver: a Train run that gave up after train.max_failures (here 0)
     is not run again by the retry, which would otherwise resume it and hide the failure."""
@@ -165,18 +152,9 @@ def test_a_failed_trial_is_recorded_as_failed_in_mlflow(make_config):
     assert failed.data.params["arch"] == "lenet5" and failed.data.tags["mlflow.parentRunId"] == parent
 
 
-# The smallest architecture of every block type; deeper variants repeat the same blocks (every registered
-# model trains on its own in test_model_behaviour), so they add minutes here and no new code path.
-WORKER_LOOP_ARCHS = ["lenet5", "alexnet", "vgg11", "vgg11_bn", "se_vgg11_bn", "googlenet", "se_googlenet",
-                     "resnet18", "resnet50", "se_resnet18", "se_resnet50", "densenet121", "efficientnet_b0",
-                     "efficientnet"]
-
-
 @pytest.mark.slow
 def test_every_block_type_trains_one_short_epoch_through_the_worker_loop(ray_cluster, make_config, tmp_path):
     """One architecture per family and block type through train_loop_per_worker in one Train run."""
-    families = {cnnmodels.get_model_builder(name).__module__ for name in cnnmodels.list_models()}
-    assert {cnnmodels.get_model_builder(name).__module__ for name in WORKER_LOOP_ARCHS} == families
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -189,7 +167,7 @@ def test_every_block_type_trains_one_short_epoch_through_the_worker_loop(ray_clu
     info = describe_dataset(cfg.data)
     template = plan_model_runs(cfg, info, [ModelChoice("lenet5", "lenet5")], epochs=1, cluster_cpus=free)[0]
     runs = []
-    for name in WORKER_LOOP_ARCHS:
+    for name in ONE_PER_BLOCK_TYPE:
         kwargs = {} if name == "lenet5" else {"small_input": True}
         with torch.device("meta"):  # only its input-size attributes are needed here
             model = cnnmodels.create_model(name, num_classes=10, in_chans=1, **kwargs)
@@ -212,7 +190,7 @@ def test_every_block_type_trains_one_short_epoch_through_the_worker_loop(ray_clu
                                                         resources_per_worker={"CPU": runs[0].workers.cpus_per_worker}),
                  run_config=ray.train.RunConfig(name="every-arch", storage_path=str(tmp_path / "ray"))).fit()
     trained = [json.loads(line)["model"] for line in log.read_text().splitlines()]
-    assert trained == WORKER_LOOP_ARCHS
+    assert trained == ONE_PER_BLOCK_TYPE
 
 
 @pytest.mark.slow
@@ -310,32 +288,41 @@ def test_workers_read_the_stages_shared_conversion(ray_cluster, make_config):
 
 
 @pytest.mark.slow
-def test_a_run_killed_after_its_first_epoch_resumes_to_the_same_weights(ray_cluster, make_config, tmp_path):
-    """Exact resume: the worker is killed (a real process exit) after epoch 0's checkpoint and Ray restarts
-    it from there; its final weights equal those of a run that never stopped, bit for bit. Augmentation is
-    on, so this also needs the restored generator states, not only the (seed, epoch) order."""
-    from pathlib import Path
-
+def test_a_killed_worker_is_replaced_and_resumes_to_the_same_weights(ray_cluster, make_config, tmp_path):
+    """The worker of a training-stage run is killed (a real process exit) after epoch 0's checkpoint: Ray
+    Train replaces it, the run continues from that checkpoint in the same Tune trial and MLflow run, and its
+    final weights equal those of a run that never stopped, bit for bit. Augmentation is on, so this also
+    needs the restored generator states, not only the (seed, epoch) order."""
     from pipelines.checkpoints import CHECKPOINT_FILE, rng_state_file
     from pipelines.data import describe_dataset
     from pipelines.planning import plan_model_runs, resolve_models
     from pipelines.trials import build_trainer
 
+    # One CPU per worker in both runs: the same thread count, so the same floating-point reductions.
     settings = ["train.models=[lenet5]", "train.epochs=2", "data.train_subset=64", "data.augment=true",
-                "train.batch_size=16", "train.precise_bn_batches=2", "train.max_failures=1", *FAST[1:4]]
-    free = ray_cluster.available_resources()["CPU"]
-    final = {}
-    for name, extra in (("uninterrupted", []), ("killed", ["train.simulate_failure_at_epoch=1"])):
-        cfg = make_config(*settings, *extra, workdir=tmp_path / name)
-        run = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), stage="search",
-                              cluster_cpus=free)[0]
-        result = build_trainer(run).fit()
-        assert result.metrics["epoch"] == 1
-        with result.checkpoint.as_directory() as directory:
-            assert (Path(directory) / rng_state_file(0)).is_file()
-            final[name] = (load_checkpoint(Path(directory) / CHECKPOINT_FILE).state_dict,
-                           result.metrics["start_epoch"])
-    (uninterrupted, started), (resumed, restarted_at) = final["uninterrupted"], final["killed"]
-    assert started == 0 and restarted_at == 1  # the second attempt began at epoch 1, from the checkpoint
+                "train.batch_size=16", "train.precise_bn_batches=2", "train.max_failures=1",
+                "train.cpus_per_worker=1", "train.checkpoints_to_keep=2", *FAST[1:4]]
+
+    # The reference: the same run, uninterrupted (its Train run alone, no Tune trial or MLflow).
+    cfg = make_config(*settings, workdir=tmp_path / "uninterrupted")
+    run = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)[0]
+    reference = build_trainer(run).fit()
+    assert reference.metrics["epoch"] == 1 and reference.metrics["start_epoch"] == 0
+    with reference.checkpoint.as_directory() as directory:
+        assert (Path(directory) / rng_state_file(0)).is_file()
+        uninterrupted = load_checkpoint(Path(directory) / CHECKPOINT_FILE).state_dict
+
+    cfg = make_config(*settings, "train.simulate_failure_at_epoch=1", workdir=tmp_path / "killed")
+    stage = train_stage(cfg)
+    assert stage.ok, stage.failed
+    result = stage.results["lenet5"]
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert [h["start_epoch"] for h in result.history] == [0, 1]  # restarted at epoch 1, not from epoch 0
+    steps = [m.step for m in Tracker.for_config(cfg).client.get_metric_history(result.mlflow_run_id, "val_acc")]
+    assert sorted(steps) == [0, 1]  # one MLflow run, each epoch logged once
+    last = [c for c in (load_checkpoint(p) for p in Path(cfg.paths.storage).glob(f"**/{CHECKPOINT_FILE}"))
+            if c.epoch == 1]
+    assert len(last) == 1
+    resumed = last[0].state_dict
     assert uninterrupted.keys() == resumed.keys()
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
