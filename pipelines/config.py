@@ -214,9 +214,10 @@ class ModelSelection(_Section):
         "auto", description="models trained at the same time; auto: as many as the free resources fit"
     )
     overlap_startup: bool = Field(
-        True,
+        False,
         description="on CPUs with cpus_per_worker auto, start the next model while the current one trains (it "
-        "waits for the cores once it is up), so its start-up does not leave them idle",
+        "waits for the cores once it is up); off by default: on 2 cores the start-up slowed the training it "
+        "overlapped more than it saved (docs/benchmarks.md)",
     )
 
     @field_validator("models")

@@ -236,8 +236,8 @@ def test_the_next_model_starts_up_while_one_trains_and_waits_for_the_cores(ray_c
     from pipelines.console import configure_console
 
     configure_console()
-    cfg = make_config("train.models=[lenet5, vgg11]", "train.epochs=2", "data.train_subset=200",
-                      "data.image_size=16", "train.progress_interval_s=0.01", *FAST[1:])
+    cfg = make_config("train.models=[lenet5, vgg11]", "train.overlap_startup=true", "train.epochs=2",
+                      "data.train_subset=200", "data.image_size=16", "train.progress_interval_s=0.01", *FAST[1:])
     stage = train_stage(cfg)
     assert stage.ok and sorted(stage.trained) == ["lenet5", "vgg11"]
 
