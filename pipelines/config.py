@@ -522,6 +522,7 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
             if key not in allowed or key in ("num_classes", "in_chans"):
                 raise ConfigError(f"train.model_options.{name}.{key}",
                                   f"{name} has no option {key!r}{_did_you_mean(key, allowed)}")
+    _check_model_option_values(cfg)
     for name, overrides in cfg.train.model_overrides.items():
         for key in overrides:
             if key not in PER_MODEL_TRAIN_KEYS:
@@ -550,6 +551,25 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
             f"the grid with step {search.step} has no feasible triple; use a smaller step or mode 'optuna'",
         )
     _serve_checks(cfg)
+
+
+def _check_model_option_values(cfg: PipelineConfig) -> None:
+    """Build each selected model that has options, as the planner will (with the data's defaults), on the
+    meta device: a value its builder refuses (``stem_stride: 3``) fails here instead of in a Ray worker."""
+    if not set(cfg.train.model_options) & set(cfg.train.models):
+        return
+    import torch
+
+    from .planning import resolve_models  # planning builds on this module
+
+    for choice in resolve_models(cfg):
+        if choice.name not in cfg.train.model_options:
+            continue
+        try:
+            with torch.device("meta"):
+                cnnmodels.create_model(choice.arch, num_classes=10, **choice.kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"train.model_options.{choice.name}", str(err)) from None
 
 
 def _serve_checks(cfg: PipelineConfig) -> None:
