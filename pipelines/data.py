@@ -381,12 +381,12 @@ class SplitDataset(Dataset):
 
     In-memory data sets are converted once, up front, through the spec's PIL path (or arrive converted, a
     :class:`ConvertedSplit`); image folders are decoded lazily per item. ``augment`` adds random crops
-    (padding 1/8 of the side) and, where the data set allows it, horizontal flips. Indexed with an
-    ``(index, seed)`` pair (:class:`EpochSampler`), the augmentation draws from that seed; with a plain
-    index, from the global RNG.
+    (padding 1/8 of the side) and, where the data set allows it, horizontal flips; ``"flip"``, the flips
+    only. Indexed with an ``(index, seed)`` pair (:class:`EpochSampler`), the augmentation draws from that
+    seed; with a plain index, from the global RNG.
     """
 
-    def __init__(self, split: RawSplit | ConvertedSplit, spec: PreprocessSpec, augment: bool = False) -> None:
+    def __init__(self, split: RawSplit | ConvertedSplit, spec: PreprocessSpec, augment: bool | str = False) -> None:
         self.split = split
         self.spec = spec
         if isinstance(split, ConvertedSplit):
@@ -398,10 +398,10 @@ class SplitDataset(Dataset):
         if augment:
             import torchvision.transforms.v2 as T  # noqa: N812
 
-            ops = [T.RandomCrop(spec.image_size, padding=max(1, spec.image_size // 8))]
+            ops = [] if augment == "flip" else [T.RandomCrop(spec.image_size, padding=max(1, spec.image_size // 8))]
             if spec.dataset in FLIP_OK:
                 ops.append(T.RandomHorizontalFlip())
-            self.transform = T.Compose(ops)
+            self.transform = T.Compose(ops) if ops else None
 
     def __len__(self) -> int:
         return len(self.labels)

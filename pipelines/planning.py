@@ -77,11 +77,14 @@ def coefficients_label(alpha: float, beta: float, gamma: float) -> str:
 
 def _recipe(choice: ModelChoice, data: DataConfig, hyper: Hyperparameters, workers: WorkerSettings) -> dict:
     """The settings that decide a model's result, except its length (``epochs``)."""
+    hyper_settings = hyper.model_dump(mode="json", exclude={"epochs"})
+    if hyper_settings["cpu_bf16"] is False:  # only when on: runs from before the setting keep their fingerprints
+        del hyper_settings["cpu_bf16"]
     return {
         "arch": choice.arch,
         "model_kwargs": choice.kwargs,
         "data": data.model_dump(mode="json", exclude=_DATA_RUNTIME_KEYS),
-        "hyper": hyper.model_dump(mode="json", exclude={"epochs"}),
+        "hyper": hyper_settings,
         "num_workers": workers.num_workers,
         "amp": workers.amp,
     }

@@ -136,6 +136,23 @@ class StepContext:
             return outputs, loss
 
 
+def autocast_dtype(run: ModelRun, device: torch.device) -> torch.dtype | None:
+    """The dtype a run's forward passes autocast to, or None for fp32: on GPUs ``train.amp`` (bfloat16 where
+    supported, else float16 with a gradient scaler), on CPUs ``train.cpu_bf16`` (``auto``: where AMX is)."""
+    if device.type == "cuda":
+        if not run.workers.amp:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    wanted = run.hyper.cpu_bf16
+    return torch.bfloat16 if wanted is True or (wanted == "auto" and cpu_has_amx()) else None
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (bf16 matrix units). torch's check is private, hence the guard."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
+
+
 def setup(run: ModelRun) -> StepContext:
     """Data loaders, model (DDP-wrapped by Ray), optimizer and scaler for this worker."""
     import ray.train
@@ -147,9 +164,7 @@ def setup(run: ModelRun) -> StepContext:
     torch.manual_seed(run.hyper.seed * 1000 + rank)
     device = get_device()
     on_gpu = device.type == "cuda"
-    amp_dtype = None
-    if on_gpu and run.workers.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = autocast_dtype(run, device)
 
     sources = fetch_converted(run.shared_data, run.data, run.spec)
     if sources is None:

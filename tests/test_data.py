@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 
@@ -311,3 +312,20 @@ def test_skip_bad_files_trains_without_them(ray_cluster, make_config, tmp_path):
     stage = train_stage(cfg)
     assert stage.ok and stage.trained == ["lenet5"], stage.failed
     assert [h["epoch"] for h in stage.results["lenet5"].history] == [0]
+
+
+def test_flip_augmentation_mirrors_or_keeps_each_image_and_never_crops():
+    cfg = DataConfig(dataset="digits", image_size=16, train_subset=20)
+    # digits are never flipped (a mirrored 2 is no digit); the same images as a flippable data set:
+    spec = dataclasses.replace(make_spec(describe_dataset(cfg), 16), dataset="fashion-mnist")
+    split = load_splits(cfg).train
+    plain = SplitDataset(split, spec)
+    flips = SplitDataset(split, spec, augment="flip")
+    crops = SplitDataset(split, spec, augment=True)
+    original = plain[3][0]
+    flipped = [flips[(3, seed)][0] for seed in range(20)]
+    assert all(torch.equal(x, original) or torch.equal(x, original.flip(-1)) for x in flipped)
+    assert any(torch.equal(x, original) for x in flipped) and any(torch.equal(x, original.flip(-1)) for x in flipped)
+    cropped = [crops[(3, seed)][0] for seed in range(20)]
+    assert any(not (torch.equal(x, original) or torch.equal(x, original.flip(-1))) for x in cropped)
+    assert SplitDataset(split, make_spec(describe_dataset(cfg), 16), augment="flip").transform is None

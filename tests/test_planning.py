@@ -44,6 +44,11 @@ def test_a_run_travels_as_json_and_refuses_unknown_keys(make_config):
     ("train.model_overrides={lenet5: {weight_decay: 0.01}}", True),
     ("train.model_options={lenet5: {variant: paper}}", True),
     ("data.augment=true", True),  # the quick start trains without augmentation
+    ("data.augment=flip", True),
+    ("train.cpu_bf16=true", True),
+    ("train.cpu_bf16=auto", True),
+    ("train.model_overrides={lenet5: {cpu_bf16: true}}", True),
+    ("train.cpu_bf16=false", False),  # the default: absent from the fingerprint, as before the setting
     ("train.num_workers=2", True),
     ("train.epochs=9", False),  # more epochs continue the run
     ("train.cpus_per_worker=0.5", False),  # where a run executes does not change what it learns

@@ -161,8 +161,10 @@ def test_every_block_type_trains_one_short_epoch_through_the_worker_loop(ray_clu
     from pipelines.data import describe_dataset, make_spec
     from pipelines.planning import ModelChoice, plan_model_runs
 
+    # bfloat16 autocast (train.cpu_bf16): every block type must train under it as well as in fp32 (the rest of
+    # the suite), e.g. DenseNet's concatenations and the SE gates mixing bf16 and fp32 tensors.
     cfg = make_config("data.image_size=16", "data.train_subset=10", "data.val_fraction=0.01",
-                      "train.batch_size=8", "train.models=[lenet5]")
+                      "train.batch_size=8", "train.models=[lenet5]", "train.cpu_bf16=true")
     free = ray_cluster.available_resources()["CPU"]  # a Serve app from other tests may hold some
     info = describe_dataset(cfg.data)
     template = plan_model_runs(cfg, info, [ModelChoice("lenet5", "lenet5")], epochs=1, cluster_cpus=free)[0]
@@ -212,6 +214,24 @@ def test_free_resources_counts_cpus_a_finished_actor_is_still_handing_back(ray_c
     ray.get(holder.ping.remote())
     ray.kill(holder)
     assert free_resources()["CPU"] >= before["CPU"] - 1e-6
+
+
+def test_autocast_follows_amp_on_gpus_and_cpu_bf16_on_cpus(make_config):
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.worker import autocast_dtype, cpu_has_amx
+
+    def run(*overrides):
+        cfg = make_config("train.models=[lenet5]", *overrides)
+        return plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)[0]
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype(run(), cpu) is None  # train.amp (on by default) is for GPUs
+    assert autocast_dtype(run("train.cpu_bf16=true"), cpu) == torch.bfloat16
+    assert autocast_dtype(run("train.model_overrides={lenet5: {cpu_bf16: true}}"), cpu) == torch.bfloat16
+    assert autocast_dtype(run("train.amp=false", "train.cpu_bf16=true"), cpu) == torch.bfloat16
+    auto = autocast_dtype(run("train.cpu_bf16=auto"), cpu)
+    assert auto == (torch.bfloat16 if cpu_has_amx() else None)
 
 
 def test_the_learning_rate_warms_up_linearly_then_follows_the_schedule():
