@@ -43,12 +43,12 @@ def describe_run(config: dict) -> tuple[str, str, dict[str, Any]]:
         "params_count": run.params_count,
         "macs": run.macs,
         "input_size": run.spec.image_size,
-        "epochs": run.hyper.epochs,
-        "batch_size": run.hyper.batch_size,
-        "lr": run.hyper.lr,
-        "optimizer": run.hyper.optimizer,
+        **run.hyper.model_dump(mode="json"),  # every training setting, so runs compare on all of them
         "num_workers": run.workers.num_workers,
+        "amp": run.workers.amp,
+        "channels_last": run.workers.channels_last,
         "dataset": run.data.dataset,
+        "augment": run.data.augment,
         "model_kwargs": json.dumps(run.model.kwargs, sort_keys=True),
     }
     return run.model_name, run.model_name, params
@@ -99,6 +99,20 @@ def finish_model_trial(cfg: PipelineConfig, queue, trial, run_ref: str, started_
     return model_result
 
 
+def stage_eta(elapsed: float, work_done: float, work_left: float, min_share: float = 0.05) -> float | None:
+    """Seconds the rest of the stage should take at the pace so far, counting each model's work as its
+    multiply-adds per image times its epochs; None until ``min_share`` of the work is done.
+
+    Models differ by three orders of magnitude in work (LeNet-5 against DenseNet-121), so an average over
+    models would promise minutes for hours; and the first few percent of the work are mostly fixed costs
+    (starting workers, loading data), which would promise hours for minutes.
+    """
+    total = work_done + work_left
+    if work_left <= 0 or total <= 0 or work_done < min_share * total:
+        return None
+    return elapsed * work_left / work_done
+
+
 class ModelFinisher:
     """Records finished models and says how far the stage is (Tune calls it through the tracking callback).
 
@@ -106,29 +120,32 @@ class ModelFinisher:
     its callbacks).
     """
 
-    def __init__(self, cfg: PipelineConfig, queue, total: int) -> None:
+    def __init__(self, cfg: PipelineConfig, queue, runs: list[ModelRun]) -> None:
         self.cfg = cfg
         self.queue = queue
-        self.total = total
+        self.work = {run.model_name: max(run.macs, 1) * run.hyper.epochs for run in runs}
         self.started = time.time()
-        self.done = 0
+        self.finished: list[str] = []
         self.failed: list[str] = []
 
     def __call__(self, trial, run_ref: str, started_at: float) -> None:
+        name = trial.config["run"]["model"]["name"]
         try:
             finish_model_trial(self.cfg, self.queue, trial, run_ref, started_at)
         except Exception as err:  # noqa: BLE001 - one model's failure must not end the others (Tune re-raises)
-            name = trial.config["run"]["model"]["name"]
             logger.error("[train] %s: could not record the model: %s", name, err)
             self.failed.append(name)
             self.queue.put("set_tags", run_ref, tags={"error": f"{type(err).__name__}: {err}"[:4000]})
             self.queue.put("end_run", run_ref, status="FAILED")
             return
-        self.done += 1
+        self.finished.append(name)
         elapsed = time.time() - self.started
-        left = self.total - self.done
-        eta = f", about {duration(elapsed / self.done * left)} to go" if left else ""
-        logger.info(timestamped(f"[train] {self.done}/{self.total} models done in {duration(elapsed)}{eta}"))
+        done = sum(self.work.get(n, 0) for n in self.finished)
+        left = sum(w for n, w in self.work.items() if n not in self.finished and n not in self.failed)
+        eta = stage_eta(elapsed, done, left)
+        to_go = f", about {duration(eta)} to go" if eta is not None else ""
+        logger.info(timestamped(f"[train] {len(self.finished)}/{len(self.work)} models done in "
+                                f"{duration(elapsed)}{to_go}"))
 
 
 @dataclass
@@ -174,7 +191,7 @@ def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[Mode
                 "%d at a time%s: %s", len(todo), info.dataset, info.sizes["train"], info.sizes["val"],
                 info.sizes["test"], todo[0].workers.num_workers, training_at_once,
                 " (the next one starting up meanwhile)" if capacity else "", ", ".join(r.model_name for r in todo))
-    finisher = ModelFinisher(cfg, queue, total=len(todo))
+    finisher = ModelFinisher(cfg, queue, todo)
     callback = TrialTracking(queue, "train", parent, describe=describe_run, on_complete=finisher)
     with shared_splits() as shared, compute_gate(capacity) as gate:
         prepare(shared, cfg.data, [r.spec for r in todo])

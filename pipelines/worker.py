@@ -297,6 +297,16 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
             "epoch_seconds": seconds, "lr": ctx.optimizer.param_groups[0]["lr"]}
 
 
+def describe_compute(ctx: StepContext) -> str:
+    """Where and how a run trains, e.g. ``1 cpu worker x 2 threads, bfloat16 autocast, channels-last``: the
+    precision and layout are settled on the worker (``auto`` asks its own CPU), so it says what it chose."""
+    where = f"{ctx.world} {ctx.device.type} worker(s)"
+    if ctx.device.type == "cpu":
+        where += f" x {torch.get_num_threads()} threads"
+    precision = f"{str(ctx.amp_dtype).removeprefix('torch.')} autocast" if ctx.amp_dtype else "float32"
+    return f"{where}, {precision}, {'channels-last' if ctx.channels_last else 'contiguous'}"
+
+
 def _log_progress(ctx: StepContext, epoch: int, done: int, total: int, seen: int, elapsed: float) -> None:
     """A long epoch is never silent: batches done, throughput (all workers) and the epoch's ETA."""
     logger.info(timestamped(
@@ -464,6 +474,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx.mark("restored")
     wait_for_compute(run.compute_gate, run.run_name)  # the previous run may still be training
     ctx.mark("compute_granted")
+    if ctx.rank == 0:
+        logger.info(timestamped(f"[{run.model_name}] training on {describe_compute(ctx)}"))
     for epoch in range(ctx.start_epoch, run.hyper.epochs):
         if run.workers.simulate_failure_at_epoch == epoch and not ctx.resumed and epoch > 0 and ctx.rank == 0:
             _kill_this_worker_for_rehearsal(run, epoch)

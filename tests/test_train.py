@@ -13,7 +13,7 @@ from conftest import ONE_PER_BLOCK_TYPE
 import cnnmodels
 from pipelines.checkpoints import load_checkpoint
 from pipelines.tracking import Tracker
-from pipelines.train import train_stage
+from pipelines.train import stage_eta, train_stage
 
 FAST = ["data.image_size=32", "train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.0001",
         "train.batch_size=64"]
@@ -59,6 +59,11 @@ def test_mlflow_child_run_has_the_comparable_params_and_metrics(ddp_run):
     for key, value in {"arch": "lenet5", "params_count": "61706", "input_size": "32", "epochs": "6",
                        "batch_size": "64", "lr": "0.003", "num_workers": "2", "dataset": "digits"}.items():
         assert params[key] == value
+    # every training setting is a param, so runs that differ in any of them can be told apart in the UI
+    for key in ("weight_decay", "schedule", "warmup_epochs", "label_smoothing", "cpu_bf16", "seed", "augment",
+                "amp", "channels_last"):
+        assert key in params, key
+    assert params["weight_decay"] == str(cfg.train.weight_decay)
     assert int(params["macs"]) == cnnmodels.profile(cnnmodels.create_model("lenet5", num_classes=10, in_chans=1),
                                                     (1, 32, 32)).macs
     for metric in ("train_loss", "val_loss", "val_acc"):
@@ -234,6 +239,18 @@ def test_autocast_follows_amp_on_gpus_and_cpu_bf16_on_cpus(make_config):
     assert auto == (torch.bfloat16 if cpu_has_amx() else None)
 
 
+def test_the_worker_says_which_precision_and_layout_it_chose():
+    from types import SimpleNamespace
+
+    from pipelines.worker import describe_compute
+
+    torch.set_num_threads(2)
+    cpu_bf16 = SimpleNamespace(world=1, device=torch.device("cpu"), amp_dtype=torch.bfloat16, channels_last=True)
+    assert describe_compute(cpu_bf16) == "1 cpu worker(s) x 2 threads, bfloat16 autocast, channels-last"
+    gpu_fp32 = SimpleNamespace(world=4, device=torch.device("cuda"), amp_dtype=None, channels_last=False)
+    assert describe_compute(gpu_fp32) == "4 cuda worker(s), float32, contiguous"
+
+
 def test_the_learning_rate_warms_up_linearly_then_follows_the_schedule():
     from pipelines.optim import lr_at
 
@@ -271,10 +288,22 @@ def test_the_next_model_starts_up_while_one_trains_and_waits_for_the_cores(ray_c
     time.sleep(2)  # worker lines reach the driver's console through Ray's log monitor
     out = capfd.readouterr().out
     assert "[vgg11] epoch 1/2: batch " in out and " img/s, epoch ETA " in out  # within an epoch
-    assert "[train] 1/2 models done in " in out and "to go" in out and "[train] 2/2 models done" in out
+    assert "[train] 1/2 models done in " in out and "[train] 2/2 models done" in out
 
 
 @pytest.mark.slow
+def test_the_stage_eta_weighs_models_by_their_work_and_waits_for_a_twentieth_of_it():
+    # The fashion-mnist preset's first two models: LeNet-5 (0.4 MMACs) then AlexNet (156 MMACs), 15 epochs
+    # each, with the rest (vgg11_bn, googlenet, resnet18, densenet121, se_resnet18) still to train.
+    lenet, alexnet, rest = 0.4e6 * 15, 155.6e6 * 15, (134.3 + 375.7 + 121.8 + 672.3 + 121.9) * 1e6 * 15
+    assert stage_eta(60.0, lenet, alexnet + rest) is None  # 0.02% of the work: its pace says nothing yet
+    eta = stage_eta(4400.0, lenet + alexnet, rest)  # 72 min in, AlexNet done: 9.9% of the work
+    assert eta == pytest.approx(4400.0 * rest / (lenet + alexnet))
+    assert 10 * 3600 < eta < 12 * 3600  # the ~11 h docs/benchmarks.md estimates, not "5 models x 36 min"
+    assert stage_eta(100.0, 1.0, 0.0) is None  # nothing left
+    assert stage_eta(100.0, 1.0, 1.0) == pytest.approx(100.0)
+
+
 def test_the_compute_gate_admits_runs_first_come_first_served(ray_cluster):
     import ray
 
