@@ -298,7 +298,7 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
 
 
 def describe_compute(ctx: StepContext) -> str:
-    """Where and how a run trains, e.g. ``1 cpu worker x 2 threads, bfloat16 autocast, channels-last``: the
+    """Where and how a run trains, e.g. ``1 cpu worker(s) x 2 threads, bfloat16 autocast, channels-last``: the
     precision and layout are settled on the worker (``auto`` asks its own CPU), so it says what it chose."""
     where = f"{ctx.world} {ctx.device.type} worker(s)"
     if ctx.device.type == "cpu":
