@@ -14,10 +14,14 @@ same time, so neither takes cores from the other):
   script evaluates each epoch's checkpoint on the same test split afterwards, outside the timed command.
 
 Printed: test accuracy after every epoch of each (and the pipeline's val_acc), seconds per epoch, both wall
-times and the ratios (pipeline / plain).
+times and the ratios (pipeline / plain). With ``--seeds``, both sides run once per seed (interleaved), and a
+table of every seed's final accuracies and wall times ends the output; the goal is then judged on the mean
+accuracy over the seeds and the median wall-time ratio (one 3-epoch result moves by a few tenths of a point
+from seed to seed).
 
     python bench/accuracy.py                              # 3 epochs each: about 30+ min on 2 cores
     python bench/accuracy.py --epochs 1 --subset 2000     # a smoke run
+    python bench/accuracy.py --seeds 1,2 --markdown       # two seeds per side: about 70 min
     python bench/accuracy.py --skip-plain --epochs 15 --markdown
 """
 
@@ -118,8 +122,11 @@ def train_plain(root: Path, epochs: int, subset: int | None, seed: int = 0) -> d
 
 
 # -- the pipeline -------------------------------------------------------------------------------------
-def pipeline_overrides(root: Path, epochs: int, subset: int | None, workdir: str) -> list[str]:
+def pipeline_overrides(root: Path, epochs: int, subset: int | None, workdir: str, seed: int = 0) -> list[str]:
+    # train.seed: initialisation, order and flips, as the plain loop's seed; the train/val split (data.seed)
+    # stays the preset's.
     overrides = [f"workdir={workdir}", "train.models=[resnet18]", f"train.epochs={epochs}", f"data.root={root}",
+                 f"train.seed={seed}",
                  # Every epoch's checkpoint stays, so each can be tested afterwards (retention is not part of
                  # the run's fingerprint and costs no time: every epoch is checkpointed anyway).
                  f"train.checkpoints_to_keep={epochs}"]
@@ -146,13 +153,13 @@ def evaluate_checkpoints(cfg, run_name: str) -> dict[int, float]:
     return accuracy
 
 
-def train_pipeline(root: Path, epochs: int, subset: int | None, workdir: str) -> dict:
+def train_pipeline(root: Path, epochs: int, subset: int | None, workdir: str, seed: int = 0) -> dict:
     """``python -m pipelines train`` on the preset (timed), then its record and each epoch's test accuracy."""
     from pipelines.config import load_config
     from pipelines.data import describe_dataset
     from pipelines.results import load_results
 
-    overrides = pipeline_overrides(root, epochs, subset, workdir)
+    overrides = pipeline_overrides(root, epochs, subset, workdir, seed)
     command = [sys.executable, "-m", "pipelines", "train", "--config", PRESET]
     for override in overrides:
         command += ["--set", override]
@@ -214,9 +221,33 @@ def _rounded(table: pd.DataFrame) -> pd.DataFrame:
     return table.round({c: 1 for c in table.columns if c.endswith((" s", "img/s"))}).round(4)
 
 
+def seed_table(pairs: dict[int, tuple[dict | None, dict | None]]) -> pd.DataFrame:
+    """One row per seed (final test accuracy and wall time of each side, their difference and ratio), then the
+    mean over seeds (the median for the wall-time ratio, which this noisy machine skews)."""
+    rows = []
+    for seed, (plain, pipeline) in pairs.items():
+        row = {"seed": str(seed)}
+        if plain:
+            row |= {"plain test_acc": plain["history"][-1]["test_acc"], "plain wall s": plain["wall"]}
+        if pipeline:
+            row |= {"pipeline test_acc": pipeline["history"][-1]["test_acc"], "pipeline wall s": pipeline["wall"]}
+        if plain and pipeline:
+            row |= {"test_acc difference": row["pipeline test_acc"] - row["plain test_acc"],
+                    "wall ratio": row["pipeline wall s"] / row["plain wall s"]}
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    mean = table.drop(columns="seed").mean()
+    if "wall ratio" in table:
+        mean["wall ratio"] = table["wall ratio"].median()
+    table = pd.concat([table, pd.DataFrame([{"seed": "mean (ratio: median)", **mean.to_dict()}])], ignore_index=True)
+    return _rounded(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each runs both sides (plain, then "
+                        "pipeline), and the goal is judged on the mean accuracy and the median wall-time ratio")
     parser.add_argument("--subset", type=int, help="train on this many images (a smoke run); default: all")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT, help="the four Fashion-MNIST IDX files")
     parser.add_argument("--workdir", help="the pipeline's workdir, kept afterwards (default: a temporary directory, "
@@ -227,27 +258,46 @@ def main() -> None:
     args = parser.parse_args()
     if args.skip_plain and args.skip_pipeline:
         parser.error("nothing to run: --skip-plain and --skip-pipeline")
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
     os.chdir(REPO)  # `python -m pipelines` must import this checkout
-
-    plain = None if args.skip_plain else train_plain(args.data_root, args.epochs, args.subset)
-    pipeline = None
-    if not args.skip_pipeline:
-        with tempfile.TemporaryDirectory(prefix="cnnzoo-accuracy-") as tmp:
-            pipeline = train_pipeline(args.data_root, args.epochs, args.subset, args.workdir or tmp)
-    epochs, summary = tables(plain, pipeline)
     show = (lambda t: t.to_markdown(index=False)) if args.markdown else (lambda t: t.to_string(index=False))
-    print(f"\nFashion-MNIST, resnet18, {args.epochs} epoch(s), {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
-    print(show(epochs))
-    print()
-    print(show(summary))
-    if pipeline:
-        print(f"\npipeline: its own test of its best checkpoint (epoch {pipeline['best_epoch']}): "
-              f"{pipeline['record_test_acc']:.4f}; it trains on the training images less data.val_fraction")
-    if plain and pipeline:
-        reached = pipeline["history"][-1]["test_acc"] >= plain["history"][-1]["test_acc"]
-        faster = pipeline["wall"] <= plain["wall"]
-        print(f"goal (the pipeline reaches the plain loop's final test accuracy in at most its wall time): "
+
+    pairs: dict[int, tuple[dict | None, dict | None]] = {}
+    for seed in seeds:
+        # Interleaved, seed by seed: a slow spell of this shared machine falls on both sides of some seeds
+        # rather than on all of one side.
+        plain = None if args.skip_plain else train_plain(args.data_root, args.epochs, args.subset, seed)
+        pipeline = None
+        if not args.skip_pipeline:
+            with tempfile.TemporaryDirectory(prefix="cnnzoo-accuracy-") as tmp:
+                workdir = f"{args.workdir}/seed{seed}" if args.workdir and len(seeds) > 1 else args.workdir or tmp
+                pipeline = train_pipeline(args.data_root, args.epochs, args.subset, workdir, seed)
+        pairs[seed] = (plain, pipeline)
+        epochs, summary = tables(plain, pipeline)
+        print(f"\nFashion-MNIST, resnet18, {args.epochs} epoch(s), seed {seed}, {os.cpu_count()} CPUs, "
+              f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        print(show(epochs))
+        print()
+        print(show(summary))
+        if pipeline:
+            print(f"\npipeline: its own test of its best checkpoint (epoch {pipeline['best_epoch']}): "
+                  f"{pipeline['record_test_acc']:.4f}; it trains on the training images less data.val_fraction",
+                  flush=True)
+
+    if len(seeds) > 1:
+        print(f"\nFashion-MNIST, resnet18, {args.epochs} epoch(s), {len(seeds)} seeds")
+        print(show(seed_table(pairs)))
+    if not (args.skip_plain or args.skip_pipeline):
+        plain_acc = np.mean([plain["history"][-1]["test_acc"] for plain, _ in pairs.values()])
+        pipeline_acc = np.mean([pipeline["history"][-1]["test_acc"] for _, pipeline in pairs.values()])
+        wall_ratio = np.median([pipeline["wall"] / plain["wall"] for plain, pipeline in pairs.values()])
+        reached, faster = pipeline_acc >= plain_acc, wall_ratio <= 1.0
+        over = f"the mean over {len(seeds)} seeds, " if len(seeds) > 1 else ""
+        print(f"goal (the pipeline reaches the plain loop's final test accuracy in at most its wall time; {over}"
+              f"test_acc {pipeline_acc:.4f} against {plain_acc:.4f}, wall-time ratio {wall_ratio:.3f}): "
               f"{'yes' if reached and faster else 'NO'} (accuracy {'yes' if reached else 'no'}, "
               f"time {'yes' if faster else 'no'})")
 
