@@ -43,6 +43,19 @@ def ray_cluster():
         ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _restore_pipelines_logger():
+    """Each test gets the ``pipelines`` logger as it found it. ``configure_console`` (called by tests that run the
+    CLI or the console in-process) adds handlers and stops propagation, which would otherwise hide every later
+    test's records from ``caplog`` (it listens on the root logger): the suite's result would depend on its order."""
+    import logging
+
+    logger = logging.getLogger("pipelines")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved
+
+
 @pytest.fixture
 def make_config(tmp_path):
     """Build a validated config rooted in a temporary directory: ``make_config("train.epochs=2", ...)``."""
