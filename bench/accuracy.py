@@ -23,6 +23,7 @@ from seed to seed).
     python bench/accuracy.py --epochs 1 --subset 2000     # a smoke run
     python bench/accuracy.py --seeds 1,2 --markdown       # two seeds per side: about 70 min
     python bench/accuracy.py --skip-plain --epochs 15 --markdown
+    python bench/accuracy.py --skip-plain --set data.image_size=32   # a recipe change, on the pipeline side
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def train_plain(root: Path, epochs: int, subset: int | None, seed: int = 0) -> d
 
 
 # -- the pipeline -------------------------------------------------------------------------------------
-def pipeline_overrides(root: Path, epochs: int, subset: int | None, workdir: str, seed: int = 0) -> list[str]:
+def pipeline_overrides(root: Path, epochs: int, subset: int | None, workdir: str, seed: int = 0,
+                       extra: tuple[str, ...] = ()) -> list[str]:
     # train.seed: initialisation, order and flips, as the plain loop's seed; the train/val split (data.seed)
     # stays the preset's.
     overrides = [f"workdir={workdir}", "train.models=[resnet18]", f"train.epochs={epochs}", f"data.root={root}",
@@ -130,7 +132,7 @@ def pipeline_overrides(root: Path, epochs: int, subset: int | None, workdir: str
                  # Every epoch's checkpoint stays, so each can be tested afterwards (retention is not part of
                  # the run's fingerprint and costs no time: every epoch is checkpointed anyway).
                  f"train.checkpoints_to_keep={epochs}"]
-    return overrides + ([f"data.train_subset={subset}"] if subset is not None else [])
+    return overrides + ([f"data.train_subset={subset}"] if subset is not None else []) + list(extra)
 
 
 def evaluate_checkpoints(cfg, run_name: str) -> dict[int, float]:
@@ -153,13 +155,14 @@ def evaluate_checkpoints(cfg, run_name: str) -> dict[int, float]:
     return accuracy
 
 
-def train_pipeline(root: Path, epochs: int, subset: int | None, workdir: str, seed: int = 0) -> dict:
+def train_pipeline(root: Path, epochs: int, subset: int | None, workdir: str, seed: int = 0,
+                   extra: tuple[str, ...] = ()) -> dict:
     """``python -m pipelines train`` on the preset (timed), then its record and each epoch's test accuracy."""
     from pipelines.config import load_config
     from pipelines.data import describe_dataset
     from pipelines.results import load_results
 
-    overrides = pipeline_overrides(root, epochs, subset, workdir, seed)
+    overrides = pipeline_overrides(root, epochs, subset, workdir, seed, extra)
     command = [sys.executable, "-m", "pipelines", "train", "--config", PRESET]
     for override in overrides:
         command += ["--set", override]
@@ -252,6 +255,8 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT, help="the four Fashion-MNIST IDX files")
     parser.add_argument("--workdir", help="the pipeline's workdir, kept afterwards (default: a temporary directory, "
                         "removed after); one that holds a finished run skips its training, so the times mean nothing")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra override for the pipeline's preset (repeatable), to try a recipe change")
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
@@ -274,7 +279,8 @@ def main() -> None:
         if not args.skip_pipeline:
             with tempfile.TemporaryDirectory(prefix="cnnzoo-accuracy-") as tmp:
                 workdir = f"{args.workdir}/seed{seed}" if args.workdir and len(seeds) > 1 else args.workdir or tmp
-                pipeline = train_pipeline(args.data_root, args.epochs, args.subset, workdir, seed)
+                pipeline = train_pipeline(args.data_root, args.epochs, args.subset, workdir, seed,
+                                          tuple(args.overrides))
         pairs[seed] = (plain, pipeline)
         epochs, summary = tables(plain, pipeline)
         print(f"\nFashion-MNIST, resnet18, {args.epochs} epoch(s), seed {seed}, {os.cpu_count()} CPUs, "
