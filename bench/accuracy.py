@@ -24,6 +24,7 @@ points on the plain side and 0.28 on the pipeline's).
     python bench/accuracy.py --seeds 1,2 --markdown       # two seeds per side: about 80 min
     python bench/accuracy.py --skip-plain --epochs 15 --markdown
     python bench/accuracy.py --skip-plain --set data.image_size=32   # a recipe change, on the pipeline side
+    python bench/accuracy.py --skip-pipeline --plain-split pipeline  # the plain loop on the pipeline's images
 """
 
 from __future__ import annotations
@@ -76,11 +77,25 @@ def plain_resnet18() -> nn.Module:
     return model
 
 
-def train_plain(root: Path, epochs: int, subset: int | None, seed: int = 0) -> dict:
-    """The plain PyTorch loop; returns test accuracy and seconds per epoch, and the wall time."""
+def pipeline_training_split(root: Path, extra: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images the pipeline trains on (the preset's split: all but ``data.val_fraction``, stratified by
+    ``data.seed``), padded to 32 px as :func:`load_padded` does."""
+    from pipelines.config import load_config
+    from pipelines.data import load_splits
+
+    cfg = load_config(str(REPO / PRESET), [f"data.root={root}", *extra])
+    train = load_splits(cfg.data).train
+    images = nn.functional.pad(torch.from_numpy(np.ascontiguousarray(train.images)), (2, 2, 2, 2)).unsqueeze(1)
+    return images, torch.as_tensor(train.labels, dtype=torch.long)
+
+
+def train_plain(root: Path, epochs: int, subset: int | None, seed: int = 0, pipeline_split: bool = False,
+                extra: tuple[str, ...] = ()) -> dict:
+    """The plain PyTorch loop; returns test accuracy and seconds per epoch, and the wall time. With
+    ``pipeline_split`` it trains on the pipeline's training split only (``extra``: the pipeline's overrides)."""
     started = time.perf_counter()
     torch.manual_seed(seed)
-    train_x, train_y = load_padded(root, "train")
+    train_x, train_y = pipeline_training_split(root, extra) if pipeline_split else load_padded(root, "train")
     test_x, test_y = load_padded(root, "test")
     if subset is not None:
         keep = torch.randperm(len(train_y))[:subset]
@@ -257,6 +272,9 @@ def main() -> None:
                         "removed after); one that holds a finished run skips its training, so the times mean nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra override for the pipeline's preset (repeatable), to try a recipe change")
+    parser.add_argument("--plain-split", choices=["all", "pipeline"], default="all",
+                        help="the plain loop's training images: all 60,000, or only the pipeline's training split "
+                        "(its 10%% validation held out), to compare the two recipes on the same images")
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
@@ -274,7 +292,8 @@ def main() -> None:
     for seed in seeds:
         # Interleaved, seed by seed: a slow spell of this shared machine falls on both sides of some seeds
         # rather than on all of one side.
-        plain = None if args.skip_plain else train_plain(args.data_root, args.epochs, args.subset, seed)
+        plain = None if args.skip_plain else train_plain(args.data_root, args.epochs, args.subset, seed,
+                                                          args.plain_split == "pipeline", tuple(args.overrides))
         pipeline = None
         if not args.skip_pipeline:
             with tempfile.TemporaryDirectory(prefix="cnnzoo-accuracy-") as tmp:
