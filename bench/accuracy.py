@@ -274,7 +274,7 @@ def main() -> None:
                         help="an extra override for the pipeline's preset (repeatable), to try a recipe change")
     parser.add_argument("--plain-split", choices=["all", "pipeline"], default="all",
                         help="the plain loop's training images: all 60,000, or only the pipeline's training split "
-                        "(its 10%% validation held out), to compare the two recipes on the same images")
+                        "(the preset's data.val_fraction held out), to compare the two recipes on the same images")
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
