@@ -156,9 +156,10 @@ class Hyperparameters(_Section):
     )
     cpu_bf16: Union[bool, Literal["auto"]] = Field(
         False,
-        description="bfloat16 autocast on CPU workers (GPUs: train.amp); auto: where the CPU has AMX (Intel "
-        "Sapphire Rapids and later), whose bf16 tiles train googlenet and densenet121 about 2x faster at 28 px "
-        "(resnet18 no faster, EfficientNet and VGG slower); elsewhere bf16 is emulated and slow",
+        description="bfloat16 autocast on CPU workers (GPUs: train.amp); auto: where the CPU computes bf16 "
+        "natively (AMX: Intel Sapphire Rapids and later; AVX512-BF16: AMD Zen 4 and later), which trains googlenet "
+        "and densenet121 1.7-2.7x faster at 28 px (with AMX resnet18 is no faster and VGG slower; with Zen 4's "
+        "AVX512-BF16 they gain 1.5x too); EfficientNet is slower on both; elsewhere bf16 is emulated and slow",
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     aux_loss_weight: float = Field(0.3, ge=0.0, description="GoogLeNet auxiliary classifiers' loss weight")

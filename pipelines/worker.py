@@ -138,19 +138,22 @@ class StepContext:
 
 def autocast_dtype(run: ModelRun, device: torch.device) -> torch.dtype | None:
     """The dtype a run's forward passes autocast to, or None for fp32: on GPUs ``train.amp`` (bfloat16 where
-    supported, else float16 with a gradient scaler), on CPUs ``train.cpu_bf16`` (``auto``: where AMX is)."""
+    supported, else float16 with a gradient scaler), on CPUs ``train.cpu_bf16`` (``auto``: where bf16 is
+    native, see :func:`cpu_has_native_bf16`)."""
     if device.type == "cuda":
         if not run.workers.amp:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     wanted = run.hyper.cpu_bf16
-    return torch.bfloat16 if wanted is True or (wanted == "auto" and cpu_has_amx()) else None
+    return torch.bfloat16 if wanted is True or (wanted == "auto" and cpu_has_native_bf16()) else None
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (bf16 matrix units). torch's check is private, hence the guard."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check and check())
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 products natively: AMX tiles (Intel Sapphire Rapids and later) or
+    AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake). Elsewhere oneDNN emulates bf16, slower than fp32.
+    torch's checks are private, hence the guards."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(check is not None and check() for check in checks)
 
 
 def setup(run: ModelRun) -> StepContext:

@@ -224,7 +224,7 @@ def test_free_resources_counts_cpus_a_finished_actor_is_still_handing_back(ray_c
 def test_autocast_follows_amp_on_gpus_and_cpu_bf16_on_cpus(make_config):
     from pipelines.data import describe_dataset
     from pipelines.planning import plan_model_runs, resolve_models
-    from pipelines.worker import autocast_dtype, cpu_has_amx
+    from pipelines.worker import autocast_dtype, cpu_has_native_bf16
 
     def run(*overrides):
         cfg = make_config("train.models=[lenet5]", *overrides)
@@ -236,7 +236,19 @@ def test_autocast_follows_amp_on_gpus_and_cpu_bf16_on_cpus(make_config):
     assert autocast_dtype(run("train.model_overrides={lenet5: {cpu_bf16: true}}"), cpu) == torch.bfloat16
     assert autocast_dtype(run("train.amp=false", "train.cpu_bf16=true"), cpu) == torch.bfloat16
     auto = autocast_dtype(run("train.cpu_bf16=auto"), cpu)
-    assert auto == (torch.bfloat16 if cpu_has_amx() else None)
+    assert auto == (torch.bfloat16 if cpu_has_native_bf16() else None)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_auto_bf16_detects_amx_and_avx512_bf16_cpus():
+    # The flags as the kernel reports them, independent of torch's own detection.
+    from pipelines.worker import cpu_has_native_bf16
+
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    assert cpu_has_native_bf16() == bool(flags & {"amx_tile", "avx512_bf16"})
 
 
 def test_the_worker_says_which_precision_and_layout_it_chose():
