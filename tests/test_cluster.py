@@ -2,7 +2,7 @@
 shares, and a trial that loses its node mid-run.
 
 These tests start a Ray cluster of their own, so they run first in the session (``conftest.py``), before the
-shared local Ray starts: with another Ray instance alive on the machine this one ran a third slower.
+shared local Ray starts: with another Ray instance alive on the machine this one ran 25-40% slower.
 """
 
 from __future__ import annotations
