@@ -299,13 +299,24 @@ class TrackingQueue:
 
 
 def _trial_error(trial) -> str:
-    """The end of a failed trial's error trace (Ray keeps it in the trial's storage), for the run's tags."""
-    text = getattr(trial, "error_msg", None)  # older Tune trials carried it; 2.60's have get_error()
+    """The end of a failed trial's error trace, for the run's tags.
+
+    Tune appends each failure to the trial's error file in the driver's staging directory (``error_file``)
+    before it calls back, and copies that file to storage only later: the stored copy (``get_error()``) can
+    still hold just an earlier failure (the one a retry was started for), so the local file comes first."""
+    text = None
+    local = getattr(trial, "error_file", None)
+    if local:
+        try:
+            text = Path(local).read_text(errors="replace")
+        except OSError:
+            text = None
     if not text and hasattr(trial, "get_error"):
         try:
             text = trial.get_error()
         except Exception:  # noqa: BLE001 - the storage may be gone with its node
             text = None
+    text = text or getattr(trial, "error_msg", None)  # older Tune trials carried it
     return str(text or "trial failed").strip()[-4000:]
 
 
