@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import torch
+from conftest import PlantedCode
 
 import cnnmodels
 from pipelines.checkpoints import CheckpointError, ModelCheckpoint, load_checkpoint, save_checkpoint
@@ -42,15 +41,16 @@ def test_truncated_and_garbage_files_are_refused(tmp_path):
 
 
 def test_pickled_code_is_refused_by_weights_only_loading(tmp_path):
-    class Payload:
-        def __reduce__(self):
-            return (print, ("this must never run",))
-
+    # A well-formed torch archive (not a bare pickle, which torch would refuse for its format alone): only
+    # weights_only loading stands between this payload and running its code.
+    marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"format": "cnnzoo.checkpoint", "version": 1, "state_dict": Payload()}, f)
+    torch.save({"format": "cnnzoo.checkpoint", "version": 1, "state_dict": PlantedCode(marker)}, path)
     with pytest.raises(CheckpointError, match="unreadable or corrupt"):
         load_checkpoint(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: loaded without the guard, it runs
+    assert marker.exists()
 
 
 def test_mismatched_and_non_finite_weights_are_refused(tmp_path):
@@ -69,8 +69,16 @@ def test_mismatched_and_non_finite_weights_are_refused(tmp_path):
 
 
 def test_save_is_atomic(tmp_path):
-    path = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
+    checkpoint, _ = _checkpoint()
+    path = save_checkpoint(checkpoint, tmp_path / "model.pt")
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
+    # A save that fails part-way (an unpicklable training state) leaves the previous checkpoint whole: a plain
+    # torch.save onto the path would already have truncated it.
+    broken = ModelCheckpoint(**{**checkpoint.__dict__, "epoch": 4, "training_state": {"step": lambda: 0}})
+    with pytest.raises(Exception, match="pickle|lambda"):
+        save_checkpoint(broken, path)
+    assert load_checkpoint(path).epoch == 3
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_generator_states_round_trip_weights_only(tmp_path):

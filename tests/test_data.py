@@ -105,6 +105,18 @@ def test_every_pil_mode_converts_to_the_model_input(mode, channels):
     assert tensor.shape == (1, channels, 8, 8) and tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
 
 
+def test_16_bit_and_float_images_are_scaled_not_clipped():
+    # Pillow's own conversion to L clips 16-bit values at 255 and truncates floats: a mid-grey 16-bit scan
+    # would turn white and a 0-1 float image black.
+    sixteen_bit = Image.new("I;16", (8, 8), 40000)
+    assert (_spec(1).image_to_uint8(sixteen_bit) == int(40000 / 65535 * 255)).all()
+    ramp = np.linspace(0.0, 0.5, 64, dtype=np.float32).reshape(8, 8)
+    unit_range = _spec(1).image_to_uint8(Image.fromarray(ramp))  # 0-1 floats: 1.0 would be white
+    assert unit_range.min() == 0 and unit_range.max() == 127
+    wide_range = _spec(1).image_to_uint8(Image.fromarray(ramp * 2000))  # beyond 1: scaled by the image's peak
+    assert wide_range.min() == 0 and wide_range.max() == 255
+
+
 def test_transparency_composites_onto_the_dataset_background():
     transparent = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
     assert _spec(1, background=0).image_to_uint8(transparent).max() == 0

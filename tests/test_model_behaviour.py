@@ -96,7 +96,7 @@ def test_small_images_run_at_28_and_32_pixels(name, in_chans, side):
     if name == "lenet5":
         side = 32  # LeNet-5 is defined for 32x32 input; the pipeline resizes to default_input_size.
     features = model.forward_features(torch.randn(2, in_chans, side, side))
-    assert features.shape[-1] >= 1
+    assert features.ndim == 4 and torch.isfinite(features).all()
     assert model.forward_head(features).shape == (2, 10)
 
 
@@ -200,10 +200,13 @@ def test_densenet_transitions_compress_by_half():
 def test_efficientnet_stochastic_depth_grows_linearly_and_is_off_in_eval():
     model = create_model("efficientnet_b0")
     probs = [m.stochastic_depth.p for m in model.modules() if hasattr(m, "stochastic_depth")]
-    assert probs[0] == 0.0 and probs == sorted(probs) and max(probs) < 0.2
-    model.eval()
-    x = torch.randn(1, 3, 64, 64)
+    assert probs == pytest.approx([0.2 * i / 16 for i in range(16)])  # B0's 16 blocks, 0 up to 0.2 (exclusive)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
+        model.train()  # features only: the classifier's dropout would make the outputs differ on its own
+        assert not torch.allclose(model.forward_features(x), model.forward_features(x))
+        model.eval()
         torch.testing.assert_close(model(x), model(x))
 
 

@@ -289,7 +289,7 @@ def test_top_k_defaults_to_the_class_count_of_a_small_model(strict_app, digit_pn
     base, _ = strict_app
     clamped = predict(base, digit_png, params={"model": "three"}, headers=AUTH)
     assert clamped.status_code == 200 and len(clamped.json()["predictions"]) == 3
-    assert predict(base, digit_png, params={"model": "three", "top_k": 2}, headers=AUTH).json()["predictions"][1]
+    assert len(predict(base, digit_png, params={"model": "three", "top_k": 2}, headers=AUTH).json()["predictions"]) == 2
     too_many = predict(base, digit_png, params={"model": "three", "top_k": 4}, headers=AUTH)
     assert too_many.status_code == 422 and "at most 3" in too_many.json()["error"]
     image = tmp_path / "digit.png"
