@@ -80,8 +80,8 @@ def _load(args) -> PipelineConfig:
 
 
 def _block_until_interrupted(url: str) -> None:
-    # Ray Tune installs its own SIGINT handler for every run and leaves it in place afterwards; without
-    # Python's default handler back, the first Ctrl-C after the train stage would be swallowed.
+    # Where Ray Tune's own SIGINT handler is back on (TUNE_DISABLE_SIGINT_HANDLER=0, see runtime.py) it stays
+    # in place after a run; without Python's default handler back, the first Ctrl-C here would be swallowed.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     logger.info("[serve] %s is up; press Ctrl-C to stop", url)
     try:

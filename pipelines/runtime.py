@@ -21,6 +21,10 @@ _ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
     "RAY_AIR_NEW_OUTPUT": "0",
+    # Tune's own SIGINT handler turns the first Ctrl-C into a graceful stop whose fit() returns normally: the
+    # stage would then mark half-trained models as done (and `run` go on to serve them) and exit 0. Without
+    # it, Ctrl-C raises KeyboardInterrupt: exit 130, and a re-run resumes from the last checkpoints.
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
 #: For the processes of a local Ray. Train's print patch would print every worker line twice on the console.
 #: Train's controller collects each report on its poll (default every 2 s) and a worker's next report waits

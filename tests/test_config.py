@@ -162,3 +162,36 @@ def test_a_failed_stage_exits_1_with_one_line_and_no_traceback(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "error: LookupError: no trained models under" in out.stderr
     assert "run the train stage first" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_training_exits_130_and_leaves_the_model_untrained(tmp_path):
+    """The README's promise: Ctrl-C exits 130 and a re-run resumes. Ray Tune's own SIGINT handler would turn
+    the first Ctrl-C into a graceful stop: exit 0, the stage's MLflow run FINISHED, the model counted as
+    trained although it had not finished."""
+    import signal
+
+    from pipelines.results import load_results
+    from pipelines.tracking import Tracker
+
+    overrides = [f"workdir={tmp_path}", "name=interrupted", "train.models=[lenet5]", "train.epochs=50",
+                 "data.image_size=16", "data.train_subset=300", "ray.include_dashboard=false", "ray.num_cpus=1"]
+    command = [sys.executable, "-m", "pipelines", "train"] + [a for o in overrides for a in ("--set", o)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if "lenet5: epoch 1/50" in line:  # training, with a checkpoint to resume from
+                process.send_signal(signal.SIGINT)
+                break
+        rest, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    log = "".join(output) + rest
+    assert process.returncode == 130, log
+    assert "interrupted; re-run the same command to resume" in log
+    cfg = load_config(None, overrides)
+    assert load_results(cfg.paths.train_dir) == {}
+    stage_run = Tracker.for_config(cfg).find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
+    assert stage_run.info.status != "FINISHED"
