@@ -42,6 +42,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be trusted; nothing was loaded from it."""
 
 
+class MissingCheckpointError(CheckpointError):
+    """No checkpoint file at the path: unlike a corrupt one, it may appear (a storage mount that is back)."""
+
+
 @dataclass
 class ModelCheckpoint:
     arch: str
@@ -118,7 +122,7 @@ def load_checkpoint(
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise MissingCheckpointError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt archives

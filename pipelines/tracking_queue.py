@@ -11,8 +11,9 @@ server's return. A run created during an outage has no MLflow id yet; callers ho
 At the end of a stage :meth:`TrackingQueue.flush` waits up to ``tracking.pending_timeout_s`` for the
 backlog. What is still unwritten then is saved to ``<workdir>/<name>/tracking-pending.json`` and listed in
 one message with the command that finishes it (``python -m pipelines register``); the next stage or that
-command picks the file up and sends it. A write MLflow refuses for good (an invalid value, say) is logged
-and dropped, not retried.
+command picks the file up and sends it. A write no retry can send (MLflow refuses it for good, or the
+checkpoint it would register is unusable) is logged and dropped, not retried: it must not hold up the writes
+behind it.
 """
 
 from __future__ import annotations
@@ -64,8 +65,18 @@ class TrackingOp:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+class UnsendableWrite(LookupError):
+    """A write whose run was never created (its creation was dropped): no retry can send it."""
+
+
 def _is_permanent(err: BaseException) -> bool:
-    return getattr(err, "error_code", None) in PERMANENT_ERRORS
+    """Whether no retry can send the write: MLflow refused it, its run does not exist, or the checkpoint it
+    registers is unusable (a diverged run's NaN weights, say). Anything else counts as an outage and is
+    retried, a checkpoint that is not there included (its storage may be what is down)."""
+    from .checkpoints import CheckpointError, MissingCheckpointError
+
+    unusable = isinstance(err, CheckpointError) and not isinstance(err, MissingCheckpointError)
+    return unusable or isinstance(err, UnsendableWrite) or getattr(err, "error_code", None) in PERMANENT_ERRORS
 
 
 class TrackingQueue:
@@ -160,7 +171,7 @@ class TrackingQueue:
             except Exception as err:  # noqa: BLE001 - sorted into retry and drop below
                 if _is_permanent(err):
                     message = f"{DESCRIPTIONS.get(op.kind, op.kind)} for run {op.ref}: {err}"
-                    logger.error("[tracking] MLflow refused a write, dropped: %s", message[:500])
+                    logger.error("[tracking] a write no retry can send, dropped: %s", message[:500])
                     self.dropped.append(message)
                 else:
                     self._note_outage(err)
@@ -185,10 +196,10 @@ class TrackingQueue:
 
     def _resolve(self, ref: str | None) -> str:
         if ref is None:
-            raise ValueError("this write needs a run")
+            raise UnsendableWrite("this write needs a run")
         run_id = self.run_id(ref)
         if run_id is None:
-            raise LookupError(f"run {ref} was never created")
+            raise UnsendableWrite(f"run {ref} was never created")
         return run_id
 
     def _execute(self, op: TrackingOp) -> Any:

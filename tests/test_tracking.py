@@ -55,3 +55,38 @@ def test_the_ui_hint_opens_the_model_training_view():
     assert "mlflow ui --backend-store-uri sqlite:////tmp/mlflow.db" in hint
     assert "#/experiments/7/runs?workflowType=machine_learning" in hint
     assert ui_hint("http://head:5000", "3") == "open http://head:5000/#/experiments/3/runs?workflowType=machine_learning"
+
+
+def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(make_config, tmp_path):
+    """A diverged model's checkpoint (NaN weights) cannot be registered, ever: retrying it as if MLflow were down
+    would hold up every write behind it until the stage gave up (exit 3), and every later `register` too."""
+    import torch
+
+    import cnnmodels
+    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+    from pipelines.preprocess import PreprocessSpec
+    from pipelines.tracking_queue import TrackingQueue
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+               for k, v in model.state_dict().items()}
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=weights),
+                    tmp_path / "diverged" / "model.pt")
+    queue = TrackingQueue(tracker, tmp_path / "pending.json")
+    queue.put("register", run_id, checkpoint_path=str(tmp_path / "diverged"), storage_path=str(tmp_path),
+              registered_model=cfg.registered_model_name, alias="lenet5", tags={})
+    queue.put("log_metrics", run_id, metrics={"test_acc": 0.1})
+    queue.put("set_tags", "local:never-created", tags={"a": "b"})  # its run's creation was dropped
+    assert queue.flush(timeout_s=20) == []
+    assert len(queue.dropped) == 2 and "NaN" in queue.dropped[0] and "never created" in queue.dropped[1]
+    assert tracker.client.get_run(run_id).data.metrics["test_acc"] == 0.1
+    assert not (tmp_path / "pending.json").exists()
+    # A checkpoint that is not there at all may be on storage that is down: retried, then left pending.
+    missing = queue.put("register", run_id, checkpoint_path=str(tmp_path / "elsewhere"), storage_path=str(tmp_path),
+                        registered_model=cfg.registered_model_name, alias="lenet5", tags={})
+    assert [op.seq for op in queue.flush(timeout_s=2)] == [missing] and len(queue.dropped) == 2
+    assert (tmp_path / "pending.json").exists()
