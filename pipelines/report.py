@@ -224,7 +224,9 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
     """Build the table and plots from the finished models, save them and log them to MLflow."""
     from .search import load_search_result
     from .tracking import Tracker
+    from .tracking_queue import send_pending_before_reading
 
+    send_pending_before_reading(cfg)
     paths = cfg.paths
     results = list(load_results(paths.train_dir).values())
     if not results:

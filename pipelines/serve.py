@@ -296,6 +296,9 @@ def _wait_until_answering(url: str, timeout_s: float = 120.0) -> None:
 
 def serve_stage(cfg: PipelineConfig) -> ServeHandle:
     """Deploy the app on the running Ray (non-blocking) and wait until it answers ``/healthz``."""
+    from .tracking_queue import send_pending_before_reading
+
+    send_pending_before_reading(cfg)
     models, champion = ModelStore(cfg).discover()
     if not models:
         raise LookupError(f"nothing to serve: no registered model alias trained on {cfg.data.dataset} (train first) "

@@ -435,6 +435,13 @@ def send_pending(cfg) -> list[TrackingOp]:
     return pending
 
 
+def send_pending_before_reading(cfg) -> None:
+    """For the stages that read the registry (report, serve): send what earlier stages left pending first, so
+    they see those registrations and the champion alias. Touches nothing when nothing is pending."""
+    if (Path(cfg.paths.run_dir) / PENDING_FILE).exists():
+        send_pending(cfg)
+
+
 def pending_summary(pending: list[TrackingOp], run_dir: Path, command: str) -> str:
     """One message: what is unsent, where it is kept and the command that sends it."""
     pending_file = Path(run_dir) / PENDING_FILE

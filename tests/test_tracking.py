@@ -90,3 +90,26 @@ def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(ma
                         registered_model=cfg.registered_model_name, alias="lenet5", tags={})
     assert [op.seq for op in queue.flush(timeout_s=2)] == [missing] and len(queue.dropped) == 2
     assert (tmp_path / "pending.json").exists()
+
+
+def test_report_and_serve_send_what_an_earlier_stage_left_pending_first(make_config):
+    """README: any later stage of the same config sends the pending writes first (here the stages then stop
+    for want of trained models, after sending)."""
+    import json
+
+    from pipelines.report import report_stage
+    from pipelines.serve import serve_stage
+    from pipelines.tracking_queue import PENDING_FILE
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    pending = cfg.paths.run_dir / PENDING_FILE
+    for stage in (report_stage, serve_stage):
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        pending.write_text(json.dumps({"tracking_uri": tracker.tracking_uri, "run_ids": {}, "ops": [
+            {"seq": 1, "kind": "set_tags", "ref": run_id, "args": {"tags": {"sent_by": stage.__name__}}}]}))
+        with pytest.raises(LookupError):
+            stage(cfg)
+        assert tracker.client.get_run(run_id).data.tags["sent_by"] == stage.__name__
+        assert not pending.exists()
