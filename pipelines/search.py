@@ -184,8 +184,28 @@ def _baseline_macs(template: ModelRun) -> int:
     return baseline.with_coefficients(1.0, 1.0, 1.0).macs
 
 
+def _experiment_name(cfg: PipelineConfig, fingerprint: str, force: bool) -> str:
+    """The search's Tune experiment (its trials' Train runs are named after it). A re-run continues the latest
+    experiment of these settings, interrupted or finished; ``force`` starts a new one, since a finished one
+    would only be restored, its trials not run again. The latest name is kept beside the search result."""
+    marker = cfg.paths.search_result.with_name("experiment.json")
+    if force:
+        experiment = f"{cfg.name}-search-{fingerprint}-{time.strftime('%Y%m%d-%H%M%S')}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"fingerprint": fingerprint, "experiment": experiment}))
+        # An interrupted forced search must not pass for done on the next run: that one resumes it instead.
+        cfg.paths.search_result.unlink(missing_ok=True)
+        return experiment
+    if marker.is_file():
+        latest = json.loads(marker.read_text())
+        if latest.get("fingerprint") == fingerprint:
+            return latest["experiment"]
+    return f"{cfg.name}-search-{fingerprint}"
+
+
 def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
-    """Run (or resume) the coefficient search; returns the best triple and every trial's score."""
+    """Run (or resume) the coefficient search; returns the best triple and every trial's score. With ``force``
+    a finished search of the same settings is not reused: the trials run again, in a new Tune experiment."""
     from ray.tune.schedulers import ASHAScheduler
 
     from .data import describe_dataset
@@ -201,7 +221,7 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
         return previous
 
     fingerprint = search_fingerprint(cfg)
-    experiment = f"{cfg.name}-search-{fingerprint}"
+    experiment = _experiment_name(cfg, fingerprint, force)
     data_cfg = cfg.model_copy(update={"data": search_data(cfg)})
     info = describe_dataset(data_cfg.data)
     free = free_resources()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from pipelines.config import SearchConfig
 from pipelines.planning import resolve_models
 from pipelines.search import search_stage
 from pipelines.search_space import PAPER, FeasibleRegion, grid_candidates
+from pipelines.tracking import Tracker
 
 
 def test_grid_candidates_are_feasible_capped_and_start_with_the_paper():
@@ -62,3 +64,13 @@ def test_optuna_mode_runs_two_feasible_trials(ray_cluster, make_config):
     assert cfg.paths.search_result.is_file()
     again = search_stage(cfg)
     assert again.skipped and again.best == result.best
+    # --force searches again: new trials in a new Tune experiment (not the finished one restored and re-scored),
+    # under a new MLflow parent run.
+    forced = search_stage(cfg, force=True)
+    assert not forced.skipped and len(forced.trials) == 2
+    experiments = {p.parent.name for p in Path(cfg.paths.storage).glob(f"{cfg.name}-search-*/tuner.pkl")}
+    assert len(experiments) == 2, experiments
+    tracker = Tracker.for_config(cfg)
+    parents = tracker.client.search_runs([tracker.experiment_id],
+                                         "tags.stage = 'search' and tags.`cnnzoo.stage_parent` = 'true'")
+    assert len(parents) == 2
