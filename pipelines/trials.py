@@ -229,7 +229,7 @@ def run_model_trials(
     path = paths.experiment(experiment)
     if restore and tune.Tuner.can_restore(path):
         logger.info("[%s] resuming the interrupted Tune experiment at %s", experiment, path)
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = restore_tuner(path, trainable, callbacks)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -246,6 +246,21 @@ def run_model_trials(
                                       failure_config=tune.FailureConfig(max_failures=trial_retries)),
         )
     return tuner.fit()
+
+
+def restore_tuner(path: str, trainable, callbacks: list):
+    """Tune's restore of an interrupted experiment (unfinished and errored trials run again), with ``callbacks``.
+
+    Tune restores the callbacks pickled with the experiment: those of the process that started it, whose
+    tracking queue this process never flushes (its writes could be lost in an outage) and whose compute gate
+    is gone. This process's callbacks must serve the resumed trials; Ray has no public way to pass them
+    (ray-project/ray#41364), so they replace the restored ones in the tuner's run config.
+    """
+    from ray import tune
+
+    tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    tuner._local_tuner.get_run_config().callbacks = list(callbacks)
+    return tuner
 
 
 def reported_checkpoint_dir(path: str, storage_path: str) -> contextlib.AbstractContextManager:

@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+from ray.tune import Callback
 
 from cnnmodels.scaling import constraint_value
 from pipelines.config import SearchConfig
@@ -74,3 +75,39 @@ def test_optuna_mode_runs_two_feasible_trials(ray_cluster, make_config):
     parents = tracker.client.search_runs([tracker.experiment_id],
                                          "tags.stage = 'search' and tags.`cnnzoo.stage_parent` = 'true'")
     assert len(parents) == 2
+
+
+
+class SeenTrials(Callback):
+    """A Tune callback that notes the trials it sees start (module level: Tune pickles it with the experiment)."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.started.append(trial.trial_id)
+
+
+@pytest.mark.slow
+def test_a_restored_experiment_reports_to_this_process_callbacks(ray_cluster, tmp_path):
+    """An interrupted search resumes through Tune's restore, which brings back the callbacks pickled with the
+    experiment (the old process's tracking queue, never flushed here); this process's must get the trials."""
+    from ray import tune
+
+    from pipelines.trials import restore_tuner
+
+    def fails_until_marked(config):  # defined here: Ray ships it by value (the tests are not on the workers' path)
+        if not Path(config["marker"]).exists():
+            raise RuntimeError("the first attempt fails")
+        tune.report({"val_acc": 1.0})
+
+    trainable = tune.with_resources(fails_until_marked, {"cpu": 0.1})
+    first = SeenTrials()
+    tune.Tuner(trainable, param_space={"marker": str(tmp_path / "marked")},
+               run_config=tune.RunConfig(name="flaky", storage_path=str(tmp_path), callbacks=[first], verbose=0)).fit()
+    assert len(first.started) == 1
+    (tmp_path / "marked").touch()
+    second = SeenTrials()
+    grid = restore_tuner(str(tmp_path / "flaky"), trainable, [second]).fit()
+    assert grid[0].error is None and grid[0].metrics["val_acc"] == 1.0  # the errored trial ran again
+    assert second.started == first.started  # ... and this process's callback saw it
