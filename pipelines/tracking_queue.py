@@ -18,6 +18,7 @@ behind it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,12 @@ class TrackingQueue:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._down_since: float | None = None
+        #: Whether the pending file holds writes this queue took over: it is then kept in step as they go out,
+        #: so a process killed before :meth:`flush` does not leave them to be sent twice (two model versions).
+        self._tracks_file = False
         if self.pending_file is not None and self.pending_file.exists():
             self._load_pending()
+            self._tracks_file = True
 
     def __getstate__(self) -> dict:
         with self._lock:
@@ -181,7 +186,11 @@ class TrackingQueue:
                     continue
             with self._lock:
                 self._ops.popleft()
+                left = list(self._ops) if self._tracks_file else None
                 self._lock.notify_all()
+            if left is not None:
+                self._save_pending(left)
+                self._tracks_file = bool(left)
             delay = 1.0
             if self._down_since is not None:
                 logger.info("[tracking] MLflow is reachable again after %s; sending %d queued write(s)",
@@ -433,6 +442,19 @@ def send_pending(cfg) -> list[TrackingOp]:
     logger.info("[tracking] sent %d of %d pending write(s) to %s", total - len(pending), total,
                 queue.tracker.tracking_uri)
     return pending
+
+
+@contextlib.contextmanager
+def flushed_on_interrupt(queue: TrackingQueue, parent: str | None, timeout_s: float = 10.0) -> Iterator[None]:
+    """Ctrl-C inside: the stage's MLflow run ``parent`` ends as KILLED and the queued writes go out (or are
+    kept pending when MLflow does not take them within ``timeout_s``) before the interrupt goes on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if parent is not None:
+            queue.put("end_run", parent, status="KILLED")
+        queue.flush(timeout_s)
+        raise
 
 
 def send_pending_before_reading(cfg) -> None:

@@ -216,7 +216,7 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     skipped. Logs progress and (``show_table``) a comparison table."""
     from .data import describe_dataset
     from .runtime import free_resources
-    from .tracking_queue import TrackingQueue
+    from .tracking_queue import TrackingQueue, flushed_on_interrupt
 
     info = describe_dataset(cfg.data)
     choices: list[ModelChoice] = resolve_models(cfg, coefficients)
@@ -234,7 +234,8 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
             f"train-{time.strftime('%Y%m%d-%H%M%S')}", {"stage": "train", "cnnzoo.stage_parent": "true"},
             {"dataset": info.dataset, "models": ",".join(r.model_name for r in runs), "epochs": cfg.train.epochs,
              "num_workers": cfg.train.num_workers}, cfg.to_yaml())
-        failed = _train_models(cfg, queue, parent, info, todo, free)
+        with flushed_on_interrupt(queue, parent):
+            failed = _train_models(cfg, queue, parent, info, todo, free)
     champion_write = queue.put("update_champion", registered_model=cfg.registered_model_name)
     pending = queue.flush(cfg.tracking.pending_timeout_s)
     champion = queue.outcomes.get(champion_write)

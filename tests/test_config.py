@@ -194,4 +194,4 @@ def test_ctrl_c_while_training_exits_130_and_leaves_the_model_untrained(tmp_path
     cfg = load_config(None, overrides)
     assert load_results(cfg.paths.train_dir) == {}
     stage_run = Tracker.for_config(cfg).find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
-    assert stage_run.info.status != "FINISHED"
+    assert stage_run.info.status == "KILLED"

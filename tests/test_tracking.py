@@ -113,3 +113,29 @@ def test_report_and_serve_send_what_an_earlier_stage_left_pending_first(make_con
             stage(cfg)
         assert tracker.client.get_run(run_id).data.tags["sent_by"] == stage.__name__
         assert not pending.exists()
+
+
+def test_writes_taken_over_from_the_pending_file_leave_it_as_they_go_out(make_config, tmp_path):
+    """A stage that picked up an earlier stage's pending writes and is killed before its end (before flush)
+    must not leave them in the file: the next command would send them again (a second model version)."""
+    import json
+    import time
+
+    from pipelines.tracking_queue import TrackingQueue
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    pending = tmp_path / "pending.json"
+    pending.write_text(json.dumps({"tracking_uri": tracker.tracking_uri, "run_ids": {}, "ops": [
+        {"seq": i, "kind": "log_metrics", "ref": run_id, "args": {"metrics": {"m": float(i)}, "step": i}}
+        for i in range(1, 4)]}))
+    queue = TrackingQueue(tracker, pending)
+    queue.put("set_tags", run_id, tags={"stage_went_on": "yes"})  # the stage's own writes start the sending
+    deadline = time.monotonic() + 60
+    while len(queue) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(queue) == 0
+    assert not pending.exists()  # without any flush: the process could die here
+    history = tracker.client.get_metric_history(run_id, "m")
+    assert sorted(m.value for m in history) == [1.0, 2.0, 3.0]
