@@ -243,7 +243,7 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     # Every trial runs the template with its own coefficients: they overlap as the training stage's models do.
     overlapped, capacity = with_overlapped_startup(cfg, [template] * plan.trials, free["CPU"])
     template = overlapped[0]
-    with flushed_on_interrupt(queue, parent), shared_splits() as shared, compute_gate(capacity) as gate:
+    with flushed_on_interrupt(queue, parent, callback), shared_splits() as shared, compute_gate(capacity) as gate:
         if search.mode == "grid":  # every trial's input size is known: convert them now
             prepare(shared, template.data, [template.with_coefficients(**c).spec
                                             for c in plan.param_space["coefficients"]["grid_search"]])

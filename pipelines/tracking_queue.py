@@ -370,6 +370,7 @@ class TrialTracking(Callback):
         self.run_refs: dict[str, str] = {}
         self.names: dict[str, str] = {}
         self.started_at: dict[str, float] = {}
+        self.ended: set[str] = set()  # trial ids whose runs have their end queued (or are ended by on_complete)
 
     def progress(self, message: str) -> None:
         logger.info(timestamped(message))
@@ -390,6 +391,7 @@ class TrialTracking(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started_at[trial.trial_id] = time.time()
+        self.ended.discard(trial.trial_id)  # a trial restarted after an error runs (and ends) again
         self._run_ref(trial)
         self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: started")
 
@@ -405,8 +407,18 @@ class TrialTracking(Callback):
                 f"train_loss {result.get('train_loss', float('nan')):.4f}  val_loss {result['val_loss']:.4f}  "
                 f"val_acc {result['val_acc']:.4f}  {result.get('train_images_per_sec', 0):.0f} img/s")
 
+    def end_open_runs(self, status: str = "KILLED") -> list[str]:
+        """Queue the end of every child run whose trial started but neither finished nor failed (the stage
+        was interrupted: without this they would stay RUNNING in MLflow for good); returns their refs."""
+        open_refs = [ref for trial_id, ref in self.run_refs.items() if trial_id not in self.ended]
+        self.ended.update(self.run_refs)
+        for ref in open_refs:
+            self.queue.put("end_run", ref, status=status)
+        return open_refs
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         ref = self._run_ref(trial)
+        self.ended.add(trial.trial_id)
         result = trial.last_result or {}
         self.queue.put("log_metrics", ref, metrics={k: result[k] for k in FINAL_METRICS if k in result}, step=0,
                        timestamp_ms=int(time.time() * 1000))
@@ -417,6 +429,7 @@ class TrialTracking(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         ref = self._run_ref(trial)
+        self.ended.add(trial.trial_id)
         self.queue.put("set_tags", ref, tags={"error": _trial_error(trial)})
         self.queue.put("end_run", ref, status="FAILED")
         self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: FAILED (see the Ray logs and its MLflow run)")
@@ -446,12 +459,16 @@ def send_pending(cfg) -> list[TrackingOp]:
 
 
 @contextlib.contextmanager
-def flushed_on_interrupt(queue: TrackingQueue, parent: str | None, timeout_s: float = 10.0) -> Iterator[None]:
-    """Ctrl-C inside: the stage's MLflow run ``parent`` ends as KILLED and the queued writes go out (or are
-    kept pending when MLflow does not take them within ``timeout_s``) before the interrupt goes on."""
+def flushed_on_interrupt(queue: TrackingQueue, parent: str | None, trials: TrialTracking | None = None,
+                         timeout_s: float = 10.0) -> Iterator[None]:
+    """Ctrl-C inside: the stage's MLflow run ``parent`` and the child runs of ``trials`` still running end as
+    KILLED, and the queued writes go out (or are kept pending when MLflow does not take them within
+    ``timeout_s``) before the interrupt goes on."""
     try:
         yield
     except KeyboardInterrupt:
+        if trials is not None:
+            trials.end_open_runs("KILLED")
         if parent is not None:
             queue.put("end_run", parent, status="KILLED")
         queue.flush(timeout_s)

@@ -176,13 +176,13 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
     return todo, skipped
 
 
-def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[ModelRun],
-                  free: dict[str, float]) -> list[str]:
-    """Run ``todo`` as Tune trials under the MLflow run ``parent``; returns the names of the failed models."""
+def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[ModelRun], free: dict[str, float],
+                  tracking, finisher: ModelFinisher) -> list[str]:
+    """Run ``todo`` as Tune trials under the MLflow run ``parent``, mirrored into MLflow by ``tracking`` (a
+    :class:`~pipelines.tracking_queue.TrialTracking` that calls ``finisher``); returns the failed models' names."""
     from ray import tune
 
     from .runtime import concurrency_for
-    from .tracking_queue import TrialTracking
 
     todo, capacity = with_overlapped_startup(cfg, todo, free["CPU"])
     concurrency = concurrency_for(cfg.train.max_concurrent_models, trial_resources(todo[0]), len(todo), free)
@@ -191,15 +191,13 @@ def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[Mode
                 "%d at a time%s: %s", len(todo), info.dataset, info.sizes["train"], info.sizes["val"],
                 info.sizes["test"], todo[0].workers.num_workers, training_at_once,
                 " (the next one starting up meanwhile)" if capacity else "", ", ".join(r.model_name for r in todo))
-    finisher = ModelFinisher(cfg, queue, todo)
-    callback = TrialTracking(queue, "train", parent, describe=describe_run, on_complete=finisher)
     with shared_splits() as shared, compute_gate(capacity) as gate:
         prepare(shared, cfg.data, [r.spec for r in todo])
         runs_json = [r.model_copy(update={"shared_data": shared, "compute_gate": gate}).to_dict() for r in todo]
         grid = run_model_trials(
             cfg.paths, experiment=f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}",
             param_space={"run": tune.grid_search(runs_json)},
-            callbacks=[callback, ReleaseOnTrialEnd(gate, trial_run_name)], max_concurrent=concurrency,
+            callbacks=[tracking, ReleaseOnTrialEnd(gate, trial_run_name)], max_concurrent=concurrency,
             trial_retries=cfg.train.trial_retries,
         )
     failed = [result.config["run"]["model"]["name"] for result in grid if result.error is not None]
@@ -216,7 +214,7 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     skipped. Logs progress and (``show_table``) a comparison table."""
     from .data import describe_dataset
     from .runtime import free_resources
-    from .tracking_queue import TrackingQueue, flushed_on_interrupt
+    from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_interrupt
 
     info = describe_dataset(cfg.data)
     choices: list[ModelChoice] = resolve_models(cfg, coefficients)
@@ -234,8 +232,10 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
             f"train-{time.strftime('%Y%m%d-%H%M%S')}", {"stage": "train", "cnnzoo.stage_parent": "true"},
             {"dataset": info.dataset, "models": ",".join(r.model_name for r in runs), "epochs": cfg.train.epochs,
              "num_workers": cfg.train.num_workers}, cfg.to_yaml())
-        with flushed_on_interrupt(queue, parent):
-            failed = _train_models(cfg, queue, parent, info, todo, free)
+        finisher = ModelFinisher(cfg, queue, todo)
+        tracking = TrialTracking(queue, "train", parent, describe=describe_run, on_complete=finisher)
+        with flushed_on_interrupt(queue, parent, tracking):
+            failed = _train_models(cfg, queue, parent, info, todo, free, tracking, finisher)
     champion_write = queue.put("update_champion", registered_model=cfg.registered_model_name)
     pending = queue.flush(cfg.tracking.pending_timeout_s)
     champion = queue.outcomes.get(champion_write)

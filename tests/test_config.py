@@ -193,5 +193,10 @@ def test_ctrl_c_while_training_exits_130_and_leaves_the_model_untrained(tmp_path
     assert "interrupted; re-run the same command to resume" in log
     cfg = load_config(None, overrides)
     assert load_results(cfg.paths.train_dir) == {}
-    stage_run = Tracker.for_config(cfg).find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
+    tracker = Tracker.for_config(cfg)
+    stage_run = tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
     assert stage_run.info.status == "KILLED"
+    # The model's own run too: left RUNNING, it would read as still training in the MLflow UI for good.
+    model_run = tracker.find_run("tags.`cnnzoo.model` = 'lenet5'")
+    assert model_run.info.status == "KILLED"
+    assert model_run.data.tags["mlflow.parentRunId"] == stage_run.info.run_id

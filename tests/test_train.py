@@ -162,6 +162,36 @@ def test_a_failed_trial_is_recorded_as_failed_in_mlflow(make_config):
     assert failed.data.params["arch"] == "lenet5" and failed.data.tags["mlflow.parentRunId"] == parent
 
 
+
+def test_ctrl_c_ends_the_stage_run_and_the_unfinished_model_runs_as_killed(make_config):
+    """What an interrupted stage leaves in MLflow: its own run and the runs of models still training KILLED,
+    a model that had finished untouched. The subprocess test in test_config.py sends a real Ctrl-C."""
+    from types import SimpleNamespace
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.tracking_queue import TrackingQueue, TrialTracking, flushed_on_interrupt
+    from pipelines.train import describe_run
+
+    cfg = make_config("train.models=[lenet5,alexnet]")
+    runs = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    tracker = Tracker.for_config(cfg)
+    parent = tracker.start_run("train-test", {"stage": "train"})
+    queue = TrackingQueue(tracker)
+    callback = TrialTracking(queue, "train", parent, describe=describe_run)
+    done, training = (SimpleNamespace(trial_id=f"t{i}", config={"run": run.to_dict()}, last_result={})
+                      for i, run in enumerate(runs))
+    with pytest.raises(KeyboardInterrupt), flushed_on_interrupt(queue, parent, callback):
+        callback.on_trial_start(0, [], done)
+        callback.on_trial_start(0, [], training)
+        callback.on_trial_complete(0, [], done)
+        raise KeyboardInterrupt
+    assert len(queue) == 0
+    assert tracker.client.get_run(parent).info.status == "KILLED"
+    assert tracker.find_run("tags.`ray.trial_id` = 't0'").info.status == "FINISHED"
+    assert tracker.find_run("tags.`ray.trial_id` = 't1'").info.status == "KILLED"
+    assert callback.end_open_runs() == []  # nothing is ended twice
+
 @pytest.mark.slow
 def test_every_block_type_trains_one_short_epoch_through_the_worker_loop(ray_cluster, make_config, tmp_path):
     """One architecture per family and block type through train_loop_per_worker in one Train run."""
