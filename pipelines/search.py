@@ -153,11 +153,15 @@ def _trial_records(grid, phi: float) -> list[dict[str, Any]]:
         accs = [] if history is None or "val_acc" not in history else [v for v in history["val_acc"] if v == v]
         if not accs:
             continue
+        # The last epoch's number, not the count of rows: a resumed trial's history repeats the epochs it re-ran
+        # from its checkpoint, or lacks those reported before the interruption but not yet saved with it.
+        numbered = history["epoch"].dropna() if "epoch" in history else ()
+        epochs = int(numbered.max()) + 1 if len(numbered) else len(accs)
         described = describe_search_trial(phi, config)[2]
         records.append({
             "alpha": c["alpha"], "beta": c["beta"], "gamma": c["gamma"],
             "compound_product": described["compound_product"], "val_acc": float(max(accs)),
-            "epochs_trained": len(accs), "params_count": described["params_count"], "macs": described["macs"],
+            "epochs_trained": epochs, "params_count": described["params_count"], "macs": described["macs"],
             "input_size": described["input_size"], "error": None if result.error is None else str(result.error)[:500],
             "paper": same_triple((c["alpha"], c["beta"], c["gamma"]), PAPER),
         })

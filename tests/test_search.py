@@ -50,6 +50,28 @@ def test_found_coefficients_define_the_efficientnet_family(make_config):
     assert [c.name for c in resolve_models(cfg)] == ["resnet18"]  # no search result: no family
 
 
+def test_a_resumed_trial_counts_the_epochs_it_reached_not_its_history_rows(make_config):
+    """A resumed trial's history repeats the epochs re-run from its checkpoint, or lacks one reported just
+    before the interruption; the search table's epochs_trained is the last epoch reached either way."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, search_template
+    from pipelines.search import _trial_records
+
+    cfg = make_config("data.image_size=16")
+    template = plan_model_runs(cfg, describe_dataset(cfg.data), [search_template(cfg)], stage="search", epochs=3,
+                               cluster_cpus=2)[0]
+    config = {"coefficients": {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}, "run": template.to_dict()}
+    rerun = pd.DataFrame({"epoch": [0, 1, 1, 2], "val_acc": [0.5, 0.6, 0.61, 0.7]})
+    lost = pd.DataFrame({"epoch": [0, 2], "val_acc": [0.5, 0.69]})
+    grid = [SimpleNamespace(config=config, metrics_dataframe=history, error=None) for history in (rerun, lost)]
+    records = _trial_records(grid, phi=cfg.search.phi)
+    assert [r["epochs_trained"] for r in records] == [3, 3]
+    assert [r["val_acc"] for r in records] == [0.7, 0.69]
+
 @pytest.mark.slow
 def test_optuna_mode_runs_two_feasible_trials(ray_cluster, make_config):
     cfg = make_config("search.mode=optuna", "search.num_trials=2", "search.epochs=1", "search.asha=false",
