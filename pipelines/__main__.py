@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# config OK: {len(cfg.train.models)} model(s), dataset {cfg.data.dataset}, "
               f"outputs in {cfg.paths.run_dir}", file=sys.stderr)
         return 0
-    from .image_folder import BadImageFilesError
+    from .image_folder import ImageFolderError
 
     try:
         if args.command == "register":
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             send_pending(cfg)
             return _pending_exit(args, cfg, 0)
         return _pending_exit(args, cfg, _run_command(args, cfg, stages))
-    except BadImageFilesError as err:  # bad input, like a config error: exit 2 with the whole list
+    except ImageFolderError as err:  # bad input, like a config error: exit 2 (bad files: with their list)
         logger.error("data error: %s", err)
         return EXIT_CONFIG
     except KeyboardInterrupt:

@@ -127,6 +127,15 @@ class DataConfig(_Section):
     def _augment_mode(cls, value):
         return _bool_or_word(value, "flip")
 
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, value: str | None) -> str | None:
+        # Ray Train's workers run in their own directories: a relative root would only work on the driver.
+        # And "imgs" and "./imgs" are the same data (the registry tells data sets apart by root).
+        if value is None or "://" in value:
+            return value
+        return os.path.abspath(os.path.expanduser(value))
+
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:

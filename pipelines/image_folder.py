@@ -1,9 +1,10 @@
 """Image folders: one folder per class under ``data.root``, optionally split into ``train/``, ``val/``, ``test/``.
 
-Hidden files and folders (``.x``, macOS's ``._x.jpg``) are never images. :func:`check_image_folder` opens
-every file once on the driver; the files Pillow cannot read stop the stage (:class:`BadImageFilesError`) or,
-with ``data.skip_bad_files``, are left out: the list travels to the workers in the run's settings
-(``ModelRun.excluded_files``) and every process builds the same file list from it (:func:`load_imagefolder`).
+Hidden files and folders (``.x``, macOS's ``._x.jpg``) are never images, and folders without images are no
+classes. :func:`check_image_folder` decodes every file once on the driver; the files Pillow cannot read stop
+the stage (:class:`BadImageFilesError`) or, with ``data.skip_bad_files``, are left out: the list travels to the
+workers in the run's settings (``ModelRun.excluded_files``) and every process builds the same file list from it
+(:func:`load_imagefolder`). A layout no model can learn from stops it too (:class:`ImageFolderError`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ import numpy as np
 from PIL import Image
 
 from .config import DataConfig
-from .data import IMAGE_EXTENSIONS, DataError, ImageSplits, RawSplit, stratified_split
+from .data import IMAGE_EXTENSIONS, DataError, ImageSplits, RawSplit, load_splits, stratified_split
 
-__all__ = ["BadImageFilesError", "check_image_folder", "load_imagefolder"]
+__all__ = ["BadImageFilesError", "ImageFolderError", "check_image_folder", "load_imagefolder"]
 
 logger = logging.getLogger(__name__)
 
 
-class BadImageFilesError(DataError):
+class ImageFolderError(DataError):
+    """An image folder the user has to fix (bad input, like a config error: the CLI exits with 2): too few
+    classes or images, classes in ``val/`` or ``test/`` that ``train/`` lacks, an empty split."""
+
+
+class BadImageFilesError(ImageFolderError):
     """Image files of an image folder that Pillow cannot open (bad input: the CLI exits with 2).
 
     ``bad`` holds every ``(path relative to data.root, reason)``; the message lists the first ten.
@@ -54,46 +60,57 @@ def _class_names(directory: Path) -> list[str]:
     return sorted(d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _scan_class_folders(root: Path, directory: Path, classes: list[str] | None = None,
+def _scan_class_folders(root: Path, directory: Path,
                         excluded: frozenset[str] = frozenset()) -> tuple[list[str], list[str], np.ndarray]:
-    """Class names, image paths and labels under ``directory`` (``root`` itself or its ``train/`` ...).
+    """The classes with images under ``directory`` (``root`` itself or its ``train/`` ...), their image
+    paths and labels (indices into those classes).
 
     torchvision's ``make_dataset`` walks the class folders; ``is_valid_file`` keeps files with an image
-    extension that are neither hidden nor in ``excluded`` (paths relative to ``root``)."""
+    extension that are neither hidden nor in ``excluded`` (paths relative to ``root``). A folder without
+    images is no class (an unzip's ``__MACOSX/`` holds only hidden ``._x`` files): counted, it would give
+    the model an output no image ever trains."""
     from torchvision.datasets.folder import make_dataset
 
-    if classes is None:
-        classes = _class_names(directory)
-    present = {name: index for index, name in enumerate(classes) if (directory / name).is_dir()}
-    if not present:
-        return classes, [], np.zeros(0, dtype=np.int64)
+    folders = _class_names(directory) if directory.is_dir() else []
+    if not folders:
+        return [], [], np.zeros(0, dtype=np.int64)
 
     def is_valid_file(path: str) -> bool:
         relative = Path(path).relative_to(root).as_posix()
         return (path.lower().endswith(IMAGE_EXTENSIONS) and not _is_hidden(relative)
                 and relative not in excluded)
 
-    samples = make_dataset(str(directory), present, is_valid_file=is_valid_file, allow_empty=True)
-    return classes, [path for path, _ in samples], np.asarray([label for _, label in samples], dtype=np.int64)
+    samples = make_dataset(str(directory), {name: i for i, name in enumerate(folders)}, is_valid_file=is_valid_file,
+                           allow_empty=True)
+    labels = np.asarray([label for _, label in samples], dtype=np.int64)
+    used = np.unique(labels)
+    return [folders[i] for i in used], [path for path, _ in samples], np.searchsorted(used, labels)
+
+
+def _empty_class_folders(directory: Path, classes: list[str]) -> list[str]:
+    """Class folders under ``directory`` left out for holding no images."""
+    return [name for name in _class_names(directory) if name not in classes] if directory.is_dir() else []
 
 
 def _image_folder_files(root: Path) -> list[str]:
     """Every file the image folder's splits would read (before exclusions), in a stable order."""
-    if (root / "train").is_dir():
-        classes, paths, _ = _scan_class_folders(root, root / "train")
+    base = root / "train" if (root / "train").is_dir() else root
+    paths = _scan_class_folders(root, base)[1]
+    if base != root:
         for name in ("val", "test"):
-            if (root / name).is_dir():
-                paths += _scan_class_folders(root, root / name, classes)[1]
-        return paths
-    return _scan_class_folders(root, root)[1]
+            paths += _scan_class_folders(root, root / name)[1]
+    return paths
 
 
 def _unreadable(path: str) -> str | None:
-    """Why Pillow cannot read ``path`` (None: it can). ``verify`` checks the structure without decoding
-    the pixels (PNG chunk checksums, for one), so it costs about what reading the header does."""
+    """Why Pillow cannot read ``path`` (None: it can). ``verify`` checks the structure (PNG chunk checksums,
+    for one) but not JPEG, BMP or TIFF pixel data: a truncated JPEG passes it and fails mid-epoch, so the
+    pixels are decoded too (about a millisecond for a 500x375 JPEG)."""
     try:
         with Image.open(path) as image:
             image.verify()
+        with Image.open(path) as image:  # verify leaves the image unusable: open it again
+            image.load()
     except Exception as err:  # noqa: BLE001 - Pillow raises many types (UnidentifiedImageError, SyntaxError...)
         return f"{type(err).__name__}: {err}".strip()
     return None
@@ -150,7 +167,11 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
     paths = _image_folder_files(root)
     content = hashlib.sha256()
     for path in paths:
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError:  # a dangling link (DVC, git-annex, a moved cache): the check lists it as unreadable
+            content.update(f"{path}\0missing\n".encode())
+            continue
         content.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     key = (str(root), content.hexdigest())
     if key not in _CHECKED:
@@ -158,44 +179,95 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
     bad = _CHECKED[key]
     if bad and not cfg.skip_bad_files:
         raise BadImageFilesError(root, bad, len(paths))
-    if bad and key not in _WARNED:  # once per folder content, not once per stage
+    excluded = tuple(path for path, _ in bad)
+    splits = load_splits(cfg, excluded)  # the layout's errors, before anything starts (cached for the stages)
+    if key not in _WARNED:  # once per folder content, not once per stage
         _WARNED.add(key)
-        shown = ", ".join(path for path, _ in bad[: BadImageFilesError.SHOWN])
-        more = len(bad) - BadImageFilesError.SHOWN
-        logger.warning("[data] data.skip_bad_files: leaving out %d unreadable file(s) of %s: %s%s", len(bad), root,
-                       shown, f" and {more} more" if more > 0 else "")
-    return tuple(path for path, _ in bad)
+        if bad:
+            shown = ", ".join(path for path, _ in bad[: BadImageFilesError.SHOWN])
+            more = len(bad) - BadImageFilesError.SHOWN
+            logger.warning("[data] data.skip_bad_files: leaving out %d unreadable file(s) of %s: %s%s", len(bad),
+                           root, shown, f" and {more} more" if more > 0 else "")
+        base = root / "train" if (root / "train").is_dir() else root
+        if empty := _empty_class_folders(base, list(splits.class_names)):
+            logger.warning("[data] no images in %s, so they are not classes: %s", base,
+                           ", ".join(f"{name}/" for name in empty))
+    return excluded
 
 
 def load_imagefolder(cfg: DataConfig, excluded: frozenset[str] = frozenset()) -> ImageSplits:
-    """The splits of an image folder (its ``train/``, ``val/``, ``test/`` or seeded ones), without ``excluded``."""
+    """The splits of an image folder (its ``train/``, ``val/``, ``test/`` or seeded ones), without ``excluded``.
+
+    Raises :class:`ImageFolderError` for a folder no model can learn from: fewer than two classes with images,
+    classes in ``val/`` or ``test/`` that ``train/`` lacks (a ``Cats`` beside ``cats``: their images would be
+    dropped), or an empty split.
+    """
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    if (root / "train").is_dir():
-        classes, paths, labels = _scan_class_folders(root, root / "train", excluded=excluded)
-        train_all = RawSplit(labels=labels, paths=paths)
-        splits = {}
+    presplit = (root / "train").is_dir()
+    base = root / "train" if presplit else root
+    classes, paths, labels = _scan_class_folders(root, base, excluded)
+    if len(classes) < 2:
+        loose = sum(1 for f in base.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
+        found = (f"{len(classes)} class folder with images ({classes[0]}/)" if classes
+                 else "no class folders with images")
+        hint = f"; its {loose} images directly in it belong in class folders" if loose else ""
+        raise ImageFolderError(f"{base} needs at least two class folders of images ({', '.join(IMAGE_EXTENSIONS)}), "
+                               f"one per class: found {found}{hint}")
+    train_all = RawSplit(labels=labels, paths=paths)
+    splits: dict[str, RawSplit] = {}
+    if presplit:
         for name in ("val", "test"):
             if (root / name).is_dir():
-                _, p, lab = _scan_class_folders(root, root / name, classes, excluded)
-                splits[name] = RawSplit(labels=lab, paths=p)
+                splits[name] = _split_of_train_classes(root, name, classes, excluded)
+    try:
+        if not presplit:
+            rest, test_idx = stratified_split(labels, cfg.test_fraction, cfg.seed)
+            splits["test"], train_all = train_all.subset(test_idx), train_all.subset(rest)
+            held = cfg.val_fraction / (1 - cfg.test_fraction)
+        else:
+            held = cfg.val_fraction
         if "val" not in splits:
-            keep, held = stratified_split(train_all.labels, cfg.val_fraction, cfg.seed)
-            splits["val"], train_all = train_all.subset(held), train_all.subset(keep)
+            keep, val_idx = stratified_split(train_all.labels, held, cfg.seed)
+            splits["val"], train_all = train_all.subset(val_idx), train_all.subset(keep)
         if "test" not in splits:
-            keep, held = stratified_split(train_all.labels, cfg.test_fraction, cfg.seed)
-            splits["test"], train_all = train_all.subset(held), train_all.subset(keep)
-        train, val, test = train_all, splits["val"], splits["test"]
-    else:
-        classes, paths, labels = _scan_class_folders(root, root, excluded=excluded)
-        full = RawSplit(labels=labels, paths=paths)
-        rest, test_idx = stratified_split(labels, cfg.test_fraction, cfg.seed)
-        rest_split = full.subset(rest)
-        tr, va = stratified_split(rest_split.labels, cfg.val_fraction / (1 - cfg.test_fraction), cfg.seed)
-        train, val, test = rest_split.subset(tr), rest_split.subset(va), full.subset(test_idx)
-    if len(classes) < 2 or len(train) == 0:
-        raise DataError(f"{root} needs at least two class folders with images ({IMAGE_EXTENSIONS})")
-    with Image.open(train.paths[0]) as first:
-        channels = 1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-    return ImageSplits(train, val, test, tuple(classes), channels, "imagefolder")
+            keep, test_idx = stratified_split(train_all.labels, cfg.test_fraction, cfg.seed)
+            splits["test"], train_all = train_all.subset(test_idx), train_all.subset(keep)
+    except ValueError as err:  # scikit-learn: too few images to split
+        raise ImageFolderError(f"{base} has too few images ({len(labels)}) to hold out validation and test "
+                               f"images: {err}") from None
+    return ImageSplits(train_all, splits["val"], splits["test"], tuple(classes), _channels(train_all.paths),
+                       "imagefolder")
+
+
+def _split_of_train_classes(root: Path, name: str, classes: list[str], excluded: frozenset[str]) -> RawSplit:
+    """``root/name`` (``val`` or ``test``) labelled with the indices of ``train/``'s ``classes``."""
+    own, paths, labels = _scan_class_folders(root, root / name, excluded)
+    if unknown := [c for c in own if c not in classes]:
+        raise ImageFolderError(
+            f"{root / name} has class folders with images that {root / 'train'} lacks: "
+            f"{', '.join(f'{c}/' for c in unknown)} (class folders match by exact name: rename them or add "
+            "training images)")
+    if not paths:
+        raise ImageFolderError(f"{root / name} holds no images in class folders; fill it or remove it (then "
+                               f"data.{'val' if name == 'val' else 'test'}_fraction of train/ is held out)")
+    index = np.asarray([classes.index(c) for c in own], dtype=np.int64)
+    return RawSplit(labels=index[labels], paths=paths)
+
+
+#: Pillow modes that hold one channel: every image grey, the models get one input channel.
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+#: Training images whose modes decide the channel count (spread evenly over the split; headers only).
+CHANNEL_SAMPLE = 256
+
+
+def _channels(paths: list[str]) -> int:
+    """1 when every sampled training image is grey, else 3: one grey image first must not turn a colour data
+    set grey. Deterministic in the paths, so the driver and every worker agree."""
+    step = max(1, len(paths) // CHANNEL_SAMPLE)
+    for path in paths[::step]:
+        with Image.open(path) as image:
+            if image.mode not in GREY_MODES:
+                return 3
+    return 1

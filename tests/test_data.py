@@ -255,11 +255,17 @@ def test_the_error_shows_the_first_ten_bad_files_and_the_count(tmp_path):
     assert len(lines) == 10 and "13 of the 17 image files" in str(info.value) and "... and 3 more" in str(info.value)
 
 
-def test_cli_exits_2_listing_the_bad_files_before_ray_starts(tmp_path):
+@pytest.mark.parametrize("problem", ["bad files", "loose images"])
+def test_cli_exits_2_naming_what_to_fix_before_ray_starts(tmp_path, problem):
     import subprocess
     import sys
 
-    write_folder_with_bad_files(tmp_path / "images")
+    if problem == "bad files":
+        write_folder_with_bad_files(tmp_path / "images")
+    else:  # a flat folder of images, no class folders
+        (tmp_path / "images").mkdir()
+        for i in range(4):
+            Image.new("RGB", (8, 8)).save(tmp_path / "images" / f"{i}.png")
     script = f"""
 import sys, ray
 from pipelines.__main__ import main
@@ -269,9 +275,105 @@ print("exit", code, "ray", ray.is_initialized())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "exit 2 ray False" in out.stdout, out.stdout + out.stderr
-    assert "data error: 2 of the 14 image files" in out.stderr
-    assert "cat/broken.png" in out.stderr and "dog/empty.jpg" in out.stderr and "._0.png" not in out.stderr
+    if problem == "bad files":
+        assert "data error: 2 of the 14 image files" in out.stderr
+        assert "cat/broken.png" in out.stderr and "dog/empty.jpg" in out.stderr and "._0.png" not in out.stderr
+    else:
+        assert "data error:" in out.stderr and "its 4 images directly in it belong in class folders" in out.stderr
+        assert "Traceback" not in out.stderr
 
+
+def test_truncated_jpegs_and_dangling_links_are_bad_files(tmp_path):
+    """Pillow's verify() passes a JPEG cut in half (it checks no JPEG pixel data); training would then fail
+    mid-epoch on it, every retry. A dangling link (DVC, git-annex) must be listed, not crash the check."""
+    from pipelines.image_folder import BadImageFilesError, check_image_folder
+
+    _write_images(tmp_path, per_class=4)
+    gradient = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))
+    Image.fromarray(np.stack([gradient] * 3, axis=-1)).save(tmp_path / "cat" / "whole.jpg", quality=90)
+    jpeg = (tmp_path / "cat" / "whole.jpg").read_bytes()
+    (tmp_path / "dog" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (tmp_path / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(BadImageFilesError) as info:
+        check_image_folder(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    assert {path for path, _ in info.value.bad} == {"dog/cut.jpg", "dog/gone.png"}
+    skipping = DataConfig(dataset="imagefolder", root=str(tmp_path), skip_bad_files=True, image_size=16)
+    assert describe_dataset(skipping).excluded_files == ("dog/cut.jpg", "dog/gone.png")
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    ("loose", "its 6 images directly in it belong in class folders"),
+    ("one class", "found 1 class folder with images (cat/)"),
+    ("val has an unknown class", "lacks: Dog/ (class folders match by exact name"),
+    ("empty test", "holds no images in class folders"),
+])
+def test_image_folders_no_model_can_learn_from_are_refused_with_what_to_fix(tmp_path, layout, message):
+    from pipelines.image_folder import ImageFolderError
+
+    if layout == "loose":
+        for i in range(6):
+            Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    elif layout == "one class":
+        _write_images(tmp_path, classes=("cat",))
+        (tmp_path / "__MACOSX" / "cat").mkdir(parents=True)  # an unzip's leftovers: hidden files only
+        (tmp_path / "__MACOSX" / "cat" / "._0.png").write_bytes(b"Mac OS X")
+    else:
+        _write_images(tmp_path / "train")
+        _write_images(tmp_path / "val", classes=("cat", "Dog") if layout.startswith("val") else ("cat", "dog"))
+        (tmp_path / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(ImageFolderError) as info:
+        describe_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16))
+    assert message in str(info.value)
+
+
+def test_folders_without_images_are_not_classes_and_val_labels_follow_train(tmp_path):
+    from pipelines.image_folder import check_image_folder
+
+    _write_images(tmp_path / "train", classes=("ant", "bee", "cow"), per_class=4)
+    (tmp_path / "train" / "__MACOSX").mkdir()
+    (tmp_path / "train" / "__MACOSX" / "._0.png").write_bytes(b"Mac OS X")
+    _write_images(tmp_path / "val", classes=("bee", "cow"), per_class=2)  # a val folder may lack a class
+    _write_images(tmp_path / "test", classes=("ant", "bee", "cow"), per_class=2)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16)
+    records, handler = [], logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    data_logger = logging.getLogger("pipelines.image_folder")
+    data_logger.addHandler(handler)
+    try:
+        check_image_folder(cfg)
+    finally:
+        data_logger.removeHandler(handler)
+    assert any("not classes: __MACOSX/" in r.getMessage() for r in records)
+    splits = load_splits(cfg)
+    assert splits.class_names == ("ant", "bee", "cow")
+    for split in (splits.train, splits.val, splits.test):
+        assert [splits.class_names[label] for label in split.labels] == [path.split("/")[-2] for path in split.paths]
+    assert set(splits.val.labels) == {1, 2}
+
+
+@pytest.mark.parametrize(("modes", "channels"), [
+    (["L"] * 10 + ["RGB"] * 10, 3),  # grey images that sort first do not make a colour data set grey
+    (["L", "1", "LA", "I;16"] + ["L"] * 2, 1),
+    (["P"] * 6, 3),  # palettes are colour (a grey one is trained in colour: no harm)
+])
+def test_the_channel_count_follows_every_image_not_the_first(tmp_path, modes, channels):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i, mode in enumerate(modes):
+            image = Image.fromarray(np.full((10, 10, 3), 10 * i, dtype=np.uint8)).convert(mode)
+            image.save(tmp_path / name / f"{i:02d}.png")
+    splits = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), val_fraction=0.2, test_fraction=0.2))
+    assert splits.channels == channels
+
+
+def test_a_relative_data_root_is_made_absolute(tmp_path, monkeypatch):
+    """Ray Train's workers run in their own directories: a relative root would exist on the driver only."""
+    _write_images(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    cfg = DataConfig(dataset="imagefolder", root="./images")
+    assert cfg.root == str(tmp_path / "images") == DataConfig(dataset="imagefolder", root="images").root
+    monkeypatch.chdir("/")
+    assert len(load_splits(cfg).train) > 0
 
 def test_epoch_order_depends_on_seed_and_epoch_only(tmp_path):
     from pipelines.data import EpochSampler
