@@ -118,17 +118,24 @@ class DatasetInfo:
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices kept and held out (about ``fraction`` of them), each class in proportion where it can be.
+
+    A class with a single image stays on the kept side: it cannot be on both, and one such class must not
+    turn the whole split into a plain random one (which can leave a rare class out of training altogether).
+    """
     from sklearn.model_selection import train_test_split
 
-    indices = np.arange(len(labels))
     counts = np.bincount(labels)
-    classes = int((counts > 0).sum())
+    singles = np.isin(labels, np.flatnonzero(counts == 1))
+    indices = np.arange(len(labels))[~singles]
+    rest = labels[~singles]
+    classes = len(np.unique(rest))
     held_out = int(np.ceil(fraction * len(labels)))
     # Stratify when every class can appear on both sides; tiny splits fall back to a plain random split.
-    can_stratify = counts[counts > 0].min() >= 2 and classes <= held_out <= len(labels) - classes
-    keep, held = train_test_split(indices, test_size=fraction, random_state=seed,
-                                  stratify=labels if can_stratify else None)
-    return np.sort(keep), np.sort(held)
+    can_stratify = classes > 0 and classes <= held_out <= len(rest) - classes
+    keep, held = train_test_split(indices, test_size=held_out if can_stratify else fraction, random_state=seed,
+                                  stratify=rest if can_stratify else None)
+    return np.sort(np.concatenate([keep, np.flatnonzero(singles)])), np.sort(held)
 
 
 def _read_idx(path: Path) -> np.ndarray:

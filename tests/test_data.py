@@ -41,6 +41,16 @@ def test_describe_dataset_reports_training_statistics():
     assert info.sizes["train"] + info.sizes["val"] + info.sizes["test"] == 1797
 
 
+def test_a_class_of_one_image_stays_in_training_and_the_rest_stays_stratified():
+    from pipelines.data import stratified_split
+
+    labels = np.array([0] * 10 + [1] * 10 + [2])
+    keep, held = stratified_split(labels, 0.2, seed=0)
+    assert 20 in keep  # held out, the model could never learn class 2
+    held_per_class = np.bincount(labels[held], minlength=3).tolist()
+    assert sum(held_per_class) == 5 and min(held_per_class[:2]) >= 2 and held_per_class[2] == 0
+    assert sorted(np.concatenate([keep, held]).tolist()) == list(range(21))
+
 def test_train_subset_is_stratified():
     splits = load_splits(DataConfig(dataset="digits", train_subset=100))
     assert len(splits.train) == pytest.approx(100, abs=1)
