@@ -79,15 +79,23 @@ class PreprocessSpec:
 
     # -- pixels ---------------------------------------------------------------------------------------
     def convert_mode(self, image: Image.Image) -> Image.Image:
-        """Any PIL mode (1, L, LA, P, RGBA, CMYK, LAB, I;16, I, F, ...) to ``L`` or ``RGB``, EXIF-upright."""
-        image = ImageOps.exif_transpose(image)
+        """Any PIL mode (1, L, LA, P, RGBA, CMYK, LAB, I;16, I, F, ...) to ``L`` or ``RGB``, EXIF-upright, and
+        shrunk by a whole factor first when it is over twice the input size (:meth:`shrink`).
+
+        Memory stays near the decoded image's own: a 6320x6320 16-bit PNG of 78 KB took 1.07 GB over it
+        through float64 copies of the whole image, a 4000x4000 RGBA PNG 305 MB through full-size compositing;
+        now the scaling goes a band of rows at a time and the compositing works on the shrunk image.
+        """
+        if image.getexif().get(0x0112, 1) != 1:  # exif_transpose copies even an upright image
+            image = ImageOps.exif_transpose(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            array = np.asarray(image, dtype=np.float64)
-            peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-            image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+            image = Image.fromarray(_scaled_to_bytes(image), mode="L")
         if image.mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        elif image.mode in ("1", "PA"):
+            image = image.convert("L" if image.mode == "1" else "RGBA")
+        image = self.shrink(image)
+        if image.mode in ("RGBA", "LA", "La", "RGBa"):
             rgba = image.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, (self.background,) * 3 + (255,))
             image = Image.alpha_composite(canvas, rgba)
@@ -98,6 +106,13 @@ class PreprocessSpec:
             return image.convert(target)
         except ValueError:  # Pillow converts some modes (LAB) to RGB only
             return image.convert("RGB").convert(target)
+
+    def shrink(self, image: Image.Image) -> Image.Image:
+        """Average ``image`` down by the largest whole factor that keeps its shorter side at least twice
+        ``image_size`` (the resize that follows then sees enough pixels to antialias); smaller images as they
+        are. Pillow averages RGBA and LA premultiplied, so transparent pixels add no colour."""
+        factor = min(image.size) // (2 * self.image_size)
+        return image.reduce(factor) if factor >= 2 else image
 
     def resize(self, image: Image.Image) -> Image.Image:
         """Resize the shorter side to ``image_size`` and centre-crop a square."""
@@ -126,6 +141,19 @@ class PreprocessSpec:
 
 #: The image formats an upload may be in (Pillow format names); anything else is refused before Pillow parses it.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+
+
+def _scaled_to_bytes(image: Image.Image, rows: int = 256) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float image as uint8: 16-bit scaled by 255/65535, the others by their own
+    peak, clipped at 0. A band of ``rows`` at a time: float copies of the whole image cost 4-8 bytes a pixel."""
+    source = np.asarray(image)
+    peak = np.float32(65535.0 if image.mode.startswith("I;16") else max(float(source.max()), 1.0))
+    scaled = np.empty(source.shape, dtype=np.uint8)
+    for top in range(0, source.shape[0], rows):
+        # times 255 first: exact in float32 for every 16-bit value, so integer results stay integers
+        band = source[top:top + rows].astype(np.float32) * np.float32(255.0) / peak
+        scaled[top:top + rows] = np.clip(band, 0, 255)
+    return scaled
 
 
 @dataclass(frozen=True)

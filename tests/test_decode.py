@@ -87,3 +87,59 @@ def test_a_lab_tiff_is_converted_through_rgb_for_grey_and_colour_models():
     red, green, blue = (c / 255 for c in lab.convert("RGB").getpixel((0, 0)))
     rgb = preprocess_upload(data, colour, DecodeBudget())[0]
     assert rgb[:, 0, 0].tolist() == pytest.approx([red, green, blue])
+
+
+MEMORY_PROBE = """
+import io, resource, sys
+import numpy as np
+from PIL import Image
+from pipelines.preprocess import DecodeBudget, PreprocessSpec, preprocess_upload
+
+kind, side = sys.argv[1], int(sys.argv[2])
+pixels = np.zeros((side, side), np.uint16) if kind == "16-bit" else np.zeros((side, side, 4), np.uint8)
+buffer = io.BytesIO()
+Image.fromarray(pixels).save(buffer, format="PNG")
+data = buffer.getvalue()
+del pixels, buffer
+spec = PreprocessSpec(image_size=224, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3, class_names=("a", "b"))
+small = io.BytesIO()
+Image.new("RGB", (8, 8)).save(small, format="PNG")
+preprocess_upload(small.getvalue(), spec, DecodeBudget())  # imports and first-call allocations
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+preprocess_upload(data, spec, DecodeBudget())
+print(len(data), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+@pytest.mark.parametrize(("kind", "side", "decoded_mb", "limit_mb"), [
+    ("16-bit", 6320, 80, 300),  # 78 KB as a PNG; 1,066 MB over the baseline through float64 copies
+    ("RGBA", 4000, 64, 160),  # 62 KB as a PNG; 305 MB through full-size alpha compositing
+])
+def test_a_small_upload_of_a_large_image_costs_little_more_than_its_pixels(kind, side, decoded_mb, limit_mb):
+    """Within the default budget (40 M pixels), a few KB can decode into a large image; converting it to the
+    model input must not multiply that by copies at full size (a replica decodes several at once)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, kind, str(side)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    size, peak_mb = out.stdout.split()
+    assert int(size) < 100_000
+    # At least the decoded pixels (the probe sees the conversion), at most a few times them.
+    assert decoded_mb - 1 <= float(peak_mb) <= limit_mb, f"{kind}: {peak_mb} MB over the baseline"
+
+
+def test_a_large_transparent_image_is_shrunk_without_its_hidden_colours():
+    """Shrinking before compositing averages premultiplied pixels: the colour of fully transparent pixels
+    (green here, hidden) must not bleed into their opaque neighbours (red) on the white background."""
+    pixels = np.zeros((600, 600, 4), np.uint8)
+    pixels[:, :300] = (255, 0, 0, 255)
+    pixels[:, 300:] = (0, 255, 0, 0)
+    spec = PreprocessSpec(image_size=16, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3, class_names=("a", "b"),
+                          background=255)
+    assert spec.shrink(Image.fromarray(pixels)).size == (34, 34)  # by 18: the shorter side stays >= 32
+    model_input = preprocess_upload(encode(Image.fromarray(pixels), "PNG"), spec, DecodeBudget())[0] * 255
+    red, green, blue = model_input
+    assert (red - 255).abs().max() <= 1 and (green - blue).abs().max() <= 1  # no green beyond the white's
+    assert green[:, 0].max() < 1 and green[:, -1].min() > 254  # red on the left, the white background right
