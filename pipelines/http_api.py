@@ -120,8 +120,11 @@ async def read_image_bytes(request: Request, limit: int, timeout_s: float) -> by
         except Exception as err:  # noqa: BLE001 - malformed multipart
             raise RequestError(400, f"malformed multipart body: {err}") from None
         upload = form.get("file")
-        if upload is None or isinstance(upload, str):
+        if upload is None:
             raise RequestError(400, "multipart body needs the image in a field named 'file'")
+        if isinstance(upload, str):  # curl -F 'file=<x.png' sends the bytes as a text field
+            raise RequestError(400, "the multipart field 'file' must be a file upload with a filename "
+                                    "(curl -F 'file=@image.png'), not a text field")
         return await upload.read()
     if not content_type and not body:
         raise RequestError(400, "empty body: send the image bytes")

@@ -150,6 +150,7 @@ class ModelStore:
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg
         self.tracker = Tracker.for_config(cfg)
+        self.verified_files: dict[str, Path] = {}  # alias -> the checkpoint file verify() loaded
 
     def discover(self) -> tuple[list[ServedModel], str | None]:
         """The aliases to serve and the champion's alias, from ``serve.checkpoints`` or the registry."""
@@ -178,14 +179,19 @@ class ModelStore:
     def checkpoint_file(self, served: ServedModel) -> Path:
         """The checkpoint of ``served``: downloaded into the cache (registry), or the file itself."""
         if served.source.startswith("models:/"):
+            # The file verify() downloaded: a model loaded again (evicted from the LRU, or not the champion)
+            # must not need the registry, which may be down by then.
+            verified = self.verified_files.get(served.alias)
+            if verified is not None and verified.is_file():
+                return verified
             return self.tracker.download_checkpoint(self.cfg.registered_model_name, served.version, self.cache_dir)
         return Path(served.source)
 
     def load(self, served: ServedModel, *, fold: bool = True, trace: bool = False,
-             device: str | torch.device = "cpu") -> LoadedModel:
-        """Download (registry) or open (file) the checkpoint, verify it and build the serving model
-        (:func:`prepare_for_serving`)."""
-        checkpoint: ModelCheckpoint = load_checkpoint(self.checkpoint_file(served))
+             device: str | torch.device = "cpu", path: Path | None = None) -> LoadedModel:
+        """Download (registry) or open (file) the checkpoint (``path``: already at hand), verify it and build
+        the serving model (:func:`prepare_for_serving`)."""
+        checkpoint: ModelCheckpoint = load_checkpoint(path or self.checkpoint_file(served))
         loaded = prepare_for_serving(checkpoint.build_model(), checkpoint.spec, fold=fold, trace=trace, device=device)
         loaded.alias, loaded.version = served.alias, served.version or f"epoch{checkpoint.epoch}"
         return loaded
@@ -194,7 +200,9 @@ class ModelStore:
         """Load every model once (unfolded); failures are recorded on the model, not raised."""
         for served in models:
             try:
-                loaded = self.load(served, fold=False)
+                path = self.checkpoint_file(served)
+                loaded = self.load(served, fold=False, path=path)
+                self.verified_files[served.alias] = path
                 served.status = "ok"
                 served.arch = served.arch or type(loaded.model).__name__
                 served.dataset = served.dataset or loaded.spec.dataset

@@ -15,7 +15,20 @@ import torch
 from PIL import Image, ImageOps
 
 __all__ = ["PreprocessSpec", "ImageDecodeError", "UnsupportedImageFormat", "DecodeBudget", "ACCEPTED_FORMATS",
-           "open_image", "decode_image", "preprocess_upload"]
+           "open_image", "decode_image", "preprocess_upload", "is_out_of_memory"]
+
+#: torchvision's resize filters (``InterpolationMode`` values).
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is the process running out of memory: ``MemoryError``, or torch's allocators failing,
+    which raise ``RuntimeError`` subclasses ("DefaultCPUAllocator: can't allocate memory", CUDA's "out of
+    memory") that would otherwise read as bugs (500) or bad input (400)."""
+    if isinstance(err, MemoryError | torch.cuda.OutOfMemoryError):
+        return True
+    message = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in message or "out of memory" in message)
 
 
 class ImageDecodeError(ValueError):
@@ -53,6 +66,10 @@ class PreprocessSpec:
             raise ValueError("mean and std need one value per channel")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 
     @property
     def num_classes(self) -> int:
@@ -254,15 +271,15 @@ def preprocess_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -
     """An uploaded image as model input (1, C, H, W), within ``budget``; checked before decoding.
 
     Every failure to read or convert the image is an :class:`ImageDecodeError` (its subclass
-    :class:`UnsupportedImageFormat` for a refused format); only ``MemoryError`` passes through as itself.
+    :class:`UnsupportedImageFormat` for a refused format); running out of memory is a ``MemoryError``.
     """
     image = open_image(data)
     budget.check(image.width, image.height, spec.image_size)
     _load_pixels(image)
     try:
         return spec.tensor_from_image(image)
-    except MemoryError:
-        raise
     except Exception as err:  # noqa: BLE001 - Pillow and numpy raise many types for odd modes
+        if is_out_of_memory(err):
+            raise MemoryError(str(err)) from None
         raise ImageDecodeError(f"cannot convert the {image.mode} image to model input ({err}); send an RGB, "
                                "grey-scale, palette or CMYK image") from None

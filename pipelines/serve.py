@@ -41,12 +41,21 @@ from .batching import Batcher
 from .config import ConfigError, PipelineConfig, ServeConfig, check_serve_access
 from .http_api import MULTIPLEX_HEADER, RequestError, api, authorize, decode_upload, read_image_bytes
 from .model_store import LoadedModel, ModelStore, ServedModel
-from .preprocess import DecodeBudget
+from .preprocess import DecodeBudget, is_out_of_memory
 from .tracking import CHAMPION
 
-__all__ = ["Classifier", "build_app", "app_builder", "serve_stage", "write_serve_config", "ServeHandle"]
+__all__ = ["Classifier", "build_app", "app_builder", "serve_stage", "write_serve_config", "ServeHandle",
+           "is_transient_load_error"]
 
 logger = logging.getLogger(__name__)
+
+
+def is_transient_load_error(err: BaseException) -> bool:
+    """Whether loading a model failed for a reason that can pass: memory, or the registry or its artifact
+    store unreachable. A corrupt or missing checkpoint, or a model that cannot be built, stays failed."""
+    if is_out_of_memory(err) or isinstance(err, ConnectionError | TimeoutError):
+        return True
+    return type(err).__module__.split(".")[0] in ("mlflow", "requests", "urllib3")
 
 
 def classify(loaded: LoadedModel, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -112,10 +121,16 @@ class Classifier:
         return served
 
     async def _loaded(self, served: ServedModel) -> LoadedModel:
-        """The loaded model of ``served`` (from the LRU, or loaded now); a failure marks it failed: 503."""
+        """The loaded model of ``served`` (from the LRU, or loaded now): 503 when that fails. A failure that can
+        pass (memory, the registry unreachable) leaves it servable for the next request; any other marks it
+        failed for this replica's life."""
         try:
             return await self.get_model(served.alias)
-        except Exception as err:  # noqa: BLE001 - MemoryError too: the model is unservable, the replica is not
+        except Exception as err:  # noqa: BLE001 - the model may be unservable, the replica is not
+            if is_transient_load_error(err):
+                logger.warning("model %s could not be loaded now: %s: %s", served.alias, type(err).__name__, err)
+                raise RequestError(503, f"model {served.alias!r} could not be loaded now ({type(err).__name__}); "
+                                        "retry later") from None
             served.mark_failed(err)
             self.champion = self.store.servable_champion(self.models, self.registry_champion)
             raise RequestError(503, f"model {served.alias!r} failed to load: {served.error}") from None
@@ -129,19 +144,26 @@ class Classifier:
             raise RequestError(422, f"top_k must be at most {classes} for {loaded.alias}")
         return requested
 
-    async def _forward(self, items: list[tuple[LoadedModel, torch.Tensor]]) -> list[torch.Tensor]:
-        """One batch (:attr:`batcher`): one forward per loaded model in it."""
-        outputs: list[torch.Tensor | None] = [None] * len(items)
+    async def _forward(self, items: list[tuple[LoadedModel, torch.Tensor]]) -> list[torch.Tensor | Exception]:
+        """One batch (:attr:`batcher`): one forward per loaded model in it. A forward that fails fails only its
+        own model's requests (its exception is their result); running out of memory is a ``MemoryError``."""
+        outputs: list[torch.Tensor | Exception | None] = [None] * len(items)
         groups: dict[int, list[int]] = {}
         for i, (loaded, _) in enumerate(items):
             groups.setdefault(id(loaded), []).append(i)
         for indices in groups.values():
             loaded, tensors = items[indices[0]][0], [items[i][1] for i in indices]
-            if loaded.traced:  # TorchScript holds no GIL while it computes: the loop keeps serving meanwhile
-                probabilities = await asyncio.get_running_loop().run_in_executor(self.forwards, classify, loaded,
-                                                                                 tensors)
-            else:  # an eager forward in a thread would queue for the GIL behind request handling at every layer
-                probabilities = classify(loaded, tensors)
+            try:
+                if loaded.traced:  # TorchScript holds no GIL while it computes: the loop keeps serving meanwhile
+                    probabilities = await asyncio.get_running_loop().run_in_executor(self.forwards, classify, loaded,
+                                                                                     tensors)
+                else:  # an eager forward in a thread would queue for the GIL behind request handling at every layer
+                    probabilities = classify(loaded, tensors)
+            except Exception as err:  # noqa: BLE001 - handed to the requests of this model only
+                failure = MemoryError(str(err)) if is_out_of_memory(err) else err
+                for i in indices:
+                    outputs[i] = failure
+                continue
             for row, i in enumerate(indices):
                 outputs[i] = probabilities[row]
         return outputs
@@ -153,7 +175,10 @@ class Classifier:
         top_k = self._top_k(top_k, loaded)
         loop = asyncio.get_running_loop()
         tensor = await loop.run_in_executor(self.decoder, decode_upload, data, loaded.spec, self.budget)
-        scores, indices = (await self.batcher.submit((loaded, tensor))).topk(top_k)
+        probabilities = await self.batcher.submit((loaded, tensor))
+        if isinstance(probabilities, Exception):
+            raise probabilities
+        scores, indices = probabilities.topk(top_k)
         return {
             "model": served.alias,
             "version": loaded.version,

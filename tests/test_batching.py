@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from pipelines.batching import Batcher
 
@@ -77,3 +78,34 @@ def test_abandoned_requests_are_left_out_and_errors_reach_only_their_batch():
 def test_a_batch_size_below_one_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         Batcher(SlowModel(), max_batch_size=0)
+
+
+class AllocatesTooMuch(torch.nn.Module):
+    """A model whose forward asks the CPU allocator for a petabyte: torch raises its real RuntimeError."""
+
+    def forward(self, x):
+        return torch.empty(2**50, dtype=torch.uint8)
+
+
+def test_a_forward_that_fails_fails_only_its_own_models_requests_and_out_of_memory_is_a_memory_error():
+    """Requests for two models in one batch: the one whose forward runs out of memory gets a MemoryError (the
+    endpoint's 503), the other its probabilities (they shared the batch, not the failure)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.model_store import LoadedModel
+    from pipelines.preprocess import PreprocessSpec
+    from pipelines.serve import Classifier
+
+    spec = PreprocessSpec(image_size=4, channels=1, mean=(0.0,), std=(1.0,), class_names=("a", "b"))
+    working = LoadedModel("small", "1", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2)).eval(), spec,
+                          folded=False)
+    failing = LoadedModel("huge", "1", AllocatesTooMuch(), spec, folded=False)
+    replica = object.__new__(Classifier.func_or_class)  # the deployment's own methods, without Serve
+    replica.forwards = ThreadPoolExecutor(1)
+    images = [torch.rand(1, 1, 4, 4) for _ in range(3)]
+    outputs = asyncio.run(replica._forward([(working, images[0]), (failing, images[1]), (working, images[2])]))
+    assert isinstance(outputs[1], MemoryError) and "can't allocate memory" in str(outputs[1])
+    for output, image in ((outputs[0], images[0]), (outputs[2], images[2])):
+        with torch.inference_mode():
+            expected = torch.softmax(working.model(image), dim=1)[0]
+        torch.testing.assert_close(output, expected)

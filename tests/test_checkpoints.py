@@ -116,3 +116,17 @@ def test_a_checkpoint_without_generator_states_still_loads(tmp_path):
     (tmp_path / rng_state_file(2)).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_rng_state(tmp_path, 2)
+
+
+@pytest.mark.parametrize(("field", "value"), [("interpolation", "Bilinear"), ("image_size", 0)])
+def test_a_spec_no_request_could_use_is_refused_at_load(tmp_path, field, value):
+    """A spec that loaded but fails on every image made every request a 400 (the client's fault) while
+    /healthz said ok; refused at load, the model is reported failed instead."""
+    import copy
+    import dataclasses
+
+    spec = copy.copy(SPEC)
+    object.__setattr__(spec, field, value)  # as a hand-edited or foreign checkpoint would carry it
+    path = save_checkpoint(dataclasses.replace(_checkpoint()[0], spec=spec), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=field):
+        load_checkpoint(path)

@@ -15,6 +15,7 @@ import cnnmodels
 from pipelines.checkpoints import CheckpointError, ModelCheckpoint, load_checkpoint, save_checkpoint
 from pipelines.model_store import ModelStore
 from pipelines.preprocess import PreprocessSpec
+from pipelines.serve import is_transient_load_error
 from pipelines.tracking import CHAMPION, Tracker
 
 SPEC = PreprocessSpec(image_size=32, channels=1, mean=(0.3,), std=(0.4,),
@@ -88,6 +89,38 @@ def test_serving_downloads_only_the_checkpoint_once_into_a_cache_keyed_by_versio
         torch.testing.assert_close(first.model(x), model(x))
         torch.testing.assert_close(second.model(x), model(x), rtol=1e-4, atol=1e-4)
 
+
+
+def test_a_verified_model_loads_again_while_the_registry_is_down(registered):
+    """A replica verifies (downloads) every model at start; loading one again later (not the champion, or
+    evicted from the LRU) must not need MLflow: down by then, it made the model unservable for good."""
+    cfg, _, version, model = registered
+    store = ModelStore(cfg)
+    [served], _ = store.discover()
+    store.verify([served])
+    assert served.status == "ok"
+    store.tracker = Tracker("http://127.0.0.1:9", cfg.name)  # nothing listens on port 9
+    with pytest.raises(Exception) as down:
+        store.tracker.download_checkpoint(cfg.registered_model_name, version, store.cache_dir)
+    assert is_transient_load_error(down.value)  # what the replica would answer with: 503, retry later
+    again = store.load(served, fold=True)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(again.model(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_which_load_failures_pass_and_which_stay():
+    from mlflow.exceptions import MlflowException
+
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # the CPU allocator's own failure: a RuntimeError
+    except RuntimeError as err:
+        allocator_failure = err
+    assert is_transient_load_error(allocator_failure) and is_transient_load_error(MemoryError())
+    assert is_transient_load_error(MlflowException("API request to http://mlflow:5000 failed"))
+    assert not is_transient_load_error(CheckpointError("checkpoint x is corrupt"))
+    assert not is_transient_load_error(FileNotFoundError("x.pt"))
+    assert not is_transient_load_error(RuntimeError("Error(s) in loading state_dict for LeNet5"))
 
 def test_a_planted_pickle_is_never_executed_by_serving_or_the_pyfunc_loader(registered, tmp_path):
     cfg, tracker, version, model = registered

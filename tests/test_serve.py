@@ -132,6 +132,8 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, digit_pn
         ("top_k above the classes", lambda: predict(url, digit_png, params={"top_k": 11}), 422),
         ("multipart without file", lambda: requests.post(f"{url}/predict", files={"other": ("a", b"x")},
                                                          timeout=30), 400),
+        ("multipart file as text", lambda: requests.post(f"{url}/predict", files={"file": (None, digit_png)},
+                                                         timeout=30), 400),
     ]
     for name, send, expected in cases:
         response = send()
@@ -142,6 +144,8 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, digit_pn
         assert good.status_code == 200, (name, good.text)
     unknown = predict(url, digit_png, params={"model": "resnet9000"}).json()["error"]
     assert "lenet5" in unknown and "resnet18" in unknown
+    text = requests.post(f"{url}/predict", files={"file": (None, digit_png)}, timeout=30).json()["error"]
+    assert "must be a file upload" in text
 
 
 def test_two_hundred_requests_at_concurrency_16_all_succeed(server, digit_png):
