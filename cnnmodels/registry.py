@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -80,6 +81,10 @@ def _parse_family_member(name: str) -> tuple[str, str, dict[str, float]] | None:
                 value = float(name[len(prefix):].replace("p", "."))
             except ValueError:
                 continue  # maybe a longer prefix of another family matches
+            # Only the canonical spelling of a finite value >= 0: "phi1.0" or "phi1e0" would be a second name
+            # for "phi1" (the same model trained twice), "phinan" or "phi-1" no model at all.
+            if not math.isfinite(value) or value < 0 or f"{prefix}{value:g}".replace(".", "p") != name:
+                continue
             return prefix, builder, {option: value}
     return None
 

@@ -75,9 +75,18 @@ def _check_model_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}{_did_you_mean(name, known, n=3, cutoff=0.5)}") from None
 
 
+#: Seeds go to numpy, scikit-learn and Optuna, which take 0 to 2**32 - 1.
+MAX_SEED = 2**32 - 1
+#: Points a search grid may have (alpha x beta x gamma values): validation enumerates them.
+MAX_GRID_POINTS = 2_000_000
+#: Largest family member trained (phi): channels grow by beta^phi, resolution by gamma^phi.
+MAX_PHI = 12.0
+
+
 class _Section(BaseModel):
     # strict: no silent "3" -> 3 or 1 -> True coercion; forbid: unknown keys are errors.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # allow_inf_nan off: an infinite lr or timeout passes every bound and fails (or diverges) much later.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
 
 
 class RayConfig(_Section):
@@ -115,7 +124,7 @@ class DataConfig(_Section):
     )
     download: bool = Field(True, description="let torchvision download cifar10/fashion-mnist when missing")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
-    seed: int = Field(0, description="seed of the train/val/test split")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the train/val/test split")
     skip_bad_files: bool = Field(
         False,
         description="imagefolder: leave out (with a warning) the image files Pillow cannot open, such as a corrupt "
@@ -134,6 +143,8 @@ class DataConfig(_Section):
         # And "imgs" and "./imgs" are the same data (the registry tells data sets apart by root).
         if value is None or "://" in value:
             return value
+        if not value.strip():  # not the current directory: "needs data.root" says what is missing
+            return None
         return os.path.abspath(os.path.expanduser(value))
 
     @field_validator("dataset")
@@ -172,7 +183,7 @@ class Hyperparameters(_Section):
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
     aux_loss_weight: float = Field(0.3, ge=0.0, description="GoogLeNet auxiliary classifiers' loss weight")
-    seed: int = Field(0, description="seed of initialisation and shuffling")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of initialisation and shuffling")
 
     @field_validator("cpu_bf16", mode="before")
     @classmethod
@@ -324,12 +335,19 @@ class SearchConfig(_Section):
     max_concurrent_trials: Union[int, Literal["auto"]] = Field(
         "auto", description="trials at the same time; auto: as many as the free resources fit"
     )
+
+    @field_validator("max_concurrent_trials")
+    @classmethod
+    def _positive_trials(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return value
     gpus_per_trial: Optional[float] = Field(
         None, gt=0.0, le=1.0,
         description="share of a GPU each (single-worker) search trial reserves, so several trials share a GPU; "
         "default: train.gpus_per_worker",
     )
-    seed: int = Field(0, description="Optuna sampler seed")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Optuna sampler seed")
 
     @field_validator("alpha", "beta", "gamma", mode="before")
     @classmethod
@@ -351,16 +369,18 @@ class SearchConfig(_Section):
     @field_validator("phis")
     @classmethod
     def _phis(cls, values: list[float]) -> list[float]:
-        if any(v < 0 for v in values):
-            raise ValueError("phi values must be >= 0")
-        if len(set(values)) != len(values):
-            raise ValueError("phi values must be unique")
+        if any(v < 0 or v > MAX_PHI for v in values):
+            raise ValueError(f"phi values must be between 0 and {MAX_PHI:g} (EfficientNet-B7 is about 6)")
+        if len({f"{v:g}" for v in values}) != len(values):  # the models are named by phi's %g
+            raise ValueError("phi values must be unique (to 6 significant digits: they name the models)")
         return values
 
 
 class TrackingConfig(_Section):
     uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite file under workdir)")
-    registered_model: Optional[str] = Field(None, description="registry name (default: the pipeline name)")
+    registered_model: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="registry name (default: the pipeline name); MLflow refuses '/', ':' and the like")
     pending_timeout_s: float = Field(
         120.0, ge=0,
         description="how long the end of a stage waits for tracking writes queued while MLflow was unreachable; "
@@ -532,6 +552,11 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
     if data.dataset == "imagefolder":
         if not data.root:
             raise ConfigError("data.root", "the imagefolder data set needs data.root (a directory of class folders)")
+        if "://" in data.root:
+            raise ConfigError("data.root", f"{data.root!r}: image folders are read from a local or mounted "
+                                           "directory (mount the bucket, e.g. with s3fs or a shared volume)")
+    if Path(cfg.workdir).expanduser().exists() and not Path(cfg.workdir).expanduser().is_dir():
+        raise ConfigError("workdir", f"{cfg.workdir!r} is a file, not a directory")
     if (
         data.root
         and data.dataset in ("imagefolder",)
@@ -557,7 +582,10 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
     for name, options in cfg.train.model_options.items():
         allowed = cnnmodels.model_options(name)
         for key in options:
-            if key not in allowed or key in ("num_classes", "in_chans"):
+            if key in ("num_classes", "in_chans"):
+                raise ConfigError(f"train.model_options.{name}.{key}",
+                                  f"{key} is set from the data set (its classes and channels), not per model")
+            if key not in allowed:
                 raise ConfigError(f"train.model_options.{name}.{key}",
                                   f"{name} has no option {key!r}{_did_you_mean(key, allowed)}")
     _check_model_option_values(cfg)
@@ -576,7 +604,17 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
     search = cfg.search
     if search.base_model != "efficientnet":
         raise ConfigError("search.base_model", "only 'efficientnet' supports compound scaling")
-    feasible = feasible_grid(search.alpha, search.beta, search.gamma, search.step, search.target, search.tolerance)
+    points = math.prod(int((high - low) / search.step + 1e-9) + 1 for low, high in (search.alpha, search.beta,
+                                                                                     search.gamma))
+    if points <= MAX_GRID_POINTS:
+        feasible = feasible_grid(search.alpha, search.beta, search.gamma, search.step, search.target,
+                                 search.tolerance)
+    elif search.mode == "grid":
+        raise ConfigError("search.step", f"the grid of search.alpha x beta x gamma in steps of {search.step:g} has "
+                                         f"{points:,} points (at most {MAX_GRID_POINTS:,}); raise search.step or "
+                                         "narrow the ranges")
+    else:  # Optuna samples the ranges; whether they can meet the constraint is checked below
+        feasible = None
     if not feasible and not _range_can_meet(search):
         raise ConfigError(
             "search",
@@ -614,6 +652,10 @@ def _serve_checks(cfg: PipelineConfig) -> None:
     """Who may call the endpoint, and a decode budget every request can meet."""
     serve = cfg.serve
     check_serve_access(serve)
+    if serve.max_ongoing_requests < serve.max_batch_size:
+        raise ConfigError("serve.max_ongoing_requests",
+                          f"{serve.max_ongoing_requests} is below serve.max_batch_size ({serve.max_batch_size}): "
+                          "a replica could never fill a batch")
     if serve.max_resized_pixels < cfg.data.image_size ** 2:
         raise ConfigError("serve.max_resized_pixels",
                           f"{serve.max_resized_pixels:,} is below one {cfg.data.image_size}x{cfg.data.image_size} "
@@ -655,7 +697,8 @@ def _range_can_meet(search: SearchConfig) -> bool:
 
 def _format_validation_error(err: ValidationError) -> ConfigError:
     first = err.errors()[0]
-    loc = [str(p) for p in first["loc"]]
+    # Without the union member pydantic tried last ("train.cpus_per_worker.float"): no such key exists.
+    loc = [str(p) for p in first["loc"] if not _is_union_member_tag(str(p))]
     key = ".".join(loc)
     if first["type"] == "extra_forbidden":
         parent_model = PipelineConfig
@@ -674,13 +717,29 @@ def _format_validation_error(err: ValidationError) -> ConfigError:
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     got = first.get("input")
-    if first["type"] not in ("value_error",) and not isinstance(got, (dict, list)):
+    secret = any("token" in part for part in loc)  # a mistyped token is still a token: never echoed
+    if first["type"] not in ("value_error",) and not isinstance(got, (dict, list)) and not secret:
         message = f"{message} (got {got!r})"
     return ConfigError(key, message)
 
 
+def _is_union_member_tag(part: str) -> bool:
+    return part in ("float", "int", "bool", "str") or part.startswith(("literal[", "function-"))
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where ``3e-4`` (no dot) is a string; read it as the float users mean (YAML 1.2)."""
+    """PyYAML follows YAML 1.1, where ``3e-4`` (no dot) is a string; read it as the float users mean (YAML 1.2).
+    A key given twice in one mapping is an error: YAML keeps the last silently, losing the first's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(

@@ -98,6 +98,25 @@ def test_model_overrides_change_only_that_model(make_config):
         (["train.gpus_per_worker=2.0", "train.use_gpu=true"], "train.gpus_per_worker", "less than or equal to 1"),
         (["search.gpus_per_trial=0.25", "train.num_workers=2"], "search.gpus_per_trial", "needs train.num_workers: 1"),
         (["train.use_gpu=true", "ray.num_gpus=0"], "train.use_gpu", "no GPU"),
+        # Values that passed validation and failed (or ran out of memory) later:
+        (["search.step=1e-9"], "search.step", "(at most 2,000,000)"),
+        (["data.seed=-1"], "data.seed", "greater than or equal to 0"),
+        (["train.seed=99999999999999999999"], "train.seed", "less than or equal to 4294967295"),
+        (["train.lr=.inf"], "train.lr", "finite number"),
+        (["train.cpus_per_worker=.nan"], "train.cpus_per_worker", "finite number"),
+        (["tracking.pending_timeout_s=.inf"], "tracking.pending_timeout_s", "finite number"),
+        (["train.models=[efficientnet_phi1.0]"], "train.models", "unknown model 'efficientnet_phi1.0'"),
+        (["train.models=[efficientnet_phi-1]"], "train.models", "unknown model"),
+        (["search.phis=[1, 1.0000001]"], "search.phis", "must be unique"),
+        (["search.phis=[40]"], "search.phis", "between 0 and 12"),
+        (["tracking.registered_model=a/b"], "tracking.registered_model", "should match pattern"),
+        (["search.max_concurrent_trials=0"], "search.max_concurrent_trials", "must be >= 1"),
+        (["serve.max_ongoing_requests=4"], "serve.max_ongoing_requests", "could never fill a batch"),
+        (["data.dataset=imagefolder", "data.root=''"], "data.root", "needs data.root"),
+        (["data.dataset=imagefolder", "data.root=s3://bucket/images"], "data.root", "mounted directory"),
+        (["workdir=/etc/hostname"], "workdir", "is a file"),
+        (["train.model_options={alexnet: {num_classes: 5}}"], "train.model_options.alexnet.num_classes",
+         "set from the data set"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key, fragment):
@@ -105,6 +124,16 @@ def test_config_errors_name_the_key(overrides, key, fragment):
         load_config(None, overrides)
     assert info.value.key.startswith(key), str(info.value)
     assert fragment in str(info.value)
+
+
+def test_a_mistyped_token_is_not_echoed_and_a_key_given_twice_is_an_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["serve.auth_token=8675309123"])  # YAML reads it as a number
+    assert info.value.key == "serve.auth_token" and "8675309123" not in str(info.value)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  epochs: 7\ntrain:\n  lr: 0.1\n")  # YAML would keep the second, dropping epochs
+    with pytest.raises(ConfigError, match="duplicate key 'train'"):
+        load_config(str(twice), [])
 
 
 def test_cli_config_errors_exit_2_before_ray_starts():
