@@ -652,6 +652,9 @@ def _serve_checks(cfg: PipelineConfig) -> None:
     """Who may call the endpoint, and a decode budget every request can meet."""
     serve = cfg.serve
     check_serve_access(serve)
+    if serve.num_gpus > 0 and _local_gpus(cfg) == 0:
+        raise ConfigError("serve.num_gpus", "this machine has no GPU for the local Ray (ray.num_gpus or CUDA): the "
+                                            "replicas would never be placed; set serve.num_gpus: 0")
     if serve.max_ongoing_requests < serve.max_batch_size:
         raise ConfigError("serve.max_ongoing_requests",
                           f"{serve.max_ongoing_requests} is below serve.max_batch_size ({serve.max_batch_size}): "

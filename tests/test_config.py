@@ -115,6 +115,7 @@ def test_model_overrides_change_only_that_model(make_config):
         (["data.dataset=imagefolder", "data.root=''"], "data.root", "needs data.root"),
         (["data.dataset=imagefolder", "data.root=s3://bucket/images"], "data.root", "mounted directory"),
         (["workdir=/etc/hostname"], "workdir", "is a file"),
+        (["serve.num_gpus=1", "ray.num_gpus=0"], "serve.num_gpus", "no GPU"),
         (["train.model_options={alexnet: {num_classes: 5}}"], "train.model_options.alexnet.num_classes",
          "set from the data set"),
     ],
