@@ -207,7 +207,10 @@ def test_ctrl_c_while_training_exits_130_and_leaves_the_model_untrained(tmp_path
     overrides = [f"workdir={tmp_path}", "name=interrupted", "train.models=[lenet5]", "train.epochs=50",
                  "data.image_size=16", "data.train_subset=300", "ray.include_dashboard=false", "ray.num_cpus=1"]
     command = [sys.executable, "-m", "pipelines", "train"] + [a for o in overrides for a in ("--set", o)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT at its default in the child: a suite started in the background (`cmd &`) has it ignored, and
+    # Python keeps an inherited ignore, so the Ctrl-C would never arrive.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     output = []
     try:
         for line in process.stdout:
