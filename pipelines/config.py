@@ -102,6 +102,13 @@ class RayConfig(_Section):
     include_dashboard: bool = Field(True, description="Ray's dashboard (Ray Train's state checks need it)")
 
 
+def _at_least_one_or_auto(value):
+    """A count of things at once: at least 1, or ``auto``."""
+    if value != "auto" and value < 1:
+        raise ValueError("must be >= 1 or 'auto'")
+    return value
+
+
 def _bool_or_word(value, word: str):
     """A setting that is true, false or one keyword; one clear message for anything else (pydantic's own
     names both union members)."""
@@ -278,12 +285,7 @@ class ModelSelection(_Section):
             raise ValueError("model names must be unique")
         return names
 
-    @field_validator("max_concurrent_models")
-    @classmethod
-    def _positive_concurrency(cls, value):
-        if value != "auto" and value < 1:
-            raise ValueError("must be >= 1 or 'auto'")
-        return value
+    _positive_concurrency = field_validator("max_concurrent_models")(_at_least_one_or_auto)
 
 
 # Fields come in reverse order of the bases: the model list first, then how each model trains, then where.
@@ -336,12 +338,7 @@ class SearchConfig(_Section):
         "auto", description="trials at the same time; auto: as many as the free resources fit"
     )
 
-    @field_validator("max_concurrent_trials")
-    @classmethod
-    def _positive_trials(cls, value):
-        if value != "auto" and value < 1:
-            raise ValueError("must be >= 1 or 'auto'")
-        return value
+    _positive_trials = field_validator("max_concurrent_trials")(_at_least_one_or_auto)
     gpus_per_trial: Optional[float] = Field(
         None, gt=0.0, le=1.0,
         description="share of a GPU each (single-worker) search trial reserves, so several trials share a GPU; "
