@@ -87,6 +87,11 @@ def _scan_class_folders(root: Path, directory: Path,
     return [folders[i] for i in used], [path for path, _ in samples], np.searchsorted(used, labels)
 
 
+def _training_folder(root: Path) -> Path:
+    """Where the training classes are: ``root/train`` when the folder comes split, else ``root`` itself."""
+    return root / "train" if (root / "train").is_dir() else root
+
+
 def _empty_class_folders(directory: Path, classes: list[str]) -> list[str]:
     """Class folders under ``directory`` left out for holding no images."""
     return [name for name in _class_names(directory) if name not in classes] if directory.is_dir() else []
@@ -94,7 +99,7 @@ def _empty_class_folders(directory: Path, classes: list[str]) -> list[str]:
 
 def _image_folder_files(root: Path) -> list[str]:
     """Every file the image folder's splits would read (before exclusions), in a stable order."""
-    base = root / "train" if (root / "train").is_dir() else root
+    base = _training_folder(root)
     paths = _scan_class_folders(root, base)[1]
     if base != root:
         for name in ("val", "test"):
@@ -188,7 +193,7 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
             more = len(bad) - BadImageFilesError.SHOWN
             logger.warning("[data] data.skip_bad_files: leaving out %d unreadable file(s) of %s: %s%s", len(bad),
                            root, shown, f" and {more} more" if more > 0 else "")
-        base = root / "train" if (root / "train").is_dir() else root
+        base = _training_folder(root)
         if empty := _empty_class_folders(base, list(splits.class_names)):
             logger.warning("[data] no images in %s, so they are not classes: %s", base,
                            ", ".join(f"{name}/" for name in empty))
@@ -205,8 +210,8 @@ def load_imagefolder(cfg: DataConfig, excluded: frozenset[str] = frozenset()) ->
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    presplit = (root / "train").is_dir()
-    base = root / "train" if presplit else root
+    base = _training_folder(root)
+    presplit = base != root
     classes, paths, labels = _scan_class_folders(root, base, excluded)
     if len(classes) < 2:
         loose = sum(1 for f in base.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
