@@ -109,10 +109,26 @@ def peak_kb():
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
+training = sys.argv[2:] == ["training"]  # the training path: no upload budget, the file as it is
+image = Image.open(io.BytesIO(data)) if training else None
 before = peak_kb()  # a high-water mark: nothing large before this
-preprocess_upload(data, spec, DecodeBudget())
+if training:
+    spec.image_to_uint8(image)
+else:
+    preprocess_upload(data, spec, DecodeBudget())
 print((peak_kb() - before) / 1024)
 """
+
+
+def peak_mb_converting(upload: Path, *path: str) -> float:
+    """The probe's peak RSS over its baseline while it converts ``upload`` (in a subprocess of its own)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(upload), *path], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout)
 
 
 @pytest.mark.parametrize(("kind", "side", "decoded_mb", "limit_mb"), [
@@ -124,18 +140,44 @@ def test_a_small_upload_of_a_large_image_costs_little_more_than_its_pixels(tmp_p
                                                                            limit_mb):
     """Within the default budget (40 M pixels), a few KB can decode into a large image; converting it to the
     model input must not multiply that by copies at full size (a replica decodes several at once)."""
-    import subprocess
-    import sys
-
     pixels = np.zeros((side, side), np.uint16) if kind == "16-bit" else np.zeros((side, side, 4), np.uint8)
     upload = tmp_path / "upload.png"
     Image.fromarray(pixels).save(upload)  # made here: the probe's own peak is the conversion's
     assert upload.stat().st_size < 100_000
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(upload)], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
+    peak_mb = peak_mb_converting(upload)
     # At least the decoded pixels (the probe sees the conversion), at most a few times them.
-    assert decoded_mb - 1 <= float(out.stdout) <= limit_mb, f"{kind}: {out.stdout.strip()} MB over the baseline"
+    assert decoded_mb - 1 <= peak_mb <= limit_mb, f"{kind}: {peak_mb:.1f} MB over the baseline"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from Linux's /proc")
+def test_a_long_strip_in_training_data_is_resized_straight_to_the_square_the_crop_keeps(tmp_path):
+    """Training has no upload budget: a 40000x16 strip (1.9 MB of pixels) resized for a 224-pixel model went
+    through a 560000x224 image first: 532 MB over the baseline."""
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (40_000, 16)).save(strip)
+    assert peak_mb_converting(strip, "training") < 30
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos", "nearest"])
+def test_long_images_get_torchvisions_resize_and_centre_crop_up_to_rounding(interpolation):
+    """The shortcut for images over 2:1 gives the pixels torchvision's resize and centre crop give; images up to
+    2:1 take torchvision's own path."""
+    import torchvision.transforms.v2.functional as TF  # noqa: N812
+
+    spec = PreprocessSpec(image_size=28, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b"),
+                          interpolation=interpolation)
+    noise = np.random.default_rng(0).integers(0, 256, (12, 40), dtype=np.uint8)
+    mode = TF.InterpolationMode(interpolation)
+    for size in [(301, 90), (57, 1000), (640, 480), (200, 100)]:
+        image = Image.fromarray(noise).resize(size, Image.Resampling.BICUBIC)  # smooth, as photos are
+        expected = np.asarray(TF.center_crop(TF.resize(image, 28, interpolation=mode, antialias=True), [28, 28]))
+        difference = np.abs(np.asarray(spec.resize(image)).astype(int) - expected.astype(int))
+        if max(size) <= 2 * min(size):
+            assert difference.max() == 0, size
+        elif interpolation == "nearest":  # at a tie between two source pixels it may take the other one
+            assert (difference > 0).mean() < 0.05, size
+        else:
+            assert difference.max() <= 2 and difference.mean() < 0.1, size
 
 
 def test_a_large_transparent_image_is_shrunk_without_its_hidden_colours():
