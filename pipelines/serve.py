@@ -93,10 +93,10 @@ class Classifier:
         # requests; the next batch is what arrived meanwhile.
         self.forwards = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.batcher = Batcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s)
+        self.loads: dict[str, asyncio.Future] = {}  # alias -> its load, from start until a request takes it
 
-        async def load(alias: str) -> LoadedModel:
-            return await asyncio.to_thread(self.store.load, self.by_alias[alias], fold=s.fold_batchnorm,
-                                           trace=s.trace_models, device=self.device)
+        async def load(alias: str) -> LoadedModel:  # a function: Serve keeps its cache as an attribute on it
+            return await self._load_once(alias)
 
         # The LRU size is a config value, so the multiplexed loader is made here rather than as a decorated
         # method (Serve detects loaders wired up at init).
@@ -107,6 +107,25 @@ class Classifier:
                 await self._loaded(self.by_alias[self.champion])
             except RequestError:
                 logger.exception("could not preload the champion %s", self.champion)
+
+    async def _load_once(self, alias: str) -> LoadedModel:
+        """Load ``alias`` in a thread (Serve's multiplexer caches the result). A request whose deadline passes
+        during a load leaves the load running, and the next request for the model takes it over: cancelling the
+        thread is impossible, and starting another beside it, as Serve's multiplexer would, doubles the memory
+        and the wait of a model whose load outlasts ``serve.request_timeout_s``, at every request."""
+        load = self.loads.get(alias)
+        if load is None:
+            s = self.cfg.serve
+            load = asyncio.ensure_future(asyncio.to_thread(self.store.load, self.by_alias[alias],
+                                                           fold=s.fold_batchnorm, trace=s.trace_models,
+                                                           device=self.device))
+            load.add_done_callback(lambda done: done.cancelled() or done.exception())  # failures are handed on
+            self.loads[alias] = load
+        try:
+            return await asyncio.shield(load)
+        finally:
+            if load.done():  # handed to the multiplexer, or failed: the next request loads afresh
+                self.loads.pop(alias, None)
 
     def _resolve(self, requested: str) -> ServedModel:
         alias = self.champion if requested == CHAMPION else requested

@@ -1,0 +1,75 @@
+"""A serving replica's model loads, through the deployment's own methods without Serve: a load that outlasts its
+request is not started again beside itself."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+import cnnmodels
+from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+from pipelines.model_store import ModelStore
+from pipelines.preprocess import PreprocessSpec
+
+
+@pytest.fixture
+def replica_with_a_gated_load(make_config, tmp_path):
+    """A replica serving one checkpoint file, whose loads (real ones) wait for ``gate`` and are counted."""
+    from pipelines.serve import Classifier
+
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
+    model = cnnmodels.create_model("lenet5", num_classes=3, in_chans=1)
+    save_checkpoint(ModelCheckpoint("lenet5", {}, spec, model.state_dict()), tmp_path / "lenet5.pt")
+    cfg = make_config(f"serve.checkpoints={{good: {tmp_path / 'lenet5.pt'}}}", "serve.trace_models=false")
+    replica = object.__new__(Classifier.func_or_class)  # the deployment's own methods, without Serve
+    replica.cfg, replica.store, replica.device, replica.loads = cfg, ModelStore(cfg), torch.device("cpu"), {}
+    replica.by_alias = {m.alias: m for m in replica.store.discover()[0]}
+    calls, gate = [], threading.Event()
+    load = replica.store.load
+
+    def gated_load(served, **options):
+        calls.append(served.alias)
+        gate.wait(60)
+        return load(served, **options)
+
+    replica.store.load = gated_load
+    return replica, calls, gate
+
+
+def test_a_load_outlasting_its_request_is_taken_over_by_the_next_request(replica_with_a_gated_load):
+    """A request's deadline passes while its model loads: the next request waits for that load rather than
+    starting a second one (the thread cannot be cancelled; Serve's multiplexer keeps only finished loads)."""
+    replica, calls, gate = replica_with_a_gated_load
+
+    async def two_requests():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(replica._load_once("good"), 0.3)
+        second = asyncio.ensure_future(replica._load_once("good"))
+        await asyncio.sleep(0.3)
+        assert calls == ["good"] and not second.done()
+        gate.set()
+        return await second
+
+    loaded = asyncio.run(two_requests())
+    assert calls == ["good"] and loaded.alias == "good" and loaded.spec.num_classes == 3
+    assert replica.loads == {}  # handed over: the multiplexer's cache holds it from here
+
+
+def test_a_load_that_finished_after_its_request_gave_up_is_handed_to_the_next_one(replica_with_a_gated_load):
+    replica, calls, gate = replica_with_a_gated_load
+
+    async def abandoned_then_asked_again():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(replica._load_once("good"), 0.3)
+        gate.set()
+        while not replica.loads["good"].done():
+            await asyncio.sleep(0.05)
+        return await replica._load_once("good")
+
+    loaded = asyncio.run(abandoned_then_asked_again())
+    assert calls == ["good"] and loaded.alias == "good"
+    again = asyncio.run(replica._load_once("good"))  # once handed over, a later call (after eviction) loads anew
+    assert calls == ["good", "good"] and again is not loaded
