@@ -101,6 +101,24 @@ class RayConfig(_Section):
     num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of a local Ray (default: all)")
     include_dashboard: bool = Field(True, description="Ray's dashboard (Ray Train's state checks need it)")
 
+    @field_validator("address")
+    @classmethod
+    def _an_address_ray_can_join(cls, value):
+        """``auto``, ``local``, ``ray://host[:port]``, ``host:port`` or another client protocol's ``name://...``
+        (Ray's client builders): anything else reached ``ray.init`` and failed there, after the stage began."""
+        if value is None or value in ("auto", "local"):
+            return value
+        if value.lower().startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is a dashboard address (what `ray job submit` takes), not one ray.init can "
+                             "join: use auto on the cluster's nodes, or ray://host:10001 (Ray Client)")
+        found = re.fullmatch(r"(?:(ray)://|[a-z][a-z0-9_]*://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d+))?", value)
+        scheme_given = found is not None and "://" in value
+        port_ok = found is not None and (found[3] is None or 1 <= int(found[3]) <= 65535)
+        if found is None or not port_ok or (not scheme_given and found[3] is None):
+            raise ValueError(f"{value!r} is not an address Ray can join: use null (a local Ray), auto (the cluster "
+                             "this runs on), host:6379 (a cluster's GCS) or ray://host:10001 (Ray Client)")
+        return value
+
 
 def _at_least_one_or_auto(value):
     """A count of things at once: at least 1, or ``auto``."""
@@ -386,14 +404,36 @@ class TrackingConfig(_Section):
 
     @field_validator("uri")
     @classmethod
-    def _no_file_store(cls, value):
+    def _a_store_mlflow_has(cls, value):
+        """A URI MLflow has a tracking store for: a typo ("postgres://", "sqllite://") passed and failed once
+        Ray had started. Only the scheme is echoed: the rest may hold a password."""
         if value is not None and (
             value.startswith("file:") or ("://" not in value and not value.startswith("databricks"))
         ):
             raise ValueError(
                 f"{value!r} is a file store, which MLflow 3.13+ refuses; use sqlite:///path/mlflow.db or http://host:5000"
             )
+        if value is None:
+            return value
+        scheme = value.split(":", 1)[0].lower()
+        known = TRACKING_SCHEMES + _plugin_tracking_schemes()
+        if scheme.split("+", 1)[0] not in known:
+            close = difflib.get_close_matches(scheme.split("+", 1)[0], known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"MLflow has no tracking store for the scheme {scheme!r} (it has "
+                             f"{', '.join(known)}){hint}")
         return value
+
+
+#: The URI schemes MLflow 3 has tracking stores for ("postgresql+psycopg" is postgresql with a driver).
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
+
+
+def _plugin_tracking_schemes() -> tuple[str, ...]:
+    """Schemes that installed MLflow plugins register stores for (their ``mlflow.tracking_store`` entry points)."""
+    from importlib.metadata import entry_points
+
+    return tuple(point.name for point in entry_points(group="mlflow.tracking_store"))
 
 
 class ServeConfig(_Section):

@@ -118,6 +118,12 @@ def test_model_overrides_change_only_that_model(make_config):
         (["serve.num_gpus=1", "ray.num_gpus=0"], "serve.num_gpus", "no GPU"),
         (["train.model_options={alexnet: {num_classes: 5}}"], "train.model_options.alexnet.num_classes",
          "set from the data set"),
+        (["ray.address=garbage"], "ray.address", "not an address Ray can join"),
+        (["ray.address=10.0.0.1"], "ray.address", "host:6379"),
+        (["ray.address=10.0.0.1:70000"], "ray.address", "not an address Ray can join"),
+        (["ray.address=http://10.0.0.1:8265"], "ray.address", "dashboard address"),
+        (["tracking.uri=postgres://mlflow:secret@db/mlflow"], "tracking.uri", "did you mean 'postgresql'"),
+        (["tracking.uri=sqllite:///runs/mlflow.db"], "tracking.uri", "no tracking store for the scheme 'sqllite'"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key, fragment):
@@ -127,10 +133,13 @@ def test_config_errors_name_the_key(overrides, key, fragment):
     assert fragment in str(info.value)
 
 
-def test_a_mistyped_token_is_not_echoed_and_a_key_given_twice_is_an_error(tmp_path):
+def test_a_mistyped_token_or_password_is_not_echoed_and_a_key_given_twice_is_an_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(None, ["serve.auth_token=8675309123"])  # YAML reads it as a number
     assert info.value.key == "serve.auth_token" and "8675309123" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["tracking.uri=postgres://mlflow:s3cret@db/mlflow"])  # a typo in a URI with a password
+    assert info.value.key == "tracking.uri" and "s3cret" not in str(info.value)
     twice = tmp_path / "twice.yaml"
     twice.write_text("train:\n  epochs: 7\ntrain:\n  lr: 0.1\n")  # YAML would keep the second, dropping epochs
     with pytest.raises(ConfigError, match="duplicate key 'train'"):
