@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 class ImageFolderError(DataError):
     """An image folder the user has to fix (bad input, like a config error: the CLI exits with 2): too few
-    classes or images, classes in ``val/`` or ``test/`` that ``train/`` lacks, an empty split."""
+    classes or images, classes in ``val/`` or ``test/`` that ``train/`` lacks, an empty split, a link loop."""
 
 
 class BadImageFilesError(ImageFolderError):
@@ -85,6 +85,27 @@ def _scan_class_folders(root: Path, directory: Path,
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     used = np.unique(labels)
     return [folders[i] for i in used], [path for path, _ in samples], np.searchsorted(used, labels)
+
+
+def _links_back(root: Path) -> list[str]:
+    """Folder links under ``root`` that lead back to a folder the walk came through (paths relative to
+    ``root``). torchvision's walk follows links (a data set assembled from linked folders must load), and
+    through such a loop it would read every image above it again at each level, up to the system's limit on
+    nested links: forty copies of the classes, decoded forty times by the check."""
+    loops, chains = [], {str(root): {os.path.realpath(root)}}
+    for top, folders, _ in os.walk(root, followlinks=True):
+        chain = chains.pop(top)
+        kept = []
+        for name in folders:
+            path = os.path.join(top, name)
+            target = os.path.realpath(path)
+            if target in chain:
+                loops.append(Path(path).relative_to(root).as_posix())
+            else:
+                kept.append(name)
+                chains[path] = chain | {target}
+        folders[:] = kept  # os.walk descends only into what is left here
+    return sorted(loops)
 
 
 def _training_folder(root: Path) -> Path:
@@ -169,6 +190,10 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
+    if loops := _links_back(root):
+        raise ImageFolderError(f"data.root {root} holds folder links that lead back to a folder above them, "
+                               f"which would repeat its images without end: {', '.join(loops[:10])}"
+                               f"{f' and {len(loops) - 10} more' if len(loops) > 10 else ''}; remove or replace them")
     paths = _image_folder_files(root)
     content = hashlib.sha256()
     for path in paths:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -334,6 +335,28 @@ def test_image_folders_no_model_can_learn_from_are_refused_with_what_to_fix(tmp_
     with pytest.raises(ImageFolderError) as info:
         describe_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16))
     assert message in str(info.value)
+
+
+def test_linked_folders_load_once_and_a_link_loop_is_refused_naming_it(tmp_path):
+    """A data set assembled from linked folders loads each image once. A link back to a folder above it made
+    the walk read everything again at every level (40 levels: the system's limit on nested links)."""
+    from pipelines.image_folder import ImageFolderError, check_image_folder
+
+    _write_images(tmp_path / "data", per_class=3)
+    _write_images(tmp_path / "more", classes=("extra_cats",), per_class=2)
+    (tmp_path / "data" / "cat" / "extra").symlink_to(tmp_path / "more" / "extra_cats")
+    linked = DataConfig(dataset="imagefolder", root=str(tmp_path / "data"), image_size=16)
+    assert check_image_folder(linked) == ()
+    assert sum(describe_dataset(linked).sizes.values()) == 8  # 3 + 2 cats, 3 dogs: each once
+
+    (tmp_path / "data" / "dog" / "again").symlink_to(tmp_path / "data")  # root/dog/again -> root
+    (tmp_path / "more" / "extra_cats" / "back").symlink_to(tmp_path / "data" / "cat")  # via the other link
+    started = time.perf_counter()
+    with pytest.raises(ImageFolderError) as info:
+        check_image_folder(DataConfig(dataset="imagefolder", root=str(tmp_path / "data"), image_size=16))
+    assert "lead back to a folder above them" in str(info.value)
+    assert "cat/extra/back, dog/again" in str(info.value)
+    assert time.perf_counter() - started < 5
 
 
 def test_folders_without_images_are_not_classes_and_val_labels_follow_train(tmp_path):
