@@ -20,12 +20,21 @@ from torch import nn
 
 from .checkpoints import ModelCheckpoint, load_checkpoint
 from .config import PipelineConfig
-from .preprocess import PreprocessSpec
+from .preprocess import PreprocessSpec, is_out_of_memory
 from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion
 
-__all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm", "trace_for_serving", "prepare_for_serving"]
+__all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm", "trace_for_serving", "prepare_for_serving",
+           "is_transient_load_error"]
 
 logger = logging.getLogger(__name__)
+
+
+def is_transient_load_error(err: BaseException) -> bool:
+    """Whether loading a model failed for a reason that can pass: memory, or the registry or its artifact
+    store unreachable. A corrupt or missing checkpoint, or a model that cannot be built, stays failed."""
+    if is_out_of_memory(err) or isinstance(err, ConnectionError | TimeoutError):
+        return True
+    return type(err).__module__.split(".")[0] in ("mlflow", "requests", "urllib3")
 
 
 @dataclass
@@ -42,7 +51,7 @@ class ServedModel:
     test_acc: float | None = None
     params_count: int | None = None
     macs: int | None = None
-    status: str = "unchecked"
+    status: str = "unchecked"  # then "ok", or "error" (for good); still "unchecked" after a passing failure
     error: str | None = None
 
     def mark_failed(self, err: BaseException) -> None:
@@ -197,17 +206,24 @@ class ModelStore:
         return loaded
 
     def verify(self, models: list[ServedModel]) -> None:
-        """Load every model once (unfolded); failures are recorded on the model, not raised."""
+        """Load every model once (unfolded); failures are recorded on the model, not raised. One that can pass
+        (:func:`is_transient_load_error`: the registry or its artifact store unreachable) leaves the model
+        ``unchecked``, to be verified again, rather than failed for good."""
         for served in models:
             try:
                 path = self.checkpoint_file(served)
                 loaded = self.load(served, fold=False, path=path)
                 self.verified_files[served.alias] = path
-                served.status = "ok"
+                served.status, served.error = "ok", None
                 served.arch = served.arch or type(loaded.model).__name__
                 served.dataset = served.dataset or loaded.spec.dataset
             except Exception as err:  # noqa: BLE001 - any failure makes the model unservable, not the server
-                served.mark_failed(err)
+                if not is_transient_load_error(err):
+                    served.mark_failed(err)
+                    continue
+                served.status, served.error = "unchecked", f"not verified yet: {type(err).__name__}: {err}"
+                logger.warning("model %s could not be verified now (tried again later): %s", served.alias,
+                               served.error)
 
     @staticmethod
     def servable_champion(models: list[ServedModel], champion: str | None) -> str | None:

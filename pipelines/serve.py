@@ -40,7 +40,7 @@ from ray import serve
 from .batching import Batcher
 from .config import ConfigError, PipelineConfig, ServeConfig, check_serve_access
 from .http_api import MULTIPLEX_HEADER, RequestError, api, authorize, decode_upload, read_image_bytes
-from .model_store import LoadedModel, ModelStore, ServedModel
+from .model_store import LoadedModel, ModelStore, ServedModel, is_transient_load_error
 from .preprocess import DecodeBudget, is_out_of_memory
 from .tracking import CHAMPION
 
@@ -49,13 +49,8 @@ __all__ = ["Classifier", "build_app", "app_builder", "serve_stage", "write_serve
 
 logger = logging.getLogger(__name__)
 
-
-def is_transient_load_error(err: BaseException) -> bool:
-    """Whether loading a model failed for a reason that can pass: memory, or the registry or its artifact
-    store unreachable. A corrupt or missing checkpoint, or a model that cannot be built, stays failed."""
-    if is_out_of_memory(err) or isinstance(err, ConnectionError | TimeoutError):
-        return True
-    return type(err).__module__.split(".")[0] in ("mlflow", "requests", "urllib3")
+#: How often a replica verifies again the models it could not verify at start for a passing reason.
+REVERIFY_INTERVAL_S = 15.0
 
 
 def classify(loaded: LoadedModel, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -107,6 +102,8 @@ class Classifier:
                 await self._loaded(self.by_alias[self.champion])
             except RequestError:
                 logger.exception("could not preload the champion %s", self.champion)
+        # Kept on the replica: the event loop holds only a weak reference to a task.
+        self.reverifying = asyncio.get_running_loop().create_task(self._verify_until_checked())
 
     async def _load_once(self, alias: str) -> LoadedModel:
         """Load ``alias`` in a thread (Serve's multiplexer caches the result). A request whose deadline passes
@@ -127,6 +124,15 @@ class Classifier:
             if load.done():  # handed to the multiplexer, or failed: the next request loads afresh
                 self.loads.pop(alias, None)
 
+    async def _verify_until_checked(self, interval_s: float = REVERIFY_INTERVAL_S) -> None:
+        """Verify again, every ``interval_s``, the models whose verification at start failed for a reason that
+        can pass (the registry or its artifact store unreachable), until each is ok or failed for good: a
+        replica started during an outage serves them once it is over, without a restart."""
+        while pending := [m for m in self.models if m.status == "unchecked"]:
+            await asyncio.sleep(interval_s)
+            await asyncio.to_thread(self.store.verify, pending)
+            self.champion = self.store.servable_champion(self.models, self.registry_champion)
+
     def _resolve(self, requested: str) -> ServedModel:
         alias = self.champion if requested == CHAMPION else requested
         served = self.by_alias.get(alias) if alias else None
@@ -144,7 +150,7 @@ class Classifier:
         pass (memory, the registry unreachable) leaves it servable for the next request; any other marks it
         failed for this replica's life."""
         try:
-            return await self.get_model(served.alias)
+            loaded = await self.get_model(served.alias)
         except Exception as err:  # noqa: BLE001 - the model may be unservable, the replica is not
             if is_transient_load_error(err):
                 logger.warning("model %s could not be loaded now: %s: %s", served.alias, type(err).__name__, err)
@@ -153,6 +159,10 @@ class Classifier:
             served.mark_failed(err)
             self.champion = self.store.servable_champion(self.models, self.registry_champion)
             raise RequestError(503, f"model {served.alias!r} failed to load: {served.error}") from None
+        if served.status == "unchecked":  # not verified at start (an outage): this load verified it
+            served.status, served.error = "ok", None
+            self.champion = self.store.servable_champion(self.models, self.registry_champion)
+        return loaded
 
     def _top_k(self, requested: int | None, loaded: LoadedModel) -> int:
         """``top_k``: an explicit one must fit the model's classes (422); the default is clamped to them."""
@@ -239,8 +249,9 @@ class Classifier:
     async def healthz(self):
         ok = [m.alias for m in self.models if m.status == "ok"]
         failed = {m.alias: m.error for m in self.models if m.status == "error"}
-        body = {"status": "ok" if ok and not failed else ("degraded" if ok else "unavailable"),
-                "models": ok, "errors": failed}
+        unchecked = {m.alias: m.error for m in self.models if m.status == "unchecked"}
+        body = {"status": "ok" if ok and not failed and not unchecked else ("degraded" if ok else "unavailable"),
+                "models": ok, "errors": failed, "not_verified_yet": unchecked}
         return JSONResponse(body, status_code=200 if ok else 503)
 
 

@@ -109,6 +109,36 @@ def test_a_verified_model_loads_again_while_the_registry_is_down(registered):
         torch.testing.assert_close(again.model(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_outage_is_over(registered):
+    """A replica that starts while the registry is unreachable (after listing the versions): its models stay
+    ``unchecked``, not failed for the replica's life, and are verified again until they load."""
+    import asyncio
+
+    from pipelines.serve import Classifier
+
+    cfg, tracker, _, _ = registered
+    store = ModelStore(cfg)
+    models, registry_champion = store.discover()
+    store.tracker = Tracker("http://127.0.0.1:9", cfg.name)  # the outage begins: nothing listens on port 9
+    store.verify(models)
+    assert [(m.status, m.error.startswith("not verified yet: ")) for m in models] == [("unchecked", True)]
+    replica = object.__new__(Classifier.func_or_class)  # the deployment's own methods, without Serve
+    replica.store, replica.models, replica.registry_champion = store, models, registry_champion
+    replica.champion = store.servable_champion(models, registry_champion)
+    assert replica.champion is None
+
+    async def outage_then_recovery():
+        checking = asyncio.ensure_future(replica._verify_until_checked(interval_s=0.2))
+        await asyncio.sleep(1.0)  # several rounds while still down
+        assert models[0].status == "unchecked" and not checking.done()
+        store.tracker = tracker  # the registry is back
+        await asyncio.wait_for(checking, 60)
+
+    asyncio.run(outage_then_recovery())
+    assert models[0].status == "ok" and models[0].error is None
+    assert replica.champion == "lenet5" == registry_champion
+
+
 def test_which_load_failures_pass_and_which_stay():
     from mlflow.exceptions import MlflowException
 
