@@ -21,7 +21,7 @@ from torch import nn
 from .checkpoints import ModelCheckpoint, load_checkpoint
 from .config import PipelineConfig
 from .preprocess import PreprocessSpec, is_out_of_memory
-from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion
+from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion, is_unreachable
 
 __all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm", "trace_for_serving", "prepare_for_serving",
            "is_transient_load_error"]
@@ -31,10 +31,9 @@ logger = logging.getLogger(__name__)
 
 def is_transient_load_error(err: BaseException) -> bool:
     """Whether loading a model failed for a reason that can pass: memory, or the registry or its artifact
-    store unreachable. A corrupt or missing checkpoint, or a model that cannot be built, stays failed."""
-    if is_out_of_memory(err) or isinstance(err, ConnectionError | TimeoutError):
-        return True
-    return type(err).__module__.split(".")[0] in ("mlflow", "requests", "urllib3")
+    store unreachable or overloaded. A corrupt or missing checkpoint, a model that cannot be built, or a
+    version MLflow no longer has (deleted in its UI: RESOURCE_DOES_NOT_EXIST) stays failed."""
+    return is_out_of_memory(err) or is_unreachable(err)
 
 
 @dataclass

@@ -54,6 +54,22 @@ TAG_DATASET, TAG_DATA_ROOT, TAG_FINGERPRINT = "dataset", "data_root", "fingerpri
 #: Metrics logged once when a run ends.
 FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_images_per_sec", "train_seconds")
 
+#: MLflow error codes no retry gets past: the request itself is refused, or what it names does not exist.
+#: Others (INTERNAL_ERROR: also an unreachable server; TEMPORARILY_UNAVAILABLE, REQUEST_LIMIT_EXCEEDED) can pass.
+PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                              "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+
+def is_unreachable(err: BaseException) -> bool:
+    """Whether an MLflow call failed because the tracking server or its artifact store did not answer (or
+    answered "try later"), not because it refused the request or lacks what was asked for: that can pass."""
+    if isinstance(err, ConnectionError | TimeoutError):
+        return True
+    code = getattr(err, "error_code", None)
+    if code is not None:
+        return code not in PERMANENT_ERRORS
+    return type(err).__module__.split(".")[0] in ("requests", "urllib3")
+
+
 #: The MLflow HTTP client's retry settings in the driver (each one only where the user has not set it).
 CLIENT_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -380,7 +396,7 @@ class Tracker:
         # default tracking store, which in a Serve replica is not this one.
         location = self.client.get_model_version_download_uri(registered_model, version).rstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        problems = []
+        problems, outage = [], None
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
             for relative in REGISTERED_CHECKPOINTS:
                 try:
@@ -388,9 +404,13 @@ class Tracker:
                                                                 tracking_uri=self.tracking_uri)
                 except Exception as err:  # noqa: BLE001 - MlflowException or OSError: not at this path
                     problems.append(f"{relative}: {type(err).__name__}: {err}")
+                    if is_unreachable(err):
+                        outage = outage or err  # the artifact store did not answer: not "it has no checkpoint"
                     continue
                 os.replace(local, target)
                 return target
+        if outage is not None:
+            raise outage
         raise CheckpointError(f"models:/{registered_model}/{version} holds no weights-only checkpoint "
                               f"({'; '.join(problems)})")
 

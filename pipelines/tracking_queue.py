@@ -34,7 +34,7 @@ from typing import Any
 from ray.tune import Callback
 
 from .console import duration, timestamped
-from .tracking import EPOCH_METRICS, FINAL_METRICS, TAG_MODEL, TAG_STAGE, TAG_TRIAL
+from .tracking import EPOCH_METRICS, FINAL_METRICS, PERMANENT_ERRORS, TAG_MODEL, TAG_STAGE, TAG_TRIAL
 
 __all__ = ["TrackingQueue", "TrialTracking", "TrackingOp", "PENDING_FILE", "EXIT_PENDING", "load_pending",
            "send_pending", "pending_summary"]
@@ -48,8 +48,6 @@ EXIT_PENDING = 3
 #: Longest wait between two attempts while the tracking store is unreachable.
 RETRY_CAP_S = 10.0
 #: MLflow errors that no retry can fix: the write is dropped with an error message.
-PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                              "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
 #: What each kind of write is, for the pending summary.
 DESCRIPTIONS = {"start_run": "run created", "start_trial_run": "run created", "log_params": "params",
                 "log_metrics": "metrics", "set_tags": "tags", "end_run": "run ended", "log_artifact": "artifact",

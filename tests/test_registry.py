@@ -152,6 +152,29 @@ def test_which_load_failures_pass_and_which_stay():
     assert not is_transient_load_error(FileNotFoundError("x.pt"))
     assert not is_transient_load_error(RuntimeError("Error(s) in loading state_dict for LeNet5"))
 
+
+def test_an_unreachable_artifact_store_can_pass_and_a_missing_checkpoint_or_deleted_version_cannot(registered):
+    """The registry answers, but a version's artifacts live on a server that does not: that can pass (503,
+    verified again), where it used to read as "holds no weights-only checkpoint", failed for good. A version
+    whose files are gone, or which was deleted in MLflow's UI, stays failed."""
+    cfg, tracker, _, _ = registered
+    client, name = tracker.client, "elsewhere"
+    client.create_registered_model(name)
+    unreachable = client.create_model_version(name, source="http://127.0.0.1:9/api/2.0/mlflow-artifacts/artifacts/0")
+    missing = client.create_model_version(name, source=str(Path(cfg.workdir) / "no-such-artifacts"))
+    cache = Path(cfg.workdir) / "elsewhere-cache"
+    with pytest.raises(Exception) as down:
+        tracker.download_checkpoint(name, unreachable.version, cache)
+    assert is_transient_load_error(down.value), repr(down.value)
+    with pytest.raises(CheckpointError, match="holds no weights-only checkpoint") as gone:
+        tracker.download_checkpoint(name, missing.version, cache)
+    assert not is_transient_load_error(gone.value)
+    with pytest.raises(Exception) as deleted:
+        tracker.download_checkpoint(name, "99", cache)
+    assert getattr(deleted.value, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+    assert not is_transient_load_error(deleted.value)
+
+
 def test_a_planted_pickle_is_never_executed_by_serving_or_the_pyfunc_loader(registered, tmp_path):
     cfg, tracker, version, model = registered
     name = cfg.registered_model_name
