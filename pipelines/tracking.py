@@ -79,7 +79,8 @@ class TrackingUnavailable(RuntimeError):
     """The tracking server or its artifact store cannot be written at the start of a stage."""
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when the message is empty), for one-line logs."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
@@ -245,7 +246,7 @@ class Tracker:
             self.log_params(run_id, params)
         except Exception as err:
             raise TrackingUnavailable(f"cannot write to the MLflow tracking store at {self.tracking_uri}: "
-                                      f"{_first_line(err)}") from err
+                                      f"{first_line(err)}") from err
         try:
             self.client.log_text(run_id, config_yaml, "config.yaml")
         except Exception as err:
@@ -253,7 +254,7 @@ class Tracker:
             self.end_run(run_id, "FAILED")
             raise TrackingUnavailable(
                 f"cannot write artifacts to {location} (the experiment's artifact location; check the bucket "
-                f"name and this machine's credentials): {_first_line(err)}") from err
+                f"name and this machine's credentials): {first_line(err)}") from err
         return run_id
 
     # -- registry --------------------------------------------------------------------------------------
@@ -300,9 +301,14 @@ class Tracker:
         return str(version.version)
 
     def _registered(self, registered_model: str):
+        """The registered model; :class:`LookupError` only when MLflow says it does not exist. Any other failure
+        (MLflow unreachable) is raised as it is: read as "not found", a champion update queued during an
+        outage counted as sent, and ``serve`` told the user to train first."""
         try:
             return self.client.get_registered_model(registered_model)
-        except Exception as err:  # noqa: BLE001 - MlflowException when missing
+        except Exception as err:
+            if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise
             raise LookupError(f"registered model {registered_model!r} not found at {self.tracking_uri}; "
                               "train first") from err
 

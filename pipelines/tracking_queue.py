@@ -34,7 +34,7 @@ from typing import Any
 from ray.tune import Callback
 
 from .console import duration, timestamped
-from .tracking import EPOCH_METRICS, FINAL_METRICS, PERMANENT_ERRORS, TAG_MODEL, TAG_STAGE, TAG_TRIAL
+from .tracking import EPOCH_METRICS, FINAL_METRICS, PERMANENT_ERRORS, TAG_MODEL, TAG_STAGE, TAG_TRIAL, first_line
 
 __all__ = ["TrackingQueue", "TrialTracking", "TrackingOp", "PENDING_FILE", "EXIT_PENDING", "load_pending",
            "send_pending", "pending_summary"]
@@ -65,7 +65,7 @@ class TrackingOp:
 
 
 class UnsendableWrite(LookupError):
-    """A write whose run was never created (its creation was dropped): no retry can send it."""
+    """A write whose run was never created (its creation was dropped) or was deleted: no retry can send it."""
 
 
 def _is_permanent(err: BaseException) -> bool:
@@ -199,7 +199,7 @@ class TrackingQueue:
         if self._down_since is None:
             self._down_since = time.time()
             logger.warning("[tracking] MLflow at %s is unreachable (%s); training goes on, writes are queued "
-                           "and retried", self.tracker.tracking_uri, str(err).splitlines()[0][:200])
+                           "and retried", self.tracker.tracking_uri, first_line(err))
 
     def _resolve(self, ref: str | None) -> str:
         if ref is None:
@@ -249,8 +249,14 @@ class TrackingQueue:
         from .results import ModelResult
         from .trials import reported_checkpoint_dir
 
+        run_id = self._resolve(ref)
+        # MLflow refuses to start a deleted run with INTERNAL_ERROR, its code for an unreachable server too:
+        # retried as an outage, this write held up every write behind it, in this stage and every later one.
+        if self.tracker.client.get_run(run_id).info.lifecycle_stage == "deleted":
+            raise UnsendableWrite(f"run {run_id} of {alias} was deleted in MLflow, so its model is not registered "
+                                  "(train it again to register it)")
         with reported_checkpoint_dir(checkpoint_path, storage_path) as directory:
-            version = self.tracker.log_and_register(self._resolve(ref), directory, registered_model, alias, tags)
+            version = self.tracker.log_and_register(run_id, directory, registered_model, alias, tags)
         if result_file and Path(result_file).exists():
             # The result record was written when training ended; it learns its version now.
             record = ModelResult.load(result_file)

@@ -85,10 +85,21 @@ def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(ma
     assert len(queue.dropped) == 2 and "NaN" in queue.dropped[0] and "never created" in queue.dropped[1]
     assert tracker.client.get_run(run_id).data.metrics["test_acc"] == 0.1
     assert not (tmp_path / "pending.json").exists()
+    # A registration for a run deleted in MLflow's UI (MLflow: INTERNAL_ERROR, as for an unreachable server).
+    deleted = tracker.start_run("vgg11", {"stage": "train"})
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()),
+                    tmp_path / "fine" / "model.pt")
+    tracker.client.delete_run(deleted)
+    queue.put("register", deleted, checkpoint_path=str(tmp_path / "fine"), storage_path=str(tmp_path),
+              registered_model=cfg.registered_model_name, alias="vgg11", tags={})
+    queue.put("set_tags", run_id, tags={"behind": "the deleted run's write"})
+    assert queue.flush(timeout_s=20) == []
+    assert len(queue.dropped) == 3 and "was deleted in MLflow" in queue.dropped[2]
+    assert tracker.client.get_run(run_id).data.tags["behind"] == "the deleted run's write"
     # A checkpoint that is not there at all may be on storage that is down: retried, then left pending.
     missing = queue.put("register", run_id, checkpoint_path=str(tmp_path / "elsewhere"), storage_path=str(tmp_path),
                         registered_model=cfg.registered_model_name, alias="lenet5", tags={})
-    assert [op.seq for op in queue.flush(timeout_s=2)] == [missing] and len(queue.dropped) == 2
+    assert [op.seq for op in queue.flush(timeout_s=2)] == [missing] and len(queue.dropped) == 3
     assert (tmp_path / "pending.json").exists()
 
 
@@ -139,3 +150,22 @@ def test_writes_taken_over_from_the_pending_file_leave_it_as_they_go_out(make_co
     assert not pending.exists()  # without any flush: the process could die here
     history = tracker.client.get_metric_history(run_id, "m")
     assert sorted(m.value for m in history) == [1.0, 2.0, 3.0]
+
+
+def test_an_unreachable_registry_is_not_read_as_nothing_registered(tmp_path, caplog):
+    """During an outage a queued champion update used to count as sent (the registry's failure read as "not
+    found", so update_champion returned None) and left the pending file: the alias was never set."""
+    from pipelines.tracking_queue import TrackingQueue
+
+    down = Tracker("http://127.0.0.1:9", "x")  # nothing listens on port 9
+    with pytest.raises(Exception) as info:
+        down.update_champion("m")
+    assert not isinstance(info.value, LookupError)
+    queue = TrackingQueue(down, tmp_path / "pending.json")
+    queue.put("update_champion", registered_model="m")
+    assert [op.kind for op in queue.flush(timeout_s=3)] == ["update_champion"]
+    assert (tmp_path / "pending.json").exists() and not queue.dropped
+    # An error without a message (TimeoutError()) killed the writer thread while it logged the outage.
+    queue._down_since = None
+    queue._note_outage(TimeoutError())
+    assert "unreachable (TimeoutError)" in caplog.text
