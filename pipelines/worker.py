@@ -209,6 +209,25 @@ def _checkpoint_owner(directory: Path) -> tuple[str, str]:
     return ckpt.model_name, ckpt.arch
 
 
+def load_training_state(checkpoint: ModelCheckpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler, device: torch.device) -> list[dict]:
+    """Put a checkpoint's weights, optimizer and gradient-scaler state into a fresh model (moved to ``device``)
+    and its optimizer; returns the run's history so far.
+
+    The model goes to its device before the optimizer state is loaded: torch puts that state where the
+    parameters are at load time, and ``prepare_model`` later moves only the parameters, so a resumed GPU run
+    kept its momentum on the CPU and failed at its first step. Scaler state is loaded only into an enabled
+    scaler from a run that used one (a CPU or bf16 run saves none)."""
+    model.load_state_dict(checkpoint.state_dict)
+    model.to(device)
+    state = checkpoint.training_state or {}
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    return list(state.get("history", []))
+
+
 def restore(ctx: StepContext) -> None:
     """Load the run's latest checkpoint (if Ray hands one back and it is this model's), then wrap the model
     for DDP. A checkpoint of another model (a run directory reused by hand) is never cross-loaded."""
@@ -227,13 +246,7 @@ def restore(ctx: StepContext) -> None:
             logger.info("[%s] ignoring the run's latest checkpoint (it belongs to %s); starting fresh",
                         ctx.run.model_name, owner[0])
     if ckpt is not None:
-        ctx.model.load_state_dict(ckpt.state_dict)
-        state = ckpt.training_state or {}
-        if "optimizer" in state:
-            ctx.optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state:
-            ctx.scaler.load_state_dict(state["scaler"])
-        ctx.history = list(state.get("history", []))
+        ctx.history = load_training_state(ckpt, ctx.model, ctx.optimizer, ctx.scaler, ctx.device)
         ctx.start_epoch, ctx.resumed = ckpt.epoch + 1, True
         if ctx.rank == 0:
             logger.info("[%s] resuming from the checkpoint of epoch %d", ctx.run.model_name, ckpt.epoch)

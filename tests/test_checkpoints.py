@@ -130,3 +130,39 @@ def test_a_spec_no_request_could_use_is_refused_at_load(tmp_path, field, value):
     path = save_checkpoint(dataclasses.replace(_checkpoint()[0], spec=spec), tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match=field):
         load_checkpoint(path)
+
+
+
+def _trained_checkpoint():
+    """lenet5 after one SGD step with momentum, as a checkpoint with its optimizer state and history."""
+    import dataclasses
+
+    trained = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
+    trained(torch.randn(4, 1, 32, 32)).sum().backward()
+    optimizer.step()
+    return dataclasses.replace(_checkpoint()[0], state_dict=trained.state_dict(), training_state={
+        "optimizer": optimizer.state_dict(), "scaler": {}, "history": [{"epoch": 3}]}), optimizer
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_a_resumed_run_gets_its_weights_momentum_and_history_and_steps_on_its_device(device):
+    """torch puts loaded optimizer state where the parameters are at that moment: loaded before the model moved
+    to its GPU, the momentum stayed on the CPU and the resumed run failed at its first step. A CPU run saves an
+    empty scaler state, which an enabled scaler (fp16 on a GPU) refused."""
+    from pipelines.worker import load_training_state
+
+    checkpoint, trained_optimizer = _trained_checkpoint()
+    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=device == "cuda")
+    history = load_training_state(checkpoint, model, optimizer, scaler, torch.device(device))
+    assert history == [{"epoch": 3}]
+    saved = trained_optimizer.state_dict()["state"]
+    for index, parameter in enumerate(model.parameters()):
+        momentum = optimizer.state[parameter]["momentum_buffer"]
+        assert parameter.device == momentum.device and parameter.device.type == device
+        torch.testing.assert_close(momentum.cpu(), saved[index]["momentum_buffer"])
+    model(torch.randn(4, 1, 32, 32, device=device)).sum().backward()
+    optimizer.step()  # on a GPU this raised "Expected all tensors to be on the same device"
