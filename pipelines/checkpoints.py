@@ -14,6 +14,7 @@ would have drawn. Checkpoints written before these files existed still load; the
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 import tempfile
@@ -132,19 +133,28 @@ def load_checkpoint(
     if payload.get("version") != _VERSION:
         raise CheckpointError(f"{path} has checkpoint version {payload.get('version')!r}; this code reads {_VERSION}")
     state_dict = _require(payload, "state_dict", dict)
+    if not all(isinstance(name, str) for name in state_dict):
+        raise CheckpointError(f"checkpoint {path}: its state_dict has keys that are not parameter names")
     try:
         spec = PreprocessSpec.from_dict(_require(payload, "spec", dict))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} has an invalid preprocessing spec: {err}") from None
+    except (TypeError, ValueError, KeyError) as err:  # a missing field is a KeyError
+        raise CheckpointError(f"checkpoint {path} has an invalid preprocessing spec: {type(err).__name__}: {err}") \
+            from None
+    metrics = _require(payload, "metrics", dict)
+    if not all(isinstance(k, str) and isinstance(v, numbers.Real) for k, v in metrics.items()):
+        raise CheckpointError(f"checkpoint {path}: entry 'metrics' must map names to numbers")
+    training_state = payload.get("training_state")
+    if training_state is not None and not isinstance(training_state, dict):
+        raise CheckpointError(f"checkpoint entry 'training_state' has the wrong type ({type(training_state).__name__})")
     checkpoint = ModelCheckpoint(
         arch=_require(payload, "arch", str),
         model_kwargs=_require(payload, "model_kwargs", dict),
         spec=spec,
         state_dict=state_dict,
         epoch=_require(payload, "epoch", int),
-        metrics=_require(payload, "metrics", dict),
-        model_name=payload.get("model_name", ""),
-        training_state=payload.get("training_state"),
+        metrics=metrics,
+        model_name=payload["model_name"] if isinstance(payload.get("model_name"), str) else "",
+        training_state=training_state,
     )
     if verify:
         for name, tensor in state_dict.items():

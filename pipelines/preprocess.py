@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -64,6 +65,8 @@ class PreprocessSpec:
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("mean and std need one value per channel")
+        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError("mean and std values must be finite numbers")  # else every input normalises to NaN
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
         if not isinstance(self.image_size, int) or self.image_size < 1:

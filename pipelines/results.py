@@ -75,7 +75,7 @@ def load_results(directory: str | os.PathLike) -> dict[str, ModelResult]:
     for path in sorted(directory.glob("*.json")):
         try:
             result = ModelResult.load(path)
-        except (json.JSONDecodeError, TypeError, KeyError):
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError):  # AttributeError: not a JSON object
             continue  # a foreign or damaged file is not a finished model
         results[result.model_name] = result
     return results

@@ -118,6 +118,24 @@ def test_a_checkpoint_without_generator_states_still_loads(tmp_path):
         load_rng_state(tmp_path, 2)
 
 
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda p: p["spec"].pop("mean"), "invalid preprocessing spec: KeyError"),
+    (lambda p: p["spec"].update(std=[float("nan")]), "must be finite"),
+    (lambda p: p["spec"].update(mean=[float("inf")]), "must be finite"),
+    (lambda p: p["state_dict"].update({7: torch.zeros(1)}), "keys that are not parameter names"),
+    (lambda p: p.update(metrics={"val_acc": "high"}), "must map names to numbers"),
+    (lambda p: p.update(training_state=[1, 2]), "'training_state' has the wrong type"),
+])
+def test_a_foreign_or_hand_edited_checkpoint_is_refused_with_a_checkpoint_error(tmp_path, damage, message):
+    """Each of these crashed with a KeyError or AttributeError traceback, or (NaN normalisation) loaded and
+    answered every request with NaN scores."""
+    payload = _checkpoint()[0].to_payload()
+    damage(payload)
+    torch.save(payload, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "model.pt")
+
+
 @pytest.mark.parametrize(("field", "value"), [("interpolation", "Bilinear"), ("image_size", 0)])
 def test_a_spec_no_request_could_use_is_refused_at_load(tmp_path, field, value):
     """A spec that loaded but fails on every image made every request a 400 (the client's fault) while

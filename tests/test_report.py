@@ -62,3 +62,11 @@ def test_no_family_comparison_without_both_families():
     paper_at_phi2 = record("efficientnet_paper_phi2", "efficientnet", {"phi": 2.0, **PAPER}, 60_000_000, 0.93)
     table = family_comparison([*searched, paper_at_phi2])
     assert list(table["winner"]) == ["", ""]  # no phi has both members: nothing won
+
+
+def test_foreign_or_damaged_files_among_the_records_are_not_finished_models(tmp_path):
+    record("resnet18", "resnet18", {}, 560_000_000, 0.93).save(tmp_path)
+    (tmp_path / "list.json").write_text("[1, 2]")  # valid JSON, not a record: crashed the train stage and report
+    (tmp_path / "cut.json").write_text('{"model_name": "vgg')
+    (tmp_path / "other.json").write_text('{"unrelated": true}')
+    assert list(load_results(tmp_path)) == ["resnet18"]
