@@ -214,7 +214,7 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
 
     from .data import describe_dataset
     from .runtime import concurrency_for, free_resources
-    from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_interrupt
+    from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_abort
 
     search = cfg.search
     if not force and (previous := load_search_result(cfg)) is not None:
@@ -247,7 +247,7 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     # Every trial runs the template with its own coefficients: they overlap as the training stage's models do.
     overlapped, capacity = with_overlapped_startup(cfg, [template] * plan.trials, free["CPU"])
     template = overlapped[0]
-    with flushed_on_interrupt(queue, parent, callback), shared_splits() as shared, compute_gate(capacity) as gate:
+    with flushed_on_abort(queue, parent, callback), shared_splits() as shared, compute_gate(capacity) as gate:
         if search.mode == "grid":  # every trial's input size is known: convert them now
             prepare(shared, template.data, [template.with_coefficients(**c).spec
                                             for c in plan.param_space["coefficients"]["grid_search"]])

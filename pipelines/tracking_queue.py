@@ -463,18 +463,20 @@ def send_pending(cfg) -> list[TrackingOp]:
 
 
 @contextlib.contextmanager
-def flushed_on_interrupt(queue: TrackingQueue, parent: str | None, trials: TrialTracking | None = None,
-                         timeout_s: float = 10.0) -> Iterator[None]:
-    """Ctrl-C inside: the stage's MLflow run ``parent`` and the child runs of ``trials`` still running end as
-    KILLED, and the queued writes go out (or are kept pending when MLflow does not take them within
-    ``timeout_s``) before the interrupt goes on."""
+def flushed_on_abort(queue: TrackingQueue, parent: str | None, trials: TrialTracking | None = None,
+                     timeout_s: float = 10.0) -> Iterator[None]:
+    """Ctrl-C or an error inside: the stage's MLflow run ``parent`` and the child runs of ``trials`` still running
+    end as KILLED (FAILED after an error), and the queued writes go out (or are kept pending when MLflow does not
+    take them within ``timeout_s``) before the exception goes on. Without this, an error lost the registrations
+    of models that had finished: the writer is a daemon thread, and their result records then said trained."""
     try:
         yield
-    except KeyboardInterrupt:
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
         if trials is not None:
-            trials.end_open_runs("KILLED")
+            trials.end_open_runs(status)
         if parent is not None:
-            queue.put("end_run", parent, status="KILLED")
+            queue.put("end_run", parent, status=status)
         queue.flush(timeout_s)
         raise
 

@@ -214,7 +214,7 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     skipped. Logs progress and (``show_table``) a comparison table."""
     from .data import describe_dataset
     from .runtime import free_resources
-    from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_interrupt
+    from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_abort
 
     info = describe_dataset(cfg.data)
     choices: list[ModelChoice] = resolve_models(cfg, coefficients)
@@ -234,7 +234,7 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
              "num_workers": cfg.train.num_workers}, cfg.to_yaml())
         finisher = ModelFinisher(cfg, queue, todo)
         tracking = TrialTracking(queue, "train", parent, describe=describe_run, on_complete=finisher)
-        with flushed_on_interrupt(queue, parent, tracking):
+        with flushed_on_abort(queue, parent, tracking):
             failed = _train_models(cfg, queue, parent, info, todo, free, tracking, finisher)
     champion_write = queue.put("update_champion", registered_model=cfg.registered_model_name)
     pending = queue.flush(cfg.tracking.pending_timeout_s)

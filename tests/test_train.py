@@ -163,14 +163,18 @@ def test_a_failed_trial_is_recorded_as_failed_in_mlflow(make_config):
 
 
 
-def test_ctrl_c_ends_the_stage_run_and_the_unfinished_model_runs_as_killed(make_config):
-    """What an interrupted stage leaves in MLflow: its own run and the runs of models still training KILLED,
-    a model that had finished untouched. The subprocess test in test_config.py sends a real Ctrl-C."""
+@pytest.mark.parametrize(("abort", "status"), [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
+def test_an_aborted_stage_ends_its_run_and_the_unfinished_model_runs_and_sends_what_finished(make_config, abort,
+                                                                                             status):
+    """What an interrupted (Ctrl-C) or failed stage leaves in MLflow: its own run and the runs of models still
+    training KILLED (FAILED), a model that had finished untouched and its writes sent. After an error they used
+    to die with the process (a daemon writer thread): a finished model's registration was lost. The subprocess
+    test in test_config.py sends a real Ctrl-C."""
     from types import SimpleNamespace
 
     from pipelines.data import describe_dataset
     from pipelines.planning import plan_model_runs, resolve_models
-    from pipelines.tracking_queue import TrackingQueue, TrialTracking, flushed_on_interrupt
+    from pipelines.tracking_queue import TrackingQueue, TrialTracking, flushed_on_abort
     from pipelines.train import describe_run
 
     cfg = make_config("train.models=[lenet5,alexnet]")
@@ -181,15 +185,17 @@ def test_ctrl_c_ends_the_stage_run_and_the_unfinished_model_runs_as_killed(make_
     callback = TrialTracking(queue, "train", parent, describe=describe_run)
     done, training = (SimpleNamespace(trial_id=f"t{i}", config={"run": run.to_dict()}, last_result={})
                       for i, run in enumerate(runs))
-    with pytest.raises(KeyboardInterrupt), flushed_on_interrupt(queue, parent, callback):
+    with pytest.raises(abort), flushed_on_abort(queue, parent, callback):
         callback.on_trial_start(0, [], done)
         callback.on_trial_start(0, [], training)
         callback.on_trial_complete(0, [], done)
-        raise KeyboardInterrupt
+        queue.put("set_tags", parent, tags={"queued": "before the abort"})
+        raise abort
     assert len(queue) == 0
-    assert tracker.client.get_run(parent).info.status == "KILLED"
+    assert tracker.client.get_run(parent).info.status == status
+    assert tracker.client.get_run(parent).data.tags["queued"] == "before the abort"
     assert tracker.find_run("tags.`ray.trial_id` = 't0'").info.status == "FINISHED"
-    assert tracker.find_run("tags.`ray.trial_id` = 't1'").info.status == "KILLED"
+    assert tracker.find_run("tags.`ray.trial_id` = 't1'").info.status == status
     assert callback.end_open_runs() == []  # nothing is ended twice
 
 @pytest.mark.slow
