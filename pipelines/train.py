@@ -164,16 +164,51 @@ class TrainStageResult:
 
 
 def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[ModelRun], list[str]]:
-    """Runs still to train, and the names of those already trained to their epochs with the same settings."""
+    """Runs still to train, and the names of those already trained with the same settings to their epochs (or
+    further: a run of fewer epochs would resume past its end and record the longer run's model as its own).
+
+    A model trained but missing from the registry (its registration lost to a crash, or its version deleted
+    in MLflow) is run again: it resumes from its last checkpoint, trains no epoch, and registers."""
     existing = load_results(cfg.paths.train_dir)
-    todo, skipped = [], []
+    finished = []
     for run in runs:
         done = existing.get(run.model_name)
-        if done is not None and done.fingerprint == run.fingerprint and done.epochs == run.hyper.epochs:
-            skipped.append(run.model_name)
-        else:
-            todo.append(run)
-    return todo, skipped
+        if done is None or done.fingerprint != run.fingerprint or done.epochs < run.hyper.epochs:
+            continue
+        if done.epochs > run.hyper.epochs:
+            logger.warning("[train] %s was trained to %d epochs with these settings; train.epochs=%d asks for "
+                           "fewer, so that result stays (a shorter run of its own needs another workdir or name)",
+                           run.model_name, done.epochs, run.hyper.epochs)
+        finished.append(run)
+    unregistered = _unregistered(cfg, [r for r in finished if existing[r.model_name].epochs == r.hyper.epochs])
+    for name in unregistered:
+        logger.info("[train] %s is trained but not in the registry (lost or deleted): finishing its run again from "
+                    "its last checkpoint to register it", name)
+    skipped = [r.model_name for r in finished if r.model_name not in unregistered]
+    return [r for r in runs if r.model_name not in skipped], skipped
+
+
+def _unregistered(cfg: PipelineConfig, runs: list[ModelRun]) -> set[str]:
+    """The names among ``runs`` that the registry holds no version of (for this data and fingerprint) and that
+    no pending write will register. Empty when the registry cannot be asked: an outage retrains nothing."""
+    from .tracking import TAG_FINGERPRINT, Tracker, first_line
+    from .tracking_queue import load_pending
+
+    if not runs:
+        return set()
+    pending = {op.args.get("alias") for op in load_pending(cfg.paths.run_dir) if op.kind == "register"}
+    try:
+        versions, _ = Tracker.for_config(cfg).registered_versions(cfg.registered_model_name)
+    except LookupError:  # nothing registered under this name
+        versions = []
+    except Exception as err:  # noqa: BLE001 - MLflow unreachable: checked again at the next run
+        logger.warning("[train] could not check the registry (%s); models trained but not registered are not "
+                       "registered now", first_line(err))
+        return set()
+    # Versions registered before the fingerprint tag existed count for their alias.
+    registered = {v.alias: v.tags.get(TAG_FINGERPRINT) for v in versions}
+    return {r.model_name for r in runs if r.model_name not in pending and (
+        r.model_name not in registered or registered[r.model_name] not in (None, r.fingerprint))}
 
 
 def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[ModelRun], free: dict[str, float],

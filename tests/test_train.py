@@ -94,10 +94,24 @@ def test_registered_version_loads_back_and_predicts_like_the_checkpoint(ddp_run)
 
 
 @pytest.mark.slow
-def test_second_invocation_skips_and_more_epochs_resume(ddp_run):
-    cfg, _ = ddp_run
+def test_second_invocation_skips_and_more_epochs_resume(ddp_run, caplog):
+    cfg, first = ddp_run
     again = train_stage(cfg)
     assert again.skipped == ["lenet5"] and again.trained == []
+    # Fewer epochs: the run would resume past its end and record the 6-epoch model as a 3-epoch one.
+    shorter = train_stage(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3})}))
+    assert shorter.skipped == ["lenet5"] and shorter.results["lenet5"].epochs == 6
+    assert "train.epochs=3 asks for fewer" in caplog.text
+    # Its version deleted in MLflow's UI: the next run registers it again, from its last checkpoint, training
+    # no epoch (it used to be skipped for good while `serve` said "train first").
+    tracker = Tracker.for_config(cfg)
+    tracker.client.delete_model_version(cfg.registered_model_name, first.results["lenet5"].version)
+    refinished = train_stage(cfg)
+    assert refinished.skipped == [] and refinished.trained == ["lenet5"]
+    assert refinished.results["lenet5"].history == first.results["lenet5"].history
+    versions, _ = tracker.registered_versions(cfg.registered_model_name)
+    assert [(v.alias, v.version) for v in versions] == [("lenet5", refinished.results["lenet5"].version)]
+    assert train_stage(cfg).skipped == ["lenet5"]
     longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 7})})
     extended = train_stage(longer)
     history = extended.results["lenet5"].history
