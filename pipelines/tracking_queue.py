@@ -182,13 +182,12 @@ class TrackingQueue:
                         self._lock.wait(timeout=delay)  # flush() wakes it to stop
                     delay = min(delay * 2, RETRY_CAP_S)
                     continue
-            with self._lock:
+            with self._lock:  # the file is written under the lock: flush() writes it too
                 self._ops.popleft()
-                left = list(self._ops) if self._tracks_file else None
+                if self._tracks_file:
+                    self._save_pending(list(self._ops))
+                    self._tracks_file = bool(self._ops)
                 self._lock.notify_all()
-            if left is not None:
-                self._save_pending(left)
-                self._tracks_file = bool(left)
             delay = 1.0
             if self._down_since is not None:
                 logger.info("[tracking] MLflow is reachable again after %s; sending %d queued write(s)",
@@ -296,7 +295,11 @@ class TrackingQueue:
             self._thread.join(timeout=float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")) + 5)
         with self._lock:
             pending = list(self._ops)
-        self._save_pending(pending)
+            if self._thread is not None and self._thread.is_alive():
+                # Still in flight (a slow upload after an outage): should it succeed, the writer takes it out
+                # of the file, or the next `register` would send it again (a second version, the alias moved).
+                self._tracks_file = True
+            self._save_pending(pending)
         return pending
 
     def _save_pending(self, pending: list[TrackingOp]) -> None:

@@ -169,3 +169,38 @@ def test_an_unreachable_registry_is_not_read_as_nothing_registered(tmp_path, cap
     queue._down_since = None
     queue._note_outage(TimeoutError())
     assert "unreachable (TimeoutError)" in caplog.text
+
+
+def test_a_write_still_in_flight_when_flush_gives_up_leaves_the_pending_file_once_it_succeeds(make_config, tmp_path,
+                                                                                              monkeypatch):
+    """After an outage, a slow retry (a model upload) can outlast flush(): it was saved as pending and, when it
+    then succeeded, stayed in the file, so the next `register` sent it again (a second model version)."""
+    import threading
+    import time
+
+    from pipelines.tracking_queue import TrackingQueue
+
+    class QueueWithASlowWrite(TrackingQueue):
+        """One extra kind of write: fails once as if MLflow were down, then takes ``seconds`` and sets tags."""
+
+        attempts = 0
+
+        def _do_slow_tags(self, ref, tags, seconds):
+            self.attempts += 1
+            if self.attempts == 1:
+                raise ConnectionError("MLflow is down")
+            time.sleep(seconds)
+            for key, value in tags.items():
+                self.tracker.client.set_tag(ref, key, value)
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "0")  # flush waits 5 s for an attempt in flight
+    tracker = Tracker.for_config(make_config())
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    queue = QueueWithASlowWrite(tracker, tmp_path / "pending.json")
+    queue.put("slow_tags", run_id, tags={"sent": "late"}, seconds=8)
+    assert [op.kind for op in queue.flush(timeout_s=2)] == ["slow_tags"]  # the retry starts after 1 s
+    assert (tmp_path / "pending.json").exists()
+    writer: threading.Thread = queue._thread
+    writer.join(timeout=30)
+    assert not writer.is_alive() and tracker.client.get_run(run_id).data.tags["sent"] == "late"
+    assert not (tmp_path / "pending.json").exists()  # sent: not left for `register` to send twice
