@@ -332,7 +332,7 @@ class SearchConfig(_Section):
     step: float = Field(0.05, gt=0.0, description="grid spacing")
     num_trials: int = Field(8, ge=1, description="at most this many trials")
     epochs: int = Field(3, ge=1, description="training budget of each trial")
-    phi: float = Field(1.0, gt=0.0, description="the compound coefficient the search scales by")
+    phi: float = Field(1.0, gt=0.0, le=MAX_PHI, description="the compound coefficient the search scales by")
     train_subset: Optional[int] = Field(
         None, ge=10, description="search on this many training images (a cheaper proxy); default: data.train_subset"
     )
@@ -641,6 +641,16 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
     search = cfg.search
     if search.base_model != "efficientnet":
         raise ConfigError("search.base_model", "only 'efficientnet' supports compound scaling")
+    if search.tolerance >= search.target - 1.0:
+        # alpha, beta, gamma >= 1 make the product at least 1: a band reaching below it has no lower bound,
+        # and the Optuna region's bounds (square roots of target - tolerance over the rest) break down.
+        raise ConfigError("search.tolerance", f"{search.tolerance:g} reaches below 1 from search.target "
+                                              f"{search.target:g} (alpha * beta^2 * gamma^2 is at least 1); use "
+                                              f"less than {search.target - 1.0:g}")
+    if search.asha and search.grace_period > search.epochs:  # Ray's ASHA asserts grace_period <= max_t
+        raise ConfigError("search.grace_period", f"{search.grace_period} is above search.epochs ({search.epochs}): "
+                                                 "ASHA cannot wait longer than a trial runs; lower it or set "
+                                                 "search.asha: false")
     points = math.prod(int((high - low) / search.step + 1e-9) + 1 for low, high in (search.alpha, search.beta,
                                                                                      search.gamma))
     if points <= MAX_GRID_POINTS:

@@ -36,7 +36,10 @@ def same_triple(a: tuple[float, float, float], b: tuple[float, float, float]) ->
 
 
 def paper_is_feasible(search: SearchConfig) -> bool:
-    return abs(constraint_value(*PAPER) - search.target) <= search.tolerance + 1e-12
+    """Whether the paper's (1.2, 1.1, 1.15) is a candidate: inside the configured ranges and the constraint."""
+    inside = all(low <= value <= high for value, (low, high) in zip(PAPER, (search.alpha, search.beta, search.gamma),
+                                                                     strict=True))
+    return inside and abs(constraint_value(*PAPER) - search.target) <= search.tolerance + 1e-12
 
 
 def grid_candidates(search: SearchConfig) -> list[tuple[float, float, float]]:

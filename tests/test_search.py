@@ -24,9 +24,12 @@ def test_grid_candidates_are_feasible_capped_and_start_with_the_paper():
     assert len(set(candidates)) == 6
 
 
-def test_the_paper_is_left_out_when_the_constraint_excludes_it():
+def test_the_paper_is_left_out_when_the_constraint_or_the_ranges_exclude_it():
     search = SearchConfig(tolerance=0.05, step=0.05)  # 1.92 is 0.08 away from 2.0
     assert PAPER not in grid_candidates(search)
+    narrow = SearchConfig(alpha=(1.0, 1.1), beta=(1.0, 1.4), gamma=(1.0, 1.4), step=0.05)  # alpha 1.2 is outside
+    candidates = grid_candidates(narrow)
+    assert candidates and PAPER not in candidates and all(1.0 <= a <= 1.1 for a, _, _ in candidates)
 
 
 def test_feasible_region_maps_every_draw_onto_the_constraint():
