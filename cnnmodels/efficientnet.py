@@ -195,8 +195,11 @@ class EfficientNet(ImageClassifier):
 
     def input_size_for(self, image_size: int) -> int:
         """The scaled resolution where it is part of the model (compound scaling, B0-B7 at their table's
-        resolution); with ``small_input`` B0-B7 follow the data instead."""
-        return self.resolution if self.scales_resolution else super().input_size_for(image_size)
+        resolution), but never below what the stem and stages can take (a small ``base_resolution`` without
+        ``small_input``); with ``small_input`` B0-B7 follow the data instead."""
+        if self.scales_resolution:
+            return max(self.resolution, self.min_input_size)
+        return super().input_size_for(image_size)
 
 
 def build_efficientnet(name: str, *, small_input: bool = False, **kwargs) -> EfficientNet:

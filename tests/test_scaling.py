@@ -72,3 +72,15 @@ def test_feasible_grid_only_holds_triples_within_tolerance():
 def test_coefficients_below_one_are_rejected():
     with pytest.raises(ValueError, match="beta"):
         CompoundCoefficients(1.2, 0.9, 1.1)
+
+
+def test_a_compound_member_never_asks_for_inputs_below_what_its_stem_takes():
+    """16 px data without the small-input stem: phi 1 scales the resolution to 18, but the standard stem needs
+    32; planning profiled the model at 18 px and the stage failed after validation had passed."""
+    import cnnmodels
+
+    model = cnnmodels.create_model("efficientnet", num_classes=10, phi=1.0, base_resolution=16, small_input=False)
+    assert model.resolution == 18 and model.input_size_for(16) == 32
+    assert cnnmodels.profile(model, (3, 32, 32)).macs > 0
+    small = cnnmodels.create_model("efficientnet", num_classes=10, phi=1.0, base_resolution=16, small_input=True)
+    assert small.input_size_for(16) == 18  # the scaled resolution where the model takes it
