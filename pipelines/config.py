@@ -338,9 +338,9 @@ class SearchConfig(_Section):
     )
     phis: list[float] = Field(default_factory=lambda: [0.0, 1.0], description="family members to train")
     compare_paper: bool = Field(
-        False, description="also train the family of the paper's (1.2, 1.1, 1.15) at the same phis "
-        "(efficientnet_paper_phiN), so the report shows whether the search paid; skipped when the search found "
-        "the paper's triple"
+        False, description="also train the family of the paper's (1.2, 1.1, 1.15) at the same phis but 0 "
+        "(efficientnet_paper_phiN; at phi 0 both families are B0), so the report shows whether the search paid; "
+        "skipped when the search found the paper's triple"
     )
     base_model: str = Field("efficientnet", description="the baseline that is scaled")
     objective: Literal["val_acc", "mnas"] = Field(

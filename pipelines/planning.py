@@ -186,11 +186,17 @@ def _with_data_defaults(cfg: PipelineConfig, arch: str, options: dict[str, Any])
 def resolve_models(cfg: PipelineConfig, coefficients: dict[str, float] | None = None) -> list[ModelChoice]:
     """``train.models`` plus, when coefficients were found, the EfficientNet family at ``search.phis``
     (``efficientnet_phiN``) and, with ``search.compare_paper``, the family of the paper's coefficients at the
-    same phis (``efficientnet_paper_phiN``), unless the searched triple is the paper's."""
+    same phis but 0 (``efficientnet_paper_phiN``; at phi 0 both are B0), unless the searched triple is the
+    paper's."""
     choices = []
+    searched = None if coefficients is None else {k: float(coefficients[k]) for k in ("alpha", "beta", "gamma")}
     for name in cfg.train.models:
         arch, implied = cnnmodels.resolve_model_name(name)
         options = {**implied, **cfg.train.model_options.get(name, {})}
+        if searched is not None and cnnmodels.family_of(name) == SEARCHED_FAMILY:
+            # A searched member named in train.models is still the searched family's (its model options win):
+            # else it took the builder's defaults, the paper's triple, under the searched family's name.
+            options = {**searched, **options}
         choices.append(ModelChoice(name, arch, _with_data_defaults(cfg, arch, options)))
     if coefficients is None:
         return choices
@@ -206,6 +212,8 @@ def resolve_models(cfg: PipelineConfig, coefficients: dict[str, float] | None = 
     for prefix, (alpha, beta, gamma) in families:
         for phi in cfg.search.phis:
             name = cnnmodels.family_member_name("efficientnet", phi, prefix=prefix)
+            if prefix == PAPER_FAMILY and float(phi) == 0:
+                continue  # every multiplier is 1 at phi 0: the searched family's member is the same model
             if name not in known:
                 options = {"phi": float(phi), "alpha": alpha, "beta": beta, "gamma": gamma}
                 choices.append(ModelChoice(name, "efficientnet", _with_data_defaults(cfg, "efficientnet", options)))

@@ -18,6 +18,7 @@ folded, ``torch.inference_mode``), measured in this process.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import cnnmodels
 from .config import PipelineConfig
 from .planning import PAPER_FAMILY, SEARCHED_FAMILY
 from .results import ModelResult, comparison_table, load_results
+from .search_space import PAPER
 
 __all__ = ["ReportResult", "report_stage", "measure_latency_ms", "family_comparison", "accuracy_figure"]
 
@@ -73,7 +75,9 @@ def _phi(result: ModelResult) -> float:
 
 
 def _coefficients(result: ModelResult) -> str:
-    return "({:g}, {:g}, {:g})".format(*(result.model_kwargs[k] for k in ("alpha", "beta", "gamma")))
+    """A member's (alpha, beta, gamma); one named in train.models without them has the builder's, the paper's."""
+    triple = (result.model_kwargs.get(k, default) for k, default in zip(("alpha", "beta", "gamma"), PAPER, strict=True))
+    return "({:g}, {:g}, {:g})".format(*triple)
 
 
 def _families(results: list[ModelResult]) -> dict[str, list[ModelResult]]:
@@ -89,7 +93,8 @@ def _families(results: list[ModelResult]) -> dict[str, list[ModelResult]]:
 def family_comparison(results: list[ModelResult]) -> pd.DataFrame | None:
     """The searched EfficientNet family against the paper's (``search.compare_paper``): one row per phi with
     each member's MACs and test accuracy, the difference (searched - paper) and ``winner`` (``searched``,
-    ``paper``, ``tie``, or empty where one of the two is missing). None unless both families have members."""
+    ``paper``, ``tie``; ``same model`` at phi 0, where both families are B0 and the paper's is not trained; empty
+    where one of the two, or a test accuracy, is missing). None unless both families have members."""
     families = _families(results)
     if SEARCHED_FAMILY not in families or PAPER_FAMILY not in families:
         return None
@@ -100,17 +105,23 @@ def family_comparison(results: list[ModelResult]) -> pd.DataFrame | None:
     rows = []
     for phi in sorted(by_phi):
         searched, paper = by_phi[phi].get(SEARCHED_FAMILY), by_phi[phi].get(PAPER_FAMILY)
+        same_model = phi == 0 and searched is not None
+        if same_model:
+            paper = paper or searched
         row: dict[str, object] = {"phi": phi}
         for label, r in (("searched", searched), ("paper", paper)):
             row[label] = r.model_name if r else ""
-            row[f"{label} (alpha, beta, gamma)"] = _coefficients(r) if r else ""
+            row[f"{label} (alpha, beta, gamma)"] = "" if r is None else (
+                "({:g}, {:g}, {:g})".format(*PAPER) if label == "paper" and r is searched else _coefficients(r))
             row[f"{label} MMACs"] = round(r.macs / 1e6, 1) if r else None
             row[f"{label} test_acc"] = round(r.test_acc, 4) if r else None
-        if searched and paper:
-            difference = searched.test_acc - paper.test_acc
+        difference = searched.test_acc - paper.test_acc if searched and paper else math.nan
+        if same_model:
+            row["difference"], row["winner"] = 0.0, "same model"
+        elif math.isfinite(difference):
             row["difference"] = round(difference, 4)
             row["winner"] = "tie" if difference == 0 else ("searched" if difference > 0 else "paper")
-        else:
+        else:  # a member or its test accuracy missing (a diverged run's NaN): nothing won
             row["difference"], row["winner"] = None, ""
         rows.append(row)
     return pd.DataFrame(rows)

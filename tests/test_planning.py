@@ -147,20 +147,21 @@ def test_compare_paper_adds_the_paper_family_at_the_searched_phis(make_config, c
     searched = {"alpha": 1.3, "beta": 1.05, "gamma": 1.2}
     cfg = make_config("train.models=[resnet18]", "search.phis=[0, 1.5]", "search.compare_paper=true")
     choices = {c.name: c for c in resolve_models(cfg, searched)}
-    assert list(choices) == ["resnet18", "efficientnet_phi0", "efficientnet_phi1p5",
-                             "efficientnet_paper_phi0", "efficientnet_paper_phi1p5"]
-    for phi, name in ((0.0, "efficientnet_paper_phi0"), (1.5, "efficientnet_paper_phi1p5")):
-        paper, mine = choices[name], choices[name.replace("paper_", "")]
-        assert paper.arch == mine.arch == "efficientnet"
-        assert {k: paper.kwargs[k] for k in ("phi", "alpha", "beta", "gamma")} == \
-            {"phi": phi, "alpha": 1.2, "beta": 1.1, "gamma": 1.15}
-        assert {k: mine.kwargs[k] for k in ("alpha", "beta", "gamma")} == searched
+    # At phi 0 every multiplier is 1: the paper's member would be the searched one's B0, trained twice.
+    assert list(choices) == ["resnet18", "efficientnet_phi0", "efficientnet_phi1p5", "efficientnet_paper_phi1p5"]
+    paper, mine = choices["efficientnet_paper_phi1p5"], choices["efficientnet_phi1p5"]
+    assert paper.arch == mine.arch == "efficientnet"
+    assert {k: paper.kwargs[k] for k in ("phi", "alpha", "beta", "gamma")} == \
+        {"phi": 1.5, "alpha": 1.2, "beta": 1.1, "gamma": 1.15}
+    assert {k: mine.kwargs[k] for k in ("alpha", "beta", "gamma")} == searched
     runs = {r.model_name: r for r in plan_model_runs(cfg, describe_dataset(cfg.data), list(choices.values()))}
     # Distinct Ray Train runs (and so result files, MLflow runs, aliases), and really different networks.
-    assert len({r.run_name for r in runs.values()}) == len({r.fingerprint for r in runs.values()}) == 5
+    assert len({r.run_name for r in runs.values()}) == len({r.fingerprint for r in runs.values()}) == 4
     assert runs["efficientnet_paper_phi1p5"].macs != runs["efficientnet_phi1p5"].macs
-    assert runs["efficientnet_phi0"].macs == runs["efficientnet_paper_phi0"].macs  # phi 0: the same B0 ...
-    assert runs["efficientnet_phi0"].fingerprint != runs["efficientnet_paper_phi0"].fingerprint  # ... run apart
+    # A searched member named in train.models gets the searched triple (it took the paper's, the builder's).
+    listed = make_config("train.models=[efficientnet_phi1]", "search.phis=[1]")
+    assert [(c.name, {k: c.kwargs[k] for k in searched}) for c in resolve_models(listed, searched)] == \
+        [("efficientnet_phi1", searched)]
 
     off = make_config("train.models=[resnet18]", "search.phis=[0, 1.5]")
     assert [c.name for c in resolve_models(off, searched)] == ["resnet18", "efficientnet_phi0", "efficientnet_phi1p5"]

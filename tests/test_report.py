@@ -39,10 +39,10 @@ def test_the_report_sets_the_searched_family_against_the_papers_and_marks_the_wi
     assert list(saved["phi"]) == [0.0, 1.0]
     assert list(saved["searched"]) == ["efficientnet_phi0", "efficientnet_phi1"]
     assert list(saved["paper"]) == ["efficientnet_paper_phi0", "efficientnet_paper_phi1"]
-    assert list(saved["winner"]) == ["paper", "searched"]
-    assert list(saved["difference"]) == [-0.02, 0.005]
+    assert list(saved["winner"]) == ["same model", "searched"]  # phi 0: B0 either way (records of older runs)
+    assert list(saved["difference"]) == [0.0, 0.005]
     assert list(saved["searched (alpha, beta, gamma)"]) == ["(1.3, 1.05, 1.2)"] * 2
-    assert "searched won at 1, the paper at 1, ties 0" in caplog.text
+    assert "searched won at 1, the paper at 0, ties 0" in caplog.text
     assert "efficientnet_paper_phi1" in pd.read_csv(report.directory / "models.csv")["model"].tolist()
 
     # accuracy_vs_macs.png: one labelled line per family, its members in phi order; other models are points.
@@ -55,13 +55,27 @@ def test_the_report_sets_the_searched_family_against_the_papers_and_marks_the_wi
     assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == list(lines)
 
 
+def test_phi_0_is_one_model_a_nan_accuracy_wins_nothing_and_a_listed_member_without_coefficients_is_the_papers():
+    nan = float("nan")
+    table = family_comparison([
+        record("efficientnet_phi0", "efficientnet", {"phi": 0.0, **SEARCHED}, 8_000_000, 0.9),  # paper's not trained
+        record("efficientnet_phi1", "efficientnet", {"phi": 1.0, **SEARCHED}, 30_000_000, nan),  # diverged
+        record("efficientnet_paper_phi1", "efficientnet", {"phi": 1.0, **PAPER}, 26_000_000, 0.91),
+        record("efficientnet_phi2", "efficientnet", {"phi": 2.0}, 60_000_000, 0.92),  # named in train.models
+        record("efficientnet_paper_phi2", "efficientnet", {"phi": 2.0, **PAPER}, 60_000_000, 0.92),
+    ])
+    assert list(table["winner"]) == ["same model", "", "tie"]  # a NaN difference used to read as "paper"
+    assert table["paper"][0] == "efficientnet_phi0" and table["paper (alpha, beta, gamma)"][0] == "(1.2, 1.1, 1.15)"
+    assert table["searched (alpha, beta, gamma)"][2] == "(1.2, 1.1, 1.15)"  # a KeyError crashed the report
+
+
 def test_no_family_comparison_without_both_families():
     searched = [record("efficientnet_phi0", "efficientnet", {"phi": 0.0, **SEARCHED}, 8_000_000, 0.9),
                 record("resnet18", "resnet18", {}, 560_000_000, 0.93)]
     assert family_comparison(searched) is None
     paper_at_phi2 = record("efficientnet_paper_phi2", "efficientnet", {"phi": 2.0, **PAPER}, 60_000_000, 0.93)
     table = family_comparison([*searched, paper_at_phi2])
-    assert list(table["winner"]) == ["", ""]  # no phi has both members: nothing won
+    assert list(table["winner"]) == ["same model", ""]  # phi 2 has one member only: nothing won there
 
 
 def test_foreign_or_damaged_files_among_the_records_are_not_finished_models(tmp_path):
