@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImageFolderError as err:  # bad input, like a config error: exit 2 (bad files: with their list)
         logger.error("data error: %s", err)
         return EXIT_CONFIG
+    except ConfigError as err:  # found once a stage looks at what earlier runs left (a pending file's store)
+        logger.error("config error: %s", err)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         logger.error("interrupted; re-run the same command to resume")
         return EXIT_INTERRUPTED

@@ -317,12 +317,33 @@ class TrackingQueue:
 
     def _load_pending(self) -> None:
         body = json.loads(self.pending_file.read_text())
+        written_for = body.get("tracking_uri", self.tracker.tracking_uri)
+        if written_for != self.tracker.tracking_uri:
+            # Its run ids live in that store: sent here they were refused and dropped, and this queue's own
+            # end would then have overwritten or deleted the file.
+            from .config import ConfigError
+
+            raise ConfigError("tracking.uri", f"{self.pending_file} holds {len(body.get('ops', []))} write(s) "
+                                              f"for another tracking store ({_without_password(written_for)}): "
+                                              "send them with `python -m pipelines register` and that "
+                                              "tracking.uri, or delete the file to drop them")
         self.run_ids.update(body.get("run_ids", {}))
         for op in body.get("ops", []):
             self._seq += 1
             self._ops.append(TrackingOp(self._seq, op["kind"], op["ref"], op["args"]))
         logger.info("[tracking] %d write(s) left pending by an earlier stage are queued again (%s)",
                     len(self._ops), self.pending_file)
+
+
+def _without_password(uri: str) -> str:
+    """``uri`` without its user and password (a database URI carries them), for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
 
 
 def _trial_error(trial) -> str:

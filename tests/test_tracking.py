@@ -152,11 +152,12 @@ def test_writes_taken_over_from_the_pending_file_leave_it_as_they_go_out(make_co
     assert sorted(m.value for m in history) == [1.0, 2.0, 3.0]
 
 
-def test_an_unreachable_registry_is_not_read_as_nothing_registered(tmp_path, caplog):
+def test_an_unreachable_registry_is_not_read_as_nothing_registered(tmp_path, caplog, monkeypatch):
     """During an outage a queued champion update used to count as sent (the registry's failure read as "not
     found", so update_champion returned None) and left the pending file: the alias was never set."""
     from pipelines.tracking_queue import TrackingQueue
 
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once, not after retries
     down = Tracker("http://127.0.0.1:9", "x")  # nothing listens on port 9
     with pytest.raises(Exception) as info:
         down.update_champion("m")
@@ -204,3 +205,27 @@ def test_a_write_still_in_flight_when_flush_gives_up_leaves_the_pending_file_onc
     writer.join(timeout=30)
     assert not writer.is_alive() and tracker.client.get_run(run_id).data.tags["sent"] == "late"
     assert not (tmp_path / "pending.json").exists()  # sent: not left for `register` to send twice
+
+
+def test_writes_pending_for_another_tracking_store_are_neither_sent_here_nor_lost(make_config, capsys):
+    """After tracking.uri changed, the pending writes (run ids of the old store) were sent to the new one, refused
+    and dropped, and the stage's end overwrote or deleted the file: refused instead, exit 2, the file untouched."""
+    import json
+
+    from pipelines.__main__ import main
+    from pipelines.config import ConfigError
+    from pipelines.tracking_queue import PENDING_FILE, TrackingQueue
+
+    cfg = make_config()
+    pending = cfg.paths.run_dir / PENDING_FILE
+    pending.parent.mkdir(parents=True, exist_ok=True)
+    body = {"tracking_uri": "postgresql://mlflow:s3cret@db:5432/mlflow", "run_ids": {},
+            "ops": [{"seq": 1, "kind": "set_tags", "ref": "0123abcd", "args": {"tags": {"a": "b"}}}]}
+    pending.write_text(json.dumps(body))
+    with pytest.raises(ConfigError) as info:
+        TrackingQueue.for_config(cfg)
+    assert info.value.key == "tracking.uri" and "(postgresql://db:5432/mlflow)" in str(info.value)
+    assert "s3cret" not in str(info.value)
+    assert main(["register", "--set", f"workdir={cfg.workdir}", "--set", f"name={cfg.name}"]) == 2
+    assert "config error: tracking.uri" in capsys.readouterr().err
+    assert json.loads(pending.read_text()) == body
