@@ -189,26 +189,28 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
 
 
 def _unregistered(cfg: PipelineConfig, runs: list[ModelRun]) -> set[str]:
-    """The names among ``runs`` that the registry holds no version of (for this data and fingerprint) and that
-    no pending write will register. Empty when the registry cannot be asked: an outage retrains nothing."""
+    """The names among ``runs`` whose training no registered version holds (by its fingerprint tag; versions
+    registered before that tag existed count for their alias) and that no pending write will register. Empty
+    when the registry cannot be asked: an outage retrains nothing. Any version counts, aliased or not: an alias
+    moved by a pipeline on other data under the same registered name is no reason to register again."""
     from .tracking import TAG_FINGERPRINT, Tracker, first_line
     from .tracking_queue import load_pending
 
     if not runs:
         return set()
     pending = {op.args.get("alias") for op in load_pending(cfg.paths.run_dir) if op.kind == "register"}
+    tracker = Tracker.for_config(cfg)
     try:
-        versions, _ = Tracker.for_config(cfg).registered_versions(cfg.registered_model_name)
-    except LookupError:  # nothing registered under this name
-        versions = []
+        versions = tracker.client.search_model_versions(f"name = '{cfg.registered_model_name}'")
+        aliased = tracker.registered_versions(cfg.registered_model_name)[0] if versions else []
     except Exception as err:  # noqa: BLE001 - MLflow unreachable: checked again at the next run
         logger.warning("[train] could not check the registry (%s); models trained but not registered are not "
                        "registered now", first_line(err))
         return set()
-    # Versions registered before the fingerprint tag existed count for their alias.
-    registered = {v.alias: v.tags.get(TAG_FINGERPRINT) for v in versions}
-    return {r.model_name for r in runs if r.model_name not in pending and (
-        r.model_name not in registered or registered[r.model_name] not in (None, r.fingerprint))}
+    fingerprints = {v.tags.get(TAG_FINGERPRINT) for v in versions}
+    untagged = {v.alias for v in aliased if TAG_FINGERPRINT not in v.tags}
+    return {r.model_name for r in runs
+            if r.model_name not in pending and r.fingerprint not in fingerprints and r.model_name not in untagged}
 
 
 def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[ModelRun], free: dict[str, float],

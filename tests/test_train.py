@@ -448,3 +448,50 @@ def test_a_killed_worker_is_replaced_and_resumes_to_the_same_weights(ray_cluster
     resumed = last[0].state_dict
     assert uninterrupted.keys() == resumed.keys()
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_which_finished_models_are_registered_again(make_config, monkeypatch):
+    """A finished model is run again (resuming at its end, to register) only when no version of its training is
+    in the registry and no pending write brings one: not when its alias was moved by a pipeline on other data,
+    nor for a version registered before the fingerprint tag existed, nor during an outage."""
+    import json as json_module
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.results import ModelResult
+    from pipelines.tracking_queue import PENDING_FILE
+    from pipelines.train import _split_finished
+
+    cfg = make_config("train.models=[lenet5, alexnet, vgg11]")
+    runs = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    for run in runs:
+        ModelResult(model_name=run.model_name, arch=run.arch, model_kwargs={}, run_name=run.run_name,
+                    fingerprint=run.fingerprint, input_size=32, params_count=1, macs=1, epochs=run.hyper.epochs,
+                    best_val_acc=0.5, best_epoch=0, test_acc=0.5, train_images_per_sec=1.0, train_seconds=1.0,
+                    checkpoint_path="", history=[]).save(cfg.paths.train_dir)
+    client, name = Tracker.for_config(cfg).client, cfg.registered_model_name
+    client.create_registered_model(name)
+    fingerprints = {run.model_name: run.fingerprint for run in runs}
+
+    def register(alias, dataset="digits", **tags):
+        version = client.create_model_version(name, "/nowhere", tags={"dataset": dataset, **tags}).version
+        client.set_registered_model_alias(name, alias, version)
+        return version
+
+    register("lenet5", fingerprint=fingerprints["lenet5"])
+    register("lenet5", dataset="fashion-mnist", fingerprint="other")  # the alias moved by another data set
+    register("alexnet")  # registered before the fingerprint tag existed
+    lost = register("vgg11", fingerprint=fingerprints["vgg11"])
+    assert _split_finished(cfg, runs) == ([], ["lenet5", "alexnet", "vgg11"])
+
+    client.delete_model_version(name, lost)  # deleted in the MLflow UI
+    todo, skipped = _split_finished(cfg, runs)
+    assert [r.model_name for r in todo] == ["vgg11"] and skipped == ["lenet5", "alexnet"]
+    pending = cfg.paths.run_dir / PENDING_FILE
+    pending.write_text(json_module.dumps({"tracking_uri": cfg.tracking_uri, "run_ids": {}, "ops": [
+        {"seq": 1, "kind": "register", "ref": "r", "args": {"alias": "vgg11"}}]}))
+    assert _split_finished(cfg, runs)[0] == []  # the pending write will register it
+    pending.unlink()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": "http://127.0.0.1:9"})})
+    assert _split_finished(down, runs)[0] == []  # the registry cannot be asked: nothing is retrained for it
