@@ -61,9 +61,17 @@ PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXIST
 
 def is_unreachable(err: BaseException) -> bool:
     """Whether an MLflow call failed because the tracking server or its artifact store did not answer (or
-    answered "try later"), not because it refused the request or lacks what was asked for: that can pass."""
-    if isinstance(err, ConnectionError | TimeoutError):
-        return True
+    answered "try later": 5xx, 429), not because it refused the request or lacks what was asked for (4xx,
+    RESOURCE_DOES_NOT_EXIST...): that can pass. The error's causes are looked through, since MLflow wraps the
+    HTTP library's errors (a refused connection comes as an INTERNAL_ERROR whose cause says so)."""
+    cause, depth = err, 0
+    while cause is not None and depth < 10:
+        if isinstance(cause, ConnectionError | TimeoutError):
+            return True
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status >= 500 or status == 429
+        cause, depth = cause.__cause__ or cause.__context__, depth + 1
     code = getattr(err, "error_code", None)
     if code is not None:
         return code not in PERMANENT_ERRORS
@@ -383,6 +391,17 @@ class Tracker:
         self.client.set_registered_model_alias(registered_model, CHAMPION, version)
         return alias, version
 
+    def _artifacts_answer(self, location: str) -> bool:
+        """Whether the artifact store lists ``location``: then a file that failed to download is not there (MLflow
+        reports a 404 among several files as INTERNAL_ERROR, its code for an unreachable server too)."""
+        import mlflow
+
+        try:
+            mlflow.artifacts.list_artifacts(artifact_uri=location, tracking_uri=self.tracking_uri)
+        except Exception:  # noqa: BLE001 - any failure to list: the store is what fails
+            return False
+        return True
+
     def download_checkpoint(self, registered_model: str, version: str, cache_dir: str | os.PathLike) -> Path:
         """A registered version's weights-only checkpoint, and nothing else of its artifacts, cached.
 
@@ -415,7 +434,7 @@ class Tracker:
                     continue
                 os.replace(local, target)
                 return target
-        if outage is not None:
+        if outage is not None and not self._artifacts_answer(location):
             raise outage
         raise CheckpointError(f"models:/{registered_model}/{version} holds no weights-only checkpoint "
                               f"({'; '.join(problems)})")

@@ -195,3 +195,25 @@ def test_training_goes_on_through_a_tracking_outage(ray_cluster, mlflow_server, 
         assert sorted(m.step for m in history) == [0, 1], f"{name}: every epoch's metrics reached MLflow"
     assert CHAMPION in tracker.client.get_registered_model(cfg.registered_model_name).aliases
     assert not (cfg.paths.run_dir / PENDING_FILE).exists()
+
+
+def test_a_checkpoint_gone_from_the_artifact_store_is_a_lasting_failure_not_an_outage(mlflow_server, tmp_path):
+    """Through the server's artifact proxy a missing file is an HTTP 404, which MLflow reports as INTERNAL_ERROR,
+    its code for an unreachable server too: a replica kept such a model "not verified yet" for good, downloading
+    it every 15 s. The store answering a listing of the version's artifacts tells the two apart."""
+    import cnnmodels
+    from pipelines.checkpoints import CheckpointError, ModelCheckpoint, save_checkpoint
+    from pipelines.model_store import is_transient_load_error
+    from pipelines.preprocess import PreprocessSpec
+
+    tracker = Tracker(mlflow_server.uri, "gone")
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
+    weights = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1).state_dict()
+    save_checkpoint(ModelCheckpoint("lenet5", {}, spec, weights), tmp_path / "best" / "model.pt")
+    version = tracker.log_and_register(tracker.start_run("lenet5", {"stage": "train"}), tmp_path / "best", "gone",
+                                       "lenet5")
+    for stored in (mlflow_server.root / "artifacts").rglob("model.pt"):
+        stored.unlink()  # a bucket lifecycle rule, a cleanup by hand
+    with pytest.raises(CheckpointError, match="holds no weights-only checkpoint") as gone:
+        tracker.download_checkpoint("gone", version, tmp_path / "cache")
+    assert not is_transient_load_error(gone.value)
