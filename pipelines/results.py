@@ -39,6 +39,8 @@ class ModelResult:
     mlflow_run_id: str = ""
     registered_model: str = ""
     version: str = ""
+    #: Why its checkpoint can never be registered (a diverged run's NaN weights), so no re-run tries again.
+    registration_error: str = ""
     serving_latency_ms: float | None = None
     #: Seconds since the run's trial started (``started_at``, wall-clock) at each milestone, and the summed
     #: seconds of its phases (``loop_seconds``...): where a run's time goes (``bench/overhead.py``).

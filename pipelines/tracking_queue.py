@@ -176,6 +176,7 @@ class TrackingQueue:
                     message = f"{DESCRIPTIONS.get(op.kind, op.kind)} for run {op.ref}: {err}"
                     logger.error("[tracking] a write no retry can send, dropped: %s", message[:500])
                     self.dropped.append(message)
+                    _note_unregistrable(op, err)
                 else:
                     self._note_outage(err)
                     with self._lock:
@@ -333,6 +334,20 @@ class TrackingQueue:
             self._ops.append(TrackingOp(self._seq, op["kind"], op["ref"], op["args"]))
         logger.info("[tracking] %d write(s) left pending by an earlier stage are queued again (%s)",
                     len(self._ops), self.pending_file)
+
+
+def _note_unregistrable(op: TrackingOp, err: BaseException) -> None:
+    """A registration dropped because its checkpoint is unusable is noted in the model's result record: the
+    next train stage would otherwise run the model again to register it, and fail the same way, every time."""
+    from .checkpoints import CheckpointError
+    from .results import ModelResult
+
+    result_file = op.args.get("result_file") if op.kind == "register" else None
+    if not isinstance(err, CheckpointError) or not result_file or not Path(result_file).exists():
+        return
+    record = ModelResult.load(result_file)
+    record.registration_error = first_line(err)
+    record.save(Path(result_file).parent)
 
 
 def _without_password(uri: str) -> str:

@@ -180,7 +180,8 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
                            "fewer, so that result stays (a shorter run of its own needs another workdir or name)",
                            run.model_name, done.epochs, run.hyper.epochs)
         finished.append(run)
-    unregistered = _unregistered(cfg, [r for r in finished if existing[r.model_name].epochs == r.hyper.epochs])
+    unregistered = _unregistered(cfg, [r for r in finished if existing[r.model_name].epochs == r.hyper.epochs
+                                       and not existing[r.model_name].registration_error])
     for name in unregistered:
         logger.info("[train] %s is trained but not in the registry (lost or deleted): finishing its run again from "
                     "its last checkpoint to register it", name)

@@ -77,12 +77,20 @@ def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(ma
     save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=weights),
                     tmp_path / "diverged" / "model.pt")
     queue = TrackingQueue(tracker, tmp_path / "pending.json")
+    from pipelines.results import ModelResult
+
+    record = ModelResult(model_name="lenet5", arch="lenet5", model_kwargs={}, run_name="r", fingerprint="f",
+                         input_size=32, params_count=1, macs=1, epochs=1, best_val_acc=0.1, best_epoch=0,
+                         test_acc=float("nan"), train_images_per_sec=1.0, train_seconds=1.0,
+                         checkpoint_path="").save(tmp_path / "train")
     queue.put("register", run_id, checkpoint_path=str(tmp_path / "diverged"), storage_path=str(tmp_path),
-              registered_model=cfg.registered_model_name, alias="lenet5", tags={})
+              registered_model=cfg.registered_model_name, alias="lenet5", tags={}, result_file=str(record))
     queue.put("log_metrics", run_id, metrics={"test_acc": 0.1})
     queue.put("set_tags", "local:never-created", tags={"a": "b"})  # its run's creation was dropped
     assert queue.flush(timeout_s=20) == []
     assert len(queue.dropped) == 2 and "NaN" in queue.dropped[0] and "never created" in queue.dropped[1]
+    # Noted in the model's record: the next train stage does not run it again to register it (and fail again).
+    assert "NaN" in ModelResult.load(record).registration_error
     assert tracker.client.get_run(run_id).data.metrics["test_acc"] == 0.1
     assert not (tmp_path / "pending.json").exists()
     # A registration for a run deleted in MLflow's UI (MLflow: INTERNAL_ERROR, as for an unreachable server).
