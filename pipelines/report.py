@@ -234,7 +234,7 @@ def _measure_latencies(results: list[ModelResult]) -> None:
 def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
     """Build the table and plots from the finished models, save them and log them to MLflow."""
     from .search import load_search_result
-    from .tracking import Tracker
+    from .tracking import Tracker, first_line, is_unreachable
     from .tracking_queue import send_pending_before_reading
 
     send_pending_before_reading(cfg)
@@ -245,7 +245,15 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
     if latency:
         _measure_latencies(results)
     tracker = Tracker.for_config(cfg)
-    table = comparison_table(results, champion=tracker.champion_alias(cfg.registered_model_name))
+    try:
+        champion = tracker.champion_alias(cfg.registered_model_name)
+    except Exception as err:
+        if not is_unreachable(err):
+            raise
+        logger.warning("[report] MLflow is unreachable (%s): the table marks no champion and the report is not "
+                       "logged to MLflow", first_line(err))
+        tracker, champion = None, None
+    table = comparison_table(results, champion=champion)
     directory = paths.report_dir
     directory.mkdir(parents=True, exist_ok=True)
     table.to_csv(directory / "models.csv", index=False)
@@ -261,7 +269,7 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
         logger.info("[report] search.compare_paper: the search found the paper's (1.2, 1.1, 1.15) itself; "
                     "there is no second family to compare")
 
-    parent = tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
+    parent = tracker and tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
     if parent is not None:
         for path in files:
             tracker.log_artifact(parent.info.run_id, path, "report")

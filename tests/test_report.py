@@ -84,3 +84,15 @@ def test_foreign_or_damaged_files_among_the_records_are_not_finished_models(tmp_
     (tmp_path / "cut.json").write_text('{"model_name": "vgg')
     (tmp_path / "other.json").write_text('{"unrelated": true}')
     assert list(load_results(tmp_path)) == ["resnet18"]
+
+
+def test_the_report_is_written_while_mlflow_is_unreachable(make_config, caplog, monkeypatch):
+    """The champion lookup used to crash the stage before any file was written once an outage stopped reading
+    as "nothing registered"; the table and plots come from the result records and need no MLflow."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = make_config("tracking.uri=http://127.0.0.1:9")  # nothing listens on port 9
+    record("resnet18", "resnet18", {}, 560_000_000, 0.93).save(cfg.paths.train_dir)
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        report = report_stage(cfg, latency=False)
+    assert (report.directory / "models.csv").is_file() and list(report.table["model"]) == ["resnet18"]
+    assert "MLflow is unreachable" in caplog.text
