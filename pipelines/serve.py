@@ -116,13 +116,26 @@ class Classifier:
             load = asyncio.ensure_future(asyncio.to_thread(self.store.load, self.by_alias[alias],
                                                            fold=s.fold_batchnorm, trace=s.trace_models,
                                                            device=self.device))
-            load.add_done_callback(lambda done: done.cancelled() or done.exception())  # failures are handed on
+            load.add_done_callback(lambda done: self._after_load(alias, done))
             self.loads[alias] = load
         try:
             return await asyncio.shield(load)
         finally:
             if load.done():  # handed to the multiplexer, or failed: the next request loads afresh
-                self.loads.pop(alias, None)
+                self._forget_load(alias, load)
+
+    def _after_load(self, alias: str, load: asyncio.Future) -> None:
+        """A load that ends with no request waiting for it: a failure is forgotten at once (the next request
+        tries afresh rather than getting a stale error), a model after one request deadline, so one nobody asks
+        for again is not held beside the multiplexer's ``max_models_per_replica``."""
+        if load.cancelled() or load.exception() is not None:
+            self._forget_load(alias, load)
+        else:
+            asyncio.get_running_loop().call_later(self.cfg.serve.request_timeout_s, self._forget_load, alias, load)
+
+    def _forget_load(self, alias: str, load: asyncio.Future) -> None:
+        if self.loads.get(alias) is load:
+            del self.loads[alias]
 
     async def _verify_until_checked(self, interval_s: float = REVERIFY_INTERVAL_S) -> None:
         """Verify again, every ``interval_s``, the models whose verification at start failed for a reason that

@@ -23,26 +23,29 @@ def replica_with_a_gated_load(make_config, tmp_path):
     spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
     model = cnnmodels.create_model("lenet5", num_classes=3, in_chans=1)
     save_checkpoint(ModelCheckpoint("lenet5", {}, spec, model.state_dict()), tmp_path / "lenet5.pt")
-    cfg = make_config(f"serve.checkpoints={{good: {tmp_path / 'lenet5.pt'}}}", "serve.trace_models=false")
+    cfg = make_config(f"serve.checkpoints={{good: {tmp_path / 'lenet5.pt'}}}", "serve.trace_models=false",
+                      "serve.request_timeout_s=2")
     replica = object.__new__(Classifier.func_or_class)  # the deployment's own methods, without Serve
     replica.cfg, replica.store, replica.device, replica.loads = cfg, ModelStore(cfg), torch.device("cpu"), {}
     replica.by_alias = {m.alias: m for m in replica.store.discover()[0]}
-    calls, gate = [], threading.Event()
+    calls, gate, failures = [], threading.Event(), []
     load = replica.store.load
 
     def gated_load(served, **options):
         calls.append(served.alias)
         gate.wait(60)
+        if failures:
+            raise failures.pop()
         return load(served, **options)
 
     replica.store.load = gated_load
-    return replica, calls, gate
+    return replica, calls, gate, failures
 
 
 def test_a_load_outlasting_its_request_is_taken_over_by_the_next_request(replica_with_a_gated_load):
     """A request's deadline passes while its model loads: the next request waits for that load rather than
     starting a second one (the thread cannot be cancelled; Serve's multiplexer keeps only finished loads)."""
-    replica, calls, gate = replica_with_a_gated_load
+    replica, calls, gate, _ = replica_with_a_gated_load
 
     async def two_requests():
         with pytest.raises(asyncio.TimeoutError):
@@ -59,7 +62,7 @@ def test_a_load_outlasting_its_request_is_taken_over_by_the_next_request(replica
 
 
 def test_a_load_that_finished_after_its_request_gave_up_is_handed_to_the_next_one(replica_with_a_gated_load):
-    replica, calls, gate = replica_with_a_gated_load
+    replica, calls, gate, _ = replica_with_a_gated_load
 
     async def abandoned_then_asked_again():
         with pytest.raises(asyncio.TimeoutError):
@@ -73,3 +76,30 @@ def test_a_load_that_finished_after_its_request_gave_up_is_handed_to_the_next_on
     assert calls == ["good"] and loaded.alias == "good"
     again = asyncio.run(replica._load_once("good"))  # once handed over, a later call (after eviction) loads anew
     assert calls == ["good", "good"] and again is not loaded
+
+
+def test_an_abandoned_load_is_not_held_for_good_nor_its_failure_handed_on(replica_with_a_gated_load):
+    """Nobody asks again: the model loaded for a request that gave up is let go after one request deadline (it
+    is not counted in the multiplexer's max_models_per_replica). A load that failed with no request waiting is
+    forgotten at once: the next request tries afresh instead of getting that stale error."""
+    replica, calls, gate, failures = replica_with_a_gated_load
+
+    async def abandon(failure=None):
+        if failure is not None:
+            failures.append(failure)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(replica._load_once("good"), 0.2)
+        gate.set()
+        load = replica.loads["good"]
+        while not load.done():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # its done-callbacks
+        held = "good" in replica.loads
+        await asyncio.sleep(2.5)  # past serve.request_timeout_s
+        gate.clear()
+        return held, "good" in replica.loads
+
+    assert asyncio.run(abandon()) == (True, False)
+    assert asyncio.run(abandon(MemoryError("out of memory"))) == (False, False)
+    gate.set()
+    assert asyncio.run(replica._load_once("good")).alias == "good" and calls == ["good"] * 3
