@@ -74,10 +74,14 @@ def _phi(result: ModelResult) -> float:
     return float(result.model_kwargs.get("phi", cnnmodels.resolve_model_name(result.model_name)[1].get("phi", 0.0)))
 
 
+def _triple(values) -> str:
+    return "({:g}, {:g}, {:g})".format(*values)
+
+
 def _coefficients(result: ModelResult) -> str:
     """A member's (alpha, beta, gamma); one named in train.models without them has the builder's, the paper's."""
-    triple = (result.model_kwargs.get(k, default) for k, default in zip(("alpha", "beta", "gamma"), PAPER, strict=True))
-    return "({:g}, {:g}, {:g})".format(*triple)
+    return _triple(result.model_kwargs.get(k, default) for k, default in zip(("alpha", "beta", "gamma"), PAPER,
+                                                                               strict=True))
 
 
 def _families(results: list[ModelResult]) -> dict[str, list[ModelResult]]:
@@ -112,7 +116,7 @@ def family_comparison(results: list[ModelResult]) -> pd.DataFrame | None:
         for label, r in (("searched", searched), ("paper", paper)):
             row[label] = r.model_name if r else ""
             row[f"{label} (alpha, beta, gamma)"] = "" if r is None else (
-                "({:g}, {:g}, {:g})".format(*PAPER) if label == "paper" and r is searched else _coefficients(r))
+                _triple(PAPER) if label == "paper" and r is searched else _coefficients(r))
             row[f"{label} MMACs"] = round(r.macs / 1e6, 1) if r else None
             row[f"{label} test_acc"] = round(r.test_acc, 4) if r else None
         difference = searched.test_acc - paper.test_acc if searched and paper else math.nan
@@ -269,7 +273,8 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
         logger.info("[report] search.compare_paper: the search found the paper's (1.2, 1.1, 1.15) itself; "
                     "there is no second family to compare")
 
-    parent = tracker and tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
+    parent = None if tracker is None else tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = "
+                                                           "'true'")
     if parent is not None:
         for path in files:
             tracker.log_artifact(parent.info.run_id, path, "report")
