@@ -65,13 +65,14 @@ class TrackingOp:
 
 
 class UnsendableWrite(LookupError):
-    """A write whose run was never created (its creation was dropped) or was deleted: no retry can send it."""
+    """A write whose run was never created (its creation was dropped) or was deleted, or a registration whose
+    checkpoint is gone: no retry can send it."""
 
 
 def _is_permanent(err: BaseException) -> bool:
     """Whether no retry can send the write: MLflow refused it, its run does not exist, or the checkpoint it
-    registers is unusable (a diverged run's NaN weights, say). Anything else counts as an outage and is
-    retried, a checkpoint that is not there included (its storage may be what is down)."""
+    registers is unusable (a diverged run's NaN weights, say) or gone from a storage that answers. Anything
+    else counts as an outage and is retried, a checkpoint whose storage does not answer included."""
     from .checkpoints import CheckpointError, MissingCheckpointError
 
     unusable = isinstance(err, CheckpointError) and not isinstance(err, MissingCheckpointError)
@@ -246,8 +247,9 @@ class TrackingQueue:
 
     def _do_register(self, ref: str, checkpoint_path: str, storage_path: str, registered_model: str, alias: str,
                      tags: dict, result_file: str | None = None) -> str:
+        from .checkpoints import MissingCheckpointError
         from .results import ModelResult
-        from .trials import reported_checkpoint_dir
+        from .trials import checkpoint_gone, reported_checkpoint_dir
 
         run_id = self._resolve(ref)
         # MLflow refuses to start a deleted run with INTERNAL_ERROR, its code for an unreachable server too:
@@ -255,8 +257,18 @@ class TrackingQueue:
         if self.tracker.client.get_run(run_id).info.lifecycle_stage == "deleted":
             raise UnsendableWrite(f"run {run_id} of {alias} was deleted in MLflow, so its model is not registered "
                                   "(train it again to register it)")
-        with reported_checkpoint_dir(checkpoint_path, storage_path) as directory:
-            version = self.tracker.log_and_register(run_id, directory, registered_model, alias, tags)
+        try:
+            with reported_checkpoint_dir(checkpoint_path, storage_path) as directory:
+                version = self.tracker.log_and_register(run_id, directory, registered_model, alias, tags)
+        except (MissingCheckpointError, FileNotFoundError) as err:
+            # Missing while its storage answers: no retry brings it back, and retrying would hold up every
+            # write behind this one, in this stage and in every later one. Not registered, the next train
+            # stage finds the model missing from the registry and trains it again.
+            if checkpoint_gone(checkpoint_path, storage_path):
+                raise UnsendableWrite(f"the checkpoint of {alias} ({checkpoint_path}) is gone from {storage_path}, "
+                                      "so its model is not registered (the next `python -m pipelines train` "
+                                      "trains it again)") from err
+            raise
         if result_file and Path(result_file).exists():
             # The result record was written when training ended; it learns its version now.
             record = ModelResult.load(result_file)

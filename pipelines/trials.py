@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import time
 from collections.abc import Mapping
 
 from .paths import RunPaths
@@ -175,6 +177,7 @@ def model_trial(config: dict, attempt: str = "") -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     run = trial_run(config)
+    set_aside_a_record_of_gone_checkpoints(run)
     trial_id = tune.get_context().get_trial_id()
     earlier = earlier_give_up(run, attempt, trial_id)
     if earlier is not None:
@@ -268,10 +271,72 @@ def restore_tuner(path: str, trainable, callbacks: list):
     return tuner
 
 
-def reported_checkpoint_dir(path: str, storage_path: str) -> contextlib.AbstractContextManager:
-    """A local directory with the contents of a reported checkpoint (downloaded if it is remote)."""
+def _reported_checkpoint(path: str, storage_path: str):
+    """The ``ray.train.Checkpoint`` at ``path``, a path Ray reported without its storage's scheme."""
     import ray.train
 
     if "://" in storage_path and "://" not in path:
         path = f"{storage_path.split('://', 1)[0]}://{path}"
-    return ray.train.Checkpoint(path).as_directory()
+    return ray.train.Checkpoint(path)
+
+
+def reported_checkpoint_dir(path: str, storage_path: str) -> contextlib.AbstractContextManager:
+    """A local directory with the contents of a reported checkpoint (downloaded if it is remote)."""
+    return _reported_checkpoint(path, storage_path).as_directory()
+
+
+#: Ray Train's record of a run's checkpoints, in the run's directory under the storage path.
+RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def set_aside_a_record_of_gone_checkpoints(run: ModelRun) -> str | None:
+    """Let a run whose checkpoints were deleted (by hand, by a bucket's lifecycle rule) start again.
+
+    Ray Train refuses to start a run whose record of checkpoints names one that is gone ("a corrupted run
+    directory"), at every attempt and every later invocation, so such a model could never be trained again.
+    The record is renamed aside (``<record>.gone-<time>``): the run starts afresh, the checkpoints still
+    there stay where they are. Returns the gone checkpoint's path, or None when there was nothing to do (no
+    record, every checkpoint there, a storage that does not answer, or a record this code cannot read).
+    """
+    import pyarrow.fs
+
+    storage = run.storage_path if "://" in run.storage_path else os.path.abspath(run.storage_path)
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+        record = f"{root.rstrip('/')}/{run.run_name}/{RUN_SNAPSHOT}"
+        with fs.open_input_stream(record) as stream:
+            snapshot = json.loads(stream.read())
+        names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+    except Exception:  # noqa: BLE001 - no record (a first start), storage down, another Ray's format: Ray decides
+        return None
+    run_dir = record.rsplit("/", 1)[0]
+    gone = next((f"{run_dir}/{name}" for name in names
+                 if checkpoint_gone(f"{run_dir}/{name}", run.storage_path)), None)
+    if gone is None:
+        return None
+    aside = f"{record}.gone-{time.strftime('%Y%m%d-%H%M%S')}"
+    fs.move(record, aside)
+    logger.warning("[%s] its checkpoint %s is gone from the storage, so the run cannot resume: starting it afresh "
+                   "(Ray's record of its checkpoints is kept as %s)", run.model_name, gone, aside)
+    return gone
+
+
+def checkpoint_gone(path: str, storage_path: str) -> bool:
+    """Whether the checkpoint at ``path`` is gone for good: its storage answers (the run storage's root is
+    there) but the checkpoint directory, or the weights in it, are not (deleted by hand, a bucket lifecycle
+    rule). A storage that does not answer (a volume not mounted, a bucket unreachable) may bring it back: False.
+    """
+    import pyarrow.fs
+
+    from .checkpoints import CHECKPOINT_FILE
+
+    try:
+        checkpoint = _reported_checkpoint(path, storage_path)
+        root_fs, root = pyarrow.fs.FileSystem.from_uri(
+            storage_path if "://" in storage_path else os.path.abspath(storage_path))
+        if root_fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+            return False
+        found = checkpoint.filesystem.get_file_info([checkpoint.path, f"{checkpoint.path}/{CHECKPOINT_FILE}"])
+    except Exception:  # noqa: BLE001 - pyarrow raises OSError subclasses and more for a store that is down
+        return False
+    return any(info.type == pyarrow.fs.FileType.NotFound for info in found)

@@ -228,23 +228,37 @@ def load_training_state(checkpoint: ModelCheckpoint, model: torch.nn.Module, opt
     return list(state.get("history", []))
 
 
+def checkpoint_to_resume(restored, run: ModelRun, rank: int) -> tuple[ModelCheckpoint | None, Any]:
+    """The checkpoint (and this rank's generator state) a run resumes from: Ray's latest checkpoint of the run
+    (``restored``, None on a first start), unless it is another model's (a run directory reused by hand) or gone
+    from a storage that answers (deleted by hand), when the run starts fresh. A checkpoint whose storage does not
+    answer raises: the attempt fails, and Ray's FailureConfig tries again once the storage may be back."""
+    from .trials import checkpoint_gone
+
+    if not restored:
+        return None, None
+    if checkpoint_gone(restored.path, run.storage_path):
+        if rank == 0:
+            logger.warning("[%s] the run's latest checkpoint (%s) is gone from its storage; starting fresh",
+                           run.model_name, restored.path)
+        return None, None
+    with restored.as_directory() as directory:
+        owner = _checkpoint_owner(Path(directory))
+        if owner == (run.model_name, run.arch):
+            return load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False), load_rng_state(directory, rank)
+    if rank == 0:
+        logger.info("[%s] ignoring the run's latest checkpoint (it belongs to %s); starting fresh",
+                    run.model_name, owner[0])
+    return None, None
+
+
 def restore(ctx: StepContext) -> None:
     """Load the run's latest checkpoint (if Ray hands one back and it is this model's), then wrap the model
     for DDP. A checkpoint of another model (a run directory reused by hand) is never cross-loaded."""
     import ray.train
     from ray.train.torch import prepare_model
 
-    restored = ray.train.get_checkpoint()
-    ckpt = rng_state = None
-    if restored:
-        with restored.as_directory() as directory:
-            owner = _checkpoint_owner(Path(directory))
-            if owner == (ctx.run.model_name, ctx.run.arch):
-                ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
-                rng_state = load_rng_state(directory, ctx.rank)
-        if ckpt is None and ctx.rank == 0:
-            logger.info("[%s] ignoring the run's latest checkpoint (it belongs to %s); starting fresh",
-                        ctx.run.model_name, owner[0])
+    ckpt, rng_state = checkpoint_to_resume(ray.train.get_checkpoint(), ctx.run, ctx.rank)
     if ckpt is not None:
         ctx.history = load_training_state(ckpt, ctx.model, ctx.optimizer, ctx.scaler, ctx.device)
         ctx.start_epoch, ctx.resumed = ckpt.epoch + 1, True

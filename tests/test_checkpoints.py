@@ -184,3 +184,34 @@ def test_a_resumed_run_gets_its_weights_momentum_and_history_and_steps_on_its_de
         torch.testing.assert_close(momentum.cpu(), saved[index]["momentum_buffer"])
     model(torch.randn(4, 1, 32, 32, device=device)).sum().backward()
     optimizer.step()  # on a GPU this raised "Expected all tensors to be on the same device"
+
+
+def test_a_run_resumes_from_its_own_checkpoint_and_starts_fresh_when_it_is_gone(tmp_path, caplog):
+    """Ray hands a restarted run its latest checkpoint. A checkpoint deleted by hand while its storage answers
+    made every attempt of the run fail, and the run could never be trained again: it starts fresh. A storage
+    that does not answer may come back, so that attempt fails (Ray's FailureConfig tries again)."""
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from pipelines.checkpoints import MissingCheckpointError
+    from pipelines.worker import checkpoint_to_resume
+
+    storage = tmp_path / "storage"
+    checkpoint, _ = _checkpoint("lenet5")
+    save_checkpoint(checkpoint, storage / "lenet5-run" / "checkpoint_000003" / "model.pt")
+    latest = ray.train.Checkpoint(str(storage / "lenet5-run" / "checkpoint_000003"))
+    run = SimpleNamespace(model_name="lenet5", arch="lenet5", storage_path=str(storage))
+
+    assert checkpoint_to_resume(None, run, rank=0) == (None, None)
+    resumed, rng_state = checkpoint_to_resume(latest, run, rank=0)
+    assert resumed.epoch == 3 and rng_state is None  # written without generator states
+    other = SimpleNamespace(model_name="resnet18", arch="resnet18", storage_path=str(storage))
+    assert checkpoint_to_resume(latest, other, rank=0) == (None, None)  # a run directory reused by hand
+
+    (storage / "lenet5-run" / "checkpoint_000003" / "model.pt").unlink()
+    assert checkpoint_to_resume(latest, run, rank=0) == (None, None)
+    assert "is gone from its storage; starting fresh" in caplog.text
+    unmounted = SimpleNamespace(model_name="lenet5", arch="lenet5", storage_path=str(tmp_path / "unmounted"))
+    with pytest.raises(MissingCheckpointError):
+        checkpoint_to_resume(ray.train.Checkpoint(str(tmp_path / "unmounted" / "checkpoint_000003")), unmounted, 0)

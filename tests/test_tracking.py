@@ -104,10 +104,26 @@ def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(ma
     assert queue.flush(timeout_s=20) == []
     assert len(queue.dropped) == 3 and "was deleted in MLflow" in queue.dropped[2]
     assert tracker.client.get_run(run_id).data.tags["behind"] == "the deleted run's write"
-    # A checkpoint that is not there at all may be on storage that is down: retried, then left pending.
-    missing = queue.put("register", run_id, checkpoint_path=str(tmp_path / "elsewhere"), storage_path=str(tmp_path),
-                        registered_model=cfg.registered_model_name, alias="lenet5", tags={})
-    assert [op.seq for op in queue.flush(timeout_s=2)] == [missing] and len(queue.dropped) == 3
+    # A checkpoint gone from a storage that answers (deleted by hand): retried, it held up every write behind
+    # it, in this stage and every later one. Dropped, and not noted as unregistrable: the next train stage
+    # finds the model missing from the registry and trains it again.
+    trained = ModelResult.load(record)
+    trained.model_name, trained.registration_error = "resnet18", ""
+    trained = trained.save(tmp_path / "train")
+    queue.put("register", run_id, checkpoint_path=str(tmp_path / "storage" / "checkpoint_000002"),
+              storage_path=str(tmp_path), registered_model=cfg.registered_model_name, alias="resnet18", tags={},
+              result_file=str(trained))
+    queue.put("set_tags", run_id, tags={"behind": "the gone checkpoint's write"})
+    assert queue.flush(timeout_s=20) == []
+    assert len(queue.dropped) == 4 and "checkpoint_000002) is gone from" in queue.dropped[3]
+    assert tracker.client.get_run(run_id).data.tags["behind"] == "the gone checkpoint's write"
+    assert ModelResult.load(trained).registration_error == ""
+    # A checkpoint whose storage itself is not there (a volume not mounted) may come back: retried, then pending.
+    unmounted = tmp_path / "unmounted"
+    missing = queue.put("register", run_id, checkpoint_path=str(unmounted / "checkpoint_000002"),
+                        storage_path=str(unmounted), registered_model=cfg.registered_model_name, alias="lenet5",
+                        tags={})
+    assert [op.seq for op in queue.flush(timeout_s=2)] == [missing] and len(queue.dropped) == 4
     assert (tmp_path / "pending.json").exists()
 
 

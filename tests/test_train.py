@@ -121,6 +121,35 @@ def test_second_invocation_skips_and_more_epochs_resume(ddp_run, caplog):
 
 
 @pytest.mark.slow
+def test_a_run_whose_checkpoints_were_deleted_by_hand_starts_afresh(ddp_run, tmp_path, caplog):
+    """Ray Train refuses to start a run whose record names a checkpoint that is gone ("a corrupted run
+    directory"), at every attempt and every re-run: such a model could never be trained again. Its record is
+    set aside (on a copy of the DDP run's directory, written by Ray itself) and the run starts afresh."""
+    import json
+    import shutil
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from pipelines.trials import RUN_SNAPSHOT, set_aside_a_record_of_gone_checkpoints
+
+    cfg, stage = ddp_run
+    result = stage.results["lenet5"]
+    run_dir = tmp_path / "storage" / result.run_name
+    shutil.copytree(Path(cfg.paths.storage) / result.run_name, run_dir)
+    run = SimpleNamespace(model_name="lenet5", run_name=result.run_name, storage_path=str(tmp_path / "storage"))
+    snapshot = json.loads((run_dir / RUN_SNAPSHOT).read_text())
+    recorded = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+    assert recorded and Path(result.checkpoint_path).name in recorded  # Ray's record, as this code reads it
+    assert set_aside_a_record_of_gone_checkpoints(run) is None and (run_dir / RUN_SNAPSHOT).is_file()
+
+    shutil.rmtree(run_dir / recorded[0])
+    assert set_aside_a_record_of_gone_checkpoints(run) == f"{run_dir}/{recorded[0]}"
+    assert not (run_dir / RUN_SNAPSHOT).exists() and len(list(run_dir.glob(f"{RUN_SNAPSHOT}.gone-*"))) == 1
+    assert all((run_dir / name).is_dir() for name in recorded[1:])  # what is left stays
+    assert "cannot resume: starting it afresh" in caplog.text
+
+
+@pytest.mark.slow
 def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster, make_config):
     """Tune's trial retries are for a lost driver: a Train run that gave up after train.max_failures (here 0)
     is not run again by the retry, which would otherwise resume it and hide the failure."""
