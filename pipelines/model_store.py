@@ -198,10 +198,14 @@ class ModelStore:
     def load(self, served: ServedModel, *, fold: bool = True, trace: bool = False,
              device: str | torch.device = "cpu", path: Path | None = None) -> LoadedModel:
         """Download (registry) or open (file) the checkpoint (``path``: already at hand), verify it and build
-        the serving model (:func:`prepare_for_serving`)."""
-        checkpoint: ModelCheckpoint = load_checkpoint(path or self.checkpoint_file(served))
+        the serving model (:func:`prepare_for_serving`). A registered checkpoint that loads is kept as verified:
+        loading it again (evicted from the LRU) needs no registry, as for one :meth:`verify` checked at start."""
+        path = path or self.checkpoint_file(served)
+        checkpoint: ModelCheckpoint = load_checkpoint(path)
         loaded = prepare_for_serving(checkpoint.build_model(), checkpoint.spec, fold=fold, trace=trace, device=device)
         loaded.alias, loaded.version = served.alias, served.version or f"epoch{checkpoint.epoch}"
+        if served.source.startswith("models:/"):
+            self.verified_files[served.alias] = path
         return loaded
 
     def verify(self, models: list[ServedModel]) -> None:
@@ -212,7 +216,6 @@ class ModelStore:
             try:
                 path = self.checkpoint_file(served)
                 loaded = self.load(served, fold=False, path=path)
-                self.verified_files[served.alias] = path
                 served.status, served.error = "ok", None
                 served.arch = served.arch or type(loaded.model).__name__
                 served.dataset = served.dataset or loaded.spec.dataset

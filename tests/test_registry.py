@@ -107,6 +107,15 @@ def test_a_verified_model_loads_again_while_the_registry_is_down(registered):
     x = torch.randn(2, 1, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(again.model(x), model(x), rtol=1e-4, atol=1e-4)
+    # A model first loaded by a request (left unchecked at start by an outage, verified by that load) is kept
+    # as verified too: evicted from the LRU and asked for again, it needed the registry.
+    store = ModelStore(cfg)
+    [served], _ = store.discover()
+    served.status = "unchecked"
+    store.load(served, fold=True)
+    store.tracker = Tracker("http://127.0.0.1:9", cfg.name)
+    with torch.inference_mode():
+        torch.testing.assert_close(store.load(served, fold=True).model(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_outage_is_over(registered):
