@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, PipelineConfig, load_config
+from .config import ConfigError, PipelineConfig, load_config, ray_address
 from .console import configure_console
 
 EXIT_CONFIG = 2
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the stages in order: search, train, report, serve")
     _add_config_args(run)
     run.add_argument("--stages", help="comma-separated subset, e.g. search,train,report (default: all)")
-    run.add_argument("--no-block", action="store_true", help="return once serving has started")
+    run.add_argument("--no-block", action="store_true",
+                     help="return once serving has started (on a cluster or in a Ray job, which outlive the command)")
 
     for name, text in (("search", "search EfficientNet's compound-scaling coefficients with Ray Tune"),
                        ("train", "train every model of train.models (and the searched EfficientNet family)"),
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "search":
             sub.add_argument("--force", action="store_true", help="search again even if a finished search exists")
         if name == "serve":
-            sub.add_argument("--no-block", action="store_true", help="return once serving has started")
+            sub.add_argument("--no-block", action="store_true",
+                             help="return once serving has started (on a cluster or in a Ray job)")
 
     register = commands.add_parser(
         "register", help="send the MLflow writes (metrics, registrations, champion) an outage left pending")
@@ -197,9 +199,13 @@ def _pending_exit(args, cfg: PipelineConfig, code: int) -> int:
     return code or EXIT_PENDING
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    """The error on one line: its lines joined (the first alone often ends in "To fix this, either:"), cut
+    at ``limit`` characters (a long one is for ``--debug``)."""
+    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    if len(text) > limit:
+        text = text[:limit].rstrip() + "..."
+    return f"{type(err).__name__}: {text}".rstrip(": ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
                 stages = parse_stages(args.stages)
             except ValueError as err:
                 raise ConfigError("--stages", str(err)) from None
+        if getattr(args, "no_block", False) and ray_address(cfg) is None:
+            raise ConfigError("--no-block", "needs a Ray cluster that outlives this command (ray.address, or run it "
+                                            "as a Ray job): the local Ray it would start stops, and its Serve app "
+                                            "with it, as the command returns")
     except ConfigError as err:
         logger.error("config error: %s", err)
         return EXIT_CONFIG

@@ -104,20 +104,31 @@ class RayConfig(_Section):
     @field_validator("address")
     @classmethod
     def _an_address_ray_can_join(cls, value):
-        """``auto``, ``local``, ``ray://host[:port]``, ``host:port`` or another client protocol's ``name://...``
-        (Ray's client builders): anything else reached ``ray.init`` and failed there, after the stage began."""
-        if value is None or value in ("auto", "local"):
-            return value
-        if value.lower().startswith(("http://", "https://")):
-            raise ValueError(f"{value!r} is a dashboard address (what `ray job submit` takes), not one ray.init can "
-                             "join: use auto on the cluster's nodes, or ray://host:10001 (Ray Client)")
-        found = re.fullmatch(r"(?:(ray)://|[a-z][a-z0-9_]*://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d+))?", value)
-        scheme_given = found is not None and "://" in value
-        port_ok = found is not None and (found[3] is None or 1 <= int(found[3]) <= 65535)
-        if found is None or not port_ok or (not scheme_given and found[3] is None):
-            raise ValueError(f"{value!r} is not an address Ray can join: use null (a local Ray), auto (the cluster "
-                             "this runs on), host:6379 (a cluster's GCS) or ray://host:10001 (Ray Client)")
+        return value if value is None else joinable_ray_address(value)
+
+
+def joinable_ray_address(value: str) -> str:
+    """``value`` if ``ray.init`` can join it: ``auto``, ``local``, ``ray://host[:port]``, ``host:port`` or another
+    client protocol's ``name://...`` (Ray's client builders); anything else reached ``ray.init`` and failed there,
+    after the stage began (ValueError)."""
+    if value in ("auto", "local"):
         return value
+    if value.lower().startswith(("http://", "https://")):
+        raise ValueError(f"{value!r} is a dashboard address (what `ray job submit` takes), not one ray.init can "
+                         "join: use auto on the cluster's nodes, or ray://host:10001 (Ray Client)")
+    found = re.fullmatch(r"(?:(ray)://|[a-z][a-z0-9_]*://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d+))?", value)
+    scheme_given = found is not None and "://" in value
+    port_ok = found is not None and (found[3] is None or 1 <= int(found[3]) <= 65535)
+    if found is None or not port_ok or (not scheme_given and found[3] is None):
+        raise ValueError(f"{value!r} is not an address Ray can join: use null (a local Ray), auto (the cluster "
+                         "this runs on), host:6379 (a cluster's GCS) or ray://host:10001 (Ray Client)")
+    return value
+
+
+def ray_address(cfg: PipelineConfig) -> str | None:
+    """The Ray a command joins: ``ray.address``, else ``RAY_ADDRESS`` (what Ray sets for a job's driver: the job's
+    cluster), else None, a local Ray of the command's own that stops when it returns."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def _at_least_one_or_auto(value):
@@ -585,6 +596,13 @@ class PipelineConfig(_Section):
 
 
 def _semantic_checks(cfg: PipelineConfig) -> None:
+    if cfg.ray.address is None and os.environ.get("RAY_ADDRESS"):
+        # Ray's job docs have users export the dashboard's http:// address for `ray job submit`; ray.init then
+        # failed after the stage began, with a message cut short at its first line.
+        try:
+            joinable_ray_address(os.environ["RAY_ADDRESS"])
+        except ValueError as err:
+            raise ConfigError("RAY_ADDRESS", f"{err} (the environment variable; unset it for a local Ray)") from None
     data = cfg.data
     if data.dataset == "imagefolder":
         if not data.root:
@@ -714,7 +732,7 @@ def _serve_checks(cfg: PipelineConfig) -> None:
 
 def _local_gpus(cfg: PipelineConfig) -> int | None:
     """GPUs a local Ray will have (None when joining a cluster: its nodes are not known before Ray starts)."""
-    if cfg.ray.address is not None:
+    if ray_address(cfg) is not None:
         return None
     if cfg.ray.num_gpus is not None:
         return cfg.ray.num_gpus

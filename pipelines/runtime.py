@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from .config import PipelineConfig
+from .config import PipelineConfig, ray_address
 
 __all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for", "on_this_node"]
 
@@ -49,10 +49,8 @@ def ray_session(cfg: PipelineConfig) -> Iterator[None]:
         return
     kwargs = {"include_dashboard": cfg.ray.include_dashboard, "logging_level": logging.WARNING,
               "configure_logging": True}
-    address = cfg.ray.address
-    if address is None and os.environ.get("RAY_ADDRESS"):
-        address = os.environ["RAY_ADDRESS"]  # a Ray job's driver: its cluster, not a Ray of its own
-    elif address is None:
+    address = ray_address(cfg)
+    if address is None:
         # "local", not None: None would join any `ray start` cluster on this machine, with other settings.
         address = "local"
         kwargs.update(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,

@@ -152,7 +152,7 @@ def test_a_mistyped_token_or_password_is_not_echoed_and_a_key_given_twice_is_an_
 def test_cli_config_errors_exit_2_before_ray_starts():
     # One interpreter runs every case; Ray must never be initialised in it.
     script = """
-import sys, ray
+import os, sys, ray
 from pipelines.__main__ import main
 cases = [
     ["train", "--set", "train.modles=[resnet18]"],
@@ -164,16 +164,23 @@ cases = [
     ["train", "--set", "data.dataset=imagefolder", "--set", "data.root=/does/not/exist"],
     ["train", "--config", "/does/not/exist.yaml"],
     ["run", "--stages", "search,fly"],
+    # A local Ray stops, and serving with it, when the command returns.
+    ["run", "--no-block"],
+    ["serve", "--no-block"],
 ]
 codes = [main(argv) for argv in cases]
+os.environ["RAY_ADDRESS"] = "http://127.0.0.1:8265"  # exported for `ray job submit`, as Ray's job docs say
+codes.append(main(["report"]))
 print(codes)
-sys.exit(0 if codes == [2] * len(cases) and not ray.is_initialized() else 1)
+sys.exit(0 if codes == [2] * (len(cases) + 1) and not ray.is_initialized() else 1)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     for fragment in ("config error: train.modles: unknown key; did you mean 'train.models'?",
                      "train.epochs", "search.alpha: low end 1.3 is above high end 1.1", "search.beta",
-                     "data.dataset: unknown dataset 'mnist'", "data.root", "--config", "--stages"):
+                     "data.dataset: unknown dataset 'mnist'", "data.root", "--config", "--stages",
+                     "--no-block: needs a Ray cluster that outlives this command",
+                     "RAY_ADDRESS: 'http://127.0.0.1:8265' is a dashboard address"):
         assert fragment in out.stderr
 
 
@@ -204,6 +211,18 @@ def test_a_failed_stage_exits_1_with_one_line_and_no_traceback(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "error: LookupError: no trained models under" in out.stderr
     assert "run the train stage first" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_failure_message_keeps_its_later_lines_on_the_one_line():
+    """Ray's errors put the fix on their later lines ("To fix this, either:" then the options): the first line
+    alone ended at the colon."""
+    from pipelines.__main__ import _one_line
+
+    err = ValueError("Invalid Ray address. To fix this, either:\n  - unset RAY_ADDRESS\n  - or use host:6379")
+    assert _one_line(err) == ("ValueError: Invalid Ray address. To fix this, either: - unset RAY_ADDRESS "
+                              "- or use host:6379")
+    assert _one_line(RuntimeError("x" * 1000)).endswith("x...") and len(_one_line(RuntimeError("x" * 1000))) < 430
+    assert _one_line(KeyError()) == "KeyError"
 
 
 @pytest.mark.slow
