@@ -65,6 +65,19 @@ def test_every_preset_is_a_valid_config(preset, monkeypatch, tmp_path):
     if cfg.train.use_gpu:
         assert cfg.paths.storage == "s3://bucket/prefix" and cfg.tracking_uri == "http://10.0.0.1:5000"
         assert cfg.ray.address == "auto"
+        # A GPU worker must fit cluster.yaml's GPU node, or it waits for good: the autoscaler has no node to
+        # add for it (imagefolder-gpu's 4 loader processes asked for 5 CPUs of a 4-vCPU g5.xlarge).
+        from pipelines.planning import auto_cpus_per_worker
+
+        node = yaml.safe_load((ROOT / "cluster.yaml").read_text())["available_node_types"]["gpu_worker"]
+        vcpus = GPU_NODE_VCPUS[node["node_config"]["InstanceType"]]
+        assert auto_cpus_per_worker(cfg, cluster_cpus=vcpus) <= vcpus, preset
+        assert cfg.serve.num_cpus <= vcpus
+
+
+#: vCPUs of the GPU instance types cluster.yaml may use (AWS's instance type table).
+GPU_NODE_VCPUS = {"g5.xlarge": 4, "g5.2xlarge": 8, "g5.4xlarge": 16, "g6.xlarge": 4, "g6.2xlarge": 8,
+                  "g4dn.xlarge": 4, "g4dn.2xlarge": 8}
 
 
 # --- the registry outlives the cluster; least privilege; the network ---------------------------------------
