@@ -133,6 +133,10 @@ def _unreadable(path: str) -> str | None:
     for one) but not JPEG, BMP or TIFF pixel data: a truncated JPEG passes it and fails mid-epoch, so the
     pixels are decoded too (about a millisecond for a 500x375 JPEG)."""
     try:
+        path.encode()
+    except UnicodeEncodeError:  # bytes Python could only keep as surrogates: JSON, MLflow and logs refuse them
+        return "its name is not valid UTF-8 (a zip made on Windows, say): rename it, e.g. with convmv"
+    try:
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:  # verify leaves the image unusable: open it again
@@ -200,9 +204,9 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
         try:
             stat = os.stat(path)
         except OSError:  # a dangling link (DVC, git-annex, a moved cache): the check lists it as unreadable
-            content.update(f"{path}\0missing\n".encode())
+            content.update(os.fsencode(f"{path}\0missing\n"))
             continue
-        content.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        content.update(os.fsencode(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
     key = (str(root), content.hexdigest())
     if key not in _CHECKED:
         _CHECKED[key] = _find_unreadable(root, paths)

@@ -254,6 +254,26 @@ def test_unreadable_image_files_are_listed_and_hidden_files_never_opened(tmp_pat
     assert sum(len(s) for s in (plain.train, plain.val, plain.test)) == 14
 
 
+def test_a_file_name_that_is_not_utf8_is_a_bad_file_not_a_crash(tmp_path):
+    """A Windows zip unpacked on Linux leaves Latin-1 names ("caf\xe9.png"): hashing the folder's listing
+    crashed the check (UnicodeEncodeError, exit 1, no file named). Now the file is listed like an unreadable
+    one, and left out with ``data.skip_bad_files``."""
+    import os
+
+    from pipelines.image_folder import BadImageFilesError, check_image_folder
+
+    _write_images(tmp_path, per_class=6)
+    latin1 = os.fsdecode(b"caf\xe9.png")
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(tmp_path / "cat" / latin1)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16)
+    with pytest.raises(BadImageFilesError) as info:
+        check_image_folder(cfg)
+    assert info.value.bad == [(f"cat/{latin1}", info.value.bad[0][1])] and "not valid UTF-8" in info.value.bad[0][1]
+    skipping = cfg.model_copy(update={"skip_bad_files": True})
+    described = describe_dataset(skipping)
+    assert described.excluded_files == (f"cat/{latin1}",) and sum(described.sizes.values()) == 12
+
+
 def test_the_error_shows_the_first_ten_bad_files_and_the_count(tmp_path):
     from pipelines.image_folder import BadImageFilesError, check_image_folder
 
