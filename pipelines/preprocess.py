@@ -179,7 +179,8 @@ class PreprocessSpec:
 
 
 #: The image formats an upload may be in (Pillow format names); anything else is refused before Pillow parses it.
-ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+#: Every format an image folder trains on is here (PPM: also .pgm, as face data sets such as ORL ship).
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 
 
 def _scaled_to_bytes(image: Image.Image, rows: int = 256) -> np.ndarray:

@@ -18,6 +18,7 @@ from pipelines.preprocess import (
     PreprocessSpec,
     UnsupportedImageFormat,
     decode_image,
+    open_image,
     preprocess_upload,
 )
 
@@ -54,6 +55,15 @@ def test_an_aspect_ratio_bomb_is_refused_from_its_header_before_decoding():
     with pytest.raises(ImageDecodeError, match="aspect ratio"):
         preprocess_upload(bomb[:100], SPEC, DecodeBudget())
     assert time.perf_counter() - started < 1.0
+
+
+def test_the_server_accepts_every_format_an_image_folder_trains_on(tmp_path):
+    """A model trained on .pgm faces refused the same file at serving time (415)."""
+    from pipelines.data import IMAGE_EXTENSIONS
+
+    for extension in IMAGE_EXTENSIONS:
+        Image.new("L", (8, 8), 128).save(tmp_path / f"face{extension}")
+        assert open_image((tmp_path / f"face{extension}").read_bytes()).size == (8, 8), extension
 
 
 @pytest.mark.parametrize("fmt", ACCEPTED_FORMATS)
