@@ -296,7 +296,8 @@ class ModelSelection(_Section):
         "auto", description="small-image stems for inputs up to 64 px; auto decides by data.image_size"
     )
     max_concurrent_models: Union[int, Literal["auto"]] = Field(
-        "auto", description="models trained at the same time; auto: as many as the free resources fit"
+        "auto", description="models trained at the same time; auto: as many as the resources free now fit (an "
+                            "autoscaler's nodes not started yet count for nothing: name a number there)"
     )
     overlap_startup: bool = Field(
         False,
@@ -364,7 +365,8 @@ class SearchConfig(_Section):
     grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: int = Field(2, ge=2, description="ASHA: keep 1 / reduction_factor of trials at each rung")
     max_concurrent_trials: Union[int, Literal["auto"]] = Field(
-        "auto", description="trials at the same time; auto: as many as the free resources fit"
+        "auto", description="trials at the same time; auto: as many as the resources free now fit (name a "
+                            "number on an autoscaling cluster, as for train.max_concurrent_models)"
     )
 
     _positive_trials = field_validator("max_concurrent_trials")(_at_least_one_or_auto)

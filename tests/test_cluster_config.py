@@ -73,6 +73,10 @@ def test_every_preset_is_a_valid_config(preset, monkeypatch, tmp_path):
         vcpus = GPU_NODE_VCPUS[node["node_config"]["InstanceType"]]
         assert auto_cpus_per_worker(cfg, cluster_cpus=vcpus) <= vcpus, preset
         assert cfg.serve.num_cpus <= vcpus
+        # cluster.yaml starts without GPU nodes: "auto" concurrency would count none and run one model at a
+        # time, and the autoscaler would add one node for it.
+        assert cfg.train.max_concurrent_models != "auto" and cfg.search.max_concurrent_trials != "auto", preset
+        assert node["min_workers"] == 0
 
 
 #: vCPUs of the GPU instance types cluster.yaml may use (AWS's instance type table).
