@@ -108,9 +108,33 @@ def _links_back(root: Path) -> list[str]:
     return sorted(loops)
 
 
+#: Folder names of a split data set's held-out splits, the first found used (Roboflow exports ``valid/``).
+SPLIT_FOLDERS = {"val": ("val", "valid", "validation"), "test": ("test",)}
+#: Names that say a folder is a split, not a class (Kaggle's ``training_set/`` and ``test_set/``, say).
+SPLIT_LIKE_NAMES = frozenset({"train", "training", "train_set", "training_set", "trainset", "val", "valid",
+                              "validation", "val_set", "validation_set", "test", "testing", "test_set", "testset"})
+
+
+def _has_class_folders(directory: Path) -> bool:
+    return directory.is_dir() and bool(_class_names(directory))
+
+
 def _training_folder(root: Path) -> Path:
-    """Where the training classes are: ``root/train`` when the folder comes split, else ``root`` itself."""
-    return root / "train" if (root / "train").is_dir() else root
+    """Where the training classes are: ``root/train`` when the folder comes split (``train/`` holds class
+    folders), else ``root`` itself (``train/`` with its images in it is then a class: COCO has one)."""
+    return root / "train" if _has_class_folders(root / "train") else root
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+    """The folder of a split data set's ``split`` (``val`` or ``test``), if it has one."""
+    return next((root / name for name in SPLIT_FOLDERS[split] if (root / name).is_dir()), None)
+
+
+def _split_like_classes(root: Path) -> list[str]:
+    """Class folders of an unsplit ``root`` that are splits in disguise: a split-like name and class folders
+    inside. torchvision's walk reads their images recursively, so each split would become one class."""
+    return [name for name in _class_names(root)
+            if name.lower() in SPLIT_LIKE_NAMES and _has_class_folders(root / name)]
 
 
 def _empty_class_folders(directory: Path, classes: list[str]) -> list[str]:
@@ -123,8 +147,9 @@ def _image_folder_files(root: Path) -> list[str]:
     base = _training_folder(root)
     paths = _scan_class_folders(root, base)[1]
     if base != root:
-        for name in ("val", "test"):
-            paths += _scan_class_folders(root, root / name)[1]
+        for split in ("val", "test"):
+            if (folder := _split_folder(root, split)) is not None:
+                paths += _scan_class_folders(root, folder)[1]
     return paths
 
 
@@ -241,6 +266,11 @@ def load_imagefolder(cfg: DataConfig, excluded: frozenset[str] = frozenset()) ->
         raise DataError(f"image folder {root} does not exist")
     base = _training_folder(root)
     presplit = base != root
+    if not presplit and (disguised := _split_like_classes(root)):
+        raise ImageFolderError(
+            f"{root} looks split, but not into train/ val/ test/: {', '.join(f'{n}/' for n in disguised)} hold "
+            "class folders and would each be read as one class; rename the training folder to train/ (the "
+            f"others to val/ or valid/, and test/), or set data.root to the folder that holds the classes")
     classes, paths, labels = _scan_class_folders(root, base, excluded)
     if len(classes) < 2:
         loose = sum(1 for f in base.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
@@ -252,9 +282,9 @@ def load_imagefolder(cfg: DataConfig, excluded: frozenset[str] = frozenset()) ->
     train_all = RawSplit(labels=labels, paths=paths)
     splits: dict[str, RawSplit] = {}
     if presplit:
-        for name in ("val", "test"):
-            if (root / name).is_dir():
-                splits[name] = _split_of_train_classes(root, name, classes, excluded)
+        for split in ("val", "test"):
+            if (folder := _split_folder(root, split)) is not None:
+                splits[split] = _split_of_train_classes(root, folder, split, classes, excluded)
     try:
         if not presplit:
             rest, test_idx = stratified_split(labels, cfg.test_fraction, cfg.seed)
@@ -275,17 +305,18 @@ def load_imagefolder(cfg: DataConfig, excluded: frozenset[str] = frozenset()) ->
                        "imagefolder")
 
 
-def _split_of_train_classes(root: Path, name: str, classes: list[str], excluded: frozenset[str]) -> RawSplit:
-    """``root/name`` (``val`` or ``test``) labelled with the indices of ``train/``'s ``classes``."""
-    own, paths, labels = _scan_class_folders(root, root / name, excluded)
+def _split_of_train_classes(root: Path, folder: Path, split: str, classes: list[str],
+                            excluded: frozenset[str]) -> RawSplit:
+    """``folder`` (the ``split``: ``val`` or ``test``) labelled with the indices of ``train/``'s ``classes``."""
+    own, paths, labels = _scan_class_folders(root, folder, excluded)
     if unknown := [c for c in own if c not in classes]:
         raise ImageFolderError(
-            f"{root / name} has class folders with images that {root / 'train'} lacks: "
+            f"{folder} has class folders with images that {root / 'train'} lacks: "
             f"{', '.join(f'{c}/' for c in unknown)} (class folders match by exact name: rename them or add "
             "training images)")
     if not paths:
-        raise ImageFolderError(f"{root / name} holds no images in class folders; fill it or remove it (then "
-                               f"data.{'val' if name == 'val' else 'test'}_fraction of train/ is held out)")
+        raise ImageFolderError(f"{folder} holds no images in class folders; fill it or remove it (then "
+                               f"data.{split}_fraction of train/ is held out)")
     index = np.asarray([classes.index(c) for c in own], dtype=np.int64)
     return RawSplit(labels=index[labels], paths=paths)
 

@@ -91,6 +91,30 @@ def test_imagefolder_flat_and_presplit(tmp_path):
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label in (0, 1)
 
 
+def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classes(tmp_path):
+    """Only a literal train/ switched to split folders: Kaggle's training_set/ and test_set/ became two classes
+    (the model learnt which split an image came from), Roboflow's valid/ was ignored, and a flat folder with a
+    class named train (a COCO category) was read as a split folder."""
+    from pipelines.image_folder import ImageFolderError, check_image_folder
+
+    kaggle = tmp_path / "kaggle"
+    _write_images(kaggle / "training_set", per_class=8)
+    _write_images(kaggle / "test_set", per_class=2)
+    with pytest.raises(ImageFolderError, match=r"looks split, but not into train/ val/ test/: test_set/, training_se"):
+        load_splits(DataConfig(dataset="imagefolder", root=str(kaggle)))
+    roboflow = tmp_path / "roboflow"
+    for split, count in (("train", 8), ("valid", 3), ("test", 2)):
+        _write_images(roboflow / split, per_class=count)
+    cfg = DataConfig(dataset="imagefolder", root=str(roboflow), image_size=16)
+    splits = load_splits(cfg)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 6, 4)
+    assert len(check_image_folder(cfg)) == 0 and describe_dataset(cfg).sizes == {"train": 16, "val": 6, "test": 4}
+    coco = tmp_path / "coco"
+    _write_images(coco, classes=("bus", "train"), per_class=10)  # "train" holds images: a class
+    splits = load_splits(DataConfig(dataset="imagefolder", root=str(coco), val_fraction=0.2, test_fraction=0.2))
+    assert splits.class_names == ("bus", "train") and len(splits.train) + len(splits.val) + len(splits.test) == 20
+
+
 def test_training_and_serving_see_identical_pixels():
     """An in-memory training image and the same image sent as PNG to the server give the same input."""
     cfg = DataConfig(dataset="digits", image_size=16)
