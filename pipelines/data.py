@@ -254,7 +254,11 @@ def _load_splits_cached(cfg_json: str, excluded: tuple[str, ...]) -> ImageSplits
     if cfg.train_subset is not None and cfg.train_subset < len(splits.train):
         fraction = cfg.train_subset / len(splits.train)
         _, keep = stratified_split(splits.train.labels, fraction, cfg.seed)
-        splits.train = splits.train.subset(keep)
+        # The subset is the held-out side, which never has a class's only image: added back, or the class
+        # would have no training image at all (a few more images than asked for).
+        counts = np.bincount(splits.train.labels)
+        singles = np.flatnonzero(np.isin(splits.train.labels, np.flatnonzero(counts == 1)))
+        splits.train = splits.train.subset(np.union1d(keep, singles))
     return splits
 
 

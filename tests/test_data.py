@@ -58,6 +58,18 @@ def test_train_subset_is_stratified():
     assert len(np.unique(splits.train.labels)) == 10
 
 
+def test_train_subset_keeps_a_class_with_a_single_image(tmp_path):
+    """The subset is the held-out side of a stratified split, where a class's only image never goes: the class
+    was left without training images, though the docs promise it stays in training."""
+    _write_images(tmp_path, classes=("ant", "bee", "cat"), per_class=20)
+    for extra in range(1, 20):
+        (tmp_path / "ant" / f"{extra}.png").unlink()  # one ant left
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), val_fraction=0.1, test_fraction=0.1)
+    assert 0 in load_splits(cfg).train.labels
+    subset = load_splits(cfg.model_copy(update={"train_subset": 12}))
+    assert 0 in subset.train.labels and len(subset.train) == 13  # the 12 asked for, and the ant
+
+
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_reads_the_debian_idx_files():
     cfg = DataConfig(dataset="fashion-mnist", download=False)
