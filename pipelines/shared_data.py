@@ -22,11 +22,12 @@ from collections.abc import Iterator
 import ray
 
 from .config import DataConfig
-from .data import ConvertedSplit, convert_splits, load_splits
+from .data import ConvertedSplit, convert_splits, converted_bytes, load_splits
 from .preprocess import PreprocessSpec
 from .runtime import on_this_node
 
-__all__ = ["SplitsCache", "shared_splits", "prepare", "fetch_converted", "MAX_SHARED_BYTES"]
+__all__ = ["SplitsCache", "shared_splits", "prepare", "fetch_converted", "converted_for_sharing",
+           "MAX_SHARED_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,24 +47,28 @@ class SplitsCache:
         reference travels inside a list so that fetching this answer does not fetch the data too)."""
         key = data_json + spec_json
         if key not in self._entries:
-            self._entries[key] = self._convert(DataConfig.model_validate_json(data_json),
-                                               PreprocessSpec.from_dict(json.loads(spec_json)))
+            arrays = converted_for_sharing(DataConfig.model_validate_json(data_json),
+                                           PreprocessSpec.from_dict(json.loads(spec_json)))
+            self._entries[key] = [ray.put(arrays)] if arrays is not None else []
         return self._entries[key]
 
-    @staticmethod
-    def _convert(data: DataConfig, spec: PreprocessSpec) -> list:
-        if data.dataset == "imagefolder":  # decoded per item, never shared: not even worth scanning here
-            return []
-        converted = convert_splits(load_splits(data), spec)
-        if converted is None:
-            return []
-        arrays = {name: (split.images.numpy(), split.labels.numpy()) for name, split in converted.items()}
-        size = sum(images.nbytes + labels.nbytes for images, labels in arrays.values())
-        if size > MAX_SHARED_BYTES:
-            logger.info("not sharing %s at %d px through the object store (%.1f GB); workers convert their own",
-                        data.dataset, spec.image_size, size / 1024**3)
-            return []
-        return [ray.put(arrays)]
+
+def converted_for_sharing(data: DataConfig, spec: PreprocessSpec) -> dict | None:
+    """``{split: (images, labels)}`` numpy arrays of ``data`` at ``spec``, or None when they are not shared: image
+    folders (decoded per item), and data whose converted size exceeds :data:`MAX_SHARED_BYTES`, worked out
+    before converting anything (converted first, it cost the whole conversion, then every worker's own)."""
+    if data.dataset == "imagefolder":  # not even worth scanning here
+        return None
+    splits = load_splits(data)
+    size = converted_bytes(sum(len(s) for s in (splits.train, splits.val, splits.test)), spec)
+    if size > MAX_SHARED_BYTES:
+        logger.info("not sharing %s at %d px through the object store (%.1f GB); workers convert their own",
+                    data.dataset, spec.image_size, size / 1024**3)
+        return None
+    converted = convert_splits(splits, spec)
+    if converted is None:
+        return None
+    return {name: (split.images.numpy(), split.labels.numpy()) for name, split in converted.items()}
 
 
 @contextlib.contextmanager

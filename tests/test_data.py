@@ -78,6 +78,31 @@ def test_channel_statistics_are_exact_without_a_float_copy_of_the_split():
     assert _channel_stats(grey, 1)[0] == pytest.approx([grey.mean() / 255.0], abs=1e-12)
 
 
+def test_data_too_big_to_convert_up_front_is_decoded_per_item_and_not_converted_to_share(monkeypatch):
+    """CIFAR-10 at a 224 px input is 6.8 GB converted: every worker converted it up front (twice that at the
+    peak), and the stage's shared cache converted it all before finding it too big to share."""
+    import pipelines.data as data_module
+    import pipelines.shared_data as shared_data
+    from pipelines.data import convert_splits
+
+    cfg = DataConfig(dataset="digits", image_size=16)
+    splits, spec = load_splits(cfg), make_spec(describe_dataset(cfg), 16)
+    up_front = SplitDataset(splits.val, spec)
+    assert up_front.images is not None and up_front.images.shape == (len(splits.val), 1, 16, 16)
+    shared = shared_data.converted_for_sharing(cfg, spec)
+    assert shared["val"][0].shape == (len(splits.val), 1, 16, 16)
+    assert np.array_equal(shared["val"][0], up_front.images.numpy())
+
+    monkeypatch.setattr(data_module, "MAX_CONVERTED_BYTES", 16 * 16 * 100)  # 100 images
+    per_item = SplitDataset(splits.val, spec)
+    assert per_item.images is None and convert_splits(splits, spec) is None
+    assert all(per_item[i][0].equal(up_front[i][0]) and per_item[i][1] == up_front[i][1] for i in range(len(per_item)))
+
+    monkeypatch.setattr(shared_data, "MAX_SHARED_BYTES", 16 * 16 * 100)
+    monkeypatch.setattr(shared_data, "convert_splits", lambda *_: pytest.fail("converted before sizing"))
+    assert shared_data.converted_for_sharing(cfg, spec) is None
+
+
 def test_train_subset_keeps_a_class_with_a_single_image(tmp_path):
     """The subset is the held-out side of a stratified split, where a class's only image never goes: the class
     was left without training images, though the docs promise it stays in training."""
