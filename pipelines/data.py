@@ -282,8 +282,15 @@ def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"sample-{safe}.png"
-    splits.test.pil(0).save(path)
+    image = splits.test.pil(0)
+    if image.mode not in PNG_MODES:  # a CMYK JPEG, a float TIFF: PNG cannot hold them, the server takes RGB
+        image = image.convert("RGB")
+    image.save(path)
     return path
+
+
+#: Pillow modes a PNG file can hold.
+PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
 
 
 def _channel_stats(images: np.ndarray, channels: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:

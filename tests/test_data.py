@@ -103,6 +103,21 @@ def test_data_too_big_to_convert_up_front_is_decoded_per_item_and_not_converted_
     assert shared_data.converted_for_sharing(cfg, spec) is None
 
 
+def test_the_example_image_is_written_whatever_the_mode_of_the_first_test_image(tmp_path):
+    """A CMYK JPEG first in the test split: PNG cannot hold CMYK, and the example request after serving was
+    silently left out."""
+    from pipelines.data import write_sample_image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("CMYK", (20, 24), (i * 40, 0, 0, 0)).save(tmp_path / "images" / name / f"{i}.jpg")
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "images"), val_fraction=0.2, test_fraction=0.2)
+    sample = write_sample_image(cfg, tmp_path / "serve")
+    with Image.open(sample) as written:
+        assert written.format == "PNG" and written.mode == "RGB"
+
+
 def test_train_subset_keeps_a_class_with_a_single_image(tmp_path):
     """The subset is the held-out side of a stratified split, where a class's only image never goes: the class
     was left without training images, though the docs promise it stays in training."""
