@@ -101,6 +101,8 @@ class TrackingQueue:
         #: Whether the pending file holds writes this queue took over: it is then kept in step as they go out,
         #: so a process killed before :meth:`flush` does not leave them to be sent twice (two model versions).
         self._tracks_file = False
+        if self.pending_file is not None:
+            _wait_for_the_write_in_flight(self.pending_file)
         if self.pending_file is not None and self.pending_file.exists():
             self._load_pending()
             self._tracks_file = True
@@ -312,6 +314,8 @@ class TrackingQueue:
                 # Still in flight (a slow upload after an outage): should it succeed, the writer takes it out
                 # of the file, or the next `register` would send it again (a second version, the alias moved).
                 self._tracks_file = True
+                if self.pending_file is not None:
+                    _WRITES_IN_FLIGHT[self.pending_file.resolve()] = self._thread
             self._save_pending(pending)
         return pending
 
@@ -346,6 +350,23 @@ class TrackingQueue:
             self._ops.append(TrackingOp(self._seq, op["kind"], op["ref"], op["args"]))
         logger.info("[tracking] %d write(s) left pending by an earlier stage are queued again (%s)",
                     len(self._ops), self.pending_file)
+
+
+#: Writer threads of this process still sending a write after their queue's flush gave up, by pending file:
+#: the file is theirs until that write ends (they take it out on success). A later stage of the same `run`
+#: that loaded the file meanwhile sent the write a second time (a second model version, the alias moved),
+#: and the old writer then overwrote the file under it.
+_WRITES_IN_FLIGHT: dict[Path, threading.Thread] = {}
+
+
+def _wait_for_the_write_in_flight(pending_file: Path) -> None:
+    """Before a queue reads ``pending_file``: wait for a writer of this process still sending one of its writes
+    (at most its request's timeout: it stops after that attempt)."""
+    writer = _WRITES_IN_FLIGHT.pop(pending_file.resolve(), None)
+    if writer is None or not writer.is_alive():
+        return
+    logger.info("[tracking] waiting for a write still on its way to MLflow before reading %s", pending_file)
+    writer.join(timeout=float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")) + 5)
 
 
 def _note_unregistrable(op: TrackingOp, err: BaseException) -> None:
