@@ -130,6 +130,22 @@ def test_only_the_head_may_launch_instances_and_it_may_pass_only_the_worker_role
     assert wildcards == ["AutoscalerDescribes"]  # EC2's Describe calls take no resource ARN; nothing else is open
 
 
+def test_every_node_boots_an_ami_whose_driver_runs_the_cuda_12_image(cluster):
+    """Without an ImageId, Ray launches its default Deep Learning AMI (Ubuntu 18.04, a CUDA 11 driver), too old
+    for the CUDA 12 in the rayproject/ray -gpu image and torch's wheels. The head resolves the workers' AMI
+    parameter when it launches them, so its role may read that parameter, and no other."""
+    from ray.autoscaler._private.aws.config import DEFAULT_AMI
+
+    images = {name: node["node_config"]["ImageId"] for name, node in cluster["available_node_types"].items()}
+    for name, image in images.items():
+        assert image.startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-"), name
+        assert "ubuntu-22.04" in image or "ubuntu-24.04" in image, name
+        assert image not in DEFAULT_AMI.values()
+    [reads] = _allowed(_policy("head-policy.json"), "ssm:GetParameters")
+    parameter = images["gpu_worker"].removeprefix("resolve:ssm:")
+    assert parameter.startswith(reads["Resource"].split(":parameter", 1)[1].rstrip("*"))
+
+
 def test_ssh_is_admitted_only_from_a_configured_address(cluster):
     # Ray creates a missing group with SSH from 0.0.0.0/0 on top of provider.security_group's rules, so the
     # nodes name a group made beforehand and Ray must not configure one of its own.
