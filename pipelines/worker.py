@@ -162,10 +162,29 @@ def setup(run: ModelRun) -> StepContext:
     from ray.train.torch import get_device, prepare_data_loader
 
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(run.threads_per_worker)
+    ctx = build_context(run, context.get_world_rank(), context.get_world_size(), get_device())
+    # Ray moves the batches to the worker's device; the samplers are ours (add_dist_sampler=False).
+    ctx.train_loader = prepare_data_loader(ctx.train_loader, add_dist_sampler=False)
+    ctx.val_loader = prepare_data_loader(ctx.val_loader, add_dist_sampler=False)
+    return ctx
+
+
+def loader_options(run: ModelRun, rank: int, on_gpu: bool) -> dict[str, Any]:
+    """The settings of a worker's DataLoaders. Their own generator: without one, a loader draws the seed of its
+    worker processes from the global torch RNG when its iterator starts, which a persistent loader does once
+    per attempt, so a resumed run drew at another point of that stream than an uninterrupted one, and every
+    later epoch's augmentation differed (with ``data.loader_workers`` > 0). Items seed their own augmentation,
+    so the processes' seed itself does not matter."""
+    return {"num_workers": run.data.loader_workers, "pin_memory": on_gpu,
+            "persistent_workers": run.data.loader_workers > 0,
+            "generator": torch.Generator().manual_seed(run.hyper.seed * 1000 + rank)}
+
+
+def build_context(run: ModelRun, rank: int, world: int, device: torch.device) -> StepContext:
+    """One worker's data loaders, model, optimizer and scaler, seeded by ``(train.seed, rank)``; :func:`setup`
+    calls it inside Ray Train with the worker's rank, world size and device."""
     torch.manual_seed(run.hyper.seed * 1000 + rank)
-    device = get_device()
     on_gpu = device.type == "cuda"
     amp_dtype = autocast_dtype(run, device)
 
@@ -175,17 +194,14 @@ def setup(run: ModelRun) -> StepContext:
         sources = {"train": splits.train, "val": splits.val, "test": splits.test}
     train_set = SplitDataset(sources["train"], run.spec, augment=run.data.augment)
     per_worker_batch = max(1, run.hyper.batch_size // world)
-    loader_kwargs = {"num_workers": run.data.loader_workers, "pin_memory": on_gpu,
-                     "persistent_workers": run.data.loader_workers > 0}
+    loader_kwargs = loader_options(run, rank, on_gpu)
     # Our own sampler, for one worker too: Ray's (DDP only) and DataLoader's shuffle (the global RNG) would
     # make an epoch's order depend on what ran before it in this process, so a resumed run would differ.
     train_sampler = EpochSampler(train_set, rank=rank, world=world, seed=run.hyper.seed)
-    train_loader = prepare_data_loader(DataLoader(
-        train_set, batch_size=per_worker_batch, sampler=train_sampler,
-        drop_last=len(train_set) >= 2 * per_worker_batch * world, **loader_kwargs), add_dist_sampler=False)
-    val_loader = prepare_data_loader(DataLoader(
-        _shard(SplitDataset(sources["val"], run.spec), rank, world), batch_size=per_worker_batch * 2, **loader_kwargs),
-        add_dist_sampler=False)
+    train_loader = DataLoader(train_set, batch_size=per_worker_batch, sampler=train_sampler,
+                              drop_last=len(train_set) >= 2 * per_worker_batch * world, **loader_kwargs)
+    val_loader = DataLoader(_shard(SplitDataset(sources["val"], run.spec), rank, world),
+                            batch_size=per_worker_batch * 2, **loader_kwargs)
 
     model = cnnmodels.create_model(run.arch, num_classes=run.spec.num_classes, in_chans=run.spec.channels,
                                    **run.model.kwargs)
@@ -305,13 +321,17 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
                    steps_per_epoch)
         for group in ctx.optimizer.param_groups:
             group["lr"] = lr
-        _, loss = ctx.forward(images, labels)
+        outputs, loss = ctx.forward(images, labels)
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.scaler.scale(loss).backward()
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
         if step == 0:
             ctx.mark("first_step")  # the first step pays for lazy initialisation (kernels, caches)
+        if not isinstance(outputs, torch.Tensor):
+            # GoogLeNet trains on its auxiliary heads' losses too; train_loss is the main head's, comparable
+            # with val_loss and with the other models (the sum read about 1.6 times val_loss).
+            loss = ctx.criterion(outputs.logits.detach().float(), labels.to(ctx.device, non_blocking=True))
         loss_sum += loss.detach().float().item() * labels.numel()
         seen += labels.numel()
         if ctx.rank == 0 and time.perf_counter() - last_progress >= ctx.run.workers.progress_interval_s:
@@ -349,8 +369,10 @@ def recalibrate_batchnorm(ctx: StepContext, batches: int) -> None:
 
     The running averages trail the weights by about 1 / momentum steps; early in training (and in deep
     stacks such as EfficientNet's ~50 BN layers) that lag makes eval-mode outputs collapse while
-    train-mode accuracy is fine. Averaging fresh statistics over a few batches removes the lag. With DDP,
-    rank 0's statistics are broadcast to the others with every forward (DDP's ``broadcast_buffers``).
+    train-mode accuracy is fine. Averaging fresh statistics over a few batches removes the lag. With DDP the
+    ranks' statistics are averaged at the end: DDP broadcasts buffers only in forwards that need gradients,
+    so each rank kept its own (from 1/world of the images), evaluated its validation shard with them and
+    saved rank 0's in the checkpoint.
     """
     norms = [m for m in ctx.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if batches <= 0 or not norms:
@@ -367,6 +389,11 @@ def recalibrate_batchnorm(ctx: StepContext, batches: int) -> None:
             ctx.forward(images)
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
+    if ctx.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for m in norms:
+            for statistic in (m.running_mean, m.running_var):
+                torch.distributed.all_reduce(statistic)
+                statistic.div_(ctx.world)
 
 
 def evaluate(ctx: StepContext, loader) -> tuple[float, float, int]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -351,6 +354,79 @@ def test_the_worker_says_which_precision_and_layout_it_chose():
     assert describe_compute(cpu_bf16) == "1 cpu worker(s) x 2 threads, bfloat16 autocast, channels-last"
     gpu_fp32 = SimpleNamespace(world=4, device=torch.device("cuda"), amp_dtype=None, channels_last=False)
     assert describe_compute(gpu_fp32) == "4 cuda worker(s), float32, contiguous"
+
+
+def _worker_context(make_config, model: str, *overrides: str, **kwargs):
+    """A worker's StepContext for ``model`` on a few digits, built as in Ray Train but without it (rank 0 of 1)."""
+    from pipelines.data import describe_dataset
+    from pipelines.planning import ModelChoice, plan_model_runs
+    from pipelines.worker import build_context
+
+    cfg = make_config("data.image_size=16", "data.train_subset=32", "train.batch_size=8", *overrides)
+    [run] = plan_model_runs(cfg, describe_dataset(cfg.data), [ModelChoice(model, model, kwargs)], cluster_cpus=2)
+    return build_context(run, rank=0, world=1, device=torch.device("cpu"))
+
+
+def test_a_workers_loaders_leave_the_global_random_stream_alone(make_config):
+    """A loader drew its worker processes' seed from the global torch RNG when its iterator started, once per
+    attempt for a persistent loader: a resumed run drew at another point than an uninterrupted one, and every
+    later epoch's augmentation differed (data.loader_workers > 0, as in both GPU presets)."""
+    ctx = _worker_context(make_config, "lenet5", "data.loader_workers=1")
+    assert ctx.train_loader.num_workers == 1 and ctx.train_loader.persistent_workers
+    ctx.train_sampler.start_epoch(0, 7)
+    before = torch.get_rng_state()
+    next(iter(ctx.train_loader))
+    next(iter(ctx.val_loader))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_googlenets_train_loss_is_its_main_heads_as_val_loss_is(make_config):
+    """train_loss included the auxiliary heads' losses (main + 0.3 x (aux1 + aux2)): about 1.6 times the
+    validation loss for an untrained model, and not comparable with any other model's."""
+    from pipelines.worker import train_epoch
+
+    ctx = _worker_context(make_config, "googlenet", "train.lr=1e-5", small_input=True)  # barely moves
+    # Each head of the untrained model is near chance (ln 10 = 2.30); the three together gave about 3.7.
+    assert train_epoch(ctx, 0)["train_loss"] == pytest.approx(math.log(10), abs=0.3)
+
+
+PRECISE_BN_ACROSS_RANKS = """
+import os, sys, tempfile
+from types import SimpleNamespace
+import torch
+import torch.distributed as dist
+from pipelines.worker import recalibrate_batchnorm
+
+def rank_main(rank, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    # Each rank sees other images: rank 1's are shifted by 4.
+    batches = [(torch.randn(8, 1, 4, 4) + 4 * rank, torch.zeros(8)) for _ in range(3)]
+    ctx = SimpleNamespace(model=model, train_loader=batches, forward=model, world=2)
+    recalibrate_batchnorm(ctx, batches=3)
+    bn = model.module[1]
+    torch.save({"mean": bn.running_mean, "var": bn.running_var}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    torch.multiprocessing.spawn(rank_main, args=(f"{out}/store", out), nprocs=2)
+"""
+
+
+def test_precise_bn_leaves_every_ddp_rank_with_the_same_statistics(tmp_path):
+    """DDP broadcasts buffers only in forwards that need gradients: after precise BN each rank kept the
+    statistics of its own images, evaluated its validation shard with them, and rank 0's went into the
+    checkpoint. The ranks' statistics are averaged now."""
+    script = tmp_path / "precise_bn.py"
+    script.write_text(PRECISE_BN_ACROSS_RANKS)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    torch.testing.assert_close(ranks[0]["mean"], ranks[1]["mean"])
+    torch.testing.assert_close(ranks[0]["var"], ranks[1]["var"])
 
 
 def test_the_learning_rate_warms_up_linearly_then_follows_the_schedule():
