@@ -34,7 +34,8 @@ from .planning import PAPER_FAMILY, SEARCHED_FAMILY
 from .results import ModelResult, comparison_table, load_results
 from .search_space import PAPER
 
-__all__ = ["ReportResult", "report_stage", "measure_latency_ms", "family_comparison", "accuracy_figure"]
+__all__ = ["ReportResult", "report_stage", "measure_latency_ms", "family_comparison", "accuracy_figure",
+           "stale_members"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,22 +85,40 @@ def _coefficients(result: ModelResult) -> str:
                                                                                strict=True))
 
 
-def _families(results: list[ModelResult]) -> dict[str, list[ModelResult]]:
-    """The EfficientNet family members among ``results`` by family prefix, each sorted by phi."""
+def _families(results: list[ModelResult], searched: tuple[float, float, float] | None = None,
+              ) -> dict[str, list[ModelResult]]:
+    """The EfficientNet family members among ``results`` by family prefix, each sorted by phi. A family's members
+    share one triple: the searched family's is ``searched`` (the current search's; else its lowest phi's), so a
+    member left from an earlier search (not trained again yet: fewer phis now, a failed run) is no member."""
     families: dict[str, list[ModelResult]] = {}
     for r in results:
         prefix = cnnmodels.family_of(r.model_name)
         if prefix in _FAMILY_STYLES:
             families.setdefault(prefix, []).append(r)
-    return {prefix: sorted(members, key=_phi) for prefix, members in families.items()}
+    kept = {}
+    for prefix, members in families.items():
+        members.sort(key=_phi)
+        reference = _triple(searched) if prefix == SEARCHED_FAMILY and searched else _coefficients(members[0])
+        if same := [r for r in members if _coefficients(r) == reference]:
+            kept[prefix] = same
+    return kept
 
 
-def family_comparison(results: list[ModelResult]) -> pd.DataFrame | None:
+def stale_members(results: list[ModelResult], searched: tuple[float, float, float] | None) -> list[ModelResult]:
+    """Records named as EfficientNet family members whose coefficients are not their family's (see
+    :func:`_families`): shown on their own, not joined to the family or compared."""
+    members = {id(r) for family in _families(results, searched).values() for r in family}
+    return [r for r in results if cnnmodels.family_of(r.model_name) in _FAMILY_STYLES and id(r) not in members]
+
+
+def family_comparison(results: list[ModelResult], searched: tuple[float, float, float] | None = None,
+                      ) -> pd.DataFrame | None:
     """The searched EfficientNet family against the paper's (``search.compare_paper``): one row per phi with
     each member's MACs and test accuracy, the difference (searched - paper) and ``winner`` (``searched``,
     ``paper``, ``tie``; ``same model`` at phi 0, where both families are B0 and the paper's is not trained; empty
-    where one of the two, or a test accuracy, is missing). None unless both families have members."""
-    families = _families(results)
+    where one of the two, or a test accuracy, is missing). None unless both families have members. ``searched``:
+    the current search's triple (members of another are left out)."""
+    families = _families(results, searched)
     if SEARCHED_FAMILY not in families or PAPER_FAMILY not in families:
         return None
     by_phi: dict[float, dict[str, ModelResult]] = {}
@@ -131,8 +150,8 @@ def family_comparison(results: list[ModelResult]) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
-def _scatter(ax, results: list[ModelResult], x_of, xlabel: str) -> None:
-    families = _families(results)
+def _scatter(ax, results: list[ModelResult], x_of, xlabel: str, searched=None) -> None:
+    families = _families(results, searched)
     members = [r for family in families.values() for r in family]
     for r in results:
         if r not in members:
@@ -161,9 +180,11 @@ _ACCURACY_PLOTS = {
 }
 
 
-def accuracy_figure(results: list[ModelResult], against: str = "macs"):
+def accuracy_figure(results: list[ModelResult], against: str = "macs",
+                    searched: tuple[float, float, float] | None = None):
     """The figure the report saves as ``accuracy_vs_macs.png`` (``against="macs"``) or
-    ``accuracy_vs_params.png``: test accuracy of every model, each EfficientNet family a labelled line."""
+    ``accuracy_vs_params.png``: test accuracy of every model, each EfficientNet family a labelled line
+    (``searched``: the current search's triple, see :func:`family_comparison`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +192,7 @@ def accuracy_figure(results: list[ModelResult], against: str = "macs"):
 
     _, x_of, label, title = _ACCURACY_PLOTS[against]
     fig, ax = plt.subplots(figsize=(7, 5))
-    _scatter(ax, results, x_of, label)
+    _scatter(ax, results, x_of, label, searched)
     ax.set_title(f"Test accuracy vs {title}")
     fig.tight_layout()
     return fig
@@ -185,7 +206,7 @@ def _plots(results: list[ModelResult], search, directory: Path) -> list[Path]:
 
     files = []
     for against, (name, *_rest) in _ACCURACY_PLOTS.items():
-        fig = accuracy_figure(results, against)
+        fig = accuracy_figure(results, against, _searched_triple(search))
         fig.savefig(directory / name, dpi=110)
         plt.close(fig)
         files.append(directory / name)
@@ -227,6 +248,10 @@ def _plots(results: list[ModelResult], search, directory: Path) -> list[Path]:
     return files
 
 
+def _searched_triple(search) -> tuple[float, float, float] | None:
+    return None if search is None else tuple(float(search.best[k]) for k in ("alpha", "beta", "gamma"))
+
+
 def _measure_latencies(results: list[ModelResult]) -> None:
     for r in results:
         try:
@@ -263,8 +288,11 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
     table.to_csv(directory / "models.csv", index=False)
     (directory / "models.md").write_text(table.to_markdown(index=False) + "\n")
     search = load_search_result(cfg)  # only a search with this config's settings
+    for r in stale_members(results, _searched_triple(search)):
+        logger.warning("[report] %s was trained with the coefficients %s of another search: not drawn or compared "
+                       "as a member of its family (train it again to replace it)", r.model_name, _coefficients(r))
     files = [directory / "models.csv", directory / "models.md"] + _plots(results, search, directory)
-    families = family_comparison(results)
+    families = family_comparison(results, _searched_triple(search))
     if families is not None:
         families.to_csv(directory / "families.csv", index=False)
         (directory / "families.md").write_text(families.to_markdown(index=False) + "\n")
