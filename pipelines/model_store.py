@@ -134,6 +134,11 @@ def trace_for_serving(model: nn.Module, spec: PreprocessSpec) -> tuple[nn.Module
     return traced, True
 
 
+def replica_threads(serve) -> int:
+    """The torch threads of a replica with ``serve.num_cpus`` CPUs (at least one)."""
+    return max(1, int(round(serve.num_cpus)))
+
+
 def prepare_for_serving(model: nn.Module, spec: PreprocessSpec, *, fold: bool = True, trace: bool = False,
                         device: str | torch.device = "cpu") -> LoadedModel:
     """``model`` as a server runs it: eval mode, batch norm folded, on ``device``, traced (each step

@@ -40,7 +40,7 @@ from ray import serve
 from .batching import Batcher
 from .config import ConfigError, PipelineConfig, ServeConfig, check_serve_access
 from .http_api import MULTIPLEX_HEADER, RequestError, api, authorize, decode_upload, read_image_bytes
-from .model_store import LoadedModel, ModelStore, ServedModel, is_transient_load_error
+from .model_store import LoadedModel, ModelStore, ServedModel, is_transient_load_error, replica_threads
 from .preprocess import DecodeBudget, is_out_of_memory
 from .tracking import CHAMPION
 
@@ -73,7 +73,7 @@ class Classifier:
         self.cfg = PipelineConfig.model_validate(config)
         s = self.cfg.serve
         self.auth_token = auth_token
-        torch.set_num_threads(max(1, int(round(s.num_cpus)) or 1))
+        torch.set_num_threads(replica_threads(s))
         self.device = torch.device("cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.store = ModelStore(self.cfg)
         self.models, self.registry_champion = self.store.discover()

@@ -126,3 +126,31 @@ def test_the_report_is_written_while_mlflow_is_unreachable(make_config, caplog, 
         report = report_stage(cfg, latency=False)
     assert (report.directory / "models.csv").is_file() and list(report.table["model"]) == ["resnet18"]
     assert "MLflow is unreachable" in caplog.text
+
+
+def test_serving_latency_is_measured_as_a_replica_runs_the_model(tmp_path, monkeypatch):
+    """The column read the eager model on all of the driver's threads: up to 2x faster than a replica's traced
+    model on its one thread (serve.num_cpus 0.5)."""
+    import torch
+
+    import cnnmodels
+    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+    from pipelines.config import ServeConfig
+    from pipelines.preprocess import PreprocessSpec
+    from pipelines.report import measure_latency_ms
+
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
+    weights = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1).state_dict()
+    trained = record("lenet5", "lenet5", {}, 400_000, 0.9)
+    trained.checkpoint_path = str(save_checkpoint(ModelCheckpoint("lenet5", {}, spec, weights), tmp_path / "model.pt"))
+    driver_threads = torch.get_num_threads()
+    threads, traced = [], []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n, real=torch.set_num_threads: (threads.append(n), real(n)))
+    import pipelines.model_store as model_store
+
+    real_trace = model_store.trace_for_serving
+    monkeypatch.setattr(model_store, "trace_for_serving", lambda *a, **k: traced.append(1) or real_trace(*a, **k))
+    assert measure_latency_ms(trained, ServeConfig(num_cpus=2), repeats=3) > 0
+    assert threads == [2, driver_threads] and traced == [1]
+    assert measure_latency_ms(trained, ServeConfig(trace_models=False), repeats=3) > 0
+    assert threads[2:] == [1, driver_threads] and traced == [1] and torch.get_num_threads() == driver_threads
