@@ -359,14 +359,20 @@ class TrackingQueue:
 _WRITES_IN_FLIGHT: dict[Path, threading.Thread] = {}
 
 
-def _wait_for_the_write_in_flight(pending_file: Path) -> None:
-    """Before a queue reads ``pending_file``: wait for a writer of this process still sending one of its writes
-    (at most its request's timeout: it stops after that attempt)."""
+def _wait_for_the_write_in_flight(pending_file: Path, report_every_s: float = 30.0) -> None:
+    """Before a queue reads ``pending_file``: wait for a writer of this process still sending one of its writes.
+    It stops after that write (its queue was flushed), however many requests and retries the write takes (a
+    registration uploads, registers and moves an alias): reading the file before then sends the write twice."""
     writer = _WRITES_IN_FLIGHT.pop(pending_file.resolve(), None)
-    if writer is None or not writer.is_alive():
-        return
-    logger.info("[tracking] waiting for a write still on its way to MLflow before reading %s", pending_file)
-    writer.join(timeout=float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")) + 5)
+    waited = 0.0
+    while writer is not None and writer.is_alive():
+        if waited:
+            logger.info("[tracking] still waiting (%s) for a write on its way to MLflow before reading %s",
+                        duration(waited), pending_file)
+        else:
+            logger.info("[tracking] waiting for a write still on its way to MLflow before reading %s", pending_file)
+        writer.join(timeout=report_every_s)
+        waited += report_every_s
 
 
 def _note_unregistrable(op: TrackingOp, err: BaseException) -> None:
