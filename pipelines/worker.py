@@ -246,17 +246,11 @@ def load_training_state(checkpoint: ModelCheckpoint, model: torch.nn.Module, opt
 
 def checkpoint_to_resume(restored, run: ModelRun, rank: int) -> tuple[ModelCheckpoint | None, Any]:
     """The checkpoint (and this rank's generator state) a run resumes from: Ray's latest checkpoint of the run
-    (``restored``, None on a first start), unless it is another model's (a run directory reused by hand) or gone
-    from a storage that answers (deleted by hand), when the run starts fresh. A checkpoint whose storage does not
-    answer raises: the attempt fails, and Ray's FailureConfig tries again once the storage may be back."""
-    from .trials import checkpoint_gone
-
+    (``restored``, None on a first start), unless it is another model's (a run directory reused by hand), when
+    the run starts fresh. One that is not there raises :class:`MissingCheckpointError`: the attempt fails and
+    Ray tries again (its storage may be back); a checkpoint deleted for good is dealt with before the run starts
+    (:func:`pipelines.trials.set_aside_a_record_of_gone_checkpoints`), where one decision holds for every rank."""
     if not restored:
-        return None, None
-    if checkpoint_gone(restored.path, run.storage_path):
-        if rank == 0:
-            logger.warning("[%s] the run's latest checkpoint (%s) is gone from its storage; starting fresh",
-                           run.model_name, restored.path)
         return None, None
     with restored.as_directory() as directory:
         owner = _checkpoint_owner(Path(directory))
