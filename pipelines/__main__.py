@@ -17,12 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, PipelineConfig, load_config, ray_address
+from .config import ConfigError, PipelineConfig, check_ray_environment, load_config, outlives_the_command
 from .console import configure_console
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+#: The commands that start (or join) Ray.
+RAY_COMMANDS = ("run", "search", "train", "report", "serve")
 
 logger = logging.getLogger("pipelines.cli")
 
@@ -223,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                 stages = parse_stages(args.stages)
             except ValueError as err:
                 raise ConfigError("--stages", str(err)) from None
-        if getattr(args, "no_block", False) and ray_address(cfg) is None:
+        if args.command in RAY_COMMANDS:
+            check_ray_environment(cfg)
+        if getattr(args, "no_block", False) and not outlives_the_command(cfg):
             raise ConfigError("--no-block", "needs a Ray cluster that outlives this command (ray.address, or run it "
                                             "as a Ray job): the local Ray it would start stops, and its Serve app "
                                             "with it, as the command returns")

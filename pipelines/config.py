@@ -131,6 +131,11 @@ def ray_address(cfg: PipelineConfig) -> str | None:
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def outlives_the_command(cfg: PipelineConfig) -> bool:
+    """Whether the Ray a command uses goes on after it returns: a cluster, not a local Ray of its own."""
+    return ray_address(cfg) not in (None, "local")
+
+
 def _at_least_one_or_auto(value):
     """A count of things at once: at least 1, or ``auto``."""
     if value != "auto" and value < 1:
@@ -597,14 +602,18 @@ class PipelineConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _semantic_checks(cfg: PipelineConfig) -> None:
+def check_ray_environment(cfg: PipelineConfig) -> None:
+    """For the commands that start Ray: a ``RAY_ADDRESS`` that ray.init cannot join (Ray's job docs have users
+    export the dashboard's http:// address for `ray job submit`; ray.init then failed after the stage began,
+    with a message cut short at its first line). Raises :class:`ConfigError`."""
     if cfg.ray.address is None and os.environ.get("RAY_ADDRESS"):
-        # Ray's job docs have users export the dashboard's http:// address for `ray job submit`; ray.init then
-        # failed after the stage began, with a message cut short at its first line.
         try:
             joinable_ray_address(os.environ["RAY_ADDRESS"])
         except ValueError as err:
             raise ConfigError("RAY_ADDRESS", f"{err} (the environment variable; unset it for a local Ray)") from None
+
+
+def _semantic_checks(cfg: PipelineConfig) -> None:
     data = cfg.data
     if data.dataset == "imagefolder":
         if not data.root:
