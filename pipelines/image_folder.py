@@ -130,11 +130,20 @@ def _split_folder(root: Path, split: str) -> Path | None:
     return next((root / name for name in SPLIT_FOLDERS[split] if (root / name).is_dir()), None)
 
 
-def _split_like_classes(root: Path) -> list[str]:
-    """Class folders of an unsplit ``root`` that are splits in disguise: a split-like name and class folders
-    inside. torchvision's walk reads their images recursively, so each split would become one class."""
-    return [name for name in _class_names(root)
-            if name.lower() in SPLIT_LIKE_NAMES and _has_class_folders(root / name)]
+def _refuse_disguised_splits(root: Path) -> None:
+    """Raise :class:`ImageFolderError` for an unsplit ``root`` whose class folders are splits in disguise (a
+    split-like name and class folders inside): torchvision's walk reads their images recursively, so each split
+    would become one class."""
+    if _training_folder(root) != root:
+        return
+    disguised = [name for name in _class_names(root)
+                 if name.lower() in SPLIT_LIKE_NAMES and _has_class_folders(root / name)]
+    if disguised:
+        raise ImageFolderError(
+            f"{root} looks split, but not into train/ val/ test/: {', '.join(f'{n}/' for n in disguised)} hold "
+            "class folders and would each be read as one class; rename the training folder to train/ (the "
+            f"others to val/, valid/ or validation/, and test/), or set data.root to the folder that holds the "
+            "classes")
 
 
 def _empty_class_folders(directory: Path, classes: list[str]) -> list[str]:
@@ -219,6 +228,7 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
+    _refuse_disguised_splits(root)  # before every file is opened: the layout is what to fix first
     if loops := _links_back(root):
         raise ImageFolderError(f"data.root {root} holds folder links that lead back to a folder above them, "
                                f"which would repeat its images without end: {', '.join(loops[:10])}"
@@ -266,11 +276,7 @@ def load_imagefolder(cfg: DataConfig, excluded: frozenset[str] = frozenset()) ->
         raise DataError(f"image folder {root} does not exist")
     base = _training_folder(root)
     presplit = base != root
-    if not presplit and (disguised := _split_like_classes(root)):
-        raise ImageFolderError(
-            f"{root} looks split, but not into train/ val/ test/: {', '.join(f'{n}/' for n in disguised)} hold "
-            "class folders and would each be read as one class; rename the training folder to train/ (the "
-            f"others to val/ or valid/, and test/), or set data.root to the folder that holds the classes")
+    _refuse_disguised_splits(root)
     classes, paths, labels = _scan_class_folders(root, base, excluded)
     if len(classes) < 2:
         loose = sum(1 for f in base.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))

@@ -172,6 +172,9 @@ def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classe
     kaggle = tmp_path / "kaggle"
     _write_images(kaggle / "training_set", per_class=8)
     _write_images(kaggle / "test_set", per_class=2)
+    (kaggle / "test_set" / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ImageFolderError, match="looks split"):  # before the files: not their list
+        check_image_folder(DataConfig(dataset="imagefolder", root=str(kaggle)))
     with pytest.raises(ImageFolderError, match=r"looks split, but not into train/ val/ test/: test_set/, training_se"):
         load_splits(DataConfig(dataset="imagefolder", root=str(kaggle)))
     roboflow = tmp_path / "roboflow"
