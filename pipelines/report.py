@@ -55,17 +55,19 @@ class ReportResult:
 
 def measure_latency_ms(result: ModelResult, serve: ServeConfig | None = None, repeats: int = 20) -> float:
     """Median single-image latency (ms) of a trained model in the form a replica serves it (``serve``: batch
-    norm folded and traced as it says, on as many threads as a replica of ``serve.num_cpus`` uses; default:
-    folded, traced, one thread). The eager model on all of the driver's threads read up to 2x faster than the
-    replica's traced one on its one thread."""
+    norm folded and traced as it says, on as many threads as a replica of ``serve.num_cpus`` uses, on the GPU
+    with ``serve.num_gpus`` where this process has one; default: folded, traced, one CPU thread). The eager
+    model on all of the driver's threads read up to 2x faster than the replica's traced one on its one thread."""
     from .checkpoints import load_checkpoint
     from .model_store import prepare_for_serving, replica_threads
 
     serve = serve or ServeConfig()
+    # A replica with a GPU share runs on the GPU; measured there when this process has one (else on the CPU).
+    device = torch.device("cuda" if serve.num_gpus > 0 and torch.cuda.is_available() else "cpu")
     checkpoint = load_checkpoint(result.checkpoint_path)
     loaded = prepare_for_serving(checkpoint.build_model(), checkpoint.spec, fold=serve.fold_batchnorm,
-                                 trace=serve.trace_models)
-    x = torch.randn(1, *checkpoint.spec.input_shape)
+                                 trace=serve.trace_models, device=device)
+    x = torch.randn(1, *checkpoint.spec.input_shape, device=device)
     timings = []
     threads = torch.get_num_threads()
     torch.set_num_threads(replica_threads(serve))
@@ -74,6 +76,8 @@ def measure_latency_ms(result: ModelResult, serve: ServeConfig | None = None, re
             for i in range(repeats + 3):
                 start = time.perf_counter()
                 loaded.model(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 if i >= 3:  # warm-up runs excluded (a traced model optimises itself on its first calls)
                     timings.append((time.perf_counter() - start) * 1000)
     finally:
