@@ -297,6 +297,10 @@ def set_aside_a_record_of_gone_checkpoints(run: ModelRun) -> str | None:
     The record is renamed aside (``<record>.gone-<time>``): the run starts afresh, the checkpoints still
     there stay where they are. Returns the gone checkpoint's path, or None when there was nothing to do (no
     record, every checkpoint there, a storage that does not answer, or a record this code cannot read).
+
+    Afresh even when the latest checkpoint survived (a lifecycle rule takes the oldest first): Ray Train V2
+    refuses ``resume_from_checkpoint``, and a checkpoint handed to the workers instead stays out of the new
+    run's record (its test evaluation, a later resume). Editing Ray's record would tie this code to its format.
     """
     import pyarrow.fs
 
