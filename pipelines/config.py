@@ -202,7 +202,8 @@ class Hyperparameters(_Section):
     but ``epochs`` is part of a run's fingerprint (a change starts the model afresh)."""
 
     epochs: int = Field(3, ge=1, description="epochs per model")
-    batch_size: int = Field(64, ge=1, description="global batch size, split across the workers")
+    batch_size: int = Field(64, ge=1, description="global batch size, split evenly across the workers (a multiple of "
+                                                   "train.num_workers)")
     lr: float = Field(0.05, gt=0.0, description="peak learning rate (for the global batch)")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, Nesterov) or adamw")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
@@ -667,6 +668,7 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
             first = _format_validation_error(err)
             raise ConfigError(f"train.model_overrides.{name}.{first.key.split('.')[-1]}", first.message) from None
     _check_gpu_shares(cfg)
+    _check_batch_split(cfg)
     search = cfg.search
     if search.base_model != "efficientnet":
         raise ConfigError("search.base_model", "only 'efficientnet' supports compound scaling")
@@ -750,6 +752,23 @@ def _local_gpus(cfg: PipelineConfig) -> int | None:
     import torch
 
     return torch.cuda.device_count()
+
+
+def _check_batch_split(cfg: PipelineConfig) -> None:
+    """A global batch splits evenly across the DDP workers: each trains on ``batch_size // num_workers`` images
+    a step, so 128 over 3 workers silently trained on 126, and 2 over 4 workers on 4."""
+    workers = cfg.train.num_workers
+    if workers == 1:
+        return
+    sizes = [("train.batch_size", cfg.train.batch_size)]
+    sizes += [(f"train.model_overrides.{name}.batch_size", overrides["batch_size"])
+              for name, overrides in cfg.train.model_overrides.items() if "batch_size" in overrides]
+    for key, size in sizes:
+        if size % workers:
+            lower, higher = size // workers * workers, (size // workers + 1) * workers
+            choices = f"{lower} or {higher}" if lower else f"{higher}"
+            raise ConfigError(key, f"{size} does not split evenly across train.num_workers={workers} (each worker "
+                                   f"takes a share of the global batch): use {choices}")
 
 
 def _check_gpu_shares(cfg: PipelineConfig) -> None:
