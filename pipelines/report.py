@@ -302,11 +302,12 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
     table.to_csv(directory / "models.csv", index=False)
     (directory / "models.md").write_text(table.to_markdown(index=False) + "\n")
     search = load_search_result(cfg)  # only a search with this config's settings
-    for r in stale_members(results, _searched_triple(search)):
+    searched = _searched_triple(search)
+    for r in stale_members(results, searched):
         logger.warning("[report] %s was trained with the coefficients %s of another search: not drawn or compared "
                        "as a member of its family (train it again to replace it)", r.model_name, _coefficients(r))
     files = [directory / "models.csv", directory / "models.md"] + _plots(results, search, directory)
-    families = family_comparison(results, _searched_triple(search))
+    families = family_comparison(results, searched)
     if families is not None:
         families.to_csv(directory / "families.csv", index=False)
         (directory / "families.md").write_text(families.to_markdown(index=False) + "\n")
