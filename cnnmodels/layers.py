@@ -19,15 +19,19 @@ __all__ = [
 
 
 @torch.fx.wrap  # traced as one call (its comparisons would otherwise be control flow on proxies)
-def check_input_size(x: torch.Tensor, min_size: int, model_name: str) -> None:
-    """Raise ``ValueError`` naming the model's minimum when ``x`` is smaller than ``min_size`` on a side.
+def check_input_size(x: torch.Tensor, min_size: int, model_name: str, max_size: int | None = None) -> None:
+    """Raise ``ValueError`` naming the model's limits when ``x`` is smaller than ``min_size`` (or larger than
+    ``max_size``) on a side.
 
     Without it a too-small image fails deep inside a convolution ("Kernel size can't be greater than
-    actual input size"), which says nothing about what to change.
+    actual input size"), and a too-large one for a fixed-size head in a matrix product ("mat1 and mat2 shapes
+    cannot be multiplied"): neither says what to change.
     """
     height, width = x.shape[-2], x.shape[-1]
     if height < min_size or width < min_size:
         raise ValueError(f"{model_name} needs inputs of at least {min_size}x{min_size} pixels, got {height}x{width}")
+    if max_size is not None and (height > max_size or width > max_size):
+        raise ValueError(f"{model_name} takes inputs of at most {max_size}x{max_size} pixels, got {height}x{width}")
 
 
 class ImageClassifier(nn.Module):
@@ -40,6 +44,8 @@ class ImageClassifier(nn.Module):
     default_input_size: tuple[int, int, int] = (3, 224, 224)
     #: Smallest square input side the network accepts without a spatial size dropping to zero.
     min_input_size: int = 32
+    #: Largest square input side, for networks whose head is sized for one input (LeNet-5); None: any.
+    max_input_size: int | None = None
     num_classes: int = 1000
     classifier_name: str = "fc"
     #: Whether training in channels-last memory format is faster on CPUs too (it is on GPUs for every
@@ -60,14 +66,18 @@ class ImageClassifier(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def check_input_size(self, x: torch.Tensor) -> None:
-        """``ValueError`` naming :attr:`min_input_size` when ``x`` is too small for this model."""
-        check_input_size(x, self.min_input_size, getattr(self, "model_name", type(self).__name__))
+        """``ValueError`` naming :attr:`min_input_size` (:attr:`max_input_size`) when ``x`` is too small (large)
+        for this model."""
+        check_input_size(x, self.min_input_size, getattr(self, "model_name", type(self).__name__),
+                         self.max_input_size)
 
     def input_size_for(self, image_size: int) -> int:
         """The square side this model trains and serves at for images of ``image_size`` pixels: the
-        images' own size, raised to :attr:`min_input_size` where they are smaller. Models whose input
-        resolution is part of their scaling (EfficientNet) override this."""
-        return max(image_size, self.min_input_size)
+        images' own size, raised to :attr:`min_input_size` where they are smaller (lowered to
+        :attr:`max_input_size` where larger). Models whose input resolution is part of their scaling
+        (EfficientNet) override this."""
+        side = max(image_size, self.min_input_size)
+        return side if self.max_input_size is None else min(side, self.max_input_size)
 
     def get_classifier(self) -> nn.Linear:
         """The final linear layer."""

@@ -90,13 +90,18 @@ class RBFOutput(nn.Module):
         self.out_features = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return -torch.cdist(x, self.prototypes.to(x.dtype)).pow(2)
+        # The squared differences summed, not cdist squared: cdist has no bfloat16 kernel on CPUs, and its square
+        # root has no gradient where an output sits exactly on a prototype.
+        return -(x.unsqueeze(-2) - self.prototypes.to(x.dtype)).pow(2).sum(-1)
 
 
 class LeNet5(ImageClassifier):
     """LeNet-5 for 32x32 images (see the module docstring for the two variants)."""
 
+    # C5's 5x5 kernels cover S4's whole 5x5 map only at 32 px: larger inputs leave C5 a map of more than one
+    # position, more features than F6 takes. Larger images are resized to 32 px, as the paper's were.
     min_input_size = 32
+    max_input_size = 32
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, variant: str = "modern") -> None:
         super().__init__()
@@ -133,7 +138,7 @@ class LeNet5(ImageClassifier):
 
     def reset_classifier(self, num_classes: int) -> None:
         if self.variant == "paper":
-            self.output = RBFOutput(84, num_classes).to(self.f6.weight.device)
+            self.output = RBFOutput(84, num_classes).to(self.f6.weight.device, self.f6.weight.dtype)
             self.num_classes = num_classes
         else:
             super().reset_classifier(num_classes)

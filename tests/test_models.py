@@ -200,6 +200,9 @@ def test_family_members_are_named_by_the_registry():
     assert member.default_input_size == direct.default_input_size == (3, 258, 258)
     assert n_params(member) == n_params(direct)
     assert cnnmodels.model_options("efficientnet_phi2")["phi"] == 2.0
+    assert n_params(create_model("efficientnet_phi1", num_classes=10, phi=1.0)) > 0  # the same phi: fine
+    with pytest.raises(ValueError, match=r"got phi=2.0, but the name means phi=1.0; pass 'efficientnet'"):
+        create_model("efficientnet_phi1", num_classes=10, phi=2.0)  # would be a phi-2 model named phi1
     with pytest.raises(ValueError, match="did you mean"):
         cnnmodels.resolve_model_name("efficientnet_phiX")
 
@@ -222,6 +225,7 @@ def test_the_paper_family_has_names_of_its_own():
 
 @pytest.mark.parametrize("name, kwargs, image_size, expected", [
     ("lenet5", {}, 16, 32),  # raised to LeNet-5's 32x32
+    ("lenet5", {}, 224, 32),  # ... and lowered to it: C5 and F6 are sized for 32 px
     ("resnet18", {"small_input": True}, 16, 16),
     ("resnet18", {}, 16, 32),
     ("alexnet", {}, 32, 63),
@@ -239,6 +243,8 @@ def test_a_too_small_input_names_the_models_minimum():
     lenet = create_model("lenet5", num_classes=10, in_chans=1)
     with pytest.raises(ValueError, match=r"lenet5 needs inputs of at least 32x32 pixels, got 28x28"):
         lenet(torch.zeros(1, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"lenet5 takes inputs of at most 32x32 pixels, got 36x36"):
+        lenet(torch.zeros(1, 1, 36, 36))  # not a shape error in F6's matrix product
     googlenet = create_model("googlenet", num_classes=10).train()
     with pytest.raises(ValueError, match="at least 32x32"):
         googlenet(torch.zeros(2, 3, 16, 16))

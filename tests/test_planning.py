@@ -29,6 +29,8 @@ def test_a_run_travels_as_json_and_refuses_unknown_keys(make_config):
     again = ModelRun.from_dict(run.to_dict())
     assert again == run and again.hyper.lr == 0.02 and again.hyper.label_smoothing == 0.1
     assert again.spec == run.spec and again.spec.image_size == 32  # raised to LeNet-5's minimum
+    # Larger images are resized down to LeNet-5's 32 px (planning used to fail profiling it at 64 px).
+    assert lenet_run(make_config, "data.image_size=64").spec.image_size == 32
     data = run.to_dict()
     data["hyper"]["learning_rate"] = 0.1
     with pytest.raises(ValidationError, match="learning_rate"):
