@@ -258,7 +258,8 @@ class GoogLeNet(ImageClassifier):
         super().reset_classifier(num_classes)
         for aux in (self.aux1, self.aux2):
             if aux is not None:
-                aux.fc2 = nn.Linear(aux.fc2.in_features, num_classes).to(aux.fc2.weight.device)
+                aux.fc2 = nn.Linear(aux.fc2.in_features, num_classes).to(aux.fc2.weight.device,
+                                                                          aux.fc2.weight.dtype)
 
 
 def googlenet_loss(

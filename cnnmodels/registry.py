@@ -164,12 +164,20 @@ def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3, **kwa
             ``"efficientnet"``, ``phi``, ``alpha``, ``beta``, ``gamma``.
 
     Raises:
-        ValueError: unknown model name (the message lists the closest known names) or a bad value.
+        ValueError: unknown model name (the message lists the closest known names), a bad value, or an option
+            that contradicts the name (``"efficientnet_phi1"`` with ``phi=2``).
         TypeError: an option the model does not accept (the message names it and lists the valid ones).
     """
     builder_name, implied = resolve_model_name(name)
     builder = get_model_builder(builder_name)
     options = model_options(builder_name)
+    # A family member's name is its options: a model built otherwise would be recorded under a wrong name.
+    conflicting = {key: kwargs[key] for key, value in implied.items() if key in kwargs and kwargs[key] != value}
+    if conflicting:
+        given = ", ".join(f"{key}={value!r}" for key, value in conflicting.items())
+        implies = ", ".join(f"{key}={implied[key]!r}" for key in conflicting)
+        raise ValueError(f"create_model({name!r}) got {given}, but the name means {implies}; "
+                         f"pass {builder_name!r} with the options instead")
     kwargs = {**implied, **kwargs}
     unknown = sorted(set(kwargs) - set(options))
     if unknown:

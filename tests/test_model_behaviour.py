@@ -123,6 +123,18 @@ def test_forward_is_features_then_head_and_classifier_resets(name):
     assert model.get_classifier().out_features == 3
 
 
+@pytest.mark.parametrize("name, kwargs", [("googlenet", {"small_input": True}), ("lenet5", {"variant": "paper"})])
+def test_a_reset_classifier_keeps_the_models_dtype(name, kwargs):
+    """Every new head (GoogLeNet's auxiliary classifiers too) takes the model's dtype: a bfloat16 model still
+    trains after ``reset_classifier``."""
+    model = create_model(name, num_classes=10, **kwargs).to(torch.bfloat16).train()
+    model.reset_classifier(3)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    outputs = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    for logits in outputs if isinstance(outputs, tuple) else (outputs,):
+        assert logits.shape == (2, 3)
+
+
 def test_googlenet_aux_heads_only_in_training_mode():
     model = small_model("googlenet")
     x = torch.randn(4, 3, 32, 32)
