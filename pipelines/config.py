@@ -699,7 +699,9 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
             f"no (alpha, beta, gamma) in alpha {list(search.alpha)}, beta {list(search.beta)}, gamma "
             f"{list(search.gamma)} satisfies |alpha * beta^2 * gamma^2 - {search.target}| <= {search.tolerance}",
         )
-    if search.mode == "grid" and not feasible:
+    from .search_space import paper_is_feasible  # (it imports this module)
+
+    if search.mode == "grid" and not feasible and not paper_is_feasible(search):  # the paper's is a grid trial too
         raise ConfigError(
             "search.step",
             f"the grid with step {search.step} has no feasible triple; use a smaller step or mode 'optuna'",

@@ -34,7 +34,15 @@ from .planning import (
     search_template,
     with_overlapped_startup,
 )
-from .search_space import PAPER, FeasibleRegion, grid_candidates, optuna_space, paper_is_feasible, same_triple
+from .search_space import (
+    PAPER,
+    FeasibleRegion,
+    feasible_points,
+    grid_candidates,
+    optuna_space,
+    paper_is_feasible,
+    same_triple,
+)
 from .shared_data import prepare, shared_splits
 from .trials import run_model_trials, trial_resources, trial_run, trial_run_name
 
@@ -111,8 +119,10 @@ def _plan_trials(cfg: PipelineConfig, template: ModelRun) -> _SearchPlan:
     paper_included = paper_is_feasible(search)
     if search.mode == "grid":
         candidates = grid_candidates(search)
-        logger.info("[search] grid: %d feasible triples (alpha*beta^2*gamma^2 within %s +- %s), phi=%g, "
-                    "%d epoch(s) each", len(candidates), search.target, search.tolerance, search.phi, search.epochs)
+        logger.info("[search] grid: %d of the %d feasible triples (alpha*beta^2*gamma^2 within %s +- %s, step %s; "
+                    "at most search.num_trials), phi=%g, %d epoch(s) each", len(candidates),
+                    len(feasible_points(search)), search.target, search.tolerance, search.step, search.phi,
+                    search.epochs)
         space = {"run": template.to_dict(), "coefficients": tune.grid_search(
             [{"alpha": a, "beta": b, "gamma": g} for a, b, g in candidates])}
         return _SearchPlan(space, None, 1, len(candidates), paper_included)
@@ -178,7 +188,28 @@ def _score(records: list[dict[str, Any]], cfg: PipelineConfig, template: ModelRu
     else:
         for r in records:
             r["score"] = r["val_acc"]
-    records.sort(key=lambda r: (-r["score"], -r["epochs_trained"]))
+    # A trial that failed (after its retries) ranks below every one that did not, whatever it reached before:
+    # its triple would found the family. On equal scores the longer-trained, then the smaller model wins.
+    records.sort(key=lambda r: (r["error"] is not None, -r["score"], -r["epochs_trained"], r["macs"]))
+
+
+def _best(records: list[dict[str, Any]], trials: int) -> dict[str, Any]:
+    """The winning record of the ranked ``records`` (of ``trials`` run); ``RuntimeError`` when none finished.
+    Logs the trials left out (no epoch reported) and the failed ones ranked last."""
+    if len(records) < trials:
+        logger.warning("[search] %d of %d trial(s) reported no epoch (failed or stopped before the first) and are "
+                       "left out", trials - len(records), trials)
+    failed = [r for r in records if r["error"] is not None]
+    if not records or len(failed) == len(records):
+        detail = f"; the first error: {failed[0]['error']}" if failed else ""
+        raise RuntimeError(f"the search finished without a trial that reported val_acc and did not fail{detail}; "
+                           "see the Ray logs")
+    if failed:
+        logger.warning("[search] %d trial(s) failed after reporting an epoch; ranked below every trial that "
+                       "did not: %s", len(failed), ", ".join(
+                           f"({r['alpha']}, {r['beta']}, {r['gamma']}): {r['error'].splitlines()[0][:200]}"
+                           for r in failed))
+    return dict(records[0])
 
 
 def _baseline_macs(template: ModelRun) -> int:
@@ -261,12 +292,13 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
             trial_retries=cfg.train.trial_retries,
         )
     records = _trial_records(grid, search.phi)
-    if not records:
+    _score(records, cfg, template)
+    try:
+        best = _best(records, len(grid))
+    except RuntimeError:
         queue.put("end_run", parent, status="FAILED")
         queue.flush(cfg.tracking.pending_timeout_s)
-        raise RuntimeError("the search finished without a single trial reporting val_acc; see the Ray logs")
-    _score(records, cfg, template)
-    best = dict(records[0])
+        raise
     result = SearchResult(best=best, trials=records, objective=search.objective, phi=search.phi,
                           paper_included=plan.paper_included, fingerprint=fingerprint)
     result.save(cfg.paths.search_result)
@@ -285,13 +317,24 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
 def _log_search_table(records: list[dict], best: dict) -> None:
     import pandas as pd
 
-    table = pd.DataFrame(records)[["alpha", "beta", "gamma", "compound_product", "input_size", "params_count", "macs",
-                                   "epochs_trained", "val_acc", "score", "paper"]]
+    table = pd.DataFrame(records)
+    table["failed"] = table["error"].notna()
+    table = table[["alpha", "beta", "gamma", "compound_product", "input_size", "params_count", "macs",
+                   "epochs_trained", "val_acc", "score", "paper"] + (["failed"] if table["failed"].any() else [])]
     logger.info("\n%s", table.to_string(index=False))
-    paper = next((r for r in records if r["paper"]), None)
-    verdict = ""
-    if paper is not None:
-        verdict = (" - the paper's triple" if best["paper"] else
-                   f" - beats the paper's (1.2, 1.1, 1.15) at {paper['score']:.4f}")
     logger.info("[search] best: alpha=%s, beta=%s, gamma=%s (score %.4f)%s", best["alpha"], best["beta"],
-                best["gamma"], best["score"], verdict)
+                best["gamma"], best["score"], _against_the_paper(records, best))
+
+
+def _against_the_paper(records: list[dict], best: dict) -> str:
+    """How the best triple did against the paper's, for the search's last line."""
+    paper = next((r for r in records if r["paper"]), None)
+    if paper is None:
+        return ""
+    if best["paper"]:
+        return " - the paper's triple"
+    if paper["error"] is not None:
+        return " - the paper's (1.2, 1.1, 1.15) failed"
+    if paper["score"] == best["score"]:
+        return f" - ties with the paper's (1.2, 1.1, 1.15) at {paper['score']:.4f}, in fewer MACs or more epochs"
+    return f" - beats the paper's (1.2, 1.1, 1.15) at {paper['score']:.4f}"

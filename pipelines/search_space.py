@@ -20,7 +20,8 @@ from cnnmodels.scaling import PAPER_COEFFICIENTS, constraint_value, feasible_gri
 
 from .config import SearchConfig
 
-__all__ = ["PAPER", "paper_is_feasible", "same_triple", "grid_candidates", "FeasibleRegion", "optuna_space"]
+__all__ = ["PAPER", "paper_is_feasible", "same_triple", "feasible_points", "grid_candidates", "FeasibleRegion",
+           "optuna_space"]
 
 PAPER = (PAPER_COEFFICIENTS.alpha, PAPER_COEFFICIENTS.beta, PAPER_COEFFICIENTS.gamma)
 
@@ -42,15 +43,21 @@ def paper_is_feasible(search: SearchConfig) -> bool:
     return inside and abs(constraint_value(*PAPER) - search.target) <= search.tolerance + 1e-12
 
 
+def feasible_points(search: SearchConfig) -> list[tuple[float, float, float]]:
+    """Every feasible triple of the grid (``search.step``), sorted, and the paper's where it is feasible."""
+    grid = {_key(c): c for c in ((c.alpha, c.beta, c.gamma) for c in feasible_grid(
+        search.alpha, search.beta, search.gamma, search.step, search.target, search.tolerance))}
+    if paper_is_feasible(search):
+        grid[_key(PAPER)] = PAPER
+    return sorted(grid.values())
+
+
 def grid_candidates(search: SearchConfig) -> list[tuple[float, float, float]]:
     """At most ``num_trials`` feasible grid triples, the paper's first, the rest spread evenly."""
-    grid = [(c.alpha, c.beta, c.gamma) for c in feasible_grid(search.alpha, search.beta, search.gamma, search.step,
-                                                              search.target, search.tolerance)]
-    grid.sort()
     chosen: list[tuple[float, float, float]] = []
     if paper_is_feasible(search):
         chosen.append(PAPER)
-    others = [c for c in grid if _key(c) != _key(PAPER)]
+    others = [c for c in feasible_points(search) if _key(c) != _key(PAPER)]
     slots = search.num_trials - len(chosen)
     if slots >= len(others):
         chosen += others

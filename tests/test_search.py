@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 
 import pytest
 from ray.tune import Callback
 
 from cnnmodels.scaling import constraint_value
-from pipelines.config import SearchConfig
+from pipelines.config import SearchConfig, load_config
 from pipelines.planning import resolve_models
 from pipelines.search import search_stage
-from pipelines.search_space import PAPER, FeasibleRegion, grid_candidates
+from pipelines.search_space import PAPER, FeasibleRegion, feasible_points, grid_candidates
 from pipelines.tracking import Tracker
 
 
@@ -22,6 +23,9 @@ def test_grid_candidates_are_feasible_capped_and_start_with_the_paper():
     assert len(candidates) == 6 and candidates[0] == PAPER
     assert all(abs(constraint_value(*c) - 2.0) <= 0.1 + 1e-9 for c in candidates)
     assert len(set(candidates)) == 6
+    everything = feasible_points(search)  # what the log counts the trials against
+    assert set(candidates) < set(everything) and PAPER in everything
+    assert all(abs(constraint_value(*c) - 2.0) <= 0.1 + 1e-9 for c in everything)
 
 
 def test_the_paper_is_left_out_when_the_constraint_or_the_ranges_exclude_it():
@@ -30,6 +34,11 @@ def test_the_paper_is_left_out_when_the_constraint_or_the_ranges_exclude_it():
     narrow = SearchConfig(alpha=(1.0, 1.1), beta=(1.0, 1.4), gamma=(1.0, 1.4), step=0.05)  # alpha 1.2 is outside
     candidates = grid_candidates(narrow)
     assert candidates and PAPER not in candidates and all(1.0 <= a <= 1.1 for a, _, _ in candidates)
+    # A grid that misses the constraint everywhere still runs the paper's triple where that meets it.
+    only_the_paper = load_config(None, ["search.alpha=[1.15, 1.25]", "search.beta=[1.05, 1.15]",
+                                        "search.gamma=[1.12, 1.18]", "search.step=0.1", "search.target=1.92",
+                                        "search.tolerance=0.005"])
+    assert grid_candidates(only_the_paper.search) == [PAPER]
 
 
 def test_feasible_region_maps_every_draw_onto_the_constraint():
@@ -82,6 +91,43 @@ def test_a_resumed_trial_counts_the_epochs_it_reached_not_its_history_rows(make_
     records = _trial_records(grid, phi=cfg.search.phi)
     assert [r["epochs_trained"] for r in records] == [3, 3]
     assert [r["val_acc"] for r in records] == [0.7, 0.69]
+
+def test_a_failed_trial_never_wins_and_a_tie_goes_to_the_smaller_model(make_config, caplog):
+    """A trial that failed after reporting ranks below every finished one, whatever its val_acc (its triple
+    would found the family); on equal scores the smaller model wins, and the log says tie, not "beats"."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, search_template
+    from pipelines.search import _best, _log_search_table, _score, _trial_records
+
+    cfg = make_config("data.image_size=16")
+    template = plan_model_runs(cfg, describe_dataset(cfg.data), [search_template(cfg)], stage="search", epochs=2,
+                               cluster_cpus=2)[0]
+
+    def trial(alpha, beta, gamma, val_acc, error=None):
+        config = {"coefficients": {"alpha": alpha, "beta": beta, "gamma": gamma}, "run": template.to_dict()}
+        return SimpleNamespace(config=config, error=error,
+                               metrics_dataframe=pd.DataFrame({"epoch": [0, 1], "val_acc": [0.5, val_acc]}))
+
+    failed = trial(1.4, 1.1, 1.1, 0.99, error=RuntimeError("worker OOM"))
+    paper, smaller = trial(1.2, 1.1, 1.15, 0.9), trial(1.0, 1.1, 1.2, 0.9)
+    never_reported = SimpleNamespace(config=failed.config, error=RuntimeError("died"), metrics_dataframe=None)
+    records = _trial_records([failed, paper, never_reported, smaller], phi=cfg.search.phi)
+    _score(records, cfg, template)
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        best = _best(records, trials=4)
+        _log_search_table(records, best)
+    assert records[1]["macs"] > records[0]["macs"]  # the paper's triple is the larger of the tied two
+    assert (best["alpha"], best["beta"], best["gamma"]) == (1.0, 1.1, 1.2)
+    assert records[-1]["error"] is not None and records[-1]["val_acc"] == 0.99
+    assert "1 of 4 trial(s) reported no epoch" in caplog.text and "worker OOM" in caplog.text
+    assert "ties with the paper's" in caplog.text and "beats" not in caplog.text
+    with pytest.raises(RuntimeError, match="without a trial that reported val_acc and did not fail.*worker OOM"):
+        _best([r for r in records if r["error"]], trials=1)
+
 
 @pytest.mark.slow
 def test_optuna_mode_runs_two_feasible_trials(ray_cluster, make_config):
