@@ -227,8 +227,11 @@ def auto_cpus_per_worker(cfg: PipelineConfig, cluster_cpus: float) -> float:
         return float(cfg.train.cpus_per_worker)
     if cfg.train.use_gpu:
         return float(1 + cfg.data.loader_workers)
-    share = (cluster_cpus - 0.05) / cfg.train.num_workers
-    return max(0.25, math.floor(share * 100) / 100)
+    share = math.floor((cluster_cpus - 0.05) / cfg.train.num_workers * 100) / 100
+    # Any share that fits, however thin (8 workers on 2 CPUs: 0.24 each; a floor of 0.25 asked for 2.01 CPUs,
+    # and the run waited for good). Below a hundredth nothing is free to split (another stage holds the
+    # CPUs): a quarter each, and the stage waits for them (concurrency_for warns).
+    return share if share >= 0.01 else 0.25
 
 
 def with_overlapped_startup(cfg: PipelineConfig, runs: list[ModelRun],

@@ -17,6 +17,7 @@ from pipelines.planning import (
 )
 from pipelines.runtime import concurrency_for
 from pipelines.search import SearchResult, load_search_result
+from pipelines.trials import TRIAL_DRIVER_RESOURCES
 
 
 def lenet_run(make_config, *overrides: str) -> ModelRun:
@@ -98,7 +99,14 @@ def test_a_changed_search_setting_invalidates_the_cached_search(make_config, cha
 def test_cpus_per_worker_split_the_free_cpus_among_one_models_workers(make_config):
     assert auto_cpus_per_worker(make_config(), 2.0) == 1.95
     assert auto_cpus_per_worker(make_config("train.num_workers=2"), 2.0) == 0.97
-    assert auto_cpus_per_worker(make_config("train.num_workers=8"), 1.0) == 0.25  # never below a quarter
+    # However many workers, one model's run fits the free CPUs (a floor of 0.25 per worker made 8 workers on 2
+    # CPUs ask for 2.01 and wait for good); with nothing free to split, a quarter each.
+    for workers, cpus in [(8, 2.0), (8, 1.0), (3, 2.0), (64, 4.0)]:
+        cfg = make_config(f"train.num_workers={workers}", "train.batch_size=192")
+        per_worker = auto_cpus_per_worker(cfg, cpus)
+        assert 0 < per_worker * workers + TRIAL_DRIVER_RESOURCES["CPU"] <= cpus, (workers, cpus)
+    assert auto_cpus_per_worker(make_config("train.num_workers=8"), 2.0) == 0.24
+    assert auto_cpus_per_worker(make_config("train.num_workers=8"), 0.0) == 0.25
     gpu = make_config("train.use_gpu=true", "ray.num_gpus=1", "data.loader_workers=3")
     assert auto_cpus_per_worker(gpu, 16.0) == 4.0
     assert auto_cpus_per_worker(make_config("train.cpus_per_worker=1.5"), 16.0) == 1.5
