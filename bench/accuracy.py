@@ -59,6 +59,14 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(shape)
 
 
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def missing_idx_files(root: Path) -> list[str]:
+    """The Fashion-MNIST IDX files (gzipped or not) that ``root`` lacks."""
+    return [name for name in IDX_FILES if not (root / name).exists() and not (root / f"{name}.gz").exists()]
+
+
 def load_padded(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 1, 32, 32), the 28x28 originals zero-padded by 2 on each side, and int64 labels."""
     stem = "train" if split == "train" else "t10k"
@@ -285,6 +293,9 @@ def main() -> None:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    if missing := missing_idx_files(args.data_root):  # both sides read these; neither downloads here
+        parser.error(f"--data-root {args.data_root} lacks {', '.join(missing)} (install Debian's "
+                     "dataset-fashion-mnist, or point --data-root at the four IDX files)")
     os.chdir(REPO)  # `python -m pipelines` must import this checkout
     show = (lambda t: t.to_markdown(index=False)) if args.markdown else (lambda t: t.to_string(index=False))
 

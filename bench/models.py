@@ -102,6 +102,8 @@ def main() -> None:
                         help="time torchvision against a copy of itself: how far from 1.0 noise alone moves a ratio")
     args = parser.parse_args()
 
+    if unknown := [name for name in args.models or [] if name not in torchvision.models.list_models()]:
+        parser.error(f"--models: no torchvision model to compare against for {', '.join(unknown)}")
     rows = []
     for size in args.sizes:
         names = args.models or (SHARED if size <= 64 else FAMILY_REPRESENTATIVES)
@@ -116,6 +118,8 @@ def main() -> None:
             print(f"  {row['model']:<16} {row['input']:>8}  ours {row['cnnmodels img/s']:>8}  "
                   f"torchvision {row['torchvision img/s']:>8}  ratio {row['ratio']:.3f}  "
                   f"same kernels {row['same kernels']}", flush=True)
+    if not rows:
+        raise SystemExit("nothing measured: every model was skipped at the given --sizes")
     table = pd.DataFrame(rows)
     print()
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads")

@@ -41,8 +41,8 @@ def main() -> None:
                   "search.gamma=[1.0, 1.3]", "search.grace_period=1",
                   f"search.reduction_factor={args.reduction_factor}", "train.optimizer=adamw", "train.lr=0.003",
                   "train.weight_decay=0.0001"]
-        if args.subset:
-            common.append(f"data.train_subset={args.subset}")
+        # The search trains on search.train_subset (the default config sets 600), not on data.train_subset.
+        common.append(f"search.train_subset={args.subset or 'null'}")
         first = load_config(None, common + ["name=bench-asha"])
         with ray_session(first):
             for name, asha in (("asha", True), ("grid", False)):

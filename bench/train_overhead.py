@@ -17,6 +17,7 @@ the final test evaluation of the best checkpoint).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -82,6 +83,8 @@ def main() -> None:
         cfg = load_config(None, [f"workdir={workdir}", "name=bench", f"data.dataset={args.dataset}",
                                  f"data.image_size={args.image_size}", f"train.batch_size={args.batch_size}",
                                  f"train.models=[{args.model}]", f"train.epochs={args.epochs}", "train.num_workers=1",
+                                 # the plain loop's optimizer (SGD, Nesterov), whatever the default config says
+                                 "train.optimizer=sgd",
                                  # the plain loop has no precise-BN pass; leave it out on both sides
                                  "train.precise_bn_batches=0"])
         with ray_session(cfg):
@@ -96,14 +99,11 @@ def main() -> None:
             started = time.perf_counter()
             result = build_trainer(run).fit()
             ray_seconds = time.perf_counter() - started
-            history = result.metrics_dataframe if hasattr(result, "metrics_dataframe") else None
-            ray_rates = []
-            if history is not None and "train_images_per_sec" in history:
-                ray_rates = [v for v in history["train_images_per_sec"].tolist() if v == v]
-            if not ray_rates:
-                import json
-
-                ray_rates = [h["train_images_per_sec"] for h in json.loads(result.metrics["history"])]
+            # Every epoch's rate from the run's own history (its final report): Ray V2's metrics_dataframe holds
+            # only the kept checkpoints' rows (one, at train.checkpoints_to_keep 1).
+            ray_rates = [h["train_images_per_sec"] for h in json.loads(result.metrics["history"])]
+            if len(ray_rates) != args.epochs:
+                raise RuntimeError(f"the Ray run reported {len(ray_rates)} epochs of {args.epochs}")
 
     plain = statistics.median(plain_rates[1:] or plain_rates)
     ray_ips = statistics.median(ray_rates[1:] or ray_rates)
