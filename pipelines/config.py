@@ -153,7 +153,10 @@ def _bool_or_word(value, word: str):
 
 class DataConfig(_Section):
     dataset: str = Field("digits", description="digits, fashion-mnist, cifar10 or imagefolder")
-    root: Optional[str] = Field(None, description="data directory (fashion-mnist, cifar10, imagefolder)")
+    root: Optional[str] = Field(
+        None, description="data directory (fashion-mnist, cifar10, imagefolder); unset: fashion-mnist reads "
+        "/usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist) when there, and downloads go to "
+        "$CNNZOO_DATA/<dataset> (default ~/.cache/cnnzoo/data/<dataset>)")
     image_size: int = Field(32, ge=8, le=1024, description="side length the images are resized to")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of the training data held out for validation")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="held-out share where the data set has no test split")
@@ -268,7 +271,8 @@ class WorkerSettings(_Section):
         "(EfficientNet's depthwise convolutions)")
     checkpoints_to_keep: int = Field(1, ge=1, description="best checkpoints kept besides the latest")
     simulate_failure_at_epoch: Optional[int] = Field(
-        None, ge=0, description="kill one worker once at this epoch, to rehearse fault tolerance"
+        None, ge=1, description="kill one worker once as this epoch starts (epochs count from 0; 1 to the last "
+        "epoch: the first has no checkpoint to resume from), to rehearse fault tolerance"
     )
     progress_interval_s: float = Field(
         30.0, gt=0.0, description="within an epoch, print batches done, img/s and the epoch's ETA this often"
@@ -669,6 +673,7 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
             raise ConfigError(f"train.model_overrides.{name}.{first.key.split('.')[-1]}", first.message) from None
     _check_gpu_shares(cfg)
     _check_batch_split(cfg)
+    _check_failure_rehearsal(cfg)
     search = cfg.search
     if search.base_model != "efficientnet":
         raise ConfigError("search.base_model", "only 'efficientnet' supports compound scaling")
@@ -771,6 +776,21 @@ def _check_batch_split(cfg: PipelineConfig) -> None:
             choices = f"{lower} or {higher}" if lower else f"{higher}"
             raise ConfigError(key, f"{size} does not split evenly across train.num_workers={workers} (each worker "
                                    f"takes a share of the global batch): use {choices}")
+
+
+def _check_failure_rehearsal(cfg: PipelineConfig) -> None:
+    """``train.simulate_failure_at_epoch`` must fall inside some model's epochs: beyond them it never fires, and
+    a rehearsal that silently does nothing passes for a success."""
+    at = cfg.train.simulate_failure_at_epoch
+    if at is None:
+        return
+    epochs = max([cfg.train.epochs] + [hyperparameters_for(cfg.train, name).epochs
+                                       for name in cfg.train.model_overrides])
+    if at >= epochs:
+        raise ConfigError("train.simulate_failure_at_epoch",
+                          f"{at} never comes: epochs count from 0 and the longest model trains {epochs} (up to epoch "
+                          f"{epochs - 1}); " + (f"use 1 to {epochs - 1}" if epochs > 1 else
+                                                "raise train.epochs to at least 2"))
 
 
 def _check_gpu_shares(cfg: PipelineConfig) -> None:

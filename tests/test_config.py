@@ -100,6 +100,9 @@ def test_model_overrides_change_only_that_model(make_config):
         (["train.use_gpu=true", "ray.num_gpus=0"], "train.use_gpu", "no GPU"),
         # Values that passed validation and failed (or ran out of memory) later:
         (["search.step=1e-9"], "search.step", "(at most 2,000,000)"),
+        (["train.simulate_failure_at_epoch=2", "train.epochs=2"], "train.simulate_failure_at_epoch",
+         "never comes: epochs count from 0 and the longest model trains 2 (up to epoch 1); use 1 to 1"),
+        (["train.simulate_failure_at_epoch=0"], "train.simulate_failure_at_epoch", "greater than or equal to 1"),
         (["search.alpha=[1.15, 1.25]", "search.beta=[1.05, 1.15]", "search.gamma=[1.12, 1.18]", "search.step=0.1",
           "search.tolerance=0.005"], "search.step", "has no feasible triple"),
         (["data.seed=-1"], "data.seed", "greater than or equal to 0"),
