@@ -159,11 +159,10 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
             search_stage(cfg, force=args.force)
             return 0
         if args.command == "train":
-            from .search import load_search_result
+            from .search import searched_coefficients
             from .train import train_stage
 
-            previous = load_search_result(cfg)
-            return 0 if train_stage(cfg, previous.coefficients if previous else None).ok else EXIT_FAILED
+            return 0 if train_stage(cfg, searched_coefficients(cfg)).ok else EXIT_FAILED
         if args.command == "report":
             from .report import report_stage
 

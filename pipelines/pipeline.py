@@ -52,7 +52,7 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
     Serving is started but not waited on; the CLI blocks on it.
     """
     from .report import report_stage
-    from .search import load_search_result, search_stage
+    from .search import search_stage, searched_coefficients
     from .serve import serve_stage
     from .tracking import Tracker, ui_hint
     from .train import train_stage
@@ -65,11 +65,8 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
         out.search = search_stage(cfg)
         out.stages["search"] = "skipped" if out.search.skipped else "ran"
         coefficients = out.search.coefficients
-    elif (previous := load_search_result(cfg)) is not None:
-        coefficients = previous.coefficients
-    elif cfg.search.phis:
-        logger.info("[pipeline] no finished search for this config: the EfficientNet family is not trained "
-                    "(add the search stage to train it)")
+    else:
+        coefficients = searched_coefficients(cfg)
 
     if "train" in stages:
         # The report prints the fuller table (with serving latency); print it once.

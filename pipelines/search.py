@@ -46,7 +46,7 @@ from .search_space import (
 from .shared_data import prepare, shared_splits
 from .trials import run_model_trials, trial_resources, trial_run, trial_run_name
 
-__all__ = ["SearchResult", "search_stage", "load_search_result", "describe_search_trial"]
+__all__ = ["SearchResult", "search_stage", "load_search_result", "searched_coefficients", "describe_search_trial"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,20 @@ def load_search_result(cfg: PipelineConfig) -> SearchResult | None:
         return None
     result.path = str(path)
     return result
+
+
+def searched_coefficients(cfg: PipelineConfig) -> dict[str, float] | None:
+    """The triple of this config's finished search, for the EfficientNet family at ``search.phis``; None (and a
+    line saying the family is left out, and why) when there is none."""
+    previous = load_search_result(cfg)
+    if previous is not None:
+        return previous.coefficients
+    if cfg.search.phis:
+        why = ("the finished search was run with other search or training settings"
+               if cfg.paths.search_result.is_file() else "no finished search for this config")
+        logger.info("[search] %s: the EfficientNet family at search.phis %s is not trained (run the search stage "
+                    "to train it)", why, list(cfg.search.phis))
+    return None
 
 
 def describe_search_trial(phi: float, config: dict) -> tuple[str, str, dict[str, Any]]:

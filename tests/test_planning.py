@@ -16,7 +16,7 @@ from pipelines.planning import (
     search_fingerprint,
 )
 from pipelines.runtime import concurrency_for
-from pipelines.search import SearchResult, load_search_result
+from pipelines.search import SearchResult, load_search_result, searched_coefficients
 from pipelines.trials import TRIAL_DRIVER_RESOURCES
 
 
@@ -94,6 +94,23 @@ def test_a_changed_search_setting_invalidates_the_cached_search(make_config, cha
     assert load_search_result(cfg) is not None
     changed = make_config(change)
     assert (load_search_result(changed) is None) is invalidates
+
+
+def test_train_says_why_the_efficientnet_family_is_left_out(make_config, caplog):
+    """`train` (as `run`) trains the family only from a finished search of these settings, and says so when it
+    leaves the family out: no search yet, or one run with other settings (here another learning rate)."""
+    cfg = make_config("search.phis=[1]")
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        assert searched_coefficients(cfg) is None
+    assert "no finished search for this config: the EfficientNet family at search.phis [1.0] is not trained" \
+        in caplog.text
+    SearchResult(best={"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "val_acc": 0.9}, trials=[], objective="val_acc",
+                 phi=1.0, paper_included=True, fingerprint=search_fingerprint(cfg)).save(cfg.paths.search_result)
+    assert searched_coefficients(cfg) == {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        assert searched_coefficients(make_config("search.phis=[1]", "train.lr=0.01")) is None
+    assert "the finished search was run with other search or training settings" in caplog.text
 
 
 def test_cpus_per_worker_split_the_free_cpus_among_one_models_workers(make_config):
