@@ -438,6 +438,11 @@ class TrackingConfig(_Section):
             )
         if value is None:
             return value
+        if value.startswith("sqlite:///") and not value.startswith("sqlite:////") and ":memory:" not in value:
+            # sqlite:///runs/mlflow.db is relative to the working directory: a Serve replica's or a job's is
+            # another one (another, empty store); the path is made absolute here, as data.root is.
+            path, _, query = value[len("sqlite:///"):].partition("?")
+            value = f"sqlite:///{os.path.abspath(os.path.expanduser(path))}" + (f"?{query}" if query else "")
         scheme = value.split(":", 1)[0].lower()
         known = TRACKING_SCHEMES + _plugin_tracking_schemes()
         if scheme.split("+", 1)[0] not in known:
@@ -528,6 +533,12 @@ class ServeConfig(_Section):
     default_top_k: int = Field(
         5, ge=1, description="classes returned when top_k is not given (at most the model's class count)"
     )
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _absolute_checkpoints(cls, value: dict[str, str]) -> dict[str, str]:
+        # A replica's working directory is not the driver's: a relative path found here was missing there.
+        return {alias: os.path.abspath(os.path.expanduser(path)) for alias, path in value.items()}
 
     @model_validator(mode="after")
     def _replicas(self):

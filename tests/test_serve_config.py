@@ -95,3 +95,15 @@ def test_gpu_presets_read_the_token_that_cluster_yaml_exports(monkeypatch, tmp_p
 def test_the_decode_budget_must_admit_one_model_input(make_config):
     with pytest.raises(ConfigError, match="serve.max_resized_pixels"):
         make_config("data.image_size=64", "serve.max_resized_pixels=4000")
+
+
+def test_relative_paths_are_made_absolute_where_the_command_runs(tmp_path, monkeypatch):
+    """A Serve replica (or a Ray job) works in another directory: ``serve.checkpoints`` and a relative sqlite
+    ``tracking.uri`` are resolved where the command runs, as ``data.root`` is; a replica found neither."""
+    from pipelines.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["tracking.uri=sqlite:///runs/mlflow.db?timeout=30", "serve.checkpoints={best: runs/m.pt}"])
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/runs/mlflow.db?timeout=30"
+    assert cfg.serve.checkpoints == {"best": str(tmp_path / "runs" / "m.pt")}
+    assert load_config(None, ["tracking.uri=sqlite:////srv/mlflow.db"]).tracking.uri == "sqlite:////srv/mlflow.db"
