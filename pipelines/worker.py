@@ -523,7 +523,11 @@ def train_loop_per_worker(config: dict) -> None:
     ctx.mark("data_ready")
     restore(ctx)
     ctx.mark("restored")
-    wait_for_compute(run.compute_gate, run.run_name)  # the previous run may still be training
+    # A run with no epoch left (restarted after its training ended) has nothing to gate; asking would let one
+    # rank release the slot before another rank asked, which then queued again behind the next run's training.
+    training_left = ctx.start_epoch < run.hyper.epochs
+    if training_left:
+        wait_for_compute(run.compute_gate, run.run_name)  # the previous run may still be training
     ctx.mark("compute_granted")
     if ctx.rank == 0:
         logger.info(timestamped(f"[{run.model_name}] training on {describe_compute(ctx)}"))
@@ -537,7 +541,7 @@ def train_loop_per_worker(config: dict) -> None:
         ctx.add_seconds("eval_seconds", time.perf_counter() - evaluation_started)
         report_epoch(ctx, epoch, {"epoch": epoch, **metrics, "val_loss": val_loss, "val_acc": val_acc,
                                   "start_epoch": ctx.start_epoch, "worker_nodes": ctx.worker_nodes})
-    if ctx.rank == 0:
+    if ctx.rank == 0 and training_left:
         release_compute(run.compute_gate, run.run_name)  # the test is short; let the next run train
     if run.evaluate_test:
         report_test(ctx)
