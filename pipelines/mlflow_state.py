@@ -87,6 +87,8 @@ def restore(db: Path, uri: str) -> bool:
     check = sqlite3.connect(f"file:{partial}?mode=ro", uri=True)
     try:
         verdict = check.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as err:  # not sqlite at all: "file is not a database"
+        verdict = str(err)
     finally:
         check.close()
     if verdict != "ok":
@@ -109,10 +111,11 @@ def fetch_backend_uri(parameter: str, out: Path, region: str | None = None) -> b
         out.unlink(missing_ok=True)
         return False
     out.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Not followed if a link; narrowed before the secret is written (an older file keeps its mode through O_CREAT).
+    descriptor = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(descriptor, 0o600)
     with os.fdopen(descriptor, "w") as file:
         file.write(value + "\n")
-    os.chmod(out, 0o600)  # an older file keeps its mode through O_CREAT
     return True
 
 

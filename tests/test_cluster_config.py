@@ -239,6 +239,11 @@ def test_an_mlflow_registry_backed_up_and_restored_keeps_its_models_and_aliases(
     assert restored.get_model_version_by_alias("zoo", "champion").version == version.version
     assert restore(new, str(bucket)) is False  # never over an existing store
     assert restore(tmp_path / "other" / "mlflow.db", str(tmp_path / "bucket" / "missing.db")) is False
+    # A backup that is not sqlite at all: refused with the message, nothing left behind.
+    (tmp_path / "bucket" / "junk.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(RuntimeError, match="is not a sound sqlite database"):
+        restore(tmp_path / "third" / "mlflow.db", str(tmp_path / "bucket" / "junk.db"))
+    assert not list((tmp_path / "third").iterdir())
 
 
 def test_the_state_commands_name_a_missing_setting_and_skip_a_managed_backend(tmp_path, monkeypatch, capsys):
