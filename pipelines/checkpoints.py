@@ -163,10 +163,26 @@ def load_checkpoint(
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise CheckpointError(f"checkpoint {path}: weights {name!r} hold NaN or infinity")
         try:
-            checkpoint.build_model()
+            model = checkpoint.build_model()
         except (RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {path} does not fit architecture {checkpoint.arch!r}: {err}") from None
+        _check_outputs(model, spec, path)
     return checkpoint
+
+
+def _check_outputs(model: nn.Module, spec: PreprocessSpec, path: Path) -> None:
+    """One forward pass at the recorded input size, finite: finite weights can still make every output NaN (a
+    flipped sign in a batch norm's running variance), and a spec's size the model cannot take fails here."""
+    probe = torch.randn(1, *spec.input_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            outputs = model(probe)
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: the model fails on a {spec.image_size} px input: {err}") from None
+    if outputs.shape != (1, spec.num_classes):
+        raise CheckpointError(f"checkpoint {path}: {tuple(outputs.shape)} outputs for {spec.num_classes} classes")
+    if not torch.isfinite(outputs).all():
+        raise CheckpointError(f"checkpoint {path}: the model's outputs are NaN or infinite")
 
 
 def rng_state_file(rank: int) -> str:

@@ -68,6 +68,21 @@ def test_mismatched_and_non_finite_weights_are_refused(tmp_path):
         load_checkpoint(tmp_path / "c.pt")
 
 
+def test_finite_weights_whose_outputs_are_not_are_refused(tmp_path):
+    """A flipped sign in a batch norm's running variance is finite, but makes every output NaN; and a spec whose
+    input size the model cannot take (LeNet-5 at 64 px) would fail on every request."""
+    checkpoint, _ = _checkpoint("resnet18", small_input=True)
+    flipped = dict(checkpoint.state_dict)
+    flipped["bn1.running_var"] = -flipped["bn1.running_var"]
+    with pytest.raises(CheckpointError, match="outputs are NaN or infinite"):
+        load_checkpoint(save_checkpoint(ModelCheckpoint(**{**checkpoint.__dict__, "state_dict": flipped}),
+                                        tmp_path / "flipped.pt"))
+    lenet, _ = _checkpoint()
+    too_large = ModelCheckpoint(**{**lenet.__dict__, "spec": PreprocessSpec(**{**SPEC.to_dict(), "image_size": 64})})
+    with pytest.raises(CheckpointError, match="fails on a 64 px input: lenet5 takes inputs of at most 32x32"):
+        load_checkpoint(save_checkpoint(too_large, tmp_path / "large.pt"))
+
+
 def test_save_is_atomic(tmp_path):
     checkpoint, _ = _checkpoint()
     path = save_checkpoint(checkpoint, tmp_path / "model.pt")
