@@ -76,9 +76,16 @@ def _probe(spec: PreprocessSpec, batch: int, device: torch.device) -> torch.Tens
 
 def _disagreement(reference: nn.Module, candidate: nn.Module, probe: torch.Tensor) -> float | None:
     """None when ``candidate`` gives ``reference``'s outputs on ``probe`` (to float tolerance), else the
-    largest difference."""
+    largest difference (infinite where ``candidate`` fails on it: the reference is then served instead)."""
     with torch.inference_mode():
-        expected, actual = reference(probe), candidate(probe)
+        expected = reference(probe)
+        try:
+            actual = candidate(probe)
+        except Exception as err:  # noqa: BLE001 - e.g. a trace that kept its probe's batch size as a constant
+            logger.info("the transformed model fails on a batch of %d: %s", probe.shape[0], err)
+            return float("inf")
+    if actual.shape != expected.shape:
+        return float("inf")
     tolerance = 1e-4 * max(1.0, expected.abs().max().item())
     if torch.allclose(actual, expected, atol=tolerance, rtol=1e-4):
         return None
