@@ -5,7 +5,9 @@ FC C/r->C, sigmoid, channel-wise scale; r = 16 as in all the paper's models), at
 
 * SE-ResNet (``se_resnet18`` .. ``se_resnet152``): SE on each residual branch, after its last BN and before
   the addition with the identity (the paper's Fig. 3). SE-ResNet-50 has 28,088,024 parameters at 1000
-  classes (+2,530,992 over ResNet-50, the paper's "~10%").
+  classes (+2,530,992 over ResNet-50, the paper's "~10%"). The residual layout is torchvision's v1.5 (the
+  stride on the 3x3 convolution, as timm's ``seresnet50``): 4.092 GMACs at 224 px, where the paper's v1 layout
+  (the stride on the first 1x1, its 3.87 GFLOPs) has 3.860; the parameters are the same.
 * SE-Inception (``se_googlenet``): SE on each inception module's concatenated output (Fig. 2).
 * SE-VGG (``se_vgg11_bn`` .. ``se_vgg19_bn``): SE after the non-linearity that follows each convolution;
   with batch norm, as the paper's SE-VGG-16.

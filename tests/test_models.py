@@ -56,6 +56,57 @@ def test_se_adds_the_papers_ten_percent_to_resnet50():
     assert extra == 2_530_992
 
 
+#: ../shared/reference/models.md, section 1: torchvision's parameter counts and `_ops` (conv + linear GMACs at 224 px).
+TORCHVISION_REFERENCE = {
+    "alexnet": (61_100_840, 0.714), "vgg11": (132_863_336, 7.609), "vgg11_bn": (132_868_840, 7.609),
+    "vgg13": (133_047_848, 11.308), "vgg13_bn": (133_053_736, 11.308), "vgg16": (138_357_544, 15.470),
+    "vgg16_bn": (138_365_992, 15.470), "vgg19": (143_667_240, 19.632), "vgg19_bn": (143_678_248, 19.632),
+    "resnet18": (11_689_512, 1.814), "resnet34": (21_797_672, 3.664), "resnet50": (25_557_032, 4.089),
+    "resnet101": (44_549_160, 7.801), "resnet152": (60_192_808, 11.514), "densenet121": (7_978_856, 2.834),
+    "densenet161": (28_681_000, 7.728), "densenet169": (14_149_480, 3.360), "densenet201": (20_013_928, 4.291),
+}
+#: The same section's EfficientNet numbers: parameters, the paper's resolution (the models' default input; torchvision
+#: crops B2 at 288, not 260) and GMACs there, and GMACs at 224 px.
+EFFICIENTNET_REFERENCE = {
+    "efficientnet_b0": (5_288_548, 224, 0.386, 0.386), "efficientnet_b1": (7_794_184, 240, 0.687, 0.570),
+    "efficientnet_b2": (9_109_994, 260, 0.994, 0.659), "efficientnet_b3": (12_233_232, 300, 1.827, 0.963),
+    "efficientnet_b4": (19_341_616, 380, 4.394, 1.504), "efficientnet_b5": (30_389_784, 456, 10.266, 2.356),
+    "efficientnet_b6": (43_040_704, 528, 19.068, 3.360), "efficientnet_b7": (66_347_960, 600, 37.746, 5.170),
+}
+
+
+def _on_meta(name: str, **kwargs) -> torch.nn.Module:
+    with torch.device("meta"):  # shapes only: counting needs no weights or arithmetic
+        return create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_REFERENCE))
+def test_every_reference_count_and_macs_at_224(name):
+    params, gmacs = TORCHVISION_REFERENCE[name]
+    model = _on_meta(name)
+    assert n_params(model) == params
+    assert profile(model).macs / 1e9 == pytest.approx(gmacs, abs=0.0005)
+
+
+@pytest.mark.parametrize("name", sorted(EFFICIENTNET_REFERENCE))
+def test_efficientnet_counts_and_macs_at_its_resolution_and_at_224(name):
+    params, resolution, gmacs_there, gmacs_at_224 = EFFICIENTNET_REFERENCE[name]
+    model = _on_meta(name)
+    assert n_params(model) == params and model.default_input_size == (3, resolution, resolution)
+    assert profile(model, (3, resolution, resolution)).macs / 1e9 == pytest.approx(gmacs_there, abs=0.0005)
+    assert profile(model).macs / 1e9 == pytest.approx(gmacs_at_224, abs=0.0005)
+    if name == "efficientnet_b2":  # torchvision's `_ops`, at its 288 px crop
+        assert profile(model, (3, 288, 288)).macs / 1e9 == pytest.approx(1.088, abs=0.0005)
+
+
+def test_se_resnets_match_the_computed_reference():
+    """SE-ResNet-34/101 have no torchvision model to compare against: the reference's counts computed from the
+    architecture; SE-ResNet-50 is ResNet-50 v1.5's 4.089 GMACs plus the SE blocks' 2.5 MMACs."""
+    assert n_params(_on_meta("se_resnet34")) == 21_958_868
+    assert n_params(_on_meta("se_resnet101")) == 49_326_872
+    assert profile(_on_meta("se_resnet50")).macs / 1e9 == pytest.approx(4.089 + 0.0025, abs=0.0005)
+
+
 @pytest.mark.parametrize("name, gmacs", [("resnet50", 4.089), ("efficientnet_b0", 0.386), ("alexnet", 0.714),
                                          ("densenet121", 2.834)])
 def test_macs_at_224_match_torchvision_ops(name, gmacs):
