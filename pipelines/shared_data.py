@@ -85,7 +85,8 @@ def shared_splits() -> Iterator[str]:
 def prepare(name: str, data: DataConfig, specs) -> None:
     """Have the stage's cache convert these specs now, while the runs' processes are still starting."""
     cache = ray.get_actor(name)
-    for spec_json in sorted({json.dumps(spec.to_dict()) for spec in specs}):
+    # In the runs' order, each size once: the actor converts one at a time, and the first runs start first.
+    for spec_json in dict.fromkeys(json.dumps(spec.to_dict()) for spec in specs):
         cache.converted.remote(data.model_dump_json(), spec_json)
 
 
