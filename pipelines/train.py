@@ -90,7 +90,7 @@ def finish_model_trial(cfg: PipelineConfig, queue, trial, run_ref: str, started_
               tags={"test_acc": result["test_acc"], "best_val_acc": result["best_val_acc"], "arch": run.arch,
                     "model_name": run.model_name, "params_count": run.params_count, "macs": run.macs,
                     "input_size": run.spec.image_size, "dataset": run.data.dataset,
-                    "data_root": run.data.root or "", "fingerprint": run.fingerprint})
+                    "data_root": run.data.root or "", "fingerprint": run.fingerprint, "epochs": run.hyper.epochs})
     queue.put("log_metrics", run_ref, metrics={"train_images_per_sec": model_result.train_images_per_sec,
                                                "train_seconds": model_result.train_seconds})
     queue.put("end_run", run_ref, status="FINISHED")
@@ -190,10 +190,11 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
 
 
 def _unregistered(cfg: PipelineConfig, runs: list[ModelRun]) -> set[str]:
-    """The names among ``runs`` whose training no registered version holds (by its fingerprint tag; versions
-    registered before that tag existed count for their alias) and that no pending write will register. Empty
-    when the registry cannot be asked: an outage retrains nothing. Any version counts, aliased or not: an alias
-    moved by a pipeline on other data under the same registered name is no reason to register again."""
+    """The names among ``runs`` whose training no registered version holds (by its fingerprint and epochs tags;
+    versions registered before those tags existed count for their alias, or for any epochs) and that no pending
+    write will register. Empty when the registry cannot be asked: an outage retrains nothing. Any version counts,
+    aliased or not: an alias moved by a pipeline on other data under the same registered name is no reason to
+    register again."""
     from .tracking import TAG_FINGERPRINT, Tracker, first_line
     from .tracking_queue import load_pending
 
@@ -208,10 +209,16 @@ def _unregistered(cfg: PipelineConfig, runs: list[ModelRun]) -> set[str]:
         logger.warning("[train] could not check the registry (%s); models trained but not registered are not "
                        "registered now", first_line(err))
         return set()
-    fingerprints = {v.tags.get(TAG_FINGERPRINT) for v in versions}
+    # The fingerprint leaves epochs out: a version of the same training to fewer epochs does not hold this one.
+    # Versions registered before the epochs tag existed count for any epochs, as before.
+    trainings = {(v.tags.get(TAG_FINGERPRINT), v.tags.get("epochs")) for v in versions}
     untagged = {v.alias for v in aliased if TAG_FINGERPRINT not in v.tags}
+
+    def registered(run: ModelRun) -> bool:
+        return bool({(run.fingerprint, str(run.hyper.epochs)), (run.fingerprint, None)} & trainings)
+
     return {r.model_name for r in runs
-            if r.model_name not in pending and r.fingerprint not in fingerprints and r.model_name not in untagged}
+            if r.model_name not in pending and not registered(r) and r.model_name not in untagged}
 
 
 def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[ModelRun], free: dict[str, float],

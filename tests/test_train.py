@@ -569,6 +569,7 @@ def test_which_finished_models_are_registered_again(make_config, monkeypatch):
     in the registry and no pending write brings one: not when its alias was moved by a pipeline on other data,
     nor for a version registered before the fingerprint tag existed, nor during an outage."""
     import json as json_module
+    from dataclasses import replace
 
     from pipelines.data import describe_dataset
     from pipelines.planning import plan_model_runs, resolve_models
@@ -597,8 +598,18 @@ def test_which_finished_models_are_registered_again(make_config, monkeypatch):
     register("lenet5", fingerprint=fingerprints["lenet5"])
     register("lenet5", dataset="fashion-mnist", fingerprint="other")  # the alias moved by another data set
     register("alexnet")  # registered before the fingerprint tag existed
-    lost = register("vgg11", fingerprint=fingerprints["vgg11"])
+    lost = register("vgg11", fingerprint=fingerprints["vgg11"], epochs=str(cfg.train.epochs))
     assert _split_finished(cfg, runs) == ([], ["lenet5", "alexnet", "vgg11", "googlenet"])
+    # A version of the same training to fewer epochs does not hold the longer one (its registration lost).
+    longer = make_config("train.models=[lenet5, alexnet, vgg11, googlenet]", f"train.epochs={cfg.train.epochs + 2}")
+    longer_runs = plan_model_runs(longer, describe_dataset(longer.data), resolve_models(longer), cluster_cpus=2)
+    for run in longer_runs:
+        replace(ModelResult.load(cfg.paths.train_dir / f"{run.model_name}.json"),
+                epochs=run.hyper.epochs).save(cfg.paths.train_dir)
+    assert [r.model_name for r in _split_finished(longer, longer_runs)[0]] == ["vgg11"]
+    for run in runs:
+        replace(ModelResult.load(cfg.paths.train_dir / f"{run.model_name}.json"),
+                epochs=run.hyper.epochs).save(cfg.paths.train_dir)
 
     client.delete_model_version(name, lost)  # deleted in the MLflow UI
     todo, skipped = _split_finished(cfg, runs)
