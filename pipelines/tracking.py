@@ -99,12 +99,13 @@ def _finite(value: Any) -> bool:
 def choose_champion(scores: dict[str, float | None], *, allow_unscored: bool = False) -> str | None:
     """The alias with the highest score (the first in ``scores`` among equals).
 
-    Aliases without a score rank below every scored one; with ``allow_unscored`` the first of them wins
+    Aliases without a finite score (none, NaN: ``nan > x`` and ``x > nan`` are both false, so a NaN first in line
+    would have stayed the best) rank below every scored one; with ``allow_unscored`` the first of them wins
     when none has a score (checkpoint files served without metrics), otherwise there is no champion.
     """
     best = None
     for alias, score in scores.items():
-        if score is None:
+        if not _finite(score):
             continue
         if best is None or score > best[1]:
             best = (alias, score)
@@ -284,6 +285,12 @@ class Tracker:
         from . import pyfunc_model
 
         checkpoint = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
+        version_tags = {k: str(v) for k, v in (tags or {}).items()}
+        # A retry of a registration that went through before its reply (or the alias) was lost: the version is
+        # there; registering again would add a second one of the same training.
+        if (done := self._registered_version_of(registered_model, run_id, version_tags)) is not None:
+            self.client.set_registered_model_alias(registered_model, alias, done)
+            return done
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         with tempfile.TemporaryDirectory() as scratch:
@@ -303,10 +310,17 @@ class Tracker:
                     pip_requirements=[f"torch>={torch.__version__.split('+')[0]}",
                                       f"torchvision>={torchvision.__version__.split('+')[0]}", "numpy"],
                 )
-        version_tags = {k: str(v) for k, v in (tags or {}).items()}
         version = mlflow.register_model(info.model_uri, registered_model, tags=version_tags)
         self.client.set_registered_model_alias(registered_model, alias, version.version)
         return str(version.version)
+
+    def _registered_version_of(self, registered_model: str, run_id: str, tags: dict[str, str]) -> str | None:
+        """The version this run already registered with these tags' training (fingerprint and epochs), if any."""
+        same = ("fingerprint", "epochs")
+        for version in self.client.search_model_versions(f"name = '{registered_model}' and run_id = '{run_id}'"):
+            if all(version.tags.get(key) == tags.get(key) for key in same):
+                return str(version.version)
+        return None
 
     def _registered(self, registered_model: str):
         """The registered model; :class:`LookupError` only when MLflow says it does not exist. Any other failure

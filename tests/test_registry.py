@@ -275,3 +275,25 @@ def test_an_imagefolder_version_counts_only_for_its_own_root(make_config, tmp_pa
         tracker.client.set_registered_model_alias(name, alias, version.version)
     assert [v.alias for v in tracker.registered_versions(name)[0]] == ["resnet18"]
 
+
+
+def test_a_retried_registration_adds_no_second_version(tmp_path):
+    """A registration retried after it went through (its reply lost, or the alias not set) finds its version
+    and sets the alias, instead of registering the same training twice; another training of the run (more
+    epochs) is a new version."""
+    from pipelines.config import load_config
+
+    cfg = load_config(None, [f"workdir={tmp_path}", "name=retry"])
+    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=SPEC, state_dict=model.state_dict(),
+                                    model_name="lenet5"), tmp_path / "best" / "model.pt")
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    tags = {"dataset": "digits", "fingerprint": "abc12345", "epochs": 3}
+    first = tracker.log_and_register(run_id, tmp_path / "best", "retry", "lenet5", tags=tags)
+    tracker.client.delete_registered_model_alias("retry", "lenet5")  # as if the alias had not been set
+    assert tracker.log_and_register(run_id, tmp_path / "best", "retry", "lenet5", tags=tags) == first
+    assert str(tracker.client.get_model_version_by_alias("retry", "lenet5").version) == first
+    longer = tracker.log_and_register(run_id, tmp_path / "best", "retry", "lenet5", tags={**tags, "epochs": 6})
+    assert longer != first
+    assert len(tracker.client.search_model_versions("name = 'retry'")) == 2

@@ -11,6 +11,7 @@ def test_the_champion_is_the_best_score_and_the_first_among_equals():
     assert choose_champion({"lenet5": 0.91, "resnet18": 0.97, "vgg11_bn": 0.95}) == "resnet18"
     assert choose_champion({"a": 0.9, "b": 0.9}) == "a"
     assert choose_champion({"a": None, "b": 0.5}) == "b"  # unscored aliases rank last
+    assert choose_champion({"a": float("nan"), "b": 0.5}) == "b"  # a NaN score is no score (it used to win)
     assert choose_champion({"a": None, "b": None}) is None
     assert choose_champion({"a": None, "b": None}, allow_unscored=True) == "a"  # checkpoint files, no metrics
     assert choose_champion({}) is None
