@@ -189,6 +189,14 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
     return [r for r in runs if r.model_name not in skipped], skipped
 
 
+def current_results(cfg: PipelineConfig, runs: list[ModelRun]) -> dict[str, ModelResult]:
+    """The result records of ``runs``' own training (their fingerprints): a record another training left under a
+    model's name (another learning rate, before this run of it failed) is not this stage's result."""
+    fingerprints = {run.model_name: run.fingerprint for run in runs}
+    return {name: result for name, result in load_results(cfg.paths.train_dir).items()
+            if fingerprints.get(name) == result.fingerprint}
+
+
 def _unregistered(cfg: PipelineConfig, runs: list[ModelRun]) -> set[str]:
     """The names among ``runs`` whose training no registered version holds (by its fingerprint and epochs tags;
     versions registered before those tags existed count for their alias, or for any epochs) and that no pending
@@ -284,8 +292,7 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     champion_write = queue.put("update_champion", registered_model=cfg.registered_model_name)
     pending = queue.flush(cfg.tracking.pending_timeout_s)
     champion = queue.outcomes.get(champion_write)
-    names = {c.name for c in choices}
-    results = {name: r for name, r in load_results(cfg.paths.train_dir).items() if name in names}
+    results = current_results(cfg, runs)
     table = comparison_table(list(results.values()), champion=champion[0] if champion else None)
     if show_table and not table.empty:
         logger.info("\n%s", table.to_string(index=False))

@@ -197,3 +197,19 @@ def test_compare_paper_adds_the_paper_family_at_the_searched_phis(make_config, c
         same = resolve_models(cfg, {"alpha": 1.2, "beta": 1.1, "gamma": 1.15})
     assert [c.name for c in same] == ["resnet18", "efficientnet_phi0", "efficientnet_phi1p5"]
     assert "found the paper's (1.2, 1.1, 1.15) itself" in caplog.text
+
+
+def test_the_stage_reports_only_records_of_this_training(make_config):
+    """A record another training left under a model's name (another learning rate, before this one failed) is
+    not reported as this stage's result: the table, the report and serving would show the old model as new."""
+    from pipelines.results import ModelResult
+    from pipelines.train import current_results
+
+    cfg = make_config("train.models=[lenet5, alexnet]")
+    runs = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    for run, fingerprint in zip(runs, [runs[0].fingerprint, "an-older-lr"], strict=True):
+        ModelResult(model_name=run.model_name, arch=run.arch, model_kwargs={}, run_name=run.run_name,
+                    fingerprint=fingerprint, input_size=32, params_count=1, macs=1, epochs=run.hyper.epochs,
+                    best_val_acc=0.5, best_epoch=0, test_acc=0.5, train_images_per_sec=1.0, train_seconds=1.0,
+                    checkpoint_path="").save(cfg.paths.train_dir)
+    assert list(current_results(cfg, runs)) == ["lenet5"]
