@@ -92,6 +92,7 @@ class TrackingQueue:
         self.run_ids: dict[str, str] = {}  #: reference -> MLflow run id, once the run exists
         self.outcomes: dict[int, Any] = {}  #: seq -> what the write returned (e.g. a registered version)
         self.dropped: list[str] = []  #: writes MLflow refused for good, as messages
+        self.dropped_registrations: list[str] = []  #: aliases whose registration was among them
         self._ops: deque[TrackingOp] = deque()
         self._seq = 0
         self._lock = threading.Condition()
@@ -179,6 +180,8 @@ class TrackingQueue:
                     message = f"{DESCRIPTIONS.get(op.kind, op.kind)} for run {op.ref}: {err}"
                     logger.error("[tracking] a write no retry can send, dropped: %s", message[:500])
                     self.dropped.append(message)
+                    if op.kind == "register":
+                        self.dropped_registrations.append(str(op.args.get("alias")))
                     _note_unregistrable(op, err)
                 else:
                     self._note_outage(err)

@@ -291,6 +291,13 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
             failed = _train_models(cfg, queue, parent, info, todo, free, tracking, finisher)
     champion_write = queue.put("update_champion", registered_model=cfg.registered_model_name)
     pending = queue.flush(cfg.tracking.pending_timeout_s)
+    # Trained, but its registration was refused for good (a diverged model's NaN weights, its run or checkpoint
+    # deleted): not in the registry, so not served; the stage failed for it.
+    unregistered = [r.model_name for r in todo if r.model_name in queue.dropped_registrations
+                    and r.model_name not in failed]
+    if unregistered:
+        logger.error("[train] trained but not registered (the reason is above): %s", ", ".join(unregistered))
+        failed += unregistered
     champion = queue.outcomes.get(champion_write)
     results = current_results(cfg, runs)
     table = comparison_table(list(results.values()), champion=champion[0] if champion else None)

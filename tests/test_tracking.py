@@ -90,6 +90,7 @@ def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(ma
     queue.put("set_tags", "local:never-created", tags={"a": "b"})  # its run's creation was dropped
     assert queue.flush(timeout_s=20) == []
     assert len(queue.dropped) == 2 and "NaN" in queue.dropped[0] and "never created" in queue.dropped[1]
+    assert queue.dropped_registrations == ["lenet5"]  # the train stage fails for it (not served, not registered)
     # Noted in the model's record: the next train stage does not run it again to register it (and fail again).
     assert "NaN" in ModelResult.load(record).registration_error
     assert tracker.client.get_run(run_id).data.metrics["test_acc"] == 0.1

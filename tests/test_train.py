@@ -154,6 +154,17 @@ def test_a_run_whose_checkpoints_were_deleted_by_hand_starts_afresh(ddp_run, tmp
 
 
 @pytest.mark.slow
+def test_a_diverged_model_that_cannot_be_registered_fails_the_stage(ray_cluster, make_config):
+    """lenet5 at lr 1e8 trains to NaN weights: its registration is refused for good, so the stage fails for it
+    (exit 1) rather than listing it as trained while nothing was registered or can be served."""
+    cfg = make_config("train.models=[lenet5]", "train.epochs=1", "train.optimizer=sgd", "train.lr=1e8",
+                      "data.train_subset=200", "data.image_size=32", "train.batch_size=64")
+    stage = train_stage(cfg)
+    assert stage.failed == ["lenet5"] and stage.trained == [] and not stage.ok
+    assert "NaN" in stage.results["lenet5"].registration_error
+
+
+@pytest.mark.slow
 def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster, make_config):
     """Tune's trial retries are for a lost driver: a Train run that gave up after train.max_failures (here 0)
     is not run again by the retry, which would otherwise resume it and hide the failure."""
