@@ -248,6 +248,8 @@ class TrackingQueue:
         self.tracker.end_run(self._resolve(ref), status)
 
     def _do_log_artifact(self, ref: str, path: str, artifact_path: str | None = None) -> None:
+        if not Path(path).exists():  # deleted since (or `register` run elsewhere): no retry brings it back
+            raise UnsendableWrite(f"the file {path} to log is gone")
         self.tracker.log_artifact(self._resolve(ref), path, artifact_path)
 
     def _do_register(self, ref: str, checkpoint_path: str, storage_path: str, registered_model: str, alias: str,

@@ -91,6 +91,13 @@ def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(ma
     assert queue.flush(timeout_s=20) == []
     assert len(queue.dropped) == 2 and "NaN" in queue.dropped[0] and "never created" in queue.dropped[1]
     assert queue.dropped_registrations == ["lenet5"]  # the train stage fails for it (not served, not registered)
+    # A file to log that is gone (deleted since it was queued): dropped, not retried as an outage (it held up
+    # every write behind it, and the stage waited out tracking.pending_timeout_s to exit 3).
+    queue.put("log_artifact", run_id, path=str(tmp_path / "deleted-since.json"))
+    queue.put("log_metrics", run_id, metrics={"after_the_artifact": 1.0})
+    assert queue.flush(timeout_s=20) == [] and "deleted-since.json to log is gone" in queue.dropped[2]
+    assert tracker.client.get_run(run_id).data.metrics["after_the_artifact"] == 1.0
+    del queue.dropped[2]
     # Noted in the model's record: the next train stage does not run it again to register it (and fail again).
     assert "NaN" in ModelResult.load(record).registration_error
     assert tracker.client.get_run(run_id).data.metrics["test_acc"] == 0.1
