@@ -333,9 +333,14 @@ class TrackingQueue:
         self.pending_file.parent.mkdir(parents=True, exist_ok=True)
         body = {"tracking_uri": self.tracker.tracking_uri, "run_ids": self.run_ids,
                 "ops": [asdict(op) for op in pending]}
-        scratch = self.pending_file.with_suffix(".tmp")
-        scratch.write_text(json.dumps(body, indent=1))
-        scratch.replace(self.pending_file)
+        # A scratch file of this writer's own: two commands on one workdir (a `register` beside a stage waiting out
+        # an outage) shared one, and one could move the other's half-written file into place.
+        scratch = self.pending_file.with_name(f"{self.pending_file.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            scratch.write_text(json.dumps(body, indent=1))
+            scratch.replace(self.pending_file)
+        finally:
+            scratch.unlink(missing_ok=True)
 
     def _load_pending(self) -> None:
         body = json.loads(self.pending_file.read_text())
