@@ -138,7 +138,9 @@ def _trains(args, stages: list[str] | None) -> bool:
 def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
     """Call the command's stage function(s) on a Ray session; the exit code says whether they succeeded."""
     from .runtime import ray_session
+    from .tracking_queue import check_pending_writes
 
+    check_pending_writes(cfg)  # a config error, before Ray starts
     if _trains(args, stages):
         from .image_folder import check_image_folder
 

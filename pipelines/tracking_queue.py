@@ -343,23 +343,37 @@ class TrackingQueue:
             scratch.unlink(missing_ok=True)
 
     def _load_pending(self) -> None:
-        body = json.loads(self.pending_file.read_text())
-        written_for = body.get("tracking_uri", self.tracker.tracking_uri)
-        if written_for != self.tracker.tracking_uri:
-            # Its run ids live in that store: sent here they were refused and dropped, and this queue's own
-            # end would then have overwritten or deleted the file.
-            from .config import ConfigError
-
-            raise ConfigError("tracking.uri", f"{self.pending_file} holds {len(body.get('ops', []))} write(s) "
-                                              f"for another tracking store ({_without_password(written_for)}): "
-                                              "send them with `python -m pipelines register` and that "
-                                              "tracking.uri, or delete the file to drop them")
+        body = _pending_body(self.pending_file, self.tracker.tracking_uri)
         self.run_ids.update(body.get("run_ids", {}))
         for op in body.get("ops", []):
             self._seq += 1
             self._ops.append(TrackingOp(self._seq, op["kind"], op["ref"], op["args"]))
         logger.info("[tracking] %d write(s) left pending by an earlier stage are queued again (%s)",
                     len(self._ops), self.pending_file)
+
+
+def _pending_body(pending_file: Path, tracking_uri: str) -> dict:
+    """The pending file's contents; ``ConfigError`` (exit 2) when it holds writes for another tracking store."""
+    body = json.loads(pending_file.read_text())
+    written_for = body.get("tracking_uri", tracking_uri)
+    if written_for != tracking_uri:
+        # Its run ids live in that store: sent here they were refused and dropped, and this queue's own end would
+        # then have overwritten or deleted the file.
+        from .config import ConfigError
+
+        raise ConfigError("tracking.uri", f"{pending_file} holds {len(body.get('ops', []))} write(s) for another "
+                                          f"tracking store ({_without_password(written_for)}): send them with "
+                                          "`python -m pipelines register` and that tracking.uri, or delete the "
+                                          "file to drop them")
+    return body
+
+
+def check_pending_writes(cfg) -> None:
+    """Before Ray starts: ``ConfigError`` when the workdir's pending writes are for another tracking store (the
+    stage would otherwise find out after starting Ray and planning its models)."""
+    pending_file = cfg.paths.run_dir / PENDING_FILE
+    if pending_file.is_file():
+        _pending_body(pending_file, cfg.tracking_uri)
 
 
 #: Writer threads of this process still sending a write after their queue's flush gave up, by pending file:

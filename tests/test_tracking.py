@@ -245,7 +245,7 @@ def test_a_write_still_in_flight_when_flush_gives_up_leaves_the_pending_file_onc
     assert not (tmp_path / "pending.json").exists()  # sent: not left for `register` to send twice
 
 
-def test_writes_pending_for_another_tracking_store_are_neither_sent_here_nor_lost(make_config, capsys):
+def test_writes_pending_for_another_tracking_store_are_neither_sent_here_nor_lost(make_config, capsys, monkeypatch):
     """After tracking.uri changed, the pending writes (run ids of the old store) were sent to the new one, refused
     and dropped, and the stage's end overwrote or deleted the file: refused instead, exit 2, the file untouched."""
     import json
@@ -267,3 +267,12 @@ def test_writes_pending_for_another_tracking_store_are_neither_sent_here_nor_los
     assert main(["register", "--set", f"workdir={cfg.workdir}", "--set", f"name={cfg.name}"]) == 2
     assert "config error: tracking.uri" in capsys.readouterr().err
     assert json.loads(pending.read_text()) == body
+    # The stages say so before Ray starts (they found out after starting it and planning every model).
+    import pipelines.runtime
+
+    def no_ray(cfg):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(pipelines.runtime, "ray_session", no_ray)
+    assert main(["train", "--set", f"workdir={cfg.workdir}", "--set", f"name={cfg.name}"]) == 2
+    assert "config error: tracking.uri" in capsys.readouterr().err
