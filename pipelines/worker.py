@@ -255,7 +255,14 @@ def checkpoint_to_resume(restored, run: ModelRun, rank: int) -> tuple[ModelCheck
     with restored.as_directory() as directory:
         owner = _checkpoint_owner(Path(directory))
         if owner == (run.model_name, run.arch):
-            return load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False), load_rng_state(directory, rank)
+            ckpt = load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
+            if ckpt.epoch + 1 > run.hyper.epochs:
+                # Its record would claim this run's epochs for a model trained further, on a longer schedule.
+                raise RuntimeError(f"{run.model_name}: the run's latest checkpoint is of epoch {ckpt.epoch + 1}, "
+                                   f"beyond train.epochs={run.hyper.epochs} (an interrupted longer run of the same "
+                                   "settings); raise train.epochs to at least that, or train the shorter run under "
+                                   "another name or workdir")
+            return ckpt, load_rng_state(directory, rank)
     if rank == 0:
         logger.info("[%s] ignoring the run's latest checkpoint (it belongs to %s); starting fresh",
                     run.model_name, owner[0])

@@ -215,13 +215,21 @@ def test_a_run_resumes_from_its_own_checkpoint_only(tmp_path):
     checkpoint, _ = _checkpoint("lenet5")
     save_checkpoint(checkpoint, storage / "lenet5-run" / "checkpoint_000003" / "model.pt")
     latest = ray.train.Checkpoint(str(storage / "lenet5-run" / "checkpoint_000003"))
-    run = SimpleNamespace(model_name="lenet5", arch="lenet5", storage_path=str(storage))
+    run = SimpleNamespace(model_name="lenet5", arch="lenet5", storage_path=str(storage),
+                          hyper=SimpleNamespace(epochs=6))
 
     assert checkpoint_to_resume(None, run, rank=0) == (None, None)
     resumed, rng_state = checkpoint_to_resume(latest, run, rank=0)
     assert resumed.epoch == 3 and rng_state is None  # written without generator states
     other = SimpleNamespace(model_name="resnet18", arch="resnet18", storage_path=str(storage))
     assert checkpoint_to_resume(latest, other, rank=0) == (None, None)  # a run directory reused by hand
+    # An interrupted longer run of the same settings, resumed with fewer epochs: refused, not recorded as a
+    # 3-epoch run (it would have recorded a model trained 4 epochs on a longer schedule).
+    shorter = SimpleNamespace(**{**vars(run), "hyper": SimpleNamespace(epochs=3)})
+    with pytest.raises(RuntimeError, match="checkpoint is of epoch 4, beyond train.epochs=3"):
+        checkpoint_to_resume(latest, shorter, rank=0)
+    assert checkpoint_to_resume(latest, SimpleNamespace(**{**vars(run), "hyper": SimpleNamespace(epochs=4)}),
+                                rank=0)[0].epoch == 3  # at its end: a run that only registers
 
     (storage / "lenet5-run" / "checkpoint_000003" / "model.pt").unlink()
     with pytest.raises(MissingCheckpointError):
