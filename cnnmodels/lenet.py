@@ -98,10 +98,10 @@ class RBFOutput(nn.Module):
 class LeNet5(ImageClassifier):
     """LeNet-5 for 32x32 images (see the module docstring for the two variants)."""
 
-    # C5's 5x5 kernels cover S4's whole 5x5 map only at 32 px: larger inputs leave C5 a map of more than one
-    # position, more features than F6 takes. Larger images are resized to 32 px, as the paper's were.
+    # C5's 5x5 kernels cover S4's whole map only from 32 to 35 px (S4 5x5 to 5.5x5.5): from 36 px C5 leaves a
+    # map of more than one position, more features than F6 takes. Larger images are resized to the paper's 32.
     min_input_size = 32
-    max_input_size = 32
+    max_input_size = 35
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, variant: str = "modern") -> None:
         super().__init__()
@@ -126,6 +126,10 @@ class LeNet5(ImageClassifier):
         self.act6 = act()
         self.output = RBFOutput(84, num_classes) if paper else nn.Linear(84, num_classes)
         self.classifier_name = "output"
+
+    def input_size_for(self, image_size: int) -> int:
+        """32 px for images smaller than 32 or larger than 35 (the paper's input), their own size between."""
+        return image_size if self.min_input_size <= image_size <= self.max_input_size else 32
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act2(self.s2(self.act1(self.c1(x))))

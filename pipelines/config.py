@@ -415,7 +415,8 @@ class SearchConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite file under workdir)")
+    uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite file under workdir; a "
+                               "relative sqlite path is made absolute where the command runs)")
     registered_model: Optional[str] = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="registry name (default: the pipeline name); MLflow refuses '/', ':' and the like")
@@ -438,11 +439,7 @@ class TrackingConfig(_Section):
             )
         if value is None:
             return value
-        if value.startswith("sqlite:///") and not value.startswith("sqlite:////") and ":memory:" not in value:
-            # sqlite:///runs/mlflow.db is relative to the working directory: a Serve replica's or a job's is
-            # another one (another, empty store); the path is made absolute here, as data.root is.
-            path, _, query = value[len("sqlite:///"):].partition("?")
-            value = f"sqlite:///{os.path.abspath(os.path.expanduser(path))}" + (f"?{query}" if query else "")
+        value = absolute_sqlite_uri(value)
         scheme = value.split(":", 1)[0].lower()
         known = TRACKING_SCHEMES + _plugin_tracking_schemes()
         if scheme.split("+", 1)[0] not in known:
@@ -451,6 +448,16 @@ class TrackingConfig(_Section):
             raise ValueError(f"MLflow has no tracking store for the scheme {scheme!r} (it has "
                              f"{', '.join(known)}){hint}")
         return value
+
+
+def absolute_sqlite_uri(uri: str) -> str:
+    """``uri`` with a relative sqlite path made absolute from the working directory (other URIs unchanged):
+    sqlite:///runs/mlflow.db is relative to it, and a Serve replica's or a Ray job's is another one (another,
+    empty store)."""
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:////") or ":memory:" in uri:
+        return uri
+    path, _, query = uri[len("sqlite:///"):].partition("?")
+    return f"sqlite:///{os.path.abspath(os.path.expanduser(path))}" + (f"?{query}" if query else "")
 
 
 #: The URI schemes MLflow 3 has tracking stores for ("postgresql+psycopg" is postgresql with a driver).
@@ -522,7 +529,8 @@ class ServeConfig(_Section):
     )
     models: list[str] = Field(default_factory=list, description="aliases to serve (default: all registered)")
     checkpoints: dict[str, str] = Field(
-        default_factory=dict, description="alias -> checkpoint file, served instead of the registry"
+        default_factory=dict, description="alias -> checkpoint file (made absolute where the command runs), served "
+        "instead of the registry"
     )
     fold_batchnorm: bool = Field(True, description="fold batch norm into convolutions for serving (verified)")
     trace_models: bool = Field(

@@ -251,6 +251,8 @@ def with_overlapped_startup(cfg: PipelineConfig, runs: list[ModelRun],
     if capacity < 1 or capacity >= len(runs):
         return runs, None
     reserved = math.floor(share * capacity / (capacity + 1) * 100) / 100
+    if reserved <= 0:  # a share too thin to split again (nearly every CPU held by another stage)
+        return runs, None
     overlapped = [run.model_copy(update={"threads": run.threads_per_worker, "workers": run.workers.model_copy(
         update={"cpus_per_worker": reserved})}) for run in runs]
     return overlapped, capacity

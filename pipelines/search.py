@@ -221,7 +221,7 @@ def _best(records: list[dict[str, Any]], trials: int) -> dict[str, Any]:
     if failed:
         logger.warning("[search] %d trial(s) failed after reporting an epoch; ranked below every trial that "
                        "did not: %s", len(failed), ", ".join(
-                           f"({r['alpha']}, {r['beta']}, {r['gamma']}): {r['error'].splitlines()[0][:200]}"
+                           f"({r['alpha']}, {r['beta']}, {r['gamma']}): {(r['error'].splitlines() or [''])[0][:200]}"
                            for r in failed))
     return dict(records[0])
 

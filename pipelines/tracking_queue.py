@@ -92,7 +92,8 @@ class TrackingQueue:
         self.run_ids: dict[str, str] = {}  #: reference -> MLflow run id, once the run exists
         self.outcomes: dict[int, Any] = {}  #: seq -> what the write returned (e.g. a registered version)
         self.dropped: list[str] = []  #: writes MLflow refused for good, as messages
-        self.dropped_registrations: list[str] = []  #: aliases whose registration was among them
+        #: (alias, fingerprint) of the registrations among them
+        self.dropped_registrations: list[tuple[str, str]] = []
         self._ops: deque[TrackingOp] = deque()
         self._seq = 0
         self._lock = threading.Condition()
@@ -181,7 +182,8 @@ class TrackingQueue:
                     logger.error("[tracking] a write no retry can send, dropped: %s", message[:500])
                     self.dropped.append(message)
                     if op.kind == "register":
-                        self.dropped_registrations.append(str(op.args.get("alias")))
+                        self.dropped_registrations.append(
+                            (str(op.args.get("alias")), str((op.args.get("tags") or {}).get("fingerprint", ""))))
                     _note_unregistrable(op, err)
                 else:
                     self._note_outage(err)
@@ -354,8 +356,12 @@ class TrackingQueue:
 
 def _pending_body(pending_file: Path, tracking_uri: str) -> dict:
     """The pending file's contents; ``ConfigError`` (exit 2) when it holds writes for another tracking store."""
+    from .config import absolute_sqlite_uri
+
     body = json.loads(pending_file.read_text())
-    written_for = body.get("tracking_uri", tracking_uri)
+    # As the config resolves it: a file written for sqlite:///runs/mlflow.db (relative, before such URIs were
+    # made absolute) is for this store when the command runs where it did then.
+    written_for = absolute_sqlite_uri(body.get("tracking_uri", tracking_uri))
     if written_for != tracking_uri:
         # Its run ids live in that store: sent here they were refused and dropped, and this queue's own end would
         # then have overwritten or deleted the file.

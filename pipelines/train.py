@@ -190,11 +190,13 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
 
 
 def current_results(cfg: PipelineConfig, runs: list[ModelRun]) -> dict[str, ModelResult]:
-    """The result records of ``runs``' own training (their fingerprints): a record another training left under a
-    model's name (another learning rate, before this run of it failed) is not this stage's result."""
-    fingerprints = {run.model_name: run.fingerprint for run in runs}
+    """The result records of ``runs``' own training (their fingerprints, to their epochs or further): a record
+    another training left under a model's name (another learning rate, or fewer epochs, before this run of it
+    failed) is not this stage's result."""
+    wanted = {run.model_name: run for run in runs}
     return {name: result for name, result in load_results(cfg.paths.train_dir).items()
-            if fingerprints.get(name) == result.fingerprint}
+            if name in wanted and result.fingerprint == wanted[name].fingerprint
+            and result.epochs >= wanted[name].hyper.epochs}
 
 
 def _unregistered(cfg: PipelineConfig, runs: list[ModelRun]) -> set[str]:
@@ -293,13 +295,19 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     pending = queue.flush(cfg.tracking.pending_timeout_s)
     # Trained, but its registration was refused for good (a diverged model's NaN weights, its run or checkpoint
     # deleted): not in the registry, so not served; the stage failed for it.
-    unregistered = [r.model_name for r in todo if r.model_name in queue.dropped_registrations
+    unregistered = [r.model_name for r in todo if (r.model_name, r.fingerprint) in queue.dropped_registrations
                     and r.model_name not in failed]
     if unregistered:
         logger.error("[train] trained but not registered (the reason is above): %s", ", ".join(unregistered))
         failed += unregistered
-    champion = queue.outcomes.get(champion_write)
     results = current_results(cfg, runs)
+    # ... and on every later run of these settings, which skips them: nothing of theirs can be served.
+    unregistrable = [name for name in skipped if results.get(name) and results[name].registration_error]
+    for name in unregistrable:
+        logger.error("[train] %s was trained but cannot be registered (%s); change its settings (a lower "
+                     "learning rate for a diverged run) to train it again", name, results[name].registration_error)
+    failed += unregistrable
+    champion = queue.outcomes.get(champion_write)
     table = comparison_table(list(results.values()), champion=champion[0] if champion else None)
     if show_table and not table.empty:
         logger.info("\n%s", table.to_string(index=False))

@@ -276,7 +276,8 @@ def test_the_paper_family_has_names_of_its_own():
 
 @pytest.mark.parametrize("name, kwargs, image_size, expected", [
     ("lenet5", {}, 16, 32),  # raised to LeNet-5's 32x32
-    ("lenet5", {}, 224, 32),  # ... and lowered to it: C5 and F6 are sized for 32 px
+    ("lenet5", {}, 224, 32),  # ... and lowered to it: C5 and F6 take 32 to 35 px
+    ("lenet5", {}, 35, 35),
     ("resnet18", {"small_input": True}, 16, 16),
     ("resnet18", {}, 16, 32),
     ("alexnet", {}, 32, 63),
@@ -294,7 +295,8 @@ def test_a_too_small_input_names_the_models_minimum():
     lenet = create_model("lenet5", num_classes=10, in_chans=1)
     with pytest.raises(ValueError, match=r"lenet5 needs inputs of at least 32x32 pixels, got 28x28"):
         lenet(torch.zeros(1, 1, 28, 28))
-    with pytest.raises(ValueError, match=r"lenet5 takes inputs of at most 32x32 pixels, got 36x36"):
+    assert lenet(torch.zeros(1, 1, 35, 35)).shape == (1, 10)
+    with pytest.raises(ValueError, match=r"lenet5 takes inputs of at most 35x35 pixels, got 36x36"):
         lenet(torch.zeros(1, 1, 36, 36))  # not a shape error in F6's matrix product
     googlenet = create_model("googlenet", num_classes=10).train()
     with pytest.raises(ValueError, match="at least 32x32"):

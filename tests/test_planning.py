@@ -213,3 +213,6 @@ def test_the_stage_reports_only_records_of_this_training(make_config):
                     best_val_acc=0.5, best_epoch=0, test_acc=0.5, train_images_per_sec=1.0, train_seconds=1.0,
                     checkpoint_path="").save(cfg.paths.train_dir)
     assert list(current_results(cfg, runs)) == ["lenet5"]
+    longer = make_config("train.models=[lenet5, alexnet]", f"train.epochs={cfg.train.epochs + 1}")
+    assert current_results(longer, plan_model_runs(longer, describe_dataset(longer.data), resolve_models(longer),
+                                                   cluster_cpus=2)) == {}  # the same training, to fewer epochs

@@ -90,7 +90,7 @@ def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(ma
     queue.put("set_tags", "local:never-created", tags={"a": "b"})  # its run's creation was dropped
     assert queue.flush(timeout_s=20) == []
     assert len(queue.dropped) == 2 and "NaN" in queue.dropped[0] and "never created" in queue.dropped[1]
-    assert queue.dropped_registrations == ["lenet5"]  # the train stage fails for it (not served, not registered)
+    assert queue.dropped_registrations == [("lenet5", "")]  # the train stage fails for it (by alias and fingerprint)
     # A file to log that is gone (deleted since it was queued): dropped, not retried as an outage (it held up
     # every write behind it, and the stage waited out tracking.pending_timeout_s to exit 3).
     queue.put("log_artifact", run_id, path=str(tmp_path / "deleted-since.json"))
@@ -276,3 +276,8 @@ def test_writes_pending_for_another_tracking_store_are_neither_sent_here_nor_los
     monkeypatch.setattr(pipelines.runtime, "ray_session", no_ray)
     assert main(["train", "--set", f"workdir={cfg.workdir}", "--set", f"name={cfg.name}"]) == 2
     assert "config error: tracking.uri" in capsys.readouterr().err
+    # A file written for this store under its relative name (before relative sqlite URIs were made absolute) is
+    # this store's: it loads, where the command runs as it did then.
+    monkeypatch.chdir(cfg.paths.mlflow_db.parent)
+    pending.write_text(json.dumps({**body, "tracking_uri": f"sqlite:///{cfg.paths.mlflow_db.name}"}))
+    assert len(TrackingQueue.for_config(cfg)) == 1

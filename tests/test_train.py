@@ -162,6 +162,8 @@ def test_a_diverged_model_that_cannot_be_registered_fails_the_stage(ray_cluster,
     stage = train_stage(cfg)
     assert stage.failed == ["lenet5"] and stage.trained == [] and not stage.ok
     assert "NaN" in stage.results["lenet5"].registration_error
+    again = train_stage(cfg)  # skipped (it would diverge again), and still failed: nothing of it can be served
+    assert again.skipped == ["lenet5"] and again.failed == ["lenet5"] and not again.ok
 
 
 @pytest.mark.slow
