@@ -11,6 +11,7 @@ corrupt or tampered file is refused before a model is handed out.
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import ModelCheckpoint, load_checkpoint
+from .checkpoints import CheckpointError, MissingCheckpointError, ModelCheckpoint, load_checkpoint
 from .config import PipelineConfig
 from .preprocess import PreprocessSpec, is_out_of_memory
 from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion, is_unreachable
@@ -213,7 +214,21 @@ class ModelStore:
         the serving model (:func:`prepare_for_serving`). A registered checkpoint that loads is kept as verified:
         loading it again (evicted from the LRU) needs no registry, as for one :meth:`verify` checked at start."""
         path = path or self.checkpoint_file(served)
-        checkpoint: ModelCheckpoint = load_checkpoint(path)
+        try:
+            checkpoint: ModelCheckpoint = load_checkpoint(path)
+        except MissingCheckpointError:
+            raise
+        except CheckpointError:
+            if not (served.source.startswith("models:/") and path.is_relative_to(self.cache_dir)):
+                raise
+            # The downloaded copy is damaged (a disk fault, a hand edit): it would stay so in every replica on this
+            # node and after every restart. Fetched again once; the registry's own copy decides.
+            logger.warning("model %s: its downloaded checkpoint %s is damaged; downloading it again", served.alias,
+                           path)
+            shutil.rmtree(path.parent, ignore_errors=True)
+            self.verified_files.pop(served.alias, None)
+            path = self.checkpoint_file(served)
+            checkpoint = load_checkpoint(path)
         loaded = prepare_for_serving(checkpoint.build_model(), checkpoint.spec, fold=fold, trace=trace, device=device)
         loaded.alias, loaded.version = served.alias, served.version or f"epoch{checkpoint.epoch}"
         if served.source.startswith("models:/"):

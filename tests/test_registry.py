@@ -118,6 +118,22 @@ def test_a_verified_model_loads_again_while_the_registry_is_down(registered):
         torch.testing.assert_close(store.load(served, fold=True).model(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_a_damaged_download_is_fetched_again(registered):
+    """A downloaded checkpoint damaged on disk (it is kept for every replica on the node, across restarts) is
+    downloaded again once, not a model failed for good."""
+    cfg, _, _, model = registered
+    store = ModelStore(cfg)
+    [served], _ = store.discover()
+    store.verify([served])
+    cached = store.verified_files[served.alias]
+    cached.write_bytes(cached.read_bytes()[:1000])  # truncated
+    again = store.load(served, fold=False)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(again.model(x), model(x), rtol=1e-4, atol=1e-4)
+    assert store.verified_files[served.alias].stat().st_size > 1000
+
+
 def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_outage_is_over(registered):
     """A replica that starts while the registry is unreachable (after listing the versions): its models stay
     ``unchecked``, not failed for the replica's life, and are verified again until they load."""
