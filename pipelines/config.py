@@ -803,8 +803,10 @@ def _check_failure_rehearsal(cfg: PipelineConfig) -> None:
     at = cfg.train.simulate_failure_at_epoch
     if at is None:
         return
-    epochs = max([cfg.train.epochs] + [hyperparameters_for(cfg.train, name).epochs
-                                       for name in cfg.train.model_overrides])
+    # Overrides of models this config trains: its train.models and the searched families' members.
+    trained = [name for name in cfg.train.model_overrides
+               if name in cfg.train.models or cnnmodels.is_family_member(name)]
+    epochs = max([cfg.train.epochs] + [hyperparameters_for(cfg.train, name).epochs for name in trained])
     if at >= epochs:
         raise ConfigError("train.simulate_failure_at_epoch",
                           f"{at} never comes: epochs count from 0 and the longest model trains {epochs} (up to epoch "
