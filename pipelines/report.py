@@ -31,7 +31,7 @@ import cnnmodels
 
 from .config import PipelineConfig, ServeConfig
 from .planning import PAPER_FAMILY, SEARCHED_FAMILY
-from .results import ModelResult, comparison_table, load_results
+from .results import ModelResult, comparison_table, for_display, load_results
 from .search_space import PAPER
 
 __all__ = ["ReportResult", "report_stage", "measure_latency_ms", "family_comparison", "accuracy_figure",
@@ -173,7 +173,13 @@ def _scatter(ax, results: list[ModelResult], x_of, xlabel: str, searched=None) -
             ax.annotate(r.model_name, (x_of(r), r.test_acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
     for prefix, family in families.items():
         who, color, style = _FAMILY_STYLES[prefix]
-        ax.plot([x_of(r) for r in family], [r.test_acc for r in family], style, color=color,
+        # Both families start from B0 (phi 0 is the same model whatever the triple, so the paper's is not
+        # trained): the paper's line starts from the searched family's, as family_comparison pairs them.
+        line = family
+        shared = families.get(SEARCHED_FAMILY, [])[:1]
+        if prefix == PAPER_FAMILY and shared and _phi(shared[0]) == 0 and _phi(family[0]) > 0:
+            line = shared + family
+        ax.plot([x_of(r) for r in line], [r.test_acc for r in line], style, color=color,
                 label=f"EfficientNet, {who} {_coefficients(family[0])}")
         for r in family:
             ax.annotate(r.model_name.replace("efficientnet_", ""), (x_of(r), r.test_acc), textcoords="offset points",
@@ -274,15 +280,25 @@ def _measure_latencies(results: list[ModelResult], serve: ServeConfig) -> None:
             logger.warning("[report] %s: latency not measured (%s)", r.model_name, err)
 
 
-def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
-    """Build the table and plots from the finished models, save them and log them to MLflow."""
+#: What a report may write; each run removes those it does not write again (a search.png of a search with other
+#: settings, a families table without both families now), so the directory holds one report, not a mix.
+REPORT_FILES = ("models.csv", "models.md", *(name for name, *_ in _ACCURACY_PLOTS.values()), "val_curves.png",
+                "search.png", "families.csv", "families.md")
+
+
+def report_stage(cfg: PipelineConfig, *, latency: bool = True,
+                 results: dict[str, ModelResult] | None = None) -> ReportResult:
+    """Build the table and plots from the finished models, save them and log them to MLflow. ``results``: the
+    records to report (``run`` passes the train stage's: its own training's, not an older one of another
+    training left under a model's name when the new one failed); default every record in the run's directory,
+    with its epochs in the table."""
     from .search import load_search_result
     from .tracking import Tracker, first_line, is_unreachable
     from .tracking_queue import send_pending_before_reading
 
     send_pending_before_reading(cfg)
     paths = cfg.paths
-    results = list(load_results(paths.train_dir).values())
+    results = list((load_results(paths.train_dir) if results is None else results).values())
     if not results:
         raise LookupError(f"no trained models under {paths.train_dir}; run the train stage first")
     if latency:
@@ -300,7 +316,7 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
     directory = paths.report_dir
     directory.mkdir(parents=True, exist_ok=True)
     table.to_csv(directory / "models.csv", index=False)
-    (directory / "models.md").write_text(table.to_markdown(index=False) + "\n")
+    (directory / "models.md").write_text(for_display(table).to_markdown(index=False) + "\n")
     search = load_search_result(cfg)  # only a search with this config's settings
     searched = _searched_triple(search)
     for r in stale_members(results, searched):
@@ -315,13 +331,15 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True) -> ReportResult:
     elif cfg.search.compare_paper and search is not None and search.best.get("paper"):
         logger.info("[report] search.compare_paper: the search found the paper's (1.2, 1.1, 1.15) itself; "
                     "there is no second family to compare")
+    for stale in set(REPORT_FILES) - {path.name for path in files}:
+        (directory / stale).unlink(missing_ok=True)
 
     parent = None if tracker is None else tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = "
                                                            "'true'")
     if parent is not None:
         for path in files:
             tracker.log_artifact(parent.info.run_id, path, "report")
-    logger.info("\n%s", table.to_string(index=False))
+    logger.info("\n%s", for_display(table).to_string(index=False))
     if families is not None:
         wins = families["winner"].value_counts()
         logger.info("\n[report] does the search pay? The searched EfficientNet family against the paper's, per phi "

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["ModelResult", "load_results", "comparison_table"]
+__all__ = ["ModelResult", "load_results", "comparison_table", "for_display"]
 
 
 @dataclass
@@ -84,15 +84,17 @@ def load_results(directory: str | os.PathLike) -> dict[str, ModelResult]:
 
 
 def comparison_table(results: list[ModelResult], champion: str | None = None) -> pd.DataFrame:
-    """One row per model, best test accuracy first."""
+    """One row per model, best test accuracy first; ``champion`` (bool) marks the registry's champion in its own
+    column, so the ``model`` column stays the name to look models up by (:func:`for_display` marks it ``*``)."""
     import pandas as pd
 
     rows = []
     for r in results:
         rows.append({
-            "model": r.model_name + (" *" if r.model_name == champion else ""),
+            "model": r.model_name,
             "arch": r.arch,
             "input": r.input_size,
+            "epochs": r.epochs,
             "params": r.params_count,
             "MMACs": round(r.macs / 1e6, 1),
             "best val_acc": round(r.best_val_acc, 4),
@@ -100,11 +102,22 @@ def comparison_table(results: list[ModelResult], champion: str | None = None) ->
             "train img/s": round(r.train_images_per_sec, 1),
             "train s": round(r.train_seconds, 1),
             **({"serve ms": round(r.serving_latency_ms, 2)} if r.serving_latency_ms is not None else {}),
+            "champion": r.model_name == champion,
         })
     table = pd.DataFrame(rows)
     if not table.empty:
         table = table.sort_values(["test_acc", "best val_acc"], ascending=False, kind="stable").reset_index(drop=True)
     return table
+
+
+def for_display(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`comparison_table` as people read it (console, Markdown): the champion's name marked ``*``."""
+    if table.empty or "champion" not in table:
+        return table
+    shown = table.drop(columns="champion")
+    shown["model"] = [name + (" *" if champion else "") for name, champion in zip(table["model"], table["champion"],
+                                                                                    strict=True)]
+    return shown
 
 
 def format_predictions(body: dict) -> str:

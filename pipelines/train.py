@@ -25,7 +25,7 @@ from .compute_gate import ReleaseOnTrialEnd, compute_gate
 from .config import PipelineConfig
 from .console import duration, timestamped
 from .planning import ModelChoice, ModelRun, plan_model_runs, resolve_models, with_overlapped_startup
-from .results import ModelResult, comparison_table, load_results
+from .results import ModelResult, comparison_table, for_display, load_results
 from .shared_data import prepare, shared_splits
 from .trials import run_model_trials, trial_resources, trial_run_name
 
@@ -310,7 +310,7 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     champion = queue.outcomes.get(champion_write)
     table = comparison_table(list(results.values()), champion=champion[0] if champion else None)
     if show_table and not table.empty:
-        logger.info("\n%s", table.to_string(index=False))
+        logger.info("\n%s", for_display(table).to_string(index=False))
     if champion:
         logger.info("* champion: %s (%s@champion = v%s)", champion[0], cfg.registered_model_name, champion[1])
     if failed:

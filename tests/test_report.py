@@ -93,8 +93,10 @@ def test_a_member_left_from_an_earlier_search_is_neither_drawn_nor_compared_as_o
     assert [r.model_name for r in stale_members(results, searched)] == ["efficientnet_phi2"]
     figure = accuracy_figure(results, "macs", searched)
     [ax] = figure.axes
-    lines = {line.get_label(): len(line.get_xdata()) for line in ax.get_lines()}
-    assert lines == {"EfficientNet, searched (1.3, 1.05, 1.2)": 2, "EfficientNet, paper (1.2, 1.1, 1.15)": 2}
+    lines = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+    # The paper's line starts from B0, the searched family's phi 0 (the same model; the paper's is not trained).
+    assert lines == {"EfficientNet, searched (1.3, 1.05, 1.2)": [8.0, 30.0],
+                     "EfficientNet, paper (1.2, 1.1, 1.15)": [8.0, 26.0, 55.0]}
     assert "efficientnet_phi2" in [t.get_text() for t in ax.texts]  # drawn on its own, named
     plt.close(figure)
 
@@ -154,3 +156,41 @@ def test_serving_latency_is_measured_as_a_replica_runs_the_model(tmp_path, monke
     assert threads == [2, driver_threads] and traced == [1]
     assert measure_latency_ms(trained, ServeConfig(trace_models=False), repeats=3) > 0
     assert threads[2:] == [1, driver_threads] and traced == [1] and torch.get_num_threads() == driver_threads
+
+
+def test_the_report_shows_the_records_it_is_given_their_epochs_and_the_champion_in_its_own_column(make_config):
+    """``run`` passes the train stage's records: an older training's record left under a model's name (its new
+    run failed) was reported, measured and plotted beside this run's. The CSV's model column is the name (it
+    read "resnet18 *" for the champion); the console and Markdown still mark it."""
+    from pipelines.results import comparison_table, for_display
+
+    cfg = make_config()
+    current = record("resnet18", "resnet18", {}, 560_000_000, 0.93)
+    older = record("vgg11", "vgg11", {}, 900_000_000, 0.95)
+    older.epochs = 2
+    for r in (current, older):
+        r.save(cfg.paths.train_dir)
+    report = report_stage(cfg, latency=False, results={"resnet18": current})
+    assert list(pd.read_csv(report.directory / "models.csv")["model"]) == ["resnet18"]
+    everything = report_stage(cfg, latency=False)  # the `report` command: every record, with its epochs
+    assert dict(zip(everything.table["model"], everything.table["epochs"], strict=True)) == {"vgg11": 2, "resnet18": 1}
+
+    table = comparison_table([current, older], champion="resnet18")
+    assert list(table["model"]) == ["vgg11", "resnet18"] and list(table["champion"]) == [False, True]
+    shown = for_display(table)
+    assert list(shown["model"]) == ["vgg11", "resnet18 *"] and "champion" not in shown
+
+
+def test_files_of_an_earlier_report_that_this_one_does_not_write_are_removed(make_config):
+    """A search.png of a search with other settings, or a families table without both families now, stayed
+    beside the new plots as if they were this report's."""
+    cfg = make_config()
+    record("resnet18", "resnet18", {}, 560_000_000, 0.93).save(cfg.paths.train_dir)
+    directory = cfg.paths.report_dir
+    directory.mkdir(parents=True)
+    for leftover in ("search.png", "families.csv", "families.md"):
+        (directory / leftover).write_text("an earlier report's")
+    (directory / "notes.txt").write_text("the user's")
+    report = report_stage(cfg, latency=False)
+    assert sorted(p.name for p in directory.iterdir()) == sorted([p.name for p in report.files] + ["notes.txt"])
+    assert "search.png" not in {p.name for p in report.files}
