@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -23,6 +24,8 @@ from .console import configure_console
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+#: Where ``predict`` finds the bearer token without ``--token`` (serve.auth_token_env's default name).
+PREDICT_TOKEN_ENV = "CNNZOO_SERVE_TOKEN"
 #: The commands that start (or join) Ray.
 RAY_COMMANDS = ("run", "search", "train", "report", "serve")
 
@@ -74,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", "-m", help="alias (default: the champion)")
     predict.add_argument("--url", default="http://127.0.0.1:8000", help="endpoint base URL")
     predict.add_argument("--top-k", type=int, help="classes shown (default: the server's, at most the model's classes)")
-    predict.add_argument("--token", help="bearer token, if the server has serve.auth_token")
+    predict.add_argument("--token", help=f"bearer token, if the server has one (default: ${PREDICT_TOKEN_ENV}; the "
+                                         "variable keeps it out of the process list and shell history)")
+    predict.add_argument("--timeout", type=float, default=60.0,
+                         help="seconds to wait for the answer (default 60; raise it with serve.request_timeout_s)")
     return parser
 
 
@@ -96,34 +102,50 @@ def _block_until_interrupted(url: str) -> None:
 
 
 def _predict(args) -> int:
+    """Send one image; prints the top classes, or one line saying what went wrong (exit 2 for a bad image path,
+    1 for a server that cannot be reached or answers with an error or something that is not a prediction)."""
     import requests
 
     from .results import format_predictions
 
     path = Path(args.image)
-    if not path.is_file():
-        logger.error("error: %s not found", path)
+    try:
+        image = path.read_bytes()
+    except OSError as err:  # not there, a directory, no permission
+        logger.error("error: cannot read %s: %s", path, err.strerror or err)
         return EXIT_CONFIG
     params = {"top_k": args.top_k} if args.top_k is not None else {}
     if args.model:
         params["model"] = args.model
     headers = {"Content-Type": "application/octet-stream"}
-    if args.token:
-        headers["Authorization"] = f"Bearer {args.token}"
+    token = args.token or os.environ.get(PREDICT_TOKEN_ENV)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    url = f"{args.url.rstrip('/')}/predict"
     try:
-        response = requests.post(f"{args.url.rstrip('/')}/predict", params=params, data=path.read_bytes(),
-                                 headers=headers, timeout=60)
+        response = requests.post(url, params=params, data=image, headers=headers, timeout=args.timeout)
+    except requests.Timeout:
+        logger.error("error: %s gave no answer within %.0f s (--timeout)", url, args.timeout)
+        return EXIT_FAILED
     except requests.RequestException as err:
         logger.error("error: cannot reach %s: %s", args.url, err)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     try:
         body = response.json()
     except ValueError:
-        body = {"error": response.text[:500]}
+        body = None
     if response.status_code != 200:
-        logger.error("error %s: %s", response.status_code, body.get("error", body))
+        error = body.get("error", body) if isinstance(body, dict) else (response.text[:500] or response.reason)
+        logger.error("error %s: %s", response.status_code, error)
         return EXIT_FAILED
-    print(format_predictions(body))
+    try:
+        print(format_predictions(body))
+    except (KeyError, TypeError, ValueError, AttributeError):  # another service on that port, a proxy's page
+        logger.error("error: %s answered 200 with something that is not a prediction: %s", url,
+                     response.text[:200])
+        return EXIT_FAILED
     return 0
 
 

@@ -937,7 +937,10 @@ def read_yaml(path: str | os.PathLike | None) -> dict:
         p = Path(path)
         if not p.is_file():
             raise ConfigError("--config", f"file {str(path)!r} not found")
-        text = p.read_text()
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as err:  # unreadable, or not a text file (--config model.pt)
+            raise ConfigError("--config", f"cannot read {str(path)!r} as a YAML file: {err}") from None
         source = str(path)
     try:
         data = _load_yaml(text) or {}

@@ -21,10 +21,14 @@ STAGES = ("search", "train", "report", "serve")
 
 
 def parse_stages(text: str | None) -> list[str]:
-    """``"search,train"`` -> ordered stage list; raises ValueError naming an unknown stage."""
-    if not text:
+    """``"search,train"`` -> ordered stage list (every stage when ``text`` is None or empty); raises ValueError
+    naming an unknown stage, or when ``text`` names none (``","``: a mangled shell variable must not start every
+    stage, serving included)."""
+    if text is None or text == "":
         return list(STAGES)
     wanted = [s.strip() for s in text.split(",") if s.strip()]
+    if not wanted:
+        raise ValueError(f"{text!r} names no stage; choose from {', '.join(STAGES)}")
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
@@ -54,7 +58,6 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
     from .report import report_stage
     from .search import search_stage, searched_coefficients
     from .serve import serve_stage
-    from .tracking import Tracker, ui_hint
     from .train import train_stage
 
     stages = stages or list(STAGES)
@@ -65,7 +68,7 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
         out.search = search_stage(cfg)
         out.stages["search"] = "skipped" if out.search.skipped else "ran"
         coefficients = out.search.coefficients
-    else:
+    elif "train" in stages:  # (says why the family is left out: only news when something is trained)
         coefficients = searched_coefficients(cfg)
 
     if "train" in stages:
@@ -85,7 +88,9 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
             return out
 
     if "report" in stages:
-        out.report = report_stage(cfg)
+        # After training, the report shows this training's records, not older ones of another training left
+        # under a model's name when its new run failed (the train stage's own table is not printed then).
+        out.report = report_stage(cfg, results=out.train.results if out.train is not None else None)
         out.stages["report"] = "ran"
 
     if "serve" in stages:
@@ -93,9 +98,22 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
         out.stages["serve"] = "ran"
         out.seconds_to_serving = time.time() - started
         _log_serving_hints(out, cfg)
-    logger.info("[pipeline] MLflow UI: %s", ui_hint(cfg.tracking_uri, Tracker.for_config(cfg).experiment_id))
+    _log_ui_hint(cfg)
     out.seconds = time.time() - started
     return out
+
+
+def _log_ui_hint(cfg: PipelineConfig) -> None:
+    """Where to compare the runs. A hint only: an MLflow outage, which the stages outlive (their writes wait in
+    the pending file), must not turn a finished run into a failed one."""
+    from .tracking import Tracker, first_line, ui_hint
+
+    try:
+        experiment_id = Tracker.for_config(cfg).experiment_id
+    except Exception as err:  # noqa: BLE001 - any failure to ask MLflow: no hint
+        logger.warning("[pipeline] MLflow UI: the experiment could not be looked up (%s)", first_line(err))
+        return
+    logger.info("[pipeline] MLflow UI: %s", ui_hint(cfg.tracking_uri, experiment_id))
 
 
 def _log_serving_hints(out: PipelineResult, cfg: PipelineConfig) -> None:
@@ -104,10 +122,11 @@ def _log_serving_hints(out: PipelineResult, cfg: PipelineConfig) -> None:
     # The token itself is never printed: the hint reads it from where the config says it comes from.
     variable = cfg.serve.auth_token_env or "CNNZOO_SERVE_TOKEN"
     auth = f" -H \"Authorization: Bearer ${variable}\"" if cfg.serve.bearer_token() else ""
-    token = f" --token \"${variable}\"" if auth else ""
+    # predict reads CNNZOO_SERVE_TOKEN itself: the token stays out of its arguments (the process list).
+    token = "" if not auth or variable == "CNNZOO_SERVE_TOKEN" else f"CNNZOO_SERVE_TOKEN=\"${variable}\" "
     logger.info("\n[pipeline] serving %d models at %s (champion: %s) %.0f s after the start", len(serving.models),
                 serving.url, serving.champion, out.seconds_to_serving)
     logger.info("  curl -s -X POST --data-binary @%s -H 'Content-Type: image/png'%s %s/predict", image, auth,
                 serving.url)
-    logger.info("  python -m pipelines predict %s --url %s%s", image, serving.url, token)
+    logger.info("  %spython -m pipelines predict %s --url %s", token, image, serving.url)
     logger.info("  API docs: %s/docs   Serve config for `serve deploy`: %s", serving.url, serving.config_path)

@@ -50,7 +50,7 @@ def ray_session(cfg: PipelineConfig) -> Iterator[None]:
     kwargs = {"include_dashboard": cfg.ray.include_dashboard, "logging_level": logging.WARNING,
               "configure_logging": True}
     address = ray_address(cfg)
-    if address is None:
+    if address in (None, "local"):  # a Ray this command starts: sized and set up by the config
         # "local", not None: None would join any `ray start` cluster on this machine, with other settings.
         address = "local"
         kwargs.update(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,

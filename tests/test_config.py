@@ -163,9 +163,13 @@ def test_a_mistyped_token_or_password_is_not_echoed_and_a_key_given_twice_is_an_
 def test_cli_config_errors_exit_2_before_ray_starts():
     # One interpreter runs every case; Ray must never be initialised in it.
     script = """
-import os, sys, ray
+import os, sys, tempfile, ray
 from pipelines.__main__ import main
+binary = os.path.join(tempfile.mkdtemp(), "model.pt")
+open(binary, "wb").write(bytes(range(128, 256)))  # --config pointed at a checkpoint: not text
 cases = [
+    ["train", "--config", binary],
+    ["run", "--stages", ","],  # a mangled shell variable: started every stage, serving included
     ["train", "--set", "train.modles=[resnet18]"],
     ["run", "--set", "train.epochs=-1"],
     ["search", "--set", "search.alpha=[1.5,2.0]", "--set", "search.beta=[1.5,2.0]", "--set", "search.gamma=[1.5,2.0]"],
@@ -192,7 +196,8 @@ sys.exit(0 if codes == [2] * (len(cases) + 1) + [0] and not ray.is_initialized()
                      "train.epochs", "search.alpha: low end 1.3 is above high end 1.1", "search.beta",
                      "data.dataset: unknown dataset 'mnist'", "data.root", "--config", "--stages",
                      "--no-block: needs a Ray cluster that outlives this command",
-                     "RAY_ADDRESS: 'http://127.0.0.1:8265' is a dashboard address"):
+                     "RAY_ADDRESS: 'http://127.0.0.1:8265' is a dashboard address",
+                     "--config: cannot read", "--stages: ',' names no stage"):
         assert fragment in out.stderr
 
 
@@ -276,3 +281,29 @@ def test_ctrl_c_while_training_exits_130_and_leaves_the_model_untrained(tmp_path
     model_run = tracker.find_run("tags.`cnnzoo.model` = 'lenet5'")
     assert model_run.info.status == "KILLED"
     assert model_run.data.tags["mlflow.parentRunId"] == stage_run.info.run_id
+
+
+def test_ray_address_local_starts_a_ray_sized_and_set_up_by_the_config(make_config, monkeypatch):
+    """``ray.address: local`` (or RAY_ADDRESS=local) is a Ray of the command's own like no address at all: it
+    ignored ray.num_cpus / num_gpus and the workers' environment (every worker line printed twice)."""
+    import ray
+
+    from pipelines.runtime import WORKER_ENV, ray_session
+
+    started = []
+
+    class Started(Exception):
+        pass
+
+    def init(**kwargs):
+        started.append(kwargs)
+        raise Started  # what Ray was asked for is the point, not a second Ray beside the session's
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    for address in ("local", None):
+        cfg = make_config("ray.num_cpus=1", "ray.num_gpus=0", *([f"ray.address={address}"] if address else []))
+        with pytest.raises(Started), ray_session(cfg):
+            pass
+    assert [(k["address"], k["num_cpus"], k["num_gpus"], k["runtime_env"]["env_vars"]) for k in started] == [
+        ("local", 1, 0, WORKER_ENV)] * 2

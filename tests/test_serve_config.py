@@ -107,3 +107,46 @@ def test_relative_paths_are_made_absolute_where_the_command_runs(tmp_path, monke
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/runs/mlflow.db?timeout=30"
     assert cfg.serve.checkpoints == {"best": str(tmp_path / "runs" / "m.pt")}
     assert load_config(None, ["tracking.uri=sqlite:////srv/mlflow.db"]).tracking.uri == "sqlite:////srv/mlflow.db"
+
+
+def test_predict_says_in_one_line_what_is_wrong_with_its_image_or_the_answer(tmp_path, capsys):
+    """Another service on the port (a 200 that is not a prediction) and an image path that cannot be read
+    ended in tracebacks; an answer slower than the client's wait was "cannot reach"."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipelines.__main__ import main
+
+    class NotAClassifier(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if "slow" in self.path:
+                time.sleep(2)
+            body = b"<html>a dashboard</html>" if "html" in self.path else b'["a", "list"]'
+            self.send_response(200 if "html" in self.path or "slow" in self.path else 500)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotAClassifier)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    image = tmp_path / "digit.png"
+    image.write_bytes(b"\x89PNG not really")
+    try:
+        assert main(["predict", str(image), "--url", f"{base}/html"]) == 1
+        assert main(["predict", str(image), "--url", f"{base}/list"]) == 1  # an error body that is no object
+        assert main(["predict", str(image), "--url", f"{base}/slow", "--timeout", "0.5"]) == 1
+        assert main(["predict", str(tmp_path), "--url", base]) == 2  # a directory, not an image file
+        errors = capsys.readouterr().err
+        assert "answered 200 with something that is not a prediction: <html>" in errors
+        assert 'error 500: ["a", "list"]' in errors
+        assert "/slow/predict gave no answer within" in errors and "(--timeout)" in errors
+        assert f"cannot read {tmp_path}" in errors
+        assert "Traceback" not in errors
+    finally:
+        server.shutdown()
