@@ -24,13 +24,14 @@ import gzip
 import logging
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from filelock import FileLock
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, DistributedSampler
 
 from .config import DataConfig
@@ -132,19 +133,41 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     rest = labels[~singles]
     classes = len(np.unique(rest))
     held_out = int(np.ceil(fraction * len(labels)))
-    # Stratify when every class can appear on both sides; tiny splits fall back to a plain random split.
-    can_stratify = classes > 0 and classes <= held_out <= len(rest) - classes
-    keep, held = train_test_split(indices, test_size=held_out if can_stratify else fraction, random_state=seed,
-                                  stratify=rest if can_stratify else None)
+    # Stratify when every class can appear on both sides.
+    if classes > 0 and classes <= held_out <= len(rest) - classes:
+        keep, held = train_test_split(indices, test_size=held_out, random_state=seed, stratify=rest)
+    else:
+        # Too few images to stratify (fewer held out than classes, say): a random split, but one image of
+        # every class stays on the kept side, or a class could end with no training image, its output never
+        # trained, and the run would not say so.
+        shuffled = np.random.default_rng(seed).permutation(indices)
+        _, first_of_class = np.unique(labels[shuffled], return_index=True)
+        others = np.delete(shuffled, first_of_class)
+        count = min(held_out, len(others))
+        if count == 0:
+            raise ValueError(f"no image can be held out of {len(labels)}: every class has a single one")
+        held, keep = others[:count], np.concatenate([shuffled[first_of_class], others[count:]])
     return np.sort(np.concatenate([keep, np.flatnonzero(singles)])), np.sort(held)
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (plain or gzipped); a damaged one is a DataError naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a cut-off .gz, EOFError
+        raise DataError(f"{path} cannot be read ({type(err).__name__}: {err}); replace it with a complete copy "
+                        f"({_FASHION_MNIST_HELP})") from None
+    # Magic: two zero bytes, the element type (0x08: unsigned byte), the number of dimensions.
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 3 or len(data) < 4 + 4 * data[3]:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes; replace it ({_FASHION_MNIST_HELP})")
     dims = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    expected = 4 + 4 * dims + math.prod(shape)
+    if len(data) != expected:
+        raise DataError(f"{path} holds {len(data)} bytes where its header says {expected} (cut off, or "
+                        f"damaged); replace it ({_FASHION_MNIST_HELP})")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
@@ -186,7 +209,14 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
     for directory in searched:
         found = {key: _find_idx(directory, stem) for key, stem in FASHION_MNIST_FILES.items()}
         if all(found.values()):
-            return {key: _read_idx(path) for key, path in found.items()}
+            arrays = {key: _read_idx(path) for key, path in found.items()}
+            for split in ("train", "test"):
+                images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+                if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                    raise DataError(f"{found[f'{split}_images']} and {found[f'{split}_labels']} do not match "
+                                    f"(images {images.shape}, labels {labels.shape}); replace them with the "
+                                    f"data set's own files ({_FASHION_MNIST_HELP})")
+            return arrays
         if directory == root and any(found.values()):
             missing = [stem for key, stem in FASHION_MNIST_FILES.items() if found[key] is None]
             raise DataError(f"data.root {root} holds some Fashion-MNIST IDX files but not {', '.join(missing)} "
@@ -225,10 +255,16 @@ def _load_cifar10(cfg: DataConfig) -> ImageSplits:
 
     root = Path(cfg.root).expanduser() if cfg.root else _default_root("cifar10")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root / ".download.lock")):
-            train_set = torchvision.datasets.CIFAR10(str(root), train=True, download=cfg.download)
-            test_set = torchvision.datasets.CIFAR10(str(root), train=False, download=cfg.download)
+        try:  # already there: read without the lock, which a read-only copy (a shared mount) could not create
+            train_set = torchvision.datasets.CIFAR10(str(root), train=True, download=False)
+            test_set = torchvision.datasets.CIFAR10(str(root), train=False, download=False)
+        except RuntimeError:  # not there, or damaged (torchvision checks every file's MD5)
+            if not cfg.download:
+                raise
+            root.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(root / ".download.lock")):  # one download per directory, however many workers
+                train_set = torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+                test_set = torchvision.datasets.CIFAR10(str(root), train=False, download=True)
     except (OSError, RuntimeError) as err:  # not there, or the download failed (no network: URLError)
         hint = "the download failed" if cfg.download else "data.download is false"
         raise DataError(f"CIFAR-10 not found under {root} and {hint} ({type(err).__name__}: {err}); set data.root "
@@ -282,7 +318,8 @@ def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"sample-{safe}.png"
-    image = splits.test.pil(0)
+    # Upright as training saw it (a phone photo's EXIF orientation: PNG keeps no EXIF, so it would go sideways).
+    image = ImageOps.exif_transpose(splits.test.pil(0))
     if image.mode not in PNG_MODES:  # a CMYK JPEG, a float TIFF: PNG cannot hold them, the server takes RGB
         image = image.convert("RGB")
     image.save(path)

@@ -115,6 +115,9 @@ class ModelRun(BaseModel):
     #: Image-folder files the driver's check found unreadable and ``data.skip_bad_files`` leaves out
     #: (relative to ``data.root``): every worker builds its file list without them, without re-checking.
     excluded_files: tuple[str, ...] = ()
+    #: The split sizes the driver planned with (``DatasetInfo.sizes``): a worker that reads its own copy of the
+    #: data checks it finds the same (None in runs planned before it existed: not checked).
+    split_sizes: dict[str, int] | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelRun:
@@ -288,7 +291,8 @@ def plan_model_runs(
         profile = cnnmodels.profile(model, spec.input_shape)
         run = ModelRun(model=choice, data=cfg.data, hyper=hyper, workers=workers, spec=spec, stage=stage,
                        run_name=f"{cfg.name}-{stage}-{choice.name}", storage_path=cfg.paths.storage,
-                       params_count=profile.params, macs=profile.macs, excluded_files=info.excluded_files)
+                       params_count=profile.params, macs=profile.macs, excluded_files=info.excluded_files,
+                       split_sizes=dict(info.sizes))
         if stage == "train":
             run = run.model_copy(update={"run_name": f"{run.run_name}-{run.fingerprint}"})
         runs.append(run)

@@ -48,7 +48,7 @@ from .checkpoints import (
 )
 from .compute_gate import release_compute, wait_for_compute
 from .console import duration, timestamped
-from .data import EpochSampler, SplitDataset, load_splits
+from .data import DataError, EpochSampler, SplitDataset, load_splits
 from .optim import lr_at, make_optimizer
 from .planning import ModelRun
 from .preprocess import PreprocessSpec
@@ -181,6 +181,21 @@ def loader_options(run: ModelRun, rank: int, on_gpu: bool) -> dict[str, Any]:
             "generator": torch.Generator().manual_seed(run.hyper.seed * 1000 + rank)}
 
 
+def check_same_data(run: ModelRun, class_names: tuple[str, ...], sizes: dict[str, int]) -> None:
+    """Raise DataError unless this worker's own read of the data is what the driver planned with. Each worker
+    reads ``data.root`` on its node: a node's stale or partial copy (a class folder missing) shifted every later
+    class's label without a word, and other split sizes give the ranks different step counts (DDP hangs)."""
+    planned = run.split_sizes
+    if tuple(class_names) == tuple(run.spec.class_names) and (planned is None or sizes == planned):
+        return
+    import socket
+
+    raise DataError(
+        f"the data under data.root on {socket.gethostname()} is not what the run was planned with: classes "
+        f"{list(class_names)[:20]} and split sizes {sizes} here, {list(run.spec.class_names)[:20]} and "
+        f"{planned} on the driver; every node needs the same copy of the data set")
+
+
 def build_context(run: ModelRun, rank: int, world: int, device: torch.device) -> StepContext:
     """One worker's data loaders, model, optimizer and scaler, seeded by ``(train.seed, rank)``; :func:`setup`
     calls it inside Ray Train with the worker's rank, world size and device."""
@@ -192,6 +207,7 @@ def build_context(run: ModelRun, rank: int, world: int, device: torch.device) ->
     if sources is None:
         splits = load_splits(run.data, run.excluded_files)
         sources = {"train": splits.train, "val": splits.val, "test": splits.test}
+        check_same_data(run, splits.class_names, {name: len(split) for name, split in sources.items()})
     train_set = SplitDataset(sources["train"], run.spec, augment=run.data.augment)
     per_worker_batch = max(1, run.hyper.batch_size // world)
     loader_kwargs = loader_options(run, rank, on_gpu)

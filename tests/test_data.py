@@ -52,6 +52,58 @@ def test_a_class_of_one_image_stays_in_training_and_the_rest_stays_stratified():
     assert sum(held_per_class) == 5 and min(held_per_class[:2]) >= 2 and held_per_class[2] == 0
     assert sorted(np.concatenate([keep, held]).tolist()) == list(range(21))
 
+def test_a_split_too_small_to_stratify_still_keeps_every_class_in_training():
+    """100 classes of 3 images: 60 held out for test, fewer than the classes, so no stratified split; the plain
+    random split it fell back to left a class with no training image in most seeds (its output never trained)."""
+    from pipelines.data import stratified_split
+
+    labels = np.repeat(np.arange(100), 3)
+    for seed in range(20):
+        keep, held = stratified_split(labels, 0.2, seed=seed)
+        assert len(held) == 60 and sorted(np.concatenate([keep, held]).tolist()) == list(range(300))
+        assert set(labels[keep]) == set(range(100)), seed
+        # ... and after the validation split of what is kept, as image folders do (test, then validation)
+        kept, _ = stratified_split(labels[keep], 0.125, seed=seed)
+        assert set(labels[keep][kept]) == set(range(100)), seed
+    with pytest.raises(ValueError, match="every class has a single one"):  # the image folder's "too few images"
+        stratified_split(np.array([0, 1, 2]), 0.5, seed=0)
+
+
+def test_damaged_fashion_mnist_files_are_named(tmp_path):
+    """A cut-off, non-gzip, empty or mismatched IDX file ended in EOFError, BadGzipFile, IndexError or a reshape
+    error that named no file."""
+    import gzip
+    import shutil
+
+    from pipelines.data import FASHION_MNIST_FILES, DataError
+
+    def idx(shape, fill=0):
+        header = b"\x00\x00\x08" + bytes([len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape)
+        return header + bytes([fill]) * int(np.prod(shape))
+
+    good = {"train_images": idx((12, 28, 28)), "train_labels": idx((12,)), "test_images": idx((4, 28, 28)),
+            "test_labels": idx((4,))}
+    damages = {"cut off": lambda raw: gzip.compress(raw)[:-20], "not gzip": lambda raw: raw,
+               "empty": lambda raw: gzip.compress(b""), "short": lambda raw: gzip.compress(raw[:-5]),
+               "no IDX": lambda raw: gzip.compress(b"PK\x03\x04" + raw)}
+    for damage, damaged in damages.items():
+        root = tmp_path / damage.replace(" ", "-")
+        root.mkdir()
+        for key, stem in FASHION_MNIST_FILES.items():
+            raw = good[key]
+            (root / f"{stem}.gz").write_bytes(damaged(raw) if key == "train_images" else gzip.compress(raw))
+        with pytest.raises(DataError, match="train-images-idx3-ubyte.gz") as info:
+            load_splits(DataConfig(dataset="fashion-mnist", root=str(root), download=False))
+        assert "dataset-fashion-mnist" in str(info.value), damage
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(tmp_path / "empty", mismatched)
+    for key, stem in FASHION_MNIST_FILES.items():
+        raw = idx((5,)) if key == "train_labels" else good[key]
+        (mismatched / f"{stem}.gz").write_bytes(gzip.compress(raw))
+    with pytest.raises(DataError, match="do not match"):
+        load_splits(DataConfig(dataset="fashion-mnist", root=str(mismatched), download=False))
+
+
 def test_train_subset_is_stratified():
     splits = load_splits(DataConfig(dataset="digits", train_subset=100))
     assert len(splits.train) == pytest.approx(100, abs=1)
@@ -116,6 +168,18 @@ def test_the_example_image_is_written_whatever_the_mode_of_the_first_test_image(
     sample = write_sample_image(cfg, tmp_path / "serve")
     with Image.open(sample) as written:
         assert written.format == "PNG" and written.mode == "RGB"
+
+    # Phone photos: stored sideways with an EXIF orientation, which PNG does not keep. Training turns them
+    # upright; the example image went out sideways.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    for name in ("cat", "dog"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (20, 24), (i * 40, 0, 0)).save(tmp_path / "photos" / name / f"{i}.jpg", exif=exif)
+    cfg = cfg.model_copy(update={"root": str(tmp_path / "photos")})
+    with Image.open(write_sample_image(cfg, tmp_path / "serve")) as written:
+        assert written.size == (24, 20)  # upright, as training sees it
 
 
 def test_train_subset_keeps_a_class_with_a_single_image(tmp_path):

@@ -381,6 +381,38 @@ def _worker_context(make_config, model: str, *overrides: str, **kwargs):
     return build_context(run, rank=0, world=1, device=torch.device("cpu"))
 
 
+def test_a_worker_refuses_data_that_differ_from_what_the_driver_planned_with(make_config, tmp_path):
+    """Each worker reads data.root on its own node: a copy missing a class folder shifted every later class's
+    labels silently, and another number of images gives the DDP ranks different step counts (a hang)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.data import DataError, _load_splits_cached, describe_dataset
+    from pipelines.planning import ModelChoice, plan_model_runs
+    from pipelines.worker import build_context
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for name in ("ant", "bee", "cat"):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    cfg = make_config("data.dataset=imagefolder", f"data.root={root}", "data.image_size=16", "train.batch_size=8")
+    [run] = plan_model_runs(cfg, describe_dataset(cfg.data), [ModelChoice("lenet5", "lenet5")], cluster_cpus=2)
+    assert build_context(run, rank=0, world=1, device=torch.device("cpu")).run is run  # the same copy: fine
+    for change in ("a stale copy (one more image)", "a partial copy (no ant)"):
+        if "more" in change:
+            shutil.copy(root / "bee" / "0.png", root / "bee" / "10.png")
+        else:
+            shutil.rmtree(root / "ant")
+        _load_splits_cached.cache_clear()  # this process stands for another node's worker
+        with pytest.raises(DataError, match="every node needs the same copy") as refused:
+            build_context(run, rank=0, world=1, device=torch.device("cpu"))
+        assert "is not what the run was planned with" in str(refused.value), change
+
+
 def test_a_workers_loaders_leave_the_global_random_stream_alone(make_config):
     """A loader drew its worker processes' seed from the global torch RNG when its iterator started, once per
     attempt for a persistent loader: a resumed run drew at another point than an uninterrupted one, and every
