@@ -143,7 +143,9 @@ def autocast_dtype(run: ModelRun, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         if not run.workers.amp:
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Natively only (compute capability 8+): torch counts emulated bf16 (a T4, a V100) as supported, which
+        # runs without tensor cores, slower than float16 with a scaler.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     wanted = run.hyper.cpu_bf16
     return torch.bfloat16 if wanted is True or (wanted == "auto" and cpu_has_native_bf16()) else None
 
@@ -214,8 +216,13 @@ def build_context(run: ModelRun, rank: int, world: int, device: torch.device) ->
     # Our own sampler, for one worker too: Ray's (DDP only) and DataLoader's shuffle (the global RNG) would
     # make an epoch's order depend on what ran before it in this process, so a resumed run would differ.
     train_sampler = EpochSampler(train_set, rank=rank, world=world, seed=run.hyper.seed)
-    train_loader = DataLoader(train_set, batch_size=per_worker_batch, sampler=train_sampler,
-                              drop_last=len(train_set) >= 2 * per_worker_batch * world, **loader_kwargs)
+    # The last, partial batch is dropped on large sets; kept on small ones, unless it would hold one image:
+    # batch norm cannot train on a single value per channel (a model whose last maps are 1x1).
+    shard = len(train_sampler)
+    drop_last = len(train_set) >= 2 * per_worker_batch * world or (shard > per_worker_batch
+                                                                     and shard % per_worker_batch == 1)
+    train_loader = DataLoader(train_set, batch_size=per_worker_batch, sampler=train_sampler, drop_last=drop_last,
+                              **loader_kwargs)
     val_loader = DataLoader(_shard(SplitDataset(sources["val"], run.spec), rank, world),
                             batch_size=per_worker_batch * 2, **loader_kwargs)
 
@@ -331,7 +338,8 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
     ctx.train_sampler.start_epoch(epoch, int(torch.randint(0, 2**62, ()).item()))
     steps_per_epoch = len(loader)
     ctx.model.train()
-    loss_sum, seen = 0.0, 0
+    # Summed on the device: reading the loss every step made the host wait for each step on a GPU.
+    loss_sum, seen = torch.zeros((), dtype=torch.float64, device=ctx.device), 0
     started = last_progress = time.perf_counter()
     for step, (images, labels) in enumerate(loader):
         lr = lr_at(hyper.lr, hyper.schedule, hyper.warmup_epochs, hyper.epochs, epoch * steps_per_epoch + step,
@@ -345,11 +353,12 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
         ctx.scaler.update()
         if step == 0:
             ctx.mark("first_step")  # the first step pays for lazy initialisation (kernels, caches)
-        if not isinstance(outputs, torch.Tensor):
-            # GoogLeNet trains on its auxiliary heads' losses too; train_loss is the main head's, comparable
-            # with val_loss and with the other models (the sum read about 1.6 times val_loss).
-            loss = ctx.criterion(outputs.logits.detach().float(), labels.to(ctx.device, non_blocking=True))
-        loss_sum += loss.detach().float().item() * labels.numel()
+        # train_loss is the main head's plain cross-entropy, comparable with val_loss and across models: not the
+        # smoothed loss trained on (label smoothing 0.1 puts a floor of about 0.5 under it) nor GoogLeNet's sum
+        # with its auxiliary heads (about 1.6 times val_loss).
+        logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
+        loss_sum += F.cross_entropy(logits.detach().float(), labels.to(ctx.device, non_blocking=True),
+                                    reduction="sum").double()
         seen += labels.numel()
         if ctx.rank == 0 and time.perf_counter() - last_progress >= ctx.run.workers.progress_interval_s:
             last_progress = time.perf_counter()
@@ -359,7 +368,8 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
     seconds = time.perf_counter() - started
     ctx.add_seconds("loop_seconds", seconds)
     # Global throughput: the sum of every worker's own images per second.
-    loss_sum, seen_all, images_per_sec = _all_reduce_sums([loss_sum, seen, seen / max(seconds, 1e-9)], ctx.device)
+    loss_sum, seen_all, images_per_sec = _all_reduce_sums([loss_sum.item(), seen, seen / max(seconds, 1e-9)],
+                                                          ctx.device)
     return {"train_loss": loss_sum / max(seen_all, 1), "train_images_per_sec": images_per_sec,
             "epoch_seconds": seconds, "lr": ctx.optimizer.param_groups[0]["lr"]}
 
@@ -416,15 +426,18 @@ def recalibrate_batchnorm(ctx: StepContext, batches: int) -> None:
 def evaluate(ctx: StepContext, loader) -> tuple[float, float, int]:
     """Global (all-reduced) mean loss, accuracy and image count of the model on ``loader``."""
     ctx.model.eval()
-    loss_sum, correct, count = 0.0, 0.0, 0
+    # Summed on the device, read once: a read per batch made the host wait for every batch on a GPU.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    count = 0
     with torch.inference_mode():
         for images, labels in loader:
             labels = labels.to(ctx.device, non_blocking=True)
             logits = ctx.forward(images)
-            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            correct += (logits.argmax(1) == labels).sum().item()
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            correct += (logits.argmax(1) == labels).sum()
             count += labels.numel()
-    loss_sum, correct, count = _all_reduce_sums([loss_sum, correct, count], ctx.device)
+    loss_sum, correct, count = _all_reduce_sums([loss_sum.item(), correct.item(), count], ctx.device)
     return loss_sum / max(count, 1), correct / max(count, 1), int(count)
 
 

@@ -346,6 +346,22 @@ def test_autocast_follows_amp_on_gpus_and_cpu_bf16_on_cpus(make_config):
     assert auto == (torch.bfloat16 if cpu_has_native_bf16() else None)
 
 
+def test_a_gpu_that_only_emulates_bf16_trains_in_float16(make_config, monkeypatch):
+    """torch counts emulated bf16 as supported (a T4 or V100 says yes): those GPUs trained in bf16 without tensor
+    cores, never taking the float16-with-a-scaler path meant for them."""
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.worker import autocast_dtype
+
+    cfg = make_config("train.models=[lenet5]")
+    [run] = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    gpu = torch.device("cuda")  # a device name: nothing runs on it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast_dtype(run, gpu) == torch.float16  # compute capability 7: emulated only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_dtype(run, gpu) == torch.bfloat16  # an A10G, an H100: native
+
+
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
 def test_auto_bf16_detects_amx_and_avx512_bf16_cpus():
     # The flags as the kernel reports them, independent of torch's own detection.
@@ -379,6 +395,34 @@ def _worker_context(make_config, model: str, *overrides: str, **kwargs):
     cfg = make_config("data.image_size=16", "data.train_subset=32", "train.batch_size=8", *overrides)
     [run] = plan_model_runs(cfg, describe_dataset(cfg.data), [ModelChoice(model, model, kwargs)], cluster_cpus=2)
     return build_context(run, rank=0, world=1, device=torch.device("cpu"))
+
+
+def test_no_training_batch_holds_a_single_image(make_config):
+    """A small set's last batch was kept whatever its size: one image left over made batch norm fail ("Expected
+    more than 1 value per channel") in a model whose last maps are 1x1, at the end of every epoch."""
+    remainders = set()
+    for subset in (10, 17, 18):  # 17 of batch 16: one left over
+        ctx = _worker_context(make_config, "lenet5", f"data.train_subset={subset}", "train.batch_size=16")
+        remainders.add(len(ctx.train_sampler) % ctx.train_loader.batch_size)
+        ctx.train_sampler.start_epoch(0, 1)
+        assert min(len(labels) for _, labels in ctx.train_loader) > 1, subset
+    assert 1 in remainders  # the case itself came up
+
+
+def test_train_loss_is_the_plain_cross_entropy_whatever_the_label_smoothing(make_config):
+    """train_loss was the smoothed loss trained on: with label smoothing 0.1 (every preset) it sat about 0.5 above
+    val_loss's plain cross-entropy late in training, which read as underfitting."""
+    from pipelines.worker import train_epoch
+
+    losses = []
+    for smoothing in (0.0, 0.3):
+        ctx = _worker_context(make_config, "lenet5", f"train.label_smoothing={smoothing}", "train.lr=1e-12",
+                              "train.warmup_epochs=0")
+        last = [m for m in ctx.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            last.weight.mul_(30)  # confident outputs, where smoothing changes the loss (not at uniform ones)
+        losses.append(train_epoch(ctx, 0)["train_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # same weights, same batches: the same loss
 
 
 def test_a_worker_refuses_data_that_differ_from_what_the_driver_planned_with(make_config, tmp_path):
