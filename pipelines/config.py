@@ -527,7 +527,9 @@ class ServeConfig(_Section):
     allow_unauthenticated: bool = Field(
         False, description="serve a non-loopback host without a token (anyone who reaches the port can use it)"
     )
-    models: list[str] = Field(default_factory=list, description="aliases to serve (default: all registered)")
+    models: list[str] = Field(default_factory=list, description=(
+        "aliases to serve (default: all registered; `champion`: the version that alias points at); one not found "
+        "is named, and with none found the stage exits 2"))
     checkpoints: dict[str, str] = Field(
         default_factory=dict, description="alias -> checkpoint file (made absolute where the command runs), served "
         "instead of the registry"

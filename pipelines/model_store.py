@@ -11,7 +11,6 @@ corrupt or tampered file is refused before a model is handed out.
 from __future__ import annotations
 
 import logging
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import nn
 from .checkpoints import CheckpointError, MissingCheckpointError, ModelCheckpoint, load_checkpoint
 from .config import PipelineConfig
 from .preprocess import PreprocessSpec, is_out_of_memory
-from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion, is_unreachable
+from .tracking import CHAMPION, TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion, is_unreachable
 
 __all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm", "trace_for_serving", "prepare_for_serving",
            "is_transient_load_error"]
@@ -51,6 +50,7 @@ class ServedModel:
     test_acc: float | None = None
     params_count: int | None = None
     macs: int | None = None
+    cache_key: str = ""  # its checkpoint's key in the download cache (registry versions)
     status: str = "unchecked"  # then "ok", or "error" (for good); still "unchecked" after a passing failure
     error: str | None = None
 
@@ -183,11 +183,14 @@ class ModelStore:
         # Only versions trained on this config's data set: another data set's aliases under the same name
         # would answer with that data set's class names.
         versions, champion = self.tracker.registered_versions(self.cfg.registered_model_name)
+        if CHAMPION in wanted:  # serve.models: [champion] means the version the alias points at
+            wanted = (wanted - {CHAMPION}) | {champion or CHAMPION}  # none: matches no alias
         models = [
             ServedModel(alias=v.alias, source=v.uri, version=v.version, arch=v.tags.get("arch", ""),
                         model_name=v.tags.get("model_name", v.alias), dataset=v.tags.get(TAG_DATASET, ""),
                         fingerprint=v.tags.get(TAG_FINGERPRINT, ""), test_acc=_number(v.tags, "test_acc"),
-                        params_count=_number(v.tags, "params_count", int), macs=_number(v.tags, "macs", int))
+                        params_count=_number(v.tags, "params_count", int), macs=_number(v.tags, "macs", int),
+                        cache_key=v.cache_key)
             for v in versions if not wanted or v.alias in wanted
         ]
         return models, champion if any(m.alias == champion for m in models) else None
@@ -205,7 +208,8 @@ class ModelStore:
             verified = self.verified_files.get(served.alias)
             if verified is not None and verified.is_file():
                 return verified
-            return self.tracker.download_checkpoint(self.cfg.registered_model_name, served.version, self.cache_dir)
+            return self.tracker.download_checkpoint(self.cfg.registered_model_name, served.version, self.cache_dir,
+                                                    served.cache_key)
         return Path(served.source)
 
     def load(self, served: ServedModel, *, fold: bool = True, trace: bool = False,
@@ -216,16 +220,17 @@ class ModelStore:
         path = path or self.checkpoint_file(served)
         try:
             checkpoint: ModelCheckpoint = load_checkpoint(path)
-        except MissingCheckpointError:
-            raise
-        except CheckpointError:
+        except CheckpointError as err:
             if not (served.source.startswith("models:/") and path.is_relative_to(self.cache_dir)):
                 raise
             # The downloaded copy is damaged (a disk fault, a hand edit): it would stay so in every replica on this
-            # node and after every restart. Fetched again once; the registry's own copy decides.
-            logger.warning("model %s: its downloaded checkpoint %s is damaged; downloading it again", served.alias,
-                           path)
-            shutil.rmtree(path.parent, ignore_errors=True)
+            # node and after every restart. Fetched again once; the registry's own copy decides. Gone (another
+            # replica on the node is fetching it again, or the cache was cleared): fetched again too. Only the
+            # file goes: the version's folder holds other replicas' downloads in progress.
+            if not isinstance(err, MissingCheckpointError):
+                logger.warning("model %s: its downloaded checkpoint %s is damaged; downloading it again",
+                               served.alias, path)
+                path.unlink(missing_ok=True)
             self.verified_files.pop(served.alias, None)
             path = self.checkpoint_file(served)
             checkpoint = load_checkpoint(path)

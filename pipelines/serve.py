@@ -69,14 +69,21 @@ class Classifier:
     is built, so replicas on other nodes need no copy of the environment variable.
     """
 
-    async def __init__(self, config: dict, auth_token: str | None = None) -> None:  # Serve awaits it
+    async def __init__(self, config: dict, auth_token: str | None = None, models: list[dict] | None = None,
+                       registry_champion: str | None = None) -> None:  # Serve awaits it
         self.cfg = PipelineConfig.model_validate(config)
         s = self.cfg.serve
         self.auth_token = auth_token
         torch.set_num_threads(replica_threads(s))
         self.device = torch.device("cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.store = ModelStore(self.cfg)
-        self.models, self.registry_champion = self.store.discover()
+        if models is None:
+            self.models, self.registry_champion = self.store.discover()
+        else:
+            # What to serve was settled where the app was built (build_app): every replica serves the same
+            # versions, and one started during an MLflow outage (a replacement, a scale-up) needs no registry to
+            # know them, nor, for a checkpoint already in the node's download cache, to load it.
+            self.models, self.registry_champion = [ServedModel(**m) for m in models], registry_champion
         self.by_alias = {m.alias: m for m in self.models}
         self.store.verify(self.models)
         self.champion = self.store.servable_champion(self.models, self.registry_champion)
@@ -259,12 +266,18 @@ class Classifier:
                 "models": [dict(asdict(m), champion=m.alias == self.champion) for m in self.models]}
 
     @api.get("/healthz", summary="Liveness: 200 while some model is servable")
-    async def healthz(self):
+    async def healthz(self, request: Request):
         ok = [m.alias for m in self.models if m.status == "ok"]
         failed = {m.alias: m.error for m in self.models if m.status == "error"}
         unchecked = {m.alias: m.error for m in self.models if m.status == "unchecked"}
-        body = {"status": "ok" if ok and not failed and not unchecked else ("degraded" if ok else "unavailable"),
-                "models": ok, "errors": failed, "not_verified_yet": unchecked}
+        status = "ok" if ok and not failed and not unchecked else ("degraded" if ok else "unavailable")
+        try:
+            authorize(request, self.auth_token)
+            body = {"status": status, "models": ok, "errors": failed, "not_verified_yet": unchecked}
+        except RequestError:
+            # Load balancers ask without a token: the status and counts only. The aliases and error texts (file
+            # paths, the tracking server's address) are for callers /models would answer.
+            body = {"status": status, "models": len(ok), "errors": len(failed), "not_verified_yet": len(unchecked)}
         return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -276,10 +289,13 @@ def _portable_config(cfg: PipelineConfig) -> dict:
     return config
 
 
-def build_app(cfg: PipelineConfig):
+def build_app(cfg: PipelineConfig, discovered: tuple[list[ServedModel], str | None] | None = None):
     """The Serve application for ``cfg``: replicas, autoscaling and resources from ``serve.*``; the bearer
-    token (``serve.auth_token`` or the variable ``serve.auth_token_env`` names) is read here."""
+    token (``serve.auth_token`` or the variable ``serve.auth_token_env`` names) and the models to serve with the
+    registry's champion (``discovered``, default :meth:`ModelStore.discover` now) are settled here, once for
+    every replica."""
     s = cfg.serve
+    models, champion = discovered if discovered is not None else ModelStore(cfg).discover()
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
                                "max_ongoing_requests": s.max_ongoing_requests}
     if s.autoscaling:
@@ -287,7 +303,8 @@ def build_app(cfg: PipelineConfig):
                                          "target_ongoing_requests": max(1, s.max_batch_size // 2)}
     else:
         options["num_replicas"] = s.num_replicas
-    return Classifier.options(**options).bind(_portable_config(cfg), s.bearer_token())
+    return Classifier.options(**options).bind(_portable_config(cfg), s.bearer_token(),
+                                              [asdict(m) for m in models], champion)
 
 
 def app_builder(args: dict):
@@ -349,17 +366,42 @@ class ServeHandle:
     sample_image: Path | None = None
 
 
-def _wait_until_answering(url: str, timeout_s: float = 120.0) -> None:
+def _wait_until_answering(url: str, timeout_s: float = 120.0) -> bool:
+    """Whether the app answers ``/healthz`` (200 or 503) within ``timeout_s``; says so when it does not."""
     import requests
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
             if requests.get(f"{url}/healthz", timeout=5).status_code in (200, 503):
-                return
+                return True
         except requests.RequestException:
             pass
         time.sleep(0.5)
+    logger.warning("[serve] %s does not answer yet after %.0f s; its replicas may still be starting (`serve status` "
+                   "on the cluster says where they are)", url, timeout_s)
+    return False
+
+
+def _check_running_http_options(s: ServeConfig) -> None:
+    """Serve's HTTP proxy keeps the options it started with: a second app on a cluster whose Serve runs already
+    would, without a word, not be at ``serve.host``/``serve.port`` (the printed URL dead, a loopback-only config
+    exposed on the running proxy's 0.0.0.0) nor have its proxy timeout. A ConfigError naming the key instead."""
+    try:  # the running proxy's options: Serve's client, which has no public accessor for them
+        from ray.serve.context import _get_global_client
+
+        running = _get_global_client().http_config
+    except Exception:  # noqa: BLE001 - an API that moved: not checked, as before
+        return
+    wanted = {"host": s.host, "port": s.port, "request_timeout_s": proxy_timeout_s(s)}
+    differ = {key: (value, getattr(running, key, value)) for key, value in wanted.items()
+              if getattr(running, key, value) != value}
+    if differ:
+        key = next(iter(differ))
+        found = ", ".join(f"{k} {theirs} (this config: {ours})" for k, (ours, theirs) in differ.items())
+        setting = "serve.request_timeout_s" if key == "request_timeout_s" else f"serve.{key}"
+        raise ConfigError(setting, f"Serve already runs on this Ray with other HTTP options: {found}. Its proxy "
+                                   "keeps them for every app: use the same, or stop it first (`serve shutdown`)")
 
 
 def serve_stage(cfg: PipelineConfig) -> ServeHandle:
@@ -368,15 +410,22 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
 
     send_pending_before_reading(cfg)
     models, champion = ModelStore(cfg).discover()
+    found = {m.alias for m in models} | ({CHAMPION} if champion else set())
+    if missing := sorted(set(cfg.serve.models) - found):
+        where = "serve.checkpoints" if cfg.serve.checkpoints else f"the registry ({cfg.data.dataset} versions)"
+        if not models:
+            raise ConfigError("serve.models", f"{', '.join(missing)}: not in {where}")
+        logger.warning("[serve] serve.models: %s not in %s; serving the others", ", ".join(missing), where)
     if not models:
         raise LookupError(f"nothing to serve: no registered model alias trained on {cfg.data.dataset} (train first) "
                           "and no serve.checkpoints")
     config_path = write_serve_config(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
                               "request_timeout_s": proxy_timeout_s(cfg.serve)})
-    serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
+    _check_running_http_options(cfg.serve)
+    serve.run(build_app(cfg, (models, champion)), name=cfg.name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
-    url = f"http://{host}:{cfg.serve.port}"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.serve.port}"
     _wait_until_answering(url)
     try:
         from .data import write_sample_image

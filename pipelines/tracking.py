@@ -133,6 +133,9 @@ class RegisteredVersion:
     version: str
     tags: dict[str, str]
     uri: str  # models:/<name>/<version>
+    #: Its checkpoint's key in a download cache (:meth:`Tracker.download_checkpoint`): a replica that has the
+    #: file needs no registry to find it.
+    cache_key: str = ""
 
 
 class Tracker:
@@ -358,6 +361,7 @@ class Tracker:
         """
         registered = self._registered(registered_model)
         current: dict[str, dict[str, str] | None] = {}  # version -> its tags, None for another data set
+        cache_keys: dict[str, str] = {}
         versions = []
         for alias, version in sorted(registered.aliases.items()):
             if alias == CHAMPION:
@@ -366,12 +370,13 @@ class Tracker:
                 details = self.client.get_model_version(registered_model, version)
                 tags = dict(details.tags)
                 current[version] = tags if self.trained_on_this_data(tags, details.run_id) else None
+                cache_keys[version] = self._cache_key(registered_model, details)
             if current[version] is None:
                 logger.info("@%s (version %s of %s) was trained on other data than %s: left out", alias, version,
                             registered_model, self.dataset)
                 continue
             versions.append(RegisteredVersion(alias, str(version), current[version],
-                                              f"models:/{registered_model}/{version}"))
+                                              f"models:/{registered_model}/{version}", cache_keys[version]))
         champion_version = str(registered.aliases.get(CHAMPION))
         champion = next((v.alias for v in versions if v.version == champion_version), None)
         return versions, champion
@@ -416,18 +421,30 @@ class Tracker:
             return False
         return True
 
-    def download_checkpoint(self, registered_model: str, version: str, cache_dir: str | os.PathLike) -> Path:
+    def _cache_key(self, registered_model: str, details) -> str:
+        """A version's key in the download cache: what it was registered from, so a re-created registry never
+        hits an old file."""
+        identity = (f"{self.tracking_uri}|{registered_model}|{details.version}|{details.source}|"
+                    f"{details.creation_timestamp}")
+        return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+    def download_checkpoint(self, registered_model: str, version: str, cache_dir: str | os.PathLike,
+                            cache_key: str = "") -> Path:
         """A registered version's weights-only checkpoint, and nothing else of its artifacts, cached.
 
         The cache entry ``<cache_dir>/<registered_model>/v<version>-<key>/model.pt`` is keyed by the
-        version and by what it was registered from (so a re-created registry never hits an old file);
-        it is downloaded once, into a temporary directory beside it, and moved into place whole.
+        version and by what it was registered from (:attr:`RegisteredVersion.cache_key`; given, a cached file is
+        found without asking the registry, which may be down); it is downloaded once, into a temporary directory
+        beside it, and moved into place whole.
         """
         import mlflow
 
+        if cache_key:
+            cached = Path(cache_dir) / registered_model / f"v{version}-{cache_key}" / CHECKPOINT_FILE
+            if cached.is_file():
+                return cached
         details = self.client.get_model_version(registered_model, version)
-        identity = f"{self.tracking_uri}|{registered_model}|{version}|{details.source}|{details.creation_timestamp}"
-        key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        key = self._cache_key(registered_model, details)
         target = Path(cache_dir) / registered_model / f"v{version}-{key}" / CHECKPOINT_FILE
         if target.is_file():
             return target

@@ -101,3 +101,19 @@ def test_a_second_run_skips_finished_stages(pipeline_run, capsys):
     assert sorted(again.train.skipped) == sorted(first.train.results)
     assert again.train.trained == []
     assert again.search.best == first.search.best
+
+
+def test_serving_again_with_other_http_options_or_unknown_models_is_refused_and_leaves_the_app_up(pipeline_run):
+    """Serve's proxy keeps the HTTP options it started with: another serve.port was ignored without a word (the
+    printed URL dead), as was a serve.models alias that does not exist ("train first")."""
+    from pipelines.config import ConfigError
+    from pipelines.serve import serve_stage
+
+    cfg, result = pipeline_run
+    moved = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"port": cfg.serve.port + 1})})
+    with pytest.raises(ConfigError, match="serve.port: Serve already runs on this Ray with other HTTP options"):
+        serve_stage(moved)
+    unknown = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"models": ["resnet181"]})})
+    with pytest.raises(ConfigError, match="serve.models: resnet181: not in the registry"):
+        serve_stage(unknown)
+    assert requests.get(f"{result.serve.url}/healthz", timeout=30).status_code == 200

@@ -132,18 +132,27 @@ def test_a_damaged_download_is_fetched_again(registered):
     with torch.inference_mode():
         torch.testing.assert_close(again.model(x), model(x), rtol=1e-4, atol=1e-4)
     assert store.verified_files[served.alias].stat().st_size > 1000
+    # Gone from the cache (another replica on the node removed it to fetch it again, the cache cleared): it was a
+    # MissingCheckpointError, the model failed for the replica's life.
+    cached = store.checkpoint_file(served)
+    cached.unlink()  # ... after this replica found it, before it opened it
+    with torch.inference_mode():
+        torch.testing.assert_close(store.load(served, fold=False, path=cached).model(x), model(x), rtol=1e-4,
+                                   atol=1e-4)
 
 
 def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_outage_is_over(registered):
     """A replica that starts while the registry is unreachable (after listing the versions): its models stay
     ``unchecked``, not failed for the replica's life, and are verified again until they load."""
     import asyncio
+    import shutil
 
     from pipelines.serve import Classifier
 
     cfg, tracker, _, _ = registered
     store = ModelStore(cfg)
     models, registry_champion = store.discover()
+    shutil.rmtree(store.cache_dir, ignore_errors=True)  # a node that has not downloaded the checkpoint yet
     store.tracker = Tracker("http://127.0.0.1:9", cfg.name)  # the outage begins: nothing listens on port 9
     store.verify(models)
     assert [(m.status, m.error.startswith("not verified yet: ")) for m in models] == [("unchecked", True)]
@@ -313,3 +322,43 @@ def test_a_retried_registration_adds_no_second_version(tmp_path):
     longer = tracker.log_and_register(run_id, tmp_path / "best", "retry", "lenet5", tags={**tags, "epochs": 6})
     assert longer != first
     assert len(tracker.client.search_model_versions("name = 'retry'")) == 2
+
+
+def test_a_replica_started_while_the_registry_is_down_serves_what_its_app_was_built_with(registered, monkeypatch):
+    """A replica replaced (or added by autoscaling) during an MLflow outage could not start: it listed the
+    registry itself in its constructor. The app now carries the list, settled once where it is built, and the
+    cached checkpoint is found by its key without asking the registry."""
+    import asyncio
+    from dataclasses import asdict
+
+    from pipelines.serve import Classifier, _portable_config
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg, _, version, model = registered
+    store = ModelStore(cfg)
+    models, champion = store.discover()
+    store.verify(models)  # the first replica on this node downloaded the checkpoint into the node's cache
+    assert models[0].cache_key and champion == "lenet5"
+    down = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": "http://127.0.0.1:9"})})
+    with pytest.raises(Exception) as unreachable:  # the outage: nothing listens on port 9
+        ModelStore(down).discover()
+    assert is_transient_load_error(unreachable.value)
+
+    import pipelines.serve
+
+    # Without Serve there is no replica context for its LRU of loaded models: loads go straight to the store.
+    monkeypatch.setattr(pipelines.serve.serve, "multiplexed", lambda **options: lambda load: load)
+
+    async def start_a_replica():
+        replica = object.__new__(Classifier.func_or_class)  # the deployment's own constructor, without Serve
+        await replica.__init__(_portable_config(down), None, [asdict(m) for m in models], champion)
+        replica.reverifying.cancel()
+        return replica
+
+    replica = asyncio.run(start_a_replica())
+    assert [(m.alias, m.version, m.status) for m in replica.models] == [("lenet5", version, "ok")]
+    assert replica.champion == "lenet5"
+    loaded = replica.store.load(replica.by_alias["lenet5"], fold=True)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(x), model(x), rtol=1e-4, atol=1e-4)

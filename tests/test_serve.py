@@ -265,8 +265,14 @@ def test_auth_token_and_broken_checkpoints(strict_app, digit_png):
     assert "CheckpointError" in status["broken"]["error"]
     assert status["planted"]["status"] == "error" and "unreadable or corrupt" in status["planted"]["error"]
     assert not marker.exists()  # the planted pickle was refused, never run
-    health = requests.get(f"{base}/healthz", timeout=60)
+    health = requests.get(f"{base}/healthz", headers=AUTH, timeout=60)
     assert health.status_code == 200 and health.json()["status"] == "degraded"
+    assert set(health.json()["errors"]) == {"broken", "planted"}
+    # Without the token (a load balancer): the status and counts, not the aliases and error texts (file paths,
+    # the tracking server) that /models keeps for callers with it.
+    anonymous = requests.get(f"{base}/healthz", timeout=60)
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "degraded", "models": 3, "errors": 2,
+                                                                 "not_verified_yet": 0}
     failed = predict(base, digit_png, params={"model": "broken"}, headers=AUTH)
     assert failed.status_code == 503 and "failed to load" in failed.json()["error"]
     ok = predict(base, digit_png, params={"model": "good"}, headers=AUTH)
@@ -282,7 +288,7 @@ def test_a_load_failing_at_request_time_is_503_and_reported(strict_app, digit_pn
     assert failed.status_code == 503 and "does not exist" in failed.json()["error"]
     after = {m["alias"]: m for m in requests.get(f"{base}/models", headers=AUTH, timeout=60).json()["models"]}
     assert after["vanishing"]["status"] == "error"
-    assert "vanishing" in requests.get(f"{base}/healthz", timeout=60).json()["errors"]
+    assert "vanishing" in requests.get(f"{base}/healthz", headers=AUTH, timeout=60).json()["errors"]
     assert predict(base, digit_png, params={"model": "vanishing"}, headers=AUTH).status_code == 503
     assert predict(base, digit_png, params={"model": "good"}, headers=AUTH).status_code == 200
 
