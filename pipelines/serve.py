@@ -404,6 +404,20 @@ def _check_running_http_options(s: ServeConfig) -> None:
                                    "keeps them for every app: use the same, or stop it first (`serve shutdown`)")
 
 
+def example_image(cfg: PipelineConfig, directory: Path) -> Path | None:
+    """The image of the example request printed after serving: the one an earlier run saved in ``directory``,
+    else the data set's first test image where the data is at hand. Never downloaded for it, nor an error:
+    serving from checkpoints needs no data (the `serve` command downloaded CIFAR-10 for its example)."""
+    from .data import write_sample_image
+
+    if saved := sorted(directory.glob("sample-*.png")):
+        return saved[0]
+    try:
+        return write_sample_image(cfg.data.model_copy(update={"download": False}), directory)
+    except Exception:  # noqa: BLE001 - a convenience: no data here, or none readable
+        return None
+
+
 def serve_stage(cfg: PipelineConfig) -> ServeHandle:
     """Deploy the app on the running Ray (non-blocking) and wait until it answers ``/healthz``."""
     from .tracking_queue import send_pending_before_reading
@@ -427,11 +441,6 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.serve.port}"
     _wait_until_answering(url)
-    try:
-        from .data import write_sample_image
-
-        sample = write_sample_image(cfg.data, config_path.parent)
-    except Exception:  # noqa: BLE001 - the example image is a convenience; serving from checkpoints needs no data
-        sample = None
+    sample = example_image(cfg, config_path.parent)
     return ServeHandle(url=url, config_path=config_path, models=[m.alias for m in models], champion=champion,
                        sample_image=sample)

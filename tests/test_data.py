@@ -182,6 +182,21 @@ def test_the_example_image_is_written_whatever_the_mode_of_the_first_test_image(
         assert written.size == (24, 20)  # upright, as training sees it
 
 
+def test_serving_never_downloads_a_data_set_for_its_example_image(make_config, tmp_path):
+    """The `serve` command (from checkpoints: no data needed) wrote its example image from the data set, with
+    its download setting: CIFAR-10 was fetched (or tried, offline) just for that. An earlier run's is kept."""
+    from pipelines.serve import example_image
+
+    empty = tmp_path / "cifar"
+    empty.mkdir()
+    cfg = make_config("data.dataset=cifar10", f"data.root={empty}", "data.download=true")
+    assert example_image(cfg, tmp_path / "serve") is None
+    assert list(empty.iterdir()) == []  # no download started (nor its lock)
+    (tmp_path / "serve").mkdir()
+    (tmp_path / "serve" / "sample-cat.png").write_bytes(b"an earlier run's")
+    assert example_image(cfg, tmp_path / "serve") == tmp_path / "serve" / "sample-cat.png"
+
+
 def test_train_subset_keeps_a_class_with_a_single_image(tmp_path):
     """The subset is the held-out side of a stratified split, where a class's only image never goes: the class
     was left without training images, though the docs promise it stays in training."""
