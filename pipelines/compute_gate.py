@@ -24,7 +24,8 @@ from ray.tune import Callback
 
 from .runtime import on_this_node
 
-__all__ = ["ComputeGate", "compute_gate", "wait_for_compute", "release_compute", "ReleaseOnTrialEnd"]
+__all__ = ["ComputeGate", "compute_gate", "wait_for_compute", "release_compute", "ReleaseOnTrialEnd",
+           "gate_is_gone", "worker_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,12 @@ def _gate(name: str | None):
         return None
 
 
+def gate_is_gone(gate_name: str | None) -> bool:
+    """Whether a run was planned with a gate that no longer exists: a search resumed by Tune's restore keeps
+    its trials' saved settings, naming the gate of the stage that was interrupted."""
+    return bool(gate_name) and _gate(gate_name) is None
+
+
 def wait_for_compute(gate_name: str | None, run: str) -> None:
     """Block until ``run`` may train (at once when there is no gate)."""
     gate = _gate(gate_name)
@@ -110,3 +117,12 @@ class ReleaseOnTrialEnd(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._release(trial)
+
+
+def worker_threads(run) -> int:
+    """The torch threads of one of ``run``'s workers: a full share's when a gate admits it to the cores (an
+    overlapped start-up reserves less CPU than it computes with), the reserved CPUs' when its gate is gone:
+    without one, every admitted run trains at once, and full shares each would oversubscribe the cores."""
+    if run.threads and gate_is_gone(run.compute_gate):
+        return max(1, int(round(float(run.workers.cpus_per_worker))))
+    return run.threads_per_worker

@@ -46,7 +46,7 @@ from .checkpoints import (
     save_checkpoint,
     save_rng_state,
 )
-from .compute_gate import release_compute, wait_for_compute
+from .compute_gate import release_compute, wait_for_compute, worker_threads
 from .console import duration, timestamped
 from .data import DataError, EpochSampler, SplitDataset, load_splits
 from .optim import lr_at, make_optimizer
@@ -164,7 +164,7 @@ def setup(run: ModelRun) -> StepContext:
     from ray.train.torch import get_device, prepare_data_loader
 
     context = ray.train.get_context()
-    torch.set_num_threads(run.threads_per_worker)
+    torch.set_num_threads(worker_threads(run))
     ctx = build_context(run, context.get_world_rank(), context.get_world_size(), get_device())
     # Ray moves the batches to the worker's device; the samplers are ours (add_dist_sampler=False).
     ctx.train_loader = prepare_data_loader(ctx.train_loader, add_dist_sampler=False)

@@ -711,3 +711,21 @@ def test_which_finished_models_are_registered_again(make_config, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     down = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": "http://127.0.0.1:9"})})
     assert _split_finished(down, runs)[0] == []  # the registry cannot be asked: nothing is retrained for it
+
+
+def test_a_run_whose_gate_is_gone_computes_with_the_cpus_it_reserved(ray_cluster, make_config):
+    """A search resumed by Tune's restore keeps its trials' saved settings, naming the interrupted stage's gate:
+    nothing held its runs back any more, and each trained with a full share's threads on a smaller reservation
+    (two trials x 2 threads on 2 cores)."""
+    from pipelines.compute_gate import compute_gate, worker_threads
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+
+    cfg = make_config("train.models=[lenet5]")
+    [planned] = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    overlapped = planned.model_copy(update={"threads": 2, "workers": planned.workers.model_copy(
+        update={"cpus_per_worker": 0.67})})
+    with compute_gate(1) as gate:
+        assert worker_threads(overlapped.model_copy(update={"compute_gate": gate})) == 2  # admitted by its gate
+    assert worker_threads(overlapped.model_copy(update={"compute_gate": "cnnzoo-gate-gone"})) == 1
+    assert worker_threads(planned) == planned.threads_per_worker  # no overlap: as planned
