@@ -347,6 +347,35 @@ def _channel_stats(images: np.ndarray, channels: int, chunk: int = 2048) -> tupl
     return mean / 255.0, np.sqrt(variance) / 255.0
 
 
+#: The share of transparent pixels from which a data set's transparency decides its background.
+TRANSPARENT_SHARE = 0.05
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+
+
+def transparency_background(images: list[Image.Image | None]) -> int | None:
+    """The grey level to composite transparent pixels onto, for images drawn on transparency (icons, sketches,
+    signatures): one that contrasts with their opaque pixels (white under dark strokes, black under light ones),
+    or None when under :data:`TRANSPARENT_SHARE` of the pixels are transparent (on average over ``images``;
+    None stands for an image without transparency). Chosen from how bright the composited images were, black
+    strokes on transparency went onto black: every image all black, in training and serving alike."""
+    shares = []
+    ink = inked = 0.0
+    for image in images:
+        if image is None or not _has_alpha(image):
+            shares.append(0.0)
+            continue
+        grey, alpha = (np.asarray(band, dtype=np.float64) for band in image.convert("RGBA").convert("LA").split())
+        shares.append(float((alpha < 128).mean()))
+        ink += float((grey * alpha).sum() / 255.0)
+        inked += float(alpha.sum())
+    if not shares or sum(shares) / len(shares) < TRANSPARENT_SHARE or not inked:
+        return None
+    return 255 if ink / inked < 0.5 else 0  # the opaque pixels' mean grey, 0-1
+
+
 def describe_dataset(cfg: DataConfig) -> DatasetInfo:
     """Classes, channels and the training split's per-channel mean and std (at native resolution).
 
@@ -357,18 +386,31 @@ def describe_dataset(cfg: DataConfig) -> DatasetInfo:
     excluded = check_image_folder(cfg)
     splits = load_splits(cfg, excluded)
     train = splits.train
+    background = None
     if train.images is not None:
         mean, std = _channel_stats(train.images, splits.channels)
     else:
         rng = np.random.default_rng(cfg.seed)
-        sample = rng.choice(len(train), size=min(256, len(train)), replace=False)
-        probe = PreprocessSpec(cfg.image_size, splits.channels, (0.0,) * splits.channels, (1.0,) * splits.channels,
-                               splits.class_names)
-        stack = torch.stack([probe.image_to_uint8(train.pil(int(i))) for i in sample]).double() / 255.0
+        probes = {level: PreprocessSpec(cfg.image_size, splits.channels, (0.0,) * splits.channels,
+                                        (1.0,) * splits.channels, splits.class_names, background=level)
+                  for level in (0, 255)}
+        # One decode per image (a full-size photo is large): its own small thumbnail on either background, and
+        # a thumbnail of its alpha for the choice between them.
+        converted: dict[int, list[torch.Tensor]] = {0: [], 255: []}
+        alphas = []
+        for i in rng.choice(len(train), size=min(256, len(train)), replace=False):
+            image = train.pil(int(i))
+            for level, probe in probes.items():
+                converted[level].append(probe.image_to_uint8(image) if level == 0 or _has_alpha(image)
+                                        else converted[0][-1])
+            alphas.append(probes[0].shrink(image).convert("RGBA").convert("LA") if _has_alpha(image) else None)
+        background = transparency_background(alphas)
+        stack = torch.stack(converted[background or 0]).double() / 255.0
         mean = stack.mean(dim=(0, 2, 3)).numpy()
         std = stack.std(dim=(0, 2, 3)).numpy()
     std = np.maximum(std, 1e-3)
-    background = 0 if float(mean.mean()) < 0.5 else 255
+    if background is None:  # the data set's own: dark images (MNIST-like digits) on black, the rest on white
+        background = 0 if float(mean.mean()) < 0.5 else 255
     return DatasetInfo(
         dataset=cfg.dataset,
         class_names=splits.class_names,

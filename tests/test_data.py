@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from pipelines.config import DataConfig
 from pipelines.data import DEBIAN_FASHION_MNIST, SplitDataset, describe_dataset, load_splits, make_spec
@@ -674,3 +674,29 @@ def test_flip_augmentation_mirrors_or_keeps_each_image_and_never_crops():
     cropped = [crops[(3, seed)][0] for seed in range(20)]
     assert any(not (torch.equal(x, original) or torch.equal(x, original.flip(-1))) for x in cropped)
     assert SplitDataset(split, make_spec(describe_dataset(cfg), 16), augment="flip").transform is None
+
+
+def test_dark_drawings_on_transparency_go_onto_white_and_light_ones_onto_black(tmp_path):
+    """The background was chosen from how bright the images were composited onto black: black strokes on
+    transparency (icons, signatures) went onto black, every image all black in training and serving."""
+    for ink, name in ((0, "dark"), (255, "light")):
+        root = tmp_path / name
+        for label in ("circle", "square"):
+            (root / label).mkdir(parents=True)
+            for i in range(6):
+                image = Image.new("RGBA", (24, 24), (0, 0, 0, 0))
+                if label == "circle":
+                    ImageDraw.Draw(image).ellipse((4 + i, 4, 18, 18), outline=(ink, ink, ink, 255), width=2)
+                else:
+                    ImageDraw.Draw(image).rectangle((4, 4 + i, 18, 18), outline=(ink, ink, ink, 255), width=2)
+                image.save(root / label / f"{i}.png")
+        cfg = DataConfig(dataset="imagefolder", root=str(root), val_fraction=0.2, test_fraction=0.2, image_size=16)
+        info = describe_dataset(cfg)
+        assert info.background == (255 if ink == 0 else 0), name
+        images = torch.stack([SplitDataset(load_splits(cfg).train, make_spec(info, 16))[i][0] for i in range(4)])
+        assert images.float().std() > 20, name  # strokes visible on their background, not a blank square
+    # Opaque photos keep the data set's own rule (their fingerprints with it).
+    _write_images(tmp_path / "photos", per_class=6)
+    photos = describe_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path / "photos"), val_fraction=0.2,
+                                         test_fraction=0.2))
+    assert photos.background == (0 if sum(photos.mean) / 3 < 0.5 else 255)
