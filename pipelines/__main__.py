@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, help="classes shown (default: the server's, at most the model's classes)")
     predict.add_argument("--token", help=f"bearer token, if the server has one (default: ${PREDICT_TOKEN_ENV}; the "
                                          "variable keeps it out of the process list and shell history)")
-    predict.add_argument("--timeout", type=float, default=60.0,
+    predict.add_argument("--timeout", type=_positive_seconds, default=60.0,
                          help="seconds to wait for the answer (default 60; raise it with serve.request_timeout_s)")
     return parser
 
@@ -99,6 +99,17 @@ def _block_until_interrupted(url: str) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         logger.info("\n[serve] shutting down")
+
+
+def _positive_seconds(text: str) -> float:
+    """``--timeout``'s type: seconds above 0 (argparse names the option and exits 2 otherwise)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return seconds
 
 
 def _predict(args) -> int:
@@ -124,6 +135,9 @@ def _predict(args) -> int:
     url = f"{args.url.rstrip('/')}/predict"
     try:
         response = requests.post(url, params=params, data=image, headers=headers, timeout=args.timeout)
+    except requests.ConnectTimeout:  # a host that drops packets: never reached, whatever the wait
+        logger.error("error: cannot reach %s: no connection within %.0f s", args.url, args.timeout)
+        return EXIT_FAILED
     except requests.Timeout:
         logger.error("error: %s gave no answer within %.0f s (--timeout)", url, args.timeout)
         return EXIT_FAILED

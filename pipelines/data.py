@@ -292,7 +292,8 @@ def _load_splits_cached(cfg_json: str, excluded: tuple[str, ...]) -> ImageSplits
         fraction = cfg.train_subset / len(splits.train)
         _, keep = stratified_split(splits.train.labels, fraction, cfg.seed)
         # The subset is the held-out side, which never has a class's only image: added back, or the class
-        # would have no training image at all (a few more images than asked for).
+        # would have no training image at all (a few more images than asked for; a few fewer when the subset
+        # is nearly the whole split, which is too close to it to stratify).
         counts = np.bincount(splits.train.labels)
         singles = np.flatnonzero(np.isin(splits.train.labels, np.flatnonzero(counts == 1)))
         splits.train = splits.train.subset(np.union1d(keep, singles))
@@ -310,14 +311,15 @@ def load_splits(cfg: DataConfig, excluded: tuple[str, ...] = ()) -> ImageSplits:
 
 
 def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
-    """Save the first test image as ``sample-<class>.png`` (for the example request printed after serving)."""
+    """Save the first test image as ``sample-<dataset>-<class>.png`` (for the example request printed after
+    serving)."""
     from .image_folder import check_image_folder  # imports this module
 
     splits = load_splits(cfg, check_image_folder(cfg))
     label = splits.class_names[int(splits.test.labels[0])]
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"sample-{safe}.png"
+    path = directory / f"sample-{cfg.dataset}-{safe}.png"
     # Upright as training saw it (a phone photo's EXIF orientation: PNG keeps no EXIF, so it would go sideways).
     image = ImageOps.exif_transpose(splits.test.pil(0))
     if image.mode not in PNG_MODES:  # a CMYK JPEG, a float TIFF: PNG cannot hold them, the server takes RGB

@@ -393,15 +393,17 @@ def _check_running_http_options(s: ServeConfig) -> None:
         running = _get_global_client().http_config
     except Exception:  # noqa: BLE001 - an API that moved: not checked, as before
         return
-    wanted = {"host": s.host, "port": s.port, "request_timeout_s": proxy_timeout_s(s)}
-    differ = {key: (value, getattr(running, key, value)) for key, value in wanted.items()
+    differ = {key: (value, getattr(running, key, value)) for key, value in (("host", s.host), ("port", s.port))
               if getattr(running, key, value) != value}
     if differ:
-        key = next(iter(differ))
         found = ", ".join(f"{k} {theirs} (this config: {ours})" for k, (ours, theirs) in differ.items())
-        setting = "serve.request_timeout_s" if key == "request_timeout_s" else f"serve.{key}"
-        raise ConfigError(setting, f"Serve already runs on this Ray with other HTTP options: {found}. Its proxy "
-                                   "keeps them for every app: use the same, or stop it first (`serve shutdown`)")
+        raise ConfigError(f"serve.{next(iter(differ))}", f"Serve already runs on this Ray with other HTTP options: "
+                          f"{found}. Its proxy keeps them for every app: use the same, or stop it first "
+                          "(`serve shutdown`, which stops its other apps too)")
+    timeout = getattr(running, "request_timeout_s", None)
+    if timeout != proxy_timeout_s(s):  # the replica keeps its own deadline: only the proxy's backstop differs
+        logger.warning("[serve] the running Serve proxy times requests out after %s s, not %.0f s "
+                       "(serve.request_timeout_s + 5): it set that when it started", timeout, proxy_timeout_s(s))
 
 
 def example_image(cfg: PipelineConfig, directory: Path) -> Path | None:
@@ -410,10 +412,14 @@ def example_image(cfg: PipelineConfig, directory: Path) -> Path | None:
     serving from checkpoints needs no data (the `serve` command downloaded CIFAR-10 for its example)."""
     from .data import write_sample_image
 
-    if saved := sorted(directory.glob("sample-*.png")):
+    if saved := sorted(directory.glob(f"sample-{cfg.data.dataset}-*.png")):
         return saved[0]
+    # Digits and image folders are never downloaded: as they are, the splits training loaded are reused.
+    data = cfg.data
+    if data.dataset not in ("digits", "imagefolder"):
+        data = data.model_copy(update={"download": False})
     try:
-        return write_sample_image(cfg.data.model_copy(update={"download": False}), directory)
+        return write_sample_image(data, directory)
     except Exception:  # noqa: BLE001 - a convenience: no data here, or none readable
         return None
 
@@ -433,10 +439,10 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
     if not models:
         raise LookupError(f"nothing to serve: no registered model alias trained on {cfg.data.dataset} (train first) "
                           "and no serve.checkpoints")
-    config_path = write_serve_config(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
                               "request_timeout_s": proxy_timeout_s(cfg.serve)})
     _check_running_http_options(cfg.serve)
+    config_path = write_serve_config(cfg)
     serve.run(build_app(cfg, (models, champion)), name=cfg.name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.serve.port}"

@@ -193,8 +193,9 @@ def test_serving_never_downloads_a_data_set_for_its_example_image(make_config, t
     assert example_image(cfg, tmp_path / "serve") is None
     assert list(empty.iterdir()) == []  # no download started (nor its lock)
     (tmp_path / "serve").mkdir()
-    (tmp_path / "serve" / "sample-cat.png").write_bytes(b"an earlier run's")
-    assert example_image(cfg, tmp_path / "serve") == tmp_path / "serve" / "sample-cat.png"
+    (tmp_path / "serve" / "sample-cifar10-cat.png").write_bytes(b"an earlier run's")
+    (tmp_path / "serve" / "sample-digits-3.png").write_bytes(b"another data set's")
+    assert example_image(cfg, tmp_path / "serve") == tmp_path / "serve" / "sample-cifar10-cat.png"
 
 
 def test_train_subset_keeps_a_class_with_a_single_image(tmp_path):

@@ -52,7 +52,7 @@ def test_the_token_comes_from_the_environment_and_is_never_printed(make_config, 
         make_config("serve.auth_token_env=MY_SERVE_TOKEN", "serve.auth_token=x")
 
 
-def test_serve_config_yaml_holds_no_token_and_only_its_owner_reads_it(make_config, monkeypatch):
+def test_serve_config_yaml_holds_no_token_and_only_its_owner_reads_it(make_config, monkeypatch, tmp_path):
     from pipelines.serve import app_builder, write_serve_config
 
     monkeypatch.setenv("MY_SERVE_TOKEN", TOKEN)
@@ -68,7 +68,16 @@ def test_serve_config_yaml_holds_no_token_and_only_its_owner_reads_it(make_confi
     with pytest.raises(ConfigError, match="serve.auth_token_env|serve.host"):
         app_builder(args)
     monkeypatch.delenv("MY_SERVE_TOKEN")
-    env_args = yaml.safe_load(write_serve_config(make_config()).read_text())["applications"][0]["args"]
+    # The app settles what it serves where it is built: a checkpoint here (a registry would do as well).
+    import cnnmodels
+    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+    from pipelines.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=("a", "b"))
+    checkpoint = save_checkpoint(ModelCheckpoint("lenet5", {}, spec, cnnmodels.create_model(
+        "lenet5", num_classes=2, in_chans=1).state_dict()), tmp_path / "lenet5.pt")
+    env_args = yaml.safe_load(write_serve_config(make_config(f"serve.checkpoints={{a: {checkpoint}}}")).read_text()
+                              )["applications"][0]["args"]
     assert env_args["require_token"] is False
     app_builder(env_args)  # loopback, no token: builds
 
@@ -142,11 +151,15 @@ def test_predict_says_in_one_line_what_is_wrong_with_its_image_or_the_answer(tmp
         assert main(["predict", str(image), "--url", f"{base}/list"]) == 1  # an error body that is no object
         assert main(["predict", str(image), "--url", f"{base}/slow", "--timeout", "0.5"]) == 1
         assert main(["predict", str(tmp_path), "--url", base]) == 2  # a directory, not an image file
+        with pytest.raises(SystemExit) as refused:  # urllib3's ValueError, a traceback, before
+            main(["predict", str(image), "--url", base, "--timeout", "0"])
+        assert refused.value.code == 2
         errors = capsys.readouterr().err
         assert "answered 200 with something that is not a prediction: <html>" in errors
         assert 'error 500: ["a", "list"]' in errors
         assert "/slow/predict gave no answer within" in errors and "(--timeout)" in errors
         assert f"cannot read {tmp_path}" in errors
+        assert "--timeout: 0 is not above 0" in errors
         assert "Traceback" not in errors
     finally:
         server.shutdown()
