@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 import cnnmodels
 from cnnmodels.scaling import feasible_grid
@@ -550,11 +550,6 @@ class ServeConfig(_Section):
         # A replica's working directory is not the driver's: a relative path found here was missing there.
         return {alias: os.path.abspath(os.path.expanduser(path)) for alias, path in value.items()}
 
-    @model_validator(mode="after")
-    def _replicas(self):
-        if self.autoscaling and self.min_replicas > self.max_replicas:
-            raise ValueError("serve.min_replicas must not exceed serve.max_replicas")
-        return self
 
     def bearer_token(self) -> str | None:
         """The token clients must send: ``auth_token``, else the variable ``auth_token_env`` names, else None."""
@@ -641,12 +636,11 @@ def check_ray_environment(cfg: PipelineConfig) -> None:
 
 def _semantic_checks(cfg: PipelineConfig) -> None:
     data = cfg.data
-    if data.dataset == "imagefolder":
-        if not data.root:
-            raise ConfigError("data.root", "the imagefolder data set needs data.root (a directory of class folders)")
-        if "://" in data.root:
-            raise ConfigError("data.root", f"{data.root!r}: image folders are read from a local or mounted "
-                                           "directory (mount the bucket, e.g. with s3fs or a shared volume)")
+    if data.dataset == "imagefolder" and not data.root:
+        raise ConfigError("data.root", "the imagefolder data set needs data.root (a directory of class folders)")
+    if data.root and "://" in data.root:  # else a relative path named like the URL, on the driver only
+        raise ConfigError("data.root", f"{data.root!r}: data sets are read from a local or mounted directory "
+                                       "(mount the bucket, e.g. with s3fs or a shared volume)")
     if Path(cfg.workdir).expanduser().exists() and not Path(cfg.workdir).expanduser().is_dir():
         raise ConfigError("workdir", f"{cfg.workdir!r} is a file, not a directory")
     if (
@@ -693,6 +687,7 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
             first = _format_validation_error(err)
             raise ConfigError(f"train.model_overrides.{name}.{first.key.split('.')[-1]}", first.message) from None
     _check_gpu_shares(cfg)
+    _check_local_resources(cfg)
     _check_batch_split(cfg)
     _check_failure_rehearsal(cfg)
     search = cfg.search
@@ -708,14 +703,16 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
         raise ConfigError("search.grace_period", f"{search.grace_period} is above search.epochs ({search.epochs}): "
                                                  "ASHA cannot wait longer than a trial runs; lower it or set "
                                                  "search.asha: false")
-    points = math.prod(int((high - low) / search.step + 1e-9) + 1 for low, high in (search.alpha, search.beta,
-                                                                                     search.gamma))
+    per_axis = [(high - low) / search.step for low, high in (search.alpha, search.beta, search.gamma)]
+    # A vanishing step or huge range: more points than can be counted, as too many as the grid limit says.
+    points = math.prod(int(n + 1e-9) + 1 for n in per_axis) if all(n < 1e12 for n in per_axis) else math.inf
     if points <= MAX_GRID_POINTS:
         feasible = feasible_grid(search.alpha, search.beta, search.gamma, search.step, search.target,
                                  search.tolerance)
     elif search.mode == "grid":
+        count = "more than 10^12" if points == math.inf else f"{points:,}"
         raise ConfigError("search.step", f"the grid of search.alpha x beta x gamma in steps of {search.step:g} has "
-                                         f"{points:,} points (at most {MAX_GRID_POINTS:,}); raise search.step or "
+                                         f"{count} points (at most {MAX_GRID_POINTS:,}); raise search.step or "
                                          "narrow the ranges")
     else:  # Optuna samples the ranges; whether they can meet the constraint is checked below
         feasible = None
@@ -761,6 +758,15 @@ def _serve_checks(cfg: PipelineConfig) -> None:
     if serve.num_gpus > 0 and _local_gpus(cfg) == 0:
         raise ConfigError("serve.num_gpus", "this machine has no GPU for the local Ray (ray.num_gpus or CUDA): the "
                                             "replicas would never be placed; set serve.num_gpus: 0")
+    if serve.autoscaling and serve.min_replicas > serve.max_replicas:
+        raise ConfigError("serve.min_replicas", f"{serve.min_replicas} is above serve.max_replicas "
+                                                f"({serve.max_replicas})")
+    if serve.max_upload_mb * 1024 * 1024 < 1024:
+        raise ConfigError("serve.max_upload_mb", f"{serve.max_upload_mb:g} MB is under 1 KB: every request would "
+                                                 "be refused as too large")
+    if serve.checkpoints and (unknown := sorted(set(serve.models) - set(serve.checkpoints))):
+        raise ConfigError("serve.models", f"{', '.join(unknown)}: not among serve.checkpoints "
+                                          f"({', '.join(sorted(serve.checkpoints))})")
     if serve.max_ongoing_requests < serve.max_batch_size:
         raise ConfigError("serve.max_ongoing_requests",
                           f"{serve.max_ongoing_requests} is below serve.max_batch_size ({serve.max_batch_size}): "
@@ -773,7 +779,7 @@ def _serve_checks(cfg: PipelineConfig) -> None:
 
 def _local_gpus(cfg: PipelineConfig) -> int | None:
     """GPUs a local Ray will have (None when joining a cluster: its nodes are not known before Ray starts)."""
-    if ray_address(cfg) is not None:
+    if ray_address(cfg) not in (None, "local"):
         return None
     if cfg.ray.num_gpus is not None:
         return cfg.ray.num_gpus
@@ -783,15 +789,17 @@ def _local_gpus(cfg: PipelineConfig) -> int | None:
 
 
 def _check_batch_split(cfg: PipelineConfig) -> None:
-    """A global batch splits evenly across the DDP workers: each trains on ``batch_size // num_workers`` images
-    a step, so 128 over 3 workers silently trained on 126, and 2 over 4 workers on 4."""
+    """A global batch splits evenly across the DDP workers, at least two images each: each trains on
+    ``batch_size // num_workers`` images a step, so 128 over 3 workers silently trained on 126, and 2 over 4
+    workers on 4; with one image a worker, batch norm fails at the first step."""
     workers = cfg.train.num_workers
-    if workers == 1:
-        return
     sizes = [("train.batch_size", cfg.train.batch_size)]
     sizes += [(f"train.model_overrides.{name}.batch_size", overrides["batch_size"])
               for name, overrides in cfg.train.model_overrides.items() if "batch_size" in overrides]
     for key, size in sizes:
+        if size < 2 * workers:  # batch norm cannot train on one value per channel (1x1 maps late in a model)
+            raise ConfigError(key, f"{size} leaves {size // workers} image(s) per worker and step "
+                                   f"(train.num_workers={workers}); use at least {2 * workers}")
         if size % workers:
             lower, higher = size // workers * workers, (size // workers + 1) * workers
             choices = f"{lower} or {higher}" if lower else f"{higher}"
@@ -816,6 +824,39 @@ def _check_failure_rehearsal(cfg: PipelineConfig) -> None:
                                                 "raise train.epochs to at least 2"))
 
 
+def _check_local_resources(cfg: PipelineConfig) -> None:
+    """On a Ray of the command's own (which can never grow), every request must fit it: a worker, a run's
+    workers or a replica asking for more CPUs or GPUs than it has was never placed, and the stage waited for
+    good (Ray Train retries a worker group it cannot place without end)."""
+    if ray_address(cfg) not in (None, "local"):
+        return  # a cluster's nodes are not known before Ray starts (and an autoscaler may add them)
+    cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1)
+    gpus = _local_gpus(cfg) or 0
+    train = cfg.train
+    for name, workers in [("train", train.num_workers)] + [
+            (f"train.model_overrides.{model}", o["num_workers"]) for model, o in train.model_overrides.items()
+            if "num_workers" in o]:
+        key = f"{name}.num_workers"
+        if train.placement_strategy == "STRICT_SPREAD" and workers > 1:
+            raise ConfigError("train.placement_strategy", f"STRICT_SPREAD puts each of {key}={workers} workers on "
+                                                          "its own node; a local Ray has one")
+        per_worker = (float(train.cpus_per_worker) if train.cpus_per_worker != "auto"
+                      else float(1 + cfg.data.loader_workers) if train.use_gpu else None)
+        if per_worker is not None and per_worker * workers > cpus:
+            setting = "train.cpus_per_worker" if train.cpus_per_worker != "auto" else "data.loader_workers"
+            raise ConfigError(setting, f"{workers} worker(s) x {per_worker:g} CPUs is more than the {cpus:g} of the "
+                                       "local Ray (ray.num_cpus): the run would never be placed")
+        if train.use_gpu and train.gpus_per_worker * workers > gpus:
+            raise ConfigError("train.gpus_per_worker", f"{workers} worker(s) x {train.gpus_per_worker:g} GPU is more "
+                                                       f"than the {gpus:g} of the local Ray (ray.num_gpus or CUDA)")
+    if cfg.serve.num_cpus > cpus:
+        raise ConfigError("serve.num_cpus", f"{cfg.serve.num_cpus:g} is more than the {cpus:g} CPUs of the local Ray: "
+                                            "no replica would ever be placed")
+    if cfg.serve.num_gpus > gpus > 0:
+        raise ConfigError("serve.num_gpus", f"{cfg.serve.num_gpus:g} is more than the {gpus:g} GPUs of the local Ray: "
+                                            "no replica would ever be placed")
+
+
 def _check_gpu_shares(cfg: PipelineConfig) -> None:
     """Fractional GPUs only for single-worker runs (NCCL needs one GPU per DDP rank), and only where a GPU is."""
     train = cfg.train
@@ -823,7 +864,7 @@ def _check_gpu_shares(cfg: PipelineConfig) -> None:
     if cfg.search.gpus_per_trial is not None:
         shares.append(("search.gpus_per_trial", cfg.search.gpus_per_trial))
     for key, share in shares:
-        if share < 1.0 and train.num_workers > 1:
+        if train.use_gpu and share < 1.0 and train.num_workers > 1:
             raise ConfigError(key, f"a share of {share:g} GPU needs train.num_workers: 1; DDP across "
                                    f"{train.num_workers} workers uses one whole GPU per worker (set it to 1)")
     gpus = _local_gpus(cfg) if train.use_gpu else None
@@ -878,6 +919,8 @@ class _YamlLoader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             seen = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -969,10 +1012,10 @@ def expand_env(data: Any, key: str = "") -> Any:
     def substitute(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
         value = os.environ.get(name)
-        if value is None:
-            if default is None:
-                raise ConfigError(key, f"environment variable {name} is not set (the value is {data!r})")
+        if default is not None and not value:  # the shell's `:-`: unset or empty
             return default
+        if value is None:
+            raise ConfigError(key, f"environment variable {name} is not set (the value is {data!r})")
         return value
 
     return _ENV_REFERENCE.sub(substitute, data)

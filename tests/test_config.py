@@ -96,7 +96,28 @@ def test_model_overrides_change_only_that_model(make_config):
         (["train.use_gpu=true", "train.num_workers=2", "train.gpus_per_worker=0.5", "ray.num_gpus=2"],
          "train.gpus_per_worker", "one whole GPU per worker"),
         (["train.gpus_per_worker=2.0", "train.use_gpu=true"], "train.gpus_per_worker", "less than or equal to 1"),
-        (["search.gpus_per_trial=0.25", "train.num_workers=2"], "search.gpus_per_trial", "needs train.num_workers: 1"),
+        (["search.gpus_per_trial=0.25", "train.num_workers=2", "train.use_gpu=true", "ray.num_gpus=2"],
+         "search.gpus_per_trial", "needs train.num_workers: 1"),
+        # Requests a Ray of the command's own can never place: the stage waited for good.
+        (["train.cpus_per_worker=8", "ray.num_cpus=2"], "train.cpus_per_worker", "more than the 2 of the local Ray"),
+        (["ray.address=local", "ray.num_cpus=2", "train.num_workers=2", "train.batch_size=64",
+          "train.cpus_per_worker=1.5"], "train.cpus_per_worker", "2 worker(s) x 1.5 CPUs"),
+        (["train.use_gpu=true", "ray.num_gpus=1", "ray.num_cpus=8", "train.num_workers=2", "train.batch_size=64"],
+         "train.gpus_per_worker", "2 worker(s) x 1 GPU is more than the 1"),
+        (["train.use_gpu=true", "ray.num_gpus=1", "ray.num_cpus=4", "data.loader_workers=4"], "data.loader_workers",
+         "x 5 CPUs is more than the 4"),
+        (["train.num_workers=2", "train.batch_size=64", "train.placement_strategy=STRICT_SPREAD"],
+         "train.placement_strategy", "a local Ray has one"),
+        (["ray.num_cpus=2", "serve.num_cpus=4"], "serve.num_cpus", "no replica would ever be placed"),
+        (["ray.address=local", "train.use_gpu=true", "ray.num_gpus=0"], "train.use_gpu", "no GPU"),
+        (["train.batch_size=1"], "train.batch_size", "1 image(s) per worker and step"),
+        (["train.num_workers=2", "train.model_overrides={vgg11_bn: {batch_size: 2}}"],
+         "train.model_overrides.vgg11_bn.batch_size", "use at least 4"),
+        (["search.step=1e-320"], "search.step", "more than 10^12 points"),
+        (["data.dataset=cifar10", "data.root=s3://bucket/cifar10"], "data.root", "local or mounted directory"),
+        (["serve.autoscaling=true", "serve.min_replicas=3"], "serve.min_replicas", "above serve.max_replicas (2)"),
+        (["serve.max_upload_mb=1e-9"], "serve.max_upload_mb", "under 1 KB"),
+        (["serve.checkpoints={a: /x.pt}", "serve.models=[b]"], "serve.models", "b: not among serve.checkpoints (a)"),
         (["train.use_gpu=true", "ray.num_gpus=0"], "train.use_gpu", "no GPU"),
         # Values that passed validation and failed (or ran out of memory) later:
         (["search.step=1e-9"], "search.step", "(at most 2,000,000)"),
@@ -129,7 +150,7 @@ def test_model_overrides_change_only_that_model(make_config):
         (["search.grace_period=5", "search.epochs=2"], "search.grace_period", "above search.epochs (2)"),
         (["search.phi=60"], "search.phi", "less than or equal to 12"),
         (["train.num_workers=3", "train.batch_size=128"], "train.batch_size", "use 126 or 129"),
-        (["train.num_workers=4", "train.batch_size=2"], "train.batch_size", "use 4"),
+        (["train.num_workers=4", "train.batch_size=2"], "train.batch_size", "use at least 8"),
         (["train.num_workers=2", "train.model_overrides={resnet18: {batch_size: 33}}"],
          "train.model_overrides.resnet18.batch_size", "use 32 or 34"),
         (["ray.address=garbage"], "ray.address", "not an address Ray can join"),
@@ -307,3 +328,20 @@ def test_ray_address_local_starts_a_ray_sized_and_set_up_by_the_config(make_conf
             pass
     assert [(k["address"], k["num_cpus"], k["num_gpus"], k["runtime_env"]["env_vars"]) for k in started] == [
         ("local", 1, 0, WORKER_ENV)] * 2
+
+
+def test_yaml_merge_keys_and_empty_variables_read_as_yaml_and_the_shell_do(tmp_path, monkeypatch):
+    """`<<: *anchor` (shared overrides) was refused as invalid YAML by the duplicate-key check; `${X:-default}`
+    with X set but empty gave '' (storage on the driver's disk, outputs in the current directory), not the
+    default, unlike the shell's `:-`."""
+    config = tmp_path / "merge.yaml"
+    config.write_text("train:\n  models: [alexnet, vgg11_bn]\n  model_overrides:\n"
+                      "    alexnet: &slow {optimizer: adamw, lr: 0.001}\n    vgg11_bn: {<<: *slow, lr: 0.002}\n"
+                      "workdir: ${EMPTY_WORKDIR:-" + str(tmp_path / "runs") + "}\n")
+    monkeypatch.setenv("EMPTY_WORKDIR", "")
+    cfg = load_config(str(config), [])
+    assert cfg.train.model_overrides["vgg11_bn"] == {"optimizer": "adamw", "lr": 0.002}
+    assert cfg.workdir == str(tmp_path / "runs")
+    config.write_text("train:\n  epochs: 2\n  epochs: 3\n")  # a key given twice is still refused
+    with pytest.raises(ConfigError, match="duplicate key 'epochs'"):
+        load_config(str(config), [])
