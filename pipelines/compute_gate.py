@@ -5,7 +5,7 @@ each paid its whole start-up (a Tune trial, a Ray Train controller and worker pr
 the data, the model) with the cores idle. With the gate, one more run than fits is admitted by Ray (its
 workers reserve a smaller share of CPU), starts up while the current run trains, and then waits at the gate
 until that run's training is done; only ``capacity`` runs train at once, each with the threads of a full
-share. The planner decides when this pays (:func:`pipelines.planning.with_prestart`); a stage starts the
+share. The planner decides when this pays (:func:`pipelines.planning.with_overlapped_startup`); a stage starts the
 gate (:func:`compute_gate`), workers pass it (:func:`wait_for_compute`, :func:`release_compute`), and the
 driver releases a run whose trial ended in any way (:class:`ReleaseOnTrialEnd`), so a failed run cannot
 hold it.

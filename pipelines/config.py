@@ -260,10 +260,12 @@ class WorkerSettings(_Section):
         "PACK", description="how one model's workers are placed on nodes (Ray placement group strategy)"
     )
     max_failures: int = Field(2, ge=-1, description="worker failures survived per model (-1: unlimited)")
+    # No "-1: unlimited": a run that spent max_failures ends its trial with an error each time it is started
+    # again, and Tune would start it again without end (its MLflow run open, the compute gate held).
     trial_retries: int = Field(
-        2, ge=-1,
+        2, ge=0,
         description="times a model's (or search trial's) Tune trial is started again when it is lost with its "
-        "node; it resumes from its last checkpoint. A run that spent max_failures is not retried (-1: unlimited)",
+        "node; it resumes from its last checkpoint. A run that spent max_failures is not retried",
     )
     amp: bool = Field(True, description="mixed precision (GPU only)")
     channels_last: bool = Field(

@@ -111,6 +111,7 @@ def test_model_overrides_change_only_that_model(make_config):
         (["ray.num_cpus=2", "serve.num_cpus=4"], "serve.num_cpus", "no replica would ever be placed"),
         (["ray.address=local", "train.use_gpu=true", "ray.num_gpus=0"], "train.use_gpu", "no GPU"),
         (["train.batch_size=1"], "train.batch_size", "1 image(s) per worker and step"),
+        (["train.trial_retries=-1"], "train.trial_retries", "greater than or equal to 0"),
         (["train.num_workers=2", "train.model_overrides={vgg11_bn: {batch_size: 2}}"],
          "train.model_overrides.vgg11_bn.batch_size", "use at least 4"),
         (["search.step=1e-320"], "search.step", "more than 10^12 points"),
