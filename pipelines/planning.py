@@ -223,14 +223,29 @@ def resolve_models(cfg: PipelineConfig, coefficients: dict[str, float] | None = 
     return choices
 
 
-def auto_cpus_per_worker(cfg: PipelineConfig, cluster_cpus: float) -> float:
+def largest_fitting_share(node_cpus: list[float], workers: int) -> float:
+    """The largest CPU share (in hundredths) of which ``workers`` fit on nodes of ``node_cpus`` CPUs, each node
+    keeping a sliver for the Tune trial actors: a worker's CPUs are all on one node."""
+    candidates = {math.floor((cpus - 0.05) / k * 100) / 100 for cpus in node_cpus for k in range(1, workers + 1)}
+    for share in sorted((c for c in candidates if c > 0), reverse=True):
+        if sum(math.floor((cpus - 0.05) / share + 1e-9) for cpus in node_cpus) >= workers:
+            return share
+    return 0.0
+
+
+def auto_cpus_per_worker(cfg: PipelineConfig, cluster_cpus: float, node_cpus: list[float] | None = None) -> float:
     """CPUs each Train worker reserves: explicit, or (GPU) one per worker plus its loader processes, or
-    (CPU) the machine divided among the workers of one model, leaving a sliver for the Tune trial actors."""
+    (CPU) the machine divided among the workers of one model, leaving a sliver for the Tune trial actors.
+    ``node_cpus``: the CPUs of each node (a cluster's); a share is never more than fits them, node by node:
+    12 free CPUs on an 8- and a 4-CPU node gave one worker 11.95 of them, or two 5.97 each, which no node
+    holds, and the run waited for good."""
     if cfg.train.cpus_per_worker != "auto":
         return float(cfg.train.cpus_per_worker)
     if cfg.train.use_gpu:
         return float(1 + cfg.data.loader_workers)
     share = math.floor((cluster_cpus - 0.05) / cfg.train.num_workers * 100) / 100
+    if node_cpus:
+        share = min(share, largest_fitting_share(node_cpus, cfg.train.num_workers))
     # Any share that fits, however thin (8 workers on 2 CPUs: 0.24 each; a floor of 0.25 asked for 2.01 CPUs,
     # and the run waited for good). Below a hundredth nothing is free to split (another stage holds the
     # CPUs): a quarter each, and the stage waits for them (concurrency_for warns).
@@ -261,9 +276,9 @@ def with_overlapped_startup(cfg: PipelineConfig, runs: list[ModelRun],
     return overlapped, capacity
 
 
-def _worker_settings(cfg: PipelineConfig, cluster_cpus: float) -> WorkerSettings:
+def _worker_settings(cfg: PipelineConfig, cluster_cpus: float, node_cpus: list[float] | None) -> WorkerSettings:
     settings = WorkerSettings.model_validate(cfg.train.model_dump(include=set(WorkerSettings.model_fields)))
-    return settings.model_copy(update={"cpus_per_worker": auto_cpus_per_worker(cfg, cluster_cpus)})
+    return settings.model_copy(update={"cpus_per_worker": auto_cpus_per_worker(cfg, cluster_cpus, node_cpus)})
 
 
 def plan_model_runs(
@@ -274,13 +289,14 @@ def plan_model_runs(
     stage: Literal["train", "search"] = "train",
     epochs: int | None = None,
     cluster_cpus: float = 1.0,
+    node_cpus: list[float] | None = None,
 ) -> list[ModelRun]:
     """One :class:`ModelRun` per model choice: input size, preprocessing spec, profile and settings.
 
     Training runs are named ``<name>-train-<model>-<fingerprint>``, so a changed setting starts a new Ray
     Train run while an unchanged one resumes its own.
     """
-    workers = _worker_settings(cfg, cluster_cpus)
+    workers = _worker_settings(cfg, cluster_cpus, node_cpus)
     runs = []
     for choice in choices:
         hyper = hyperparameters_for(cfg.train, choice.name)

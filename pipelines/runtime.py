@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 from .config import PipelineConfig, ray_address
 
-__all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for", "on_this_node"]
+__all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for", "on_this_node",
+           "node_cpus"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,13 @@ def free_resources(settle_s: float = 8.0) -> dict[str, float]:
             last_change = time.monotonic()
         best = {key: max(best[key], reading[key]) for key in best}
     return best
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each alive node of the running Ray (a worker's CPUs must all be on one of them)."""
+    import ray
+
+    return [float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive")]
 
 
 def concurrency_for(requested: int | str, per_trial: dict[str, float], trials: int,

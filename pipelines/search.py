@@ -258,7 +258,7 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     from ray.tune.schedulers import ASHAScheduler
 
     from .data import describe_dataset
-    from .runtime import concurrency_for, free_resources
+    from .runtime import concurrency_for, free_resources, node_cpus
     from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_abort
 
     search = cfg.search
@@ -275,7 +275,8 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     info = describe_dataset(data_cfg.data)
     free = free_resources()
     template = plan_model_runs(data_cfg, info, [search_template(cfg)], stage="search", epochs=search.epochs,
-                               cluster_cpus=free["CPU"])[0].model_copy(update={"run_name": experiment})
+                               cluster_cpus=free["CPU"], node_cpus=node_cpus())[0].model_copy(
+                                   update={"run_name": experiment})
     if search.gpus_per_trial is not None:
         template = template.model_copy(update={"workers": template.workers.model_copy(
             update={"gpus_per_worker": search.gpus_per_trial})})

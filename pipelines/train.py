@@ -268,14 +268,14 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     run, as many at once as the cluster fits. Models already trained with the same settings and epochs are
     skipped. Logs progress and (``show_table``) a comparison table."""
     from .data import describe_dataset
-    from .runtime import free_resources
+    from .runtime import free_resources, node_cpus
     from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_abort
 
     info = describe_dataset(cfg.data)
     choices: list[ModelChoice] = resolve_models(cfg, coefficients)
     # Size workers to what is free now (a running Serve app, say, keeps its share), not to the total.
     free = free_resources()
-    runs = plan_model_runs(cfg, info, choices, stage="train", cluster_cpus=free["CPU"])
+    runs = plan_model_runs(cfg, info, choices, stage="train", cluster_cpus=free["CPU"], node_cpus=node_cpus())
     todo, skipped = _split_finished(cfg, runs)
     if skipped:
         logger.info("[train] already trained, skipping: %s", ", ".join(skipped))

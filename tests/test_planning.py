@@ -124,8 +124,16 @@ def test_cpus_per_worker_split_the_free_cpus_among_one_models_workers(make_confi
         assert 0 < per_worker * workers + TRIAL_DRIVER_RESOURCES["CPU"] <= cpus, (workers, cpus)
     assert auto_cpus_per_worker(make_config("train.num_workers=8"), 2.0) == 0.24
     assert auto_cpus_per_worker(make_config("train.num_workers=8"), 0.0) == 0.25
-    gpu = make_config("train.use_gpu=true", "ray.num_gpus=1", "data.loader_workers=3")
+    gpu = make_config("train.use_gpu=true", "ray.num_gpus=1", "ray.num_cpus=16", "data.loader_workers=3")
     assert auto_cpus_per_worker(gpu, 16.0) == 4.0
+    # A cluster: a worker's CPUs are on one node. 12 free CPUs on an 8- and a 4-CPU node gave one worker 11.95,
+    # or two workers 5.97 each, which no node (or only one) holds: the run waited for good.
+    two = make_config("train.num_workers=2")
+    assert auto_cpus_per_worker(make_config(), 12.0, node_cpus=[8.0, 4.0]) == 7.95
+    assert auto_cpus_per_worker(two, 12.0, node_cpus=[8.0, 4.0]) == 3.97
+    assert auto_cpus_per_worker(two, 12.0, node_cpus=[6.0, 6.0]) == 5.95
+    assert auto_cpus_per_worker(two, 2.0, node_cpus=[2.0]) == 0.97  # one node: as before
+    assert auto_cpus_per_worker(make_config(), 1.0, node_cpus=[2.0]) == 0.95  # the free CPUs still bound it
     assert auto_cpus_per_worker(make_config("train.cpus_per_worker=1.5"), 16.0) == 1.5
 
 
