@@ -8,11 +8,12 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from .config import PipelineConfig, ray_address
 
 __all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for", "on_this_node",
-           "node_cpus"]
+           "node_cpus", "exclusive_stage", "StageBusyError"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,32 @@ def free_resources(settle_s: float = 8.0) -> dict[str, float]:
             last_change = time.monotonic()
         best = {key: max(best[key], reading[key]) for key in best}
     return best
+
+
+class StageBusyError(RuntimeError):
+    """Another command is running the same stage of the same config."""
+
+
+@contextlib.contextmanager
+def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
+    """Hold the lock of ``stage`` of the config whose outputs are in ``run_dir`` (its name and workdir) for as
+    long as it runs; StageBusyError at once when another command holds it. Two commands of one config (a job
+    submitted twice) shared the Train run directories: each resumed from the other's checkpoints while its
+    checkpoint pruning deleted the other's, and every model was registered twice. The lock goes with the
+    process, however it ends."""
+    from filelock import FileLock, Timeout
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / f".{stage}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise StageBusyError(f"another command is running the {stage} stage of this config ({run_dir}); wait for "
+                             "it to end, or give this one another name or workdir") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def node_cpus() -> list[float]:

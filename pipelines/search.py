@@ -255,6 +255,13 @@ def _experiment_name(cfg: PipelineConfig, fingerprint: str, force: bool) -> str:
 def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     """Run (or resume) the coefficient search; returns the best triple and every trial's score. With ``force``
     a finished search of the same settings is not reused: the trials run again, in a new Tune experiment."""
+    from .runtime import exclusive_stage
+
+    with exclusive_stage(cfg.paths.run_dir, "search"):
+        return _search_stage(cfg, force=force)
+
+
+def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     from ray.tune.schedulers import ASHAScheduler
 
     from .data import describe_dataset

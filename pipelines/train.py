@@ -267,6 +267,14 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
     are given, and with ``search.compare_paper`` the paper's family at the same phis), each its own Ray Train
     run, as many at once as the cluster fits. Models already trained with the same settings and epochs are
     skipped. Logs progress and (``show_table``) a comparison table."""
+    from .runtime import exclusive_stage
+
+    with exclusive_stage(cfg.paths.run_dir, "train"):
+        return _train_stage(cfg, coefficients, show_table=show_table)
+
+
+def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = None, *,
+                 show_table: bool = True) -> TrainStageResult:
     from .data import describe_dataset
     from .runtime import free_resources, node_cpus
     from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_abort

@@ -281,3 +281,30 @@ def test_writes_pending_for_another_tracking_store_are_neither_sent_here_nor_los
     monkeypatch.chdir(cfg.paths.mlflow_db.parent)
     pending.write_text(json.dumps({**body, "tracking_uri": f"sqlite:///{cfg.paths.mlflow_db.name}"}))
     assert len(TrackingQueue.for_config(cfg)) == 1
+
+
+def test_a_second_command_of_the_same_config_does_not_run_a_stage_beside_the_first(make_config):
+    """Two commands of one config (a job submitted twice) shared the Train run directories: each resumed from
+    the other's checkpoints while pruning deleted the other's, and every model was registered twice."""
+    import subprocess
+    import sys
+
+    from pipelines.runtime import StageBusyError
+    from pipelines.search import search_stage
+    from pipelines.train import train_stage
+
+    cfg = make_config()
+    cfg.paths.run_dir.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(  # another command, in its own process, in the middle of both stages
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+         f"locks = [FileLock({str(cfg.paths.run_dir)!r} + f'/.{{s}}.lock') for s in ('train', 'search')]; "
+         "[lock.acquire() for lock in locks]; print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for stage in (train_stage, search_stage):
+            with pytest.raises(StageBusyError, match="another command is running the"):
+                stage(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
