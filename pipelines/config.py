@@ -826,31 +826,34 @@ def _check_failure_rehearsal(cfg: PipelineConfig) -> None:
                                                 "raise train.epochs to at least 2"))
 
 
+#: What each Tune trial's own actor reserves beside its run's workers (pipelines.trials.TRIAL_DRIVER_RESOURCES).
+TRIAL_DRIVER_CPU = 0.01
+
+
 def _check_local_resources(cfg: PipelineConfig) -> None:
     """On a Ray of the command's own (which can never grow), every request must fit it: a worker, a run's
     workers or a replica asking for more CPUs or GPUs than it has was never placed, and the stage waited for
-    good (Ray Train retries a worker group it cannot place without end)."""
+    good (Ray Train retries a worker group it cannot place without end). A process that joins another Ray
+    itself (a notebook, a test's simulated cluster) names it in ``ray.address``."""
     if ray_address(cfg) not in (None, "local"):
         return  # a cluster's nodes are not known before Ray starts (and an autoscaler may add them)
     cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1)
     gpus = _local_gpus(cfg) or 0
-    train = cfg.train
-    for name, workers in [("train", train.num_workers)] + [
-            (f"train.model_overrides.{model}", o["num_workers"]) for model, o in train.model_overrides.items()
-            if "num_workers" in o]:
-        key = f"{name}.num_workers"
-        if train.placement_strategy == "STRICT_SPREAD" and workers > 1:
-            raise ConfigError("train.placement_strategy", f"STRICT_SPREAD puts each of {key}={workers} workers on "
-                                                          "its own node; a local Ray has one")
-        per_worker = (float(train.cpus_per_worker) if train.cpus_per_worker != "auto"
-                      else float(1 + cfg.data.loader_workers) if train.use_gpu else None)
-        if per_worker is not None and per_worker * workers > cpus:
-            setting = "train.cpus_per_worker" if train.cpus_per_worker != "auto" else "data.loader_workers"
-            raise ConfigError(setting, f"{workers} worker(s) x {per_worker:g} CPUs is more than the {cpus:g} of the "
-                                       "local Ray (ray.num_cpus): the run would never be placed")
-        if train.use_gpu and train.gpus_per_worker * workers > gpus:
-            raise ConfigError("train.gpus_per_worker", f"{workers} worker(s) x {train.gpus_per_worker:g} GPU is more "
-                                                       f"than the {gpus:g} of the local Ray (ray.num_gpus or CUDA)")
+    train, workers = cfg.train, cfg.train.num_workers
+    if train.placement_strategy == "STRICT_SPREAD" and workers > 1:
+        raise ConfigError("train.placement_strategy", f"STRICT_SPREAD puts each of train.num_workers={workers} "
+                                                      "workers on its own node; a local Ray has one")
+    per_worker = (float(train.cpus_per_worker) if train.cpus_per_worker != "auto"
+                  else float(1 + cfg.data.loader_workers) if train.use_gpu else None)
+    # (+ the trial driver's sliver: 2 workers x 1 CPU asked for 2.01 of 2 and waited for good)
+    if per_worker is not None and per_worker * workers + TRIAL_DRIVER_CPU > cpus:
+        setting = "train.cpus_per_worker" if train.cpus_per_worker != "auto" else "data.loader_workers"
+        raise ConfigError(setting, f"{workers} worker(s) x {per_worker:g} CPUs (and {TRIAL_DRIVER_CPU:g} for the "
+                                   f"trial) is more than the {cpus:g} of the local Ray (ray.num_cpus): the run would "
+                                   "never be placed")
+    if train.use_gpu and train.gpus_per_worker * workers > gpus:
+        raise ConfigError("train.gpus_per_worker", f"{workers} worker(s) x {train.gpus_per_worker:g} GPU is more "
+                                                   f"than the {gpus:g} of the local Ray (ray.num_gpus or CUDA)")
     if cfg.serve.num_cpus > cpus:
         raise ConfigError("serve.num_cpus", f"{cfg.serve.num_cpus:g} is more than the {cpus:g} CPUs of the local Ray: "
                                             "no replica would ever be placed")

@@ -226,9 +226,10 @@ def resolve_models(cfg: PipelineConfig, coefficients: dict[str, float] | None = 
 def largest_fitting_share(node_cpus: list[float], workers: int) -> float:
     """The largest CPU share (in hundredths) of which ``workers`` fit on nodes of ``node_cpus`` CPUs, each node
     keeping a sliver for the Tune trial actors: a worker's CPUs are all on one node."""
-    candidates = {math.floor((cpus - 0.05) / k * 100) / 100 for cpus in node_cpus for k in range(1, workers + 1)}
+    usable = [cpus - 0.05 for cpus in node_cpus if cpus > 0.05]  # (a node without CPUs holds no worker)
+    candidates = {math.floor(cpus / k * 100) / 100 for cpus in usable for k in range(1, workers + 1)}
     for share in sorted((c for c in candidates if c > 0), reverse=True):
-        if sum(math.floor((cpus - 0.05) / share + 1e-9) for cpus in node_cpus) >= workers:
+        if sum(math.floor(cpus / share + 1e-9) for cpus in usable) >= workers:
             return share
     return 0.0
 
@@ -244,8 +245,8 @@ def auto_cpus_per_worker(cfg: PipelineConfig, cluster_cpus: float, node_cpus: li
     if cfg.train.use_gpu:
         return float(1 + cfg.data.loader_workers)
     share = math.floor((cluster_cpus - 0.05) / cfg.train.num_workers * 100) / 100
-    if node_cpus:
-        share = min(share, largest_fitting_share(node_cpus, cfg.train.num_workers))
+    if node_cpus and (fitting := largest_fitting_share(node_cpus, cfg.train.num_workers)) > 0:
+        share = min(share, fitting)
     # Any share that fits, however thin (8 workers on 2 CPUs: 0.24 each; a floor of 0.25 asked for 2.01 CPUs,
     # and the run waited for good). Below a hundredth nothing is free to split (another stage holds the
     # CPUs): a quarter each, and the stage waits for them (concurrency_for warns).

@@ -127,6 +127,11 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
     except Timeout:
         raise StageBusyError(f"another command is running the {stage} stage of this config ({run_dir}); wait for "
                              "it to end, or give this one another name or workdir") from None
+    except OSError as err:  # a filesystem without locks (NFSv3 without its lock daemon): run, unguarded
+        logger.warning("[%s] %s cannot be locked (%s); nothing stops a second command of this config from running "
+                       "this stage at the same time", stage, run_dir, err)
+        yield
+        return
     try:
         yield
     finally:
@@ -137,7 +142,8 @@ def node_cpus() -> list[float]:
     """The CPUs of each alive node of the running Ray (a worker's CPUs must all be on one of them)."""
     import ray
 
-    return [float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive")]
+    cpus = (float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive"))
+    return [c for c in cpus if c > 0]  # a head started with --num-cpus=0 (Ray's advice for clusters) holds none
 
 
 def concurrency_for(requested: int | str, per_trial: dict[str, float], trials: int,

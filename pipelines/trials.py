@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Mapping
 
+from .config import TRIAL_DRIVER_CPU
 from .paths import RunPaths
 from .planning import ModelRun, coefficients_label
 
@@ -47,7 +48,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Resources of a Tune trial's own actor (the Train driver); its workers reserve their own.
-TRIAL_DRIVER_RESOURCES = {"CPU": 0.01}
+TRIAL_DRIVER_RESOURCES = {"CPU": TRIAL_DRIVER_CPU}
 
 #: The custom resource of the node that hosts trial drivers: cluster.yaml's head declares 1000 of it (room
 #: for that many trials at once) and no other node type does. A trial driver owns its Train controller and
@@ -219,7 +220,7 @@ def run_model_trials(
     Each trial's own actor reserves a sliver of CPU (its TorchTrainer's workers reserve the real
     resources), so trials never deadlock against their workers on a small machine; on a cluster with a
     driver node it also asks for :data:`DRIVER_NODE_RESOURCE` (:func:`trial_driver_resources`). A trial that
-    fails is started again up to ``trial_retries`` times (-1: always) and resumes its Train run. With
+    fails is started again up to ``trial_retries`` times and resumes its Train run. With
     ``restore``, an interrupted experiment of the same name continues where it stopped (Tune's restore).
     """
     import uuid

@@ -103,7 +103,8 @@ def simulated_cluster(tmp_path_factory):
             "worker_process_setup_hook": "gpu_share_hook.install",
             "env_vars": {{"PYTHONPATH": "{tmp_path}:{ROOT}", "GPU_SHARE_LOG": "{log}"}}}})
         try:
-            cfg = load_config(None, ["workdir={tmp_path}", "name=twonode", "train.models=[lenet5]",
+            cfg = load_config(None, ["workdir={tmp_path}", "name=twonode", f"ray.address={{cluster.address}}",
+                                     "train.models=[lenet5]",
                                      "train.epochs=1", "train.num_workers=2", "train.cpus_per_worker=1",
                                      "train.placement_strategy=SPREAD", "data.train_subset=100"])
             stage = train_stage(cfg)
@@ -123,7 +124,8 @@ def simulated_cluster(tmp_path_factory):
                 victim = cluster.add_node(num_cpus=1, resources={{DRIVER_NODE_RESOURCE: 1000}})
                 cluster.wait_for_nodes()
                 # A Train run that cannot replace anything itself (max_failures=0): only Tune's retry can save it.
-                cfg = load_config(None, ["workdir={tmp_path}", "name=nodeloss", "train.models=[lenet5]",
+                cfg = load_config(None, ["workdir={tmp_path}", "name=nodeloss", f"ray.address={{cluster.address}}",
+                                         "train.models=[lenet5]",
                                          "train.epochs=3", "train.cpus_per_worker=1", "train.max_failures=0",
                                          "train.trial_retries=1", "data.train_subset=200", "data.image_size=16"])
                 outcome = {{}}

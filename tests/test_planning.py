@@ -134,6 +134,10 @@ def test_cpus_per_worker_split_the_free_cpus_among_one_models_workers(make_confi
     assert auto_cpus_per_worker(two, 12.0, node_cpus=[6.0, 6.0]) == 5.95
     assert auto_cpus_per_worker(two, 2.0, node_cpus=[2.0]) == 0.97  # one node: as before
     assert auto_cpus_per_worker(make_config(), 1.0, node_cpus=[2.0]) == 0.95  # the free CPUs still bound it
+    # A head without CPUs (`ray start --head --num-cpus=0`, Ray's advice for clusters) holds no worker; it
+    # counted as minus one, and one worker on a 16-CPU node got a quarter of a CPU.
+    assert auto_cpus_per_worker(make_config(), 16.0, node_cpus=[0.0, 16.0]) == 15.95
+    assert auto_cpus_per_worker(two, 8.0, node_cpus=[0.0, 4.0, 4.0]) == 3.95
     assert auto_cpus_per_worker(make_config("train.cpus_per_worker=1.5"), 16.0) == 1.5
 
 

@@ -308,3 +308,22 @@ def test_a_second_command_of_the_same_config_does_not_run_a_stage_beside_the_fir
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_workdir_that_cannot_be_locked_runs_its_stage_unguarded(tmp_path, monkeypatch, caplog):
+    """A filesystem without locks (NFSv3 without its lock daemon: ENOLCK) failed every stage once they locked."""
+    import errno
+    import logging
+
+    import filelock
+
+    from pipelines.runtime import exclusive_stage
+
+    def no_locks(self, *args, **kwargs):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", no_locks)
+    ran = []
+    with caplog.at_level(logging.WARNING, logger="pipelines"), exclusive_stage(tmp_path / "run", "train"):
+        ran.append(True)
+    assert ran and "cannot be locked (" in caplog.text and "No locks available" in caplog.text
