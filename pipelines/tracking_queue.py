@@ -460,7 +460,8 @@ class TrialTracking(Callback):
     params)`` for a trial; ``on_complete(trial, run_ref, started_at)`` (optional) runs when a trial
     finishes, e.g. to register its model (``run_ref``: the queue's reference for the trial's run,
     ``started_at``: the wall-clock time the trial started, for its timeline), and then ends the MLflow run
-    itself; without it the run ends when the trial does. Both must be picklable (module-level functions or
+    itself; without it the run ends when the trial does. ``on_error(trial)`` (optional) hears of a trial that
+    failed. Both must be picklable (module-level functions or
     ``functools.partial`` of them): Tune saves its callbacks with the experiment. A restored search gets
     this process's callback instead (:func:`~pipelines.trials.restore_tuner`), whose parent is the same run
     found again by its experiment tag; child runs are found again by trial id.
@@ -473,12 +474,14 @@ class TrialTracking(Callback):
         parent_run_id: str,
         describe: Callable[[dict], tuple[str, str, dict[str, Any]]],
         on_complete: Callable[[Any, str, float], None] | None = None,
+        on_error: Callable[[Any], None] | None = None,
     ) -> None:
         self.queue = queue
         self.stage = stage
         self.parent_run_id = parent_run_id
         self.describe = describe
         self.on_complete = on_complete
+        self.on_error = on_error
         self.run_refs: dict[str, str] = {}
         self.names: dict[str, str] = {}
         self.started_at: dict[str, float] = {}
@@ -545,6 +548,8 @@ class TrialTracking(Callback):
         self.queue.put("set_tags", ref, tags={"error": _trial_error(trial)})
         self.queue.put("end_run", ref, status="FAILED")
         self.progress(f"[{self.stage}] {self.names[trial.trial_id]}: FAILED (see the Ray logs and its MLflow run)")
+        if self.on_error is not None:
+            self.on_error(trial)
 
 
 def load_pending(run_dir: str | os.PathLike) -> list[TrackingOp]:

@@ -127,6 +127,16 @@ class ModelFinisher:
         self.started = time.time()
         self.finished: list[str] = []
         self.failed: list[str] = []
+        self.lost: set[str] = set()  # models whose trial failed: their work is no longer to go
+
+    def work_to_go(self) -> int:
+        """The work (MACs x epochs) of the models neither finished nor failed: what the stage's ETA is for."""
+        return sum(w for n, w in self.work.items() if n not in self.finished and n not in self.failed
+                   and n not in self.lost)
+
+    def trial_failed(self, trial) -> None:
+        """A model's trial failed: the stage's estimate stops counting its work as still to go."""
+        self.lost.add(trial.config["run"]["model"]["name"])
 
     def __call__(self, trial, run_ref: str, started_at: float) -> None:
         name = trial.config["run"]["model"]["name"]
@@ -141,7 +151,7 @@ class ModelFinisher:
         self.finished.append(name)
         elapsed = time.time() - self.started
         done = sum(self.work.get(n, 0) for n in self.finished)
-        left = sum(w for n, w in self.work.items() if n not in self.finished and n not in self.failed)
+        left = self.work_to_go()
         eta = stage_eta(elapsed, done, left)
         to_go = f", about {duration(eta)} to go" if eta is not None else ""
         logger.info(timestamped(f"[train] {len(self.finished)}/{len(self.work)} models done in "
@@ -296,7 +306,8 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
             {"dataset": info.dataset, "models": ",".join(r.model_name for r in runs), "epochs": cfg.train.epochs,
              "num_workers": cfg.train.num_workers}, cfg.to_yaml())
         finisher = ModelFinisher(cfg, queue, todo)
-        tracking = TrialTracking(queue, "train", parent, describe=describe_run, on_complete=finisher)
+        tracking = TrialTracking(queue, "train", parent, describe=describe_run, on_complete=finisher,
+                                 on_error=finisher.trial_failed)
         with flushed_on_abort(queue, parent, tracking):
             failed = _train_models(cfg, queue, parent, info, todo, free, tracking, finisher)
     champion_write = queue.put("update_champion", registered_model=cfg.registered_model_name)

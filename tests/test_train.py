@@ -729,3 +729,21 @@ def test_a_run_whose_gate_is_gone_computes_with_the_cpus_it_reserved(ray_cluster
         assert worker_threads(overlapped.model_copy(update={"compute_gate": gate})) == 2  # admitted by its gate
     assert worker_threads(overlapped.model_copy(update={"compute_gate": "cnnzoo-gate-gone"})) == 1
     assert worker_threads(planned) == planned.threads_per_worker  # no overlap: as planned
+
+
+def test_a_failed_model_leaves_the_stages_estimate(make_config):
+    """A model whose trial failed stayed in the work still to go: the last model done said "about 40 min to go"
+    as the stage ended."""
+    from types import SimpleNamespace
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.train import ModelFinisher
+
+    cfg = make_config("train.models=[lenet5, resnet18]")
+    runs = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    finisher = ModelFinisher(cfg, queue=None, runs=runs)
+    work = {run.model_name: max(run.macs, 1) * run.hyper.epochs for run in runs}
+    assert finisher.work_to_go() == sum(work.values())
+    finisher.trial_failed(SimpleNamespace(config={"run": runs[1].to_dict()}))  # as Tune hands it over
+    assert finisher.work_to_go() == work["lenet5"]
