@@ -113,6 +113,18 @@ def stage_eta(elapsed: float, work_done: float, work_left: float, min_share: flo
     return elapsed * work_left / work_done
 
 
+def epochs_trained_since(history: list[dict], started_at: float, now: float) -> int:
+    """How many of ``history``'s last epochs fit in the time from ``started_at`` to ``now`` (by their
+    ``epoch_seconds``): those trained since, the earlier ones by an interrupted command before."""
+    budget, epochs = now - started_at, 0
+    for entry in reversed(history):
+        budget -= float(entry.get("epoch_seconds", 0.0))
+        if budget < 0:
+            break
+        epochs += 1
+    return epochs
+
+
 class ModelFinisher:
     """Records finished models and says how far the stage is (Tune calls it through the tracking callback).
 
@@ -128,6 +140,7 @@ class ModelFinisher:
         self.finished: list[str] = []
         self.failed: list[str] = []
         self.lost: set[str] = set()  # models whose trial failed: their work is no longer to go
+        self.done: dict[str, int] = {}  # the work each finished model did in this stage
 
     def work_to_go(self) -> int:
         """The work (MACs x epochs) of the models neither finished nor failed: what the stage's ETA is for."""
@@ -141,7 +154,7 @@ class ModelFinisher:
     def __call__(self, trial, run_ref: str, started_at: float) -> None:
         name = trial.config["run"]["model"]["name"]
         try:
-            finish_model_trial(self.cfg, self.queue, trial, run_ref, started_at)
+            result = finish_model_trial(self.cfg, self.queue, trial, run_ref, started_at)
         except Exception as err:  # noqa: BLE001 - one model's failure must not end the others (Tune re-raises)
             logger.error("[train] %s: could not record the model: %s", name, err)
             self.failed.append(name)
@@ -149,8 +162,13 @@ class ModelFinisher:
             self.queue.put("end_run", run_ref, status="FAILED")
             return
         self.finished.append(name)
-        elapsed = time.time() - self.started
-        done = sum(self.work.get(n, 0) for n in self.finished)
+        now = time.time()
+        # Only the epochs this stage trained: a run resumed at epoch 14 of 15 did one epoch's work here, and
+        # crediting all 15 made the rest of the stage look minutes away when it was hours.
+        epochs = epochs_trained_since(result.history, started_at, now)
+        self.done[name] = max(result.macs, 1) * epochs
+        elapsed = now - self.started
+        done = sum(self.done.values())
         left = self.work_to_go()
         eta = stage_eta(elapsed, done, left)
         to_go = f", about {duration(eta)} to go" if eta is not None else ""

@@ -747,3 +747,15 @@ def test_a_failed_model_leaves_the_stages_estimate(make_config):
     assert finisher.work_to_go() == sum(work.values())
     finisher.trial_failed(SimpleNamespace(config={"run": runs[1].to_dict()}))  # as Tune hands it over
     assert finisher.work_to_go() == work["lenet5"]
+
+
+def test_a_resumed_model_counts_only_the_epochs_this_stage_trained():
+    """A run resumed at epoch 14 of 15 was credited with all 15 epochs' work: after a Ctrl-C during densenet121,
+    the stage promised its remaining models in minutes when they took hours."""
+    from pipelines.train import epochs_trained_since
+
+    history = [{"epoch": e, "epoch_seconds": 600.0} for e in range(15)]
+    started = 1_000_000.0
+    assert epochs_trained_since(history, started, started + 700) == 1  # start-up, then epoch 14
+    assert epochs_trained_since(history, started, started + 15 * 600 + 60) == 15  # trained here from the start
+    assert epochs_trained_since(history, started, started + 30) == 0  # only registered here
