@@ -846,7 +846,7 @@ def _check_local_resources(cfg: PipelineConfig) -> None:
     per_worker = (float(train.cpus_per_worker) if train.cpus_per_worker != "auto"
                   else float(1 + cfg.data.loader_workers) if train.use_gpu else None)
     # (+ the trial driver's sliver: 2 workers x 1 CPU asked for 2.01 of 2 and waited for good)
-    if per_worker is not None and per_worker * workers + TRIAL_DRIVER_CPU > cpus:
+    if per_worker is not None and per_worker * workers + TRIAL_DRIVER_CPU > cpus + 1e-6:  # (3 x 6.33 of 19)
         setting = "train.cpus_per_worker" if train.cpus_per_worker != "auto" else "data.loader_workers"
         raise ConfigError(setting, f"{workers} worker(s) x {per_worker:g} CPUs (and {TRIAL_DRIVER_CPU:g} for the "
                                    f"trial) is more than the {cpus:g} of the local Ray (ray.num_cpus): the run would "

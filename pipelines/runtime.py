@@ -124,18 +124,19 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
     lock = FileLock(str(run_dir / f".{stage}.lock"))
     try:
         lock.acquire(timeout=0)
+        locked = True
     except Timeout:
         raise StageBusyError(f"another command is running the {stage} stage of this config ({run_dir}); wait for "
                              "it to end, or give this one another name or workdir") from None
-    except OSError as err:  # a filesystem without locks (NFSv3 without its lock daemon): run, unguarded
+    except (OSError, NotImplementedError) as err:  # a filesystem without locks (NFSv3 without lockd): unguarded
         logger.warning("[%s] %s cannot be locked (%s); nothing stops a second command of this config from running "
                        "this stage at the same time", stage, run_dir, err)
-        yield
-        return
-    try:
+        locked = False
+    try:  # (outside the except: the stage's own errors are not chained to the lock's)
         yield
     finally:
-        lock.release()
+        if locked:
+            lock.release()
 
 
 def node_cpus() -> list[float]:

@@ -461,7 +461,7 @@ class TrialTracking(Callback):
     finishes, e.g. to register its model (``run_ref``: the queue's reference for the trial's run,
     ``started_at``: the wall-clock time the trial started, for its timeline), and then ends the MLflow run
     itself; without it the run ends when the trial does. ``on_error(trial)`` (optional) hears of a trial that
-    failed. Both must be picklable (module-level functions or
+    failed for good (not one Tune starts again). All must be picklable (module-level functions or
     ``functools.partial`` of them): Tune saves its callbacks with the experiment. A restored search gets
     this process's callback instead (:func:`~pipelines.trials.restore_tuner`), whose parent is the same run
     found again by its experiment tag; child runs are found again by trial id.

@@ -113,16 +113,12 @@ def stage_eta(elapsed: float, work_done: float, work_left: float, min_share: flo
     return elapsed * work_left / work_done
 
 
-def epochs_trained_since(history: list[dict], started_at: float, now: float) -> int:
-    """How many of ``history``'s last epochs fit in the time from ``started_at`` to ``now`` (by their
-    ``epoch_seconds``): those trained since, the earlier ones by an interrupted command before."""
-    budget, epochs = now - started_at, 0
-    for entry in reversed(history):
-        budget -= float(entry.get("epoch_seconds", 0.0))
-        if budget < 0:
-            break
-        epochs += 1
-    return epochs
+def epochs_of_the_last_attempt(history: list[dict]) -> int:
+    """The epochs the run's last attempt trained (from its ``start_epoch``): what a stage that resumed it did,
+    not the epochs an interrupted command trained before (a worker restarted within the stage counts from its
+    restart: an estimate on the safe side)."""
+    # (start_epoch is missing from histories of checkpoints older than it: counted from 0, as before)
+    return history[-1]["epoch"] + 1 - history[-1].get("start_epoch", 0) if history else 0
 
 
 class ModelFinisher:
@@ -162,12 +158,11 @@ class ModelFinisher:
             self.queue.put("end_run", run_ref, status="FAILED")
             return
         self.finished.append(name)
-        now = time.time()
         # Only the epochs this stage trained: a run resumed at epoch 14 of 15 did one epoch's work here, and
-        # crediting all 15 made the rest of the stage look minutes away when it was hours.
-        epochs = epochs_trained_since(result.history, started_at, now)
-        self.done[name] = max(result.macs, 1) * epochs
-        elapsed = now - self.started
+        # crediting all 15 made the rest of the stage look minutes away when it was hours. (Models still to go
+        # count all their epochs, resumed or not: the estimate errs long.)
+        self.done[name] = max(result.macs, 1) * epochs_of_the_last_attempt(result.history)
+        elapsed = time.time() - self.started
         done = sum(self.done.values())
         left = self.work_to_go()
         eta = stage_eta(elapsed, done, left)

@@ -752,10 +752,11 @@ def test_a_failed_model_leaves_the_stages_estimate(make_config):
 def test_a_resumed_model_counts_only_the_epochs_this_stage_trained():
     """A run resumed at epoch 14 of 15 was credited with all 15 epochs' work: after a Ctrl-C during densenet121,
     the stage promised its remaining models in minutes when they took hours."""
-    from pipelines.train import epochs_trained_since
+    from pipelines.train import epochs_of_the_last_attempt
 
-    history = [{"epoch": e, "epoch_seconds": 600.0} for e in range(15)]
-    started = 1_000_000.0
-    assert epochs_trained_since(history, started, started + 700) == 1  # start-up, then epoch 14
-    assert epochs_trained_since(history, started, started + 15 * 600 + 60) == 15  # trained here from the start
-    assert epochs_trained_since(history, started, started + 30) == 0  # only registered here
+    def history(start_epoch: int) -> list[dict]:
+        return [{"epoch": e, "start_epoch": 0 if e < start_epoch else start_epoch} for e in range(15)]
+
+    assert epochs_of_the_last_attempt(history(14)) == 1  # resumed at epoch 14 by this stage
+    assert epochs_of_the_last_attempt(history(0)) == 15  # trained here from the start
+    assert epochs_of_the_last_attempt([]) == 0
