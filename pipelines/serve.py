@@ -66,24 +66,22 @@ class Classifier:
     """One replica: the config's models, verified at start, the champion preloaded.
 
     ``auth_token`` travels beside the config (whose dump masks it): :func:`build_app` reads it where the app
-    is built, so replicas on other nodes need no copy of the environment variable.
+    is built, so replicas on other nodes need no copy of the environment variable. ``models`` (``ServedModel``
+    fields) and ``registry_champion`` are what :func:`build_app` found to serve.
     """
 
-    async def __init__(self, config: dict, auth_token: str | None = None, models: list[dict] | None = None,
-                       registry_champion: str | None = None) -> None:  # Serve awaits it
+    async def __init__(self, config: dict, auth_token: str | None, models: list[dict],
+                       registry_champion: str | None) -> None:  # Serve awaits it
         self.cfg = PipelineConfig.model_validate(config)
         s = self.cfg.serve
         self.auth_token = auth_token
         torch.set_num_threads(replica_threads(s))
         self.device = torch.device("cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.store = ModelStore(self.cfg)
-        if models is None:
-            self.models, self.registry_champion = self.store.discover()
-        else:
-            # What to serve was settled where the app was built (build_app): every replica serves the same
-            # versions, and one started during an MLflow outage (a replacement, a scale-up) needs no registry to
-            # know them, nor, for a checkpoint already in the node's download cache, to load it.
-            self.models, self.registry_champion = [ServedModel(**m) for m in models], registry_champion
+        # What to serve was settled where the app was built (build_app): every replica serves the same versions,
+        # and one started during an MLflow outage (a replacement, a scale-up) needs no registry to know them,
+        # nor, for a checkpoint already in the node's download cache, to load it.
+        self.models, self.registry_champion = [ServedModel(**m) for m in models], registry_champion
         self.by_alias = {m.alias: m for m in self.models}
         self.store.verify(self.models)
         self.champion = self.store.servable_champion(self.models, self.registry_champion)
@@ -366,21 +364,20 @@ class ServeHandle:
     sample_image: Path | None = None
 
 
-def _wait_until_answering(url: str, timeout_s: float = 120.0) -> bool:
-    """Whether the app answers ``/healthz`` (200 or 503) within ``timeout_s``; says so when it does not."""
+def _wait_until_answering(url: str, timeout_s: float = 120.0) -> None:
+    """Wait until the app answers ``/healthz`` (200 or 503), at most ``timeout_s``; say so when it does not."""
     import requests
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
             if requests.get(f"{url}/healthz", timeout=5).status_code in (200, 503):
-                return True
+                return
         except requests.RequestException:
             pass
         time.sleep(0.5)
     logger.warning("[serve] %s does not answer yet after %.0f s; its replicas may still be starting (`serve status` "
                    "on the cluster says where they are)", url, timeout_s)
-    return False
 
 
 def _check_running_http_options(s: ServeConfig) -> None:
