@@ -50,6 +50,7 @@ class ServedModel:
     test_acc: float | None = None
     params_count: int | None = None
     macs: int | None = None
+    input_size: int | None = None  # the model's input side in pixels (registry versions: its tag)
     cache_key: str = ""  # its checkpoint's key in the download cache (registry versions)
     status: str = "unchecked"  # then "ok", or "error" (for good); still "unchecked" after a passing failure
     error: str | None = None
@@ -190,7 +191,7 @@ class ModelStore:
                         model_name=v.tags.get("model_name", v.alias), dataset=v.tags.get(TAG_DATASET, ""),
                         fingerprint=v.tags.get(TAG_FINGERPRINT, ""), test_acc=_number(v.tags, "test_acc"),
                         params_count=_number(v.tags, "params_count", int), macs=_number(v.tags, "macs", int),
-                        cache_key=v.cache_key)
+                        input_size=_number(v.tags, "input_size", int), cache_key=v.cache_key)
             for v in versions if not wanted or v.alias in wanted
         ]
         return models, champion if any(m.alias == champion for m in models) else None

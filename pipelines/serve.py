@@ -8,7 +8,7 @@ Routes (OpenAPI docs at ``/docs``):
   ``top_k`` (default ``serve.default_top_k``, at most the model's class count). Returns ``{"model",
   "requested", "version", "predictions": [{"label", "index", "score"}], "latency_ms"}``.
 * ``GET /models``: every servable alias with its architecture, version, data set, training fingerprint,
-  ``test_acc``, ``params_count``, ``macs``, load status, and which one is the champion.
+  ``test_acc``, ``params_count``, ``macs``, ``input_size``, load status, and which one is the champion.
 * ``GET /healthz``: 200 while at least one model is servable, 503 otherwise.
 
 :class:`Classifier` is the deployment, defined here once; :func:`build_app` configures it from
@@ -436,6 +436,14 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
     if not models:
         raise LookupError(f"nothing to serve: no registered model alias trained on {cfg.data.dataset} (train first) "
                           "and no serve.checkpoints")
+    # A model's input can be larger than data.image_size (EfficientNet-B4's 380 px, a searched member's
+    # image_size * gamma^phi): under the decode budget, every request to it would be refused (400).
+    too_large = [m for m in models if m.input_size and m.input_size ** 2 > cfg.serve.max_resized_pixels]
+    if too_large:
+        largest = max(m.input_size for m in too_large)
+        raise ConfigError("serve.max_resized_pixels", f"{cfg.serve.max_resized_pixels:,} is below the input of "
+                          f"{', '.join(f'{m.alias} ({m.input_size} px)' for m in too_large)}: every request to them "
+                          f"would be refused; raise it to at least {largest ** 2:,}")
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
                               "request_timeout_s": proxy_timeout_s(cfg.serve)})
     _check_running_http_options(cfg.serve)

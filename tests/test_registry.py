@@ -362,3 +362,22 @@ def test_a_replica_started_while_the_registry_is_down_serves_what_its_app_was_bu
     x = torch.randn(2, 1, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(loaded.model(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_serving_refuses_a_decode_budget_below_a_registered_models_input(tmp_path):
+    """serve.max_resized_pixels was checked against data.image_size only: a model with a larger input
+    (EfficientNet-B4's 380 px, a searched member's) refused every request with a 400."""
+    from pipelines.config import ConfigError, load_config
+    from pipelines.serve import serve_stage
+
+    cfg = load_config(None, [f"workdir={tmp_path}", "name=budget", "data.image_size=16",
+                             "serve.max_resized_pixels=300"])
+    tracker = Tracker.for_config(cfg)
+    tracker.client.create_registered_model("budget")
+    for alias, size in (("lenet5", 32), ("efficientnet_phi1", 18), ("resnet18", 16)):
+        version = tracker.client.create_model_version("budget", tmp_path.as_uri(), tags={
+            "test_acc": "0.9", "dataset": "digits", "input_size": str(size)})
+        tracker.client.set_registered_model_alias("budget", alias, version.version)
+    with pytest.raises(ConfigError, match=r"serve.max_resized_pixels: 300 is below the input of "
+                                          r"efficientnet_phi1 \(18 px\), lenet5 \(32 px\).*at least 1,024"):
+        serve_stage(cfg)  # refused before Serve starts

@@ -73,6 +73,7 @@ def test_models_lists_every_alias_and_the_champion(server):
         assert model["dataset"] == "digits" and model["fingerprint"] == trained.fingerprint
         assert model["test_acc"] == pytest.approx(trained.test_acc)
         assert model["params_count"] == trained.params_count and model["macs"] == trained.macs
+        assert model["input_size"] == trained.input_size
         assert model["status"] == "ok"
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
     assert requests.get(f"{url}/openapi.json", timeout=30).json()["paths"].keys() >= {"/predict", "/models"}
