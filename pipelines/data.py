@@ -35,7 +35,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, DistributedSampler
 
 from .config import DataConfig
-from .preprocess import PreprocessSpec
+from .preprocess import ALPHA_MODES, PreprocessSpec
 
 __all__ = [
     "DatasetInfo",
@@ -354,7 +354,7 @@ TRANSPARENT_SHARE = 0.05
 
 
 def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+    return image.mode in ALPHA_MODES or "transparency" in image.info
 
 
 def transparency_background(images: list[Image.Image | None]) -> int | None:

@@ -16,7 +16,10 @@ import torch
 from PIL import Image, ImageOps
 
 __all__ = ["PreprocessSpec", "ImageDecodeError", "UnsupportedImageFormat", "DecodeBudget", "ACCEPTED_FORMATS",
-           "open_image", "decode_image", "preprocess_upload", "is_out_of_memory"]
+           "open_image", "decode_image", "preprocess_upload", "is_out_of_memory", "ALPHA_MODES"]
+
+#: Pillow modes with an alpha band (a palette's transparency is in ``image.info`` instead).
+ALPHA_MODES = frozenset({"RGBA", "LA", "La", "RGBa", "PA"})
 
 #: torchvision's resize filters (``InterpolationMode`` values).
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -115,7 +118,7 @@ class PreprocessSpec:
         elif image.mode in ("1", "PA"):
             image = image.convert("L" if image.mode == "1" else "RGBA")
         image = self.shrink(image)
-        if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        if image.mode in ALPHA_MODES:
             rgba = image.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, (self.background,) * 3 + (255,))
             image = Image.alpha_composite(canvas, rgba)
