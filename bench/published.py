@@ -1,0 +1,147 @@
+"""The whole Fashion-MNIST preset on one GPU machine, against the data set's published benchmark table.
+
+Runs ``python -m pipelines run --config pipelines/configs/fashion-mnist.yaml --stages search,train,report`` (the
+preset's search, its seven ``train.models`` and the three EfficientNet members, each with the preset's own
+epochs and recipe; no serving) on the GPUs of this machine, every model and search trial on a share of a GPU
+(``--gpu-share``, 0.1 by default: the ten models of the train stage at once on one GPU), then prints each
+model's test accuracy beside the nearest row of the published table (zalandoresearch/fashion-mnist,
+"Benchmark"), the difference in points, and whether the goal is met: every model at least its published
+number where the table has one, the best at least 0.955.
+
+``--deadline`` stops the run after that many seconds (as Ctrl-C does: finished models keep their records)
+and reports what finished; ``--report-only WORKDIR`` prints the table of an earlier run without training.
+
+    python bench/published.py --data-root /usr/share/datasets/fashion-mnist --markdown
+    python bench/published.py --deadline 540 --workdir /tmp/runs          # a lent GPU machine's budget
+    python bench/published.py --report-only /tmp/runs --markdown
+    python bench/published.py --gpu-share 0 --set data.train_subset=600 --set train.epochs=1 \\
+        --set search.epochs=1 --set search.num_trials=2           # a CPU smoke run of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = "pipelines/configs/fashion-mnist.yaml"
+
+#: zalandoresearch/fashion-mnist's README, "Benchmark" (test accuracy). An exact row is the same architecture;
+#: a nearest one is the same family at another depth or width (VGG-11 against VGG16, DenseNet-121 against
+#: DenseNet-BC), which the goal counts too.
+PUBLISHED = {
+    "resnet18": ("ResNet18", 0.949, "exact"),
+    "googlenet": ("GoogLeNet", 0.937, "exact"),
+    "vgg11_bn": ("VGG16", 0.935, "nearest"),
+    "vgg16_bn": ("VGG16", 0.935, "exact"),
+    "densenet121": ("DenseNet-BC", 0.954, "nearest"),
+}
+BEST_GOAL = 0.955
+
+
+def run_preset(args: argparse.Namespace, workdir: Path) -> tuple[int, float]:
+    """Run the preset's stages in ``workdir``, stopped with SIGINT at the deadline; (exit code, seconds)."""
+    overrides = [f"workdir={workdir}"]
+    if args.gpu_share > 0:
+        overrides += ["train.use_gpu=true", f"train.gpus_per_worker={args.gpu_share}"]
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    overrides += args.set
+    command = [sys.executable, "-m", "pipelines", "run", "--config", str(REPO / PRESET), "--stages", args.stages]
+    for item in overrides:
+        command += ["--set", item]
+    print("$", " ".join(command), flush=True)
+    start = time.perf_counter()
+    # Its own process group, so that the deadline's Ctrl-C reaches the command and not this script.
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+    try:
+        return process.wait(timeout=args.deadline or None), time.perf_counter() - start
+    except subprocess.TimeoutExpired:
+        print(f"[published] deadline of {args.deadline:g} s: stopping the run (Ctrl-C)", flush=True)
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        return process.returncode, time.perf_counter() - start
+
+
+def published_table(workdir: Path, overrides: list[str]) -> pd.DataFrame:
+    """One row per trained model of the preset in ``workdir``: its accuracy beside the published row."""
+    from pipelines.config import load_config
+    from pipelines.results import load_results
+
+    cfg = load_config(REPO / PRESET, [f"workdir={workdir}", *overrides])
+    results = load_results(cfg.paths.train_dir)
+    expected = list(dict.fromkeys([*cfg.train.models, *results]))
+    rows = []
+    for name in expected:
+        result = results.get(name)
+        published_name, published_acc, match = PUBLISHED.get(name, ("", float("nan"), ""))
+        row = {"model": name, "epochs": None, "test_acc": float("nan"), "best val_acc (epoch)": "not finished",
+               "train s": None, "train img/s": None, "published": f"{published_name} ({match})" if match else "no row",
+               "published acc": published_acc}
+        if result is not None:
+            row.update(epochs=result.epochs, test_acc=result.test_acc,
+                       **{"best val_acc (epoch)": f"{result.best_val_acc:.4f} ({result.best_epoch + 1})",
+                          "train s": round(result.train_seconds), "train img/s": round(result.train_images_per_sec)})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["difference (points)"] = ((table["test_acc"] - table["published acc"]) * 100).round(2)
+    return table
+
+
+def goal_lines(table: pd.DataFrame) -> list[str]:
+    """Whether every model with a published row reached it, and the best reached BEST_GOAL."""
+    with_row = table[table["published acc"].notna()]
+    short = with_row[~(with_row["test_acc"] >= with_row["published acc"])]
+    best = table["test_acc"].max()
+    lines = ["every model at least its published number: " + (
+        "met" if short.empty else "not met (" + ", ".join(
+            f"{r.model} {r.test_acc:.4f} < {r['published acc']:.3f}" for _, r in short.iterrows()) + ")")]
+    best_name = table.loc[table["test_acc"].idxmax(), "model"] if table["test_acc"].notna().any() else "none"
+    lines.append(f"best at least {BEST_GOAL}: {'met' if best >= BEST_GOAL else 'not met'} "
+                 f"({best_name} {best:.4f})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="where the run goes (default: a new temporary directory)")
+    parser.add_argument("--data-root", help="the folder of Fashion-MNIST's four IDX files (data.root)")
+    parser.add_argument("--gpu-share", type=float, default=0.1,
+                        help="share of a GPU per model and search trial (0: train on CPUs)")
+    parser.add_argument("--stages", default="search,train,report")
+    parser.add_argument("--deadline", type=float, default=0, help="stop the run after this many seconds (0: none)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another config override")
+    parser.add_argument("--report-only", type=Path, metavar="WORKDIR", help="only print the table of this workdir")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = parser.parse_args(argv)
+
+    if args.report_only:
+        workdir, code = args.report_only, 0
+    else:
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="published-"))
+        code, seconds = run_preset(args, workdir)
+        print(f"[published] the run ended with exit code {code} after {seconds:.0f} s (workdir {workdir})")
+    table = published_table(workdir, args.set)
+    published = [row if row == "no row" else f"{row} {acc:.3f}"
+                 for row, acc in zip(table["published"], table["published acc"], strict=True)]
+    shown = table.drop(columns=["published acc"]).assign(test_acc=table["test_acc"].round(4), published=published)
+    print(shown.to_markdown(index=False) if args.markdown else shown.to_string(index=False))
+    for line in goal_lines(table):
+        print("goal:", line)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
