@@ -461,7 +461,8 @@ class TrialTracking(Callback):
     finishes, e.g. to register its model (``run_ref``: the queue's reference for the trial's run,
     ``started_at``: the wall-clock time the trial started, for its timeline), and then ends the MLflow run
     itself; without it the run ends when the trial does. ``on_error(trial)`` (optional) hears of a trial that
-    failed for good (not one Tune starts again). All must be picklable (module-level functions or
+    failed for good (not one Tune starts again); ``on_epoch(trial, result)`` (optional) hears of each epoch
+    reported. All must be picklable (module-level functions or
     ``functools.partial`` of them): Tune saves its callbacks with the experiment. A restored search gets
     this process's callback instead (:func:`~pipelines.trials.restore_tuner`), whose parent is the same run
     found again by its experiment tag; child runs are found again by trial id.
@@ -475,6 +476,7 @@ class TrialTracking(Callback):
         describe: Callable[[dict], tuple[str, str, dict[str, Any]]],
         on_complete: Callable[[Any, str, float], None] | None = None,
         on_error: Callable[[Any], None] | None = None,
+        on_epoch: Callable[[Any, dict], None] | None = None,
     ) -> None:
         self.queue = queue
         self.stage = stage
@@ -482,6 +484,7 @@ class TrialTracking(Callback):
         self.describe = describe
         self.on_complete = on_complete
         self.on_error = on_error
+        self.on_epoch = on_epoch
         self.run_refs: dict[str, str] = {}
         self.names: dict[str, str] = {}
         self.started_at: dict[str, float] = {}
@@ -521,6 +524,8 @@ class TrialTracking(Callback):
                 f"[{self.stage}] {self.names[trial.trial_id]}: epoch {epoch + 1}/{total}  "
                 f"train_loss {result.get('train_loss', float('nan')):.4f}  val_loss {result['val_loss']:.4f}  "
                 f"val_acc {result['val_acc']:.4f}  {result.get('train_images_per_sec', 0):.0f} img/s")
+            if self.on_epoch is not None:
+                self.on_epoch(trial, result)
 
     def end_open_runs(self, status: str = "KILLED") -> list[str]:
         """Queue the end of every child run whose trial started but neither finished nor failed (the stage

@@ -131,21 +131,73 @@ class ModelFinisher:
     def __init__(self, cfg: PipelineConfig, queue, runs: list[ModelRun]) -> None:
         self.cfg = cfg
         self.queue = queue
-        self.work = {run.model_name: max(run.macs, 1) * run.hyper.epochs for run in runs}
+        self.macs = {run.model_name: max(run.macs, 1) for run in runs}
+        self.epochs = {run.model_name: run.hyper.epochs for run in runs}
         self.started = time.time()
         self.finished: list[str] = []
         self.failed: list[str] = []
         self.lost: set[str] = set()  # models whose trial failed: their work is no longer to go
         self.done: dict[str, int] = {}  # the work each finished model did in this stage
+        # Models in training: the epochs they reached, where this stage's attempt started, when their last
+        # epoch ended and how long it took. Models train side by side (ten on one GPU), so the finished ones
+        # alone said little: two small models done after 4 minutes promised 43 more when 8 were left.
+        self.running: dict[str, dict[str, float]] = {}
+
+    def _open(self) -> list[str]:
+        return [n for n in self.macs if n not in self.finished and n not in self.failed and n not in self.lost]
 
     def work_to_go(self) -> int:
-        """The work (MACs x epochs) of the models neither finished nor failed: what the stage's ETA is for."""
-        return sum(w for n, w in self.work.items() if n not in self.finished and n not in self.failed
-                   and n not in self.lost)
+        """The work (MACs x epochs) the models neither finished nor failed have still to do: the epochs they
+        have not reached (all of them for a model that has reported none yet)."""
+        return sum(self.macs[n] * max(self.epochs[n] - int(self.running.get(n, {}).get("reached", 0)), 0)
+                   for n in self._open())
+
+    def work_done(self) -> int:
+        """The work this stage did: finished models' and the epochs of those still training."""
+        open_models = self._open()
+        running = sum(self.macs[n] * (p["reached"] - p["start"]) for n, p in self.running.items() if n in open_models)
+        return sum(self.done.values()) + int(running)
+
+    def epoch_done(self, trial, result: dict, now: float | None = None) -> None:
+        """A model reported an epoch: note how far it is and how long its epochs take."""
+        now = time.time() if now is None else now
+        name = trial.config["run"]["model"]["name"]
+        start, reached = int(result.get("start_epoch", 0)), int(result["epoch"]) + 1
+        previous = self.running.get(name)
+        # Seconds per epoch since the last one: the first epoch's time from the stage's start would count the
+        # fixed start-up costs (and the wait for a place) as an epoch's. A resumed attempt keeps the old pace.
+        seconds = previous["epoch_seconds"] if previous else 0.0
+        if previous is not None and previous["start"] == start and previous["reached"] < reached:
+            seconds = (now - previous["at"]) / (reached - previous["reached"])
+        self.running[name] = {"start": start, "reached": reached, "at": now, "epoch_seconds": seconds}
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds the rest of the stage should take: the work left at the pace of the work done so far (see
+        :func:`stage_eta`), but never less than the slowest model in training needs for its epochs left at
+        its own pace (under concurrency, the last models' tail)."""
+        now = time.time() if now is None else now
+        pace = stage_eta(now - self.started, self.work_done(), self.work_to_go())
+        open_models = self._open()
+        tails = [(self.epochs[n] - p["reached"]) * p["epoch_seconds"] - (now - p["at"])
+                 for n, p in self.running.items() if n in open_models and p["epoch_seconds"] > 0]
+        tail = max(tails, default=0.0)
+        if pace is None and tail <= 0:
+            return None
+        return max(pace or 0.0, tail, 0.0)
 
     def trial_failed(self, trial) -> None:
         """A model's trial failed: the stage's estimate stops counting its work as still to go."""
         self.lost.add(trial.config["run"]["model"]["name"])
+
+    def model_finished(self, name: str, epochs_trained: int, now: float | None = None) -> str:
+        """Count a finished model (``epochs_trained``: the epochs this stage trained it); returns the stage's
+        progress line."""
+        self.finished.append(name)
+        self.done[name] = self.macs.get(name, 1) * epochs_trained
+        now = time.time() if now is None else now
+        eta = self.eta(now)
+        to_go = f", about {duration(eta)} to go" if eta is not None else ""
+        return f"[train] {len(self.finished)}/{len(self.macs)} models done in {duration(now - self.started)}{to_go}"
 
     def __call__(self, trial, run_ref: str, started_at: float) -> None:
         name = trial.config["run"]["model"]["name"]
@@ -157,18 +209,9 @@ class ModelFinisher:
             self.queue.put("set_tags", run_ref, tags={"error": f"{type(err).__name__}: {err}"[:4000]})
             self.queue.put("end_run", run_ref, status="FAILED")
             return
-        self.finished.append(name)
         # Only the epochs this stage trained: a run resumed at epoch 14 of 15 did one epoch's work here, and
-        # crediting all 15 made the rest of the stage look minutes away when it was hours. (Models still to go
-        # count all their epochs, resumed or not: the estimate errs long.)
-        self.done[name] = max(result.macs, 1) * epochs_of_the_last_attempt(result.history)
-        elapsed = time.time() - self.started
-        done = sum(self.done.values())
-        left = self.work_to_go()
-        eta = stage_eta(elapsed, done, left)
-        to_go = f", about {duration(eta)} to go" if eta is not None else ""
-        logger.info(timestamped(f"[train] {len(self.finished)}/{len(self.work)} models done in "
-                                f"{duration(elapsed)}{to_go}"))
+        # crediting all 15 made the rest of the stage look minutes away when it was hours.
+        logger.info(timestamped(self.model_finished(name, epochs_of_the_last_attempt(result.history))))
 
 
 @dataclass
@@ -320,7 +363,7 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
              "num_workers": cfg.train.num_workers}, cfg.to_yaml())
         finisher = ModelFinisher(cfg, queue, todo)
         tracking = TrialTracking(queue, "train", parent, describe=describe_run, on_complete=finisher,
-                                 on_error=finisher.trial_failed)
+                                 on_error=finisher.trial_failed, on_epoch=finisher.epoch_done)
         with flushed_on_abort(queue, parent, tracking):
             failed = _train_models(cfg, queue, parent, info, todo, free, tracking, finisher)
     champion_write = queue.put("update_champion", registered_model=cfg.registered_model_name)

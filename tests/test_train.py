@@ -749,6 +749,45 @@ def test_a_failed_model_leaves_the_stages_estimate(make_config):
     assert finisher.work_to_go() == work["lenet5"]
 
 
+def test_the_stage_eta_counts_the_epochs_of_models_training_side_by_side(make_config):
+    """Ten models on one GPU (H200, the fashion-mnist preset): after LeNet-5 and AlexNet finished at 4 min 05 s,
+    the stage said "about 42 min 58 s to go" while the others were a third to three quarters through and
+    DenseNet-121, the last, needed about 9 more minutes: only finished models counted as work done."""
+    from types import SimpleNamespace
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.train import ModelFinisher
+
+    names = ["lenet5", "alexnet", "vgg11_bn", "googlenet", "resnet18", "densenet121", "se_resnet18"]
+    cfg = make_config("train.models=[" + ",".join(names) + "]", "train.epochs=15")
+    runs = {r.model_name: r for r in plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg),
+                                                      cluster_cpus=2)}
+    finisher = ModelFinisher(cfg, queue=None, runs=list(runs.values()))
+    t0 = finisher.started
+    # (epochs reached at 245 s, seconds per epoch) as measured; every model's first epoch came after 50 s.
+    measured = {"lenet5": (15, 11), "alexnet": (15, 12), "vgg11_bn": (12, 13), "googlenet": (5, 30),
+                "resnet18": (10, 16), "densenet121": (4, 48), "se_resnet18": (8, 20)}
+    for name, (reached, seconds) in measured.items():
+        trial = SimpleNamespace(config={"run": runs[name].to_dict()})
+        for epoch in range(reached):
+            ended = t0 + 245 - (reached - 1 - epoch) * seconds
+            finisher.epoch_done(trial, {"epoch": epoch, "start_epoch": 0}, now=ended)
+    assert finisher.running["densenet121"]["epoch_seconds"] == pytest.approx(48)
+    finisher.model_finished("lenet5", 15, now=t0 + 220)
+    line = finisher.model_finished("alexnet", 15, now=t0 + 245)
+    eta = finisher.eta(now=t0 + 245)
+    assert eta == pytest.approx(11 * 48)  # DenseNet-121's 11 epochs left at its pace: the stage's tail
+    assert "2/7 models done in 4 min 05 s, about 8 min 48 s to go" in line
+    # Work done counts the epochs of models still training; what is left, only the epochs they have not reached.
+    assert finisher.work_to_go() == sum(runs[n].macs * (15 - r) for n, (r, _) in measured.items() if r < 15)
+    assert finisher.work_done() == sum(runs[n].macs * r for n, (r, _) in measured.items())
+    # A model resumed by this stage at epoch 10 counts only the epochs trained here as done.
+    resumed = SimpleNamespace(config={"run": runs["resnet18"].to_dict()})
+    finisher.epoch_done(resumed, {"epoch": 10, "start_epoch": 10}, now=t0 + 260)
+    assert finisher.running["resnet18"] == {"start": 10, "reached": 11, "at": t0 + 260, "epoch_seconds": 16}
+
+
 def test_a_resumed_model_counts_only_the_epochs_this_stage_trained():
     """A run resumed at epoch 14 of 15 was credited with all 15 epochs' work: after a Ctrl-C during densenet121,
     the stage promised its remaining models in minutes when they took hours."""
