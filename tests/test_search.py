@@ -91,6 +91,36 @@ def test_a_resumed_trial_counts_the_epochs_it_reached_not_its_history_rows(make_
     records = _trial_records(grid, phi=cfg.search.phi)
     assert [r["epochs_trained"] for r in records] == [3, 3]
     assert [r["val_acc"] for r in records] == [0.7, 0.69]
+    assert [r["val_acc_per_epoch"] for r in records] == [[0.5, 0.61, 0.7], [0.5, None, 0.69]]
+
+
+def test_the_paper_stopped_early_by_asha_is_compared_at_its_own_epochs(make_config, caplog):
+    """On an H200 the Fashion-MNIST preset's search said the best "beats the paper's (1.2, 1.1, 1.15) at
+    0.8652": the best's 4 epochs against the paper's 1, which ASHA had stopped."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, search_template
+    from pipelines.search import _best, _log_search_table, _score, _trial_records
+
+    cfg = make_config("data.image_size=16")
+    template = plan_model_runs(cfg, describe_dataset(cfg.data), [search_template(cfg)], stage="search", epochs=4,
+                               cluster_cpus=2)[0]
+
+    def trial(alpha, beta, gamma, accs):
+        config = {"coefficients": {"alpha": alpha, "beta": beta, "gamma": gamma}, "run": template.to_dict()}
+        history = pd.DataFrame({"epoch": range(len(accs)), "val_acc": accs})
+        return SimpleNamespace(config=config, error=None, metrics_dataframe=history)
+
+    records = _trial_records([trial(1.0, 1.2, 1.2, [0.8702, 0.9010, 0.9205, 0.9318]),
+                              trial(1.2, 1.1, 1.15, [0.8652])], phi=cfg.search.phi)
+    _score(records, cfg, template)
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        _log_search_table(records, _best(records, trials=2))
+    assert "stopped by ASHA after 1 epoch(s), had val_acc 0.8652 by then against 0.8702 for the best" in caplog.text
+    assert "beats" not in caplog.text
 
 def test_a_failed_trial_never_wins_and_a_tie_goes_to_the_smaller_model(make_config, caplog):
     """A trial that failed after reporting ranks below every finished one, whatever its val_acc (its triple
