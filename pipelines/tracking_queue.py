@@ -462,8 +462,8 @@ class TrialTracking(Callback):
     ``started_at``: the wall-clock time the trial started, for its timeline), and then ends the MLflow run
     itself; without it the run ends when the trial does. ``on_error(trial)`` (optional) hears of a trial that
     failed for good (not one Tune starts again); ``on_epoch(trial, result)`` (optional) hears of each epoch
-    reported. All must be picklable (module-level functions or
-    ``functools.partial`` of them): Tune saves its callbacks with the experiment. A restored search gets
+    reported. All must be picklable (module-level functions, ``functools.partial`` of them or bound methods
+    of picklable objects): Tune saves its callbacks with the experiment. A restored search gets
     this process's callback instead (:func:`~pipelines.trials.restore_tuner`), whose parent is the same run
     found again by its experiment tag; child runs are found again by trial id.
     """
@@ -525,7 +525,10 @@ class TrialTracking(Callback):
                 f"train_loss {result.get('train_loss', float('nan')):.4f}  val_loss {result['val_loss']:.4f}  "
                 f"val_acc {result['val_acc']:.4f}  {result.get('train_images_per_sec', 0):.0f} img/s")
             if self.on_epoch is not None:
-                self.on_epoch(trial, result)
+                try:  # Tune does not guard its callbacks: a progress estimate must never end the stage
+                    self.on_epoch(trial, result)
+                except Exception as err:  # noqa: BLE001
+                    logger.warning("[%s] %s: progress not counted (%s)", self.stage, self.names[trial.trial_id], err)
 
     def end_open_runs(self, status: str = "KILLED") -> list[str]:
         """Queue the end of every child run whose trial started but neither finished nor failed (the stage

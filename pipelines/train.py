@@ -162,7 +162,8 @@ class ModelFinisher:
         """A model reported an epoch: note how far it is and how long its epochs take."""
         now = time.time() if now is None else now
         name = trial.config["run"]["model"]["name"]
-        start, reached = int(result.get("start_epoch", 0)), int(result["epoch"]) + 1
+        start = int(result.get("start_epoch", 0))
+        reached = int(result.get("epoch", result.get("training_iteration", 1) - 1)) + 1
         previous = self.running.get(name)
         # Seconds per epoch since the last one: the first epoch's time from the stage's start would count the
         # fixed start-up costs (and the wait for a place) as an epoch's. A resumed attempt keeps the old pace.
@@ -181,9 +182,13 @@ class ModelFinisher:
         tails = [(self.epochs[n] - p["reached"]) * p["epoch_seconds"] - (now - p["at"])
                  for n, p in self.running.items() if n in open_models and p["epoch_seconds"] > 0]
         tail = max(tails, default=0.0)
-        if pace is None and tail <= 0:
-            return None
-        return max(pace or 0.0, tail, 0.0)
+        if pace is None:
+            # Too little done for a pace: the slowest model's tail alone is the stage's only while every model
+            # left is training (not with models still queued behind them).
+            if tail <= 0 or any(n not in self.running for n in open_models):
+                return None
+            return tail
+        return max(pace, tail)
 
     def trial_failed(self, trial) -> None:
         """A model's trial failed: the stage's estimate stops counting its work as still to go."""

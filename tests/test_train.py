@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -786,6 +787,48 @@ def test_the_stage_eta_counts_the_epochs_of_models_training_side_by_side(make_co
     resumed = SimpleNamespace(config={"run": runs["resnet18"].to_dict()})
     finisher.epoch_done(resumed, {"epoch": 10, "start_epoch": 10}, now=t0 + 260)
     assert finisher.running["resnet18"] == {"start": 10, "reached": 11, "at": t0 + 260, "epoch_seconds": 16}
+
+    # Early on (under a twentieth of the work done) the tail of the models training is no estimate while
+    # others wait in the queue: on 2 cores, two at a time, AlexNet's 1.5 h left are not the stage's 13 h.
+    early = ModelFinisher(cfg, queue=None, runs=list(runs.values()))
+    alexnet = SimpleNamespace(config={"run": runs["alexnet"].to_dict()})
+    for epoch in range(2):
+        early.epoch_done(alexnet, {"epoch": epoch, "start_epoch": 0}, now=early.started + 400 * (epoch + 1))
+    assert early.model_finished("lenet5", 15, now=early.started + 800) == "[train] 1/7 models done in 13 min 20 s"
+
+
+def test_the_stage_hears_of_every_epoch_and_a_failing_estimate_never_ends_it(make_config, caplog):
+    """TrialTracking hands each epoch's result to the stage's estimate; Tune does not guard its callbacks, so an
+    error there would end every model's training."""
+    from types import SimpleNamespace
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.tracking_queue import TrackingQueue, TrialTracking
+    from pipelines.train import ModelFinisher, describe_run
+
+    cfg = make_config("train.models=[lenet5]")
+    runs = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    tracker = Tracker.for_config(cfg)
+    queue = TrackingQueue(tracker)
+    finisher = ModelFinisher(cfg, queue, runs)
+    callback = TrialTracking(queue, "train", tracker.start_run("train-test", {"stage": "train"}),
+                             describe=describe_run, on_complete=finisher, on_epoch=finisher.epoch_done)
+    trial = SimpleNamespace(trial_id="t0", config={"run": runs[0].to_dict()}, last_result={})
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, {"epoch": 0, "val_acc": 0.5, "val_loss": 1.0, "start_epoch": 0})
+    assert finisher.running["lenet5"]["reached"] == 1
+    callback.on_trial_result(0, [], trial, {"val_acc": 0.6, "val_loss": 0.9, "test_acc": 0.6})  # the test report
+    assert finisher.running["lenet5"]["reached"] == 1
+
+    def broken(trial, result):
+        raise KeyError("epoch")
+
+    callback.on_epoch = broken
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        callback.on_trial_result(0, [], trial, {"epoch": 1, "val_acc": 0.7, "val_loss": 0.8})
+    assert "lenet5: progress not counted" in caplog.text
+    assert queue.flush(timeout_s=60) == []
 
 
 def test_a_resumed_model_counts_only_the_epochs_this_stage_trained():
