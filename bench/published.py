@@ -45,6 +45,7 @@ PUBLISHED = {
     "densenet121": ("DenseNet-BC", 0.954, "nearest"),
 }
 BEST_GOAL = 0.955
+STOP_GRACE_S = 150
 
 
 def run_preset(args: argparse.Namespace, workdir: Path) -> tuple[int, float]:
@@ -60,19 +61,39 @@ def run_preset(args: argparse.Namespace, workdir: Path) -> tuple[int, float]:
         command += ["--set", item]
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
-    # Its own process group, so that the deadline's Ctrl-C reaches the command and not this script.
-    process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+    # Its own process group, so that the deadline's Ctrl-C reaches the command and not this script; a Ctrl-C or
+    # SIGTERM to this script is passed on the same way, so no orphaned run holds the GPU.
+    # (SIGINT restored: a script started in the background, as `cmd &` in a shell script, hands its children an
+    # ignored SIGINT, and the run would not hear the deadline.)
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        return process.wait(timeout=args.deadline or None), time.perf_counter() - start
+        process.wait(timeout=args.deadline or None)
     except subprocess.TimeoutExpired:
         print(f"[published] deadline of {args.deadline:g} s: stopping the run (Ctrl-C)", flush=True)
+        _stop(process)
+    except KeyboardInterrupt:
+        print("[published] interrupted: stopping the run (Ctrl-C)", flush=True)
+        _stop(process)
+    return process.returncode, time.perf_counter() - start
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ctrl-C to the run, then time for its abort to send or keep its MLflow writes (tracking.pending_timeout_s
+    is 120 s by default) before it is killed."""
+    try:
         os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        return process.returncode, time.perf_counter() - start
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:  # it had ended
+        process.wait()
 
 
 def published_table(workdir: Path, overrides: list[str]) -> pd.DataFrame:
@@ -95,7 +116,7 @@ def published_table(workdir: Path, overrides: list[str]) -> pd.DataFrame:
                        **{"best val_acc (epoch)": f"{result.best_val_acc:.4f} ({result.best_epoch + 1})",
                           "train s": round(result.train_seconds), "train img/s": round(result.train_images_per_sec)})
         rows.append(row)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).astype({"epochs": "Int64", "train s": "Int64", "train img/s": "Int64"})
     table["difference (points)"] = ((table["test_acc"] - table["published acc"]) * 100).round(2)
     return table
 
@@ -107,6 +128,7 @@ def goal_lines(table: pd.DataFrame) -> list[str]:
     best = table["test_acc"].max()
     lines = ["every model at least its published number: " + (
         "met" if short.empty else "not met (" + ", ".join(
+            f"{r.model} not finished" if r.test_acc != r.test_acc else
             f"{r.model} {r.test_acc:.4f} < {r['published acc']:.3f}" for _, r in short.iterrows()) + ")")]
     best_name = table.loc[table["test_acc"].idxmax(), "model"] if table["test_acc"].notna().any() else "none"
     lines.append(f"best at least {BEST_GOAL}: {'met' if best >= BEST_GOAL else 'not met'} "
@@ -140,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print(shown.to_markdown(index=False) if args.markdown else shown.to_string(index=False))
     for line in goal_lines(table):
         print("goal:", line)
-    return code
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's 128 + its number
 
 
 if __name__ == "__main__":
