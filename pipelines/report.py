@@ -280,6 +280,22 @@ def _measure_latencies(results: list[ModelResult], serve: ServeConfig) -> None:
             logger.warning("[report] %s: latency not measured (%s)", r.model_name, err)
 
 
+def _log_report(tracker, files: list[Path], directory: Path) -> None:
+    """Log the report's files to the latest train stage's MLflow run; an unreachable tracking server or artifact
+    store (S3 down while MLflow answers) leaves them on disk only, with a warning, as the rest of the report."""
+    from .tracking import first_line, is_unreachable
+
+    try:
+        parent = tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
+        for path in [] if parent is None else files:
+            tracker.log_artifact(parent.info.run_id, path, "report")
+    except Exception as err:
+        if not is_unreachable(err):
+            raise
+        logger.warning("[report] MLflow or its artifact store is unreachable (%s): the report is not logged to "
+                       "MLflow; its files are in %s", first_line(err), directory)
+
+
 #: What a report may write; each run removes those it does not write again (a search.png of a search with other
 #: settings, a families table without both families now), so the directory holds one report, not a mix.
 REPORT_FILES = ("models.csv", "models.md", *(name for name, *_ in _ACCURACY_PLOTS.values()), "val_curves.png",
@@ -334,11 +350,8 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     for stale in set(REPORT_FILES) - {path.name for path in files}:
         (directory / stale).unlink(missing_ok=True)
 
-    parent = None if tracker is None else tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = "
-                                                           "'true'")
-    if parent is not None:
-        for path in files:
-            tracker.log_artifact(parent.info.run_id, path, "report")
+    if tracker is not None:
+        _log_report(tracker, files, directory)
     logger.info("\n%s", for_display(table).to_string(index=False))
     if families is not None:
         wins = families["winner"].value_counts()

@@ -59,6 +59,29 @@ FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_i
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
                               "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
 
+
+def http_status(err: BaseException) -> int | None:
+    """The HTTP status an error (or one of its causes) carries: ``requests``' ``response.status_code``, or
+    botocore's ``response["ResponseMetadata"]["HTTPStatusCode"]`` (an S3 artifact store); None without one."""
+    cause, depth = err, 0
+    while cause is not None and depth < 10:
+        response = getattr(cause, "response", None)
+        status = getattr(response, "status_code", None)
+        if status is None and isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int):
+            return status
+        cause, depth = cause.__cause__ or cause.__context__, depth + 1
+    return None
+
+
+def _database_unavailable(err: BaseException) -> bool:
+    # A database store's engine that cannot connect, or a sqlite file locked by another writer, raises the DB
+    # driver's OperationalError unwrapped (MLflow wraps it only inside its sessions).
+    return type(err).__name__ in ("OperationalError", "InterfaceError") and type(err).__module__.split(".")[0] in (
+        "sqlalchemy", "sqlite3", "psycopg2", "psycopg", "pymysql", "MySQLdb")
+
+
 def is_unreachable(err: BaseException) -> bool:
     """Whether an MLflow call failed because the tracking server or its artifact store did not answer (or
     answered "try later": 5xx, 429), not because it refused the request or lacks what was asked for (4xx,
@@ -66,12 +89,12 @@ def is_unreachable(err: BaseException) -> bool:
     HTTP library's errors (a refused connection comes as an INTERNAL_ERROR whose cause says so)."""
     cause, depth = err, 0
     while cause is not None and depth < 10:
-        if isinstance(cause, ConnectionError | TimeoutError):
+        if isinstance(cause, ConnectionError | TimeoutError) or _database_unavailable(cause):
             return True
-        status = getattr(getattr(cause, "response", None), "status_code", None)
-        if isinstance(status, int):
-            return status >= 500 or status == 429
         cause, depth = cause.__cause__ or cause.__context__, depth + 1
+    status = http_status(err)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
     code = getattr(err, "error_code", None)
     if code is not None:
         return code not in PERMANENT_ERRORS

@@ -74,9 +74,16 @@ def _is_permanent(err: BaseException) -> bool:
     registers is unusable (a diverged run's NaN weights, say) or gone from a storage that answers. Anything
     else counts as an outage and is retried, a checkpoint whose storage does not answer included."""
     from .checkpoints import CheckpointError, MissingCheckpointError
+    from .tracking import http_status
 
     unusable = isinstance(err, CheckpointError) and not isinstance(err, MissingCheckpointError)
-    return unusable or isinstance(err, UnsendableWrite) or getattr(err, "error_code", None) in PERMANENT_ERRORS
+    # A 4xx from the HTTP artifact store or a proxy in front of MLflow (413: a checkpoint over nginx's 1 MB body
+    # limit) is refused the same way every time; so is a write this code cannot carry out (a pending file of
+    # another version of it): retried, either held up every write behind it, in every later command too.
+    status = http_status(err)
+    refused = status is not None and 400 <= status < 500 and status not in (408, 429)
+    return (unusable or refused or isinstance(err, UnsendableWrite | TypeError | AttributeError)
+            or getattr(err, "error_code", None) in PERMANENT_ERRORS)
 
 
 class TrackingQueue:
@@ -184,7 +191,10 @@ class TrackingQueue:
                     if op.kind == "register":
                         self.dropped_registrations.append(
                             (str(op.args.get("alias")), str((op.args.get("tags") or {}).get("fingerprint", ""))))
-                    _note_unregistrable(op, err)
+                    try:
+                        _note_unregistrable(op, err)
+                    except Exception as note_err:  # noqa: BLE001 - the writer must outlive its bookkeeping
+                        logger.warning("[tracking] could not note it in the model's record: %s", note_err)
                 else:
                     self._note_outage(err)
                     with self._lock:
@@ -300,16 +310,24 @@ class TrackingQueue:
         announced = False
         with self._lock:
             left = len(self._ops)
-            while self._ops and time.monotonic() < deadline:
-                if len(self._ops) < left or self._down_since is None:
-                    # Draining, or slow but answering: only time with MLflow unreachable counts.
-                    left, deadline = len(self._ops), time.monotonic() + timeout_s
-                if self._down_since is not None and not announced:
-                    logger.warning("[tracking] waiting up to %s for MLflow to take %d queued write(s) "
-                                   "(tracking.pending_timeout_s)", duration(timeout_s), len(self._ops))
-                    announced = True
-                self._ensure_thread()
-                self._lock.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            try:
+                while self._ops and time.monotonic() < deadline:
+                    if len(self._ops) < left or self._down_since is None:
+                        # Draining, or slow but answering: only time with MLflow unreachable counts.
+                        left, deadline = len(self._ops), time.monotonic() + timeout_s
+                    if self._down_since is not None and not announced:
+                        logger.warning("[tracking] waiting up to %s for MLflow to take %d queued write(s) "
+                                       "(tracking.pending_timeout_s)", duration(timeout_s), len(self._ops))
+                        announced = True
+                    self._ensure_thread()
+                    self._lock.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            except BaseException:
+                # Ctrl-C while waiting (a second one during an abort's flush): what is unsent is kept pending,
+                # not lost with the process. (The write in flight may still go out, and be sent again later.)
+                self._stop = True
+                self._lock.notify_all()
+                self._save_pending(list(self._ops))
+                raise
             self._stop = True
             self._lock.notify_all()
         if self._thread is not None:
@@ -339,7 +357,10 @@ class TrackingQueue:
         # an outage) shared one, and one could move the other's half-written file into place.
         scratch = self.pending_file.with_name(f"{self.pending_file.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         try:
-            scratch.write_text(json.dumps(body, indent=1))
+            with scratch.open("w") as out:
+                out.write(json.dumps(body, indent=1))
+                out.flush()
+                os.fsync(out.fileno())  # a crash must not leave an empty file in its place
             scratch.replace(self.pending_file)
         finally:
             scratch.unlink(missing_ok=True)
@@ -358,7 +379,7 @@ def _pending_body(pending_file: Path, tracking_uri: str) -> dict:
     """The pending file's contents; ``ConfigError`` (exit 2) when it holds writes for another tracking store."""
     from .config import absolute_sqlite_uri
 
-    body = json.loads(pending_file.read_text())
+    body = _read_pending_file(pending_file)
     # As the config resolves it: a file written for sqlite:///runs/mlflow.db (relative, before such URIs were
     # made absolute) is for this store when the command runs where it did then.
     written_for = absolute_sqlite_uri(body.get("tracking_uri", tracking_uri))
@@ -560,12 +581,29 @@ class TrialTracking(Callback):
             self.on_error(trial)
 
 
+def _read_pending_file(path: Path) -> dict:
+    """The pending file's contents; a damaged one (cut short by a crash, edited by hand) is moved aside with an
+    error naming it, since every command would otherwise stop at it."""
+    try:
+        body = json.loads(path.read_text())
+        if not isinstance(body, dict) or not isinstance(body.get("ops", []), list):
+            raise ValueError("not a pending-writes object")
+        return body
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as err:
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+        path.replace(aside)
+        logger.error("[tracking] %s is damaged (%s): its writes cannot be sent; moved to %s", path, err, aside)
+        return {}
+
+
 def load_pending(run_dir: str | os.PathLike) -> list[TrackingOp]:
     """The writes a stage left pending in ``run_dir`` (none when the file is absent)."""
     path = Path(run_dir) / PENDING_FILE
     if not path.exists():
         return []
-    return [TrackingOp(**op) for op in json.loads(path.read_text()).get("ops", [])]
+    return [TrackingOp(**op) for op in _read_pending_file(path).get("ops", [])]
 
 
 def send_pending(cfg) -> list[TrackingOp]:

@@ -130,6 +130,23 @@ def test_the_report_is_written_while_mlflow_is_unreachable(make_config, caplog, 
     assert "MLflow is unreachable" in caplog.text
 
 
+def test_the_report_is_written_while_the_artifact_store_is_unreachable(make_config, caplog, monkeypatch):
+    """MLflow answers but its artifact store does not (S3 down): logging the report's files crashed the stage
+    after they were written, and under `run` serving never started."""
+    from pipelines.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = make_config()
+    # The experiment keeps its artifacts where nothing listens (port 9), the tracking store itself answers.
+    tracker = Tracker(cfg.tracking_uri, cfg.name, artifact_root="http://127.0.0.1:9/artifacts")
+    tracker.start_run("train-1", {"stage": "train", "cnnzoo.stage_parent": "true"})
+    record("resnet18", "resnet18", {}, 560_000_000, 0.93).save(cfg.paths.train_dir)
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        report = report_stage(cfg, latency=False)
+    assert (report.directory / "models.csv").is_file() and list(report.table["model"]) == ["resnet18"]
+    assert "MLflow or its artifact store is unreachable" in caplog.text
+
+
 def test_serving_latency_is_measured_as_a_replica_runs_the_model(tmp_path, monkeypatch):
     """The column read the eager model on all of the driver's threads: up to 2x faster than a replica's traced
     model on its one thread (serve.num_cpus 0.5)."""

@@ -327,3 +327,92 @@ def test_a_workdir_that_cannot_be_locked_runs_its_stage_unguarded(tmp_path, monk
     with caplog.at_level(logging.WARNING, logger="pipelines"), exclusive_stage(tmp_path / "run", "train"):
         ran.append(True)
     assert ran and "cannot be locked (" in caplog.text and "No locks available" in caplog.text
+
+
+def test_errors_are_sorted_into_outages_and_refusals():
+    """A sqlite file locked by another writer or a database server that is down raises the driver's
+    OperationalError unwrapped: it read as a refusal (the report stopped, replicas marked the model failed for
+    good). An S3 5xx (botocore) carries its status in a dict. A 413 from a proxy (a checkpoint over nginx's body
+    limit) was retried for ever, holding up every write behind it, in every later command."""
+    import sqlite3
+
+    import requests
+    import sqlalchemy.exc
+
+    from pipelines.tracking import http_status, is_unreachable
+    from pipelines.tracking_queue import _is_permanent
+
+    locked = sqlalchemy.exc.OperationalError("SELECT 1", {}, sqlite3.OperationalError("database is locked"))
+    assert is_unreachable(locked) and is_unreachable(sqlite3.OperationalError("unable to open database file"))
+    assert not _is_permanent(locked)
+
+    class ClientError(Exception):  # botocore's shape: the status inside a dict
+        def __init__(self, status):
+            super().__init__(f"S3 said {status}")
+            self.response = {"Error": {"Code": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+    assert http_status(ClientError(503)) == 503 and is_unreachable(ClientError(503))
+    assert not is_unreachable(ClientError(403))
+
+    def http_error(status: int) -> requests.HTTPError:
+        response = requests.Response()
+        response.status_code = status
+        return requests.HTTPError(f"{status}", response=response)
+
+    too_large = http_error(413)
+    assert _is_permanent(too_large) and not is_unreachable(too_large)
+    for transient in (http_error(503), http_error(429), http_error(408)):
+        assert not _is_permanent(transient) and is_unreachable(transient)
+    wrapped = RuntimeError("upload failed")
+    wrapped.__cause__ = too_large
+    assert http_status(wrapped) == 413 and _is_permanent(wrapped)
+    assert _is_permanent(TypeError("_do_register() got an unexpected keyword argument 'x'"))  # another version's file
+    assert not _is_permanent(ConnectionError("refused"))
+
+
+def test_a_damaged_pending_file_is_moved_aside_not_in_every_commands_way(make_config, tmp_path, caplog):
+    """An empty or cut pending file (a crash while it was written) stopped every later command with a
+    JSONDecodeError that named no file."""
+    import logging
+
+    from pipelines.tracking_queue import PENDING_FILE, TrackingQueue, load_pending
+
+    tracker = Tracker.for_config(make_config())
+    pending = tmp_path / PENDING_FILE
+    with caplog.at_level(logging.ERROR, logger="pipelines"):
+        pending.write_text('{"tracking_uri": "sqlite:///x", "ops": [{"seq"')
+        assert load_pending(tmp_path) == [] and not pending.exists()
+        pending.write_text("")
+        queue = TrackingQueue(tracker, pending)
+    assert len(queue) == 0 and not pending.exists()
+    aside = sorted(tmp_path.glob(f"{PENDING_FILE}.damaged-*"))
+    assert len(aside) == 2 and f"{PENDING_FILE} is damaged" in caplog.text
+    assert all(path.name in caplog.text for path in aside)
+    queue.put("set_tags", tracker.start_run("r", {"stage": "train"}), tags={"a": "b"})
+    assert queue.flush(timeout_s=20) == []
+
+
+def test_ctrl_c_while_flush_waits_keeps_the_unsent_writes_pending(make_config, tmp_path):
+    """A Ctrl-C during the end-of-stage wait for MLflow (or a second one during an abort's) lost every queued
+    write with the process: registrations, metrics, the stage run's end."""
+    import signal
+    import threading
+
+    from pipelines.tracking_queue import TrackingQueue, load_pending
+
+    class QueueWithAnOutage(TrackingQueue):
+        def _do_down(self, ref):
+            raise ConnectionError("MLflow is down")
+
+    tracker = Tracker.for_config(make_config())
+    queue = QueueWithAnOutage(tracker, tmp_path / "tracking-pending.json")
+    queue.put("down", None)
+    queue.put("set_tags", "local:run", tags={"queued": "behind"})
+    timer = threading.Timer(2.0, signal.raise_signal, args=(signal.SIGINT,))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            queue.flush(timeout_s=60)
+    finally:
+        timer.cancel()
+    assert [op.kind for op in load_pending(tmp_path)] == ["down", "set_tags"]
