@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -62,6 +63,8 @@ class TrackingOp:
     kind: str
     ref: str | None
     args: dict[str, Any] = field(default_factory=dict)
+    #: Tells the write apart in the pending file, which several commands of one config may share.
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class UnsendableWrite(LookupError):
@@ -110,11 +113,13 @@ class TrackingQueue:
         #: Whether the pending file holds writes this queue took over: it is then kept in step as they go out,
         #: so a process killed before :meth:`flush` does not leave them to be sent twice (two model versions).
         self._tracks_file = False
+        #: Names this queue's claim on the pending file's writes it took over, and which writes there are its own.
+        self.token = uuid.uuid4().hex
+        self._own_uids: set[str] = set()
         if self.pending_file is not None:
             _wait_for_the_write_in_flight(self.pending_file)
         if self.pending_file is not None and self.pending_file.exists():
-            self._load_pending()
-            self._tracks_file = True
+            self._tracks_file = self._load_pending() > 0
 
     def __getstate__(self) -> dict:
         with self._lock:
@@ -204,7 +209,7 @@ class TrackingQueue:
             with self._lock:  # the file is written under the lock: flush() writes it too
                 self._ops.popleft()
                 if self._tracks_file:
-                    self._save_pending(list(self._ops))
+                    self._save_pending(list(self._ops), release=self._stop)
                     self._tracks_file = bool(self._ops)
                 self._lock.notify_all()
             delay = 1.0
@@ -326,7 +331,7 @@ class TrackingQueue:
                 # not lost with the process. (The write in flight may still go out, and be sent again later.)
                 self._stop = True
                 self._lock.notify_all()
-                self._save_pending(list(self._ops))
+                self._save_pending(list(self._ops), release=True)
                 raise
             self._stop = True
             self._lock.notify_all()
@@ -341,18 +346,33 @@ class TrackingQueue:
                 self._tracks_file = True
                 if self.pending_file is not None:
                     _WRITES_IN_FLIGHT[self.pending_file.resolve()] = self._thread
-            self._save_pending(pending)
+            self._save_pending(pending, release=True)
         return pending
 
-    def _save_pending(self, pending: list[TrackingOp]) -> None:
-        if self.pending_file is None:
+    def _save_pending(self, pending: list[TrackingOp], *, release: bool = False) -> None:
+        """Put this queue's unsent writes ``pending`` in the pending file beside those of other commands of the
+        config (a `register` run by hand, a search beside a train stage): each command writes only its own, under
+        the file's lock, so none overwrites or deletes another's. ``release``: leave them to the next command
+        (the queue's end), else they stay claimed by this one while it sends them."""
+        if self.pending_file is None or (not pending and not self.pending_file.exists()):
             return
-        if not pending:
-            self.pending_file.unlink(missing_ok=True)
-            return
+        with _pending_file_lock(self.pending_file):
+            body = _read_pending_file(self.pending_file)
+            foreign = [op for op in body.get("ops", []) if op.get("uid") not in self._own_uids]
+            self._own_uids.update(op.uid for op in pending)
+            if not foreign and not pending:
+                self.pending_file.unlink(missing_ok=True)
+                return
+            foreign_uids = {op.get("uid") for op in foreign}
+            claims = {uid: claim for uid, claim in body.get("claims", {}).items() if uid in foreign_uids}
+            if not release:
+                claims.update({op.uid: self._claim() for op in pending})
+            self._write_pending_file({"tracking_uri": self.tracker.tracking_uri,
+                                      "run_ids": {**body.get("run_ids", {}), **self.run_ids},
+                                      "ops": foreign + [asdict(op) for op in pending], "claims": claims})
+
+    def _write_pending_file(self, body: dict) -> None:
         self.pending_file.parent.mkdir(parents=True, exist_ok=True)
-        body = {"tracking_uri": self.tracker.tracking_uri, "run_ids": self.run_ids,
-                "ops": [asdict(op) for op in pending]}
         # A scratch file of this writer's own: two commands on one workdir (a `register` beside a stage waiting out
         # an outage) shared one, and one could move the other's half-written file into place.
         scratch = self.pending_file.with_name(f"{self.pending_file.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
@@ -365,14 +385,74 @@ class TrackingQueue:
         finally:
             scratch.unlink(missing_ok=True)
 
-    def _load_pending(self) -> None:
-        body = _pending_body(self.pending_file, self.tracker.tracking_uri)
-        self.run_ids.update(body.get("run_ids", {}))
-        for op in body.get("ops", []):
-            self._seq += 1
-            self._ops.append(TrackingOp(self._seq, op["kind"], op["ref"], op["args"]))
-        logger.info("[tracking] %d write(s) left pending by an earlier stage are queued again (%s)",
-                    len(self._ops), self.pending_file)
+    def _claim(self) -> dict[str, Any]:
+        return {"token": self.token, "pid": os.getpid(), "host": socket.gethostname()}
+
+    def _claimed_elsewhere(self, claim: dict | None) -> bool:
+        """Whether another command that is still running is sending this write (it took it over first)."""
+        if not claim or claim.get("token") == self.token:
+            return False
+        if claim.get("host") != socket.gethostname():
+            return True  # its process cannot be looked up from here
+        try:
+            os.kill(int(claim["pid"]), 0)
+        except ProcessLookupError:
+            return False  # it ended (killed, crashed) before it sent the write: the write is anyone's
+        except (PermissionError, KeyError, TypeError, ValueError):
+            return True
+        return True
+
+    def _load_pending(self) -> int:
+        """Take over the writes an earlier command left pending, those no running command has taken over
+        (two commands of a config loaded the same writes and sent each twice: two model versions); returns
+        how many."""
+        taken, others = 0, Counter()
+        with _pending_file_lock(self.pending_file):
+            body = _pending_body(self.pending_file, self.tracker.tracking_uri)
+            claims = body.setdefault("claims", {})
+            self.run_ids.update(body.get("run_ids", {}))
+            for op in body.get("ops", []):
+                op.setdefault("uid", uuid.uuid4().hex)  # written before writes had one
+                claim = claims.get(op["uid"])
+                if self._claimed_elsewhere(claim):
+                    others[f"pid {claim.get('pid')} on {claim.get('host')}"] += 1
+                    continue
+                self._seq += 1
+                self._ops.append(TrackingOp(self._seq, op["kind"], op["ref"], op["args"], op["uid"]))
+                self._own_uids.add(op["uid"])
+                claims[op["uid"]] = self._claim()
+                taken += 1
+            if taken:
+                self._write_pending_file(body)
+        if taken:
+            logger.info("[tracking] %d write(s) left pending by an earlier stage are queued again (%s)", taken,
+                        self.pending_file)
+        for holder, count in others.items():
+            logger.info("[tracking] %d pending write(s) in %s are being sent by another command (%s): left to it",
+                        count, self.pending_file, holder)
+        return taken
+
+
+@contextlib.contextmanager
+def _pending_file_lock(pending_file: Path) -> Iterator[None]:
+    """Hold the pending file's lock for one read-modify-write (milliseconds); on a filesystem without locks, or
+    when the lock is not had within a minute, go on without it, saying so."""
+    from filelock import FileLock, Timeout
+
+    pending_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(pending_file) + ".lock", timeout=60)
+    try:
+        lock.acquire()
+        locked = True
+    except (Timeout, OSError, NotImplementedError) as err:
+        logger.warning("[tracking] %s cannot be locked (%s); another command may change it at the same time",
+                       pending_file, err)
+        locked = False
+    try:
+        yield
+    finally:
+        if locked:
+            lock.release()
 
 
 def _pending_body(pending_file: Path, tracking_uri: str) -> dict:

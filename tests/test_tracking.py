@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+
 import pytest
 
 from pipelines.tracking import CHAMPION, Tracker, choose_champion, ui_hint
@@ -416,3 +419,54 @@ def test_ctrl_c_while_flush_waits_keeps_the_unsent_writes_pending(make_config, t
     finally:
         timer.cancel()
     assert [op.kind for op in load_pending(tmp_path)] == ["down", "set_tags"]
+
+
+def test_two_commands_of_one_config_share_the_pending_file_without_sending_twice_or_losing_writes(make_config,
+                                                                                                  tmp_path):
+    """Two commands on one workdir (a `register` by hand beside a stage, a search beside a train stage) both
+    loaded the pending writes and sent each twice (two model versions), and one's end overwrote or deleted the
+    writes the other had left pending meanwhile."""
+    import subprocess
+    import sys
+
+    from pipelines.tracking_queue import TrackingQueue, load_pending
+
+    sent = []
+
+    class QueueWithAnOutage(TrackingQueue):
+        mlflow_down = True
+
+        def _do_down(self, ref, note):
+            if QueueWithAnOutage.mlflow_down:
+                raise ConnectionError("MLflow is down")
+            sent.append(note)
+
+    tracker = Tracker.for_config(make_config())
+    pending = tmp_path / "tracking-pending.json"
+    earlier = QueueWithAnOutage(tracker, pending)
+    earlier.put("down", None, note="left by an earlier stage")
+    assert len(earlier.flush(timeout_s=1)) == 1 and pending.exists()
+
+    first = QueueWithAnOutage(tracker, pending)  # takes the earlier write over
+    second = QueueWithAnOutage(tracker, pending)  # meanwhile: the write is the first's to send
+    assert [op.args["note"] for op in first._ops] == ["left by an earlier stage"] and len(second) == 0
+    second.put("down", None, note="the second's own")
+    assert len(second.flush(timeout_s=1)) == 1
+    notes = [op.args["note"] for op in load_pending(tmp_path)]
+    assert notes == ["left by an earlier stage", "the second's own"]  # the first's claim kept, the second's added
+    QueueWithAnOutage.mlflow_down = False
+    assert first.flush(timeout_s=20) == [] and sent == ["left by an earlier stage"]
+    assert [op.args["note"] for op in load_pending(tmp_path)] == ["the second's own"]  # not deleted by the first
+
+    # A write taken over by another command is left to it while that command runs, and is anyone's again once it
+    # died without sending it.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        body = json.loads(pending.read_text())
+        body["claims"] = {body["ops"][0]["uid"]: {"token": "other", "pid": other.pid, "host": socket.gethostname()}}
+        pending.write_text(json.dumps(body))
+        assert len(QueueWithAnOutage(tracker, pending)) == 0
+    finally:
+        other.kill()
+        other.wait()
+    assert [op.args["note"] for op in QueueWithAnOutage(tracker, pending)._ops] == ["the second's own"]
