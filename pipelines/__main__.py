@@ -230,7 +230,7 @@ def _pending_exit(args, cfg: PipelineConfig, code: int) -> int:
     """``code``, or EXIT_PENDING with one summary when MLflow has not taken every write of the stage."""
     from .tracking_queue import EXIT_PENDING, load_pending, pending_summary
 
-    pending = load_pending(cfg.paths.run_dir)
+    pending = load_pending(cfg.paths.run_dir, this_process=True)  # not those another running command sends
     if not pending:
         return code
     command = f"python -m pipelines register {_same_config(args)}".rstrip()

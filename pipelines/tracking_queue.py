@@ -19,6 +19,7 @@ behind it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -48,6 +49,9 @@ PENDING_FILE = "tracking-pending.json"
 EXIT_PENDING = 3
 #: Longest wait between two attempts while the tracking store is unreachable.
 RETRY_CAP_S = 10.0
+#: How long a pending write taken over by a command on another host (or in a container since restarted) stays
+#: that command's; one on this host is its command's for as long as that process runs.
+CLAIM_TTL_S = 3600.0
 #: MLflow errors that no retry can fix: the write is dropped with an error message.
 #: What each kind of write is, for the pending summary.
 DESCRIPTIONS = {"start_run": "run created", "start_trial_run": "run created", "log_params": "params",
@@ -77,16 +81,25 @@ def _is_permanent(err: BaseException) -> bool:
     registers is unusable (a diverged run's NaN weights, say) or gone from a storage that answers. Anything
     else counts as an outage and is retried, a checkpoint whose storage does not answer included."""
     from .checkpoints import CheckpointError, MissingCheckpointError
-    from .tracking import http_status
+    from .tracking import is_unreachable
 
     unusable = isinstance(err, CheckpointError) and not isinstance(err, MissingCheckpointError)
+    if unusable or isinstance(err, UnsendableWrite) or getattr(err, "error_code", None) in PERMANENT_ERRORS:
+        return True
     # A 4xx from the HTTP artifact store or a proxy in front of MLflow (413: a checkpoint over nginx's 1 MB body
-    # limit) is refused the same way every time; so is a write this code cannot carry out (a pending file of
-    # another version of it): retried, either held up every write behind it, in every later command too.
-    status = http_status(err)
-    refused = status is not None and 400 <= status < 500 and status not in (408, 429)
-    return (unusable or refused or isinstance(err, UnsendableWrite | TypeError | AttributeError)
-            or getattr(err, "error_code", None) in PERMANENT_ERRORS)
+    # limit) is refused the same way every time: retried, it held up every write behind it, in every later
+    # command too. (S3's 4xx come as botocore errors, some of them passing, as RequestTimeout's 400: retried.)
+    status = getattr(getattr(_cause_with_response(err), "response", None), "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429) and not is_unreachable(err)
+
+
+def _cause_with_response(err: BaseException) -> BaseException | None:
+    cause, depth = err, 0
+    while cause is not None and depth < 10:
+        if getattr(cause, "response", None) is not None:
+            return cause
+        cause, depth = cause.__cause__ or cause.__context__, depth + 1
+    return None
 
 
 class TrackingQueue:
@@ -110,12 +123,15 @@ class TrackingQueue:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._down_since: float | None = None
+        self._writing = False  #: the writer thread is in its loop (see _drain)
         #: Whether the pending file holds writes this queue took over: it is then kept in step as they go out,
         #: so a process killed before :meth:`flush` does not leave them to be sent twice (two model versions).
         self._tracks_file = False
         #: Names this queue's claim on the pending file's writes it took over, and which writes there are its own.
         self.token = uuid.uuid4().hex
         self._own_uids: set[str] = set()
+        #: The uid of the write still being sent when the queue ended (flush): the only one it still holds.
+        self._in_flight: str | None = None
         if self.pending_file is not None:
             _wait_for_the_write_in_flight(self.pending_file)
         if self.pending_file is not None and self.pending_file.exists():
@@ -171,17 +187,33 @@ class TrackingQueue:
     # -- the writer thread ---------------------------------------------------------------------------
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._stop = False
+            self._stop, self._in_flight, self._writing = False, None, True
             self._thread = threading.Thread(target=self._drain, name="cnnzoo-tracking", daemon=True)
             self._thread.start()
 
+    def _writer_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._writing
+
     def _drain(self) -> None:
+        try:
+            self._send_in_order()
+        finally:
+            # Said under the lock, for flush(): a join interrupted by Ctrl-C marks the thread ended while it is
+            # still sending (CPython bpo-45274), so flush waits on this instead of joining.
+            with self._lock:
+                self._writing = False
+                self._lock.notify_all()
+
+    def _send_in_order(self) -> None:
         delay = 1.0
         while True:
             with self._lock:
                 while not self._ops and not self._stop:
                     self._lock.wait()
                 if self._stop:
+                    if self._in_flight is not None and self._ops and self._ops[0].uid == self._in_flight:
+                        # The write it was still sending when the queue ended did not go out: anyone's now.
+                        self._save_pending([self._ops[0]], claimed=set())
                     return
                 op = self._ops[0]
             try:
@@ -209,8 +241,9 @@ class TrackingQueue:
             with self._lock:  # the file is written under the lock: flush() writes it too
                 self._ops.popleft()
                 if self._tracks_file:
-                    self._save_pending(list(self._ops), release=self._stop)
-                    self._tracks_file = bool(self._ops)
+                    # After the queue's end only the write that was in flight is this queue's to take out.
+                    self._save_pending([] if self._in_flight is not None else list(self._ops))
+                    self._tracks_file = bool(self._ops) and self._in_flight is None
                 self._lock.notify_all()
             delay = 1.0
             if self._down_since is not None:
@@ -233,7 +266,16 @@ class TrackingQueue:
         return run_id
 
     def _execute(self, op: TrackingOp) -> Any:
-        return getattr(self, f"_do_{op.kind}")(op.ref, **op.args)
+        write = getattr(self, f"_do_{op.kind}", None)
+        try:
+            bound = inspect.signature(write).bind(op.ref, **op.args) if write is not None else None
+        except TypeError as err:
+            bound, reason = None, str(err)
+        else:
+            reason = "unknown kind of write"
+        if bound is None:  # from a pending file of another version of this code: no retry can send it
+            raise UnsendableWrite(f"this version cannot send it ({reason})")
+        return write(*bound.args, **bound.kwargs)
 
     # -- the writes (run on the writer thread, or by ``pipelines register``) --------------------------
     def _do_start_run(self, ref: str, run_name: str, tags: dict, parent: str | None) -> str:
@@ -313,47 +355,55 @@ class TrackingQueue:
         what is still unsent (and saves it to the pending file, or removes that file when nothing is left)."""
         deadline = time.monotonic() + timeout_s
         announced = False
-        with self._lock:
-            left = len(self._ops)
-            try:
-                while self._ops and time.monotonic() < deadline:
-                    if len(self._ops) < left or self._down_since is None:
-                        # Draining, or slow but answering: only time with MLflow unreachable counts.
-                        left, deadline = len(self._ops), time.monotonic() + timeout_s
-                    if self._down_since is not None and not announced:
-                        logger.warning("[tracking] waiting up to %s for MLflow to take %d queued write(s) "
-                                       "(tracking.pending_timeout_s)", duration(timeout_s), len(self._ops))
-                        announced = True
-                    self._ensure_thread()
-                    self._lock.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-            except BaseException:
-                # Ctrl-C while waiting (a second one during an abort's flush): what is unsent is kept pending,
-                # not lost with the process. (The write in flight may still go out, and be sent again later.)
-                self._stop = True
-                self._lock.notify_all()
-                self._save_pending(list(self._ops), release=True)
-                raise
-            self._stop = True
-            self._lock.notify_all()
-        if self._thread is not None:
+        try:
+            with self._lock:
+                left = len(self._ops)
+                try:
+                    while self._ops and time.monotonic() < deadline:
+                        if len(self._ops) < left or self._down_since is None:
+                            # Draining, or slow but answering: only time with MLflow unreachable counts.
+                            left, deadline = len(self._ops), time.monotonic() + timeout_s
+                        if self._down_since is not None and not announced:
+                            logger.warning("[tracking] waiting up to %s for MLflow to take %d queued write(s) "
+                                           "(tracking.pending_timeout_s)", duration(timeout_s), len(self._ops))
+                            announced = True
+                        self._ensure_thread()
+                        self._lock.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                finally:
+                    self._stop = True
+                    self._lock.notify_all()
             # An attempt in flight ends within the client's request timeout; it may still succeed.
-            self._thread.join(timeout=float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")) + 5)
-        with self._lock:
-            pending = list(self._ops)
-            if self._thread is not None and self._thread.is_alive():
-                # Still in flight (a slow upload after an outage): should it succeed, the writer takes it out
-                # of the file, or the next `register` would send it again (a second version, the alias moved).
-                self._tracks_file = True
-                if self.pending_file is not None:
-                    _WRITES_IN_FLIGHT[self.pending_file.resolve()] = self._thread
-            self._save_pending(pending, release=True)
+            writer_deadline = time.monotonic() + float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")) + 5
+            with self._lock:
+                while self._writer_alive() and time.monotonic() < writer_deadline:
+                    self._lock.wait(timeout=min(1.0, max(0.0, writer_deadline - time.monotonic())))
+        finally:
+            # Also after a Ctrl-C while it waits (a second one during an abort's flush): what is unsent is kept
+            # pending, not lost with the process.
+            with self._lock:
+                pending = self._hand_over()
         return pending
 
-    def _save_pending(self, pending: list[TrackingOp], *, release: bool = False) -> None:
+    def _hand_over(self) -> list[TrackingOp]:
+        """The queue's end (under its lock): the unsent writes go to the pending file for the next command. One
+        still in flight (a slow upload after an outage) stays this queue's until it ends: should it succeed, the
+        writer takes it out of the file, or the next `register` would send it again (a second version, the alias
+        moved); the others are no longer this queue's to write."""
+        pending = list(self._ops)
+        writing = bool(pending) and self._writer_alive()
+        self._in_flight = pending[0].uid if writing else None
+        self._save_pending(pending, claimed={self._in_flight} if writing else set())
+        if writing:
+            self._tracks_file, self._own_uids = True, {self._in_flight}
+            if self.pending_file is not None:
+                _WRITES_IN_FLIGHT[self.pending_file.resolve()] = self._thread
+        return pending
+
+    def _save_pending(self, pending: list[TrackingOp], claimed: set[str] | None = None) -> None:
         """Put this queue's unsent writes ``pending`` in the pending file beside those of other commands of the
         config (a `register` run by hand, a search beside a train stage): each command writes only its own, under
-        the file's lock, so none overwrites or deletes another's. ``release``: leave them to the next command
-        (the queue's end), else they stay claimed by this one while it sends them."""
+        the file's lock, so none overwrites or deletes another's. ``claimed``: the uids of those it goes on
+        sending (default: all), which no other command takes; the rest are left to the next command."""
         if self.pending_file is None or (not pending and not self.pending_file.exists()):
             return
         with _pending_file_lock(self.pending_file):
@@ -365,8 +415,7 @@ class TrackingQueue:
                 return
             foreign_uids = {op.get("uid") for op in foreign}
             claims = {uid: claim for uid, claim in body.get("claims", {}).items() if uid in foreign_uids}
-            if not release:
-                claims.update({op.uid: self._claim() for op in pending})
+            claims.update({op.uid: self._claim() for op in pending if claimed is None or op.uid in claimed})
             self._write_pending_file({"tracking_uri": self.tracker.tracking_uri,
                                       "run_ids": {**body.get("run_ids", {}), **self.run_ids},
                                       "ops": foreign + [asdict(op) for op in pending], "claims": claims})
@@ -386,21 +435,11 @@ class TrackingQueue:
             scratch.unlink(missing_ok=True)
 
     def _claim(self) -> dict[str, Any]:
-        return {"token": self.token, "pid": os.getpid(), "host": socket.gethostname()}
+        return {"token": self.token, "pid": os.getpid(), "host": socket.gethostname(), "at": time.time()}
 
     def _claimed_elsewhere(self, claim: dict | None) -> bool:
         """Whether another command that is still running is sending this write (it took it over first)."""
-        if not claim or claim.get("token") == self.token:
-            return False
-        if claim.get("host") != socket.gethostname():
-            return True  # its process cannot be looked up from here
-        try:
-            os.kill(int(claim["pid"]), 0)
-        except ProcessLookupError:
-            return False  # it ended (killed, crashed) before it sent the write: the write is anyone's
-        except (PermissionError, KeyError, TypeError, ValueError):
-            return True
-        return True
+        return _held_elsewhere(claim, own_token=self.token)
 
     def _load_pending(self) -> int:
         """Take over the writes an earlier command left pending, those no running command has taken over
@@ -431,6 +470,26 @@ class TrackingQueue:
             logger.info("[tracking] %d pending write(s) in %s are being sent by another command (%s): left to it",
                         count, self.pending_file, holder)
         return taken
+
+
+def _held_elsewhere(claim: dict | None, *, own_token: str | None = None, own_pid: int | None = None) -> bool:
+    """Whether a pending write's ``claim`` is held by a command still running, other than the queue ``own_token``
+    or the process ``own_pid``."""
+    if not claim or claim.get("token") == own_token:
+        return False
+    if claim.get("host") != socket.gethostname():
+        # Its process cannot be looked up from here (another node, or this container before a restart, under
+        # another name): its claim holds for CLAIM_TTL_S after the command last wrote the file.
+        return time.time() - float(claim.get("at", 0)) < CLAIM_TTL_S
+    try:
+        if int(claim["pid"]) == own_pid:
+            return False
+        os.kill(int(claim["pid"]), 0)
+    except ProcessLookupError:
+        return False  # it ended (killed, crashed) before it sent the write: the write is anyone's
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -666,24 +725,34 @@ def _read_pending_file(path: Path) -> dict:
     error naming it, since every command would otherwise stop at it."""
     try:
         body = json.loads(path.read_text())
-        if not isinstance(body, dict) or not isinstance(body.get("ops", []), list):
-            raise ValueError("not a pending-writes object")
+        ops = body.get("ops", []) if isinstance(body, dict) else None
+        if not isinstance(ops, list) or not all(
+                isinstance(op, dict) and isinstance(op.get("kind"), str) and isinstance(op.get("args"), dict)
+                and "ref" in op for op in ops):
+            raise ValueError("not a list of pending writes")
         return body
     except FileNotFoundError:
         return {}
     except (ValueError, UnicodeDecodeError) as err:
         aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
-        path.replace(aside)
+        try:
+            path.replace(aside)
+        except FileNotFoundError:  # another command moved it aside first
+            return {}
         logger.error("[tracking] %s is damaged (%s): its writes cannot be sent; moved to %s", path, err, aside)
         return {}
 
 
-def load_pending(run_dir: str | os.PathLike) -> list[TrackingOp]:
-    """The writes a stage left pending in ``run_dir`` (none when the file is absent)."""
+def load_pending(run_dir: str | os.PathLike, *, this_process: bool = False) -> list[TrackingOp]:
+    """The writes left pending in ``run_dir`` (none when the file is absent); ``this_process``: without those
+    another running command has taken over (it sends them, or says so when it ends)."""
     path = Path(run_dir) / PENDING_FILE
     if not path.exists():
         return []
-    return [TrackingOp(**op) for op in _read_pending_file(path).get("ops", [])]
+    body = _read_pending_file(path)
+    claims = body.get("claims", {})
+    return [TrackingOp(**op) for op in body.get("ops", [])
+            if not (this_process and _held_elsewhere(claims.get(op.get("uid")), own_pid=os.getpid()))]
 
 
 def send_pending(cfg) -> list[TrackingOp]:
@@ -692,7 +761,7 @@ def send_pending(cfg) -> list[TrackingOp]:
     if not len(queue):
         logger.info("[tracking] nothing pending in %s", cfg.paths.run_dir)
         return []
-    if not any(op.kind == "update_champion" for op in load_pending(cfg.paths.run_dir)):
+    if not any(op.kind == "update_champion" for op in queue._ops):
         queue.put("update_champion", registered_model=cfg.registered_model_name)
     total = len(queue)
     pending = queue.flush(cfg.tracking.pending_timeout_s)
