@@ -10,6 +10,41 @@ import pytest
 from pipelines.tracking import CHAMPION, Tracker, choose_champion, ui_hint
 
 
+def queue_with_a_slow_write(tracker, pending_file):
+    """A TrackingQueue with one extra kind of write, ``slow_tags``: fails once as if MLflow were down, then takes
+    ``seconds`` and sets the tags."""
+    import time
+
+    from pipelines.tracking_queue import TrackingQueue
+
+    class QueueWithASlowWrite(TrackingQueue):
+        attempts = 0
+
+        def _do_slow_tags(self, ref, tags, seconds):
+            self.attempts += 1
+            if self.attempts == 1:
+                raise ConnectionError("MLflow is down")
+            time.sleep(seconds)
+            for key, value in tags.items():
+                self.tracker.client.set_tag(ref, key, value)
+
+    return QueueWithASlowWrite(tracker, pending_file)
+
+
+def flush_interrupted(queue, after_s: float, timeout_s: float) -> None:
+    """``queue.flush(timeout_s)`` with a Ctrl-C (SIGINT) ``after_s`` into it."""
+    import signal
+    import threading
+
+    timer = threading.Timer(after_s, signal.raise_signal, args=(signal.SIGINT,))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            queue.flush(timeout_s=timeout_s)
+    finally:
+        timer.cancel()
+
+
 def test_the_champion_is_the_best_score_and_the_first_among_equals():
     assert choose_champion({"lenet5": 0.91, "resnet18": 0.97, "vgg11_bn": 0.95}) == "resnet18"
     assert choose_champion({"a": 0.9, "b": 0.9}) == "a"
@@ -214,27 +249,13 @@ def test_a_write_still_in_flight_when_flush_gives_up_leaves_the_pending_file_onc
     then succeeded, stayed in the file, so the next `register` sent it again (a second model version); a later
     stage in the same process read the file while the write was still in flight and sent it again too."""
     import threading
-    import time
 
     from pipelines.tracking_queue import TrackingQueue
-
-    class QueueWithASlowWrite(TrackingQueue):
-        """One extra kind of write: fails once as if MLflow were down, then takes ``seconds`` and sets tags."""
-
-        attempts = 0
-
-        def _do_slow_tags(self, ref, tags, seconds):
-            self.attempts += 1
-            if self.attempts == 1:
-                raise ConnectionError("MLflow is down")
-            time.sleep(seconds)
-            for key, value in tags.items():
-                self.tracker.client.set_tag(ref, key, value)
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "0")  # flush waits 5 s for an attempt in flight
     tracker = Tracker.for_config(make_config())
     run_id = tracker.start_run("lenet5", {"stage": "train"})
-    queue = QueueWithASlowWrite(tracker, tmp_path / "pending.json")
+    queue = queue_with_a_slow_write(tracker, tmp_path / "pending.json")
     queue.put("slow_tags", run_id, tags={"sent": "late"}, seconds=8)
     assert [op.kind for op in queue.flush(timeout_s=2)] == ["slow_tags"]  # the retry starts after 1 s
     assert (tmp_path / "pending.json").exists()
@@ -415,8 +436,6 @@ def test_a_damaged_pending_file_is_moved_aside_not_in_every_commands_way(make_co
 def test_ctrl_c_while_flush_waits_keeps_the_unsent_writes_pending(make_config, tmp_path):
     """A Ctrl-C during the end-of-stage wait for MLflow (or a second one during an abort's) lost every queued
     write with the process: registrations, metrics, the stage run's end."""
-    import signal
-    import threading
 
     from pipelines.tracking_queue import TrackingQueue, load_pending
 
@@ -428,13 +447,7 @@ def test_ctrl_c_while_flush_waits_keeps_the_unsent_writes_pending(make_config, t
     queue = QueueWithAnOutage(tracker, tmp_path / "tracking-pending.json")
     queue.put("down", None)
     queue.put("set_tags", "local:run", tags={"queued": "behind"})
-    timer = threading.Timer(2.0, signal.raise_signal, args=(signal.SIGINT,))
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            queue.flush(timeout_s=60)
-    finally:
-        timer.cancel()
+    flush_interrupted(queue, after_s=2.0, timeout_s=60)
     assert [op.kind for op in load_pending(tmp_path)] == ["down", "set_tags"]
 
 
@@ -496,36 +509,16 @@ def test_a_ctrl_c_while_flush_waits_for_the_write_in_flight_keeps_it_pending_for
     """The second Ctrl-C of an abort most likely comes while flush waits for the write in flight (up to 35 s):
     every unsent write was lost then. The write in flight stays this command's (another would send it twice) and
     leaves the file once it goes out."""
-    import signal
-    import threading
-    import time
 
-    from pipelines.tracking_queue import TrackingQueue, load_pending
-
-    class QueueWithASlowWrite(TrackingQueue):
-        attempts = 0
-
-        def _do_slow_tags(self, ref, tags):
-            self.attempts += 1
-            if self.attempts == 1:
-                raise ConnectionError("MLflow is down")
-            time.sleep(6)
-            for key, value in tags.items():
-                self.tracker.client.set_tag(ref, key, value)
+    from pipelines.tracking_queue import load_pending
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "0")  # flush waits 5 s for an attempt in flight
     tracker = Tracker.for_config(make_config())
     run_id = tracker.start_run("lenet5", {"stage": "train"})
-    queue = QueueWithASlowWrite(tracker, tmp_path / "tracking-pending.json")
-    queue.put("slow_tags", run_id, tags={"sent": "once"})
+    queue = queue_with_a_slow_write(tracker, tmp_path / "tracking-pending.json")
+    queue.put("slow_tags", run_id, tags={"sent": "once"}, seconds=6)
     queue.put("set_tags", run_id, tags={"queued": "behind"})
-    timer = threading.Timer(3.0, signal.raise_signal, args=(signal.SIGINT,))  # the wait ends at 2 s: in the join
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            queue.flush(timeout_s=2)
-    finally:
-        timer.cancel()
+    flush_interrupted(queue, after_s=3.0, timeout_s=2)  # the wait for MLflow ends at 2 s: in the writer's
     body = json.loads((tmp_path / "tracking-pending.json").read_text())
     slow, behind = body["ops"]
     assert [slow["kind"], behind["kind"]] == ["slow_tags", "set_tags"]
