@@ -14,6 +14,7 @@ is dropped, so a 32 px image reaches the last block at 4x4.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 import torch
@@ -92,6 +93,19 @@ class Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
 
+#: The layer keys of torchvision's published DenseNet weight files (``denselayer1.norm.1.weight``, from an older
+#: module layout), which torchvision renames as it loads them (``denselayer1.norm1.weight``).
+_LEGACY_LAYER_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        match = _LEGACY_LAYER_KEY.match(key)
+        if match:
+            state_dict[match.group(1) + match.group(2)] = state_dict.pop(key)
+
+
 class DenseNet(ImageClassifier):
     classifier_name = "classifier"
     # Measured on a 2-core Xeon (AVX-512), small-input densenet121: training steps 1.17x (28 px, batch 128)
@@ -143,6 +157,8 @@ class DenseNet(ImageClassifier):
         self.default_input_size = (in_chans, 32, 32) if small_input else (in_chans, 224, 224)
         self.min_input_size = 8 if small_input else 29
         init_conv_bn_linear(self, conv_mode="fan_in", linear="zero_bias")
+        # torchvision's published weights (densenet121-a639ec97.pth...) load as torchvision loads them.
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.features(x), inplace=True)  # norm5's output is a fresh tensor, as in torchvision

@@ -112,7 +112,7 @@ class Inception(nn.Module):
                 nn.MaxPool2d(kernel_size=3, stride=1, padding=1, ceil_mode=True), conv(in_channels, pool_proj, 1)
             )
             self.out_channels = ch1x1 + ch3x3 + ch5x5 + pool_proj
-        self.se = SqueezeExcitation(self.out_channels, reduction=se_reduction) if se_reduction else None
+        self.se = SqueezeExcitation(self.out_channels, reduction=se_reduction) if se_reduction is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)

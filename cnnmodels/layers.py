@@ -146,6 +146,9 @@ class SqueezeExcitation(nn.Module):
     ) -> None:
         super().__init__()
         if squeeze_channels is None:
+            if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
+                # (0 built the plain model under the SE name: the SE blocks were left out without a word)
+                raise ValueError(f"se_reduction must be a positive integer, got {reduction!r}")
             squeeze_channels = max(1, channels // reduction)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Conv2d(channels, squeeze_channels, 1)

@@ -11,6 +11,8 @@ import difflib
 import fnmatch
 import inspect
 import math
+import types
+import typing
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -152,6 +154,27 @@ def model_options(name: str) -> dict[str, object]:
     }
 
 
+def _check_option_types(name: str, builder: Callable[..., nn.Module], options: dict) -> None:
+    """``TypeError`` for an option whose value is not of its builder's type: ``small_input="no"`` built the
+    small-input stem (a non-empty string is true), ``dropout=True`` a dropout of 1.0."""
+    hints = typing.get_type_hints(builder)
+    for key, value in options.items():
+        expected = hints.get(key)
+        allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+        if value is None and type(None) in allowed:
+            continue
+        if bool in allowed:
+            ok, kind = isinstance(value, bool), "true or false"
+        elif float in allowed:
+            ok, kind = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+        elif int in allowed:
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        else:
+            continue  # other types are the builder's to check
+        if not ok:
+            raise TypeError(f"create_model({name!r}): {key} must be {kind}, got {value!r}")
+
+
 def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3, **kwargs) -> nn.Module:
     """Build the registered model ``name``.
 
@@ -189,9 +212,10 @@ def create_model(name: str, *, num_classes: int = 1000, in_chans: int = 3, **kwa
             f"create_model({name!r}) got unknown keyword argument(s) {', '.join(suggestions)}; "
             f"{name} accepts: {', '.join(sorted(options))}"
         )
-    if not isinstance(num_classes, int) or num_classes < 1:
+    _check_option_types(name, builder, kwargs)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not isinstance(in_chans, int) or in_chans < 1:
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"in_chans must be a positive integer, got {in_chans!r}")
     model = builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
     model.model_name = name  # for messages (e.g. the input-size check); not part of the state dict

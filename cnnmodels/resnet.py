@@ -57,7 +57,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.se = SqueezeExcitation(planes, reduction=se_reduction) if se_reduction else None
+        self.se = SqueezeExcitation(planes, reduction=se_reduction) if se_reduction is not None else None
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,8 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(planes, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.se = SqueezeExcitation(planes * self.expansion, reduction=se_reduction) if se_reduction else None
+        self.se = (SqueezeExcitation(planes * self.expansion, reduction=se_reduction) if se_reduction is not None
+                   else None)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ def make_vgg_features(
         if batch_norm:
             layers.append(nn.BatchNorm2d(value))
         layers.append(nn.ReLU(inplace=True))
-        if se_reduction:
+        if se_reduction is not None:
             layers.append(SqueezeExcitation(value, reduction=se_reduction))
         channels = value
     return nn.Sequential(*layers)

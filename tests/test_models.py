@@ -175,6 +175,42 @@ def test_torchvision_state_dict_loads_strictly_and_gives_same_outputs(name):
     assert expected.abs().max() > 1e-3  # the comparison is not between two near-zero outputs
 
 
+@torch.no_grad()
+def test_torchvision_published_densenet_weights_load_with_their_legacy_keys():
+    """torchvision's DenseNet weight files name the layers' modules the old way (``denselayer1.norm.1.weight``)
+    and torchvision renames them as it loads them; a strict load of such a file failed here."""
+    import re
+
+    torch.manual_seed(0)
+    reference = torchvision.models.densenet121(weights=None, num_classes=10).eval()
+    _randomise_norm_stats(reference)
+    # As in the files: saved by a torch before batch norm counted its batches (no num_batches_tracked, no
+    # version metadata: batch norm fills it in as it loads).
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+              for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy  # the published files' layout
+    ours = create_model("densenet121", num_classes=10).eval()
+    ours.load_state_dict(legacy, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ours(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_option_values_of_the_wrong_type_are_refused():
+    """``small_input="no"`` built the small-input stem (a non-empty string is true), ``se_reduction=0`` the plain
+    ResNet-50 under the SE name, ``num_classes=True`` a one-class head."""
+    with pytest.raises(TypeError, match="small_input must be true or false, got 'no'"):
+        create_model("resnet18", small_input="no")
+    with pytest.raises(TypeError, match="stem_stride must be an integer, got 2.0"):
+        create_model("resnet18", small_input=True, stem_stride=2.0)
+    with pytest.raises(TypeError, match="dropout must be a number, got True"):
+        create_model("efficientnet_b0", dropout=True)
+    with pytest.raises(ValueError, match="se_reduction must be a positive integer, got 0"):
+        create_model("se_resnet50", se_reduction=0)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got True"):
+        create_model("resnet18", num_classes=True)
+    assert create_model("efficientnet", phi=1, alpha=1, beta=1.2, gamma=1.2, num_classes=10)  # ints for floats
+
+
 # One architecture per block type; the deeper variants stack the same blocks.
 @pytest.mark.parametrize("name", ["alexnet", "vgg11_bn", "googlenet", "resnet18", "resnet101", "densenet121",
                                   "efficientnet_b0"])
