@@ -317,4 +317,4 @@ register_family("efficientnet_phi", "efficientnet", "phi")
 # ``efficientnet_paper_phi1``: the member with the paper's (1.2, 1.1, 1.15), the builder's defaults. A name of
 # its own lets the pipeline train it next to the searched member of the same phi (``search.compare_paper``)
 # without the two colliding in result files, registry aliases or MLflow runs.
-register_family("efficientnet_paper_phi", "efficientnet", "phi")
+register_family("efficientnet_paper_phi", "efficientnet", "phi", fixed={"alpha": 1.2, "beta": 1.1, "gamma": 1.15})

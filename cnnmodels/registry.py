@@ -34,7 +34,7 @@ __all__ = [
 M = TypeVar("M", bound=nn.Module)
 _MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 #: Families of models named by one option's value (``efficientnet_phi1``): prefix -> (builder, option).
-_FAMILIES: dict[str, tuple[str, str]] = {}
+_FAMILIES: dict[str, tuple[str, str, dict[str, object]]] = {}
 
 
 def register_model(name: str | None = None) -> Callable[[Callable[..., M]], Callable[..., M]]:
@@ -50,16 +50,18 @@ def register_model(name: str | None = None) -> Callable[[Callable[..., M]], Call
     return wrapper
 
 
-def register_family(prefix: str, builder: str, option: str) -> None:
+def register_family(prefix: str, builder: str, option: str, fixed: dict[str, object] | None = None) -> None:
     """Name the members of a scaled family ``<prefix><value>``: ``efficientnet_phi1`` is the registered
     ``efficientnet`` builder with ``phi=1.0`` (decimal points are written ``p``: ``efficientnet_phi0p5``).
+    ``fixed``: options every member has (the paper's coefficients for ``efficientnet_paper_phi``), which
+    :func:`create_model` holds to as it holds to the member's value.
 
     Family members are valid names for :func:`create_model` but are not listed by :func:`list_models`
     (there is one per value of the option).
     """
     if prefix in _FAMILIES:
         raise ValueError(f"a family is already registered under the prefix {prefix!r}")
-    _FAMILIES[prefix] = (builder, option)
+    _FAMILIES[prefix] = (builder, option, dict(fixed or {}))
 
 
 def family_member_name(builder: str, value: float, *, prefix: str | None = None) -> str:
@@ -68,7 +70,7 @@ def family_member_name(builder: str, value: float, *, prefix: str | None = None)
     A builder may have several families (the EfficientNet members with searched coefficients and those with
     the paper's): ``prefix`` picks one, by default the first registered for ``builder``.
     """
-    for family_prefix, (family_builder, _) in _FAMILIES.items():
+    for family_prefix, (family_builder, _, _) in _FAMILIES.items():
         if family_builder == builder and prefix in (None, family_prefix):
             return f"{family_prefix}{value:g}".replace(".", "p")
     which = f" under the prefix {prefix!r}" if prefix else ""
@@ -77,7 +79,7 @@ def family_member_name(builder: str, value: float, *, prefix: str | None = None)
 
 def _parse_family_member(name: str) -> tuple[str, str, dict[str, float]] | None:
     """(prefix, builder, implied options) of a family member's name, or None."""
-    for prefix, (builder, option) in _FAMILIES.items():
+    for prefix, (builder, option, fixed) in _FAMILIES.items():
         if name.startswith(prefix) and len(name) > len(prefix):
             try:
                 value = float(name[len(prefix):].replace("p", "."))
@@ -87,7 +89,7 @@ def _parse_family_member(name: str) -> tuple[str, str, dict[str, float]] | None:
             # for "phi1" (the same model trained twice), "phinan" or "phi-1" no model at all.
             if not math.isfinite(value) or value < 0 or f"{prefix}{value:g}".replace(".", "p") != name:
                 continue
-            return prefix, builder, {option: value}
+            return prefix, builder, {option: value, **fixed}
     return None
 
 

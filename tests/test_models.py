@@ -211,6 +211,15 @@ def test_option_values_of_the_wrong_type_are_refused():
     assert create_model("efficientnet", phi=1, alpha=1, beta=1.2, gamma=1.2, num_classes=10)  # ints for floats
 
 
+def test_the_paper_family_keeps_the_papers_coefficients():
+    """``efficientnet_paper_phi1`` built with other coefficients was accepted and recorded under the paper's name."""
+    assert cnnmodels.resolve_model_name("efficientnet_paper_phi1")[1] == {"phi": 1.0, "alpha": 1.2, "beta": 1.1,
+                                                                          "gamma": 1.15}
+    with pytest.raises(ValueError, match="got alpha=1.4, but the name means alpha=1.2"):
+        create_model("efficientnet_paper_phi1", alpha=1.4)
+    assert create_model("efficientnet_paper_phi1", alpha=1.2, num_classes=10)  # the paper's own: fine
+
+
 # One architecture per block type; the deeper variants stack the same blocks.
 @pytest.mark.parametrize("name", ["alexnet", "vgg11_bn", "googlenet", "resnet18", "resnet101", "densenet121",
                                   "efficientnet_b0"])
@@ -300,7 +309,8 @@ def test_the_paper_family_has_names_of_its_own():
     assert cnnmodels.family_member_name("efficientnet", 1.0, prefix="efficientnet_paper_phi") == \
         "efficientnet_paper_phi1"
     assert cnnmodels.family_member_name("efficientnet", 1.0) == "efficientnet_phi1"  # the first family stays default
-    assert cnnmodels.resolve_model_name("efficientnet_paper_phi1p5") == ("efficientnet", {"phi": 1.5})
+    assert cnnmodels.resolve_model_name("efficientnet_paper_phi1p5") == (
+        "efficientnet", {"phi": 1.5, "alpha": 1.2, "beta": 1.1, "gamma": 1.15})
     assert cnnmodels.family_of("efficientnet_paper_phi2") == "efficientnet_paper_phi"
     assert cnnmodels.family_of("efficientnet_phi2") == "efficientnet_phi"
     assert cnnmodels.family_of("resnet18") is None
