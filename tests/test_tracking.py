@@ -36,6 +36,8 @@ def flush_interrupted(queue, after_s: float, timeout_s: float) -> None:
     import signal
     import threading
 
+    # Python's own Ctrl-C handler, as a command has it (a Ray driver in the same test session installs another).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(after_s, signal.raise_signal, args=(signal.SIGINT,))
     timer.start()
     try:
@@ -43,6 +45,7 @@ def flush_interrupted(queue, after_s: float, timeout_s: float) -> None:
             queue.flush(timeout_s=timeout_s)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_the_champion_is_the_best_score_and_the_first_among_equals():
