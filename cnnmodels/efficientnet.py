@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 
 from .layers import ConvNormAct, ImageClassifier, SqueezeExcitation, StochasticDepth
 from .registry import register_family, register_model
-from .scaling import CompoundCoefficients, scale_channels, scale_depth
+from .scaling import PAPER_COEFFICIENTS, CompoundCoefficients, scale_channels, scale_depth
 
 __all__ = ["MBConvConfig", "MBConv", "EfficientNet", "B0_STAGES", "EFFICIENTNET_TABLE", "build_efficientnet"]
 
@@ -317,4 +317,4 @@ register_family("efficientnet_phi", "efficientnet", "phi")
 # ``efficientnet_paper_phi1``: the member with the paper's (1.2, 1.1, 1.15), the builder's defaults. A name of
 # its own lets the pipeline train it next to the searched member of the same phi (``search.compare_paper``)
 # without the two colliding in result files, registry aliases or MLflow runs.
-register_family("efficientnet_paper_phi", "efficientnet", "phi", fixed={"alpha": 1.2, "beta": 1.1, "gamma": 1.15})
+register_family("efficientnet_paper_phi", "efficientnet", "phi", fixed=asdict(PAPER_COEFFICIENTS))

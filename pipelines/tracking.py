@@ -60,14 +60,15 @@ PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXIST
                               "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
 
 
-def http_status(err: BaseException) -> int | None:
+def http_status(err: BaseException, *, http_only: bool = False) -> int | None:
     """The HTTP status an error (or one of its causes) carries: ``requests``' ``response.status_code``, or
-    botocore's ``response["ResponseMetadata"]["HTTPStatusCode"]`` (an S3 artifact store); None without one."""
+    botocore's ``response["ResponseMetadata"]["HTTPStatusCode"]`` (an S3 artifact store; not with
+    ``http_only``); None without one."""
     cause, depth = err, 0
     while cause is not None and depth < 10:
         response = getattr(cause, "response", None)
         status = getattr(response, "status_code", None)
-        if status is None and isinstance(response, dict):
+        if status is None and isinstance(response, dict) and not http_only:
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if isinstance(status, int):
             return status

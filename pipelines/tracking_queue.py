@@ -36,7 +36,17 @@ from typing import Any
 from ray.tune import Callback
 
 from .console import duration, timestamped
-from .tracking import EPOCH_METRICS, FINAL_METRICS, PERMANENT_ERRORS, TAG_MODEL, TAG_STAGE, TAG_TRIAL, first_line
+from .tracking import (
+    EPOCH_METRICS,
+    FINAL_METRICS,
+    PERMANENT_ERRORS,
+    TAG_MODEL,
+    TAG_STAGE,
+    TAG_TRIAL,
+    first_line,
+    http_status,
+    is_unreachable,
+)
 
 __all__ = ["TrackingQueue", "TrialTracking", "TrackingOp", "PENDING_FILE", "EXIT_PENDING", "load_pending",
            "send_pending", "pending_summary"]
@@ -81,7 +91,6 @@ def _is_permanent(err: BaseException) -> bool:
     registers is unusable (a diverged run's NaN weights, say) or gone from a storage that answers. Anything
     else counts as an outage and is retried, a checkpoint whose storage does not answer included."""
     from .checkpoints import CheckpointError, MissingCheckpointError
-    from .tracking import is_unreachable
 
     unusable = isinstance(err, CheckpointError) and not isinstance(err, MissingCheckpointError)
     if unusable or isinstance(err, UnsendableWrite) or getattr(err, "error_code", None) in PERMANENT_ERRORS:
@@ -89,17 +98,8 @@ def _is_permanent(err: BaseException) -> bool:
     # A 4xx from the HTTP artifact store or a proxy in front of MLflow (413: a checkpoint over nginx's 1 MB body
     # limit) is refused the same way every time: retried, it held up every write behind it, in every later
     # command too. (S3's 4xx come as botocore errors, some of them passing, as RequestTimeout's 400: retried.)
-    status = getattr(getattr(_cause_with_response(err), "response", None), "status_code", None)
-    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429) and not is_unreachable(err)
-
-
-def _cause_with_response(err: BaseException) -> BaseException | None:
-    cause, depth = err, 0
-    while cause is not None and depth < 10:
-        if getattr(cause, "response", None) is not None:
-            return cause
-        cause, depth = cause.__cause__ or cause.__context__, depth + 1
-    return None
+    status = http_status(err, http_only=True)
+    return status is not None and 400 <= status < 500 and not is_unreachable(err)
 
 
 class TrackingQueue:
@@ -186,13 +186,14 @@ class TrackingQueue:
 
     # -- the writer thread ---------------------------------------------------------------------------
     def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
+        if not self._writer_alive():
             self._stop, self._in_flight, self._writing = False, None, True
             self._thread = threading.Thread(target=self._drain, name="cnnzoo-tracking", daemon=True)
             self._thread.start()
 
     def _writer_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._writing
+        # Not the thread's is_alive(): a join interrupted by Ctrl-C marks it ended while it still sends.
+        return self._thread is not None and self._writing
 
     def _drain(self) -> None:
         try:
@@ -437,10 +438,6 @@ class TrackingQueue:
     def _claim(self) -> dict[str, Any]:
         return {"token": self.token, "pid": os.getpid(), "host": socket.gethostname(), "at": time.time()}
 
-    def _claimed_elsewhere(self, claim: dict | None) -> bool:
-        """Whether another command that is still running is sending this write (it took it over first)."""
-        return _held_elsewhere(claim, own_token=self.token)
-
     def _load_pending(self) -> int:
         """Take over the writes an earlier command left pending, those no running command has taken over
         (two commands of a config loaded the same writes and sent each twice: two model versions); returns
@@ -453,7 +450,7 @@ class TrackingQueue:
             for op in body.get("ops", []):
                 op.setdefault("uid", uuid.uuid4().hex)  # written before writes had one
                 claim = claims.get(op["uid"])
-                if self._claimed_elsewhere(claim):
+                if _held_elsewhere(claim, own_token=self.token):
                     others[f"pid {claim.get('pid')} on {claim.get('host')}"] += 1
                     continue
                 self._seq += 1
