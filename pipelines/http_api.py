@@ -20,9 +20,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .preprocess import DecodeBudget, ImageDecodeError, PreprocessSpec, UnsupportedImageFormat, preprocess_upload
+from .preprocess import (
+    DecodeBudget,
+    ImageDecodeError,
+    PreprocessSpec,
+    UnsupportedImageFormat,
+    check_image_header,
+    preprocess_upload,
+)
 
-__all__ = ["api", "RequestError", "MULTIPLEX_HEADER", "read_image_bytes", "decode_upload", "authorize"]
+__all__ = ["api", "RequestError", "MULTIPLEX_HEADER", "read_image_bytes", "check_upload", "decode_upload", "authorize"]
 
 logger = logging.getLogger(__name__)
 #: The header Serve routes multiplexed requests by (a replica that already holds the model).
@@ -132,16 +139,28 @@ async def read_image_bytes(request: Request, limit: int, timeout_s: float) -> by
                             "with a 'file' field")
 
 
-def decode_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -> torch.Tensor:
-    """Decode an upload within ``budget`` and preprocess it as in training: a (1, C, H, W) tensor.
-
-    A refused format is 415, any other unreadable or unconvertible image 400, ``MemoryError`` 503.
-    """
+def _image_errors_as_responses(read, *args):
+    """``read(*args)``, its refusals as HTTP errors: a refused format 415, any other unreadable or unconvertible
+    image 400, ``MemoryError`` 503."""
     try:
-        return preprocess_upload(data, spec, budget)
+        return read(*args)
     except UnsupportedImageFormat as err:
         raise RequestError(415, str(err)) from None
     except ImageDecodeError as err:
         raise RequestError(400, str(err)) from None
     except MemoryError:
         raise RequestError(503, "the server ran out of memory decoding this image; try a smaller one") from None
+
+
+def check_upload(data: bytes, budget: DecodeBudget) -> None:
+    """Refuse an upload from its header alone (format, size, aspect ratio: 415 or 400), before a model is loaded
+    for it: a bad request neither loads a model nor evicts one from the replica's cache."""
+    _image_errors_as_responses(check_image_header, data, budget)
+
+
+def decode_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -> torch.Tensor:
+    """Decode an upload within ``budget`` and preprocess it as in training: a (1, C, H, W) tensor.
+
+    A refused format is 415, any other unreadable or unconvertible image 400, ``MemoryError`` 503.
+    """
+    return _image_errors_as_responses(preprocess_upload, data, spec, budget)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 __all__ = ["PreprocessSpec", "ImageDecodeError", "UnsupportedImageFormat", "DecodeBudget", "ACCEPTED_FORMATS",
-           "open_image", "decode_image", "preprocess_upload", "is_out_of_memory", "ALPHA_MODES"]
+           "open_image", "check_image_header", "decode_image", "preprocess_upload", "is_out_of_memory", "ALPHA_MODES"]
 
 #: Pillow modes with an alpha band (a palette's transparency is in ``image.info`` instead).
 ALPHA_MODES = frozenset({"RGBA", "LA", "La", "RGBa", "PA"})
@@ -293,13 +293,24 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return _load_pixels(image)
 
 
+def check_image_header(data: bytes, budget: DecodeBudget) -> Image.Image:
+    """Open an upload's header (no pixels) and check it against ``budget``, all but the resize (which needs the
+    model's input size): what a server can refuse before it loads a model for the request.
+
+    Raises :class:`ImageDecodeError` (:class:`UnsupportedImageFormat` for a refused format).
+    """
+    image = open_image(data)
+    budget.check(image.width, image.height)
+    return image
+
+
 def preprocess_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -> torch.Tensor:
     """An uploaded image as model input (1, C, H, W), within ``budget``; checked before decoding.
 
     Every failure to read or convert the image is an :class:`ImageDecodeError` (its subclass
     :class:`UnsupportedImageFormat` for a refused format); running out of memory is a ``MemoryError``.
     """
-    image = open_image(data)
+    image = check_image_header(data, budget)
     budget.check(image.width, image.height, spec.image_size)
     _load_pixels(image)
     try:

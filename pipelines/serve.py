@@ -39,7 +39,7 @@ from ray import serve
 
 from .batching import Batcher
 from .config import ConfigError, PipelineConfig, ServeConfig, check_serve_access
-from .http_api import MULTIPLEX_HEADER, RequestError, api, authorize, decode_upload, read_image_bytes
+from .http_api import MULTIPLEX_HEADER, RequestError, api, authorize, check_upload, decode_upload, read_image_bytes
 from .model_store import LoadedModel, ModelStore, ServedModel, is_transient_load_error, replica_threads
 from .preprocess import DecodeBudget, is_out_of_memory
 from .tracking import CHAMPION
@@ -94,6 +94,8 @@ class Classifier:
         self.forwards = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.batcher = Batcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s)
         self.loads: dict[str, asyncio.Future] = {}  # alias -> its load, from start until a request takes it
+        # alias -> when its finished, unclaimed load is let go; cancelled once it is (the timer holds the model)
+        self.load_expiries: dict[str, asyncio.TimerHandle] = {}
 
         async def load(alias: str) -> LoadedModel:  # a function: Serve keeps its cache as an attribute on it
             return await self._load_once(alias)
@@ -136,11 +138,17 @@ class Classifier:
         if load.cancelled() or load.exception() is not None:
             self._forget_load(alias, load)
         else:
-            asyncio.get_running_loop().call_later(self.cfg.serve.request_timeout_s, self._forget_load, alias, load)
+            self.load_expiries[alias] = asyncio.get_running_loop().call_later(
+                self.cfg.serve.request_timeout_s, self._forget_load, alias, load)
 
     def _forget_load(self, alias: str, load: asyncio.Future) -> None:
+        """Let ``load`` go, and its expiry timer with it: a timer left running would keep the loaded model in
+        memory after the multiplexer evicted it, one more copy at each reload within a request deadline."""
         if self.loads.get(alias) is load:
             del self.loads[alias]
+            expiry = self.load_expiries.pop(alias, None)
+            if expiry is not None:
+                expiry.cancel()
 
     async def _verify_until_checked(self, interval_s: float = REVERIFY_INTERVAL_S) -> None:
         """Verify again, every ``interval_s``, the models whose verification at start failed for a reason that
@@ -218,9 +226,10 @@ class Classifier:
     async def _answer(self, request: Request, served: ServedModel, top_k: int | None) -> dict[str, Any]:
         s = self.cfg.serve
         data = await read_image_bytes(request, self.max_bytes, s.body_timeout_s)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.decoder, check_upload, data, self.budget)
         loaded = await self._loaded(served)
         top_k = self._top_k(top_k, loaded)
-        loop = asyncio.get_running_loop()
         tensor = await loop.run_in_executor(self.decoder, decode_upload, data, loaded.spec, self.budget)
         probabilities = await self.batcher.submit((loaded, tensor))
         if isinstance(probabilities, Exception):

@@ -4,7 +4,9 @@ request is not started again beside itself."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ def replica_with_a_gated_load(make_config, tmp_path):
                       "serve.request_timeout_s=2")
     replica = object.__new__(Classifier.func_or_class)  # the deployment's own methods, without Serve
     replica.cfg, replica.store, replica.device, replica.loads = cfg, ModelStore(cfg), torch.device("cpu"), {}
+    replica.load_expiries = {}
     replica.by_alias = {m.alias: m for m in replica.store.discover()[0]}
     calls, gate, failures = [], threading.Event(), []
     load = replica.store.load
@@ -103,6 +106,62 @@ def test_an_abandoned_load_is_not_held_for_good_nor_its_failure_handed_on(replic
     assert asyncio.run(abandon(MemoryError("out of memory"))) == (False, False)
     gate.set()
     assert asyncio.run(replica._load_once("good")).alias == "good" and calls == ["good"] * 3
+
+
+def test_a_model_a_request_took_is_not_kept_alive_by_its_load(replica_with_a_gated_load):
+    """Once a request has taken its load (and the multiplexer evicted the model), nothing of the replica's holds
+    the model: the load's expiry timer used to, for a request deadline, one more copy at every reload."""
+    replica, calls, gate, _ = replica_with_a_gated_load
+    gate.set()
+
+    async def load_then_evict():
+        loaded = await replica._load_once("good")
+        model = weakref.ref(loaded.model)
+        del loaded  # what the multiplexer's eviction leaves
+        await asyncio.sleep(0)  # the loop's wake-up of this task holds the load's result until the next step
+        gc.collect()
+        return model() is None, dict(replica.loads), dict(replica.load_expiries)
+
+    # Checked while the loop runs: closing it drops its timers, and with them what they hold.
+    assert asyncio.run(load_then_evict()) == (True, {}, {})
+    assert calls == ["good"]
+
+
+def _post(body: bytes, content_type: str = "image/png"):
+    """A real Starlette request carrying ``body``, as the replica's route receives it."""
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    return Request({"type": "http", "method": "POST", "path": "/predict", "headers": headers, "query_string": b""},
+                   receive)
+
+
+_STRIP_PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\xff\xff\x00\x00\x00\x01\x08\x00\x00\x00\x00"  # 65535 x 1
+
+
+@pytest.mark.parametrize("body, status", [(b"", 400), (b"not an image at all", 400),
+                                          (b"%!PS-Adobe-3.0 EPSF-3.0\n", 415), (_STRIP_PNG, 400)])
+def test_an_upload_refused_from_its_header_loads_no_model(replica_with_a_gated_load, body, status):
+    """Bad input changes nothing: an empty body, bytes that are no image, a refused format or an image over the
+    budget is refused before the model is loaded (a load would evict another model from the replica's cache)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.http_api import RequestError
+    from pipelines.preprocess import DecodeBudget
+
+    replica, calls, gate, _ = replica_with_a_gated_load
+    gate.set()
+    replica.get_model, replica.champion = replica._load_once, "good"
+    replica.models, replica.registry_champion = list(replica.by_alias.values()), None
+    replica.max_bytes, replica.budget = 1 << 20, DecodeBudget()
+    replica.decoder = ThreadPoolExecutor(max_workers=1)
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(replica._answer(_post(body), replica.by_alias["good"], None))
+    replica.decoder.shutdown()
+    assert refused.value.status == status and calls == []
 
 
 class _FixedBatchFlatten(torch.nn.Module):
