@@ -235,11 +235,21 @@ class ModelStore:
             self.verified_files.pop(served.alias, None)
             path = self.checkpoint_file(served)
             checkpoint = load_checkpoint(path)
+        self._refuse_unservable_input(checkpoint.spec)
         loaded = prepare_for_serving(checkpoint.build_model(), checkpoint.spec, fold=fold, trace=trace, device=device)
         loaded.alias, loaded.version = served.alias, served.version or f"epoch{checkpoint.epoch}"
         if served.source.startswith("models:/"):
             self.verified_files[served.alias] = path
         return loaded
+
+    def _refuse_unservable_input(self, spec: PreprocessSpec) -> None:
+        """A model whose own input is over ``serve.max_resized_pixels`` would have every request refused (400),
+        after its load had run the serving checks at that size (a checkpoint saying 20,000 px: gigabytes)."""
+        limit = self.cfg.serve.max_resized_pixels
+        if spec.image_size ** 2 > limit:
+            raise CheckpointError(f"its input is {spec.image_size}x{spec.image_size} pixels, above "
+                                  f"serve.max_resized_pixels ({limit:,}), so every request would be refused; raise "
+                                  "serve.max_resized_pixels to serve it")
 
     def verify(self, models: list[ServedModel]) -> None:
         """Load every model once (unfolded); failures are recorded on the model, not raised. One that can pass

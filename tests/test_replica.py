@@ -127,6 +127,22 @@ def test_a_model_a_request_took_is_not_kept_alive_by_its_load(replica_with_a_gat
     assert calls == ["good"]
 
 
+def test_a_checkpoint_whose_input_no_request_could_fit_is_refused(make_config, tmp_path):
+    """A model whose own input is over serve.max_resized_pixels is refused at verification (every request for it
+    would be refused, after each load had probed it at that size), not served as ok."""
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
+    model = cnnmodels.create_model("lenet5", num_classes=3, in_chans=1)
+    save_checkpoint(ModelCheckpoint("lenet5", {}, spec, model.state_dict()), tmp_path / "lenet5.pt")
+    cfg = make_config(f"serve.checkpoints={{big: {tmp_path / 'lenet5.pt'}}}", "serve.max_resized_pixels=1000")
+    store = ModelStore(cfg)
+    models, _ = store.discover()
+    store.verify(models)
+    assert models[0].status == "error" and "32x32 pixels, above serve.max_resized_pixels (1,000)" in models[0].error
+    cfg.serve.max_resized_pixels = 1024  # exactly its input: servable
+    store.verify(models)
+    assert models[0].status == "ok"
+
+
 def _post(body: bytes, content_type: str = "image/png"):
     """A real Starlette request carrying ``body``, as the replica's route receives it."""
     from starlette.requests import Request
