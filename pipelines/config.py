@@ -43,7 +43,11 @@ __all__ = [
     "load_config",
     "DEFAULT_CONFIG",
     "DATASETS",
+    "CHAMPION",
 ]
+
+#: The registry alias of the best model, and the model a request that names none is answered by.
+CHAMPION = "champion"
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "imagefolder")
 #: The embedded default config, used when no ``--config`` is given.
@@ -766,6 +770,14 @@ def _serve_checks(cfg: PipelineConfig) -> None:
     if serve.max_upload_mb * 1024 * 1024 < 1024:
         raise ConfigError("serve.max_upload_mb", f"{serve.max_upload_mb:g} MB is under 1 KB: every request would "
                                                  "be refused as too large")
+    if unreachable := sorted(alias for alias in serve.checkpoints if alias in ("", CHAMPION)):
+        raise ConfigError("serve.checkpoints", f"the alias {unreachable[0]!r} cannot name a checkpoint: requests for "
+                                               f"{CHAMPION!r} go to the best servable model, and no request "
+                                               "names an empty alias")
+    if serve.body_timeout_s >= serve.request_timeout_s:
+        raise ConfigError("serve.body_timeout_s", f"{serve.body_timeout_s:g} s is not below serve.request_timeout_s "
+                                                  f"({serve.request_timeout_s:g} s): a stalled upload would get the "
+                                                  "request's 503 instead of its own 408")
     if serve.checkpoints and (unknown := sorted(set(serve.models) - set(serve.checkpoints))):
         raise ConfigError("serve.models", f"{', '.join(unknown)}: not among serve.checkpoints "
                                           f"({', '.join(sorted(serve.checkpoints))})")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoints import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from .config import CHAMPION
 
 __all__ = ["Tracker", "TrackingUnavailable", "RegisteredVersion", "CHAMPION", "TAG_DATASET", "TAG_DATA_ROOT",
            "TAG_FINGERPRINT", "choose_champion", "ui_hint"]
@@ -39,7 +40,6 @@ __all__ = ["Tracker", "TrackingUnavailable", "RegisteredVersion", "CHAMPION", "T
 logger = logging.getLogger(__name__)
 
 
-CHAMPION = "champion"
 TAG_STAGE = "stage"
 TAG_MODEL = "cnnzoo.model"
 TAG_TRIAL = "ray.trial_id"
