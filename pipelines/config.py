@@ -518,7 +518,8 @@ class ServeConfig(_Section):
         30.0, gt=0.0, description="deadline of one request, body to answer (503 after; the Serve proxy's too)"
     )
     body_timeout_s: float = Field(
-        10.0, gt=0.0, description="deadline for receiving a request's body (408 after): a stalled client frees its slot"
+        10.0, gt=0.0, description="deadline for receiving a request's body (408 after): a stalled client frees its "
+        "slot; below request_timeout_s"
     )
     auth_token: Optional[SecretStr] = Field(
         None,
@@ -538,7 +539,7 @@ class ServeConfig(_Section):
         "is named, and with none found the stage exits 2"))
     checkpoints: dict[str, str] = Field(
         default_factory=dict, description="alias -> checkpoint file (made absolute where the command runs), served "
-        "instead of the registry"
+        "instead of the registry (any alias but `champion`, which requests the best servable one)"
     )
     fold_batchnorm: bool = Field(True, description="fold batch norm into convolutions for serving (verified)")
     trace_models: bool = Field(
