@@ -133,8 +133,15 @@ def _split_folder(root: Path, split: str) -> Path | None:
 def _refuse_disguised_splits(root: Path) -> None:
     """Raise :class:`ImageFolderError` for an unsplit ``root`` whose class folders are splits in disguise (a
     split-like name and class folders inside): torchvision's walk reads their images recursively, so each split
-    would become one class."""
+    would become one class. A split ``root`` may hold no split-like folder it would not read (``Val/``,
+    ``testing/``, a second validation folder)."""
     if _training_folder(root) != root:
+        read = {"train"} | {folder.name for split in SPLIT_FOLDERS if (folder := _split_folder(root, split))}
+        unread = [name for name in _class_names(root) if name.lower() in SPLIT_LIKE_NAMES and name not in read]
+        if unread:  # Val/ or testing/ beside train/: silently left out, its images never validated or tested on
+            raise ImageFolderError(
+                f"{root} comes split (train/), but {', '.join(f'{n}/' for n in unread)} would not be read: name the "
+                "validation folder val/, valid/ or validation/ and the test folder test/ (lower case), one of each")
         return
     disguised = [name for name in _class_names(root)
                  if name.lower() in SPLIT_LIKE_NAMES and _has_class_folders(root / name)]

@@ -264,6 +264,12 @@ def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classe
     splits = load_splits(cfg)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 6, 4)
     assert len(check_image_folder(cfg)) == 0 and describe_dataset(cfg).sizes == {"train": 16, "val": 6, "test": 4}
+    for unread in ("Test", "testing", "validation"):  # beside train/ valid/ test/ or train/ valid/: never read
+        odd = tmp_path / f"beside-{unread}"
+        for split in ("train", "valid", unread) + (("test",) if unread == "validation" else ()):
+            _write_images(odd / split, per_class=2)
+        with pytest.raises(ImageFolderError, match=rf"comes split \(train/\), but {unread}/ would not be read"):
+            check_image_folder(DataConfig(dataset="imagefolder", root=str(odd)))
     coco = tmp_path / "coco"
     _write_images(coco, classes=("bus", "train"), per_class=10)  # "train" holds images: a class
     splits = load_splits(DataConfig(dataset="imagefolder", root=str(coco), val_fraction=0.2, test_fraction=0.2))
