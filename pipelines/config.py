@@ -164,7 +164,10 @@ class DataConfig(_Section):
     image_size: int = Field(32, ge=8, le=1024, description="side length the images are resized to")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of the training data held out for validation")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="held-out share where the data set has no test split")
-    train_subset: Optional[int] = Field(None, ge=10, description="use only this many training images")
+    train_subset: Optional[int] = Field(
+        None, ge=10,
+        description="use only this many training images, stratified (and one of every class, if that is more)"
+    )
     augment: Union[bool, Literal["flip"]] = Field(
         True,
         description="true: random crops (padding 1/8 of the side) and flips where the data allows; flip: flips "

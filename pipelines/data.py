@@ -289,14 +289,16 @@ def _load_splits_cached(cfg_json: str, excluded: tuple[str, ...]) -> ImageSplits
     else:
         splits = _LOADERS[cfg.dataset](cfg)
     if cfg.train_subset is not None and cfg.train_subset < len(splits.train):
-        fraction = cfg.train_subset / len(splits.train)
-        _, keep = stratified_split(splits.train.labels, fraction, cfg.seed)
-        # The subset is the held-out side, which never has a class's only image: added back, or the class
-        # would have no training image at all (a few more images than asked for; a few fewer when the subset
-        # is nearly the whole split, which is too close to it to stratify).
-        counts = np.bincount(splits.train.labels)
-        singles = np.flatnonzero(np.isin(splits.train.labels, np.flatnonzero(counts == 1)))
-        splits.train = splits.train.subset(np.union1d(keep, singles))
+        labels = splits.train.labels
+        _, keep = stratified_split(labels, cfg.train_subset / len(labels), cfg.seed)
+        # The subset is the held-out side, which can miss a class: never its only image, and some classes
+        # whenever fewer images are asked for than there are classes. One image of each is added back, or its
+        # output would never train and nothing would say so (a few more images than asked for; a few fewer when
+        # the subset is nearly the whole split, which is too close to it to stratify).
+        rng = np.random.default_rng(cfg.seed)
+        missing = np.setdiff1d(np.unique(labels), labels[keep])
+        added = [rng.choice(np.flatnonzero(labels == label)) for label in missing]
+        splits.train = splits.train.subset(np.union1d(keep, np.asarray(added, dtype=keep.dtype)))
     return splits
 
 

@@ -210,6 +210,16 @@ def test_train_subset_keeps_a_class_with_a_single_image(tmp_path):
     assert 0 in subset.train.labels and len(subset.train) == 13  # the 12 asked for, and the ant
 
 
+def test_a_train_subset_smaller_than_the_class_count_still_trains_every_class(tmp_path):
+    """Asked for fewer images than there are classes, the subset (the held-out side of a random split) left
+    most classes without a single training image, and said nothing."""
+    classes = tuple(f"class{i:02d}" for i in range(20))
+    _write_images(tmp_path, classes=classes, per_class=5)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), val_fraction=0.2, test_fraction=0.2, train_subset=10)
+    subset = load_splits(cfg)
+    assert sorted(set(subset.train.labels.tolist())) == list(range(20)) and 20 <= len(subset.train) < 30
+
+
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_reads_the_debian_idx_files():
     cfg = DataConfig(dataset="fashion-mnist", download=False)
