@@ -228,3 +228,16 @@ def test_the_stage_reports_only_records_of_this_training(make_config):
     longer = make_config("train.models=[lenet5, alexnet]", f"train.epochs={cfg.train.epochs + 1}")
     assert current_results(longer, plan_model_runs(longer, describe_dataset(longer.data), resolve_models(longer),
                                                    cluster_cpus=2)) == {}  # the same training, to fewer epochs
+
+
+def test_more_workers_than_validation_images_exits_2_before_training(make_config):
+    """A worker with no validation image skipped the collective the others waited in at the first evaluation
+    (DDP's buffer broadcast), and the run hung; refused when the runs are planned, naming the key."""
+    from pipelines.config import ConfigError
+
+    cfg = make_config("data.val_fraction=0.001", "train.num_workers=4", "train.models=[lenet5]")
+    assert describe_dataset(cfg.data).sizes["val"] == 2
+    with pytest.raises(ConfigError, match=r"train.num_workers: 4 workers, but the val split has 2 image\(s\)"):
+        plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    assert len(plan_model_runs(make_config("data.val_fraction=0.001", "train.num_workers=2", "train.models=[lenet5]"),
+                               describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)) == 1
