@@ -511,10 +511,10 @@ class SplitDataset(Dataset):
 
     In-memory data sets are converted once, up front, through the spec's PIL path (or arrive converted, a
     :class:`ConvertedSplit`); image folders, and in-memory splits too big for that (:data:`MAX_CONVERTED_BYTES`),
-    are decoded lazily per item. ``augment`` adds random crops
-    (padding 1/8 of the side) and, where the data set allows it, horizontal flips; ``"flip"``, the flips
-    only. Indexed with an ``(index, seed)`` pair (:class:`EpochSampler`), the augmentation draws from that
-    seed; with a plain index, from the global RNG.
+    are decoded lazily per item. ``augment`` adds random crops (padding 1/8 of the side, in the data set's
+    background) and, where the data set allows it, horizontal flips; ``"flip"``, the flips only. Indexed with
+    an ``(index, seed)`` pair (:class:`EpochSampler`), the augmentation draws from that seed; with a plain
+    index, from the global RNG.
     """
 
     def __init__(self, split: RawSplit | ConvertedSplit, spec: PreprocessSpec, augment: bool | str = False) -> None:
@@ -530,7 +530,10 @@ class SplitDataset(Dataset):
         if augment:
             import torchvision.transforms.v2 as T  # noqa: N812
 
-            ops = [] if augment == "flip" else [T.RandomCrop(spec.image_size, padding=max(1, spec.image_size // 8))]
+            # The crop's padding is the data set's own background: black borders on white-background images
+            # would teach the model an edge no test or served image has.
+            ops = [] if augment == "flip" else [T.RandomCrop(spec.image_size, padding=max(1, spec.image_size // 8),
+                                                             fill=spec.background)]
             if spec.dataset in FLIP_OK:
                 ops.append(T.RandomHorizontalFlip())
             self.transform = T.Compose(ops) if ops else None

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipelines.config import DataConfig
-from pipelines.data import DEBIAN_FASHION_MNIST, SplitDataset, describe_dataset, load_splits, make_spec
+from pipelines.data import DEBIAN_FASHION_MNIST, RawSplit, SplitDataset, describe_dataset, load_splits, make_spec
 from pipelines.preprocess import ImageDecodeError, PreprocessSpec, decode_image
 
 
@@ -691,6 +691,16 @@ def test_flip_augmentation_mirrors_or_keeps_each_image_and_never_crops():
     cropped = [crops[(3, seed)][0] for seed in range(20)]
     assert any(not (torch.equal(x, original) or torch.equal(x, original.flip(-1))) for x in cropped)
     assert SplitDataset(split, make_spec(describe_dataset(cfg), 16), augment="flip").transform is None
+
+
+def test_random_crops_pad_with_the_data_sets_background():
+    """Crops of white-background images were padded with black, an edge no test or served image has."""
+    white = RawSplit(labels=np.zeros(1, dtype=np.int64), images=np.full((1, 16, 16), 255, dtype=np.uint8))
+    for background in (255, 0):
+        spec = PreprocessSpec(image_size=16, channels=1, mean=(0.5,), std=(0.25,), class_names=("a",),
+                              background=background)
+        crops = torch.stack([SplitDataset(white, spec, augment=True)[(0, seed)][0] for seed in range(20)])
+        assert (crops == 0).any() == (background == 0)
 
 
 def test_dark_drawings_on_transparency_go_onto_white_and_light_ones_onto_black(tmp_path):
