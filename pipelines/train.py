@@ -24,6 +24,7 @@ import numpy as np
 from .compute_gate import ReleaseOnTrialEnd, compute_gate
 from .config import PipelineConfig
 from .console import duration, timestamped
+from .optim import lr_at
 from .planning import ModelChoice, ModelRun, plan_model_runs, resolve_models, with_overlapped_startup
 from .results import ModelResult, comparison_table, for_display, load_results
 from .shared_data import prepare, shared_splits
@@ -234,6 +235,22 @@ class TrainStageResult:
         return not self.failed
 
 
+def _warn_of_a_warm_restart(run: ModelRun, trained_epochs: int) -> None:
+    """A run extended to more epochs continues from its checkpoint, its cosine schedule spread over the new
+    length: the learning rate, near zero at the old end, goes back up (a warm restart). Said, since the result is
+    not what the same epochs from scratch would give."""
+    hyper = run.hyper
+    if hyper.schedule == "constant" or trained_epochs == 0:
+        return
+    steps = 1000  # per epoch: the schedule's shape, whatever the split's size
+    resumed = lr_at(1.0, hyper.schedule, hyper.warmup_epochs, hyper.epochs, trained_epochs * steps, steps)
+    logger.warning("[train] %s was trained to %d epochs with these settings; it continues to %d from its "
+                   "checkpoint, with its cosine schedule spread over %d epochs: the learning rate goes back up to "
+                   "%.0f%% of train.lr (a warm restart, not what %d epochs from scratch give; for that, another "
+                   "workdir or name)", run.model_name, trained_epochs, hyper.epochs, hyper.epochs, 100 * resumed,
+                   hyper.epochs)
+
+
 def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[ModelRun], list[str]]:
     """Runs still to train, and the names of those already trained with the same settings to their epochs (or
     further: a run of fewer epochs would resume past its end and record the longer run's model as its own).
@@ -244,7 +261,10 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
     finished = []
     for run in runs:
         done = existing.get(run.model_name)
-        if done is None or done.fingerprint != run.fingerprint or done.epochs < run.hyper.epochs:
+        if done is None or done.fingerprint != run.fingerprint:
+            continue
+        if done.epochs < run.hyper.epochs:
+            _warn_of_a_warm_restart(run, done.epochs)
             continue
         if done.epochs > run.hyper.epochs:
             logger.warning("[train] %s was trained to %d epochs with these settings; train.epochs=%d asks for "

@@ -230,6 +230,29 @@ def test_the_stage_reports_only_records_of_this_training(make_config):
                                                    cluster_cpus=2)) == {}  # the same training, to fewer epochs
 
 
+def test_a_run_extended_to_more_epochs_says_its_learning_rate_goes_back_up(make_config, caplog):
+    """More epochs continue the run from its checkpoint with the cosine schedule spread over the new length: the
+    learning rate, near zero at the old end, rises again. Said, not silent: the result differs from a fresh run."""
+    from pipelines.results import ModelResult
+    from pipelines.train import _split_finished
+
+    settings = ("train.models=[lenet5]", "train.warmup_epochs=1", "train.schedule=cosine")
+    cfg = make_config(*settings, "train.epochs=3")
+    run = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)[0]
+    ModelResult(model_name=run.model_name, arch=run.arch, model_kwargs={}, run_name=run.run_name,
+                fingerprint=run.fingerprint, input_size=32, params_count=1, macs=1, epochs=3, best_val_acc=0.5,
+                best_epoch=2, test_acc=0.5, train_images_per_sec=1.0, train_seconds=1.0,
+                checkpoint_path="").save(cfg.paths.train_dir)
+    for epochs, warned in ((5, True), (3, False)):  # (3: finished, skipped)
+        longer = make_config(*settings, f"train.epochs={epochs}", workdir=cfg.paths.workdir)
+        runs = plan_model_runs(longer, describe_dataset(longer.data), resolve_models(longer), cluster_cpus=2)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipelines"):
+            _split_finished(longer, runs)
+        assert ("continues to 5 from its checkpoint, with its cosine schedule spread over 5 epochs: the learning "
+                "rate goes back up to 50% of train.lr" in caplog.text) == warned
+
+
 def test_more_workers_than_validation_images_exits_2_before_training(make_config):
     """A worker with no validation image skipped the collective the others waited in at the first evaluation
     (DDP's buffer broadcast), and the run hung; refused when the runs are planned, naming the key."""
