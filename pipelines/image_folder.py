@@ -136,8 +136,10 @@ def _refuse_disguised_splits(root: Path) -> None:
     would become one class. A split ``root`` may hold no split-like folder it would not read (``Val/``,
     ``testing/``, a second validation folder)."""
     if _training_folder(root) != root:
-        read = {"train"} | {folder.name for split in SPLIT_FOLDERS if (folder := _split_folder(root, split))}
-        unread = [name for name in _class_names(root) if name.lower() in SPLIT_LIKE_NAMES and name not in read]
+        read = [root / "train"] + [folder for split in SPLIT_FOLDERS if (folder := _split_folder(root, split))]
+        # Compared as folders, not names: on a case-insensitive file system root/"val" is Val/, and read.
+        unread = [name for name in _class_names(root) if name.lower() in SPLIT_LIKE_NAMES
+                  and not any((root / name).samefile(folder) for folder in read)]
         if unread:  # Val/ or testing/ beside train/: silently left out, its images never validated or tested on
             raise ImageFolderError(
                 f"{root} comes split (train/), but {', '.join(f'{n}/' for n in unread)} would not be read: name the "

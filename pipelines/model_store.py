@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, MissingCheckpointError, ModelCheckpoint, load_checkpoint
-from .config import PipelineConfig
+from .config import CHAMPION, PipelineConfig
 from .preprocess import PreprocessSpec, is_out_of_memory
-from .tracking import CHAMPION, TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion, is_unreachable
+from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion, is_unreachable
 
 __all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm", "trace_for_serving", "prepare_for_serving",
            "is_transient_load_error"]

@@ -282,11 +282,12 @@ def _worker_settings(cfg: PipelineConfig, cluster_cpus: float, node_cpus: list[f
     return settings.model_copy(update={"cpus_per_worker": auto_cpus_per_worker(cfg, cluster_cpus, node_cpus)})
 
 
-def _refuse_empty_evaluation_shares(info: DatasetInfo, num_workers: int) -> None:
-    """Raise ConfigError when a worker would get no validation or test image: each evaluates its own share
+def _refuse_empty_evaluation_shares(info: DatasetInfo, num_workers: int, splits: tuple[str, ...]) -> None:
+    """Raise ConfigError when a worker would get no image of a split it evaluates: each evaluates its own share
     (unpadded, so the metrics are exact), and one with none skips the collective the others wait in (DDP's
     buffer broadcast at the first evaluation forward): the run hangs."""
-    for split, key in (("val", "data.val_fraction"), ("test", "data.test_fraction")):
+    for split in splits:
+        key = f"data.{split}_fraction"
         if info.sizes[split] < num_workers:
             raise ConfigError("train.num_workers", f"{num_workers} workers, but the {split} split has "
                                                    f"{info.sizes[split]} image(s): every worker needs one to "
@@ -309,7 +310,7 @@ def plan_model_runs(
     Train run while an unchanged one resumes its own.
     """
     workers = _worker_settings(cfg, cluster_cpus, node_cpus)
-    _refuse_empty_evaluation_shares(info, workers.num_workers)
+    _refuse_empty_evaluation_shares(info, workers.num_workers, ("val",) if stage == "search" else ("val", "test"))
     runs = []
     for choice in choices:
         hyper = hyperparameters_for(cfg.train, choice.name)

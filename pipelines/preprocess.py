@@ -293,7 +293,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return _load_pixels(image)
 
 
-def check_image_header(data: bytes, budget: DecodeBudget) -> Image.Image:
+def check_image_header(data: bytes, budget: DecodeBudget) -> None:
     """Open an upload's header (no pixels) and check it against ``budget``, all but the resize (which needs the
     model's input size): what a server can refuse before it loads a model for the request.
 
@@ -301,7 +301,6 @@ def check_image_header(data: bytes, budget: DecodeBudget) -> Image.Image:
     """
     image = open_image(data)
     budget.check(image.width, image.height)
-    return image
 
 
 def preprocess_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -> torch.Tensor:
@@ -310,7 +309,7 @@ def preprocess_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -
     Every failure to read or convert the image is an :class:`ImageDecodeError` (its subclass
     :class:`UnsupportedImageFormat` for a refused format); running out of memory is a ``MemoryError``.
     """
-    image = check_image_header(data, budget)
+    image = open_image(data)
     budget.check(image.width, image.height, spec.image_size)
     _load_pixels(image)
     try:

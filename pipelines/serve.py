@@ -38,11 +38,10 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from .batching import Batcher
-from .config import ConfigError, PipelineConfig, ServeConfig, check_serve_access
+from .config import CHAMPION, ConfigError, PipelineConfig, ServeConfig, check_serve_access
 from .http_api import MULTIPLEX_HEADER, RequestError, api, authorize, check_upload, decode_upload, read_image_bytes
 from .model_store import LoadedModel, ModelStore, ServedModel, is_transient_load_error, replica_threads
 from .preprocess import DecodeBudget, is_out_of_memory
-from .tracking import CHAMPION
 
 __all__ = ["Classifier", "build_app", "app_builder", "serve_stage", "write_serve_config", "ServeHandle",
            "is_transient_load_error"]
@@ -135,6 +134,8 @@ class Classifier:
         """A load that ends with no request waiting for it: a failure is forgotten at once (the next request
         tries afresh rather than getting a stale error), a model after one request deadline, so one nobody asks
         for again is not held beside the multiplexer's ``max_models_per_replica``."""
+        if self.loads.get(alias) is not load:  # a request already took it (it awaited the finished load at once)
+            return
         if load.cancelled() or load.exception() is not None:
             self._forget_load(alias, load)
         else:
@@ -226,10 +227,11 @@ class Classifier:
     async def _answer(self, request: Request, served: ServedModel, top_k: int | None) -> dict[str, Any]:
         s = self.cfg.serve
         data = await read_image_bytes(request, self.max_bytes, s.body_timeout_s)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.decoder, check_upload, data, self.budget)
+        # On the loop: a header parse, no pixels; in the decode pool it would queue behind other requests' decodes.
+        check_upload(data, self.budget)
         loaded = await self._loaded(served)
         top_k = self._top_k(top_k, loaded)
+        loop = asyncio.get_running_loop()
         tensor = await loop.run_in_executor(self.decoder, decode_upload, data, loaded.spec, self.budget)
         probabilities = await self.batcher.submit((loaded, tensor))
         if isinstance(probabilities, Exception):

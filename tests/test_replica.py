@@ -126,6 +126,15 @@ def test_a_model_a_request_took_is_not_kept_alive_by_its_load(replica_with_a_gat
     assert asyncio.run(load_then_evict()) == (True, {}, {})
     assert calls == ["good"]
 
+    async def taken_before_its_callback_ran():
+        # A request that awaited the finished load at once (no suspension) forgot it before _after_load ran.
+        load = asyncio.get_running_loop().create_future()
+        load.set_result(object())
+        replica._after_load("good", load)
+        return dict(replica.load_expiries)
+
+    assert asyncio.run(taken_before_its_callback_ran()) == {}
+
 
 def test_a_checkpoint_whose_input_no_request_could_fit_is_refused(make_config, tmp_path):
     """A model whose own input is over serve.max_resized_pixels is refused at verification (every request for it
@@ -155,12 +164,24 @@ def _post(body: bytes, content_type: str = "image/png"):
                    receive)
 
 
-_STRIP_PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\xff\xff\x00\x00\x00\x01\x08\x00\x00\x00\x00"  # 65535 x 1
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-@pytest.mark.parametrize("body, status", [(b"", 400), (b"not an image at all", 400),
-                                          (b"%!PS-Adobe-3.0 EPSF-3.0\n", 415), (_STRIP_PNG, 400)])
-def test_an_upload_refused_from_its_header_loads_no_model(replica_with_a_gated_load, body, status):
+# A valid PNG header of 65535 x 1 pixels (no pixel data needed: the budget refuses it from the header).
+_STRIP_PNG = (b"\x89PNG\r\n\x1a\n"
+              + _png_chunk(b"IHDR", (65535).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"\x08\x00\x00\x00\x00")
+              + _png_chunk(b"IDAT", b""))
+
+
+@pytest.mark.parametrize("body, status, reason", [(b"", 400, "empty body"),
+                                                  (b"not an image at all", 400, "not a readable image"),
+                                                  (b"%!PS-Adobe-3.0 EPSF-3.0\n", 415, "EPS images are not accepted"),
+                                                  (_STRIP_PNG, 400, "aspect ratio above the limit")])
+def test_an_upload_refused_from_its_header_loads_no_model(replica_with_a_gated_load, body, status, reason):
     """Bad input changes nothing: an empty body, bytes that are no image, a refused format or an image over the
     budget is refused before the model is loaded (a load would evict another model from the replica's cache)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -177,7 +198,7 @@ def test_an_upload_refused_from_its_header_loads_no_model(replica_with_a_gated_l
     with pytest.raises(RequestError) as refused:
         asyncio.run(replica._answer(_post(body), replica.by_alias["good"], None))
     replica.decoder.shutdown()
-    assert refused.value.status == status and calls == []
+    assert refused.value.status == status and reason in refused.value.message and calls == []
 
 
 class _FixedBatchFlatten(torch.nn.Module):

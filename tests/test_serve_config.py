@@ -115,13 +115,6 @@ def test_a_checkpoint_alias_no_request_could_reach_is_refused(make_config, tmp_p
     assert refused.value.key == "serve.checkpoints"
 
 
-def test_the_body_deadline_must_come_before_the_request_deadline(make_config):
-    """A stalled upload gets its own 408 only if the body's deadline passes before the request's (503)."""
-    with pytest.raises(ConfigError, match="serve.body_timeout_s: 30 s is not below serve.request_timeout_s"):
-        make_config("serve.body_timeout_s=30")
-    assert make_config("serve.body_timeout_s=29.5").serve.body_timeout_s == 29.5
-
-
 def test_relative_paths_are_made_absolute_where_the_command_runs(tmp_path, monkeypatch):
     """A Serve replica (or a Ray job) works in another directory: ``serve.checkpoints`` and a relative sqlite
     ``tracking.uri`` are resolved where the command runs, as ``data.root`` is; a replica found neither."""
