@@ -156,8 +156,8 @@ def family_comparison(results: list[ModelResult], searched: tuple[float, float, 
         if same_model:
             row["difference"], row["winner"] = 0.0, "same model"
         elif math.isfinite(difference):
-            row["difference"] = round(difference, 4)
-            row["winner"] = "tie" if difference == 0 else ("searched" if difference > 0 else "paper")
+            row["difference"] = round(difference, 4)  # a tie as shown: a winner by under 0.00005 would read 0.0
+            row["winner"] = "tie" if row["difference"] == 0 else ("searched" if difference > 0 else "paper")
         else:  # a member or its test accuracy missing (a diverged run's NaN): nothing won
             row["difference"], row["winner"] = None, ""
         rows.append(row)

@@ -7,6 +7,7 @@ stage skips such models on a re-run, and the report and serving stages read them
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -88,8 +89,14 @@ def comparison_table(results: list[ModelResult], champion: str | None = None) ->
     column, so the ``model`` column stays the name to look models up by (:func:`for_display` marks it ``*``)."""
     import pandas as pd
 
+    def rank(r: ModelResult) -> tuple:  # the registry's order (tracking.choose_champion), on unrounded values
+        def score(value: float) -> float:
+            return value if math.isfinite(value) else -math.inf
+
+        return -score(r.test_acc), -score(r.best_val_acc), r.model_name
+
     rows = []
-    for r in results:
+    for r in sorted(results, key=rank):
         rows.append({
             "model": r.model_name,
             "arch": r.arch,
@@ -104,10 +111,7 @@ def comparison_table(results: list[ModelResult], champion: str | None = None) ->
             **({"serve ms": round(r.serving_latency_ms, 2)} if r.serving_latency_ms is not None else {}),
             "champion": r.model_name == champion,
         })
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        table = table.sort_values(["test_acc", "best val_acc"], ascending=False, kind="stable").reset_index(drop=True)
-    return table
+    return pd.DataFrame(rows)
 
 
 def for_display(table: pd.DataFrame) -> pd.DataFrame:

@@ -120,21 +120,27 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def choose_champion(scores: dict[str, float | None], *, allow_unscored: bool = False) -> str | None:
-    """The alias with the highest score (the first in ``scores`` among equals).
+def choose_champion(scores: dict[str, float | None], *, tiebreak: dict[str, float | None] | None = None,
+                    allow_unscored: bool = False) -> str | None:
+    """The alias with the highest score; among equal scores, the highest ``tiebreak`` (validation accuracy), then
+    the first in ``scores``: the order of the report's table (:func:`pipelines.results.comparison_table`).
 
     Aliases without a finite score (none, NaN: ``nan > x`` and ``x > nan`` are both false, so a NaN first in line
     would have stayed the best) rank below every scored one; with ``allow_unscored`` the first of them wins
     when none has a score (checkpoint files served without metrics), otherwise there is no champion.
     """
+    tiebreak = tiebreak or {}
+
+    def rank(alias: str) -> tuple[float, float]:
+        second = tiebreak.get(alias)
+        return scores[alias], second if _finite(second) else -math.inf
+
     best = None
     for alias, score in scores.items():
-        if not _finite(score):
-            continue
-        if best is None or score > best[1]:
-            best = (alias, score)
+        if _finite(score) and (best is None or rank(alias) > rank(best)):
+            best = alias
     if best is not None:
-        return best[0]
+        return best
     return next(iter(scores), None) if allow_unscored else None
 
 
@@ -419,13 +425,14 @@ class Tracker:
             versions, _ = self.registered_versions(registered_model)
         except LookupError:
             return None
-        scores = {}
-        for v in versions:
+        def tag(version: RegisteredVersion, key: str) -> float | None:
             try:
-                scores[v.alias] = float(v.tags[metric]) if metric in v.tags else None
+                return float(version.tags[key]) if key in version.tags else None
             except ValueError:
-                scores[v.alias] = None
-        alias = choose_champion(scores)
+                return None
+
+        alias = choose_champion({v.alias: tag(v, metric) for v in versions},
+                                tiebreak={v.alias: tag(v, "best_val_acc") for v in versions})
         if alias is None:
             if CHAMPION in self._registered(registered_model).aliases:  # it points at other data
                 self.client.delete_registered_model_alias(registered_model, CHAMPION)

@@ -175,6 +175,23 @@ def test_serving_latency_is_measured_as_a_replica_runs_the_model(tmp_path, monke
     assert threads[2:] == [1, driver_threads] and traced == [1] and torch.get_num_threads() == driver_threads
 
 
+def test_the_table_ranks_models_as_the_registry_chooses_its_champion():
+    """Accuracies equal once rounded to 4 places were ranked on the rounded values (then validation
+    accuracy), while the registry chose on the exact ones: the champion's row was not the first."""
+    from pipelines.results import comparison_table
+    from pipelines.tracking import choose_champion
+
+    records = [record(name, name, {}, 1_000_000, test) for name, test in
+               (("lenet5", 0.94996), ("resnet18", 0.95), ("alexnet", 0.95), ("vgg11_bn", 0.95004))]
+    for r, val in zip(records, (0.99, 0.97, 0.90, 0.80), strict=True):
+        r.best_val_acc = val
+    champion = choose_champion({r.model_name: r.test_acc for r in sorted(records, key=lambda r: r.model_name)},
+                               tiebreak={r.model_name: r.best_val_acc for r in records})
+    table = comparison_table(records, champion=champion)
+    assert champion == "vgg11_bn" and list(table["model"]) == ["vgg11_bn", "resnet18", "alexnet", "lenet5"]
+    assert table["champion"].tolist() == [True, False, False, False]
+
+
 def test_the_report_shows_the_records_it_is_given_their_epochs_and_the_champion_in_its_own_column(make_config):
     """``run`` passes the train stage's records: an older training's record left under a model's name (its new
     run failed) was reported, measured and plotted beside this run's. The CSV's model column is the name (it

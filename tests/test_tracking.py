@@ -56,6 +56,9 @@ def test_the_champion_is_the_best_score_and_the_first_among_equals():
     assert choose_champion({"a": None, "b": None}) is None
     assert choose_champion({"a": None, "b": None}, allow_unscored=True) == "a"  # checkpoint files, no metrics
     assert choose_champion({}) is None
+    # Equal test accuracies: the better validation accuracy, then the first (the report's table sorts the same way).
+    assert choose_champion({"a": 0.9, "b": 0.9, "c": 0.8}, tiebreak={"a": 0.8, "b": 0.85, "c": 0.99}) == "b"
+    assert choose_champion({"a": 0.9, "b": 0.9}, tiebreak={"a": None, "b": 0.1}) == "b"
 
 
 @pytest.fixture
