@@ -30,6 +30,7 @@ import torch
 import cnnmodels
 
 from .config import PipelineConfig, ServeConfig
+from .paths import write_text_atomically
 from .planning import PAPER_FAMILY, SEARCHED_FAMILY
 from .results import ModelResult, comparison_table, for_display, load_results
 from .search_space import PAPER
@@ -331,8 +332,8 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     table = comparison_table(results, champion=champion)
     directory = paths.report_dir
     directory.mkdir(parents=True, exist_ok=True)
-    table.to_csv(directory / "models.csv", index=False)
-    (directory / "models.md").write_text(for_display(table).to_markdown(index=False) + "\n")
+    write_text_atomically(directory / "models.csv", table.to_csv(index=False))
+    write_text_atomically(directory / "models.md", for_display(table).to_markdown(index=False) + "\n")
     search = load_search_result(cfg)  # only a search with this config's settings
     searched = _searched_triple(search)
     for r in stale_members(results, searched):
@@ -341,8 +342,8 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     files = [directory / "models.csv", directory / "models.md"] + _plots(results, search, directory)
     families = family_comparison(results, searched)
     if families is not None:
-        families.to_csv(directory / "families.csv", index=False)
-        (directory / "families.md").write_text(families.to_markdown(index=False) + "\n")
+        write_text_atomically(directory / "families.csv", families.to_csv(index=False))
+        write_text_atomically(directory / "families.md", families.to_markdown(index=False) + "\n")
         files += [directory / "families.csv", directory / "families.md"]
     elif cfg.search.compare_paper and search is not None and search.best.get("paper"):
         logger.info("[report] search.compare_paper: the search found the paper's (1.2, 1.1, 1.15) itself; "

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .paths import write_text_atomically
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -55,12 +57,7 @@ class ModelResult:
         return self.timeline["recorded"] - self.timeline["loop_seconds"]
 
     def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / f"{self.model_name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)
-        return path
+        return write_text_atomically(Path(directory) / f"{self.model_name}.json", json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelResult:

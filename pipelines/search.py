@@ -24,7 +24,8 @@ from typing import Any
 from cnnmodels.scaling import constraint_value
 
 from .compute_gate import ReleaseOnTrialEnd, compute_gate
-from .config import PipelineConfig
+from .config import PipelineConfig, SearchConfig
+from .paths import write_text_atomically
 from .planning import (
     ModelChoice,
     ModelRun,
@@ -44,7 +45,7 @@ from .search_space import (
     same_triple,
 )
 from .shared_data import prepare, shared_splits
-from .trials import run_model_trials, trial_resources, trial_run, trial_run_name
+from .trials import EPOCHS_DONE, run_model_trials, trial_resources, trial_run, trial_run_name
 
 __all__ = ["SearchResult", "search_stage", "load_search_result", "searched_coefficients", "describe_search_trial"]
 
@@ -67,10 +68,9 @@ class SearchResult:
         return {k: float(self.best[k]) for k in ("alpha", "beta", "gamma")}
 
     def save(self, path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = asdict(self)
         data.pop("path"), data.pop("skipped")
-        path.write_text(json.dumps(data, indent=2))
+        write_text_atomically(path, json.dumps(data, indent=2))
         self.path = str(path)
 
 
@@ -250,15 +250,17 @@ def _experiment_name(cfg: PipelineConfig, fingerprint: str, force: bool) -> str:
     marker = cfg.paths.search_result.with_name("experiment.json")
     if force:
         experiment = f"{cfg.name}-search-{fingerprint}-{time.strftime('%Y%m%d-%H%M%S')}"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"fingerprint": fingerprint, "experiment": experiment}))
+        write_text_atomically(marker, json.dumps({"fingerprint": fingerprint, "experiment": experiment}))
         # An interrupted forced search must not pass for done on the next run: that one resumes it instead.
         cfg.paths.search_result.unlink(missing_ok=True)
         return experiment
     if marker.is_file():
-        latest = json.loads(marker.read_text())
-        if latest.get("fingerprint") == fingerprint:
-            return latest["experiment"]
+        try:
+            latest = json.loads(marker.read_text())
+            if latest.get("fingerprint") == fingerprint:
+                return str(latest["experiment"])
+        except (json.JSONDecodeError, AttributeError, KeyError) as err:  # cut short by a crash (older versions)
+            logger.warning("[search] %s is damaged (%s): resuming the search's default experiment", marker, err)
     return f"{cfg.name}-search-{fingerprint}"
 
 
@@ -271,9 +273,16 @@ def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
         return _search_stage(cfg, force=force)
 
 
-def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
+def asha_scheduler(search: SearchConfig):
+    """ASHA over the epochs each trial's model has trained (not Tune's iterations, which start again at 1 in
+    a trial restarted from its Train run's checkpoint)."""
     from ray.tune.schedulers import ASHAScheduler
 
+    return ASHAScheduler(time_attr=EPOCHS_DONE, max_t=search.epochs, grace_period=search.grace_period,
+                         reduction_factor=search.reduction_factor)
+
+
+def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     from .data import describe_dataset
     from .runtime import concurrency_for, free_resources, node_cpus
     from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_abort
@@ -301,8 +310,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     if not plan.paper_included:
         logger.info("[search] note: the paper's (1.2, 1.1, 1.15) (product %.3f) is outside the configured ranges "
                     "or constraint, so it is not among the trials", constraint_value(*PAPER))
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=search.epochs, grace_period=search.grace_period,
-                              reduction_factor=search.reduction_factor) if search.asha else None
+    scheduler = asha_scheduler(search) if search.asha else None
 
     queue = TrackingQueue.for_config(cfg)
     parent = _parent_run(queue.tracker, cfg, experiment, info.dataset)

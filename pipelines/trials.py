@@ -167,6 +167,26 @@ def earlier_give_up(run: ModelRun, attempt: str, trial_id: str) -> str | None:
     return marker["error"] if (marker.get("attempt"), marker.get("trial_id")) == (attempt, trial_id) else None
 
 
+#: Added to each epoch's Tune result: the epochs the trial's model has trained, ASHA's time axis (search.py).
+#: Tune's own ``training_iteration`` counts from 1 again when it starts a trial again (a lost driver, a resumed
+#: search), while the trial's Train run resumes at a later epoch: ASHA would compare its epoch 4 with others' 1.
+EPOCHS_DONE = "epochs_done"
+
+
+def tune_report_callback():
+    """Ray's ``TuneReportCallback`` (Train's reports to the Tune trial), each epoch's with :data:`EPOCHS_DONE`."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochsDoneReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            first = dict(metrics[0])
+            if "epoch" in first:
+                first[EPOCHS_DONE] = int(first["epoch"]) + 1
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return EpochsDoneReport()
+
+
 def model_trial(config: dict, attempt: str = "") -> None:
     """Ray Tune trainable: drive one TorchTrainer; per-epoch metrics flow to Tune (and ASHA, and MLflow).
 
@@ -175,7 +195,6 @@ def model_trial(config: dict, attempt: str = "") -> None:
     :func:`earlier_give_up`)."""
     from ray import tune
     from ray.train import TrainingFailedError
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     run = trial_run(config)
     set_aside_a_record_of_gone_checkpoints(run)
@@ -185,7 +204,7 @@ def model_trial(config: dict, attempt: str = "") -> None:
         raise RuntimeError(f"{run.model_name}: not retried, its training already failed after "
                            f"train.max_failures retries: {earlier}")
     try:
-        build_trainer(run, callbacks=[TuneReportCallback()]).fit()
+        build_trainer(run, callbacks=[tune_report_callback()]).fit()
     except TrainingFailedError as error:
         try:
             record_gave_up(run, attempt, trial_id, error)

@@ -94,6 +94,59 @@ def test_a_resumed_trial_counts_the_epochs_it_reached_not_its_history_rows(make_
     assert [r["val_acc_per_epoch"] for r in records] == [[0.5, 0.61, 0.7], [0.5, None, 0.69]]
 
 
+def test_asha_compares_a_restarted_trial_at_the_epochs_its_model_reached(monkeypatch):
+    """Tune counts a trial's training_iteration from 1 again when it starts the trial again (its Train run
+    resumes from a checkpoint at a later epoch): ASHA, on that axis, compared a model's epoch 3 with the others'
+    epoch 1 and stopped it. Each result now carries the epochs done, and ASHA goes by them."""
+    import queue
+    from types import SimpleNamespace
+
+    import ray.tune.integration.ray_train as tune_train
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipelines.search import asha_scheduler
+    from pipelines.trials import EPOCHS_DONE, tune_report_callback
+
+    sent = queue.Queue()
+    monkeypatch.setattr(tune_train, "_in_tune_session", lambda: True)
+    session = SimpleNamespace(_get_or_create_inter_actor_queue=lambda: sent)
+    monkeypatch.setattr(tune_train, "get_session", lambda: session)
+    tune_report_callback().after_report(None, [{"epoch": 2, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.4}], None)
+    assert sent.get_nowait() == {"epoch": 2, "val_acc": 0.5, EPOCHS_DONE: 3}
+
+    scheduler = asha_scheduler(SearchConfig(epochs=4, grace_period=1, reduction_factor=2))
+    scheduler.set_search_properties("val_acc", "max")
+    fresh, other, restarted = (SimpleNamespace(trial_id=name) for name in ("fresh", "other", "restarted"))
+    for trial in (fresh, other, restarted):
+        scheduler.on_trial_add(None, trial)
+    for trial, val_acc in ((fresh, 0.90), (other, 0.80)):
+        scheduler.on_trial_result(None, trial, {"training_iteration": 1, EPOCHS_DONE: 1, "val_acc": val_acc})
+    # Its epoch 3, below the others' epoch 1 median, is the first result of its new start:
+    result = {"training_iteration": 1, EPOCHS_DONE: 3, "val_acc": 0.84}
+    assert scheduler.on_trial_result(None, restarted, result) == TrialScheduler.CONTINUE
+
+
+def test_a_search_marker_cut_short_resumes_the_default_experiment(make_config, caplog):
+    """An experiment.json left empty by a crash or a full disk stopped every later search with a JSONDecodeError;
+    the marker and best.json are now written through a temporary file, and a damaged marker is named and passed
+    over."""
+    from pipelines.paths import write_text_atomically
+    from pipelines.search import _experiment_name
+
+    cfg = make_config()
+    marker = cfg.paths.search_result.with_name("experiment.json")
+    forced = _experiment_name(cfg, "abc", force=True)
+    assert _experiment_name(cfg, "abc", force=False) == forced
+    marker.write_text("")
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert _experiment_name(cfg, "abc", force=False) == f"{cfg.name}-search-abc"
+    assert "experiment.json is damaged" in caplog.text
+    write_text_atomically(marker, "kept")
+    with pytest.raises(TypeError):
+        write_text_atomically(marker, 123)  # fails mid-write
+    assert marker.read_text() == "kept" and [p.name for p in marker.parent.iterdir()] == ["experiment.json"]
+
+
 def test_the_paper_stopped_early_by_asha_is_compared_at_its_own_epochs(make_config, caplog):
     """On an H200 the Fashion-MNIST preset's search said the best "beats the paper's (1.2, 1.1, 1.15) at
     0.8652": the best's 4 epochs against the paper's 1, which ASHA had stopped."""
