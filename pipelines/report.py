@@ -32,7 +32,7 @@ import cnnmodels
 from .config import PipelineConfig, ServeConfig
 from .paths import write_text_atomically
 from .planning import PAPER_FAMILY, SEARCHED_FAMILY
-from .results import ModelResult, comparison_table, for_display, load_results
+from .results import ModelResult, comparison_table, for_display, load_results, to_markdown
 from .search_space import PAPER
 
 __all__ = ["ReportResult", "report_stage", "measure_latency_ms", "family_comparison", "accuracy_figure",
@@ -333,7 +333,7 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     directory = paths.report_dir
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomically(directory / "models.csv", table.to_csv(index=False))
-    write_text_atomically(directory / "models.md", for_display(table).to_markdown(index=False) + "\n")
+    write_text_atomically(directory / "models.md", to_markdown(for_display(table)) + "\n")
     search = load_search_result(cfg)  # only a search with this config's settings
     searched = _searched_triple(search)
     for r in stale_members(results, searched):
@@ -343,7 +343,7 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     families = family_comparison(results, searched)
     if families is not None:
         write_text_atomically(directory / "families.csv", families.to_csv(index=False))
-        write_text_atomically(directory / "families.md", families.to_markdown(index=False) + "\n")
+        write_text_atomically(directory / "families.md", to_markdown(families) + "\n")
         files += [directory / "families.csv", directory / "families.md"]
     elif cfg.search.compare_paper and search is not None and search.best.get("paper"):
         logger.info("[report] search.compare_paper: the search found the paper's (1.2, 1.1, 1.15) itself; "

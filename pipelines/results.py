@@ -18,7 +18,7 @@ from .paths import write_text_atomically
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["ModelResult", "load_results", "comparison_table", "for_display"]
+__all__ = ["ModelResult", "load_results", "comparison_table", "for_display", "to_markdown"]
 
 
 @dataclass
@@ -105,7 +105,8 @@ def comparison_table(results: list[ModelResult], champion: str | None = None) ->
             "test_acc": round(r.test_acc, 4),
             "train img/s": round(r.train_images_per_sec, 1),
             "train s": round(r.train_seconds, 1),
-            **({"serve ms": round(r.serving_latency_ms, 2)} if r.serving_latency_ms is not None else {}),
+            # Always a column (empty where unmeasured): the CSV's columns must not depend on which model failed.
+            "serve ms": round(r.serving_latency_ms, 2) if r.serving_latency_ms is not None else None,
             "champion": r.model_name == champion,
         })
     return pd.DataFrame(rows)
@@ -119,6 +120,17 @@ def for_display(table: pd.DataFrame) -> pd.DataFrame:
     shown["model"] = [name + (" *" if champion else "") for name, champion in zip(table["model"], table["champion"],
                                                                                     strict=True)]
     return shown
+
+
+#: Decimals per column, by the end of its name: Markdown (tabulate's "g") writes 0.95 beside 0.9512 otherwise.
+_DECIMALS = {"acc": 4, "difference": 4, "MMACs": 1, "img/s": 1, "train s": 1, "serve ms": 2}
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """``table`` as a Markdown table, each accuracy to 4 decimals, each time and size to its own fixed count."""
+    formats = [next((f".{n}f" for end, n in _DECIMALS.items() if str(column).endswith(end)), "g")
+               for column in table.columns]
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=formats)
 
 
 def format_predictions(body: dict) -> str:

@@ -190,6 +190,12 @@ def test_the_table_ranks_models_as_the_registry_chooses_its_champion():
     table = comparison_table(records, champion=champion)
     assert champion == "vgg11_bn" and list(table["model"]) == ["vgg11_bn", "resnet18", "alexnet", "lenet5"]
     assert table["champion"].tolist() == [True, False, False, False]
+    # Markdown (tabulate's "g") wrote 0.95 beside 0.9500; "serve ms" was missing from a table without latencies.
+    from pipelines.results import for_display, to_markdown
+
+    rows = to_markdown(for_display(table)).splitlines()[2:]
+    assert [row.split("|")[8].strip() for row in rows] == ["0.9500", "0.9500", "0.9500", "0.9500"]
+    assert list(table.columns)[-2:] == ["serve ms", "champion"] and rows[0].rstrip().endswith("|            |")
 
 
 def test_the_report_shows_the_records_it_is_given_their_epochs_and_the_champion_in_its_own_column(make_config):
