@@ -842,6 +842,16 @@ def _check_failure_rehearsal(cfg: PipelineConfig) -> None:
 TRIAL_DRIVER_CPU = 0.01
 
 
+def _cpus_a_local_ray_gets() -> float:
+    """The CPUs ``ray.init()`` gives a Ray of its own: the container's quota (cgroups), not the host's cores, which
+    ``os.cpu_count()`` counts (a 2-CPU container on a 32-core host passed a 4-CPU worker, and waited for good)."""
+    try:
+        from ray._private.utils import get_num_cpus  # Ray's own count; private, so guarded
+    except ImportError:
+        return float(os.cpu_count() or 1)
+    return float(get_num_cpus())
+
+
 def _check_local_resources(cfg: PipelineConfig) -> None:
     """On a Ray of the command's own (which can never grow), every request must fit it: a worker, a run's
     workers or a replica asking for more CPUs or GPUs than it has was never placed, and the stage waited for
@@ -849,7 +859,7 @@ def _check_local_resources(cfg: PipelineConfig) -> None:
     itself (a notebook, a test's simulated cluster) names it in ``ray.address``."""
     if ray_address(cfg) not in (None, "local"):
         return  # a cluster's nodes are not known before Ray starts (and an autoscaler may add them)
-    cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1)
+    cpus = float(cfg.ray.num_cpus or _cpus_a_local_ray_gets())
     gpus = _local_gpus(cfg) or 0
     train, workers = cfg.train, cfg.train.num_workers
     if train.placement_strategy == "STRICT_SPREAD" and workers > 1:

@@ -348,3 +348,16 @@ def test_yaml_merge_keys_and_empty_variables_read_as_yaml_and_the_shell_do(tmp_p
     config.write_text("train:\n  epochs: 2\n  epochs: 3\n")  # a key given twice is still refused
     with pytest.raises(ConfigError, match="duplicate key 'epochs'"):
         load_config(str(config), [])
+
+
+def test_the_local_resource_check_counts_the_cpus_ray_will_get_not_the_hosts(make_config, monkeypatch):
+    """In a container limited to 2 CPUs on a 32-core host, os.cpu_count() says 32 while Ray (cgroup quota) gives
+    2: a 4-CPU worker passed the check and waited for good instead of exiting 2."""
+    import os
+
+    import ray._private.utils
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda *args, **kwargs: 2)
+    with pytest.raises(ConfigError, match="more than the 2 of the local Ray"):
+        make_config("train.cpus_per_worker=4")
