@@ -114,12 +114,16 @@ def stage_eta(elapsed: float, work_done: float, work_left: float, min_share: flo
     return elapsed * work_left / work_done
 
 
-def epochs_of_the_last_attempt(history: list[dict]) -> int:
-    """The epochs the run's last attempt trained (from its ``start_epoch``): what a stage that resumed it did,
-    not the epochs an interrupted command trained before (a worker restarted within the stage counts from its
-    restart: an estimate on the safe side)."""
+def epochs_of_the_last_attempt(history: list[dict], start_epoch: int | None = None) -> int:
+    """The epochs the run's last attempt trained: from ``start_epoch``, where the attempt that finished it started
+    (its final report says), else from the last history row's. What a stage that resumed the run did, not the
+    epochs an interrupted command trained before (a worker restarted within the stage counts from its restart:
+    an estimate on the safe side); none for a run resumed past its last epoch only to be tested and registered."""
+    if not history:
+        return 0
     # (start_epoch is missing from histories of checkpoints older than it: counted from 0, as before)
-    return history[-1]["epoch"] + 1 - history[-1].get("start_epoch", 0) if history else 0
+    start = history[-1].get("start_epoch", 0) if start_epoch is None else start_epoch
+    return max(0, history[-1]["epoch"] + 1 - start)
 
 
 class ModelFinisher:
@@ -217,7 +221,9 @@ class ModelFinisher:
             return
         # Only the epochs this stage trained: a run resumed at epoch 14 of 15 did one epoch's work here, and
         # crediting all 15 made the rest of the stage look minutes away when it was hours.
-        logger.info(timestamped(self.model_finished(name, epochs_of_the_last_attempt(result.history))))
+        start_epoch = (trial.last_result or {}).get("start_epoch")
+        trained = epochs_of_the_last_attempt(result.history, None if start_epoch is None else int(start_epoch))
+        logger.info(timestamped(self.model_finished(name, trained)))
 
 
 @dataclass

@@ -508,6 +508,7 @@ def report_test(ctx: StepContext) -> None:
         "best_checkpoint_path": best_checkpoint.path,
         "history": json.dumps(ctx.history),
         "timeline": json.dumps(ctx.timeline),
+        "start_epoch": ctx.start_epoch,  # this attempt's: the epochs after it are what the stage trained
     })
 
 

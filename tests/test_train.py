@@ -842,3 +842,7 @@ def test_a_resumed_model_counts_only_the_epochs_this_stage_trained():
     assert epochs_of_the_last_attempt(history(14)) == 1  # resumed at epoch 14 by this stage
     assert epochs_of_the_last_attempt(history(0)) == 15  # trained here from the start
     assert epochs_of_the_last_attempt([]) == 0
+    # Re-run only to be registered (resumed past its last epoch): the history is an earlier attempt's, but this
+    # attempt trained nothing; it was credited with all 15 epochs and the stage promised seconds for hours.
+    assert epochs_of_the_last_attempt(history(0), start_epoch=15) == 0
+    assert epochs_of_the_last_attempt(history(14), start_epoch=14) == 1
