@@ -70,12 +70,12 @@ def trial_resources(run: ModelRun) -> dict[str, float]:
 
 def trial_driver_resources(cluster: Mapping[str, float]) -> dict[str, float]:
     """What a trial's own actor reserves on a cluster with ``cluster`` resources (``ray.cluster_resources()``):
-    a sliver of CPU, plus one unit of :data:`DRIVER_NODE_RESOURCE` where some node declares it, so that the
-    driver lands there. Without it (a laptop, CI, another cluster) drivers go wherever the CPU sliver fits."""
-    resources = dict(TRIAL_DRIVER_RESOURCES)
+    one unit of :data:`DRIVER_NODE_RESOURCE` where some node declares it, so that the driver lands there, and no
+    CPU (a head started with ``--num-cpus=0``, as Ray advises for large clusters, must still take the drivers).
+    Without it (a laptop, CI, another cluster) drivers go wherever a sliver of CPU fits."""
     if cluster.get(DRIVER_NODE_RESOURCE, 0.0) >= DRIVER_NODE_RESOURCE_PER_TRIAL:
-        resources[DRIVER_NODE_RESOURCE] = DRIVER_NODE_RESOURCE_PER_TRIAL
-    return resources
+        return {DRIVER_NODE_RESOURCE: DRIVER_NODE_RESOURCE_PER_TRIAL}
+    return dict(TRIAL_DRIVER_RESOURCES)
 
 
 def build_trainer(run: ModelRun, callbacks: list | None = None):
