@@ -140,10 +140,17 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
 
 
 def node_cpus() -> list[float]:
-    """The CPUs of each alive node of the running Ray (a worker's CPUs must all be on one of them)."""
+    """The CPUs free now on each alive node of the running Ray (a worker's CPUs must all be on one of them): a
+    share sized to the nodes' totals fitted nowhere once a Serve replica held one CPU on each, and the run
+    waited for good (Ray Train retries a worker group it cannot place without end)."""
     import ray
 
-    cpus = (float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive"))
+    try:
+        from ray._private.state import available_resources_per_node  # a DeveloperAPI, so guarded
+
+        cpus = [float(free.get("CPU", 0.0)) for free in available_resources_per_node().values()]
+    except (ImportError, AttributeError):
+        cpus = [float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive")]
     return [c for c in cpus if c > 0]  # a head started with --num-cpus=0 (Ray's advice for clusters) holds none
 
 

@@ -270,3 +270,28 @@ def test_more_workers_than_validation_images_exits_2_before_training(make_config
     with pytest.raises(ConfigError, match=r"the test split has 2 image\(s\).*data.test_fraction"):
         plan_model_runs(small_test, info, resolve_models(small_test), cluster_cpus=2)
     assert len(plan_model_runs(small_test, info, resolve_models(small_test), stage="search", cluster_cpus=2)) == 1
+
+
+def test_node_cpus_are_those_free_now(ray_cluster):
+    """Shares were sized to each node's total CPUs: with a Serve replica holding one CPU on every node the
+    share fitted nowhere, and the run waited for good."""
+    import time
+
+    from pipelines.runtime import node_cpus
+
+    before = sum(node_cpus())
+
+    @ray_cluster.remote(num_cpus=1)
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    holder = Holder.remote()
+    try:
+        ray_cluster.get(holder.ping.remote())
+        deadline = time.monotonic() + 30
+        while sum(node_cpus()) > before - 1 + 1e-6 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the resource view follows within a heartbeat
+        assert sum(node_cpus()) == pytest.approx(before - 1)
+    finally:
+        ray_cluster.kill(holder)
