@@ -102,8 +102,8 @@ def release_compute(gate_name: str | None, run: str) -> None:
 
 
 class ReleaseOnTrialEnd(Callback):
-    """Tune callback on the driver: however a trial ends (done, stopped by ASHA, failed), its run leaves
-    the gate. ``run_name_of(config)`` names a trial's run; both must be picklable."""
+    """Tune callback on the driver: however a trial ends (done, stopped by ASHA, failed, retried), its run
+    leaves the gate. ``run_name_of(config)`` names a trial's run; both must be picklable."""
 
     def __init__(self, gate_name: str | None, run_name_of) -> None:
         self.gate_name = gate_name
@@ -116,6 +116,11 @@ class ReleaseOnTrialEnd(Callback):
         self._release(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._release(trial)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # Tune retries the trial (its driver was lost): only this hook is called, and a slot kept by the lost
+        # attempt would hold the gate for good if the retry cannot be placed (its node gone, not replaced).
         self._release(trial)
 
 

@@ -597,6 +597,27 @@ def test_the_compute_gate_admits_runs_first_come_first_served(ray_cluster):
     ray.kill(gate)
 
 
+def test_a_trial_tune_retries_leaves_the_gate(ray_cluster):
+    """Tune calls only on_trial_recover when it retries a trial (its driver lost): the lost attempt kept its slot,
+    and the gate stayed shut for good when the retry could not be placed."""
+    import time
+    from types import SimpleNamespace
+
+    import ray
+
+    from pipelines.compute_gate import ReleaseOnTrialEnd, compute_gate
+
+    with compute_gate(1) as name:
+        gate = ray.get_actor(name)
+        assert ray.get(gate.acquire.remote("run-a")) and not ray.get(gate.acquire.remote("run-b"))
+        callback = ReleaseOnTrialEnd(name, lambda config: config["run_name"])
+        callback.on_trial_recover(0, [], SimpleNamespace(config={"run_name": "run-a"}))
+        deadline = time.monotonic() + 10
+        while not ray.get(gate.acquire.remote("run-b")) and time.monotonic() < deadline:
+            time.sleep(0.1)  # release_compute does not wait for the gate
+        assert ray.get(gate.acquire.remote("run-b"))
+
+
 @pytest.mark.slow
 def test_workers_read_the_stages_shared_conversion(ray_cluster, make_config):
     from pipelines.data import convert_splits, describe_dataset, load_splits, make_spec
