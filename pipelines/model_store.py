@@ -48,6 +48,7 @@ class ServedModel:
     dataset: str = ""  # what it was trained on (its class names come from there)
     fingerprint: str = ""  # the training run's fingerprint (planning.ModelRun.fingerprint)
     test_acc: float | None = None
+    val_acc: float | None = None  # its best validation accuracy: breaks test_acc ties as the registry does
     params_count: int | None = None
     macs: int | None = None
     input_size: int | None = None  # the model's input side in pixels (registry versions: its tag)
@@ -190,7 +191,8 @@ class ModelStore:
             ServedModel(alias=v.alias, source=v.uri, version=v.version, arch=v.tags.get("arch", ""),
                         model_name=v.tags.get("model_name", v.alias), dataset=v.tags.get(TAG_DATASET, ""),
                         fingerprint=v.tags.get(TAG_FINGERPRINT, ""), test_acc=_number(v.tags, "test_acc"),
-                        params_count=_number(v.tags, "params_count", int), macs=_number(v.tags, "macs", int),
+                        val_acc=_number(v.tags, "best_val_acc"), params_count=_number(v.tags, "params_count", int),
+                        macs=_number(v.tags, "macs", int),
                         input_size=_number(v.tags, "input_size", int), cache_key=v.cache_key)
             for v in versions if not wanted or v.alias in wanted
         ]
@@ -272,8 +274,10 @@ class ModelStore:
 
     @staticmethod
     def servable_champion(models: list[ServedModel], champion: str | None) -> str | None:
-        """``champion`` if it loaded, else the loaded model with the best ``test_acc``."""
+        """``champion`` if it loaded, else the loaded model the registry would choose: the best ``test_acc``, ties
+        broken by validation accuracy (:func:`pipelines.tracking.choose_champion`)."""
         ok = [m for m in models if m.status == "ok"]
         if champion in {m.alias for m in ok}:
             return champion
-        return choose_champion({m.alias: m.test_acc for m in ok}, allow_unscored=True)
+        return choose_champion({m.alias: m.test_acc for m in ok}, tiebreak={m.alias: m.val_acc for m in ok},
+                               allow_unscored=True)

@@ -8,7 +8,7 @@ Routes (OpenAPI docs at ``/docs``):
   ``top_k`` (default ``serve.default_top_k``, at most the model's class count). Returns ``{"model",
   "requested", "version", "predictions": [{"label", "index", "score"}], "latency_ms"}``.
 * ``GET /models``: every servable alias with its architecture, version, data set, training fingerprint,
-  ``test_acc``, ``params_count``, ``macs``, ``input_size``, load status, and which one is the champion.
+  ``test_acc``, ``val_acc``, ``params_count``, ``macs``, ``input_size``, load status, and which one is the champion.
 * ``GET /healthz``: 200 while at least one model is servable, 503 otherwise.
 
 :class:`Classifier` is the deployment, defined here once; :func:`build_app` configures it from

@@ -286,6 +286,28 @@ def test_a_champion_left_on_other_data_is_removed_when_no_version_fits(two_datas
     assert ModelStore(cifar_cfg).discover() == ([], None)
 
 
+def test_serving_falls_back_to_the_champion_the_registry_would_choose(make_config, tmp_path):
+    """The champion's checkpoint fails to load: serving's stand-in is the next best by test_acc with ties broken
+    by validation accuracy, as the registry's own choice (it went by test_acc alone, the first alias on a tie)."""
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    client, name = tracker.client, cfg.registered_model_name
+    client.create_registered_model(name)
+    for alias, test_acc, val_acc in (("alexnet", "0.91", "0.90"), ("vgg11_bn", "0.91", "0.93"),
+                                     ("resnet18", "0.95", "0.94")):
+        version = client.create_model_version(name, tmp_path.as_uri(), tags={
+            "test_acc": test_acc, "best_val_acc": val_acc, "dataset": "digits"})
+        client.set_registered_model_alias(name, alias, version.version)
+    assert tracker.update_champion(name) == ("resnet18", "3")
+    models, champion = ModelStore(cfg).discover()
+    assert {m.alias: m.val_acc for m in models} == {"alexnet": 0.90, "vgg11_bn": 0.93, "resnet18": 0.94}
+    for model in models:
+        model.status = "error" if model.alias == champion else "ok"
+    assert ModelStore.servable_champion(models, champion) == "vgg11_bn"
+    client.delete_registered_model_alias(name, "resnet18")  # the registry agrees once the champion is gone
+    assert tracker.update_champion(name) == ("vgg11_bn", "2")
+
+
 def test_an_imagefolder_version_counts_only_for_its_own_root(make_config, tmp_path):
     roots = [tmp_path / "cats", tmp_path / "cars"]
     for root in roots:
