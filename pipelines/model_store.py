@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoints import CheckpointError, MissingCheckpointError, ModelCheckpoint, load_checkpoint
 from .config import CHAMPION, PipelineConfig
-from .preprocess import PreprocessSpec, is_out_of_memory
+from .preprocess import DecodeBudget, PreprocessSpec, is_out_of_memory
 from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion, is_unreachable
 
 __all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm", "trace_for_serving", "prepare_for_serving",
@@ -248,7 +248,7 @@ class ModelStore:
         """A model whose own input is over ``serve.max_resized_pixels`` would have every request refused (400),
         after its load had run the serving checks at that size (a checkpoint saying 20,000 px: gigabytes)."""
         limit = self.cfg.serve.max_resized_pixels
-        if spec.image_size ** 2 > limit:
+        if not DecodeBudget.for_serving(self.cfg.serve).admits_model_input(spec.image_size):
             raise CheckpointError(f"its input is {spec.image_size}x{spec.image_size} pixels, above "
                                   f"serve.max_resized_pixels ({limit:,}), so every request would be refused; raise "
                                   "serve.max_resized_pixels to serve it")

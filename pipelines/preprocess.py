@@ -231,6 +231,16 @@ class DecodeBudget:
                 raise ImageDecodeError(f"image of {width}x{height} pixels resizes to {resized:,} pixels for a "
                                        f"{image_size}-pixel model, above the limit of {self.max_resized_pixels:,}")
 
+    def admits_model_input(self, image_size: int) -> bool:
+        """Whether a model taking ``image_size`` x ``image_size`` pixels can be served at all: under a lower
+        ``max_resized_pixels`` every request to it is refused, even a square image of that size."""
+        return image_size ** 2 <= self.max_resized_pixels
+
+    @classmethod
+    def for_serving(cls, serve) -> DecodeBudget:
+        """The budget of a ``serve`` config section (:class:`pipelines.config.ServeConfig`)."""
+        return cls(serve.max_image_pixels, serve.max_aspect_ratio, serve.max_resized_pixels)
+
 
 class UnsupportedImageFormat(ImageDecodeError):
     """An image in a format Pillow knows but this server does not accept (HTTP 415)."""

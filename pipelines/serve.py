@@ -85,7 +85,7 @@ class Classifier:
         self.store.verify(self.models)
         self.champion = self.store.servable_champion(self.models, self.registry_champion)
         self.max_bytes = int(s.max_upload_mb * 1024 * 1024)
-        self.budget = DecodeBudget(s.max_image_pixels, s.max_aspect_ratio, s.max_resized_pixels)
+        self.budget = DecodeBudget.for_serving(s)
         # Decodes run here, never more than this many at once: the rest wait in the pool's queue, not in memory.
         self.decoder = ThreadPoolExecutor(max_workers=s.max_concurrent_decodes, thread_name_prefix="decode")
         # Traced forwards run here, one batch at a time, while the event loop goes on reading and decoding
@@ -449,7 +449,8 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
                           "and no serve.checkpoints")
     # A model's input can be larger than data.image_size (EfficientNet-B4's 380 px, a searched member's
     # image_size * gamma^phi): under the decode budget, every request to it would be refused (400).
-    too_large = [m for m in models if m.input_size and m.input_size ** 2 > cfg.serve.max_resized_pixels]
+    budget = DecodeBudget.for_serving(cfg.serve)
+    too_large = [m for m in models if m.input_size and not budget.admits_model_input(m.input_size)]
     if too_large:
         largest = max(m.input_size for m in too_large)
         raise ConfigError("serve.max_resized_pixels", f"{cfg.serve.max_resized_pixels:,} is below the input of "
