@@ -80,8 +80,8 @@ def _gate(name: str | None):
 
 
 def gate_is_gone(gate_name: str | None) -> bool:
-    """Whether a run was planned with a gate that no longer exists: a search resumed by Tune's restore keeps
-    its trials' saved settings, naming the gate of the stage that was interrupted."""
+    """Whether a run was planned with a gate that no longer exists: a trial whose saved config names the gate
+    of a stage that was interrupted, not given the resuming command's placement (:func:`pipelines.trials.trial_run`)."""
     return bool(gate_name) and _gate(gate_name) is None
 
 

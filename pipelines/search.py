@@ -329,7 +329,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
             max_concurrent=concurrency_for(search.max_concurrent_trials, trial_resources(template), plan.trials,
                                            free),
             num_samples=plan.num_samples, search_alg=plan.search_alg, scheduler=scheduler, restore=True,
-            trial_retries=cfg.train.trial_retries,
+            trial_retries=cfg.train.trial_retries, placement=plan.param_space["run"],
         )
     records = _trial_records(grid, search.phi)
     _score(records, cfg, template)

@@ -111,10 +111,22 @@ def build_trainer(run: ModelRun, callbacks: list | None = None):
     )
 
 
-def trial_run(config: dict) -> ModelRun:
+#: The fields of a trial's run that say where and how it runs, not what it trains (the run's fingerprint leaves
+#: them out): the CPU and GPU shares, threads, the stage's data cache and compute gate.
+PLACEMENT_FIELDS = ("workers", "threads", "shared_data", "compute_gate")
+
+
+def trial_run(config: dict, placement: dict | None = None) -> ModelRun:
     """The run a trial's config describes: ``config["run"]``, with ``config["coefficients"]`` (alpha,
-    beta, gamma) applied when the trial is a search trial."""
+    beta, gamma) applied when the trial is a search trial.
+
+    ``placement`` is the run the current command planned (a ``ModelRun`` dict): a trial of the same run that
+    Tune's restore brought back keeps the interrupted command's config, so its :data:`PLACEMENT_FIELDS` come
+    from ``placement`` instead (the CPU shares that fit the cluster now, the gate and cache that exist now)."""
     run = ModelRun.from_dict(config["run"])
+    if placement is not None and placement.get("run_name") == run.run_name:
+        current = ModelRun.from_dict(placement)
+        run = run.model_copy(update={name: getattr(current, name) for name in PLACEMENT_FIELDS})
     if "coefficients" in config:
         c = config["coefficients"]
         run = run.with_coefficients(c["alpha"], c["beta"], c["gamma"])
@@ -187,16 +199,16 @@ def tune_report_callback():
     return EpochsDoneReport()
 
 
-def model_trial(config: dict, attempt: str = "") -> None:
+def model_trial(config: dict, attempt: str = "", placement: dict | None = None) -> None:
     """Ray Tune trainable: drive one TorchTrainer; per-epoch metrics flow to Tune (and ASHA, and MLflow).
 
     When Tune starts it again (its driver was lost), the same Train run name makes ``fit()`` resume from the
     run's last checkpoint instead of training from the start. ``attempt`` names the Tune run (see
-    :func:`earlier_give_up`)."""
+    :func:`earlier_give_up`); ``placement`` see :func:`trial_run`."""
     from ray import tune
     from ray.train import TrainingFailedError
 
-    run = trial_run(config)
+    run = trial_run(config, placement)
     set_aside_a_record_of_gone_checkpoints(run)
     trial_id = tune.get_context().get_trial_id()
     earlier = earlier_give_up(run, attempt, trial_id)
@@ -233,6 +245,7 @@ def run_model_trials(
     scheduler=None,
     restore: bool = False,
     trial_retries: int = 0,
+    placement: dict | None = None,
 ):
     """Run :func:`model_trial` over ``param_space`` with Ray Tune; returns the ``ResultGrid``.
 
@@ -240,14 +253,17 @@ def run_model_trials(
     resources), so trials never deadlock against their workers on a small machine; on a cluster with a
     driver node it also asks for :data:`DRIVER_NODE_RESOURCE` (:func:`trial_driver_resources`). A trial that
     fails is started again up to ``trial_retries`` times and resumes its Train run. With
-    ``restore``, an interrupted experiment of the same name continues where it stopped (Tune's restore).
+    ``restore``, an interrupted experiment of the same name continues where it stopped (Tune's restore); its
+    trials then place their runs as ``placement`` says (see :func:`trial_run`), not as the interrupted command
+    did: Tune's restore takes the trainable, and so its parameters, from this command.
     """
     import uuid
 
     import ray
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(model_trial, attempt=uuid.uuid4().hex),
+    trainable = tune.with_resources(tune.with_parameters(model_trial, attempt=uuid.uuid4().hex,
+                                                         placement=placement),
                                     trial_driver_resources(ray.cluster_resources()))
     path = paths.experiment(experiment)
     if restore and tune.Tuner.can_restore(path):

@@ -250,6 +250,33 @@ class SeenTrials(Callback):
         self.started.append(trial.trial_id)
 
 
+def test_a_restored_search_trial_runs_where_the_resuming_command_placed_it(make_config):
+    """Tune's restore brings back the interrupted command's trial configs: their CPU shares (sized to the cluster
+    of then), data cache and compute gate (both gone with that command). The resuming command's placement
+    replaces them; what the run trains, and another run's config, are left as they are."""
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, search_template
+    from pipelines.trials import trial_run
+
+    cfg = make_config()
+    template = plan_model_runs(cfg, describe_dataset(cfg.data), [search_template(cfg)], stage="search",
+                               cluster_cpus=2)[0].model_copy(update={"run_name": "exp-search-abc"})
+    interrupted = template.model_copy(update={
+        "workers": template.workers.model_copy(update={"cpus_per_worker": 8.0}), "threads": 8,
+        "shared_data": "cnnzoo-splits-old", "compute_gate": "cnnzoo-gate-old"})
+    resuming = template.model_copy(update={
+        "workers": template.workers.model_copy(update={"cpus_per_worker": 1.0}), "threads": 2,
+        "shared_data": "cnnzoo-splits-new", "compute_gate": "cnnzoo-gate-new"})
+    config = {"run": interrupted.to_dict(), "coefficients": {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}}
+    run = trial_run(config, resuming.to_dict())
+    assert (run.workers.cpus_per_worker, run.threads, run.shared_data, run.compute_gate) == \
+        (1.0, 2, "cnnzoo-splits-new", "cnnzoo-gate-new")
+    assert run.run_name == "exp-search-abc-a1.2_b1.1_g1.15" and run.model.kwargs["alpha"] == 1.2
+    assert run.fingerprint == trial_run(config).fingerprint
+    elsewhere = resuming.model_copy(update={"run_name": "another-search"}).to_dict()
+    assert trial_run(config, elsewhere).compute_gate == "cnnzoo-gate-old"
+
+
 @pytest.mark.slow
 def test_a_restored_experiment_reports_to_this_process_callbacks(ray_cluster, tmp_path):
     """An interrupted search resumes through Tune's restore, which brings back the callbacks pickled with the
@@ -258,18 +285,22 @@ def test_a_restored_experiment_reports_to_this_process_callbacks(ray_cluster, tm
 
     from pipelines.trials import restore_tuner
 
-    def fails_until_marked(config):  # defined here: Ray ships it by value (the tests are not on the workers' path)
-        if not Path(config["marker"]).exists():
+    def fails_until_marked(config, placement=""):  # defined here: Ray ships it by value (the tests are not on the
+        if not Path(config["marker"]).exists():  # workers' path)
             raise RuntimeError("the first attempt fails")
-        tune.report({"val_acc": 1.0})
+        tune.report({"val_acc": 1.0, "placement": placement})
 
-    trainable = tune.with_resources(fails_until_marked, {"cpu": 0.1})
+    def trainable(placement):
+        return tune.with_resources(tune.with_parameters(fails_until_marked, placement=placement), {"cpu": 0.1})
+
     first = SeenTrials()
-    tune.Tuner(trainable, param_space={"marker": str(tmp_path / "marked")},
+    tune.Tuner(trainable("interrupted"), param_space={"marker": str(tmp_path / "marked")},
                run_config=tune.RunConfig(name="flaky", storage_path=str(tmp_path), callbacks=[first], verbose=0)).fit()
     assert len(first.started) == 1
     (tmp_path / "marked").touch()
     second = SeenTrials()
-    grid = restore_tuner(str(tmp_path / "flaky"), trainable, [second]).fit()
+    grid = restore_tuner(str(tmp_path / "flaky"), trainable("resuming"), [second]).fit()
     assert grid[0].error is None and grid[0].metrics["val_acc"] == 1.0  # the errored trial ran again
     assert second.started == first.started  # ... and this process's callback saw it
+    # ... with the resuming command's parameters (the search's placement, see trial_run), not the pickled ones
+    assert grid[0].metrics["placement"] == "resuming"
