@@ -2,8 +2,10 @@
 
 One training step = forward, cross-entropy, backward and an SGD (momentum) step. For every architecture
 both implementations run in the same process with identical weights, interleaved round by round (ours
-first in even rounds, torchvision first in odd ones) so that machine noise hits both alike; the table
-reports the median images/s of each, the median of the per-round ratios, and whether one training step of
+first in even rounds, torchvision first in odd ones, an even number of rounds) so that machine noise hits both
+alike; the table reports the median images/s of each, the ratio (the median over pairs of rounds of the
+geometric mean of the pair's two ratios: whichever goes first measures slower here, and a pair holds each order
+once), and whether one training step of
 each calls the same ATen kernels on the same shapes (counted on meta tensors; if so, any ratio off 1.0 is
 measurement noise).
 
@@ -15,6 +17,7 @@ measurement noise).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -74,15 +77,19 @@ def measure(name: str, size: int, batch: int, rounds: int, steps: int, same: boo
     step_seconds(ours, x, y, 1)  # warm-up (allocator, oneDNN primitive caches)
     step_seconds(theirs, x, y, 1)
     ours_ips, theirs_ips = [], []
-    for i in range(rounds):
+    for i in range(rounds + rounds % 2):  # whole pairs: each order as often
         # Alternate which one goes first (ABBA): the first of a pair measures systematically slower here.
         pair = [(ours, ours_ips), (theirs, theirs_ips)]
         for model, results in pair if i % 2 == 0 else reversed(pair):
             results.append(batch / step_seconds(model, x, y, steps))
     o, t = statistics.median(ours_ips), statistics.median(theirs_ips)
-    # The ratio is the median of per-round ratios: the two halves of a round see the same machine state,
-    # so slow drifts of this shared machine cancel (a ratio of the two medians would keep them).
-    ratio = statistics.median(a / b for a, b in zip(ours_ips, theirs_ips, strict=True))
+    # Per-round ratios: the two halves of a round see the same machine state, so slow drifts of this shared
+    # machine cancel (a ratio of the two medians would keep them). Per pair of rounds, the geometric mean: the
+    # first-position penalty is in one ratio's numerator and the other's denominator, so it cancels too (a
+    # median over an odd number of rounds fell on the order that had one round more).
+    rounds_ratios = [a / b for a, b in zip(ours_ips, theirs_ips, strict=True)]
+    ratio = statistics.median(math.sqrt(first * second)
+                              for first, second in zip(rounds_ratios[::2], rounds_ratios[1::2], strict=True))
     # Equal kernel counts mean equal work: a ratio off 1.0 is then noise, not the implementation.
     same = training_step_kernels(ours, (3, size, size)) == training_step_kernels(theirs, (3, size, size))
     return {"model": name, "input": f"{size}x{size}", "batch": batch, "cnnmodels img/s": round(o, 1),
@@ -95,7 +102,8 @@ def main() -> None:
                         "one per family at 224 px)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 224])
     parser.add_argument("--batch", type=int, help="batch size (default: 64 at 32 px, 8 at 224 px)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds, "
+                        "rounded up to an even number (pairs of both orders)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per round")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--noise-floor", action="store_true",

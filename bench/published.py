@@ -99,11 +99,16 @@ def _stop(process: subprocess.Popen) -> None:
 def published_table(workdir: Path, overrides: list[str]) -> pd.DataFrame:
     """One row per trained model of the preset in ``workdir``: its accuracy beside the published row."""
     from pipelines.config import load_config
+    from pipelines.planning import resolve_models
     from pipelines.results import load_results
+    from pipelines.search import searched_coefficients
 
     cfg = load_config(REPO / PRESET, [f"workdir={workdir}", *overrides])
     results = load_results(cfg.paths.train_dir)
-    expected = list(dict.fromkeys([*cfg.train.models, *results]))
+    # What the train stage planned: train.models and, after a finished search, the EfficientNet members (an
+    # unfinished one is a "not finished" row, not left out).
+    planned = [choice.name for choice in resolve_models(cfg, searched_coefficients(cfg))]
+    expected = list(dict.fromkeys([*planned, *results]))
     rows = []
     for name in expected:
         result = results.get(name)
