@@ -28,7 +28,7 @@ from torch import nn
 
 import cnnmodels
 
-from .preprocess import PreprocessSpec
+from .preprocess import PreprocessSpec, is_out_of_memory
 
 __all__ = ["ModelCheckpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FILE",
            "capture_rng_state", "restore_rng_state", "save_rng_state", "load_rng_state", "rng_state_file"]
@@ -126,7 +126,11 @@ def load_checkpoint(
         raise MissingCheckpointError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:  # removed since the check above (a download cache cleared by another replica)
+        raise MissingCheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt archives
+        if _can_pass(err):
+            raise
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is not a cnnzoo checkpoint")
@@ -165,9 +169,18 @@ def load_checkpoint(
         try:
             model = checkpoint.build_model()
         except (RuntimeError, ValueError, TypeError) as err:
+            if _can_pass(err):
+                raise
             raise CheckpointError(f"checkpoint {path} does not fit architecture {checkpoint.arch!r}: {err}") from None
         _check_outputs(model, spec, path)
     return checkpoint
+
+
+def _can_pass(err: BaseException) -> bool:
+    """Whether reading or checking a checkpoint failed for a reason outside the file, which can pass: the
+    storage (an NFS or FUSE mount's EIO, a stale handle) or the memory. Raised as itself, not as a
+    :class:`CheckpointError`: that one says the file is bad for good (a registration dropped, a model failed)."""
+    return isinstance(err, OSError) or is_out_of_memory(err)
 
 
 def _check_outputs(model: nn.Module, spec: PreprocessSpec, path: Path) -> None:
@@ -185,6 +198,8 @@ def _check_outputs(model: nn.Module, spec: PreprocessSpec, path: Path) -> None:
         with torch.inference_mode():
             outputs = model(probe)
     except (RuntimeError, ValueError) as err:
+        if _can_pass(err):
+            raise
         raise CheckpointError(f"checkpoint {path}: the model fails on a {side} px input: {err}") from None
     if outputs.shape != (1, spec.num_classes):
         raise CheckpointError(f"checkpoint {path}: {tuple(outputs.shape)} outputs for {spec.num_classes} classes")

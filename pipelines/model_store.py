@@ -30,10 +30,13 @@ logger = logging.getLogger(__name__)
 
 
 def is_transient_load_error(err: BaseException) -> bool:
-    """Whether loading a model failed for a reason that can pass: memory, or the registry or its artifact
-    store unreachable or overloaded. A corrupt or missing checkpoint, a model that cannot be built, or a
-    version MLflow no longer has (deleted in its UI: RESOURCE_DOES_NOT_EXIST) stays failed."""
-    return is_out_of_memory(err) or is_unreachable(err)
+    """Whether loading a model failed for a reason that can pass: memory, the storage holding the file (an
+    NFS mount's EIO), or the registry or its artifact store unreachable or overloaded. A corrupt or missing
+    checkpoint, one this process may not read, a model that cannot be built, or a version MLflow no longer has
+    (deleted in its UI: RESOURCE_DOES_NOT_EXIST) stays failed."""
+    lasting = FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError
+    storage = isinstance(err, OSError) and not isinstance(err, lasting)
+    return storage or is_out_of_memory(err) or is_unreachable(err)
 
 
 @dataclass

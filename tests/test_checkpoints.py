@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 from conftest import PlantedCode
 
 import cnnmodels
-from pipelines.checkpoints import CheckpointError, ModelCheckpoint, load_checkpoint, save_checkpoint
+from pipelines.checkpoints import (
+    CheckpointError,
+    MissingCheckpointError,
+    ModelCheckpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipelines.preprocess import PreprocessSpec
 
 SPEC = PreprocessSpec(image_size=32, channels=1, mean=(0.3,), std=(0.4,), class_names=tuple("0123456789"))
@@ -38,6 +46,36 @@ def test_truncated_and_garbage_files_are_refused(tmp_path):
     for name in ("truncated.pt", "garbage.pt", "missing.pt"):
         with pytest.raises(CheckpointError):
             load_checkpoint(tmp_path / name)
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.EIO, "Input/output error"),
+                                     RuntimeError("DefaultCPUAllocator: can't allocate memory")])
+def test_a_failing_storage_or_memory_is_not_a_corrupt_checkpoint(tmp_path, monkeypatch, failure):
+    """An NFS mount's EIO, or the memory running out, while a good checkpoint is read: that can pass, so it is
+    raised as itself. As a CheckpointError ("corrupt") it dropped the model's registration for good and marked
+    the model unregistrable in its record, so no later run registered it."""
+    path = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
+
+    def failing_load(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(type(failure)) as raised:
+        load_checkpoint(path)
+    assert raised.value is failure and not isinstance(raised.value, CheckpointError)
+
+
+def test_a_checkpoint_removed_while_it_is_opened_is_missing_not_corrupt(tmp_path, monkeypatch):
+    path = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
+    real_load = torch.load
+
+    def removed_first(file, *args, **kwargs):
+        path.unlink()  # another replica clearing the download cache, between the check and the open
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", removed_first)
+    with pytest.raises(MissingCheckpointError):
+        load_checkpoint(path)
 
 
 def test_pickled_code_is_refused_by_weights_only_loading(tmp_path):

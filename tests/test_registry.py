@@ -3,6 +3,7 @@ serving downloads and caches, planted pickles, and which versions count for the 
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import mlflow
@@ -184,6 +185,8 @@ def test_which_load_failures_pass_and_which_stay():
     assert is_transient_load_error(MlflowException("API request to http://mlflow:5000 failed"))
     assert not is_transient_load_error(CheckpointError("checkpoint x is corrupt"))
     assert not is_transient_load_error(FileNotFoundError("x.pt"))
+    assert is_transient_load_error(OSError(errno.EIO, "Input/output error"))  # the storage, not the file
+    assert not is_transient_load_error(PermissionError(errno.EACCES, "Permission denied"))
     assert not is_transient_load_error(RuntimeError("Error(s) in loading state_dict for LeNet5"))
 
 

@@ -180,6 +180,48 @@ def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(ma
     assert (tmp_path / "pending.json").exists()
 
 
+def test_a_registration_whose_storage_fails_to_read_is_retried_not_dropped(make_config, tmp_path, monkeypatch):
+    """An EIO from the (NFS) storage while the registration reads a good checkpoint: retried as an outage, then
+    registered once the storage answers. It was read as a corrupt checkpoint: dropped for good, and the model's
+    record marked unregistrable, so no later train stage registered it."""
+    import errno
+
+    import torch
+
+    import cnnmodels
+    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+    from pipelines.preprocess import PreprocessSpec
+    from pipelines.results import ModelResult
+    from pipelines.tracking_queue import TrackingQueue
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()),
+                    tmp_path / "good" / "model.pt")
+    record = ModelResult(model_name="lenet5", arch="lenet5", model_kwargs={}, run_name="r", fingerprint="f",
+                         input_size=32, params_count=1, macs=1, epochs=1, best_val_acc=0.1, best_epoch=0,
+                         test_acc=0.5, train_images_per_sec=1.0, train_seconds=1.0,
+                         checkpoint_path="").save(tmp_path / "train")
+    real_load = torch.load
+
+    def storage_fails(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", storage_fails)
+    queue = TrackingQueue(tracker, tmp_path / "pending.json")
+    register = queue.put("register", run_id, checkpoint_path=str(tmp_path / "good"), storage_path=str(tmp_path),
+                         registered_model=cfg.registered_model_name, alias="lenet5", tags={},
+                         result_file=str(record))
+    assert [op.seq for op in queue.flush(timeout_s=2)] == [register]
+    assert queue.dropped == [] and ModelResult.load(record).registration_error == ""
+    monkeypatch.setattr(torch, "load", real_load)  # the storage answers again
+    assert queue.flush(timeout_s=30) == [] and queue.dropped == []
+    assert tracker.client.get_model_version_by_alias(cfg.registered_model_name, "lenet5").run_id == run_id
+
+
 def test_report_and_serve_send_what_an_earlier_stage_left_pending_first(make_config):
     """README: any later stage of the same config sends the pending writes first (here the stages then stop
     for want of trained models, after sending)."""
