@@ -247,7 +247,8 @@ class GoogLeNet(ImageClassifier):
 
     def forward(self, x: torch.Tensor) -> GoogLeNetOutputs | torch.Tensor:
         self.check_input_size(x)
-        with_aux = self.training and self.aux1 is not None
+        # torchvision's switch too: fine-tuning code sets ``model.aux_logits = False`` to get plain logits.
+        with_aux = self.training and self.aux_logits and self.aux1 is not None
         features, aux1, aux2 = self._trunk(x, with_aux)
         logits = self.forward_head(features)
         if with_aux:

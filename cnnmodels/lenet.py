@@ -91,7 +91,9 @@ class RBFOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The squared differences summed, not cdist squared: cdist has no bfloat16 kernel on CPUs, and its square
-        # root has no gradient where an output sits exactly on a prototype.
+        # root has no gradient where an output sits exactly on a prototype. In float32 under autocast: the logits
+        # are sums of 84 squares (about -100), where bfloat16 keeps less than one unit.
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         return -(x.unsqueeze(-2) - self.prototypes.to(x.dtype)).pow(2).sum(-1)
 
 

@@ -152,6 +152,8 @@ def test_googlenet_aux_heads_only_in_training_mode():
     assert isinstance(plain, torch.Tensor) and plain.shape == (4, 10)
     no_aux = small_model("googlenet", aux_logits=False).train()
     assert isinstance(no_aux(x), torch.Tensor)
+    model.train().aux_logits = False  # torchvision's switch, as fine-tuning code flips it
+    assert isinstance(model(x), torch.Tensor)
 
 
 def test_naive_inception_concatenates_without_reductions():
@@ -227,6 +229,29 @@ def test_default_input_sizes():
     assert create_model("resnet18", in_chans=1, small_input=True).default_input_size == (1, 32, 32)
     assert create_model("efficientnet_b3").default_input_size == (3, 300, 300)
     assert create_model("lenet5", in_chans=1).default_input_size == (1, 32, 32)
+
+
+def test_profile_leaves_every_modules_mode_as_it_was():
+    """A partly frozen model (batch norm kept in eval mode while fine-tuning) stays so: profile() set every module
+    back to the top-level mode, unfreezing it."""
+    model = create_model("resnet18", num_classes=10, small_input=True).train()
+    model.layer1.eval()
+    profile(model, (3, 32, 32))
+    assert model.training and model.layer2[0].bn1.training
+    assert not model.layer1.training and not model.layer1[0].bn1.training
+
+
+def test_lenet5_rbf_logits_are_computed_in_float32_under_bfloat16():
+    """The paper variant's logits are sums of 84 squares (about -100): in bfloat16 they lost whole units."""
+    from cnnmodels.lenet import RBFOutput
+
+    rbf = RBFOutput(84, 10)
+    x = (torch.randn(4, 84) * 1.7).to(torch.bfloat16)
+    expected = -(x.float().unsqueeze(-2) - rbf.prototypes).pow(2).sum(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = rbf(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected)
 
 
 def test_profile_reports_stages_that_sum_to_the_total():

@@ -119,7 +119,9 @@ def profile(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> Pr
 
     handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     handles += [stage.register_forward_hook(record_shape(name)) for name, stage in stages]
-    was_training = model.training
+    # Every module's own mode: model.train(was_training) would unfreeze a partly frozen model (BN kept in eval
+    # mode for fine-tuning) and start its running statistics moving.
+    modes = {module: module.training for module in model.modules()}
     try:
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
@@ -127,7 +129,8 @@ def profile(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> Pr
         model.eval()
         model(torch.zeros((1, *input_size), device=device, dtype=dtype))
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
         for h in handles:
             h.remove()
     stage_profiles = [
