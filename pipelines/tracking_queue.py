@@ -132,6 +132,8 @@ class TrackingQueue:
         self._own_uids: set[str] = set()
         #: The uid of the write still being sent when the queue ended (flush): the only one it still holds.
         self._in_flight: str | None = None
+        #: The (first, last) sequence numbers of the backlog last put on disk during an outage.
+        self._backlog_on_disk: tuple[int, int] | None = None
         if self.pending_file is not None:
             _wait_for_the_write_in_flight(self.pending_file)
         if self.pending_file is not None and self.pending_file.exists():
@@ -236,6 +238,7 @@ class TrackingQueue:
                 else:
                     self._note_outage(err)
                     with self._lock:
+                        self._keep_backlog_on_disk()
                         self._lock.wait(timeout=delay)  # flush() wakes it to stop
                     delay = min(delay * 2, RETRY_CAP_S)
                     continue
@@ -251,6 +254,23 @@ class TrackingQueue:
                 logger.info("[tracking] MLflow is reachable again after %s; sending %d queued write(s)",
                             duration(time.time() - self._down_since), len(self._ops))
                 self._down_since = None
+
+    def _keep_backlog_on_disk(self) -> None:
+        """During an outage (under the lock, at every retry): the backlog goes to the pending file, claimed by
+        this queue, and is kept in step from then on. A command killed before its flush (`ray job stop` kills
+        3 s after its SIGTERM, the OOM killer, a lost head) lost every write it had queued since MLflow went
+        down; now the next command of the config takes them over once this process is gone."""
+        if self.pending_file is None or self._stop or self._in_flight is not None or not self._ops:
+            return
+        backlog = (self._ops[0].seq, self._ops[-1].seq)
+        if backlog == self._backlog_on_disk:
+            return
+        try:
+            self._save_pending(list(self._ops))
+        except OSError as err:  # the disk is the fallback here: training goes on regardless
+            logger.warning("[tracking] could not keep the queued writes in %s: %s", self.pending_file, err)
+            return
+        self._backlog_on_disk, self._tracks_file = backlog, True
 
     def _note_outage(self, err: BaseException) -> None:
         if self._down_since is None:

@@ -130,6 +130,45 @@ def test_an_outage_queues_writes_and_register_sends_what_the_stage_left_pending(
     assert not (cfg.paths.run_dir / PENDING_FILE).exists()
 
 
+def test_writes_queued_in_an_outage_outlive_a_command_killed_before_its_flush(mlflow_server, tmp_path):
+    """`ray job stop` (SIGKILL 3 s after its SIGTERM), the OOM killer, a lost head: a command killed while MLflow
+    was down lost every write it had queued since, its runs left RUNNING without their metrics. The backlog is on
+    disk from the first failed attempt, and the next command sends it."""
+    from pipelines.config import load_config
+
+    overrides = [f"workdir={tmp_path / 'work'}", "name=killed", f"tracking.uri={mlflow_server.uri}",
+                 "tracking.pending_timeout_s=2"]
+    cfg = load_config(None, overrides)
+    pending_file = cfg.paths.run_dir / PENDING_FILE
+    mlflow_server.stop()
+    stage = ("import time\n"
+             "from pipelines.config import load_config\n"
+             "from pipelines.tracking_queue import TrackingQueue\n"
+             f"queue = TrackingQueue.for_config(load_config(None, {overrides!r}))\n"
+             "run = queue.new_run('lenet5', {'stage': 'train'})\n"
+             "for step in range(3):\n"
+             "    queue.put('log_metrics', run, metrics={'val_acc': step / 10}, step=step)\n"
+             "time.sleep(600)\n")
+    process = subprocess.Popen([sys.executable, "-c", stage], cwd=REPO)
+    try:
+        _wait_for(lambda: pending_file.exists() and len(json.loads(pending_file.read_text())["ops"]) == 4, 120,
+                  "the queued writes on disk")
+        # Claimed while the command lives: another command of the config leaves them to it.
+        assert len(TrackingQueue.for_config(cfg)) == 0
+    finally:
+        process.kill()
+        process.wait()
+    mlflow_server.start()
+    command = [sys.executable, "-m", "pipelines", "register", *[a for o in overrides for a in ("--set", o)]]
+    sent = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert sent.returncode == 0, sent.stderr
+    client = Tracker(mlflow_server.uri, "killed").client
+    [run] = client.search_runs([client.get_experiment_by_name("killed").experiment_id],
+                               "attributes.run_name = 'lenet5'")
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0.0, 0.1, 0.2]
+    assert not pending_file.exists()
+
+
 def test_a_wrong_artifact_store_fails_before_any_model_starts(make_config, tmp_path):
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("a file where the artifact store should be")
