@@ -285,6 +285,7 @@ def asha_scheduler(search: SearchConfig):
 def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     from .data import describe_dataset
     from .runtime import concurrency_for, free_resources, node_cpus
+    from .tracking import Tracker
     from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_abort
 
     search = cfg.search
@@ -312,8 +313,9 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
                     "or constraint, so it is not among the trials", constraint_value(*PAPER))
     scheduler = asha_scheduler(search) if search.asha else None
 
-    queue = TrackingQueue.for_config(cfg)
-    parent = _parent_run(queue.tracker, cfg, experiment, info.dataset)
+    tracker = Tracker.for_config(cfg)
+    parent = _parent_run(tracker, cfg, experiment, info.dataset)  # before the queue takes pending writes over
+    queue = TrackingQueue.for_config(cfg, tracker)
     callback = TrialTracking(queue, "search", parent, describe=partial(describe_search_trial, search.phi))
     # Every trial runs the template with its own coefficients: they overlap as the training stage's models do.
     overlapped, capacity = with_overlapped_startup(cfg, [template] * plan.trials, free["CPU"])

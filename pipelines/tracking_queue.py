@@ -154,11 +154,12 @@ class TrackingQueue:
         return len(self._ops)
 
     @classmethod
-    def for_config(cls, cfg) -> TrackingQueue:
-        """The queue of a pipeline config's tracker; picks up writes an earlier stage left pending."""
+    def for_config(cls, cfg, tracker=None) -> TrackingQueue:
+        """The queue of a pipeline config's tracker (``tracker``: that one, already made); picks up writes an
+        earlier stage left pending."""
         from .tracking import Tracker
 
-        return cls(Tracker.for_config(cfg), cfg.paths.run_dir / PENDING_FILE)
+        return cls(tracker or Tracker.for_config(cfg), cfg.paths.run_dir / PENDING_FILE)
 
     # -- producers: never block on MLflow --------------------------------------------------------------
     def put(self, kind: str, ref: str | None = None, **args: Any) -> int:

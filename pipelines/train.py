@@ -374,6 +374,7 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
                  show_table: bool = True) -> TrainStageResult:
     from .data import describe_dataset
     from .runtime import free_resources, node_cpus
+    from .tracking import Tracker
     from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_abort
 
     info = describe_dataset(cfg.data)
@@ -384,14 +385,18 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
     todo, skipped = _split_finished(cfg, runs)
     if skipped:
         logger.info("[train] already trained, skipping: %s", ", ".join(skipped))
-    queue = TrackingQueue.for_config(cfg)
+    tracker = Tracker.for_config(cfg)
     failed = []
     if todo:
-        # Fails in seconds, before any model starts, when MLflow or its artifact store cannot be written.
-        parent = queue.tracker.open_stage_run(
+        # Fails in seconds, before any model starts, when MLflow or its artifact store cannot be written; and
+        # before the queue takes over the writes an earlier command left pending (a queue that never ended would
+        # hold them as this process's for as long as it lives: a notebook's next call left them unsent).
+        parent = tracker.open_stage_run(
             f"train-{time.strftime('%Y%m%d-%H%M%S')}", {"stage": "train", "cnnzoo.stage_parent": "true"},
             {"dataset": info.dataset, "models": ",".join(r.model_name for r in runs), "epochs": cfg.train.epochs,
              "num_workers": cfg.train.num_workers}, cfg.to_yaml())
+    queue = TrackingQueue.for_config(cfg, tracker)
+    if todo:
         finisher = ModelFinisher(cfg, queue, todo)
         tracking = TrialTracking(queue, "train", parent, describe=describe_run, on_complete=finisher,
                                  on_error=finisher.trial_failed, on_epoch=finisher.epoch_done)

@@ -183,6 +183,23 @@ def test_a_wrong_artifact_store_fails_before_any_model_starts(make_config, tmp_p
     assert tracker.find_run("tags.stage = 'train'").info.status == "FAILED"
 
 
+def test_a_stage_that_cannot_open_its_mlflow_run_leaves_pending_writes_to_the_next_call(ray_cluster, make_config):
+    """MLflow down when a stage starts: the stage ends at once (TrackingUnavailable), and the writes an earlier
+    command left pending stay free. Its queue had taken them over first and never ended, so they were this
+    process's for as long as it lived: the next call in a notebook (or the tests' process) left them unsent."""
+    from pipelines.tracking import TrackingUnavailable
+    from pipelines.train import train_stage
+
+    cfg = make_config("train.models=[lenet5]", "train.epochs=1", "tracking.uri=http://127.0.0.1:9")
+    pending_file = cfg.paths.run_dir / PENDING_FILE
+    pending_file.parent.mkdir(parents=True, exist_ok=True)
+    pending_file.write_text(json.dumps({"tracking_uri": cfg.tracking_uri, "run_ids": {}, "claims": {}, "ops": [
+        {"seq": 1, "kind": "set_tags", "ref": "0123abcd", "args": {"tags": {"note": "left pending"}}, "uid": "u1"}]}))
+    with pytest.raises(TrackingUnavailable):
+        train_stage(cfg)
+    assert len(TrackingQueue.for_config(cfg)) == 1
+
+
 @pytest.mark.slow
 def test_training_goes_on_through_a_tracking_outage(ray_cluster, mlflow_server, make_config):
     """The server stops while the first model trains and comes back later: both models train on, and at
