@@ -336,7 +336,6 @@ class TrackingQueue:
     def _do_register(self, ref: str, checkpoint_path: str, storage_path: str, registered_model: str, alias: str,
                      tags: dict, result_file: str | None = None) -> str:
         from .checkpoints import MissingCheckpointError
-        from .results import ModelResult
         from .trials import checkpoint_gone, reported_checkpoint_dir
 
         run_id = self._resolve(ref)
@@ -357,9 +356,9 @@ class TrackingQueue:
                                       "so its model is not registered (the next `python -m pipelines train` "
                                       "trains it again)") from err
             raise
-        if result_file and Path(result_file).exists():
+        record = _record_of_this_training(result_file, tags)
+        if record is not None:
             # The result record was written when training ended; it learns its version now.
-            record = ModelResult.load(result_file)
             record.version = version
             record.mlflow_run_id = self._resolve(ref)
             if "started_at" in record.timeline:
@@ -587,14 +586,30 @@ def _note_unregistrable(op: TrackingOp, err: BaseException) -> None:
     """A registration dropped because its checkpoint is unusable is noted in the model's result record: the
     next train stage would otherwise run the model again to register it, and fail the same way, every time."""
     from .checkpoints import CheckpointError
-    from .results import ModelResult
 
     result_file = op.args.get("result_file") if op.kind == "register" else None
-    if not isinstance(err, CheckpointError) or not result_file or not Path(result_file).exists():
+    record = _record_of_this_training(result_file, op.args.get("tags") or {})
+    if not isinstance(err, CheckpointError) or record is None:
         return
-    record = ModelResult.load(result_file)
     record.registration_error = first_line(err)
     record.save(Path(result_file).parent)
+
+
+def _record_of_this_training(result_file: str | None, tags: dict):
+    """The model's result record, when it is still of the training a registration was queued for (its
+    fingerprint and epochs): a registration left pending by an earlier command, sent after the model was trained
+    again with other settings, must not put its version (or its failure) into the new training's record."""
+    from .results import ModelResult
+
+    if not result_file or not Path(result_file).exists():
+        return None
+    record = ModelResult.load(result_file)
+    for key, value in (("fingerprint", record.fingerprint), ("epochs", record.epochs)):
+        if key in tags and str(tags[key]) != str(value):
+            logger.info("[tracking] %s: the registration of an earlier training (%s %s) leaves the record of the "
+                        "current one (%s) as it is", record.model_name, key, tags[key], value)
+            return None
+    return record
 
 
 def _without_password(uri: str) -> str:

@@ -222,6 +222,37 @@ def test_a_registration_whose_storage_fails_to_read_is_retried_not_dropped(make_
     assert tracker.client.get_model_version_by_alias(cfg.registered_model_name, "lenet5").run_id == run_id
 
 
+def test_a_stale_registration_leaves_the_record_of_a_newer_training_alone(make_config, tmp_path):
+    """A registration left pending by an earlier command (fingerprint f-old), sent after the model was trained
+    again with other settings: it wrote its version into the new training's record, which then claimed to be
+    registered (and served as that version) with the new training's accuracy."""
+    import cnnmodels
+    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+    from pipelines.preprocess import PreprocessSpec
+    from pipelines.results import ModelResult
+    from pipelines.tracking_queue import TrackingQueue
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()),
+                    tmp_path / "good" / "model.pt")
+    record = ModelResult(model_name="lenet5", arch="lenet5", model_kwargs={}, run_name="r", fingerprint="f-new",
+                         input_size=32, params_count=1, macs=1, epochs=5, best_val_acc=0.1, best_epoch=0,
+                         test_acc=0.5, train_images_per_sec=1.0, train_seconds=1.0,
+                         checkpoint_path="").save(tmp_path / "train")
+    queue = TrackingQueue(tracker, tmp_path / "pending.json")
+    for fingerprint, epochs in (("f-old", 5), ("f-new", 3), ("f-new", 5)):
+        queue.put("register", run_id, checkpoint_path=str(tmp_path / "good"), storage_path=str(tmp_path),
+                  registered_model=cfg.registered_model_name, alias="lenet5", result_file=str(record),
+                  tags={"fingerprint": fingerprint, "epochs": epochs})
+        assert queue.flush(timeout_s=30) == [] and queue.dropped == []
+        expected = "3" if fingerprint == "f-new" and epochs == 5 else ""
+        assert ModelResult.load(record).version == expected, (fingerprint, epochs)
+
+
 def test_report_and_serve_send_what_an_earlier_stage_left_pending_first(make_config):
     """README: any later stage of the same config sends the pending writes first (here the stages then stop
     for want of trained models, after sending)."""
