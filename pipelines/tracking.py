@@ -54,10 +54,13 @@ TAG_DATASET, TAG_DATA_ROOT, TAG_FINGERPRINT = "dataset", "data_root", "fingerpri
 #: Metrics logged once when a run ends.
 FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_images_per_sec", "train_seconds")
 
-#: MLflow error codes no retry gets past: the request itself is refused, or what it names does not exist.
-#: Others (INTERNAL_ERROR: also an unreachable server; TEMPORARILY_UNAVAILABLE, REQUEST_LIMIT_EXCEEDED) can pass.
+#: MLflow error codes no retry gets past: the request itself is refused, or what it names does not exist (an
+#: endpoint this server version lacks included). Others (INTERNAL_ERROR: also an unreachable server;
+#: TEMPORARILY_UNAVAILABLE, REQUEST_LIMIT_EXCEEDED, RESOURCE_CONFLICT and ABORTED: concurrent writers) can pass.
+#: A BAD_REQUEST caused by the database being unreachable can pass too (see :func:`is_unreachable`).
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                              "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+                              "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                              "CUSTOMER_UNAUTHORIZED", "NOT_FOUND", "ENDPOINT_NOT_FOUND", "ALREADY_EXISTS"})
 
 
 def http_status(err: BaseException, *, http_only: bool = False) -> int | None:
@@ -78,9 +81,11 @@ def http_status(err: BaseException, *, http_only: bool = False) -> int | None:
 
 def _database_unavailable(err: BaseException) -> bool:
     # A database store's engine that cannot connect, or a sqlite file locked by another writer, raises the DB
-    # driver's OperationalError unwrapped (MLflow wraps it only inside its sessions).
-    return type(err).__name__ in ("OperationalError", "InterfaceError") and type(err).__module__.split(".")[0] in (
-        "sqlalchemy", "sqlite3", "psycopg2", "psycopg", "pymysql", "MySQLdb")
+    # driver's OperationalError unwrapped (MLflow wraps it only inside its sessions, and every other SQLAlchemy
+    # error there as BAD_REQUEST: a connection pool's timeout, a connection lost in a database failover).
+    return type(err).__name__ in ("OperationalError", "InterfaceError", "TimeoutError", "DisconnectionError") \
+        and type(err).__module__.split(".")[0] in ("sqlalchemy", "sqlite3", "psycopg2", "psycopg", "pymysql",
+                                                   "MySQLdb")
 
 
 def is_unreachable(err: BaseException) -> bool:

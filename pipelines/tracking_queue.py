@@ -92,6 +92,8 @@ def _is_permanent(err: BaseException) -> bool:
     else counts as an outage and is retried, a checkpoint whose storage does not answer included."""
     from .checkpoints import CheckpointError, MissingCheckpointError
 
+    if is_unreachable(err):  # before the error code: MLflow reports a lost database connection as BAD_REQUEST
+        return False
     unusable = isinstance(err, CheckpointError) and not isinstance(err, MissingCheckpointError)
     if unusable or isinstance(err, UnsendableWrite) or getattr(err, "error_code", None) in PERMANENT_ERRORS:
         return True

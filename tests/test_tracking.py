@@ -471,6 +471,22 @@ def test_errors_are_sorted_into_outages_and_refusals():
     assert http_status(wrapped) == 413 and _is_permanent(wrapped)
     assert not _is_permanent(ClientError(400))  # S3's RequestTimeout is a 400 that passes: botocore retries it
     assert not _is_permanent(ConnectionError("refused"))
+    # MLflow's database sessions turn every SQLAlchemy error but OperationalError into BAD_REQUEST: a pool's
+    # timeout or a connection lost in a failover was dropped as a refusal. What the server does not have (an
+    # endpoint of another MLflow version) was retried for ever.
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    for lost in (sqlalchemy.exc.TimeoutError("QueuePool limit reached"),
+                 sqlalchemy.exc.InterfaceError("SELECT 1", {}, Exception("connection already closed"))):
+        try:
+            raise MlflowException(message=str(lost), error_code=codes.BAD_REQUEST) from lost
+        except MlflowException as err:
+            assert err.error_code == "BAD_REQUEST" and not _is_permanent(err) and is_unreachable(err), type(lost)
+    assert _is_permanent(MlflowException("invalid metric", error_code=codes.BAD_REQUEST))
+    for code in (codes.ENDPOINT_NOT_FOUND, codes.NOT_FOUND):
+        assert _is_permanent(MlflowException("no such endpoint", error_code=code))
+    assert not _is_permanent(MlflowException("a concurrent update", error_code=codes.RESOURCE_CONFLICT))
 
 
 def test_a_pending_write_this_version_cannot_send_is_dropped(make_config, tmp_path):
