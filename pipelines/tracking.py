@@ -46,6 +46,10 @@ TAG_TRIAL = "ray.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
 #: Per-epoch metrics (step = epoch).
 EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "train_images_per_sec", "epoch_seconds", "lr")
+#: Epoch metrics MLflow keeps under another name: the run's ``train_images_per_sec`` is the median over its epochs
+#: (the report's figure), and MLflow's runs table shows a metric's value at its highest step, which an epoch
+#: series of the same name would own (the last epoch's).
+EPOCH_METRIC_NAMES = {"train_images_per_sec": "epoch_images_per_sec"}
 #: Where the registered model keeps its weights-only checkpoint (``log_model`` copies artifacts under
 #: ``artifacts/``); versions registered as pickled PyTorch models kept it under ``extra_files/``.
 REGISTERED_CHECKPOINTS = (f"artifacts/{CHECKPOINT_FILE}", f"extra_files/{CHECKPOINT_FILE}")
@@ -271,8 +275,9 @@ class Tracker:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, str(value))
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+    def end_run(self, run_id: str, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
+        """End a run as ``status``, at ``end_time_ms`` (when it ended; default now)."""
+        self.client.set_terminated(run_id, status=status, end_time=end_time_ms)
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)

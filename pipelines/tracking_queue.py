@@ -37,6 +37,7 @@ from ray.tune import Callback
 
 from .console import duration, timestamped
 from .tracking import (
+    EPOCH_METRIC_NAMES,
     EPOCH_METRICS,
     FINAL_METRICS,
     PERMANENT_ERRORS,
@@ -165,7 +166,14 @@ class TrackingQueue:
 
     # -- producers: never block on MLflow --------------------------------------------------------------
     def put(self, kind: str, ref: str | None = None, **args: Any) -> int:
-        """Queue one write; returns its sequence number (see :attr:`outcomes`)."""
+        """Queue one write; returns its sequence number (see :attr:`outcomes`). Metrics and a run's end are
+        stamped now, when they happen: sent after an outage they keep their times (a run's duration without
+        the outage), and a metric sent twice (a retry after a lost reply) is the same point, not a second one."""
+        now_ms = int(time.time() * 1000)
+        if kind == "log_metrics":
+            args.setdefault("timestamp_ms", now_ms)
+        elif kind == "end_run":
+            args.setdefault("end_time_ms", now_ms)
         with self._lock:
             self._seq += 1
             self._ops.append(TrackingOp(self._seq, kind, ref, args))
@@ -327,8 +335,8 @@ class TrackingQueue:
     def _do_set_tags(self, ref: str, tags: dict) -> None:
         self.tracker.set_tags(self._resolve(ref), tags)
 
-    def _do_end_run(self, ref: str, status: str) -> None:
-        self.tracker.end_run(self._resolve(ref), status)
+    def _do_end_run(self, ref: str, status: str, end_time_ms: int | None = None) -> None:
+        self.tracker.end_run(self._resolve(ref), status, end_time_ms)
 
     def _do_log_artifact(self, ref: str, path: str, artifact_path: str | None = None) -> None:
         if not Path(path).exists():  # deleted since (or `register` run elsewhere): no retry brings it back
@@ -712,8 +720,8 @@ class TrialTracking(Callback):
         ref = self._run_ref(trial)
         if "val_acc" in result and "test_acc" not in result:  # an epoch, not the final test report
             epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
-            self.queue.put("log_metrics", ref, metrics={k: result[k] for k in EPOCH_METRICS if k in result},
-                           step=epoch, timestamp_ms=int(time.time() * 1000))
+            self.queue.put("log_metrics", ref, step=epoch,
+                           metrics={EPOCH_METRIC_NAMES.get(k, k): result[k] for k in EPOCH_METRICS if k in result})
             total = trial.config.get("run", {}).get("hyper", {}).get("epochs", "?")
             self.progress(
                 f"[{self.stage}] {self.names[trial.trial_id]}: epoch {epoch + 1}/{total}  "
@@ -738,8 +746,7 @@ class TrialTracking(Callback):
         ref = self._run_ref(trial)
         self.ended.add(trial.trial_id)
         result = trial.last_result or {}
-        self.queue.put("log_metrics", ref, metrics={k: result[k] for k in FINAL_METRICS if k in result}, step=0,
-                       timestamp_ms=int(time.time() * 1000))
+        self.queue.put("log_metrics", ref, metrics={k: result[k] for k in FINAL_METRICS if k in result}, step=0)
         if self.on_complete is not None:
             self.on_complete(trial, ref, self.started_at.get(trial.trial_id, time.time()))
         else:

@@ -222,6 +222,48 @@ def test_a_registration_whose_storage_fails_to_read_is_retried_not_dropped(make_
     assert tracker.client.get_model_version_by_alias(cfg.registered_model_name, "lenet5").run_id == run_id
 
 
+def test_metrics_and_run_ends_keep_the_time_they_were_queued_at(make_config, tmp_path, monkeypatch):
+    """Sent after an outage, a metric kept its step but took the time it was sent at, and a run ended then: its
+    duration in the UI included the outage. And a metric resent after a lost reply was a second point."""
+    import time
+
+    from pipelines.tracking_queue import TrackingQueue
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    real_log_metrics, real_end_run = tracker.log_metrics, tracker.end_run
+    state = {"down": True, "replies_lost": 0}
+
+    def log_metrics(*args, **kwargs):
+        if state["down"]:
+            raise ConnectionError("MLflow is down")
+        real_log_metrics(*args, **kwargs)
+        if state["replies_lost"] == 0:  # it went through, but its reply is lost: sent again
+            state["replies_lost"] += 1
+            raise ConnectionError("connection reset before the reply")
+
+    def end_run(*args, **kwargs):
+        if state["down"]:
+            raise ConnectionError("MLflow is down")
+        real_end_run(*args, **kwargs)
+
+    monkeypatch.setattr(tracker, "log_metrics", log_metrics)
+    monkeypatch.setattr(tracker, "end_run", end_run)
+    queue = TrackingQueue(tracker, tmp_path / "pending.json")
+    before = int(time.time() * 1000)
+    queue.put("log_metrics", run_id, metrics={"val_acc": 0.5}, step=0)
+    queue.put("end_run", run_id, status="FINISHED")
+    queued = int(time.time() * 1000)
+    time.sleep(2.5)
+    state["down"] = False
+    assert queue.flush(timeout_s=30) == [] and queue.dropped == [] and state["replies_lost"] == 1
+    [point] = tracker.client.get_metric_history(run_id, "val_acc")
+    assert before <= point.timestamp <= queued
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and before <= run.info.end_time <= queued
+
+
 def test_a_stale_registration_leaves_the_record_of_a_newer_training_alone(make_config, tmp_path):
     """A registration left pending by an earlier command (fingerprint f-old), sent after the model was trained
     again with other settings: it wrote its version into the new training's record, which then claimed to be

@@ -76,6 +76,11 @@ def test_mlflow_child_run_has_the_comparable_params_and_metrics(ddp_run):
         assert sorted(m.step for m in history) == list(range(6)), metric
     for metric in ("test_acc", "best_val_acc", "train_images_per_sec", "train_seconds"):
         assert metric in run.data.metrics
+    # The run's throughput is the report's (the median over epochs), not the last epoch's: MLflow shows a metric
+    # at its highest step, so the per-epoch series has a name of its own.
+    assert run.data.metrics["train_images_per_sec"] == pytest.approx(stage.results["lenet5"].train_images_per_sec)
+    epoch_rates = tracker.client.get_metric_history(run.info.run_id, "epoch_images_per_sec")
+    assert sorted(m.step for m in epoch_rates) == list(range(6))
     assert run.data.metrics["test_acc"] == pytest.approx(stage.results["lenet5"].test_acc)
 
 
