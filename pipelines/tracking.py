@@ -336,6 +336,11 @@ class Tracker:
             return done
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
+        uploaded = self._logged_model_of(run_id, version_tags)
+        if uploaded is not None:  # uploaded by an attempt whose registration failed (MLflow down after it)
+            version = mlflow.register_model(f"models:/{uploaded}", registered_model, tags=version_tags)
+            self.client.set_registered_model_alias(registered_model, alias, version.version)
+            return str(version.version)
         with tempfile.TemporaryDirectory() as scratch:
             weights = save_checkpoint(dataclasses.replace(checkpoint, training_state=None),
                                       Path(scratch) / CHECKPOINT_FILE)
@@ -352,10 +357,32 @@ class Tracker:
                     signature=model_signature(checkpoint.spec),
                     pip_requirements=[f"torch>={torch.__version__.split('+')[0]}",
                                       f"torchvision>={torchvision.__version__.split('+')[0]}", "numpy"],
+                    tags=version_tags,  # which training it is, for a retry (_logged_model_of)
                 )
         version = mlflow.register_model(info.model_uri, registered_model, tags=version_tags)
         self.client.set_registered_model_alias(registered_model, alias, version.version)
         return str(version.version)
+
+    def _logged_model_of(self, run_id: str, tags: dict[str, str]) -> str | None:
+        """The id of the logged model an earlier attempt uploaded for this run's training (its fingerprint and
+        epochs), if one is complete. Attempts that failed (an artifact store that did not answer) are deleted:
+        MLflow creates the logged model before the upload, and a registration retried through an outage left
+        one behind per attempt, hundreds in the experiment's Models tab."""
+        from mlflow.entities import LoggedModelStatus
+
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        complete = None
+        for model in self.client.search_logged_models(
+                experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'model'"):
+            if model.status == LoggedModelStatus.READY:
+                if complete is None and all(model.tags.get(k) == tags.get(k) for k in ("fingerprint", "epochs")):
+                    complete = model.model_id
+                continue
+            try:
+                self.client.delete_logged_model(model.model_id)
+            except Exception as err:  # noqa: BLE001 - tidying up; the registration does not depend on it
+                logger.debug("could not delete the failed upload %s: %s", model.model_id, err)
+        return complete
 
     def _registered_version_of(self, registered_model: str, run_id: str, tags: dict[str, str]) -> str | None:
         """The version this run already registered with these tags' training (fingerprint and epochs), if any."""

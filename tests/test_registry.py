@@ -327,6 +327,49 @@ def test_an_imagefolder_version_counts_only_for_its_own_root(make_config, tmp_pa
 
 
 
+def test_registration_retried_through_an_artifact_outage_leaves_one_logged_model(tmp_path, monkeypatch):
+    """MLflow creates the logged model before it uploads: each attempt of a registration retried while the
+    artifact store failed left a FAILED logged model behind (hundreds in an hour of retries). And an upload
+    that went through before the registry failed is registered, not uploaded again."""
+    import mlflow
+
+    from pipelines.config import load_config
+
+    cfg = load_config(None, [f"workdir={tmp_path}", "name=flaky"])
+    store = tmp_path / "artifact-store"
+    store.write_text("a file where the artifact store should be: every upload fails")
+    tracker = Tracker(cfg.tracking_uri, "flaky", artifact_root=(store / "artifacts").as_uri())
+    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=SPEC, state_dict=model.state_dict(),
+                                    model_name="lenet5"), tmp_path / "best" / "model.pt")
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    tags = {"dataset": "digits", "fingerprint": "abc12345", "epochs": 3}
+    for _ in range(3):
+        with pytest.raises(OSError):
+            tracker.log_and_register(run_id, tmp_path / "best", "flaky", "lenet5", tags=tags)
+    store.unlink()  # the artifact store is back
+
+    def logged_models():
+        experiment_id = tracker.client.get_run(run_id).info.experiment_id
+        return tracker.client.search_logged_models(experiment_ids=[experiment_id],
+                                                   filter_string=f"source_run_id = '{run_id}'")
+
+    real_register = mlflow.register_model
+
+    def registry_down(*args, **kwargs):
+        raise ConnectionError("the registry went down after the upload")
+
+    monkeypatch.setattr(mlflow, "register_model", registry_down)
+    with pytest.raises(ConnectionError):
+        tracker.log_and_register(run_id, tmp_path / "best", "flaky", "lenet5", tags=tags)
+    monkeypatch.setattr(mlflow, "register_model", real_register)
+    [uploaded] = [m for m in logged_models() if str(m.status) == "READY"]
+    version = tracker.log_and_register(run_id, tmp_path / "best", "flaky", "lenet5", tags=tags)
+    assert [m.model_id for m in logged_models()] == [uploaded.model_id]  # the failed attempts' are gone
+    registered = tracker.client.get_model_version("flaky", version)
+    assert registered.source == f"models:/{uploaded.model_id}" and registered.run_id == run_id
+
+
 def test_a_retried_registration_adds_no_second_version(tmp_path):
     """A registration retried after it went through (its reply lost, or the alias not set) finds its version
     and sets the alias, instead of registering the same training twice; another training of the run (more
