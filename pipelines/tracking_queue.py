@@ -87,6 +87,12 @@ class UnsendableWrite(LookupError):
     checkpoint is gone: no retry can send it."""
 
 
+class RunStillBeingCreated(RuntimeError):
+    """A write whose run another command is creating: that command's flush gave up while the creation was on its
+    way (a slow server) and it still sends it, while this command took over the writes behind it. Retried until
+    the run exists; dropped as never created, that run's metrics, end and registration were lost."""
+
+
 def _is_permanent(err: BaseException) -> bool:
     """Whether no retry can send the write: MLflow refused it, its run does not exist, or the checkpoint it
     registers is unusable (a diverged run's NaN weights, say) or gone from a storage that answers. Anything
@@ -292,10 +298,29 @@ class TrackingQueue:
     def _resolve(self, ref: str | None) -> str:
         if ref is None:
             raise UnsendableWrite("this write needs a run")
-        run_id = self.run_id(ref)
+        run_id = self.run_id(ref) or self._run_created_elsewhere(ref)
         if run_id is None:
             raise UnsendableWrite(f"run {ref} was never created")
         return run_id
+
+    def _run_created_elsewhere(self, ref: str) -> str | None:
+        """The run id of ``ref`` from the pending file, where the command that created the run put it; raises
+        :class:`RunStillBeingCreated` while a running command still holds the write that creates it."""
+        if self.pending_file is None or not ref.startswith("local:") or not self.pending_file.exists():
+            return None
+        with _pending_file_lock(self.pending_file):
+            body = _read_pending_file(self.pending_file)
+        if run_id := body.get("run_ids", {}).get(ref):
+            self.run_ids[ref] = run_id
+            return run_id
+        claims = body.get("claims", {})
+        for op in body.get("ops", []):
+            claim = claims.get(op.get("uid"))
+            if op.get("ref") == ref and op.get("kind") in ("start_run", "start_trial_run") and _held_elsewhere(
+                    claim, own_token=self.token):
+                raise RunStillBeingCreated(f"run {ref} is still being created by another command (pid "
+                                           f"{claim.get('pid')} on {claim.get('host')})")
+        return None
 
     def _execute(self, op: TrackingOp) -> Any:
         write = getattr(self, f"_do_{op.kind}", None)

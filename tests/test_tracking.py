@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 
@@ -220,6 +221,46 @@ def test_a_registration_whose_storage_fails_to_read_is_retried_not_dropped(make_
     monkeypatch.setattr(torch, "load", real_load)  # the storage answers again
     assert queue.flush(timeout_s=30) == [] and queue.dropped == []
     assert tracker.client.get_model_version_by_alias(cfg.registered_model_name, "lenet5").run_id == run_id
+
+
+def test_a_write_whose_run_another_command_is_still_creating_waits_for_it(make_config, tmp_path):
+    """A stage's flush gave up while its write creating a run was on its way (a slow server): it still sends that
+    one, and the next command takes the writes behind it. Those were dropped as "never created" (the run's
+    metrics, end and registration lost); they wait for the run, whose id the first command writes down."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from pipelines.tracking_queue import TrackingQueue
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    pending_file = tmp_path / "pending.json"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the first command
+    try:
+        creating = {"seq": 1, "kind": "start_run", "ref": "local:slow",
+                    "args": {"run_name": "alexnet", "tags": {}, "parent": None}, "uid": "creating"}
+        pending_file.write_text(json.dumps({
+            "tracking_uri": cfg.tracking_uri, "run_ids": {}, "ops": [creating],
+            "claims": {"creating": {"token": "first", "pid": holder.pid, "host": socket.gethostname(),
+                                    "at": time.time()}}}))
+        queue = TrackingQueue(tracker, pending_file)
+        assert len(queue) == 0  # the creation is the first command's
+        queue.put("set_tags", "local:slow", tags={"note": "behind the creation"})
+        assert [op.kind for op in queue.flush(timeout_s=2)] == ["set_tags"] and queue.dropped == []
+        # The first command's write goes through: it takes the write out and notes the run's id.
+        run_id = tracker.start_run("alexnet", {})
+        body = json.loads(pending_file.read_text())
+        body["ops"] = [op for op in body["ops"] if op["uid"] != "creating"]
+        body["run_ids"]["local:slow"] = run_id
+        pending_file.write_text(json.dumps(body))
+        later = TrackingQueue(tracker, pending_file)
+        assert later.flush(timeout_s=30) == [] and later.dropped == []
+        assert tracker.client.get_run(run_id).data.tags["note"] == "behind the creation"
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_metrics_and_run_ends_keep_the_time_they_were_queued_at(make_config, tmp_path, monkeypatch):
