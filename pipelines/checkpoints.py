@@ -176,11 +176,21 @@ def load_checkpoint(
     return checkpoint
 
 
+#: ``OSError``s about the file itself, which no retry changes: a file this user may not read, a directory.
+LASTING_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def storage_can_pass(err: BaseException) -> bool:
+    """Whether an ``OSError`` is the storage's passing state (an NFS or FUSE mount's EIO, a stale handle), not
+    the file's (:data:`LASTING_OS_ERRORS`)."""
+    return isinstance(err, OSError) and not isinstance(err, LASTING_OS_ERRORS)
+
+
 def _can_pass(err: BaseException) -> bool:
     """Whether reading or checking a checkpoint failed for a reason outside the file, which can pass: the
-    storage (an NFS or FUSE mount's EIO, a stale handle) or the memory. Raised as itself, not as a
-    :class:`CheckpointError`: that one says the file is bad for good (a registration dropped, a model failed)."""
-    return isinstance(err, OSError) or is_out_of_memory(err)
+    storage or the memory. Raised as itself, not as a :class:`CheckpointError`: that one says the file is bad
+    for good (a registration dropped, a model failed)."""
+    return storage_can_pass(err) or is_out_of_memory(err)
 
 
 def _check_outputs(model: nn.Module, spec: PreprocessSpec, path: Path) -> None:

@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, MissingCheckpointError, ModelCheckpoint, load_checkpoint
+from .checkpoints import (
+    CheckpointError,
+    MissingCheckpointError,
+    ModelCheckpoint,
+    load_checkpoint,
+    storage_can_pass,
+)
 from .config import CHAMPION, PipelineConfig
 from .preprocess import DecodeBudget, PreprocessSpec, is_out_of_memory
 from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion, is_unreachable
@@ -34,9 +40,7 @@ def is_transient_load_error(err: BaseException) -> bool:
     NFS mount's EIO), or the registry or its artifact store unreachable or overloaded. A corrupt or missing
     checkpoint, one this process may not read, a model that cannot be built, or a version MLflow no longer has
     (deleted in its UI: RESOURCE_DOES_NOT_EXIST) stays failed."""
-    lasting = FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError
-    storage = isinstance(err, OSError) and not isinstance(err, lasting)
-    return storage or is_out_of_memory(err) or is_unreachable(err)
+    return storage_can_pass(err) or is_out_of_memory(err) or is_unreachable(err)
 
 
 @dataclass

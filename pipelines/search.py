@@ -286,7 +286,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     from .data import describe_dataset
     from .runtime import concurrency_for, free_resources, node_cpus
     from .tracking import Tracker
-    from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_abort
+    from .tracking_queue import TrackingQueue, TrialTracking, check_pending_writes, flushed_on_abort
 
     search = cfg.search
     if not force and (previous := load_search_result(cfg)) is not None:
@@ -313,6 +313,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
                     "or constraint, so it is not among the trials", constraint_value(*PAPER))
     scheduler = asha_scheduler(search) if search.asha else None
 
+    check_pending_writes(cfg)  # writes pending for another store: exit 2 before the stage's run is opened
     tracker = Tracker.for_config(cfg)
     parent = _parent_run(tracker, cfg, experiment, info.dataset)  # before the queue takes pending writes over
     queue = TrackingQueue.for_config(cfg, tracker)

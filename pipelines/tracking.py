@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -58,13 +59,19 @@ TAG_DATASET, TAG_DATA_ROOT, TAG_FINGERPRINT = "dataset", "data_root", "fingerpri
 #: Metrics logged once when a run ends.
 FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_images_per_sec", "train_seconds")
 
-#: MLflow error codes no retry gets past: the request itself is refused, or what it names does not exist (an
-#: endpoint this server version lacks included). Others (INTERNAL_ERROR: also an unreachable server;
-#: TEMPORARILY_UNAVAILABLE, REQUEST_LIMIT_EXCEEDED, RESOURCE_CONFLICT and ABORTED: concurrent writers) can pass.
-#: A BAD_REQUEST caused by the database being unreachable can pass too (see :func:`is_unreachable`).
+#: MLflow error codes no retry gets past: the request itself is refused, or what it names does not exist.
+#: Others (INTERNAL_ERROR: also an unreachable server; TEMPORARILY_UNAVAILABLE, REQUEST_LIMIT_EXCEEDED,
+#: RESOURCE_CONFLICT and ABORTED: concurrent writers; ENDPOINT_NOT_FOUND: MLflow's client names any 404 without a
+#: JSON body so, a proxy's while MLflow restarts too) can pass. A BAD_REQUEST that names a lost database
+#: connection can pass too (see :func:`is_unreachable`).
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
                               "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED",
-                              "CUSTOMER_UNAUTHORIZED", "NOT_FOUND", "ENDPOINT_NOT_FOUND", "ALREADY_EXISTS"})
+                              "CUSTOMER_UNAUTHORIZED", "NOT_FOUND", "ALREADY_EXISTS"})
+
+#: How MLflow's database sessions word the SQLAlchemy errors they report as BAD_REQUEST that are the database
+#: going away (a pool's timeout, a connection lost in a failover): through a tracking server only this message
+#: is left of the cause.
+_DATABASE_LOST = re.compile(r"\(sqlalchemy\.exc\.(TimeoutError|InterfaceError|DisconnectionError|OperationalError)\)")
 
 
 def http_status(err: BaseException, *, http_only: bool = False) -> int | None:
@@ -106,6 +113,8 @@ def is_unreachable(err: BaseException) -> bool:
     if status is not None:
         return status >= 500 or status in (408, 429)
     code = getattr(err, "error_code", None)
+    if code == "BAD_REQUEST" and _DATABASE_LOST.search(str(err)):
+        return True
     if code is not None:
         return code not in PERMANENT_ERRORS
     return type(err).__module__.split(".")[0] in ("requests", "urllib3")
@@ -236,11 +245,14 @@ class Tracker:
         return self._experiment_id
 
     # -- runs ------------------------------------------------------------------------------------------
-    def start_run(self, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    def start_run(self, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,
+                  start_time_ms: int | None = None) -> str:
+        """Create a run, started at ``start_time_ms`` (when it started; default now)."""
         tags = dict(tags)
         if parent_run_id:
             tags[TAG_PARENT] = parent_run_id
-        return self.client.create_run(self.experiment_id, tags=tags, run_name=run_name).info.run_id
+        return self.client.create_run(self.experiment_id, start_time=start_time_ms, tags=tags,
+                                      run_name=run_name).info.run_id
 
     def find_run(self, filter_string: str):
         runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1,

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import statistics
 import threading
 import time
 import uuid
@@ -87,6 +88,14 @@ class UnsendableWrite(LookupError):
     checkpoint is gone: no retry can send it."""
 
 
+#: Writes that create a run (sent twice: two runs).
+CREATING_KINDS = ("start_run", "start_trial_run")
+#: Writes whose second sending repeats the first (metrics carry the time they were queued at).
+RESENDABLE_KINDS = frozenset({"log_metrics", "log_params", "set_tags", "end_run"})
+#: How often the pending file follows a backlog drained after an outage, for resendable writes (seconds).
+DRAIN_SAVE_INTERVAL_S = 2.0
+
+
 class RunStillBeingCreated(RuntimeError):
     """A write whose run another command is creating: that command's flush gave up while the creation was on its
     way (a slow server) and it still sends it, while this command took over the writes behind it. Retried until
@@ -141,8 +150,9 @@ class TrackingQueue:
         self._own_uids: set[str] = set()
         #: The uid of the write still being sent when the queue ended (flush): the only one it still holds.
         self._in_flight: str | None = None
-        #: The (first, last) sequence numbers of the backlog last put on disk during an outage.
+        #: The (first, last) sequence numbers of the backlog last put on disk during an outage, and when (time.time).
         self._backlog_on_disk: tuple[int, int] | None = None
+        self._saved_at = 0.0
         if self.pending_file is not None:
             _wait_for_the_write_in_flight(self.pending_file)
         if self.pending_file is not None and self.pending_file.exists():
@@ -152,6 +162,10 @@ class TrackingQueue:
         with self._lock:
             state = dict(self.__dict__)
             state["_ops"] = list(self._ops)
+            # Copies: the writer thread changes them (an outage's retries, a run created elsewhere) while Tune
+            # pickles its callbacks.
+            for name in ("run_ids", "outcomes", "_own_uids", "dropped", "dropped_registrations"):
+                state[name] = type(state[name])(state[name])
         return {**state, "_lock": None, "_thread": None}
 
     def __setstate__(self, state: dict) -> None:
@@ -180,6 +194,8 @@ class TrackingQueue:
             args.setdefault("timestamp_ms", now_ms)
         elif kind == "end_run":
             args.setdefault("end_time_ms", now_ms)
+        elif kind in CREATING_KINDS:
+            args.setdefault("start_time_ms", now_ms)
         with self._lock:
             self._seq += 1
             self._ops.append(TrackingOp(self._seq, kind, ref, args))
@@ -253,7 +269,10 @@ class TrackingQueue:
                     except Exception as note_err:  # noqa: BLE001 - the writer must outlive its bookkeeping
                         logger.warning("[tracking] could not note it in the model's record: %s", note_err)
                 else:
-                    self._note_outage(err)
+                    if isinstance(err, RunStillBeingCreated):
+                        logger.info("[tracking] %s", err)
+                    else:
+                        self._note_outage(err)
                     with self._lock:
                         self._keep_backlog_on_disk()
                         self._lock.wait(timeout=delay)  # flush() wakes it to stop
@@ -261,9 +280,15 @@ class TrackingQueue:
                     continue
             with self._lock:  # the file is written under the lock: flush() writes it too
                 self._ops.popleft()
-                if self._tracks_file:
+                # A write sent twice (this process killed before the file said it went out) that is not a mere
+                # repeat (a second run, a second upload) is taken out of the file at once; the others every few
+                # seconds, since rewriting a backlog of thousands after each write is quadratic.
+                due = (op.kind not in RESENDABLE_KINDS or not self._ops or self._in_flight is not None
+                       or time.time() - self._saved_at >= DRAIN_SAVE_INTERVAL_S)
+                if self._tracks_file and due:
                     # After the queue's end only the write that was in flight is this queue's to take out.
                     self._save_pending([] if self._in_flight is not None else list(self._ops))
+                    self._saved_at = time.time()
                     self._tracks_file = bool(self._ops) and self._in_flight is None
                 self._lock.notify_all()
             delay = 1.0
@@ -280,14 +305,15 @@ class TrackingQueue:
         if self.pending_file is None or self._stop or self._in_flight is not None or not self._ops:
             return
         backlog = (self._ops[0].seq, self._ops[-1].seq)
-        if backlog == self._backlog_on_disk:
+        # Saved again, unchanged, well within CLAIM_TTL_S: a command on another node reads the claim's age.
+        if backlog == self._backlog_on_disk and time.time() - self._saved_at < CLAIM_TTL_S / 4:
             return
         try:
             self._save_pending(list(self._ops))
         except OSError as err:  # the disk is the fallback here: training goes on regardless
             logger.warning("[tracking] could not keep the queued writes in %s: %s", self.pending_file, err)
             return
-        self._backlog_on_disk, self._tracks_file = backlog, True
+        self._backlog_on_disk, self._tracks_file, self._saved_at = backlog, True, time.time()
 
     def _note_outage(self, err: BaseException) -> None:
         if self._down_since is None:
@@ -315,12 +341,32 @@ class TrackingQueue:
             return run_id
         claims = body.get("claims", {})
         for op in body.get("ops", []):
+            if op.get("ref") != ref or op.get("kind") not in CREATING_KINDS:
+                continue
             claim = claims.get(op.get("uid"))
-            if op.get("ref") == ref and op.get("kind") in ("start_run", "start_trial_run") and _held_elsewhere(
-                    claim, own_token=self.token):
+            if _held_elsewhere(claim, own_token=self.token):
                 raise RunStillBeingCreated(f"run {ref} is still being created by another command (pid "
-                                           f"{claim.get('pid')} on {claim.get('host')})")
+                                           f"{claim.get('pid')} on {claim.get('host')}): waiting for it")
+            self._take_over_creation(op)
+            raise RunStillBeingCreated(f"run {ref}: the command creating it is gone; this one creates it")
         return None
+
+    def _take_over_creation(self, op: dict) -> None:
+        """Claim the write creating a run that a command gone (killed, crashed) left in the pending file, and put
+        it at the head of this queue: it goes out before the write that needs the run."""
+        with _pending_file_lock(self.pending_file):
+            body = _read_pending_file(self.pending_file)
+            claims = body.setdefault("claims", {})
+            still_there = any(other.get("uid") == op["uid"] for other in body.get("ops", []))
+            if not still_there or _held_elsewhere(claims.get(op["uid"]), own_token=self.token):
+                return  # sent or taken over meanwhile: looked up again at the next attempt
+            claims[op["uid"]] = self._claim()
+            self._write_pending_file(body)
+        with self._lock:
+            self._seq += 1
+            self._ops.appendleft(TrackingOp(self._seq, op["kind"], op["ref"], op["args"], op["uid"]))
+            self._own_uids.add(op["uid"])
+            self._tracks_file = True  # taken out of the file once it went out
 
     def _execute(self, op: TrackingOp) -> Any:
         write = getattr(self, f"_do_{op.kind}", None)
@@ -335,12 +381,15 @@ class TrackingQueue:
         return write(*bound.args, **bound.kwargs)
 
     # -- the writes (run on the writer thread, or by ``pipelines register``) --------------------------
-    def _do_start_run(self, ref: str, run_name: str, tags: dict, parent: str | None) -> str:
+    def _do_start_run(self, ref: str, run_name: str, tags: dict, parent: str | None,
+                      start_time_ms: int | None = None) -> str:
         if ref not in self.run_ids:  # a retry after the create went through but its reply was lost
-            self.run_ids[ref] = self.tracker.start_run(run_name, tags, self._resolve(parent) if parent else None)
+            self.run_ids[ref] = self.tracker.start_run(run_name, tags, self._resolve(parent) if parent else None,
+                                                       start_time_ms)
         return self.run_ids[ref]
 
-    def _do_start_trial_run(self, ref: str, find: str, run_name: str, tags: dict, parent: str) -> str:
+    def _do_start_trial_run(self, ref: str, find: str, run_name: str, tags: dict, parent: str,
+                            start_time_ms: int | None = None) -> str:
         if ref not in self.run_ids:
             parent_id = self._resolve(parent)
             existing = self.tracker.find_run(f"{find} and tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -348,7 +397,7 @@ class TrackingQueue:
                 self.tracker.reopen(existing.info.run_id)
                 self.run_ids[ref] = existing.info.run_id
             else:
-                self.run_ids[ref] = self.tracker.start_run(run_name, tags, parent_id)
+                self.run_ids[ref] = self.tracker.start_run(run_name, tags, parent_id, start_time_ms)
         return self.run_ids[ref]
 
     def _do_log_params(self, ref: str, params: dict) -> None:
@@ -717,6 +766,7 @@ class TrialTracking(Callback):
         self.names: dict[str, str] = {}
         self.started_at: dict[str, float] = {}
         self.ended: set[str] = set()  # trial ids whose runs have their end queued (or are ended by on_complete)
+        self.epoch_rates: dict[str, dict[int, float]] = {}  # trial id -> epoch -> training images/s
 
     def progress(self, message: str) -> None:
         logger.info(timestamped(message))
@@ -747,6 +797,8 @@ class TrialTracking(Callback):
             epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
             self.queue.put("log_metrics", ref, step=epoch,
                            metrics={EPOCH_METRIC_NAMES.get(k, k): result[k] for k in EPOCH_METRICS if k in result})
+            if "train_images_per_sec" in result:
+                self.epoch_rates.setdefault(trial.trial_id, {})[epoch] = float(result["train_images_per_sec"])
             total = trial.config.get("run", {}).get("hyper", {}).get("epochs", "?")
             self.progress(
                 f"[{self.stage}] {self.names[trial.trial_id]}: epoch {epoch + 1}/{total}  "
@@ -771,7 +823,13 @@ class TrialTracking(Callback):
         ref = self._run_ref(trial)
         self.ended.add(trial.trial_id)
         result = trial.last_result or {}
-        self.queue.put("log_metrics", ref, metrics={k: result[k] for k in FINAL_METRICS if k in result}, step=0)
+        metrics = {k: result[k] for k in FINAL_METRICS if k in result}
+        rates = self.epoch_rates.get(trial.trial_id)
+        if "test_acc" not in result and rates:
+            # Ended on an epoch report (a search trial): the run's figure is the median over its epochs, as a
+            # trained model's (its final report carries none; the stage logs the median).
+            metrics["train_images_per_sec"] = statistics.median(rates.values())
+        self.queue.put("log_metrics", ref, metrics=metrics, step=0)
         if self.on_complete is not None:
             self.on_complete(trial, ref, self.started_at.get(trial.trial_id, time.time()))
         else:

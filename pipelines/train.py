@@ -375,7 +375,7 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
     from .data import describe_dataset
     from .runtime import free_resources, node_cpus
     from .tracking import Tracker
-    from .tracking_queue import TrackingQueue, TrialTracking, flushed_on_abort
+    from .tracking_queue import TrackingQueue, TrialTracking, check_pending_writes, flushed_on_abort
 
     info = describe_dataset(cfg.data)
     choices: list[ModelChoice] = resolve_models(cfg, coefficients)
@@ -385,6 +385,7 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
     todo, skipped = _split_finished(cfg, runs)
     if skipped:
         logger.info("[train] already trained, skipping: %s", ", ".join(skipped))
+    check_pending_writes(cfg)  # writes pending for another store: exit 2 before the stage's run is opened
     tracker = Tracker.for_config(cfg)
     failed = []
     if todo:

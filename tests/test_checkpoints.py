@@ -65,6 +65,21 @@ def test_a_failing_storage_or_memory_is_not_a_corrupt_checkpoint(tmp_path, monke
     assert raised.value is failure and not isinstance(raised.value, CheckpointError)
 
 
+@pytest.mark.parametrize("failure", [PermissionError(errno.EACCES, "Permission denied"),
+                                     IsADirectoryError(errno.EISDIR, "Is a directory")])
+def test_an_unreadable_checkpoint_stays_a_checkpoint_error(tmp_path, monkeypatch, failure):
+    """What no retry changes (a file this user may not read) is not a passing storage error: retried, its
+    registration held up every write behind it, in every later command."""
+    path = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
+
+    def failing_load(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(path)
+
+
 def test_a_checkpoint_removed_while_it_is_opened_is_missing_not_corrupt(tmp_path, monkeypatch):
     path = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
     real_load = torch.load

@@ -229,6 +229,35 @@ def test_a_failed_trial_is_recorded_as_failed_in_mlflow(make_config):
 
 
 
+def test_a_search_trial_run_gets_the_median_throughput_of_its_epochs(make_config):
+    """A search trial ends on an epoch report (no test split): its run's train_images_per_sec was that last
+    epoch's, where the training stage's runs have the median over their epochs (the report's figure)."""
+    from types import SimpleNamespace
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.tracking_queue import TrackingQueue, TrialTracking
+    from pipelines.train import describe_run
+
+    cfg = make_config("train.models=[lenet5]")
+    run = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)[0]
+    tracker = Tracker.for_config(cfg)
+    queue = TrackingQueue(tracker)
+    callback = TrialTracking(queue, "search", tracker.start_run("search-test", {"stage": "search"}),
+                             describe=describe_run)
+    trial = SimpleNamespace(trial_id="s0", config={"run": run.to_dict()}, last_result={})
+    callback.on_trial_start(0, [], trial)
+    for epoch, rate in enumerate([40.0, 100.0, 90.0, 10.0]):
+        trial.last_result = {"epoch": epoch, "val_acc": 0.5, "val_loss": 1.0, "train_images_per_sec": rate}
+        callback.on_trial_result(0, [], trial, trial.last_result)
+    callback.on_trial_complete(0, [], trial)
+    assert queue.flush(timeout_s=60) == []
+    finished = tracker.find_run("tags.`ray.trial_id` = 's0'")
+    assert finished.data.metrics["train_images_per_sec"] == 65.0  # not the last epoch's 10
+    epochs = tracker.client.get_metric_history(finished.info.run_id, "epoch_images_per_sec")
+    assert sorted((m.step, m.value) for m in epochs) == [(0, 40.0), (1, 100.0), (2, 90.0), (3, 10.0)]
+
+
 @pytest.mark.parametrize(("abort", "status"), [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
 def test_an_aborted_stage_ends_its_run_and_the_unfinished_model_runs_and_sends_what_finished(make_config, abort,
                                                                                              status):
