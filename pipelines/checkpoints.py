@@ -30,8 +30,9 @@ import cnnmodels
 
 from .preprocess import PreprocessSpec, is_out_of_memory
 
-__all__ = ["ModelCheckpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FILE",
-           "capture_rng_state", "restore_rng_state", "save_rng_state", "load_rng_state", "rng_state_file"]
+__all__ = ["ModelCheckpoint", "CheckpointError", "UnreadableCheckpointError", "save_checkpoint", "load_checkpoint",
+           "CHECKPOINT_FILE", "capture_rng_state", "restore_rng_state", "save_rng_state", "load_rng_state",
+           "rng_state_file"]
 
 CHECKPOINT_FILE = "model.pt"
 _FORMAT = "cnnzoo.checkpoint"
@@ -45,6 +46,11 @@ class CheckpointError(ValueError):
 
 class MissingCheckpointError(CheckpointError):
     """No checkpoint file at the path: unlike a corrupt one, it may appear (a storage mount that is back)."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file this process may not read (its permissions, a directory in its place): no retry changes
+    that, but nothing says the checkpoint itself is bad, so its model is not marked as unregistrable."""
 
 
 @dataclass
@@ -131,6 +137,8 @@ def load_checkpoint(
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt archives
         if _can_pass(err):
             raise
+        if isinstance(err, LASTING_OS_ERRORS):
+            raise UnreadableCheckpointError(f"checkpoint {path} is unreadable: {err}") from None
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is not a cnnzoo checkpoint")

@@ -420,6 +420,10 @@ class SearchConfig(_Section):
             raise ValueError(f"phi values must be between 0 and {MAX_PHI:g} (EfficientNet-B7 is about 6)")
         if len({f"{v:g}" for v in values}) != len(values):  # the models are named by phi's %g
             raise ValueError("phi values must be unique (to 6 significant digits: they name the models)")
+        if rounded := [v for v in values if float(f"{v:g}") != v]:
+            # The name efficientnet_phi0p333333 builds phi 0.333333: another model than the one trained under it.
+            raise ValueError(f"{', '.join(repr(v) for v in rounded)}: phi values name the models "
+                             "(efficientnet_phi<phi>), so at most 6 significant digits")
         return values
 
 

@@ -68,10 +68,10 @@ PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXIST
                               "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED",
                               "CUSTOMER_UNAUTHORIZED", "NOT_FOUND", "ALREADY_EXISTS"})
 
-#: How MLflow's database sessions word the SQLAlchemy errors they report as BAD_REQUEST that are the database
-#: going away (a pool's timeout, a connection lost in a failover): through a tracking server only this message
-#: is left of the cause.
-_DATABASE_LOST = re.compile(r"\(sqlalchemy\.exc\.(TimeoutError|InterfaceError|DisconnectionError|OperationalError)\)")
+#: The SQLAlchemy errors MLflow's database sessions report as BAD_REQUEST that are the database going away (a
+#: pool's timeout, a connection lost in a failover), by the error codes their messages link to (3o7r, rvf5,
+#: e3q8): through a tracking server only the message is left of the cause.
+_DATABASE_LOST = re.compile(r"sqlalche\.me/e/\w+/(3o7r|rvf5|e3q8)\b|QueuePool limit of size")
 
 
 def http_status(err: BaseException, *, http_only: bool = False) -> int | None:

@@ -269,10 +269,7 @@ class TrackingQueue:
                     except Exception as note_err:  # noqa: BLE001 - the writer must outlive its bookkeeping
                         logger.warning("[tracking] could not note it in the model's record: %s", note_err)
                 else:
-                    if isinstance(err, RunStillBeingCreated):
-                        logger.info("[tracking] %s", err)
-                    else:
-                        self._note_outage(err)
+                    self._note_outage(err)
                     with self._lock:
                         self._keep_backlog_on_disk()
                         self._lock.wait(timeout=delay)  # flush() wakes it to stop
@@ -293,7 +290,7 @@ class TrackingQueue:
                 self._lock.notify_all()
             delay = 1.0
             if self._down_since is not None:
-                logger.info("[tracking] MLflow is reachable again after %s; sending %d queued write(s)",
+                logger.info("[tracking] writes go out again after %s; sending %d queued write(s)",
                             duration(time.time() - self._down_since), len(self._ops))
                 self._down_since = None
 
@@ -316,10 +313,15 @@ class TrackingQueue:
         self._backlog_on_disk, self._tracks_file, self._saved_at = backlog, True, time.time()
 
     def _note_outage(self, err: BaseException) -> None:
+        """The head write did not go out and will be retried: MLflow is unreachable, or the write waits for a run
+        another command is creating. Either way the time counts against ``tracking.pending_timeout_s``."""
         if self._down_since is None:
             self._down_since = time.time()
-            logger.warning("[tracking] MLflow at %s is unreachable (%s); training goes on, writes are queued "
-                           "and retried", self.tracker.tracking_uri, first_line(err))
+            if isinstance(err, RunStillBeingCreated):
+                logger.info("[tracking] %s", err)
+            else:
+                logger.warning("[tracking] MLflow at %s is unreachable (%s); training goes on, writes are queued "
+                               "and retried", self.tracker.tracking_uri, first_line(err))
 
     def _resolve(self, ref: str | None) -> str:
         if ref is None:
@@ -353,7 +355,10 @@ class TrackingQueue:
 
     def _take_over_creation(self, op: dict) -> None:
         """Claim the write creating a run that a command gone (killed, crashed) left in the pending file, and put
-        it at the head of this queue: it goes out before the write that needs the run."""
+        it at the head of this queue: it goes out before the write that needs the run. Not once the queue has
+        ended (flush handed its writes over): the next command takes it over."""
+        if self._stop or self._in_flight is not None:
+            return
         with _pending_file_lock(self.pending_file):
             body = _read_pending_file(self.pending_file)
             claims = body.setdefault("claims", {})
@@ -669,11 +674,13 @@ def _wait_for_the_write_in_flight(pending_file: Path, report_every_s: float = 30
 def _note_unregistrable(op: TrackingOp, err: BaseException) -> None:
     """A registration dropped because its checkpoint is unusable is noted in the model's result record: the
     next train stage would otherwise run the model again to register it, and fail the same way, every time."""
-    from .checkpoints import CheckpointError
+    from .checkpoints import CheckpointError, UnreadableCheckpointError
 
     result_file = op.args.get("result_file") if op.kind == "register" else None
     record = _record_of_this_training(result_file, op.args.get("tags") or {})
-    if not isinstance(err, CheckpointError) or record is None:
+    # An unreadable file (its permissions) says nothing against the model: the next train stage registers it
+    # again from its checkpoint, once it can be read.
+    if not isinstance(err, CheckpointError) or isinstance(err, UnreadableCheckpointError) or record is None:
         return
     record.registration_error = first_line(err)
     record.save(Path(result_file).parent)

@@ -140,6 +140,7 @@ def test_model_overrides_change_only_that_model(make_config):
         (["train.models=[efficientnet_phi-1]"], "train.models", "unknown model"),
         (["search.phis=[1, 1.0000001]"], "search.phis", "must be unique"),
         (["search.phis=[40]"], "search.phis", "between 0 and 12"),
+        (["search.phis=[0.33333333]"], "search.phis", "at most 6 significant digits"),
         (["tracking.registered_model=a/b"], "tracking.registered_model", "should match pattern"),
         (["search.max_concurrent_trials=0"], "search.max_concurrent_trials", "must be >= 1"),
         (["serve.max_ongoing_requests=4"], "serve.max_ongoing_requests", "could never fill a batch"),
