@@ -181,6 +181,27 @@ def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(ma
     assert (tmp_path / "pending.json").exists()
 
 
+def trained_lenet5(cfg, tmp_path, fingerprint: str = "f", epochs: int = 1):
+    """A tracked lenet5 training to register: (tracker, its run id, its good checkpoint's directory, its result
+    record's path)."""
+    import cnnmodels
+    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+    from pipelines.preprocess import PreprocessSpec
+    from pipelines.results import ModelResult
+
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()),
+                    tmp_path / "good" / "model.pt")
+    record = ModelResult(model_name="lenet5", arch="lenet5", model_kwargs={}, run_name="r", fingerprint=fingerprint,
+                         input_size=32, params_count=1, macs=1, epochs=epochs, best_val_acc=0.1, best_epoch=0,
+                         test_acc=0.5, train_images_per_sec=1.0, train_seconds=1.0,
+                         checkpoint_path="").save(tmp_path / "train")
+    return tracker, run_id, tmp_path / "good", record
+
+
 def test_a_registration_whose_storage_fails_to_read_is_retried_not_dropped(make_config, tmp_path, monkeypatch):
     """An EIO from the (NFS) storage while the registration reads a good checkpoint: retried as an outage, then
     registered once the storage answers. It was read as a corrupt checkpoint: dropped for good, and the model's
@@ -189,23 +210,11 @@ def test_a_registration_whose_storage_fails_to_read_is_retried_not_dropped(make_
 
     import torch
 
-    import cnnmodels
-    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
-    from pipelines.preprocess import PreprocessSpec
     from pipelines.results import ModelResult
     from pipelines.tracking_queue import TrackingQueue
 
     cfg = make_config()
-    tracker = Tracker.for_config(cfg)
-    run_id = tracker.start_run("lenet5", {"stage": "train"})
-    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
-    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
-    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()),
-                    tmp_path / "good" / "model.pt")
-    record = ModelResult(model_name="lenet5", arch="lenet5", model_kwargs={}, run_name="r", fingerprint="f",
-                         input_size=32, params_count=1, macs=1, epochs=1, best_val_acc=0.1, best_epoch=0,
-                         test_acc=0.5, train_images_per_sec=1.0, train_seconds=1.0,
-                         checkpoint_path="").save(tmp_path / "train")
+    tracker, run_id, _, record = trained_lenet5(cfg, tmp_path)
     real_load = torch.load
 
     def storage_fails(*args, **kwargs):
@@ -337,23 +346,11 @@ def test_a_checkpoint_this_process_may_not_read_is_not_marked_unregistrable(make
 
     import torch
 
-    import cnnmodels
-    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
-    from pipelines.preprocess import PreprocessSpec
     from pipelines.results import ModelResult
     from pipelines.tracking_queue import TrackingQueue
 
     cfg = make_config()
-    tracker = Tracker.for_config(cfg)
-    run_id = tracker.start_run("lenet5", {"stage": "train"})
-    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
-    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
-    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()),
-                    tmp_path / "good" / "model.pt")
-    record = ModelResult(model_name="lenet5", arch="lenet5", model_kwargs={}, run_name="r", fingerprint="f",
-                         input_size=32, params_count=1, macs=1, epochs=1, best_val_acc=0.1, best_epoch=0,
-                         test_acc=0.5, train_images_per_sec=1.0, train_seconds=1.0,
-                         checkpoint_path="").save(tmp_path / "train")
+    tracker, run_id, _, record = trained_lenet5(cfg, tmp_path)
 
     def no_permission(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -370,23 +367,11 @@ def test_a_stale_registration_leaves_the_record_of_a_newer_training_alone(make_c
     """A registration left pending by an earlier command (fingerprint f-old), sent after the model was trained
     again with other settings: it wrote its version into the new training's record, which then claimed to be
     registered (and served as that version) with the new training's accuracy."""
-    import cnnmodels
-    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
-    from pipelines.preprocess import PreprocessSpec
     from pipelines.results import ModelResult
     from pipelines.tracking_queue import TrackingQueue
 
     cfg = make_config()
-    tracker = Tracker.for_config(cfg)
-    run_id = tracker.start_run("lenet5", {"stage": "train"})
-    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
-    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
-    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()),
-                    tmp_path / "good" / "model.pt")
-    record = ModelResult(model_name="lenet5", arch="lenet5", model_kwargs={}, run_name="r", fingerprint="f-new",
-                         input_size=32, params_count=1, macs=1, epochs=5, best_val_acc=0.1, best_epoch=0,
-                         test_acc=0.5, train_images_per_sec=1.0, train_seconds=1.0,
-                         checkpoint_path="").save(tmp_path / "train")
+    tracker, run_id, _, record = trained_lenet5(cfg, tmp_path, fingerprint="f-new", epochs=5)
     queue = TrackingQueue(tracker, tmp_path / "pending.json")
     for fingerprint, epochs in (("f-old", 5), ("f-new", 3), ("f-new", 5)):
         queue.put("register", run_id, checkpoint_path=str(tmp_path / "good"), storage_path=str(tmp_path),
