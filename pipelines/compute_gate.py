@@ -41,9 +41,14 @@ class ComputeGate:
         self.capacity = capacity
         self.holders: set[str] = set()
         self.queue: list[str] = []
+        self.ended: set[str] = set()  #: runs whose trials ended for good in this stage
 
     def acquire(self, run: str) -> bool:
-        """Queue ``run`` (once) and say whether it holds the compute now. Every rank of a run may ask."""
+        """Queue ``run`` (once) and say whether it holds the compute now. Every rank of a run may ask. A run
+        whose trial has ended is let through without a slot: a worker of it still asking (being torn down, ASHA
+        stopped it) queued it again, and it then held a slot for good."""
+        if run in self.ended:
+            return True
         if run not in self.holders and run not in self.queue:
             self.queue.append(run)
         while self.queue and len(self.holders) < self.capacity:
@@ -54,6 +59,11 @@ class ComputeGate:
         self.holders.discard(run)
         if run in self.queue:
             self.queue.remove(run)
+
+    def end(self, run: str) -> None:
+        """``run``'s trial ended for good (done, stopped, failed): released, and never queued again."""
+        self.release(run)
+        self.ended.add(run)
 
 
 @contextlib.contextmanager
@@ -109,19 +119,23 @@ class ReleaseOnTrialEnd(Callback):
         self.gate_name = gate_name
         self.run_name_of = run_name_of
 
-    def _release(self, trial) -> None:
-        release_compute(self.gate_name, self.run_name_of(trial.config))
+    def _release(self, trial, *, ended: bool = True) -> None:
+        gate = _gate(self.gate_name)
+        if gate is not None:
+            run = self.run_name_of(trial.config)
+            (gate.end if ended else gate.release).remote(run)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._release(trial)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
+    def on_trial_error(self, iteration, trials, trial, **info):  # after its last retry
         self._release(trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # Tune retries the trial (its driver was lost): only this hook is called, and a slot kept by the lost
-        # attempt would hold the gate for good if the retry cannot be placed (its node gone, not replaced).
-        self._release(trial)
+        # attempt would hold the gate for good if the retry cannot be placed (its node gone, not replaced). The
+        # retry queues again.
+        self._release(trial, ended=False)
 
 
 def worker_threads(run) -> int:

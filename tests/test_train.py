@@ -652,6 +652,31 @@ def test_a_trial_tune_retries_leaves_the_gate(ray_cluster):
         assert ray.get(gate.acquire.remote("run-b"))
 
 
+def test_a_worker_asking_after_its_trial_ended_takes_no_slot(ray_cluster):
+    """A worker of a trial that ended (ASHA stopped it, it failed for good) still asking while it is torn down
+    queued its run again, which then held a slot for good: the gate let no other run through."""
+    import time
+    from types import SimpleNamespace
+
+    import ray
+
+    from pipelines.compute_gate import ReleaseOnTrialEnd, compute_gate
+
+    with compute_gate(1) as name:
+        gate = ray.get_actor(name)
+        callback = ReleaseOnTrialEnd(name, lambda config: config["run_name"])
+        for end in (callback.on_trial_complete, callback.on_trial_error):
+            assert ray.get(gate.acquire.remote("stopped"))
+            end(0, [], SimpleNamespace(config={"run_name": "stopped"}))
+            deadline = time.monotonic() + 10
+            while "stopped" not in ray.get(gate.__ray_call__.remote(lambda self: getattr(self, "ended", ()))) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.1)  # the callback does not wait for the gate
+            assert ray.get(gate.acquire.remote("stopped"))  # the straggler passes, holding nothing...
+            assert ray.get(gate.acquire.remote("next"))  # ... and the next run gets the slot
+            ray.get(gate.release.remote("next"))
+
+
 @pytest.mark.slow
 def test_workers_read_the_stages_shared_conversion(ray_cluster, make_config):
     from pipelines.data import convert_splits, describe_dataset, load_splits, make_spec
