@@ -31,6 +31,7 @@ from pipelines.data import SplitDataset, describe_dataset, load_splits
 from pipelines.planning import ModelChoice, plan_model_runs
 from pipelines.runtime import ray_session
 from pipelines.trials import build_trainer
+from pipelines.worker import uses_channels_last
 
 
 def plain_loop(run, epochs: int) -> tuple[list[float], list[float], float]:
@@ -47,10 +48,9 @@ def plain_loop(run, epochs: int) -> tuple[list[float], list[float], float]:
     val = DataLoader(SplitDataset(splits.val, spec), batch_size=batch_size * 2)
     model = cnnmodels.create_model(run.arch, num_classes=spec.num_classes, in_chans=spec.channels,
                                    **run.model.kwargs)
-    # The worker's memory-format rule on CPUs (pipelines.worker): channels-last for the models that run faster
-    # in it, so both sides run the same kernels.
-    channels_last = run.workers.channels_last and getattr(model, "channels_last_on_cpu", False)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    # The worker's memory-format rule on CPUs, so both sides run the same kernels.
+    memory_format = torch.channels_last if uses_channels_last(model, run.workers, on_gpu=False) \
+        else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=run.hyper.lr, momentum=0.9, nesterov=True,
                                 weight_decay=run.hyper.weight_decay)

@@ -59,6 +59,10 @@ TAG_DATASET, TAG_DATA_ROOT, TAG_FINGERPRINT = "dataset", "data_root", "fingerpri
 #: Metrics logged once when a run ends.
 FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_images_per_sec", "train_seconds")
 
+#: The version tags that name one training of a model (its settings and its length): a registration, an upload
+#: or a result record of that training is known by them (a result record holds them as its own fields).
+TRAINING_TAGS = ("fingerprint", "epochs")
+
 #: MLflow error codes no retry gets past: the request itself is refused, or what it names does not exist.
 #: Others (INTERNAL_ERROR: also an unreachable server; TEMPORARILY_UNAVAILABLE, REQUEST_LIMIT_EXCEEDED,
 #: RESOURCE_CONFLICT and ABORTED: concurrent writers; ENDPOINT_NOT_FOUND: MLflow's client names any 404 without a
@@ -387,7 +391,7 @@ class Tracker:
         for model in self.client.search_logged_models(
                 experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'model'"):
             if model.status == LoggedModelStatus.READY:
-                if complete is None and all(model.tags.get(k) == tags.get(k) for k in ("fingerprint", "epochs")):
+                if complete is None and all(model.tags.get(k) == tags.get(k) for k in TRAINING_TAGS):
                     complete = model.model_id
                 continue
             try:
@@ -398,9 +402,8 @@ class Tracker:
 
     def _registered_version_of(self, registered_model: str, run_id: str, tags: dict[str, str]) -> str | None:
         """The version this run already registered with these tags' training (fingerprint and epochs), if any."""
-        same = ("fingerprint", "epochs")
         for version in self.client.search_model_versions(f"name = '{registered_model}' and run_id = '{run_id}'"):
-            if all(version.tags.get(key) == tags.get(key) for key in same):
+            if all(version.tags.get(key) == tags.get(key) for key in TRAINING_TAGS):
                 return str(version.version)
         return None
 

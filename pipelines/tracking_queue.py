@@ -45,6 +45,7 @@ from .tracking import (
     TAG_MODEL,
     TAG_STAGE,
     TAG_TRIAL,
+    TRAINING_TAGS,
     first_line,
     http_status,
     is_unreachable,
@@ -695,7 +696,8 @@ def _record_of_this_training(result_file: str | None, tags: dict):
     if not result_file or not Path(result_file).exists():
         return None
     record = ModelResult.load(result_file)
-    for key, value in (("fingerprint", record.fingerprint), ("epochs", record.epochs)):
+    for key in TRAINING_TAGS:
+        value = getattr(record, key)
         if key in tags and str(tags[key]) != str(value):
             logger.info("[tracking] %s: the registration of an earlier training (%s %s) leaves the record of the "
                         "current one (%s) as it is", record.model_name, key, tags[key], value)

@@ -54,7 +54,7 @@ from .planning import ModelRun
 from .preprocess import PreprocessSpec
 from .shared_data import fetch_converted
 
-__all__ = ["train_loop_per_worker", "StepContext", "CHECKPOINT_META"]
+__all__ = ["train_loop_per_worker", "StepContext", "CHECKPOINT_META", "uses_channels_last"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,12 @@ def check_same_data(run: ModelRun, class_names: tuple[str, ...], sizes: dict[str
         f"{planned} on the driver; every node needs the same copy of the data set")
 
 
+def uses_channels_last(model: torch.nn.Module, workers, on_gpu: bool) -> bool:
+    """Whether a worker trains ``model`` channels-last: with ``train.channels_last``, on GPUs, and on CPUs for the
+    models that run faster in it (EfficientNet's depthwise convolutions: ``channels_last_on_cpu``)."""
+    return workers.channels_last and (on_gpu or getattr(model, "channels_last_on_cpu", False))
+
+
 def build_context(run: ModelRun, rank: int, world: int, device: torch.device) -> StepContext:
     """One worker's data loaders, model, optimizer and scaler, seeded by ``(train.seed, rank)``; :func:`setup`
     calls it inside Ray Train with the worker's rank, world size and device."""
@@ -230,7 +236,7 @@ def build_context(run: ModelRun, rank: int, world: int, device: torch.device) ->
                                    **run.model.kwargs)
     return StepContext(
         run=run, rank=rank, world=world, device=device, amp_dtype=amp_dtype,
-        channels_last=run.workers.channels_last and (on_gpu or getattr(model, "channels_last_on_cpu", False)),
+        channels_last=uses_channels_last(model, run.workers, on_gpu),
         model=model, optimizer=make_optimizer(run, model),
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         criterion=torch.nn.CrossEntropyLoss(label_smoothing=run.hyper.label_smoothing),
