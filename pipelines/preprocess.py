@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .image_structure import check_structure
+
 __all__ = ["PreprocessSpec", "ImageDecodeError", "UnsupportedImageFormat", "DecodeBudget", "ACCEPTED_FORMATS",
            "open_image", "check_image_header", "decode_image", "preprocess_upload", "is_out_of_memory", "ALPHA_MODES"]
 
@@ -262,10 +264,12 @@ def open_image(data: bytes, formats: tuple[str, ...] = ACCEPTED_FORMATS) -> Imag
     """Open image bytes lazily (header only) with the plugins of ``formats`` and no others.
 
     Raises :class:`UnsupportedImageFormat` for another format Pillow would recognise (EPS, PSD, ICO, ...) and
-    :class:`ImageDecodeError` for empty or non-image bytes.
+    :class:`ImageDecodeError` for empty or non-image bytes, or a container Pillow would take seconds to parse
+    (:func:`~pipelines.image_structure.check_structure`).
     """
     if not data:
         raise ImageDecodeError("empty body: send the image bytes")
+    check_structure(data)
     try:
         return Image.open(io.BytesIO(data), formats=list(formats))
     except Image.DecompressionBombError as err:

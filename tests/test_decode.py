@@ -86,6 +86,84 @@ def test_formats_pillow_knows_but_the_server_does_not_accept_are_415_and_never_o
         assert not isinstance(caught.value, UnsupportedImageFormat)
 
 
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _structure_bombs() -> dict[str, bytes]:
+    """1 MB bodies of tiny structural elements, each a valid-enough image Pillow opens (seconds of its Python per
+    10 MB body, a minute for the EXIF segments: quadratic), and a small progressive JPEG of 200 scans."""
+    import struct
+
+    size = 1024 * 1024
+    jpeg, png, gif = (encode(Image.new("RGB", (8, 8)), fmt) for fmt in ("JPEG", "PNG", "GIF"))
+    exif = b"\xff\xe1" + struct.pack(">H", 18) + b"Exif\x00\x00" + bytes(10)
+    progressive = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 120, 150)).save(progressive, "JPEG", progressive=True)
+    progressive = progressive.getvalue()
+    last_scan = progressive[progressive.rfind(b"\xff\xda"):-2]
+    tiff = bytearray(encode(Image.new("L", (8, 8)), "TIFF"))
+    first_directory = struct.unpack_from("<I", tiff, 4)[0]
+    first_block = 13 + (3 << ((gif[10] & 0x07) + 1))  # after the header and the global colour table
+    return {
+        "jpeg_exif_segments": jpeg[:2] + exif * (size // len(exif)) + jpeg[2:],
+        "jpeg_fill_bytes": jpeg[:2] + b"\xff" * size + jpeg[2:],
+        "jpeg_scans": progressive[:-2] + last_scan * 200 + b"\xff\xd9",
+        "png_chunks": png[:33] + _png_chunk(b"abCd", b"") * (size // 12) + png[33:],
+        "png_data_chunks": png[:33] + _png_chunk(b"IDAT", b"") * (size // 12) + png[33:],
+        "gif_extension_blocks": gif[:first_block] + b"\x21\xfe" + b"\x01c" * (size // 2) + b"\x00" + gif[first_block:],
+        "ppm_header": b"P5" + b" " * size + b"8 8 255\n" + bytes(64),
+        "tiff_tags": bytes(tiff[:first_directory]) + struct.pack("<H", 5000) + bytes(12 * 5000 + 4),
+    }
+
+
+@pytest.mark.parametrize("kind", ["jpeg_exif_segments", "jpeg_fill_bytes", "jpeg_scans", "png_chunks",
+                                  "png_data_chunks", "gif_extension_blocks", "ppm_header", "tiff_tags"])
+def test_containers_no_encoder_writes_are_refused_before_pillow_parses_them(kind):
+    """Pillow's header parse runs in Python per structural element (on a replica's event loop) and a JPEG's scans
+    each cost a pass over the image: an upload of thousands of tiny elements is refused from a bounded walk."""
+    from PIL import ImageFile
+
+    data = _structure_bombs()[kind]
+    if kind != "tiff_tags":  # Pillow itself takes each of them (the TIFF's directory is cut short)
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.size in {(8, 8), (64, 64)}
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="malformed"):
+        preprocess_upload(data, SPEC, DecodeBudget())
+    assert time.perf_counter() - started < 0.5
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_real_encoders_containers_are_within_the_structure_bounds():
+    """What cameras and libraries write: a progressive JPEG with EXIF and an ICC profile, an interlaced PNG with
+    text chunks, an animated GIF with a comment, a multi-strip TIFF, a PGM with a comment, a PBM."""
+    from PIL import ImageCms
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010F] = "camera maker"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    jpeg, png, gif, tiff = io.BytesIO(), io.BytesIO(), io.BytesIO(), io.BytesIO()
+    photo.save(jpeg, "JPEG", progressive=True, exif=exif, icc_profile=icc, quality=85)
+    from PIL import PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    for i in range(50):
+        text.add_text(f"key{i}", "value " * 20)
+    photo.save(png, "PNG", interlace=1, pnginfo=text)
+    frames = [photo.convert("P").rotate(angle) for angle in (0, 90, 180)]
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], comment=b"made by a test", loop=0)
+    photo.save(tiff, "TIFF", strip_size=4096)
+    pgm = b"P5\n# a comment, as GIMP writes\n400 300\n255\n" + bytes(400 * 300)
+    pbm = b"P4\n400 300\n" + bytes(50 * 300)
+    for data in (jpeg.getvalue(), png.getvalue(), gif.getvalue(), tiff.getvalue(), pgm, pbm):
+        assert preprocess_upload(data, SPEC, DecodeBudget()).shape == (1, 1, 16, 16)
+
+
 def test_a_lab_tiff_is_converted_through_rgb_for_grey_and_colour_models():
     """Pillow converts LAB to RGB but not to L: grey-scale models get the RGB image's grey."""
     lab = Image.new("LAB", (8, 8), (128, 200, 128))
