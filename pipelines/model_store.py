@@ -78,6 +78,8 @@ class LoadedModel:
     folded: bool
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     traced: bool = False  # a TorchScript trace: its forward runs without holding the GIL
+    arch: str = ""  # the checkpoint's architecture name
+    metrics: dict[str, float] = field(default_factory=dict)  # the checkpoint's metrics (its epoch's val_acc, ...)
 
 
 def _probe(spec: PreprocessSpec, batch: int, device: torch.device) -> torch.Tensor:
@@ -181,6 +183,9 @@ class ModelStore:
         self.cfg = cfg
         self.tracker = Tracker.for_config(cfg)
         self.verified_files: dict[str, Path] = {}  # alias -> the checkpoint file verify() loaded
+        # alias -> its preprocessing, from its last load (at verification): requests are checked and decoded with it
+        # before their model is loaded
+        self.specs: dict[str, PreprocessSpec] = {}
 
     def discover(self) -> tuple[list[ServedModel], str | None]:
         """The aliases to serve and the champion's alias, from ``serve.checkpoints`` or the registry."""
@@ -247,6 +252,8 @@ class ModelStore:
         self._refuse_unservable_input(checkpoint.spec)
         loaded = prepare_for_serving(checkpoint.build_model(), checkpoint.spec, fold=fold, trace=trace, device=device)
         loaded.alias, loaded.version = served.alias, served.version or f"epoch{checkpoint.epoch}"
+        loaded.arch, loaded.metrics = checkpoint.arch, dict(checkpoint.metrics)
+        self.specs[served.alias] = checkpoint.spec
         if served.source.startswith("models:/"):
             self.verified_files[served.alias] = path
         return loaded
@@ -269,8 +276,14 @@ class ModelStore:
                 path = self.checkpoint_file(served)
                 loaded = self.load(served, fold=False, path=path)
                 served.status, served.error = "ok", None
-                served.arch = served.arch or type(loaded.model).__name__
+                # A checkpoint file (serve.checkpoints) has no registry tags: what the file itself says.
+                served.arch = served.arch or loaded.arch
                 served.dataset = served.dataset or loaded.spec.dataset
+                served.input_size = served.input_size or loaded.spec.image_size
+                if served.val_acc is None and loaded.metrics.get("val_acc") is not None:
+                    served.val_acc = float(loaded.metrics["val_acc"])
+                if served.params_count is None:
+                    served.params_count = sum(p.numel() for p in loaded.model.parameters())
             except Exception as err:  # noqa: BLE001 - any failure makes the model unservable, not the server
                 if not is_transient_load_error(err):
                     served.mark_failed(err)
@@ -282,9 +295,12 @@ class ModelStore:
     @staticmethod
     def servable_champion(models: list[ServedModel], champion: str | None) -> str | None:
         """``champion`` if it loaded, else the loaded model the registry would choose: the best ``test_acc``, ties
-        broken by validation accuracy (:func:`pipelines.tracking.choose_champion`)."""
+        broken by validation accuracy (:func:`pipelines.tracking.choose_champion`); checkpoint files, which carry
+        no test accuracy, by their validation accuracy."""
         ok = [m for m in models if m.status == "ok"]
         if champion in {m.alias for m in ok}:
             return champion
+        if all(m.test_acc is None for m in ok):  # checkpoint files: their own validation accuracy ranks them
+            return choose_champion({m.alias: m.val_acc for m in ok}, allow_unscored=True)
         return choose_champion({m.alias: m.test_acc for m in ok}, tiebreak={m.alias: m.val_acc for m in ok},
                                allow_unscored=True)

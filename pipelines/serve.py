@@ -4,7 +4,8 @@ Routes (OpenAPI docs at ``/docs``):
 
 * ``POST /predict``: the image as the raw body (``Content-Type: image/png``, ``image/jpeg``, ...) or as the
   multipart field ``file``. The model is chosen by ``?model=<alias>`` or the ``serve_multiplexed_model_id``
-  header (Serve routes such requests to a replica that already holds the model), default ``champion``.
+  header (also spelt ``serve-multiplexed-model-id``; Serve routes such requests to a replica that already holds
+  the model), default ``champion``.
   ``top_k`` (default ``serve.default_top_k``, at most the model's class count). Returns ``{"model",
   "requested", "version", "predictions": [{"label", "index", "score"}], "latency_ms"}``.
 * ``GET /models``: every servable alias with its architecture, version, data set, training fingerprint,
@@ -39,9 +40,9 @@ from ray import serve
 
 from .batching import Batcher
 from .config import CHAMPION, ConfigError, PipelineConfig, ServeConfig, check_serve_access
-from .http_api import MULTIPLEX_HEADER, RequestError, api, authorize, check_upload, decode_upload, read_image_bytes
+from .http_api import RequestError, api, authorize, check_upload, decode_upload, read_image_bytes
 from .model_store import LoadedModel, ModelStore, ServedModel, is_transient_load_error, replica_threads
-from .preprocess import DecodeBudget, is_out_of_memory
+from .preprocess import DecodeBudget, PreprocessSpec, is_out_of_memory
 
 __all__ = ["Classifier", "build_app", "app_builder", "serve_stage", "write_serve_config", "ServeHandle",
            "is_transient_load_error"]
@@ -191,13 +192,13 @@ class Classifier:
             self.champion = self.store.servable_champion(self.models, self.registry_champion)
         return loaded
 
-    def _top_k(self, requested: int | None, loaded: LoadedModel) -> int:
+    def _top_k(self, requested: int | None, spec: PreprocessSpec, alias: str) -> int:
         """``top_k``: an explicit one must fit the model's classes (422); the default is clamped to them."""
-        classes = loaded.spec.num_classes
+        classes = spec.num_classes
         if requested is None:
             return min(self.cfg.serve.default_top_k, classes)
         if requested > classes:
-            raise RequestError(422, f"top_k must be at most {classes} for {loaded.alias}")
+            raise RequestError(422, f"top_k must be at most {classes} for {alias}")
         return requested
 
     async def _forward(self, items: list[tuple[LoadedModel, torch.Tensor]]) -> list[torch.Tensor | Exception]:
@@ -227,16 +228,25 @@ class Classifier:
     async def _answer(self, request: Request, served: ServedModel, top_k: int | None) -> dict[str, Any]:
         s = self.cfg.serve
         data = await read_image_bytes(request, self.max_bytes, s.body_timeout_s)
-        # On the loop: a header parse, no pixels; in the decode pool it would queue behind other requests' decodes.
+        # On the loop: a bounded header parse, no pixels; in the decode pool it would queue behind other requests'
+        # decodes.
         check_upload(data, self.budget)
-        loaded = await self._loaded(served)
-        top_k = self._top_k(top_k, loaded)
         loop = asyncio.get_running_loop()
-        tensor = await loop.run_in_executor(self.decoder, decode_upload, data, loaded.spec, self.budget)
+        # Bad input changes nothing: with the model's preprocessing known from its verification, a request it
+        # cannot answer (top_k above its classes, an image over the resize budget, truncated pixels) is refused
+        # before a load would evict another model from the replica's cache.
+        spec = self.store.specs.get(served.alias)
+        if spec is not None:
+            answered_top_k = self._top_k(top_k, spec, served.alias)
+            tensor = await loop.run_in_executor(self.decoder, decode_upload, data, spec, self.budget)
+        loaded = await self._loaded(served)
+        if spec != loaded.spec:  # not verified yet (an outage at start), or its checkpoint file replaced since
+            answered_top_k = self._top_k(top_k, loaded.spec, served.alias)
+            tensor = await loop.run_in_executor(self.decoder, decode_upload, data, loaded.spec, self.budget)
         probabilities = await self.batcher.submit((loaded, tensor))
         if isinstance(probabilities, Exception):
             raise probabilities
-        scores, indices = probabilities.topk(top_k)
+        scores, indices = probabilities.topk(answered_top_k)
         return {
             "model": served.alias,
             "version": loaded.version,
@@ -255,7 +265,9 @@ class Classifier:
     ) -> JSONResponse:
         started = time.perf_counter()
         authorize(request, self.auth_token)
-        requested = model or request.headers.get(MULTIPLEX_HEADER) or CHAMPION
+        # The id Serve routed by: its proxy reads the header in either spelling (serve_multiplexed_model_id, or
+        # serve-multiplexed-model-id as proxies that drop underscores in header names forward it).
+        requested = model or serve.get_multiplexed_model_id() or CHAMPION
         served = self._resolve(requested)
         timeout_s = self.cfg.serve.request_timeout_s
         try:

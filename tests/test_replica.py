@@ -201,6 +201,51 @@ def test_an_upload_refused_from_its_header_loads_no_model(replica_with_a_gated_l
     assert refused.value.status == status and reason in refused.value.message and calls == []
 
 
+def _truncated_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 40).save(buffer, "PNG")
+    return buffer.getvalue()[:-200]
+
+
+@pytest.mark.parametrize("body, top_k, budget, status, reason", [
+    ("square", 4, {}, 422, "top_k must be at most 3 for good"),
+    ("truncated", None, {}, 400, "truncated or corrupt"),
+    ("square", None, {"max_resized_pixels": 1000}, 400, "resizes to 1,024 pixels for a 32-pixel model"),
+])
+def test_a_request_its_verified_model_cannot_answer_loads_no_model(replica_with_a_gated_load, body, top_k, budget,
+                                                                    status, reason):
+    """Bad input changes nothing, past the header too: with the model's preprocessing known from its verification,
+    a top_k above its classes, truncated pixels or an image over the resize budget is refused before the model is
+    loaded (the load ran first, and evicted another model from the replica's cache)."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from pipelines.http_api import RequestError
+    from pipelines.preprocess import DecodeBudget
+
+    replica, calls, gate, _ = replica_with_a_gated_load
+    gate.set()
+    replica.store.verify(list(replica.by_alias.values()))
+    assert calls == ["good"] and replica.by_alias["good"].status == "ok"
+    calls.clear()
+    replica.get_model = replica._load_once
+    replica.max_bytes, replica.budget = 1 << 20, DecodeBudget(**budget)
+    replica.decoder = ThreadPoolExecutor(max_workers=1)
+    square = io.BytesIO()
+    Image.new("L", (32, 32)).save(square, "PNG")
+    data = square.getvalue() if body == "square" else _truncated_png()
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(replica._answer(_post(data), replica.by_alias["good"], top_k))
+    replica.decoder.shutdown()
+    assert refused.value.status == status and reason in refused.value.message and calls == []
+
+
 class _FixedBatchFlatten(torch.nn.Module):
     """Flattens with the batch size read as a Python int: a trace keeps the tracing batch's size as a constant."""
 

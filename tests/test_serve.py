@@ -86,11 +86,14 @@ def test_http_predictions_equal_the_models_own_outputs(server, digit_png, alias)
     x = checkpoint.spec.tensor_from_image(decode_image(digit_png, 10_000))
     with torch.no_grad():
         expected = torch.softmax(checkpoint.build_model()(x), dim=1)[0]
-    for how in ({"params": {"model": alias}}, {"headers": {"serve_multiplexed_model_id": alias}}):
+    # The header in both spellings Serve's proxy routes by (proxies such as nginx drop headers with underscores).
+    for how in ({"params": {"model": alias}}, {"headers": {"serve_multiplexed_model_id": alias}},
+                {"headers": {"serve-multiplexed-model-id": alias}}):
         response = predict(url, digit_png, **how)
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["model"] == alias and body["version"] == result.train.results[alias].version
+        assert body["model"] == body["requested"] == alias
+        assert body["version"] == result.train.results[alias].version
         top = body["predictions"]
         scores, indices = expected.topk(5)
         assert [p["index"] for p in top] == indices.tolist()
@@ -239,8 +242,9 @@ def strict_app(server, tmp_path_factory):
     save_checkpoint(ModelCheckpoint("lenet5", {}, spec, cnnmodels.create_model("lenet5", num_classes=3,
                                                                                in_chans=1).state_dict()),
                     directory / "three.pt")
-    checkpoints = {"good": result.train.results["lenet5"].checkpoint_path,
-                   **{name: str(directory / f"{name}.pt") for name in ("three", "broken", "planted", "vanishing")}}
+    # "three" (random weights, no metrics) first: the champion is the file with the best validation accuracy.
+    checkpoints = {"three": str(directory / "three.pt"), "good": result.train.results["lenet5"].checkpoint_path,
+                   **{name: str(directory / f"{name}.pt") for name in ("broken", "planted", "vanishing")}}
     strict = cfg.serve.model_copy(update={
         "auth_token": SecretStr(TOKEN), "checkpoints": checkpoints, "body_timeout_s": 2.0, "request_timeout_s": 4.0,
         "max_ongoing_requests": 2, "max_models_per_replica": 1, "trace_models": False})  # eager forwards here
@@ -254,7 +258,8 @@ def strict_app(server, tmp_path_factory):
     serve.delete("strict")
 
 
-def test_auth_token_and_broken_checkpoints(strict_app, digit_png):
+def test_auth_token_and_broken_checkpoints(server, strict_app, digit_png):
+    _, result, _ = server
     base, marker = strict_app
     assert requests.get(f"{base}/models", timeout=60).status_code == 401
     assert predict(base, digit_png).status_code == 401
@@ -263,6 +268,12 @@ def test_auth_token_and_broken_checkpoints(strict_app, digit_png):
     models = requests.get(f"{base}/models", headers=AUTH, timeout=60).json()
     status = {m["alias"]: m for m in models["models"]}
     assert status["good"]["status"] == "ok" and status["broken"]["status"] == "error"
+    # What the files themselves say (no registry tags): architecture, validation accuracy, input size, parameters.
+    trained = load_checkpoint(result.train.results["lenet5"].checkpoint_path)
+    assert status["good"]["arch"] == "lenet5" and status["good"]["val_acc"] == pytest.approx(trained.metrics["val_acc"])
+    assert status["good"]["input_size"] == trained.spec.image_size
+    assert status["good"]["params_count"] == result.train.results["lenet5"].params_count
+    assert status["three"]["val_acc"] is None and status["three"]["input_size"] == 32
     assert "CheckpointError" in status["broken"]["error"]
     assert status["planted"]["status"] == "error" and "unreadable or corrupt" in status["planted"]["error"]
     assert not marker.exists()  # the planted pickle was refused, never run
