@@ -54,18 +54,23 @@ class ReportResult:
     families: pd.DataFrame | None = None
 
 
-def measure_latency_ms(result: ModelResult, serve: ServeConfig | None = None, repeats: int = 20) -> float:
+def measure_latency_ms(result: ModelResult, serve: ServeConfig | None = None, repeats: int = 20,
+                       storage_path: str = "") -> float:
     """Median single-image latency (ms) of a trained model in the form a replica serves it (``serve``: batch
     norm folded and traced as it says, on as many threads as a replica of ``serve.num_cpus`` uses, on the GPU
     with ``serve.num_gpus`` where this process has one; default: folded, traced, one CPU thread). The eager
-    model on all of the driver's threads read up to 2x faster than the replica's traced one on its one thread."""
+    model on all of the driver's threads read up to 2x faster than the replica's traced one on its one thread.
+    ``storage_path``: the run's storage (``paths.storage``), whose scheme the recorded checkpoint path lacks
+    (Ray reports ``bucket/...`` for ``s3://bucket/...``)."""
     from .checkpoints import load_checkpoint
     from .model_store import prepare_for_serving, replica_threads
+    from .trials import reported_checkpoint_dir
 
     serve = serve or ServeConfig()
     # A replica with a GPU share runs on the GPU; measured there when this process has one (else on the CPU).
     device = torch.device("cuda" if serve.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-    checkpoint = load_checkpoint(result.checkpoint_path)
+    with reported_checkpoint_dir(result.checkpoint_path, storage_path) as directory:
+        checkpoint = load_checkpoint(directory)
     loaded = prepare_for_serving(checkpoint.build_model(), checkpoint.spec, fold=serve.fold_batchnorm,
                                  trace=serve.trace_models, device=device)
     x = torch.randn(1, *checkpoint.spec.input_shape, device=device)
@@ -273,10 +278,10 @@ def _searched_triple(search) -> tuple[float, float, float] | None:
     return None if search is None else tuple(float(search.best[k]) for k in ("alpha", "beta", "gamma"))
 
 
-def _measure_latencies(results: list[ModelResult], serve: ServeConfig) -> None:
+def _measure_latencies(results: list[ModelResult], serve: ServeConfig, storage_path: str) -> None:
     for r in results:
         try:
-            r.serving_latency_ms = measure_latency_ms(r, serve)
+            r.serving_latency_ms = measure_latency_ms(r, serve, storage_path=storage_path)
         except Exception as err:  # noqa: BLE001 - a missing checkpoint should not sink the report
             logger.warning("[report] %s: latency not measured (%s)", r.model_name, err)
 
@@ -319,7 +324,7 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     if not results:
         raise LookupError(f"no trained models under {paths.train_dir}; run the train stage first")
     if latency:
-        _measure_latencies(results, cfg.serve)
+        _measure_latencies(results, cfg.serve, paths.storage)
     tracker = Tracker.for_config(cfg)
     try:
         champion = tracker.champion_alias(cfg.registered_model_name)

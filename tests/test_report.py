@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pandas as pd
+import pytest
 
 from pipelines.report import accuracy_figure, family_comparison, report_stage, stale_members
 from pipelines.results import ModelResult, load_results
@@ -173,6 +174,50 @@ def test_serving_latency_is_measured_as_a_replica_runs_the_model(tmp_path, monke
     assert threads == [2, driver_threads] and traced == [1]
     assert measure_latency_ms(trained, ServeConfig(trace_models=False), repeats=3) > 0
     assert threads[2:] == [1, driver_threads] and traced == [1] and torch.get_num_threads() == driver_threads
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A real S3 API (moto's server on a local port) with the bucket ``bucket``; boto3 and pyarrow (Ray's storage)
+    reach it through ``AWS_ENDPOINT_URL``."""
+    boto3 = pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="bucket")
+    yield client
+    server.stop()
+
+
+def test_the_latency_of_a_model_trained_into_s3_storage_is_measured(tmp_path, s3_bucket):
+    """Ray records an S3 checkpoint without its scheme (``bucket/...``): the report read it as a local path, found
+    nothing, and left the serving-latency column empty for every model trained into a bucket."""
+    import cnnmodels
+    from pipelines.checkpoints import (
+        CHECKPOINT_FILE,
+        MissingCheckpointError,
+        ModelCheckpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from pipelines.config import ServeConfig
+    from pipelines.preprocess import PreprocessSpec
+    from pipelines.report import measure_latency_ms
+
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
+    weights = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1).state_dict()
+    local = save_checkpoint(ModelCheckpoint("lenet5", {}, spec, weights), tmp_path / CHECKPOINT_FILE)
+    s3_bucket.upload_file(str(local), "bucket", f"cnnzoo/ray/train_lenet5/checkpoint_000002/{CHECKPOINT_FILE}")
+    trained = record("lenet5", "lenet5", {}, 400_000, 0.9)
+    trained.checkpoint_path = "bucket/cnnzoo/ray/train_lenet5/checkpoint_000002"  # as Ray reports it
+    assert measure_latency_ms(trained, ServeConfig(), repeats=2, storage_path="s3://bucket/cnnzoo/ray") > 0
+    with pytest.raises(MissingCheckpointError):  # what the report did: the path read as a local one
+        load_checkpoint(trained.checkpoint_path)
 
 
 def test_the_table_ranks_models_as_the_registry_chooses_its_champion():
