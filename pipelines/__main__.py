@@ -26,8 +26,8 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 #: Where ``predict`` finds the bearer token without ``--token`` (serve.auth_token_env's default name).
 PREDICT_TOKEN_ENV = "CNNZOO_SERVE_TOKEN"
-#: The commands that start (or join) Ray.
-RAY_COMMANDS = ("run", "search", "train", "report", "serve")
+#: The commands that start (or join) Ray (``report`` reads records, checkpoints and MLflow only).
+RAY_COMMANDS = ("run", "search", "train", "serve")
 
 logger = logging.getLogger("pipelines.cli")
 
@@ -183,6 +183,11 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
         # Before Ray starts: a bad file is the user's to fix, like a config error, and it must not take a
         # cluster start (or every model's retries) to find out. The stages see the result again, cached.
         check_image_folder(cfg.data)
+    if args.command == "report":  # no Ray: a local one took seconds to start, a cluster's address had to answer
+        from .report import report_stage
+
+        report_stage(cfg)
+        return 0
     with ray_session(cfg):
         if args.command == "run":
             from .pipeline import run_pipeline
@@ -201,11 +206,6 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
             from .train import train_stage
 
             return 0 if train_stage(cfg, searched_coefficients(cfg)).ok else EXIT_FAILED
-        if args.command == "report":
-            from .report import report_stage
-
-            report_stage(cfg)
-            return 0
         from .serve import serve_stage
 
         handle = serve_stage(cfg)

@@ -27,6 +27,7 @@ from .paths import RunPaths
 
 __all__ = [
     "ConfigError",
+    "redact_uri",
     "PipelineConfig",
     "DataConfig",
     "TrainConfig",
@@ -546,7 +547,8 @@ class ServeConfig(_Section):
         "is named, and with none found the stage exits 2"))
     checkpoints: dict[str, str] = Field(
         default_factory=dict, description="alias -> checkpoint file (made absolute where the command runs), served "
-        "instead of the registry (any alias but `champion`, which requests the best servable one)"
+        "instead of the registry (any alias but `champion`, which requests the best servable one: the highest "
+        "validation accuracy the file records)"
     )
     fold_batchnorm: bool = Field(True, description="fold batch norm into convolutions for serving (verified)")
     trace_models: bool = Field(
@@ -634,7 +636,23 @@ class PipelineConfig(_Section):
         return self.tracking.registered_model or self.name
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML, as printed (``check-config``) and logged with every stage's MLflow run: secrets
+        masked (the serve token, a password in ``tracking.uri``: :func:`redact_uri`)."""
+        config = self.model_dump(mode="json")
+        if config["tracking"]["uri"]:
+            config["tracking"]["uri"] = redact_uri(config["tracking"]["uri"])
+        return yaml.safe_dump(config, sort_keys=False)
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with the password of its user-info masked (``postgresql://user:***@host/db``): for anything
+    printed, logged or stored as an artifact."""
+    scheme, separator, rest = uri.partition("://")
+    authority, slash, path = rest.partition("/")
+    user_info, at, host = authority.rpartition("@")
+    if not separator or not at or ":" not in user_info:
+        return uri
+    return f"{scheme}://{user_info.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
 def check_ray_environment(cfg: PipelineConfig) -> None:
@@ -974,6 +992,10 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
 
 
+#: Keys whose values are never echoed in an error (a bearer token; a database URI may hold a password).
+SECRET_KEYS = frozenset({"serve.auth_token", "tracking.uri"})
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(text, "overrides look like key=value, e.g. train.epochs=5")
@@ -984,6 +1006,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
+        if key in SECRET_KEYS:  # PyYAML's message quotes the text too
+            raise ConfigError(key, "the value is not valid YAML (not shown: it is a secret); put it in quotes, "
+                                   f"--set '{key}=\"...\"'") from None
         raise ConfigError(key, f"value {raw!r} is not valid YAML: {err}") from None
     return key.split("."), value
 
@@ -1024,7 +1049,10 @@ def read_yaml(path: str | os.PathLike | None) -> dict:
         raise ConfigError("--config", f"{source} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{source} must hold a mapping of sections")
-    return data
+    # A section whose keys are all commented out (``ray:`` then ``#  address: auto``) reads as None: its defaults.
+    sections = {name for name, f in PipelineConfig.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    return {key: {} if value is None and key in sections else value for key, value in data.items()}
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -21,10 +21,10 @@ STAGES = ("search", "train", "report", "serve")
 
 
 def parse_stages(text: str | None) -> list[str]:
-    """``"search,train"`` -> ordered stage list (every stage when ``text`` is None or empty); raises ValueError
-    naming an unknown stage, or when ``text`` names none (``","``: a mangled shell variable must not start every
-    stage, serving included)."""
-    if text is None or text == "":
+    """``"search,train"`` -> ordered stage list (every stage when ``text`` is None); raises ValueError naming an
+    unknown stage, or when ``text`` names none (``""`` or ``","``: a mangled or unset shell variable, ``--stages
+    "$STAGES"``, must not start every stage, serving included)."""
+    if text is None:
         return list(STAGES)
     wanted = [s.strip() for s in text.split(",") if s.strip()]
     if not wanted:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoints import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from .config import CHAMPION
+from .config import CHAMPION, redact_uri
 
 __all__ = ["Tracker", "TrackingUnavailable", "RegisteredVersion", "CHAMPION", "TAG_DATASET", "TAG_DATA_ROOT",
            "TAG_FINGERPRINT", "choose_champion", "ui_hint"]
@@ -313,7 +313,7 @@ class Tracker:
                 run_id = self.start_run(run_name, tags)
             self.log_params(run_id, params)
         except Exception as err:
-            raise TrackingUnavailable(f"cannot write to the MLflow tracking store at {self.tracking_uri}: "
+            raise TrackingUnavailable(f"cannot write to the MLflow tracking store at {redact_uri(self.tracking_uri)}: "
                                       f"{first_line(err)}") from err
         try:
             self.client.log_text(run_id, config_yaml, "config.yaml")
@@ -416,7 +416,7 @@ class Tracker:
         except Exception as err:
             if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            raise LookupError(f"registered model {registered_model!r} not found at {self.tracking_uri}; "
+            raise LookupError(f"registered model {registered_model!r} not found at {redact_uri(self.tracking_uri)}; "
                               "train first") from err
 
     def trained_on_this_data(self, tags: dict[str, str], run_id: str | None) -> bool:
@@ -558,6 +558,7 @@ def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:
     """The command (or link) that opens this experiment's runs in the MLflow UI's model-training view
     (MLflow 3's UI opens its GenAI view unless the link asks for ``workflowType=machine_learning``)."""
     page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    tracking_uri = redact_uri(tracking_uri)  # printed: a database password stays out of logs
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri.rstrip('/')}/{page}"
     return f"mlflow ui --backend-store-uri {tracking_uri} --port {port}   # then http://127.0.0.1:{port}/{page}"
