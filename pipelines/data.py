@@ -44,6 +44,7 @@ __all__ = [
     "ConvertedSplit",
     "convert_splits",
     "load_splits",
+    "forget_loaded_splits",
     "describe_dataset",
     "make_spec",
     "DataError",
@@ -310,6 +311,12 @@ def load_splits(cfg: DataConfig, excluded: tuple[str, ...] = ()) -> ImageSplits:
     their run's settings.
     """
     return _load_splits_cached(cfg.model_dump_json(), tuple(sorted(excluded)))
+
+
+def forget_loaded_splits() -> None:
+    """Drop the splits this process has cached: an image folder whose files changed is read again (a notebook's
+    next stage, a long ``run``), rather than planned from its old file list."""
+    _load_splits_cached.cache_clear()
 
 
 def write_sample_image(cfg: DataConfig, directory: Path) -> Path:

@@ -20,7 +20,15 @@ import numpy as np
 from PIL import Image
 
 from .config import DataConfig
-from .data import IMAGE_EXTENSIONS, DataError, ImageSplits, RawSplit, load_splits, stratified_split
+from .data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageSplits,
+    RawSplit,
+    forget_loaded_splits,
+    load_splits,
+    stratified_split,
+)
 
 __all__ = ["BadImageFilesError", "ImageFolderError", "check_image_folder", "load_imagefolder"]
 
@@ -253,6 +261,9 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
         content.update(os.fsencode(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
     key = (str(root), content.hexdigest())
     if key not in _CHECKED:
+        # Files added, removed or changed since this process read the folder: its cached splits are stale (they
+        # planned from the old files, and workers, which read the folder afresh, disagreed with them).
+        forget_loaded_splits()
         _CHECKED[key] = _find_unreadable(root, paths)
     bad = _CHECKED[key]
     if bad and not cfg.skip_bad_files:

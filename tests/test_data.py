@@ -253,6 +253,21 @@ def test_imagefolder_flat_and_presplit(tmp_path):
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label in (0, 1)
 
 
+def test_an_image_folder_changed_since_it_was_read_is_read_again(tmp_path):
+    """Splits are cached per process by config: a folder given a new class (in a notebook, between a long run's
+    stages) was still planned with its old classes, while the workers read the new files."""
+    from pipelines.image_folder import check_image_folder
+
+    _write_images(tmp_path, per_class=6)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16)
+    check_image_folder(cfg)
+    assert describe_dataset(cfg).class_names == ("cat", "dog")
+    _write_images(tmp_path, classes=("fox",), per_class=6)
+    check_image_folder(cfg)  # each stage's first call
+    assert describe_dataset(cfg).class_names == ("cat", "dog", "fox")
+    assert len(load_splits(cfg).train) + len(load_splits(cfg).val) + len(load_splits(cfg).test) == 18
+
+
 def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classes(tmp_path):
     """Only a literal train/ switched to split folders: Kaggle's training_set/ and test_set/ became two classes
     (the model learnt which split an image came from), Roboflow's valid/ was ignored, and a flat folder with a
