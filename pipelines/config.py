@@ -285,7 +285,8 @@ class WorkerSettings(_Section):
         "epoch: the first has no checkpoint to resume from), to rehearse fault tolerance"
     )
     progress_interval_s: float = Field(
-        30.0, gt=0.0, description="within an epoch, print batches done, img/s and the epoch's ETA this often"
+        30.0, gt=0.0, description="within an epoch (and a long validation, test or batch-norm pass), print "
+        "batches done, img/s and the ETA at most this long apart"
     )
 
     @field_validator("cpus_per_worker")

@@ -346,7 +346,8 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
     ctx.model.train()
     # Summed on the device: reading the loss every step made the host wait for each step on a GPU.
     loss_sum, seen = torch.zeros((), dtype=torch.float64, device=ctx.device), 0
-    started = last_progress = time.perf_counter()
+    started = time.perf_counter()
+    progress = LoopProgress(ctx, f"epoch {epoch + 1}/{hyper.epochs}", steps_per_epoch)
     for step, (images, labels) in enumerate(loader):
         lr = lr_at(hyper.lr, hyper.schedule, hyper.warmup_epochs, hyper.epochs, epoch * steps_per_epoch + step,
                    steps_per_epoch)
@@ -366,9 +367,7 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
         loss_sum += F.cross_entropy(logits.detach().float(), labels.to(ctx.device, non_blocking=True),
                                     reduction="sum").double()
         seen += labels.numel()
-        if ctx.rank == 0 and time.perf_counter() - last_progress >= ctx.run.workers.progress_interval_s:
-            last_progress = time.perf_counter()
-            _log_progress(ctx, epoch, step + 1, steps_per_epoch, seen, last_progress - started)
+        progress.step(step + 1, seen)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -390,11 +389,29 @@ def describe_compute(ctx: StepContext) -> str:
     return f"{where}, {precision}, {'channels-last' if ctx.channels_last else 'contiguous'}"
 
 
-def _log_progress(ctx: StepContext, epoch: int, done: int, total: int, seen: int, elapsed: float) -> None:
-    """A long epoch is never silent: batches done, throughput (all workers) and the epoch's ETA."""
-    logger.info(timestamped(
-        f"[{ctx.run.model_name}] epoch {epoch + 1}/{ctx.run.hyper.epochs}: batch {done}/{total}, "
-        f"{seen * ctx.world / elapsed:.0f} img/s, epoch ETA {duration(elapsed / done * (total - done))}"))
+class LoopProgress:
+    """A long loop is never silent (rank 0 prints): batches done of ``total``, throughput (all workers) and the
+    loop's ETA, whenever the next batch would end more than ``workers.progress_interval_s`` after the last line
+    (or the loop's start). Waiting until the interval had passed let a slow step (seconds on 2 CPU cores) push
+    the gap past it."""
+
+    def __init__(self, ctx: StepContext, what: str, total: int) -> None:
+        self.ctx, self.what, self.total = ctx, what, total
+        self.started = self.last_line = self.last_step = time.perf_counter()
+
+    def step(self, done: int, seen: int) -> None:
+        """Batch ``done`` (counting from 1) has finished; ``seen``: this worker's images so far."""
+        if self.ctx.rank != 0 or done >= self.total:
+            return
+        now = time.perf_counter()
+        step_seconds, self.last_step = now - self.last_step, now
+        if now - self.last_line + step_seconds < self.ctx.run.workers.progress_interval_s:
+            return
+        self.last_line, elapsed = now, now - self.started
+        logger.info(timestamped(
+            f"[{self.ctx.run.model_name}] {self.what}: batch {done}/{self.total}, "
+            f"{seen * self.ctx.world / elapsed:.0f} img/s, {self.what.split()[0]} ETA "
+            f"{duration(elapsed / done * (self.total - done))}"))
 
 
 def recalibrate_batchnorm(ctx: StepContext, batches: int) -> None:
@@ -415,11 +432,15 @@ def recalibrate_batchnorm(ctx: StepContext, batches: int) -> None:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the recalibration batches
     ctx.model.train()
+    batches = min(batches, len(ctx.train_loader))
+    progress, seen = LoopProgress(ctx, "batch-norm statistics", batches), 0
     with torch.no_grad():
         for step, (images, _) in enumerate(ctx.train_loader):
             if step >= batches:
                 break
             ctx.forward(images)
+            seen += len(images)
+            progress.step(step + 1, seen)
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     if ctx.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -429,20 +450,23 @@ def recalibrate_batchnorm(ctx: StepContext, batches: int) -> None:
                 statistic.div_(ctx.world)
 
 
-def evaluate(ctx: StepContext, loader) -> tuple[float, float, int]:
-    """Global (all-reduced) mean loss, accuracy and image count of the model on ``loader``."""
+def evaluate(ctx: StepContext, loader, what: str = "validation") -> tuple[float, float, int]:
+    """Global (all-reduced) mean loss, accuracy and image count of the model on ``loader`` (``what``: how its
+    progress lines name it)."""
     ctx.model.eval()
     # Summed on the device, read once: a read per batch made the host wait for every batch on a GPU.
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
     count = 0
+    progress = LoopProgress(ctx, what, len(loader))
     with torch.inference_mode():
-        for images, labels in loader:
+        for step, (images, labels) in enumerate(loader):
             labels = labels.to(ctx.device, non_blocking=True)
             logits = ctx.forward(images)
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
             correct += (logits.argmax(1) == labels).sum()
             count += labels.numel()
+            progress.step(step + 1, count)
     loss_sum, correct, count = _all_reduce_sums([loss_sum.item(), correct.item(), count], ctx.device)
     return loss_sum / max(count, 1), correct / max(count, 1), int(count)
 
@@ -501,7 +525,7 @@ def report_test(ctx: StepContext) -> None:
     test_set = _shard(SplitDataset(ctx.sources["test"], run.spec), ctx.rank, ctx.world)
     test_loader = prepare_data_loader(DataLoader(test_set, batch_size=ctx.per_worker_batch * 2, **ctx.loader_kwargs),
                                       add_dist_sampler=False)
-    test_loss, test_acc, test_count = evaluate(ctx, test_loader)
+    test_loss, test_acc, test_count = evaluate(ctx, test_loader, "test")
     ctx.mark("test_done")
     ray.train.report({
         "epoch": run.hyper.epochs - 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -529,9 +530,10 @@ def rank_main(rank, store, out):
     model = torch.nn.parallel.DistributedDataParallel(net)
     # Each rank sees other images: rank 1's are shifted by 4 and twice as spread.
     batches = [(torch.randn(8, 1, 4, 4) * (1 + rank) + 4 * rank, torch.zeros(8)) for _ in range(3)]
-    ctx = SimpleNamespace(model=model, train_loader=batches, forward=model, world=2)
+    ctx = SimpleNamespace(model=model, train_loader=batches, forward=model, world=2, rank=rank,
+                          run=SimpleNamespace(model_name="net", workers=SimpleNamespace(progress_interval_s=30.0)))
     # This rank's own statistics: the same recalibration without the other rank.
-    alone = SimpleNamespace(model=copy.deepcopy(net), train_loader=batches, world=1)
+    alone = SimpleNamespace(model=copy.deepcopy(net), train_loader=batches, world=1, rank=1)
     alone.forward = alone.model
     recalibrate_batchnorm(alone, batches=3)
     recalibrate_batchnorm(ctx, batches=3)
@@ -600,6 +602,50 @@ def test_the_next_model_starts_up_while_one_trains_and_waits_for_the_cores(ray_c
     out = capfd.readouterr().out
     assert "[vgg11] epoch 1/2: batch " in out and " img/s, epoch ETA " in out  # within an epoch
     assert "[train] 1/2 models done in " in out and "[train] 2/2 models done" in out
+
+
+def test_progress_lines_come_before_the_interval_passes_and_long_evaluations_print_them_too(monkeypatch):
+    """A line was printed only once 30 s had passed, after the step that crossed it: with 7 s steps (DenseNet on 2
+    cores) the gaps were 35 s. Validation, the test evaluation and precise BN printed nothing, however long."""
+    import logging
+    from types import SimpleNamespace
+
+    import pipelines.worker as worker
+
+    clock = [0.0]
+    monkeypatch.setattr(worker.time, "perf_counter", lambda: clock[0])
+    lines, handler = [], logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append((clock[0], record.getMessage()))
+    worker.logger.addHandler(handler)
+    old_level = worker.logger.level
+    worker.logger.setLevel(logging.INFO)
+    ctx = SimpleNamespace(rank=0, world=2, run=SimpleNamespace(
+        model_name="densenet121", workers=SimpleNamespace(progress_interval_s=30.0)))
+    try:
+        progress = worker.LoopProgress(ctx, "epoch 1/3", 100)
+        for done in range(1, 101):
+            clock[0] += 7.0
+            progress.step(done, done * 64)
+        assert lines, "no progress line"
+        times = [0.0] + [at for at, _ in lines]
+        assert max(b - a for a, b in zip(times, times[1:], strict=False)) <= 30.0
+        assert "[densenet121] epoch 1/3: batch 4/100, 18 img/s, epoch ETA " in lines[0][1]
+
+        lines.clear()
+        model = torch.nn.Linear(4, 3)
+
+        def slow_forward(images):
+            clock[0] += 12.0
+            return model(images)
+
+        ctx.model, ctx.forward, ctx.device = model, slow_forward, torch.device("cpu")
+        batches = [(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)) for _ in range(6)]
+        worker.evaluate(ctx, batches, "test")
+        found = [re.search(r"\[densenet121\] (\w+): batch (\d+)/6, .* (\w+) ETA", message) for _, message in lines]
+        assert [(m.group(1), int(m.group(2)), m.group(3)) for m in found] == [("test", 2, "test"), ("test", 4, "test")]
+    finally:
+        worker.logger.removeHandler(handler)
+        worker.logger.setLevel(old_level)
 
 
 def test_the_stage_eta_weighs_models_by_their_work_and_waits_for_a_twentieth_of_it():
