@@ -541,7 +541,7 @@ class SplitDataset(Dataset):
             # would teach the model an edge no test or served image has.
             ops = [] if augment == "flip" else [T.RandomCrop(spec.image_size, padding=max(1, spec.image_size // 8),
                                                              fill=spec.background)]
-            if spec.dataset in FLIP_OK:
+            if spec.dataset in FLIP_OK and augment != "crop":
                 ops.append(T.RandomHorizontalFlip())
             self.transform = T.Compose(ops) if ops else None
 

@@ -84,7 +84,7 @@ def test_model_overrides_change_only_that_model(make_config):
         (["tracking.uri=./mlruns"], "tracking.uri", "file store"),
         (["train.model_options={resnet18: {small_inputs: true}}"], "train.model_options", "did you mean 'small_input'"),
         (["serve.port=70000"], "serve.port", "less than or equal to 65535"),
-        (["data.augment=crop"], "data.augment", "must be true, false or flip"),
+        (["data.augment=crops"], "data.augment", "must be true, false, flip or crop"),
         (["train.model_overrides={resnet18: {cpu_bf16: maybe}}"], "train.model_overrides.resnet18.cpu_bf16",
          "must be true, false or auto"),
         (["train.model_overrides={alexnet: {lrr: 0.001}}"], "train.model_overrides.alexnet.lrr", "did you mean 'lr'"),

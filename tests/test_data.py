@@ -706,6 +706,10 @@ def test_flip_augmentation_mirrors_or_keeps_each_image_and_never_crops():
     cropped = [crops[(3, seed)][0] for seed in range(20)]
     assert any(not (torch.equal(x, original) or torch.equal(x, original.flip(-1))) for x in cropped)
     assert SplitDataset(split, make_spec(describe_dataset(cfg), 16), augment="flip").transform is None
+    # augment: crop (an image folder whose classes a mirror changes): crops, never a mirrored image.
+    crops_only = SplitDataset(split, spec, augment="crop")
+    assert [type(op).__name__ for op in crops_only.transform.transforms] == ["RandomCrop"]
+    assert not any(torch.equal(crops_only[(3, seed)][0], original.flip(-1)) for seed in range(20))
 
 
 def test_random_crops_pad_with_the_data_sets_background():
