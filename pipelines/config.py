@@ -378,7 +378,8 @@ class SearchConfig(_Section):
     )
     base_model: str = Field("efficientnet", description="the baseline that is scaled")
     objective: Literal["val_acc", "mnas"] = Field(
-        "val_acc", description="val_acc, or mnas: val_acc * (macs / target_macs)^-0.07"
+        "val_acc", description="val_acc, or mnas: val_acc * (macs / target_macs)^-0.07; what Optuna samples for, "
+        "ASHA stops trials by and the winner is ranked by"
     )
     target_macs: Optional[int] = Field(
         None, ge=1, description="MnasNet objective target (default: baseline MACs x target^phi)"

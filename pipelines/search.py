@@ -4,7 +4,8 @@ Fix ``phi`` (``search.phi``, default 1: "twice the resources"), then search alph
 and gamma (resolution) under ``|alpha * beta^2 * gamma^2 - target| <= tolerance`` (the space and its
 samplers are :mod:`pipelines.search_space`). Each trial trains the compound-scaled EfficientNet through
 the same trial machinery as the training stage (:mod:`pipelines.trials`: a TorchTrainer inside the Tune
-trial), reporting ``val_acc`` per epoch, so ASHA can stop weak trials early. The paper's (1.2, 1.1, 1.15)
+trial), reporting ``val_acc`` and the objective's ``score`` per epoch: Optuna samples and ASHA stops weak
+trials early by the score the search ranks by (``search.objective``). The paper's (1.2, 1.1, 1.15)
 is always among the trials when it satisfies the constraint, so the user sees whether the search beat it.
 
 The result (best triple, every trial's triple and score) goes to ``<workdir>/<name>/search/best.json``
@@ -40,12 +41,13 @@ from .search_space import (
     FeasibleRegion,
     feasible_points,
     grid_candidates,
+    mnas_factor,
     optuna_space,
     paper_is_feasible,
     same_triple,
 )
 from .shared_data import prepare, shared_splits
-from .trials import EPOCHS_DONE, run_model_trials, trial_resources, trial_run, trial_run_name
+from .trials import EPOCHS_DONE, SCORE, run_model_trials, trial_resources, trial_run, trial_run_name
 
 __all__ = ["SearchResult", "search_stage", "load_search_result", "searched_coefficients", "describe_search_trial"]
 
@@ -148,7 +150,7 @@ def _plan_trials(cfg: PipelineConfig, template: ModelRun) -> _SearchPlan:
         points.append(dict(zip(("u_alpha", "u_beta", "u_gamma"), uvw, strict=True)))
     else:
         paper_included = False
-    search_alg = OptunaSearch(space=partial(optuna_space, region), metric="val_acc", mode="max",
+    search_alg = OptunaSearch(space=partial(optuna_space, region), metric=SCORE, mode="max",
                               points_to_evaluate=points or None, seed=search.seed)
     logger.info("[search] optuna: %d trials sampled inside the feasible region, phi=%g, %d epoch(s) each",
                 search.num_trials, search.phi, search.epochs)
@@ -202,16 +204,20 @@ def _trial_records(grid, phi: float) -> list[dict[str, Any]]:
     return records
 
 
-def _score(records: list[dict[str, Any]], cfg: PipelineConfig, template: ModelRun) -> None:
-    """``score`` per record: ``val_acc``, or the MnasNet objective ``val_acc * (macs / target)^-0.07``."""
+def _mnas_target_macs(cfg: PipelineConfig, template: ModelRun) -> float | None:
+    """The MACs target of ``search.objective: mnas`` (None for ``val_acc``)."""
     search = cfg.search
-    if search.objective == "mnas":
-        target_macs = search.target_macs or _baseline_macs(template) * search.target ** search.phi
-        for r in records:
-            r["score"] = r["val_acc"] * (r["macs"] / target_macs) ** -0.07
-    else:
-        for r in records:
-            r["score"] = r["val_acc"]
+    if search.objective != "mnas":
+        return None
+    return search.target_macs or _baseline_macs(template) * search.target ** search.phi
+
+
+def _score(records: list[dict[str, Any]], cfg: PipelineConfig, template: ModelRun) -> None:
+    """``score`` per record: ``val_acc``, or the MnasNet objective ``val_acc * (macs / target)^-0.07`` (the
+    metric the trials reported to Tune, so its searcher and ASHA followed the same objective)."""
+    target_macs = _mnas_target_macs(cfg, template)
+    for r in records:
+        r["score"] = r["val_acc"] * mnas_factor(r["macs"], target_macs)
     # A trial that failed (after its retries) ranks below every one that did not, whatever it reached before:
     # its triple would found the family. On equal scores the longer-trained, then the smaller model wins.
     records.sort(key=lambda r: (r["error"] is not None, -r["score"], -r["epochs_trained"], r["macs"]))
@@ -326,13 +332,14 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
             prepare(shared, template.data, [template.with_coefficients(**c).spec
                                             for c in plan.param_space["coefficients"]["grid_search"]])
         plan.param_space["run"] = template.model_copy(update={"shared_data": shared, "compute_gate": gate}).to_dict()
+        plan.param_space["mnas_target_macs"] = _mnas_target_macs(cfg, template)
         grid = run_model_trials(
             cfg.paths, experiment=experiment, param_space=plan.param_space,
             callbacks=[callback, ReleaseOnTrialEnd(gate, trial_run_name)],
             max_concurrent=concurrency_for(search.max_concurrent_trials, trial_resources(template), plan.trials,
                                            free),
             num_samples=plan.num_samples, search_alg=plan.search_alg, scheduler=scheduler, restore=True,
-            trial_retries=cfg.train.trial_retries, placement=plan.param_space["run"],
+            trial_retries=cfg.train.trial_retries, placement=plan.param_space["run"], metric=SCORE,
         )
     records = _trial_records(grid, search.phi)
     _score(records, cfg, template)

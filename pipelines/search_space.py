@@ -27,6 +27,15 @@ PAPER = (PAPER_COEFFICIENTS.alpha, PAPER_COEFFICIENTS.beta, PAPER_COEFFICIENTS.g
 
 
 # --------------------------------------------------------------------------------------------------
+#: MnasNet's latency-aware objective's exponent: ``val_acc * (macs / target_macs) ** MNAS_EXPONENT``.
+MNAS_EXPONENT = -0.07
+
+
+def mnas_factor(macs: float, target_macs: float | None) -> float:
+    """What ``val_acc`` is multiplied by under ``search.objective: mnas`` (1 without a target: plain val_acc)."""
+    return 1.0 if not target_macs else (macs / target_macs) ** MNAS_EXPONENT
+
+
 def _key(c: tuple[float, float, float]) -> tuple[float, float, float]:
     return tuple(round(v, 6) for v in c)
 

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from .config import TRIAL_DRIVER_CPU
 from .paths import RunPaths
 from .planning import ModelRun, coefficients_label
+from .search_space import mnas_factor
 
 __all__ = [
     "TRIAL_DRIVER_RESOURCES",
@@ -185,8 +186,14 @@ def earlier_give_up(run: ModelRun, attempt: str, trial_id: str) -> str | None:
 EPOCHS_DONE = "epochs_done"
 
 
-def tune_report_callback():
-    """Ray's ``TuneReportCallback`` (Train's reports to the Tune trial), each epoch's with :data:`EPOCHS_DONE`."""
+#: The metric Tune (its searcher and scheduler) follows: ``val_acc`` times the search objective's factor
+#: (:func:`~pipelines.search_space.mnas_factor`; 1 for ``val_acc`` and for the train stage).
+SCORE = "score"
+
+
+def tune_report_callback(score_factor: float = 1.0):
+    """Ray's ``TuneReportCallback`` (Train's reports to the Tune trial), each epoch's with :data:`EPOCHS_DONE`
+    and :data:`SCORE` (``val_acc`` x ``score_factor``)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EpochsDoneReport(TuneReportCallback):
@@ -194,6 +201,8 @@ def tune_report_callback():
             first = dict(metrics[0])
             if "epoch" in first:
                 first[EPOCHS_DONE] = int(first["epoch"]) + 1
+            if "val_acc" in first:
+                first[SCORE] = float(first["val_acc"]) * score_factor
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     return EpochsDoneReport()
@@ -216,7 +225,9 @@ def model_trial(config: dict, attempt: str = "", placement: dict | None = None) 
         raise RuntimeError(f"{run.model_name}: not retried, its training already failed after "
                            f"train.max_failures retries: {earlier}")
     try:
-        build_trainer(run, callbacks=[tune_report_callback()]).fit()
+        # Under search.objective mnas the searcher and ASHA follow the score the search ranks by, not val_acc.
+        score_factor = mnas_factor(run.macs, config.get("mnas_target_macs"))
+        build_trainer(run, callbacks=[tune_report_callback(score_factor)]).fit()
     except TrainingFailedError as error:
         try:
             record_gave_up(run, attempt, trial_id, error)
@@ -246,8 +257,10 @@ def run_model_trials(
     restore: bool = False,
     trial_retries: int = 0,
     placement: dict | None = None,
+    metric: str = "val_acc",
 ):
-    """Run :func:`model_trial` over ``param_space`` with Ray Tune; returns the ``ResultGrid``.
+    """Run :func:`model_trial` over ``param_space`` with Ray Tune; returns the ``ResultGrid``. ``metric``: what
+    Tune's searcher and scheduler maximise (the search's :data:`SCORE`).
 
     Each trial's own actor reserves a sliver of CPU (its TorchTrainer's workers reserve the real
     resources), so trials never deadlock against their workers on a small machine; on a cluster with a
@@ -274,7 +287,7 @@ def run_model_trials(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric="val_acc", mode="max", num_samples=num_samples, search_alg=search_alg, scheduler=scheduler,
+                metric=metric, mode="max", num_samples=num_samples, search_alg=search_alg, scheduler=scheduler,
                 max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
                 # One trial actor process serves trial after trial: no new process, no new imports per model.
                 # Not under a scheduler: a trial it stops is still inside TorchTrainer.fit, the actor cannot be

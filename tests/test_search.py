@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from ray.tune import Callback
 from cnnmodels.scaling import constraint_value
 from pipelines.config import SearchConfig, load_config
 from pipelines.planning import resolve_models
-from pipelines.search import search_stage
+from pipelines.search import describe_search_trial, search_stage
 from pipelines.search_space import PAPER, FeasibleRegion, feasible_points, grid_candidates
 from pipelines.tracking import Tracker
 
@@ -229,8 +230,22 @@ def test_optuna_mode_runs_two_feasible_trials(ray_cluster, make_config):
     assert again.skipped and again.best == result.best
     # --force searches again: new trials in a new Tune experiment (not the finished one restored and re-scored),
     # under a new MLflow parent run.
+    # Under the MnasNet objective, with a target below every trial's MACs: Optuna and ASHA follow the score the
+    # winner is ranked by (they followed val_acc, whatever the objective).
+    cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"objective": "mnas", "target_macs": 1000})})
     forced = search_stage(cfg, force=True)
     assert not forced.skipped and len(forced.trials) == 2
+    reported = {}
+    for results in Path(cfg.paths.storage).glob(f"{cfg.name}-search-*/*/result.json"):
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        if rows and rows[0].get("config", {}).get("mnas_target_macs") == 1000:
+            reported[results.parent.name] = rows
+    assert len(reported) == 2
+    by_macs = {t["macs"]: t for t in forced.trials}
+    for rows in reported.values():
+        macs = describe_search_trial(cfg.search.phi, rows[0]["config"])[2]["macs"]
+        assert [r["score"] for r in rows] == pytest.approx([r["val_acc"] * (macs / 1000) ** -0.07 for r in rows])
+        assert max(r["score"] for r in rows) == pytest.approx(by_macs[macs]["score"])
     experiments = {p.parent.name for p in Path(cfg.paths.storage).glob(f"{cfg.name}-search-*/tuner.pkl")}
     assert len(experiments) == 2, experiments
     tracker = Tracker.for_config(cfg)
