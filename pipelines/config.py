@@ -647,15 +647,26 @@ class PipelineConfig(_Section):
         return yaml.safe_dump(config, sort_keys=False)
 
 
+#: A database URI's password, as SQLAlchemy reads it: after ``user:``, up to the first ``@`` (``/`` included).
+_DATABASE_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][\w+.-]*://[^:/@]*:)[^@]*@")
+_QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd)=)[^&]*")
+
+
 def redact_uri(uri: str) -> str:
-    """``uri`` with the password of its user-info masked (``postgresql://user:***@host/db``): for anything
-    printed, logged or stored as an artifact."""
-    scheme, separator, rest = uri.partition("://")
-    authority, slash, path = rest.partition("/")
-    user_info, at, host = authority.rpartition("@")
-    if not separator or not at or ":" not in user_info:
-        return uri
-    return f"{scheme}://{user_info.split(':', 1)[0]}:***@{host}{slash}{path}"
+    """``uri`` with its password masked (``postgresql://user:***@host/db``, ``...?password=***``): for anything
+    printed, logged or stored as an artifact. HTTP URIs are read as RFC 3986 has them, database URIs as
+    SQLAlchemy does."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    masked = uri
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        if parts.password is not None:
+            netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
+            masked = urlunsplit(parts._replace(netloc=netloc))
+    else:
+        masked = _DATABASE_PASSWORD.sub(r"\g<head>***@", uri, count=1)
+    return _QUERY_PASSWORD.sub(r"\g<key>***", masked)
 
 
 def check_ray_environment(cfg: PipelineConfig) -> None:
@@ -1009,7 +1020,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        if key in SECRET_KEYS:  # PyYAML's message quotes the text too
+        if any(secret == key or secret.startswith(f"{key}.") for secret in SECRET_KEYS):  # PyYAML quotes the text
             raise ConfigError(key, "the value is not valid YAML (not shown: it is a secret); put it in quotes, "
                                    f"--set '{key}=\"...\"'") from None
         raise ConfigError(key, f"value {raw!r} is not valid YAML: {err}") from None

@@ -207,6 +207,8 @@ CHECK_THREADS = 16
 #: the CLI checks before Ray starts and the stages call the check again; an unchanged folder is not re-read.
 _CHECKED: dict[tuple[str, str], list[tuple[str, str]]] = {}
 _WARNED: set[tuple[str, str]] = set()
+#: Each folder's content as this process last checked it: the splits cached for it are of that content.
+_LAST_CONTENT: dict[str, str] = {}
 
 
 def _find_unreadable(root: Path, paths: list[str]) -> list[tuple[str, str]]:
@@ -260,10 +262,13 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
             continue
         content.update(os.fsencode(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
     key = (str(root), content.hexdigest())
-    if key not in _CHECKED:
-        # Files added, removed or changed since this process read the folder: its cached splits are stale (they
-        # planned from the old files, and workers, which read the folder afresh, disagreed with them).
+    if _LAST_CONTENT.get(key[0]) != key[1]:
+        # Files added, removed or changed since this process last read the folder (back to an earlier state
+        # too): its cached splits are stale (they planned from the old files, and workers, which read the folder
+        # afresh, disagreed with them).
         forget_loaded_splits()
+        _LAST_CONTENT[key[0]] = key[1]
+    if key not in _CHECKED:
         _CHECKED[key] = _find_unreadable(root, paths)
     bad = _CHECKED[key]
     if bad and not cfg.skip_bad_files:

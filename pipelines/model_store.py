@@ -80,6 +80,7 @@ class LoadedModel:
     traced: bool = False  # a TorchScript trace: its forward runs without holding the GIL
     arch: str = ""  # the checkpoint's architecture name
     metrics: dict[str, float] = field(default_factory=dict)  # the checkpoint's metrics (its epoch's val_acc, ...)
+    params_count: int | None = None  # the model's, before batch norm was folded into its convolutions
 
 
 def _probe(spec: PreprocessSpec, batch: int, device: torch.device) -> torch.Tensor:
@@ -250,9 +251,11 @@ class ModelStore:
             path = self.checkpoint_file(served)
             checkpoint = load_checkpoint(path)
         self._refuse_unservable_input(checkpoint.spec)
-        loaded = prepare_for_serving(checkpoint.build_model(), checkpoint.spec, fold=fold, trace=trace, device=device)
+        model = checkpoint.build_model()
+        params_count = sum(p.numel() for p in model.parameters())  # before batch norm is folded away
+        loaded = prepare_for_serving(model, checkpoint.spec, fold=fold, trace=trace, device=device)
         loaded.alias, loaded.version = served.alias, served.version or f"epoch{checkpoint.epoch}"
-        loaded.arch, loaded.metrics = checkpoint.arch, dict(checkpoint.metrics)
+        loaded.arch, loaded.metrics, loaded.params_count = checkpoint.arch, dict(checkpoint.metrics), params_count
         self.specs[served.alias] = checkpoint.spec
         if served.source.startswith("models:/"):
             self.verified_files[served.alias] = path
@@ -276,14 +279,7 @@ class ModelStore:
                 path = self.checkpoint_file(served)
                 loaded = self.load(served, fold=False, path=path)
                 served.status, served.error = "ok", None
-                # A checkpoint file (serve.checkpoints) has no registry tags: what the file itself says.
-                served.arch = served.arch or loaded.arch
-                served.dataset = served.dataset or loaded.spec.dataset
-                served.input_size = served.input_size or loaded.spec.image_size
-                if served.val_acc is None and loaded.metrics.get("val_acc") is not None:
-                    served.val_acc = float(loaded.metrics["val_acc"])
-                if served.params_count is None:
-                    served.params_count = sum(p.numel() for p in loaded.model.parameters())
+                self.describe(served, loaded)
             except Exception as err:  # noqa: BLE001 - any failure makes the model unservable, not the server
                 if not is_transient_load_error(err):
                     served.mark_failed(err)
@@ -291,6 +287,19 @@ class ModelStore:
                 served.status, served.error = "unchecked", f"not verified yet: {type(err).__name__}: {err}"
                 logger.warning("model %s could not be verified now (tried again later): %s", served.alias,
                                served.error)
+
+    @staticmethod
+    def describe(served: ServedModel, loaded: LoadedModel) -> None:
+        """Fill in what ``served`` does not know yet from its loaded checkpoint: a checkpoint file
+        (``serve.checkpoints``) has no registry tags, so its architecture, data set, input size, validation
+        accuracy and parameter count are what the file itself says."""
+        served.arch = served.arch or loaded.arch
+        served.dataset = served.dataset or loaded.spec.dataset
+        served.input_size = served.input_size or loaded.spec.image_size
+        if served.val_acc is None and loaded.metrics.get("val_acc") is not None:
+            served.val_acc = float(loaded.metrics["val_acc"])
+        if served.params_count is None and loaded.params_count is not None:
+            served.params_count = loaded.params_count
 
     @staticmethod
     def servable_champion(models: list[ServedModel], champion: str | None) -> str | None:

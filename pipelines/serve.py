@@ -189,6 +189,7 @@ class Classifier:
             raise RequestError(503, f"model {served.alias!r} failed to load: {served.error}") from None
         if served.status == "unchecked":  # not verified at start (an outage): this load verified it
             served.status, served.error = "ok", None
+            self.store.describe(served, loaded)
             self.champion = self.store.servable_champion(self.models, self.registry_champion)
         return loaded
 

@@ -558,7 +558,8 @@ def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:
     """The command (or link) that opens this experiment's runs in the MLflow UI's model-training view
     (MLflow 3's UI opens its GenAI view unless the link asks for ``workflowType=machine_learning``)."""
     page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    tracking_uri = redact_uri(tracking_uri)  # printed: a database password stays out of logs
+    shown = redact_uri(tracking_uri)  # printed: a password stays out of logs
+    note = "" if shown == tracking_uri else " (with tracking.uri's password for ***)"
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --port {port}   # then http://127.0.0.1:{port}/{page}"
+        return f"open {shown.rstrip('/')}/{page}{note}"
+    return f"mlflow ui --backend-store-uri '{shown}' --port {port}   # then http://127.0.0.1:{port}/{page}{note}"

@@ -36,6 +36,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from .config import redact_uri
 from .console import duration, timestamped
 from .tracking import (
     EPOCH_METRIC_NAMES,
@@ -322,7 +323,7 @@ class TrackingQueue:
                 logger.info("[tracking] %s", err)
             else:
                 logger.warning("[tracking] MLflow at %s is unreachable (%s); training goes on, writes are queued "
-                               "and retried", self.tracker.tracking_uri, first_line(err))
+                               "and retried", redact_uri(self.tracker.tracking_uri), first_line(err))
 
     def _resolve(self, ref: str | None) -> str:
         if ref is None:
@@ -635,7 +636,7 @@ def _pending_body(pending_file: Path, tracking_uri: str) -> dict:
         from .config import ConfigError
 
         raise ConfigError("tracking.uri", f"{pending_file} holds {len(body.get('ops', []))} write(s) for another "
-                                          f"tracking store ({_without_password(written_for)}): send them with "
+                                          f"tracking store ({redact_uri(written_for)}): send them with "
                                           "`python -m pipelines register` and that tracking.uri, or delete the "
                                           "file to drop them")
     return body
@@ -703,17 +704,6 @@ def _record_of_this_training(result_file: str | None, tags: dict):
                         "current one (%s) as it is", record.model_name, key, tags[key], value)
             return None
     return record
-
-
-def _without_password(uri: str) -> str:
-    """``uri`` without its user and password (a database URI carries them), for messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host))
 
 
 def _trial_error(trial) -> str:
@@ -900,7 +890,7 @@ def send_pending(cfg) -> list[TrackingOp]:
     total = len(queue)
     pending = queue.flush(cfg.tracking.pending_timeout_s)
     logger.info("[tracking] sent %d of %d pending write(s) to %s", total - len(pending), total,
-                queue.tracker.tracking_uri)
+                redact_uri(queue.tracker.tracking_uri))
     return pending
 
 

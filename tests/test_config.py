@@ -213,6 +213,12 @@ def test_a_database_password_in_the_tracking_uri_is_masked_wherever_it_is_shown(
     for plain in ("http://10.0.0.1:5000", "sqlite:////tmp/mlflow.db", "https://user@host/x", "databricks"):
         assert redact_uri(plain) == plain
     assert redact_uri("https://u:p@a@host/x") == "https://u:***@host/x"  # the host follows the last @
+    assert redact_uri("http://host:5000/a@b") == "http://host:5000/a@b"  # no user-info in an HTTP URI's path
+    assert redact_uri("postgresql://u:ab/cd@db/x") == "postgresql://u:***@db/x"  # SQLAlchemy: "/" in a password
+    assert redact_uri("mysql://db/x?user=u&password=p&ssl=1") == "mysql://db/x?user=u&password=***&ssl=1"
+    with pytest.raises(ConfigError) as info:  # a whole section set at once: its text is not echoed either
+        load_config(None, ["tracking={uri: 'postgresql://u:s3cret@db/x'"])
+    assert "s3cret" not in str(info.value)
 
 
 def test_cli_config_errors_exit_2_before_ray_starts():

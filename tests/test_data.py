@@ -266,6 +266,11 @@ def test_an_image_folder_changed_since_it_was_read_is_read_again(tmp_path):
     check_image_folder(cfg)  # each stage's first call
     assert describe_dataset(cfg).class_names == ("cat", "dog", "fox")
     assert len(load_splits(cfg).train) + len(load_splits(cfg).val) + len(load_splits(cfg).test) == 18
+    fox = sorted((tmp_path / "fox").iterdir())
+    hidden = tmp_path.parent / f"{tmp_path.name}-fox"
+    (tmp_path / "fox").rename(hidden)  # back to the first content, which this process checked before
+    check_image_folder(cfg)
+    assert describe_dataset(cfg).class_names == ("cat", "dog") and len(fox) == 6
 
 
 def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classes(tmp_path):

@@ -246,6 +246,25 @@ def test_a_request_its_verified_model_cannot_answer_loads_no_model(replica_with_
     assert refused.value.status == status and reason in refused.value.message and calls == []
 
 
+def test_a_checkpoint_file_verified_only_at_request_time_reports_what_it_says(replica_with_a_gated_load):
+    """A checkpoint file whose verification at start failed for a passing reason (an NFS mount's EIO) was loaded
+    fine by a later request, but never got its architecture, input size and parameters: /models showed none."""
+    import errno
+
+    replica, calls, gate, failures = replica_with_a_gated_load
+    gate.set()
+    served = replica.by_alias["good"]
+    failures.append(OSError(errno.EIO, "Input/output error"))
+    replica.store.verify([served])
+    assert served.status == "unchecked" and served.arch == "" and served.input_size is None
+    replica.get_model, replica.models, replica.registry_champion = replica._load_once, [served], None
+    asyncio.run(replica._loaded(served))
+    assert served.status == "ok" and served.arch == "lenet5" and served.input_size == 32
+    assert served.params_count == sum(p.numel() for p in cnnmodels.create_model("lenet5", num_classes=3,
+                                                                                in_chans=1).parameters())
+    assert replica.champion == "good"
+
+
 class _FixedBatchFlatten(torch.nn.Module):
     """Flattens with the batch size read as a Python int: a trace keeps the tracing batch's size as a constant."""
 
