@@ -20,20 +20,29 @@ import math
 import re
 import struct
 
-__all__ = ["check_structure", "MAX_JPEG_HEADER_STEPS", "MAX_JPEG_EXIF_SEGMENTS", "MAX_JPEG_SCANS",
-           "MAX_PNG_CHUNKS", "PNG_DATA_CHUNK_BYTES", "MAX_GIF_HEADER_STEPS", "MAX_TIFF_TAGS", "MAX_TIFF_OFFSETS",
+__all__ = ["check_structure", "MAX_JPEG_HEADER_STEPS", "MAX_JPEG_PARSED_SEGMENTS", "MAX_JPEG_SEGMENT_BYTES",
+           "MAX_JPEG_SCANS", "MAX_JPEG_SCAN_MARKERS", "MAX_PNG_CHUNKS", "MAX_PNG_COMPRESSED_CHUNKS",
+           "PNG_DATA_CHUNK_BYTES", "MAX_GIF_HEADER_STEPS", "MAX_TIFF_TAGS", "MAX_TIFF_TAG_VALUES", "MAX_TIFF_OFFSETS",
            "MAX_PPM_HEADER_BYTES"]
 
 #: Markers, fill bytes and stray bytes Pillow reads before a JPEG's first scan: a camera's photo has about 15
 #: markers (APPn, DQT, SOF, DHT, ...), an ICC profile split into APP2 segments a few more.
 MAX_JPEG_HEADER_STEPS = 512
-#: EXIF segments (APP1 "Exif"), which Pillow concatenates: cameras write one.
-MAX_JPEG_EXIF_SEGMENTS = 16
+#: Segments whose content Pillow parses in Python, at most this many of each kind (cameras write one or two):
+#: EXIF (APP1, concatenated), Photoshop resources (APP13), frame headers (SOFn, DHP), quantization tables (DQT).
+MAX_JPEG_PARSED_SEGMENTS = {"EXIF": 4, "Photoshop": 8, "SOF": 4, "DQT": 16}
+#: The largest frame header (6 bytes and 3 per component, at most 255) and quantization-table segment (4
+#: tables of 129 bytes), with their length fields.
+MAX_JPEG_SEGMENT_BYTES = {"SOF": 2 + 6 + 3 * 255, "DQT": 2 + 4 * 129}
 #: Scans of a JPEG (start-of-scan markers up to its end-of-image marker): libjpeg's progressive script writes 10
 #: for colour images, mozjpeg about as many; each scan is a pass over the whole image's coefficients.
 MAX_JPEG_SCANS = 100
+#: Markers between a JPEG's first scan and its end (scans, tables, restart-free): a few per scan.
+MAX_JPEG_SCAN_MARKERS = 8 * MAX_JPEG_SCANS
 #: PNG chunks other than image data and frame control (text, colour, metadata).
 MAX_PNG_CHUNKS = 1024
+#: Compressed text and colour-profile chunks (zTXt, iTXt, iCCP), each inflated on open.
+MAX_PNG_COMPRESSED_CHUNKS = 32
 #: Image-data chunks (IDAT; an animated PNG's fdAT and fcTL) of a PNG: one per this many bytes of the file, plus
 #: 4 x ``MAX_PNG_CHUNKS`` (libpng writes 8 KiB chunks, Pillow 64 KiB ones; an animated sticker two per frame).
 PNG_DATA_CHUNK_BYTES = 1024
@@ -42,6 +51,10 @@ PNG_DATA_CHUNK_BYTES = 1024
 MAX_GIF_HEADER_STEPS = 4096
 #: Tags in a TIFF's first image file directory (libtiff writes 10-30).
 MAX_TIFF_TAGS = 1024
+#: Values of the numeric tags Pillow decodes on open (resolution, orientation, photometric, ...): one or two
+#: each; per sample (bits per sample, sample format, extra samples): at most this many; a colour map three per
+#: palette entry of up to 16 bits.
+MAX_TIFF_TAG_VALUES = {"single": 16, "per_sample": 1024, "colour_map": 3 * 65536}
 #: Strips or tiles of a TIFF: at most one strip per row and sample, or one 16 x 16 tile (the smallest the format
 #: allows) per sample, and never more than this.
 MAX_TIFF_OFFSETS = 1 << 18
@@ -56,8 +69,14 @@ _TIFF_BIG = (b"MM\x00\x2b", b"II\x2b\x00")
 #: EXP, APPn, COM. Its other known markers (RSTn, SOI, EOI, JPG, JPGn) have none.
 _JPEG_WITH_LENGTH = frozenset({*range(0xC0, 0xC8), *range(0xC9, 0xD0), *range(0xDA, 0xF0), 0xFE})
 _JPEG_WITHOUT_LENGTH = frozenset({0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)})
+_JPEG_FRAME_HEADERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0),
+                                 0xDE})
+#: The next marker after entropy-coded data: a 0xFF (and fill bytes) then anything but 0x00 (a stuffed 0xFF) and
+#: the restart markers, which belong to the scan.
+_JPEG_NEXT_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
 #: The magic number, then width, height (and, but for bitmaps, the maximum value), with comments between.
-_PPM_HEADER = {tokens: re.compile(rb"P[0-9A-Za-z]+(?:(?:\s|#[^\r\n]*[\r\n])+[-+.0-9eE]+){%d}" % tokens)
+#: Each number ends at whitespace: Pillow joins the digits around a comment into one number.
+_PPM_HEADER = {tokens: re.compile(rb"P[0-9A-Za-z]+(?:(?:\s|#[^\r\n]*[\r\n])+[-+.0-9eE]+(?=\s)){%d}" % tokens)
                for tokens in (2, 3)}
 
 
@@ -89,7 +108,8 @@ def _check_jpeg(data: bytes) -> None:
     marker (its segment skipped by its length, if it has one), a further 0xFF (fill) or 0x00; anything else
     between markers is skipped one byte per step. It stops at the first scan, at the end of the data, or at a
     0xFF followed by an unknown marker (which it refuses)."""
-    position, steps, exif = 3, 0, 0
+    position, steps = 3, 0
+    parsed = dict.fromkeys(MAX_JPEG_PARSED_SEGMENTS, 0)
     after_marker_byte = True  # Pillow holds the 0xFF that precedes the next marker byte
     while position < len(data):
         steps += 1
@@ -106,30 +126,61 @@ def _check_jpeg(data: bytes) -> None:
         if byte in _JPEG_WITH_LENGTH:
             if position + 2 > len(data):
                 return
+            length = struct.unpack_from(">H", data, position)[0]
             if byte == 0xDA:  # start of scan: the rest is libjpeg's
-                _check_jpeg_scans(data, position)
+                _check_jpeg_scans(data, position + length)
                 return
-            if byte == 0xE1 and data[position + 2:position + 8] == b"Exif\x00\x00":
-                exif += 1
-                if exif > MAX_JPEG_EXIF_SEGMENTS:
-                    _refuse(f"malformed JPEG: more than {MAX_JPEG_EXIF_SEGMENTS} EXIF segments")
-            position += struct.unpack_from(">H", data, position)[0]
+            _count_parsed_segment(byte, data[position + 2:position + 16], length, parsed)
+            position += length
         elif byte not in _JPEG_WITHOUT_LENGTH and byte != 0x00:
             return  # an unknown marker: Pillow refuses the file
         after_marker_byte = False
 
 
-def _check_jpeg_scans(data: bytes, first_scan: int) -> None:
-    # Inside entropy-coded data a 0xFF is always followed by 0x00 or a restart marker, so neither marker below
-    # occurs there by chance; what follows the end of the image (a phone's motion-photo video) is not counted.
-    end = data.find(b"\xff\xd9", first_scan)
-    scans = 1 + data.count(b"\xff\xda", first_scan, end if end >= 0 else len(data))
-    if scans > MAX_JPEG_SCANS:
-        _refuse(f"malformed JPEG: more than {MAX_JPEG_SCANS} scans")
+def _count_parsed_segment(marker: int, start: bytes, length: int, parsed: dict[str, int]) -> None:
+    """Count a segment whose content Pillow parses in Python against its kind's limits."""
+    if marker == 0xE1 and start.startswith(b"Exif\x00\x00"):
+        kind = "EXIF"
+    elif marker == 0xED and start.startswith(b"Photoshop 3.0\x00"):
+        kind = "Photoshop"
+    elif marker in _JPEG_FRAME_HEADERS:
+        kind = "SOF"
+    elif marker == 0xDB:
+        kind = "DQT"
+    else:
+        return
+    parsed[kind] += 1
+    if parsed[kind] > MAX_JPEG_PARSED_SEGMENTS[kind]:
+        _refuse(f"malformed JPEG: more than {MAX_JPEG_PARSED_SEGMENTS[kind]} {kind} segments")
+    if length > MAX_JPEG_SEGMENT_BYTES.get(kind, length):
+        _refuse(f"malformed JPEG: a {kind} segment of {length:,} bytes (at most {MAX_JPEG_SEGMENT_BYTES[kind]})")
+
+
+def _check_jpeg_scans(data: bytes, position: int) -> None:
+    """Count the scans from the first one's data to the end of the image, as libjpeg reads them: the next marker
+    is found in C (inside entropy-coded data a 0xFF is followed by 0x00 or a restart marker), a segment with a
+    length is skipped by it (a comment holding an end-of-image marker's bytes is no end), and what follows the end
+    of the image (a phone's motion-photo video) is not counted."""
+    scans = markers = 0
+    while (found := _JPEG_NEXT_MARKER.search(data, position)) is not None:
+        marker, position = found.group(1)[0], found.end()
+        markers += 1
+        if markers > MAX_JPEG_SCAN_MARKERS:
+            _refuse(f"malformed JPEG: more than {MAX_JPEG_SCAN_MARKERS} markers between its scans")
+        if marker == 0xD9:
+            return
+        if marker == 0xDA:
+            scans += 1
+            if 1 + scans > MAX_JPEG_SCANS:
+                _refuse(f"malformed JPEG: more than {MAX_JPEG_SCANS} scans")
+        if marker in _JPEG_WITH_LENGTH:
+            if position + 2 > len(data):
+                return
+            position += max(2, struct.unpack_from(">H", data, position)[0])
 
 
 def _check_png(data: bytes) -> None:
-    position, other, image_data = len(_PNG_SIGNATURE), 0, 0
+    position, other, image_data, compressed = len(_PNG_SIGNATURE), 0, 0, 0
     data_limit = 4 * MAX_PNG_CHUNKS + len(data) // PNG_DATA_CHUNK_BYTES
     while position + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, position)
@@ -141,6 +192,11 @@ def _check_png(data: bytes) -> None:
             other += 1
             if other > MAX_PNG_CHUNKS:
                 _refuse(f"malformed PNG: more than {MAX_PNG_CHUNKS} chunks besides its image data")
+            if kind in (b"zTXt", b"iTXt", b"iCCP"):
+                compressed += 1
+                if compressed > MAX_PNG_COMPRESSED_CHUNKS:
+                    _refuse(f"malformed PNG: more than {MAX_PNG_COMPRESSED_CHUNKS} compressed text or profile "
+                            "chunks")
             if kind == b"IEND":
                 return
         position += 12 + length
@@ -161,18 +217,47 @@ def _check_gif(data: bytes) -> None:
             _refuse(f"malformed GIF: more than {MAX_GIF_HEADER_STEPS} extension blocks or stray bytes before its "
                     "first image")
 
+    def block() -> int:  # one sub-block (Pillow's data()): its size, 0 for the empty one that ends a chain
+        nonlocal position
+        step()
+        if position >= len(data):
+            return 0
+        size = data[position]
+        position += 1 + size
+        return size
+
     while position < len(data) and data[position] not in b",;":
         step()
         introducer, position = data[position], position + 1
         if introducer != 0x21:  # a stray byte
             continue
-        position += 1  # the label
-        while position < len(data):
-            step()
-            size = data[position]
-            position += 1 + size
-            if size == 0:
-                break
+        label, position = (data[position] if position < len(data) else 0), position + 1
+        first, start = block(), position
+        if label == 0xFE:  # a comment: its sub-blocks up to the empty one
+            if first:
+                while block():
+                    pass
+            continue
+        # Any other extension: Pillow reads a further chain after the first sub-block, even an empty one (and
+        # one more sub-block after an application extension's NETSCAPE2.0).
+        if label == 0xFF and first and data[start - first:start].startswith(b"NETSCAPE2.0"):
+            block()
+        while block():
+            pass
+
+
+#: TIFF field types Pillow keeps as bytes (BYTE, ASCII, SBYTE, UNDEFINED): no per-value Python work.
+_TIFF_BYTE_TYPES = frozenset({1, 2, 6, 7})
+#: The numeric tags Pillow decodes on open, by how many values they may hold (MAX_TIFF_TAG_VALUES).
+_TIFF_TAGS_DECODED = {"single": (256, 257, 259, 262, 266, 274, 277, 278, 282, 283, 284, 296, 322, 323, 530),
+                      "per_sample": (258, 338, 339), "colour_map": (320,)}
+
+
+def _tiff_values_limit(tag: int) -> int | None:
+    for kind, tags in _TIFF_TAGS_DECODED.items():
+        if tag in tags:
+            return MAX_TIFF_TAG_VALUES[kind]
+    return None
 
 
 def _check_tiff(data: bytes) -> None:
@@ -197,7 +282,12 @@ def _check_tiff(data: bytes) -> None:
         if at + entry_size > len(data):
             break
         tag, kind, count, value = struct.unpack_from(f"{order}{entry_format}", data, at)
+        if tag in entries:  # Pillow keeps one, libtiff refuses the file
+            _refuse(f"malformed TIFF: tag {tag} twice in its first directory")
         entries[tag] = (kind, count, value)
+        limit = _tiff_values_limit(tag)
+        if kind not in _TIFF_BYTE_TYPES and limit is not None and count > limit:
+            _refuse(f"malformed TIFF: tag {tag} holds {count:,} values (at most {limit:,})")
 
     def number(tag: int, default: int) -> int:
         kind, count, value = entries.get(tag, (0, 0, b""))
@@ -207,11 +297,11 @@ def _check_tiff(data: bytes) -> None:
         return struct.unpack_from(f"{order}{formats[kind]}", value)[0]
 
     width, height, samples = number(256, 1), number(257, 1), max(number(277, 1), 1)
-    if 324 in entries:  # TileOffsets
+    if 273 in entries or 324 not in entries:  # StripOffsets (Pillow's choice when both are there)
+        most, offsets, what = samples * max(height, 1), entries.get(273, (0, 0, b""))[1], "strips"
+    else:  # TileOffsets
         most = samples * math.ceil(max(width, 1) / 16) * math.ceil(max(height, 1) / 16)
         offsets, what = entries[324][1], "tiles"
-    else:  # StripOffsets
-        most, offsets, what = samples * max(height, 1), entries.get(273, (0, 0, b""))[1], "strips"
     most = min(most, MAX_TIFF_OFFSETS)
     if offsets > most:
         _refuse(f"malformed TIFF: {offsets:,} {what} for a {width}x{height} image of {samples} sample(s) "

@@ -89,6 +89,7 @@ class Classifier:
         self.budget = DecodeBudget.for_serving(s)
         # Decodes run here, never more than this many at once: the rest wait in the pool's queue, not in memory.
         self.decoder = ThreadPoolExecutor(max_workers=s.max_concurrent_decodes, thread_name_prefix="decode")
+        self.header_checks = ThreadPoolExecutor(max_workers=s.max_concurrent_decodes, thread_name_prefix="header")
         # Traced forwards run here, one batch at a time, while the event loop goes on reading and decoding
         # requests; the next batch is what arrived meanwhile.
         self.forwards = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
@@ -229,10 +230,11 @@ class Classifier:
     async def _answer(self, request: Request, served: ServedModel, top_k: int | None) -> dict[str, Any]:
         s = self.cfg.serve
         data = await read_image_bytes(request, self.max_bytes, s.body_timeout_s)
-        # On the loop: a bounded header parse, no pixels; in the decode pool it would queue behind other requests'
-        # decodes.
-        check_upload(data, self.budget)
         loop = asyncio.get_running_loop()
+        # A header parse, no pixels, in a pool of its own: in the decode pool it would queue behind other
+        # requests' decodes, and on the loop a header the structure bounds let through (Pillow parses headers in
+        # Python) would stall every request of the replica while it ran.
+        await loop.run_in_executor(self.header_checks, check_upload, data, self.budget)
         # Bad input changes nothing: with the model's preprocessing known from its verification, a request it
         # cannot answer (top_k above its classes, an image over the resize budget, truncated pixels) is refused
         # before a load would evict another model from the replica's cache.

@@ -94,19 +94,20 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def _tiff_with_strips(strips: int, big: bool = False) -> bytes:
-    """An 8 x 8 grey TIFF whose first directory lists ``strips`` strip offsets (BigTIFF with ``big``)."""
+def _tiff_with_strips(strips: int, big: bool = False, extra: tuple = ()) -> bytes:
+    """An 8 x 8 grey TIFF whose first directory lists ``strips`` strip offsets (BigTIFF with ``big``), and the
+    ``extra`` entries (tag, type, count, value)."""
     import struct
 
     count, entry, head = ("Q", "HHQQ", b"II\x2b\x00\x08\x00\x00\x00") if big else ("H", "HHII", b"II*\x00")
     first = 16 if big else 8
     tags = [(256, 3, 1, 8), (257, 3, 1, 8), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (277, 3, 1, 1),
             (278, 3, 1, 1)]
-    directory_size = struct.calcsize(f"<{count}") + (len(tags) + 2) * struct.calcsize(f"<{entry}") + 8
+    directory_size = struct.calcsize(f"<{count}") + (len(tags) + 2 + len(extra)) * struct.calcsize(f"<{entry}") + 8
     offsets_at = first + directory_size
     long_kind = 16 if big else 4
     value = "Q" if big else "I"
-    tags += [(273, long_kind, strips, offsets_at), (279, long_kind, strips, offsets_at)]
+    tags += [(273, long_kind, strips, offsets_at), (279, long_kind, strips, offsets_at), *extra]
     directory = struct.pack(f"<{count}", len(tags)) + b"".join(struct.pack(f"<{entry}", *t) for t in tags)
     header = head + struct.pack(f"<{value}", first)
     return header + directory + bytes(8) + struct.pack(f"<{strips}{value}", *([offsets_at] * strips))
@@ -144,13 +145,25 @@ def _structure_bombs() -> dict[str, bytes]:
         "tiff_tags": bytes(tiff[:first_directory]) + struct.pack("<H", 5000) + bytes(12 * 5000 + 4),
         "tiff_strips": _tiff_with_strips(size // 8),
         "bigtiff_strips": _tiff_with_strips(size // 16, big=True),
+        "tiff_strips_beside_tiles": _tiff_with_strips(size // 8, extra=((324, 4, 1, 8),)),
+        "tiff_tag_twice": _tiff_with_strips(8, extra=((273, 4, 1, 8),)),
+        "tiff_resolution_values": _tiff_with_strips(8, extra=((282, 5, size // 8, 8),)),
+        # After an empty first sub-block Pillow reads one more chain: here one whose first size byte is a ","
+        "gif_extension_after_an_empty_block": (gif[:first_block] + b"\x21\xf9\x00\x2c" + bytes(44)
+                                               + b"\x01A" * (size // 2) + b"\x00" + gif[first_block:]),
+        "jpeg_comment_hiding_scans": (progressive[:-2] + b"\xff\xfe\x00\x04\xff\xd9" + last_scan * 200
+                                      + b"\xff\xd9"),
+        "jpeg_frame_headers": jpeg[:2] + (b"\xff\xc0\x00\x11" + bytes(15)) * 8 + jpeg[2:],
+        "ppm_comment_in_a_number": b"P5 1#\n2#\n3#" + b"c" * size + b"\n255\n" + bytes(64),
     }
 
 
 @pytest.mark.parametrize("kind", [
     "jpeg_exif_segments", "jpeg_fill_bytes", "jpeg_restart_markers", "jpeg_after_its_end", "jpeg_unlengthed_markers",
-    "jpeg_scans", "png_chunks", "png_data_chunks", "gif_extension_blocks", "gif_empty_extensions", "gif_stray_bytes",
-    "ppm_header", "tiff_tags", "tiff_strips", "bigtiff_strips"])
+    "jpeg_scans", "jpeg_comment_hiding_scans", "jpeg_frame_headers", "png_chunks", "png_data_chunks",
+    "gif_extension_blocks", "gif_empty_extensions", "gif_extension_after_an_empty_block", "gif_stray_bytes",
+    "ppm_header", "ppm_comment_in_a_number", "tiff_tags", "tiff_strips", "bigtiff_strips", "tiff_strips_beside_tiles",
+    "tiff_tag_twice", "tiff_resolution_values"])
 def test_containers_no_encoder_writes_are_refused_before_pillow_parses_them(kind):
     """Pillow's header parse runs in Python per structural element (on a replica's event loop) and a JPEG's scans
     each cost a pass over the image: an upload of thousands of tiny elements or stray bytes is refused from a

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import threading
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -118,8 +119,13 @@ def test_a_model_a_request_took_is_not_kept_alive_by_its_load(replica_with_a_gat
         loaded = await replica._load_once("good")
         model = weakref.ref(loaded.model)
         del loaded  # what the multiplexer's eviction leaves
-        await asyncio.sleep(0)  # the loop's wake-up of this task holds the load's result until the next step
-        gc.collect()
+        # The loop's wake-up of this task holds the load's result until the next step, and the executor's thread
+        # its finished work item until it takes the next one: neither is the replica's, so both are waited out.
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            gc.collect()
+            if model() is None:
+                break
         return model() is None, dict(replica.loads), dict(replica.load_expiries)
 
     # Checked while the loop runs: closing it drops its timers, and with them what they hold.
@@ -194,7 +200,7 @@ def test_an_upload_refused_from_its_header_loads_no_model(replica_with_a_gated_l
     replica.get_model, replica.champion = replica._load_once, "good"
     replica.models, replica.registry_champion = list(replica.by_alias.values()), None
     replica.max_bytes, replica.budget = 1 << 20, DecodeBudget()
-    replica.decoder = ThreadPoolExecutor(max_workers=1)
+    replica.decoder = replica.header_checks = ThreadPoolExecutor(max_workers=1)
     with pytest.raises(RequestError) as refused:
         asyncio.run(replica._answer(_post(body), replica.by_alias["good"], None))
     replica.decoder.shutdown()
@@ -236,7 +242,7 @@ def test_a_request_its_verified_model_cannot_answer_loads_no_model(replica_with_
     calls.clear()
     replica.get_model = replica._load_once
     replica.max_bytes, replica.budget = 1 << 20, DecodeBudget(**budget)
-    replica.decoder = ThreadPoolExecutor(max_workers=1)
+    replica.decoder = replica.header_checks = ThreadPoolExecutor(max_workers=1)
     square = io.BytesIO()
     Image.new("L", (32, 32)).save(square, "PNG")
     data = square.getvalue() if body == "square" else _truncated_png()
@@ -263,6 +269,56 @@ def test_a_checkpoint_file_verified_only_at_request_time_reports_what_it_says(re
     assert served.params_count == sum(p.numel() for p in cnnmodels.create_model("lenet5", num_classes=3,
                                                                                 in_chans=1).parameters())
     assert replica.champion == "good"
+
+
+def test_an_upload_s_header_is_parsed_beside_the_event_loop(replica_with_a_gated_load, monkeypatch):
+    """Pillow parses headers in Python: one it takes long over (whatever the structure bounds let through) stalled
+    every request of the replica, its deadlines and health checks, when it was parsed on the event loop."""
+    import io
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from pipelines.preprocess import DecodeBudget
+
+    replica, _, gate, _ = replica_with_a_gated_load
+    gate.set()
+    replica.store.verify(list(replica.by_alias.values()))
+    replica.get_model = replica._load_once
+    replica.max_bytes, replica.budget = 1 << 20, DecodeBudget()
+    replica.decoder, replica.header_checks = ThreadPoolExecutor(max_workers=1), ThreadPoolExecutor(max_workers=1)
+    replica.batcher = SimpleNamespace(submit=lambda item: asyncio.sleep(0, result=torch.ones(3) / 3))  # one row
+    real_check, checking = type(replica)._answer.__globals__["check_upload"], []
+
+    def slow_check(*args):  # a header Pillow takes 0.6 s over
+        checking.append(time.perf_counter())
+        time.sleep(0.6)
+        checking.append(time.perf_counter())
+        return real_check(*args)
+
+    # Where the deployment's methods look it up: Serve's ingress copies the class, with its own globals.
+    monkeypatch.setitem(type(replica)._answer.__globals__, "check_upload", slow_check)
+    square = io.BytesIO()
+    Image.new("L", (32, 32)).save(square, "PNG")
+
+    async def request_beside_a_ticker():
+        ticks = []
+
+        async def ticker():
+            while True:
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0.05)
+
+        ticking = asyncio.ensure_future(ticker())
+        answer = await replica._answer(_post(square.getvalue()), replica.by_alias["good"], None)
+        ticking.cancel()
+        return answer, ticks
+
+    answer, ticks = asyncio.run(request_beside_a_ticker())
+    assert answer["model"] == "good" and len(answer["predictions"]) == 3
+    during = [t for t in ticks if checking[0] < t < checking[1]]
+    assert len(during) >= 6, f"the event loop stalled: {len(during)} ticks of 50 ms during a 0.6 s header parse"
 
 
 class _FixedBatchFlatten(torch.nn.Module):

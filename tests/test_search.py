@@ -113,7 +113,10 @@ def test_asha_compares_a_restarted_trial_at_the_epochs_its_model_reached(monkeyp
     session = SimpleNamespace(_get_or_create_inter_actor_queue=lambda: sent)
     monkeypatch.setattr(tune_train, "get_session", lambda: session)
     tune_report_callback().after_report(None, [{"epoch": 2, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.4}], None)
-    assert sent.get_nowait() == {"epoch": 2, "val_acc": 0.5, EPOCHS_DONE: 3}
+    assert sent.get_nowait() == {"epoch": 2, "val_acc": 0.5, EPOCHS_DONE: 3, "score": 0.5}
+    # Under search.objective mnas the trial's MACs factor scales what Tune's searcher and ASHA compare.
+    tune_report_callback(0.9).after_report(None, [{"epoch": 2, "val_acc": 0.5}], None)
+    assert sent.get_nowait()["score"] == pytest.approx(0.45)
 
     scheduler = asha_scheduler(SearchConfig(epochs=4, grace_period=1, reduction_factor=2))
     scheduler.set_search_properties("val_acc", "max")

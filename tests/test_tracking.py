@@ -98,7 +98,7 @@ def test_a_missing_registered_model_is_a_lookup_error(make_config):
 
 def test_the_ui_hint_opens_the_model_training_view():
     hint = ui_hint("sqlite:////tmp/mlflow.db", "7")
-    assert "mlflow ui --backend-store-uri sqlite:////tmp/mlflow.db" in hint
+    assert "mlflow ui --backend-store-uri 'sqlite:////tmp/mlflow.db'" in hint  # quoted: a URI may hold & or ?
     assert "#/experiments/7/runs?workflowType=machine_learning" in hint
     assert ui_hint("http://head:5000", "3") == "open http://head:5000/#/experiments/3/runs?workflowType=machine_learning"
 
@@ -494,7 +494,7 @@ def test_writes_pending_for_another_tracking_store_are_neither_sent_here_nor_los
     pending.write_text(json.dumps(body))
     with pytest.raises(ConfigError) as info:
         TrackingQueue.for_config(cfg)
-    assert info.value.key == "tracking.uri" and "(postgresql://db:5432/mlflow)" in str(info.value)
+    assert info.value.key == "tracking.uri" and "(postgresql://mlflow:***@db:5432/mlflow)" in str(info.value)
     assert "s3cret" not in str(info.value)
     assert main(["register", "--set", f"workdir={cfg.workdir}", "--set", f"name={cfg.name}"]) == 2
     assert "config error: tracking.uri" in capsys.readouterr().err
