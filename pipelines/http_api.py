@@ -29,11 +29,9 @@ from .preprocess import (
     preprocess_upload,
 )
 
-__all__ = ["api", "RequestError", "MULTIPLEX_HEADER", "read_image_bytes", "check_upload", "decode_upload", "authorize"]
+__all__ = ["api", "RequestError", "read_image_bytes", "check_upload", "decode_upload", "authorize"]
 
 logger = logging.getLogger(__name__)
-#: The header Serve routes multiplexed requests by (a replica that already holds the model).
-MULTIPLEX_HEADER = "serve_multiplexed_model_id"
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 
 api = FastAPI(
