@@ -110,8 +110,15 @@ def main() -> None:
                         help="time torchvision against a copy of itself: how far from 1.0 noise alone moves a ratio")
     args = parser.parse_args()
 
-    if unknown := [name for name in args.models or [] if name not in torchvision.models.list_models()]:
-        parser.error(f"--models: no torchvision model to compare against for {', '.join(unknown)}")
+    shared = set(torchvision.models.list_models()) & set(cnnmodels.list_models())
+    if unknown := [name for name in args.models or [] if name not in shared]:
+        parser.error(f"--models: {', '.join(unknown)} is not both a cnnmodels and a torchvision model "
+                     f"(shared: {', '.join(sorted(shared))})")
+    for option in ("rounds", "steps"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1")
+    if args.batch is not None and args.batch < 2:
+        parser.error("--batch must be at least 2 (batch norm needs two values per channel to train)")
     rows = []
     for size in args.sizes:
         names = args.models or (SHARED if size <= 64 else FAMILY_REPRESENTATIVES)

@@ -295,8 +295,8 @@ def efficientnet(
     and ``gamma`` (resolution): depth ``alpha**phi``, width ``beta**phi``, input side
     ``round(base_resolution * gamma**phi)``. ``base_resolution`` defaults to 224, or 32 with
     ``small_input``."""
-    if phi < 0:
-        raise ValueError(f"phi must be >= 0, got {phi}")
+    if not math.isfinite(phi) or phi < 0:
+        raise ValueError(f"phi must be a finite number >= 0, got {phi}")
     if base_resolution is None:
         base_resolution = 32 if small_input else 224
     if base_resolution < 8:

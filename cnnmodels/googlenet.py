@@ -191,7 +191,8 @@ class GoogLeNet(ImageClassifier):
         self.maxpool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.inception4a, self.inception4b, self.inception4c = modules["4a"], modules["4b"], modules["4c"]
         self.inception4d, self.inception4e = modules["4d"], modules["4e"]
-        self.maxpool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
+        # The paper's Table 1 pools 3x3/2 before 5a; torchvision pools 2x2/2 there (same output size: 14 -> 7).
+        self.maxpool4 = nn.MaxPool2d(2 if torchvision_compat else 3, stride=2, ceil_mode=True)
         self.inception5a, self.inception5b = modules["5a"], modules["5b"]
 
         if aux_logits:

@@ -70,8 +70,13 @@ def family_member_name(builder: str, value: float, *, prefix: str | None = None)
     A builder may have several families (the EfficientNet members with searched coefficients and those with
     the paper's): ``prefix`` picks one, by default the first registered for ``builder``.
     """
-    for family_prefix, (family_builder, _, _) in _FAMILIES.items():
+    for family_prefix, (family_builder, option, _) in _FAMILIES.items():
         if family_builder == builder and prefix in (None, family_prefix):
+            # The name is the value's shortest spelling: a value it cannot spell exactly would be named as
+            # another member (1.2345678 as ..._phi1p23457, built at 1.23457).
+            if not math.isfinite(value) or value < 0 or float(f"{value:g}") != value:
+                raise ValueError(f"{builder!r} family members are named for finite {option} >= 0 of at most 6 "
+                                 f"significant digits, got {value!r}")
             return f"{family_prefix}{value:g}".replace(".", "p")
     which = f" under the prefix {prefix!r}" if prefix else ""
     raise ValueError(f"{builder!r} has no registered family{which}")

@@ -301,6 +301,13 @@ def test_family_members_are_named_by_the_registry():
         create_model("efficientnet_phi1", num_classes=10, phi=2.0)  # would be a phi-2 model named phi1
     with pytest.raises(ValueError, match="did you mean"):
         cnnmodels.resolve_model_name("efficientnet_phiX")
+    # A name stands for one model: a phi its name cannot spell exactly, or no number at all, gets no name.
+    for phi in (1.2345678, float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="named for finite phi >= 0 of at most 6 significant digits"):
+            cnnmodels.family_member_name("efficientnet", phi)
+    for phi in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match=f"phi must be a finite number >= 0, got {phi}"):
+            create_model("efficientnet", num_classes=10, phi=phi)
 
 
 def test_the_paper_family_has_names_of_its_own():

@@ -35,3 +35,10 @@ def test_profile_cli_unknown_model_exits_2():
     out = run_cli("resnet17")
     assert out.returncode == 2
     assert "resnet18" in out.stderr
+
+
+def test_profile_cli_input_below_the_models_minimum_exits_2_without_a_traceback():
+    out = run_cli("resnet18", "--input-size", "1", "16", "16")
+    assert out.returncode == 2
+    assert "resnet18 needs inputs of at least 32x32 pixels, got 16x16" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -242,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         parser.exit(2, f"error: {err}\n")
     input_size = tuple(args.input_size) if args.input_size else model.default_input_size
-    prof = profile(model, input_size)
+    try:
+        prof = profile(model, input_size)
+    except ValueError as err:  # an input size the model refuses (below its minimum, wrong channels)
+        parser.exit(2, f"error: {err}\n")
     print(f"{args.name} at {'x'.join(map(str, input_size))}: {prof.params:,} parameters, "
           f"{prof.macs:,} MACs ({prof.gmacs:.3f} G)")
     print(prof.table())
