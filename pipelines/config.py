@@ -100,7 +100,8 @@ class RayConfig(_Section):
 
     address: Optional[str] = Field(
         None, description="null starts a local Ray (a Ray job's driver joins its cluster); 'auto' joins the "
-                    "cluster this runs on; or ray://host:10001"
+                    "cluster this runs on; or a cluster's GCS as host:6379 (not Ray Client's ray://: submit a "
+                    "job instead)"
     )
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
     num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of a local Ray (default: all)")
@@ -113,11 +114,27 @@ class RayConfig(_Section):
 
 
 def joinable_ray_address(value: str) -> str:
-    """``value`` if ``ray.init`` can join it: ``auto``, ``local``, ``ray://host[:port]``, ``host:port`` or another
-    client protocol's ``name://...`` (Ray's client builders); anything else reached ``ray.init`` and failed there,
-    after the stage began (ValueError)."""
+    """``value`` if the pipeline can run against it: ``auto``, ``local`` or a GCS ``host:port``; anything else
+    reached ``ray.init`` and failed there, after the stage began (ValueError).
+
+    Ray Client addresses (``ray://``, or another client protocol's ``name://``) are refused: under Ray Client, Tune
+    runs the experiment in an actor on the cluster, so the stages' result files, tracking queue and checkpoints'
+    local paths would be the cluster's while this machine read its own (empty) ones."""
     if value in ("auto", "local"):
         return value
+    if value.lower().startswith(("http://", "https://")):
+        raise ValueError(f"{value!r} is a dashboard address (what `ray job submit` takes), not one ray.init can "
+                         "join: use auto on the cluster's nodes, or submit the pipeline as a job (README, Cluster)")
+    if "://" in value:
+        raise ValueError(f"{value!r} is a Ray Client address, which the pipeline does not support (Tune would run "
+                         "the stages' bookkeeping on the cluster, out of this machine's sight): submit the "
+                         "pipeline with `ray job submit` (README, Cluster), or use auto on the cluster's nodes")
+    found = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d+))?", value)
+    port_ok = found is not None and found[2] is not None and 1 <= int(found[2]) <= 65535
+    if not port_ok:
+        raise ValueError(f"{value!r} is not an address Ray can join: use null (a local Ray), auto (the cluster "
+                         "this runs on) or host:6379 (a cluster's GCS)")
+    return value
     if value.lower().startswith(("http://", "https://")):
         raise ValueError(f"{value!r} is a dashboard address (what `ray job submit` takes), not one ray.init can "
                          "join: use auto on the cluster's nodes, or ray://host:10001 (Ray Client)")
@@ -395,8 +412,9 @@ class SearchConfig(_Section):
     _positive_trials = field_validator("max_concurrent_trials")(_at_least_one_or_auto)
     gpus_per_trial: Optional[float] = Field(
         None, gt=0.0, le=1.0,
-        description="share of a GPU each (single-worker) search trial reserves, so several trials share a GPU; "
-        "default: train.gpus_per_worker",
+        description="share of a GPU each worker of a search trial reserves (a trial has train.num_workers "
+        "workers; a fraction, so that several trials share a GPU, needs train.num_workers: 1); default: "
+        "train.gpus_per_worker",
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Optuna sampler seed")
 
