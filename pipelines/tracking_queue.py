@@ -251,7 +251,7 @@ class TrackingQueue:
                 if self._stop:
                     if self._in_flight is not None and self._ops and self._ops[0].uid == self._in_flight:
                         # The write it was still sending when the queue ended did not go out: anyone's now.
-                        self._save_pending([self._ops[0]], claimed=set())
+                        self._release_claim(self._ops[0])
                     return
                 op = self._ops[0]
             try:
@@ -307,12 +307,25 @@ class TrackingQueue:
         # Saved again, unchanged, well within CLAIM_TTL_S: a command on another node reads the claim's age.
         if backlog == self._backlog_on_disk and time.time() - self._saved_at < CLAIM_TTL_S / 4:
             return
+        self._save_backlog()
+
+    def _save_backlog(self) -> None:
+        """(Under the lock.) The backlog to the pending file, claimed by this queue, kept in step from then on."""
         try:
             self._save_pending(list(self._ops))
         except OSError as err:  # the disk is the fallback here: training goes on regardless
             logger.warning("[tracking] could not keep the queued writes in %s: %s", self.pending_file, err)
             return
-        self._backlog_on_disk, self._tracks_file, self._saved_at = backlog, True, time.time()
+        self._backlog_on_disk = (self._ops[0].seq, self._ops[-1].seq)
+        self._tracks_file, self._saved_at = True, time.time()
+
+    def keep_on_disk(self) -> None:
+        """Before a wait this process may not outlive (an abort: `ray job stop` kills 3 s after its SIGTERM, which
+        Ray's driver raises as SystemExit): the backlog goes to the pending file now, claimed by this queue, so
+        that what it has not sent when it is killed is the next command's to send, not lost with it."""
+        with self._lock:
+            if self.pending_file is not None and not self._stop and self._in_flight is None and self._ops:
+                self._save_backlog()
 
     def _note_outage(self, err: BaseException) -> None:
         """The head write did not go out and will be retried: MLflow is unreachable, or the write waits for a run
@@ -471,16 +484,21 @@ class TrackingQueue:
             with self._lock:
                 left = len(self._ops)
                 try:
-                    while self._ops and time.monotonic() < deadline:
+                    while self._ops:
                         if len(self._ops) < left or self._down_since is None:
-                            # Draining, or slow but answering: only time with MLflow unreachable counts.
+                            # Draining, or slow but answering: only time with MLflow unreachable counts (so a
+                            # timeout of 0 still sends everything MLflow takes).
                             left, deadline = len(self._ops), time.monotonic() + timeout_s
+                        elif time.monotonic() >= deadline:
+                            break
                         if self._down_since is not None and not announced:
                             logger.warning("[tracking] waiting up to %s for MLflow to take %d queued write(s) "
                                            "(tracking.pending_timeout_s)", duration(timeout_s), len(self._ops))
                             announced = True
                         self._ensure_thread()
-                        self._lock.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                        # The writer wakes this after each write; while MLflow is down, at the deadline.
+                        self._lock.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic()))
+                                        if self._down_since is not None else 1.0)
                 finally:
                     self._stop = True
                     self._lock.notify_all()
@@ -528,9 +546,27 @@ class TrackingQueue:
             foreign_uids = {op.get("uid") for op in foreign}
             claims = {uid: claim for uid, claim in body.get("claims", {}).items() if uid in foreign_uids}
             claims.update({op.uid: self._claim() for op in pending if claimed is None or op.uid in claimed})
-            self._write_pending_file({"tracking_uri": self.tracker.tracking_uri,
+            # Masked: the file is plain text in the workdir, and a rotated password is still the same store.
+            self._write_pending_file({"tracking_uri": redact_uri(self.tracker.tracking_uri),
                                       "run_ids": {**body.get("run_ids", {}), **self.run_ids},
                                       "ops": foreign + [asdict(op) for op in pending], "claims": claims})
+
+    def _release_claim(self, op: TrackingOp) -> None:
+        """Leave ``op``, the write in flight when the queue ended, to the next command, where it stands in the
+        pending file: ahead of the writes queued after it (re-saved as this queue's own, it went behind them, and a
+        registration then came after the champion's move and its run's end)."""
+        if self.pending_file is None:
+            return
+        with _pending_file_lock(self.pending_file):
+            body = _read_pending_file(self.pending_file)
+            ops = body.get("ops", [])
+            if not any(entry.get("uid") == op.uid for entry in ops):
+                ops.insert(0, asdict(op))  # the file was removed or replaced meanwhile: it was the head write
+            body["claims"] = {uid: claim for uid, claim in body.get("claims", {}).items() if uid != op.uid}
+            body.update(tracking_uri=redact_uri(self.tracker.tracking_uri), ops=ops,
+                        run_ids={**body.get("run_ids", {}), **self.run_ids})
+            self._write_pending_file(body)
+        self._own_uids.discard(op.uid)
 
     def _write_pending_file(self, body: dict) -> None:
         self.pending_file.parent.mkdir(parents=True, exist_ok=True)
@@ -629,14 +665,14 @@ def _pending_body(pending_file: Path, tracking_uri: str) -> dict:
     body = _read_pending_file(pending_file)
     # As the config resolves it: a file written for sqlite:///runs/mlflow.db (relative, before such URIs were
     # made absolute) is for this store when the command runs where it did then.
-    written_for = absolute_sqlite_uri(body.get("tracking_uri", tracking_uri))
-    if written_for != tracking_uri:
+    written_for = redact_uri(absolute_sqlite_uri(body.get("tracking_uri", tracking_uri)))
+    if written_for != redact_uri(tracking_uri):
         # Its run ids live in that store: sent here they were refused and dropped, and this queue's own end would
         # then have overwritten or deleted the file.
         from .config import ConfigError
 
         raise ConfigError("tracking.uri", f"{pending_file} holds {len(body.get('ops', []))} write(s) for another "
-                                          f"tracking store ({redact_uri(written_for)}): send them with "
+                                          f"tracking store ({written_for}): send them with "
                                           "`python -m pipelines register` and that tracking.uri, or delete the "
                                           "file to drop them")
     return body
@@ -909,6 +945,7 @@ def flushed_on_abort(queue: TrackingQueue, parent: str | None, trials: TrialTrac
             trials.end_open_runs(status)
         if parent is not None:
             queue.put("end_run", parent, status=status)
+        queue.keep_on_disk()
         queue.flush(timeout_s)
         raise
 

@@ -757,3 +757,100 @@ def test_a_ctrl_c_while_flush_waits_for_the_write_in_flight_keeps_it_pending_for
     queue._thread.join(timeout=30)
     assert tracker.client.get_run(run_id).data.tags["sent"] == "once"
     assert [op.kind for op in load_pending(tmp_path)] == ["set_tags"]  # the sent one out, the other left
+
+
+def test_a_write_in_flight_that_fails_after_flush_gave_up_keeps_its_place_in_the_pending_file(make_config, tmp_path,
+                                                                                              monkeypatch):
+    """The write still being sent when flush gave up (a slow upload after an outage), failing then, was saved again
+    behind the writes queued after it: a registration went behind the champion's move and its run's end."""
+    from pipelines.tracking_queue import TrackingQueue, load_pending
+
+    class QueueWithAFailingSlowWrite(TrackingQueue):
+        attempts = 0
+
+        def _do_slow_upload(self, ref, seconds):
+            self.attempts += 1
+            if self.attempts == 2:  # the retry: slow, then the connection resets
+                time.sleep(seconds)
+            raise ConnectionError("MLflow is down")
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "0")  # flush waits 5 s for an attempt in flight
+    tracker = Tracker.for_config(make_config())
+    queue = QueueWithAFailingSlowWrite(tracker, tmp_path / "tracking-pending.json")
+    queue.put("slow_upload", "local:run", seconds=7)
+    queue.put("update_champion", registered_model="m")
+    queue.put("end_run", "local:run", status="FINISHED")
+    left = queue.flush(timeout_s=1.5)  # the retry starts after 1 s and outlasts flush
+    assert [op.kind for op in left] == ["slow_upload", "update_champion", "end_run"]
+    queue._thread.join(timeout=30)
+    assert queue.attempts == 2 and not queue._thread.is_alive()
+    assert [op.kind for op in load_pending(tmp_path)] == ["slow_upload", "update_champion", "end_run"]
+    # ... and it is no longer held: the next command takes all three, in that order.
+    assert [op.kind for op in load_pending(tmp_path, this_process=True)] == ["slow_upload", "update_champion",
+                                                                             "end_run"]
+
+
+def test_a_pending_timeout_of_0_still_sends_what_mlflow_takes(make_config, tmp_path):
+    """`tracking.pending_timeout_s: 0` (give up at once on an unreachable MLflow) gave up on a healthy one too:
+    flush never waited, and every stage ended with its writes pending (exit 3)."""
+    from pipelines.tracking_queue import TrackingQueue
+
+    tracker = Tracker.for_config(make_config())
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    queue = TrackingQueue(tracker, tmp_path / "tracking-pending.json")
+    for step in range(10):
+        queue.put("log_metrics", run_id, metrics={"loss": 1.0 / (step + 1)}, step=step)
+    assert queue.flush(timeout_s=0) == []
+    assert len(tracker.client.get_metric_history(run_id, "loss")) == 10
+    assert not (tmp_path / "tracking-pending.json").exists()
+
+
+def test_an_abort_puts_the_queued_writes_on_disk_before_it_waits_for_mlflow(make_config, tmp_path):
+    """`ray job stop` sends SIGTERM (Ray's driver raises SystemExit) and kills 3 s later: the abort's flush waited
+    first and wrote the pending file only at its end, so the registrations and the runs' ends queued behind a slow
+    write were lost with the process, the runs left RUNNING for good."""
+    from pipelines.tracking_queue import TrackingQueue, flushed_on_abort, load_pending
+
+    class QueueWithASlowWrite(TrackingQueue):
+        on_disk_when_waiting: list = []
+
+        def _do_slow_upload(self, ref, seconds):
+            time.sleep(seconds)
+
+        def flush(self, timeout_s):
+            self.on_disk_when_waiting = [(op.kind, op.args.get("status")) for op in load_pending(tmp_path)]
+            return super().flush(timeout_s)
+
+    tracker = Tracker.for_config(make_config())
+    run_id = tracker.start_run("train", {"stage": "train"})
+    queue = QueueWithASlowWrite(tracker, tmp_path / "tracking-pending.json")
+    queue.put("slow_upload", run_id, seconds=2)
+    queue.put("set_tags", run_id, tags={"queued": "behind"})
+    with pytest.raises(SystemExit), flushed_on_abort(queue, run_id):
+        raise SystemExit(15)
+    assert queue.on_disk_when_waiting == [("slow_upload", None), ("set_tags", None), ("end_run", "KILLED")]
+    # MLflow took them in the end: nothing is left for the next command to send twice.
+    assert tracker.client.get_run(run_id).info.status == "KILLED"
+    assert tracker.client.get_run(run_id).data.tags["queued"] == "behind"
+    assert not (tmp_path / "tracking-pending.json").exists()
+
+
+def test_the_pending_file_keeps_no_tracking_password(make_config, tmp_path):
+    """The pending file (plain text in the workdir, often on shared storage) held tracking.uri with its password,
+    masked everywhere else; and with the password rotated its writes counted as another store's (exit 2)."""
+    from types import SimpleNamespace
+
+    from pipelines.tracking_queue import TrackingQueue, _pending_body
+
+    class QueueWithAnOutage(TrackingQueue):
+        def _do_down(self, ref):
+            raise ConnectionError("MLflow is down")
+
+    tracker = SimpleNamespace(tracking_uri="postgresql://mlflow:s3cret@db:5432/mlflow")  # never reached
+    queue = QueueWithAnOutage(tracker, tmp_path / "tracking-pending.json")
+    queue.put("down", None)
+    assert len(queue.flush(timeout_s=0.5)) == 1
+    text = (tmp_path / "tracking-pending.json").read_text()
+    assert "s3cret" not in text and "postgresql://mlflow:***@db:5432/mlflow" in text
+    body = _pending_body(tmp_path / "tracking-pending.json", "postgresql://mlflow:rotated@db:5432/mlflow")
+    assert [op["kind"] for op in body["ops"]] == ["down"]
