@@ -341,8 +341,9 @@ class ModelSelection(_Section):
     overlap_startup: bool = Field(
         False,
         description="on CPUs with cpus_per_worker auto, start the next model while the current one trains (it "
-        "waits for the cores once it is up); off by default: on 2 cores the start-up slowed the training it "
-        "overlapped more than it saved (docs/benchmarks.md)",
+        "waits for the cores once it is up; on one node only, at most one run beyond those training); off by "
+        "default: on 2 cores the start-up slowed the training it overlapped more than it saved "
+        "(docs/benchmarks.md)",
     )
 
     @field_validator("models")

@@ -253,16 +253,24 @@ def auto_cpus_per_worker(cfg: PipelineConfig, cluster_cpus: float, node_cpus: li
     return share if share >= 0.01 else 0.25
 
 
-def with_overlapped_startup(cfg: PipelineConfig, runs: list[ModelRun],
-                            free_cpus: float) -> tuple[list[ModelRun], int | None]:
+def with_overlapped_startup(cfg: PipelineConfig, runs: list[ModelRun], free_cpus: float,
+                            node_cpus: list[float] | None = None) -> tuple[list[ModelRun], int | None]:
     """Admit one run more than the CPUs train at once, when that pays (see :mod:`pipelines.compute_gate`).
 
     Where runs reserve the CPUs automatically and fewer fit than there are to train, each worker reserves
     ``capacity / (capacity + 1)`` of its share but keeps the share's threads, and a gate of ``capacity``
     lets only that many train at a time. Returns the runs and the gate's capacity (None: no overlap).
+
+    On one node only (``node_cpus``: the CPUs of each): the capacity counts the cluster's CPUs, and with the
+    thinner reservations Ray packs a run's workers onto one node (two 4-CPU nodes, two workers per run: both of
+    the training run's workers on one node at 4 threads each, the other node idle behind the gate).
     """
     train = cfg.train
     if not runs or not train.overlap_startup or train.cpus_per_worker != "auto" or train.use_gpu:
+        return runs, None
+    if node_cpus is not None and len(node_cpus) > 1:
+        logger.info("[train] train.overlap_startup is for one node; off on this cluster of %d nodes (its thinner "
+                    "reservations would pack a run's workers onto one node)", len(node_cpus))
         return runs, None
     workers = runs[0].workers
     share = float(workers.cpus_per_worker)

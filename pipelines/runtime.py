@@ -155,12 +155,20 @@ def node_cpus() -> list[float]:
 
 
 def concurrency_for(requested: int | str, per_trial: dict[str, float], trials: int,
-                    free: dict[str, float] | None = None) -> int:
+                    free: dict[str, float] | None = None, gate_capacity: int | None = None) -> int:
     """How many trials run at once: ``requested``, or (``"auto"``) as many as the cluster fits now.
 
     Warns when not even one trial fits the currently free resources: it will wait for them (an autoscaling
-    cluster adds nodes; a fixed one needs other work to finish first).
+    cluster adds nodes; a fixed one needs other work to finish first). With a compute gate of
+    ``gate_capacity`` (overlapped start-up), at most one trial beyond it: a further one waited for CPUs, took
+    those of a gate holder whose workers restarted after a failure, and then waited at the gate for the holder,
+    which waited for its CPUs, for good.
     """
+    return min(_concurrency(requested, per_trial, trials, free), gate_capacity + 1 if gate_capacity else trials)
+
+
+def _concurrency(requested: int | str, per_trial: dict[str, float], trials: int,
+                 free: dict[str, float] | None) -> int:
     free = free if free is not None else free_resources()
     fits = [math.floor((free.get(key, 0.0) + 1e-9) / need) for key, need in per_trial.items() if need > 0]
     if fits and min(fits) < 1:

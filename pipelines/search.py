@@ -325,7 +325,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     queue = TrackingQueue.for_config(cfg, tracker)
     callback = TrialTracking(queue, "search", parent, describe=partial(describe_search_trial, search.phi))
     # Every trial runs the template with its own coefficients: they overlap as the training stage's models do.
-    overlapped, capacity = with_overlapped_startup(cfg, [template] * plan.trials, free["CPU"])
+    overlapped, capacity = with_overlapped_startup(cfg, [template] * plan.trials, free["CPU"], node_cpus())
     template = overlapped[0]
     with flushed_on_abort(queue, parent, callback), shared_splits() as shared, compute_gate(capacity) as gate:
         if search.mode == "grid":  # every trial's input size is known: convert them now
@@ -337,7 +337,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
             cfg.paths, experiment=experiment, param_space=plan.param_space,
             callbacks=[callback, ReleaseOnTrialEnd(gate, trial_run_name)],
             max_concurrent=concurrency_for(search.max_concurrent_trials, trial_resources(template), plan.trials,
-                                           free),
+                                           free, gate_capacity=capacity),
             num_samples=plan.num_samples, search_alg=plan.search_alg, scheduler=scheduler, restore=True,
             trial_retries=cfg.train.trial_retries, placement=plan.param_space["run"], metric=SCORE,
         )

@@ -180,6 +180,25 @@ def test_one_run_more_than_fits_is_admitted_to_start_up_while_one_trains(make_co
     for off in ("train.overlap_startup=false", "train.cpus_per_worker=1.9"):
         other = make_config("train.models=[lenet5, resnet18, vgg11_bn]", "train.overlap_startup=true", off)
         assert with_overlapped_startup(other, runs, 2.0)[1] is None
+    # One node: as above. Several: off, since the capacity counts the cluster's CPUs while the thinner
+    # reservations let Ray pack a run's workers onto one node at full threads, another node idle at the gate.
+    assert with_overlapped_startup(cfg, runs, 2.0, node_cpus=[2.0])[1] == 1
+    two_nodes = make_config("train.models=[lenet5, resnet18, vgg11_bn]", "train.overlap_startup=true",
+                            "train.num_workers=2")
+    runs = plan_model_runs(two_nodes, describe_dataset(two_nodes.data), resolve_models(two_nodes), cluster_cpus=8.0,
+                           node_cpus=[4.0, 4.0])
+    assert with_overlapped_startup(two_nodes, runs, 8.0)[1] == 1  # what it did: both workers fit one node
+    assert with_overlapped_startup(two_nodes, runs, 8.0, node_cpus=[4.0, 4.0]) == (runs, None)
+
+
+def test_with_a_compute_gate_at_most_one_run_beyond_it_is_admitted():
+    """A named max_concurrent_models above the gate's capacity + 1 started runs that waited for CPUs; one took
+    those a gate holder freed when its workers restarted (a failure), and everyone waited for good."""
+    free = {"CPU": 2.0, "GPU": 0.0}
+    assert concurrency_for(3, {"CPU": 0.98, "GPU": 0.0}, 5, free) == 3  # no gate: as asked
+    assert concurrency_for(3, {"CPU": 0.98, "GPU": 0.0}, 5, free, gate_capacity=1) == 2
+    assert concurrency_for("auto", {"CPU": 0.5, "GPU": 0.0}, 5, free, gate_capacity=2) == 3
+    assert concurrency_for(3, {"CPU": 0.98, "GPU": 0.0}, 1, free, gate_capacity=1) == 1
 
 
 def test_compare_paper_adds_the_paper_family_at_the_searched_phis(make_config, caplog):
