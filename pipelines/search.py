@@ -302,10 +302,10 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
         previous.skipped = True
         return previous
 
-    fingerprint = search_fingerprint(cfg)
-    experiment = _experiment_name(cfg, fingerprint, force)
     data_cfg = cfg.model_copy(update={"data": search_data(cfg)})
     info = describe_dataset(data_cfg.data)
+    fingerprint = search_fingerprint(cfg, info)
+    experiment = _experiment_name(cfg, fingerprint, force)
     free = free_resources()
     template = plan_model_runs(data_cfg, info, [search_template(cfg)], stage="search", epochs=search.epochs,
                                cluster_cpus=free["CPU"], node_cpus=node_cpus())[0].model_copy(

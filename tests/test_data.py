@@ -273,6 +273,30 @@ def test_an_image_folder_changed_since_it_was_read_is_read_again(tmp_path):
     assert describe_dataset(cfg).class_names == ("cat", "dog") and len(fox) == 6
 
 
+def test_a_search_on_an_image_folder_is_not_reused_or_resumed_once_its_files_changed(make_config, tmp_path):
+    """The search's fingerprint held its settings only: after an image folder changed, the finished search was
+    reused, and an interrupted one resumed trials planned for the old files, which failed every retry (a new
+    class: the checkpoints' heads; new images: their split sizes)."""
+    from pipelines.image_folder import check_image_folder
+    from pipelines.planning import search_fingerprint
+
+    folder = tmp_path / "images"
+    _write_images(folder, per_class=6)
+    cfg = make_config("data.dataset=imagefolder", f"data.root={folder}", "data.image_size=16")
+    check_image_folder(cfg.data)
+    before = search_fingerprint(cfg)
+    assert search_fingerprint(cfg) == before  # the same files: the same search
+    _write_images(folder, classes=("fox",), per_class=6)
+    check_image_folder(cfg.data)  # each stage's first call
+    with_a_class = search_fingerprint(cfg)
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(folder / "fox" / "extra.png")
+    check_image_folder(cfg.data)
+    assert len({before, with_a_class, search_fingerprint(cfg)}) == 3
+    # The built-in data sets do not change: their searches keep the fingerprints they had (this one's before).
+    digits = make_config()
+    assert search_fingerprint(digits) == search_fingerprint(digits, info=describe_dataset(digits.data)) == "e1bf8027"
+
+
 def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classes(tmp_path):
     """Only a literal train/ switched to split folders: Kaggle's training_set/ and test_set/ became two classes
     (the model learnt which split an image came from), Roboflow's valid/ was ignored, and a flat folder with a
