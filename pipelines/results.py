@@ -75,8 +75,8 @@ def load_results(directory: str | os.PathLike) -> dict[str, ModelResult]:
     for path in sorted(directory.glob("*.json")):
         try:
             result = ModelResult.load(path)
-        except (json.JSONDecodeError, TypeError, KeyError, AttributeError):  # AttributeError: not a JSON object
-            continue  # a foreign or damaged file is not a finished model
+        except (ValueError, OSError, TypeError, KeyError, AttributeError):  # AttributeError: not a JSON object
+            continue  # a foreign, damaged or unreadable file (not UTF-8, say) is not a finished model
         results[result.model_name] = result
     return results
 

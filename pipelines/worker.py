@@ -248,8 +248,11 @@ def build_context(run: ModelRun, rank: int, world: int, device: torch.device) ->
 def _checkpoint_owner(directory: Path) -> tuple[str, str]:
     meta = directory / CHECKPOINT_META
     if meta.is_file():
-        data = json.loads(meta.read_text())
-        return data.get("model_name", ""), data.get("arch", "")
+        try:
+            data = json.loads(meta.read_text())
+            return str(data.get("model_name", "")), str(data.get("arch", ""))
+        except (ValueError, AttributeError):  # damaged (or not an object): the checkpoint says it, checked
+            pass
     ckpt = load_checkpoint(directory / CHECKPOINT_FILE, verify=False)  # written before meta.json existed
     return ckpt.model_name, ckpt.arch
 

@@ -283,6 +283,14 @@ def test_a_run_resumes_from_its_own_checkpoint_only(tmp_path):
         checkpoint_to_resume(latest, shorter, rank=0)
     assert checkpoint_to_resume(latest, SimpleNamespace(**{**vars(run), "hyper": SimpleNamespace(epochs=4)}),
                                 rank=0)[0].epoch == 3  # at its end: a run that only registers
+    # A damaged meta.json (a disk filled while it was written) failed every attempt with a JSONDecodeError: the
+    # checkpoint itself says whose it is.
+    from pipelines.worker import CHECKPOINT_META
+
+    for damaged in ('{"model_name": "len', "[1, 2]"):
+        (storage / "lenet5-run" / "checkpoint_000003" / CHECKPOINT_META).write_text(damaged)
+        assert checkpoint_to_resume(latest, run, rank=0)[0].epoch == 3
+        assert checkpoint_to_resume(latest, other, rank=0) == (None, None)
 
     (storage / "lenet5-run" / "checkpoint_000003" / "model.pt").unlink()
     with pytest.raises(MissingCheckpointError):

@@ -116,6 +116,8 @@ def test_foreign_or_damaged_files_among_the_records_are_not_finished_models(tmp_
     (tmp_path / "list.json").write_text("[1, 2]")  # valid JSON, not a record: crashed the train stage and report
     (tmp_path / "cut.json").write_text('{"model_name": "vgg')
     (tmp_path / "other.json").write_text('{"unrelated": true}')
+    (tmp_path / "latin1.json").write_bytes('{"model_name": "caf\xe9"}'.encode("latin-1"))  # not UTF-8
+    (tmp_path / "folder.json").mkdir()  # a directory named like a record
     assert list(load_results(tmp_path)) == ["resnet18"]
 
 
