@@ -150,6 +150,27 @@ def autocast_dtype(run: ModelRun, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if wanted is True or (wanted == "auto" and cpu_has_native_bf16()) else None
 
 
+#: Precisions from the least to the most demanding of the hardware: the ranks of a run train at the least any
+#: of them needs (float16 runs on every CUDA GPU; bf16 natively only on some GPUs and CPUs).
+_PRECISION_ORDER = (None, torch.float16, torch.bfloat16)
+
+
+def common_autocast_dtype(local: torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """The precision every rank of this DDP run trains at: ``local`` (this rank's :func:`autocast_dtype`) where
+    the ranks agree, else the least demanding one. Ranks chose by their own hardware, and DDP averages the
+    gradients of all: an A10G (bf16, no scaler) beside a T4 (float16, gradients scaled by 65536) stepped 32768
+    times too far, and the replicas drifted apart (DDP never re-syncs weights); on CPUs a node with native bf16
+    beside one without trained at two precisions."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    # On the worker's own device: NCCL reduces CUDA tensors only, gloo CPU ones.
+    code = torch.tensor([_PRECISION_ORDER.index(local)], device=device)
+    dist.all_reduce(code, op=dist.ReduceOp.MIN)
+    return _PRECISION_ORDER[int(code.item())]
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 products natively: AMX tiles (Intel Sapphire Rapids and later) or
     AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake). Elsewhere oneDNN emulates bf16, slower than fp32.
@@ -166,6 +187,14 @@ def setup(run: ModelRun) -> StepContext:
     context = ray.train.get_context()
     torch.set_num_threads(worker_threads(run))
     ctx = build_context(run, context.get_world_rank(), context.get_world_size(), get_device())
+    if (agreed := common_autocast_dtype(ctx.amp_dtype, ctx.device)) != ctx.amp_dtype:
+        def name(dtype: torch.dtype | None) -> str:
+            return str(dtype or "float32").removeprefix("torch.")
+
+        logger.info("[%s] rank %d trains in %s, as every rank can (it would have used %s)", run.model_name, ctx.rank,
+                    name(agreed), name(ctx.amp_dtype))
+        ctx.amp_dtype = agreed
+        ctx.scaler = torch.amp.GradScaler("cuda", enabled=agreed == torch.float16)
     # Ray moves the batches to the worker's device; the samplers are ours (add_dist_sampler=False).
     ctx.train_loader = prepare_data_loader(ctx.train_loader, add_dist_sampler=False)
     ctx.val_loader = prepare_data_loader(ctx.val_loader, add_dist_sampler=False)

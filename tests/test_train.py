@@ -382,6 +382,38 @@ def test_autocast_follows_amp_on_gpus_and_cpu_bf16_on_cpus(make_config):
     assert auto == (torch.bfloat16 if cpu_has_native_bf16() else None)
 
 
+RANK_PRECISION = """
+import sys, torch, torch.distributed as dist
+from pipelines.worker import common_autocast_dtype
+rank, port, local = int(sys.argv[1]), sys.argv[2], getattr(torch, sys.argv[3], None)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+print(common_autocast_dtype(local, torch.device("cpu")))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("rank0, rank1, agreed", [
+    ("bfloat16", "float16", "torch.float16"),  # an A10G beside a T4: float16 with a scaler on both
+    ("bfloat16", "fp32", "None"),  # cpu_bf16 auto on CPUs with and without native bf16: float32 on both
+    ("bfloat16", "bfloat16", "torch.bfloat16"),
+])
+def test_the_ranks_of_a_run_train_at_one_precision(rank0, rank1, agreed):
+    """Each rank chose its autocast dtype by its own hardware: mixed nodes trained one DDP model at two precisions
+    (bf16 without a scaler beside float16 with one: one rank stepped 32768 times too far, the replicas drifted)."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_PRECISION, str(rank), str(port), local],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, local in enumerate((rank0, rank1))]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert [out.strip().splitlines()[-1] for out, _ in outputs] == [agreed, agreed]
+
+
 def test_a_gpu_that_only_emulates_bf16_trains_in_float16(make_config, monkeypatch):
     """torch counts emulated bf16 as supported (a T4 or V100 says yes): those GPUs trained in bf16 without tensor
     cores, never taking the float16-with-a-scaler path meant for them."""
