@@ -583,7 +583,10 @@ class TrackingQueue:
             scratch.unlink(missing_ok=True)
 
     def _claim(self) -> dict[str, Any]:
-        return {"token": self.token, "pid": os.getpid(), "host": socket.gethostname(), "at": time.time()}
+        claim = {"token": self.token, "pid": os.getpid(), "host": socket.gethostname(), "at": time.time()}
+        if (identity := _process_identity(os.getpid())) is not None:
+            claim["process"] = identity
+        return claim
 
     def _load_pending(self) -> int:
         """Take over the writes an earlier command left pending, those no running command has taken over
@@ -631,9 +634,27 @@ def _held_elsewhere(claim: dict | None, *, own_token: str | None = None, own_pid
         os.kill(int(claim["pid"]), 0)
     except ProcessLookupError:
         return False  # it ended (killed, crashed) before it sent the write: the write is anyone's
-    except (PermissionError, KeyError, TypeError, ValueError):
+    except PermissionError:
+        pass  # alive, another user's
+    except (KeyError, TypeError, ValueError):
         return True
-    return True
+    # A live process of that id may be another one: a container restarted after its command was killed runs the
+    # next one as the same pid (1, say), a rebooted host reuses ids. Taken for the holder, its writes were
+    # nobody's for good (`register` exited 3 every time).
+    recorded, now = claim.get("process"), _process_identity(int(claim["pid"]))
+    return not (recorded and now and recorded != now)
+
+
+def _process_identity(pid: int) -> str | None:
+    """Which process ``pid`` is, across pid reuse: the boot's id and the process's start time (Linux's /proc);
+    None where they cannot be read (another OS: the pid alone then)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        started = stat[stat.rindex(")") + 2:].split()[19]  # field 22, counted after the command name
+    except (OSError, ValueError, IndexError):
+        return None
+    return f"{boot}:{started}"
 
 
 @contextlib.contextmanager

@@ -729,6 +729,20 @@ def test_two_commands_of_one_config_share_the_pending_file_without_sending_twice
         assert len(QueueWithAnOutage(tracker, pending)) == 0
         # A command's closing summary ("MLflow did not take N writes", exit 3) is about its own writes only.
         assert len(load_pending(tmp_path)) == 1 and load_pending(tmp_path, this_process=True) == []
+        # The claim of a killed command whose pid a live process has now (a container restarted runs its next
+        # command as the same pid): the process it names is gone, so its writes are anyone's.
+        from pipelines.tracking_queue import _process_identity
+
+        assert _process_identity(other.pid) is not None  # (Linux)
+        claim = {"token": "killed", "pid": other.pid, "host": socket.gethostname(), "process": "another-boot:1"}
+        body["claims"] = {body["ops"][0]["uid"]: claim}
+        pending.write_text(json.dumps(body))
+        assert len(load_pending(tmp_path, this_process=True)) == 1
+        body["claims"] = {body["ops"][0]["uid"]: {**claim, "process": _process_identity(other.pid)}}  # itself
+        pending.write_text(json.dumps(body))
+        assert load_pending(tmp_path, this_process=True) == []
+        body["claims"] = {body["ops"][0]["uid"]: {**claim, "process": "another-boot:1"}}
+        pending.write_text(json.dumps(body))
     finally:
         other.kill()
         other.wait()
