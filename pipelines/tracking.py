@@ -345,10 +345,7 @@ class Tracker:
 
         checkpoint = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
         version_tags = {k: str(v) for k, v in (tags or {}).items()}
-        # A retry of a registration that went through before its reply (or the alias) was lost: the version is
-        # there; registering again would add a second one of the same training.
-        if (done := self._registered_version_of(registered_model, run_id, version_tags)) is not None:
-            self.client.set_registered_model_alias(registered_model, alias, done)
+        if (done := self.alias_registered_version(registered_model, run_id, alias, version_tags)) is not None:
             return done
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
@@ -378,6 +375,18 @@ class Tracker:
         version = mlflow.register_model(info.model_uri, registered_model, tags=version_tags)
         self.client.set_registered_model_alias(registered_model, alias, version.version)
         return str(version.version)
+
+    def alias_registered_version(self, registered_model: str, run_id: str, alias: str,
+                                 tags: dict[str, Any] | None = None) -> str | None:
+        """The version ``run_id`` already registered of this training (``tags``: its fingerprint and epochs),
+        ``alias`` pointed at it; None when there is none. A registration retried after its version went through
+        (its reply or the alias lost) finds it here: registering again would add a second one of the same
+        training."""
+        version_tags = {k: str(v) for k, v in (tags or {}).items()}
+        done = self._registered_version_of(registered_model, run_id, version_tags)
+        if done is not None:
+            self.client.set_registered_model_alias(registered_model, alias, done)
+        return done
 
     def _logged_model_of(self, run_id: str, tags: dict[str, str]) -> str | None:
         """The id of the logged model an earlier attempt uploaded for this run's training (its fingerprint and

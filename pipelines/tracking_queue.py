@@ -448,9 +448,13 @@ class TrackingQueue:
         if self.tracker.client.get_run(run_id).info.lifecycle_stage == "deleted":
             raise UnsendableWrite(f"run {run_id} of {alias} was deleted in MLflow, so its model is not registered "
                                   "(train it again to register it)")
+        # A retry whose version went through (its alias or reply did not): that version, before the checkpoint is
+        # read, since it may be gone by now (retention): dropped as gone, the model kept a version but no alias.
+        version = self.tracker.alias_registered_version(registered_model, run_id, alias, tags)
         try:
-            with reported_checkpoint_dir(checkpoint_path, storage_path) as directory:
-                version = self.tracker.log_and_register(run_id, directory, registered_model, alias, tags)
+            if version is None:
+                with reported_checkpoint_dir(checkpoint_path, storage_path) as directory:
+                    version = self.tracker.log_and_register(run_id, directory, registered_model, alias, tags)
         except (MissingCheckpointError, FileNotFoundError) as err:
             # Missing while its storage answers: no retry brings it back, and retrying would hold up every
             # write behind this one, in this stage and in every later one. Not registered, the next train

@@ -232,6 +232,28 @@ def test_a_registration_whose_storage_fails_to_read_is_retried_not_dropped(make_
     assert tracker.client.get_model_version_by_alias(cfg.registered_model_name, "lenet5").run_id == run_id
 
 
+def test_a_registration_retried_after_its_version_went_through_needs_no_checkpoint(make_config, tmp_path):
+    """A registration whose version was created but whose alias was not set (MLflow down in between) was retried by
+    reading the checkpoint first: gone meanwhile (retention), the retry was dropped, and the model kept a version
+    without an alias, never served and never trained again."""
+    import shutil
+
+    from pipelines.tracking_queue import TrackingQueue
+
+    cfg = make_config()
+    tracker, run_id, checkpoint, record = trained_lenet5(cfg, tmp_path)
+    tags = {"fingerprint": "f", "epochs": "1"}
+    version = tracker.log_and_register(run_id, checkpoint, cfg.registered_model_name, "lenet5", tags)
+    tracker.client.delete_registered_model_alias(cfg.registered_model_name, "lenet5")  # the alias never set
+    shutil.rmtree(checkpoint)
+    queue = TrackingQueue(tracker, tmp_path / "pending.json")
+    queue.put("register", run_id, checkpoint_path=str(checkpoint), storage_path=str(tmp_path),
+              registered_model=cfg.registered_model_name, alias="lenet5", tags=tags, result_file=str(record))
+    assert queue.flush(timeout_s=10) == [] and queue.dropped == []
+    assert str(tracker.client.get_model_version_by_alias(cfg.registered_model_name, "lenet5").version) == version
+    assert len(tracker.client.search_model_versions(f"name = '{cfg.registered_model_name}'")) == 1
+
+
 def test_a_write_whose_run_another_command_is_still_creating_waits_for_it(make_config, tmp_path):
     """A stage's flush gave up while its write creating a run was on its way (a slow server): it still sends that
     one, and the next command takes the writes behind it. Those were dropped as "never created" (the run's
