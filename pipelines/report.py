@@ -36,7 +36,7 @@ from .results import ModelResult, comparison_table, for_display, load_results, t
 from .search_space import PAPER
 
 __all__ = ["ReportResult", "report_stage", "measure_latency_ms", "family_comparison", "accuracy_figure",
-           "stale_members"]
+           "val_curves_figure", "stale_members"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,26 @@ _ACCURACY_PLOTS = {
 }
 
 
+def val_curves_figure(results: list[ModelResult]):
+    """Each model's validation accuracy per epoch, one line each. Colours repeat after ten (matplotlib's
+    cycle), so line styles and markers change with each round of them: a GPU preset trains 13 models."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, r in enumerate(results):
+        epochs = [h["epoch"] + 1 for h in r.history]
+        ax.plot(epochs, [h["val_acc"] for h in r.history], color=f"C{i % 10}",
+                linestyle=("-", "--", ":", "-.")[i // 10 % 4], marker="os^D"[i // 10 % 4], markersize=3,
+                label=r.model_name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Validation accuracy per epoch")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
 def accuracy_figure(results: list[ModelResult], against: str = "macs",
                     searched: tuple[float, float, float] | None = None):
     """The figure the report saves as ``accuracy_vs_macs.png`` (``against="macs"``) or
@@ -237,16 +257,7 @@ def _plots(results: list[ModelResult], search, directory: Path) -> list[Path]:
         plt.close(fig)
         files.append(directory / name)
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for r in results:
-        epochs = [h["epoch"] + 1 for h in r.history]
-        ax.plot(epochs, [h["val_acc"] for h in r.history], marker="o", markersize=3, label=r.model_name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Validation accuracy per epoch")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    fig = val_curves_figure(results)
     fig.savefig(directory / "val_curves.png", dpi=110)
     plt.close(fig)
     files.append(directory / "val_curves.png")
@@ -327,14 +338,14 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
         _measure_latencies(results, cfg.serve, paths.storage)
     tracker = Tracker.for_config(cfg)
     try:
-        champion = tracker.champion_alias(cfg.registered_model_name)
+        champion = tracker.champion(cfg.registered_model_name)
     except Exception as err:
         if not is_unreachable(err):
             raise
         logger.warning("[report] MLflow is unreachable (%s): the table marks no champion and the report is not "
                        "logged to MLflow", first_line(err))
         tracker, champion = None, None
-    table = comparison_table(results, champion=champion)
+    table = comparison_table(results, *(champion or (None, None)))
     directory = paths.report_dir
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomically(directory / "models.csv", table.to_csv(index=False))

@@ -81,9 +81,14 @@ def load_results(directory: str | os.PathLike) -> dict[str, ModelResult]:
     return results
 
 
-def comparison_table(results: list[ModelResult], champion: str | None = None) -> pd.DataFrame:
+def comparison_table(results: list[ModelResult], champion: str | None = None,
+                     champion_version: str | None = None) -> pd.DataFrame:
     """One row per model, best test accuracy first; ``champion`` (bool) marks the registry's champion in its own
-    column, so the ``model`` column stays the name to look models up by (:func:`for_display` marks it ``*``)."""
+    column, so the ``model`` column stays the name to look models up by (:func:`for_display` marks it ``*``).
+
+    ``champion_version``: the registered version the champion alias points at. A record of another version of
+    that model (a newer training that was not registered, a diverged one) is not the champion, whose numbers
+    are not in it; records that do not know their version (registration pending) are marked by name."""
     import pandas as pd
 
     def rank(r: ModelResult) -> tuple:  # the registry's order (tracking.choose_champion), on unrounded values
@@ -107,7 +112,8 @@ def comparison_table(results: list[ModelResult], champion: str | None = None) ->
             "train s": round(r.train_seconds, 1),
             # Always a column (empty where unmeasured): the CSV's columns must not depend on which model failed.
             "serve ms": round(r.serving_latency_ms, 2) if r.serving_latency_ms is not None else None,
-            "champion": r.model_name == champion,
+            "champion": r.model_name == champion and (not champion_version or not r.version
+                                                       or str(r.version) == str(champion_version)),
         })
     return pd.DataFrame(rows)
 

@@ -474,10 +474,16 @@ class Tracker:
 
     def champion_alias(self, registered_model: str) -> str | None:
         """The model alias ``champion`` points at, or None (nothing registered, no champion yet)."""
+        champion = self.champion(registered_model)
+        return champion[0] if champion else None
+
+    def champion(self, registered_model: str) -> tuple[str, str] | None:
+        """(alias, version) of the champion, or None (nothing registered, no champion yet)."""
         try:
-            return self.registered_versions(registered_model)[1]
+            versions, alias = self.registered_versions(registered_model)
         except LookupError:
             return None
+        return next(((v.alias, v.version) for v in versions if v.alias == alias), None)
 
     def update_champion(self, registered_model: str, metric: str = "test_acc") -> tuple[str, str] | None:
         """Point alias ``champion`` at the best ``metric`` among the aliased versions trained on this

@@ -421,7 +421,7 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
                      "learning rate for a diverged run) to train it again", name, results[name].registration_error)
     failed += unregistrable
     champion = queue.outcomes.get(champion_write)
-    table = comparison_table(list(results.values()), champion=champion[0] if champion else None)
+    table = comparison_table(list(results.values()), *(champion or (None, None)))
     if show_table and not table.empty:
         logger.info("\n%s", for_display(table).to_string(index=False))
     if champion:

@@ -8,7 +8,7 @@ import logging
 import pandas as pd
 import pytest
 
-from pipelines.report import accuracy_figure, family_comparison, report_stage, stale_members
+from pipelines.report import accuracy_figure, family_comparison, report_stage, stale_members, val_curves_figure
 from pipelines.results import ModelResult, load_results
 
 SEARCHED = {"alpha": 1.3, "beta": 1.05, "gamma": 1.2}
@@ -264,6 +264,11 @@ def test_the_report_shows_the_records_it_is_given_their_epochs_and_the_champion_
 
     table = comparison_table([current, older], champion="resnet18")
     assert list(table["model"]) == ["vgg11", "resnet18"] and list(table["champion"]) == [False, True]
+    # The champion is a registered version: a record of another training under its name (retrained, not
+    # registered: diverged, say) was starred with numbers that are not the champion's.
+    for version, starred in (("2", True), ("3", False), ("", True)):  # "": registration pending, by name
+        current.version = version
+        assert list(comparison_table([current, older], "resnet18", "2")["champion"]) == [False, starred]
     shown = for_display(table)
     assert list(shown["model"]) == ["vgg11", "resnet18 *"] and "champion" not in shown
 
@@ -297,3 +302,17 @@ def test_run_with_only_the_report_finishes_while_mlflow_is_down(make_config, cap
     assert result.ok and result.stages == {"report": "ran"}
     assert "MLflow UI: the experiment could not be looked up" in caplog.text
     assert "[search]" not in caplog.text
+
+
+def test_every_model_has_a_line_of_its_own_look_in_the_validation_curves():
+    """Past ten models (a GPU preset trains 13) lines repeated matplotlib's ten colours with the same marker: two
+    legend entries looked alike."""
+    import matplotlib.pyplot as plt
+
+    records = [record(f"model{i}", "lenet5", {}, 1_000_000, 0.5 + i / 100) for i in range(13)]
+    fig = val_curves_figure(records)
+    lines = fig.axes[0].get_lines()
+    looks = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in lines}
+    assert len(lines) == len(looks) == 13
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [r.model_name for r in records]
+    plt.close(fig)
