@@ -644,6 +644,18 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    @field_validator("storage_path")
+    @classmethod
+    def _a_storage_uri_without_options(cls, value):
+        # Ray hands the whole URI to pyarrow, whose query options (MinIO's endpoint_override, a region) end the
+        # string: the run directories joined on after them fell into the option's value, and checkpoints read
+        # back without them went to AWS itself (registration then retried for good).
+        if value is not None and "://" in value and "?" in value:
+            raise ValueError(f"{value!r}: options in the storage URI are lost from the paths built under it; give "
+                             "an S3-compatible store's endpoint as AWS_ENDPOINT_URL (and the region as "
+                             "AWS_DEFAULT_REGION) in every node's environment instead")
+        return value
+
     @property
     def paths(self) -> RunPaths:
         """Every output location of this config (one place decides where everything goes)."""

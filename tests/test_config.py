@@ -163,6 +163,7 @@ def test_model_overrides_change_only_that_model(make_config):
         (["ray.address=10.0.0.1:70000"], "ray.address", "not an address Ray can join"),
         (["ray.address=http://10.0.0.1:8265"], "ray.address", "dashboard address"),
         (["ray.address=ray://10.0.0.1:10001"], "ray.address", "Ray Client address, which the pipeline does not"),
+        (["storage_path=s3://bucket/ray?endpoint_override=minio:9000"], "storage_path", "AWS_ENDPOINT_URL"),
         (["tracking.uri=postgres://mlflow:secret@db/mlflow"], "tracking.uri", "did you mean 'postgresql'"),
         (["tracking.uri=sqllite:///runs/mlflow.db"], "tracking.uri", "no tracking store for the scheme 'sqllite'"),
     ],
