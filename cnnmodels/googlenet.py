@@ -191,8 +191,10 @@ class GoogLeNet(ImageClassifier):
         self.maxpool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.inception4a, self.inception4b, self.inception4c = modules["4a"], modules["4b"], modules["4c"]
         self.inception4d, self.inception4e = modules["4d"], modules["4e"]
-        # The paper's Table 1 pools 3x3/2 before 5a; torchvision pools 2x2/2 there (same output size: 14 -> 7).
-        self.maxpool4 = nn.MaxPool2d(2 if torchvision_compat else 3, stride=2, ceil_mode=True)
+        # 2x2/2 as torchvision, in both modes; the paper's Table 1 pools 3x3/2 here. The same size at 224 px (14 ->
+        # 7), not on odd maps (7 -> 4 against 3 at 28 px); a pool has no weights, so changing it would silently
+        # change every GoogLeNet already trained and registered with this layout.
+        self.maxpool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
         self.inception5a, self.inception5b = modules["5a"], modules["5b"]
 
         if aux_logits:
