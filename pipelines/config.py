@@ -135,16 +135,6 @@ def joinable_ray_address(value: str) -> str:
         raise ValueError(f"{value!r} is not an address Ray can join: use null (a local Ray), auto (the cluster "
                          "this runs on) or host:6379 (a cluster's GCS)")
     return value
-    if value.lower().startswith(("http://", "https://")):
-        raise ValueError(f"{value!r} is a dashboard address (what `ray job submit` takes), not one ray.init can "
-                         "join: use auto on the cluster's nodes, or ray://host:10001 (Ray Client)")
-    found = re.fullmatch(r"(?:(ray)://|[a-z][a-z0-9_]*://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d+))?", value)
-    scheme_given = found is not None and "://" in value
-    port_ok = found is not None and (found[3] is None or 1 <= int(found[3]) <= 65535)
-    if found is None or not port_ok or (not scheme_given and found[3] is None):
-        raise ValueError(f"{value!r} is not an address Ray can join: use null (a local Ray), auto (the cluster "
-                         "this runs on), host:6379 (a cluster's GCS) or ray://host:10001 (Ray Client)")
-    return value
 
 
 def ray_address(cfg: PipelineConfig) -> str | None:

@@ -75,8 +75,10 @@ def load_results(directory: str | os.PathLike) -> dict[str, ModelResult]:
     for path in sorted(directory.glob("*.json")):
         try:
             result = ModelResult.load(path)
-        except (ValueError, OSError, TypeError, KeyError, AttributeError):  # AttributeError: not a JSON object
-            continue  # a foreign, damaged or unreadable file (not UTF-8, say) is not a finished model
+        except (ValueError, IsADirectoryError, TypeError, KeyError, AttributeError):  # AttributeError: not an object
+            # A foreign or damaged file (not JSON, not UTF-8, a folder) is not a finished model. A record the
+            # storage fails to read (EIO, permissions) is not skipped: the model would be trained again.
+            continue
         results[result.model_name] = result
     return results
 
@@ -86,9 +88,11 @@ def comparison_table(results: list[ModelResult], champion: str | None = None,
     """One row per model, best test accuracy first; ``champion`` (bool) marks the registry's champion in its own
     column, so the ``model`` column stays the name to look models up by (:func:`for_display` marks it ``*``).
 
-    ``champion_version``: the registered version the champion alias points at. A record of another version of
-    that model (a newer training that was not registered, a diverged one) is not the champion, whose numbers
-    are not in it; records that do not know their version (registration pending) are marked by name."""
+    ``champion_version``: the registered version the champion alias points at. A record of another training of
+    that model is not the champion, whose numbers are not in it: one registered as another version, or one that
+    could not be registered (a diverged retraining, its ``registration_error`` set; the alias stayed on the
+    older version). Records that do not know their version otherwise (written before records kept it) are
+    marked by name."""
     import pandas as pd
 
     def rank(r: ModelResult) -> tuple:  # the registry's order (tracking.choose_champion), on unrounded values
@@ -112,8 +116,8 @@ def comparison_table(results: list[ModelResult], champion: str | None = None,
             "train s": round(r.train_seconds, 1),
             # Always a column (empty where unmeasured): the CSV's columns must not depend on which model failed.
             "serve ms": round(r.serving_latency_ms, 2) if r.serving_latency_ms is not None else None,
-            "champion": r.model_name == champion and (not champion_version or not r.version
-                                                       or str(r.version) == str(champion_version)),
+            "champion": r.model_name == champion and not r.registration_error
+                        and (not champion_version or not r.version or str(r.version) == str(champion_version)),
         })
     return pd.DataFrame(rows)
 

@@ -289,12 +289,13 @@ class TrackingQueue:
                     self._save_pending([] if self._in_flight is not None else list(self._ops))
                     self._saved_at = time.time()
                     self._tracks_file = bool(self._ops) and self._in_flight is None
+                # Up again, said before flush() wakes: seen still down, a flush with no time left gave up.
+                was_down, self._down_since = self._down_since, None
                 self._lock.notify_all()
             delay = 1.0
-            if self._down_since is not None:
+            if was_down is not None:
                 logger.info("[tracking] writes go out again after %s; sending %d queued write(s)",
-                            duration(time.time() - self._down_since), len(self._ops))
-                self._down_since = None
+                            duration(time.time() - was_down), len(self._ops))
 
     def _keep_backlog_on_disk(self) -> None:
         """During an outage (under the lock, at every retry): the backlog goes to the pending file, claimed by
@@ -587,10 +588,8 @@ class TrackingQueue:
             scratch.unlink(missing_ok=True)
 
     def _claim(self) -> dict[str, Any]:
-        claim = {"token": self.token, "pid": os.getpid(), "host": socket.gethostname(), "at": time.time()}
-        if (identity := _process_identity(os.getpid())) is not None:
-            claim["process"] = identity
-        return claim
+        return {"token": self.token, "pid": os.getpid(), "host": socket.gethostname(), "at": time.time(),
+                **_this_process()}
 
     def _load_pending(self) -> int:
         """Take over the writes an earlier command left pending, those no running command has taken over
@@ -628,9 +627,12 @@ def _held_elsewhere(claim: dict | None, *, own_token: str | None = None, own_pid
     or the process ``own_pid``."""
     if not claim or claim.get("token") == own_token:
         return False
-    if claim.get("host") != socket.gethostname():
-        # Its process cannot be looked up from here (another node, or this container before a restart, under
-        # another name): its claim holds for CLAIM_TTL_S after the command last wrote the file.
+    namespace = _this_process().get("pidns")
+    if claim.get("host") != socket.gethostname() or (claim.get("pidns") and namespace
+                                                     and claim["pidns"] != namespace):
+        # Its process cannot be looked up from here (another node, this container before a restart under another
+        # name, or a container beside this one under the same host name, whose pids are its own): its claim holds
+        # for CLAIM_TTL_S after the command last wrote the file.
         return time.time() - float(claim.get("at", 0)) < CLAIM_TTL_S
     try:
         if int(claim["pid"]) == own_pid:
@@ -647,6 +649,27 @@ def _held_elsewhere(claim: dict | None, *, own_token: str | None = None, own_pid
     # nobody's for good (`register` exited 3 every time).
     recorded, now = claim.get("process"), _process_identity(int(claim["pid"]))
     return not (recorded and now and recorded != now)
+
+
+#: This process's entries in its claims (see :func:`_this_process`), by pid: a forked child is another process.
+_THIS_PROCESS: dict[int, dict[str, str]] = {}
+
+
+def _this_process() -> dict[str, str]:
+    """``process`` (:func:`_process_identity`) and ``pidns`` (its pid namespace: containers sharing a host name
+    number their processes apart) of this process, where Linux's /proc has them; read once, not per claim (a
+    backlog of thousands is claimed at every save)."""
+    pid = os.getpid()
+    if pid not in _THIS_PROCESS:
+        entries = {}
+        if (identity := _process_identity(pid)) is not None:
+            entries["process"] = identity
+        try:
+            entries["pidns"] = os.readlink("/proc/self/ns/pid")
+        except OSError:
+            pass
+        _THIS_PROCESS[pid] = entries
+    return _THIS_PROCESS[pid]
 
 
 def _process_identity(pid: int) -> str | None:

@@ -266,8 +266,9 @@ def test_the_report_shows_the_records_it_is_given_their_epochs_and_the_champion_
     assert list(table["model"]) == ["vgg11", "resnet18"] and list(table["champion"]) == [False, True]
     # The champion is a registered version: a record of another training under its name (retrained, not
     # registered: diverged, say) was starred with numbers that are not the champion's.
-    for version, starred in (("2", True), ("3", False), ("", True)):  # "": registration pending, by name
-        current.version = version
+    for version, error, starred in (("2", "", True), ("3", "", False), ("", "", True),  # "": an older record
+                                    ("", "the weights are not finite", False)):  # diverged: the alias stayed
+        current.version, current.registration_error = version, error
         assert list(comparison_table([current, older], "resnet18", "2")["champion"]) == [False, starred]
     shown = for_display(table)
     assert list(shown["model"]) == ["vgg11", "resnet18 *"] and "champion" not in shown

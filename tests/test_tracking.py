@@ -763,12 +763,27 @@ def test_two_commands_of_one_config_share_the_pending_file_without_sending_twice
         body["claims"] = {body["ops"][0]["uid"]: {**claim, "process": _process_identity(other.pid)}}  # itself
         pending.write_text(json.dumps(body))
         assert load_pending(tmp_path, this_process=True) == []
+        # A container beside this one under the same host name numbers its processes apart: its claim's pid says
+        # nothing here (here it names a process of this container), so the claim holds for its time to live.
+        beside = {**claim, "process": _process_identity(other.pid), "pidns": "pid:[1]", "at": time.time()}
+        body["claims"] = {body["ops"][0]["uid"]: beside}
+        pending.write_text(json.dumps(body))
+        assert load_pending(tmp_path, this_process=True) == []
+        body["claims"] = {body["ops"][0]["uid"]: {**beside, "pid": 999_999_999}}  # no such pid here either
+        pending.write_text(json.dumps(body))
+        assert load_pending(tmp_path, this_process=True) == []
+        body["claims"] = {body["ops"][0]["uid"]: {**beside, "at": time.time() - 7200}}  # not renewed: stale
+        pending.write_text(json.dumps(body))
+        assert len(load_pending(tmp_path, this_process=True)) == 1
         body["claims"] = {body["ops"][0]["uid"]: {**claim, "process": "another-boot:1"}}
         pending.write_text(json.dumps(body))
     finally:
         other.kill()
         other.wait()
-    assert [op.args["note"] for op in QueueWithAnOutage(tracker, pending)._ops] == ["the second's own"]
+    taker = QueueWithAnOutage(tracker, pending)
+    assert [op.args["note"] for op in taker._ops] == ["the second's own"]
+    claims = json.loads(pending.read_text())["claims"].values()  # the taker's: which process, in which namespace
+    assert claims and all(c["token"] == taker.token and {"process", "pidns"} <= set(c) for c in claims)
 
 
 def test_a_ctrl_c_while_flush_waits_for_the_write_in_flight_keeps_it_pending_for_this_command(make_config, tmp_path,
