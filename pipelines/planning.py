@@ -36,6 +36,7 @@ __all__ = [
     "plan_model_runs",
     "search_template",
     "search_fingerprint",
+    "data_content",
     "coefficients_label",
     "auto_cpus_per_worker",
     "with_overlapped_startup",
@@ -350,25 +351,25 @@ def search_template(cfg: PipelineConfig) -> ModelChoice:
                        _with_data_defaults(cfg, "efficientnet", {"phi": float(cfg.search.phi)}))
 
 
-def search_fingerprint(cfg: PipelineConfig, info: DatasetInfo | None = None) -> str:
+def search_fingerprint(cfg: PipelineConfig) -> str:
     """Hash of every setting that decides the search's outcome: the search section (but its concurrency
-    and the family members trained afterwards) and the template run's recipe, epochs included.
-
-    For an image folder also what it holds (``info``: its description, read when not given): its files can
-    change under the same settings, and the finished search was reused, or an interrupted one resumed with
-    trials planned for the old files (their class count or split sizes), which then failed every retry.
-    """
+    and the family members trained afterwards) and the template run's recipe, epochs included."""
     hyper = hyperparameters_for(cfg.train, "efficientnet").model_copy(update={"epochs": cfg.search.epochs})
     workers = WorkerSettings.model_validate(cfg.train.model_dump(include=set(WorkerSettings.model_fields)))
-    payload = {
+    return fingerprint({
         "search": cfg.search.model_dump(mode="json", exclude=_SEARCH_RUNTIME_KEYS),
         "template": _recipe(search_template(cfg), search_data(cfg), hyper, workers),
         "epochs": cfg.search.epochs,
-    }
-    if cfg.data.dataset == "imagefolder":  # the built-in data sets never change: their fingerprints stay
-        from .data import describe_dataset
+    })
 
-        info = info or describe_dataset(search_data(cfg))
-        payload["content"] = {"classes": list(info.class_names), "channels": info.channels, "sizes": info.sizes,
-                              "excluded_files": sorted(info.excluded_files)}
-    return fingerprint(payload)
+
+def data_content(info: DatasetInfo) -> str:
+    """A short hash of what an image folder holds, as the search saw it (its classes, channels, split sizes and
+    the files left out): its files can change under the same settings (:func:`search_fingerprint`), and the
+    finished search was then reused, or an interrupted one resumed trials planned for the old files (their
+    class count, their split sizes), which failed every retry. "" for the built-in data sets, which never
+    change."""
+    if info.dataset != "imagefolder":
+        return ""
+    return fingerprint({"classes": list(info.class_names), "channels": info.channels, "sizes": info.sizes,
+                        "excluded_files": sorted(info.excluded_files)})

@@ -30,6 +30,7 @@ from .paths import write_text_atomically
 from .planning import (
     ModelChoice,
     ModelRun,
+    data_content,
     plan_model_runs,
     search_data,
     search_fingerprint,
@@ -62,6 +63,9 @@ class SearchResult:
     phi: float
     paper_included: bool
     fingerprint: str
+    #: An image folder's content as the search saw it (:func:`~pipelines.planning.data_content`); "" for the
+    #: built-in data sets and for searches saved before it was kept.
+    data_content: str = ""
     path: str = ""
     skipped: bool = False
 
@@ -76,8 +80,11 @@ class SearchResult:
         self.path = str(path)
 
 
-def load_search_result(cfg: PipelineConfig) -> SearchResult | None:
-    """The finished search of this config (same search settings), if there is one."""
+def load_search_result(cfg: PipelineConfig, content: str | None = None) -> SearchResult | None:
+    """The finished search of this config (same search settings), if there is one. ``content``: the image
+    folder's content now (:func:`~pipelines.planning.data_content`), for the search stage, which searches again
+    once it changed; the train stage and the report take the search as it was (they never read the folder
+    for it: a report needs no data)."""
     path = cfg.paths.search_result
     if not path.is_file():
         return None
@@ -86,6 +93,9 @@ def load_search_result(cfg: PipelineConfig) -> SearchResult | None:
     except (json.JSONDecodeError, TypeError):
         return None
     if result.fingerprint != search_fingerprint(cfg):
+        return None
+    if content and result.data_content and result.data_content != content:
+        logger.info("[search] %s changed since the search in %s: searching again", cfg.data.root, path)
         return None
     result.path = str(path)
     return result
@@ -295,17 +305,20 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     from .tracking_queue import TrackingQueue, TrialTracking, check_pending_writes, flushed_on_abort
 
     search = cfg.search
-    if not force and (previous := load_search_result(cfg)) is not None:
+    data_cfg = cfg.model_copy(update={"data": search_data(cfg)})
+    # Read here for an image folder only (it can change under the same settings); the built-in sets cannot.
+    content = data_content(describe_dataset(data_cfg.data)) if cfg.data.dataset == "imagefolder" else ""
+    if not force and (previous := load_search_result(cfg, content)) is not None:
         logger.info("[search] already done: best alpha=%s, beta=%s, gamma=%s (val_acc %.4f); %s",
                     previous.best["alpha"], previous.best["beta"], previous.best["gamma"], previous.best["val_acc"],
                     previous.path)
         previous.skipped = True
         return previous
 
-    data_cfg = cfg.model_copy(update={"data": search_data(cfg)})
     info = describe_dataset(data_cfg.data)
-    fingerprint = search_fingerprint(cfg, info)
-    experiment = _experiment_name(cfg, fingerprint, force)
+    fingerprint = search_fingerprint(cfg)
+    # An image folder's trials are planned for its files: changed, they are another experiment, not resumed.
+    experiment = _experiment_name(cfg, f"{fingerprint}-{content}" if content else fingerprint, force)
     free = free_resources()
     template = plan_model_runs(data_cfg, info, [search_template(cfg)], stage="search", epochs=search.epochs,
                                cluster_cpus=free["CPU"], node_cpus=node_cpus())[0].model_copy(
@@ -350,7 +363,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
         queue.flush(cfg.tracking.pending_timeout_s)
         raise
     result = SearchResult(best=best, trials=records, objective=search.objective, phi=search.phi,
-                          paper_included=plan.paper_included, fingerprint=fingerprint)
+                          paper_included=plan.paper_included, fingerprint=fingerprint, data_content=content)
     result.save(cfg.paths.search_result)
     queue.put("log_params", parent,
               params={"best_alpha": best["alpha"], "best_beta": best["beta"], "best_gamma": best["gamma"]})

@@ -274,27 +274,38 @@ def test_an_image_folder_changed_since_it_was_read_is_read_again(tmp_path):
 
 
 def test_a_search_on_an_image_folder_is_not_reused_or_resumed_once_its_files_changed(make_config, tmp_path):
-    """The search's fingerprint held its settings only: after an image folder changed, the finished search was
-    reused, and an interrupted one resumed trials planned for the old files, which failed every retry (a new
-    class: the checkpoints' heads; new images: their split sizes)."""
+    """The search knew its settings only: after an image folder changed, the finished search was reused, and an
+    interrupted one resumed trials planned for the old files, which failed every retry (a new class: the
+    checkpoints' heads; new images: their split sizes). The search now keeps what the folder held; the report
+    and the train stage take the search as it was, without reading the folder (a report needs no data)."""
     from pipelines.image_folder import check_image_folder
-    from pipelines.planning import search_fingerprint
+    from pipelines.planning import data_content, search_fingerprint
+    from pipelines.search import SearchResult, load_search_result
 
     folder = tmp_path / "images"
     _write_images(folder, per_class=6)
     cfg = make_config("data.dataset=imagefolder", f"data.root={folder}", "data.image_size=16")
-    check_image_folder(cfg.data)
-    before = search_fingerprint(cfg)
-    assert search_fingerprint(cfg) == before  # the same files: the same search
+
+    def content() -> str:
+        check_image_folder(cfg.data)  # each stage's first call
+        return data_content(describe_dataset(cfg.data))
+
+    before = content()
+    assert before and content() == before  # the same files: the same content
+    SearchResult(best={"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "val_acc": 0.5}, trials=[], objective="val_acc",
+                 phi=1.0, paper_included=True, fingerprint=search_fingerprint(cfg),
+                 data_content=before).save(cfg.paths.search_result)
+    assert load_search_result(cfg, before) is not None
     _write_images(folder, classes=("fox",), per_class=6)
-    check_image_folder(cfg.data)  # each stage's first call
-    with_a_class = search_fingerprint(cfg)
+    with_a_class = content()
     Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(folder / "fox" / "extra.png")
-    check_image_folder(cfg.data)
-    assert len({before, with_a_class, search_fingerprint(cfg)}) == 3
-    # The built-in data sets do not change: their searches keep the fingerprints they had (this one's before).
+    with_an_image = content()
+    assert len({before, with_a_class, with_an_image}) == 3
+    assert load_search_result(cfg, with_an_image) is None  # the search stage searches again
+    assert load_search_result(cfg) is not None  # the report and the train stage: the search as it was
+    # The built-in data sets do not change: nothing to keep, and their searches' fingerprints stay as they were.
     digits = make_config()
-    assert search_fingerprint(digits) == search_fingerprint(digits, info=describe_dataset(digits.data)) == "e1bf8027"
+    assert data_content(describe_dataset(digits.data)) == "" and search_fingerprint(digits) == "e1bf8027"
 
 
 def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classes(tmp_path):
