@@ -77,6 +77,12 @@ def test_every_preset_is_a_valid_config(preset, monkeypatch, tmp_path):
         # time, and the autoscaler would add one node for it.
         assert cfg.train.max_concurrent_models != "auto" and cfg.search.max_concurrent_trials != "auto", preset
         assert node["min_workers"] == 0
+    else:  # the CPU presets run on the machine at hand: a local Ray, local storage and tracking, its CPUs
+        from pipelines.planning import auto_cpus_per_worker
+
+        assert cfg.ray.address is None and "://" not in cfg.paths.storage, preset
+        assert cfg.tracking_uri.startswith("sqlite:///"), preset
+        assert 0 < auto_cpus_per_worker(cfg, cluster_cpus=2) <= 2, preset
 
 
 #: vCPUs of the GPU instance types cluster.yaml may use (AWS's instance type table).

@@ -781,8 +781,15 @@ def test_dark_drawings_on_transparency_go_onto_white_and_light_ones_onto_black(t
         assert info.background == (255 if ink == 0 else 0), name
         images = torch.stack([SplitDataset(load_splits(cfg).train, make_spec(info, 16))[i][0] for i in range(4)])
         assert images.float().std() > 20, name  # strokes visible on their background, not a blank square
-    # Opaque photos keep the data set's own rule (their fingerprints with it).
-    _write_images(tmp_path / "photos", per_class=6)
-    photos = describe_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path / "photos"), val_fraction=0.2,
-                                         test_fraction=0.2))
-    assert photos.background == (0 if sum(photos.mean) / 3 < 0.5 else 255)
+    # Opaque photos keep the data set's own rule (their fingerprints with it): black behind dark ones, white
+    # behind bright ones.
+    rng = np.random.default_rng(0)
+    for low, high, background in ((0, 60, 0), (200, 256, 255)):
+        root = tmp_path / f"photos-{low}"
+        for label in ("cat", "dog"):
+            (root / label).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(low, high, (20, 24, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+        photos = describe_dataset(DataConfig(dataset="imagefolder", root=str(root), val_fraction=0.2,
+                                             test_fraction=0.2))
+        assert photos.background == background, (low, high)

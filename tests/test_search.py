@@ -146,8 +146,8 @@ def test_a_search_marker_cut_short_resumes_the_default_experiment(make_config, c
         assert _experiment_name(cfg, "abc", force=False) == f"{cfg.name}-search-abc"
     assert "experiment.json is damaged" in caplog.text
     write_text_atomically(marker, "kept")
-    with pytest.raises(TypeError):
-        write_text_atomically(marker, 123)  # fails mid-write
+    with pytest.raises(UnicodeEncodeError):  # fails mid-write: Path.write_text would have emptied the marker first
+        write_text_atomically(marker, "x" * 100 + "\udc80")
     assert marker.read_text() == "kept" and [p.name for p in marker.parent.iterdir()] == ["experiment.json"]
 
 
@@ -245,9 +245,13 @@ def test_optuna_mode_runs_two_feasible_trials(ray_cluster, make_config):
             reported[results.parent.name] = rows
     assert len(reported) == 2
     by_macs = {t["macs"]: t for t in forced.trials}
+    from pipelines.trials import EPOCHS_DONE
+
     for rows in reported.values():
         macs = describe_search_trial(cfg.search.phi, rows[0]["config"])[2]["macs"]
         assert [r["score"] for r in rows] == pytest.approx([r["val_acc"] * (macs / 1000) ** -0.07 for r in rows])
+        # What ASHA compares trials by, through Tune's own session: the epochs the model has reached.
+        assert [r[EPOCHS_DONE] for r in rows] == [r["epoch"] + 1 for r in rows] == [1]
         assert max(r["score"] for r in rows) == pytest.approx(by_macs[macs]["score"])
     experiments = {p.parent.name for p in Path(cfg.paths.storage).glob(f"{cfg.name}-search-*/tuner.pkl")}
     assert len(experiments) == 2, experiments

@@ -828,11 +828,12 @@ def test_a_write_in_flight_that_fails_after_flush_gave_up_keeps_its_place_in_the
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "0")  # flush waits 5 s for an attempt in flight
     tracker = Tracker.for_config(make_config())
     queue = QueueWithAFailingSlowWrite(tracker, tmp_path / "tracking-pending.json")
-    queue.put("slow_upload", "local:run", seconds=7)
+    queue.put("slow_upload", "local:run", seconds=10)
     queue.put("update_champion", registered_model="m")
     queue.put("end_run", "local:run", status="FINISHED")
-    left = queue.flush(timeout_s=1.5)  # the retry starts after 1 s and outlasts flush
+    left = queue.flush(timeout_s=3)  # the retry starts after 1 s and outlasts flush (3 s, then 5 s for it)
     assert [op.kind for op in left] == ["slow_upload", "update_champion", "end_run"]
+    assert queue.attempts == 2 and queue._thread.is_alive()  # in flight when flush gave up
     queue._thread.join(timeout=30)
     assert queue.attempts == 2 and not queue._thread.is_alive()
     assert [op.kind for op in load_pending(tmp_path)] == ["slow_upload", "update_champion", "end_run"]
