@@ -11,15 +11,20 @@ from pipelines.batching import Batcher
 
 
 class SlowModel:
-    """Doubles its inputs, taking ``seconds`` per batch; records the batches it saw."""
+    """Doubles its inputs, taking ``seconds`` per batch (or, with ``gate``, until the gate opens); records the
+    batches it saw."""
 
     def __init__(self, seconds: float = 0.05) -> None:
         self.seconds = seconds
+        self.gate: asyncio.Event | None = None
         self.batches: list[list[int]] = []
 
     async def __call__(self, items: list[int]) -> list[int]:
         self.batches.append(list(items))
-        await asyncio.sleep(self.seconds)
+        if self.gate is not None:
+            await self.gate.wait()
+        else:
+            await asyncio.sleep(self.seconds)
         if -1 in items:
             raise ValueError("bad item")
         return [2 * i for i in items]
@@ -60,12 +65,17 @@ def test_abandoned_requests_are_left_out_and_errors_reach_only_their_batch():
     model = SlowModel()
 
     async def scenario():
+        # Batch [1] runs until the gate opens: what queues behind it does not race a timer on a busy machine.
+        model.gate = asyncio.Event()
         batcher = Batcher(model, max_batch_size=4)
         running = asyncio.ensure_future(batcher.submit(1))
         await asyncio.sleep(0.01)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(batcher.submit(2), 0.01)  # gives up while batch [1] runs
         failing = asyncio.gather(batcher.submit(-1), batcher.submit(3), return_exceptions=True)
+        await asyncio.sleep(0.01)  # both queued behind batch [1]
+        assert model.batches == [[1]]
+        model.gate.set()
         assert await running == 2
         bad, also_bad = await failing
         assert isinstance(bad, ValueError) and isinstance(also_bad, ValueError)
