@@ -634,8 +634,10 @@ def test_the_next_model_starts_up_while_one_trains_and_waits_for_the_cores(ray_c
     assert at(second, "worker_start") < at(first, "test_start"), "the second run did not start up meanwhile"
     assert at(second, "compute_granted") >= at(first, "test_start") - 0.5, "both trained at the same time"
     assert all(r.version for r in stage.results.values()), "both registered"
-    time.sleep(2)  # worker lines reach the driver's console through Ray's log monitor
-    out = capfd.readouterr().out
+    out, deadline = "", time.monotonic() + 30
+    while "[vgg11] epoch 1/2: batch " not in out and time.monotonic() < deadline:
+        out += capfd.readouterr().out  # worker lines reach the driver's console through Ray's log monitor
+        time.sleep(0.2)
     assert "[vgg11] epoch 1/2: batch " in out and " img/s, epoch ETA " in out  # within an epoch
     assert "[train] 1/2 models done in " in out and "[train] 2/2 models done" in out
 
