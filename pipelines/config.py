@@ -460,11 +460,16 @@ class TrackingConfig(_Section):
         if value is not None and (
             value.startswith("file:") or ("://" not in value and not value.startswith("databricks"))
         ):
+            # A mistyped database URI ("postgresql:/user:password@host") reads as a path: its scheme only.
+            shown = repr(value) if ":" not in value else repr(value.split(":", 1)[0] + ":...")
             raise ValueError(
-                f"{value!r} is a file store, which MLflow 3.13+ refuses; use sqlite:///path/mlflow.db or http://host:5000"
+                f"{shown} is a file store, which MLflow 3.13+ refuses; use sqlite:///path/mlflow.db or http://host:5000"
             )
         if value is None:
             return value
+        if _MASKED_PASSWORD.search(value):
+            raise ValueError("its password is the mask printed by check-config and logged with each run ('***'), "
+                             "not the password; give the real URI (an environment variable: ${VAR})")
         value = absolute_sqlite_uri(value)
         scheme = value.split(":", 1)[0].lower()
         known = TRACKING_SCHEMES + _plugin_tracking_schemes()
@@ -474,6 +479,11 @@ class TrackingConfig(_Section):
             raise ValueError(f"MLflow has no tracking store for the scheme {scheme!r} (it has "
                              f"{', '.join(known)}){hint}")
         return value
+
+
+#: What :func:`redact_uri` leaves of a password: a config copied from ``check-config`` or a run's logged
+#: ``config.yaml`` holds it instead of the password.
+_MASKED_PASSWORD = re.compile(r"^[A-Za-z][\w+.-]*://[^:/@]*:\*\*\*@|(?i:[?&](?:password|passwd|pwd))=\*\*\*(?:&|$)")
 
 
 def absolute_sqlite_uri(uri: str) -> str:
@@ -572,6 +582,16 @@ class ServeConfig(_Section):
         5, ge=1, description="classes returned when top_k is not given (at most the model's class count)"
     )
 
+    @field_validator("auth_token")
+    @classmethod
+    def _not_the_mask(cls, value: Optional[SecretStr]) -> Optional[SecretStr]:
+        # check-config and every run's logged config.yaml show the token as this mask: a config copied from
+        # them would otherwise guard the endpoint with a token anyone can read.
+        if value is not None and value.get_secret_value() == "**********":
+            raise ValueError("'**********' is the mask printed by check-config and logged with each run, not a "
+                             "token; set serve.auth_token_env (the environment variable holding it)")
+        return value
+
     @field_validator("checkpoints")
     @classmethod
     def _absolute_checkpoints(cls, value: dict[str, str]) -> dict[str, str]:
@@ -641,7 +661,9 @@ class PipelineConfig(_Section):
         # string: the run directories joined on after them fell into the option's value, and checkpoints read
         # back without them went to AWS itself (registration then retried for good).
         if value is not None and "://" in value and "?" in value:
-            raise ValueError(f"{value!r}: options in the storage URI are lost from the paths built under it; give "
+            # The options are not echoed: they may hold credentials (pyarrow's secret_key).
+            raise ValueError(f"{value.split('?', 1)[0] + '?...'!r}: options in the storage URI are lost from the "
+                             "paths built under it; give "
                              "an S3-compatible store's endpoint as AWS_ENDPOINT_URL (and the region as "
                              "AWS_DEFAULT_REGION) in every node's environment instead")
         return value
@@ -1031,6 +1053,11 @@ def _load_yaml(text: str) -> Any:
 SECRET_KEYS = frozenset({"serve.auth_token", "tracking.uri"})
 
 
+def _is_secret_key(key: str) -> bool:
+    """Whether the value at ``key`` (or under it) may hold a secret, so errors name the key only."""
+    return "token" in key or any(secret == key or secret.startswith(f"{key}.") for secret in SECRET_KEYS)
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(text, "overrides look like key=value, e.g. train.epochs=5")
@@ -1041,7 +1068,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        if any(secret == key or secret.startswith(f"{key}.") for secret in SECRET_KEYS):  # PyYAML quotes the text
+        if _is_secret_key(key):  # PyYAML quotes the text
             raise ConfigError(key, "the value is not valid YAML (not shown: it is a secret); put it in quotes, "
                                    f"--set '{key}=\"...\"'") from None
         raise ConfigError(key, f"value {raw!r} is not valid YAML: {err}") from None
@@ -1109,7 +1136,8 @@ def expand_env(data: Any, key: str = "") -> Any:
         if default is not None and not value:  # the shell's `:-`: unset or empty
             return default
         if value is None:
-            raise ConfigError(key, f"environment variable {name} is not set (the value is {data!r})")
+            shown = "" if _is_secret_key(key) else f" (the value is {data!r})"
+            raise ConfigError(key, f"environment variable {name} is not set{shown}")
         return value
 
     return _ENV_REFERENCE.sub(substitute, data)

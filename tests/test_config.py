@@ -223,6 +223,40 @@ def test_a_database_password_in_the_tracking_uri_is_masked_wherever_it_is_shown(
     assert "s3cret" not in str(info.value)
 
 
+@pytest.mark.parametrize("override, key, secret", [
+    # A database URI missing a slash reads as a file path: the error showed all of it.
+    ("tracking.uri=postgresql+psycopg:/mlflow:s3cret@db.internal:5432/mlflow", "tracking.uri", "s3cret"),
+    ("tracking.uri=postgresql://mlflow:s3cret@${CNNZOO_TEST_UNSET_HOST}/mlflow", "tracking.uri", "s3cret"),
+    ("serve.auth_token=t0kenpart-${CNNZOO_TEST_UNSET_SUFFIX}", "serve.auth_token", "t0kenpart"),
+    ("storage_path=s3://bucket/ray?access_key=AKIA&secret_key=wJalrSECRET", "storage_path", "wJalrSECRET"),
+])
+def test_config_errors_never_echo_a_secret(override, key, secret, monkeypatch):
+    monkeypatch.delenv("CNNZOO_TEST_UNSET_HOST", raising=False)
+    monkeypatch.delenv("CNNZOO_TEST_UNSET_SUFFIX", raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert info.value.key == key and secret not in str(info.value)
+
+
+def test_the_masks_check_config_prints_are_refused_as_a_token_or_password(tmp_path):
+    """check-config's output (and each run's logged config.yaml) loaded back: the token became the public mask
+    '**********' and the database password '***', silently."""
+    cfg = load_config(None, ["serve.auth_token=t0ken", "tracking.uri=postgresql://u:pw@db/x", "serve.host=0.0.0.0"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(cfg.to_yaml())
+    with pytest.raises(ConfigError) as info:
+        load_config(str(printed), [])
+    assert info.value.key == "tracking.uri" and "mask" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(printed), ["tracking.uri=postgresql://u:pw@db/x"])
+    assert info.value.key == "serve.auth_token" and "mask" in str(info.value)
+    for uri in ("http://u:***@mlflow:5000", "mysql://db/x?user=u&password=***"):
+        with pytest.raises(ConfigError, match="mask"):
+            load_config(None, [f"tracking.uri={uri}"])
+    for real in ("postgresql://u:***x@db/x", "mysql://db/x?password=***x"):  # a password that only starts so
+        assert load_config(None, [f"tracking.uri={real}"]).tracking_uri == real
+
+
 def test_cli_config_errors_exit_2_before_ray_starts():
     # One interpreter runs every case; Ray must never be initialised in it.
     script = """
