@@ -314,7 +314,8 @@ class ModelSelection(_Section):
         description="cnnmodels names (cnnmodels.list_models()); efficientnet_phiN for a compound-scaled member",
     )
     model_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="extra create_model keyword arguments per model name"
+        default_factory=dict, description="extra create_model keyword arguments per model name (also "
+        "efficientnet_phiN members of search.phis, and efficientnet: the search's baseline)"
     )
     model_overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -822,15 +823,19 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
 
 
 def _check_model_option_values(cfg: PipelineConfig) -> None:
-    """Build each selected model that has options, as the planner will (with the data's defaults), on the
-    meta device: a value its builder refuses (``stem_stride: 3``) fails here instead of in a Ray worker."""
-    if not set(cfg.train.model_options) & set(cfg.train.models):
+    """Build each model that has options, as the planner will (with the data's defaults), on the meta device:
+    those train.models names, the searched family's members (at the paper's coefficients: the search's are not
+    known yet) and the search's baseline. A value its builder refuses (``stem_stride: 3``) fails here instead
+    of in a Ray worker."""
+    if not cfg.train.model_options:
         return
     import torch
 
-    from .planning import resolve_models  # planning builds on this module
+    from .planning import resolve_models, search_template  # planning builds on this module
+    from .search_space import PAPER
 
-    for choice in resolve_models(cfg):
+    paper = dict(zip(("alpha", "beta", "gamma"), PAPER, strict=True))
+    for choice in [*resolve_models(cfg, paper), search_template(cfg)]:
         if choice.name not in cfg.train.model_options:
             continue
         try:

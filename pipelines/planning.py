@@ -219,7 +219,9 @@ def resolve_models(cfg: PipelineConfig, coefficients: dict[str, float] | None = 
             if prefix == PAPER_FAMILY and float(phi) == 0:
                 continue  # every multiplier is 1 at phi 0: the searched family's member is the same model
             if name not in known:
-                options = {"phi": float(phi), "alpha": alpha, "beta": beta, "gamma": gamma}
+                # Its own model options too (a dropout for efficientnet_phi2), as for a model train.models names.
+                options = {"phi": float(phi), "alpha": alpha, "beta": beta, "gamma": gamma,
+                           **cfg.train.model_options.get(name, {})}
                 choices.append(ModelChoice(name, "efficientnet", _with_data_defaults(cfg, "efficientnet", options)))
     return choices
 
@@ -346,9 +348,10 @@ def search_data(cfg: PipelineConfig) -> DataConfig:
 
 
 def search_template(cfg: PipelineConfig) -> ModelChoice:
-    """The baseline the search scales: EfficientNet at ``search.phi`` on the data's resolution."""
-    return ModelChoice("efficientnet", "efficientnet",
-                       _with_data_defaults(cfg, "efficientnet", {"phi": float(cfg.search.phi)}))
+    """The baseline the search scales: EfficientNet at ``search.phi`` on the data's resolution, with
+    ``train.model_options.efficientnet`` (as ``train.model_overrides.efficientnet`` sets its recipe)."""
+    options = {**cfg.train.model_options.get("efficientnet", {}), "phi": float(cfg.search.phi)}
+    return ModelChoice("efficientnet", "efficientnet", _with_data_defaults(cfg, "efficientnet", options))
 
 
 def search_fingerprint(cfg: PipelineConfig) -> str:

@@ -230,6 +230,31 @@ def test_compare_paper_adds_the_paper_family_at_the_searched_phis(make_config, c
     assert "found the paper's (1.2, 1.1, 1.15) itself" in caplog.text
 
 
+def test_model_options_reach_the_searched_family_and_the_search_baseline(make_config):
+    """``train.model_options`` for a family member trained because of ``search.phis``, or for the search's
+    baseline ``efficientnet``, were silently dropped (and never validated), while ``model_overrides`` for the
+    same names applied."""
+    from pipelines.config import ConfigError, load_config
+    from pipelines.planning import search_template
+
+    searched = {"alpha": 1.3, "beta": 1.05, "gamma": 1.2}
+    cfg = make_config("train.models=[resnet18]", "search.phis=[0, 1]",
+                      "train.model_options={efficientnet_phi1: {dropout: 0.5}, efficientnet: "
+                      "{stochastic_depth_prob: 0.05}}")
+    choices = {c.name: c for c in resolve_models(cfg, searched)}
+    assert choices["efficientnet_phi1"].kwargs["dropout"] == 0.5
+    assert {k: choices["efficientnet_phi1"].kwargs[k] for k in searched} == searched
+    assert "dropout" not in choices["efficientnet_phi0"].kwargs
+    template = search_template(cfg)
+    assert template.kwargs["stochastic_depth_prob"] == 0.05 and template.kwargs["phi"] == cfg.search.phi
+    assert search_fingerprint(cfg) != search_fingerprint(make_config("train.models=[resnet18]", "search.phis=[0, 1]"))
+    for options, key in (("{efficientnet_phi1: {dropout: 7}}", "train.model_options.efficientnet_phi1"),
+                         ("{efficientnet: {stochastic_depth_prob: 1.5}}", "train.model_options.efficientnet")):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, ["search.phis=[0, 1]", f"train.model_options={options}"])
+        assert info.value.key == key
+
+
 def test_the_stage_reports_only_records_of_this_training(make_config):
     """A record another training left under a model's name (another learning rate, before this one failed) is
     not reported as this stage's result: the table, the report and serving would show the old model as new."""
