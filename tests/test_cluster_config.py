@@ -131,9 +131,27 @@ def test_only_the_head_may_launch_instances_and_it_may_pass_only_the_worker_role
     actions = {a for s in worker for a in _as_list(s["Action"])}
     assert actions and all(a.startswith("s3:") for a in actions), actions
     objects = [r for s in worker for r in _as_list(s["Resource"]) if r.count("/")]
-    assert objects and all(r.startswith("arn:aws:s3:::YOUR-BUCKET/cnnzoo/ray/") for r in objects), objects
+    # The Ray storage prefix, and the one marker key above it (exact, no wildcard: see the next test).
+    marker = "arn:aws:s3:::YOUR-BUCKET/cnnzoo/"
+    assert objects and all(r.startswith(f"{marker}ray/") or r == marker for r in objects), objects
     wildcards = [s["Sid"] for s in head + worker if "*" in _as_list(s["Resource"])]
     assert wildcards == ["AutoscalerDescribes"]  # EC2's Describe calls take no resource ARN; nothing else is open
+
+
+def test_workers_may_put_every_directory_marker_pyarrow_writes_above_a_checkpoint(cluster):
+    """Ray Train persists a checkpoint with pyarrow's ``create_dir(recursive=True)``, which on S3 puts an empty
+    marker object for every level of the path from the bucket down (``cnnzoo/``, ``cnnzoo/ray/``, ...), existing
+    or not: without ``cnnzoo/`` every checkpoint upload from a GPU worker was refused (403)."""
+    import fnmatch
+    import re
+
+    storage = re.search(r"CNNZOO_STORAGE_PATH=(s3://[^'\s]+)", "\n".join(cluster["setup_commands"])).group(1)
+    bucket, _, prefix = storage.removeprefix("s3://").partition("/")
+    levels = f"{prefix}/experiment/trial/checkpoint_000000".split("/")
+    puts = [r for s in _allowed(_policy("worker-policy.json"), "s3:PutObject") for r in _as_list(s["Resource"])]
+    for key in ["/".join(levels[:i]) + "/" for i in range(1, len(levels) + 1)] + [f"{prefix}/x/model.pt"]:
+        assert any(fnmatch.fnmatchcase(f"arn:aws:s3:::{bucket}/{key}", r) for r in puts), key
+    assert not any(fnmatch.fnmatchcase(f"arn:aws:s3:::{bucket}/cnnzoo/mlflow-state/mlflow.db", r) for r in puts)
 
 
 def test_every_node_boots_an_ami_whose_driver_runs_the_cuda_12_image(cluster):
