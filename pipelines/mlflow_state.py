@@ -12,8 +12,13 @@
   starts without a database, :func:`backup` s it periodically while it runs, and the README's
   ``ray exec cluster.yaml 'python -m pipelines.mlflow_state backup'`` before ``ray down`` takes the last one.
 
-Run on the head: ``python -m pipelines.mlflow_state {backup,restore,fetch-backend-uri} ...``. Exit codes: 0
-done (or nothing to do), 1 failed, 2 a missing setting.
+Every new head installs the newest MLflow the project admits, while the store outlives the cluster: a store
+written by an older MLflow has an older schema, which the server refuses to start on. :func:`upgrade` migrates
+it first (with a copy of a sqlite store beside it), and :func:`wait_until_serving` makes ``ray up`` fail, with
+the server's log, when the server does not come up, instead of the first job failing later.
+
+Run on the head: ``python -m pipelines.mlflow_state {backup,restore,upgrade,wait,fetch-backend-uri} ...``.
+Exit codes: 0 done (or nothing to do), 1 failed, 2 a missing setting.
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ import os
 import sqlite3
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
-__all__ = ["backup", "restore", "fetch_backend_uri", "main"]
+__all__ = ["backup", "restore", "upgrade", "wait_until_serving", "fetch_backend_uri", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +61,9 @@ def backup(db: Path, uri: str) -> int:
     filesystem, path = _filesystem(uri)
     with tempfile.TemporaryDirectory(dir=db.parent) as scratch:
         snapshot = Path(scratch) / db.name
-        source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        target = sqlite3.connect(snapshot)
-        try:
-            source.backup(target)
-        finally:
-            target.close()
-            source.close()
+        _snapshot(db, snapshot)
         filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        partial = f"{path}.partial"
+        partial = f"{path}.partial-{uuid.uuid4().hex}"  # two backups at once (the loop, a manual one) each their own
         with snapshot.open("rb") as data, filesystem.open_output_stream(partial) as out:
             while chunk := data.read(1 << 20):
                 out.write(chunk)
@@ -98,6 +101,57 @@ def restore(db: Path, uri: str) -> bool:
     return True
 
 
+def _snapshot(db: Path, target: Path) -> None:
+    """A consistent copy of the sqlite database ``db`` at ``target`` (sqlite's online backup API)."""
+    source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)
+    finally:
+        copy.close()
+        source.close()
+
+
+def upgrade(backend_uri: str) -> str | None:
+    """Migrate the MLflow store at ``backend_uri`` to the installed MLflow's schema (what ``mlflow db upgrade``
+    does; an empty database gets its tables), in this process, so a password in the URI stays off every
+    command line. A sqlite store is copied to ``<db>.before-upgrade`` first (migrations are not transactional);
+    returns that copy's path, or None (no sqlite file yet, or another database: back it up yourself)."""
+    from mlflow.db import upgrade as mlflow_db_upgrade
+
+    copy = None
+    if backend_uri.startswith("sqlite:///"):
+        db = Path(backend_uri.removeprefix("sqlite:///").split("?", 1)[0])
+        if db.is_file():
+            copy = db.with_name(db.name + ".before-upgrade")
+            _snapshot(db, copy)
+    mlflow_db_upgrade.callback(url=backend_uri)
+    return str(copy) if copy else None
+
+
+def wait_until_serving(url: str, timeout_s: float, log: Path | None = None) -> float:
+    """Poll the tracking server's ``/health`` at ``url`` until it answers 200; returns the seconds waited.
+    Raises TimeoutError, with the last lines of the server's ``log``, when it does not within ``timeout_s``."""
+    start = time.monotonic()
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    return time.monotonic() - start
+                last = f"HTTP {answer.status}"
+        except (OSError, urllib.error.URLError) as err:  # refused while it starts; HTTPError is a URLError
+            last = str(err)
+        if time.monotonic() - start >= timeout_s:
+            tail = ""
+            if log is not None and log.is_file():
+                lines = log.read_text(errors="replace").splitlines()[-40:]
+                tail = f"; the last lines of {log}:\n" + "\n".join(lines)
+            raise TimeoutError(f"the MLflow server at {url} did not answer /health within {timeout_s:g} s "
+                               f"({last}){tail}")
+        time.sleep(1.0)
+
+
 def fetch_backend_uri(parameter: str, out: Path, region: str | None = None) -> bool:
     """Write the SecureString SSM ``parameter`` (the backend store URI) to ``out``, readable by its owner only;
     returns False, and removes ``out``, when the parameter does not exist (the sqlite fallback then applies).
@@ -128,13 +182,22 @@ def _setting(value: str | None, option: str, env: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: ``backup``, ``restore`` and ``fetch-backend-uri`` (see the module docstring)."""
+    """The command line: ``backup``, ``restore``, ``upgrade``, ``wait`` and ``fetch-backend-uri`` (see the
+    module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.mlflow_state", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, verb in (("backup", "copy the sqlite store to"), ("restore", "restore a missing store from")):
         command = commands.add_parser(name, help=f"{verb} the bucket")
         command.add_argument("--db", default=None, help=f"the sqlite file (default $CNNZOO_MLFLOW_DB or {DEFAULT_DB})")
         command.add_argument("--uri", default=None, help="the backup's s3:// URI (default $CNNZOO_MLFLOW_BACKUP_URI)")
+    migrate = commands.add_parser("upgrade", help="migrate the store to this MLflow's schema (before the server "
+                                                  "starts)")
+    migrate.add_argument("--db", default=None, help="the sqlite file when $CNNZOO_MLFLOW_BACKEND_URI is not set "
+                                                    f"(default $CNNZOO_MLFLOW_DB or {DEFAULT_DB})")
+    wait = commands.add_parser("wait", help="wait until the tracking server answers, else show its log (exit 1)")
+    wait.add_argument("--url", required=True, help="the server's address, e.g. http://10.0.0.5:5000")
+    wait.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+    wait.add_argument("--log", type=Path, default=None, help="the server's log, shown when it does not answer")
     fetch = commands.add_parser("fetch-backend-uri", help="write the backend store URI from SSM to a private file")
     fetch.add_argument("--parameter", required=True, help="the SSM parameter name, e.g. /cnnzoo/mlflow-backend-uri")
     fetch.add_argument("--out", required=True, type=Path, help="the file to write it to (mode 0600)")
@@ -145,6 +208,17 @@ def main(argv: list[str] | None = None) -> int:
             found = fetch_backend_uri(args.parameter, args.out, args.region)
             print(f"MLflow backend store: the URI in SSM parameter {args.parameter} (in {args.out})" if found
                   else f"no SSM parameter {args.parameter}: the MLflow server uses the sqlite fallback")
+            return 0
+        if args.command == "wait":
+            waited = wait_until_serving(args.url, args.timeout, args.log)
+            print(f"the MLflow server at {args.url} answers (after {waited:.0f} s)")
+            return 0
+        if args.command == "upgrade":
+            managed = os.environ.get("CNNZOO_MLFLOW_BACKEND_URI")
+            db = Path(args.db or os.environ.get("CNNZOO_MLFLOW_DB") or DEFAULT_DB)
+            copy = upgrade(managed or f"sqlite:///{db}")
+            print("MLflow store at this MLflow's schema: " + ("$CNNZOO_MLFLOW_BACKEND_URI" if managed else str(db))
+                  + (f" (its copy from before: {copy})" if copy else ""))
             return 0
         if os.environ.get("CNNZOO_MLFLOW_BACKEND_URI"):
             print(f"{args.command}: the MLflow backend store is $CNNZOO_MLFLOW_BACKEND_URI (a managed database), "
@@ -161,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"not restored: {db} exists" if db.exists() else f"no backup at {uri}: starting an empty store")
         return 0
     except Exception as error:  # noqa: BLE001 - one line for the setup log, exit 1
-        print(f"error: {args.command} failed: {type(error).__name__}: {error}", file=sys.stderr)
+        message = str(error)
+        if managed_uri := os.environ.get("CNNZOO_MLFLOW_BACKEND_URI"):  # a driver's error may quote its password
+            from .config import redact_uri
+
+            message = message.replace(managed_uri, redact_uri(managed_uri))
+        print(f"error: {args.command} failed: {type(error).__name__}: {message}", file=sys.stderr)
         return 1
 
 

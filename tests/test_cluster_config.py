@@ -208,6 +208,21 @@ def test_the_mlflow_store_outlives_the_container_and_the_cluster(cluster):
     assert any(r.startswith("psycopg[binary]") for r in extras["postgres"])
 
 
+@pytest.mark.parametrize("preset", ["cifar10-gpu.yaml", "imagefolder-gpu.yaml"])
+def test_the_gpu_presets_workdir_and_the_serve_token_outlive_the_head_container(cluster, preset):
+    """The workdir (tracking writes still pending, the search's result, the train records) and the Serve token
+    lived in the container's own filesystem: a rebooted head or a second `ray up` lost them (and clients got
+    401 with the token they held)."""
+    workdir = yaml.safe_load((ROOT / "pipelines" / "configs" / preset).read_text())["workdir"]
+    mounts = dict(reversed(o.split()[1].split(":")) for o in cluster["docker"]["head_run_options"]
+                  if o.startswith("-v "))
+    made = "\n".join(cluster["initialization_commands"])
+    for target in (workdir, "/home/ray/.cnnzoo"):
+        assert target in mounts, (target, mounts)
+        assert mounts[target] in made  # made by the ubuntu user before docker runs
+    assert "serve_token" in "\n".join(cluster["head_setup_commands"])
+
+
 def test_local_secrets_and_state_are_not_synced_to_the_nodes(cluster):
     assert cluster["rsync_filter"] == [".gitignore"]
     ignored = (ROOT / ".gitignore").read_text().split()
@@ -257,7 +272,7 @@ def test_an_mlflow_registry_backed_up_and_restored_keeps_its_models_and_aliases(
     client.set_registered_model_alias("zoo", "champion", version.version)
     bucket = tmp_path / "bucket" / "cnnzoo" / "mlflow-state" / "mlflow.db"
     assert backup(db, str(bucket)) > 0 and bucket.is_file()
-    assert not list(bucket.parent.glob("*.partial"))
+    assert not list(bucket.parent.glob("*.partial*"))
 
     new = tmp_path / "new-head" / "mlflow.db"
     assert main(["restore", "--db", str(new), "--uri", str(bucket)]) == 0 and new.is_file()
@@ -270,6 +285,132 @@ def test_an_mlflow_registry_backed_up_and_restored_keeps_its_models_and_aliases(
     with pytest.raises(RuntimeError, match="is not a sound sqlite database"):
         restore(tmp_path / "third" / "mlflow.db", str(tmp_path / "bucket" / "junk.db"))
     assert not list((tmp_path / "third").iterdir())
+
+
+def test_two_backups_at_once_both_succeed(tmp_path, monkeypatch):
+    """The 10-minute loop and a manual backup before `ray down` shared one ``.partial`` key: the one that moved
+    second found it gone (FileNotFoundError) or moved the other's snapshot."""
+    import sqlite3
+
+    import pipelines.mlflow_state as state
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("create table t (x)")
+        connection.execute("insert into t values (1)")
+    target = str(tmp_path / "bucket" / "mlflow.db")
+    real_filesystem = state._filesystem
+    nested = []
+
+    class FirstMoveRunsAnotherBackup:
+        def __init__(self, filesystem):
+            self.filesystem = filesystem
+
+        def __getattr__(self, name):
+            return getattr(self.filesystem, name)
+
+        def move(self, source, destination):
+            if not nested:
+                nested.append(0)
+                nested[0] = state.backup(db, target)  # the other backup, from start to end, in between
+            return self.filesystem.move(source, destination)
+
+    def filesystem(uri):
+        fs, path = real_filesystem(uri)
+        return FirstMoveRunsAnotherBackup(fs), path
+
+    monkeypatch.setattr(state, "_filesystem", filesystem)
+    assert state.backup(db, target) > 0 and nested and nested[0] > 0
+    with sqlite3.connect(target) as copy:
+        assert copy.execute("select x from t").fetchall() == [(1,)]
+    assert [p.name for p in (tmp_path / "bucket").iterdir()] == ["mlflow.db"]  # no partial left behind
+
+
+def _store_one_migration_behind(db: Path) -> tuple[str, str]:
+    """A sqlite MLflow store at the schema one migration before the installed MLflow's: (that revision, the
+    head revision)."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config, create_sqlalchemy_engine_with_retry
+    from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
+
+    url = f"sqlite:///{db}"
+    engine = create_sqlalchemy_engine_with_retry(url)
+    InitialBase.metadata.create_all(engine)
+    config = _get_alembic_config(url)
+    script = ScriptDirectory.from_config(config)
+    head = script.get_current_head()
+    previous = script.get_revision(head).down_revision
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, previous)
+    engine.dispose()
+    return previous, head
+
+
+def test_a_store_from_an_older_mlflow_is_migrated_before_the_server_starts(tmp_path, monkeypatch, cluster):
+    """Every new head installs the newest MLflow below 4 while the registry outlives the cluster: a store at
+    an older schema stopped the server from starting ("out-of-date database schema"), unseen by `ray up`."""
+    import sqlite3
+
+    from pipelines.mlflow_state import main
+
+    monkeypatch.delenv("CNNZOO_MLFLOW_BACKEND_URI", raising=False)
+    db = tmp_path / "mlflow.db"
+    previous, head = _store_one_migration_behind(db)
+    assert main(["upgrade", "--db", str(db)]) == 0
+
+    def revision(path: Path) -> str:
+        with sqlite3.connect(path) as connection:
+            return connection.execute("select version_num from alembic_version").fetchone()[0]
+
+    assert revision(db) == head and previous != head
+    assert revision(tmp_path / "mlflow.db.before-upgrade") == previous  # the copy from before the migration
+    assert main(["upgrade", "--db", str(db)]) == 0 and revision(db) == head  # at the head: nothing to do
+    start = [c for c in cluster["head_start_ray_commands"]]
+    position = {key: next(i for i, c in enumerate(start) if key in c)
+                for key in ("mlflow_state restore", "mlflow_state upgrade", "mlflow server", "mlflow_state wait",
+                            "ray start")}
+    assert position["mlflow_state restore"] < position["mlflow_state upgrade"] < position["mlflow server"]
+    assert position["mlflow server"] < position["mlflow_state wait"] < position["ray start"]
+
+
+def test_waiting_for_the_tracking_server_fails_with_its_log_when_it_does_not_answer(tmp_path, capsys):
+    """`ray up` started the server in the background and returned: a server that died at start (a wrong
+    database password, an old schema) was found only by the first job, and one still starting failed it."""
+    import http.server
+    import socket
+    import threading
+
+    from pipelines.mlflow_state import main, wait_until_serving
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the handler's API
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert wait_until_serving(url, timeout_s=10) < 5
+        assert main(["wait", "--url", url, "--timeout", "10"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    log = tmp_path / "server.log"
+    log.write_text("starting\nmlflow.exceptions.MlflowException: Detected out-of-date database schema\n")
+    with pytest.raises(TimeoutError, match="out-of-date database schema"):
+        wait_until_serving(closed, timeout_s=1.5, log=log)
+    assert main(["wait", "--url", closed, "--timeout", "1", "--log", str(log)]) == 1
+    assert "did not answer /health" in capsys.readouterr().err
 
 
 def test_the_state_commands_name_a_missing_setting_and_skip_a_managed_backend(tmp_path, monkeypatch, capsys):
