@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from filelock import FileLock
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from .config import DataConfig
-from .preprocess import ALPHA_MODES, PreprocessSpec
+from .preprocess import ALPHA_MODES, PreprocessSpec, upright
 
 __all__ = [
     "DatasetInfo",
@@ -330,7 +330,7 @@ def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"sample-{cfg.dataset}-{safe}.png"
     # Upright as training saw it (a phone photo's EXIF orientation: PNG keeps no EXIF, so it would go sideways).
-    image = ImageOps.exif_transpose(splits.test.pil(0))
+    image = upright(splits.test.pil(0))
     if image.mode not in PNG_MODES:  # a CMYK JPEG, a float TIFF: PNG cannot hold them, the server takes RGB
         image = image.convert("RGB")
     image.save(path)

@@ -111,10 +111,13 @@ class PreprocessSpec:
         through float64 copies of the whole image, a 4000x4000 RGBA PNG 305 MB through full-size compositing;
         now the scaling goes a band of rows at a time and the compositing works on the shrunk image.
         """
-        if image.getexif().get(0x0112, 1) != 1:  # exif_transpose copies even an upright image
-            image = ImageOps.exif_transpose(image)
+        image = upright(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             image = Image.fromarray(_scaled_to_bytes(image), mode="L")
+        if image.mode in ("L", "RGB") and "transparency" in image.info:
+            # A colour key (what optipng makes of an RGBA image whose alpha is all 0 or 255): composited on
+            # the background like the same image sent with an alpha channel.
+            image = image.convert("LA" if image.mode == "L" else "RGBA")
         if image.mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         elif image.mode in ("1", "PA"):
@@ -188,15 +191,40 @@ class PreprocessSpec:
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (a phone photo); itself when upright, or when its EXIF
+    cannot be read (:func:`_orientation`)."""
+    if _orientation(image) != 1:  # exif_transpose copies even an upright image
+        image = ImageOps.exif_transpose(image)
+    return image
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1: upright). An EXIF block Pillow cannot parse (a PNG eXIf chunk without its
+    byte-order header, as some cameras and editors write) reads as upright: the pixels are fine, and the
+    check of an image folder never reads EXIF, so raising here failed training mid-epoch on every retry."""
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - Pillow raises SyntaxError, struct.error, ValueError... for damaged EXIF
+        return 1
+
+
 def _scaled_to_bytes(image: Image.Image, rows: int = 256) -> np.ndarray:
     """A 16-bit, 32-bit integer or float image as uint8: 16-bit scaled by 255/65535, the others by their own
     peak, clipped at 0. A band of ``rows`` at a time: float copies of the whole image cost 4-8 bytes a pixel."""
     source = np.asarray(image)
-    peak = np.float32(65535.0 if image.mode.startswith("I;16") else max(float(source.max()), 1.0))
+    if image.mode.startswith("I;16"):
+        peak = np.float32(65535.0)
+    elif image.mode == "F":  # NaN or inf pixels (holes in depth or remote-sensing data) made the peak NaN
+        bands = (source[top:top + rows] for top in range(0, source.shape[0], rows))
+        peak = np.float32(max([1.0] + [float(band[np.isfinite(band)].max(initial=0.0)) for band in bands]))
+    else:
+        peak = np.float32(max(float(source.max()), 1.0))
     scaled = np.empty(source.shape, dtype=np.uint8)
     for top in range(0, source.shape[0], rows):
         # times 255 first: exact in float32 for every 16-bit value, so integer results stay integers
-        band = source[top:top + rows].astype(np.float32) * np.float32(255.0) / peak
+        band = np.nan_to_num(source[top:top + rows].astype(np.float32), nan=0.0, posinf=peak, neginf=0.0)
+        band = band * np.float32(255.0) / peak
         scaled[top:top + rows] = np.clip(band, 0, 255)
     return scaled
 

@@ -334,3 +334,73 @@ def test_a_large_transparent_image_is_shrunk_without_its_hidden_colours():
     red, green, blue = model_input
     assert (red - 255).abs().max() <= 1 and (green - blue).abs().max() <= 1  # no green beyond the white's
     assert green[:, 0].max() < 1 and green[:, -1].min() > 254  # red on the left, the white background right
+
+
+#: A PNG eXIf chunk without the TIFF byte-order header (seen from real cameras and editors): Pillow raises
+#: SyntaxError reading it, though the pixels are fine.
+DAMAGED_EXIF = b"\x00\x08\x00\x02\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00"
+
+
+def test_an_image_with_a_damaged_exif_block_is_used_as_stored(tmp_path):
+    """The image folder's check (verify and load) never reads EXIF: such a file passed it, then failed the
+    data set's statistics, or training mid-epoch on every retry, with no file named; serving answered 400."""
+    from pipelines.config import DataConfig
+    from pipelines.data import SplitDataset, describe_dataset, load_splits, write_sample_image
+    from pipelines.image_folder import check_image_folder
+
+    pixels = np.zeros((24, 24), np.uint8)
+    pixels[6:18, 10:14] = 200
+    for fmt in ("PNG", "WEBP"):
+        data = encode_with(Image.fromarray(pixels), fmt, exif=DAMAGED_EXIF)
+        with pytest.raises(Exception):  # noqa: B017 - whatever Pillow raises: the case this test is about
+            Image.open(io.BytesIO(data)).getexif()
+        assert preprocess_upload(data, SPEC, DecodeBudget()).shape == (1, 1, 16, 16)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            Image.fromarray(np.roll(pixels, i, axis=1)).save(tmp_path / name / f"{i}.png", exif=DAMAGED_EXIF)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16)
+    info = describe_dataset(cfg)
+    assert len(info.class_names) == 2 and info.mean[0] > 0.05  # the statistics read every training image
+    splits = load_splits(cfg, check_image_folder(cfg))
+    spec = PreprocessSpec(image_size=16, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b"))
+    train = SplitDataset(splits.train, spec)
+    assert len(train) > 0 and all(train[i][0].shape == (1, 16, 16) for i in range(len(train)))
+    assert write_sample_image(cfg, tmp_path / "out").is_file()
+
+
+def encode_with(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_a_colour_keyed_png_is_composited_like_the_same_image_with_alpha():
+    """Grey or RGB PNGs with a transparency colour key (optipng's lossless form of a 0/255 alpha) kept the key
+    colour, black, where the same drawing sent with an alpha channel was white: the model saw two images."""
+    spec = PreprocessSpec(image_size=16, channels=1, mean=(0.0,), std=(1.0,), class_names=("a", "b"),
+                          background=255)
+    grey = np.zeros((32, 32), np.uint8)
+    grey[8:24, 12:20] = 20  # dark strokes on a transparent key of 0
+    alpha = np.where(grey > 0, 255, 0).astype(np.uint8)
+    keyed = preprocess_upload(encode_with(Image.fromarray(grey), "PNG", transparency=0), spec, DecodeBudget())
+    with_alpha = preprocess_upload(encode(Image.fromarray(np.stack([grey, alpha], -1), "LA"), "PNG"), spec,
+                                   DecodeBudget())
+    assert keyed[0, 0, 0, 0].item() == pytest.approx(1.0)  # the corner: the white background, not the key
+    assert (keyed - with_alpha).abs().max().item() < 1e-6
+    rgb = np.stack([grey] * 3, -1)
+    keyed_rgb = preprocess_upload(encode_with(Image.fromarray(rgb), "PNG", transparency=(0, 0, 0)), spec,
+                                  DecodeBudget())
+    assert (keyed_rgb - with_alpha).abs().max().item() < 1e-6
+
+
+def test_a_float_image_with_nan_or_inf_pixels_keeps_its_other_pixels():
+    """One NaN made the image's peak NaN and every pixel black (and an inf every finite pixel 0)."""
+    spec = PreprocessSpec(image_size=16, channels=1, mean=(0.0,), std=(1.0,), class_names=("a", "b"))
+    ramp = np.tile(np.linspace(0, 100, 64, dtype=np.float32), (64, 1))
+    clean = preprocess_upload(encode(Image.fromarray(ramp, mode="F"), "TIFF"), spec, DecodeBudget()).mean().item()
+    for hole in (np.nan, np.inf):
+        holed = ramp.copy()
+        holed[3, 5] = hole
+        mean = preprocess_upload(encode(Image.fromarray(holed, mode="F"), "TIFF"), spec, DecodeBudget()).mean().item()
+        assert clean > 0.4 and mean == pytest.approx(clean, abs=0.01), hole
