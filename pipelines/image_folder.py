@@ -161,6 +161,12 @@ def _refuse_disguised_splits(root: Path) -> None:
             "class folders and would each be read as one class; rename the training folder to train/ (the "
             f"others to val/, valid/ or validation/, and test/), or set data.root to the folder that holds the "
             "classes")
+    split_named = [name for name in _class_names(root) if name.lower() in SPLIT_LIKE_NAMES]
+    if len(split_named) >= 2:  # Kaggle's train/*.jpg and test/*.jpg (labels in the file names): a train-vs-test model
+        raise ImageFolderError(
+            f"{root} holds {', '.join(f'{n}/' for n in split_named)} with images directly in them: they would be "
+            "read as classes named after splits; put each split's images into class folders (train/cat/1.jpg, "
+            "test/cat/2.jpg), or, with one set of class folders, set data.root to it")
 
 
 def _empty_class_folders(directory: Path, classes: list[str]) -> list[str]:

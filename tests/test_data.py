@@ -339,6 +339,12 @@ def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classe
     _write_images(coco, classes=("bus", "train"), per_class=10)  # "train" holds images: a class
     splits = load_splits(DataConfig(dataset="imagefolder", root=str(coco), val_fraction=0.2, test_fraction=0.2))
     assert splits.class_names == ("bus", "train") and len(splits.train) + len(splits.val) + len(splits.test) == 20
+    # Kaggle's dogs-vs-cats: train/*.jpg and test/*.jpg, the labels in the file names, test/ unlabelled. Read
+    # as two classes, "test" and "train": a model of which split an image came from.
+    unlabelled = tmp_path / "dogs-vs-cats"
+    _write_images(unlabelled, classes=("train", "test"), per_class=8)
+    with pytest.raises(ImageFolderError, match=r"test/, train/ with images directly in them"):
+        check_image_folder(DataConfig(dataset="imagefolder", root=str(unlabelled)))
 
 
 def test_training_and_serving_see_identical_pixels():
