@@ -217,6 +217,10 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
                     raise DataError(f"{found[f'{split}_images']} and {found[f'{split}_labels']} do not match "
                                     f"(images {images.shape}, labels {labels.shape}); replace them with the "
                                     f"data set's own files ({_FASHION_MNIST_HELP})")
+                if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):  # EMNIST-letters' 1-26, say
+                    raise DataError(f"{found[f'{split}_labels']} holds label {int(labels.max())}, but Fashion-MNIST "
+                                    f"has {len(FASHION_MNIST_CLASSES)} classes (0-9): not its label file; replace "
+                                    f"it with the data set's own ({_FASHION_MNIST_HELP})")
             return arrays
         if directory == root and any(found.values()):
             missing = [stem for key, stem in FASHION_MNIST_FILES.items() if found[key] is None]

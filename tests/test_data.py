@@ -102,6 +102,14 @@ def test_damaged_fashion_mnist_files_are_named(tmp_path):
         (mismatched / f"{stem}.gz").write_bytes(gzip.compress(raw))
     with pytest.raises(DataError, match="do not match"):
         load_splits(DataConfig(dataset="fashion-mnist", root=str(mismatched), download=False))
+    # Another data set's label file of the right length (EMNIST-letters: 1-26): the first training step failed
+    # with "Target 26 is out of bounds" (a device-side assert on a GPU).
+    letters = tmp_path / "letters"
+    shutil.copytree(mismatched, letters)
+    (letters / f"{FASHION_MNIST_FILES['test_labels']}.gz").write_bytes(gzip.compress(idx((4,), fill=26)))
+    (letters / f"{FASHION_MNIST_FILES['train_labels']}.gz").write_bytes(gzip.compress(good["train_labels"]))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz holds label 26, but Fashion-MNIST has 10"):
+        load_splits(DataConfig(dataset="fashion-mnist", root=str(letters), download=False))
 
 
 def test_train_subset_is_stratified():
