@@ -103,6 +103,23 @@ class ImageSplits:
     channels: int
     dataset: str
 
+    def membership(self, root: str | os.PathLike | None) -> str:
+        """A short hash of which file is in which split, in what order, under which label (paths relative to
+        ``root``); "" for in-memory data sets. Two copies of an image folder with the same classes and split
+        sizes can still differ (a file renamed, an image moved between classes): each node's worker reads its
+        own copy, and DDP ranks with different file lists train on each other's validation and test images."""
+        if self.train.paths is None:
+            return ""
+        import hashlib
+
+        digest = hashlib.sha256()
+        base = Path(root).expanduser() if root else Path(".")
+        for name in ("train", "val", "test"):
+            split = getattr(self, name)
+            for path, label in zip(split.paths, split.labels.tolist(), strict=True):
+                digest.update(f"{name}\t{os.path.relpath(path, base)}\t{label}\n".encode())
+        return digest.hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -118,6 +135,8 @@ class DatasetInfo:
     #: Image-folder files left out because Pillow cannot read them (``data.skip_bad_files``), relative to
     #: ``data.root``; the runs carry them to the workers (``ModelRun.excluded_files``).
     excluded_files: tuple[str, ...] = ()
+    #: :meth:`ImageSplits.membership` of the driver's read ("" for in-memory data sets).
+    membership: str = ""
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -435,6 +454,7 @@ def describe_dataset(cfg: DataConfig) -> DatasetInfo:
         background=background,
         sizes={"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         excluded_files=excluded,
+        membership=splits.membership(cfg.root),
     )
 
 

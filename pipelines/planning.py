@@ -119,6 +119,8 @@ class ModelRun(BaseModel):
     #: The split sizes the driver planned with (``DatasetInfo.sizes``): a worker that reads its own copy of the
     #: data checks it finds the same (None in runs planned before it existed: not checked).
     split_sizes: dict[str, int] | None = None
+    #: Which file is in which split (``DatasetInfo.membership``): checked like ``split_sizes`` (None: not).
+    split_membership: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelRun:
@@ -333,7 +335,7 @@ def plan_model_runs(
         run = ModelRun(model=choice, data=cfg.data, hyper=hyper, workers=workers, spec=spec, stage=stage,
                        run_name=f"{cfg.name}-{stage}-{choice.name}", storage_path=cfg.paths.storage,
                        params_count=profile.params, macs=profile.macs, excluded_files=info.excluded_files,
-                       split_sizes=dict(info.sizes))
+                       split_sizes=dict(info.sizes), split_membership=info.membership or None)
         if stage == "train":
             run = run.model_copy(update={"run_name": f"{run.run_name}-{run.fingerprint}"})
         runs.append(run)

@@ -212,19 +212,25 @@ def loader_options(run: ModelRun, rank: int, on_gpu: bool) -> dict[str, Any]:
             "generator": torch.Generator().manual_seed(run.hyper.seed * 1000 + rank)}
 
 
-def check_same_data(run: ModelRun, class_names: tuple[str, ...], sizes: dict[str, int]) -> None:
+def check_same_data(run: ModelRun, class_names: tuple[str, ...], sizes: dict[str, int], membership: str = "") -> None:
     """Raise DataError unless this worker's own read of the data is what the driver planned with. Each worker
     reads ``data.root`` on its node: a node's stale or partial copy (a class folder missing) shifted every later
-    class's label without a word, and other split sizes give the ranks different step counts (DDP hangs)."""
-    planned = run.split_sizes
-    if tuple(class_names) == tuple(run.spec.class_names) and (planned is None or sizes == planned):
-        return
+    class's label without a word, and other split sizes give the ranks different step counts (DDP hangs); the
+    same counts with other files (one renamed, one moved between classes) put one rank's validation and test
+    images into another's training set."""
     import socket
 
-    raise DataError(
-        f"the data under data.root on {socket.gethostname()} is not what the run was planned with: classes "
-        f"{list(class_names)[:20]} and split sizes {sizes} here, {list(run.spec.class_names)[:20]} and "
-        f"{planned} on the driver; every node needs the same copy of the data set")
+    planned = run.split_sizes
+    if tuple(class_names) != tuple(run.spec.class_names) or (planned is not None and sizes != planned):
+        raise DataError(
+            f"the data under data.root on {socket.gethostname()} is not what the run was planned with: classes "
+            f"{list(class_names)[:20]} and split sizes {sizes} here, {list(run.spec.class_names)[:20]} and "
+            f"{planned} on the driver; every node needs the same copy of the data set")
+    if run.split_membership is not None and membership != run.split_membership:
+        raise DataError(
+            f"the image files under data.root on {socket.gethostname()} differ from the driver's (the same classes "
+            "and split sizes, but other files or labels: a file renamed, added and removed, or moved between "
+            "classes); every node needs the same copy of the data set")
 
 
 def uses_channels_last(model: torch.nn.Module, workers, on_gpu: bool) -> bool:
@@ -244,7 +250,8 @@ def build_context(run: ModelRun, rank: int, world: int, device: torch.device) ->
     if sources is None:
         splits = load_splits(run.data, run.excluded_files)
         sources = {"train": splits.train, "val": splits.val, "test": splits.test}
-        check_same_data(run, splits.class_names, {name: len(split) for name, split in sources.items()})
+        check_same_data(run, splits.class_names, {name: len(split) for name, split in sources.items()},
+                        splits.membership(run.data.root) if run.split_membership is not None else "")
     train_set = SplitDataset(sources["train"], run.spec, augment=run.data.augment)
     per_worker_batch = max(1, run.hyper.batch_size // world)
     loader_kwargs = loader_options(run, rank, on_gpu)

@@ -506,7 +506,7 @@ def test_a_worker_refuses_data_that_differ_from_what_the_driver_planned_with(mak
     from PIL import Image
 
     from pipelines.data import DataError, _load_splits_cached, describe_dataset
-    from pipelines.planning import ModelChoice, plan_model_runs
+    from pipelines.planning import ModelChoice, ModelRun, plan_model_runs
     from pipelines.worker import build_context
 
     root = tmp_path / "images"
@@ -518,15 +518,25 @@ def test_a_worker_refuses_data_that_differ_from_what_the_driver_planned_with(mak
     cfg = make_config("data.dataset=imagefolder", f"data.root={root}", "data.image_size=16", "train.batch_size=8")
     [run] = plan_model_runs(cfg, describe_dataset(cfg.data), [ModelChoice("lenet5", "lenet5")], cluster_cpus=2)
     assert build_context(run, rank=0, world=1, device=torch.device("cpu")).run is run  # the same copy: fine
-    for change in ("a stale copy (one more image)", "a partial copy (no ant)"):
-        if "more" in change:
+    assert run.split_membership and ModelRun.from_dict(run.to_dict()) == run
+    for change in ("a renamed file", "an image moved between classes", "a stale copy (one more image)",
+                   "a partial copy (no ant)"):
+        if "renamed" in change:  # the same classes and split sizes: another file in some split
+            (root / "bee" / "3.png").rename(root / "bee" / "3b.png")
+        elif "moved" in change:
+            (root / "bee" / "3b.png").rename(root / "bee" / "3.png")
+            (root / "cat" / "4.png").rename(root / "bee" / "4c.png")
+            (root / "bee" / "5.png").rename(root / "cat" / "5b.png")
+        elif "more" in change:
             shutil.copy(root / "bee" / "0.png", root / "bee" / "10.png")
         else:
             shutil.rmtree(root / "ant")
         _load_splits_cached.cache_clear()  # this process stands for another node's worker
         with pytest.raises(DataError, match="every node needs the same copy") as refused:
             build_context(run, rank=0, world=1, device=torch.device("cpu"))
-        assert "is not what the run was planned with" in str(refused.value), change
+        same_counts = "renamed" in change or "moved" in change
+        assert ("differ from the driver's" if same_counts else "is not what the run was planned with") \
+            in str(refused.value), change
 
 
 def test_a_workers_loaders_leave_the_global_random_stream_alone(make_config):
