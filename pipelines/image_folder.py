@@ -203,6 +203,19 @@ def _unreadable(path: str) -> str | None:
     return None
 
 
+def _checked(path: str) -> tuple[str | None, str | None]:
+    """:func:`_unreadable`'s reason, and the file's SHA-1 when it is readable (for copies across splits; read
+    just after Pillow's, so mostly from the page cache)."""
+    reason = _unreadable(path)
+    if reason is not None:
+        return reason, None
+    try:
+        with open(path, "rb") as file:
+            return None, hashlib.file_digest(file, "sha1").hexdigest()
+    except OSError as err:  # removed between the two reads
+        return f"{type(err).__name__}: {err}", None
+
+
 #: Folders with at least this many files log their check's progress.
 CHECK_PROGRESS_MIN_FILES = 2000
 #: Seconds between two progress lines of a long check.
@@ -211,24 +224,27 @@ CHECK_PROGRESS_INTERVAL_S = 10.0
 CHECK_THREADS = 16
 #: Results of checks already done in this process, by folder content (paths, sizes, modification times):
 #: the CLI checks before Ray starts and the stages call the check again; an unchanged folder is not re-read.
-_CHECKED: dict[tuple[str, str], list[tuple[str, str]]] = {}
+_CHECKED: dict[tuple[str, str], tuple[list[tuple[str, str]], dict[str, str]]] = {}
 _WARNED: set[tuple[str, str]] = set()
 #: Each folder's content as this process last checked it: the splits cached for it are of that content.
 _LAST_CONTENT: dict[str, str] = {}
 
 
-def _find_unreadable(root: Path, paths: list[str]) -> list[tuple[str, str]]:
-    """``(path relative to root, reason)`` of every file Pillow cannot open, checked on a thread pool."""
+def _find_unreadable(root: Path, paths: list[str]) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """``(path relative to root, reason)`` of every file Pillow cannot open, checked on a thread pool, and the
+    SHA-1 of every other file by its path."""
     total = len(paths)
     loud = total >= CHECK_PROGRESS_MIN_FILES
     if loud:
         logger.info("[data] checking %d image files in %s ...", total, root)
     started = last = time.perf_counter()
-    bad = []
+    bad, digests = [], {}
     with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="cnnzoo-check") as pool:
-        for done, (path, reason) in enumerate(zip(paths, pool.map(_unreadable, paths), strict=True), start=1):
+        for done, (path, (reason, digest)) in enumerate(zip(paths, pool.map(_checked, paths), strict=True), start=1):
             if reason is not None:
                 bad.append((Path(path).relative_to(root).as_posix(), reason))
+            else:
+                digests[path] = digest
             if loud and time.perf_counter() - last >= CHECK_PROGRESS_INTERVAL_S:
                 last = time.perf_counter()
                 logger.info("[data] checked %d/%d files (%.0f/s), %d unreadable so far", done, total,
@@ -236,7 +252,7 @@ def _find_unreadable(root: Path, paths: list[str]) -> list[tuple[str, str]]:
     if loud:
         logger.info("[data] checked %d files in %.1f s: %d unreadable", total, time.perf_counter() - started,
                     len(bad))
-    return bad
+    return bad, digests
 
 
 def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
@@ -276,7 +292,7 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
         _LAST_CONTENT[key[0]] = key[1]
     if key not in _CHECKED:
         _CHECKED[key] = _find_unreadable(root, paths)
-    bad = _CHECKED[key]
+    bad, digests = _CHECKED[key]
     if bad and not cfg.skip_bad_files:
         raise BadImageFilesError(root, bad, len(paths))
     excluded = tuple(path for path, _ in bad)
@@ -292,7 +308,39 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
         if empty := _empty_class_folders(base, list(splits.class_names)):
             logger.warning("[data] no images in %s, so they are not classes: %s", base,
                            ", ".join(f"{name}/" for name in empty))
+        _warn_about_copies(root, splits, digests)
     return excluded
+
+
+def _warn_about_copies(root: Path, splits, digests: dict[str, str]) -> None:
+    """Warn about validation or test images that are byte-identical copies of training images (a data set
+    downloaded twice, ``x (1).png``; a val/ folder linked to train/): their accuracy is inflated, and model
+    selection with it. Also about files whose copies carry different labels."""
+    first_label: dict[str, tuple[int, str]] = {}
+    relabelled = []
+    for split in (splits.train, splits.val, splits.test):
+        for path, label in zip(split.paths, split.labels.tolist(), strict=True):
+            digest = digests.get(path)
+            if digest is None:
+                continue
+            seen = first_label.setdefault(digest, (label, path))
+            if seen[0] != label:
+                relabelled.append((seen[1], path))
+    in_training = {digests.get(path) for path in splits.train.paths} - {None}
+
+    def relative(path: str) -> str:
+        return Path(path).relative_to(root).as_posix() if Path(path).is_relative_to(root) else path
+
+    for name, split in (("validation", splits.val), ("test", splits.test)):
+        copies = [path for path in split.paths if digests.get(path) in in_training]
+        if copies:
+            logger.warning("[data] %d of the %d %s images are byte-identical to training images (e.g. %s): their "
+                           "accuracy is inflated, and model selection with it; remove the copies", len(copies),
+                           len(split.paths), name, ", ".join(relative(p) for p in copies[:3]))
+    if relabelled:
+        first, second = relabelled[0]
+        logger.warning("[data] %d image file(s) appear under two classes, byte for byte (e.g. %s and %s)",
+                       len(relabelled), relative(first), relative(second))
 
 
 def load_imagefolder(cfg: DataConfig, excluded: frozenset[str] = frozenset()) -> ImageSplits:

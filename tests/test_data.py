@@ -643,6 +643,50 @@ def test_linked_folders_load_once_and_a_link_loop_is_refused_naming_it(tmp_path)
     assert time.perf_counter() - started < 5
 
 
+def _image_folder_warnings(cfg) -> list[str]:
+    from pipelines.image_folder import check_image_folder
+
+    records, handler = [], logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    data_logger = logging.getLogger("pipelines.image_folder")
+    data_logger.addHandler(handler)
+    try:
+        check_image_folder(cfg)
+    finally:
+        data_logger.removeHandler(handler)
+    return [r.getMessage() for r in records]
+
+
+def test_validation_and_test_images_that_copy_training_images_are_reported(tmp_path):
+    """A data set downloaded twice (``x (1).png`` beside ``x.png``) or a val/ folder linked to train/ put
+    training images into validation and test: accuracy and model selection inflated, silently."""
+    import shutil
+
+    rng = np.random.default_rng(7)
+    flat = tmp_path / "flat"
+    for name in ("cat", "dog"):
+        (flat / name).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(flat / name / f"{i}.png")
+    clean = DataConfig(dataset="imagefolder", root=str(flat), image_size=16, val_fraction=0.25, test_fraction=0.25)
+    assert not [m for m in _image_folder_warnings(clean) if "byte" in m]
+    for name in ("cat", "dog"):  # every image twice
+        for i in range(12):
+            shutil.copy(flat / name / f"{i}.png", flat / name / f"{i} (1).png")
+    shutil.copy(flat / "cat" / "0.png", flat / "dog" / "cat-0.png")  # and one under both classes
+    twice = clean.model_copy(update={"seed": 1})  # (the check reads the changed folder anyway)
+    messages = _image_folder_warnings(twice)
+    assert any("validation images are byte-identical to training images" in m for m in messages), messages
+    assert any("test images are byte-identical to training images" in m for m in messages), messages
+    assert any("1 image file(s) appear under two classes" in m for m in messages), messages
+
+    presplit = tmp_path / "presplit"
+    _write_images(presplit / "train", per_class=6)
+    (presplit / "val").symlink_to(presplit / "train", target_is_directory=True)
+    messages = _image_folder_warnings(DataConfig(dataset="imagefolder", root=str(presplit), image_size=16))
+    assert any("of the 12 validation images are byte-identical" in m for m in messages), messages
+
+
 def test_folders_without_images_are_not_classes_and_val_labels_follow_train(tmp_path):
     from pipelines.image_folder import check_image_folder
 
