@@ -85,6 +85,32 @@ def test_every_preset_is_a_valid_config(preset, monkeypatch, tmp_path):
         assert 0 < auto_cpus_per_worker(cfg, cluster_cpus=2) <= 2, preset
 
 
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "pipelines" / "configs").glob("*.yaml")))
+def test_no_preset_trains_the_same_network_twice(preset, monkeypatch, tmp_path):
+    """imagefolder-gpu listed efficientnet_b0 beside search.phis [0, 1, 2]: at phi 0 every multiplier is 1,
+    so efficientnet_phi0 at 224 px is efficientnet_b0 (4,020,358 parameters each), one more 40-epoch run on
+    two spot GPUs for nothing."""
+    import torch
+
+    import cnnmodels
+    from pipelines.config import load_config
+    from pipelines.planning import resolve_models
+    from pipelines.search_space import PAPER
+
+    monkeypatch.setenv("CNNZOO_STORAGE_PATH", "s3://bucket/prefix")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
+    monkeypatch.setenv("CNNZOO_DATA_ROOT", str(tmp_path))
+    monkeypatch.setenv("CNNZOO_SERVE_TOKEN", "preset-test-token")
+    cfg = load_config(ROOT / "pipelines" / "configs" / preset)
+    networks = {}
+    for choice in resolve_models(cfg, dict(zip(("alpha", "beta", "gamma"), PAPER, strict=True))):
+        with torch.device("meta"):
+            model = cnnmodels.create_model(choice.arch, num_classes=10, **choice.kwargs)
+        signature = (str(model), model.input_size_for(cfg.data.image_size))
+        assert signature not in networks, f"{choice.name} is {networks.get(signature)} again"
+        networks[signature] = choice.name
+
+
 #: vCPUs of the GPU instance types cluster.yaml may use (AWS's instance type table).
 GPU_NODE_VCPUS = {"g5.xlarge": 4, "g5.2xlarge": 8, "g5.4xlarge": 16, "g6.xlarge": 4, "g6.2xlarge": 8,
                   "g4dn.xlarge": 4, "g4dn.2xlarge": 8}
