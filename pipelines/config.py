@@ -776,6 +776,7 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
         except ValidationError as err:
             first = _format_validation_error(err)
             raise ConfigError(f"train.model_overrides.{name}.{first.key.split('.')[-1]}", first.message) from None
+    _check_warmup(cfg)
     _check_gpu_shares(cfg)
     _check_local_resources(cfg)
     _check_batch_split(cfg)
@@ -820,6 +821,27 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
             f"the grid with step {search.step} has no feasible triple; use a smaller step or mode 'optuna'",
         )
     _serve_checks(cfg)
+
+
+def _check_warmup(cfg: PipelineConfig) -> None:
+    """A warm-up as long as the run never reaches the peak learning rate, nor decays from it (warmup 5 of 3
+    epochs peaked at 0.6 of ``lr`` and ended there): for every trained model and the search's trials."""
+    from .planning import resolve_models  # planning builds on this module
+    from .search_space import PAPER
+
+    trained = resolve_models(cfg, dict(zip(("alpha", "beta", "gamma"), PAPER, strict=True)))
+    for name in dict.fromkeys([*(choice.name for choice in trained), "efficientnet"]):
+        hyper = hyperparameters_for(cfg.train, name)
+        runs = [(hyper.epochs, "epochs")]
+        if name == "efficientnet":  # the search's template: its trials run search.epochs
+            runs.append((cfg.search.epochs, "search.epochs"))
+        for epochs, what in runs:
+            if hyper.warmup_epochs >= epochs:
+                key = (f"train.model_overrides.{name}.warmup_epochs"
+                       if "warmup_epochs" in cfg.train.model_overrides.get(name, {}) else "train.warmup_epochs")
+                subject = f"{name}'s {epochs} epochs" if what == "epochs" else f"the search's {epochs} epochs per trial"
+                raise ConfigError(key, f"{hyper.warmup_epochs:g} warm-up epochs are not shorter than {subject}: "
+                                       "the learning rate would never reach its peak nor decay; shorten the warm-up")
 
 
 def _check_model_option_values(cfg: PipelineConfig) -> None:

@@ -257,6 +257,22 @@ def test_the_masks_check_config_prints_are_refused_as_a_token_or_password(tmp_pa
         assert load_config(None, [f"tracking.uri={real}"]).tracking_uri == real
 
 
+def test_a_warm_up_as_long_as_the_run_is_refused():
+    """warmup_epochs 5 of 3 epochs: the learning rate peaked at 0.6 of train.lr and stayed there."""
+    cases = [(["train.warmup_epochs=5", "train.epochs=3"], "train.warmup_epochs", "lenet5's 3 epochs"),
+             (["train.model_overrides={lenet5: {warmup_epochs: 2}}"], "train.model_overrides.lenet5.warmup_epochs",
+              "lenet5's 2 epochs"),
+             (["train.warmup_epochs=1", "train.epochs=3", "search.epochs=1"], "train.warmup_epochs",
+              "the search's 1 epochs per trial")]
+    for overrides, key, fragment in cases:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, ["train.models=[lenet5]", *overrides])
+        assert info.value.key == key and fragment in str(info.value), overrides
+    # A model left out of train.models may keep a short run in a preset's overrides.
+    load_config(None, ["train.models=[lenet5]", "train.warmup_epochs=1", "train.epochs=3", "search.epochs=3",
+                       "train.model_overrides={alexnet: {epochs: 1}}"])
+
+
 def test_cli_config_errors_exit_2_before_ray_starts():
     # One interpreter runs every case; Ray must never be initialised in it.
     script = """
