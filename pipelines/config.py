@@ -86,6 +86,8 @@ MAX_SEED = 2**32 - 1
 MAX_GRID_POINTS = 2_000_000
 #: Largest family member trained (phi): channels grow by beta^phi, resolution by gamma^phi.
 MAX_PHI = 12.0
+#: The largest compound-scaling coefficient a search range may reach.
+MAX_COEFFICIENT = 10.0
 
 
 class _Section(BaseModel):
@@ -423,6 +425,9 @@ class SearchConfig(_Section):
                 raise ValueError(f"range bounds must be numbers, got {v!r}")
         if low < 1.0:
             raise ValueError(f"low end {low} is below 1 (scaling coefficients are >= 1)")
+        if high > MAX_COEFFICIENT:  # the paper's are 1.1-1.2; huge ones overflowed the feasibility arithmetic
+            raise ValueError(f"high end {high:g} is above {MAX_COEFFICIENT:g}: alpha * beta^2 * gamma^2 is held "
+                             "near search.target (2 in the paper), so no coefficient can be that large")
         if low > high:
             raise ValueError(f"low end {low} is above high end {high}")
         return (float(low), float(high))
@@ -1073,7 +1078,10 @@ _YamlLoader.add_implicit_resolver(
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except TypeError as err:  # a list or mapping as a key (`? [epochs]`): PyYAML's own error is a TypeError
+        raise yaml.constructor.ConstructorError(None, None, f"a key must be a plain value ({err})") from None
 
 
 #: Keys whose values are never echoed in an error (a bearer token; a database URI may hold a password).

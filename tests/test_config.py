@@ -257,6 +257,20 @@ def test_the_masks_check_config_prints_are_refused_as_a_token_or_password(tmp_pa
         assert load_config(None, [f"tracking.uri={real}"]).tracking_uri == real
 
 
+def test_a_list_as_a_yaml_key_or_a_huge_coefficient_range_exits_2(tmp_path, capsys):
+    """Both ended in a traceback, exit 1: PyYAML raises TypeError for an unhashable key, and coefficient
+    ranges of 1e200 overflowed the feasibility arithmetic (OverflowError)."""
+    from pipelines.__main__ import main
+
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("train:\n  ? [epochs]\n  : 3\n")
+    assert main(["check-config", "--config", str(listed)]) == 2
+    assert "--config" in capsys.readouterr().err
+    huge = [f"search.{axis}=[1, 1e200]" for axis in ("alpha", "beta", "gamma")]
+    assert main(["check-config", *[arg for o in huge for arg in ("--set", o)], "--set", "search.mode=optuna"]) == 2
+    assert "search.alpha" in capsys.readouterr().err
+
+
 def test_a_warm_up_as_long_as_the_run_is_refused():
     """warmup_epochs 5 of 3 epochs: the learning rate peaked at 0.6 of train.lr and stayed there."""
     cases = [(["train.warmup_epochs=5", "train.epochs=3"], "train.warmup_epochs", "lenet5's 3 epochs"),
