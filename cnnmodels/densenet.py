@@ -128,6 +128,8 @@ class DenseNet(ImageClassifier):
         super().__init__()
         if not 0.0 < compression <= 1.0:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
+        if not 0.0 <= drop_rate < 1.0:  # F.dropout checks it only in the first forward pass
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         self.num_classes = num_classes
         if small_input:
             stem = [

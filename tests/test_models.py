@@ -209,6 +209,11 @@ def test_option_values_of_the_wrong_type_are_refused():
     with pytest.raises(ValueError, match="num_classes must be a positive integer, got True"):
         create_model("resnet18", num_classes=True)
     assert create_model("efficientnet", phi=1, alpha=1, beta=1.2, gamma=1.2, num_classes=10)  # ints for floats
+    # DenseNet applies its dropout functionally: a bad rate passed the build and failed the first forward pass.
+    for rate in (5, 1.0, -0.1):
+        with pytest.raises(ValueError, match="drop_rate must be in"):
+            create_model("densenet121", drop_rate=rate)
+    assert create_model("densenet121", drop_rate=0.2, num_classes=3)
 
 
 def test_the_paper_family_keeps_the_papers_coefficients():
