@@ -533,6 +533,11 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(
         64, ge=1, description="requests a replica accepts at once (must be >= max_batch_size for batches to fill)"
     )
+    max_queued_requests: int = Field(
+        256, ge=1, description="requests waiting to be given a replica slot, per Serve proxy (503 with Retry-After "
+        "beyond; a burst arriving at once counts too): a saturated or still-starting deployment refuses at once "
+        "instead of queueing without bound"
+    )
     max_models_per_replica: int = Field(4, ge=1, description="LRU size of loaded models per replica (multiplexing)")
     max_upload_mb: float = Field(10.0, gt=0.0, description="largest request body (413 above)")
     max_image_pixels: int = Field(

@@ -20,7 +20,8 @@ previous one ran) and serves the model store's verified, batch-norm folded, trac
 :mod:`pipelines.http_api`.
 No request can exhaust a replica: each has a deadline (``serve.request_timeout_s``, and
 ``serve.body_timeout_s`` for its body), and images are decoded within a budget checked from their header
-(:class:`~pipelines.preprocess.DecodeBudget`), at most ``serve.max_concurrent_decodes`` at a time.
+(:class:`~pipelines.preprocess.DecodeBudget`), at most ``serve.max_concurrent_decodes`` at a time. Requests
+waiting for a replica are at most ``serve.max_queued_requests`` per proxy (503 beyond).
 """
 
 # No ``from __future__ import annotations`` here: Serve pickles the route handlers by value, and FastAPI must
@@ -321,7 +322,8 @@ def build_app(cfg: PipelineConfig, discovered: tuple[list[ServedModel], str | No
     s = cfg.serve
     models, champion = discovered if discovered is not None else ModelStore(cfg).discover()
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-                               "max_ongoing_requests": s.max_ongoing_requests}
+                               "max_ongoing_requests": s.max_ongoing_requests,
+                               "max_queued_requests": s.max_queued_requests}
     if s.autoscaling:
         options["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                                          "target_ongoing_requests": max(1, s.max_batch_size // 2)}
@@ -377,7 +379,8 @@ def write_serve_config(cfg: PipelineConfig) -> Path:
 
 def proxy_timeout_s(s: ServeConfig) -> float:
     """The Serve proxy's request timeout: a backstop a little after the replica's own deadline (which answers
-    with a clearer message), and the only one for a request still queued for a replica."""
+    with a clearer message), and the deadline of a request still queued for a replica (which a client can lift
+    with ``x-request-timeout-seconds``: ``serve.max_queued_requests`` bounds how many can wait)."""
     return s.request_timeout_s + 5.0
 
 

@@ -247,7 +247,8 @@ def strict_app(server, tmp_path_factory):
                    **{name: str(directory / f"{name}.pt") for name in ("broken", "planted", "vanishing")}}
     strict = cfg.serve.model_copy(update={
         "auth_token": SecretStr(TOKEN), "checkpoints": checkpoints, "body_timeout_s": 2.0, "request_timeout_s": 4.0,
-        "max_ongoing_requests": 2, "max_models_per_replica": 1, "trace_models": False})  # eager forwards here
+        "max_ongoing_requests": 2, "max_queued_requests": 1, "max_models_per_replica": 1,
+        "trace_models": False})  # eager forwards here
     serve.run(build_app(cfg.model_copy(update={"serve": strict})), name="strict", route_prefix="/strict",
               blocking=False)
     deadline = time.time() + 120
@@ -334,9 +335,18 @@ def test_a_stalled_body_frees_its_slot_at_the_body_deadline(strict_app, digit_pn
     stalled = [socket.create_connection((where.hostname, where.port), timeout=30) for _ in range(2)]
     for connection in stalled:
         connection.sendall(head + digit_png[:20])
-    time.sleep(0.5)
+        time.sleep(0.2)  # each taken by the replica before the next comes: requests waiting count as queued
+    time.sleep(0.3)
     started = time.perf_counter()
-    answered = predict(base, digit_png, params={"model": "good"}, headers=AUTH)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(predict, base, digit_png, params={"model": "good"}, headers=AUTH)
+        time.sleep(0.3)
+        # The queue (serve.max_queued_requests: 1) is full with the request above: this one is refused at once,
+        # not buffered until a slot frees (a client can lift the proxy's own timeout for a queued request).
+        refused = predict(base, digit_png, params={"model": "good"}, headers={**AUTH, "x-request-timeout-seconds": "0"})
+        refused_after = time.perf_counter() - started
+        answered = waiting.result()
+    assert refused.status_code == 503 and refused_after < 1.0, (refused.status_code, refused_after, refused.text)
     # Not before the stalled bodies' deadline (2 s after they came, 0.5 s before this): both slots were held.
     assert answered.status_code == 200 and 1.0 <= time.perf_counter() - started < 8
     for connection in stalled:
