@@ -473,7 +473,7 @@ class TrackingConfig(_Section):
             )
         if value is None:
             return value
-        if _MASKED_PASSWORD.search(value):
+        if has_masked_password(value):
             raise ValueError("its password is the mask printed by check-config and logged with each run ('***'), "
                              "not the password; give the real URI (an environment variable: ${VAR})")
         value = absolute_sqlite_uri(value)
@@ -490,6 +490,11 @@ class TrackingConfig(_Section):
 #: What :func:`redact_uri` leaves of a password: a config copied from ``check-config`` or a run's logged
 #: ``config.yaml`` holds it instead of the password.
 _MASKED_PASSWORD = re.compile(r"^[A-Za-z][\w+.-]*://[^:/@]*:\*\*\*@|(?i:[?&](?:password|passwd|pwd))=\*\*\*(?:&|$)")
+
+
+def has_masked_password(uri: str) -> bool:
+    """Whether ``uri``'s password is :func:`redact_uri`'s mask rather than a password."""
+    return bool(_MASKED_PASSWORD.search(uri))
 
 
 def absolute_sqlite_uri(uri: str) -> str:

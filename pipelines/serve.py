@@ -28,6 +28,7 @@ waiting for a replica are at most ``serve.max_queued_requests`` per proxy (503 b
 # see real types (not strings to resolve against module globals) in their signatures.
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -40,7 +41,15 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from .batching import Batcher
-from .config import CHAMPION, ConfigError, PipelineConfig, ServeConfig, check_serve_access
+from .config import (
+    CHAMPION,
+    ConfigError,
+    PipelineConfig,
+    ServeConfig,
+    check_serve_access,
+    has_masked_password,
+    redact_uri,
+)
 from .http_api import RequestError, api, authorize, check_upload, decode_upload, read_image_bytes
 from .model_store import LoadedModel, ModelStore, ServedModel, is_transient_load_error, replica_threads
 from .preprocess import DecodeBudget, PreprocessSpec, is_out_of_memory
@@ -339,7 +348,7 @@ def app_builder(args: dict):
     The token comes from ``serve.auth_token_env`` in the environment the application is built in; a config
     that had one (``require_token``) or binds a non-loopback host is refused without it.
     """
-    cfg = PipelineConfig.model_validate(args["config"])
+    cfg = PipelineConfig.model_validate(_with_tracking_password(args["config"]))
     check_serve_access(cfg.serve)
     if args.get("require_token") and cfg.serve.bearer_token() is None:
         raise ConfigError("serve.auth_token_env", "this application requires a bearer token: export it in the "
@@ -347,17 +356,37 @@ def app_builder(args: dict):
     return build_app(cfg)
 
 
+def _with_tracking_password(config: dict) -> dict:
+    """A written app config whose tracking URI has its password masked (:func:`write_serve_config`), with the
+    full URI from ``MLFLOW_TRACKING_URI`` where the app is built; ConfigError when that variable does not hold
+    the same URI."""
+    uri = (config.get("tracking") or {}).get("uri")
+    if not uri or not has_masked_password(uri):
+        return config
+    full = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not full or redact_uri(full) != uri:
+        raise ConfigError("tracking.uri", f"this application's tracking URI ({uri}) has a password, which its "
+                                          "config file does not hold: export MLFLOW_TRACKING_URI with the full URI "
+                                          "where it is deployed")
+    return {**config, "tracking": {**config["tracking"], "uri": full}}
+
+
 def write_serve_config(cfg: PipelineConfig) -> Path:
     """A Serve config file for ``serve deploy`` on a running cluster, next to the run's outputs.
 
-    It never holds the token (only ``serve.auth_token_env``, the name of the variable holding it) and is
-    readable by its owner only.
+    It never holds the token (only ``serve.auth_token_env``, the name of the variable holding it) nor the
+    tracking URI's password (masked: the full URI is read from ``MLFLOW_TRACKING_URI`` where it is deployed),
+    and is readable by its owner only.
     """
     import yaml
 
     s = cfg.serve
     path = cfg.paths.serve_config
     path.parent.mkdir(parents=True, exist_ok=True)
+    config = _portable_config(cfg)
+    masked_uri = redact_uri(cfg.tracking_uri) != cfg.tracking_uri
+    if masked_uri:
+        config["tracking"]["uri"] = redact_uri(cfg.tracking_uri)
     document = {
         "proxy_location": "EveryNode",
         "http_options": {"host": s.host, "port": s.port, "request_timeout_s": proxy_timeout_s(s)},
@@ -365,12 +394,15 @@ def write_serve_config(cfg: PipelineConfig) -> Path:
             "name": cfg.name,
             "route_prefix": "/",
             "import_path": "pipelines.serve:app_builder",
-            "args": {"config": _portable_config(cfg), "require_token": s.bearer_token() is not None},
+            "args": {"config": config, "require_token": s.bearer_token() is not None},
         }],
     }
     header = f"# serve deploy {path}   (on a running Ray cluster)\n"
     if s.auth_token is not None:
         header += "# The token itself is not written here: set serve.auth_token_env and export it where it deploys.\n"
+    if masked_uri:
+        header += "# The tracking URI's password is not written here: export MLFLOW_TRACKING_URI (the full URI) " \
+                  "where it deploys.\n"
     path.touch(mode=0o600)
     path.chmod(0o600)  # touch keeps an existing file's mode
     path.write_text(header + yaml.safe_dump(document, sort_keys=False))

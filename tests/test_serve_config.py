@@ -82,6 +82,30 @@ def test_serve_config_yaml_holds_no_token_and_only_its_owner_reads_it(make_confi
     app_builder(env_args)  # loopback, no token: builds
 
 
+def test_serve_config_yaml_holds_no_tracking_password_and_the_deployment_reads_it_from_the_environment(
+        make_config, monkeypatch, tmp_path):
+    """The file kept the tracking URI's password in clear (the Serve controller keeps what `serve deploy`
+    sends), while check-config, the logged config.yaml and the pending file mask it."""
+    from pipelines.serve import _with_tracking_password, write_serve_config
+
+    uri = "http://alice:hunter2@mlflow.internal:5000"
+    text = write_serve_config(make_config(f"tracking.uri={uri}")).read_text()
+    assert "hunter2" not in text and "MLFLOW_TRACKING_URI" in text
+    config = yaml.safe_load(text)["applications"][0]["args"]["config"]
+    assert config["tracking"]["uri"] == "http://alice:***@mlflow.internal:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match="export MLFLOW_TRACKING_URI") as info:
+        _with_tracking_password(config)
+    assert info.value.key == "tracking.uri"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:other@elsewhere:5000")  # another server's
+    with pytest.raises(ConfigError, match="export MLFLOW_TRACKING_URI"):
+        _with_tracking_password(config)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert _with_tracking_password(config)["tracking"]["uri"] == uri
+    plain = yaml.safe_load(write_serve_config(make_config("tracking.uri=http://10.0.0.1:5000")).read_text())
+    assert plain["applications"][0]["args"]["config"]["tracking"]["uri"] == "http://10.0.0.1:5000"
+
+
 def test_gpu_presets_read_the_token_that_cluster_yaml_exports(monkeypatch, tmp_path):
     monkeypatch.setenv("CNNZOO_STORAGE_PATH", "s3://bucket/prefix")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
