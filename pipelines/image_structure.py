@@ -60,6 +60,10 @@ MAX_TIFF_TAG_VALUES = {"single": 16, "per_sample": 1024, "colour_map": 3 * 65536
 MAX_TIFF_OFFSETS = 1 << 18
 #: The bytes a PPM/PGM/PBM/PFM header (magic, comments, width, height, maximum value) may take.
 MAX_PPM_HEADER_BYTES = 4096
+#: The largest body in a format Pillow decodes in Python, byte by byte (run-length BMP, plain-text PBM/PGM/PPM):
+#: a 9.7 MB RLE8 BMP took 2.1 s (and the interpreter's lock from every request beside it), a 9.6 MB plain
+#: PBM 0.45 s; real files in these formats are small.
+MAX_PYTHON_DECODED_BYTES = 1 << 20
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_DATA_CHUNKS = (b"IDAT", b"fdAT", b"fcTL")
@@ -101,6 +105,15 @@ def check_structure(data: bytes) -> None:
         tokens = 2 if data[1:2] in (b"1", b"4") else 3
         if _PPM_HEADER[tokens].match(data[:MAX_PPM_HEADER_BYTES]) is None:
             _refuse(f"malformed PPM header: its size is not within its first {MAX_PPM_HEADER_BYTES:,} bytes")
+        if data[1:2] in b"123" and len(data) > MAX_PYTHON_DECODED_BYTES:
+            _refuse(f"a plain-text (ASCII) PBM/PGM/PPM over {MAX_PYTHON_DECODED_BYTES >> 20} MB: send it as PNG or "
+                    "as a binary PNM (P4-P6)")
+    elif data.startswith(b"BM") and len(data) >= 34:
+        header_size, = struct.unpack_from("<I", data, 14)
+        compression, = struct.unpack_from("<I", data, 30) if header_size >= 40 else (0,)
+        if compression in (1, 2) and len(data) > MAX_PYTHON_DECODED_BYTES:  # BI_RLE8, BI_RLE4
+            _refuse(f"a run-length encoded BMP over {MAX_PYTHON_DECODED_BYTES >> 20} MB: send it as PNG or as an "
+                    "uncompressed BMP")
 
 
 def _check_jpeg(data: bytes) -> None:

@@ -404,3 +404,33 @@ def test_a_float_image_with_nan_or_inf_pixels_keeps_its_other_pixels():
         holed[3, 5] = hole
         mean = preprocess_upload(encode(Image.fromarray(holed, mode="F"), "TIFF"), spec, DecodeBudget()).mean().item()
         assert clean > 0.4 and mean == pytest.approx(clean, abs=0.01), hole
+
+
+def _rle8_bmp(width: int, height: int) -> bytes:
+    """A run-length encoded 8-bit BMP (Pillow reads but does not write them) of one-pixel runs: its worst case."""
+    import struct
+
+    row = b"".join(bytes([1, x & 0xFF]) for x in range(width)) + b"\x00\x00"  # runs, then end of line
+    pixels = row * height + b"\x00\x01"  # end of bitmap
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    dib = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    offset = 14 + len(dib) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + dib + palette + pixels
+
+
+def test_formats_pillow_decodes_in_python_are_refused_when_large():
+    """An RLE8 BMP of 9.7 MB decoded for 2.1 s in Python (holding the interpreter from every other request), a
+    plain-text PBM of 9.6 MB for 0.45 s; small ones, as real files are, still decode."""
+    small = _rle8_bmp(64, 64)
+    assert Image.open(io.BytesIO(small)).info.get("compression") == 1  # Pillow's BMP_RLE8
+    assert preprocess_upload(small, SPEC, DecodeBudget()).shape == (1, 1, 16, 16)
+    large = _rle8_bmp(1400, 1400)
+    assert len(large) > 2 << 20
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="run-length encoded BMP over 1 MB"):
+        preprocess_upload(large, SPEC, DecodeBudget())
+    assert time.perf_counter() - started < 0.1
+    plain = b"P1\n1500 1500\n" + b"0 1 " * (1500 * 1500 // 2)
+    with pytest.raises(ImageDecodeError, match="plain-text"):
+        preprocess_upload(plain, SPEC, DecodeBudget())
+    assert preprocess_upload(b"P1\n4 4\n" + b"0 1 " * 8, SPEC, DecodeBudget()).shape == (1, 1, 16, 16)
