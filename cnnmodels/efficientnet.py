@@ -28,7 +28,8 @@ from .layers import ConvNormAct, ImageClassifier, SqueezeExcitation, StochasticD
 from .registry import register_family, register_model
 from .scaling import PAPER_COEFFICIENTS, CompoundCoefficients, scale_channels, scale_depth
 
-__all__ = ["MBConvConfig", "MBConv", "EfficientNet", "B0_STAGES", "EFFICIENTNET_TABLE", "build_efficientnet"]
+__all__ = ["MBConvConfig", "MBConv", "EfficientNet", "B0_STAGES", "EFFICIENTNET_TABLE", "build_efficientnet",
+           "compound_architecture"]
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,15 @@ def efficientnet(
     model.compound = {"phi": phi, "alpha": alpha, "beta": beta, "gamma": gamma, "base_resolution": base_resolution}
     model.scales_resolution = True  # base_resolution * gamma**phi, whatever the stem
     return model
+
+
+def compound_architecture(phi: float, alpha: float, beta: float, gamma: float,
+                          base_resolution: int = 224) -> tuple[tuple[MBConvConfig, ...], int]:
+    """What :func:`efficientnet` builds from these, without building it: the scaled stages and the input side.
+    Depths round up and widths to multiples of 8, so different coefficients can build the same network (at
+    phi 1 every alpha in (1, 1.25] gives B0's block counts); equal results mean the same network."""
+    multipliers = CompoundCoefficients(alpha, beta, gamma).multipliers(phi, base_resolution)
+    return tuple(s.scaled(multipliers.width, multipliers.depth) for s in B0_STAGES), multipliers.resolution
 
 
 # ``efficientnet_phi1`` names the compound-scaled member at phi = 1 (the pipeline's searched family).

@@ -1,8 +1,10 @@
 """The search stage: Ray Tune searches EfficientNet's compound-scaling coefficients on the user's data.
 
-Fix ``phi`` (``search.phi``, default 1: "twice the resources"), then search alpha (depth), beta (width)
-and gamma (resolution) under ``|alpha * beta^2 * gamma^2 - target| <= tolerance`` (the space and its
-samplers are :mod:`pipelines.search_space`). Each trial trains the compound-scaled EfficientNet through
+Fix ``phi`` (``search.phi``, default 1: about "twice the resources" in the paper's sense; the networks
+built cost 1.9-3x the baseline's multiply-adds, depths rounding up and widths to multiples of 8, so
+``search.objective: mnas`` is the one that weighs cost), then search alpha (depth), beta (width) and gamma
+(resolution) under ``|alpha * beta^2 * gamma^2 - target| <= tolerance`` (the space and its samplers are
+:mod:`pipelines.search_space`; grid triples that build the same network are one candidate). Each trial trains the compound-scaled EfficientNet through
 the same trial machinery as the training stage (:mod:`pipelines.trials`: a TorchTrainer inside the Tune
 trial), reporting ``val_acc`` and the objective's ``score`` per epoch: Optuna samples and ASHA stops weak
 trials early by the score the search ranks by (``search.objective``). The paper's (1.2, 1.1, 1.15)
@@ -138,17 +140,27 @@ class _SearchPlan:
     paper_included: bool
 
 
+def _network_at(template: ModelRun, coefficients: tuple[float, float, float]):
+    """What the template built with ``coefficients`` is (:func:`cnnmodels.efficientnet.compound_architecture`)."""
+    from cnnmodels.efficientnet import compound_architecture
+
+    kwargs = template.model.kwargs
+    base = kwargs.get("base_resolution") or (32 if kwargs.get("small_input") else 224)
+    return compound_architecture(float(kwargs.get("phi", 1.0)), *coefficients, base_resolution=base)
+
+
 def _plan_trials(cfg: PipelineConfig, template: ModelRun) -> _SearchPlan:
     from ray import tune
 
     search = cfg.search
     paper_included = paper_is_feasible(search)
     if search.mode == "grid":
-        candidates = grid_candidates(search)
+        candidates = grid_candidates(search, partial(_network_at, template))
+        networks = len({_network_at(template, c) for c in feasible_points(search)})
         logger.info("[search] grid: %d of the %d feasible triples (alpha*beta^2*gamma^2 within %s +- %s, step %s; "
-                    "at most search.num_trials), phi=%g, %d epoch(s) each", len(candidates),
-                    len(feasible_points(search)), search.target, search.tolerance, search.step, search.phi,
-                    search.epochs)
+                    "%d different networks at phi=%g; at most search.num_trials), %d epoch(s) each", len(candidates),
+                    len(feasible_points(search)), search.target, search.tolerance, search.step, networks,
+                    search.phi, search.epochs)
         space = {"run": template.to_dict(), "coefficients": tune.grid_search(
             [{"alpha": a, "beta": b, "gamma": g} for a, b, g in candidates])}
         return _SearchPlan(space, None, 1, len(candidates), paper_included)

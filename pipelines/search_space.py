@@ -13,6 +13,7 @@ coefficient in its configured range.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +62,25 @@ def feasible_points(search: SearchConfig) -> list[tuple[float, float, float]]:
     return sorted(grid.values())
 
 
-def grid_candidates(search: SearchConfig) -> list[tuple[float, float, float]]:
-    """At most ``num_trials`` feasible grid triples, the paper's first, the rest spread evenly."""
+def grid_candidates(search: SearchConfig,
+                    network: Callable[[tuple[float, float, float]], Hashable] | None = None
+                    ) -> list[tuple[float, float, float]]:
+    """At most ``num_trials`` feasible grid triples, the paper's first, the rest spread evenly.
+
+    ``network`` says what a triple builds at the search's phi: of triples that build the same network (depths
+    round up, widths to multiples of 8) only one is a candidate, the paper's or the one nearest the target,
+    so no two trials train the same model (their tie was broken by Tune's result order)."""
     chosen: list[tuple[float, float, float]] = []
+    points = feasible_points(search)
+    if network is not None:
+        first: dict[Hashable, tuple[float, float, float]] = {}
+        nearest = sorted(points, key=lambda c: (_key(c) != _key(PAPER), abs(constraint_value(*c) - search.target), c))
+        for c in nearest:
+            first.setdefault(network(c), c)
+        points = sorted(first.values())
     if paper_is_feasible(search):
         chosen.append(PAPER)
-    others = [c for c in feasible_points(search) if _key(c) != _key(PAPER)]
+    others = [c for c in points if _key(c) != _key(PAPER)]
     slots = search.num_trials - len(chosen)
     if slots >= len(others):
         chosen += others

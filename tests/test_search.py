@@ -29,6 +29,29 @@ def test_grid_candidates_are_feasible_capped_and_start_with_the_paper():
     assert all(abs(constraint_value(*c) - 2.0) <= 0.1 + 1e-9 for c in everything)
 
 
+def test_no_two_grid_trials_train_the_same_network(make_config):
+    """Depths round up and widths to multiples of 8: of the fashion-mnist preset's 16 grid trials only 14 were
+    different networks (1.1 and 1.15 for alpha build the same at phi 1), two slots trained a model twice, and
+    Tune's result order broke their tie, choosing the coefficients the family is built from at phi 2."""
+    from cnnmodels.efficientnet import compound_architecture
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, search_template
+    from pipelines.search import _network_at
+
+    cfg = make_config("data.image_size=28", "search.alpha=[1.0, 1.4]", "search.beta=[1.0, 1.3]",
+                      "search.gamma=[1.0, 1.3]", "search.step=0.05", "search.num_trials=16", "search.phi=1")
+    template = plan_model_runs(cfg, describe_dataset(cfg.data), [search_template(cfg)], stage="search",
+                               cluster_cpus=2)[0]
+    network = lambda c: _network_at(template, c)  # noqa: E731
+    assert network((1.1, 1.2, 1.1)) == network((1.15, 1.2, 1.1))  # the same at phi 1 ...
+    assert compound_architecture(2, 1.1, 1.2, 1.1, 28) != compound_architecture(2, 1.15, 1.2, 1.1, 28)  # not at 2
+    assert len({network(c) for c in grid_candidates(cfg.search)}) < 16  # what the plain grid does
+    candidates = grid_candidates(cfg.search, network)
+    assert len(candidates) == 16 and len({network(c) for c in candidates}) == 16
+    assert candidates[0] == PAPER  # the paper's stands for its network
+    assert all(abs(constraint_value(*c) - 2.0) <= 0.1 + 1e-9 for c in candidates)
+
+
 def test_the_paper_is_left_out_when_the_constraint_or_the_ranges_exclude_it():
     search = SearchConfig(tolerance=0.05, step=0.05)  # 1.92 is 0.08 away from 2.0
     assert PAPER not in grid_candidates(search)
