@@ -4,10 +4,11 @@ Fix ``phi`` (``search.phi``, default 1: about "twice the resources" in the paper
 built cost 1.9-3x the baseline's multiply-adds, depths rounding up and widths to multiples of 8, so
 ``search.objective: mnas`` is the one that weighs cost), then search alpha (depth), beta (width) and gamma
 (resolution) under ``|alpha * beta^2 * gamma^2 - target| <= tolerance`` (the space and its samplers are
-:mod:`pipelines.search_space`; grid triples that build the same network are one candidate). Each trial trains the compound-scaled EfficientNet through
-the same trial machinery as the training stage (:mod:`pipelines.trials`: a TorchTrainer inside the Tune
-trial), reporting ``val_acc`` and the objective's ``score`` per epoch: Optuna samples and ASHA stops weak
-trials early by the score the search ranks by (``search.objective``). The paper's (1.2, 1.1, 1.15)
+:mod:`pipelines.search_space`; grid triples that build the same network are one candidate). Each trial
+trains the compound-scaled EfficientNet through the same trial machinery as the training stage
+(:mod:`pipelines.trials`: a TorchTrainer inside the Tune trial), reporting ``val_acc`` and the objective's
+``score`` per epoch: Optuna samples and ASHA stops weak trials early by the score the search ranks by
+(``search.objective``). The paper's (1.2, 1.1, 1.15)
 is always among the trials when it satisfies the constraint, so the user sees whether the search beat it.
 
 The result (best triple, every trial's triple and score) goes to ``<workdir>/<name>/search/best.json``
