@@ -910,6 +910,38 @@ def _serve_checks(cfg: PipelineConfig) -> None:
         raise ConfigError("serve.max_resized_pixels",
                           f"{serve.max_resized_pixels:,} is below one {cfg.data.image_size}x{cfg.data.image_size} "
                           "model input: no image could be served")
+    _check_model_inputs_fit(cfg)
+
+
+#: No model input is larger (EfficientNet-B7's 600 px; the searched family scales data.image_size, checked
+#: apart): a decode budget at least this square admits every listed model without building one.
+_LARGEST_TABLE_INPUT = 640
+
+
+def _check_model_inputs_fit(cfg: PipelineConfig) -> None:
+    """Models whose own input is larger than ``data.image_size`` (EfficientNet-B4's 380 px, a family member's
+    scaled resolution) over ``serve.max_resized_pixels``: every request to them would be refused, which the
+    serve stage found only after training them all (exit 2)."""
+    budget = cfg.serve.max_resized_pixels
+    too_large = []
+    phis = [phi for phi in cfg.search.phis if phi > 0]
+    if phis:  # the family's smallest possible input: the search's lowest gamma
+        side = round(cfg.data.image_size * cfg.search.gamma[0] ** max(phis))
+        if side ** 2 > budget:
+            too_large.append(f"efficientnet_phi{max(phis):g} (at least {side} px)")
+    if budget < _LARGEST_TABLE_INPUT ** 2:
+        import torch
+
+        from .planning import resolve_models  # planning builds on this module
+
+        for choice in resolve_models(cfg):
+            with torch.device("meta"):
+                model = cnnmodels.create_model(choice.arch, num_classes=10, **choice.kwargs)
+            if (side := model.input_size_for(cfg.data.image_size)) ** 2 > budget:
+                too_large.append(f"{choice.name} ({side} px)")
+    if too_large:
+        raise ConfigError("serve.max_resized_pixels", f"{budget:,} is below the input of {', '.join(too_large)}: "
+                                                      "every request to them would be refused; raise it")
 
 
 def _local_gpus(cfg: PipelineConfig) -> int | None:

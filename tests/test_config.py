@@ -271,6 +271,18 @@ def test_a_list_as_a_yaml_key_or_a_huge_coefficient_range_exits_2(tmp_path, caps
     assert "search.alpha" in capsys.readouterr().err
 
 
+def test_a_decode_budget_below_a_trained_models_own_input_is_refused_before_training():
+    """EfficientNet-B4 takes 380 px whatever data.image_size: under serve.max_resized_pixels every request to
+    it would be refused, which `run` found at its serve stage, after training everything."""
+    base = ["data.image_size=224", "serve.max_resized_pixels=60000"]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*base, "train.models=[resnet18, efficientnet_b4]", "search.phis=[]"])
+    assert info.value.key == "serve.max_resized_pixels" and "efficientnet_b4 (380 px)" in str(info.value)
+    with pytest.raises(ConfigError, match=r"efficientnet_phi3 \(at least 298 px\)"):  # 224 * 1.1^3, gamma >= 1.1
+        load_config(None, [*base, "train.models=[resnet18]", "search.phis=[1, 3]", "search.gamma=[1.1, 1.3]"])
+    assert load_config(None, [*base, "train.models=[resnet18]", "search.phis=[1]"])  # 224 px: fits
+
+
 def test_a_warm_up_as_long_as_the_run_is_refused():
     """warmup_epochs 5 of 3 epochs: the learning rate peaked at 0.6 of train.lr and stayed there."""
     cases = [(["train.warmup_epochs=5", "train.epochs=3"], "train.warmup_epochs", "lenet5's 3 epochs"),
