@@ -89,7 +89,10 @@ def _load(args) -> PipelineConfig:
     return load_config(path, args.overrides)
 
 
-def _block_until_interrupted(url: str) -> None:
+def _block_until_interrupted(url: str, cfg: PipelineConfig) -> None:
+    """Serve until Ctrl-C, then stop serving: a local Ray stops with the command, while on a cluster the Serve
+    app (a detached controller's) would go on holding its replicas' CPUs and GPUs and the port, so it is
+    deleted there (``--no-block`` is for leaving it up)."""
     # Where Ray Tune's own SIGINT handler is back on (TUNE_DISABLE_SIGINT_HANDLER=0, see runtime.py) it stays
     # in place after a run; without Python's default handler back, the first Ctrl-C here would be swallowed.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -99,6 +102,11 @@ def _block_until_interrupted(url: str) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         logger.info("\n[serve] shutting down")
+        if outlives_the_command(cfg):
+            from ray import serve
+
+            serve.delete(cfg.name)
+            logger.info("[serve] deleted the Serve app %r from the cluster", cfg.name)
 
 
 def _positive_seconds(text: str) -> float:
@@ -194,7 +202,7 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
 
             result = run_pipeline(cfg, stages)
             if result.serve is not None and not args.no_block:
-                _block_until_interrupted(result.serve.url)
+                _block_until_interrupted(result.serve.url, cfg)
             return 0 if result.ok else EXIT_FAILED
         if args.command == "search":
             from .search import search_stage
@@ -212,7 +220,7 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
         logger.info("[serve] models: %s (champion: %s); serve deploy config: %s", ", ".join(handle.models),
                     handle.champion, handle.config_path)
         if not args.no_block:
-            _block_until_interrupted(handle.url)
+            _block_until_interrupted(handle.url, cfg)
         return 0
 
 

@@ -353,3 +353,35 @@ def test_a_stalled_body_frees_its_slot_at_the_body_deadline(strict_app, digit_pn
         reply = connection.recv(4096).decode()
         connection.close()
         assert reply.startswith("HTTP/1.1 408") and "did not arrive within 2 s" in reply, reply
+
+
+def test_ctrl_c_of_a_blocking_command_on_a_cluster_deletes_its_serve_app(server, monkeypatch):
+    """On a cluster the Serve controller is detached: Ctrl-C printed "shutting down" and returned while the app
+    went on holding its replicas' CPUs and GPUs and the port."""
+    from ray import serve
+
+    import pipelines.__main__ as cli
+    from pipelines.config import outlives_the_command
+
+    cfg, _, _ = server
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+    class Placeholder:
+        def __call__(self, request) -> str:
+            return "up"
+
+    serve.run(Placeholder.bind(), name="blocking", route_prefix="/blocking", blocking=False)
+    assert "blocking" in serve.status().applications
+    on_cluster = cfg.model_copy(update={"name": "blocking",
+                                        "ray": cfg.ray.model_copy(update={"address": "auto"})})
+    assert outlives_the_command(on_cluster)
+
+    class Interrupted:  # the command's own wait, Ctrl-C at once (serve.delete's polls keep the real sleep)
+        @staticmethod
+        def sleep(seconds):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "time", Interrupted)
+    cli._block_until_interrupted("http://127.0.0.1:0", on_cluster)
+    assert "blocking" not in serve.status().applications
+    assert cfg.name in serve.status().applications  # the other apps are left alone
