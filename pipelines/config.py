@@ -547,7 +547,9 @@ class ServeConfig(_Section):
     max_upload_mb: float = Field(10.0, gt=0.0, description="largest request body (413 above)")
     max_image_pixels: int = Field(
         40_000_000, ge=1,
-        description="largest input image, width x height, read from its header before any pixel is decoded (400 above)",
+        description="largest input image, width x height, read from its header before any pixel is decoded (400 "
+        "above); counted as RGB pixels: float and 32-bit images count 3x, images with alpha or a transparent colour "
+        "2x (2.25x palette), 16-bit 1.5x, as they cost to decode",
     )
     max_aspect_ratio: float = Field(
         20.0, ge=1.0, description="largest ratio of an input image's long side to its short side (400 above)"

@@ -229,6 +229,19 @@ def _scaled_to_bytes(image: Image.Image, rows: int = 256) -> np.ndarray:
     return scaled
 
 
+#: Memory per pixel of decoding an image in a Pillow mode (what :meth:`PreprocessSpec.convert_mode` does with
+#: it), relative to an RGB image's; measured on 40 M pixel images: RGB +151 MB, float TIFF +453 MB, RGBA and
+#: LA PNGs +302 MB, a palette PNG with transparency +340 MB, 16-bit +225 MB. "P+alpha": a palette or grey image
+#: with a transparent colour (:func:`decode_mode`).
+DECODE_COST: dict[str, float] = {"F": 3.0, "I": 3.0, "RGBA": 2.0, "LA": 2.0, "PA": 2.0, "RGBa": 2.0, "La": 2.0,
+                                 "P+alpha": 2.25, "I;16": 1.5, "I;16B": 1.5, "I;16L": 1.5, "I;16N": 1.5}
+
+
+def decode_mode(image: Image.Image) -> str:
+    """The mode :data:`DECODE_COST` knows ``image`` by: its own, or "P+alpha" for a transparent colour key."""
+    return "P+alpha" if "transparency" in image.info and image.mode in ("P", "L", "RGB") else image.mode
+
+
 @dataclass(frozen=True)
 class DecodeBudget:
     """What one upload may cost, checked from its header before any pixel is decoded or resized.
@@ -244,12 +257,18 @@ class DecodeBudget:
     max_aspect_ratio: float = 20.0
     max_resized_pixels: int = 4_000_000
 
-    def check(self, width: int, height: int, image_size: int | None = None) -> None:
-        """Raise :class:`ImageDecodeError` if a ``width`` x ``height`` image (resized for ``image_size``) is over."""
+    def check(self, width: int, height: int, image_size: int | None = None, mode: str | None = None) -> None:
+        """Raise :class:`ImageDecodeError` if a ``width`` x ``height`` image (resized for ``image_size``) is over.
+
+        ``max_pixels`` counts RGB pixels: an image of another Pillow ``mode`` counts as many as its decoding
+        costs in memory (:data:`DECODE_COST`; a float TIFF 3x, an image with alpha or transparency 2x)."""
         if width < 1 or height < 1:
             raise ImageDecodeError("image has no pixels")
-        if width * height > self.max_pixels:
-            raise ImageDecodeError(f"image has {width}x{height} pixels, above the limit of {self.max_pixels:,}")
+        cost = DECODE_COST.get(mode or "", 1.0)
+        if width * height * cost > self.max_pixels:
+            counted = f" (in mode {mode}, counted {cost:g}x: what it costs to decode)" if cost != 1.0 else ""
+            raise ImageDecodeError(f"image has {width}x{height} pixels{counted}, above the limit of "
+                                   f"{self.max_pixels:,}")
         short, long = sorted((width, height))
         if long / short > self.max_aspect_ratio:
             raise ImageDecodeError(f"image of {width}x{height} pixels has an aspect ratio above the limit of "
@@ -342,7 +361,7 @@ def check_image_header(data: bytes, budget: DecodeBudget) -> None:
     Raises :class:`ImageDecodeError` (:class:`UnsupportedImageFormat` for a refused format).
     """
     image = open_image(data)
-    budget.check(image.width, image.height)
+    budget.check(image.width, image.height, mode=decode_mode(image))
 
 
 def preprocess_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -> torch.Tensor:
@@ -352,7 +371,7 @@ def preprocess_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -
     :class:`UnsupportedImageFormat` for a refused format); running out of memory is a ``MemoryError``.
     """
     image = open_image(data)
-    budget.check(image.width, image.height, spec.image_size)
+    budget.check(image.width, image.height, spec.image_size, mode=decode_mode(image))
     _load_pixels(image)
     try:
         return spec.tensor_from_image(image)

@@ -18,6 +18,7 @@ from pipelines.preprocess import (
     ImageDecodeError,
     PreprocessSpec,
     UnsupportedImageFormat,
+    check_image_header,
     decode_image,
     open_image,
     preprocess_upload,
@@ -273,7 +274,9 @@ def peak_mb_converting(upload: Path, *path: str) -> float:
 
 
 @pytest.mark.parametrize(("kind", "side", "decoded_mb", "limit_mb"), [
-    ("16-bit", 6320, 80, 300),  # 78 KB as a PNG; 1,066 MB over the baseline through float64 copies
+    # 16-bit counts 1.5x in the budget: at 6320 px (40 M pixels, 78 KB as a PNG) it took 1,066 MB over the
+    # baseline through float64 copies, 225 MB since; the largest the budget admits:
+    ("16-bit", 5160, 50, 200),
     ("RGBA", 4000, 64, 160),  # 62 KB as a PNG; 305 MB through full-size alpha compositing
 ])
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from Linux's /proc")
@@ -434,3 +437,21 @@ def test_formats_pillow_decodes_in_python_are_refused_when_large():
     with pytest.raises(ImageDecodeError, match="plain-text"):
         preprocess_upload(plain, SPEC, DecodeBudget())
     assert preprocess_upload(b"P1\n4 4\n" + b"0 1 " * 8, SPEC, DecodeBudget()).shape == (1, 1, 16, 16)
+
+
+def test_the_pixel_budget_counts_what_an_images_mode_costs_to_decode():
+    """At 40 M pixels a float TIFF of 261 KB took 453 MB to decode, an RGBA PNG 302 MB, an RGB one 151 MB: the
+    budget counted pixels only, so two small uploads in float cost 0.9 GB."""
+    budget = DecodeBudget(max_pixels=10_000)
+    ramp = np.tile(np.linspace(0, 1, 70, dtype=np.float32), (70, 1))  # 4,900 pixels
+    assert preprocess_upload(encode(Image.fromarray((ramp * 255).astype(np.uint8)), "PNG"), SPEC, budget).shape \
+        == (1, 1, 16, 16)
+    with pytest.raises(ImageDecodeError, match=r"70x70 pixels \(in mode F, counted 3x"):
+        preprocess_upload(encode(Image.fromarray(ramp, mode="F"), "TIFF"), SPEC, budget)
+    rgba = np.zeros((70, 70, 4), np.uint8)
+    assert preprocess_upload(encode(Image.fromarray(rgba), "PNG"), SPEC, budget).shape == (1, 1, 16, 16)  # 9,800
+    with pytest.raises(ImageDecodeError, match="in mode RGBA, counted 2x"):
+        preprocess_upload(encode(Image.fromarray(np.zeros((72, 72, 4), np.uint8)), "PNG"), SPEC, budget)
+    keyed = encode_with(Image.fromarray(np.zeros((70, 70), np.uint8)).convert("P"), "PNG", transparency=0)
+    with pytest.raises(ImageDecodeError, match="in mode P\\+alpha"):
+        check_image_header(keyed, budget)

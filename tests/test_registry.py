@@ -438,8 +438,9 @@ def test_serving_refuses_a_decode_budget_below_a_registered_models_input(tmp_pat
     from pipelines.config import ConfigError, load_config
     from pipelines.serve import serve_stage
 
+    # (Models the config trains are checked when it loads; the registry can hold others, trained before.)
     cfg = load_config(None, [f"workdir={tmp_path}", "name=budget", "data.image_size=16",
-                             "serve.max_resized_pixels=300"])
+                             "serve.max_resized_pixels=300", "train.models=[resnet18]", "search.phis=[]"])
     tracker = Tracker.for_config(cfg)
     tracker.client.create_registered_model("budget")
     for alias, size in (("lenet5", 32), ("efficientnet_phi1", 18), ("resnet18", 16)):
