@@ -426,8 +426,8 @@ class SearchConfig(_Section):
         if low < 1.0:
             raise ValueError(f"low end {low} is below 1 (scaling coefficients are >= 1)")
         if high > MAX_COEFFICIENT:  # the paper's are 1.1-1.2; huge ones overflowed the feasibility arithmetic
-            raise ValueError(f"high end {high:g} is above {MAX_COEFFICIENT:g}: alpha * beta^2 * gamma^2 is held "
-                             "near search.target (2 in the paper), so no coefficient can be that large")
+            raise ValueError(f"high end {high:g} is above {MAX_COEFFICIENT:g}, the largest scaling coefficient "
+                             "searched (the paper's are 1.1-1.2)")
         if low > high:
             raise ValueError(f"low end {low} is above high end {high}")
         return (float(low), float(high))
@@ -539,8 +539,8 @@ class ServeConfig(_Section):
         64, ge=1, description="requests a replica accepts at once (must be >= max_batch_size for batches to fill)"
     )
     max_queued_requests: int = Field(
-        256, ge=1, description="requests waiting to be given a replica slot, per Serve proxy (503 with Retry-After "
-        "beyond; a burst arriving at once counts too): a saturated or still-starting deployment refuses at once "
+        256, ge=1, description="requests waiting to be given a replica slot, per Serve proxy (503 beyond; a "
+        "burst arriving at once counts too): a saturated or still-starting deployment refuses at once "
         "instead of queueing without bound"
     )
     max_models_per_replica: int = Field(4, ge=1, description="LRU size of loaded models per replica (multiplexing)")
@@ -548,8 +548,8 @@ class ServeConfig(_Section):
     max_image_pixels: int = Field(
         40_000_000, ge=1,
         description="largest input image, width x height, read from its header before any pixel is decoded (400 "
-        "above); counted as RGB pixels: float and 32-bit images count 3x, images with alpha or a transparent colour "
-        "2x (2.25x palette), 16-bit 1.5x, as they cost to decode",
+        "above); counted as RGB pixels: float and 32-bit images count 3x, images with alpha 2x (a transparent colour "
+        "2.25x), 16-bit 1.5x, as they cost to decode",
     )
     max_aspect_ratio: float = Field(
         20.0, ge=1.0, description="largest ratio of an input image's long side to its short side (400 above)"
@@ -840,25 +840,31 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
     _serve_checks(cfg)
 
 
+#: Coefficients that stand for whatever the search will find, to list and build the models a config trains
+#: before it has run (not the paper's: resolve_models would take them for a search that found them, and leave
+#: out the paper's family that search.compare_paper adds).
+_ANY_SEARCHED_COEFFICIENTS = {"alpha": 1.0, "beta": 1.0, "gamma": 1.0}
+
+
 def _check_warmup(cfg: PipelineConfig) -> None:
     """A warm-up as long as the run never reaches the peak learning rate, nor decays from it (warmup 5 of 3
     epochs peaked at 0.6 of ``lr`` and ended there): for every trained model and the search's trials."""
     from .planning import resolve_models  # planning builds on this module
-    from .search_space import PAPER
 
-    trained = resolve_models(cfg, dict(zip(("alpha", "beta", "gamma"), PAPER, strict=True)))
-    for name in dict.fromkeys([*(choice.name for choice in trained), "efficientnet"]):
+    trained = [choice.name for choice in resolve_models(cfg, _ANY_SEARCHED_COEFFICIENTS)]
+    for name in dict.fromkeys([*trained, "efficientnet"]):
         hyper = hyperparameters_for(cfg.train, name)
-        runs = [(hyper.epochs, "epochs")]
+        runs = [(hyper.epochs, "epochs")] if name in trained else []
         if name == "efficientnet":  # the search's template: its trials run search.epochs
             runs.append((cfg.search.epochs, "search.epochs"))
         for epochs, what in runs:
-            if hyper.warmup_epochs >= epochs:
+            # As long as the run is fine (the peak at its last step: 1-epoch smoke runs of a preset with 1).
+            if hyper.warmup_epochs > epochs:
                 key = (f"train.model_overrides.{name}.warmup_epochs"
                        if "warmup_epochs" in cfg.train.model_overrides.get(name, {}) else "train.warmup_epochs")
                 subject = f"{name}'s {epochs} epochs" if what == "epochs" else f"the search's {epochs} epochs per trial"
-                raise ConfigError(key, f"{hyper.warmup_epochs:g} warm-up epochs are not shorter than {subject}: "
-                                       "the learning rate would never reach its peak nor decay; shorten the warm-up")
+                raise ConfigError(key, f"{hyper.warmup_epochs:g} warm-up epochs are longer than {subject}: the "
+                                       "learning rate would never reach its peak nor decay; shorten the warm-up")
 
 
 def _check_model_option_values(cfg: PipelineConfig) -> None:
@@ -871,10 +877,8 @@ def _check_model_option_values(cfg: PipelineConfig) -> None:
     import torch
 
     from .planning import resolve_models, search_template  # planning builds on this module
-    from .search_space import PAPER
 
-    paper = dict(zip(("alpha", "beta", "gamma"), PAPER, strict=True))
-    for choice in [*resolve_models(cfg, paper), search_template(cfg)]:
+    for choice in [*resolve_models(cfg, _ANY_SEARCHED_COEFFICIENTS), search_template(cfg)]:
         if choice.name not in cfg.train.model_options:
             continue
         try:

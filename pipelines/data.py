@@ -113,11 +113,14 @@ class ImageSplits:
         import hashlib
 
         digest = hashlib.sha256()
-        base = Path(root).expanduser() if root else Path(".")
+        base = str(Path(root).expanduser()) if root else "."
+        prefix = base.rstrip(os.sep) + os.sep
         for name in ("train", "val", "test"):
             split = getattr(self, name)
             for path, label in zip(split.paths, split.labels.tolist(), strict=True):
-                digest.update(f"{name}\t{os.path.relpath(path, base)}\t{label}\n".encode())
+                # The paths are joined onto data.root: slicing is what relpath would give (7 s per 1.2 M paths)
+                relative = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, base)
+                digest.update(f"{name}\t{relative}\t{label}\n".encode())
         return digest.hexdigest()[:16]
 
 

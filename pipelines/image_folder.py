@@ -127,6 +127,11 @@ def _has_class_folders(directory: Path) -> bool:
     return directory.is_dir() and bool(_class_names(directory))
 
 
+def _has_images(directory: Path) -> bool:
+    """Whether ``directory`` holds an image file, at any depth (stops at the first)."""
+    return any(path.name.lower().endswith(IMAGE_EXTENSIONS) for path in directory.rglob("*"))
+
+
 def _training_folder(root: Path) -> Path:
     """Where the training classes are: ``root/train`` when the folder comes split (``train/`` holds class
     folders), else ``root`` itself (``train/`` with its images in it is then a class: COCO has one)."""
@@ -161,7 +166,7 @@ def _refuse_disguised_splits(root: Path) -> None:
             "class folders and would each be read as one class; rename the training folder to train/ (the "
             f"others to val/, valid/ or validation/, and test/), or set data.root to the folder that holds the "
             "classes")
-    split_named = [name for name in _class_names(root) if name.lower() in SPLIT_LIKE_NAMES]
+    split_named = [name for name in _class_names(root) if name.lower() in SPLIT_LIKE_NAMES and _has_images(root / name)]
     if len(split_named) >= 2:  # Kaggle's train/*.jpg and test/*.jpg (labels in the file names): a train-vs-test model
         raise ImageFolderError(
             f"{root} holds {', '.join(f'{n}/' for n in split_named)} with images directly in them: they would be "
@@ -209,11 +214,14 @@ def _checked(path: str) -> tuple[str | None, str | None]:
     reason = _unreadable(path)
     if reason is not None:
         return reason, None
+    digest = hashlib.sha1()  # noqa: S324 - a content key, not a signature
     try:
         with open(path, "rb") as file:
-            return None, hashlib.file_digest(file, "sha1").hexdigest()
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
     except OSError as err:  # removed between the two reads
         return f"{type(err).__name__}: {err}", None
+    return None, digest.hexdigest()
 
 
 #: Folders with at least this many files log their check's progress.
@@ -291,6 +299,8 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
         forget_loaded_splits()
         _LAST_CONTENT[key[0]] = key[1]
     if key not in _CHECKED:
+        for older in [k for k in _CHECKED if k[0] == key[0]]:  # every file's digest: keep one content per folder
+            del _CHECKED[older]
         _CHECKED[key] = _find_unreadable(root, paths)
     bad, digests = _CHECKED[key]
     if bad and not cfg.skip_bad_files:

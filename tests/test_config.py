@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pipelines.config import ConfigError, load_config, read_yaml
+
+PRESETS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 
 
 def test_default_config_is_the_embedded_quickstart():
@@ -283,20 +287,28 @@ def test_a_decode_budget_below_a_trained_models_own_input_is_refused_before_trai
     assert load_config(None, [*base, "train.models=[resnet18]", "search.phis=[1]"])  # 224 px: fits
 
 
-def test_a_warm_up_as_long_as_the_run_is_refused():
+def test_a_warm_up_longer_than_the_run_is_refused(caplog):
     """warmup_epochs 5 of 3 epochs: the learning rate peaked at 0.6 of train.lr and stayed there."""
     cases = [(["train.warmup_epochs=5", "train.epochs=3"], "train.warmup_epochs", "lenet5's 3 epochs"),
-             (["train.model_overrides={lenet5: {warmup_epochs: 2}}"], "train.model_overrides.lenet5.warmup_epochs",
+             (["train.model_overrides={lenet5: {warmup_epochs: 3}}"], "train.model_overrides.lenet5.warmup_epochs",
               "lenet5's 2 epochs"),
-             (["train.warmup_epochs=1", "train.epochs=3", "search.epochs=1"], "train.warmup_epochs",
+             (["train.warmup_epochs=1.5", "train.epochs=3", "search.epochs=1"], "train.warmup_epochs",
               "the search's 1 epochs per trial")]
     for overrides, key, fragment in cases:
         with pytest.raises(ConfigError) as info:
             load_config(None, ["train.models=[lenet5]", *overrides])
         assert info.value.key == key and fragment in str(info.value), overrides
-    # A model left out of train.models may keep a short run in a preset's overrides.
-    load_config(None, ["train.models=[lenet5]", "train.warmup_epochs=1", "train.epochs=3", "search.epochs=3",
-                       "train.model_overrides={alexnet: {epochs: 1}}"])
+    # A model left out of train.models may keep a short run in a preset's overrides; the search's baseline is
+    # held to the search's epochs only, unless train.models trains it too.
+    load_config(None, ["train.models=[lenet5]", "train.warmup_epochs=1", "train.epochs=1", "search.epochs=3",
+                       "train.model_overrides={alexnet: {epochs: 1}, lenet5: {epochs: 5}}", "search.phis=[]"])
+    # A warm-up as long as the run reaches the peak at its last step: the fashion-mnist preset's 1-epoch smoke
+    # runs (warmup_epochs 1) and the GPU presets' 2-epoch ones.
+    assert load_config(PRESETS / "fashion-mnist.yaml", ["train.epochs=1"]).train.warmup_epochs == 1
+    # Checking the models to train says nothing about a search that has not run.
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        load_config(None, ["search.compare_paper=true"])
+    assert "found the paper's" not in caplog.text
 
 
 def test_cli_config_errors_exit_2_before_ray_starts():

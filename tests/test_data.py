@@ -353,6 +353,14 @@ def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classe
     _write_images(unlabelled, classes=("train", "test"), per_class=8)
     with pytest.raises(ImageFolderError, match=r"test/, train/ with images directly in them"):
         check_image_folder(DataConfig(dataset="imagefolder", root=str(unlabelled)))
+    # Empty train/ and test/ beside the classes are no classes: left out with a warning, as before.
+    emptied = tmp_path / "emptied"
+    _write_images(emptied, per_class=6)
+    (emptied / "train").mkdir()
+    (emptied / "test").mkdir()
+    (emptied / "test" / "notes.txt").write_text("no images here")
+    assert len(check_image_folder(DataConfig(dataset="imagefolder", root=str(emptied)))) == 0
+    assert load_splits(DataConfig(dataset="imagefolder", root=str(emptied))).class_names == ("cat", "dog")
 
 
 def test_training_and_serving_see_identical_pixels():

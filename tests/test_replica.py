@@ -148,7 +148,9 @@ def test_a_checkpoint_whose_input_no_request_could_fit_is_refused(make_config, t
     spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
     model = cnnmodels.create_model("lenet5", num_classes=3, in_chans=1)
     save_checkpoint(ModelCheckpoint("lenet5", {}, spec, model.state_dict()), tmp_path / "lenet5.pt")
-    cfg = make_config(f"serve.checkpoints={{big: {tmp_path / 'lenet5.pt'}}}", "serve.max_resized_pixels=1000")
+    # (The models the config trains must fit the budget when it loads; a checkpoint file is checked here.)
+    cfg = make_config(f"serve.checkpoints={{big: {tmp_path / 'lenet5.pt'}}}", "serve.max_resized_pixels=1000",
+                      "train.models=[resnet18]", "search.phis=[]")
     store = ModelStore(cfg)
     models, _ = store.discover()
     store.verify(models)
