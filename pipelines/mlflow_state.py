@@ -17,7 +17,7 @@ written by an older MLflow has an older schema, which the server refuses to star
 it first (with a copy of a sqlite store beside it), and :func:`wait_until_serving` makes ``ray up`` fail, with
 the server's log, when the server does not come up, instead of the first job failing later.
 
-Run on the head: ``python -m pipelines.mlflow_state {backup,restore,upgrade,wait,fetch-backend-uri} ...``.
+Run on the head: ``python -m pipelines.mlflow_state {backup,restore,upgrade,wait,stop,fetch-backend-uri} ...``.
 Exit codes: 0 done (or nothing to do), 1 failed, 2 a missing setting.
 """
 
@@ -35,7 +35,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-__all__ = ["backup", "restore", "upgrade", "wait_until_serving", "fetch_backend_uri", "main"]
+__all__ = ["backup", "restore", "upgrade", "wait_until_serving", "stop_services", "fetch_backend_uri", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,59 @@ def wait_until_serving(url: str, timeout_s: float, log: Path | None = None) -> f
         time.sleep(1.0)
 
 
+#: What the head's start commands stop before they start the tracking server and the backup loop again (a
+#: second `ray up` on a running head): command lines holding one of these.
+HEAD_SERVICES = ("mlflow server", "pipelines.mlflow_state backup")
+
+
+def stop_services(patterns: tuple[str, ...] = HEAD_SERVICES, timeout_s: float = 15.0) -> list[int]:
+    """Stop (SIGTERM, then SIGKILL after ``timeout_s``) the processes whose command line holds one of
+    ``patterns``, but this process and its ancestors; returns their pids. Read from Linux's /proc: the Ray
+    image may lack pkill (procps), whose failure the start commands could only ignore, leaving a second server
+    and backup loop beside the first."""
+    import signal
+
+    spared = {os.getpid()}
+    pid = os.getpid()
+    while pid > 1:  # the shell running this command: its own command line may quote a pattern
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        spared.add(pid)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in spared:
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if any(pattern in command for pattern in patterns):
+            try:
+                os.kill(int(entry.name), signal.SIGTERM)
+                found.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout_s
+    for pid in found:
+        while Path(f"/proc/{pid}").exists() and not _is_zombie(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if Path(f"/proc/{pid}").exists() and not _is_zombie(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return found
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def fetch_backend_uri(parameter: str, out: Path, region: str | None = None) -> bool:
     """Write the SecureString SSM ``parameter`` (the backend store URI) to ``out``, readable by its owner only;
     returns False, and removes ``out``, when the parameter does not exist (the sqlite fallback then applies).
@@ -182,8 +235,8 @@ def _setting(value: str | None, option: str, env: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: ``backup``, ``restore``, ``upgrade``, ``wait`` and ``fetch-backend-uri`` (see the
-    module docstring)."""
+    """The command line: ``backup``, ``restore``, ``upgrade``, ``wait``, ``stop`` and ``fetch-backend-uri`` (see
+    the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.mlflow_state", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, verb in (("backup", "copy the sqlite store to"), ("restore", "restore a missing store from")):
@@ -198,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     wait.add_argument("--url", required=True, help="the server's address, e.g. http://10.0.0.5:5000")
     wait.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
     wait.add_argument("--log", type=Path, default=None, help="the server's log, shown when it does not answer")
+    commands.add_parser("stop", help="stop the tracking server and the backup loop (before starting them again)")
     fetch = commands.add_parser("fetch-backend-uri", help="write the backend store URI from SSM to a private file")
     fetch.add_argument("--parameter", required=True, help="the SSM parameter name, e.g. /cnnzoo/mlflow-backend-uri")
     fetch.add_argument("--out", required=True, type=Path, help="the file to write it to (mode 0600)")
@@ -208,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
             found = fetch_backend_uri(args.parameter, args.out, args.region)
             print(f"MLflow backend store: the URI in SSM parameter {args.parameter} (in {args.out})" if found
                   else f"no SSM parameter {args.parameter}: the MLflow server uses the sqlite fallback")
+            return 0
+        if args.command == "stop":
+            stopped = stop_services()
+            print(f"stopped {len(stopped)} process(es) of the tracking server and the backup loop" if stopped
+                  else "no tracking server or backup loop was running")
             return 0
         if args.command == "wait":
             waited = wait_until_serving(args.url, args.timeout, args.log)

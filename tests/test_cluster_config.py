@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -437,6 +438,36 @@ def test_waiting_for_the_tracking_server_fails_with_its_log_when_it_does_not_ans
         wait_until_serving(closed, timeout_s=1.5, log=log)
     assert main(["wait", "--url", closed, "--timeout", "1", "--log", str(log)]) == 1
     assert "did not answer /health" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="reads Linux's /proc")
+def test_a_second_ray_up_stops_the_tracking_server_and_backup_loop_it_finds(cluster, tmp_path):
+    """The start commands used `pkill -f ... || true`: on an image without procps nothing was stopped, and a
+    second `ray up` left the old server on the port and started a second backup loop."""
+    import subprocess
+    import sys
+
+    from pipelines.mlflow_state import main
+
+    def start(*argv: str) -> subprocess.Popen:
+        return subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    # Stand-ins with the command lines of the real ones (python -c's arguments follow the code).
+    server = start(sys.executable, "-c", "import time; time.sleep(600)", "mlflow", "server", "--port", "5000")
+    loop = start("sh", "-c", "while sleep 600; do python -m pipelines.mlflow_state backup --db x; done")
+    bystander = start(sys.executable, "-c", "import time; time.sleep(600)", "mlflow", "ui")
+    try:
+        time.sleep(0.5)
+        assert main(["stop"]) == 0
+        assert server.wait(timeout=20) is not None and loop.wait(timeout=20) is not None
+        assert bystander.poll() is None  # only the head's services
+    finally:
+        for process in (server, loop, bystander):
+            process.kill()
+            process.wait()
+    start_commands = cluster["head_start_ray_commands"]
+    assert not any("pkill" in c for c in start_commands)
+    assert [i for i, c in enumerate(start_commands) if "mlflow_state stop" in c] == [1]  # after `ray stop`
 
 
 def test_the_state_commands_name_a_missing_setting_and_skip_a_managed_backend(tmp_path, monkeypatch, capsys):
