@@ -869,7 +869,7 @@ def _check_warmup(cfg: PipelineConfig) -> None:
 
 def _check_model_option_values(cfg: PipelineConfig) -> None:
     """Build each model that has options, as the planner will (with the data's defaults), on the meta device:
-    those train.models names, the searched family's members (at the paper's coefficients: the search's are not
+    those train.models names, the searched family's members (at stand-in coefficients: the search's are not
     known yet) and the search's baseline. A value its builder refuses (``stem_stride: 3``) fails here instead
     of in a Ray worker."""
     if not cfg.train.model_options:

@@ -129,7 +129,8 @@ def _has_class_folders(directory: Path) -> bool:
 
 def _has_images(directory: Path) -> bool:
     """Whether ``directory`` holds an image file, at any depth (stops at the first)."""
-    return any(path.name.lower().endswith(IMAGE_EXTENSIONS) for path in directory.rglob("*"))
+    return any(path.name.lower().endswith(IMAGE_EXTENSIONS) and not _is_hidden(path.relative_to(directory).as_posix())
+               for path in directory.rglob("*"))
 
 
 def _training_folder(root: Path) -> Path:

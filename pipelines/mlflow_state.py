@@ -155,54 +155,96 @@ def wait_until_serving(url: str, timeout_s: float, log: Path | None = None) -> f
 #: What the head's start commands stop before they start the tracking server and the backup loop again (a
 #: second `ray up` on a running head): command lines holding one of these.
 HEAD_SERVICES = ("mlflow server", "pipelines.mlflow_state backup")
+#: How long :func:`stop_services` lets them shut down before it kills them and what they started.
+STOP_TIMEOUT_S = 15.0
 
 
-def stop_services(patterns: tuple[str, ...] = HEAD_SERVICES, timeout_s: float = 15.0) -> list[int]:
-    """Stop (SIGTERM, then SIGKILL after ``timeout_s``) the processes whose command line holds one of
-    ``patterns``, but this process and its ancestors; returns their pids. Read from Linux's /proc: the Ray
-    image may lack pkill (procps), whose failure the start commands could only ignore, leaving a second server
-    and backup loop beside the first."""
+def _stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (which may hold spaces and parentheses):
+    state, parent pid, ...; [] when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def stop_services(patterns: tuple[str, ...] | None = None, timeout_s: float | None = None) -> list[int]:
+    """Stop the processes whose command line holds one of ``patterns`` (default :data:`HEAD_SERVICES`), but
+    this process and its ancestors: SIGTERM, then, after ``timeout_s`` (default :data:`STOP_TIMEOUT_S`),
+    SIGKILL for them and every process they had started (MLflow's server forwards SIGTERM to its uvicorn, which
+    holds the port and would outlive a killed parent). Returns the pids signalled. Read from Linux's /proc: the
+    Ray image may lack pkill (procps), whose failure the start commands could only ignore, leaving a second
+    server and backup loop beside the first. A process this user may not signal is skipped with a warning."""
     import signal
 
+    patterns = patterns or HEAD_SERVICES
+    timeout_s = STOP_TIMEOUT_S if timeout_s is None else timeout_s
     spared = {os.getpid()}
     pid = os.getpid()
     while pid > 1:  # the shell running this command: its own command line may quote a pattern
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+        fields = _stat(pid)
+        if len(fields) < 2:
             break
+        pid = int(fields[1])
         spared.add(pid)
-    found = []
+    children: dict[int, list[int]] = {}
+    matched = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in spared:
+        if not entry.name.isdigit():
+            continue
+        fields = _stat(entry.name)
+        if len(fields) >= 2:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+        if int(entry.name) in spared:
             continue
         try:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone meanwhile, or not ours to read
             continue
         if any(pattern in command for pattern in patterns):
-            try:
-                os.kill(int(entry.name), signal.SIGTERM)
-                found.append(int(entry.name))
-            except ProcessLookupError:
-                pass
+            matched.append(int(entry.name))
+    family, stack = set(), list(matched)  # the matched processes and their descendants, before any exits
+    while stack:
+        pid = stack.pop()
+        if pid not in family and pid not in spared:
+            family.add(pid)
+            stack += children.get(pid, [])
+    signalled = []
+    for pid in matched:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            signalled.append(pid)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            logger.warning("cannot stop process %d (another user's): %s", pid, " / ".join(patterns))
+    family &= {p for pid in signalled for p in _descendants_in(pid, family, children)}
     deadline = time.monotonic() + timeout_s
-    for pid in found:
-        while Path(f"/proc/{pid}").exists() and not _is_zombie(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if Path(f"/proc/{pid}").exists() and not _is_zombie(pid):
+    while any(_alive(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in family:
+        if _alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
+    return signalled
+
+
+def _descendants_in(pid: int, family: set[int], children: dict[int, list[int]]) -> set[int]:
+    """``pid`` and its descendants (as /proc showed them before any signal)."""
+    found, stack = set(), [pid]
+    while stack:
+        current = stack.pop()
+        if current in family and current not in found:
+            found.add(current)
+            stack += children.get(current, [])
     return found
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def fetch_backend_uri(parameter: str, out: Path, region: str | None = None) -> bool:
@@ -286,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         db = Path(args.db or os.environ.get("CNNZOO_MLFLOW_DB") or DEFAULT_DB)
         uri = _setting(args.uri, "--uri", "CNNZOO_MLFLOW_BACKUP_URI")
         if args.command == "backup":
+            import signal
+
+            # `mlflow_state stop` (a second `ray up`) sends SIGTERM: exit through the cleanup (the scratch
+            # snapshot on the host volume) instead of leaving it behind.
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
             size = backup(db, uri)
             print(f"backed up {db} ({size / 1e6:.1f} MB) to {uri}")
         elif restore(db, uri):

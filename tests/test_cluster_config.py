@@ -441,25 +441,40 @@ def test_waiting_for_the_tracking_server_fails_with_its_log_when_it_does_not_ans
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="reads Linux's /proc")
-def test_a_second_ray_up_stops_the_tracking_server_and_backup_loop_it_finds(cluster, tmp_path):
+def test_a_second_ray_up_stops_the_tracking_server_and_backup_loop_it_finds(cluster, tmp_path, monkeypatch):
     """The start commands used `pkill -f ... || true`: on an image without procps nothing was stopped, and a
     second `ray up` left the old server on the port and started a second backup loop."""
     import subprocess
     import sys
+    import uuid
 
-    from pipelines.mlflow_state import main
+    import pipelines.mlflow_state as state
+
+    # This test's own stand-ins only: a developer's `mlflow server` (or the outage test's) must live on.
+    token = uuid.uuid4().hex
+    monkeypatch.setattr(state, "HEAD_SERVICES", tuple(f"{pattern} {token}" for pattern in state.HEAD_SERVICES))
 
     def start(*argv: str) -> subprocess.Popen:
         return subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    # Stand-ins with the command lines of the real ones (python -c's arguments follow the code).
-    server = start(sys.executable, "-c", "import time; time.sleep(600)", "mlflow", "server", "--port", "5000")
-    loop = start("sh", "-c", "while sleep 600; do python -m pipelines.mlflow_state backup --db x; done")
-    bystander = start(sys.executable, "-c", "import time; time.sleep(600)", "mlflow", "ui")
+    # With the command lines of the real ones (python -c's arguments follow the code). The server's child
+    # (MLflow's uvicorn, which holds the port) ignores SIGTERM here: it is killed with its parent at the deadline.
+    server = start(sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                   "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)']); "
+                   "time.sleep(600)", "mlflow", "server", token)
+    loop = start("sh", "-c", f"while sleep 600; do python -m pipelines.mlflow_state backup {token}; done")
+    bystander = start(sys.executable, "-c", "import time; time.sleep(600)", "mlflow", "ui", token)
     try:
-        time.sleep(0.5)
-        assert main(["stop"]) == 0
+        time.sleep(1.0)
+        child = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").exists()
+                     and _parent_of(p) == server.pid)
+        monkeypatch.setattr(state, "STOP_TIMEOUT_S", 2.0)
+        assert state.main(["stop"]) == 0
         assert server.wait(timeout=20) is not None and loop.wait(timeout=20) is not None
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child}").exists() and _state_of(child) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{child}").exists() or _state_of(child) == "Z"  # killed with the server
         assert bystander.poll() is None  # only the head's services
     finally:
         for process in (server, loop, bystander):
@@ -468,6 +483,24 @@ def test_a_second_ray_up_stops_the_tracking_server_and_backup_loop_it_finds(clus
     start_commands = cluster["head_start_ray_commands"]
     assert not any("pkill" in c for c in start_commands)
     assert [i for i, c in enumerate(start_commands) if "mlflow_state stop" in c] == [1]  # after `ray stop`
+
+
+def _stat_fields(path: Path) -> list[str]:
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
+def _parent_of(process: Path) -> int:
+    try:
+        return int(_stat_fields(process / "stat")[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _state_of(pid: int) -> str:
+    try:
+        return _stat_fields(Path(f"/proc/{pid}/stat"))[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def test_the_state_commands_name_a_missing_setting_and_skip_a_managed_backend(tmp_path, monkeypatch, capsys):

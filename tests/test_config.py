@@ -300,7 +300,7 @@ def test_a_warm_up_longer_than_the_run_is_refused(caplog):
         assert info.value.key == key and fragment in str(info.value), overrides
     # A model left out of train.models may keep a short run in a preset's overrides; the search's baseline is
     # held to the search's epochs only, unless train.models trains it too.
-    load_config(None, ["train.models=[lenet5]", "train.warmup_epochs=1", "train.epochs=1", "search.epochs=3",
+    load_config(None, ["train.models=[lenet5]", "train.warmup_epochs=1.5", "train.epochs=1", "search.epochs=3",
                        "train.model_overrides={alexnet: {epochs: 1}, lenet5: {epochs: 5}}", "search.phis=[]"])
     # A warm-up as long as the run reaches the peak at its last step: the fashion-mnist preset's 1-epoch smoke
     # runs (warmup_epochs 1) and the GPU presets' 2-epoch ones.

@@ -359,6 +359,8 @@ def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classe
     (emptied / "train").mkdir()
     (emptied / "test").mkdir()
     (emptied / "test" / "notes.txt").write_text("no images here")
+    for split in ("train", "test"):
+        (emptied / split / "._0.png").write_bytes(b"Mac OS X")  # hidden: no image either
     assert len(check_image_folder(DataConfig(dataset="imagefolder", root=str(emptied)))) == 0
     assert load_splits(DataConfig(dataset="imagefolder", root=str(emptied))).class_names == ("cat", "dog")
 
