@@ -847,7 +847,7 @@ _ANY_SEARCHED_COEFFICIENTS = {"alpha": 1.0, "beta": 1.0, "gamma": 1.0}
 
 
 def _check_warmup(cfg: PipelineConfig) -> None:
-    """A warm-up as long as the run never reaches the peak learning rate, nor decays from it (warmup 5 of 3
+    """A warm-up longer than the run never reaches the peak learning rate, nor decays from it (warmup 5 of 3
     epochs peaked at 0.6 of ``lr`` and ended there): for every trained model and the search's trials."""
     from .planning import resolve_models  # planning builds on this module
 
