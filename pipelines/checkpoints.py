@@ -14,13 +14,15 @@ would have drawn. Checkpoints written before these files existed still load; the
 
 from __future__ import annotations
 
+import errno
 import numbers
 import os
 import random
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -94,18 +96,45 @@ class ModelCheckpoint:
 
 
 def save_checkpoint(checkpoint: ModelCheckpoint, path: str | os.PathLike) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically (a reader never sees a half-written file)."""
+    """Write ``checkpoint`` to ``path`` atomically (a reader never sees a half-written file) and durably (the
+    file and its name are on disk when this returns, so a node's power loss cannot leave a partial file behind
+    a complete name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint.to_payload(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp's 0600 would follow the file into MLflow's artifact store, unreadable to a server or
+        # replica running as another user: the mode a plain open() would have given it.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # not every file system syncs a directory (some FUSE mounts); the rename still happened
+        pass
+    finally:
+        os.close(fd)
 
 
 def _require(payload: dict, key: str, kind: type | tuple[type, ...]) -> Any:
@@ -130,16 +159,11 @@ def load_checkpoint(
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise MissingCheckpointError(f"checkpoint {path} does not exist")
+    _check_archive(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:  # removed since the check above (a download cache cleared by another replica)
-        raise MissingCheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt archives
-        if _can_pass(err):
-            raise
-        if isinstance(err, LASTING_OS_ERRORS):
-            raise UnreadableCheckpointError(f"checkpoint {path} is unreadable: {err}") from None
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt: {err}") from None
+        _raise_read_error(path, err)
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is not a cnnzoo checkpoint")
     if payload.get("version") != _VERSION:
@@ -182,6 +206,53 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {path} does not fit architecture {checkpoint.arch!r}: {err}") from None
         _check_outputs(model, spec, path)
     return checkpoint
+
+
+def _raise_read_error(path: Path, err: Exception) -> NoReturn:
+    """Raise what reading ``path`` failing with ``err`` means: the file gone, the file unreadable to this
+    process, the storage or the memory (raised as itself: it can pass), or the file corrupt."""
+    if isinstance(err, FileNotFoundError):  # removed since it was found (a cache cleared by another replica)
+        raise MissingCheckpointError(f"checkpoint {path} does not exist") from None
+    if isinstance(err, LASTING_OS_ERRORS):
+        raise UnreadableCheckpointError(f"checkpoint {path} is unreadable: {err}") from None
+    if _can_pass(err):
+        raise err
+    raise CheckpointError(f"checkpoint {path} ({_size(path)}) is unreadable or corrupt: "
+                          f"{type(err).__name__}: {err}") from None
+
+
+def _size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size} bytes"
+    except OSError:
+        return "size unknown"
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse a checkpoint whose bytes are not the ones written: a truncated file (an interrupted copy, a full
+    disk) or changed bytes (a bad disk, a bit flip). ``torch.save`` writes a zip archive with a CRC-32 of every
+    record but ``torch.load`` checks none of them: changed weights that stay finite would load as a model.
+
+    Truncation must not pass for the storage's passing state either: torch's reader fails a truncated archive
+    with a bare ``OSError(EINVAL)``, which a retry never mends (a model stuck "not verified yet", a
+    registration retried for ever). Here a read error is the storage's (raised as such), anything the
+    archive's own structure gets wrong is corruption."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile as err:
+        raise CheckpointError(f"checkpoint {path} ({_size(path)}) is truncated or not a checkpoint archive: "
+                              f"{err}") from None
+    except OSError as err:
+        if err.errno == errno.EINVAL:  # a seek to before the file's start: offsets a damaged archive records
+            raise CheckpointError(f"checkpoint {path} ({_size(path)}) is truncated or corrupt: {err}") from None
+        _raise_read_error(path, err)
+    except (ValueError, EOFError, NotImplementedError, RuntimeError) as err:  # zipfile on a damaged directory
+        raise CheckpointError(f"checkpoint {path} ({_size(path)}) is corrupt: {type(err).__name__}: {err}") \
+            from None
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path}: its record {damaged!r} fails its CRC check (the file's bytes "
+                              "changed after it was written)")
 
 
 #: ``OSError``s about the file itself, which no retry changes: a file this user may not read, a directory.

@@ -48,6 +48,51 @@ def test_truncated_and_garbage_files_are_refused(tmp_path):
             load_checkpoint(tmp_path / name)
 
 
+def test_a_checkpoint_cut_short_anywhere_is_corrupt_not_a_storage_error(tmp_path):
+    """torch's reader fails many truncated archives with a bare OSError(EINVAL), which passed for the storage's
+    passing state: a served model stayed "not verified yet" for ever (its cached copy never fetched again),
+    a registration was retried for ever, a resume failed naming no file."""
+    data = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    for percent in range(1, 100):
+        cut.write_bytes(data[: len(data) * percent // 100])
+        with pytest.raises(CheckpointError, match="cut.pt"):
+            load_checkpoint(cut, verify=False)
+    cut.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"\(0 bytes\)"):
+        load_checkpoint(cut)
+
+
+def test_changed_weight_bytes_are_refused_by_their_crc(tmp_path):
+    """torch.load checks none of the CRC-32s torch.save writes: weights changed on disk (a bad sector, a bit
+    flip) that stay finite loaded and served as the model."""
+    checkpoint, _ = _checkpoint()
+    path = save_checkpoint(checkpoint, tmp_path / "model.pt")
+    data = bytearray(path.read_bytes())
+    weights = checkpoint.state_dict["c3.weight"].numpy().tobytes()
+    start = bytes(data).find(weights)
+    assert start > 0
+    for offset in range(3, 64, 4):  # the sign bits of 16 float32 weights (little-endian): still finite
+        data[start + offset] ^= 0x80
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC"):
+        load_checkpoint(path)
+
+
+def test_a_saved_checkpoint_is_readable_as_the_umask_allows(tmp_path):
+    """A temporary file's 0600 followed the checkpoint into MLflow's artifact store, unreadable to a tracking
+    server or a replica running as another user."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        path = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
 @pytest.mark.parametrize("failure", [OSError(errno.EIO, "Input/output error"),
                                      RuntimeError("DefaultCPUAllocator: can't allocate memory")])
 def test_a_failing_storage_or_memory_is_not_a_corrupt_checkpoint(tmp_path, monkeypatch, failure):
