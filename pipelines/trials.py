@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from .config import TRIAL_DRIVER_CPU
 from .paths import RunPaths
@@ -218,7 +219,7 @@ def model_trial(config: dict, attempt: str = "", placement: dict | None = None) 
     from ray.train import TrainingFailedError
 
     run = trial_run(config, placement)
-    set_aside_a_record_of_gone_checkpoints(run)
+    set_aside_a_record_of_lost_checkpoints(run)
     trial_id = tune.get_context().get_trial_id()
     earlier = earlier_give_up(run, attempt, trial_id)
     if earlier is not None:
@@ -338,18 +339,23 @@ def reported_checkpoint_dir(path: str, storage_path: str) -> contextlib.Abstract
 RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def set_aside_a_record_of_gone_checkpoints(run: ModelRun) -> str | None:
-    """Let a run whose checkpoints were deleted (by hand, by a bucket's lifecycle rule) start again.
+def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
+    """Let a run whose checkpoints were deleted (by hand, by a bucket's lifecycle rule) or damaged (a
+    truncated upload, changed bytes) start again.
 
     Ray Train refuses to start a run whose record of checkpoints names one that is gone ("a corrupted run
-    directory"), at every attempt and every later invocation, so such a model could never be trained again.
-    The record is renamed aside (``<record>.gone-<time>``): the run starts afresh, the checkpoints still
-    there stay where they are. Returns the gone checkpoint's path, or None when there was nothing to do (no
-    record, every checkpoint there, a storage that does not answer, or a record this code cannot read).
+    directory"), at every attempt and every later invocation, so such a model could never be trained again; a
+    damaged latest checkpoint is handed to every attempt and fails each (and a damaged best one fails the test
+    evaluation after training). The record is renamed aside (``<record>.gone-<time>``): the run starts afresh,
+    the checkpoints still there stay where they are. Returns the lost checkpoint's path, or None when there was
+    nothing to do (no record, every checkpoint there and sound, a storage that does not answer, or a record
+    this code cannot read).
 
     Afresh even when the latest checkpoint survived (a lifecycle rule takes the oldest first): Ray Train V2
     refuses ``resume_from_checkpoint``, and a checkpoint handed to the workers instead stays out of the new
     run's record (its test evaluation, a later resume). Editing Ray's record would tie this code to its format.
+    Reading the recorded checkpoints (a download from remote storage) costs a resume only: a first start has
+    no record.
     """
     import pyarrow.fs
 
@@ -363,15 +369,52 @@ def set_aside_a_record_of_gone_checkpoints(run: ModelRun) -> str | None:
     except Exception:  # noqa: BLE001 - no record (a first start), storage down, another Ray's format: Ray decides
         return None
     run_dir = record.rsplit("/", 1)[0]
-    gone = next((f"{run_dir}/{name}" for name in names
-                 if checkpoint_gone(f"{run_dir}/{name}", run.storage_path)), None)
-    if gone is None:
+    lost, why = None, ""
+    for name in names:
+        path = f"{run_dir}/{name}"
+        if checkpoint_gone(path, run.storage_path):
+            lost, why = path, "is gone from the storage"
+            break
+        damage = checkpoint_damage(path, run.storage_path)
+        if damage:
+            lost, why = path, f"is damaged ({damage})"
+            break
+    if lost is None:
         return None
     aside = f"{record}.gone-{time.strftime('%Y%m%d-%H%M%S')}"
     fs.move(record, aside)
-    logger.warning("[%s] its checkpoint %s is gone from the storage, so the run cannot resume: starting it afresh "
-                   "(Ray's record of its checkpoints is kept as %s)", run.model_name, gone, aside)
-    return gone
+    logger.warning("[%s] its checkpoint %s %s, so the run cannot resume: starting it afresh (Ray's record of its "
+                   "checkpoints is kept as %s)", run.model_name, lost, why, aside)
+    return lost
+
+
+def checkpoint_damage(path: str, storage_path: str) -> str | None:
+    """What is wrong with the reported checkpoint at ``path`` for good (its weights or a rank's generator state
+    truncated or corrupt), or None: sound, or not readable now (a storage that does not answer, a file this
+    process may not read), which a later attempt may find otherwise."""
+    from .checkpoints import (
+        CHECKPOINT_FILE,
+        CheckpointError,
+        MissingCheckpointError,
+        UnreadableCheckpointError,
+        load_checkpoint,
+        load_rng_state,
+    )
+
+    try:
+        with reported_checkpoint_dir(path, storage_path) as directory:
+            load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
+            for rng_file in sorted(Path(directory).glob("rng_state_rank*.pt")):
+                rank = rng_file.stem.removeprefix("rng_state_rank")
+                if rank.isdigit():
+                    load_rng_state(directory, int(rank))
+    except (MissingCheckpointError, UnreadableCheckpointError):
+        return None
+    except CheckpointError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001 - a storage that does not answer, memory: a later attempt decides
+        return None
+    return None
 
 
 def checkpoint_gone(path: str, storage_path: str) -> bool:

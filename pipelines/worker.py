@@ -316,8 +316,9 @@ def checkpoint_to_resume(restored, run: ModelRun, rank: int) -> tuple[ModelCheck
     """The checkpoint (and this rank's generator state) a run resumes from: Ray's latest checkpoint of the run
     (``restored``, None on a first start), unless it is another model's (a run directory reused by hand), when
     the run starts fresh. One that is not there raises :class:`MissingCheckpointError`: the attempt fails and
-    Ray tries again (its storage may be back); a checkpoint deleted for good is dealt with before the run starts
-    (:func:`pipelines.trials.set_aside_a_record_of_gone_checkpoints`), where one decision holds for every rank."""
+    Ray tries again (its storage may be back); a checkpoint deleted or damaged for good is dealt with before the
+    run starts (:func:`pipelines.trials.set_aside_a_record_of_lost_checkpoints`), where one decision holds for
+    every rank."""
     if not restored:
         return None, None
     with restored.as_directory() as directory:

@@ -131,7 +131,7 @@ def test_second_invocation_skips_and_more_epochs_resume(ddp_run, caplog):
 
 
 @pytest.mark.slow
-def test_a_run_whose_checkpoints_were_deleted_by_hand_starts_afresh(ddp_run, tmp_path, caplog):
+def test_a_run_whose_checkpoints_were_deleted_or_damaged_starts_afresh(ddp_run, tmp_path, caplog):
     """Ray Train refuses to start a run whose record names a checkpoint that is gone ("a corrupted run
     directory"), at every attempt and every re-run: such a model could never be trained again. Its record is
     set aside (on a copy of the DDP run's directory, written by Ray itself) and the run starts afresh."""
@@ -140,7 +140,7 @@ def test_a_run_whose_checkpoints_were_deleted_by_hand_starts_afresh(ddp_run, tmp
     from pathlib import Path
     from types import SimpleNamespace
 
-    from pipelines.trials import RUN_SNAPSHOT, set_aside_a_record_of_gone_checkpoints
+    from pipelines.trials import RUN_SNAPSHOT, set_aside_a_record_of_lost_checkpoints
 
     cfg, stage = ddp_run
     result = stage.results["lenet5"]
@@ -151,13 +151,25 @@ def test_a_run_whose_checkpoints_were_deleted_by_hand_starts_afresh(ddp_run, tmp
     recorded = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
     # Ray's record, as this code reads it (the run's other tests may have trained it on since the fixture).
     assert recorded and all((run_dir / name / "model.pt").is_file() for name in recorded)
-    assert set_aside_a_record_of_gone_checkpoints(run) is None and (run_dir / RUN_SNAPSHOT).is_file()
+    assert set_aside_a_record_of_lost_checkpoints(run) is None and (run_dir / RUN_SNAPSHOT).is_file()
+
+    # A damaged checkpoint (an upload cut short) failed every attempt and every re-run the same way.
+    snapshot_text = (run_dir / RUN_SNAPSHOT).read_text()
+    weights = run_dir / recorded[-1] / "model.pt"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 5])
+    assert set_aside_a_record_of_lost_checkpoints(run) == f"{run_dir}/{recorded[-1]}"
+    assert not (run_dir / RUN_SNAPSHOT).exists() and "is damaged (checkpoint" in caplog.text
+    for aside in run_dir.glob(f"{RUN_SNAPSHOT}.gone-*"):
+        aside.unlink()
+    (run_dir / RUN_SNAPSHOT).write_text(snapshot_text)
+    weights.write_bytes(intact)
 
     shutil.rmtree(run_dir / recorded[0])
-    assert set_aside_a_record_of_gone_checkpoints(run) == f"{run_dir}/{recorded[0]}"
+    assert set_aside_a_record_of_lost_checkpoints(run) == f"{run_dir}/{recorded[0]}"
     assert not (run_dir / RUN_SNAPSHOT).exists() and len(list(run_dir.glob(f"{RUN_SNAPSHOT}.gone-*"))) == 1
     assert all((run_dir / name).is_dir() for name in recorded[1:])  # what is left stays
-    assert "cannot resume: starting it afresh" in caplog.text
+    assert "is gone from the storage, so the run cannot resume: starting it afresh" in caplog.text
 
 
 @pytest.mark.slow
