@@ -28,6 +28,7 @@ from .paths import RunPaths
 __all__ = [
     "ConfigError",
     "redact_uri",
+    "redact_text",
     "PipelineConfig",
     "DataConfig",
     "TrainConfig",
@@ -711,6 +712,17 @@ class PipelineConfig(_Section):
 #: A database URI's password, as SQLAlchemy reads it: after ``user:``, up to the first ``@`` (``/`` included).
 _DATABASE_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][\w+.-]*://[^:/@]*:)[^@]*@")
 _QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd)=)[^&]*")
+
+
+#: A URL's password anywhere in free text (an error message quoting the URL it requested): ``user:`` after a
+#: scheme, up to the first ``@`` before a blank.
+_PASSWORD_IN_TEXT = re.compile(r"(?P<head>\b[A-Za-z][\w+.-]*://[^\s:/@]*:)[^\s@]*@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL's password masked as :func:`redact_uri` masks one: for error messages, which
+    quote what failed (MLflow's client names the full URL of a request, credentials included)."""
+    return _QUERY_PASSWORD.sub(r"\g<key>***", _PASSWORD_IN_TEXT.sub(r"\g<head>***@", text))
 
 
 def redact_uri(uri: str) -> str:

@@ -25,11 +25,21 @@ class _Stream(logging.StreamHandler):
         super().__init__()
         self.stream_name = stream_name
         self.addFilter(accept)
-        self.setFormatter(logging.Formatter("%(message)s"))
+        self.setFormatter(_Redacting("%(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = getattr(sys, self.stream_name)
         super().emit(record)
+
+
+class _Redacting(logging.Formatter):
+    """Masks a URL's password in whatever a record prints (an error quoting the tracking server's URL, a
+    traceback with ``--debug``): logs are copied into tickets, CI output and Ray's job logs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .config import redact_text
+
+        return redact_text(super().format(record))
 
 
 def configure_console(level: int = logging.INFO) -> logging.Logger:

@@ -25,7 +25,7 @@ from .checkpoints import (
     load_checkpoint,
     storage_can_pass,
 )
-from .config import CHAMPION, PipelineConfig
+from .config import CHAMPION, PipelineConfig, redact_text
 from .preprocess import DecodeBudget, PreprocessSpec, is_out_of_memory
 from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion, is_unreachable
 
@@ -65,7 +65,8 @@ class ServedModel:
 
     def mark_failed(self, err: BaseException) -> None:
         """Record that this model cannot be loaded: ``/models`` and ``/healthz`` report it, requests get 503."""
-        self.status, self.error = "error", f"{type(err).__name__}: {err}"
+        # Shown to HTTP clients: MLflow's errors quote the URL they requested, a password with it.
+        self.status, self.error = "error", redact_text(f"{type(err).__name__}: {err}")
         logger.error("model %s failed to load: %s", self.alias, self.error)
 
 
@@ -284,7 +285,7 @@ class ModelStore:
                 if not is_transient_load_error(err):
                     served.mark_failed(err)
                     continue
-                served.status, served.error = "unchecked", f"not verified yet: {type(err).__name__}: {err}"
+                served.status, served.error = "unchecked", redact_text(f"not verified yet: {type(err).__name__}: {err}")
                 logger.warning("model %s could not be verified now (tried again later): %s", served.alias,
                                served.error)
 

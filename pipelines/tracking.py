@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoints import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from .config import CHAMPION, redact_uri
+from .config import CHAMPION, redact_text, redact_uri
 
 __all__ = ["Tracker", "TrackingUnavailable", "RegisteredVersion", "CHAMPION", "TAG_DATASET", "TAG_DATA_ROOT",
            "TAG_FINGERPRINT", "choose_champion", "ui_hint"]
@@ -134,8 +134,9 @@ class TrackingUnavailable(RuntimeError):
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of an error's message (its type's name when the message is empty), for one-line logs."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    """The first line of an error's message (its type's name when the message is empty), for one-line logs; a
+    URL's password in it masked."""
+    return redact_text((str(err).strip().splitlines() or [type(err).__name__])[0])[:300]
 
 
 def _finite(value: Any) -> bool:

@@ -36,7 +36,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from .config import redact_uri
+from .config import redact_text, redact_uri
 from .console import duration, timestamped
 from .tracking import (
     EPOCH_METRIC_NAMES,
@@ -260,7 +260,7 @@ class TrackingQueue:
                     self.outcomes[op.seq] = outcome
             except Exception as err:  # noqa: BLE001 - sorted into retry and drop below
                 if _is_permanent(err):
-                    message = f"{DESCRIPTIONS.get(op.kind, op.kind)} for run {op.ref}: {err}"
+                    message = redact_text(f"{DESCRIPTIONS.get(op.kind, op.kind)} for run {op.ref}: {err}")
                     logger.error("[tracking] a write no retry can send, dropped: %s", message[:500])
                     self.dropped.append(message)
                     if op.kind == "register":

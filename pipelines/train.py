@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .compute_gate import ReleaseOnTrialEnd, compute_gate
-from .config import PipelineConfig
+from .config import PipelineConfig, redact_text
 from .console import duration, timestamped
 from .optim import lr_at
 from .planning import ModelChoice, ModelRun, plan_model_runs, resolve_models, with_overlapped_startup
@@ -216,7 +216,7 @@ class ModelFinisher:
         except Exception as err:  # noqa: BLE001 - one model's failure must not end the others (Tune re-raises)
             logger.error("[train] %s: could not record the model: %s", name, err)
             self.failed.append(name)
-            self.queue.put("set_tags", run_ref, tags={"error": f"{type(err).__name__}: {err}"[:4000]})
+            self.queue.put("set_tags", run_ref, tags={"error": redact_text(f"{type(err).__name__}: {err}")[:4000]})
             self.queue.put("end_run", run_ref, status="FAILED")
             return
         # Only the epochs this stage trained: a run resumed at epoch 14 of 15 did one epoch's work here, and

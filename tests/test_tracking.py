@@ -473,6 +473,37 @@ def test_an_unreachable_registry_is_not_read_as_nothing_registered(tmp_path, cap
     assert "unreachable (TimeoutError)" in caplog.text
 
 
+def test_a_tracking_password_stays_out_of_logs_errors_and_served_model_errors(tmp_path, caplog, capsys,
+                                                                               monkeypatch):
+    """MLflow's client quotes the full URL of a request that failed, credentials included: the outage warning,
+    the stage's TrackingUnavailable and a served model's load error (sent to HTTP clients) printed the password
+    beside the masked URI."""
+    import logging
+
+    from pipelines.console import configure_console
+    from pipelines.model_store import ServedModel
+    from pipelines.tracking import TrackingUnavailable
+    from pipelines.tracking_queue import TrackingQueue
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = Tracker("http://alice:s3cret@127.0.0.1:9", "x")  # nothing listens on port 9
+    queue = TrackingQueue(down, tmp_path / "pending.json")
+    queue.put("update_champion", registered_model="m")
+    assert queue.flush(timeout_s=3) and "unreachable" in caplog.text
+    with pytest.raises(TrackingUnavailable) as unavailable:
+        down.open_stage_run("stage", {}, {}, "a: 1\n")
+    with pytest.raises(Exception) as raw:
+        down.update_champion("m")
+    assert "s3cret" in str(raw.value)  # what MLflow says, unmasked: the case the masking is for
+    served = ServedModel(alias="m", source="registry")
+    served.mark_failed(raw.value)
+    configure_console()
+    logging.getLogger("pipelines.test").error("error: %s", raw.value)
+    printed = capsys.readouterr().err
+    for text in (caplog.text, str(unavailable.value), served.error, printed):
+        assert "s3cret" not in text and "alice:***@127.0.0.1:9" in text, text
+
+
 def test_a_write_still_in_flight_when_flush_gives_up_leaves_the_pending_file_once_it_succeeds(make_config, tmp_path,
                                                                                               monkeypatch):
     """After an outage, a slow retry (a model upload) can outlast flush(): it was saved as pending and, when it
