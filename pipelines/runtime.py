@@ -10,9 +10,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import PipelineConfig, ray_address
+from .config import ConfigError, PipelineConfig, ray_address
 
-__all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for", "on_this_node",
+__all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for", "on_this_node", "check_workers_fit",
            "node_cpus", "exclusive_stage", "StageBusyError"]
 
 logger = logging.getLogger(__name__)
@@ -179,3 +179,68 @@ def _concurrency(requested: int | str, per_trial: dict[str, float], trials: int,
     if requested != "auto":
         return max(1, min(int(requested), trials))
     return max(1, min([trials] + fits))
+
+
+def node_shapes() -> tuple[list[dict[str, float]], bool]:
+    """The resource totals of each node the running Ray has, and of each node type its autoscaler can add;
+    and whether that list is known to be complete (a Ray with an autoscaler's config, or one this command
+    started). A Ray joined without an autoscaler's config may still grow (nodes started by hand): not complete."""
+    import ray
+
+    shapes = [{key: float(value) for key, value in node["Resources"].items()}
+              for node in ray.nodes() if node.get("Alive")]
+    complete = ray_started_here()
+    try:
+        from ray._private.state import state  # the autoscaler's node types: a DeveloperAPI, so guarded
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - another Ray's internals: what the nodes say must do
+        config = None
+    if config is not None:
+        complete = True
+        shapes += [{key: float(value) for key, value in group.resources.items()}
+                   for group in config.node_group_configs if group.max_count != 0]
+    return shapes, complete
+
+
+def ray_started_here() -> bool:
+    """Whether the running Ray is one this process started (a laptop's, CI's, a notebook's ``ray.init()``): no
+    other node can join it."""
+    try:
+        from ray._private import worker  # which process started the Ray: a private detail, so guarded
+
+        return bool(getattr(worker._global_node, "head", False))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def check_workers_fit(workers, what: str, gpu_key: str = "train.gpus_per_worker") -> None:
+    """Refuse (ConfigError, exit 2) a run whose worker no node can ever hold: the CPUs and GPU of one worker
+    (of all of them, under STRICT_PACK) must be on one node, and Ray Train compares only the cluster's totals,
+    then retries placing the worker group without end (``train.max_failures`` does not count it): the stage
+    waited for good. ``workers``: a run's :class:`~pipelines.planning.WorkerSettings`; ``what``: the run, for
+    the message; ``gpu_key``: the setting that sized its GPU share. Where nodes this code cannot see may join (a
+    Ray without an autoscaler's config, joined by address), a warning instead."""
+    need = {"CPU": float(workers.cpus_per_worker)}
+    if workers.use_gpu:
+        need["GPU"] = float(workers.gpus_per_worker)
+    if workers.placement_strategy == "STRICT_PACK":
+        need = {key: value * workers.num_workers for key, value in need.items()}
+    shapes, complete = node_shapes()
+    if not shapes or any(all(shape.get(key, 0.0) + 1e-6 >= value for key, value in need.items()
+                             if value > 0) for shape in shapes):
+        return
+    wanted = ", ".join(f"{value:g} {key}" for key, value in need.items() if value > 0)
+    largest = max(shapes, key=lambda shape: (shape.get("GPU", 0.0), shape.get("CPU", 0.0)))
+    biggest = ", ".join(f"{largest.get(key, 0.0):g} {key}" for key in need)
+    key = gpu_key if need.get("GPU", 0.0) > max(s.get("GPU", 0.0) for s in shapes) + 1e-6 \
+        else "train.cpus_per_worker"
+    per = "all its workers together (train.placement_strategy STRICT_PACK)" if \
+        workers.placement_strategy == "STRICT_PACK" else "one worker"
+    message = (f"{what}: {per} needs {wanted} on one node, and no node {'can hold' if complete else 'holds'} "
+               f"that (the largest: {biggest}); lower {key}"
+               + (" or data.loader_workers (a GPU worker reserves 1 CPU plus one per loader process)"
+                  if key == "train.cpus_per_worker" and workers.use_gpu else ""))
+    if complete:
+        raise ConfigError(key, message)
+    logger.warning("warning: %s; it waits until such a node joins", message)

@@ -313,7 +313,7 @@ def asha_scheduler(search: SearchConfig):
 
 def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     from .data import describe_dataset
-    from .runtime import concurrency_for, free_resources, node_cpus
+    from .runtime import check_workers_fit, concurrency_for, free_resources, node_cpus
     from .tracking import Tracker
     from .tracking_queue import TrackingQueue, TrialTracking, check_pending_writes, flushed_on_abort
 
@@ -344,6 +344,8 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
         logger.info("[search] note: the paper's (1.2, 1.1, 1.15) (product %.3f) is outside the configured ranges "
                     "or constraint, so it is not among the trials", constraint_value(*PAPER))
     scheduler = asha_scheduler(search) if search.asha else None
+    check_workers_fit(template.workers, "[search] each trial",
+                      "search.gpus_per_trial" if search.gpus_per_trial is not None else "train.gpus_per_worker")
 
     check_pending_writes(cfg)  # writes pending for another store: exit 2 before the stage's run is opened
     tracker = Tracker.for_config(cfg)

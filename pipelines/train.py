@@ -374,7 +374,7 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
 def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = None, *,
                  show_table: bool = True) -> TrainStageResult:
     from .data import describe_dataset
-    from .runtime import free_resources, node_cpus
+    from .runtime import check_workers_fit, free_resources, node_cpus
     from .tracking import Tracker
     from .tracking_queue import TrackingQueue, TrialTracking, check_pending_writes, flushed_on_abort
 
@@ -386,6 +386,8 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
     todo, skipped = _split_finished(cfg, runs)
     if skipped:
         logger.info("[train] already trained, skipping: %s", ", ".join(skipped))
+    for run in todo:
+        check_workers_fit(run.workers, f"[train] {run.model_name}")
     check_pending_writes(cfg)  # writes pending for another store: exit 2 before the stage's run is opened
     tracker = Tracker.for_config(cfg)
     failed = []

@@ -201,6 +201,36 @@ def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster,
     assert tracked.info.status == "FAILED" and "not retried" in tracked.data.tags["error"], tracked.data.tags
 
 
+def test_a_worker_no_node_can_hold_is_refused_before_the_stage_starts(ray_cluster, make_config):
+    """Ray Train compares a worker group with the cluster's totals only, then retries placing it without end
+    (train.max_failures does not count that): a worker of 3 CPUs on 2-CPU nodes left the stage waiting for good.
+    Refused before anything is written (the local-Ray config check cannot see a cluster joined by address)."""
+    from types import SimpleNamespace
+
+    from pipelines.config import ConfigError
+    from pipelines.runtime import check_workers_fit
+
+    address = ray_cluster.get_runtime_context().gcs_address
+    cfg = make_config(f"ray.address={address}", "train.models=[lenet5]", "train.cpus_per_worker=3",
+                      "train.epochs=1", *FAST)
+    with pytest.raises(ConfigError, match="one worker needs 3 CPU on one node") as refused:
+        train_stage(cfg)
+    assert refused.value.key == "train.cpus_per_worker"
+    assert not Tracker.for_config(cfg).client.search_runs(
+        [e.experiment_id for e in Tracker.for_config(cfg).client.search_experiments()])
+
+    def workers(cpus, gpus=0.0, strategy="PACK", count=2):
+        return SimpleNamespace(cpus_per_worker=cpus, gpus_per_worker=gpus, use_gpu=gpus > 0,
+                               num_workers=count, placement_strategy=strategy)
+
+    check_workers_fit(workers(1.5), "fits")  # two workers of 1.5 CPUs: one per node would do
+    with pytest.raises(ConfigError, match="all its workers together"):
+        check_workers_fit(workers(1.5, strategy="STRICT_PACK"), "packed")
+    with pytest.raises(ConfigError) as no_gpu:
+        check_workers_fit(workers(1, gpus=0.5), "gpu", gpu_key="search.gpus_per_trial")
+    assert no_gpu.value.key == "search.gpus_per_trial"
+
+
 def test_the_give_up_note_holds_only_for_the_same_trial_of_the_same_tune_run(make_config):
     from pipelines.data import describe_dataset
     from pipelines.planning import plan_model_runs, resolve_models
