@@ -78,20 +78,39 @@ PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXIST
 _DATABASE_LOST = re.compile(r"sqlalche\.me/e/\w+/(3o7r|rvf5|e3q8)\b|QueuePool limit of size")
 
 
+#: How MLflow's client names the status of a reply without a JSON body (its error code keeps only the statuses
+#: it knows: a 405, 413, 414 or 422 becomes INTERNAL_ERROR, as a server's failure does).
+_MLFLOW_STATUS = re.compile(r"failed with error code (\d{3}) != \d{3}")
+
+#: MLflow error codes and HTTP statuses of credentials refused: a matter of this machine's configuration (an
+#: expired token, a rotated password), not of the write.
+AUTH_ERRORS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "CUSTOMER_UNAUTHORIZED"})
+AUTH_STATUSES = (401, 403)
+
+
 def http_status(err: BaseException, *, http_only: bool = False) -> int | None:
-    """The HTTP status an error (or one of its causes) carries: ``requests``' ``response.status_code``, or
-    botocore's ``response["ResponseMetadata"]["HTTPStatusCode"]`` (an S3 artifact store; not with
-    ``http_only``); None without one."""
+    """The HTTP status an error (or one of its causes) carries: ``requests``' ``response.status_code``, the
+    status MLflow's client names in its message, or botocore's ``response["ResponseMetadata"]
+    ["HTTPStatusCode"]`` (an S3 artifact store; not with ``http_only``); None without one."""
     cause, depth = err, 0
     while cause is not None and depth < 10:
         response = getattr(cause, "response", None)
         status = getattr(response, "status_code", None)
         if status is None and isinstance(response, dict) and not http_only:
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status is None and getattr(cause, "error_code", None) == "INTERNAL_ERROR":  # (the others say enough)
+            named = _MLFLOW_STATUS.search(str(cause))
+            status = int(named.group(1)) if named else None
         if isinstance(status, int):
             return status
         cause, depth = cause.__cause__ or cause.__context__, depth + 1
     return None
+
+
+def is_auth_refusal(err: BaseException) -> bool:
+    """Whether MLflow (or a proxy in front of it) refused this machine's credentials: 401/403. No write is at
+    fault, and the next one meets the same refusal until the credentials are mended."""
+    return getattr(err, "error_code", None) in AUTH_ERRORS or http_status(err, http_only=True) in AUTH_STATUSES
 
 
 def _database_unavailable(err: BaseException) -> bool:

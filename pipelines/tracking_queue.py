@@ -49,6 +49,7 @@ from .tracking import (
     TRAINING_TAGS,
     first_line,
     http_status,
+    is_auth_refusal,
     is_unreachable,
 )
 
@@ -107,10 +108,13 @@ class RunStillBeingCreated(RuntimeError):
 def _is_permanent(err: BaseException) -> bool:
     """Whether no retry can send the write: MLflow refused it, its run does not exist, or the checkpoint it
     registers is unusable (a diverged run's NaN weights, say) or gone from a storage that answers. Anything
-    else counts as an outage and is retried, a checkpoint whose storage does not answer included."""
+    else counts as an outage and is retried, a checkpoint whose storage does not answer included, and so do
+    refused credentials (401/403: dropped, an expired token discarded every write queued behind it)."""
     from .checkpoints import CheckpointError, MissingCheckpointError
 
     if is_unreachable(err):  # before the error code: MLflow reports a lost database connection as BAD_REQUEST
+        return False
+    if is_auth_refusal(err):  # every write behind it meets the same: kept (on disk) until the credentials work
         return False
     unusable = isinstance(err, CheckpointError) and not isinstance(err, MissingCheckpointError)
     if unusable or isinstance(err, UnsendableWrite) or getattr(err, "error_code", None) in PERMANENT_ERRORS:
@@ -335,6 +339,11 @@ class TrackingQueue:
             self._down_since = time.time()
             if isinstance(err, RunStillBeingCreated):
                 logger.info("[tracking] %s", err)
+            elif is_auth_refusal(err):
+                logger.warning("[tracking] MLflow at %s refuses this machine's credentials (%s); training goes on, "
+                               "writes are kept and retried (mend the credentials; what is left unsent is sent by "
+                               "`python -m pipelines register` with the same config)",
+                               redact_uri(self.tracker.tracking_uri), first_line(err))
             else:
                 logger.warning("[tracking] MLflow at %s is unreachable (%s); training goes on, writes are queued "
                                "and retried", redact_uri(self.tracker.tracking_uri), first_line(err))

@@ -678,6 +678,64 @@ def test_errors_are_sorted_into_outages_and_refusals():
     assert not _is_permanent(MlflowException("404 page not found", error_code=codes.ENDPOINT_NOT_FOUND))
 
 
+def test_statuses_mlflow_names_only_in_its_message_are_sorted_and_refused_credentials_keep_writes(
+        tmp_path, caplog, monkeypatch):
+    """MLflow's client keeps a reply's status only in its message where it has no error code for it (405, 413,
+    414, 422 and 502 all become INTERNAL_ERROR): a proxy's 413 was retried as an outage, stalling every later
+    command. Refused credentials (401/403: an expired token) dropped every queued write for good, the pending
+    file deleted: they are kept, to be sent once the credentials work."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import requests
+    from mlflow.utils.rest_utils import verify_rest_response
+
+    from pipelines.tracking import http_status, is_auth_refusal, is_unreachable
+    from pipelines.tracking_queue import TrackingQueue, _is_permanent
+
+    def refusal(status: int, body: str = "denied"):
+        response = requests.Response()
+        response.status_code, response._content = status, body.encode()
+        try:
+            verify_rest_response(response, "/api/2.0/mlflow/runs/log-batch")
+        except Exception as err:  # noqa: BLE001 - what MLflow raises is the point
+            return err
+        raise AssertionError("accepted")
+
+    for status in (405, 413, 414, 422):
+        err = refusal(status)
+        assert err.error_code == "INTERNAL_ERROR" and http_status(err) == status
+        assert _is_permanent(err) and not is_unreachable(err), status
+    assert not _is_permanent(refusal(502)) and is_unreachable(refusal(502))
+    for err in (refusal(401), refusal(403), refusal(401, '{"error_code": "UNAUTHENTICATED", "message": "no"}')):
+        assert is_auth_refusal(err) and not _is_permanent(err), err
+
+    class Refusing(BaseHTTPRequestHandler):
+        def refuse(self):
+            self.send_response(401)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(b"You are not authenticated.")
+
+        do_GET = do_POST = do_PUT = refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        queue = TrackingQueue(Tracker(f"http://127.0.0.1:{server.server_port}", "x"), tmp_path / "pending.json")
+        queue.put("update_champion", registered_model="m")
+        queue.put("set_tags", "0123abcd", tags={"a": "b"})
+        assert [op.kind for op in queue.flush(timeout_s=2)] == ["update_champion", "set_tags"]
+    finally:
+        server.shutdown()
+    assert not queue.dropped and (tmp_path / "pending.json").exists()
+    assert "refuses this machine's credentials" in caplog.text
+
+
 def test_a_pending_write_this_version_cannot_send_is_dropped(make_config, tmp_path):
     """A pending file of another version of this code (a kind of write or an argument this one lacks) held up
     every write behind it, retried for ever, in every later command."""
