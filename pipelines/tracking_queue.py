@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import socket
 import statistics
 import threading
@@ -715,6 +716,11 @@ def _pending_file_lock(pending_file: Path) -> Iterator[None]:
             lock.release()
 
 
+def _store_address(uri: str) -> str:
+    """``uri`` without its user name and password (``scheme://user:pw@host/...``: ``scheme://host/...``)."""
+    return re.sub(r"^([A-Za-z][\w+.-]*://)[^/@]*@", r"\1", uri, count=1)
+
+
 def _pending_body(pending_file: Path, tracking_uri: str) -> dict:
     """The pending file's contents; ``ConfigError`` (exit 2) when it holds writes for another tracking store."""
     from .config import absolute_sqlite_uri
@@ -723,7 +729,9 @@ def _pending_body(pending_file: Path, tracking_uri: str) -> dict:
     # As the config resolves it: a file written for sqlite:///runs/mlflow.db (relative, before such URIs were
     # made absolute) is for this store when the command runs where it did then.
     written_for = redact_uri(absolute_sqlite_uri(body.get("tracking_uri", tracking_uri)))
-    if written_for != redact_uri(tracking_uri):
+    # The store, whoever logs in to it: credentials moved out of the URI (into MLFLOW_TRACKING_USERNAME and
+    # _PASSWORD, PGPASSWORD) or another user name leave it the same store.
+    if _store_address(written_for) != _store_address(redact_uri(tracking_uri)):
         # Its run ids live in that store: sent here they were refused and dropped, and this queue's own end would
         # then have overwritten or deleted the file.
         from .config import ConfigError
@@ -945,8 +953,14 @@ def _read_pending_file(path: Path) -> dict:
         ops = body.get("ops", []) if isinstance(body, dict) else None
         if not isinstance(ops, list) or not all(
                 isinstance(op, dict) and isinstance(op.get("kind"), str) and isinstance(op.get("args"), dict)
-                and "ref" in op for op in ops):
+                and "ref" in op and isinstance(op["ref"], str | None) and isinstance(op.get("uid", ""), str)
+                and isinstance(op.get("seq", 0), int) for op in ops):
             raise ValueError("not a list of pending writes")
+        claims, run_ids = body.get("claims", {}), body.get("run_ids", {})
+        if not isinstance(claims, dict) or not all(isinstance(claim, dict) for claim in claims.values()):
+            raise ValueError("its claims are not a mapping of writes to the commands sending them")
+        if not isinstance(run_ids, dict) or not all(isinstance(run_id, str) for run_id in run_ids.values()):
+            raise ValueError("its run ids are not a mapping of runs to MLflow run ids")
         return body
     except FileNotFoundError:
         return {}
@@ -968,7 +982,9 @@ def load_pending(run_dir: str | os.PathLike, *, this_process: bool = False) -> l
         return []
     body = _read_pending_file(path)
     claims = body.get("claims", {})
-    return [TrackingOp(**op) for op in body.get("ops", [])
+    # The fields this version knows (a file of another version may have more, or lack seq and uid).
+    return [TrackingOp(op.get("seq", 0), op["kind"], op["ref"], op["args"], op.get("uid") or uuid.uuid4().hex)
+            for op in body.get("ops", [])
             if not (this_process and _held_elsewhere(claims.get(op.get("uid")), own_pid=os.getpid()))]
 
 
@@ -1019,7 +1035,7 @@ def pending_summary(pending: list[TrackingOp], run_dir: Path, command: str) -> s
     pending_file = Path(run_dir) / PENDING_FILE
     counts = Counter(DESCRIPTIONS.get(op.kind, op.kind) for op in pending)
     what = ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
-    models = sorted({op.args["alias"] for op in pending if op.kind == "register"})
+    models = sorted({str(op.args.get("alias")) for op in pending if op.kind == "register"})
     unregistered = f"; not registered yet: {', '.join(models)}" if models else ""
     return (f"[tracking] MLflow did not take {len(pending)} write(s) in time ({what}){unregistered}. They are kept "
             f"in {pending_file}; once MLflow is reachable, send them with:\n  {command}")

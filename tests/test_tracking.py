@@ -775,6 +775,29 @@ def test_a_damaged_pending_file_is_moved_aside_not_in_every_commands_way(make_co
     assert queue.flush(timeout_s=20) == []
 
 
+def test_every_reader_of_the_pending_file_takes_what_the_queue_takes(make_config, tmp_path, caplog):
+    """Two readers disagreed on a valid file: a write of another version of this code (without a seq, or with a
+    field this one lacks) crashed the train stage's check of unregistered models with a TypeError, while a
+    file with malformed claims crashed the queue that the check let through."""
+    import json
+
+    from pipelines.tracking_queue import PENDING_FILE, TrackingQueue, load_pending, pending_summary
+
+    tracker = Tracker.for_config(make_config())
+    pending = tmp_path / PENDING_FILE
+    foreign = [{"kind": "set_tags", "ref": None, "args": {"tags": {}}},  # no seq, no uid
+               {"seq": 4, "kind": "register", "ref": "r1", "args": {}, "uid": "u1", "attempts": 3}]
+    pending.write_text(json.dumps({"tracking_uri": tracker.tracking_uri, "ops": foreign}))
+    loaded = load_pending(tmp_path)
+    assert [(op.kind, op.ref) for op in loaded] == [("set_tags", None), ("register", "r1")]
+    assert "not registered yet: None" in pending_summary(loaded, tmp_path, "register")
+    for claims in ([], {"u1": ["pid", 1]}):
+        pending.write_text(json.dumps({"tracking_uri": tracker.tracking_uri, "ops": foreign, "claims": claims}))
+        assert load_pending(tmp_path) == [] and not pending.exists()
+        assert len(TrackingQueue(tracker, pending)) == 0
+    assert "damaged (its claims are not a mapping" in caplog.text
+
+
 def test_ctrl_c_while_flush_waits_keeps_the_unsent_writes_pending(make_config, tmp_path):
     """A Ctrl-C during the end-of-stage wait for MLflow (or a second one during an abort's) lost every queued
     write with the process: registrations, metrics, the stage run's end."""
@@ -981,6 +1004,7 @@ def test_the_pending_file_keeps_no_tracking_password(make_config, tmp_path):
     masked everywhere else; and with the password rotated its writes counted as another store's (exit 2)."""
     from types import SimpleNamespace
 
+    from pipelines.config import ConfigError
     from pipelines.tracking_queue import TrackingQueue, _pending_body
 
     class QueueWithAnOutage(TrackingQueue):
@@ -995,3 +1019,7 @@ def test_the_pending_file_keeps_no_tracking_password(make_config, tmp_path):
     assert "s3cret" not in text and "postgresql://mlflow:***@db:5432/mlflow" in text
     body = _pending_body(tmp_path / "tracking-pending.json", "postgresql://mlflow:rotated@db:5432/mlflow")
     assert [op["kind"] for op in body["ops"]] == ["down"]
+    # The password moved out of the URI (PGPASSWORD): the same store, not "another store's writes" (exit 2).
+    assert _pending_body(tmp_path / "tracking-pending.json", "postgresql://db:5432/mlflow")["ops"]
+    with pytest.raises(ConfigError, match="another tracking store"):
+        _pending_body(tmp_path / "tracking-pending.json", "postgresql://mlflow@db2:5432/mlflow")
