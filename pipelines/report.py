@@ -136,10 +136,13 @@ def family_comparison(results: list[ModelResult], searched: tuple[float, float, 
     """The searched EfficientNet family against the paper's (``search.compare_paper``): one row per phi with
     each member's MACs and test accuracy, the difference (searched - paper) and ``winner`` (``searched``,
     ``paper``, ``tie``; ``same model`` at phi 0, where both families are B0 and the paper's is not trained; empty
-    where one of the two, or a test accuracy, is missing). None unless both families have members. ``searched``:
-    the current search's triple (members of another are left out)."""
+    where one of the two, or a test accuracy, is missing, or the two trained for different epochs). None unless
+    both families have members and their triples differ. ``searched``: the current search's triple (members of
+    another are left out)."""
     families = _families(results, searched)
     if SEARCHED_FAMILY not in families or PAPER_FAMILY not in families:
+        return None
+    if _coefficients(families[SEARCHED_FAMILY][0]) == _triple(PAPER):  # the search found the paper's: one family
         return None
     by_phi: dict[float, dict[str, ModelResult]] = {}
     for prefix, members in families.items():
@@ -149,8 +152,8 @@ def family_comparison(results: list[ModelResult], searched: tuple[float, float, 
     for phi in sorted(by_phi):
         searched, paper = by_phi[phi].get(SEARCHED_FAMILY), by_phi[phi].get(PAPER_FAMILY)
         same_model = phi == 0 and searched is not None
-        if same_model:
-            paper = paper or searched
+        if same_model:  # B0 either way: the searched one is this training's (a paper_phi0 record is older)
+            paper = searched
         row: dict[str, object] = {"phi": phi}
         for label, r in (("searched", searched), ("paper", paper)):
             row[label] = r.model_name if r else ""
@@ -159,6 +162,10 @@ def family_comparison(results: list[ModelResult], searched: tuple[float, float, 
             row[f"{label} MMACs"] = round(r.macs / 1e6, 1) if r else None
             row[f"{label} test_acc"] = round(r.test_acc, 4) if r else None
         difference = searched.test_acc - paper.test_acc if searched and paper else math.nan
+        if searched and paper and searched.epochs != paper.epochs:  # a record of a shorter or longer training
+            logger.warning("[report] phi %g: %s was trained for %d epochs, %s for %d: not compared", phi,
+                           searched.model_name, searched.epochs, paper.model_name, paper.epochs)
+            difference = math.nan
         if same_model:
             row["difference"], row["winner"] = 0.0, "same model"
         elif math.isfinite(difference):
@@ -285,6 +292,30 @@ def _plots(results: list[ModelResult], search, directory: Path) -> list[Path]:
     return files
 
 
+def other_trainings(cfg: PipelineConfig, results: list[ModelResult], search) -> list[str]:
+    """The records among ``results`` that are not of a training this config plans now (another model, other
+    settings or data, fewer epochs: a record the train stage would not skip), by name; empty when the plan
+    cannot be made here (the data not on this machine). For an image folder only the models are compared:
+    planning its runs checks every file in it again, minutes for a large folder."""
+    from .data import describe_dataset
+    from .planning import plan_model_runs, resolve_models
+    from .tracking import first_line
+
+    try:
+        choices = resolve_models(cfg, None if search is None else search.best)
+        if cfg.data.dataset == "imagefolder":
+            names = {choice.name for choice in choices}
+            return [r.model_name for r in results if r.model_name not in names]
+        runs = plan_model_runs(cfg, describe_dataset(cfg.data), choices)
+    except Exception as err:  # noqa: BLE001 - the report is of the records; the check is a courtesy
+        logger.info("[report] cannot tell which records are of this config's training (%s)", first_line(err))
+        return []
+    planned = {run.model_name: run for run in runs}
+    return [r.model_name for r in results
+            if r.model_name not in planned or r.fingerprint != planned[r.model_name].fingerprint
+            or r.epochs < planned[r.model_name].hyper.epochs]
+
+
 def _searched_triple(search) -> tuple[float, float, float] | None:
     return None if search is None else tuple(float(search.best[k]) for k in ("alpha", "beta", "gamma"))
 
@@ -331,7 +362,14 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
 
     send_pending_before_reading(cfg)
     paths = cfg.paths
-    results = list((load_results(paths.train_dir) if results is None else results).values())
+    search = load_search_result(cfg)  # only a search with this config's settings
+    if results is None:
+        results = load_results(paths.train_dir)
+        if others := other_trainings(cfg, list(results.values()), search):
+            logger.warning("[report] reporting every model trained under %s, including %d trained with other "
+                           "settings, data or epochs than this config's (it would train them afresh): %s",
+                           paths.train_dir, len(others), ", ".join(others))
+    results = list(results.values())
     if not results:
         raise LookupError(f"no trained models under {paths.train_dir}; run the train stage first")
     if latency:
@@ -346,17 +384,19 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
                        "logged to MLflow", first_line(err))
         tracker, champion = None, None
     table = comparison_table(results, *(champion or (None, None)))
+    if champion is not None and not table["champion"].any():
+        logger.warning("[report] the registry's champion, %s v%s (what `serve` answers with by default), is not "
+                       "among the models reported here", *champion)
     directory = paths.report_dir
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomically(directory / "models.csv", table.to_csv(index=False))
     write_text_atomically(directory / "models.md", to_markdown(for_display(table)) + "\n")
-    search = load_search_result(cfg)  # only a search with this config's settings
     searched = _searched_triple(search)
     for r in stale_members(results, searched):
         logger.warning("[report] %s was trained with the coefficients %s of another search: not drawn or compared "
                        "as a member of its family (train it again to replace it)", r.model_name, _coefficients(r))
     files = [directory / "models.csv", directory / "models.md"] + _plots(results, search, directory)
-    families = family_comparison(results, searched)
+    families = family_comparison(results, searched) if cfg.search.compare_paper else None
     if families is not None:
         write_text_atomically(directory / "families.csv", families.to_csv(index=False))
         write_text_atomically(directory / "families.md", to_markdown(families) + "\n")

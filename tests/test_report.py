@@ -39,8 +39,11 @@ def test_the_report_sets_the_searched_family_against_the_papers_and_marks_the_wi
     assert report.directory / "families.md" in report.files and (report.directory / "families.md").is_file()
     assert list(saved["phi"]) == [0.0, 1.0]
     assert list(saved["searched"]) == ["efficientnet_phi0", "efficientnet_phi1"]
-    assert list(saved["paper"]) == ["efficientnet_paper_phi0", "efficientnet_paper_phi1"]
-    assert list(saved["winner"]) == ["same model", "searched"]  # phi 0: B0 either way (records of older runs)
+    # phi 0: B0 either way; the searched one is this training's (a paper_phi0 record is an older run's, and showed
+    # its own 0.92 beside "difference 0.0").
+    assert list(saved["paper"]) == ["efficientnet_phi0", "efficientnet_paper_phi1"]
+    assert list(saved["paper test_acc"]) == [0.90, 0.91]
+    assert list(saved["winner"]) == ["same model", "searched"]
     assert list(saved["difference"]) == [0.0, 0.005]
     assert list(saved["searched (alpha, beta, gamma)"]) == ["(1.3, 1.05, 1.2)"] * 2
     assert "searched won at 1, the paper at 0, ties 0" in caplog.text
@@ -54,6 +57,48 @@ def test_the_report_sets_the_searched_family_against_the_papers_and_marks_the_wi
     assert list(searched.get_xdata()) == [8.0, 30.0] and list(searched.get_ydata()) == [0.90, 0.915]
     assert list(paper.get_xdata()) == [8.0, 26.0] and list(paper.get_ydata()) == [0.92, 0.91]
     assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == list(lines)
+
+
+def test_families_of_one_triple_or_of_unequal_trainings_are_not_compared(caplog):
+    """A search that found the paper's triple, beside paper members of an earlier search, compared the paper's
+    family with itself and named a winner; a paper member of a 4-epoch run lost to a 15-epoch searched one."""
+    members = [record("efficientnet_phi1", "efficientnet", {"phi": 1.0, **PAPER}, 26_000_000, 0.915),
+               record("efficientnet_paper_phi1", "efficientnet", {"phi": 1.0, **PAPER}, 26_000_000, 0.91)]
+    assert family_comparison(members, tuple(PAPER.values())) is None
+    searched = record("efficientnet_phi1", "efficientnet", {"phi": 1.0, **SEARCHED}, 30_000_000, 0.95)
+    searched.epochs = 15
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        table = family_comparison([searched, members[1]], tuple(SEARCHED.values()))
+    assert list(table["winner"]) == [""] and table["difference"].isna().all()
+    assert "trained for 15 epochs, efficientnet_paper_phi1 for 1: not compared" in caplog.text
+
+
+def test_the_report_command_names_records_of_other_trainings_and_compares_families_only_when_asked(
+        make_config, caplog, monkeypatch):
+    """`report` reports every record under the run's directory: a model of an earlier data set or settings was
+    ranked beside this config's with nothing to tell them apart, and families.csv was written without
+    search.compare_paper. A champion outside the table went unmentioned."""
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.tracking import Tracker
+
+    cfg = make_config("train.models=[resnet18]", "train.epochs=1")
+    current = record("resnet18", "resnet18", {}, 560_000_000, 0.93)
+    planned = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg))[0]
+    current.fingerprint = planned.fingerprint
+    older = record("vgg11", "vgg11", {}, 900_000_000, 0.99)
+    for r in (current, older,
+              record("efficientnet_phi1", "efficientnet", {"phi": 1.0, **SEARCHED}, 30_000_000, 0.915),
+              record("efficientnet_paper_phi1", "efficientnet", {"phi": 1.0, **PAPER}, 26_000_000, 0.91)):
+        r.save(cfg.paths.train_dir)
+    monkeypatch.setattr(Tracker, "champion", lambda self, name: ("vgg13", "7"))
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        report = report_stage(cfg, latency=False)
+    assert set(report.table["model"]) == {"resnet18", "vgg11", "efficientnet_phi1", "efficientnet_paper_phi1"}
+    assert ("including 3 trained with other settings, data or epochs than this config's (it would train them "
+            "afresh): efficientnet_paper_phi1, efficientnet_phi1, vgg11") in caplog.text
+    assert report.families is None and not (report.directory / "families.csv").exists()
+    assert "champion, vgg13 v7 (what `serve` answers with by default), is not among the models" in caplog.text
 
 
 def test_phi_0_is_one_model_a_nan_accuracy_wins_nothing_and_a_listed_member_without_coefficients_is_the_papers():
