@@ -123,6 +123,21 @@ class ImageSplits:
                 digest.update(f"{name}\t{relative}\t{label}\n".encode())
         return digest.hexdigest()[:16]
 
+    def test_identity(self, root: str | os.PathLike | None) -> str:
+        """A short hash of the test split (its images, or its files relative to ``root``, with their labels):
+        test accuracies compare only where it is the same (another ``data.seed`` or ``data.test_fraction`` draws
+        other test images from the same data set)."""
+        import hashlib
+
+        test = self.test
+        digest = hashlib.sha256(np.ascontiguousarray(test.labels, dtype=np.int64).tobytes())
+        if test.images is not None:
+            digest.update(np.ascontiguousarray(test.images).tobytes())
+        else:
+            base = str(Path(root).expanduser()) if root else "."
+            digest.update("\n".join(os.path.relpath(path, base) for path in test.paths).encode())
+        return digest.hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -140,6 +155,8 @@ class DatasetInfo:
     excluded_files: tuple[str, ...] = ()
     #: :meth:`ImageSplits.membership` of the driver's read ("" for in-memory data sets).
     membership: str = ""
+    #: :meth:`ImageSplits.test_identity`: which test images the models' test accuracies are measured on.
+    test_split: str = ""
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -458,6 +475,7 @@ def describe_dataset(cfg: DataConfig) -> DatasetInfo:
         sizes={"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         excluded_files=excluded,
         membership=splits.membership(cfg.root),
+        test_split=splits.test_identity(cfg.root),
     )
 
 

@@ -121,6 +121,9 @@ class ModelRun(BaseModel):
     split_sizes: dict[str, int] | None = None
     #: Which file is in which split (``DatasetInfo.membership``): checked like ``split_sizes`` (None: not).
     split_membership: str | None = None
+    #: Which test images it is tested on (``DatasetInfo.test_split``): a tag of its registered version, so the
+    #: champion is chosen among versions tested on the same images. Not part of the fingerprint.
+    test_split: str = ""
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelRun:
@@ -335,7 +338,8 @@ def plan_model_runs(
         run = ModelRun(model=choice, data=cfg.data, hyper=hyper, workers=workers, spec=spec, stage=stage,
                        run_name=f"{cfg.name}-{stage}-{choice.name}", storage_path=cfg.paths.storage,
                        params_count=profile.params, macs=profile.macs, excluded_files=info.excluded_files,
-                       split_sizes=dict(info.sizes), split_membership=info.membership or None)
+                       split_sizes=dict(info.sizes), split_membership=info.membership or None,
+                       test_split=info.test_split)
         if stage == "train":
             run = run.model_copy(update={"run_name": f"{run.run_name}-{run.fingerprint}"})
         runs.append(run)

@@ -56,6 +56,8 @@ EPOCH_METRIC_NAMES = {"train_images_per_sec": "epoch_images_per_sec"}
 REGISTERED_CHECKPOINTS = (f"artifacts/{CHECKPOINT_FILE}", f"extra_files/{CHECKPOINT_FILE}")
 #: Version tags that say which data a version was trained on (also a run param, for older versions).
 TAG_DATASET, TAG_DATA_ROOT, TAG_FINGERPRINT = "dataset", "data_root", "fingerprint"
+#: The version tag naming the test images its test accuracy was measured on (``DatasetInfo.test_split``).
+TAG_TEST_SPLIT = "test_split"
 #: Metrics logged once when a run ends.
 FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_images_per_sec", "train_seconds")
 
@@ -505,13 +507,23 @@ class Tracker:
             return None
         return next(((v.alias, v.version) for v in versions if v.alias == alias), None)
 
-    def update_champion(self, registered_model: str, metric: str = "test_acc") -> tuple[str, str] | None:
+    def update_champion(self, registered_model: str, metric: str = "test_acc",
+                        test_split: str | None = None) -> tuple[str, str] | None:
         """Point alias ``champion`` at the best ``metric`` among the aliased versions trained on this
-        tracker's data; returns (alias, version), or None (and no champion alias) when none has a score."""
+        tracker's data and tested on the test images ``test_split`` names (default: those of the newest
+        version that names them); returns (alias, version), or None (and no champion alias) when none has a
+        score. Versions registered before they named their test images count, as for the data set."""
         try:
             versions, _ = self.registered_versions(registered_model)
         except LookupError:
             return None
+        if test_split is None:
+            named = [v for v in versions if v.tags.get(TAG_TEST_SPLIT)]
+            test_split = max(named, key=lambda v: int(v.version)).tags[TAG_TEST_SPLIT] if named else ""
+        if test_split:
+            # Another data.seed or data.test_fraction tests on other images (some of them this training's own):
+            # accuracies of two test splits do not compare.
+            versions = [v for v in versions if v.tags.get(TAG_TEST_SPLIT, test_split) in ("", test_split)]
         def tag(version: RegisteredVersion, key: str) -> float | None:
             try:
                 return float(version.tags[key]) if key in version.tags else None

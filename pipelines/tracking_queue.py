@@ -486,8 +486,9 @@ class TrackingQueue:
         logger.info("[tracking] %s: registered %s v%s as @%s", alias, registered_model, version, alias)
         return version
 
-    def _do_update_champion(self, ref: None, registered_model: str) -> tuple[str, str] | None:
-        return self.tracker.update_champion(registered_model)
+    def _do_update_champion(self, ref: None, registered_model: str,
+                            test_split: str | None = None) -> tuple[str, str] | None:
+        return self.tracker.update_champion(registered_model, test_split=test_split)
 
     # -- the end of a stage ---------------------------------------------------------------------------
     def flush(self, timeout_s: float) -> list[TrackingOp]:

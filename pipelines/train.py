@@ -91,7 +91,8 @@ def finish_model_trial(cfg: PipelineConfig, queue, trial, run_ref: str, started_
               tags={"test_acc": result["test_acc"], "best_val_acc": result["best_val_acc"], "arch": run.arch,
                     "model_name": run.model_name, "params_count": run.params_count, "macs": run.macs,
                     "input_size": run.spec.image_size, "dataset": run.data.dataset,
-                    "data_root": run.data.root or "", "fingerprint": run.fingerprint, "epochs": run.hyper.epochs})
+                    "data_root": run.data.root or "", "fingerprint": run.fingerprint, "epochs": run.hyper.epochs,
+                    "test_split": run.test_split})
     queue.put("log_metrics", run_ref, metrics={"train_images_per_sec": model_result.train_images_per_sec,
                                                "train_seconds": model_result.train_seconds})
     queue.put("end_run", run_ref, status="FINISHED")
@@ -406,7 +407,8 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
                                  on_error=finisher.trial_failed, on_epoch=finisher.epoch_done)
         with flushed_on_abort(queue, parent, tracking):
             failed = _train_models(cfg, queue, parent, info, todo, free, tracking, finisher)
-    champion_write = queue.put("update_champion", registered_model=cfg.registered_model_name)
+    champion_write = queue.put("update_champion", registered_model=cfg.registered_model_name,
+                               test_split=info.test_split)
     pending = queue.flush(cfg.tracking.pending_timeout_s)
     # Trained, but its registration was refused for good (a diverged model's NaN weights, its run or checkpoint
     # deleted): not in the registry, so not served; the stage failed for it.

@@ -311,6 +311,32 @@ def test_serving_falls_back_to_the_champion_the_registry_would_choose(make_confi
     assert tracker.update_champion(name) == ("vgg11_bn", "2")
 
 
+def test_the_champion_is_chosen_among_versions_tested_on_the_same_images(make_config, tmp_path):
+    """Another data.seed or data.test_fraction (digits, an image folder without test/) draws other test images,
+    some of them the new models' training images: an older version's test accuracy on its own test split kept the
+    champion alias against this training's."""
+    from pipelines.data import describe_dataset
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    client, name = tracker.client, cfg.registered_model_name
+    client.create_registered_model(name)
+    first = describe_dataset(cfg.data).test_split
+    reseeded = describe_dataset(cfg.data.model_copy(update={"seed": 1})).test_split
+    assert first and reseeded and first != reseeded
+    assert describe_dataset(cfg.data).test_split == first  # the same images: the same identity
+    for alias, test_acc, split in (("legacy", "0.999", None), ("lenet5", "0.99", first),
+                                   ("resnet18", "0.95", reseeded)):
+        tags = {"test_acc": test_acc, "dataset": "digits", **({"test_split": split} if split else {})}
+        version = client.create_model_version(name, tmp_path.as_uri(), tags=tags)
+        client.set_registered_model_alias(name, alias, version.version)
+    client.delete_registered_model_alias(name, "legacy")
+    assert tracker.update_champion(name) == ("resnet18", "3")  # the newest version's test images by default
+    assert tracker.update_champion(name, test_split=first) == ("lenet5", "2")
+    client.set_registered_model_alias(name, "legacy", "1")  # a version that names no test images still counts
+    assert tracker.update_champion(name, test_split=reseeded) == ("legacy", "1")
+
+
 def test_an_imagefolder_version_counts_only_for_its_own_root(make_config, tmp_path):
     roots = [tmp_path / "cats", tmp_path / "cars"]
     for root in roots:
