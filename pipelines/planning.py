@@ -168,7 +168,7 @@ class ModelRun(BaseModel):
         spec = self.spec.with_size(model.input_size_for(self.spec.image_size))
         profile = cnnmodels.profile(model, spec.input_shape)
         return self.model_copy(update={"model": choice, "spec": spec, "run_name": f"{self.run_name}-{label}",
-                                       "params_count": profile.params, "macs": profile.macs})
+                                       "params_count": profile.inference_params, "macs": profile.macs})
 
 
 def _build(choice: ModelChoice, num_classes: int, channels: int):
@@ -337,7 +337,7 @@ def plan_model_runs(
         profile = cnnmodels.profile(model, spec.input_shape)
         run = ModelRun(model=choice, data=cfg.data, hyper=hyper, workers=workers, spec=spec, stage=stage,
                        run_name=f"{cfg.name}-{stage}-{choice.name}", storage_path=cfg.paths.storage,
-                       params_count=profile.params, macs=profile.macs, excluded_files=info.excluded_files,
+                       params_count=profile.inference_params, macs=profile.macs, excluded_files=info.excluded_files,
                        split_sizes=dict(info.sizes), split_membership=info.membership or None,
                        test_split=info.test_split)
         if stage == "train":

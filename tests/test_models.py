@@ -113,8 +113,21 @@ def test_macs_at_224_match_torchvision_ops(name, gmacs):
     assert profile(create_model(name)).macs / 1e9 == pytest.approx(gmacs, rel=0.005)
 
 
-def test_googlenet_macs_exclude_training_only_aux_heads():
-    assert profile(create_model("googlenet", torchvision_compat=True)).macs / 1e9 == pytest.approx(1.498, rel=0.005)
+def test_googlenet_macs_and_inference_params_exclude_training_only_aux_heads():
+    """The parameter count included the auxiliary heads (13.0 M) beside MACs without them: the report's
+    accuracy-vs-parameters plot put GoogLeNet at twice the size torchvision and the paper give it."""
+    googlenet = profile(create_model("googlenet", torchvision_compat=True))
+    assert googlenet.macs / 1e9 == pytest.approx(1.498, rel=0.005)
+    assert (googlenet.params, googlenet.inference_params) == (13_004_888, 6_624_904)
+    resnet = profile(create_model("resnet18"))
+    assert resnet.inference_params == resnet.params == 11_689_512
+
+
+def test_profile_defaults_to_the_models_own_input():
+    """The default was 3x224x224 whatever the model: a 1-channel model failed with a channel mismatch, and
+    EfficientNet-B3 was counted at 224 px instead of its 300."""
+    assert profile(create_model("resnet18", in_chans=1, num_classes=10)).input_size == (1, 224, 224)
+    assert profile(create_model("efficientnet_b3")).input_size == (3, 300, 300)
 
 
 TORCHVISION_ARCHS = [

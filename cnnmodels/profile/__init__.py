@@ -37,12 +37,16 @@ class StageProfile:
 
 @dataclass(frozen=True)
 class Profile:
-    """Totals and per-stage breakdown of a model at one input size."""
+    """Totals and per-stage breakdown of a model at one input size. ``params`` counts every parameter (its state
+    dict's, as torchvision's numbers do: GoogLeNet with its auxiliary heads 13.0 M); ``inference_params`` those
+    of the modules an eval forward pass runs (GoogLeNet 6.6 M: what a served model computes with), the same
+    for models without training-only branches."""
 
     params: int
     macs: int
     input_size: tuple[int, ...]
     stages: list[StageProfile] = field(default_factory=list)
+    inference_params: int = 0
 
     @property
     def gmacs(self) -> float:
@@ -88,12 +92,16 @@ def _macs_of(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.
 
 
 @torch.no_grad()
-def profile(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> Profile:
-    """Count parameters and conv + linear multiply-adds of ``model`` for one ``input_size`` image.
+def profile(model: nn.Module, input_size: tuple[int, ...] | None = None) -> Profile:
+    """Count parameters and conv + linear multiply-adds of ``model`` for one ``input_size`` image (C, H, W;
+    default the model's own ``default_input_size``, its channels and resolution, else 3x224x224).
 
-    The model runs once in eval mode (so training-only branches such as GoogLeNet's auxiliary heads are not
-    counted, as in torchvision's numbers) on a zero tensor on the model's device; its mode is restored.
+    The model runs once in eval mode (so training-only branches such as GoogLeNet's auxiliary heads add no
+    MACs, as in torchvision's numbers, nor ``inference_params``) on a zero tensor on the model's device; its mode
+    is restored.
     """
+    if input_size is None:
+        input_size = tuple(getattr(model, "default_input_size", (3, 224, 224)))
     stages = _stage_modules(model)
     module_to_stage: dict[nn.Module, str] = {}
     for stage_name, stage in stages:
@@ -117,8 +125,10 @@ def profile(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> Pr
 
         return hook
 
+    ran: set[nn.Module] = set()
     handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     handles += [stage.register_forward_hook(record_shape(name)) for name, stage in stages]
+    handles += [m.register_forward_hook(lambda module, inputs, output: ran.add(module)) for m in model.modules()]
     # Every module's own mode: model.train(was_training) would unfreeze a partly frozen model (BN kept in eval
     # mode for fine-tuning) and start its running statistics moving.
     modes = {module: module.training for module in model.modules()}
@@ -138,7 +148,9 @@ def profile(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> Pr
         for name, stage in stages
     ]
     params = sum(p.numel() for p in model.parameters())
-    return Profile(params=params, macs=total[0], input_size=tuple(input_size), stages=stage_profiles)
+    used = {id(p): p.numel() for module in ran for p in module.parameters(recurse=False)}  # (shared ones once)
+    return Profile(params=params, macs=total[0], input_size=tuple(input_size), stages=stage_profiles,
+                   inference_params=sum(used.values()))
 
 
 class _KernelRecorder(TorchDispatchMode):
@@ -246,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         prof = profile(model, input_size)
     except ValueError as err:  # an input size the model refuses (below its minimum, wrong channels)
         parser.exit(2, f"error: {err}\n")
-    print(f"{args.name} at {'x'.join(map(str, input_size))}: {prof.params:,} parameters, "
+    used = f" ({prof.inference_params:,} used at inference)" if prof.inference_params != prof.params else ""
+    print(f"{args.name} at {'x'.join(map(str, input_size))}: {prof.params:,} parameters{used}, "
           f"{prof.macs:,} MACs ({prof.gmacs:.3f} G)")
     print(prof.table())
     return 0
