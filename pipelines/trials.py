@@ -282,7 +282,7 @@ def run_model_trials(
     path = paths.experiment(experiment)
     if restore and tune.Tuner.can_restore(path):
         logger.info("[%s] resuming the interrupted Tune experiment at %s", experiment, path)
-        tuner = restore_tuner(path, trainable, callbacks, max_concurrent=max_concurrent, trial_retries=trial_retries)
+        tuner = restore_tuner(path, trainable, callbacks)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -301,34 +301,23 @@ def run_model_trials(
     return tuner.fit()
 
 
-def restore_tuner(path: str, trainable, callbacks: list, *, max_concurrent: int | None = None,
-                  trial_retries: int | None = None):
-    """Tune's restore of an interrupted experiment (unfinished and errored trials run again), with ``callbacks``,
-    and (where given) this command's ``max_concurrent`` trials and ``trial_retries``.
+def restore_tuner(path: str, trainable, callbacks: list):
+    """Tune's restore of an interrupted experiment (unfinished and errored trials run again), with ``callbacks``.
 
     Tune restores the callbacks pickled with the experiment: those of the process that started it, whose
     tracking queue this process never flushes (its writes could be lost in an outage) and whose compute gate
     is gone. This process's callbacks must serve the resumed trials; Ray has no public way to pass them
-    (ray-project/ray#41364), so they replace the restored ones in the tuner's run config. So do the
-    concurrency and retries: restored, a search resumed with a lower ``search.max_concurrent_trials`` (after
-    GPU out-of-memory errors) ran as many trials at once as before, and more than this command's compute gate
-    admits (see :func:`pipelines.runtime.concurrency_for`).
+    (ray-project/ray#41364), so they replace the restored ones in the tuner's run config.
     """
     from ray import tune
 
     tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     restored = getattr(tuner, "_local_tuner", None)
     if restored is None:  # a Ray that moved it: resume anyway (the tests catch it)
-        logger.warning("this Ray cannot replace a restored experiment's callbacks, concurrency or retries; its "
-                       "trials report through the restored ones, and their MLflow writes are not kept pending in "
-                       "an outage")
-        return tuner
-    run_config = restored.get_run_config()
-    run_config.callbacks = list(callbacks)
-    if trial_retries is not None:
-        run_config.failure_config = tune.FailureConfig(max_failures=trial_retries)
-    if max_concurrent is not None:
-        restored._tune_config.max_concurrent_trials = max_concurrent
+        logger.warning("this Ray cannot replace a restored experiment's callbacks; its trials report through the "
+                       "restored ones, and their MLflow writes are not kept pending in an outage")
+    else:
+        restored.get_run_config().callbacks = list(callbacks)
     return tuner
 
 
