@@ -304,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("interrupted; re-run the same command to resume")
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - every stage failure ends in one line and exit 1
-        if args.debug:
-            raise
-        logger.error("error: %s (run with --debug for the traceback)", _one_line(err))
+        if args.debug:  # through the console's formatter, which masks a password the traceback quotes
+            logger.exception("error: %s", _one_line(err))
+        else:
+            logger.error("error: %s (run with --debug for the traceback)", _one_line(err))
         return EXIT_FAILED
 
 

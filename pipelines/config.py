@@ -714,15 +714,21 @@ _DATABASE_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][\w+.-]*://[^:/@]*:)[^@]*@")
 _QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd)=)[^&]*")
 
 
-#: A URL's password anywhere in free text (an error message quoting the URL it requested): ``user:`` after a
-#: scheme, up to the first ``@`` before a blank.
-_PASSWORD_IN_TEXT = re.compile(r"(?P<head>\b[A-Za-z][\w+.-]*://[^\s:/@]*:)[^\s@]*@")
+#: A URL's password anywhere in free text (an error message quoting the URL it requested), after ``user:``: in
+#: an HTTP URL up to the last ``@`` before its path (RFC 3986 has a ``/`` in a password percent-encoded, and an
+#: ``@`` further on is the path's or query's: ``?email=a@b.com``), in others (database URIs) up to the first
+#: ``@``, as SQLAlchemy reads them. The scheme must start where no scheme character stands before it.
+_PASSWORD_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.-])(?:(?P<http>https?://[^\s:/@]*:)[^\s/]*@"
+                               r"|(?!https?://)(?P<other>[A-Za-z][\w+.-]*://[^\s:/@]*:)[^\s@]*@)", re.IGNORECASE)
+#: A password in a query string, up to the next parameter or blank (in free text the rest is the message).
+_QUERY_PASSWORD_IN_TEXT = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd)=)[^&\s'\"]*")
 
 
 def redact_text(text: str) -> str:
     """``text`` with every URL's password masked as :func:`redact_uri` masks one: for error messages, which
     quote what failed (MLflow's client names the full URL of a request, credentials included)."""
-    return _QUERY_PASSWORD.sub(r"\g<key>***", _PASSWORD_IN_TEXT.sub(r"\g<head>***@", text))
+    masked = _PASSWORD_IN_TEXT.sub(lambda m: f"{m.group('http') or m.group('other')}***@", text)
+    return _QUERY_PASSWORD_IN_TEXT.sub(r"\g<key>***", masked)
 
 
 def redact_uri(uri: str) -> str:

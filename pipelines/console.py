@@ -33,8 +33,8 @@ class _Stream(logging.StreamHandler):
 
 
 class _Redacting(logging.Formatter):
-    """Masks a URL's password in whatever a record prints (an error quoting the tracking server's URL, a
-    traceback with ``--debug``): logs are copied into tickets, CI output and Ray's job logs."""
+    """Masks a URL's password in whatever a record prints (an error quoting the tracking server's URL, the
+    traceback ``--debug`` logs): logs are copied into tickets, CI output and Ray's job logs."""
 
     def format(self, record: logging.LogRecord) -> str:
         from .config import redact_text

@@ -65,7 +65,8 @@ FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_i
 #: or a result record of that training is known by them (a result record holds them as its own fields).
 TRAINING_TAGS = ("fingerprint", "epochs")
 
-#: MLflow error codes no retry gets past: the request itself is refused, or what it names does not exist.
+#: MLflow error codes no retry gets past: the request itself is refused, or what it names does not exist
+#: (UNAUTHENTICATED is the credentials', not the write's: the queue keeps such writes, see :func:`is_auth_refusal`).
 #: Others (INTERNAL_ERROR: also an unreachable server; TEMPORARILY_UNAVAILABLE, REQUEST_LIMIT_EXCEEDED,
 #: RESOURCE_CONFLICT and ABORTED: concurrent writers; ENDPOINT_NOT_FOUND: MLflow's client names any 404 without a
 #: JSON body so, a proxy's while MLflow restarts too) can pass. A BAD_REQUEST that names a lost database
@@ -84,10 +85,11 @@ _DATABASE_LOST = re.compile(r"sqlalche\.me/e/\w+/(3o7r|rvf5|e3q8)\b|QueuePool li
 #: it knows: a 405, 413, 414 or 422 becomes INTERNAL_ERROR, as a server's failure does).
 _MLFLOW_STATUS = re.compile(r"failed with error code (\d{3}) != \d{3}")
 
-#: MLflow error codes and HTTP statuses of credentials refused: a matter of this machine's configuration (an
-#: expired token, a rotated password), not of the write.
-AUTH_ERRORS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "CUSTOMER_UNAUTHORIZED"})
-AUTH_STATUSES = (401, 403)
+#: MLflow's error code and the HTTP status of credentials refused (401): a matter of this machine's configuration
+#: (an expired token, a rotated password), not of the write. A 403 is not among them: MLflow's auth app refuses
+#: one resource so (a user who may read the registered model but not write it), and only that write is refused.
+AUTH_ERRORS = frozenset({"UNAUTHENTICATED"})
+AUTH_STATUSES = (401,)
 
 
 def http_status(err: BaseException, *, http_only: bool = False) -> int | None:
@@ -110,7 +112,7 @@ def http_status(err: BaseException, *, http_only: bool = False) -> int | None:
 
 
 def is_auth_refusal(err: BaseException) -> bool:
-    """Whether MLflow (or a proxy in front of it) refused this machine's credentials: 401/403. No write is at
+    """Whether MLflow (or a proxy in front of it) refused this machine's credentials (401). No write is at
     fault, and the next one meets the same refusal until the credentials are mended."""
     return getattr(err, "error_code", None) in AUTH_ERRORS or http_status(err, http_only=True) in AUTH_STATUSES
 

@@ -109,8 +109,8 @@ class RunStillBeingCreated(RuntimeError):
 def _is_permanent(err: BaseException) -> bool:
     """Whether no retry can send the write: MLflow refused it, its run does not exist, or the checkpoint it
     registers is unusable (a diverged run's NaN weights, say) or gone from a storage that answers. Anything
-    else counts as an outage and is retried, a checkpoint whose storage does not answer included, and so do
-    refused credentials (401/403: dropped, an expired token discarded every write queued behind it)."""
+    else counts as an outage and is retried, a checkpoint whose storage does not answer included. Refused
+    credentials (401) are retried too: dropped, an expired token discarded every write queued behind it."""
     from .checkpoints import CheckpointError, MissingCheckpointError
 
     if is_unreachable(err):  # before the error code: MLflow reports a lost database connection as BAD_REQUEST
@@ -827,7 +827,7 @@ def _trial_error(trial) -> str:
         except Exception:  # noqa: BLE001 - the storage may be gone with its node
             text = None
     text = text or getattr(trial, "error_msg", None)  # older Tune trials carried it
-    return str(text or "trial failed").strip()[-4000:]
+    return redact_text(str(text or "trial failed").strip())[-4000:]  # a tag: shown to whoever reads the run
 
 
 class TrialTracking(Callback):

@@ -480,6 +480,7 @@ def test_a_tracking_password_stays_out_of_logs_errors_and_served_model_errors(tm
     beside the masked URI."""
     import logging
 
+    from pipelines.config import redact_text
     from pipelines.console import configure_console
     from pipelines.model_store import ServedModel
     from pipelines.tracking import TrackingUnavailable
@@ -495,11 +496,23 @@ def test_a_tracking_password_stays_out_of_logs_errors_and_served_model_errors(tm
     with pytest.raises(Exception) as raw:
         down.update_champion("m")
     assert "s3cret" in str(raw.value)  # what MLflow says, unmasked: the case the masking is for
+    for text, masked in (("http://u:p@ss@h/x", "http://u:***@h/x"),  # an unencoded @ in the password
+                         ("http://host:5000/path?email=a@b.com ok", None),  # an @ in the query is no password
+                         ("_http://alice:s3cret@h/x", "_http://alice:***@h/x"),
+                         ("GET http://h/api?password=hunter2 failed: 401\nmore", "GET http://h/api?password=*** "
+                                                                                   "failed: 401\nmore"),
+                         ("postgresql://u:pa/ss@db/mlflow down", "postgresql://u:***@db/mlflow down")):
+        assert redact_text(text) == (masked or text), text
     served = ServedModel(alias="m", source="registry")
     served.mark_failed(raw.value)
     configure_console()
     logging.getLogger("pipelines.test").error("error: %s", raw.value)
+    try:  # --debug logs the traceback, whose chained errors quote the URL too
+        raise RuntimeError("stage failed") from raw.value
+    except RuntimeError:
+        logging.getLogger("pipelines.test").exception("error")
     printed = capsys.readouterr().err
+    assert "Traceback" in printed
     for text in (caplog.text, str(unavailable.value), served.error, printed):
         assert "s3cret" not in text and "alice:***@127.0.0.1:9" in text, text
 
@@ -683,7 +696,7 @@ def test_statuses_mlflow_names_only_in_its_message_are_sorted_and_refused_creden
     """MLflow's client keeps a reply's status only in its message where it has no error code for it (405, 413,
     414, 422 and 502 all become INTERNAL_ERROR): a proxy's 413 was retried as an outage, stalling every later
     command. Refused credentials (401/403: an expired token) dropped every queued write for good, the pending
-    file deleted: they are kept, to be sent once the credentials work."""
+    file deleted: they are kept, to be sent once the credentials work. A 403 refuses one write only."""
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -707,8 +720,12 @@ def test_statuses_mlflow_names_only_in_its_message_are_sorted_and_refused_creden
         assert err.error_code == "INTERNAL_ERROR" and http_status(err) == status
         assert _is_permanent(err) and not is_unreachable(err), status
     assert not _is_permanent(refusal(502)) and is_unreachable(refusal(502))
-    for err in (refusal(401), refusal(403), refusal(401, '{"error_code": "UNAUTHENTICATED", "message": "no"}')):
+    for err in (refusal(401), refusal(401, '{"error_code": "UNAUTHENTICATED", "message": "no"}')):
         assert is_auth_refusal(err) and not _is_permanent(err), err
+    # MLflow's auth app refuses one resource with a 403 (a user who may read the model but not write it): that
+    # write alone is refused, as before; held, it blocked every write behind it for good.
+    forbidden = refusal(403, '{"error_code": "PERMISSION_DENIED", "message": "no write on model m"}')
+    assert not is_auth_refusal(forbidden) and _is_permanent(forbidden)
 
     class Refusing(BaseHTTPRequestHandler):
         def refuse(self):
