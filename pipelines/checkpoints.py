@@ -33,6 +33,7 @@ import cnnmodels
 from .preprocess import PreprocessSpec, is_out_of_memory
 
 __all__ = ["ModelCheckpoint", "CheckpointError", "UnreadableCheckpointError", "save_checkpoint", "load_checkpoint",
+           "check_archive",
            "CHECKPOINT_FILE", "capture_rng_state", "restore_rng_state", "save_rng_state", "load_rng_state",
            "rng_state_file"]
 
@@ -136,7 +137,7 @@ def load_checkpoint(
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise MissingCheckpointError(f"checkpoint {path} does not exist")
-    _check_archive(path)
+    check_archive(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt archives
@@ -205,7 +206,7 @@ def _size(path: Path) -> str:
         return "size unknown"
 
 
-def _check_archive(path: Path) -> None:
+def check_archive(path: Path) -> None:
     """Refuse a checkpoint whose bytes are not the ones written: a truncated file (an interrupted copy, a full
     disk) or changed bytes (a bad disk, a bit flip). ``torch.save`` writes a zip archive with a CRC-32 of every
     record but ``torch.load`` checks none of them: changed weights that stay finite would load as a model.
@@ -322,10 +323,11 @@ def load_rng_state(directory: str | os.PathLike, rank: int) -> dict[str, Any] | 
     path = Path(directory) / rng_state_file(rank)
     if not path.is_file():
         return None
+    check_archive(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt archives
-        raise CheckpointError(f"generator state {path} is unreadable or corrupt: {err}") from None
+        _raise_read_error(path, err)  # (a storage's passing error raised as itself, as for the weights)
     if not isinstance(payload, dict) or payload.get("format") != _RNG_FORMAT or payload.get("rank") != rank:
         raise CheckpointError(f"{path} is not rank {rank}'s cnnzoo generator state")
     missing = [key for key in ("python", "numpy", "torch") if key not in payload]

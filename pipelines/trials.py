@@ -365,7 +365,12 @@ def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
         record = f"{root.rstrip('/')}/{run.run_name}/{RUN_SNAPSHOT}"
         with fs.open_input_stream(record) as stream:
             snapshot = json.loads(stream.read())
-        names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+        results = snapshot.get("checkpoint_results", [])
+        names = [r["checkpoint_dir_name"] for r in results]
+        # The checkpoints a run reads back: the latest (a resume) and the best (its test evaluation); Ray keeps
+        # the results sorted by score, the best last.
+        latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        read_back = list(dict.fromkeys(name for name in (latest, names[-1] if names else None) if name))
     except Exception:  # noqa: BLE001 - no record (a first start), storage down, another Ray's format: Ray decides
         return None
     run_dir = record.rsplit("/", 1)[0]
@@ -375,8 +380,9 @@ def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
         if checkpoint_gone(path, run.storage_path):
             lost, why = path, "is gone from the storage"
             break
-        damage = checkpoint_damage(path, run.storage_path)
-        if damage:
+    for name in read_back if lost is None else []:
+        path = f"{run_dir}/{name}"
+        if damage := checkpoint_damage(path, run.storage_path):
             lost, why = path, f"is damaged ({damage})"
             break
     if lost is None:
@@ -389,25 +395,23 @@ def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
 
 
 def checkpoint_damage(path: str, storage_path: str) -> str | None:
-    """What is wrong with the reported checkpoint at ``path`` for good (its weights or a rank's generator state
-    truncated or corrupt), or None: sound, or not readable now (a storage that does not answer, a file this
-    process may not read), which a later attempt may find otherwise."""
+    """What is wrong for good with the reported checkpoint at ``path`` (its weights' or a rank's generator
+    state's file truncated, or bytes changed: :func:`~pipelines.checkpoints.check_archive`), or None: sound, or
+    not readable now (a storage that does not answer, a file this process may not read), which a later attempt
+    may find otherwise. Only the files' archives are checked, not loaded: a downloaded copy's read, no more."""
     from .checkpoints import (
         CHECKPOINT_FILE,
         CheckpointError,
         MissingCheckpointError,
         UnreadableCheckpointError,
-        load_checkpoint,
-        load_rng_state,
+        check_archive,
     )
 
     try:
         with reported_checkpoint_dir(path, storage_path) as directory:
-            load_checkpoint(Path(directory) / CHECKPOINT_FILE, verify=False)
-            for rng_file in sorted(Path(directory).glob("rng_state_rank*.pt")):
-                rank = rng_file.stem.removeprefix("rng_state_rank")
-                if rank.isdigit():
-                    load_rng_state(directory, int(rank))
+            for file in [Path(directory) / CHECKPOINT_FILE, *sorted(Path(directory).glob("rng_state_rank*.pt"))]:
+                if file.is_file():
+                    check_archive(file)
     except (MissingCheckpointError, UnreadableCheckpointError):
         return None
     except CheckpointError as err:
