@@ -245,7 +245,9 @@ _FASHION_MNIST_HELP = ("install Debian's dataset-fashion-mnist package (apt-get 
 
 def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
     root = Path(cfg.root).expanduser() if cfg.root else None
-    searched = ([root] if root else []) + [DEBIAN_FASHION_MNIST]
+    # Debian's copy only where no data.root is given: a data.root with a typo trained on that copy without a
+    # word, and recorded the wrong root with its models.
+    searched = [root] if root else [DEBIAN_FASHION_MNIST]
     for directory in searched:
         found = {key: _find_idx(directory, stem) for key, stem in FASHION_MNIST_FILES.items()}
         if all(found.values()):

@@ -464,6 +464,15 @@ def test_missing_fashion_mnist_names_the_package_and_data_root(tmp_path, monkeyp
         assert ("download" in message and "failed" in message) if download else "data.download is false" in message
 
 
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_a_fashion_mnist_root_that_is_not_there_is_not_read_from_debians_copy(tmp_path):
+    """A data.root with a typo read Debian's copy instead, without a word, and recorded the wrong root."""
+    from pipelines.data import DataError
+
+    with pytest.raises(DataError, match=f"not found in {tmp_path / 'typo'} and data.download is false"):
+        load_splits(DataConfig(dataset="fashion-mnist", root=str(tmp_path / "typo"), download=False))
+
+
 def test_a_partial_fashion_mnist_root_names_the_missing_files(tmp_path):
     import gzip
 
