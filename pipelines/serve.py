@@ -441,6 +441,44 @@ def _wait_until_answering(url: str, timeout_s: float = 120.0) -> None:
                    "on the cluster says where they are)", url, timeout_s)
 
 
+def _serve_runs_on_this_ray() -> bool:
+    """Whether a Serve controller runs on the connected Ray (its proxy, then, is what holds the port)."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    try:
+        from ray.serve.context import _get_global_client  # Serve's own lookup: private, so guarded
+
+        return _get_global_client(raise_if_no_controller_running=False) is not None
+    except Exception:  # noqa: BLE001 - an API that moved: as if none ran (the port is then checked)
+        return False
+
+
+def _check_port_free(s: ServeConfig) -> None:
+    """Before Serve starts on this Ray: ``serve.host``:``serve.port`` must be free on this node. Serve's proxy
+    listens with SO_REUSEPORT, and so does another command's: a second `serve` started beside a running one
+    shared its port without a word, the kernel splitting requests between the two apps; a port another program
+    holds failed the stage after seconds with a traceback of the proxy's. A ConfigError naming the key instead.
+    A Serve already running on this Ray (a cluster's, redeployed) holds the port itself: not checked."""
+    import errno
+    import socket
+
+    if _serve_runs_on_this_ray():
+        return
+    family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections in TIME_WAIT are no user
+        try:
+            probe.bind((s.host, s.port))  # no SO_REUSEPORT: refused while anyone listens there
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                return  # an address this node lacks, say: Serve's own start says what is wrong
+            raise ConfigError("serve.port", f"{s.host}:{s.port} is already in use on this node (another "
+                              "`serve` or `run` still serving, or another program); stop it, or choose another "
+                              "serve.port") from None
+
+
 def _check_running_http_options(s: ServeConfig) -> None:
     """Serve's HTTP proxy keeps the options it started with: a second app on a cluster whose Serve runs already
     would, without a word, not be at ``serve.host``/``serve.port`` (the printed URL dead, a loopback-only config
@@ -506,6 +544,7 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
         raise ConfigError("serve.max_resized_pixels", f"{cfg.serve.max_resized_pixels:,} is below the input of "
                           f"{', '.join(f'{m.alias} ({m.input_size} px)' for m in too_large)}: every request to them "
                           f"would be refused; raise it to at least {largest ** 2:,}")
+    _check_port_free(cfg.serve)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
                               "request_timeout_s": proxy_timeout_s(cfg.serve)})
     _check_running_http_options(cfg.serve)

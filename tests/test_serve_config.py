@@ -196,3 +196,30 @@ def test_predict_says_in_one_line_what_is_wrong_with_its_image_or_the_answer(tmp
         assert "Traceback" not in errors
     finally:
         server.shutdown()
+
+
+def test_a_port_another_listener_holds_is_refused_before_serve_starts(monkeypatch):
+    """Serve's proxy listens with SO_REUSEPORT: a second `serve` beside a running one shared port 8000 without a
+    word, the kernel splitting requests between the two apps; a port another program held failed the stage after
+    seconds with a cut-off traceback of the proxy's. Checked before Serve starts (a Serve already running on the
+    connected Ray holds the port itself, and is not checked)."""
+    import socket
+
+    import pipelines.serve as serve_module
+    from pipelines.config import ServeConfig
+
+    monkeypatch.setattr(serve_module, "_serve_runs_on_this_ray", lambda: False)
+    with socket.socket() as proxy:  # as Serve's proxy listens
+        proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        port = proxy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port} is already in use") as refused:
+            serve_module._check_port_free(ServeConfig(port=port))
+        assert refused.value.key == "serve.port"
+    serve_module._check_port_free(ServeConfig(port=port))  # free again
+    monkeypatch.setattr(serve_module, "_serve_runs_on_this_ray", lambda: True)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        serve_module._check_port_free(ServeConfig(port=port))  # this Ray's own Serve holds it: redeployed
