@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -246,10 +247,20 @@ def _pending_exit(args, cfg: PipelineConfig, code: int) -> int:
     return code or EXIT_PENDING
 
 
+#: A terminal's colour codes, which Ray puts in the tracebacks it wraps errors in.
+_ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _one_line(err: BaseException, limit: int = 400) -> str:
     """The error on one line: its lines joined (the first alone often ends in "To fix this, either:"), cut
-    at ``limit`` characters (a long one is for ``--debug``)."""
-    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    at ``limit`` characters (a long one is for ``--debug``). An error Ray raised for a task or actor is told
+    by its cause: its own message is the remote traceback, cut off long before the cause's line."""
+    for _ in range(5):  # (a cause can be wrapped again)
+        cause = getattr(err, "cause", None)
+        if not isinstance(cause, BaseException) or cause is err:
+            break
+        err = cause
+    text = " ".join(line.strip() for line in _ANSI_CODES.sub("", str(err)).strip().splitlines() if line.strip())
     if len(text) > limit:
         text = text[:limit].rstrip() + "..."
     return f"{type(err).__name__}: {text}".rstrip(": ")

@@ -392,6 +392,16 @@ def test_a_failure_message_keeps_its_later_lines_on_the_one_line():
                               "- or use host:6379")
     assert _one_line(RuntimeError("x" * 1000)).endswith("x...") and len(_one_line(RuntimeError("x" * 1000))) < 430
     assert _one_line(KeyError()) == "KeyError"
+    # Ray wraps a task's error in its remote traceback (with colour codes): the line ended in the traceback's
+    # first frames, the cause ("Failed to bind to address") cut off.
+    import ray.exceptions
+
+    wrapped = ray.exceptions.RayTaskError("ProxyActor.ready", "Traceback (most recent call last):\n  File x\n"
+                                          "\x1b[36mray::ProxyActor.ready()\x1b[39m",
+                                          RuntimeError("Failed to bind to address '127.0.0.1:8000'"))
+    for err in (wrapped, wrapped.as_instanceof_cause()):
+        assert _one_line(err) == "RuntimeError: Failed to bind to address '127.0.0.1:8000'"
+    assert _one_line(RuntimeError("\x1b[31mred\x1b[0m")) == "RuntimeError: red"
 
 
 @pytest.mark.slow
