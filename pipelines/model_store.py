@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import cnnmodels
+
 from .checkpoints import (
     CheckpointError,
     MissingCheckpointError,
@@ -27,12 +29,20 @@ from .checkpoints import (
 )
 from .config import CHAMPION, PipelineConfig, redact_text
 from .preprocess import DecodeBudget, PreprocessSpec, is_out_of_memory
-from .tracking import TAG_DATASET, TAG_FINGERPRINT, Tracker, choose_champion, is_unreachable
+from .tracking import TAG_DATASET, TAG_FINGERPRINT, TAG_TEST_SPLIT, Tracker, choose_champion, is_unreachable
 
 __all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm", "trace_for_serving", "prepare_for_serving",
            "is_transient_load_error"]
 
 logger = logging.getLogger(__name__)
+
+
+def inference_params(model: nn.Module, spec: PreprocessSpec) -> int:
+    """The parameters a served model computes with (GoogLeNet's training-only heads left out), as the registry's
+    ``params_count`` tag counts them; profiled at a small input, since the count does not depend on its size
+    and a full-size pass of EfficientNet-B7 costs seconds of a replica's CPU."""
+    side = min(spec.image_size, max(getattr(model, "min_input_size", 32), 64))
+    return cnnmodels.profile(model, (spec.channels, side, side)).inference_params
 
 
 def is_transient_load_error(err: BaseException) -> bool:
@@ -54,6 +64,7 @@ class ServedModel:
     model_name: str = ""
     dataset: str = ""  # what it was trained on (its class names come from there)
     fingerprint: str = ""  # the training run's fingerprint (planning.ModelRun.fingerprint)
+    test_split: str = ""  # which test images its test_acc is of (data.DatasetInfo.test_split; "": not said)
     test_acc: float | None = None
     val_acc: float | None = None  # its best validation accuracy: breaks test_acc ties as the registry does
     params_count: int | None = None
@@ -204,7 +215,8 @@ class ModelStore:
         models = [
             ServedModel(alias=v.alias, source=v.uri, version=v.version, arch=v.tags.get("arch", ""),
                         model_name=v.tags.get("model_name", v.alias), dataset=v.tags.get(TAG_DATASET, ""),
-                        fingerprint=v.tags.get(TAG_FINGERPRINT, ""), test_acc=_number(v.tags, "test_acc"),
+                        fingerprint=v.tags.get(TAG_FINGERPRINT, ""), test_split=v.tags.get(TAG_TEST_SPLIT, ""),
+                        test_acc=_number(v.tags, "test_acc"),
                         val_acc=_number(v.tags, "best_val_acc"), params_count=_number(v.tags, "params_count", int),
                         macs=_number(v.tags, "macs", int),
                         input_size=_number(v.tags, "input_size", int), cache_key=v.cache_key)
@@ -253,7 +265,7 @@ class ModelStore:
             checkpoint = load_checkpoint(path)
         self._refuse_unservable_input(checkpoint.spec)
         model = checkpoint.build_model()
-        params_count = sum(p.numel() for p in model.parameters())  # before batch norm is folded away
+        params_count = inference_params(model, checkpoint.spec)  # before batch norm is folded away
         loaded = prepare_for_serving(model, checkpoint.spec, fold=fold, trace=trace, device=device)
         loaded.alias, loaded.version = served.alias, served.version or f"epoch{checkpoint.epoch}"
         loaded.arch, loaded.metrics, loaded.params_count = checkpoint.arch, dict(checkpoint.metrics), params_count
@@ -304,12 +316,16 @@ class ModelStore:
 
     @staticmethod
     def servable_champion(models: list[ServedModel], champion: str | None) -> str | None:
-        """``champion`` if it loaded, else the loaded model the registry would choose: the best ``test_acc``, ties
-        broken by validation accuracy (:func:`pipelines.tracking.choose_champion`); checkpoint files, which carry
-        no test accuracy, by their validation accuracy."""
+        """``champion`` if it loaded, else the loaded model the registry would choose: the best ``test_acc`` among
+        those tested on the champion's test images, ties broken by validation accuracy
+        (:func:`pipelines.tracking.choose_champion`); checkpoint files, which carry no test accuracy, by their
+        validation accuracy."""
         ok = [m for m in models if m.status == "ok"]
         if champion in {m.alias for m in ok}:
             return champion
+        # As the registry: among the models tested on the champion's test images (or that do not say on which).
+        if champion_split := next((m.test_split for m in models if m.alias == champion), ""):
+            ok = [m for m in ok if m.test_split in ("", champion_split)]
         if all(m.test_acc is None for m in ok):  # checkpoint files: their own validation accuracy ranks them
             return choose_champion({m.alias: m.val_acc for m in ok}, allow_unscored=True)
         return choose_champion({m.alias: m.test_acc for m in ok}, tiebreak={m.alias: m.val_acc for m in ok},

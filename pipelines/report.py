@@ -306,7 +306,8 @@ def other_trainings(cfg: PipelineConfig, results: list[ModelResult], search) -> 
         if cfg.data.dataset == "imagefolder":
             names = {choice.name for choice in choices}
             return [r.model_name for r in results if r.model_name not in names]
-        runs = plan_model_runs(cfg, describe_dataset(cfg.data), choices)
+        # Never downloaded for a warning: a data set not on this machine leaves the check out.
+        runs = plan_model_runs(cfg, describe_dataset(cfg.data.model_copy(update={"download": False})), choices)
     except Exception as err:  # noqa: BLE001 - the report is of the records; the check is a courtesy
         logger.info("[report] cannot tell which records are of this config's training (%s)", first_line(err))
         return []
@@ -386,7 +387,7 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     table = comparison_table(results, *(champion or (None, None)))
     if champion is not None and not table["champion"].any():
         logger.warning("[report] the registry's champion, %s v%s (what `serve` answers with by default), is not "
-                       "among the models reported here", *champion)
+                       "among the models reported here (or only another training of it is)", *champion)
     directory = paths.report_dir
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomically(directory / "models.csv", table.to_csv(index=False))

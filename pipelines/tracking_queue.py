@@ -1036,7 +1036,7 @@ def pending_summary(pending: list[TrackingOp], run_dir: Path, command: str) -> s
     pending_file = Path(run_dir) / PENDING_FILE
     counts = Counter(DESCRIPTIONS.get(op.kind, op.kind) for op in pending)
     what = ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
-    models = sorted({str(op.args.get("alias")) for op in pending if op.kind == "register"})
+    models = sorted({str(op.args["alias"]) for op in pending if op.kind == "register" and op.args.get("alias")})
     unregistered = f"; not registered yet: {', '.join(models)}" if models else ""
     return (f"[tracking] MLflow did not take {len(pending)} write(s) in time ({what}){unregistered}. They are kept "
             f"in {pending_file}; once MLflow is reachable, send them with:\n  {command}")

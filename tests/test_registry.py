@@ -335,6 +335,14 @@ def test_the_champion_is_chosen_among_versions_tested_on_the_same_images(make_co
     assert tracker.update_champion(name, test_split=first) == ("lenet5", "2")
     client.set_registered_model_alias(name, "legacy", "1")  # a version that names no test images still counts
     assert tracker.update_champion(name, test_split=reseeded) == ("legacy", "1")
+    # Serving's stand-in for a champion that fails to load is chosen as the registry chooses: lenet5's 0.99 was
+    # measured on other test images than the champion's.
+    tracker.client.set_model_version_tag(name, "1", "test_split", reseeded)
+    models, champion = ModelStore(cfg).discover()
+    assert champion == "legacy" and {m.alias: m.test_split for m in models}["resnet18"] == reseeded
+    for model in models:
+        model.status = "error" if model.alias == champion else "ok"
+    assert ModelStore.servable_champion(models, champion) == "resnet18"
 
 
 def test_an_imagefolder_version_counts_only_for_its_own_root(make_config, tmp_path):

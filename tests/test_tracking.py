@@ -803,11 +803,12 @@ def test_every_reader_of_the_pending_file_takes_what_the_queue_takes(make_config
     tracker = Tracker.for_config(make_config())
     pending = tmp_path / PENDING_FILE
     foreign = [{"kind": "set_tags", "ref": None, "args": {"tags": {}}},  # no seq, no uid
-               {"seq": 4, "kind": "register", "ref": "r1", "args": {}, "uid": "u1", "attempts": 3}]
+               {"seq": 4, "kind": "register", "ref": "r1", "args": {"alias": "lenet5"}, "uid": "u1", "attempts": 3},
+               {"seq": 5, "kind": "register", "ref": "r2", "args": {}, "uid": "u2"}]  # (no alias: named by none)
     pending.write_text(json.dumps({"tracking_uri": tracker.tracking_uri, "ops": foreign}))
     loaded = load_pending(tmp_path)
-    assert [(op.kind, op.ref) for op in loaded] == [("set_tags", None), ("register", "r1")]
-    assert "not registered yet: None" in pending_summary(loaded, tmp_path, "register")
+    assert [(op.kind, op.ref) for op in loaded] == [("set_tags", None), ("register", "r1"), ("register", "r2")]
+    assert "not registered yet: lenet5. They" in pending_summary(loaded, tmp_path, "register")
     for claims in ([], {"u1": ["pid", 1]}):
         pending.write_text(json.dumps({"tracking_uri": tracker.tracking_uri, "ops": foreign, "claims": claims}))
         assert load_pending(tmp_path) == [] and not pending.exists()

@@ -37,10 +37,10 @@ class StageProfile:
 
 @dataclass(frozen=True)
 class Profile:
-    """Totals and per-stage breakdown of a model at one input size. ``params`` counts every parameter (its state
-    dict's, as torchvision's numbers do: GoogLeNet with its auxiliary heads 13.0 M); ``inference_params`` those
-    of the modules an eval forward pass runs (GoogLeNet 6.6 M: what a served model computes with), the same
-    for models without training-only branches."""
+    """Totals and per-stage breakdown of a model at one input size. ``params`` counts every parameter of the
+    module (GoogLeNet with its auxiliary heads: 13.0 M); ``inference_params`` those of the modules an eval
+    forward pass runs (GoogLeNet 6.6 M, torchvision's published ``num_params``: what a served model computes
+    with), the same for models without training-only branches."""
 
     params: int
     macs: int
