@@ -32,7 +32,7 @@ import cnnmodels
 from .config import PipelineConfig, ServeConfig
 from .paths import write_text_atomically
 from .planning import PAPER_FAMILY, SEARCHED_FAMILY
-from .results import ModelResult, comparison_table, for_display, load_results, to_markdown
+from .results import ModelResult, as_text, comparison_table, for_display, load_results, to_markdown
 from .search_space import PAPER
 
 __all__ = ["ReportResult", "report_stage", "measure_latency_ms", "family_comparison", "accuracy_figure",
@@ -410,7 +410,7 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
 
     if tracker is not None:
         _log_report(tracker, files, directory)
-    logger.info("\n%s", for_display(table).to_string(index=False))
+    logger.info("\n%s", as_text(for_display(table)))
     if families is not None:
         wins = families["winner"].value_counts()
         logger.info("\n[report] does the search pay? The searched EfficientNet family against the paper's, per phi "

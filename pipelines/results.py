@@ -18,7 +18,7 @@ from .paths import write_text_atomically
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["ModelResult", "load_results", "comparison_table", "for_display", "to_markdown"]
+__all__ = ["ModelResult", "load_results", "comparison_table", "for_display", "to_markdown", "as_text"]
 
 
 @dataclass
@@ -130,6 +130,12 @@ def for_display(table: pd.DataFrame) -> pd.DataFrame:
     shown["model"] = [name + (" *" if champion else "") for name, champion in zip(table["model"], table["champion"],
                                                                                     strict=True)]
     return shown
+
+
+def as_text(table: pd.DataFrame) -> str:
+    """``table`` as the console shows it: what was not measured (a serving latency the train stage does not
+    measure, a diverged model's accuracy) as ``-``, not ``None`` or ``NaN``."""
+    return table.astype(object).where(table.notna(), "-").to_string(index=False)
 
 
 #: Decimals per column, by the end of its name: Markdown (tabulate's "g") writes 0.95 beside 0.9512 otherwise.

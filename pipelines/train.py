@@ -26,7 +26,7 @@ from .config import PipelineConfig, redact_text
 from .console import duration, timestamped
 from .optim import lr_at
 from .planning import ModelChoice, ModelRun, plan_model_runs, resolve_models, with_overlapped_startup
-from .results import ModelResult, comparison_table, for_display, load_results
+from .results import ModelResult, as_text, comparison_table, for_display, load_results
 from .shared_data import prepare, shared_splits
 from .trials import run_model_trials, trial_resources, trial_run_name
 
@@ -427,7 +427,7 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
     champion = queue.outcomes.get(champion_write)
     table = comparison_table(list(results.values()), *(champion or (None, None)))
     if show_table and not table.empty:
-        logger.info("\n%s", for_display(table).to_string(index=False))
+        logger.info("\n%s", as_text(for_display(table)))
     if champion:
         logger.info("* champion: %s (%s@champion = v%s)", champion[0], cfg.registered_model_name, champion[1])
     if failed:

@@ -317,6 +317,11 @@ def test_the_report_shows_the_records_it_is_given_their_epochs_and_the_champion_
         assert list(comparison_table([current, older], "resnet18", "2")["champion"]) == [False, starred]
     shown = for_display(table)
     assert list(shown["model"]) == ["vgg11", "resnet18 *"] and "champion" not in shown
+    # The console's table: a latency not measured (the train stage's) read "None".
+    from pipelines.results import as_text
+
+    text = as_text(shown)
+    assert "None" not in text and "NaN" not in text and text.splitlines()[1].split()[-1] == "-"
 
 
 def test_files_of_an_earlier_report_that_this_one_does_not_write_are_removed(make_config):
