@@ -1192,15 +1192,34 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _bundled_presets() -> list[str]:
+    return sorted(entry.name for entry in resources.files("pipelines.configs").iterdir()
+                  if entry.name.endswith(".yaml"))
+
+
+def _bundled_preset(name: str) -> str | None:
+    """The bundled preset file ``name`` names (``fashion-mnist`` or ``fashion-mnist.yaml``, no directory), or None."""
+    if os.sep in name or "/" in name:
+        return None
+    wanted = name if name.endswith(".yaml") else f"{name}.yaml"
+    return wanted if wanted in _bundled_presets() else None
+
+
 def read_yaml(path: str | os.PathLike | None) -> dict:
     """The raw YAML mapping of ``path``, or of the embedded default config when ``path`` is None."""
     if path is None:
         text = resources.files("pipelines.configs").joinpath(DEFAULT_CONFIG).read_text()
         source = f"embedded {DEFAULT_CONFIG}"
+    elif not Path(path).is_file() and (preset := _bundled_preset(str(path))) is not None:
+        # A preset by its name (`--config fashion-mnist`), wherever the command runs: an installed package's
+        # presets are not under the working directory.
+        text, source = resources.files("pipelines.configs").joinpath(preset).read_text(), f"bundled {preset}"
     else:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError("--config", f"file {str(path)!r} not found")
+            presets = ", ".join(name.removesuffix(".yaml") for name in _bundled_presets())
+            raise ConfigError("--config", f"file {str(path)!r} not found (the bundled presets go by their names: "
+                                          f"{presets})")
         try:
             text = p.read_text()
         except (OSError, UnicodeDecodeError) as err:  # unreadable, or not a text file (--config model.pt)

@@ -49,6 +49,20 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.name == "mine" and cfg.train.models == ["lenet5"] and cfg.train.epochs == 3
 
 
+def test_a_bundled_preset_goes_by_its_name_and_a_local_file_comes_first(tmp_path, monkeypatch):
+    """`--config fashion-mnist` (or fashion-mnist.yaml outside the repository, an installed package's presets
+    being elsewhere) said "file not found" with no hint where the presets are."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("fashion-mnist", "fashion-mnist.yaml"):
+        assert load_config(name, ["train.epochs=1"]).data.dataset == "fashion-mnist"
+    (tmp_path / "fashion-mnist.yaml").write_text("name: mine\n")
+    assert load_config("fashion-mnist.yaml").name == "mine"  # a file of that name here is the one meant
+    with pytest.raises(ConfigError, match="bundled presets go by their names: cifar10-gpu, fashion-mnist"):
+        load_config("fashon-mnist")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/fashion-mnist.yaml")  # a path is a path
+
+
 def test_exponent_floats_read_as_numbers(tmp_path):
     """PyYAML alone reads ``3e-4`` as a string (YAML 1.1); learning rates are written that way."""
     path = tmp_path / "c.yaml"
