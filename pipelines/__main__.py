@@ -134,6 +134,9 @@ def _predict(args) -> int:
     except OSError as err:  # not there, a directory, no permission
         logger.error("error: cannot read %s: %s", path, err.strerror or err)
         return EXIT_CONFIG
+    if "://" not in args.url:  # requests' own word for it: "No connection adapters were found"
+        logger.error("error: --url %s needs its scheme: http://%s (or https://)", args.url, args.url)
+        return EXIT_CONFIG
     params = {"top_k": args.top_k} if args.top_k is not None else {}
     if args.model:
         params["model"] = args.model
@@ -218,8 +221,8 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
         from .serve import serve_stage
 
         handle = serve_stage(cfg)
-        logger.info("[serve] models: %s (champion: %s); serve deploy config: %s", ", ".join(handle.models),
-                    handle.champion, handle.config_path)
+        logger.info("[serve] models: %s (%s); serve deploy config: %s", ", ".join(handle.models),
+                    handle.default_model(), handle.config_path)
         if not args.no_block:
             _block_until_interrupted(handle.url, cfg)
         return 0

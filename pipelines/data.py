@@ -318,9 +318,10 @@ def _load_cifar10(cfg: DataConfig) -> ImageSplits:
                 test_set = torchvision.datasets.CIFAR10(str(root), train=False, download=True)
     except (OSError, RuntimeError) as err:  # not there, or the download failed (no network: URLError)
         hint = "the download failed" if cfg.download else "data.download is false"
+        fix = "or let this machine reach the download" if cfg.download else \
+            "or allow the download (data.download: true)"
         raise DataError(f"CIFAR-10 not found under {root} and {hint} ({type(err).__name__}: {err}); set data.root "
-                        "to a directory with cifar-10-batches-py, or allow the download (data.download: true)"
-                        ) from None
+                        f"to a directory with cifar-10-batches-py, {fix}") from None
     full_train = RawSplit(labels=np.asarray(train_set.targets, dtype=np.int64), images=train_set.data)
     test = RawSplit(labels=np.asarray(test_set.targets, dtype=np.int64), images=test_set.data)
     train, val = stratified_split(full_train.labels, cfg.val_fraction, cfg.seed)

@@ -124,8 +124,8 @@ def _log_serving_hints(out: PipelineResult, cfg: PipelineConfig) -> None:
     auth = f" -H \"Authorization: Bearer ${variable}\"" if cfg.serve.bearer_token() else ""
     # predict reads CNNZOO_SERVE_TOKEN itself: the token stays out of its arguments (the process list).
     token = "" if not auth or variable == "CNNZOO_SERVE_TOKEN" else f"CNNZOO_SERVE_TOKEN=\"${variable}\" "
-    logger.info("\n[pipeline] serving %d models at %s (champion: %s) %.0f s after the start", len(serving.models),
-                serving.url, serving.champion, out.seconds_to_serving)
+    logger.info("\n[pipeline] serving %d models at %s (%s) %.0f s after the start", len(serving.models),
+                serving.url, serving.default_model(), out.seconds_to_serving)
     logger.info("  curl -s -X POST --data-binary @%s -H 'Content-Type: image/png'%s %s/predict", image, auth,
                 serving.url)
     logger.info("  %spython -m pipelines predict %s --url %s", token, image, serving.url)

@@ -424,6 +424,11 @@ class ServeHandle:
     champion: str | None
     sample_image: Path | None = None
 
+    def default_model(self) -> str:
+        """What a request without a model is answered by, for the console."""
+        return (f"champion: {self.champion}" if self.champion else
+                "no champion among them: a request without a model goes to the best loaded, by test accuracy")
+
 
 def _wait_until_answering(url: str, timeout_s: float = 120.0) -> None:
     """Wait until the app answers ``/healthz`` (200 or 503), at most ``timeout_s``; say so when it does not."""

@@ -187,7 +187,9 @@ def test_predict_says_in_one_line_what_is_wrong_with_its_image_or_the_answer(tmp
         with pytest.raises(SystemExit) as refused:  # urllib3's ValueError, a traceback, before
             main(["predict", str(image), "--url", base, "--timeout", "0"])
         assert refused.value.code == 2
+        assert main(["predict", str(image), "--url", base.removeprefix("http://")]) == 2  # no scheme
         errors = capsys.readouterr().err
+        assert f"needs its scheme: {base}" in errors
         assert "answered 200 with something that is not a prediction: <html>" in errors
         assert 'error 500: ["a", "list"]' in errors
         assert "/slow/predict gave no answer within" in errors and "(--timeout)" in errors
@@ -223,3 +225,12 @@ def test_a_port_another_listener_holds_is_refused_before_serve_starts(monkeypatc
         other.bind(("127.0.0.1", port))
         other.listen()
         serve_module._check_port_free(ServeConfig(port=port))  # this Ray's own Serve holds it: redeployed
+
+
+def test_the_console_says_what_answers_a_request_without_a_model():
+    """With serve.models leaving the registry's champion out, the console said "champion: None" while requests
+    without a model were answered by the best model served."""
+    from pipelines.serve import ServeHandle
+
+    assert ServeHandle("http://h", Path("c.yaml"), ["lenet5"], "lenet5").default_model() == "champion: lenet5"
+    assert "goes to the best loaded" in ServeHandle("http://h", Path("c.yaml"), ["lenet5"], None).default_model()
