@@ -1210,6 +1210,8 @@ def read_yaml(path: str | os.PathLike | None) -> dict:
     if path is None:
         text = resources.files("pipelines.configs").joinpath(DEFAULT_CONFIG).read_text()
         source = f"embedded {DEFAULT_CONFIG}"
+    elif Path(f"{path}.yaml").is_file() and not Path(path).is_file():  # `--config mine` for ./mine.yaml
+        return read_yaml(f"{path}.yaml")
     elif not Path(path).is_file() and (preset := _bundled_preset(str(path))) is not None:
         # A preset by its name (`--config fashion-mnist`), wherever the command runs: an installed package's
         # presets are not under the working directory.

@@ -273,9 +273,11 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
             raise DataError(f"data.root {root} holds some Fashion-MNIST IDX files but not {', '.join(missing)} "
                             "(plain or .gz); add them, or point data.root at a complete copy")
     where = ", ".join(map(str, searched))
+    # With data.root set, Debian's copy is not read: the fix is the root (or unsetting it).
+    help_text = (f"check data.root, or unset it to read Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_MNIST})"
+                 if root else _FASHION_MNIST_HELP)
     if not cfg.download:
-        raise DataError(f"Fashion-MNIST IDX files not found in {where} and data.download is false; "
-                        + _FASHION_MNIST_HELP)
+        raise DataError(f"Fashion-MNIST IDX files not found in {where} and data.download is false; " + help_text)
     import torchvision
 
     target = root or _default_root("fashion-mnist")
@@ -286,7 +288,7 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
             test = torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError too
         raise DataError(f"Fashion-MNIST IDX files not found in {where} and the download to {target} failed "
-                        f"({type(err).__name__}: {err}); " + _FASHION_MNIST_HELP) from None
+                        f"({type(err).__name__}: {err}); " + help_text) from None
     return {"train_images": train.data.numpy(), "train_labels": train.targets.numpy(),
             "test_images": test.data.numpy(), "test_labels": test.targets.numpy()}
 

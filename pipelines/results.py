@@ -135,7 +135,13 @@ def for_display(table: pd.DataFrame) -> pd.DataFrame:
 def as_text(table: pd.DataFrame) -> str:
     """``table`` as the console shows it: what was not measured (a serving latency the train stage does not
     measure, a diverged model's accuracy) as ``-``, not ``None`` or ``NaN``."""
-    return table.astype(object).where(table.notna(), "-").to_string(index=False)
+    from pandas.api.types import is_numeric_dtype
+
+    shown = table.copy()
+    for column in shown.columns:  # None in a column of objects: na_rep leaves it (numbers keep their format)
+        if not is_numeric_dtype(shown[column]):
+            shown[column] = shown[column].astype(object).where(shown[column].notna(), "-")
+    return shown.to_string(index=False, na_rep="-")
 
 
 #: Decimals per column, by the end of its name: Markdown (tabulate's "g") writes 0.95 beside 0.9512 otherwise.

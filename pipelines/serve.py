@@ -427,7 +427,8 @@ class ServeHandle:
     def default_model(self) -> str:
         """What a request without a model is answered by, for the console."""
         return (f"champion: {self.champion}" if self.champion else
-                "no champion among them: a request without a model goes to the best loaded, by test accuracy")
+                "no champion among them: a request without a model goes to the best loaded one (by test accuracy; "
+                "checkpoint files by validation accuracy)")
 
 
 def _wait_until_answering(url: str, timeout_s: float = 120.0) -> None:
@@ -472,16 +473,16 @@ def _check_port_free(s: ServeConfig) -> None:
     if _serve_runs_on_this_ray():
         return
     family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections in TIME_WAIT are no user
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections in TIME_WAIT: no user
             probe.bind((s.host, s.port))  # no SO_REUSEPORT: refused while anyone listens there
-        except OSError as err:
-            if err.errno != errno.EADDRINUSE:
-                return  # an address this node lacks, say: Serve's own start says what is wrong
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
             raise ConfigError("serve.port", f"{s.host}:{s.port} is already in use on this node (another "
                               "`serve` or `run` still serving, or another program); stop it, or choose another "
                               "serve.port") from None
+        # Else an address or family this node lacks (IPv6 off in a container): Serve's own start says what is wrong
 
 
 def _check_running_http_options(s: ServeConfig) -> None:

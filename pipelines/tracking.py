@@ -66,7 +66,7 @@ FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "best_epoch", "train_i
 TRAINING_TAGS = ("fingerprint", "epochs")
 
 #: MLflow error codes no retry gets past: the request itself is refused, or what it names does not exist
-#: (UNAUTHENTICATED is the credentials', not the write's: the queue keeps such writes, see :func:`is_auth_refusal`).
+#: (the credentials' codes are not the write's: the queue keeps such writes, see :func:`is_auth_refusal`).
 #: Others (INTERNAL_ERROR: also an unreachable server; TEMPORARILY_UNAVAILABLE, REQUEST_LIMIT_EXCEEDED,
 #: RESOURCE_CONFLICT and ABORTED: concurrent writers; ENDPOINT_NOT_FOUND: MLflow's client names any 404 without a
 #: JSON body so, a proxy's while MLflow restarts too) can pass. A BAD_REQUEST that names a lost database
@@ -85,11 +85,13 @@ _DATABASE_LOST = re.compile(r"sqlalche\.me/e/\w+/(3o7r|rvf5|e3q8)\b|QueuePool li
 #: it knows: a 405, 413, 414 or 422 becomes INTERNAL_ERROR, as a server's failure does).
 _MLFLOW_STATUS = re.compile(r"failed with error code (\d{3}) != \d{3}")
 
-#: MLflow's error code and the HTTP status of credentials refused (401): a matter of this machine's configuration
-#: (an expired token, a rotated password), not of the write. A 403 is not among them: MLflow's auth app refuses
-#: one resource so (a user who may read the registered model but not write it), and only that write is refused.
-AUTH_ERRORS = frozenset({"UNAUTHENTICATED"})
-AUTH_STATUSES = (401,)
+#: MLflow's error codes and the HTTP statuses of credentials refused (an expired token, a rotated password, a
+#: server that refuses this client's Host header): a matter of this machine's configuration, not of the write.
+AUTH_ERRORS = frozenset({"UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "PERMISSION_DENIED"})
+AUTH_STATUSES = (401, 403)
+#: How MLflow's auth app refuses one resource to a user it knows (a model they may read but not write): a 403
+#: with this body, relayed by MLflow's client. Only that write is refused.
+_ONE_RESOURCE_REFUSED = "Response body: 'Permission denied'"
 
 
 def http_status(err: BaseException, *, http_only: bool = False) -> int | None:
@@ -112,8 +114,12 @@ def http_status(err: BaseException, *, http_only: bool = False) -> int | None:
 
 
 def is_auth_refusal(err: BaseException) -> bool:
-    """Whether MLflow (or a proxy in front of it) refused this machine's credentials (401). No write is at
-    fault, and the next one meets the same refusal until the credentials are mended."""
+    """Whether MLflow (or a proxy in front of it) refused this machine's credentials or this client (401, 403:
+    an expired token, Databricks' "Invalid access token", MLflow's "Invalid Host header"). No write is at fault,
+    and the next one meets the same refusal until the configuration is mended. Not MLflow's auth app refusing one
+    resource to a user it knows: only that write is refused."""
+    if _ONE_RESOURCE_REFUSED in str(err):
+        return False
     return getattr(err, "error_code", None) in AUTH_ERRORS or http_status(err, http_only=True) in AUTH_STATUSES
 
 

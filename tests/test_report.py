@@ -322,6 +322,7 @@ def test_the_report_shows_the_records_it_is_given_their_epochs_and_the_champion_
 
     text = as_text(shown)
     assert "None" not in text and "NaN" not in text and text.splitlines()[1].split()[-1] == "-"
+    assert "0.9500" in as_text(pd.DataFrame({"test_acc": [0.95, 0.9512]}))  # numbers keep one format
 
 
 def test_files_of_an_earlier_report_that_this_one_does_not_write_are_removed(make_config):

@@ -77,6 +77,11 @@ def test_models_lists_every_alias_and_the_champion(server):
         assert model["status"] == "ok"
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
     assert requests.get(f"{url}/openapi.json", timeout=30).json()["paths"].keys() >= {"/predict", "/models"}
+    # This Ray's Serve holds the port: the busy-port check must see it runs (a redeploy, not another program).
+    from pipelines.serve import _check_port_free, _serve_runs_on_this_ray
+
+    assert _serve_runs_on_this_ray()
+    _check_port_free(cfg.serve)
 
 
 @pytest.mark.parametrize("alias", ["lenet5", "resnet18"])

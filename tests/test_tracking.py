@@ -696,7 +696,8 @@ def test_statuses_mlflow_names_only_in_its_message_are_sorted_and_refused_creden
     """MLflow's client keeps a reply's status only in its message where it has no error code for it (405, 413,
     414, 422 and 502 all become INTERNAL_ERROR): a proxy's 413 was retried as an outage, stalling every later
     command. Refused credentials (401/403: an expired token) dropped every queued write for good, the pending
-    file deleted: they are kept, to be sent once the credentials work. A 403 refuses one write only."""
+    file deleted: they are kept, to be sent once the credentials work; only MLflow's auth app refusing one
+    resource refuses one write."""
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -720,11 +721,13 @@ def test_statuses_mlflow_names_only_in_its_message_are_sorted_and_refused_creden
         assert err.error_code == "INTERNAL_ERROR" and http_status(err) == status
         assert _is_permanent(err) and not is_unreachable(err), status
     assert not _is_permanent(refusal(502)) and is_unreachable(refusal(502))
-    for err in (refusal(401), refusal(401, '{"error_code": "UNAUTHENTICATED", "message": "no"}')):
+    for err in (refusal(401), refusal(401, '{"error_code": "UNAUTHENTICATED", "message": "no"}'),
+                refusal(403, "Invalid Host header - possible DNS rebinding attack detected"),  # MLflow 3.5+
+                refusal(403, '{"error_code": "PERMISSION_DENIED", "message": "Invalid access token"}')):
         assert is_auth_refusal(err) and not _is_permanent(err), err
-    # MLflow's auth app refuses one resource with a 403 (a user who may read the model but not write it): that
-    # write alone is refused, as before; held, it blocked every write behind it for good.
-    forbidden = refusal(403, '{"error_code": "PERMISSION_DENIED", "message": "no write on model m"}')
+    # MLflow's auth app refuses one resource to a user it knows (a model they may read but not write) with a
+    # plain "Permission denied": that write alone is refused; held, it blocked every write behind it for good.
+    forbidden = refusal(403, "Permission denied")
     assert not is_auth_refusal(forbidden) and _is_permanent(forbidden)
 
     class Refusing(BaseHTTPRequestHandler):
