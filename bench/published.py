@@ -48,14 +48,21 @@ BEST_GOAL = 0.955
 STOP_GRACE_S = 150
 
 
-def run_preset(args: argparse.Namespace, workdir: Path) -> tuple[int, float]:
-    """Run the preset's stages in ``workdir``, stopped with SIGINT at the deadline; (exit code, seconds)."""
+def preset_overrides(args: argparse.Namespace, workdir: Path) -> list[str]:
+    """The preset's overrides of this invocation: the run's and its table's must be the same (``data.root`` is in
+    the search's fingerprint: without it, the table found no finished search and left the EfficientNet members
+    that had not finished out of it, instead of listing them as such)."""
     overrides = [f"workdir={workdir}"]
     if args.gpu_share > 0:
         overrides += ["train.use_gpu=true", f"train.gpus_per_worker={args.gpu_share}"]
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
-    overrides += args.set
+    return overrides + args.set
+
+
+def run_preset(args: argparse.Namespace, workdir: Path) -> tuple[int, float]:
+    """Run the preset's stages in ``workdir``, stopped with SIGINT at the deadline; (exit code, seconds)."""
+    overrides = preset_overrides(args, workdir)
     command = [sys.executable, "-m", "pipelines", "run", "--config", str(REPO / PRESET), "--stages", args.stages]
     for item in overrides:
         command += ["--set", item]
@@ -96,14 +103,15 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def published_table(workdir: Path, overrides: list[str]) -> pd.DataFrame:
-    """One row per trained model of the preset in ``workdir``: its accuracy beside the published row."""
+def published_table(overrides: list[str]) -> pd.DataFrame:
+    """One row per trained model of the preset run with ``overrides`` (:func:`preset_overrides`): its accuracy
+    beside the published row."""
     from pipelines.config import load_config
     from pipelines.planning import resolve_models
     from pipelines.results import load_results
     from pipelines.search import searched_coefficients
 
-    cfg = load_config(REPO / PRESET, [f"workdir={workdir}", *overrides])
+    cfg = load_config(REPO / PRESET, overrides)
     results = load_results(cfg.paths.train_dir)
     # What the train stage planned: train.models and, after a finished search, the EfficientNet members (an
     # unfinished one is a "not finished" row, not left out).
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="published-"))
         code, seconds = run_preset(args, workdir)
         print(f"[published] the run ended with exit code {code} after {seconds:.0f} s (workdir {workdir})")
-    table = published_table(workdir, args.set)
+    table = published_table(preset_overrides(args, workdir))
     published = [row if row == "no row" else f"{row} {acc:.3f}"
                  for row, acc in zip(table["published"], table["published acc"], strict=True)]
     shown = table.drop(columns=["published acc"]).assign(test_acc=table["test_acc"].round(4), published=published)
