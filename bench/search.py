@@ -5,7 +5,7 @@ training every trial for the full budget. Reports the best triple each finds, it
 trial-epochs spent. Goal: ASHA finds the same best triple (or one within noise of it) with at most 40% of
 the grid's epochs.
 
-    python bench/search.py                                      # 16 triples x 12 epochs on 400 digits (1 h)
+    python bench/search.py                                      # 16 triples x 12 epochs on 600 digits
     python bench/search.py --trials 8 --epochs 6 --reduction-factor 3 --subset 800   # quicker, ASHA saves less
     python bench/search.py --trials 12 --epochs 8 --dataset fashion-mnist --subset 5000
 """
@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--subset", type=int, default=400, help="training images (0: all)")
+    parser.add_argument("--subset", type=int, default=600,  # the quickstart's search.train_subset
+                        help="training images (0: all)")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--reduction-factor", type=int, default=4)
     args = parser.parse_args()

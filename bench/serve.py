@@ -96,6 +96,15 @@ def load(url: str, body: bytes, concurrency: int, count: int) -> tuple[float, li
     return len(answered) / wall, answered, count - len(answered)
 
 
+def free_port() -> int:
+    """A port nothing listens on now (a fixed one may be another server's, which the serve stage refuses)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18")
@@ -127,7 +136,7 @@ def main() -> None:
             cfg = load_config(None, [f"workdir={workdir}", "name=bench-serve", f"serve.checkpoints={{m: '{path}'}}",
                                      f"serve.max_batch_size={32 if batching else 1}", "serve.max_ongoing_requests=64",
                                      f"serve.num_cpus={args.replica_cpus}", "serve.batch_wait_timeout_s=0.002",
-                                     "serve.port=8123"])
+                                     f"serve.port={free_port()}"])
             with ray_session(cfg):
                 from pipelines.serve import serve_stage
 

@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dataset", default="digits")
     args = parser.parse_args()
+    if args.epochs < 4:  # epoch 1 is left out of the medians: fewer than 3 samples per side swing the ratio 10x
+        parser.error(f"--epochs {args.epochs}: at least 4 (the medians are of epochs 2+)")
 
     with tempfile.TemporaryDirectory() as workdir:
         cfg = load_config(None, [f"workdir={workdir}", "name=bench", f"data.dataset={args.dataset}",
