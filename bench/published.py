@@ -13,7 +13,7 @@ and reports what finished; ``--report-only WORKDIR`` prints the table of an earl
 
     python bench/published.py --data-root /usr/share/datasets/fashion-mnist --markdown
     python bench/published.py --deadline 540 --workdir /tmp/runs          # a lent GPU machine's budget
-    python bench/published.py --report-only /tmp/runs --markdown
+    python bench/published.py --report-only /tmp/runs --markdown     # with the run's own --data-root and --set
     python bench/published.py --gpu-share 0 --set data.train_subset=600 --set train.epochs=1 \\
         --set search.epochs=1 --set search.num_trials=2           # a CPU smoke run of the script itself
 """
@@ -48,12 +48,13 @@ BEST_GOAL = 0.955
 STOP_GRACE_S = 150
 
 
-def preset_overrides(args: argparse.Namespace, workdir: Path) -> list[str]:
-    """The preset's overrides of this invocation: the run's and its table's must be the same (``data.root`` is in
-    the search's fingerprint: without it, the table found no finished search and left the EfficientNet members
-    that had not finished out of it, instead of listing them as such)."""
+def preset_overrides(args: argparse.Namespace, workdir: Path, *, devices: bool = True) -> list[str]:
+    """The preset's overrides of this invocation: the run's and its table's must agree on the data (``data.root``
+    is in the search's fingerprint: without it, the table found no finished search and left the EfficientNet
+    members that had not finished out of it, instead of listing them as such). ``devices``: with the GPU keys,
+    which the table does not need (they are not in the fingerprints) and a machine without a GPU refuses."""
     overrides = [f"workdir={workdir}"]
-    if args.gpu_share > 0:
+    if devices and args.gpu_share > 0:
         overrides += ["train.use_gpu=true", f"train.gpus_per_worker={args.gpu_share}"]
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="published-"))
         code, seconds = run_preset(args, workdir)
         print(f"[published] the run ended with exit code {code} after {seconds:.0f} s (workdir {workdir})")
-    table = published_table(preset_overrides(args, workdir))
+    table = published_table(preset_overrides(args, workdir, devices=False))
     published = [row if row == "no row" else f"{row} {acc:.3f}"
                  for row, acc in zip(table["published"], table["published acc"], strict=True)]
     shown = table.drop(columns=["published acc"]).assign(test_acc=table["test_acc"].round(4), published=published)
