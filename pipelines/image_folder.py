@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -427,7 +426,9 @@ CHANNEL_SAMPLE = 256
 def _channels(paths: list[str]) -> int:
     """1 when every sampled training image is grey, else 3: one grey image first must not turn a colour data
     set grey. Deterministic in the paths, so the driver and every worker agree."""
-    step = max(1, math.ceil(len(paths) / CHANNEL_SAMPLE))  # (floor division read up to 511 headers)
+    # Floor division: every header up to 511 files (a colour image among a few hundred is not skipped), then about
+    # CHANNEL_SAMPLE (fewer than 2x) spread evenly.
+    step = max(1, len(paths) // CHANNEL_SAMPLE)
     for path in paths[::step]:
         with Image.open(path) as image:
             if image.mode not in GREY_MODES:

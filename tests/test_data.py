@@ -862,24 +862,3 @@ def test_dark_drawings_on_transparency_go_onto_white_and_light_ones_onto_black(t
                                              test_fraction=0.2))
         assert photos.background == background, (low, high)
 
-
-def test_channels_are_decided_from_at_most_256_headers(tmp_path, monkeypatch):
-    """The README promises a sample of at most 256 headers: floor division read every header up to 511 files
-    (a step of 1), and up to 511 in general."""
-    from PIL import Image
-
-    import pipelines.image_folder as image_folder
-
-    paths = []
-    for i in range(511):
-        path = tmp_path / f"{i}.png"
-        Image.new("L", (2, 2)).save(path)
-        paths.append(str(path))
-    opened = []
-    real_open = image_folder.Image.open
-    monkeypatch.setattr(image_folder.Image, "open", lambda path, *a, **k: (opened.append(path), real_open(path))[1])
-    assert image_folder._channels(paths) == 1
-    assert len(opened) <= 256 and opened[0] == paths[0]
-    Image.new("RGB", (2, 2)).save(paths[-1])  # a colour image in the sample's reach
-    opened.clear()
-    assert image_folder._channels(paths[::2]) == 3

@@ -127,6 +127,7 @@ def test_profile_defaults_to_the_models_own_channels():
     """The default was 3x224x224 whatever the model: a 1-channel model failed with a channel mismatch."""
     assert profile(create_model("resnet18", in_chans=1, num_classes=10)).input_size == (1, 224, 224)
     assert profile(create_model("efficientnet_b3")).input_size == (3, 224, 224)  # torchvision's convention
+    assert profile(create_model("lenet5")).input_size[1:] == (32, 32)  # it cannot take 224 px: its own size
 
 
 TORCHVISION_ARCHS = [

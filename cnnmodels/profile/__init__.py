@@ -94,14 +94,18 @@ def _macs_of(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.
 @torch.no_grad()
 def profile(model: nn.Module, input_size: tuple[int, ...] | None = None) -> Profile:
     """Count parameters and conv + linear multiply-adds of ``model`` for one ``input_size`` image (C, H, W;
-    default 224x224 in the model's own channels, torchvision's convention for its numbers).
+    default 224x224 in the model's own channels, torchvision's convention for its numbers; a model that cannot
+    take 224 px, LeNet-5, at its own ``default_input_size``).
 
     The model runs once in eval mode (so training-only branches such as GoogLeNet's auxiliary heads add no
     MACs, as in torchvision's numbers, nor ``inference_params``) on a zero tensor on the model's device; its mode
     is restored.
     """
     if input_size is None:  # (a 1-channel model failed on a 3-channel default)
-        input_size = (getattr(model, "default_input_size", (3,))[0], 224, 224)
+        default = tuple(getattr(model, "default_input_size", (3, 224, 224)))
+        # 224 px, unless the model cannot take it (LeNet-5's 32-35 px): its own size then
+        largest = getattr(model, "max_input_size", None)
+        input_size = (default[0], 224, 224) if largest is None or largest >= 224 else default
     stages = _stage_modules(model)
     module_to_stage: dict[nn.Module, str] = {}
     for stage_name, stage in stages:
