@@ -319,7 +319,7 @@ def save_rng_state(directory: str | os.PathLike, rank: int, state: dict[str, Any
 def load_rng_state(directory: str | os.PathLike, rank: int) -> dict[str, Any] | None:
     """One rank's generator states from a checkpoint directory, or None when it has none (written before
     they were saved, or by fewer ranks). Read with ``weights_only=True``; a malformed file is refused with
-    :class:`CheckpointError`."""
+    :class:`CheckpointError`, a storage's passing error raised as itself (as for the weights)."""
     path = Path(directory) / rng_state_file(rank)
     if not path.is_file():
         return None
@@ -327,7 +327,7 @@ def load_rng_state(directory: str | os.PathLike, rank: int) -> dict[str, Any] | 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt archives
-        _raise_read_error(path, err)  # (a storage's passing error raised as itself, as for the weights)
+        _raise_read_error(path, err)
     if not isinstance(payload, dict) or payload.get("format") != _RNG_FORMAT or payload.get("rank") != rank:
         raise CheckpointError(f"{path} is not rank {rank}'s cnnzoo generator state")
     missing = [key for key in ("python", "numpy", "torch") if key not in payload]

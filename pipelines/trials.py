@@ -365,14 +365,11 @@ def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
         record = f"{root.rstrip('/')}/{run.run_name}/{RUN_SNAPSHOT}"
         with fs.open_input_stream(record) as stream:
             snapshot = json.loads(stream.read())
-        results = snapshot.get("checkpoint_results", [])
-        names = [r["checkpoint_dir_name"] for r in results]
+        names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
         # The checkpoints a run reads back: the latest (a resume) and the best (its test evaluation); Ray keeps
-        # the results sorted by score, the best last.
+        # the results sorted by score, the best last. A record without its latest: any may be the one resumed.
         latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-        # (a record without its latest: any of them may be the one a resume reads)
-        read_back = list(dict.fromkeys(name for name in (latest, names[-1] if names else None) if name)) \
-            if latest else names
+        read_back = list(dict.fromkeys([latest, *names[-1:]])) if latest else names
     except Exception:  # noqa: BLE001 - no record (a first start), storage down, another Ray's format: Ray decides
         return None
     run_dir = record.rsplit("/", 1)[0]
