@@ -711,8 +711,6 @@ class PipelineConfig(_Section):
 
 #: A database URI's password, as SQLAlchemy reads it: after ``user:``, up to the first ``@`` (``/`` included).
 _DATABASE_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][\w+.-]*://[^:/@]*:)[^@]*@")
-_QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd)=)[^&]*")
-
 
 #: A URL's password anywhere in free text (an error message quoting the URL it requested), after ``user:``: in
 #: an HTTP URL up to the last ``@`` before its path (RFC 3986 has a ``/`` in a password percent-encoded, and an
@@ -720,15 +718,15 @@ _QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd)=)[^&]*")
 #: ``@``, as SQLAlchemy reads them. The scheme must start where no scheme character stands before it.
 _PASSWORD_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.-])(?:(?P<http>https?://[^\s:/@]*:)[^\s/]*@"
                                r"|(?!https?://)(?P<other>[A-Za-z][\w+.-]*://[^\s:/@]*:)[^\s@]*@)", re.IGNORECASE)
-#: A password in a query string, up to the next parameter or blank (in free text the rest is the message).
-_QUERY_PASSWORD_IN_TEXT = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd)=)[^&\s'\"]*")
+#: A password in a query string (a URI's or one quoted in free text), up to the next parameter or a blank.
+_QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd)=)[^&\s'\"]*")
 
 
 def redact_text(text: str) -> str:
     """``text`` with every URL's password masked as :func:`redact_uri` masks one: for error messages, which
     quote what failed (MLflow's client names the full URL of a request, credentials included)."""
     masked = _PASSWORD_IN_TEXT.sub(lambda m: f"{m.group('http') or m.group('other')}***@", text)
-    return _QUERY_PASSWORD_IN_TEXT.sub(r"\g<key>***", masked)
+    return _QUERY_PASSWORD.sub(r"\g<key>***", masked)
 
 
 def redact_uri(uri: str) -> str:

@@ -300,6 +300,7 @@ def other_trainings(cfg: PipelineConfig, results: list[ModelResult], search) -> 
     from .data import describe_dataset
     from .planning import plan_model_runs, resolve_models
     from .tracking import first_line
+    from .train import current_results
 
     try:
         choices = resolve_models(cfg, None if search is None else search.best)
@@ -311,10 +312,8 @@ def other_trainings(cfg: PipelineConfig, results: list[ModelResult], search) -> 
     except Exception as err:  # noqa: BLE001 - the report is of the records; the check is a courtesy
         logger.info("[report] cannot tell which records are of this config's training (%s)", first_line(err))
         return []
-    planned = {run.model_name: run for run in runs}
-    return [r.model_name for r in results
-            if r.model_name not in planned or r.fingerprint != planned[r.model_name].fingerprint
-            or r.epochs < planned[r.model_name].hyper.epochs]
+    current = current_results(cfg, runs)  # the train stage's own test of which records are its training's
+    return [r.model_name for r in results if r.model_name not in current]
 
 
 def _searched_triple(search) -> tuple[float, float, float] | None:
