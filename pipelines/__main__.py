@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, PipelineConfig, check_ray_environment, load_config, outlives_the_command
+from .config import (ConfigError, PipelineConfig, check_ray_environment, load_config, outlives_the_command,
+                     redact_uri)
 from .console import configure_console
 
 EXIT_CONFIG = 2
@@ -296,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(cfg.to_yaml(), end="")
         # The resolved YAML is the command's output (stdout, pipeable); the verdict goes beside it.
+        # Unset keys print as null above: what they resolve to is said here (the password masked).
         print(f"# config OK: {len(cfg.train.models)} model(s), dataset {cfg.data.dataset}, "
-              f"outputs in {cfg.paths.run_dir}", file=sys.stderr)
+              f"outputs in {cfg.paths.run_dir}, tracking {redact_uri(cfg.tracking_uri)}, registered model "
+              f"{cfg.registered_model_name}", file=sys.stderr)
         return 0
     from .image_folder import ImageFolderError
 

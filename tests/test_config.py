@@ -376,6 +376,10 @@ def test_check_config_prints_the_resolved_config(tmp_path):
     assert resolved["train"]["epochs"] == 7
     assert resolved["train"]["models"][0] == "lenet5"
     assert "config OK" in out.stderr
+    # tracking.uri and registered_model are null above: the verdict says what they resolve to
+    assert resolved["tracking"]["uri"] is None
+    assert f"tracking sqlite:///{tmp_path}/mlflow.db," in out.stderr
+    assert "registered model quickstart" in out.stderr
 
 
 def test_configuration_reference_doc_is_current():
