@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import (ConfigError, PipelineConfig, check_ray_environment, load_config, outlives_the_command,
-                     redact_uri)
+from .config import ConfigError, PipelineConfig, check_ray_environment, load_config, outlives_the_command, redact_uri
 from .console import configure_console
 
 EXIT_CONFIG = 2
@@ -176,12 +175,13 @@ def _predict(args) -> int:
     return 0
 
 
-def _trains(args, stages: list[str] | None) -> bool:
+def _training_stages(args, stages: list[str] | None) -> list[str]:
+    """The stages the command runs that train (and lock the config's outputs while they do)."""
     if args.command == "run":
         from .pipeline import STAGES
 
-        return bool({"search", "train"} & set(stages or STAGES))
-    return args.command in ("search", "train")
+        return [stage for stage in ("search", "train") if stage in (stages or STAGES)]
+    return [args.command] if args.command in ("search", "train") else []
 
 
 def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
@@ -190,8 +190,12 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
     from .tracking_queue import check_pending_writes
 
     check_pending_writes(cfg)  # a config error, before Ray starts
-    if _trains(args, stages):
+    training = _training_stages(args, stages)
+    if training:
         from .image_folder import check_image_folder
+        from .runtime import check_stages_free
+
+        check_stages_free(cfg.paths.run_dir, training)
 
         # Before Ray starts: a bad file is the user's to fix, like a config error, and it must not take a
         # cluster start (or every model's retries) to find out. The stages see the result again, cached.

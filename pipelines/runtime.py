@@ -7,13 +7,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .config import ConfigError, PipelineConfig, ray_address
 
 __all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for", "on_this_node", "check_workers_fit",
-           "node_cpus", "exclusive_stage", "StageBusyError"]
+           "node_cpus", "exclusive_stage", "check_stages_free", "StageBusyError"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
         lock.acquire(timeout=0)
         locked = True
     except Timeout:
-        raise StageBusyError(f"another command is running the {stage} stage of this config ({run_dir}); wait for "
-                             "it to end, or give this one another name or workdir") from None
+        raise StageBusyError(_busy(run_dir, stage)) from None
     except (OSError, NotImplementedError) as err:  # a filesystem without locks (NFSv3 without lockd): unguarded
         logger.warning("[%s] %s cannot be locked (%s); nothing stops a second command of this config from running "
                        "this stage at the same time", stage, run_dir, err)
@@ -137,6 +136,30 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
     finally:
         if locked:
             lock.release()
+
+
+def _busy(run_dir: Path, stage: str) -> str:
+    return (f"another command is running the {stage} stage of this config ({run_dir}); wait for it to end, or give "
+            "this one another name or workdir")
+
+
+def check_stages_free(run_dir: Path, stages: Iterable[str]) -> None:
+    """StageBusyError at once when another command holds the lock of one of ``stages`` of this config: called
+    before Ray starts, which took about 24 s before the stage found its lock held. The stage takes its lock
+    again when it begins (:func:`exclusive_stage`); a filesystem without locks is said there."""
+    from filelock import FileLock, Timeout
+
+    if not run_dir.is_dir():  # nothing has run here yet: nothing to hold a lock
+        return
+    for stage in stages:
+        lock = FileLock(str(run_dir / f".{stage}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise StageBusyError(_busy(run_dir, stage)) from None
+        except (OSError, NotImplementedError):
+            continue
+        lock.release()
 
 
 def node_cpus() -> list[float]:

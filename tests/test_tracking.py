@@ -608,6 +608,35 @@ def test_a_second_command_of_the_same_config_does_not_run_a_stage_beside_the_fir
         holder.wait()
 
 
+def test_a_second_command_is_refused_before_its_ray_starts(tmp_path):
+    """The lock was found held only once the stage began, after Ray had started (about 24 s): the command says
+    so at once. The Ray address names a port nothing listens on, so a command that tried to start Ray hangs."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "test"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from filelock import FileLock; "
+         f"lock = FileLock({str(run_dir / '.search.lock')!r}); lock.acquire(); print('held', flush=True); "
+         "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for command in (["search"], ["run", "--stages", "search,train"]):
+            out = subprocess.run([sys.executable, "-m", "pipelines", *command, "--set", f"workdir={tmp_path}",
+                                  "--set", "name=test", "--set", "ray.address=127.0.0.1:1"],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 1, out.stderr
+            assert "another command is running the search stage of this config" in out.stderr
+        # A command that runs no stage held by the other is not refused
+        out = subprocess.run([sys.executable, "-m", "pipelines", "run", "--stages", "report", "--set",
+                              f"workdir={tmp_path}", "--set", "name=test"], capture_output=True, text=True, timeout=60)
+        assert "another command is running" not in out.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_workdir_that_cannot_be_locked_runs_its_stage_unguarded(tmp_path, monkeypatch, caplog):
     """A filesystem without locks (NFSv3 without its lock daemon: ENOLCK) failed every stage once they locked."""
     import errno
