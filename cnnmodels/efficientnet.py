@@ -163,7 +163,7 @@ class EfficientNet(ImageClassifier):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(head_channels, num_classes))
         self.default_input_size = (in_chans, resolution, resolution)
-        self.min_input_size = 16 if small_input else 32
+        self.min_input_size = _min_input_size(small_input)
         #: Whether ``resolution`` is part of the model's scaling (compound scaling, the B0-B7 table) and so
         #: the side it should see, rather than a default that follows the data.
         self.scales_resolution = not small_input
@@ -313,13 +313,20 @@ def efficientnet(
     return model
 
 
-def compound_architecture(phi: float, alpha: float, beta: float, gamma: float,
-                          base_resolution: int = 224) -> tuple[tuple[MBConvConfig, ...], int]:
-    """What :func:`efficientnet` builds from these, without building it: the scaled stages and the input side.
-    Depths round up and widths to multiples of 8, so different coefficients can build the same network (at
-    phi 1 every alpha in (1, 1.25] gives B0's block counts); equal results mean the same network."""
+def _min_input_size(small_input: bool) -> int:
+    """The smallest side the stem and stages take (five stride-2 stages; four with the small-input stem)."""
+    return 16 if small_input else 32
+
+
+def compound_architecture(phi: float, alpha: float, beta: float, gamma: float, base_resolution: int = 224,
+                          small_input: bool = False) -> tuple[tuple[MBConvConfig, ...], int]:
+    """What :func:`efficientnet` builds from these, without building it: the scaled stages and the input side it
+    trains at (``input_size_for``: the scaled resolution, never below the smallest the model takes). Depths round
+    up and widths to multiples of 8, so different coefficients can build the same network (at phi 1 every alpha
+    in (1, 1.25] gives B0's block counts); equal results mean the same network."""
     multipliers = CompoundCoefficients(alpha, beta, gamma).multipliers(phi, base_resolution)
-    return tuple(s.scaled(multipliers.width, multipliers.depth) for s in B0_STAGES), multipliers.resolution
+    side = max(multipliers.resolution, _min_input_size(small_input))
+    return tuple(s.scaled(multipliers.width, multipliers.depth) for s in B0_STAGES), side
 
 
 # ``efficientnet_phi1`` names the compound-scaled member at phi = 1 (the pipeline's searched family).

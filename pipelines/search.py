@@ -147,7 +147,8 @@ def _network_at(template: ModelRun, coefficients: tuple[float, float, float]):
 
     kwargs = template.model.kwargs
     base = kwargs.get("base_resolution") or (32 if kwargs.get("small_input") else 224)
-    return compound_architecture(float(kwargs.get("phi", 1.0)), *coefficients, base_resolution=base)
+    return compound_architecture(float(kwargs.get("phi", 1.0)), *coefficients, base_resolution=base,
+                                 small_input=bool(kwargs.get("small_input", False)))
 
 
 def _plan_trials(cfg: PipelineConfig, template: ModelRun) -> _SearchPlan:

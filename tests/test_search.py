@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,29 @@ def test_no_two_grid_trials_train_the_same_network(make_config):
     assert len(candidates) == 16 and len({network(c) for c in candidates}) == 16
     assert candidates[0] == PAPER  # the paper's stands for its network
     assert all(abs(constraint_value(*c) - 2.0) <= 0.1 + 1e-9 for c in candidates)
+
+
+def test_grid_trials_that_train_at_the_smallest_input_count_as_one_network(make_config):
+    """At 8 px (the digits' own size) a scaled resolution of 9 or 10 trains at the model's smallest input, 16:
+    (1.2, 1.1, 1.15) and (1.1, 1.1, 1.2) were counted as two networks and the same model trained twice."""
+    import torch
+
+    import cnnmodels
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, search_template
+    from pipelines.search import _network_at
+
+    cfg = make_config("data.image_size=8", "search.num_trials=8")
+    template = plan_model_runs(cfg, describe_dataset(cfg.data), [search_template(cfg)], stage="search",
+                               cluster_cpus=2)[0]
+    assert _network_at(template, (1.2, 1.1, 1.15)) == _network_at(template, (1.1, 1.1, 1.2))
+    trained = set()
+    for alpha, beta, gamma in grid_candidates(cfg.search, partial(_network_at, template)):
+        with torch.device("meta"):
+            model = cnnmodels.create_model("efficientnet", num_classes=10, **{
+                **template.model.kwargs, "alpha": alpha, "beta": beta, "gamma": gamma})
+        trained.add((tuple(tuple(p.shape) for p in model.parameters()), model.input_size_for(8)))
+    assert len(trained) == len(grid_candidates(cfg.search, partial(_network_at, template)))
 
 
 def test_the_paper_is_left_out_when_the_constraint_or_the_ranges_exclude_it():
