@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 import cnnmodels
-from cnnmodels.scaling import feasible_grid
+from cnnmodels.scaling import PAPER_COEFFICIENTS, feasible_grid
 
 from .paths import RunPaths
 
@@ -887,7 +887,8 @@ def _check_model_option_values(cfg: PipelineConfig) -> None:
     """Build each model that has options, as the planner will (with the data's defaults), on the meta device:
     those train.models names, the searched family's members (at stand-in coefficients: the search's are not
     known yet) and the search's baseline. A value its builder refuses (``stem_stride: 3``) fails here instead
-    of in a Ray worker."""
+    of in a Ray worker. Built by the model's name, not its builder's: an option its name fixes (``phi: 2`` for
+    ``efficientnet_phi1``, another ``alpha`` for a paper member) would train another model under the name."""
     if not cfg.train.model_options:
         return
     import torch
@@ -899,7 +900,7 @@ def _check_model_option_values(cfg: PipelineConfig) -> None:
             continue
         try:
             with torch.device("meta"):
-                cnnmodels.create_model(choice.arch, num_classes=10, **choice.kwargs)
+                cnnmodels.create_model(choice.name, num_classes=10, **choice.kwargs)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"train.model_options.{choice.name}", str(err)) from None
 
@@ -951,6 +952,11 @@ def _check_model_inputs_fit(cfg: PipelineConfig) -> None:
         side = round(cfg.data.image_size * cfg.search.gamma[0] ** max(phis))
         if side ** 2 > budget:
             too_large.append(f"efficientnet_phi{max(phis):g} (at least {side} px)")
+        # (the paper's family, trained beside it, at the paper's gamma: when the search finds the paper's
+        # triple it is not trained, but a budget it would not meet is still refused, as it may be)
+        side = round(cfg.data.image_size * PAPER_COEFFICIENTS.gamma ** max(phis))
+        if cfg.search.compare_paper and side ** 2 > budget:
+            too_large.append(f"efficientnet_paper_phi{max(phis):g} ({side} px)")
     if budget < _LARGEST_TABLE_INPUT ** 2:
         import torch
 

@@ -249,10 +249,16 @@ def test_model_options_reach_the_searched_family_and_the_search_baseline(make_co
     assert template.kwargs["stochastic_depth_prob"] == 0.05 and template.kwargs["phi"] == cfg.search.phi
     assert search_fingerprint(cfg) != search_fingerprint(make_config("train.models=[resnet18]", "search.phis=[0, 1]"))
     for options, key in (("{efficientnet_phi1: {dropout: 7}}", "train.model_options.efficientnet_phi1"),
-                         ("{efficientnet: {stochastic_depth_prob: 1.5}}", "train.model_options.efficientnet")):
+                         ("{efficientnet: {stochastic_depth_prob: 1.5}}", "train.model_options.efficientnet"),
+                         # what a member's name fixes: efficientnet_phi1 trained at phi 2, the paper's member with
+                         # another alpha (compare_paper then compared the searched family with another one)
+                         ("{efficientnet_phi1: {phi: 2.0}}", "train.model_options.efficientnet_phi1"),
+                         ("{efficientnet_paper_phi1: {alpha: 1.0}}", "train.model_options.efficientnet_paper_phi1")):
         with pytest.raises(ConfigError) as info:
-            load_config(None, ["search.phis=[0, 1]", f"train.model_options={options}"])
+            load_config(None, ["search.phis=[0, 1]", "search.compare_paper=true", f"train.model_options={options}"])
         assert info.value.key == key
+    # the searched family's own coefficients are options its name leaves open
+    load_config(None, ["search.phis=[0, 1]", "train.model_options={efficientnet_phi1: {alpha: 1.1}}"])
 
 
 def test_the_stage_reports_only_records_of_this_training(make_config):

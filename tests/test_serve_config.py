@@ -130,6 +130,17 @@ def test_the_decode_budget_must_admit_one_model_input(make_config):
         make_config("data.image_size=64", "serve.max_resized_pixels=4000")
 
 
+def test_the_decode_budget_must_admit_the_paper_family_trained_beside_the_searched_one(make_config):
+    """The paper's phi-4 member takes 112 px from 64 (its gamma 1.15, above the search's lowest): the budget
+    passed, and the serve stage refused it after the search and every model had trained."""
+    searched_only = ("data.image_size=64", "search.phis=[0, 4]", "search.gamma=[1.0, 1.2]",
+                     "serve.max_resized_pixels=10000")
+    make_config(*searched_only)  # the searched family may take 64 px (gamma 1.0)
+    with pytest.raises(ConfigError, match=r"efficientnet_paper_phi4 \(112 px\)") as refused:
+        make_config(*searched_only, "search.compare_paper=true")
+    assert refused.value.key == "serve.max_resized_pixels"
+
+
 @pytest.mark.parametrize("alias", ["champion", "''"])
 def test_a_checkpoint_alias_no_request_could_reach_is_refused(make_config, tmp_path, alias):
     """``champion`` answers with the best servable model and an empty alias is never asked for: a checkpoint
