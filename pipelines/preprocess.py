@@ -111,9 +111,12 @@ class PreprocessSpec:
         through float64 copies of the whole image, a 4000x4000 RGBA PNG 305 MB through full-size compositing;
         now the scaling goes a band of rows at a time and the compositing works on the shrunk image.
         """
+        # (read before upright(), whose copy has no format): PNG and PGM/PPM open as mode I only with 16-bit
+        # samples (Pillow scales a PGM's maxval to 65535), which were stretched to each image's own peak
+        sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM"))
         image = upright(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            image = Image.fromarray(_scaled_to_bytes(image), mode="L")
+            image = Image.fromarray(_scaled_to_bytes(image, sixteen_bit=sixteen_bit), mode="L")
         if image.mode in ("L", "RGB") and "transparency" in image.info:
             # A colour key (what optipng makes of an RGBA image whose alpha is all 0 or 255): composited on
             # the background like the same image sent with an alpha channel.
@@ -209,11 +212,12 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _scaled_to_bytes(image: Image.Image, rows: int = 256) -> np.ndarray:
-    """A 16-bit, 32-bit integer or float image as uint8: 16-bit scaled by 255/65535, the others by their own
-    peak, clipped at 0. A band of ``rows`` at a time: float copies of the whole image cost 4-8 bytes a pixel."""
+def _scaled_to_bytes(image: Image.Image, rows: int = 256, *, sixteen_bit: bool = False) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float image as uint8: 16-bit (modes I;16, or ``sixteen_bit``) scaled by
+    255/65535, the others by their own peak, clipped at 0. A band of ``rows`` at a time: float copies of the
+    whole image cost 4-8 bytes a pixel."""
     source = np.asarray(image)
-    if image.mode.startswith("I;16"):
+    if sixteen_bit or image.mode.startswith("I;16"):
         peak = np.float32(65535.0)
     elif image.mode == "F":  # NaN or inf pixels (holes in depth or remote-sensing data) made the peak NaN
         bands = (source[top:top + rows] for top in range(0, source.shape[0], rows))

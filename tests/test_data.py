@@ -402,6 +402,27 @@ def test_16_bit_and_float_images_are_scaled_not_clipped():
     assert wide_range.min() == 0 and wide_range.max() == 255
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "PPM"])
+def test_a_16_bit_image_converts_alike_whatever_its_file_format(fmt):
+    """Pillow opens a 16-bit PGM as mode I (a PNG too, before Pillow 11), which was scaled by each image's own
+    peak: a mid-grey PGM turned white, unlike the same pixels sent as a PNG or TIFF (I;16, scaled by 65535)."""
+    import io
+
+    ramp = np.linspace(0, 16383, 64, dtype=np.uint16).reshape(8, 8)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format=fmt)
+    decoded = Image.open(io.BytesIO(buffer.getvalue()))
+    converted = _spec(1).image_to_uint8(decoded)
+    assert converted.max() == int(16383 * 255 / 65535)  # 63: a quarter of the 16-bit range, not white
+    if fmt == "PPM":  # the same as mode I;16 gives, and as a PNG in Pillow 10 (mode I) must
+        assert decoded.mode == "I"
+        png_as_mode_i = Image.open(io.BytesIO(buffer.getvalue()))
+        png_as_mode_i.format = "PNG"
+        assert (_spec(1).image_to_uint8(png_as_mode_i) == converted).all()
+    # 32-bit integers (a mode-I TIFF, an image made in memory) still go by their own peak
+    assert int(_spec(1).image_to_uint8(Image.fromarray(ramp.astype(np.int32))).max()) == 255
+
+
 def test_transparency_composites_onto_the_dataset_background():
     transparent = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
     assert _spec(1, background=0).image_to_uint8(transparent).max() == 0
