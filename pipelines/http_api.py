@@ -13,12 +13,14 @@ registered on :data:`api`.
 import asyncio
 import hmac
 import logging
+import re
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .preprocess import (
     DecodeBudget,
@@ -33,6 +35,8 @@ __all__ = ["api", "RequestError", "read_image_bytes", "check_upload", "decode_up
 
 logger = logging.getLogger(__name__)
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+#: The boundary parameter of a multipart Content-Type (quoted or not).
+_MULTIPART_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 api = FastAPI(
     title="cnnzoo classifier",
@@ -97,11 +101,14 @@ async def _read_limited(request: Request, limit: int) -> bytes:
         except ValueError:
             raise RequestError(400, "invalid Content-Length header") from None
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"body exceeds the {limit:,}-byte limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"body exceeds the {limit:,}-byte limit")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody reads the answer; logged as the server's own error (500) before
+        raise RequestError(400, "the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 
@@ -126,6 +133,10 @@ async def read_image_bytes(request: Request, limit: int, timeout_s: float) -> by
             raise RequestError(400, f"malformed multipart body: {err}") from None
         upload = form.get("file")
         if upload is None:
+            boundary = _MULTIPART_BOUNDARY.search(request.headers.get("content-type", ""))
+            if boundary and b"--" + boundary.group(1).encode() + b"--" not in body:
+                raise RequestError(400, "the multipart body ends before its closing boundary: cut off, or not "
+                                        "multipart; send the whole body")
             raise RequestError(400, "multipart body needs the image in a field named 'file'")
         if isinstance(upload, str):  # curl -F 'file=<x.png' sends the bytes as a text field
             raise RequestError(400, "the multipart field 'file' must be a file upload with a filename "

@@ -11,6 +11,7 @@ corrupt or tampered file is refused before a model is handed out.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,10 +184,13 @@ def prepare_for_serving(model: nn.Module, spec: PreprocessSpec, *, fold: bool = 
 
 
 def _number(tags: dict, key: str, kind=float):
+    """A numeric tag, or None where it is missing, not a number or not finite (a NaN edited in by hand made
+    ``/models`` answer 500: JSON has no NaN)."""
     try:
-        return kind(float(tags[key])) if key in tags else None
+        value = float(tags[key]) if key in tags else None
     except (TypeError, ValueError):
         return None
+    return kind(value) if value is not None and math.isfinite(value) else None
 
 
 class ModelStore:

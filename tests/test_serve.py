@@ -3,6 +3,7 @@ requests that try to exhaust a replica (decode bombs, stalled bodies)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import socket
@@ -143,7 +144,12 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, digit_pn
                                                          timeout=30), 400),
         ("multipart file as text", lambda: requests.post(f"{url}/predict", files={"file": (None, digit_png)},
                                                          timeout=30), 400),
+        ("multipart cut off", lambda: requests.post(f"{url}/predict", data=cut_off, timeout=30,
+                                                    headers={"content-type": "multipart/form-data; boundary=b0"}),
+         400),
     ]
+    cut_off = (b'--b0\r\nContent-Disposition: form-data; name="file"; filename="d.png"\r\n'
+               b"Content-Type: image/png\r\n\r\n" + digit_png[:40])
     for name, send, expected in cases:
         response = send()
         allowed = expected if isinstance(expected, tuple) else (expected,)
@@ -155,6 +161,35 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, digit_pn
     assert "lenet5" in unknown and "resnet18" in unknown
     text = requests.post(f"{url}/predict", files={"file": (None, digit_png)}, timeout=30).json()["error"]
     assert "must be a file upload" in text
+    text = requests.post(f"{url}/predict", data=cut_off, headers={"content-type": "multipart/form-data; boundary=b0"},
+                         timeout=30).json()["error"]
+    assert "ends before its closing boundary" in text  # not "needs the image in a field named 'file'"
+
+
+def test_a_client_that_disconnects_mid_body_is_a_client_error():
+    """Starlette's ClientDisconnect reached the catch-all handler: logged as the server's own error, a 500."""
+    from starlette.requests import Request
+
+    from pipelines.http_api import RequestError, read_image_bytes
+
+    messages = [{"type": "http.request", "body": b"\x89PNG", "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0)
+
+    request = Request({"type": "http", "method": "POST", "path": "/predict", "headers": [
+        (b"content-type", b"image/png")]}, receive)
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(read_image_bytes(request, limit=1024, timeout_s=5))
+    assert refused.value.status == 400 and "disconnected" in refused.value.message
+
+
+def test_a_numeric_tag_that_is_not_finite_is_left_out():
+    """A NaN tag (edited in the MLflow UI) made /models answer 500: JSON has no NaN."""
+    from pipelines.model_store import _number
+
+    assert _number({"test_acc": "nan"}, "test_acc") is None and _number({"macs": "inf"}, "macs", int) is None
+    assert _number({"test_acc": "0.9"}, "test_acc") == 0.9 and _number({"macs": "12.0"}, "macs", int) == 12
 
 
 def test_two_hundred_requests_at_concurrency_16_all_succeed(server, digit_png):
