@@ -267,6 +267,21 @@ def test_only_the_head_declares_the_trial_driver_resource(cluster):
             assert DRIVER_NODE_RESOURCE not in node_type.get("resources", {}), name
 
 
+def test_every_spot_worker_drains_itself_on_ec2s_notice(cluster):
+    """The spot workers' reclaims counted against train.max_failures: nothing read EC2's notice (see
+    tests/test_cluster.py for the watcher against a real two-node Ray)."""
+    from pipelines import spot_notice
+
+    start = cluster["worker_start_ray_commands"]
+    joined = next(i for i, command in enumerate(start) if "ray start --address=$RAY_HEAD_IP:6379" in command)
+    watcher = [c for c in start[joined + 1:] if "python -m pipelines.spot_notice --address $RAY_HEAD_IP:6379" in c]
+    assert len(watcher) == 1 and watcher[0].strip().endswith("&")  # after joining, in the background
+    assert spot_notice.METADATA_URL == "http://169.254.169.254"
+    spot_types = [n for n in cluster["available_node_types"].values()
+                  if n["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    assert spot_types  # (what the watcher is for)
+
+
 def test_a_trial_driver_asks_for_the_driver_node_only_where_a_node_declares_it():
     from pipelines.trials import DRIVER_NODE_RESOURCE, TRIAL_DRIVER_RESOURCES, trial_driver_resources
 
