@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import os
 import re
 import tempfile
 import time
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -616,5 +618,16 @@ def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:
     shown = redact_uri(tracking_uri)  # printed: a password stays out of logs
     note = "" if shown == tracking_uri else " (with tracking.uri's password for ***)"
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {shown.rstrip('/')}/{page}{note}"
+        hint = f"open {shown.rstrip('/')}/{page}{note}"
+        url = urllib.parse.urlsplit(tracking_uri)
+        try:
+            address = ipaddress.ip_address(url.hostname or "")
+        except ValueError:  # a name, not an address
+            address = None
+        if address is not None and address.is_private and not address.is_loopback:
+            # a cluster head's private address (cluster.yaml): a laptop reaches it through the README's tunnel
+            port = url.port or (443 if url.scheme == "https" else 80)
+            hint += (f"; from your machine, through an SSH tunnel to the head (ssh -L {port}:{url.hostname}:{port} "
+                     f"...): {url.scheme}://127.0.0.1:{port}/{page}")
+        return hint
     return f"mlflow ui --backend-store-uri '{shown}' --port {port}   # then http://127.0.0.1:{port}/{page}{note}"

@@ -267,6 +267,23 @@ def test_only_the_head_declares_the_trial_driver_resource(cluster):
             assert DRIVER_NODE_RESOURCE not in node_type.get("resources", {}), name
 
 
+def test_the_tracking_server_answers_through_a_tunnel_at_any_local_port(cluster):
+    """Only 127.0.0.1:5000 passed MLflow's Host check: a tunnel at another local port got 403 "Invalid Host
+    header". The workers' address (the head's private IP) passes, an outside name does not."""
+    import re
+    import shlex
+
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    server = next(c for c in cluster["head_start_ray_commands"] if "mlflow server" in c)
+    listed = shlex.split(re.search(r'--allowed-hosts ("[^"]+")', server).group(1))[0]
+    allowed = listed.replace("$HEAD_IP", "10.0.1.23").split(",")
+    for host in ("127.0.0.1:5000", "127.0.0.1:5001", "localhost:15000", "10.0.1.23:5000"):
+        assert is_allowed_host_header(allowed, host), host
+    assert not is_allowed_host_header(allowed, "evil.example.com:5000")
+    assert not is_allowed_host_header(allowed, "10.0.1.24:5000")
+
+
 def test_every_spot_worker_drains_itself_on_ec2s_notice(cluster):
     """The spot workers' reclaims counted against train.max_failures: nothing read EC2's notice (see
     tests/test_cluster.py for the watcher against a real two-node Ray)."""

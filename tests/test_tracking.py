@@ -101,6 +101,12 @@ def test_the_ui_hint_opens_the_model_training_view():
     assert "mlflow ui --backend-store-uri 'sqlite:////tmp/mlflow.db'" in hint  # quoted: a URI may hold & or ?
     assert "#/experiments/7/runs?workflowType=machine_learning" in hint
     assert ui_hint("http://head:5000", "3") == "open http://head:5000/#/experiments/3/runs?workflowType=machine_learning"
+    # a cluster head's private address (what cluster.yaml exports): the laptop's way in is the SSH tunnel
+    on_cluster = ui_hint("http://172.31.5.9:5000", "3")
+    assert on_cluster.startswith("open http://172.31.5.9:5000/#/experiments/3/")
+    assert "ssh -L 5000:172.31.5.9:5000" in on_cluster
+    assert "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning" in on_cluster
+    assert "tunnel" not in ui_hint("http://127.0.0.1:5000", "3") + ui_hint("http://34.210.1.5:5000", "3")
 
 
 def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(make_config, tmp_path):
