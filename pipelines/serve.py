@@ -485,6 +485,28 @@ def _check_port_free(s: ServeConfig) -> None:
         # Else an address or family this node lacks (IPv6 off in a container): Serve's own start says what is wrong
 
 
+def check_route_free(cfg: PipelineConfig) -> None:
+    """Every app is served at ``/``, and Serve routes a prefix to one app: another config's app running on this
+    Ray (the other GPU preset's, on a shared cluster) made this one's deployment fail, after its whole search and
+    training. A ConfigError naming ``name`` instead, before anything starts; nothing when no Serve runs here (a
+    running app of the same name is redeployed in place)."""
+    if not _serve_runs_on_this_ray():
+        return
+    try:  # Serve's client: its details are what `serve status` shows, with each app's route
+        from ray.serve.context import _get_global_client
+
+        applications = _get_global_client().get_serve_details().get("applications", {})
+    except Exception:  # noqa: BLE001 - an API that moved: not checked; Serve's deployment then says it
+        return
+    holders = sorted(app for app, details in applications.items()
+                     if app != cfg.name and (details or {}).get("route_prefix") == "/")
+    if holders:
+        raise ConfigError("name", f"Serve app {holders[0]!r} already answers at / on this Ray, and one endpoint "
+                                  f"serves one app: stop it first (python -c \"import ray; from ray import serve; "
+                                  f"ray.init(address='auto'); serve.delete('{holders[0]}')\", or `serve shutdown`, "
+                                  "which stops every app), or serve this config on another Ray")
+
+
 def _check_running_http_options(s: ServeConfig) -> None:
     """Serve's HTTP proxy keeps the options it started with: a second app on a cluster whose Serve runs already
     would, without a word, not be at ``serve.host``/``serve.port`` (the printed URL dead, a loopback-only config
@@ -550,6 +572,7 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
         raise ConfigError("serve.max_resized_pixels", f"{cfg.serve.max_resized_pixels:,} is below the input of "
                           f"{', '.join(f'{m.alias} ({m.input_size} px)' for m in too_large)}: every request to them "
                           f"would be refused; raise it to at least {largest ** 2:,}")
+    check_route_free(cfg)
     _check_port_free(cfg.serve)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
                               "request_timeout_s": proxy_timeout_s(cfg.serve)})

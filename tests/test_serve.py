@@ -85,6 +85,23 @@ def test_models_lists_every_alias_and_the_champion(server):
     _check_port_free(cfg.serve)
 
 
+def test_another_configs_pipeline_is_refused_before_it_trains_when_an_app_holds_the_route(server, tmp_path):
+    """Every app is served at /, and Serve routes it to one app: another config's `run` on this Ray (the other
+    GPU preset, on a shared cluster) failed at its serve stage, after its whole search and training."""
+    from pipelines.config import ConfigError
+    from pipelines.pipeline import run_pipeline
+    from pipelines.serve import check_route_free
+
+    cfg, _, url = server
+    check_route_free(cfg)  # the same app: redeployed in place
+    other = cfg.model_copy(update={"name": "another", "workdir": str(tmp_path)})
+    with pytest.raises(ConfigError) as refused:
+        run_pipeline(other, ["train", "serve"])
+    assert refused.value.key == "name" and f"Serve app {cfg.name!r} already answers at /" in str(refused.value)
+    assert not (tmp_path / "another").exists()  # nothing trained, nothing written
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+
+
 @pytest.mark.parametrize("alias", ["lenet5", "resnet18"])
 def test_http_predictions_equal_the_models_own_outputs(server, digit_png, alias):
     cfg, result, url = server
