@@ -19,6 +19,7 @@ every Ray Train controller and Tune trial process, most of which never touch the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import logging
@@ -248,30 +249,69 @@ _FASHION_MNIST_HELP = ("install Debian's dataset-fashion-mnist package (apt-get 
                        "set data.root to a directory holding the four IDX files")
 
 
+def _read_fashion_mnist(found: dict[str, Path]) -> dict[str, np.ndarray]:
+    """The four IDX files' arrays, checked to be Fashion-MNIST's; a DataError naming the file otherwise."""
+    arrays = {key: _read_idx(path) for key, path in found.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{found[f'{split}_images']} and {found[f'{split}_labels']} do not match "
+                            f"(images {images.shape}, labels {labels.shape}); replace them with the "
+                            f"data set's own files ({_FASHION_MNIST_HELP})")
+        if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):  # EMNIST-letters' 1-26, say
+            raise DataError(f"{found[f'{split}_labels']} holds label {int(labels.max())}, but Fashion-MNIST "
+                            f"has {len(FASHION_MNIST_CLASSES)} classes (0-9): not its label file; replace "
+                            f"it with the data set's own ({_FASHION_MNIST_HELP})")
+    return arrays
+
+
+def _find_fashion_mnist(directory: Path) -> dict[str, Path | None]:
+    return {key: _find_idx(directory, stem) for key, stem in FASHION_MNIST_FILES.items()}
+
+
+def _torchvision_download_dir(directory: Path) -> Path:
+    return directory / "FashionMNIST" / "raw"
+
+
+def _only_downloaded(directory: Path, found: dict[str, Path | None]) -> bool:
+    """Whether every file found lies where torchvision's download puts them: a download of ours, to be done
+    again when it is incomplete; files the user put in ``data.root`` itself are never replaced."""
+    return all(path.parent == _torchvision_download_dir(directory) for path in found.values() if path is not None)
+
+
+def _remove_unreadable_downloads(raw: Path) -> None:
+    """Delete the IDX files in torchvision's download directory that cannot be read (cut short): torchvision
+    takes an extracted file that exists as complete, and checks only the archives."""
+    for stem in FASHION_MNIST_FILES.values():
+        for path in (raw / stem, raw / f"{stem}.gz"):
+            if path.is_file():
+                try:
+                    _read_idx(path)
+                except DataError:
+                    path.unlink(missing_ok=True)
+
+
 def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
     root = Path(cfg.root).expanduser() if cfg.root else None
     # Debian's copy only where no data.root is given: a data.root with a typo trained on that copy without a
     # word, and recorded the wrong root with its models.
     searched = [root] if root else [DEBIAN_FASHION_MNIST]
+    unfinished = None  # what is wrong with a download into data.root that was cut short (Ctrl-C, a lost network)
     for directory in searched:
-        found = {key: _find_idx(directory, stem) for key, stem in FASHION_MNIST_FILES.items()}
+        found = _find_fashion_mnist(directory)
         if all(found.values()):
-            arrays = {key: _read_idx(path) for key, path in found.items()}
-            for split in ("train", "test"):
-                images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-                if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-                    raise DataError(f"{found[f'{split}_images']} and {found[f'{split}_labels']} do not match "
-                                    f"(images {images.shape}, labels {labels.shape}); replace them with the "
-                                    f"data set's own files ({_FASHION_MNIST_HELP})")
-                if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):  # EMNIST-letters' 1-26, say
-                    raise DataError(f"{found[f'{split}_labels']} holds label {int(labels.max())}, but Fashion-MNIST "
-                                    f"has {len(FASHION_MNIST_CLASSES)} classes (0-9): not its label file; replace "
-                                    f"it with the data set's own ({_FASHION_MNIST_HELP})")
-            return arrays
-        if directory == root and any(found.values()):
+            try:
+                return _read_fashion_mnist(found)
+            except DataError as err:
+                if not (directory == root and cfg.download and _only_downloaded(directory, found)):
+                    raise
+                unfinished = str(err)
+        elif directory == root and any(found.values()):
             missing = [stem for key, stem in FASHION_MNIST_FILES.items() if found[key] is None]
-            raise DataError(f"data.root {root} holds some Fashion-MNIST IDX files but not {', '.join(missing)} "
-                            "(plain or .gz); add them, or point data.root at a complete copy")
+            if not (cfg.download and _only_downloaded(directory, found)):
+                raise DataError(f"data.root {root} holds some Fashion-MNIST IDX files but not {', '.join(missing)} "
+                                "(plain or .gz); add them, or point data.root at a complete copy")
+            unfinished = f"{', '.join(missing)} missing"
     where = ", ".join(map(str, searched))
     # With data.root set, Debian's copy is not read: the fix is the root (or unsetting it).
     help_text = (f"check data.root, or unset it to read Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_MNIST})"
@@ -283,11 +323,21 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
     target = root or _default_root("fashion-mnist")
     try:
         target.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target / ".download.lock")):
+        with FileLock(str(target / ".download.lock")):  # one download per directory, however many workers
+            if unfinished is not None:
+                # Read again under the lock: the files may have been another process's download under way.
+                found = _find_fashion_mnist(target)
+                if all(found.values()):
+                    with contextlib.suppress(DataError):
+                        return _read_fashion_mnist(found)
+                logger.warning("[data] the Fashion-MNIST download in %s was cut short (%s); downloading it again",
+                               _torchvision_download_dir(target), unfinished)
+                _remove_unreadable_downloads(_torchvision_download_dir(target))
             train = torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
             test = torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError too
-        raise DataError(f"Fashion-MNIST IDX files not found in {where} and the download to {target} failed "
+        state = f"incomplete in {where} ({unfinished})" if unfinished else f"not found in {where}"
+        raise DataError(f"Fashion-MNIST IDX files {state} and the download to {target} failed "
                         f"({type(err).__name__}: {err}); " + help_text) from None
     return {"train_images": train.data.numpy(), "train_labels": train.targets.numpy(),
             "test_images": test.data.numpy(), "test_labels": test.targets.numpy()}

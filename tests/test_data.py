@@ -515,6 +515,64 @@ def test_a_fashion_mnist_root_that_is_not_there_is_not_read_from_debians_copy(tm
         load_splits(DataConfig(dataset="fashion-mnist", root=str(tmp_path / "typo"), download=False))
 
 
+@pytest.fixture
+def fashion_mnist_mirror(monkeypatch):
+    """torchvision's Fashion-MNIST download, served over HTTP from Debian's copy (its archives' checksums, as
+    torchvision checks them): the real download code on this offline machine."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    import torchvision
+
+    if not DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(DEBIAN_FASHION_MNIST))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources", [
+        (name, hashlib.md5((DEBIAN_FASHION_MNIST / name).read_bytes()).hexdigest())
+        for name, _ in torchvision.datasets.FashionMNIST.resources])
+    yield
+    server.shutdown()
+
+
+def test_a_fashion_mnist_download_cut_short_in_data_root_is_done_again(tmp_path, fashion_mnist_mirror, caplog):
+    """A download into data.root interrupted (Ctrl-C, a lost network) left a partial archive, or an extracted
+    file cut short, under FashionMNIST/raw: every later run failed ("holds some ... but not", "cannot be read")
+    and never downloaded again. Files the user put in data.root itself are not touched."""
+    import shutil
+
+    from pipelines.data import DataError, forget_loaded_splits
+
+    expected = load_splits(DataConfig(dataset="fashion-mnist"))  # Debian's copy
+    raw = tmp_path / "cut" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    archive = (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").read_bytes()
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(archive[: len(archive) // 3])
+    cfg = DataConfig(dataset="fashion-mnist", root=str(tmp_path / "cut"))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        splits = load_splits(cfg)
+    assert "was cut short" in caplog.text
+    assert np.array_equal(splits.test.images, expected.test.images)
+    assert np.array_equal(splits.train.labels, expected.train.labels)
+    # An extracted file cut short (torchvision takes any extracted file as complete)
+    extracted = raw / "t10k-labels-idx1-ubyte"
+    extracted.write_bytes(extracted.read_bytes()[:100])
+    forget_loaded_splits()
+    assert np.array_equal(load_splits(cfg).test.labels, expected.test.labels)
+    # The user's own incomplete copy in data.root itself: named, not replaced, download or not
+    own = tmp_path / "own"
+    own.mkdir()
+    shutil.copy(DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz", own)
+    with pytest.raises(DataError, match="holds some Fashion-MNIST IDX files but not"):
+        load_splits(DataConfig(dataset="fashion-mnist", root=str(own), download=True))
+    assert sorted(p.name for p in own.iterdir()) == ["train-images-idx3-ubyte.gz"]
+
+
 def test_a_partial_fashion_mnist_root_names_the_missing_files(tmp_path):
     import gzip
 
