@@ -243,8 +243,13 @@ def _score(records: list[dict[str, Any]], cfg: PipelineConfig, template: ModelRu
     for r in records:
         r["score"] = r["val_acc"] * mnas_factor(r["macs"], target_macs)
     # A trial that failed (after its retries) ranks below every one that did not, whatever it reached before:
-    # its triple would found the family. On equal scores the longer-trained, then the smaller model wins.
-    records.sort(key=lambda r: (r["error"] is not None, -r["score"], -r["epochs_trained"], r["macs"]))
+    # its triple would found the family. On equal scores the longer-trained, then the smaller model wins; then
+    # (triples that build the same network at search.phi, which Optuna may draw twice, tie on all of these, and
+    # Tune's result order chose the family's coefficients at the other phis) the paper's, as the grid keeps it
+    # for its network, then the triple nearest the constraint's target, then the triple itself.
+    target = cfg.search.target
+    records.sort(key=lambda r: (r["error"] is not None, -r["score"], -r["epochs_trained"], r["macs"], not r["paper"],
+                                abs(r["compound_product"] - target), r["alpha"], r["beta"], r["gamma"]))
 
 
 def _best(records: list[dict[str, Any]], trials: int) -> dict[str, Any]:

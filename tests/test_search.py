@@ -263,6 +263,40 @@ def test_a_failed_trial_never_wins_and_a_tie_goes_to_the_smaller_model(make_conf
         _best([r for r in records if r["error"]], trials=1)
 
 
+def test_triples_that_build_the_same_network_rank_alike_in_any_result_order(make_config):
+    """Optuna may draw two triples that build the same network at search.phi: equal scores, epochs and MACs,
+    so Tune's result order chose which founds the family (they differ at the other phis). The paper's triple
+    first, else the one nearest the constraint's target."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, search_template
+    from pipelines.search import _network_at, _score, _trial_records
+
+    cfg = make_config("data.image_size=16")
+    template = plan_model_runs(cfg, describe_dataset(cfg.data), [search_template(cfg)], stage="search", epochs=2,
+                               cluster_cpus=2)[0]
+
+    def trial(triple):
+        config = {"coefficients": dict(zip(("alpha", "beta", "gamma"), triple, strict=True)),
+                  "run": template.to_dict()}
+        return SimpleNamespace(config=config, error=None,
+                               metrics_dataframe=pd.DataFrame({"epoch": [0, 1], "val_acc": [0.5, 0.9]}))
+
+    near, far = (1.1889, 1.0302, 1.2544), (1.1792, 1.0241, 1.2589)  # the same network at phi 1
+    assert _network_at(template, near) == _network_at(template, far)
+    for pair in ([near, far], [far, near]):
+        records = _trial_records([trial(t) for t in pair], phi=cfg.search.phi)
+        _score(records, cfg, template)
+        assert records[0]["macs"] == records[1]["macs"] and records[0]["score"] == records[1]["score"]
+        assert (records[0]["alpha"], records[0]["beta"], records[0]["gamma"]) == near, pair  # 1.985 against 1.960
+        records[1]["paper"] = True  # (as if the farther one were the paper's triple)
+        _score(records, cfg, template)
+        assert records[0]["paper"], pair
+
+
 @pytest.mark.slow
 def test_optuna_mode_runs_two_feasible_trials(ray_cluster, make_config):
     cfg = make_config("search.mode=optuna", "search.num_trials=2", "search.epochs=1", "search.asha=false",
