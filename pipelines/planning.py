@@ -81,9 +81,14 @@ def _recipe(choice: ModelChoice, data: DataConfig, hyper: Hyperparameters, worke
     hyper_settings = hyper.model_dump(mode="json", exclude={"epochs"})
     if hyper_settings["cpu_bf16"] is False:  # only when on: runs from before the setting keep their fingerprints
         del hyper_settings["cpu_bf16"]
+    kwargs = choice.kwargs
+    if choice.arch == "efficientnet" and float(kwargs.get("phi", 0.0)) == 0:
+        # Every multiplier is 1 at phi 0: the same B0 whatever the triple, so a new search's triple does not
+        # train efficientnet_phi0 again (its record keeps the triple it was planned with).
+        kwargs = {key: value for key, value in kwargs.items() if key not in ("alpha", "beta", "gamma")}
     return {
         "arch": choice.arch,
-        "model_kwargs": choice.kwargs,
+        "model_kwargs": kwargs,
         "data": data.model_dump(mode="json", exclude=_DATA_RUNTIME_KEYS),
         "hyper": hyper_settings,
         "num_workers": workers.num_workers,

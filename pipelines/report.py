@@ -105,11 +105,20 @@ def _coefficients(result: ModelResult) -> str:
                                                                                strict=True))
 
 
+def _reference_triple(prefix: str, members: list[ModelResult], searched: tuple[float, float, float] | None) -> str:
+    """A family's triple: the searched family's is ``searched`` (the current search's), else that of its lowest
+    phi above 0 (phi 0 is B0 whatever the triple: its record may be of an earlier search, kept for that)."""
+    if prefix == SEARCHED_FAMILY and searched:
+        return _triple(searched)
+    scaled = [r for r in members if _phi(r) > 0]
+    return _coefficients((scaled or members)[0])
+
+
 def _families(results: list[ModelResult], searched: tuple[float, float, float] | None = None,
               ) -> dict[str, list[ModelResult]]:
     """The EfficientNet family members among ``results`` by family prefix, each sorted by phi. A family's members
-    share one triple: the searched family's is ``searched`` (the current search's; else its lowest phi's), so a
-    member left from an earlier search (not trained again yet: fewer phis now, a failed run) is no member."""
+    share one triple (:func:`_reference_triple`), so a member left from an earlier search (not trained again
+    yet: fewer phis now, a failed run) is no member; the phi-0 member, B0 whatever the triple, always is."""
     families: dict[str, list[ModelResult]] = {}
     for r in results:
         prefix = cnnmodels.family_of(r.model_name)
@@ -118,8 +127,8 @@ def _families(results: list[ModelResult], searched: tuple[float, float, float] |
     kept = {}
     for prefix, members in families.items():
         members.sort(key=_phi)
-        reference = _triple(searched) if prefix == SEARCHED_FAMILY and searched else _coefficients(members[0])
-        if same := [r for r in members if _coefficients(r) == reference]:
+        reference = _reference_triple(prefix, members, searched)
+        if same := [r for r in members if _phi(r) == 0 or _coefficients(r) == reference]:
             kept[prefix] = same
     return kept
 
@@ -142,8 +151,9 @@ def family_comparison(results: list[ModelResult], searched: tuple[float, float, 
     families = _families(results, searched)
     if SEARCHED_FAMILY not in families or PAPER_FAMILY not in families:
         return None
-    if _coefficients(families[SEARCHED_FAMILY][0]) == _triple(PAPER):  # the search found the paper's: one family
-        return None
+    searched_triple = _reference_triple(SEARCHED_FAMILY, families[SEARCHED_FAMILY], searched)
+    if searched_triple == _triple(PAPER):
+        return None  # the search found the paper's: one family
     by_phi: dict[float, dict[str, ModelResult]] = {}
     for prefix, members in families.items():
         for r in members:
@@ -157,8 +167,10 @@ def family_comparison(results: list[ModelResult], searched: tuple[float, float, 
         row: dict[str, object] = {"phi": phi}
         for label, r in (("searched", searched), ("paper", paper)):
             row[label] = r.model_name if r else ""
+            # (at phi 0, B0 stands for both families: each is named by its own triple)
             row[f"{label} (alpha, beta, gamma)"] = "" if r is None else (
-                _triple(PAPER) if label == "paper" and r is searched else _coefficients(r))
+                _triple(PAPER) if label == "paper" and r is searched
+                else searched_triple if label == "searched" and phi == 0 else _coefficients(r))
             row[f"{label} MMACs"] = round(r.macs / 1e6, 1) if r else None
             row[f"{label} test_acc"] = round(r.test_acc, 4) if r else None
         difference = searched.test_acc - paper.test_acc if searched and paper else math.nan
@@ -193,7 +205,7 @@ def _scatter(ax, results: list[ModelResult], x_of, xlabel: str, searched=None) -
         if prefix == PAPER_FAMILY and shared and _phi(shared[0]) == 0 and _phi(family[0]) > 0:
             line = shared + family
         ax.plot([x_of(r) for r in line], [r.test_acc for r in line], style, color=color,
-                label=f"EfficientNet, {who} {_coefficients(family[0])}")
+                label=f"EfficientNet, {who} {_reference_triple(prefix, family, searched)}")
         for r in family:
             ax.annotate(r.model_name.replace("efficientnet_", ""), (x_of(r), r.test_acc), textcoords="offset points",
                         xytext=(4, -10), fontsize=8, color=color)

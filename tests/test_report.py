@@ -147,6 +147,39 @@ def test_a_member_left_from_an_earlier_search_is_neither_drawn_nor_compared_as_o
     plt.close(figure)
 
 
+def test_b0_of_an_earlier_search_is_the_new_familys_phi_0(make_config):
+    """efficientnet_phi0 is B0 whatever the triple, so a new search does not train it again (its fingerprint
+    leaves the triple out): its record, of the earlier search's triple, is the new family's phi 0, not a stale
+    member drawn on its own."""
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+
+    cfg = make_config("train.models=[lenet5]", "search.phis=[0, 1]")
+
+    def fingerprints(triple: dict) -> dict[str, str]:
+        runs = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg, triple), cluster_cpus=2)
+        return {r.model_name: r.fingerprint for r in runs}
+
+    before, after = fingerprints({"alpha": 1.2, "beta": 1.0, "gamma": 1.3}), fingerprints(SEARCHED)
+    assert before["efficientnet_phi0"] == after["efficientnet_phi0"]
+    assert before["efficientnet_phi1"] != after["efficientnet_phi1"] and before["lenet5"] == after["lenet5"]
+
+    earlier_b0 = record("efficientnet_phi0", "efficientnet", {"phi": 0.0, "alpha": 1.2, "beta": 1.0, "gamma": 1.3},
+                        8_000_000, 0.9)
+    results = [earlier_b0, record("efficientnet_phi1", "efficientnet", {"phi": 1.0, **SEARCHED}, 30_000_000, 0.91),
+               record("efficientnet_paper_phi1", "efficientnet", {"phi": 1.0, **PAPER}, 26_000_000, 0.9)]
+    searched = tuple(SEARCHED.values())
+    assert stale_members(results, searched) == []
+    table = family_comparison(results, searched)
+    assert list(table["searched"]) == ["efficientnet_phi0", "efficientnet_phi1"]
+    assert list(table["searched (alpha, beta, gamma)"]) == ["(1.3, 1.05, 1.2)"] * 2
+    assert list(table["winner"]) == ["same model", "searched"]
+    for figure_triple in (searched, None):  # the current search's triple, or none given (the lowest phi above 0)
+        [ax] = accuracy_figure(results, "macs", figure_triple).axes
+        lines = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+        assert lines["EfficientNet, searched (1.3, 1.05, 1.2)"] == [8.0, 30.0], lines
+
+
 def test_no_family_comparison_without_both_families():
     searched = [record("efficientnet_phi0", "efficientnet", {"phi": 0.0, **SEARCHED}, 8_000_000, 0.9),
                 record("resnet18", "resnet18", {}, 560_000_000, 0.93)]
