@@ -19,6 +19,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -43,6 +44,31 @@ api = FastAPI(
     description="Image classification with the pipeline's registered models. POST an image to /predict.",
     version="1",
 )
+
+
+class ErrorBody(BaseModel):
+    """Every error the app answers (the Serve proxy's own 503 and 408 are plain text: README)."""
+
+    error: str = Field(description="what was wrong, and what to send instead")
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI entries for these error statuses, all ``{"error": ...}`` (FastAPI's default 422 says ``detail``)."""
+    meaning = {400: "not an image, or one over the decode budget", 401: "missing or wrong bearer token",
+               404: "unknown model alias", 408: "body not received within serve.body_timeout_s",
+               413: "body above serve.max_upload_mb", 415: "another content type or image format",
+               422: "bad query parameter", 503: "the model cannot load now, or no answer within the deadline"}
+    return {status: {"model": ErrorBody, "description": meaning[status]} for status in statuses}
+
+
+#: /predict's body as OpenAPI describes it (the route reads the raw request, which FastAPI cannot see): the
+#: image's bytes, or a multipart form's ``file``; the docs page (/docs) then offers an upload.
+PREDICT_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+    **{media: {"schema": {"type": "string", "format": "binary"}}
+       for media in ("image/png", "image/jpeg", "image/*", "application/octet-stream")},
+}}}
 
 
 class RequestError(Exception):

@@ -50,7 +50,16 @@ from .config import (
     has_masked_password,
     redact_uri,
 )
-from .http_api import RequestError, api, authorize, check_upload, decode_upload, read_image_bytes
+from .http_api import (
+    PREDICT_REQUEST_BODY,
+    RequestError,
+    api,
+    authorize,
+    check_upload,
+    decode_upload,
+    error_responses,
+    read_image_bytes,
+)
 from .model_store import LoadedModel, ModelStore, ServedModel, is_transient_load_error, replica_threads
 from .preprocess import DecodeBudget, PreprocessSpec, is_out_of_memory
 
@@ -267,7 +276,8 @@ class Classifier:
                             for p, i in zip(scores.tolist(), indices.tolist(), strict=True)],
         }
 
-    @api.post("/predict", summary="Classify one image")
+    @api.post("/predict", summary="Classify one image", openapi_extra=PREDICT_REQUEST_BODY,
+              responses=error_responses(400, 401, 404, 408, 413, 415, 422, 503))
     async def predict(
         self,
         request: Request,
@@ -292,7 +302,7 @@ class Classifier:
         answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
         return JSONResponse(answer)
 
-    @api.get("/models", summary="Servable models and the champion")
+    @api.get("/models", summary="Servable models and the champion", responses=error_responses(401))
     async def list_models(self, request: Request) -> dict[str, Any]:
         authorize(request, self.auth_token)
         return {"champion": self.champion, "registered_model": self.cfg.registered_model_name,

@@ -77,7 +77,15 @@ def test_models_lists_every_alias_and_the_champion(server):
         assert model["input_size"] == trained.input_size
         assert model["status"] == "ok"
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
-    assert requests.get(f"{url}/openapi.json", timeout=30).json()["paths"].keys() >= {"/predict", "/models"}
+    assert requests.get(f"{url}/-/healthz", timeout=30).status_code == 200  # the proxy's own (README: liveness)
+    openapi = requests.get(f"{url}/openapi.json", timeout=30).json()
+    assert openapi["paths"].keys() >= {"/predict", "/models"}
+    # /docs can send an image (the route reads the raw request, which FastAPI cannot describe by itself), and
+    # documents the errors as they are sent: {"error": ...}, 422 too (FastAPI's default says {"detail": [...]})
+    predict = openapi["paths"]["/predict"]["post"]
+    assert {"multipart/form-data", "image/png", "application/octet-stream"} <= set(predict["requestBody"]["content"])
+    assert {"400", "401", "404", "413", "415", "422", "503"} <= set(predict["responses"])
+    assert predict["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     # This Ray's Serve holds the port: the busy-port check must see it runs (a redeploy, not another program).
     from pipelines.serve import _check_port_free, _serve_runs_on_this_ray
 
