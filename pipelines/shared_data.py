@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -35,22 +36,79 @@ logger = logging.getLogger(__name__)
 MAX_SHARED_BYTES = 2 * 1024**3
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_concurrency=64)
 class SplitsCache:
-    """Converts a data set's splits once per spec and keeps them in the object store for the stage."""
+    """Converts a data set's splits once per spec and keeps them in the object store for the stage.
+
+    One conversion at a time, in a thread of its own: the sizes :func:`prepare` queued in the runs' order, but a
+    worker's request first (it waited behind every size queued before it: a first run held its CPUs or GPUs
+    idle until all of a search's sizes were converted). Requests wait in the actor's other threads; an answer
+    already converted comes at once. A conversion that failed is not tried again for the stage: every worker
+    that asks hears of it at once and converts its own (as when no cache is there)."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, list] = {}
+        self._done: dict[str, list] = {}
+        self._failed: dict[str, BaseException] = {}
+        self._waiting: list[str] = []  # keys in the order they are converted
+        self._arguments: dict[str, tuple[str, str]] = {}
+        self._converting: str | None = None
+        self._order: list[str] = []  # keys in the order their conversions ended
+        self._changed = threading.Condition()
+        threading.Thread(target=self._convert_in_order, name="cnnzoo-convert", daemon=True).start()
+
+    def _enqueue(self, data_json: str, spec_json: str, *, first: bool) -> str:
+        key = data_json + spec_json
+        with self._changed:
+            if key in self._done or key in self._failed or key == self._converting:
+                return key
+            self._arguments[key] = (data_json, spec_json)
+            if key in self._waiting:
+                if not first:
+                    return key
+                self._waiting.remove(key)
+            if first:
+                self._waiting.insert(0, key)
+            else:
+                self._waiting.append(key)
+            self._changed.notify_all()
+        return key
+
+    def prepare(self, data_json: str, spec_json: str) -> None:
+        """Queue this spec's conversion behind those queued before (no answer: nothing waits for it)."""
+        self._enqueue(data_json, spec_json, first=False)
 
     def converted(self, data_json: str, spec_json: str) -> list:
         """``[ObjectRef]`` of ``{split: (images, labels)}`` numpy arrays, or ``[]`` when not shared (the
-        reference travels inside a list so that fetching this answer does not fetch the data too)."""
-        key = data_json + spec_json
-        if key not in self._entries:
-            arrays = converted_for_sharing(DataConfig.model_validate_json(data_json),
-                                           PreprocessSpec.from_dict(json.loads(spec_json)))
-            self._entries[key] = [ray.put(arrays)] if arrays is not None else []
-        return self._entries[key]
+        reference travels inside a list so that fetching this answer does not fetch the data too); the
+        conversion's error when it failed."""
+        key = self._enqueue(data_json, spec_json, first=True)
+        with self._changed:
+            self._changed.wait_for(lambda: key in self._done or key in self._failed)
+            if key in self._failed:
+                raise self._failed[key]
+            return self._done[key]
+
+    def _convert_in_order(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._waiting))
+                key = self._converting = self._waiting.pop(0)
+                data_json, spec_json = self._arguments.pop(key)
+            entry, error = None, None
+            try:
+                arrays = converted_for_sharing(DataConfig.model_validate_json(data_json),
+                                               PreprocessSpec.from_dict(json.loads(spec_json)))
+                entry = [ray.put(arrays)] if arrays is not None else []
+            except Exception as err:  # noqa: BLE001 - told to every worker that asks: each converts its own
+                error = err
+            with self._changed:
+                if error is None:
+                    self._done[key] = entry
+                else:
+                    self._failed[key] = error
+                self._converting = None
+                self._order.append(key)
+                self._changed.notify_all()
 
 
 def converted_for_sharing(data: DataConfig, spec: PreprocessSpec) -> dict | None:
@@ -85,9 +143,10 @@ def shared_splits() -> Iterator[str]:
 def prepare(name: str, data: DataConfig, specs) -> None:
     """Have the stage's cache convert these specs now, while the runs' processes are still starting."""
     cache = ray.get_actor(name)
-    # In the runs' order, each size once: the actor converts one at a time, and the first runs start first.
+    # In the runs' order, each size once: the actor converts one at a time, and the first runs start first (a
+    # worker's request, when it comes, goes before the sizes not started yet).
     for spec_json in dict.fromkeys(json.dumps(spec.to_dict()) for spec in specs):
-        cache.converted.remote(data.model_dump_json(), spec_json)
+        cache.prepare.remote(data.model_dump_json(), spec_json)
 
 
 def fetch_converted(name: str | None, data: DataConfig, spec: PreprocessSpec) -> dict[str, ConvertedSplit] | None:

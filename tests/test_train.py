@@ -18,6 +18,7 @@ from conftest import ONE_PER_BLOCK_TYPE
 
 import cnnmodels
 from pipelines.checkpoints import load_checkpoint
+from pipelines.data import DEBIAN_FASHION_MNIST
 from pipelines.tracking import Tracker
 from pipelines.train import stage_eta, train_stage
 
@@ -827,6 +828,36 @@ def test_workers_read_the_stages_shared_conversion(ray_cluster, make_config):
         assert torch.equal(shared[split].images, local[split].images)
         assert torch.equal(shared[split].labels, local[split].labels)
     assert fetch_converted(name, cfg.data, spec) is None  # the stage's cache is gone: workers convert their own
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_a_workers_request_goes_before_the_sizes_queued_and_a_failed_conversion_is_not_repeated(ray_cluster):
+    """The stage's cache converted one size at a time in the order asked: a worker's request waited behind every
+    size queued before it (the first run held its CPUs or GPUs idle until all of a search's sizes were done).
+    A conversion that failed was tried again by every worker's request."""
+    import ray
+
+    from pipelines.config import DataConfig
+    from pipelines.data import describe_dataset, make_spec
+    from pipelines.shared_data import fetch_converted, prepare, shared_splits
+
+    data = DataConfig(dataset="fashion-mnist", train_subset=2000)  # 18,000 images a size: about a second each
+    specs = [make_spec(describe_dataset(data), size) for size in (32, 40, 48, 56)]
+    with shared_splits() as name:
+        prepare(name, data, specs)
+        last = fetch_converted(name, data, specs[-1])  # queued last, asked for first
+        assert last["test"].images.shape[-1] == 56
+        cache = ray.get_actor(name)
+        order = ray.get(cache.__ray_call__.remote(lambda self: [json.loads(k[len(data.model_dump_json()):])
+                                                                ["image_size"] for k in self._order]))
+        # first, or right after the one converting when it was asked (a threaded actor runs calls in any order)
+        assert 56 in order[:2], order
+        missing = DataConfig(dataset="fashion-mnist", root="/nonexistent/fashion", download=False)
+        assert fetch_converted(name, missing, specs[0]) is None  # failed: the worker converts its own
+        assert fetch_converted(name, missing, specs[0]) is None
+        converted = ray.get(cache.__ray_call__.remote(lambda self: self._order))
+        assert sum("/nonexistent/fashion" in key for key in converted) == 1  # tried once
 
 
 @pytest.mark.slow
