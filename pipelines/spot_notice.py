@@ -62,14 +62,20 @@ def interruption_time(metadata_url: str = METADATA_URL, timeout_s: float = 2.0) 
         return time.time() + NOTICE_S
 
 
+#: Seconds one request to Ray's GCS may take (unbounded by default: a GCS that does not answer held the watcher
+#: for a third of the notice).
+GCS_TIMEOUT_S = 10.0
+
+
 def node_id_of_this_host(gcs_address: str) -> str:
-    """The alive Ray node of this host (its IP address), as hex; ``LookupError`` when there is none, or several
-    (more than one Ray on one host: name the node with ``--node-id``)."""
+    """The alive Ray node of this host (its IP address as the head sees it), as hex; ``LookupError`` when there
+    is none, or several (more than one Ray on one host: name the node with ``--node-id``)."""
     from ray._raylet import GcsClient
     from ray.util import get_node_ip_address
 
-    ip = get_node_ip_address()
-    alive = [node_id.hex() for node_id, info in GcsClient(address=gcs_address).get_all_node_info().items()
+    ip = get_node_ip_address(gcs_address)
+    nodes = GcsClient(address=gcs_address).get_all_node_info(timeout=GCS_TIMEOUT_S)
+    alive = [node_id.hex() for node_id, info in nodes.items()
              if info.node_manager_address == ip and info.state == 0]  # GcsNodeInfo.ALIVE
     if len(alive) != 1:
         raise LookupError(f"{len(alive)} alive Ray nodes at {ip} in the cluster at {gcs_address}, not one")
@@ -84,7 +90,7 @@ def drain_as_preempted(gcs_address: str, node_id: str, deadline: float, message:
 
     accepted, refusal = GcsClient(address=gcs_address).drain_node(
         node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), message,
-        int(deadline * 1000))
+        int(deadline * 1000), timeout=GCS_TIMEOUT_S)
     if not accepted:
         raise RuntimeError(f"Ray refused to drain node {node_id}: {refusal}")
 
@@ -112,13 +118,27 @@ def watch(gcs_address: str, node_id: str | None = None, metadata_url: str = META
             when = None
         if when is not None:
             deadline = max(when - margin_s, time.time())
-            node = node_id or node_id_of_this_host(gcs_address)
-            drain_as_preempted(gcs_address, node, deadline, f"EC2 spot interruption at {time.ctime(when)}")
+            node = _drain_until(gcs_address, node_id, deadline, when)
             logger.warning("spot interruption announced for %s: node %s drained as preempted (deadline in %.0f s)",
                            time.ctime(when), node, deadline - time.time())
             return deadline
         time.sleep(interval_s)
     return None
+
+
+def _drain_until(gcs_address: str, node_id: str | None, deadline: float, when: float) -> str:
+    """Look this host's node up and drain it, trying again until the interruption (a GCS busy or restarting):
+    once is all a notice gives. Returns the node; the last error when the time is up."""
+    while True:
+        try:
+            node = node_id or node_id_of_this_host(gcs_address)
+            drain_as_preempted(gcs_address, node, deadline, f"EC2 spot interruption at {time.ctime(when)}")
+            return node
+        except Exception as err:  # noqa: BLE001 - Ray's RpcError, a refusal, no node found yet: all retried
+            if time.time() + 2 >= when:
+                raise
+            logger.warning("could not drain this node yet (%s); trying again", err)
+            time.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-id", help="the node to drain (default: the alive node of this host's IP address)")
     parser.add_argument("--metadata-url", default=METADATA_URL, help="the instance metadata service")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between polls")
+    parser.add_argument("--margin", type=float, default=10.0,
+                        help="seconds before the announced time that the drain's deadline is set (Ray reports a worker "
+                             "preempted only when its node dies after the deadline)")
     parser.add_argument("--lock", default="/tmp/cnnzoo-spot-notice.lock",
                         help="held while watching: a second watcher (a second `ray up`) exits at once")
     args = parser.parse_args(argv)
@@ -136,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with FileLock(args.lock, timeout=0):
             logger.info("watching for a spot interruption notice every %g s", args.interval)
-            watch(args.address, args.node_id, args.metadata_url, args.interval)
+            watch(args.address, args.node_id, args.metadata_url, args.interval, args.margin)
     except Timeout:
         logger.info("another watcher holds %s", args.lock)
     except NotOnEC2 as err:
         logger.info("%s: not an EC2 instance, nothing to watch", err)
-    except (LookupError, RuntimeError) as err:  # the node not found, or the drain refused: said in the log
-        logger.error("%s", err)
+    except Exception as err:  # noqa: BLE001 - the node not found or the drain refused until the end: in the log
+        logger.error("could not drain this node before its interruption: %s", err)
         return 1
     return 0
 

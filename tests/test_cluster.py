@@ -252,7 +252,7 @@ def test_a_spot_interruption_notice_drains_the_node_so_ray_reports_its_workers_p
     against train.max_failures (the fourth failed the model). `pipelines.spot_notice` (cluster.yaml starts it on
     every worker) drains the node as preempted: Ray Train's preemption watcher sees the drain, and a worker
     that dies with the node is reported preempted, which Ray Train counts apart, without a limit."""
-    metadata = FakeInstanceMetadata(quiet_polls=2)
+    metadata = FakeInstanceMetadata(quiet_polls=2, notice_in_s=12.0)
     script = textwrap.dedent(f"""
         import json, subprocess, sys, time, ray
         from ray.cluster_utils import Cluster
@@ -297,8 +297,8 @@ def test_a_spot_interruption_notice_drains_the_node_so_ray_reports_its_workers_p
     assert len(metadata.polls) == 3  # two quiet polls, then the notice, then the watcher stopped
     assert "drained as preempted" in result["watcher_log"]
     assert list(result["draining"]) == [result["spot"]]
-    # the drain's deadline: the announced time less the 10 s margin, but not in the past when it was set
-    assert result["draining"][result["spot"]] / 1000 <= metadata.announced
+    # the drain's deadline: the announced time (whole seconds, UTC) less the 10 s margin
+    assert -1.5 < result["draining"][result["spot"]] / 1000 - (metadata.announced - 10) <= 0.01
     assert result["preempted"] is True, result
 
 
