@@ -196,15 +196,20 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate([keep, np.flatnonzero(singles)])), np.sort(held)
 
 
+class IncompleteIdxFile(DataError):
+    """An IDX file that cannot be read to its end (a download or copy cut short)."""
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file of unsigned bytes (plain or gzipped); a damaged one is a DataError naming it."""
+    """An IDX file of unsigned bytes (plain or gzipped); a damaged one is a DataError naming it
+    (:class:`IncompleteIdxFile` when it is cut short or unreadable)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a cut-off .gz, EOFError
-        raise DataError(f"{path} cannot be read ({type(err).__name__}: {err}); replace it with a complete copy "
-                        f"({_FASHION_MNIST_HELP})") from None
+        raise IncompleteIdxFile(f"{path} cannot be read ({type(err).__name__}: {err}); replace it with a complete "
+                                f"copy ({_FASHION_MNIST_HELP})") from None
     # Magic: two zero bytes, the element type (0x08: unsigned byte), the number of dimensions.
     if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 3 or len(data) < 4 + 4 * data[3]:
         raise DataError(f"{path} is not an IDX file of unsigned bytes; replace it ({_FASHION_MNIST_HELP})")
@@ -212,8 +217,8 @@ def _read_idx(path: Path) -> np.ndarray:
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
     expected = 4 + 4 * dims + math.prod(shape)
     if len(data) != expected:
-        raise DataError(f"{path} holds {len(data)} bytes where its header says {expected} (cut off, or "
-                        f"damaged); replace it ({_FASHION_MNIST_HELP})")
+        raise IncompleteIdxFile(f"{path} holds {len(data)} bytes where its header says {expected} (cut off, or "
+                                f"damaged); replace it ({_FASHION_MNIST_HELP})")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
@@ -251,7 +256,11 @@ _FASHION_MNIST_HELP = ("install Debian's dataset-fashion-mnist package (apt-get 
 
 def _read_fashion_mnist(found: dict[str, Path]) -> dict[str, np.ndarray]:
     """The four IDX files' arrays, checked to be Fashion-MNIST's; a DataError naming the file otherwise."""
-    arrays = {key: _read_idx(path) for key, path in found.items()}
+    return _checked_fashion_mnist({key: _read_idx(path) for key, path in found.items()}, found)
+
+
+def _checked_fashion_mnist(arrays: dict[str, np.ndarray], found: dict[str, Path]) -> dict[str, np.ndarray]:
+    """``arrays`` when they are Fashion-MNIST's shapes and labels; a DataError naming the file (of ``found``)."""
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -279,16 +288,42 @@ def _only_downloaded(directory: Path, found: dict[str, Path | None]) -> bool:
     return all(path.parent == _torchvision_download_dir(directory) for path in found.values() if path is not None)
 
 
-def _remove_unreadable_downloads(raw: Path) -> None:
-    """Delete the IDX files in torchvision's download directory that cannot be read (cut short): torchvision
+def _remove_unreadable_downloads(raw: Path) -> list[str]:
+    """Delete the IDX files in torchvision's download directory that are cut short, and name them: torchvision
     takes an extracted file that exists as complete, and checks only the archives."""
+    removed = []
     for stem in FASHION_MNIST_FILES.values():
         for path in (raw / stem, raw / f"{stem}.gz"):
             if path.is_file():
                 try:
                     _read_idx(path)
-                except DataError:
+                except IncompleteIdxFile:
                     path.unlink(missing_ok=True)
+                    removed.append(path.name)
+                except DataError:  # complete, but not what it should be: torchvision's checksum says so
+                    pass
+    return removed
+
+
+def _torchvision_fashion_mnist(target: Path) -> dict[str, np.ndarray]:
+    """Fashion-MNIST through torchvision's download into ``target`` (a copy already there is read); a copy
+    whose files are cut short (an interrupted download, or extraction) is downloaded again, once."""
+    import torchvision
+
+    raw = _torchvision_download_dir(target)
+    for attempt in (1, 2):
+        try:
+            train = torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
+            test = torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
+            break
+        except (RuntimeError, ValueError, EOFError, OSError):  # a file cut short reads as a bad shape
+            removed = _remove_unreadable_downloads(raw) if attempt == 1 else []
+            if not removed:
+                raise
+            logger.warning("[data] %s: %s cut short; downloading them again", raw, ", ".join(removed))
+    arrays = {"train_images": train.data.numpy(), "train_labels": train.targets.numpy(),
+              "test_images": test.data.numpy(), "test_labels": test.targets.numpy()}
+    return _checked_fashion_mnist(arrays, {key: raw / stem for key, stem in FASHION_MNIST_FILES.items()})
 
 
 def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
@@ -302,7 +337,7 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
         if all(found.values()):
             try:
                 return _read_fashion_mnist(found)
-            except DataError as err:
+            except IncompleteIdxFile as err:  # (a file complete but not Fashion-MNIST's is no download's)
                 if not (directory == root and cfg.download and _only_downloaded(directory, found)):
                     raise
                 unfinished = str(err)
@@ -318,8 +353,6 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
                  if root else _FASHION_MNIST_HELP)
     if not cfg.download:
         raise DataError(f"Fashion-MNIST IDX files not found in {where} and data.download is false; " + help_text)
-    import torchvision
-
     target = root or _default_root("fashion-mnist")
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -333,14 +366,13 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
                 logger.warning("[data] the Fashion-MNIST download in %s was cut short (%s); downloading it again",
                                _torchvision_download_dir(target), unfinished)
                 _remove_unreadable_downloads(_torchvision_download_dir(target))
-            train = torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
-            test = torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError too
+            return _torchvision_fashion_mnist(target)
+    except DataError:  # (a RuntimeError) what was read is not Fashion-MNIST's: said as it is
+        raise
+    except (OSError, RuntimeError, ValueError, EOFError) as err:  # URLError is an OSError; torchvision's own
         state = f"incomplete in {where} ({unfinished})" if unfinished else f"not found in {where}"
         raise DataError(f"Fashion-MNIST IDX files {state} and the download to {target} failed "
                         f"({type(err).__name__}: {err}); " + help_text) from None
-    return {"train_images": train.data.numpy(), "train_labels": train.targets.numpy(),
-            "test_images": test.data.numpy(), "test_labels": test.targets.numpy()}
 
 
 def _load_fashion_mnist(cfg: DataConfig) -> ImageSplits:

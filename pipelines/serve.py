@@ -508,8 +508,10 @@ def check_route_free(cfg: PipelineConfig) -> None:
         applications = _get_global_client().get_serve_details().get("applications", {})
     except Exception:  # noqa: BLE001 - an API that moved: not checked; Serve's deployment then says it
         return
+    # (an app being deleted gives its route up: Serve's own check leaves it out too)
     holders = sorted(app for app, details in applications.items()
-                     if app != cfg.name and (details or {}).get("route_prefix") == "/")
+                     if app != cfg.name and (details or {}).get("route_prefix") == "/"
+                     and (details or {}).get("status") != "DELETING")
     if holders:
         raise ConfigError("name", f"Serve app {holders[0]!r} already answers at / on this Ray, and one endpoint "
                                   f"serves one app: stop it first (python -c \"import ray; from ray import serve; "

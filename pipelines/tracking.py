@@ -625,9 +625,11 @@ def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:
         except ValueError:  # a name, not an address
             address = None
         if address is not None and address.is_private and not address.is_loopback:
-            # a cluster head's private address (cluster.yaml): a laptop reaches it through the README's tunnel
+            # a private address (a cluster head's, cluster.yaml): from a laptop, through an SSH tunnel (README)
             port = url.port or (443 if url.scheme == "https" else 80)
-            hint += (f"; from your machine, through an SSH tunnel to the head (ssh -L {port}:{url.hostname}:{port} "
-                     f"...): {url.scheme}://127.0.0.1:{port}/{page}")
+            local = port if port >= 1024 else 5000  # a port below 1024 needs root on the laptop
+            host = f"[{url.hostname}]" if address.version == 6 else url.hostname
+            hint += (f"; from elsewhere, through an SSH tunnel to a machine that reaches it (ssh -L "
+                     f"{local}:{host}:{port} ..., the README's cluster section): {url.scheme}://127.0.0.1:{local}/{page}")
         return hint
     return f"mlflow ui --backend-store-uri '{shown}' --port {port}   # then http://127.0.0.1:{port}/{page}{note}"

@@ -319,11 +319,14 @@ def _unregistered(cfg: PipelineConfig, runs: list[ModelRun]) -> set[str]:
         return set()
     # The fingerprint leaves epochs out: a version of the same training to fewer epochs does not hold this one.
     # Versions registered before the epochs tag existed count for any epochs, as before.
-    trainings = {(v.tags.get(TAG_FINGERPRINT), v.tags.get("epochs")) for v in versions}
+    # By model name too (versions from before that tag count for any name): two names can share a fingerprint
+    # (efficientnet_phi0 and an efficientnet at phi 0 named in train.models: the same B0).
+    trainings = {(v.tags.get("model_name"), v.tags.get(TAG_FINGERPRINT), v.tags.get("epochs")) for v in versions}
     untagged = {v.alias for v in aliased if TAG_FINGERPRINT not in v.tags}
 
     def registered(run: ModelRun) -> bool:
-        return bool({(run.fingerprint, str(run.hyper.epochs)), (run.fingerprint, None)} & trainings)
+        return bool({(name, run.fingerprint, epochs) for name in (run.model_name, None)
+                     for epochs in (str(run.hyper.epochs), None)} & trainings)
 
     return {r.model_name for r in runs
             if r.model_name not in pending and not registered(r) and r.model_name not in untagged}

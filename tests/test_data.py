@@ -573,6 +573,45 @@ def test_a_fashion_mnist_download_cut_short_in_data_root_is_done_again(tmp_path,
     assert sorted(p.name for p in own.iterdir()) == ["train-images-idx3-ubyte.gz"]
 
 
+def test_the_default_download_cut_short_is_done_again_and_files_of_other_data_are_refused(
+        tmp_path, fashion_mnist_mirror, monkeypatch, caplog):
+    """Without data.root the download goes to the cache (CNNZOO_DATA): an extracted file cut short there failed
+    every run ("shape '[10000]' is invalid"). Complete files that are not Fashion-MNIST's (a label 25, sizes that
+    do not match) are no cut-short download: refused, with download or without, not returned unchecked."""
+    import gzip
+
+    from pipelines import data
+    from pipelines.data import DataError, forget_loaded_splits
+
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    monkeypatch.setenv("CNNZOO_DATA", str(tmp_path / "cache"))
+    expected = data._read_fashion_mnist({key: DEBIAN_FASHION_MNIST / f"{stem}.gz"
+                                         for key, stem in data.FASHION_MNIST_FILES.items()})
+    cfg = DataConfig(dataset="fashion-mnist")
+    assert np.array_equal(load_splits(cfg).test.images, expected["test_images"])  # downloaded
+    raw = tmp_path / "cache" / "fashion-mnist" / "FashionMNIST" / "raw"
+    extracted = raw / "t10k-labels-idx1-ubyte"
+    extracted.write_bytes(extracted.read_bytes()[:100])
+    forget_loaded_splits()
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert np.array_equal(load_splits(cfg).test.labels, expected["test_labels"])
+    assert "t10k-labels-idx1-ubyte cut short; downloading them again" in caplog.text
+
+    # Readable IDX files of other data under data.root's download directory: refused, not returned
+    other = tmp_path / "other" / "FashionMNIST" / "raw"
+    other.mkdir(parents=True)
+    for stem, array in (("train-images-idx3-ubyte", np.zeros((3, 28, 28), np.uint8)),
+                        ("train-labels-idx1-ubyte", np.array([0, 25, 1], np.uint8)),
+                        ("t10k-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8)),
+                        ("t10k-labels-idx1-ubyte", np.array([0, 1], np.uint8))):
+        header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        with gzip.open(other / f"{stem}.gz", "wb") as f:
+            f.write(header + array.tobytes())
+    for download in (False, True):
+        with pytest.raises(DataError, match="holds label 25"):
+            load_splits(DataConfig(dataset="fashion-mnist", root=str(tmp_path / "other"), download=download))
+
+
 def test_a_partial_fashion_mnist_root_names_the_missing_files(tmp_path):
     import gzip
 

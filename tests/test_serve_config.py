@@ -139,6 +139,10 @@ def test_the_decode_budget_must_admit_the_paper_family_trained_beside_the_search
     with pytest.raises(ConfigError, match=r"efficientnet_paper_phi4 \(112 px\)") as refused:
         make_config(*searched_only, "search.compare_paper=true")
     assert refused.value.key == "serve.max_resized_pixels"
+    # 8 px digits: the family's phi-1 member takes the model's smallest input, 16 px, not round(8 * gamma)
+    with pytest.raises(ConfigError, match=r"efficientnet_phi1 \(at least 16 px\)"):
+        make_config("data.image_size=8", "search.phis=[0, 1]", "train.models=[resnet18]",
+                    "serve.max_resized_pixels=100")
 
 
 @pytest.mark.parametrize("alias", ["champion", "''"])

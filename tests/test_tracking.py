@@ -107,6 +107,7 @@ def test_the_ui_hint_opens_the_model_training_view():
     assert "ssh -L 5000:172.31.5.9:5000" in on_cluster
     assert "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning" in on_cluster
     assert "tunnel" not in ui_hint("http://127.0.0.1:5000", "3") + ui_hint("http://34.210.1.5:5000", "3")
+    assert "ssh -L 5000:[fd00::7]:443 " in ui_hint("https://[fd00::7]", "3")  # brackets; no root port locally
 
 
 def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(make_config, tmp_path):

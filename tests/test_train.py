@@ -830,6 +830,28 @@ def test_workers_read_the_stages_shared_conversion(ray_cluster, make_config):
     assert fetch_converted(name, cfg.data, spec) is None  # the stage's cache is gone: workers convert their own
 
 
+def test_a_version_of_another_model_with_the_same_fingerprint_does_not_count_as_registered(make_config, tmp_path):
+    """efficientnet_phi0 and an efficientnet at phi 0 named in train.models build the same B0 (their fingerprints
+    are equal): a version of one counted as the other's registration, which was then never registered."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import ModelChoice, plan_model_runs
+    from pipelines.train import _unregistered
+
+    cfg = make_config("train.epochs=1")
+    runs = plan_model_runs(cfg, describe_dataset(cfg.data), [
+        ModelChoice("efficientnet_phi0", "efficientnet", {"phi": 0.0, "alpha": 1.3, "beta": 1.05, "gamma": 1.2}),
+        ModelChoice("b0_by_hand", "efficientnet", {"phi": 0.0})], cluster_cpus=2)
+    assert runs[0].fingerprint == runs[1].fingerprint
+    client = MlflowClient(cfg.tracking_uri)
+    client.create_registered_model(cfg.registered_model_name)
+    (tmp_path / "model").mkdir()
+    client.create_model_version(cfg.registered_model_name, str(tmp_path / "model"), tags={
+        "model_name": "efficientnet_phi0", "fingerprint": runs[0].fingerprint, "epochs": "1"})
+    assert _unregistered(cfg, runs) == {"b0_by_hand"}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_a_workers_request_goes_before_the_sizes_queued_and_a_failed_conversion_is_not_repeated(ray_cluster):
