@@ -649,6 +649,7 @@ def train_loop_per_worker(config: dict) -> None:
         report_epoch(ctx, epoch, {"epoch": epoch, **metrics, "val_loss": val_loss, "val_acc": val_acc,
                                   "start_epoch": ctx.start_epoch, "worker_nodes": ctx.worker_nodes})
     if ctx.rank == 0 and training_left:
+        ctx.mark("compute_released")
         release_compute(run.compute_gate, run.run_name)  # the test is short; let the next run train
     if run.evaluate_test:
         report_test(ctx)

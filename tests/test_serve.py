@@ -41,6 +41,16 @@ def png(array: np.ndarray) -> bytes:
     return encode(Image.fromarray(array))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _serve_stops_after_these_tests():
+    """No later test needs the session's Serve apps (test_pipeline's, the strict one), and while their replicas
+    hold CPUs every later stage's free_resources waits 2 s for a release: about 40 s over the suite."""
+    yield
+    from ray import serve
+
+    serve.shutdown()
+
+
 @pytest.fixture(scope="module")
 def server(pipeline_run):
     cfg, result = pipeline_run

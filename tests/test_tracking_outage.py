@@ -3,8 +3,10 @@ when the server is back, and what an outage outlasts is left pending for ``pytho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -37,7 +39,7 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers: one group to stop
             # Without the GenAI job runner: its half-dozen consumer processes triple the start-up on 2 cores.
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         deadline = time.monotonic() + timeout
@@ -51,15 +53,20 @@ class MlflowServer:
         raise TimeoutError(f"mlflow server did not answer within {timeout} s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        # The server's workers are its children; the port must be free before the next start.
-        subprocess.run(["pkill", "-f", f"mlflow.*--port {self.port}"], check=False)
+        if self.process is None:
+            return
+        # The server's workers are its children (its own process group): the port must be free before the next
+        # start, and no other test's processes are touched.
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except ProcessLookupError:  # the group is gone already
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # a worker that outlived its parent
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

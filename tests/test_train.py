@@ -55,6 +55,48 @@ def test_two_worker_ddp_learns_digits(ddp_run):
 
 
 @pytest.mark.slow
+def test_both_ddp_ranks_end_an_epoch_with_the_same_weights(ray_cluster, make_config, tmp_path):
+    """Nothing checked that the ranks train one model: with DDP's wrapping switched off each rank trained its
+    own LeNet-5, and every DDP test still passed (the accuracy is rank 0's). An epoch of the worker's own loop
+    on two ranks, then every parameter gathered from both."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+
+    cfg = make_config("train.models=[lenet5]", "train.num_workers=2", "data.image_size=16", "data.train_subset=64",
+                      "train.batch_size=16", "train.optimizer=adamw", "train.lr=0.003")
+    [run] = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+
+    def loop(config):
+        import torch.distributed as dist
+
+        from pipelines.planning import ModelRun
+        from pipelines.worker import _unwrap, restore, setup, train_epoch
+
+        ctx = setup(ModelRun.from_dict(config["run"]))
+        restore(ctx)
+        before = torch.cat([p.detach().flatten().clone() for p in _unwrap(ctx.model).parameters()])
+        train_epoch(ctx, 0)
+        after = torch.cat([p.detach().flatten() for p in _unwrap(ctx.model).parameters()])
+        gathered = [torch.empty_like(after) for _ in range(ctx.world)]
+        dist.all_gather(gathered, after)
+        if ctx.rank == 0:
+            Path(config["out"]).write_text(json.dumps({
+                "ranks": len(gathered), "moved": float((after - before).abs().max()),
+                "difference": float((gathered[0] - gathered[1]).abs().max())}))
+
+    TorchTrainer(loop, train_loop_config={"run": run.to_dict(), "out": str(tmp_path / "weights.json")},
+                 scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={
+                     "CPU": run.workers.cpus_per_worker}),
+                 run_config=ray.train.RunConfig(name="ddp-sync", storage_path=str(tmp_path / "ray"))).fit()
+    weights = json.loads((tmp_path / "weights.json").read_text())
+    assert weights["ranks"] == 2 and weights["moved"] > 0  # trained, on two ranks ...
+    assert weights["difference"] == 0.0  # ... to the same weights
+
+
+@pytest.mark.slow
 def test_mlflow_child_run_has_the_comparable_params_and_metrics(ddp_run):
     cfg, stage = ddp_run
     tracker = Tracker.for_config(cfg)
@@ -88,8 +130,11 @@ def test_mlflow_child_run_has_the_comparable_params_and_metrics(ddp_run):
 
 @pytest.mark.slow
 def test_registered_version_loads_back_and_predicts_like_the_checkpoint(ddp_run):
-    cfg, stage = ddp_run
-    result = stage.results["lenet5"]
+    from pipelines.results import load_results
+
+    cfg, _ = ddp_run
+    # The current record, not the fixture's first one: a test that re-registers the run may have run first.
+    result = load_results(cfg.paths.train_dir)["lenet5"]
     mlflow.set_tracking_uri(cfg.tracking_uri)
     client = Tracker.for_config(cfg).client
     version = client.get_model_version_by_alias(cfg.registered_model_name, "lenet5")
@@ -489,12 +534,12 @@ def test_auto_bf16_detects_amx_and_avx512_bf16_cpus():
     assert cpu_has_native_bf16() == bool(flags & {"amx_tile", "avx512_bf16"})
 
 
-def test_the_worker_says_which_precision_and_layout_it_chose():
+def test_the_worker_says_which_precision_and_layout_it_chose(monkeypatch):
     from types import SimpleNamespace
 
     from pipelines.worker import describe_compute
 
-    torch.set_num_threads(2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # (set_num_threads would outlive the test)
     cpu_bf16 = SimpleNamespace(world=1, device=torch.device("cpu"), amp_dtype=torch.bfloat16, channels_last=True)
     assert describe_compute(cpu_bf16) == "1 cpu worker(s) x 2 threads, bfloat16 autocast, channels-last"
     gpu_fp32 = SimpleNamespace(world=4, device=torch.device("cuda"), amp_dtype=None, channels_last=False)
@@ -685,7 +730,8 @@ def test_the_next_model_starts_up_while_one_trains_and_waits_for_the_cores(ray_c
 
     first, second = sorted(stage.results.values(), key=lambda r: at(r, "compute_granted"))
     assert at(second, "worker_start") < at(first, "test_start"), "the second run did not start up meanwhile"
-    assert at(second, "compute_granted") >= at(first, "test_start") - 0.5, "both trained at the same time"
+    # (milestones are kept to the millisecond: 2 ms for the rounding of both)
+    assert at(second, "compute_granted") >= at(first, "compute_released") - 0.002, "both trained at the same time"
     assert all(r.version for r in stage.results.values()), "both registered"
     out, deadline = "", time.monotonic() + 30
     while "[vgg11] epoch 1/2: batch " not in out and time.monotonic() < deadline:
@@ -704,7 +750,9 @@ def test_progress_lines_come_before_the_interval_passes_and_long_evaluations_pri
     import pipelines.worker as worker
 
     clock = [0.0]
-    monkeypatch.setattr(worker.time, "perf_counter", lambda: clock[0])
+    # The worker module's clock only (patching time.perf_counter itself stopped it for every thread in the process)
+    monkeypatch.setattr(worker, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=worker.time.time,
+                                                        monotonic=worker.time.monotonic, sleep=worker.time.sleep))
     lines, handler = [], logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append((clock[0], record.getMessage()))
     worker.logger.addHandler(handler)
