@@ -40,52 +40,57 @@ MAX_SHARED_BYTES = 2 * 1024**3
 class SplitsCache:
     """Converts a data set's splits once per spec and keeps them in the object store for the stage.
 
-    One conversion at a time, in a thread of its own: the sizes :func:`prepare` queued in the runs' order, but a
-    worker's request first (it waited behind every size queued before it: a first run held its CPUs or GPUs
-    idle until all of a search's sizes were converted). Requests wait in the actor's other threads; an answer
-    already converted comes at once. A conversion that failed is not tried again for the stage: every worker
-    that asks hears of it at once and converts its own (as when no cache is there)."""
+    One conversion at a time, in a thread of its own: the sizes :func:`prepare` queued, in the runs' order, but
+    the sizes workers asked for first, in the order they asked (a request waited behind every size queued
+    before it: a first run held its CPUs or GPUs idle until all of a search's sizes were converted). Requests
+    wait in the actor's other threads; an answer already converted comes at once. A conversion that failed is
+    not tried again for the stage: every worker that asks hears of it at once and converts its own (as when no
+    cache is there)."""
 
     def __init__(self) -> None:
         self._done: dict[str, list] = {}
-        self._failed: dict[str, BaseException] = {}
+        self._failed: dict[str, str] = {}  # key -> what went wrong (raised afresh for each request)
         self._waiting: list[str] = []  # keys in the order they are converted
+        self._requested = 0  # how many keys at the head of _waiting a worker asked for
         self._arguments: dict[str, tuple[str, str]] = {}
         self._converting: str | None = None
         self._order: list[str] = []  # keys in the order their conversions ended
         self._changed = threading.Condition()
         threading.Thread(target=self._convert_in_order, name="cnnzoo-convert", daemon=True).start()
 
-    def _enqueue(self, data_json: str, spec_json: str, *, first: bool) -> str:
+    def _enqueue(self, data_json: str, spec_json: str, *, requested: bool) -> str:
         key = data_json + spec_json
         with self._changed:
             if key in self._done or key in self._failed or key == self._converting:
                 return key
             self._arguments[key] = (data_json, spec_json)
             if key in self._waiting:
-                if not first:
-                    return key
+                if not requested or self._waiting.index(key) < self._requested:
+                    return key  # queued already, or asked for already
                 self._waiting.remove(key)
-            if first:
-                self._waiting.insert(0, key)
+            if requested:  # after the sizes asked for before, ahead of those only queued
+                self._waiting.insert(self._requested, key)
+                self._requested += 1
             else:
                 self._waiting.append(key)
             self._changed.notify_all()
         return key
 
-    def prepare(self, data_json: str, spec_json: str) -> None:
-        """Queue this spec's conversion behind those queued before (no answer: nothing waits for it)."""
-        self._enqueue(data_json, spec_json, first=False)
+    def prepare(self, data_json: str, spec_jsons: list[str]) -> None:
+        """Queue these specs' conversions, in this order, behind those queued before (no answer: nothing waits
+        for it). One call for all: a threaded actor runs separate calls in any order."""
+        for spec_json in spec_jsons:
+            self._enqueue(data_json, spec_json, requested=False)
 
     def converted(self, data_json: str, spec_json: str) -> list:
         """``[ObjectRef]`` of ``{split: (images, labels)}`` numpy arrays, or ``[]`` when not shared (the
-        reference travels inside a list so that fetching this answer does not fetch the data too); the
-        conversion's error when it failed."""
-        key = self._enqueue(data_json, spec_json, first=True)
+        reference travels inside a list so that fetching this answer does not fetch the data too); a
+        RuntimeError saying why when the conversion failed."""
+        key = self._enqueue(data_json, spec_json, requested=True)
         with self._changed:
             self._changed.wait_for(lambda: key in self._done or key in self._failed)
             if key in self._failed:
-                raise self._failed[key]
+                raise RuntimeError(self._failed[key])  # a new one each time: a shared one grew its traceback
             return self._done[key]
 
     def _convert_in_order(self) -> None:
@@ -93,22 +98,31 @@ class SplitsCache:
             with self._changed:
                 self._changed.wait_for(lambda: bool(self._waiting))
                 key = self._converting = self._waiting.pop(0)
+                self._requested = max(0, self._requested - 1)
                 data_json, spec_json = self._arguments.pop(key)
-            entry, error = None, None
+            entry, failure = None, "the conversion did not end"
             try:
-                arrays = converted_for_sharing(DataConfig.model_validate_json(data_json),
-                                               PreprocessSpec.from_dict(json.loads(spec_json)))
-                entry = [ray.put(arrays)] if arrays is not None else []
-            except Exception as err:  # noqa: BLE001 - told to every worker that asks: each converts its own
-                error = err
-            with self._changed:
-                if error is None:
-                    self._done[key] = entry
-                else:
-                    self._failed[key] = error
-                self._converting = None
-                self._order.append(key)
-                self._changed.notify_all()
+                entry = self._convert(data_json, spec_json)
+            except BaseException as err:  # noqa: BLE001 - told to every worker that asks: each converts its own
+                failure = f"{type(err).__name__}: {err}"
+                if not isinstance(err, Exception):
+                    raise
+            finally:  # (whatever ends it: no request may wait for good)
+                with self._changed:
+                    if entry is not None:
+                        self._done[key] = entry
+                    else:
+                        self._failed[key] = failure
+                    self._converting = None
+                    self._order.append(key)
+                    self._changed.notify_all()
+
+    @staticmethod
+    def _convert(data_json: str, spec_json: str) -> list:
+        # (its own frame: the converted arrays are freed once in the object store, not kept until the next size)
+        arrays = converted_for_sharing(DataConfig.model_validate_json(data_json),
+                                       PreprocessSpec.from_dict(json.loads(spec_json)))
+        return [ray.put(arrays)] if arrays is not None else []
 
 
 def converted_for_sharing(data: DataConfig, spec: PreprocessSpec) -> dict | None:
@@ -145,8 +159,7 @@ def prepare(name: str, data: DataConfig, specs) -> None:
     cache = ray.get_actor(name)
     # In the runs' order, each size once: the actor converts one at a time, and the first runs start first (a
     # worker's request, when it comes, goes before the sizes not started yet).
-    for spec_json in dict.fromkeys(json.dumps(spec.to_dict()) for spec in specs):
-        cache.prepare.remote(data.model_dump_json(), spec_json)
+    cache.prepare.remote(data.model_dump_json(), list(dict.fromkeys(json.dumps(spec.to_dict()) for spec in specs)))
 
 
 def fetch_converted(name: str | None, data: DataConfig, spec: PreprocessSpec) -> dict[str, ConvertedSplit] | None:
