@@ -211,7 +211,11 @@ def _read_idx(path: Path) -> np.ndarray:
         raise IncompleteIdxFile(f"{path} cannot be read ({type(err).__name__}: {err}); replace it with a complete "
                                 f"copy ({_FASHION_MNIST_HELP})") from None
     # Magic: two zero bytes, the element type (0x08: unsigned byte), the number of dimensions.
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 3 or len(data) < 4 + 4 * data[3]:
+    magic_fits = data[:3] == b"\x00\x00\x08"[:len(data)] and (len(data) < 4 or 1 <= data[3] <= 3)
+    if magic_fits and (len(data) < 4 or len(data) < 4 + 4 * data[3]):  # (an extraction stopped leaves 0 bytes)
+        raise IncompleteIdxFile(f"{path} ends within its header ({len(data)} bytes: cut off); replace it "
+                                f"({_FASHION_MNIST_HELP})")
+    if not magic_fits:
         raise DataError(f"{path} is not an IDX file of unsigned bytes; replace it ({_FASHION_MNIST_HELP})")
     dims = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
@@ -300,7 +304,7 @@ def _remove_unreadable_downloads(raw: Path) -> list[str]:
                 except IncompleteIdxFile:
                     path.unlink(missing_ok=True)
                     removed.append(path.name)
-                except DataError:  # complete, but not what it should be: torchvision's checksum says so
+                except DataError:  # complete, but not Fashion-MNIST's: refused by the shapes and labels check
                     pass
     return removed
 
@@ -316,7 +320,8 @@ def _torchvision_fashion_mnist(target: Path) -> dict[str, np.ndarray]:
             train = torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
             test = torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
             break
-        except (RuntimeError, ValueError, EOFError, OSError):  # a file cut short reads as a bad shape
+        # (a file cut short reads as a bad shape, an empty one as a ValueError, a 1-3 byte one an AssertionError)
+        except (RuntimeError, ValueError, EOFError, OSError, AssertionError, TypeError):
             removed = _remove_unreadable_downloads(raw) if attempt == 1 else []
             if not removed:
                 raise
@@ -369,7 +374,7 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
             return _torchvision_fashion_mnist(target)
     except DataError:  # (a RuntimeError) what was read is not Fashion-MNIST's: said as it is
         raise
-    except (OSError, RuntimeError, ValueError, EOFError) as err:  # URLError is an OSError; torchvision's own
+    except (OSError, RuntimeError, ValueError, EOFError, AssertionError, TypeError) as err:  # URLError: an OSError
         state = f"incomplete in {where} ({unfinished})" if unfinished else f"not found in {where}"
         raise DataError(f"Fashion-MNIST IDX files {state} and the download to {target} failed "
                         f"({type(err).__name__}: {err}); " + help_text) from None

@@ -35,6 +35,10 @@ class NotOnEC2(RuntimeError):
     """The instance metadata service does not answer: not an EC2 instance."""
 
 
+class CannotDrain(RuntimeError):
+    """A drain that trying again will not bring about: Ray refused it, or this host has several Ray nodes."""
+
+
 def interruption_time(metadata_url: str = METADATA_URL, timeout_s: float = 2.0) -> float | None:
     """When EC2 will stop or terminate this spot instance (epoch seconds), or None while no interruption is
     announced. :class:`NotOnEC2` when the metadata service does not answer at all."""
@@ -77,8 +81,11 @@ def node_id_of_this_host(gcs_address: str) -> str:
     nodes = GcsClient(address=gcs_address).get_all_node_info(timeout=GCS_TIMEOUT_S)
     alive = [node_id.hex() for node_id, info in nodes.items()
              if info.node_manager_address == ip and info.state == 0]  # GcsNodeInfo.ALIVE
-    if len(alive) != 1:
-        raise LookupError(f"{len(alive)} alive Ray nodes at {ip} in the cluster at {gcs_address}, not one")
+    if len(alive) > 1:
+        raise CannotDrain(f"{len(alive)} alive Ray nodes at {ip} in the cluster at {gcs_address}: name the node "
+                          "with --node-id")
+    if not alive:  # (not joined yet, or joined again under a new id a moment from now)
+        raise LookupError(f"no alive Ray node at {ip} in the cluster at {gcs_address}")
     return alive[0]
 
 
@@ -92,7 +99,7 @@ def drain_as_preempted(gcs_address: str, node_id: str, deadline: float, message:
         node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), message,
         int(deadline * 1000), timeout=GCS_TIMEOUT_S)
     if not accepted:
-        raise RuntimeError(f"Ray refused to drain node {node_id}: {refusal}")
+        raise CannotDrain(f"Ray refused to drain node {node_id}: {refusal}")
 
 
 def watch(gcs_address: str, node_id: str | None = None, metadata_url: str = METADATA_URL, interval_s: float = 5.0,
@@ -117,8 +124,7 @@ def watch(gcs_address: str, node_id: str | None = None, metadata_url: str = META
             logger.warning("could not read the spot interruption notice (%s); trying again", err)
             when = None
         if when is not None:
-            deadline = max(when - margin_s, time.time())
-            node = _drain_until(gcs_address, node_id, deadline, when)
+            node, deadline = _drain_until(gcs_address, node_id, when, margin_s)
             logger.warning("spot interruption announced for %s: node %s drained as preempted (deadline in %.0f s)",
                            time.ctime(when), node, deadline - time.time())
             return deadline
@@ -126,18 +132,26 @@ def watch(gcs_address: str, node_id: str | None = None, metadata_url: str = META
     return None
 
 
-def _drain_until(gcs_address: str, node_id: str | None, deadline: float, when: float) -> str:
-    """Look this host's node up and drain it, trying again until the interruption (a GCS busy or restarting):
-    once is all a notice gives. Returns the node; the last error when the time is up."""
+def _drain_until(gcs_address: str, node_id: str | None, when: float, margin_s: float) -> tuple[str, float]:
+    """Look this host's node up and drain it with a deadline ``margin_s`` before ``when`` (not in the past),
+    trying again until the interruption when that can help (a GCS busy or restarting, the node not found yet):
+    once is all a notice gives. Returns the node and its deadline; the last error when the time is up, and
+    :class:`CannotDrain` at once."""
+    warned = 0.0
     while True:
+        deadline = max(when - margin_s, time.time())
         try:
             node = node_id or node_id_of_this_host(gcs_address)
             drain_as_preempted(gcs_address, node, deadline, f"EC2 spot interruption at {time.ctime(when)}")
-            return node
-        except Exception as err:  # noqa: BLE001 - Ray's RpcError, a refusal, no node found yet: all retried
+            return node, deadline
+        except CannotDrain:
+            raise
+        except Exception as err:  # noqa: BLE001 - Ray's RpcError, a timeout, no node yet: all can pass
             if time.time() + 2 >= when:
                 raise
-            logger.warning("could not drain this node yet (%s); trying again", err)
+            if time.monotonic() - warned >= 10:  # a line every 10 s, not one a second
+                warned = time.monotonic()
+                logger.warning("could not drain this node yet (%s); trying again until the interruption", err)
             time.sleep(1)
 
 

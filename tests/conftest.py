@@ -25,8 +25,16 @@ ONE_PER_BLOCK_TYPE = ["lenet5", "alexnet", "vgg11", "vgg11_bn", "se_vgg11_bn", "
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``own_ray`` (they start a Ray cluster of their own) run first, before ``ray_cluster`` starts
     the shared one: two Ray instances on one 2-core machine slowed the simulated cluster from about 120 s to
-    150-170 s, though the idle one used under 0.1 of a core. The rest keep their order."""
+    150-170 s, though the idle one used under 0.1 of a core. test_serve.py's tests come right after
+    test_pipeline.py's, whose Serve app they use and then stop (in whatever order the files were given: the
+    app is gone after them). The rest keep their order."""
     items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)
+    serving = [item for item in items if item.path.name == "test_serve.py"]
+    pipeline = [i for i, item in enumerate(items) if item.path.name == "test_pipeline.py"]
+    if serving and pipeline:
+        rest = [item for item in items if item.path.name != "test_serve.py"]
+        after = max(i for i, item in enumerate(rest) if item.path.name == "test_pipeline.py") + 1
+        items[:] = rest[:after] + serving + rest[after:]
 
 
 @pytest.fixture(scope="session")

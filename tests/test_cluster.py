@@ -319,6 +319,30 @@ def test_the_spot_watcher_exits_quietly_off_ec2_and_a_second_one_at_once(tmp_pat
     with FileLock(str(tmp_path / "held")):
         assert spot_notice.main(["--address", "127.0.0.1:1", "--metadata-url", nowhere,
                                  "--lock", str(tmp_path / "held")]) == 0
+    # A drain that can pass (a GCS restarting) is tried again, with the deadline set anew; a refusal is final
+    import time
+
+    calls = []
+
+    def drain(gcs, node, deadline, message):
+        calls.append(deadline)
+        if len(calls) < 3:
+            raise ConnectionError("GCS restarting")
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(spot_notice, "drain_as_preempted", drain)
+    try:
+        when = time.time() + 30
+        node, deadline = spot_notice._drain_until("gcs:6379", "ab" * 28, when, margin_s=29.5)
+        assert node == "ab" * 28 and len(calls) == 3 and calls[2] > calls[0] and deadline == calls[2]
+        monkeypatch.setattr(spot_notice, "drain_as_preempted",
+                            lambda *args: (_ for _ in ()).throw(spot_notice.CannotDrain("refused")))
+        started = time.monotonic()
+        with pytest.raises(spot_notice.CannotDrain):
+            spot_notice._drain_until("gcs:6379", "ab" * 28, time.time() + 30, margin_s=10)
+        assert time.monotonic() - started < 1  # not retried for 30 s
+    finally:
+        monkeypatch.undo()
     metadata = FakeInstanceMetadata(quiet_polls=1)
     try:  # no notice yet: None; then the announced time
         assert spot_notice.interruption_time(metadata.url) is None

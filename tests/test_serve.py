@@ -46,9 +46,11 @@ def _serve_stops_after_these_tests():
     """No later test needs the session's Serve apps (test_pipeline's, the strict one), and while their replicas
     hold CPUs every later stage's free_resources waits 2 s for a release: about 40 s over the suite."""
     yield
+    import ray
     from ray import serve
 
-    serve.shutdown()
+    if ray.is_initialized():  # (serve.shutdown would start a Ray to find nothing)
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")

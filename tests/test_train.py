@@ -65,8 +65,9 @@ def test_both_ddp_ranks_end_an_epoch_with_the_same_weights(ray_cluster, make_con
     from pipelines.data import describe_dataset
     from pipelines.planning import plan_model_runs, resolve_models
 
-    cfg = make_config("train.models=[lenet5]", "train.num_workers=2", "data.image_size=16", "data.train_subset=64",
-                      "train.batch_size=16", "train.optimizer=adamw", "train.lr=0.003")
+    cfg = make_config("train.models=[lenet5]", "train.num_workers=2", "train.cpus_per_worker=0.5",
+                      "data.image_size=16", "data.train_subset=64", "train.batch_size=16", "train.optimizer=adamw",
+                      "train.lr=0.003")
     [run] = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
 
     def loop(config):
@@ -881,8 +882,6 @@ def test_workers_read_the_stages_shared_conversion(ray_cluster, make_config):
 def test_a_version_of_another_model_with_the_same_fingerprint_does_not_count_as_registered(make_config, tmp_path):
     """efficientnet_phi0 and an efficientnet at phi 0 named in train.models build the same B0 (their fingerprints
     are equal): a version of one counted as the other's registration, which was then never registered."""
-    from mlflow.tracking import MlflowClient
-
     from pipelines.data import describe_dataset
     from pipelines.planning import ModelChoice, plan_model_runs
     from pipelines.train import _unregistered
@@ -892,7 +891,7 @@ def test_a_version_of_another_model_with_the_same_fingerprint_does_not_count_as_
         ModelChoice("efficientnet_phi0", "efficientnet", {"phi": 0.0, "alpha": 1.3, "beta": 1.05, "gamma": 1.2}),
         ModelChoice("b0_by_hand", "efficientnet", {"phi": 0.0})], cluster_cpus=2)
     assert runs[0].fingerprint == runs[1].fingerprint
-    client = MlflowClient(cfg.tracking_uri)
+    client = Tracker.for_config(cfg).client  # (its registry is this store's, whatever mlflow's globals say)
     client.create_registered_model(cfg.registered_model_name)
     (tmp_path / "model").mkdir()
     client.create_model_version(cfg.registered_model_name, str(tmp_path / "model"), tags={
