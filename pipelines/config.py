@@ -949,15 +949,20 @@ def _check_model_inputs_fit(cfg: PipelineConfig) -> None:
     too_large = []
     phis = [phi for phi in cfg.search.phis if phi > 0]
     if phis:  # the family's smallest possible input: the search's lowest gamma, never below the model's minimum
+        from cnnmodels.efficientnet import compound_architecture
+
         from .planning import _small_input  # planning builds on this module
 
-        smallest = 16 if _small_input(cfg) else 32  # cnnmodels.efficientnet: what its stem and stages take
-        side = max(round(cfg.data.image_size * cfg.search.gamma[0] ** max(phis)), smallest)
+        def side_at(gamma: float) -> int:  # what the member trains at (alpha and beta do not change it)
+            return compound_architecture(max(phis), 1.0, 1.0, gamma, base_resolution=cfg.data.image_size,
+                                         small_input=_small_input(cfg))[1]
+
+        side = side_at(cfg.search.gamma[0])
         if side ** 2 > budget:
             too_large.append(f"efficientnet_phi{max(phis):g} (at least {side} px)")
         # (the paper's family, trained beside it, at the paper's gamma: when the search finds the paper's
         # triple it is not trained, but a budget it would not meet is still refused, as it may be)
-        side = max(round(cfg.data.image_size * PAPER_COEFFICIENTS.gamma ** max(phis)), smallest)
+        side = side_at(PAPER_COEFFICIENTS.gamma)
         if cfg.search.compare_paper and side ** 2 > budget:
             too_large.append(f"efficientnet_paper_phi{max(phis):g} ({side} px)")
     if budget < _LARGEST_TABLE_INPUT ** 2:
