@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,10 @@ __all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm", "trace_
            "is_transient_load_error"]
 
 logger = logging.getLogger(__name__)
+
+#: Downloaded checkpoints of versions the app does not serve are deleted once this old (seconds): a replica of
+#: an app deployed just before may still load one.
+CACHE_KEEP_S = 7 * 24 * 3600.0
 
 
 def inference_params(model: nn.Module, spec: PreprocessSpec) -> int:
@@ -232,6 +238,31 @@ class ModelStore:
     def cache_dir(self) -> Path:
         """Where registered checkpoints are downloaded to, one directory per version."""
         return self.cfg.paths.serve_dir / "model-cache"
+
+    def prune_cache(self, models: list[ServedModel], keep_s: float = CACHE_KEEP_S) -> list[str]:
+        """Delete the downloaded checkpoints of this registered model's versions that none of ``models`` is,
+        downloaded over ``keep_s`` ago (every training left its old versions on every serving node for good);
+        returns the deleted folders' names."""
+        folder = self.cache_dir / self.cfg.registered_model_name
+        if not folder.is_dir():
+            return []
+        served = {f"v{m.version}-" for m in models if m.source.startswith("models:/") and m.version}
+        cutoff = time.time() - keep_s
+        removed = []
+        for entry in sorted(folder.iterdir()):
+            if not entry.is_dir() or not entry.name.startswith("v") or any(map(entry.name.startswith, served)):
+                continue
+            try:
+                if entry.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:  # another replica of the node pruned it meanwhile
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+        if removed:
+            logger.info("deleted %d downloaded checkpoint(s) of versions not served, untouched for %.0f days, from %s",
+                        len(removed), keep_s / 86400, folder)
+        return removed
 
     def checkpoint_file(self, served: ServedModel) -> Path:
         """The checkpoint of ``served``: downloaded into the cache (registry), or the file itself."""

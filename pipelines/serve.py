@@ -103,6 +103,7 @@ class Classifier:
         self.models, self.registry_champion = [ServedModel(**m) for m in models], registry_champion
         self.by_alias = {m.alias: m for m in self.models}
         self.store.verify(self.models)
+        self.store.prune_cache(self.models)
         self.champion = self.store.servable_champion(self.models, self.registry_champion)
         self.max_bytes = int(s.max_upload_mb * 1024 * 1024)
         self.budget = DecodeBudget.for_serving(s)

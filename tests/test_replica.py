@@ -344,3 +344,25 @@ def test_a_trace_that_fails_on_another_batch_size_is_not_served_and_does_not_fai
     served, traced = trace_for_serving(model, spec)
     assert served is model and not traced
     assert served(torch.zeros(5, 1, 8, 8)).shape == (5, 3)
+
+
+def test_downloaded_checkpoints_of_versions_not_served_are_deleted_once_old(make_config):
+    """Every training left its old versions' checkpoints in every serving node's download cache, for good."""
+    import os
+    import time
+
+    from pipelines.model_store import CACHE_KEEP_S, ServedModel
+
+    cfg = make_config()
+    store = ModelStore(cfg)
+    folder = store.cache_dir / cfg.registered_model_name
+    week_old = time.time() - CACHE_KEEP_S - 60
+    for name, age in (("v1-a", week_old), ("v2-b", week_old), ("v12-c", week_old), ("v3-d", time.time())):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "model.pt").write_bytes(b"x")
+        os.utime(folder / name, (age, age))
+    served = [ServedModel(alias="lenet5", source=f"models:/{cfg.registered_model_name}/2", version="2"),
+              ServedModel(alias="file", source="/elsewhere/model.pt")]
+    assert store.prune_cache(served) == ["v1-a", "v12-c"]  # not served, old; v2 is served, v3 recent
+    assert sorted(p.name for p in folder.iterdir()) == ["v2-b", "v3-d"]
+    assert store.prune_cache(served) == []
