@@ -321,10 +321,11 @@ def _torchvision_fashion_mnist(target: Path) -> dict[str, np.ndarray]:
             test = torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
             break
         # (a file cut short reads as a bad shape, an empty one as a ValueError, a 1-3 byte one an AssertionError)
-        except (RuntimeError, ValueError, EOFError, OSError, AssertionError, TypeError):
+        except (RuntimeError, ValueError, EOFError, OSError, AssertionError, TypeError) as err:
             removed = _remove_unreadable_downloads(raw) if attempt == 1 else []
-            if not removed:
-                raise
+            if not removed:  # (as the caller's errors: a download or read that failed)
+                raise err if isinstance(err, RuntimeError | ValueError | EOFError | OSError) else RuntimeError(
+                    f"torchvision could not read {raw} ({type(err).__name__}: {err})") from None
             logger.warning("[data] %s: %s cut short; downloading them again", raw, ", ".join(removed))
     arrays = {"train_images": train.data.numpy(), "train_labels": train.targets.numpy(),
               "test_images": test.data.numpy(), "test_labels": test.targets.numpy()}
@@ -374,7 +375,7 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
             return _torchvision_fashion_mnist(target)
     except DataError:  # (a RuntimeError) what was read is not Fashion-MNIST's: said as it is
         raise
-    except (OSError, RuntimeError, ValueError, EOFError, AssertionError, TypeError) as err:  # URLError: an OSError
+    except (OSError, RuntimeError, ValueError, EOFError) as err:  # URLError is an OSError; torchvision's own
         state = f"incomplete in {where} ({unfinished})" if unfinished else f"not found in {where}"
         raise DataError(f"Fashion-MNIST IDX files {state} and the download to {target} failed "
                         f"({type(err).__name__}: {err}); " + help_text) from None

@@ -10,8 +10,10 @@ corrupt or tampered file is refused before a model is handed out.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import shutil
 import time
 import warnings
@@ -39,8 +41,8 @@ __all__ = ["ServedModel", "LoadedModel", "ModelStore", "fold_batchnorm", "trace_
 
 logger = logging.getLogger(__name__)
 
-#: Downloaded checkpoints of versions the app does not serve are deleted once this old (seconds): a replica of
-#: an app deployed just before may still load one.
+#: Downloaded checkpoints of versions the app does not serve are deleted once unused this long (seconds; a
+#: replica touches a version's folder whenever it takes the checkpoint from there).
 CACHE_KEEP_S = 7 * 24 * 3600.0
 
 
@@ -240,27 +242,30 @@ class ModelStore:
         return self.cfg.paths.serve_dir / "model-cache"
 
     def prune_cache(self, models: list[ServedModel], keep_s: float = CACHE_KEEP_S) -> list[str]:
-        """Delete the downloaded checkpoints of this registered model's versions that none of ``models`` is,
-        downloaded over ``keep_s`` ago (every training left its old versions on every serving node for good);
-        returns the deleted folders' names."""
+        """Delete the downloaded checkpoints of this registered model's versions that none of ``models`` is, unused
+        for ``keep_s`` (every training left its old versions on every serving node for good); returns the deleted
+        folders' names. Housekeeping: a folder it cannot read or delete is left, with a warning, never an error."""
         folder = self.cache_dir / self.cfg.registered_model_name
-        if not folder.is_dir():
-            return []
         served = {f"v{m.version}-" for m in models if m.source.startswith("models:/") and m.version}
         cutoff = time.time() - keep_s
         removed = []
-        for entry in sorted(folder.iterdir()):
-            if not entry.is_dir() or not entry.name.startswith("v") or any(map(entry.name.startswith, served)):
-                continue
-            try:
-                if entry.stat().st_mtime > cutoff:
+        try:
+            entries = sorted(folder.iterdir()) if folder.is_dir() else []
+            for entry in entries:
+                if not entry.is_dir() or not entry.name.startswith("v") or any(map(entry.name.startswith, served)):
                     continue
-            except FileNotFoundError:  # another replica of the node pruned it meanwhile
-                continue
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry.name)
+                try:
+                    if entry.stat().st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:  # another replica of the node pruned it meanwhile
+                    continue
+                shutil.rmtree(entry, ignore_errors=True)
+                if not entry.exists():
+                    removed.append(entry.name)
+        except OSError as err:  # (permissions, a read-only mount)
+            logger.warning("could not prune the download cache %s: %s", folder, err)
         if removed:
-            logger.info("deleted %d downloaded checkpoint(s) of versions not served, untouched for %.0f days, from %s",
+            logger.info("deleted %d downloaded checkpoint(s) of versions not served, unused for %.0f days, from %s",
                         len(removed), keep_s / 86400, folder)
         return removed
 
@@ -270,10 +275,12 @@ class ModelStore:
             # The file verify() downloaded: a model loaded again (evicted from the LRU, or not the champion)
             # must not need the registry, which may be down by then.
             verified = self.verified_files.get(served.alias)
-            if verified is not None and verified.is_file():
-                return verified
-            return self.tracker.download_checkpoint(self.cfg.registered_model_name, served.version, self.cache_dir,
-                                                    served.cache_key)
+            if verified is None or not verified.is_file():
+                verified = self.tracker.download_checkpoint(self.cfg.registered_model_name, served.version,
+                                                            self.cache_dir, served.cache_key)
+            with contextlib.suppress(OSError):  # in use: its folder's time says so to prune_cache
+                os.utime(verified.parent)
+            return verified
         return Path(served.source)
 
     def load(self, served: ServedModel, *, fold: bool = True, trace: bool = False,

@@ -104,10 +104,8 @@ class SplitsCache:
             try:
                 entry = self._convert(data_json, spec_json)
             except BaseException as err:  # noqa: BLE001 - told to every worker that asks: each converts its own
-                failure = f"{type(err).__name__}: {err}"
-                if not isinstance(err, Exception):
-                    raise
-            finally:  # (whatever ends it: no request may wait for good)
+                failure = f"{type(err).__name__}: {err}"  # (kept going: a dead thread would leave requests waiting)
+            finally:
                 with self._changed:
                     if entry is not None:
                         self._done[key] = entry

@@ -36,7 +36,7 @@ class NotOnEC2(RuntimeError):
 
 
 class CannotDrain(RuntimeError):
-    """A drain that trying again will not bring about: Ray refused it, or this host has several Ray nodes."""
+    """A drain that trying again will not bring about: Ray refused it."""
 
 
 def interruption_time(metadata_url: str = METADATA_URL, timeout_s: float = 2.0) -> float | None:
@@ -81,17 +81,15 @@ def node_id_of_this_host(gcs_address: str) -> str:
     nodes = GcsClient(address=gcs_address).get_all_node_info(timeout=GCS_TIMEOUT_S)
     alive = [node_id.hex() for node_id, info in nodes.items()
              if info.node_manager_address == ip and info.state == 0]  # GcsNodeInfo.ALIVE
-    if len(alive) > 1:
-        raise CannotDrain(f"{len(alive)} alive Ray nodes at {ip} in the cluster at {gcs_address}: name the node "
-                          "with --node-id")
-    if not alive:  # (not joined yet, or joined again under a new id a moment from now)
-        raise LookupError(f"no alive Ray node at {ip} in the cluster at {gcs_address}")
+    if len(alive) != 1:  # (not joined yet; or a raylet restarted, its old id alive until the head sees it gone)
+        raise LookupError(f"{len(alive)} alive Ray nodes at {ip} in the cluster at {gcs_address}, not one (more "
+                          "than one Ray on this host: name the node with --node-id)")
     return alive[0]
 
 
 def drain_as_preempted(gcs_address: str, node_id: str, deadline: float, message: str) -> None:
     """Ask Ray's GCS to drain ``node_id`` for a preemption that takes the node at ``deadline`` (epoch seconds);
-    ``RuntimeError`` when it refuses."""
+    :class:`CannotDrain` when it refuses."""
     from ray._raylet import GcsClient
     from ray.core.generated import autoscaler_pb2
 

@@ -27,7 +27,8 @@ def pytest_collection_modifyitems(config, items):
     the shared one: two Ray instances on one 2-core machine slowed the simulated cluster from about 120 s to
     150-170 s, though the idle one used under 0.1 of a core. test_serve.py's tests come right after
     test_pipeline.py's, whose Serve app they use and then stop (in whatever order the files were given: the
-    app is gone after them). The rest keep their order."""
+    app is gone after them; pytest's --ff/--lf/--nf reorder after this hook and can undo it). The rest keep
+    their order."""
     items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)
     serving = [item for item in items if item.path.name == "test_serve.py"]
     pipeline = [i for i, item in enumerate(items) if item.path.name == "test_pipeline.py"]

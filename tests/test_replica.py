@@ -366,3 +366,10 @@ def test_downloaded_checkpoints_of_versions_not_served_are_deleted_once_old(make
     assert store.prune_cache(served) == ["v1-a", "v12-c"]  # not served, old; v2 is served, v3 recent
     assert sorted(p.name for p in folder.iterdir()) == ["v2-b", "v3-d"]
     assert store.prune_cache(served) == []
+    # Age counts from the last use: a version taken from the cache (by a replica of the app being replaced, say)
+    # is not deleted by the next app's replicas, though it was downloaded long ago.
+    os.utime(folder / "v2-b", (week_old, week_old))
+    in_use = ServedModel(alias="lenet5", source=f"models:/{cfg.registered_model_name}/2", version="2", cache_key="b")
+    assert store.checkpoint_file(in_use) == folder / "v2-b" / "model.pt"  # from the cache, no registry asked
+    assert store.prune_cache([]) == []
+    assert (folder / "v2-b").is_dir()
