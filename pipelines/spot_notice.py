@@ -101,15 +101,14 @@ def drain_as_preempted(gcs_address: str, node_id: str, deadline: float, message:
 
 
 def watch(gcs_address: str, node_id: str | None = None, metadata_url: str = METADATA_URL, interval_s: float = 5.0,
-          margin_s: float = 10.0, max_polls: int | None = None) -> float | None:
+          margin_s: float = 10.0) -> float:
     """Poll for an interruption notice every ``interval_s``; on one, drain this host's node (``node_id``, else
     looked up then: a ``ray stop; ray start`` gives the host a new node) with a deadline ``margin_s`` before the
     announced time (Ray reports a worker preempted only when its node dies after the deadline). Returns the
-    deadline, or None after ``max_polls`` polls without a notice; :class:`NotOnEC2` when the metadata service
-    never answered."""
+    deadline; :class:`NotOnEC2` when the metadata service never answered."""
     answered = False
     polls = 0
-    while max_polls is None or polls < max_polls:
+    while True:
         polls += 1
         try:
             when = interruption_time(metadata_url)
@@ -127,7 +126,6 @@ def watch(gcs_address: str, node_id: str | None = None, metadata_url: str = META
                            time.ctime(when), node, deadline - time.time())
             return deadline
         time.sleep(interval_s)
-    return None
 
 
 def _drain_until(gcs_address: str, node_id: str | None, when: float, margin_s: float) -> tuple[str, float]:
