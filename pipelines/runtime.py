@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .config import ConfigError, PipelineConfig, ray_address
 
-__all__ = ["ray_session", "cluster_resources", "free_resources", "concurrency_for", "on_this_node", "check_workers_fit",
-           "node_cpus", "exclusive_stage", "check_stages_free", "StageBusyError"]
+__all__ = ["ray_session", "cluster_resources", "free_resources", "free_per_node", "concurrency_for", "on_this_node",
+           "check_workers_fit", "node_cpus", "cpus_to_share", "exclusive_stage", "check_stages_free", "StageBusyError"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,36 +162,97 @@ def check_stages_free(run_dir: Path, stages: Iterable[str]) -> None:
         lock.release()
 
 
-def node_cpus() -> list[float]:
-    """The CPUs free now on each alive node of the running Ray (a worker's CPUs must all be on one of them): a
-    share sized to the nodes' totals fitted nowhere once a Serve replica held one CPU on each, and the run
-    waited for good (Ray Train retries a worker group it cannot place without end)."""
+def free_per_node() -> list[dict[str, float]]:
+    """The CPU and GPU free now on each alive node of the running Ray: a worker's CPUs and GPU share must all be
+    on one of them."""
     import ray
 
     try:
         from ray._private.state import available_resources_per_node  # a DeveloperAPI, so guarded
 
-        cpus = [float(free.get("CPU", 0.0)) for free in available_resources_per_node().values()]
+        nodes = list(available_resources_per_node().values())
     except (ImportError, AttributeError):
-        cpus = [float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive")]
-    return [c for c in cpus if c > 0]  # a head started with --num-cpus=0 (Ray's advice for clusters) holds none
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    return [{"CPU": float(node.get("CPU", 0.0)), "GPU": float(node.get("GPU", 0.0))} for node in nodes]
+
+
+def node_cpus() -> list[float]:
+    """The CPUs free now on each alive node of the running Ray (a worker's CPUs must all be on one of them): a
+    share sized to the nodes' totals fitted nowhere once a Serve replica held one CPU on each, and the run
+    waited for good (Ray Train retries a worker group it cannot place without end)."""
+    # (a head started with --num-cpus=0, Ray's advice for clusters, holds none)
+    return [node["CPU"] for node in free_per_node() if node["CPU"] > 0]
+
+
+def cpus_to_share(train, free_cpus: float, stage: str) -> tuple[float, list[float]]:
+    """The CPUs (in all, and on each node) that ``train.cpus_per_worker: auto`` divides among a CPU run's
+    workers (:func:`~pipelines.planning.auto_cpus_per_worker`): those free now; but when next to none are, the
+    CPUs of the nodes there are and of the node types the autoscaler can add (the run then waits for them).
+
+    An autoscaling cluster at zero workers (its head runs no work, as Ray advises) had no CPU free when a stage
+    began: every worker got a quarter of a CPU and one thread, all runs fitted onto the first node that joined,
+    and the autoscaler saw no demand for more."""
+    free_nodes = node_cpus()
+    if train.cpus_per_worker != "auto" or train.use_gpu:
+        return free_cpus, free_nodes
+    return cpu_sharing_basis(free_cpus, free_nodes, node_shapes()[0], train.num_workers, stage)
+
+
+def cpu_sharing_basis(free_cpus: float, free_nodes: list[float], shapes: list[dict[str, float]], num_workers: int,
+                      stage: str) -> tuple[float, list[float]]:
+    """:func:`cpus_to_share` on given readings: ``shapes``, the totals of each node and node type
+    (:func:`node_shapes`)."""
+    if free_cpus - 0.05 >= 0.01 * num_workers:  # enough free to split (auto_cpus_per_worker's own floor)
+        return free_cpus, free_nodes
+    totals = [shape.get("CPU", 0.0) for shape in shapes if shape.get("CPU", 0.0) > 0.05]
+    if not totals:
+        return free_cpus, free_nodes
+    logger.info("[%s] no CPUs are free now; train.cpus_per_worker 'auto' shares those of the nodes (%s CPUs), which "
+                "each run then waits for (an autoscaling cluster adds nodes)", stage,
+                ", ".join(f"{cpus:g}" for cpus in totals))
+    return sum(totals), totals
+
+
+def runs_fitting_nodes(workers, nodes: list[dict[str, float]]) -> int:
+    """How many runs of ``workers`` (a :class:`~pipelines.planning.WorkerSettings`) the free resources of
+    ``nodes`` (:func:`free_per_node`) hold at once, node by node: a worker's CPUs and GPU share are all on one
+    node, under STRICT_PACK all of a run's workers, under STRICT_SPREAD each of a run's workers on another node.
+    The cluster's totals counted a CPU-only head's CPUs for GPU workers, and CPUs spread over nodes that no one
+    node holds: runs waited that "auto" counted on."""
+    need = {"CPU": float(workers.cpus_per_worker), "GPU": float(workers.gpus_per_worker) if workers.use_gpu else 0.0}
+    need = {key: value for key, value in need.items() if value > 0}
+    if not need:
+        return 1 << 30
+    slots = [min(math.floor((node.get(key, 0.0) + 1e-9) / value) for key, value in need.items()) for node in nodes]
+    if workers.placement_strategy == "STRICT_PACK":
+        return sum(slot // workers.num_workers for slot in slots)
+    if workers.placement_strategy == "STRICT_SPREAD":  # k runs fit iff the nodes give each a slot on k of them
+        runs = 0
+        while sum(min(slot, runs + 1) for slot in slots) >= (runs + 1) * workers.num_workers:
+            runs += 1
+        return runs
+    return sum(slots) // workers.num_workers
 
 
 def concurrency_for(requested: int | str, per_trial: dict[str, float], trials: int,
-                    free: dict[str, float] | None = None, gate_capacity: int | None = None) -> int:
+                    free: dict[str, float] | None = None, gate_capacity: int | None = None, workers=None,
+                    nodes: list[dict[str, float]] | None = None) -> int:
     """How many trials run at once: ``requested``, or (``"auto"``) as many as the cluster fits now.
 
-    Warns when not even one trial fits the currently free resources: it will wait for them (an autoscaling
-    cluster adds nodes; a fixed one needs other work to finish first). With a compute gate of
-    ``gate_capacity`` (overlapped start-up), at most one trial beyond it: a further one waited for CPUs, took
+    ``workers`` (a trial's :class:`~pipelines.planning.WorkerSettings`): also counted node by node
+    (:func:`runs_fitting_nodes` on ``nodes``, by default the free resources of each node now). Warns when not
+    even one trial fits the currently free resources: it will wait for them (an autoscaling cluster adds nodes;
+    a fixed one needs other work to finish first); says when fewer fit than ``requested``. With a compute gate
+    of ``gate_capacity`` (overlapped start-up), at most one trial beyond it: a further one waited for CPUs, took
     those of a gate holder whose workers restarted after a failure, and then waited at the gate for the holder,
     which waited for its CPUs, for good.
     """
-    return min(_concurrency(requested, per_trial, trials, free), gate_capacity + 1 if gate_capacity else trials)
+    return min(_concurrency(requested, per_trial, trials, free, workers, nodes),
+               gate_capacity + 1 if gate_capacity else trials)
 
 
 def _concurrency(requested: int | str, per_trial: dict[str, float], trials: int,
-                 free: dict[str, float] | None) -> int:
+                 free: dict[str, float] | None, workers, nodes: list[dict[str, float]] | None) -> int:
     free = free if free is not None else free_resources()
     fits = [math.floor((free.get(key, 0.0) + 1e-9) / need) for key, need in per_trial.items() if need > 0]
     if fits and min(fits) < 1:
@@ -199,9 +260,28 @@ def _concurrency(requested: int | str, per_trial: dict[str, float], trials: int,
         have = ", ".join(f"{free.get(key, 0.0):g} {key}" for key, need in per_trial.items() if need > 0)
         logger.warning("warning: one run needs %s but only %s are free now; it waits until they are "
                        "(on a fixed cluster, lower train.num_workers or train.cpus_per_worker)", wanted, have)
+    elif workers is not None:
+        nodes = free_per_node() if nodes is None else nodes
+        on_nodes = runs_fitting_nodes(workers, nodes)
+        if nodes and on_nodes < 1:
+            strict = workers.placement_strategy == "STRICT_PACK"
+            wanted = f"{workers.cpus_per_worker:g} CPU" + (f", {workers.gpus_per_worker:g} GPU" if workers.use_gpu
+                                                           else "")
+            logger.warning("warning: %s needs %s on one node, and no node has that free now (free on each node: "
+                           "%s); it waits until one has (on a fixed cluster, lower train.cpus_per_worker, "
+                           "data.loader_workers or the GPU share)",
+                           "a run's workers together (STRICT_PACK)" if strict else "a run's worker",
+                           f"{workers.num_workers} x ({wanted})" if strict else wanted,
+                           "; ".join(f"{node['CPU']:g} CPU, {node['GPU']:g} GPU" for node in nodes))
+        fits.append(on_nodes)
+    fitting = max(1, min([trials] + fits))
     if requested != "auto":
-        return max(1, min(int(requested), trials))
-    return max(1, min([trials] + fits))
+        asked = max(1, min(int(requested), trials))
+        if asked > fitting:
+            logger.info("%d runs at a time asked; %d fit the free resources now, the others wait for theirs (an "
+                        "autoscaling cluster adds nodes)", asked, fitting)
+        return asked
+    return fitting
 
 
 def node_shapes() -> tuple[list[dict[str, float]], bool]:

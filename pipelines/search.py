@@ -319,7 +319,7 @@ def asha_scheduler(search: SearchConfig):
 
 def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     from .data import describe_dataset
-    from .runtime import check_workers_fit, concurrency_for, free_resources, node_cpus
+    from .runtime import check_workers_fit, concurrency_for, cpus_to_share, free_resources, node_cpus
     from .tracking import Tracker
     from .tracking_queue import TrackingQueue, TrialTracking, check_pending_writes, flushed_on_abort
 
@@ -339,8 +339,9 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     # An image folder's trials are planned for its files: changed, they are another experiment, not resumed.
     experiment = _experiment_name(cfg, f"{fingerprint}-{content}" if content else fingerprint, force)
     free = free_resources()
+    cpus, per_node = cpus_to_share(cfg.train, free["CPU"], "search")
     template = plan_model_runs(data_cfg, info, [search_template(cfg)], stage="search", epochs=search.epochs,
-                               cluster_cpus=free["CPU"], node_cpus=node_cpus())[0].model_copy(
+                               cluster_cpus=cpus, node_cpus=per_node)[0].model_copy(
                                    update={"run_name": experiment})
     if search.gpus_per_trial is not None:
         template = template.model_copy(update={"workers": template.workers.model_copy(
@@ -371,7 +372,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
             cfg.paths, experiment=experiment, param_space=plan.param_space,
             callbacks=[callback, ReleaseOnTrialEnd(gate, trial_run_name)],
             max_concurrent=concurrency_for(search.max_concurrent_trials, trial_resources(template), plan.trials,
-                                           free, gate_capacity=capacity),
+                                           free, gate_capacity=capacity, workers=template.workers),
             num_samples=plan.num_samples, search_alg=plan.search_alg, scheduler=scheduler, restore=True,
             trial_retries=cfg.train.trial_retries, placement=plan.param_space["run"], metric=SCORE,
         )

@@ -342,7 +342,7 @@ def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[Mode
 
     todo, capacity = with_overlapped_startup(cfg, todo, free["CPU"], node_cpus())
     concurrency = concurrency_for(cfg.train.max_concurrent_models, trial_resources(todo[0]), len(todo), free,
-                                  gate_capacity=capacity)
+                                  gate_capacity=capacity, workers=todo[0].workers)
     training_at_once = min(concurrency, capacity) if capacity else concurrency
     logger.info("[train] training %d model(s) on %s (%d train / %d val / %d test images), %d worker(s) each, "
                 "%d at a time%s: %s", len(todo), info.dataset, info.sizes["train"], info.sizes["val"],
@@ -378,7 +378,7 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
 def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = None, *,
                  show_table: bool = True) -> TrainStageResult:
     from .data import describe_dataset
-    from .runtime import check_workers_fit, free_resources, node_cpus
+    from .runtime import check_workers_fit, cpus_to_share, free_resources
     from .tracking import Tracker
     from .tracking_queue import TrackingQueue, TrialTracking, check_pending_writes, flushed_on_abort
 
@@ -386,7 +386,8 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
     choices: list[ModelChoice] = resolve_models(cfg, coefficients)
     # Size workers to what is free now (a running Serve app, say, keeps its share), not to the total.
     free = free_resources()
-    runs = plan_model_runs(cfg, info, choices, stage="train", cluster_cpus=free["CPU"], node_cpus=node_cpus())
+    cpus, per_node = cpus_to_share(cfg.train, free["CPU"], "train")
+    runs = plan_model_runs(cfg, info, choices, stage="train", cluster_cpus=cpus, node_cpus=per_node)
     todo, skipped = _split_finished(cfg, runs)
     if skipped:
         logger.info("[train] already trained, skipping: %s", ", ".join(skipped))

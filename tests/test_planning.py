@@ -345,3 +345,70 @@ def test_node_cpus_are_those_free_now(ray_cluster):
         assert sum(node_cpus()) == pytest.approx(before - 1)
     finally:
         ray_cluster.kill(holder)
+
+
+def test_concurrency_counts_runs_node_by_node(caplog):
+    """cluster.yaml's shape: a CPU-only head (8 CPUs) and four g5.xlarge (4 CPUs, 1 GPU). Two workers of 3 CPUs
+    each (1 + 2 loader processes) and half a GPU fit each GPU's share but not its node's CPUs: the cluster's
+    totals said 7 at once, the nodes hold 4 (the head's CPUs are of no use to a GPU worker)."""
+    from pipelines.config import WorkerSettings
+
+    head, gpu_node = {"CPU": 8.0, "GPU": 0.0}, {"CPU": 4.0, "GPU": 1.0}
+    nodes = [head] + [gpu_node] * 4
+    free = {"CPU": 24.0, "GPU": 4.0}
+    gpu_workers = WorkerSettings(use_gpu=True, gpus_per_worker=0.5, cpus_per_worker=3.0)
+    need = {"CPU": 3.01, "GPU": 0.5}
+    assert concurrency_for("auto", need, 10, free) == 7  # the totals alone
+    assert concurrency_for("auto", need, 10, free, workers=gpu_workers, nodes=nodes) == 4
+    lighter = WorkerSettings(use_gpu=True, gpus_per_worker=0.5, cpus_per_worker=2.0)
+    assert concurrency_for("auto", {"CPU": 2.01, "GPU": 0.5}, 10, free, workers=lighter, nodes=nodes) == 8
+    # CPU runs of 7.95 CPUs: only the head holds one, whatever the 24 CPUs in all.
+    cpu_workers = WorkerSettings(cpus_per_worker=7.95)
+    assert concurrency_for("auto", {"CPU": 7.96, "GPU": 0.0}, 5, free, workers=cpu_workers, nodes=nodes) == 1
+    # A run's workers together on one node (STRICT_PACK), or each on another (STRICT_SPREAD).
+    three_cpus = [head] + [{"CPU": 3.0, "GPU": 0.0}] * 3
+    pack = WorkerSettings(num_workers=2, cpus_per_worker=2.0, placement_strategy="STRICT_PACK")
+    assert concurrency_for("auto", {"CPU": 4.01, "GPU": 0.0}, 9, {"CPU": 17.0}, workers=pack, nodes=three_cpus) == 2
+    assert concurrency_for("auto", {"CPU": 4.01, "GPU": 0.0}, 9, {"CPU": 17.0}, nodes=three_cpus,
+                           workers=pack.model_copy(update={"placement_strategy": "PACK"})) == 3
+    spread = WorkerSettings(num_workers=2, cpus_per_worker=2.0, placement_strategy="STRICT_SPREAD")
+    big_and_small = [{"CPU": 12.0, "GPU": 0.0}, {"CPU": 4.0, "GPU": 0.0}]  # each run needs a slot on both
+    assert concurrency_for("auto", {"CPU": 4.01, "GPU": 0.0}, 9, {"CPU": 16.0}, workers=spread,
+                           nodes=big_and_small) == 2
+    assert concurrency_for("auto", {"CPU": 4.01, "GPU": 0.0}, 9, {"CPU": 16.0}, nodes=big_and_small,
+                           workers=spread.model_copy(update={"placement_strategy": "PACK"})) == 3  # the totals
+    assert concurrency_for("auto", {"CPU": 8.01, "GPU": 0.0}, 9, free, nodes=nodes,
+                           workers=spread.model_copy(update={"num_workers": 4})) == 2
+    # Fits the totals, but no node: said, and the run waits for one (a Serve replica holds a CPU on each).
+    busy = [head, {"CPU": 3.0, "GPU": 0.5}, {"CPU": 2.0, "GPU": 1.0}]
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        assert concurrency_for("auto", {"CPU": 4.01, "GPU": 0.5}, 3, {"CPU": 13.0, "GPU": 1.5},
+                               workers=gpu_workers.model_copy(update={"cpus_per_worker": 4.0}), nodes=busy) == 1
+        assert "no node has that free now" in caplog.text and "3 CPU, 0.5 GPU" in caplog.text
+        caplog.clear()
+        # A named number above what fits: as asked (an autoscaling cluster adds nodes), and said.
+        assert concurrency_for(6, need, 10, free, workers=gpu_workers, nodes=nodes) == 6
+        assert "6 runs at a time asked; 4 fit the free resources now" in caplog.text
+        caplog.clear()
+        assert concurrency_for(3, need, 10, free, workers=gpu_workers, nodes=nodes) == 3
+        assert "asked" not in caplog.text
+
+
+def test_auto_cpus_are_shared_by_the_nodes_when_none_is_free(make_config, caplog):
+    """An autoscaling cluster at zero workers (its head without CPUs) has no CPU free when a stage begins: each
+    worker got a quarter of a CPU and one thread, every run fitted onto the first node that joined, and the
+    autoscaler saw no demand for more. Now sized by the node types it can add."""
+    from pipelines.runtime import cpu_sharing_basis
+
+    cfg = make_config()
+    head, worker_type = {"GPU": 0.0}, {"CPU": 16.0, "memory": 6e10}
+    assert auto_cpus_per_worker(cfg, 0.0, []) == 0.25  # what it did
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        cpus, per_node = cpu_sharing_basis(0.0, [], [head, worker_type], 1, "train")
+    assert (cpus, per_node) == (16.0, [16.0]) and "no CPUs are free now" in caplog.text
+    assert auto_cpus_per_worker(cfg, cpus, per_node) == 15.95
+    two = make_config("train.num_workers=2")
+    assert auto_cpus_per_worker(two, *cpu_sharing_basis(0.0, [], [head, worker_type], 2, "train")) == 7.97
+    # CPUs free: shared as before; no node known with CPUs: nothing better to go by.
+    assert cpu_sharing_basis(6.0, [2.0, 4.0], [head, worker_type], 1, "train") == (6.0, [2.0, 4.0])
+    assert cpu_sharing_basis(0.0, [], [head], 1, "train") == (0.0, [])
