@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoints import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoints import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint, storage_can_pass
 from .config import CHAMPION, redact_text, redact_uri
 
 __all__ = ["Tracker", "TrackingUnavailable", "RegisteredVersion", "CHAMPION", "TAG_DATASET", "TAG_DATA_ROOT",
@@ -550,16 +550,20 @@ class Tracker:
         self.client.set_registered_model_alias(registered_model, CHAMPION, version)
         return alias, version
 
-    def _artifacts_answer(self, location: str) -> bool:
-        """Whether the artifact store lists ``location``: then a file that failed to download is not there (MLflow
-        reports a 404 among several files as INTERNAL_ERROR, its code for an unreachable server too)."""
+    def _listed(self, location: str, relative: str) -> bool | None:
+        """Whether the artifact store lists the file ``relative`` under ``location``; None when it does not answer.
+
+        MLflow reports any failure among a download's files as INTERNAL_ERROR, its code for an unreachable server
+        too: a 404 (the file is gone), but also a disk filling up or a connection cut mid-file (the file is
+        there). The store's listing tells them apart."""
         import mlflow
 
+        folder, _, name = f"{location}/{relative}".rpartition("/")
         try:
-            mlflow.artifacts.list_artifacts(artifact_uri=location, tracking_uri=self.tracking_uri)
+            listing = mlflow.artifacts.list_artifacts(artifact_uri=folder, tracking_uri=self.tracking_uri)
         except Exception:  # noqa: BLE001 - any failure to list: the store is what fails
-            return False
-        return True
+            return None
+        return any(not entry.is_dir and entry.path.rpartition("/")[2] == name for entry in listing or [])
 
     def _cache_key(self, registered_model: str, details) -> str:
         """A version's key in the download cache: what it was registered from, so a re-created registry never
@@ -592,21 +596,26 @@ class Tracker:
         # default tracking store, which in a Serve replica is not this one.
         location = self.client.get_model_version_download_uri(registered_model, version).rstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        problems, outage = [], None
+        problems, unread = [], []
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
             for relative in REGISTERED_CHECKPOINTS:
                 try:
                     local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{relative}", dst_path=scratch,
                                                                 tracking_uri=self.tracking_uri)
                 except Exception as err:  # noqa: BLE001 - MlflowException or OSError: not at this path
+                    if storage_can_pass(err):  # this node's disk (full) or mount: nothing said of the version
+                        raise
                     problems.append(f"{relative}: {type(err).__name__}: {err}")
                     if is_unreachable(err):
-                        outage = outage or err  # the artifact store did not answer: not "it has no checkpoint"
+                        unread.append((relative, err))  # the store did not answer, or the file did not come
                     continue
                 os.replace(local, target)
                 return target
-        if outage is not None and not self._artifacts_answer(location):
-            raise outage
+        for relative, err in unread:
+            # There (a download cut off, a disk full) or a store that does not answer: can pass, not "it has no
+            # checkpoint", which would fail the model for good on a serving replica.
+            if self._listed(location, relative) is not False:
+                raise err
         raise CheckpointError(f"models:/{registered_model}/{version} holds no weights-only checkpoint "
                               f"({'; '.join(problems)})")
 

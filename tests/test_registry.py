@@ -212,6 +212,34 @@ def test_an_unreachable_artifact_store_can_pass_and_a_missing_checkpoint_or_dele
     assert not is_transient_load_error(deleted.value)
 
 
+def test_a_download_cut_short_by_a_full_disk_can_pass(registered, tmp_path):
+    """A disk filling up while a replica downloads a checkpoint (here a file-size limit, EFBIG, in a child
+    process) came back from MLflow as INTERNAL_ERROR, read as "holds no weights-only checkpoint": the model
+    failed for good on that replica. The store lists the file, so it can pass; and the next download works."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg, tracker, version, _ = registered
+    cache = tmp_path / "cache"
+    child = textwrap.dedent(f"""
+        import resource, signal
+        from pipelines.model_store import is_transient_load_error
+        from pipelines.tracking import Tracker
+        tracker = Tracker({tracker.tracking_uri!r}, "reg")
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        try:
+            tracker.download_checkpoint({cfg.registered_model_name!r}, {version!r}, {str(cache)!r})
+        except Exception as err:
+            print("FAILED", type(err).__name__, is_transient_load_error(err))
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert "FAILED MlflowException True" in done.stdout, done.stdout + done.stderr
+    assert not list(cache.rglob("model.pt"))  # nothing half-written in the cache
+    assert tracker.download_checkpoint(cfg.registered_model_name, version, cache).is_file()
+
+
 def test_a_planted_pickle_is_never_executed_by_serving_or_the_pyfunc_loader(registered, tmp_path):
     cfg, tracker, version, model = registered
     name = cfg.registered_model_name
