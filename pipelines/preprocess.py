@@ -111,10 +111,12 @@ class PreprocessSpec:
         through float64 copies of the whole image, a 4000x4000 RGBA PNG 305 MB through full-size compositing;
         now the scaling goes a band of rows at a time and the compositing works on the shrunk image.
         """
-        # (read before upright(), whose copy has no format): PNG and PGM/PPM open as mode I only with 16-bit
+        # (read before any conversion: the copies have no format): PNG and PGM/PPM open as mode I only with 16-bit
         # samples (Pillow scales a PGM's maxval to 65535), which were stretched to each image's own peak
         sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM"))
-        image = upright(image)
+        # Turned upright last, once shrunk: turned first, a phone photo (EXIF orientation 6) was copied whole,
+        # twice the memory the decode budget counts (306 against 159 MB for 40 Mpx).
+        orientation = _orientation(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             image = Image.fromarray(_scaled_to_bytes(image, sixteen_bit=sixteen_bit), mode="L")
         if image.mode in ("L", "RGB") and "transparency" in image.info:
@@ -131,12 +133,12 @@ class PreprocessSpec:
             canvas = Image.new("RGBA", rgba.size, (self.background,) * 3 + (255,))
             image = Image.alpha_composite(canvas, rgba)
         target = "L" if self.channels == 1 else "RGB"
-        if image.mode == target:
-            return image
-        try:
-            return image.convert(target)
-        except ValueError:  # Pillow converts some modes (LAB) to RGB only
-            return image.convert("RGB").convert(target)
+        if image.mode != target:
+            try:
+                image = image.convert(target)
+            except ValueError:  # Pillow converts some modes (LAB) to RGB only
+                image = image.convert("RGB").convert(target)
+        return turned(image, orientation)
 
     def shrink(self, image: Image.Image) -> Image.Image:
         """Average ``image`` down by the largest whole factor that keeps its shorter side at least twice
@@ -194,12 +196,33 @@ class PreprocessSpec:
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 
 
+def import_resizing() -> None:
+    """Import what resizing uses (torchvision's transforms, deferred: 1.4 s of CPU). A serving replica does it
+    when it starts: its first request paid it, 5.6 s against 1 ms for the next (a 503 under a 3 s deadline),
+    with the event loop stalled meanwhile."""
+    import torchvision.transforms.functional  # noqa: F401
+    import torchvision.transforms.v2.functional  # noqa: F401
+
+
 def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says (a phone photo); itself when upright, or when its EXIF
     cannot be read (:func:`_orientation`)."""
     if _orientation(image) != 1:  # exif_transpose copies even an upright image
         image = ImageOps.exif_transpose(image)
     return image
+
+
+#: How each EXIF orientation is undone (Pillow's ``exif_transpose``).
+_UNDO_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                     7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def turned(image: Image.Image, orientation: int) -> Image.Image:
+    """``image`` turned upright from EXIF ``orientation`` (read from the file's image before conversions that
+    drop its EXIF); itself when that is 1 or unknown."""
+    method = _UNDO_ORIENTATION.get(orientation)
+    return image.transpose(method) if method is not None else image
 
 
 def _orientation(image: Image.Image) -> int:

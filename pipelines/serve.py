@@ -18,10 +18,12 @@ multiplexing), batches requests (:class:`~pipelines.batching.Batcher`: a batch i
 previous one ran) and serves the model store's verified, batch-norm folded, traced models
 (:mod:`pipelines.model_store`), their forward in a thread beside the event loop; the HTTP plumbing is
 :mod:`pipelines.http_api`.
-No request can exhaust a replica: each has a deadline (``serve.request_timeout_s``, and
+No request holds a replica for good: each has a deadline (``serve.request_timeout_s``, and
 ``serve.body_timeout_s`` for its body), and images are decoded within a budget checked from their header
 (:class:`~pipelines.preprocess.DecodeBudget`), at most ``serve.max_concurrent_decodes`` at a time. Requests
-waiting for a replica are at most ``serve.max_queued_requests`` per proxy (503 beyond).
+waiting for a replica are at most ``serve.max_queued_requests`` per proxy (503 beyond). A body over
+``serve.max_upload_mb`` is refused (413), but Serve's proxy has buffered it by then: a size limit on memory is a
+reverse proxy's job (README).
 """
 
 # No ``from __future__ import annotations`` here: Serve pickles the route handlers by value, and FastAPI must
@@ -61,7 +63,7 @@ from .http_api import (
     read_image_bytes,
 )
 from .model_store import LoadedModel, ModelStore, ServedModel, is_transient_load_error, replica_threads
-from .preprocess import DecodeBudget, PreprocessSpec, is_out_of_memory
+from .preprocess import DecodeBudget, PreprocessSpec, import_resizing, is_out_of_memory
 
 __all__ = ["Classifier", "build_app", "app_builder", "serve_stage", "write_serve_config", "ServeHandle",
            "is_transient_load_error"]
@@ -95,6 +97,7 @@ class Classifier:
         s = self.cfg.serve
         self.auth_token = auth_token
         torch.set_num_threads(replica_threads(s))
+        import_resizing()  # here, not in the first request
         self.device = torch.device("cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.store = ModelStore(self.cfg)
         # What to serve was settled where the app was built (build_app): every replica serves the same versions,

@@ -466,6 +466,77 @@ def test_exif_orientation_is_honoured():
     assert pixels[:8].mean() > 200 and pixels[8:].mean() < 50  # the white half is now on top
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt, mode", [("JPEG", "RGB"), ("TIFF", "I;16"), ("PNG", "RGBA"), ("TIFF", "CMYK")])
+def test_every_exif_orientation_is_turned_upright_after_shrinking(fmt, mode, orientation):
+    """Images are turned upright once shrunk (a phone photo was copied whole first, twice the decode budget's
+    memory): the same pixels as turning the file's image first, for every orientation, also where the mode's
+    conversion drops the EXIF (16-bit) and where shrinking divides the image (by 3 for an 8 px input)."""
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(orientation)
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 2**16, (48, 72)).astype(np.uint16))
+    else:
+        image = Image.fromarray(rng.integers(0, 256, (48, 72, 4 if mode == "RGBA" else 3)).astype(np.uint8))
+        image = image.convert(mode)
+    assert image.mode == mode
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    for channels in (1, 3):
+        spec = _spec(channels)
+        stored = decode_image(buffer.getvalue(), max_pixels=10**6)
+        expected = np.asarray(spec.convert_mode(ImageOps.exif_transpose(decode_image(buffer.getvalue(), 10**6))))
+        assert np.array_equal(np.asarray(spec.convert_mode(stored)), expected), (fmt, mode, orientation, channels)
+        assert spec.convert_mode(stored).size == ((16, 24) if orientation >= 5 else (24, 16))  # shrunk by 3
+
+
+def test_a_turned_photo_takes_no_more_memory_than_an_upright_one(tmp_path):
+    """A 24 Mpx JPEG with EXIF orientation 6 (a phone held upright) peaked at twice the memory of the same photo
+    upright: it was copied whole to turn it before shrinking."""
+    import subprocess
+    import sys
+
+    for orientation in (1, 6):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.new("RGB", (6000, 4000), (90, 120, 200)).save(tmp_path / f"{orientation}.jpg", exif=exif.tobytes())
+    measure = (
+        "import resource, sys\n"
+        "from pipelines.preprocess import PreprocessSpec, decode_image\n"
+        "spec = PreprocessSpec(image_size=224, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3, class_names=('a', 'b'))\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "spec.image_to_uint8(decode_image(data, max_pixels=10**8))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    peaks = {o: int(subprocess.run([sys.executable, "-c", measure, str(tmp_path / f"{o}.jpg")], check=True,
+                                   capture_output=True, text=True, timeout=120).stdout) for o in (1, 6)}
+    assert peaks[1] > 50_000, peaks  # KiB: the decoded photo itself (72 MB) is in it
+    assert peaks[6] < 1.3 * peaks[1], peaks
+
+
+def test_a_replica_imports_what_resizing_needs_before_its_first_request():
+    """torchvision's transforms were imported by the first request's resize (5.6 s against 1 ms for the next,
+    a 503 under a 3 s deadline): after :func:`import_resizing` (a replica's start), decoding imports nothing."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import io, sys\n"
+        "from PIL import Image\n"
+        "from pipelines.preprocess import PreprocessSpec, decode_image, import_resizing\n"
+        "import_resizing()\n"
+        "buffer = io.BytesIO(); Image.new('RGB', (90, 50), (1, 2, 3)).save(buffer, 'PNG')\n"
+        "spec = PreprocessSpec(image_size=32, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3, class_names=('a', 'b'))\n"
+        "before = set(sys.modules)\n"
+        "spec.image_to_uint8(decode_image(buffer.getvalue(), max_pixels=10**6))\n"
+        "print(sorted(set(sys.modules) - before))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def test_decode_refuses_bad_input():
     with pytest.raises(ImageDecodeError, match="empty"):
         decode_image(b"", 100)
