@@ -141,7 +141,7 @@ def _predict(args) -> int:
     if args.model:
         params["model"] = args.model
     headers = {"Content-Type": "application/octet-stream"}
-    token = args.token or os.environ.get(PREDICT_TOKEN_ENV)
+    token = (args.token or os.environ.get(PREDICT_TOKEN_ENV) or "").strip()  # (a file's newline kept in a variable)
     if token:
         headers["Authorization"] = f"Bearer {token}"
     url = f"{args.url.rstrip('/')}/predict"

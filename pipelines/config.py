@@ -619,11 +619,13 @@ class ServeConfig(_Section):
 
 
     def bearer_token(self) -> str | None:
-        """The token clients must send: ``auth_token``, else the variable ``auth_token_env`` names, else None."""
-        if self.auth_token is not None and self.auth_token.get_secret_value():
-            return self.auth_token.get_secret_value()
+        """The token clients must send: ``auth_token``, else the variable ``auth_token_env`` names, else None.
+        Without surrounding whitespace: a token read from a file or a secret kept its newline, and clients
+        (whose header value HTTP strips) could never match it."""
+        if self.auth_token is not None and self.auth_token.get_secret_value().strip():
+            return self.auth_token.get_secret_value().strip()
         if self.auth_token_env:
-            return os.environ.get(self.auth_token_env) or None
+            return os.environ.get(self.auth_token_env, "").strip() or None
         return None
 
 
@@ -632,10 +634,17 @@ def check_serve_access(serve: ServeConfig) -> None:
     says ``allow_unauthenticated``); the token's environment variable must be set where this runs."""
     if serve.auth_token is not None and serve.auth_token_env:
         raise ConfigError("serve.auth_token", "set serve.auth_token or serve.auth_token_env, not both")
-    if serve.auth_token_env and not os.environ.get(serve.auth_token_env):
-        raise ConfigError("serve.auth_token_env",
-                          f"environment variable {serve.auth_token_env} is not set (it holds the bearer token)")
-    if not is_loopback(serve.host) and serve.bearer_token() is None and not serve.allow_unauthenticated:
+    if serve.auth_token_env and not os.environ.get(serve.auth_token_env, "").strip():
+        raise ConfigError("serve.auth_token_env", f"environment variable {serve.auth_token_env} is not set or "
+                          "empty (it holds the bearer token)")
+    token = serve.bearer_token()
+    if token is not None and not all("!" <= ch <= "~" for ch in token):
+        # HTTP clients send a header as bytes that the server reads as Latin-1: a non-ASCII token matched from
+        # one client and not another; a space inside cannot be told from the header's own.
+        raise ConfigError("serve.auth_token_env" if serve.auth_token_env else "serve.auth_token",
+                          "the bearer token may hold only printable ASCII characters without spaces (for example "
+                          "from `openssl rand -hex 32`)")
+    if not is_loopback(serve.host) and token is None and not serve.allow_unauthenticated:
         raise ConfigError(
             "serve.host",
             f"{serve.host!r} is reachable from other machines, so the endpoint needs a token: set "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -50,6 +51,28 @@ def test_the_token_comes_from_the_environment_and_is_never_printed(make_config, 
         make_config("serve.auth_token_env=NO_SUCH_VARIABLE")
     with pytest.raises(ConfigError, match="not both"):
         make_config("serve.auth_token_env=MY_SERVE_TOKEN", "serve.auth_token=x")
+
+
+def test_a_token_is_taken_without_its_newline_and_only_in_printable_ascii(make_config, monkeypatch):
+    """A token read from a file or a secret kept its newline: HTTP strips the header's value, so no client could
+    ever match it (401 for everyone). A non-ASCII token matched from one HTTP client and not another."""
+    from pipelines.http_api import RequestError, authorize
+
+    monkeypatch.setenv("MY_SERVE_TOKEN", TOKEN + "\n")
+    token = make_config("serve.host=0.0.0.0", "serve.auth_token_env=MY_SERVE_TOKEN").serve.bearer_token()
+    assert token == TOKEN
+    request = SimpleNamespace(headers={"authorization": f"Bearer {TOKEN}"})
+    authorize(request, token)  # what a client sends now matches
+    with pytest.raises(RequestError):
+        authorize(SimpleNamespace(headers={"authorization": "Bearer other"}), token)
+    for bad in ("t\u00f6ken-1234", "two words"):
+        monkeypatch.setenv("MY_SERVE_TOKEN", bad)
+        with pytest.raises(ConfigError, match="printable ASCII") as refused:
+            make_config("serve.host=0.0.0.0", "serve.auth_token_env=MY_SERVE_TOKEN")
+        assert refused.value.key == "serve.auth_token_env" and bad not in str(refused.value)
+    monkeypatch.setenv("MY_SERVE_TOKEN", " \n")
+    with pytest.raises(ConfigError, match="is not set or empty"):
+        make_config("serve.auth_token_env=MY_SERVE_TOKEN")
 
 
 def test_serve_config_yaml_holds_no_token_and_only_its_owner_reads_it(make_config, monkeypatch, tmp_path):
