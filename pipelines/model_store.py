@@ -351,8 +351,8 @@ class ModelStore:
         served.arch = served.arch or loaded.arch
         served.dataset = served.dataset or loaded.spec.dataset
         served.input_size = served.input_size or loaded.spec.image_size
-        if served.val_acc is None and loaded.metrics.get("val_acc") is not None:
-            served.val_acc = float(loaded.metrics["val_acc"])
+        if served.val_acc is None:  # (finite only, as tags are: an inf in a hand-made file made /models a 500)
+            served.val_acc = _number(loaded.metrics, "val_acc")
         if served.params_count is None and loaded.params_count is not None:
             served.params_count = loaded.params_count
 

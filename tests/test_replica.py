@@ -373,3 +373,24 @@ def test_downloaded_checkpoints_of_versions_not_served_are_deleted_once_old(make
     assert store.checkpoint_file(in_use) == folder / "v2-b" / "model.pt"  # from the cache, no registry asked
     assert store.prune_cache([]) == []
     assert (folder / "v2-b").is_dir()
+
+
+def test_a_checkpoint_file_s_infinite_val_acc_is_not_reported(make_config, tmp_path):
+    """A hand-made checkpoint file whose metrics say val_acc inf made /models answer 500 (JSON has no inf), as
+    NaN tags of registry versions did before they were left out."""
+    import json
+
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b"))
+    weights = cnnmodels.create_model("lenet5", num_classes=2, in_chans=1).state_dict()
+    for name, val_acc in (("odd", float("inf")), ("fine", 0.75)):
+        save_checkpoint(ModelCheckpoint("lenet5", {}, spec, weights, metrics={"val_acc": val_acc}),
+                        tmp_path / f"{name}.pt")
+    cfg = make_config(f"serve.checkpoints={{odd: {tmp_path / 'odd.pt'}, fine: {tmp_path / 'fine.pt'}}}",
+                      "serve.trace_models=false")
+    store = ModelStore(cfg)
+    models = store.discover()[0]
+    store.verify(models)
+    by_alias = {m.alias: m for m in models}
+    assert by_alias["odd"].status == "ok" and by_alias["odd"].val_acc is None
+    assert by_alias["fine"].val_acc == 0.75
+    json.dumps([m.val_acc for m in models], allow_nan=False)  # what /models answers with
