@@ -312,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "register":
             from .tracking_queue import send_pending
 
-            send_pending(cfg)
-            return _pending_exit(args, cfg, 0)
+            sent = send_pending(cfg)
+            return _pending_exit(args, cfg, EXIT_FAILED if sent.unregistered else 0)
         return _pending_exit(args, cfg, _run_command(args, cfg, stages))
     except ImageFolderError as err:  # bad input, like a config error: exit 2 (bad files: with their list)
         logger.error("data error: %s", err)

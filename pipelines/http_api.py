@@ -3,9 +3,9 @@
 Every client error is a :class:`RequestError` with a status code and becomes ``{"error": "..."}``; FastAPI's
 own validation errors (a bad ``top_k``) are 422 in the same shape; running out of memory is a 503; anything
 unexpected is a JSON 500 and the replica keeps serving. Bodies are read with a size limit and a deadline
-(:func:`read_image_bytes`; Serve's proxy buffers a body before this limit sees it), images decoded within a :class:`~pipelines.preprocess.DecodeBudget`
-(:func:`decode_upload`). The routes themselves are methods of the Serve deployment (:mod:`pipelines.serve`),
-registered on :data:`api`.
+(:func:`read_image_bytes`; Serve's proxy buffers a body before this limit sees it), images decoded within a
+:class:`~pipelines.preprocess.DecodeBudget` (:func:`decode_upload`). The routes themselves are methods of the
+Serve deployment (:mod:`pipelines.serve`), registered on :data:`api`.
 """
 
 # No ``from __future__ import annotations`` here: Serve pickles the route handlers by value, and FastAPI must

@@ -55,7 +55,7 @@ from .tracking import (
 )
 
 __all__ = ["TrackingQueue", "TrialTracking", "TrackingOp", "PENDING_FILE", "EXIT_PENDING", "load_pending",
-           "send_pending", "pending_summary"]
+           "send_pending", "SentPending", "pending_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -990,19 +990,34 @@ def load_pending(run_dir: str | os.PathLike, *, this_process: bool = False) -> l
             if not (this_process and _held_elsewhere(claims.get(op.get("uid")), own_pid=os.getpid()))]
 
 
-def send_pending(cfg) -> list[TrackingOp]:
-    """Send what earlier stages left pending, then move the champion alias; returns what is still unsent."""
+@dataclass
+class SentPending:
+    """What :func:`send_pending` did: the writes still unsent, and the models whose registration MLflow refused
+    for good (their reasons are logged as they are dropped)."""
+
+    pending: list[TrackingOp]
+    unregistered: list[str]
+
+
+def send_pending(cfg) -> SentPending:
+    """Send what earlier stages left pending, then move the champion alias."""
     queue = TrackingQueue.for_config(cfg)
     if not len(queue):
         logger.info("[tracking] nothing pending in %s", cfg.paths.run_dir)
-        return []
+        return SentPending([], [])
     if not any(op.kind == "update_champion" for op in queue._ops):
         queue.put("update_champion", registered_model=cfg.registered_model_name)
     total = len(queue)
     pending = queue.flush(cfg.tracking.pending_timeout_s)
-    logger.info("[tracking] sent %d of %d pending write(s) to %s", total - len(pending), total,
-                redact_uri(queue.tracker.tracking_uri))
-    return pending
+    # Dropped writes are not sent: counted as sent, a registration refused for good read as success.
+    dropped = len(queue.dropped)
+    logger.info("[tracking] sent %d of %d pending write(s) to %s%s", total - len(pending) - dropped, total,
+                redact_uri(queue.tracker.tracking_uri), f"; {dropped} refused for good (above)" if dropped else "")
+    unregistered = sorted({alias for alias, _ in queue.dropped_registrations})
+    if unregistered:
+        logger.error("[tracking] not registered (MLflow refused it for good, the reason is above): %s",
+                     ", ".join(unregistered))
+    return SentPending(pending, unregistered)
 
 
 @contextlib.contextmanager

@@ -415,15 +415,17 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
                                test_split=info.test_split)
     pending = queue.flush(cfg.tracking.pending_timeout_s)
     # Trained, but its registration was refused for good (a diverged model's NaN weights, its run or checkpoint
-    # deleted): not in the registry, so not served; the stage failed for it.
-    unregistered = [r.model_name for r in todo if (r.model_name, r.fingerprint) in queue.dropped_registrations
+    # deleted): not in the registry, so not served; the stage failed for it. Also a model skipped for a
+    # registration an earlier command left pending, which this stage's queue sent and MLflow refused.
+    unregistered = [r.model_name for r in runs if (r.model_name, r.fingerprint) in queue.dropped_registrations
                     and r.model_name not in failed]
     if unregistered:
         logger.error("[train] trained but not registered (the reason is above): %s", ", ".join(unregistered))
         failed += unregistered
     results = current_results(cfg, runs)
     # ... and on every later run of these settings, which skips them: nothing of theirs can be served.
-    unregistrable = [name for name in skipped if results.get(name) and results[name].registration_error]
+    unregistrable = [name for name in skipped if results.get(name) and results[name].registration_error
+                     and name not in failed]
     for name in unregistrable:
         logger.error("[train] %s was trained but cannot be registered (%s); change its settings (a lower "
                      "learning rate for a diverged run) to train it again", name, results[name].registration_error)

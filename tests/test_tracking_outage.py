@@ -137,6 +137,34 @@ def test_an_outage_queues_writes_and_register_sends_what_the_stage_left_pending(
     assert not (cfg.paths.run_dir / PENDING_FILE).exists()
 
 
+def test_register_fails_when_mlflow_refuses_a_pending_registration_for_good(mlflow_server, tmp_path):
+    """A registration left pending by an outage whose run was then deleted in MLflow's UI is dropped: `register`
+    counted it as sent ("sent 3 of 3") and exited 0, so a script saw success for a model not in the registry."""
+    from pipelines.config import load_config
+
+    overrides = [f"workdir={tmp_path / 'work'}", "name=refused", f"tracking.uri={mlflow_server.uri}",
+                 "tracking.pending_timeout_s=2"]
+    cfg = load_config(None, overrides)
+    queue = TrackingQueue.for_config(cfg)
+    run = queue.new_run("lenet5", {"stage": "train"})
+    assert queue.flush(timeout_s=60) == []
+    mlflow_server.stop()
+    queue.put("register", run, checkpoint_path=str(tmp_path / "best"), storage_path=str(tmp_path),
+              registered_model=cfg.registered_model_name, alias="lenet5", tags={"fingerprint": "abc"})
+    queue.put("end_run", run, status="FINISHED")
+    assert [op.kind for op in queue.flush(timeout_s=2)] == ["register", "end_run"]
+    mlflow_server.start()
+    Tracker(mlflow_server.uri, "refused").client.delete_run(queue.run_id(run))
+
+    command = [sys.executable, "-m", "pipelines", "register", *[a for o in overrides for a in ("--set", o)]]
+    sent = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert sent.returncode == 1, sent.stderr
+    assert "not registered (MLflow refused it for good" in sent.stderr and "lenet5" in sent.stderr
+    # The champion alias went out; the registration and the run's end were refused (the run is deleted).
+    assert "sent 1 of 3 pending write(s)" in sent.stdout and "2 refused for good (above)" in sent.stdout
+    assert not (cfg.paths.run_dir / PENDING_FILE).exists()
+
+
 def test_writes_queued_in_an_outage_outlive_a_command_killed_before_its_flush(mlflow_server, tmp_path):
     """`ray job stop` (SIGKILL 3 s after its SIGTERM), the OOM killer, a lost head: a command killed while MLflow
     was down lost every write it had queued since, its runs left RUNNING without their metrics. The backlog is on
