@@ -258,6 +258,44 @@ def _warn_of_a_warm_restart(run: ModelRun, trained_epochs: int) -> None:
                    hyper.epochs)
 
 
+def check_interrupted_schedules(runs: list[ModelRun]) -> None:
+    """Refuse (ConfigError on ``train.epochs``, exit 2) to resume an interrupted run with fewer epochs than it was
+    training to, and warn when it resumes with more.
+
+    Epochs are not in a run's fingerprint (a longer run continues the same training), so a re-run resumes the
+    checkpoint of any length. Fewer epochs cut its learning-rate schedule short: the rate dropped at once, and a
+    run stopped at epoch 5 of 10 and re-run with ``train.epochs: 5`` trained nothing more and was registered as a
+    5-epoch model with its rate still at half of ``train.lr``. Runs whose checkpoints predate the recorded
+    length are left to the workers' own check (no checkpoint past ``train.epochs``)."""
+    from .config import ConfigError
+    from .trials import latest_reported_metrics
+
+    refused = []
+    for run in runs:
+        latest = latest_reported_metrics(run)
+        if not latest or "epochs" not in latest or "epoch" not in latest:
+            continue
+        hyper, planned, reached = run.hyper, int(latest["epochs"]), int(latest["epoch"]) + 1
+        if hyper.epochs == planned or (hyper.schedule == "constant" and reached <= hyper.epochs):
+            continue
+        steps = 1000  # per epoch: the schedule's shape, whatever the split's size
+        was = lr_at(1.0, hyper.schedule, hyper.warmup_epochs, planned, reached * steps, steps)
+        now = lr_at(1.0, hyper.schedule, hyper.warmup_epochs, hyper.epochs, reached * steps, steps)
+        if hyper.epochs > planned:
+            if reached < planned:  # (a finished run extended: _warn_of_a_warm_restart says it)
+                logger.warning("[train] %s: its interrupted run was training to %d epochs; it resumes at epoch %d "
+                               "with its %s schedule spread over %d epochs: the learning rate goes from %.0f%% to "
+                               "%.0f%% of train.lr", run.model_name, planned, reached + 1, hyper.schedule,
+                               hyper.epochs, 100 * was, 100 * now)
+            continue
+        refused.append(f"{run.model_name}: an interrupted run of these settings was training to {planned} epochs "
+                       f"(its latest checkpoint is of epoch {reached}, its learning rate at {100 * was:.0f}% of "
+                       f"train.lr); train.epochs={hyper.epochs} would cut its {hyper.schedule} schedule short")
+    if refused:
+        raise ConfigError("train.epochs", "; ".join(refused) + ". Set train.epochs to the interrupted run's epochs "
+                          "to finish it, or train the shorter run under another name or workdir")
+
+
 def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[ModelRun], list[str]]:
     """Runs still to train, and the names of those already trained with the same settings to their epochs (or
     further: a run of fewer epochs would resume past its end and record the longer run's model as its own).
@@ -393,6 +431,7 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
         logger.info("[train] already trained, skipping: %s", ", ".join(skipped))
     for run in todo:
         check_workers_fit(run.workers, f"[train] {run.model_name}")
+    check_interrupted_schedules(todo)
     check_pending_writes(cfg)  # writes pending for another store: exit 2 before the stage's run is opened
     tracker = Tracker.for_config(cfg)
     failed = []

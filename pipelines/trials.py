@@ -339,6 +339,29 @@ def reported_checkpoint_dir(path: str, storage_path: str) -> contextlib.Abstract
 RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
+def _run_record(run: ModelRun):
+    """Ray Train's record of the run's checkpoints: the storage's filesystem, the record's path and its content.
+    Raises when there is none (a first start), the storage does not answer or the record cannot be read."""
+    import pyarrow.fs
+
+    storage = run.storage_path if "://" in run.storage_path else os.path.abspath(run.storage_path)
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    record = f"{root.rstrip('/')}/{run.run_name}/{RUN_SNAPSHOT}"
+    with fs.open_input_stream(record) as stream:
+        return fs, record, json.loads(stream.read())
+
+
+def latest_reported_metrics(run: ModelRun) -> dict | None:
+    """The metrics the run reported with its latest checkpoint (an interrupted run's last epoch), from Ray
+    Train's record; None without one (a first start), or when the storage does not answer or the record cannot
+    be read (then the workers' own checks decide)."""
+    try:
+        metrics = _run_record(run)[2]["latest_checkpoint_result"]["metrics"]
+    except Exception:  # noqa: BLE001 - no record, storage down, another Ray's format
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
 def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
     """Let a run whose checkpoints were deleted (by hand, by a bucket's lifecycle rule) or damaged (a
     truncated upload, changed bytes) start again.
@@ -357,14 +380,8 @@ def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
     Reading the recorded checkpoints (a download from remote storage) costs a resume only: a first start has
     no record.
     """
-    import pyarrow.fs
-
-    storage = run.storage_path if "://" in run.storage_path else os.path.abspath(run.storage_path)
     try:
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
-        record = f"{root.rstrip('/')}/{run.run_name}/{RUN_SNAPSHOT}"
-        with fs.open_input_stream(record) as stream:
-            snapshot = json.loads(stream.read())
+        fs, record, snapshot = _run_record(run)
         names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
         # The checkpoints a run reads back: the latest (a resume) and the best (its test evaluation); Ray keeps
         # the results sorted by score, the best last. A record without its latest: any may be the one resumed.

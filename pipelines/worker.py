@@ -646,8 +646,10 @@ def train_loop_per_worker(config: dict) -> None:
         recalibrate_batchnorm(ctx, run.hyper.precise_bn_batches)
         val_loss, val_acc, _ = evaluate(ctx, ctx.val_loader)
         ctx.add_seconds("eval_seconds", time.perf_counter() - evaluation_started)
+        # (epochs: the schedule's length, which a re-run of an interrupted run is checked against)
         report_epoch(ctx, epoch, {"epoch": epoch, **metrics, "val_loss": val_loss, "val_acc": val_acc,
-                                  "start_epoch": ctx.start_epoch, "worker_nodes": ctx.worker_nodes})
+                                  "start_epoch": ctx.start_epoch, "epochs": run.hyper.epochs,
+                                  "worker_nodes": ctx.worker_nodes})
     if ctx.rank == 0 and training_left:
         ctx.mark("compute_released")
         release_compute(run.compute_gate, run.run_name)  # the test is short; let the next run train

@@ -247,6 +247,18 @@ def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster,
     tracked = Tracker.for_config(cfg).find_run("tags.stage = 'train' and tags.`cnnzoo.model` = 'lenet5'")
     assert tracked.info.status == "FAILED" and "not retried" in tracked.data.tags["error"], tracked.data.tags
 
+    # The run stopped after epoch 1 of its 2-epoch schedule. Re-run with train.epochs=1, it trained nothing more
+    # and was registered as a 1-epoch model, its learning rate still at half of train.lr: refused at once.
+    from pipelines.config import ConfigError
+
+    client = Tracker.for_config(cfg).client
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    shorter = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    with pytest.raises(ConfigError, match="was training to 2 epochs .*epoch 1, its learning rate at 50%") as refused:
+        train_stage(shorter)
+    assert refused.value.key == "train.epochs"
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+
 
 def test_a_worker_no_node_can_hold_is_refused_before_the_stage_starts(ray_cluster, make_config):
     """Ray Train compares a worker group with the cluster's totals only, then retries placing it without end
