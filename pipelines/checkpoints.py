@@ -18,7 +18,6 @@ import errno
 import numbers
 import os
 import random
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 
 import cnnmodels
 
+from .paths import atomic_writer
 from .preprocess import PreprocessSpec, is_out_of_memory
 
 __all__ = ["ModelCheckpoint", "CheckpointError", "UnreadableCheckpointError", "save_checkpoint", "load_checkpoint",
@@ -99,20 +99,9 @@ class ModelCheckpoint:
 def save_checkpoint(checkpoint: ModelCheckpoint, path: str | os.PathLike) -> Path:
     """Write ``checkpoint`` to ``path`` atomically (a reader never sees a half-written file), readable as the
     umask allows."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        # Created as a plain open() would (0666 less the umask): mkstemp's 0600 followed the file into MLflow's
-        # artifact store (copied with its mode), unreadable to a server or replica running as another user.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint.to_payload(), f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_writer(path, binary=True) as f:
+        torch.save(checkpoint.to_payload(), f)
+    return Path(path)
 
 
 def _require(payload: dict, key: str, kind: type | tuple[type, ...]) -> Any:

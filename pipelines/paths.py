@@ -15,28 +15,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-__all__ = ["RunPaths", "write_text_atomically"]
+__all__ = ["RunPaths", "atomic_writer", "write_text_atomically"]
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, *, binary: bool = False) -> Iterator[IO]:
+    """A file whose content replaces ``path`` whole when the block ends without an error: a crash or a full disk
+    leaves the old file (or none), never a cut-off one that the next command would fail to read. Created as a
+    plain ``open()`` would (0666 less the umask): mkstemp's 0600 made the report, the search result and the train
+    records unreadable to anyone else sharing a workdir, and followed the files into MLflow's artifact store
+    (copied with their mode), unreadable to a server or replica running as another user."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb" if binary else "w") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file beside it: a crash or a full disk leaves the old file
-    (or none), never a cut-off one that the next command would fail to read."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` to ``path`` through :func:`atomic_writer`."""
+    with atomic_writer(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 @dataclass(frozen=True)

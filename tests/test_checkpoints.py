@@ -84,13 +84,21 @@ def test_a_saved_checkpoint_is_readable_as_the_umask_allows(tmp_path):
     server or a replica running as another user."""
     import os
 
+    from pipelines.paths import write_text_atomically
+
     previous = os.umask(0o022)
     try:
         path = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
+        # The same for the report, the search result and the train records (they were 0600: other users of a
+        # shared workdir could not read them, nor an MLflow server running as another user their copies).
+        record = write_text_atomically(tmp_path / "report" / "models.csv", "a,b\n")
+        os.umask(0o077)
+        private = write_text_atomically(tmp_path / "private.json", "{}")
     finally:
         os.umask(previous)
-    assert path.stat().st_mode & 0o777 == 0o644
-    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    assert path.stat().st_mode & 0o777 == 0o644 and record.stat().st_mode & 0o777 == 0o644
+    assert private.stat().st_mode & 0o777 == 0o600 and record.read_text() == "a,b\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "private.json", "report"]
 
 
 @pytest.mark.parametrize("failure", [OSError(errno.EIO, "Input/output error"),
