@@ -86,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args) -> PipelineConfig:
-    path = getattr(args, "file", None) or args.config
-    return load_config(path, args.overrides)
+    file = getattr(args, "file", None)
+    if file and args.config and file != args.config:  # (one was used, the other dropped without a word)
+        raise ConfigError("--config", f"check-config was given two files ({file} and --config {args.config}); "
+                                      "give one")
+    return load_config(file or args.config, args.overrides)
 
 
 def _block_until_interrupted(url: str, cfg: PipelineConfig) -> None:
@@ -298,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         logger.error("config error: %s", err)
         return EXIT_CONFIG
+    except KeyboardInterrupt:  # while the config was checked (its models built on the meta device): no traceback
+        logger.error("interrupted")
+        return EXIT_INTERRUPTED
     if args.command == "check-config":
         print(cfg.to_yaml(), end="")
         # The resolved YAML is the command's output (stdout, pipeable); the verdict goes beside it.

@@ -75,10 +75,12 @@ def _check_model_name(name: str) -> None:
     """ValueError naming the closest models when ``name`` is no cnnmodels name (nor a family member such as
     ``efficientnet_phi1``)."""
     try:
-        cnnmodels.resolve_model_name(name)
+        _, implied = cnnmodels.resolve_model_name(name)
     except ValueError:
         known = cnnmodels.list_models()
         raise ValueError(f"unknown model {name!r}{_did_you_mean(name, known, n=3, cutoff=0.5)}") from None
+    if float(implied.get("phi", 0.0)) > MAX_PHI:  # (efficientnet_phi40 took minutes to build, 600 M parameters at 13)
+        raise ValueError(f"{name}: phi is at most {MAX_PHI:g}, as in search.phis (EfficientNet-B7 is about 6)")
 
 
 #: Seeds go to numpy, scikit-learn and Optuna, which take 0 to 2**32 - 1.
@@ -155,6 +157,32 @@ def _at_least_one_or_auto(value):
     """A count of things at once: at least 1, or ``auto``."""
     if value != "auto" and value < 1:
         raise ValueError("must be >= 1 or 'auto'")
+    return value
+
+
+def _ray_quantity(value):
+    """A resource amount Ray takes: 0, or at least its precision of 0.0001 (a smaller one passed here and Ray
+    refused it once it had started)."""
+    if isinstance(value, (int, float)) and 0 < value < 1e-4:
+        raise ValueError(f"{value:g} is below Ray's smallest resource amount, 0.0001")
+    return value
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def _bind_host(value: str) -> str:
+    """An address or host name to bind to: a URL or a port in it (``http://127.0.0.1``, ``localhost:8000``)
+    passed, and Serve's proxy failed to bind after the whole training."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(value) or value.replace(".", "").isdigit():
+        raise ValueError(f"{value!r} is not an IP address or host name (no scheme, no port: serve.port is the "
+                         "port)")
     return value
 
 
@@ -305,7 +333,9 @@ class WorkerSettings(_Section):
     def _positive_cpus(cls, value):
         if value != "auto" and value <= 0:
             raise ValueError("must be positive or 'auto'")
-        return value
+        return _ray_quantity(value)
+
+    _gpu_share = field_validator("gpus_per_worker")(_ray_quantity)
 
 
 class ModelSelection(_Section):
@@ -413,6 +443,8 @@ class SearchConfig(_Section):
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Optuna sampler seed")
 
+    _gpu_share = field_validator("gpus_per_trial")(_ray_quantity)
+
     @field_validator("alpha", "beta", "gamma", mode="before")
     @classmethod
     def _range(cls, value):
@@ -438,6 +470,7 @@ class SearchConfig(_Section):
     def _phis(cls, values: list[float]) -> list[float]:
         if any(v < 0 or v > MAX_PHI for v in values):
             raise ValueError(f"phi values must be between 0 and {MAX_PHI:g} (EfficientNet-B7 is about 6)")
+        values = [v + 0.0 for v in values]  # -0.0 is 0 (it trained B0 twice, once as efficientnet_phi-0)
         if len({f"{v:g}" for v in values}) != len(values):  # the models are named by phi's %g
             raise ValueError("phi values must be unique (to 6 significant digits: they name the models)")
         if rounded := [v for v in values if float(f"{v:g}") != v]:
@@ -477,8 +510,14 @@ class TrackingConfig(_Section):
         if has_masked_password(value):
             raise ValueError("its password is the mask printed by check-config and logged with each run ('***'), "
                              "not the password; give the real URI (an environment variable: ${VAR})")
+        scheme = value.split(":", 1)[0]
+        if scheme != scheme.lower():  # MLflow and SQLAlchemy match schemes as written: SQLITE:/// failed late
+            raise ValueError(f"write its scheme {scheme!r} in lower case ({scheme.lower()!r})")
+        if value.split("?", 1)[0] in ("sqlite://", "sqlite:///", "sqlite:///:memory:") or ":memory:" in value:
+            # An in-memory database: every process its own, empty; every run and registration lost at exit.
+            raise ValueError("an in-memory sqlite database holds nothing past the process (and each process has "
+                             "its own); give a file, sqlite:///path/mlflow.db")
         value = absolute_sqlite_uri(value)
-        scheme = value.split(":", 1)[0].lower()
         known = TRACKING_SCHEMES + _plugin_tracking_schemes()
         if scheme.split("+", 1)[0] not in known:
             close = difflib.get_close_matches(scheme.split("+", 1)[0], known, n=1)
@@ -610,6 +649,9 @@ class ServeConfig(_Section):
             raise ValueError("'**********' is the mask printed by check-config and logged with each run, not a "
                              "token; set serve.auth_token_env (the environment variable holding it)")
         return value
+
+    _host = field_validator("host")(_bind_host)
+    _resources = field_validator("num_cpus", "num_gpus")(_ray_quantity)
 
     @field_validator("checkpoints")
     @classmethod
@@ -904,6 +946,11 @@ def _check_model_option_values(cfg: PipelineConfig) -> None:
 
     from .planning import resolve_models, search_template  # planning builds on this module
 
+    for name, options in cfg.train.model_options.items():
+        for option, value in options.items():
+            if _has_non_finite(value):  # nn.Dropout(nan) builds, and its first forward fails in every retry
+                raise ConfigError(f"train.model_options.{name}.{option}", f"{value!r} is not a finite number")
+
     for choice in [*resolve_models(cfg, _ANY_SEARCHED_COEFFICIENTS), search_template(cfg)]:
         if choice.name not in cfg.train.model_options:
             continue
@@ -912,6 +959,17 @@ def _check_model_option_values(cfg: PipelineConfig) -> None:
                 cnnmodels.create_model(choice.name, num_classes=10, **choice.kwargs)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"train.model_options.{choice.name}", str(err)) from None
+
+
+def _has_non_finite(value: Any) -> bool:
+    """Whether ``value`` is, or holds (in a list or mapping), a NaN or infinite number."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def _serve_checks(cfg: PipelineConfig) -> None:
@@ -938,6 +996,11 @@ def _serve_checks(cfg: PipelineConfig) -> None:
         raise ConfigError("serve.max_ongoing_requests",
                           f"{serve.max_ongoing_requests} is below serve.max_batch_size ({serve.max_batch_size}): "
                           "a replica could never fill a batch")
+    if serve.max_image_pixels < cfg.data.image_size ** 2:  # ("40" for the README's "40 M" refused every upload)
+        raise ConfigError("serve.max_image_pixels",
+                          f"{serve.max_image_pixels:,} pixels is below one {cfg.data.image_size}x"
+                          f"{cfg.data.image_size} model input: every upload would be refused (the default is "
+                          "40,000,000)")
     if serve.max_resized_pixels < cfg.data.image_size ** 2:
         raise ConfigError("serve.max_resized_pixels",
                           f"{serve.max_resized_pixels:,} is below one {cfg.data.image_size}x{cfg.data.image_size} "
@@ -1261,6 +1324,9 @@ def read_yaml(path: str | os.PathLike | None) -> dict:
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SHELL_REFERENCE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
+#: Keys holding paths, where a shell-style ``$NAME`` is surely meant as a variable.
+_PATH_KEYS = frozenset({"workdir", "storage_path", "data.root"})
 
 
 def expand_env(data: Any, key: str = "") -> Any:
@@ -1270,8 +1336,15 @@ def expand_env(data: Any, key: str = "") -> Any:
         return {k: expand_env(v, f"{key}.{k}" if key else str(k)) for k, v in data.items()}
     if isinstance(data, list):
         return [expand_env(v, key) for v in data]
+    if isinstance(data, str) and key in _PATH_KEYS and (shell := _SHELL_REFERENCE.search(_ENV_REFERENCE.sub("", data))):
+        # The shell's $HOME is not expanded here: outputs went to a folder literally named "$HOME".
+        raise ConfigError(key, f"{shell.group(0)} is not expanded in a config; write ${{{shell.group(0)[1:]}}}")
     if not isinstance(data, str) or "${" not in data:
         return data
+    if "${" in _ENV_REFERENCE.sub("", data):
+        # ${STORE:/mnt/x} (no "-"), ${STORE-/mnt/x}: left as text, Ray's storage went to a folder named "${STORE:".
+        shown = "" if _is_secret_key(key) else f" in {data!r}"
+        raise ConfigError(key, f"a malformed environment reference{shown}: write ${{VAR}} or ${{VAR:-default}}")
 
     def substitute(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)

@@ -185,6 +185,24 @@ def test_model_overrides_change_only_that_model(make_config):
         (["storage_path=s3://bucket/ray?endpoint_override=minio:9000"], "storage_path", "AWS_ENDPOINT_URL"),
         (["tracking.uri=postgres://mlflow:secret@db/mlflow"], "tracking.uri", "did you mean 'postgresql'"),
         (["tracking.uri=sqllite:///runs/mlflow.db"], "tracking.uri", "no tracking store for the scheme 'sqllite'"),
+        # Values that passed and failed (or lost everything) once Ray had started, or after the training:
+        (["tracking.uri=sqlite://"], "tracking.uri", "in-memory sqlite database"),
+        (["tracking.uri='sqlite:///:memory:'"], "tracking.uri", "in-memory sqlite database"),
+        (["tracking.uri=SQLITE:///runs/mlflow.db"], "tracking.uri", "in lower case"),
+        (["train.model_options={alexnet: {dropout: .nan}}"], "train.model_options.alexnet.dropout", "not a finite"),
+        (["train.model_options={vgg11_bn: {dropout: [.inf]}}"], "train.model_options.vgg11_bn.dropout", "finite"),
+        (["train.models=[efficientnet_phi40]"], "train.models", "phi is at most 12"),
+        (["search.phis=[0, -0.0]"], "search.phis", "must be unique"),
+        (["train.cpus_per_worker=1e-9"], "train.cpus_per_worker", "below Ray's smallest resource amount"),
+        (["train.use_gpu=true", "train.gpus_per_worker=0.00001"], "train.gpus_per_worker", "0.0001"),
+        (["serve.num_cpus=0.00001"], "serve.num_cpus", "0.0001"),
+        (["serve.max_image_pixels=40"], "serve.max_image_pixels", "every upload would be refused"),
+        (["serve.host=http://127.0.0.1"], "serve.host", "not an IP address or host name"),
+        (["serve.host=localhost:8000", "serve.allow_unauthenticated=true"], "serve.host", "no scheme, no port"),
+        (["storage_path=${CNNZOO_TEST_STORE:/mnt/x}"], "storage_path", "malformed environment reference"),
+        (["storage_path=${CNNZOO_TEST_STORE-/mnt/x}"], "storage_path", "malformed environment reference"),
+        (["workdir=$HOME/runs"], "workdir", "write ${HOME}"),
+        (["data.dataset=imagefolder", "data.root=/data/$USER/flowers"], "data.root", "write ${USER}"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key, fragment):
@@ -349,6 +367,8 @@ cases = [
     # A local Ray stops, and serving with it, when the command returns.
     ["run", "--no-block"],
     ["serve", "--no-block", "--set", "ray.address=local"],
+    # Two files: one was used and the other dropped without a word.
+    ["check-config", "pipelines/configs/quickstart.yaml", "--config", "fashion-mnist"],
 ]
 codes = [main(argv) for argv in cases]
 os.environ["RAY_ADDRESS"] = "http://127.0.0.1:8265"  # exported for `ray job submit`, as Ray's job docs say
@@ -364,8 +384,21 @@ sys.exit(0 if codes == [2] * (len(cases) + 1) + [0] and not ray.is_initialized()
                      "data.dataset: unknown dataset 'mnist'", "data.root", "--config", "--stages",
                      "--no-block: needs a Ray cluster that outlives this command",
                      "RAY_ADDRESS: 'http://127.0.0.1:8265' is a dashboard address",
-                     "--config: cannot read", "--stages: ',' names no stage"):
+                     "--config: cannot read", "--stages: ',' names no stage",
+                     "--config: check-config was given two files"):
         assert fragment in out.stderr
+
+
+def test_ctrl_c_while_the_config_is_checked_exits_130_without_a_traceback(monkeypatch, caplog):
+    """The config check builds models on the meta device (about 2 s with torch's import): a Ctrl-C then printed
+    a KeyboardInterrupt traceback and the process died by the signal."""
+    import pipelines.__main__ as cli
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_config", interrupted)
+    assert cli.main(["check-config"]) == cli.EXIT_INTERRUPTED
 
 
 def test_check_config_prints_the_resolved_config(tmp_path):
