@@ -57,12 +57,12 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
     """
     from .report import report_stage
     from .search import search_stage, searched_coefficients
-    from .serve import check_route_free, serve_stage
+    from .serve import check_serve_startable, serve_stage
     from .train import train_stage
 
     stages = stages or list(STAGES)
     if "serve" in stages and len(stages) > 1:  # before hours of training, not after them
-        check_route_free(cfg)
+        check_serve_startable(cfg)
     started = time.time()
     out = PipelineResult()
     coefficients = None

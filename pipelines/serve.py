@@ -499,6 +499,17 @@ def _check_port_free(s: ServeConfig) -> None:
         # Else an address or family this node lacks (IPv6 off in a container): Serve's own start says what is wrong
 
 
+def check_serve_startable(cfg: PipelineConfig) -> None:
+    """What the serve stage checks before it starts Serve, for ``run`` to check before its search and training:
+    the route (:func:`check_route_free`), the port (:func:`_check_port_free`), and a running Serve's HTTP
+    options (:func:`_check_running_http_options`). A port another program held, or a running Serve at another
+    port, failed ``run`` after hours of training (exit 2)."""
+    check_route_free(cfg)
+    _check_port_free(cfg.serve)
+    if _serve_runs_on_this_ray():
+        _check_running_http_options(cfg.serve)
+
+
 def check_route_free(cfg: PipelineConfig) -> None:
     """Every app is served at ``/``, and Serve routes a prefix to one app: another config's app running on this
     Ray (the other GPU preset's, on a shared cluster) made this one's deployment fail, after its whole search and
@@ -588,8 +599,7 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
         raise ConfigError("serve.max_resized_pixels", f"{cfg.serve.max_resized_pixels:,} is below the input of "
                           f"{', '.join(f'{m.alias} ({m.input_size} px)' for m in too_large)}: every request to them "
                           f"would be refused; raise it to at least {largest ** 2:,}")
-    check_route_free(cfg)
-    _check_port_free(cfg.serve)
+    check_serve_startable(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
                               "request_timeout_s": proxy_timeout_s(cfg.serve)})
     _check_running_http_options(cfg.serve)

@@ -119,6 +119,12 @@ def test_another_configs_pipeline_is_refused_before_it_trains_when_an_app_holds_
         run_pipeline(other, ["train", "serve"])
     assert refused.value.key == "name" and f"Serve app {cfg.name!r} already answers at /" in str(refused.value)
     assert not (tmp_path / "another").exists()  # nothing trained, nothing written
+    # Serve runs here at another port: its proxy keeps it for every app, so this config's URL would be dead.
+    moved = cfg.model_copy(update={"workdir": str(tmp_path / "moved"),
+                                   "serve": cfg.serve.model_copy(update={"port": cfg.serve.port + 1})})
+    with pytest.raises(ConfigError, match="Serve already runs on this Ray with other HTTP options") as refused:
+        run_pipeline(moved, ["train", "serve"])
+    assert refused.value.key == "serve.port" and not (tmp_path / "moved").exists()
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
 
 

@@ -238,7 +238,7 @@ def test_predict_says_in_one_line_what_is_wrong_with_its_image_or_the_answer(tmp
         server.shutdown()
 
 
-def test_a_port_another_listener_holds_is_refused_before_serve_starts(monkeypatch):
+def test_a_port_another_listener_holds_is_refused_before_serve_starts(monkeypatch, make_config, tmp_path):
     """Serve's proxy listens with SO_REUSEPORT: a second `serve` beside a running one shared port 8000 without a
     word, the kernel splitting requests between the two apps; a port another program held failed the stage after
     seconds with a cut-off traceback of the proxy's. Checked before Serve starts (a Serve already running on the
@@ -257,6 +257,13 @@ def test_a_port_another_listener_holds_is_refused_before_serve_starts(monkeypatc
         with pytest.raises(ConfigError, match=f"127.0.0.1:{port} is already in use") as refused:
             serve_module._check_port_free(ServeConfig(port=port))
         assert refused.value.key == "serve.port"
+        # `run` checks it before its search and training (it failed after them, hours later).
+        from pipelines.pipeline import run_pipeline
+
+        cfg = make_config(f"serve.port={port}", workdir=tmp_path / "run")
+        with pytest.raises(ConfigError, match="is already in use"):
+            run_pipeline(cfg, ["train", "serve"])
+        assert not cfg.paths.run_dir.exists()  # nothing trained, nothing written
     serve_module._check_port_free(ServeConfig(port=port))  # free again
     monkeypatch.setattr(serve_module, "_serve_runs_on_this_ray", lambda: True)
     with socket.socket() as other:
