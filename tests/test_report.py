@@ -256,6 +256,46 @@ def test_serving_latency_is_measured_as_a_replica_runs_the_model(tmp_path, monke
     assert threads[2:] == [1, driver_threads] and traced == [1] and torch.get_num_threads() == driver_threads
 
 
+def test_a_serving_latency_is_measured_once_per_checkpoint_and_serving_settings(tmp_path, monkeypatch, caplog):
+    """A report re-run with nothing new spent 52 s of 80 measuring nine unchanged models again, silently."""
+    import cnnmodels
+    import pipelines.report as report_module
+    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+    from pipelines.config import ServeConfig
+    from pipelines.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
+    records = []
+    for name in ("lenet5", "resnet18"):
+        weights = cnnmodels.create_model(name, num_classes=10, in_chans=1).state_dict()
+        trained = record(name, name, {}, 400_000, 0.9)
+        trained.checkpoint_path = str(save_checkpoint(ModelCheckpoint(name, {}, spec, weights),
+                                                      tmp_path / name / "model.pt"))
+        records.append(trained)
+    measured = []
+    real = report_module.measure_latency_ms
+    monkeypatch.setattr(report_module, "measure_latency_ms",
+                        lambda r, *a, **k: measured.append(r.model_name) or real(r, *a, repeats=2, **k))
+    directory = tmp_path / "report"
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        report_module._measure_latencies(records, ServeConfig(), "", directory)
+    assert measured == ["lenet5", "resnet18"] and "measuring the serving latency of 2 model(s)" in caplog.text
+    first = [r.serving_latency_ms for r in records]
+    assert all(ms > 0 for ms in first)
+    again = [record(r.model_name, r.arch, {}, 400_000, 0.9) for r in records]
+    for fresh, old in zip(again, records, strict=True):
+        fresh.checkpoint_path = old.checkpoint_path
+    report_module._measure_latencies(again, ServeConfig(), "", directory)
+    assert measured == ["lenet5", "resnet18"] and [r.serving_latency_ms for r in again] == first  # from the cache
+    # Another way of serving, or a new checkpoint: measured again, that model only.
+    report_module._measure_latencies(again, ServeConfig(trace_models=False), "", directory)
+    assert measured[2:] == ["lenet5", "resnet18"]
+    again[0].checkpoint_path = str(save_checkpoint(ModelCheckpoint("lenet5", {}, spec, cnnmodels.create_model(
+        "lenet5", num_classes=10, in_chans=1).state_dict()), tmp_path / "newer" / "model.pt"))
+    report_module._measure_latencies(again, ServeConfig(trace_models=False), "", directory)
+    assert measured[4:] == ["lenet5"]
+
+
 @pytest.fixture
 def s3_bucket(monkeypatch):
     """A real S3 API (moto's server on a local port) with the bucket ``bucket``; boto3 and pyarrow (Ray's storage)
