@@ -377,17 +377,25 @@ def _measure_latencies(results: list[ModelResult], serve: ServeConfig, storage_p
 def _log_report(tracker, files: list[Path], directory: Path) -> None:
     """Log the report's files to the latest train stage's MLflow run; an unreachable tracking server or artifact
     store (S3 down while MLflow answers) leaves them on disk only, with a warning, as the rest of the report."""
-    from .tracking import first_line, is_unreachable
+    from .tracking import first_line
 
     try:
         parent = tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
         for path in [] if parent is None else files:
             tracker.log_artifact(parent.info.run_id, path, "report")
     except Exception as err:
-        if not is_unreachable(err):
+        if not _mlflow_unusable(err):
             raise
-        logger.warning("[report] MLflow or its artifact store is unreachable (%s): the report is not logged to "
-                       "MLflow; its files are in %s", first_line(err), directory)
+        logger.warning("[report] MLflow or its artifact store is unreachable or refuses these credentials (%s): "
+                       "the report is not logged to MLflow; its files are in %s", first_line(err), directory)
+
+
+def _mlflow_unusable(err: BaseException) -> bool:
+    """Whether MLflow cannot be used now, for a reason outside the report: unreachable, or refusing this
+    machine's credentials (an expired token; a 401 failed the report before its files were written)."""
+    from .tracking import is_auth_refusal, is_unreachable
+
+    return is_unreachable(err) or is_auth_refusal(err)
 
 
 #: What a report may write; each run removes those it does not write again (a search.png of a search with other
@@ -403,7 +411,7 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     training left under a model's name when the new one failed); default every record in the run's directory,
     with its epochs in the table."""
     from .search import load_search_result
-    from .tracking import Tracker, first_line, is_unreachable
+    from .tracking import Tracker, first_line
     from .tracking_queue import send_pending_before_reading
 
     send_pending_before_reading(cfg)
@@ -424,10 +432,10 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     try:
         champion = tracker.champion(cfg.registered_model_name)
     except Exception as err:
-        if not is_unreachable(err):
+        if not _mlflow_unusable(err):
             raise
-        logger.warning("[report] MLflow is unreachable (%s): the table marks no champion and the report is not "
-                       "logged to MLflow", first_line(err))
+        logger.warning("[report] MLflow is unreachable or refuses these credentials (%s): the table marks no "
+                       "champion and the report is not logged to MLflow", first_line(err))
         tracker, champion = None, None
     table = comparison_table(results, *(champion or (None, None)))
     if champion is not None and not table["champion"].any():
