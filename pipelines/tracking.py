@@ -522,11 +522,28 @@ class Tracker:
         """Point alias ``champion`` at the best ``metric`` among the aliased versions trained on this
         tracker's data and tested on the test images ``test_split`` names (default: those of the newest
         version that names them); returns (alias, version), or None (and no champion alias) when none has a
-        score. Versions registered before they named their test images count, as for the data set."""
-        try:
-            versions, _ = self.registered_versions(registered_model)
-        except LookupError:
-            return None
+        score. Versions registered before they named their test images count, as for the data set.
+
+        Checked once set: another command that registered a version meanwhile (two trainings sharing the
+        registered model, `register` beside `train`) could have moved its model's alias after this one read
+        the aliases, leaving the champion on a version no model alias named any more; then chosen again."""
+        for _ in range(3):
+            try:
+                versions, _ = self.registered_versions(registered_model)
+            except LookupError:
+                return None
+            chosen = self._point_champion(registered_model, versions, metric, test_split)
+            try:
+                now, _ = self.registered_versions(registered_model)
+            except LookupError:
+                return chosen
+            if {(v.alias, v.version) for v in now} == {(v.alias, v.version) for v in versions}:
+                break
+        return chosen
+
+    def _point_champion(self, registered_model: str, versions: list[RegisteredVersion], metric: str,
+                        test_split: str | None) -> tuple[str, str] | None:
+        """:meth:`update_champion` on the aliased ``versions`` read."""
         if test_split is None:
             named = [v for v in versions if v.tags.get(TAG_TEST_SPLIT)]
             test_split = max(named, key=lambda v: int(v.version)).tags[TAG_TEST_SPLIT] if named else ""

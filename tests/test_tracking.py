@@ -88,6 +88,27 @@ def test_update_champion_points_the_alias_at_the_best_test_accuracy(tracker):
     assert CHAMPION in tracker.client.get_registered_model(cfg.registered_model_name).aliases
 
 
+def test_a_version_registered_while_the_champion_moves_is_taken_into_account(tracker, tmp_path):
+    """Two commands sharing a registered model: the other registered a better resnet18 (moving its alias) after
+    this one read the aliases and before it set the champion, which was then left on version 2, an alias no
+    model names any more: `serve` found no champion."""
+    cfg, tracker = tracker
+    name, client = cfg.registered_model_name, tracker.client
+    other = Tracker.for_config(cfg).client  # the other command's own client
+    set_alias = client.set_registered_model_alias
+
+    def the_other_command_registers_first(model, alias, version):
+        if alias == CHAMPION and not other.search_model_versions(f"name='{name}' and tag.arch='resnet18-v2'"):
+            newer = other.create_model_version(name, (tmp_path / "artifacts").as_uri(),
+                                               tags={"test_acc": "0.99", "arch": "resnet18-v2"})
+            other.set_registered_model_alias(name, "resnet18", newer.version)
+        set_alias(model, alias, version)
+
+    client.set_registered_model_alias = the_other_command_registers_first
+    assert tracker.update_champion(name) == ("resnet18", "4")
+    assert tracker.champion(name) == ("resnet18", "4")
+
+
 def test_a_missing_registered_model_is_a_lookup_error(make_config):
     tracker = Tracker.for_config(make_config())
     with pytest.raises(LookupError, match="train first"):
