@@ -238,11 +238,14 @@ class Tracker:
 
     @classmethod
     def for_config(cls, cfg) -> Tracker:
-        """The tracker of a pipeline config: experiment = ``cfg.name``; local sqlite stores keep their
-        artifacts next to the database (``<workdir>/mlartifacts``), servers decide for themselves. Only
-        registered versions trained on ``cfg.data`` count (for ``imagefolder``: the same ``data.root``)."""
+        """The tracker of a pipeline config: experiment = ``cfg.name``; database stores (sqlite, or a
+        PostgreSQL, MySQL or SQL Server URI) keep their artifacts in ``<workdir>/mlartifacts``, servers decide for
+        themselves. (A database URI without it put them in ``./mlruns`` of whatever directory the command ran in:
+        under `ray job submit`, a temporary copy of the job's working directory.) Only registered versions trained
+        on ``cfg.data`` count (for ``imagefolder``: the same ``data.root``)."""
         uri = cfg.tracking_uri
-        root = cfg.paths.mlflow_artifacts.as_uri() if uri.startswith("sqlite:") else None
+        database = uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql")
+        root = cfg.paths.mlflow_artifacts.as_uri() if database else None
         data_root = cfg.data.root if cfg.data.dataset == "imagefolder" else None
         return cls(uri, cfg.name, artifact_root=root, dataset=cfg.data.dataset, data_root=data_root)
 

@@ -109,6 +109,17 @@ def test_a_version_registered_while_the_champion_moves_is_taken_into_account(tra
     assert tracker.champion(name) == ("resnet18", "4")
 
 
+def test_database_stores_keep_their_artifacts_in_the_workdir(make_config):
+    """A PostgreSQL tracking.uri put artifacts in ./mlruns of the command's directory (under `ray job submit`, a
+    temporary copy of the job's working directory); sqlite's went next to the database."""
+    for uri in ("postgresql://mlflow:pw@db/mlflow", "postgresql+psycopg2://db/mlflow", "mysql://db/mlflow"):
+        cfg = make_config(f"tracking.uri={uri}")
+        assert Tracker.for_config(cfg).artifact_root == cfg.paths.mlflow_artifacts.as_uri()
+    cfg = make_config()
+    assert Tracker.for_config(cfg).artifact_root == cfg.paths.mlflow_artifacts.as_uri()  # sqlite, as before
+    assert Tracker.for_config(make_config("tracking.uri=http://head:5000")).artifact_root is None  # the server's
+
+
 def test_a_missing_registered_model_is_a_lookup_error(make_config):
     tracker = Tracker.for_config(make_config())
     with pytest.raises(LookupError, match="train first"):
