@@ -226,11 +226,11 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
             from .train import train_stage
 
             return 0 if train_stage(cfg, searched_coefficients(cfg)).ok else EXIT_FAILED
+        from .pipeline import log_serving_hints
         from .serve import serve_stage
 
         handle = serve_stage(cfg)
-        logger.info("[serve] models: %s (%s); serve deploy config: %s", ", ".join(handle.models),
-                    handle.default_model(), handle.config_path)
+        log_serving_hints(handle, cfg)
         if not args.no_block:
             _block_until_interrupted(handle.url, cfg)
         return 0
@@ -308,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.to_yaml(), end="")
         # The resolved YAML is the command's output (stdout, pipeable); the verdict goes beside it.
         # Unset keys print as null above: what they resolve to is said here (the password masked).
-        print(f"# config OK: {len(cfg.train.models)} model(s), dataset {cfg.data.dataset}, "
+        from .planning import family_members
+
+        members = family_members(cfg)  # (run trains them beside train.models: "7 models" for 9 trained)
+        family = f" and {len(members)} EfficientNet family member(s) of the search" if members else ""
+        print(f"# config OK: {len(cfg.train.models)} model(s){family}, dataset {cfg.data.dataset}, "
               f"outputs in {cfg.paths.run_dir}, tracking {redact_uri(cfg.tracking_uri)}, registered model "
               f"{cfg.registered_model_name}", file=sys.stderr)
         return 0

@@ -99,7 +99,7 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
         out.serve = serve_stage(cfg)
         out.stages["serve"] = "ran"
         out.seconds_to_serving = time.time() - started
-        _log_serving_hints(out, cfg)
+        log_serving_hints(out.serve, cfg, out.seconds_to_serving)
     _log_ui_hint(cfg)
     out.seconds = time.time() - started
     return out
@@ -118,16 +118,19 @@ def _log_ui_hint(cfg: PipelineConfig) -> None:
     logger.info("[pipeline] MLflow UI: %s", ui_hint(cfg.tracking_uri, experiment_id))
 
 
-def _log_serving_hints(out: PipelineResult, cfg: PipelineConfig) -> None:
-    serving = out.serve
+def log_serving_hints(serving, cfg: PipelineConfig, seconds_to_serving: float | None = None) -> None:
+    """How to call the endpoint ``serving`` (a :class:`~pipelines.serve.ServeHandle`): a ``curl`` and a
+    ``predict`` line with the sample image, the API docs and the ``serve deploy`` config (``run`` and ``serve``
+    alike: the `serve` command printed only the URL)."""
     image = serving.sample_image or "image.png"
     # The token itself is never printed: the hint reads it from where the config says it comes from.
     variable = cfg.serve.auth_token_env or "CNNZOO_SERVE_TOKEN"
     auth = f" -H \"Authorization: Bearer ${variable}\"" if cfg.serve.bearer_token() else ""
     # predict reads CNNZOO_SERVE_TOKEN itself: the token stays out of its arguments (the process list).
     token = "" if not auth or variable == "CNNZOO_SERVE_TOKEN" else f"CNNZOO_SERVE_TOKEN=\"${variable}\" "
-    logger.info("\n[pipeline] serving %d models at %s (%s) %.0f s after the start", len(serving.models),
-                serving.url, serving.default_model(), out.seconds_to_serving)
+    after = f" {seconds_to_serving:.0f} s after the start" if seconds_to_serving is not None else ""
+    logger.info("\n[serve] serving %d model(s) at %s (%s)%s: %s", len(serving.models), serving.url,
+                serving.default_model(), after, ", ".join(serving.models))
     logger.info("  curl -s -X POST --data-binary @%s -H 'Content-Type: image/png'%s %s/predict", image, auth,
                 serving.url)
     logger.info("  %spython -m pipelines predict %s --url %s", token, image, serving.url)

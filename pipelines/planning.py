@@ -39,6 +39,7 @@ __all__ = [
     "data_content",
     "coefficients_label",
     "auto_cpus_per_worker",
+    "family_members",
     "with_overlapped_startup",
     "fingerprint",
 ]
@@ -234,6 +235,13 @@ def resolve_models(cfg: PipelineConfig, coefficients: dict[str, float] | None = 
                            **cfg.train.model_options.get(name, {})}
                 choices.append(ModelChoice(name, "efficientnet", _with_data_defaults(cfg, "efficientnet", options)))
     return choices
+
+
+def family_members(cfg: PipelineConfig) -> list[str]:
+    """The EfficientNet family members a training after a search adds to ``train.models`` (``search.phis``, and
+    the paper's family with ``search.compare_paper``), whatever the coefficients found."""
+    stand_in = {"alpha": 1.25, "beta": 1.05, "gamma": 1.1}  # (not the paper's: its family would be trained once)
+    return [c.name for c in resolve_models(cfg, stand_in) if c.name not in cfg.train.models]
 
 
 def largest_fitting_share(node_cpus: list[float], workers: int) -> float:

@@ -349,7 +349,9 @@ def restore(ctx: StepContext) -> None:
         ctx.history = load_training_state(ckpt, ctx.model, ctx.optimizer, ctx.scaler, ctx.device)
         ctx.start_epoch, ctx.resumed = ckpt.epoch + 1, True
         if ctx.rank == 0:
-            logger.info("[%s] resuming from the checkpoint of epoch %d", ctx.run.model_name, ckpt.epoch)
+            # (counted from 1, as the epoch lines are: "epoch 1" read as a lost epoch after "epoch 2/3")
+            logger.info("[%s] resuming after epoch %d/%d (its checkpoint)", ctx.run.model_name, ckpt.epoch + 1,
+                        ctx.run.hyper.epochs)
     if ctx.channels_last:
         ctx.model = ctx.model.to(memory_format=torch.channels_last)
     ctx.model = prepare_model(ctx.model)

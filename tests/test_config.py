@@ -408,7 +408,13 @@ def test_check_config_prints_the_resolved_config(tmp_path):
     resolved = yaml.safe_load(out.stdout)
     assert resolved["train"]["epochs"] == 7
     assert resolved["train"]["models"][0] == "lenet5"
-    assert "config OK" in out.stderr
+    # What run trains: the quickstart's 7 models and the searched family at phi 0 and 1 (it said "7 model(s)")
+    assert "config OK: 7 model(s) and 2 EfficientNet family member(s) of the search" in out.stderr
+    from pipelines.planning import family_members
+
+    assert family_members(load_config(None, ["search.phis=[0, 1, 2]", "search.compare_paper=true",
+                                             "train.models=[lenet5, efficientnet_phi1]"])) == [
+        "efficientnet_phi0", "efficientnet_phi2", "efficientnet_paper_phi1", "efficientnet_paper_phi2"]
     # tracking.uri and registered_model are null above: the verdict says what they resolve to
     assert resolved["tracking"]["uri"] is None
     assert f"tracking sqlite:///{tmp_path}/mlflow.db," in out.stderr
