@@ -134,6 +134,8 @@ class EfficientNet(ImageClassifier):
         stages: tuple[MBConvConfig, ...] = B0_STAGES,
     ) -> None:
         super().__init__()
+        if not 0.0 <= stochastic_depth_prob < 1.0:  # (each block's share failed, naming neither option nor value)
+            raise ValueError(f"stochastic_depth_prob must be in [0, 1), got {stochastic_depth_prob}")
         self.num_classes = num_classes
         self.width_multiplier = width_multiplier
         self.depth_multiplier = depth_multiplier
@@ -162,8 +164,10 @@ class EfficientNet(ImageClassifier):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(head_channels, num_classes))
-        self.default_input_size = (in_chans, resolution, resolution)
         self.min_input_size = _min_input_size(small_input)
+        # Never below what the model takes (a base_resolution of 16 gave a default input the model refused).
+        side = max(resolution, self.min_input_size)
+        self.default_input_size = (in_chans, side, side)
         #: Whether ``resolution`` is part of the model's scaling (compound scaling, the B0-B7 table) and so
         #: the side it should see, rather than a default that follows the data.
         self.scales_resolution = not small_input

@@ -84,3 +84,16 @@ def test_a_compound_member_never_asks_for_inputs_below_what_its_stem_takes():
     assert cnnmodels.profile(model, (3, 32, 32)).macs > 0
     small = cnnmodels.create_model("efficientnet", num_classes=10, phi=1.0, base_resolution=16, small_input=True)
     assert small.input_size_for(16) == 18  # the scaled resolution where the model takes it
+    # Its default input too: (3, 18, 18) was refused by the model itself, profile(model, default) included.
+    assert model.default_input_size == (3, 32, 32) and small.default_input_size == (3, 18, 18)
+    assert cnnmodels.profile(model, model.default_input_size).macs > 0
+
+
+def test_a_stochastic_depth_out_of_range_is_refused_by_its_name():
+    """A stochastic_depth_prob of 1.5 failed in a block with "drop probability must be in [0, 1), got 1.03125"
+    (neither the option nor the value given)."""
+    import cnnmodels
+
+    for value in (1.5, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=f"stochastic_depth_prob must be in \\[0, 1\\), got {value}"):
+            cnnmodels.create_model("efficientnet_b0", stochastic_depth_prob=value)
