@@ -378,8 +378,15 @@ def search_fingerprint(cfg: PipelineConfig) -> str:
     and the family members trained afterwards) and the template run's recipe, epochs included."""
     hyper = hyperparameters_for(cfg.train, "efficientnet").model_copy(update={"epochs": cfg.search.epochs})
     workers = WorkerSettings.model_validate(cfg.train.model_dump(include=set(WorkerSettings.model_fields)))
+    search = cfg.search.model_dump(mode="json", exclude=_SEARCH_RUNTIME_KEYS)
+    # Neither decides what the search finds: the GPU share places its trials, and a grid ignores the seed. A
+    # changed value threw a finished search away. (Set to their defaults, not left out: the fingerprints of
+    # searches with the defaults stay what they were.)
+    search["gpus_per_trial"] = None
+    if cfg.search.mode == "grid":
+        search["seed"] = 0
     return fingerprint({
-        "search": cfg.search.model_dump(mode="json", exclude=_SEARCH_RUNTIME_KEYS),
+        "search": search,
         "template": _recipe(search_template(cfg), search_data(cfg), hyper, workers),
         "epochs": cfg.search.epochs,
     })

@@ -85,6 +85,10 @@ def test_files_left_out_travel_with_the_run_and_start_it_afresh(make_config):
     ("search.phis=[0, 1, 2]", False),  # the family trained afterwards, not the search
     ("search.compare_paper=true", False),  # so is the paper's family
     ("train.models=[resnet18]", False),
+    # Where the trials run, not what they find (a GPU preset's share changed redid its whole search):
+    ("search.gpus_per_trial=0.25", False),
+    ("search.seed=5", False),  # a grid (the default mode) draws nothing
+    ("search.mode=optuna", True),
 ])
 def test_a_changed_search_setting_invalidates_the_cached_search(make_config, change, invalidates):
     cfg = make_config()
