@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,6 +37,18 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_HEALTH_CHECK_INTER
               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+def set_env_defaults(console_is_a_terminal: bool | None = None) -> None:
+    """Ray's settings of :data:`_ENV_DEFAULTS` where the user has not set them; and, with the console not a
+    terminal (a log file, `ray job logs`, CI), Ray's worker-line prefixes without colour codes: they reached
+    such logs as raw escape sequences (``\x1b[36m(RayTrainWorker pid=...)``)."""
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if console_is_a_terminal is None:
+        console_is_a_terminal = sys.stdout.isatty() and sys.stderr.isatty()
+    if not console_is_a_terminal:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 @contextlib.contextmanager
 def ray_session(cfg: PipelineConfig) -> Iterator[None]:
     """Connect to ``ray.address`` (or start a local Ray) for the duration of a command.
@@ -44,8 +57,7 @@ def ray_session(cfg: PipelineConfig) -> Iterator[None]:
     """
     import ray
 
-    for key, value in _ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    set_env_defaults()
     if ray.is_initialized():
         yield
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 from pydantic import ValidationError
@@ -416,3 +417,18 @@ def test_auto_cpus_are_shared_by_the_nodes_when_none_is_free(make_config, caplog
     # CPUs free: shared as before; no node known with CPUs: nothing better to go by.
     assert cpu_sharing_basis(6.0, [2.0, 4.0], [head, worker_type], 1, "train") == (6.0, [2.0, 4.0])
     assert cpu_sharing_basis(0.0, [], [head], 1, "train") == (0.0, [])
+
+
+def test_ray_s_worker_lines_carry_no_colour_codes_outside_a_terminal(monkeypatch):
+    """Ray prefixes each worker's line with a colour code: in a log file (`ray job logs`, CI) they were raw
+    escape sequences."""
+    from pipelines.runtime import set_env_defaults
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    set_env_defaults(console_is_a_terminal=True)
+    assert "RAY_COLOR_PREFIX" not in os.environ  # a terminal keeps Ray's colours
+    set_env_defaults(console_is_a_terminal=False)
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # the user's own choice stays
+    set_env_defaults(console_is_a_terminal=False)
+    assert os.environ["RAY_COLOR_PREFIX"] == "1"
