@@ -239,8 +239,8 @@ def runs_fitting_nodes(workers, nodes: list[dict[str, float]]) -> int:
     if workers.placement_strategy == "STRICT_PACK":
         return sum(slot // workers.num_workers for slot in slots)
     if workers.placement_strategy == "STRICT_SPREAD":  # k runs fit iff the nodes give each a slot on k of them
-        runs = 0
-        while sum(min(slot, runs + 1) for slot in slots) >= (runs + 1) * workers.num_workers:
+        runs, most = 0, sum(slots) // workers.num_workers
+        while runs < most and sum(min(slot, runs + 1) for slot in slots) >= (runs + 1) * workers.num_workers:
             runs += 1
         return runs
     return sum(slots) // workers.num_workers
@@ -276,15 +276,16 @@ def _concurrency(requested: int | str, per_trial: dict[str, float], trials: int,
         nodes = free_per_node() if nodes is None else nodes
         on_nodes = runs_fitting_nodes(workers, nodes)
         if nodes and on_nodes < 1:
-            strict = workers.placement_strategy == "STRICT_PACK"
-            wanted = f"{workers.cpus_per_worker:g} CPU" + (f", {workers.gpus_per_worker:g} GPU" if workers.use_gpu
-                                                           else "")
-            logger.warning("warning: %s needs %s on one node, and no node has that free now (free on each node: "
-                           "%s); it waits until one has (on a fixed cluster, lower train.cpus_per_worker, "
-                           "data.loader_workers or the GPU share)",
-                           "a run's workers together (STRICT_PACK)" if strict else "a run's worker",
-                           f"{workers.num_workers} x ({wanted})" if strict else wanted,
-                           "; ".join(f"{node['CPU']:g} CPU, {node['GPU']:g} GPU" for node in nodes))
+            each = f"{workers.cpus_per_worker:g} CPU" + (f", {workers.gpus_per_worker:g} GPU" if workers.use_gpu
+                                                         else "")
+            count, strategy = workers.num_workers, workers.placement_strategy
+            wanted = {"STRICT_PACK": f"{count} x ({each}) on one node",
+                      "STRICT_SPREAD": f"{count} nodes with {each} each"}.get(
+                strategy, f"{count} x ({each}), each worker's on one node" if count > 1 else f"{each} on one node")
+            logger.warning("warning: a run needs %s (train.placement_strategy %s), and the free resources do not "
+                           "hold that now (free on each node: %s); it waits until they do (on a fixed cluster, "
+                           "lower train.num_workers, train.cpus_per_worker, data.loader_workers or the GPU share)",
+                           wanted, strategy, "; ".join(f"{node['CPU']:g} CPU, {node['GPU']:g} GPU" for node in nodes))
         fits.append(on_nodes)
     fitting = max(1, min([trials] + fits))
     if requested != "auto":

@@ -258,6 +258,20 @@ def _warn_of_a_warm_restart(run: ModelRun, trained_epochs: int) -> None:
                    hyper.epochs)
 
 
+def schedule_change(hyper, planned: int, reached: int) -> tuple[str, float, float]:
+    """What resuming a run that was training to ``planned`` epochs after epoch ``reached`` does to its learning
+    rate under ``hyper`` (its epochs, schedule and warm-up): "same" (the same epochs, or a constant schedule or
+    a warm-up not yet over, which are the same for any length, and nothing past the new end), "longer" or
+    "shorter", with the rate there under the old and the new length (fractions of ``train.lr``)."""
+    steps = 1000  # per epoch: the schedule's shape, whatever the split's size
+    same_so_far = hyper.schedule == "constant" or reached * steps < int(hyper.warmup_epochs * steps)
+    was = lr_at(1.0, hyper.schedule, hyper.warmup_epochs, planned, reached * steps, steps)
+    now = lr_at(1.0, hyper.schedule, hyper.warmup_epochs, hyper.epochs, reached * steps, steps)
+    if hyper.epochs == planned or (same_so_far and reached <= hyper.epochs):
+        return "same", was, now
+    return ("longer" if hyper.epochs > planned else "shorter"), was, now
+
+
 def check_interrupted_schedules(runs: list[ModelRun]) -> None:
     """Refuse (ConfigError on ``train.epochs``, exit 2) to resume an interrupted run with fewer epochs than it was
     training to, and warn when it resumes with more.
@@ -276,24 +290,24 @@ def check_interrupted_schedules(runs: list[ModelRun]) -> None:
         if not latest or "epochs" not in latest or "epoch" not in latest:
             continue
         hyper, planned, reached = run.hyper, int(latest["epochs"]), int(latest["epoch"]) + 1
-        if hyper.epochs == planned or (hyper.schedule == "constant" and reached <= hyper.epochs):
+        verdict, was, now = schedule_change(hyper, planned, reached)
+        if verdict == "same":
             continue
-        steps = 1000  # per epoch: the schedule's shape, whatever the split's size
-        was = lr_at(1.0, hyper.schedule, hyper.warmup_epochs, planned, reached * steps, steps)
-        now = lr_at(1.0, hyper.schedule, hyper.warmup_epochs, hyper.epochs, reached * steps, steps)
-        if hyper.epochs > planned:
+        if verdict == "longer":
             if reached < planned:  # (a finished run extended: _warn_of_a_warm_restart says it)
                 logger.warning("[train] %s: its interrupted run was training to %d epochs; it resumes at epoch %d "
                                "with its %s schedule spread over %d epochs: the learning rate goes from %.0f%% to "
                                "%.0f%% of train.lr", run.model_name, planned, reached + 1, hyper.schedule,
                                hyper.epochs, 100 * was, 100 * now)
             continue
-        refused.append(f"{run.model_name}: an interrupted run of these settings was training to {planned} epochs "
-                       f"(its latest checkpoint is of epoch {reached}, its learning rate at {100 * was:.0f}% of "
-                       f"train.lr); train.epochs={hyper.epochs} would cut its {hyper.schedule} schedule short")
+        refused.append(f"{run.model_name} (run {run.run_name}): an interrupted run of these settings was training "
+                       f"to {planned} epochs (its latest checkpoint is of epoch {reached}, its learning rate at "
+                       f"{100 * was:.0f}% of train.lr); train.epochs={hyper.epochs} would cut its {hyper.schedule} "
+                       "schedule short")
     if refused:
         raise ConfigError("train.epochs", "; ".join(refused) + ". Set train.epochs to the interrupted run's epochs "
-                          "to finish it, or train the shorter run under another name or workdir")
+                          "to finish it, train the shorter run under another name or workdir, or delete the "
+                          f"interrupted run's folder under {runs[0].storage_path} to start it afresh")
 
 
 def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[ModelRun], list[str]]:

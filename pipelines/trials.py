@@ -353,13 +353,18 @@ def _run_record(run: ModelRun):
 
 def latest_reported_metrics(run: ModelRun) -> dict | None:
     """The metrics the run reported with its latest checkpoint (an interrupted run's last epoch), from Ray
-    Train's record; None without one (a first start), or when the storage does not answer or the record cannot
+    Train's record; None without one (a first start), when that checkpoint is gone (the run starts afresh:
+    :func:`set_aside_a_record_of_lost_checkpoints`), or when the storage does not answer or the record cannot
     be read (then the workers' own checks decide)."""
     try:
-        metrics = _run_record(run)[2]["latest_checkpoint_result"]["metrics"]
+        _, record, snapshot = _run_record(run)
+        latest = snapshot["latest_checkpoint_result"]
+        metrics, name = latest["metrics"], latest["checkpoint_dir_name"]
     except Exception:  # noqa: BLE001 - no record, storage down, another Ray's format
         return None
-    return metrics if isinstance(metrics, dict) else None
+    if not isinstance(metrics, dict) or checkpoint_gone(f"{record.rsplit('/', 1)[0]}/{name}", run.storage_path):
+        return None
+    return metrics
 
 
 def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:

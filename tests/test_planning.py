@@ -389,7 +389,12 @@ def test_concurrency_counts_runs_node_by_node(caplog):
     with caplog.at_level(logging.INFO, logger="pipelines"):
         assert concurrency_for("auto", {"CPU": 4.01, "GPU": 0.5}, 3, {"CPU": 13.0, "GPU": 1.5},
                                workers=gpu_workers.model_copy(update={"cpus_per_worker": 4.0}), nodes=busy) == 1
-        assert "no node has that free now" in caplog.text and "3 CPU, 0.5 GPU" in caplog.text
+        assert "a run needs 4 CPU, 0.5 GPU on one node" in caplog.text and "3 CPU, 0.5 GPU;" in caplog.text
+        caplog.clear()
+        # One node with room for both workers, which STRICT_SPREAD puts on two: its shortfall is said as such.
+        assert concurrency_for("auto", {"CPU": 4.01, "GPU": 0.0}, 3, {"CPU": 8.0}, workers=spread,
+                               nodes=[{"CPU": 8.0, "GPU": 0.0}]) == 1
+        assert "a run needs 2 nodes with 2 CPU each (train.placement_strategy STRICT_SPREAD)" in caplog.text
         caplog.clear()
         # A named number above what fits: as asked (an autoscaling cluster adds nodes), and said.
         assert concurrency_for(6, need, 10, free, workers=gpu_workers, nodes=nodes) == 6

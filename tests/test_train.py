@@ -256,8 +256,39 @@ def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster,
     shorter = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
     with pytest.raises(ConfigError, match="was training to 2 epochs .*epoch 1, its learning rate at 50%") as refused:
         train_stage(shorter)
-    assert refused.value.key == "train.epochs"
+    assert refused.value.key == "train.epochs" and "delete the interrupted run's folder" in str(refused.value)
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+    # Its checkpoint gone (deleted by hand, a bucket's lifecycle rule): the run starts afresh, nothing to cut.
+    import shutil
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.train import check_interrupted_schedules
+
+    [run] = plan_model_runs(shorter, describe_dataset(shorter.data), resolve_models(shorter), cluster_cpus=2)
+    with pytest.raises(ConfigError):
+        check_interrupted_schedules([run])
+    for checkpoint in (Path(cfg.paths.storage) / run.run_name).glob("checkpoint_*"):
+        if checkpoint.is_dir():  # (not Ray's record of them, checkpoint_manager_snapshot.json)
+            shutil.rmtree(checkpoint)
+    check_interrupted_schedules([run])
+
+
+def test_a_schedule_resumed_with_other_epochs_is_cut_short_only_past_its_warm_up(make_config):
+    """An interrupted run re-run with fewer epochs is refused for the learning rate it would skip; one stopped in
+    its warm-up (the same for any length) or on a constant schedule skips nothing."""
+    from pipelines.train import schedule_change
+
+    cosine = make_config("train.schedule=cosine", "train.warmup_epochs=3", "train.epochs=5", "search.epochs=3").train
+    assert schedule_change(cosine, planned=10, reached=1)[0] == "same"  # within the warm-up: nothing differs yet
+    verdict, was, now = schedule_change(cosine, planned=10, reached=4)
+    assert verdict == "shorter" and now < was  # the rate would drop at once
+    assert schedule_change(cosine, planned=10, reached=6)[0] == "shorter"  # past the new end
+    assert schedule_change(cosine.model_copy(update={"epochs": 12}), planned=10, reached=4)[0] == "longer"
+    assert schedule_change(cosine, planned=5, reached=4)[0] == "same"
+    constant = cosine.model_copy(update={"schedule": "constant"})
+    assert schedule_change(constant, planned=10, reached=4)[0] == "same"
+    assert schedule_change(constant, planned=10, reached=6)[0] == "shorter"  # a checkpoint past the new end
 
 
 def test_a_worker_no_node_can_hold_is_refused_before_the_stage_starts(ray_cluster, make_config):
