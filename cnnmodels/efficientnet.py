@@ -134,8 +134,10 @@ class EfficientNet(ImageClassifier):
         stages: tuple[MBConvConfig, ...] = B0_STAGES,
     ) -> None:
         super().__init__()
-        if not 0.0 <= stochastic_depth_prob < 1.0:  # (each block's share failed, naming neither option nor value)
-            raise ValueError(f"stochastic_depth_prob must be in [0, 1), got {stochastic_depth_prob}")
+        # (each block's share, below it, failed naming neither the option nor the value; the last block's share
+        # is (n - 1) / n of it, so 1 itself is fine, as in torchvision)
+        if not 0.0 <= stochastic_depth_prob <= 1.0:
+            raise ValueError(f"stochastic_depth_prob must be in [0, 1], got {stochastic_depth_prob}")
         self.num_classes = num_classes
         self.width_multiplier = width_multiplier
         self.depth_multiplier = depth_multiplier

@@ -87,7 +87,7 @@ def _parse_family_member(name: str) -> tuple[str, str, dict[str, float]] | None:
     for prefix, (builder, option, fixed) in _FAMILIES.items():
         if name.startswith(prefix) and len(name) > len(prefix):
             try:
-                value = float(name[len(prefix):].replace("p", "."))
+                value = float(name[len(prefix):].replace("p", ".")) + 0.0  # (-0.0 is 0: "phi-0" no second name)
             except ValueError:
                 continue  # maybe a longer prefix of another family matches
             # Only the canonical spelling of a finite value >= 0: "phi1.0" or "phi1e0" would be a second name

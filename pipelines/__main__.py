@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         from .planning import family_members
 
         members = family_members(cfg)  # (run trains them beside train.models: "7 models" for 9 trained)
-        family = f" and {len(members)} EfficientNet family member(s) of the search" if members else ""
+        # ("up to": with search.compare_paper, a search that finds the paper's triple trains one family)
+        family = f" and up to {len(members)} EfficientNet family member(s) of the search" if members else ""
         print(f"# config OK: {len(cfg.train.models)} model(s){family}, dataset {cfg.data.dataset}, "
               f"outputs in {cfg.paths.run_dir}, tracking {redact_uri(cfg.tracking_uri)}, registered model "
               f"{cfg.registered_model_name}", file=sys.stderr)

@@ -513,7 +513,8 @@ class TrackingConfig(_Section):
         scheme = value.split(":", 1)[0]
         if scheme != scheme.lower():  # MLflow and SQLAlchemy match schemes as written: SQLITE:/// failed late
             raise ValueError(f"write its scheme {scheme!r} in lower case ({scheme.lower()!r})")
-        if value.split("?", 1)[0] in ("sqlite://", "sqlite:///", "sqlite:///:memory:") or ":memory:" in value:
+        database = value.split("://", 1)[1].split("?", 1)[0] if "://" in value else ""
+        if scheme.split("+", 1)[0] == "sqlite" and database in ("", "/", "/:memory:", "/file::memory:"):
             # An in-memory database: every process its own, empty; every run and registration lost at exit.
             raise ValueError("an in-memory sqlite database holds nothing past the process (and each process has "
                              "its own); give a file, sqlite:///path/mlflow.db")
@@ -950,6 +951,9 @@ def _check_model_option_values(cfg: PipelineConfig) -> None:
         for option, value in options.items():
             if _has_non_finite(value):  # nn.Dropout(nan) builds, and its first forward fails in every retry
                 raise ConfigError(f"train.model_options.{name}.{option}", f"{value!r} is not a finite number")
+            if option == "phi" and isinstance(value, (int, float)) and value > MAX_PHI:  # (before building it)
+                raise ConfigError(f"train.model_options.{name}.phi", f"{value:g} is above {MAX_PHI:g}, the largest "
+                                  "phi trained, as in search.phis (EfficientNet-B7 is about 6)")
 
     for choice in [*resolve_models(cfg, _ANY_SEARCHED_COEFFICIENTS), search_template(cfg)]:
         if choice.name not in cfg.train.model_options:
@@ -1329,6 +1333,13 @@ _SHELL_REFERENCE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
 _PATH_KEYS = frozenset({"workdir", "storage_path", "data.root"})
 
 
+def _holds_paths(key: str, value: str) -> bool:
+    """Whether ``key``'s value is a path (and a shell-style ``$NAME`` in it surely a variable): the path keys,
+    ``serve.checkpoints`` files, a sqlite ``tracking.uri`` (other URIs may hold a password with a ``$``)."""
+    return (key in _PATH_KEYS or key.startswith("serve.checkpoints.")
+            or (key == "tracking.uri" and value.startswith("sqlite:")))
+
+
 def expand_env(data: Any, key: str = "") -> Any:
     """Replace ``${VAR}`` and ``${VAR:-default}`` in string values with environment variables, so one
     preset serves every cluster (``storage_path: ${CNNZOO_STORAGE_PATH}``)."""
@@ -1336,7 +1347,8 @@ def expand_env(data: Any, key: str = "") -> Any:
         return {k: expand_env(v, f"{key}.{k}" if key else str(k)) for k, v in data.items()}
     if isinstance(data, list):
         return [expand_env(v, key) for v in data]
-    if isinstance(data, str) and key in _PATH_KEYS and (shell := _SHELL_REFERENCE.search(_ENV_REFERENCE.sub("", data))):
+    if isinstance(data, str) and _holds_paths(key, data) and (shell := _SHELL_REFERENCE.search(
+            _ENV_REFERENCE.sub(lambda m: m.group(2) or "", data))):  # (a ${VAR:-default}'s default too)
         # The shell's $HOME is not expanded here: outputs went to a folder literally named "$HOME".
         raise ConfigError(key, f"{shell.group(0)} is not expanded in a config; write ${{{shell.group(0)[1:]}}}")
     if not isinstance(data, str) or "${" not in data:

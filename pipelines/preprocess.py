@@ -115,7 +115,10 @@ class PreprocessSpec:
         # samples (Pillow scales a PGM's maxval to 65535), which were stretched to each image's own peak
         sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM"))
         # Turned upright last, once shrunk: turned first, a phone photo (EXIF orientation 6) was copied whole,
-        # twice the memory the decode budget counts (306 against 159 MB for 40 Mpx).
+        # twice the memory the decode budget counts (306 against 159 MB for 40 Mpx). Read once the pixels are
+        # loaded: Pillow's TIFF plugin turns a TIFF itself as it loads, and drops its tag (an image opened and
+        # not loaded yet, as Image.open gives it, was turned twice).
+        image.load()
         orientation = _orientation(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             image = Image.fromarray(_scaled_to_bytes(image, sixteen_bit=sixteen_bit), mode="L")

@@ -493,6 +493,22 @@ def test_every_exif_orientation_is_turned_upright_after_shrinking(fmt, mode, ori
         assert spec.convert_mode(stored).size == ((16, 24) if orientation >= 5 else (24, 16))  # shrunk by 3
 
 
+def test_a_tiff_opened_and_not_loaded_yet_is_turned_once():
+    """Pillow turns a TIFF itself as it loads it (and drops its orientation tag): an image as Image.open gives it
+    (the README's and the pyfunc model's usage) was turned twice, upside down for orientation 3."""
+    pixels = np.zeros((40, 60), np.uint8)
+    pixels[:10, :10] = 255  # a bright corner, stored top left
+    exif = Image.Exif()
+    exif[0x0112] = 3  # shown turned by 180 degrees: the corner bottom right
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "TIFF", exif=exif.tobytes())
+    spec = PreprocessSpec(channels=1, image_size=8, mean=(0.5,), std=(0.5,), class_names=("a",))
+    for image in (Image.open(io.BytesIO(buffer.getvalue())), decode_image(buffer.getvalue(), max_pixels=10**6)):
+        upright = np.asarray(spec.convert_mode(image))
+        bright = np.argwhere(upright > 127)
+        assert (bright.mean(axis=0) > np.array(upright.shape) / 2).all(), bright.mean(axis=0)  # bottom right
+
+
 def test_a_turned_photo_takes_no_more_memory_than_an_upright_one(tmp_path):
     """A 24 Mpx JPEG with EXIF orientation 6 (a phone held upright) peaked at twice the memory of the same photo
     upright: it was copied whole to turn it before shrinking."""
