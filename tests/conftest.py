@@ -104,6 +104,31 @@ def make_config(tmp_path, empty_mlflow_store):
     return build
 
 
+@pytest.fixture
+def refusing_credentials():
+    """The URL of an HTTP server that answers every request 401, as MLflow (or the proxy in front of it) does to
+    an expired token."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):
+        def refuse(self):
+            self.send_response(401)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(b"You are not authenticated.")
+
+        do_GET = do_POST = do_PUT = refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
 def free_port() -> int:
     import socket
 

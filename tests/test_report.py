@@ -211,34 +211,15 @@ def test_the_report_is_written_while_mlflow_is_unreachable(make_config, caplog, 
     assert "MLflow is unreachable" in caplog.text
 
 
-def test_the_report_is_written_while_mlflow_refuses_the_credentials(make_config, caplog, monkeypatch):
+def test_the_report_is_written_while_mlflow_refuses_the_credentials(make_config, caplog, monkeypatch,
+                                                                    refusing_credentials):
     """An expired token (401 from MLflow or the proxy in front of it) failed the report (exit 1) before its files
     were written, while the queue keeps writes for such a refusal, as for an outage."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    class Refusing(BaseHTTPRequestHandler):
-        def refuse(self):
-            self.send_response(401)
-            self.send_header("Content-Type", "text/plain")
-            self.end_headers()
-            self.wfile.write(b"You are not authenticated.")
-
-        do_GET = do_POST = refuse
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    try:
-        cfg = make_config(f"tracking.uri=http://127.0.0.1:{server.server_port}")
-        record("resnet18", "resnet18", {}, 560_000_000, 0.93).save(cfg.paths.train_dir)
-        with caplog.at_level(logging.WARNING, logger="pipelines"):
-            report = report_stage(cfg, latency=False)
-    finally:
-        server.shutdown()
+    cfg = make_config(f"tracking.uri={refusing_credentials}")
+    record("resnet18", "resnet18", {}, 560_000_000, 0.93).save(cfg.paths.train_dir)
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        report = report_stage(cfg, latency=False)
     assert (report.directory / "models.csv").is_file() and list(report.table["model"]) == ["resnet18"]
     assert "refuses these credentials" in caplog.text
 

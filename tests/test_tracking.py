@@ -760,14 +760,12 @@ def test_errors_are_sorted_into_outages_and_refusals():
 
 
 def test_statuses_mlflow_names_only_in_its_message_are_sorted_and_refused_credentials_keep_writes(
-        tmp_path, caplog, monkeypatch):
+        tmp_path, caplog, monkeypatch, refusing_credentials):
     """MLflow's client keeps a reply's status only in its message where it has no error code for it (405, 413,
     414, 422 and 502 all become INTERNAL_ERROR): a proxy's 413 was retried as an outage, stalling every later
     command. Refused credentials (401/403: an expired token) dropped every queued write for good, the pending
     file deleted: they are kept, to be sent once the credentials work; only MLflow's auth app refusing one
     resource refuses one write."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
 
     import requests
     from mlflow.utils.rest_utils import verify_rest_response
@@ -798,28 +796,11 @@ def test_statuses_mlflow_names_only_in_its_message_are_sorted_and_refused_creden
     forbidden = refusal(403, "Permission denied")
     assert not is_auth_refusal(forbidden) and _is_permanent(forbidden)
 
-    class Refusing(BaseHTTPRequestHandler):
-        def refuse(self):
-            self.send_response(401)
-            self.send_header("Content-Type", "text/plain")
-            self.end_headers()
-            self.wfile.write(b"You are not authenticated.")
-
-        do_GET = do_POST = do_PUT = refuse
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        queue = TrackingQueue(Tracker(f"http://127.0.0.1:{server.server_port}", "x"), tmp_path / "pending.json")
-        queue.put("update_champion", registered_model="m")
-        queue.put("set_tags", "0123abcd", tags={"a": "b"})
-        assert [op.kind for op in queue.flush(timeout_s=2)] == ["update_champion", "set_tags"]
-    finally:
-        server.shutdown()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    queue = TrackingQueue(Tracker(refusing_credentials, "x"), tmp_path / "pending.json")
+    queue.put("update_champion", registered_model="m")
+    queue.put("set_tags", "0123abcd", tags={"a": "b"})
+    assert [op.kind for op in queue.flush(timeout_s=2)] == ["update_champion", "set_tags"]
     assert not queue.dropped and (tmp_path / "pending.json").exists()
     assert "refuses this machine's credentials" in caplog.text
 
