@@ -19,7 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, PipelineConfig, check_ray_environment, load_config, outlives_the_command, redact_uri
+from .config import (
+    ConfigError,
+    PipelineConfig,
+    check_ray_environment,
+    load_config,
+    outlives_the_command,
+    ray_address,
+    redact_uri,
+)
 from .console import configure_console
 
 EXIT_CONFIG = 2
@@ -203,6 +211,13 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
         # Before Ray starts: a bad file is the user's to fix, like a config error, and it must not take a
         # cluster start (or every model's retries) to find out. The stages see the result again, cached.
         check_image_folder(cfg.data)
+    serving = args.command == "serve" or (args.command == "run" and "serve" in (stages or ("serve",)))
+    if serving and ray_address(cfg) in (None, "local"):
+        # The Ray this command starts runs no Serve yet: a port another program holds is found before Ray's
+        # start (about 20 s), not after it. (On a cluster, its own Serve may hold the port: checked there.)
+        from .serve import check_port_free
+
+        check_port_free(cfg.serve)
     if args.command == "report":  # no Ray: a local one took seconds to start, a cluster's address had to answer
         from .report import report_stage
 

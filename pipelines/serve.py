@@ -475,7 +475,7 @@ def _serve_runs_on_this_ray() -> bool:
         return False
 
 
-def _check_port_free(s: ServeConfig) -> None:
+def check_port_free(s: ServeConfig) -> None:
     """Before Serve starts on this Ray: ``serve.host``:``serve.port`` must be free on this node. Serve's proxy
     listens with SO_REUSEPORT, and so does another command's: a second `serve` started beside a running one
     shared its port without a word, the kernel splitting requests between the two apps; a port another program
@@ -501,11 +501,11 @@ def _check_port_free(s: ServeConfig) -> None:
 
 def check_serve_startable(cfg: PipelineConfig) -> None:
     """What the serve stage checks before it starts Serve, for ``run`` to check before its search and training:
-    the route (:func:`check_route_free`), the port (:func:`_check_port_free`), and a running Serve's HTTP
+    the route (:func:`check_route_free`), the port (:func:`check_port_free`), and a running Serve's HTTP
     options (:func:`_check_running_http_options`). A port another program held, or a running Serve at another
     port, failed ``run`` after hours of training (exit 2)."""
     check_route_free(cfg)
-    _check_port_free(cfg.serve)
+    check_port_free(cfg.serve)
     if _serve_runs_on_this_ray():
         _check_running_http_options(cfg.serve)
 

@@ -354,9 +354,16 @@ def test_a_warm_up_longer_than_the_run_is_refused(caplog):
 def test_cli_config_errors_exit_2_before_ray_starts():
     # One interpreter runs every case; Ray must never be initialised in it.
     script = """
-import os, sys, tempfile, ray
+import os, socket, sys, tempfile, ray
 from pipelines.__main__ import main
 binary = os.path.join(tempfile.mkdtemp(), "model.pt")
+held = socket.socket()  # another program on the serve port: found before the local Ray's start, not after it
+held.bind(("127.0.0.1", 0))
+held.listen()
+port = held.getsockname()[1]
+started = []  # every ray.init call (one that failed later shut Ray down again: is_initialized says nothing)
+ray_init = ray.init
+ray.init = lambda *args, **kwargs: started.append(1) or ray_init(*args, **kwargs)
 open(binary, "wb").write(bytes(range(128, 256)))  # --config pointed at a checkpoint: not text
 cases = [
     ["train", "--config", binary],
@@ -376,13 +383,15 @@ cases = [
     ["serve", "--no-block", "--set", "ray.address=local"],
     # Two files: one was used and the other dropped without a word.
     ["check-config", "pipelines/configs/quickstart.yaml", "--config", "fashion-mnist"],
+    ["serve", "--set", f"serve.port={port}"],
+    ["run", "--stages", "train,serve", "--set", f"serve.port={port}"],
 ]
 codes = [main(argv) for argv in cases]
 os.environ["RAY_ADDRESS"] = "http://127.0.0.1:8265"  # exported for `ray job submit`, as Ray's job docs say
 codes.append(main(["train"]))
 codes.append(main(["check-config"]))  # needs no Ray: the address does not matter to it
 print(codes)
-sys.exit(0 if codes == [2] * (len(cases) + 1) + [0] and not ray.is_initialized() else 1)
+sys.exit(0 if codes == [2] * (len(cases) + 1) + [0] and not ray.is_initialized() and not started else 1)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -392,7 +401,7 @@ sys.exit(0 if codes == [2] * (len(cases) + 1) + [0] and not ray.is_initialized()
                      "--no-block: needs a Ray cluster that outlives this command",
                      "RAY_ADDRESS: 'http://127.0.0.1:8265' is a dashboard address",
                      "--config: cannot read", "--stages: ',' names no stage",
-                     "--config: check-config was given two files"):
+                     "--config: check-config was given two files", "is already in use on this node"):
         assert fragment in out.stderr
 
 

@@ -99,10 +99,10 @@ def test_models_lists_every_alias_and_the_champion(server):
     assert {"400", "401", "404", "413", "415", "422", "503"} <= set(predict["responses"])
     assert predict["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     # This Ray's Serve holds the port: the busy-port check must see it runs (a redeploy, not another program).
-    from pipelines.serve import _check_port_free, _serve_runs_on_this_ray
+    from pipelines.serve import _serve_runs_on_this_ray, check_port_free
 
     assert _serve_runs_on_this_ray()
-    _check_port_free(cfg.serve)
+    check_port_free(cfg.serve)
 
 
 def test_another_configs_pipeline_is_refused_before_it_trains_when_an_app_holds_the_route(server, tmp_path):

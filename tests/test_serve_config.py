@@ -255,7 +255,7 @@ def test_a_port_another_listener_holds_is_refused_before_serve_starts(monkeypatc
         proxy.listen()
         port = proxy.getsockname()[1]
         with pytest.raises(ConfigError, match=f"127.0.0.1:{port} is already in use") as refused:
-            serve_module._check_port_free(ServeConfig(port=port))
+            serve_module.check_port_free(ServeConfig(port=port))
         assert refused.value.key == "serve.port"
         # `run` checks it before its search and training (it failed after them, hours later).
         from pipelines.pipeline import run_pipeline
@@ -264,12 +264,12 @@ def test_a_port_another_listener_holds_is_refused_before_serve_starts(monkeypatc
         with pytest.raises(ConfigError, match="is already in use"):
             run_pipeline(cfg, ["train", "serve"])
         assert not cfg.paths.run_dir.exists()  # nothing trained, nothing written
-    serve_module._check_port_free(ServeConfig(port=port))  # free again
+    serve_module.check_port_free(ServeConfig(port=port))  # free again
     monkeypatch.setattr(serve_module, "_serve_runs_on_this_ray", lambda: True)
     with socket.socket() as other:
         other.bind(("127.0.0.1", port))
         other.listen()
-        serve_module._check_port_free(ServeConfig(port=port))  # this Ray's own Serve holds it: redeployed
+        serve_module.check_port_free(ServeConfig(port=port))  # this Ray's own Serve holds it: redeployed
 
 
 def test_the_console_says_what_answers_a_request_without_a_model():
