@@ -249,8 +249,7 @@ def _warn_of_a_warm_restart(run: ModelRun, trained_epochs: int) -> None:
     hyper = run.hyper
     if hyper.schedule == "constant" or trained_epochs == 0:
         return
-    steps = 1000  # per epoch: the schedule's shape, whatever the split's size
-    resumed = lr_at(1.0, hyper.schedule, hyper.warmup_epochs, hyper.epochs, trained_epochs * steps, steps)
+    resumed = schedule_change(hyper, trained_epochs, trained_epochs)[2]  # the rate where it resumes
     logger.warning("[train] %s was trained to %d epochs with these settings; it continues to %d from its "
                    "checkpoint, with its cosine schedule spread over %d epochs: the learning rate goes back up to "
                    "%.0f%% of train.lr (a warm restart, not what %d epochs from scratch give; for that, another "
