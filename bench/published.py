@@ -162,8 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", type=Path, metavar="WORKDIR", help="only print the table of this workdir")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
+    # Absolute: the run starts in the repository, and the table is read from here.
+    for key in ("workdir", "data_root", "report_only"):
+        if getattr(args, key):
+            setattr(args, key, Path(getattr(args, key)).resolve())
 
     if args.report_only:
+        from pipelines.config import load_config
+
+        run_dir = load_config(REPO / PRESET, preset_overrides(args, args.report_only, devices=False)).paths.run_dir
+        if not run_dir.is_dir():
+            parser.error(f"--report-only {args.report_only}: no run of the preset there ({run_dir} is missing); "
+                         "give the run's --workdir (and its --set name=..., if it had one)")
         workdir, code = args.report_only, 0
     else:
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="published-"))
