@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from cnnmodels.scaling import constraint_value
@@ -278,17 +279,28 @@ def _baseline_macs(template: ModelRun) -> int:
     return baseline.with_coefficients(1.0, 1.0, 1.0).macs
 
 
+def _experiment_marker(cfg: PipelineConfig) -> Path:
+    """Where the latest experiment of the search's settings is named, beside the search result."""
+    return cfg.paths.search_result.with_name("experiment.json")
+
+
+def _begin_forced_search(cfg: PipelineConfig, fingerprint: str, experiment: str) -> None:
+    """Make the forced ``experiment`` the one a re-run continues, and drop the finished result it replaces: an
+    interrupted forced search must not pass for done on the next run, which resumes it instead. Only once the
+    stage's checks passed and its MLflow run is open: a forced search refused at its start (an MLflow outage,
+    too few validation images) kept nothing of the finished one, and the next run trained every trial again."""
+    write_text_atomically(_experiment_marker(cfg), json.dumps({"fingerprint": fingerprint, "experiment": experiment}))
+    cfg.paths.search_result.unlink(missing_ok=True)
+
+
 def _experiment_name(cfg: PipelineConfig, fingerprint: str, force: bool) -> str:
     """The search's Tune experiment (its trials' Train runs are named after it). A re-run continues the latest
-    experiment of these settings, interrupted or finished; ``force`` starts a new one, since a finished one
-    would only be restored, its trials not run again. The latest name is kept beside the search result."""
-    marker = cfg.paths.search_result.with_name("experiment.json")
+    experiment of these settings, interrupted or finished; ``force`` names a new one, since a finished one
+    would only be restored, its trials not run again (:func:`_begin_forced_search` records it once the stage's
+    checks have passed)."""
+    marker = _experiment_marker(cfg)
     if force:
-        experiment = f"{cfg.name}-search-{fingerprint}-{time.strftime('%Y%m%d-%H%M%S')}"
-        write_text_atomically(marker, json.dumps({"fingerprint": fingerprint, "experiment": experiment}))
-        # An interrupted forced search must not pass for done on the next run: that one resumes it instead.
-        cfg.paths.search_result.unlink(missing_ok=True)
-        return experiment
+        return f"{cfg.name}-search-{fingerprint}-{time.strftime('%Y%m%d-%H%M%S')}"
     if marker.is_file():
         try:
             latest = json.loads(marker.read_text())
@@ -337,7 +349,8 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     info = describe_dataset(data_cfg.data)
     fingerprint = search_fingerprint(cfg)
     # An image folder's trials are planned for its files: changed, they are another experiment, not resumed.
-    experiment = _experiment_name(cfg, f"{fingerprint}-{content}" if content else fingerprint, force)
+    experiment_fingerprint = f"{fingerprint}-{content}" if content else fingerprint
+    experiment = _experiment_name(cfg, experiment_fingerprint, force)
     free = free_resources()
     cpus, per_node = cpus_to_share(cfg.train, free["CPU"], "search")
     template = plan_model_runs(data_cfg, info, [search_template(cfg)], stage="search", epochs=search.epochs,
@@ -357,6 +370,8 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     check_pending_writes(cfg)  # writes pending for another store: exit 2 before the stage's run is opened
     tracker = Tracker.for_config(cfg)
     parent = _parent_run(tracker, cfg, experiment, info.dataset)  # before the queue takes pending writes over
+    if force:
+        _begin_forced_search(cfg, experiment_fingerprint, experiment)
     queue = TrackingQueue.for_config(cfg, tracker)
     callback = TrialTracking(queue, "search", parent, describe=partial(describe_search_trial, search.phi))
     # Every trial runs the template with its own coefficients: they overlap as the training stage's models do.

@@ -13,7 +13,7 @@ from ray.tune import Callback
 
 from cnnmodels.scaling import constraint_value
 from pipelines.config import SearchConfig, load_config
-from pipelines.planning import resolve_models
+from pipelines.planning import resolve_models, search_fingerprint
 from pipelines.search import describe_search_trial, search_stage
 from pipelines.search_space import PAPER, FeasibleRegion, feasible_points, grid_candidates
 from pipelines.tracking import Tracker
@@ -182,11 +182,12 @@ def test_a_search_marker_cut_short_resumes_the_default_experiment(make_config, c
     the marker and best.json are now written through a temporary file, and a damaged marker is named and passed
     over."""
     from pipelines.paths import write_text_atomically
-    from pipelines.search import _experiment_name
+    from pipelines.search import _begin_forced_search, _experiment_name
 
     cfg = make_config()
     marker = cfg.paths.search_result.with_name("experiment.json")
     forced = _experiment_name(cfg, "abc", force=True)
+    _begin_forced_search(cfg, "abc", forced)
     assert _experiment_name(cfg, "abc", force=False) == forced
     marker.write_text("")
     with caplog.at_level(logging.WARNING, logger="pipelines"):
@@ -295,6 +296,29 @@ def test_triples_that_build_the_same_network_rank_alike_in_any_result_order(make
         records[1]["paper"] = True  # (as if the farther one were the paper's triple)
         _score(records, cfg, template)
         assert records[0]["paper"], pair
+
+
+def test_a_refused_forced_search_keeps_the_finished_one(ray_cluster, make_config):
+    """`search --force` deleted the finished result and named its new experiment before the stage's checks: one
+    refused at its start (here writes pending for another store; an MLflow outage, too few validation images)
+    left no finished search, the train stage dropped the EfficientNet family, and the next plain `search` trained
+    every trial again in the new experiment."""
+    from pipelines.config import ConfigError
+    from pipelines.search import _experiment_name
+    from pipelines.tracking_queue import PENDING_FILE
+
+    cfg = make_config("search.epochs=1")
+    fingerprint = search_fingerprint(cfg)
+    marker = cfg.paths.search_result.with_name("experiment.json")
+    cfg.paths.search_result.parent.mkdir(parents=True)
+    cfg.paths.search_result.write_text('{"finished": true}')
+    marker.write_text(json.dumps({"fingerprint": fingerprint, "experiment": f"{cfg.name}-search-{fingerprint}"}))
+    (cfg.paths.run_dir / PENDING_FILE).write_text(json.dumps({"tracking_uri": "sqlite:////elsewhere/mlflow.db",
+                                                              "ops": []}))
+    with pytest.raises(ConfigError, match="another tracking store"):
+        search_stage(cfg, force=True)
+    assert cfg.paths.search_result.read_text() == '{"finished": true}'
+    assert _experiment_name(cfg, fingerprint, force=False) == f"{cfg.name}-search-{fingerprint}"
 
 
 @pytest.mark.slow
