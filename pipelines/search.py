@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,8 @@ class SearchResult:
     #: An image folder's content as the search saw it (:func:`~pipelines.planning.data_content`); "" for the
     #: built-in data sets and for searches saved before it was kept.
     data_content: str = ""
+    #: The trials that reported no epoch (failed or stopped before their first): triple and error.
+    unreported: list[dict[str, Any]] = field(default_factory=list)
     path: str = ""
     skipped: bool = False
 
@@ -229,6 +231,26 @@ def _trial_records(grid, phi: float) -> list[dict[str, Any]]:
     return records
 
 
+def _unreported_trials(grid) -> list[dict[str, Any]]:
+    """The trials that reported no epoch (failed, or stopped, before their first): their triple and error, which
+    :func:`_trial_records` has no record for."""
+    unreported = []
+    for result in grid:
+        history = result.metrics_dataframe
+        if history is not None and "val_acc" in history and any(v == v for v in history["val_acc"]):
+            continue
+        c = result.config["coefficients"]
+        unreported.append({"alpha": c["alpha"], "beta": c["beta"], "gamma": c["gamma"],
+                           "error": None if result.error is None else str(result.error)[:500],
+                           "paper": same_triple((c["alpha"], c["beta"], c["gamma"]), PAPER)})
+    return unreported
+
+
+def _first_line(error: str | None) -> str:
+    """An error's first line, for a log line that names many."""
+    return error.strip().splitlines()[0][:200] if error and error.strip() else "no error recorded"
+
+
 def _mnas_target_macs(cfg: PipelineConfig, template: ModelRun) -> float | None:
     """The MACs target of ``search.objective: mnas`` (None for ``val_acc``)."""
     search = cfg.search
@@ -253,15 +275,19 @@ def _score(records: list[dict[str, Any]], cfg: PipelineConfig, template: ModelRu
                                 abs(r["compound_product"] - target), r["alpha"], r["beta"], r["gamma"]))
 
 
-def _best(records: list[dict[str, Any]], trials: int) -> dict[str, Any]:
+def _best(records: list[dict[str, Any]], trials: int, unreported: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """The winning record of the ranked ``records`` (of ``trials`` run); ``RuntimeError`` when none finished.
-    Logs the trials left out (no epoch reported) and the failed ones ranked last."""
+    Logs the trials left out (no epoch reported: ``unreported``, by triple and error) and the failed ones ranked
+    last."""
     if len(records) < trials:
+        named = "".join(f"; ({r['alpha']}, {r['beta']}, {r['gamma']}): {_first_line(r['error'])}"
+                        for r in unreported)
         logger.warning("[search] %d of %d trial(s) reported no epoch (failed or stopped before the first) and are "
-                       "left out", trials - len(records), trials)
+                       "left out%s", trials - len(records), trials, named)
     failed = [r for r in records if r["error"] is not None]
     if not records or len(failed) == len(records):
-        detail = f"; the first error: {failed[0]['error']}" if failed else ""
+        errors = [r["error"] for r in [*failed, *unreported] if r["error"]]
+        detail = f"; the first error: {errors[0]}" if errors else ""
         raise RuntimeError(f"the search finished without a trial that reported val_acc and did not fail{detail}; "
                            "see the Ray logs")
     if failed:
@@ -340,9 +366,12 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     # Read here for an image folder only (it can change under the same settings); the built-in sets cannot.
     content = data_content(describe_dataset(data_cfg.data)) if cfg.data.dataset == "imagefolder" else ""
     if not force and (previous := load_search_result(cfg, content)) is not None:
-        logger.info("[search] already done: best alpha=%s, beta=%s, gamma=%s (val_acc %.4f); %s",
+        failed = sum(r.get("error") is not None for r in previous.trials) + len(previous.unreported)
+        retry = (f"; {failed} of its trials failed and are not run again (`search --force` runs every trial "
+                 "again)") if failed else ""
+        logger.info("[search] already done: best alpha=%s, beta=%s, gamma=%s (val_acc %.4f); %s%s",
                     previous.best["alpha"], previous.best["beta"], previous.best["gamma"], previous.best["val_acc"],
-                    previous.path)
+                    previous.path, retry)
         previous.skipped = True
         return previous
 
@@ -391,16 +420,17 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
             num_samples=plan.num_samples, search_alg=plan.search_alg, scheduler=scheduler, restore=True,
             trial_retries=cfg.train.trial_retries, placement=plan.param_space["run"], metric=SCORE,
         )
-    records = _trial_records(grid, search.phi)
+    records, unreported = _trial_records(grid, search.phi), _unreported_trials(grid)
     _score(records, cfg, template)
     try:
-        best = _best(records, len(grid))
+        best = _best(records, len(grid), unreported)
     except RuntimeError:
         queue.put("end_run", parent, status="FAILED")
         queue.flush(cfg.tracking.pending_timeout_s)
         raise
     result = SearchResult(best=best, trials=records, objective=search.objective, phi=search.phi,
-                          paper_included=plan.paper_included, fingerprint=fingerprint, data_content=content)
+                          paper_included=plan.paper_included, fingerprint=fingerprint, data_content=content,
+                          unreported=unreported)
     result.save(cfg.paths.search_result)
     queue.put("log_params", parent,
               params={"best_alpha": best["alpha"], "best_beta": best["beta"], "best_gamma": best["gamma"]})
@@ -410,11 +440,11 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     queue.put("log_artifact", parent, path=str(result.path))
     queue.put("end_run", parent, status="FINISHED")
     queue.flush(cfg.tracking.pending_timeout_s)
-    _log_search_table(records, best)
+    _log_search_table(records, best, unreported)
     return result
 
 
-def _log_search_table(records: list[dict], best: dict) -> None:
+def _log_search_table(records: list[dict], best: dict, unreported: list[dict] = ()) -> None:
     import pandas as pd
 
     table = pd.DataFrame(records)
@@ -423,13 +453,17 @@ def _log_search_table(records: list[dict], best: dict) -> None:
                    "epochs_trained", "val_acc", "score", "paper"] + (["failed"] if table["failed"].any() else [])]
     logger.info("\n%s", table.to_string(index=False))
     logger.info("[search] best: alpha=%s, beta=%s, gamma=%s (score %.4f)%s", best["alpha"], best["beta"],
-                best["gamma"], best["score"], _against_the_paper(records, best))
+                best["gamma"], best["score"], _against_the_paper(records, best, unreported))
 
 
-def _against_the_paper(records: list[dict], best: dict) -> str:
+def _against_the_paper(records: list[dict], best: dict, unreported: list[dict] = ()) -> str:
     """How the best triple did against the paper's, for the search's last line."""
     paper = next((r for r in records if r["paper"]), None)
     if paper is None:
+        lost = next((r for r in unreported if r["paper"]), None)
+        if lost is not None:  # it would otherwise vanish from the comparison the search exists to make
+            return (f" - the paper's (1.2, 1.1, 1.15) reported no epoch ({_first_line(lost['error'])}), so it is "
+                    "not compared")
         return ""
     if best["paper"]:
         return " - the paper's triple"

@@ -236,7 +236,7 @@ def test_a_failed_trial_never_wins_and_a_tie_goes_to_the_smaller_model(make_conf
 
     from pipelines.data import describe_dataset
     from pipelines.planning import plan_model_runs, search_template
-    from pipelines.search import _best, _log_search_table, _score, _trial_records
+    from pipelines.search import _best, _log_search_table, _score, _trial_records, _unreported_trials
 
     cfg = make_config("data.image_size=16")
     template = plan_model_runs(cfg, describe_dataset(cfg.data), [search_template(cfg)], stage="search", epochs=2,
@@ -249,19 +249,35 @@ def test_a_failed_trial_never_wins_and_a_tie_goes_to_the_smaller_model(make_conf
 
     failed = trial(1.4, 1.1, 1.1, 0.99, error=RuntimeError("worker OOM"))
     paper, smaller = trial(1.2, 1.1, 1.15, 0.9), trial(1.0, 1.1, 1.2, 0.9)
-    never_reported = SimpleNamespace(config=failed.config, error=RuntimeError("died"), metrics_dataframe=None)
-    records = _trial_records([failed, paper, never_reported, smaller], phi=cfg.search.phi)
+    never_reported = SimpleNamespace(config=trial(1.0, 1.4, 1.0, 0).config, error=RuntimeError("died"),
+                                     metrics_dataframe=None)
+    grid = [failed, paper, never_reported, smaller]
+    records, unreported = _trial_records(grid, phi=cfg.search.phi), _unreported_trials(grid)
     _score(records, cfg, template)
     with caplog.at_level(logging.INFO, logger="pipelines"):
-        best = _best(records, trials=4)
-        _log_search_table(records, best)
+        best = _best(records, trials=4, unreported=unreported)
+        _log_search_table(records, best, unreported)
     assert records[1]["macs"] > records[0]["macs"]  # the paper's triple is the larger of the tied two
     assert (best["alpha"], best["beta"], best["gamma"]) == (1.0, 1.1, 1.2)
     assert records[-1]["error"] is not None and records[-1]["val_acc"] == 0.99
-    assert "1 of 4 trial(s) reported no epoch" in caplog.text and "worker OOM" in caplog.text
+    # The trial left out is named, with its error (it was only counted).
+    assert "1 of 4 trial(s) reported no epoch" in caplog.text and "(1.0, 1.4, 1.0): died" in caplog.text
+    assert "worker OOM" in caplog.text
     assert "ties with the paper's" in caplog.text and "beats" not in caplog.text
     with pytest.raises(RuntimeError, match="without a trial that reported val_acc and did not fail.*worker OOM"):
         _best([r for r in records if r["error"]], trials=1)
+    with pytest.raises(RuntimeError, match="did not fail; the first error: died"):  # none reported: said why
+        _best([], trials=1, unreported=unreported)
+    # The paper's triple failing before its first epoch is said on the last line, not left out of it.
+    lost_paper = SimpleNamespace(config=paper.config, error=RuntimeError("CUDA out of memory\ntraceback"),
+                                 metrics_dataframe=None)
+    grid = [lost_paper, smaller]
+    records, unreported = _trial_records(grid, phi=cfg.search.phi), _unreported_trials(grid)
+    _score(records, cfg, template)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        _log_search_table(records, _best(records, trials=2, unreported=unreported), unreported)
+    assert "the paper's (1.2, 1.1, 1.15) reported no epoch (CUDA out of memory), so it is not compared" in caplog.text
 
 
 def test_triples_that_build_the_same_network_rank_alike_in_any_result_order(make_config):
@@ -319,6 +335,23 @@ def test_a_refused_forced_search_keeps_the_finished_one(ray_cluster, make_config
         search_stage(cfg, force=True)
     assert cfg.paths.search_result.read_text() == '{"finished": true}'
     assert _experiment_name(cfg, fingerprint, force=False) == f"{cfg.name}-search-{fingerprint}"
+
+
+def test_a_finished_search_with_failed_trials_says_so_when_reused(make_config, caplog):
+    """A search whose trials failed is kept as finished (a re-run reuses it, the failed triples not run again):
+    said on the "already done" line, with how to run them; the trials that reported no epoch are kept in it."""
+    from pipelines.search import SearchResult
+
+    cfg = make_config()
+    best = {"alpha": 1.0, "beta": 1.1, "gamma": 1.2, "val_acc": 0.9, "error": None}
+    failed = {"alpha": 1.4, "beta": 1.1, "gamma": 1.1, "val_acc": 0.5, "error": "worker OOM"}
+    lost = {"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "error": "died", "paper": True}
+    SearchResult(best=best, trials=[best, failed], objective="val_acc", phi=1.0, paper_included=True,
+                 fingerprint=search_fingerprint(cfg), unreported=[lost]).save(cfg.paths.search_result)
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        again = search_stage(cfg)
+    assert again.skipped and again.unreported == [lost]
+    assert "2 of its trials failed and are not run again (`search --force` runs every trial again)" in caplog.text
 
 
 @pytest.mark.slow
