@@ -152,6 +152,27 @@ class ModelRun(BaseModel):
         """Training runs end with a test evaluation of their best checkpoint; search trials do not."""
         return self.stage == "train"
 
+    def mlflow_params(self) -> dict[str, Any]:
+        """The run's MLflow params: the same keys for every model and search trial, so that runs compare on all
+        their settings (a search trial trained on ``search.train_subset`` images for ``search.epochs`` says so)."""
+        params = {
+            "arch": self.arch,
+            "model_name": self.model_name,
+            "params_count": self.params_count,
+            "macs": self.macs,
+            "input_size": self.spec.image_size,
+            **self.hyper.model_dump(mode="json"),
+            "num_workers": self.workers.num_workers,
+            "amp": self.workers.amp,
+            "channels_last": self.workers.channels_last,
+            "dataset": self.data.dataset,
+            "augment": self.data.augment,
+            "model_kwargs": json.dumps(self.model.kwargs, sort_keys=True),
+        }
+        if self.split_sizes:
+            params["train_images"] = self.split_sizes.get("train")
+        return params
+
     @property
     def threads_per_worker(self) -> int:
         return self.threads or max(1, int(round(float(self.workers.cpus_per_worker))))

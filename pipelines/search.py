@@ -122,14 +122,13 @@ def searched_coefficients(cfg: PipelineConfig) -> dict[str, float] | None:
 
 
 def describe_search_trial(phi: float, config: dict) -> tuple[str, str, dict[str, Any]]:
-    """MLflow run name, label and params of a search trial."""
+    """MLflow run name, label and params of a search trial: its coefficients and every training setting (the
+    training stage's keys)."""
     c = config["coefficients"]
     run = trial_run(config)
     return run.model_name, run.model_name, {
-        "alpha": c["alpha"], "beta": c["beta"], "gamma": c["gamma"], "phi": phi,
+        **run.mlflow_params(), "alpha": c["alpha"], "beta": c["beta"], "gamma": c["gamma"], "phi": phi,
         "compound_product": round(constraint_value(c["alpha"], c["beta"], c["gamma"]), 6),
-        "params_count": run.params_count, "macs": run.macs, "input_size": run.spec.image_size,
-        "epochs": run.hyper.epochs, "dataset": run.data.dataset,
     }
 
 

@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -53,6 +54,7 @@ from .tracking import (
     is_auth_refusal,
     is_unreachable,
 )
+from .trials import SCORE
 
 __all__ = ["TrackingQueue", "TrialTracking", "TrackingOp", "PENDING_FILE", "EXIT_PENDING", "load_pending",
            "send_pending", "SentPending", "pending_summary"]
@@ -897,8 +899,10 @@ class TrialTracking(Callback):
         ref = self._run_ref(trial)
         if "val_acc" in result and "test_acc" not in result:  # an epoch, not the final test report
             epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
-            self.queue.put("log_metrics", ref, step=epoch,
-                           metrics={EPOCH_METRIC_NAMES.get(k, k): result[k] for k in EPOCH_METRICS if k in result})
+            metrics = {EPOCH_METRIC_NAMES.get(k, k): result[k] for k in EPOCH_METRICS if k in result}
+            if self.stage == "search" and SCORE in result:  # what the search ranks by (the objective's)
+                metrics[SCORE] = result[SCORE]
+            self.queue.put("log_metrics", ref, step=epoch, metrics=metrics)
             if "train_images_per_sec" in result:
                 self.epoch_rates.setdefault(trial.trial_id, {})[epoch] = float(result["train_images_per_sec"])
             total = trial.config.get("run", {}).get("hyper", {}).get("epochs", "?")
@@ -931,6 +935,13 @@ class TrialTracking(Callback):
             # Ended on an epoch report (a search trial): the run's figure is the median over its epochs, as a
             # trained model's (its final report carries none; the stage logs the median).
             metrics["train_images_per_sec"] = statistics.median(rates.values())
+        if "test_acc" not in result:
+            # A search trial is ranked by its best epoch, not its last, which is all MLflow's runs table and charts
+            # showed of it (Tune keeps each metric's maximum over the trial, across a resumed search too).
+            for name, best in (("val_acc", "best_val_acc"), (SCORE, "best_score")):
+                top = (getattr(trial, "metric_analysis", None) or {}).get(name, {}).get("max")
+                if isinstance(top, (int, float)) and math.isfinite(top):
+                    metrics[best] = float(top)
         self.queue.put("log_metrics", ref, metrics=metrics, step=0)
         if self.on_complete is not None:
             self.on_complete(trial, ref, self.started_at.get(trial.trial_id, time.time()))

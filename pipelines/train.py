@@ -38,21 +38,7 @@ logger = logging.getLogger(__name__)
 def describe_run(config: dict) -> tuple[str, str, dict[str, Any]]:
     """MLflow run name, model name and params of a training trial (the same keys for every model)."""
     run = ModelRun.from_dict(config["run"])
-    params = {
-        "arch": run.arch,
-        "model_name": run.model_name,
-        "params_count": run.params_count,
-        "macs": run.macs,
-        "input_size": run.spec.image_size,
-        **run.hyper.model_dump(mode="json"),  # every training setting, so runs compare on all of them
-        "num_workers": run.workers.num_workers,
-        "amp": run.workers.amp,
-        "channels_last": run.workers.channels_last,
-        "dataset": run.data.dataset,
-        "augment": run.data.augment,
-        "model_kwargs": json.dumps(run.model.kwargs, sort_keys=True),
-    }
-    return run.model_name, run.model_name, params
+    return run.model_name, run.model_name, run.mlflow_params()
 
 
 def _timeline(worker: dict[str, float], started_at: float, driver: dict[str, float]) -> dict[str, float]:

@@ -65,10 +65,22 @@ def test_search_is_tracked_as_a_parent_with_a_child_per_trial(pipeline_run):
     assert len(children) == 2
     for child in children:
         assert child.data.tags["stage"] == "search"
-        for key in ("alpha", "beta", "gamma", "phi", "compound_product", "params_count", "macs"):
-            assert key in child.data.params
+        # The coefficients and every training setting, as a training run's (the train stage's keys), and the
+        # images it trained on (search.train_subset): a search trial compares with trained models on them.
+        for key in ("alpha", "beta", "gamma", "phi", "compound_product", "params_count", "macs", "lr", "optimizer",
+                    "batch_size", "epochs", "augment", "model_kwargs", "train_images"):
+            assert key in child.data.params, key
         steps = tracker.client.get_metric_history(child.info.run_id, "val_acc")
         assert [m.step for m in steps] == [0]
+        # What the search ranked it by, per epoch and at its best (MLflow showed only the last epoch's val_acc).
+        assert [m.step for m in tracker.client.get_metric_history(child.info.run_id, "score")] == [0]
+        assert child.data.metrics["best_val_acc"] == pytest.approx(steps[0].value)
+        assert child.data.metrics["best_score"] == pytest.approx(child.data.metrics["score"])
+    from pipelines.data import describe_dataset
+    from pipelines.planning import search_data
+
+    searched_on = describe_dataset(search_data(cfg)).sizes["train"]
+    assert [int(c.data.params["train_images"]) for c in children] == [searched_on] * 2
 
 
 def test_report_has_the_table_and_plots(pipeline_run):
