@@ -16,16 +16,25 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 import cnnmodels
 
-from .config import ConfigError, DataConfig, Hyperparameters, PipelineConfig, WorkerSettings, hyperparameters_for
+from .config import (
+    ConfigError,
+    DataConfig,
+    Hyperparameters,
+    PipelineConfig,
+    SearchConfig,
+    WorkerSettings,
+    hyperparameters_for,
+)
 from .data import DatasetInfo, make_spec
 from .preprocess import PreprocessSpec
-from .search_space import PAPER, same_triple
+from .search_space import PAPER, grid_candidates, same_triple
 
 __all__ = [
     "ModelChoice",
@@ -394,6 +403,24 @@ def search_template(cfg: PipelineConfig) -> ModelChoice:
     return ModelChoice("efficientnet", "efficientnet", _with_data_defaults(cfg, "efficientnet", options))
 
 
+def compound_network(template_kwargs: dict[str, Any], coefficients: tuple[float, float, float]):
+    """What the search's template (its model options) builds with ``coefficients`` at its phi
+    (:func:`cnnmodels.efficientnet.compound_architecture`): triples that build the same network are one grid
+    candidate."""
+    from cnnmodels.efficientnet import compound_architecture
+
+    base = template_kwargs.get("base_resolution") or (32 if template_kwargs.get("small_input") else 224)
+    return compound_architecture(float(template_kwargs.get("phi", 1.0)), *coefficients, base_resolution=base,
+                                 small_input=bool(template_kwargs.get("small_input", False)))
+
+
+def grid_candidate_count(cfg: PipelineConfig) -> int:
+    """How many trials the grid has without the ``search.num_trials`` cap: one per network the feasible
+    triples build."""
+    uncapped = cfg.search.model_copy(update={"num_trials": 1 << 30})
+    return len(grid_candidates(uncapped, partial(compound_network, search_template(cfg).kwargs)))
+
+
 def search_fingerprint(cfg: PipelineConfig) -> str:
     """Hash of every setting that decides the search's outcome: the search section (but its concurrency
     and the family members trained afterwards) and the template run's recipe, epochs included."""
@@ -404,8 +431,21 @@ def search_fingerprint(cfg: PipelineConfig) -> str:
     # changed value threw a finished search away. (Set to their defaults, not left out: the fingerprints of
     # searches with the defaults stay what they were.)
     search["gpus_per_trial"] = None
+    # Nor do settings of a part that is off: the grid's step in an Optuna search, ASHA's rungs without ASHA, a
+    # MACs target under the val_acc objective, nor a grid's trial cap above its candidates (40 or 200 of 38
+    # grid points run the same 38 trials).
+    defaults = SearchConfig()
     if cfg.search.mode == "grid":
         search["seed"] = 0
+        candidates = grid_candidate_count(cfg)
+        if cfg.search.num_trials >= candidates:
+            search["num_trials"] = max(candidates, defaults.num_trials)
+    else:
+        search["step"] = defaults.step
+    if not cfg.search.asha:
+        search["grace_period"], search["reduction_factor"] = defaults.grace_period, defaults.reduction_factor
+    if cfg.search.objective != "mnas":
+        search["target_macs"] = defaults.target_macs
     return fingerprint({
         "search": search,
         "template": _recipe(search_template(cfg), search_data(cfg), hyper, workers),

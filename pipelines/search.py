@@ -34,6 +34,7 @@ from .paths import write_text_atomically
 from .planning import (
     ModelChoice,
     ModelRun,
+    compound_network,
     data_content,
     plan_model_runs,
     search_data,
@@ -144,13 +145,8 @@ class _SearchPlan:
 
 
 def _network_at(template: ModelRun, coefficients: tuple[float, float, float]):
-    """What the template built with ``coefficients`` is (:func:`cnnmodels.efficientnet.compound_architecture`)."""
-    from cnnmodels.efficientnet import compound_architecture
-
-    kwargs = template.model.kwargs
-    base = kwargs.get("base_resolution") or (32 if kwargs.get("small_input") else 224)
-    return compound_architecture(float(kwargs.get("phi", 1.0)), *coefficients, base_resolution=base,
-                                 small_input=bool(kwargs.get("small_input", False)))
+    """What the template built with ``coefficients`` is (:func:`~pipelines.planning.compound_network`)."""
+    return compound_network(template.model.kwargs, coefficients)
 
 
 def _plan_trials(cfg: PipelineConfig, template: ModelRun) -> _SearchPlan:

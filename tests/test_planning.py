@@ -101,6 +101,30 @@ def test_a_changed_search_setting_invalidates_the_cached_search(make_config, cha
     assert (load_search_result(changed) is None) is invalidates
 
 
+@pytest.mark.parametrize("base, change, invalidates", [
+    # Settings of a part that is off decide nothing (each changed value threw a finished search away):
+    (["search.mode=optuna"], "search.step=0.2", False),  # the grid's spacing, in an Optuna search
+    (["search.asha=false", "search.epochs=4"], "search.grace_period=2", False),
+    (["search.asha=false", "search.epochs=4"], "search.reduction_factor=4", False),
+    ([], "search.target_macs=1000000", False),  # under the val_acc objective
+    (["search.num_trials=12"], "search.num_trials=50", False),  # a cap above the grid's 12 networks
+    # ... and where the part is on, they do:
+    (["search.asha=true", "search.epochs=4"], "search.grace_period=2", True),
+    (["search.objective=mnas"], "search.target_macs=1000000", True),
+    ([], "search.num_trials=4", True),
+    (["search.mode=optuna"], "search.num_trials=4", True),
+])
+def test_settings_of_a_part_that_is_off_keep_the_cached_search(make_config, base, change, invalidates):
+    from pipelines.planning import grid_candidate_count
+
+    cfg = make_config(*base)
+    assert grid_candidate_count(cfg) == 12  # the grid the cap case above is set against
+    SearchResult(best={"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "val_acc": 0.9}, trials=[], objective="val_acc",
+                 phi=1.0, paper_included=True, fingerprint=search_fingerprint(cfg)).save(cfg.paths.search_result)
+    assert load_search_result(cfg) is not None
+    assert (load_search_result(make_config(*base, change)) is None) is invalidates
+
+
 def test_train_says_why_the_efficientnet_family_is_left_out(make_config, caplog):
     """`train` (as `run`) trains the family only from a finished search of these settings, and says so when it
     leaves the family out: no search yet, or one run with other settings (here another learning rate)."""
