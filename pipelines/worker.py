@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -105,6 +106,10 @@ class StepContext:
     #: Wall-clock milestones (``time.time()``) and summed phase seconds of this attempt, for the run's
     #: timeline (``bench/overhead.py``): where the seconds around the training loops go.
     timeline: dict[str, float] = field(default_factory=dict)
+    #: When rank 0 last said something (a progress line, an epoch's report): each loop's first progress line
+    #: counts from it, not from the loop's start, so that the quiet tails of the training loop, the batch-norm
+    #: pass and validation do not add up to minutes without a line (:class:`LoopProgress`).
+    last_line_at: float = field(default_factory=time.perf_counter)
 
     def mark(self, milestone: str) -> None:
         self.timeline.setdefault(milestone, time.time())
@@ -439,7 +444,7 @@ class LoopProgress:
 
     def __init__(self, ctx: StepContext, what: str, total: int) -> None:
         self.ctx, self.what, self.total = ctx, what, total
-        self.started = self.last_line = self.last_step = time.perf_counter()
+        self.started = self.last_step = time.perf_counter()
 
     def step(self, done: int, seen: int) -> None:
         """Batch ``done`` (counting from 1) has finished; ``seen``: this worker's images so far."""
@@ -447,9 +452,9 @@ class LoopProgress:
             return
         now = time.perf_counter()
         step_seconds, self.last_step = now - self.last_step, now
-        if now - self.last_line + step_seconds < self.ctx.run.workers.progress_interval_s:
+        if now - self.ctx.last_line_at + step_seconds < self.ctx.run.workers.progress_interval_s:
             return
-        self.last_line, elapsed = now, now - self.started
+        self.ctx.last_line_at, elapsed = now, now - self.started
         logger.info(timestamped(
             f"[{self.ctx.run.model_name}] {self.what}: batch {done}/{self.total}, "
             f"{seen * self.ctx.world / elapsed:.0f} img/s, {self.what.split()[0]} ETA "
@@ -513,6 +518,13 @@ def evaluate(ctx: StepContext, loader, what: str = "validation") -> tuple[float,
     return loss_sum / max(count, 1), correct / max(count, 1), int(count)
 
 
+def diverged_epoch(train_loss: float, val_loss: float) -> bool:
+    """Whether an epoch's losses say the weights are no longer numbers (NaN or infinite losses). Its validation
+    accuracy is then class 0's share (argmax of NaN logits), a number that could pass for the best epoch's, so
+    it is reported as NaN and the run stops (every further epoch would train nothing)."""
+    return not (math.isfinite(train_loss) and math.isfinite(val_loss))
+
+
 def report_epoch(ctx: StepContext, epoch: int, metrics: dict[str, Any]) -> None:
     """Record the epoch in the history and report it to Ray with a checkpoint: the model from rank 0, the
     generator states from every rank (Ray merges the ranks' directories into one checkpoint)."""
@@ -536,13 +548,16 @@ def report_epoch(ctx: StepContext, epoch: int, metrics: dict[str, Any]) -> None:
                 {"model_name": run.model_name, "arch": run.arch, "epoch": epoch, "val_acc": metrics["val_acc"]}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
     ctx.add_seconds("report_seconds", time.perf_counter() - started)
+    ctx.last_line_at = time.perf_counter()  # the driver prints the epoch's line on this report
 
 
 def _best_reported_checkpoint():
     import ray.train
 
     reported = ray.train.get_all_reported_checkpoints()
-    scored = [(r.checkpoint, r.metrics) for r in reported if "val_acc" in r.metrics]
+    # (A diverged epoch reports val_acc NaN: never the best, and max() would not rank it reliably.)
+    scored = [(r.checkpoint, r.metrics) for r in reported
+              if "val_acc" in r.metrics and math.isfinite(float(r.metrics["val_acc"]))]
     if not scored:
         return None
     # Highest val_acc; among equals the later epoch (trained longer).
@@ -558,6 +573,11 @@ def report_test(ctx: StepContext) -> None:
     ctx.mark("test_start")
     best = _best_reported_checkpoint()
     if best is None:
+        if ctx.history and ctx.history[-1].get("diverged"):
+            raise RuntimeError(f"{run.model_name}: training diverged (loss {ctx.history[-1]['train_loss']}) at "
+                               f"epoch {ctx.history[-1]['epoch'] + 1}, before any epoch with a finite loss: nothing "
+                               "to test; lower its learning rate (train.model_overrides) and delete its run folder "
+                               "to train it afresh")
         raise RuntimeError(f"{run.model_name}: no checkpoint was reported, nothing to evaluate")
     best_checkpoint, best_metrics = best
     if int(best_metrics["epoch"]) != ctx.history[-1]["epoch"]:  # else the model in memory is the best one
@@ -635,12 +655,18 @@ def train_loop_per_worker(config: dict) -> None:
     # A run with no epoch left (restarted after its training ended) has nothing to gate; asking would let one
     # rank release the slot before another rank asked, which then queued again behind the next run's training.
     training_left = ctx.start_epoch < run.hyper.epochs
+    if training_left and ctx.history and ctx.history[-1].get("diverged"):
+        # Its weights are not numbers: more epochs from them would train nothing (a re-run with more epochs).
+        if ctx.rank == 0:
+            logger.error("[%s] its checkpoint is from an epoch that diverged (epoch %d): not trained further; "
+                         "testing its best earlier epoch", run.model_name, ctx.history[-1]["epoch"] + 1)
+        training_left = False
     if training_left:
         wait_for_compute(run.compute_gate, run.run_name)  # the previous run may still be training
     ctx.mark("compute_granted")
     if ctx.rank == 0:
         logger.info(timestamped(f"[{run.model_name}] training on {describe_compute(ctx)}"))
-    for epoch in range(ctx.start_epoch, run.hyper.epochs):
+    for epoch in range(ctx.start_epoch if training_left else run.hyper.epochs, run.hyper.epochs):
         if run.workers.simulate_failure_at_epoch == epoch and not ctx.resumed and epoch > 0 and ctx.rank == 0:
             _kill_this_worker_for_rehearsal(run, epoch)
         metrics = train_epoch(ctx, epoch)
@@ -648,10 +674,19 @@ def train_loop_per_worker(config: dict) -> None:
         recalibrate_batchnorm(ctx, run.hyper.precise_bn_batches)
         val_loss, val_acc, _ = evaluate(ctx, ctx.val_loader)
         ctx.add_seconds("eval_seconds", time.perf_counter() - evaluation_started)
+        diverged = diverged_epoch(metrics["train_loss"], val_loss)
         # (epochs: the schedule's length, which a re-run of an interrupted run is checked against)
-        report_epoch(ctx, epoch, {"epoch": epoch, **metrics, "val_loss": val_loss, "val_acc": val_acc,
-                                  "start_epoch": ctx.start_epoch, "epochs": run.hyper.epochs,
-                                  "worker_nodes": ctx.worker_nodes})
+        report_epoch(ctx, epoch, {"epoch": epoch, **metrics, "val_loss": val_loss,
+                                  "val_acc": math.nan if diverged else val_acc, "start_epoch": ctx.start_epoch,
+                                  "epochs": run.hyper.epochs, "worker_nodes": ctx.worker_nodes,
+                                  **({"diverged": True} if diverged else {})})
+        if diverged:  # every rank sees the same all-reduced losses: all leave the loop together
+            if ctx.rank == 0:
+                logger.error("[%s] training diverged at epoch %d/%d (train_loss %s, val_loss %s): stopping it; "
+                             "its best earlier epoch is what it keeps (lower its learning rate, "
+                             "train.model_overrides, to train it further)", run.model_name, epoch + 1,
+                             run.hyper.epochs, metrics["train_loss"], val_loss)
+            break
     if ctx.rank == 0 and training_left:
         ctx.mark("compute_released")
         release_compute(run.compute_gate, run.run_name)  # the test is short; let the next run train

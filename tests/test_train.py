@@ -220,16 +220,27 @@ def test_a_run_whose_checkpoints_were_deleted_or_damaged_starts_afresh(ddp_run, 
 
 
 @pytest.mark.slow
-def test_a_diverged_model_that_cannot_be_registered_fails_the_stage(ray_cluster, make_config):
-    """lenet5 at lr 1e8 trains to NaN weights: its registration is refused for good, so the stage fails for it
-    (exit 1) rather than listing it as trained while nothing was registered or can be served."""
-    cfg = make_config("train.models=[lenet5]", "train.epochs=1", "train.optimizer=sgd", "train.lr=1e8",
-                      "data.train_subset=200", "data.image_size=32", "train.batch_size=64")
+def test_a_diverged_model_stops_at_once_and_fails_the_stage(ray_cluster, make_config):
+    """lenet5 at lr 1e8 trains to NaN weights in its first epoch. It went on for every epoch left (hours on a
+    long schedule), scored each with class 0's share as val_acc (argmax of NaN logits: a number that could pass
+    for the best epoch's) and failed only at its registration. Now the epoch reports val_acc NaN, the run stops
+    there, and the model fails naming the divergence; a re-run trains nothing from its NaN weights."""
+    cfg = make_config("train.models=[lenet5]", "train.epochs=3", "train.optimizer=sgd", "train.lr=1e8",
+                      "train.max_failures=0", "data.train_subset=200", "data.image_size=32", "train.batch_size=64")
     stage = train_stage(cfg)
     assert stage.failed == ["lenet5"] and stage.trained == [] and not stage.ok
-    assert "NaN" in stage.results["lenet5"].registration_error
-    again = train_stage(cfg)  # skipped (it would diverge again), and still failed: nothing of it can be served
-    assert again.skipped == ["lenet5"] and again.failed == ["lenet5"] and not again.ok
+    tracked = Tracker.for_config(cfg).find_run("tags.stage = 'train' and tags.`cnnzoo.model` = 'lenet5'")
+    assert tracked.info.status == "FAILED" and "training diverged" in tracked.data.tags["error"], tracked.data.tags
+    client = Tracker.for_config(cfg).client
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "epoch_seconds")] == [0]  # 1 epoch of 3
+    assert client.get_metric_history(tracked.info.run_id, "val_acc") == []  # NaN, not class 0's share (not logged)
+    again = train_stage(cfg)  # resumed from its diverged checkpoint: not trained further, failed again
+    assert again.failed == ["lenet5"] and not again.ok
+    tracker = Tracker.for_config(cfg)
+    runs = tracker.client.search_runs([tracker.experiment_id],
+                                      "tags.stage = 'train' and tags.`cnnzoo.model` = 'lenet5'")
+    assert runs and all([m.step for m in tracker.client.get_metric_history(r.info.run_id, "epoch_seconds")]
+                        in ([0], []) for r in runs)
 
 
 @pytest.mark.slow
@@ -802,7 +813,7 @@ def test_progress_lines_come_before_the_interval_passes_and_long_evaluations_pri
     worker.logger.addHandler(handler)
     old_level = worker.logger.level
     worker.logger.setLevel(logging.INFO)
-    ctx = SimpleNamespace(rank=0, world=2, run=SimpleNamespace(
+    ctx = SimpleNamespace(rank=0, world=2, last_line_at=0.0, run=SimpleNamespace(
         model_name="densenet121", workers=SimpleNamespace(progress_interval_s=30.0)))
     try:
         progress = worker.LoopProgress(ctx, "epoch 1/3", 100)
@@ -823,9 +834,44 @@ def test_progress_lines_come_before_the_interval_passes_and_long_evaluations_pri
 
         ctx.model, ctx.forward, ctx.device = model, slow_forward, torch.device("cpu")
         batches = [(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)) for _ in range(6)]
+        ctx.last_line_at = clock[0]  # (as an epoch's report leaves it)
         worker.evaluate(ctx, batches, "test")
         found = [re.search(r"\[densenet121\] (\w+): batch (\d+)/6, .* (\w+) ETA", message) for _, message in lines]
         assert [(m.group(1), int(m.group(2)), m.group(3)) for m in found] == [("test", 2, "test"), ("test", 4, "test")]
+    finally:
+        worker.logger.removeHandler(handler)
+        worker.logger.setLevel(old_level)
+
+
+def test_the_loops_of_one_epoch_share_the_progress_interval(monkeypatch):
+    """Each loop (training, batch-norm statistics, validation) started its own 30 s clock and never printed its
+    last batch: their quiet tails added up to 69 s without a line in one epoch. The interval now runs from the
+    last line any of them printed."""
+    import logging
+    from types import SimpleNamespace
+
+    import pipelines.worker as worker
+
+    clock = [0.0]
+    monkeypatch.setattr(worker, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=worker.time.time,
+                                                        monotonic=worker.time.monotonic, sleep=worker.time.sleep))
+    lines, handler = [], logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(clock[0])
+    worker.logger.addHandler(handler)
+    old_level = worker.logger.level
+    worker.logger.setLevel(logging.INFO)
+    ctx = SimpleNamespace(rank=0, world=1, last_line_at=0.0, run=SimpleNamespace(
+        model_name="densenet121", workers=SimpleNamespace(progress_interval_s=30.0)))
+    try:
+        for what, batches, seconds in (("epoch 1/3", 100, 1.0), ("batch-norm statistics", 20, 1.4),
+                                       ("validation", 40, 0.7)):
+            progress = worker.LoopProgress(ctx, what, batches)
+            for done in range(1, batches + 1):
+                clock[0] += seconds
+                progress.step(done, done * 64)
+        times = [0.0, *lines, clock[0]]
+        # The last loop's last batch ends the epoch (156 s), which the epoch's own line reports.
+        assert max(b - a for a, b in zip(times, times[1:], strict=False)) <= 31.0, times
     finally:
         worker.logger.removeHandler(handler)
         worker.logger.setLevel(old_level)
