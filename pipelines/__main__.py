@@ -108,17 +108,32 @@ def _block_until_interrupted(url: str, cfg: PipelineConfig) -> None:
     # Where Ray Tune's own SIGINT handler is back on (TUNE_DISABLE_SIGINT_HANDLER=0, see runtime.py) it stays
     # in place after a run; without Python's default handler back, the first Ctrl-C here would be swallowed.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # `ray job stop` sends SIGTERM (and SIGKILL 3 s later): stopping the job left its app serving on the cluster.
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     logger.info("[serve] %s is up; press Ctrl-C to stop", url)
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         logger.info("\n[serve] shutting down")
         if outlives_the_command(cfg):
             from ray import serve
 
-            serve.delete(cfg.name)
-            logger.info("[serve] deleted the Serve app %r from the cluster", cfg.name)
+            # After SIGTERM the controller is asked and not waited for: the kill follows in seconds.
+            terminated = isinstance(stop, _Terminated)
+            serve.delete(cfg.name, _blocking=not terminated)
+            logger.info("[serve] %s the Serve app %r from the cluster", "deleting" if terminated else "deleted",
+                        cfg.name)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM while serving (``ray job stop``): handled as Ctrl-C is."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
 
 
 def _positive_seconds(text: str) -> float:

@@ -468,3 +468,31 @@ def test_ctrl_c_of_a_blocking_command_on_a_cluster_deletes_its_serve_app(server,
     cli._block_until_interrupted("http://127.0.0.1:0", on_cluster)
     assert "blocking" not in serve.status().applications
     assert cfg.name in serve.status().applications  # the other apps are left alone
+
+    # `ray job stop` of a blocking `run` or `serve` job: SIGTERM, which left the app serving.
+    import os
+    import signal
+    import time
+
+    serve.run(Placeholder.bind(), name="blocking", route_prefix="/blocking", blocking=False)
+
+    class Terminated:
+        @staticmethod
+        def sleep(seconds):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+
+    def unhandled(signum, frame):  # (the default action would end the test session)
+        raise AssertionError("SIGTERM reached the handler in place before the command's")
+
+    monkeypatch.setattr(cli, "time", Terminated)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        cli._block_until_interrupted("http://127.0.0.1:0", on_cluster)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # restored
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    deadline = time.monotonic() + 30
+    while "blocking" in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(0.5)  # asked, not waited for
+    assert "blocking" not in serve.status().applications
