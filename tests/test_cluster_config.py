@@ -250,6 +250,28 @@ def test_the_gpu_presets_workdir_and_the_serve_token_outlive_the_head_container(
     assert "serve_token" in "\n".join(cluster["head_setup_commands"])
 
 
+def test_a_second_ray_up_replaces_the_exports_it_wrote(cluster, tmp_path):
+    """Each export was written only when ~/.bashrc lacked it, and a second `ray up` reuses the container: a first
+    `ray up` with YOUR-BUCKET still in the file kept that bucket for good, whatever the file said later."""
+    import subprocess
+
+    exports = [c for c in cluster["setup_commands"] + cluster["head_setup_commands"] if "~/.bashrc" in c]
+    assert len(exports) == 6
+    (tmp_path / ".bashrc").write_text("# the image's own\nalias ll='ls -l'\n")
+
+    def ray_up(bucket: str) -> str:
+        for command in exports:
+            subprocess.run(["bash", "-c", command.replace("YOUR-BUCKET", bucket)], check=True,
+                           env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+        return (tmp_path / ".bashrc").read_text()
+
+    ray_up("YOUR-BUCKET")
+    bashrc = ray_up("my-bucket")
+    assert "YOUR-BUCKET" not in bashrc and bashrc.count("s3://my-bucket/") == 2
+    assert bashrc.count("export CNNZOO_STORAGE_PATH=") == 1 and bashrc.count("CNNZOO_MLFLOW_BACKEND_URI=") == 1
+    assert bashrc.startswith("# the image's own\nalias ll='ls -l'\n")  # the rest of the file is left alone
+
+
 def test_local_secrets_and_state_are_not_synced_to_the_nodes(cluster):
     assert cluster["rsync_filter"] == [".gitignore"]
     ignored = (ROOT / ".gitignore").read_text().split()
