@@ -801,8 +801,10 @@ def redact_uri(uri: str) -> str:
 def check_ray_environment(cfg: PipelineConfig) -> None:
     """For the commands that start Ray: a ``RAY_ADDRESS`` that ray.init cannot join (Ray's job docs have users
     export the dashboard's http:// address for `ray job submit`; ray.init then failed after the stage began,
-    with a message cut short at its first line). Raises :class:`ConfigError`."""
-    if cfg.ray.address is None and os.environ.get("RAY_ADDRESS"):
+    with a message cut short at its first line). ``ray.address: auto`` reads it too (ray.init takes RAY_ADDRESS
+    before looking for a local cluster): a ``ray://`` client address, refused as ``ray.address``, passed there.
+    Raises :class:`ConfigError`."""
+    if cfg.ray.address in (None, "auto") and os.environ.get("RAY_ADDRESS"):
         try:
             joinable_ray_address(os.environ["RAY_ADDRESS"])
         except ValueError as err:

@@ -390,8 +390,10 @@ codes = [main(argv) for argv in cases]
 os.environ["RAY_ADDRESS"] = "http://127.0.0.1:8265"  # exported for `ray job submit`, as Ray's job docs say
 codes.append(main(["train"]))
 codes.append(main(["check-config"]))  # needs no Ray: the address does not matter to it
+os.environ["RAY_ADDRESS"] = "ray://127.0.0.1:10001"  # Ray Client, which ray.address refuses: read by "auto" too
+codes.append(main(["train", "--set", "ray.address=auto"]))
 print(codes)
-sys.exit(0 if codes == [2] * (len(cases) + 1) + [0] and not ray.is_initialized() and not started else 1)
+sys.exit(0 if codes == [2] * (len(cases) + 1) + [0, 2] and not ray.is_initialized() and not started else 1)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -399,7 +401,7 @@ sys.exit(0 if codes == [2] * (len(cases) + 1) + [0] and not ray.is_initialized()
                      "train.epochs", "search.alpha: low end 1.3 is above high end 1.1", "search.beta",
                      "data.dataset: unknown dataset 'mnist'", "data.root", "--config", "--stages",
                      "--no-block: needs a Ray cluster that outlives this command",
-                     "RAY_ADDRESS: 'http://127.0.0.1:8265' is a dashboard address",
+                     "RAY_ADDRESS: 'http://127.0.0.1:8265' is a dashboard address", "RAY_ADDRESS: 'ray://127.0.0.1",
                      "--config: cannot read", "--stages: ',' names no stage",
                      "--config: check-config was given two files", "is already in use on this node"):
         assert fragment in out.stderr
