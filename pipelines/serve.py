@@ -445,17 +445,37 @@ class ServeHandle:
                 "checkpoint files by validation accuracy)")
 
 
-def _wait_until_answering(url: str, timeout_s: float = 120.0) -> None:
-    """Wait until the app answers ``/healthz`` (200 or 503), at most ``timeout_s``; say so when it does not."""
+class NothingServableError(RuntimeError):
+    """The app answers, but every model it was given failed for good on its replica."""
+
+
+def _wait_until_answering(url: str, token: str | None = None, timeout_s: float = 120.0) -> None:
+    """Wait until the app answers ``/healthz`` (200 or 503), at most ``timeout_s``; say so when it does not.
+    :class:`NothingServableError` when it answers that every model failed for good (none ok, none still to be
+    verified): the stage passed, and printed a URL whose every request was refused."""
     import requests
 
     deadline = time.time() + timeout_s
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     while time.time() < deadline:
         try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code in (200, 503):
-                return
+            health = requests.get(f"{url}/healthz", headers=headers, timeout=5)
         except requests.RequestException:
-            pass
+            health = None
+        if health is not None and health.status_code in (200, 503):
+            try:
+                body = health.json()
+            except ValueError:
+                body = {}
+            if health.status_code == 503 and body.get("errors") and not body.get("not_verified_yet"):
+                errors = body["errors"]
+                detail = ("; ".join(f"{alias}: {error}" for alias, error in errors.items())
+                          if isinstance(errors, dict) else f"{errors} model(s) failed")
+                raise NothingServableError(
+                    f"the Serve app answers at {url} but can serve none of its models: {detail}. On a cluster every "
+                    "replica node must reach the tracking server and the checkpoints (a sqlite tracking.uri or a "
+                    "serve.checkpoints file on this node alone is not there)")
+            return
         time.sleep(0.5)
     logger.warning("[serve] %s does not answer yet after %.0f s; its replicas may still be starting (`serve status` "
                    "on the cluster says where they are)", url, timeout_s)
@@ -607,7 +627,11 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
     serve.run(build_app(cfg, (models, champion)), name=cfg.name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.serve.port}"
-    _wait_until_answering(url)
+    try:
+        _wait_until_answering(url, cfg.serve.bearer_token())
+    except NothingServableError:
+        serve.delete(cfg.name)  # its replicas would go on holding their CPUs and GPUs, serving nothing
+        raise
     sample = example_image(cfg, config_path.parent)
     return ServeHandle(url=url, config_path=config_path, models=[m.alias for m in models], champion=champion,
                        sample_image=sample)

@@ -376,6 +376,30 @@ def test_auth_token_and_broken_checkpoints(server, strict_app, digit_png):
     assert models["champion"] == "good"
 
 
+def test_an_app_whose_every_model_failed_is_not_reported_as_serving(server, tmp_path):
+    """The serve stage took a 503 from /healthz as "answering": on a cluster whose replicas could reach neither
+    the sqlite registry nor the checkpoint files on the head, every model failed for good on its replica, and the
+    stage passed, printing a URL that refused every request. It fails now, with each model's error."""
+    from ray import serve
+
+    from pipelines.serve import NothingServableError, _wait_until_answering, build_app
+
+    cfg, _, url = server
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint at all")
+    broken = cfg.serve.model_copy(update={"auth_token": SecretStr(TOKEN),
+                                          "checkpoints": {"broken": str(tmp_path / "broken.pt")}})
+    serve.run(build_app(cfg.model_copy(update={"serve": broken})), name="allbroken", route_prefix="/allbroken",
+              blocking=False)
+    try:
+        with pytest.raises(NothingServableError, match=r"can serve none of its models: broken: CheckpointError"):
+            _wait_until_answering(f"{url}/allbroken", TOKEN)
+        with pytest.raises(NothingServableError, match=r"none of its models: 1 model\(s\) failed"):
+            _wait_until_answering(f"{url}/allbroken")  # without the token: the count
+        _wait_until_answering(url)  # an app serving a model answers as before
+    finally:
+        serve.delete("allbroken")
+
+
 def test_a_load_failing_at_request_time_is_503_and_reported(strict_app, digit_png):
     base, _ = strict_app
     before = requests.get(f"{base}/models", headers=AUTH, timeout=60).json()
