@@ -319,6 +319,66 @@ def node_shapes() -> tuple[list[dict[str, float]], bool]:
     return shapes, complete
 
 
+#: File systems every node of a cluster can mount at the same path (shared storage for Ray Train's checkpoints).
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "efs", "cifs", "smb3", "lustre", "gpfs", "beegfs", "glusterfs", "ceph",
+                      "cephfs", "fuse")
+
+
+def filesystem_of(path: str, mounts: str) -> str:
+    """The type of the file system ``path`` lies on, from ``mounts`` (``/proc/mounts``' text): the longest mount
+    point above it; "" when none is."""
+    best, kind = "", ""
+    target = os.path.abspath(path).rstrip("/") + "/"
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ").rstrip("/") + "/"
+        if target.startswith(point) and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def node_local_storage_warning(storage: str, nodes: int, mounts: str) -> str | None:
+    """What to say when Ray Train's ``storage`` (``storage_path``) is a directory of this node alone on a cluster
+    of ``nodes`` nodes (those alive and the node types its autoscaler can add): a worker on another node fails at
+    its first checkpoint ("Unable to set up cluster storage"), after an epoch, once per ``train.max_failures``
+    retry. None for a URI, one node, or a shared file system (NFS, EFS, a FUSE-mounted bucket, ...)."""
+    if "://" in storage or nodes <= 1:
+        return None
+    kind = filesystem_of(storage, mounts)
+    if kind.split(".")[0] in SHARED_FILESYSTEMS:
+        return None
+    return (f"warning: storage_path {storage} is a directory of this node ({kind or 'unknown'} file system), and "
+            f"this cluster has or can add {nodes} nodes: training workers on another node fail at their first "
+            "checkpoint (\"Unable to set up cluster storage\"); set storage_path to a bucket (s3://...) or a "
+            "shared file system mounted at the same path on every node")
+
+
+def warn_if_storage_is_node_local(storage: str) -> None:
+    """:func:`node_local_storage_warning` for the running Ray (not for one this command started: its only node
+    is this one)."""
+    if "://" in storage or ray_started_here():
+        return
+    try:
+        mounts = Path("/proc/mounts").read_text()
+    except OSError:  # not Linux: nothing to tell a shared mount by
+        return
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    try:
+        from ray._private.state import state  # the autoscaler's node types: a DeveloperAPI, so guarded
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001
+        config = None
+    if config is not None:  # a node type it can add counts as one more node
+        nodes += sum(1 for group in config.node_group_configs if group.max_count != 0)
+    if message := node_local_storage_warning(storage, nodes, mounts):
+        logger.warning(message)
+
+
 def ray_started_here() -> bool:
     """Whether the running Ray is one this process started (a laptop's, CI's, a notebook's ``ray.init()``): no
     other node can join it."""

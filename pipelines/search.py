@@ -352,7 +352,14 @@ def asha_scheduler(search: SearchConfig):
 
 def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     from .data import describe_dataset
-    from .runtime import check_workers_fit, concurrency_for, cpus_to_share, free_resources, node_cpus
+    from .runtime import (
+        check_workers_fit,
+        concurrency_for,
+        cpus_to_share,
+        free_resources,
+        node_cpus,
+        warn_if_storage_is_node_local,
+    )
     from .tracking import Tracker
     from .tracking_queue import TrackingQueue, TrialTracking, check_pending_writes, flushed_on_abort
 
@@ -390,6 +397,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     scheduler = asha_scheduler(search) if search.asha else None
     check_workers_fit(template.workers, "[search] each trial",
                       "search.gpus_per_trial" if search.gpus_per_trial is not None else "train.gpus_per_worker")
+    warn_if_storage_is_node_local(cfg.paths.storage)
 
     check_pending_writes(cfg)  # writes pending for another store: exit 2 before the stage's run is opened
     tracker = Tracker.for_config(cfg)

@@ -415,7 +415,7 @@ def train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = Non
 def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = None, *,
                  show_table: bool = True) -> TrainStageResult:
     from .data import describe_dataset
-    from .runtime import check_workers_fit, cpus_to_share, free_resources
+    from .runtime import check_workers_fit, cpus_to_share, free_resources, warn_if_storage_is_node_local
     from .tracking import Tracker
     from .tracking_queue import TrackingQueue, TrialTracking, check_pending_writes, flushed_on_abort
 
@@ -430,6 +430,8 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
         logger.info("[train] already trained, skipping: %s", ", ".join(skipped))
     for run in todo:
         check_workers_fit(run.workers, f"[train] {run.model_name}")
+    if todo:
+        warn_if_storage_is_node_local(cfg.paths.storage)
     check_interrupted_schedules(todo)
     check_pending_writes(cfg)  # writes pending for another store: exit 2 before the stage's run is opened
     tracker = Tracker.for_config(cfg)

@@ -98,3 +98,24 @@ def test_a_stochastic_depth_out_of_range_is_refused_by_its_name():
         with pytest.raises(ValueError, match=f"stochastic_depth_prob must be in \\[0, 1\\], got {value}"):
             cnnmodels.create_model("efficientnet_b0", stochastic_depth_prob=value)
     cnnmodels.create_model("efficientnet_b0", stochastic_depth_prob=1.0)  # its last block drops (n-1)/n: fine
+
+
+@pytest.mark.parametrize("storage, nodes, mounts, warned", [
+    ("/home/ray/runs/ray_results", 3, "overlay / overlay rw 0 0\n", True),  # the container's own disk
+    ("/home/ray/runs/ray_results", 1, "overlay / overlay rw 0 0\n", False),  # a single node: nothing to share
+    ("s3://bucket/ray", 3, "", False),
+    # Shared mounts at the same path on every node: NFS/EFS, a FUSE-mounted bucket (the longest mount point wins).
+    ("/mnt/efs/ray", 3, "overlay / overlay rw 0 0\nfs-1:/ /mnt/efs nfs4 rw 0 0\n", False),
+    ("/mnt/bucket/ray", 2, "/dev/root / ext4 rw 0 0\ns3fs /mnt/bucket fuse.s3fs rw 0 0\n", False),
+    ("/mnt/efs-local/ray", 3, "/dev/root / ext4 rw 0 0\nfs-1:/ /mnt/efs nfs4 rw 0 0\n", True),  # not under it
+    ("/mnt/my dir/ray", 3, "/dev/root / ext4 rw 0 0\nfs-1:/ /mnt/my\\040dir nfs rw 0 0\n", False),  # escaped space
+])
+def test_a_node_local_storage_path_on_a_cluster_is_warned_of(storage, nodes, mounts, warned):
+    """storage_path on one node's disk: Ray Train's workers on other nodes fail at their first checkpoint, after
+    an epoch, once per train.max_failures retry; nothing said so before the stage started."""
+    from pipelines.runtime import node_local_storage_warning
+
+    message = node_local_storage_warning(storage, nodes, mounts)
+    assert (message is not None) is warned
+    if warned:
+        assert storage in message and "Unable to set up cluster storage" in message
