@@ -25,6 +25,7 @@ from .config import (
     check_ray_environment,
     load_config,
     outlives_the_command,
+    paths_in_a_job_copy,
     ray_address,
     redact_uri,
 )
@@ -324,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--stages", str(err)) from None
         if args.command in RAY_COMMANDS:
             check_ray_environment(cfg)
+            if in_copy := paths_in_a_job_copy(cfg):
+                logger.warning("warning: %s in the Ray job's unpacked upload (%s), a new directory for each upload "
+                               "of different content: the next job would start afresh, without these runs; give "
+                               "absolute paths on the nodes (README, Cluster)", ", ".join(in_copy), Path.cwd())
         if getattr(args, "no_block", False) and not outlives_the_command(cfg):
             raise ConfigError("--no-block", "needs a Ray cluster that outlives this command (ray.address, or run it "
                                             "as a Ray job): the local Ray it would start stops, and its Serve app "

@@ -811,6 +811,27 @@ def check_ray_environment(cfg: PipelineConfig) -> None:
             raise ConfigError("RAY_ADDRESS", f"{err} (the environment variable; unset it for a local Ray)") from None
 
 
+def paths_in_a_job_copy(cfg: PipelineConfig, cwd: Path | None = None) -> list[str]:
+    """The keys whose paths lie in the unpacked upload a Ray job runs in (``ray job submit --working-dir``, its
+    directory under ``runtime_resources/working_dir_files``): relative paths resolve there, and that directory's
+    name changes with every upload of different content, so the next job after any edit started every model
+    afresh with an empty registry. Empty outside such a copy."""
+    cwd = Path.cwd() if cwd is None else cwd
+    parts = cwd.resolve().parts
+    if "working_dir_files" not in parts or "runtime_resources" not in parts:
+        return []
+    copy = cwd.resolve()
+    paths = {"workdir": cfg.paths.workdir}
+    if "://" not in cfg.paths.storage:
+        paths["storage_path"] = Path(cfg.paths.storage)
+    uri = absolute_sqlite_uri(cfg.tracking_uri)
+    if cfg.tracking.uri and uri.startswith("sqlite:///"):
+        paths["tracking.uri"] = Path(uri[len("sqlite:///"):].partition("?")[0])
+    if cfg.data.root and "://" not in cfg.data.root:
+        paths["data.root"] = Path(cfg.data.root).expanduser().resolve()
+    return [key for key, path in paths.items() if path == copy or copy in path.parents]
+
+
 def _semantic_checks(cfg: PipelineConfig) -> None:
     data = cfg.data
     if data.dataset == "imagefolder" and not data.root:

@@ -585,3 +585,21 @@ def test_the_local_resource_check_counts_the_cpus_ray_will_get_not_the_hosts(mak
     monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda *args, **kwargs: 2)
     with pytest.raises(ConfigError, match="more than the 2 of the local Ray"):
         make_config("train.cpus_per_worker=4")
+
+
+def test_relative_paths_in_a_ray_jobs_unpacked_upload_are_named(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the command in Ray's unpacked copy of the upload, a new directory for
+    each upload of different content: a relative workdir (the presets' ./runs) put the runs and the registry
+    there, and the next job after any edit trained everything afresh, without a word."""
+    from pipelines.config import paths_in_a_job_copy
+
+    upload = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    upload.mkdir(parents=True)
+    monkeypatch.chdir(upload)
+    cfg = load_config(None, ["workdir=./runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert paths_in_a_job_copy(cfg) == ["workdir", "storage_path"]
+    cfg = load_config(None, ["workdir=./runs", "storage_path=s3://bucket/ray", "tracking.uri=sqlite:///mlflow.db"])
+    assert paths_in_a_job_copy(cfg) == ["workdir", "tracking.uri"]
+    assert paths_in_a_job_copy(load_config(None, [f"workdir={tmp_path}/runs"])) == []
+    monkeypatch.chdir(tmp_path)  # not a job's copy: relative paths are the user's choice
+    assert paths_in_a_job_copy(load_config(None, ["workdir=./runs"])) == []
