@@ -165,7 +165,8 @@ class DatasetInfo:
     test_split: str = ""
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, fraction: float, seed: int,
+                     count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Indices kept and held out (about ``fraction`` of them), each class in proportion where it can be.
 
     A class with a single image stays on the kept side: it cannot be on both, and one such class must not
@@ -178,7 +179,8 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     indices = np.arange(len(labels))[~singles]
     rest = labels[~singles]
     classes = len(np.unique(rest))
-    held_out = int(np.ceil(fraction * len(labels)))
+    # ``count``: exactly that many (a fraction of it took ceil(61 / n * n) = 62 for some n, float rounding).
+    held_out = count if count is not None else int(np.ceil(fraction * len(labels)))
     # Stratify when every class can appear on both sides.
     if classes > 0 and classes <= held_out <= len(rest) - classes:
         keep, held = train_test_split(indices, test_size=held_out, random_state=seed, stratify=rest)
@@ -200,29 +202,31 @@ class IncompleteIdxFile(DataError):
     """An IDX file that cannot be read to its end (a download or copy cut short)."""
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def _read_idx(path: Path, help_text: str | None = None) -> np.ndarray:
     """An IDX file of unsigned bytes (plain or gzipped); a damaged one is a DataError naming it
-    (:class:`IncompleteIdxFile` when it is cut short or unreadable)."""
+    (:class:`IncompleteIdxFile` when it is cut short or unreadable) and saying how to get a good copy
+    (``help_text``; default: Debian's package or data.root)."""
+    help_text = help_text or _FASHION_MNIST_HELP
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a cut-off .gz, EOFError
         raise IncompleteIdxFile(f"{path} cannot be read ({type(err).__name__}: {err}); replace it with a complete "
-                                f"copy ({_FASHION_MNIST_HELP})") from None
+                                f"copy ({help_text})") from None
     # Magic: two zero bytes, the element type (0x08: unsigned byte), the number of dimensions.
     magic_fits = data[:3] == b"\x00\x00\x08"[:len(data)] and (len(data) < 4 or 1 <= data[3] <= 3)
     if magic_fits and (len(data) < 4 or len(data) < 4 + 4 * data[3]):  # (an extraction stopped leaves 0 bytes)
         raise IncompleteIdxFile(f"{path} ends within its header ({len(data)} bytes: cut off); replace it "
-                                f"({_FASHION_MNIST_HELP})")
+                                f"({help_text})")
     if not magic_fits:
-        raise DataError(f"{path} is not an IDX file of unsigned bytes; replace it ({_FASHION_MNIST_HELP})")
+        raise DataError(f"{path} is not an IDX file of unsigned bytes; replace it ({help_text})")
     dims = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
     expected = 4 + 4 * dims + math.prod(shape)
     if len(data) != expected:
         raise IncompleteIdxFile(f"{path} holds {len(data)} bytes where its header says {expected} (cut off, or "
-                                f"damaged); replace it ({_FASHION_MNIST_HELP})")
+                                f"damaged); replace it ({help_text})")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
@@ -258,23 +262,42 @@ _FASHION_MNIST_HELP = ("install Debian's dataset-fashion-mnist package (apt-get 
                        "set data.root to a directory holding the four IDX files")
 
 
-def _read_fashion_mnist(found: dict[str, Path]) -> dict[str, np.ndarray]:
-    """The four IDX files' arrays, checked to be Fashion-MNIST's; a DataError naming the file otherwise."""
-    return _checked_fashion_mnist({key: _read_idx(path) for key, path in found.items()}, found)
+def _read_fashion_mnist(found: dict[str, Path], help_text: str = _FASHION_MNIST_HELP) -> dict[str, np.ndarray]:
+    """The four IDX files' arrays, checked to be Fashion-MNIST's; a DataError naming the file otherwise (and
+    ``help_text``, how to get a good copy). A file cut short beside a complete copy of the other kind (plain
+    beside .gz: an interrupted ``gunzip -k``) is passed over for that copy."""
+    arrays = {}
+    for key, path in found.items():
+        try:
+            arrays[key] = _read_idx(path, help_text)
+        except IncompleteIdxFile:
+            other = path.with_suffix("") if path.suffix == ".gz" else path.with_name(f"{path.name}.gz")
+            if not other.is_file():
+                raise
+            try:
+                arrays[key] = _read_idx(other, help_text)
+            except DataError:
+                raise IncompleteIdxFile(f"{path} and {other} are both damaged or cut short; replace them "
+                                        f"({help_text})") from None
+            logger.warning("[data] %s is cut short or unreadable; reading %s beside it", path, other.name)
+            found = {**found, key: other}
+    return _checked_fashion_mnist(arrays, found, help_text)
 
 
-def _checked_fashion_mnist(arrays: dict[str, np.ndarray], found: dict[str, Path]) -> dict[str, np.ndarray]:
-    """``arrays`` when they are Fashion-MNIST's shapes and labels; a DataError naming the file (of ``found``)."""
+def _checked_fashion_mnist(arrays: dict[str, np.ndarray], found: dict[str, Path],
+                           help_text: str = _FASHION_MNIST_HELP) -> dict[str, np.ndarray]:
+    """``arrays`` when they are Fashion-MNIST's shapes and labels; a DataError naming the file (of ``found``)
+    and ``help_text``."""
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{found[f'{split}_images']} and {found[f'{split}_labels']} do not match "
                             f"(images {images.shape}, labels {labels.shape}); replace them with the "
-                            f"data set's own files ({_FASHION_MNIST_HELP})")
+                            f"data set's own files ({help_text})")
         if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):  # EMNIST-letters' 1-26, say
             raise DataError(f"{found[f'{split}_labels']} holds label {int(labels.max())}, but Fashion-MNIST "
                             f"has {len(FASHION_MNIST_CLASSES)} classes (0-9): not its label file; replace "
-                            f"it with the data set's own ({_FASHION_MNIST_HELP})")
+                            f"it with the data set's own ({help_text})")
     return arrays
 
 
@@ -337,12 +360,15 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
     # Debian's copy only where no data.root is given: a data.root with a typo trained on that copy without a
     # word, and recorded the wrong root with its models.
     searched = [root] if root else [DEBIAN_FASHION_MNIST]
+    # With data.root set, Debian's copy is not read: the fix is the root (or unsetting it).
+    help_text = (f"check data.root, or unset it to read Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_MNIST})"
+                 if root else _FASHION_MNIST_HELP)
     unfinished = None  # what is wrong with a download into data.root that was cut short (Ctrl-C, a lost network)
     for directory in searched:
         found = _find_fashion_mnist(directory)
         if all(found.values()):
             try:
-                return _read_fashion_mnist(found)
+                return _read_fashion_mnist(found, help_text)
             except IncompleteIdxFile as err:  # (a file complete but not Fashion-MNIST's is no download's)
                 if not (directory == root and cfg.download and _only_downloaded(directory, found)):
                     raise
@@ -354,9 +380,6 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
                                 "(plain or .gz); add them, or point data.root at a complete copy")
             unfinished = f"{', '.join(missing)} missing"
     where = ", ".join(map(str, searched))
-    # With data.root set, Debian's copy is not read: the fix is the root (or unsetting it).
-    help_text = (f"check data.root, or unset it to read Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_MNIST})"
-                 if root else _FASHION_MNIST_HELP)
     if not cfg.download:
         raise DataError(f"Fashion-MNIST IDX files not found in {where} and data.download is false; " + help_text)
     target = root or _default_root("fashion-mnist")
@@ -432,7 +455,7 @@ def _load_splits_cached(cfg_json: str, excluded: tuple[str, ...]) -> ImageSplits
         splits = _LOADERS[cfg.dataset](cfg)
     if cfg.train_subset is not None and cfg.train_subset < len(splits.train):
         labels = splits.train.labels
-        _, keep = stratified_split(labels, cfg.train_subset / len(labels), cfg.seed)
+        _, keep = stratified_split(labels, cfg.train_subset / len(labels), cfg.seed, count=cfg.train_subset)
         # The subset is the held-out side, which can miss a class: never its only image, and some classes
         # whenever fewer images are asked for than there are classes. One image of each is added back, or its
         # output would never train and nothing would say so (a few more images than asked for; a few fewer when

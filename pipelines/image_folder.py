@@ -173,6 +173,16 @@ def _refuse_disguised_splits(root: Path) -> None:
             f"{root} holds {', '.join(f'{n}/' for n in split_named)} with images directly in them: they would be "
             "read as classes named after splits; put each split's images into class folders (train/cat/1.jpg, "
             "test/cat/2.jpg), or, with one set of class folders, set data.root to it")
+    # One unlabelled test/ (or val/) of loose images beside the class folders became a class named "test", its
+    # images split into training, validation and test as that class. (A class train/ stays: COCO has one.)
+    loose = [name for name in split_named if name.lower() not in ("train", "training")
+             and any(path.is_file() and path.name.lower().endswith(IMAGE_EXTENSIONS)
+                     for path in (root / name).iterdir())]
+    if loose and len(_class_names(root)) > len(loose):
+        raise ImageFolderError(
+            f"{root} holds {', '.join(f'{n}/' for n in loose)} with images directly in it beside the class folders: "
+            "it would be read as a class named after a split; move it out of data.root (unlabelled images are not "
+            "trained on), or split the folder as train/<class>/ and test/<class>/")
 
 
 def _empty_class_folders(directory: Path, classes: list[str]) -> list[str]:

@@ -95,7 +95,21 @@ def test_damaged_fashion_mnist_files_are_named(tmp_path):
             (root / f"{stem}.gz").write_bytes(damaged(raw) if key == "train_images" else gzip.compress(raw))
         with pytest.raises(DataError, match="train-images-idx3-ubyte.gz") as info:
             load_splits(DataConfig(dataset="fashion-mnist", root=str(root), download=False))
-        assert "dataset-fashion-mnist" in str(info.value), damage
+        # With data.root set, Debian's copy is never read: the fix is the root (installing it changed nothing).
+        assert "check data.root, or unset it to read Debian's dataset-fashion-mnist" in str(info.value), damage
+        assert "apt-get install" not in str(info.value), damage
+    # An empty plain file beside a complete .gz (an interrupted `gunzip -k`) hid the .gz: "ends within its header".
+    beside = tmp_path / "gunzip-stopped"
+    shutil.copytree(tmp_path / "empty", beside)
+    for key, stem in FASHION_MNIST_FILES.items():
+        (beside / f"{stem}.gz").write_bytes(gzip.compress(good[key]))
+    (beside / FASHION_MNIST_FILES["train_images"]).write_bytes(b"")
+    assert len(load_splits(DataConfig(dataset="fashion-mnist", root=str(beside), download=False)).test) == 4
+    both = tmp_path / "both-damaged"
+    shutil.copytree(beside, both)
+    (both / f"{FASHION_MNIST_FILES['train_images']}.gz").write_bytes(gzip.compress(good["train_images"])[:-20])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte and .*train-images-idx3-ubyte.gz are both damaged"):
+        load_splits(DataConfig(dataset="fashion-mnist", root=str(both), download=False))
     mismatched = tmp_path / "mismatched"
     shutil.copytree(tmp_path / "empty", mismatched)
     for key, stem in FASHION_MNIST_FILES.items():
@@ -117,6 +131,9 @@ def test_train_subset_is_stratified():
     splits = load_splits(DataConfig(dataset="digits", train_subset=100))
     assert len(splits.train) == pytest.approx(100, abs=1)
     assert len(np.unique(splits.train.labels)) == 10
+    # Exactly as many as asked for (every class present): ceil(k / n * n) took 24 of digits' 1257 for 23.
+    for asked in (23, 59, 97, 113):
+        assert len(load_splits(DataConfig(dataset="digits", train_subset=asked)).train) == asked
 
 
 def test_channel_statistics_are_exact_without_a_float_copy_of_the_split():
@@ -374,6 +391,13 @@ def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classe
     _write_images(unlabelled, classes=("train", "test"), per_class=8)
     with pytest.raises(ImageFolderError, match=r"test/, train/ with images directly in them"):
         check_image_folder(DataConfig(dataset="imagefolder", root=str(unlabelled)))
+    # One unlabelled test/ of loose images beside the class folders became a class named "test", silently.
+    beside = tmp_path / "unlabelled-test"
+    _write_images(beside, classes=("cat", "dog", "bird"), per_class=6)
+    _write_images(beside, classes=("test",), per_class=6)
+    for read in (check_image_folder, load_splits):
+        with pytest.raises(ImageFolderError, match=r"holds test/ with images directly in it beside the class folders"):
+            read(DataConfig(dataset="imagefolder", root=str(beside)))
     # Empty train/ and test/ beside the classes are no classes: left out with a warning, as before.
     emptied = tmp_path / "emptied"
     _write_images(emptied, per_class=6)
