@@ -33,7 +33,7 @@ import cnnmodels
 
 from .config import PipelineConfig, ServeConfig
 from .model_store import replica_threads
-from .paths import write_text_atomically
+from .paths import atomic_writer, write_text_atomically
 from .planning import PAPER_FAMILY, SEARCHED_FAMILY
 from .results import ModelResult, as_text, comparison_table, for_display, load_results, to_markdown
 from .search_space import PAPER
@@ -177,9 +177,12 @@ def family_comparison(results: list[ModelResult], searched: tuple[float, float, 
             row[f"{label} MMACs"] = round(r.macs / 1e6, 1) if r else None
             row[f"{label} test_acc"] = round(r.test_acc, 4) if r else None
         difference = searched.test_acc - paper.test_acc if searched and paper else math.nan
-        if searched and paper and searched.epochs != paper.epochs:  # a record of a shorter or longer training
-            logger.warning("[report] phi %g: %s was trained for %d epochs, %s for %d: not compared", phi,
-                           searched.model_name, searched.epochs, paper.model_name, paper.epochs)
+        if searched and paper and (searched.epochs_trained != paper.epochs_trained or searched.diverged_at
+                                   or paper.diverged_at):  # a shorter or longer training, or one that diverged
+            logger.warning("[report] phi %g: %s was trained for %d epochs%s, %s for %d%s: not compared", phi,
+                           searched.model_name, searched.epochs_trained,
+                           " (it diverged)" if searched.diverged_at else "", paper.model_name,
+                           paper.epochs_trained, " (it diverged)" if paper.diverged_at else "")
             difference = math.nan
         if same_model:
             row["difference"], row["winner"] = 0.0, "same model"
@@ -231,9 +234,8 @@ _ACCURACY_PLOTS = {
 def val_curves_figure(results: list[ModelResult]):
     """Each model's validation accuracy per epoch, one line each. Colours repeat after ten (matplotlib's
     cycle), so line styles and markers change with each round of them: a GPU preset trains 13 models."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = _figure(figsize=(7, 5))
+    ax = fig.subplots()
     for i, r in enumerate(results):
         epochs = [h["epoch"] + 1 for h in r.history]
         ax.plot(epochs, [h["val_acc"] for h in r.history], color=f"C{i % 10}",
@@ -253,40 +255,42 @@ def accuracy_figure(results: list[ModelResult], against: str = "macs",
     """The figure the report saves as ``accuracy_vs_macs.png`` (``against="macs"``) or
     ``accuracy_vs_params.png``: test accuracy of every model, each EfficientNet family a labelled line
     (``searched``: the current search's triple, see :func:`family_comparison`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     _, x_of, label, title = _ACCURACY_PLOTS[against]
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = _figure(figsize=(7, 5))
+    ax = fig.subplots()
     _scatter(ax, results, x_of, label, searched)
     ax.set_title(f"Test accuracy vs {title}")
     fig.tight_layout()
     return fig
 
 
+def _figure(**kwargs):
+    """A matplotlib figure of its own canvas (Agg), outside pyplot: the report leaves the process's backend (a
+    notebook's inline one) and pyplot's open figures alone, and needs no display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    """``fig`` as a PNG at ``path``, whole or not at all (a full disk left a cut-off plot beside new tables)."""
+    with atomic_writer(path, binary=True) as file:
+        fig.savefig(file, format="png", dpi=110)
+    return path
+
+
 def _plots(results: list[ModelResult], search, directory: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    for against, (name, *_rest) in _ACCURACY_PLOTS.items():
-        fig = accuracy_figure(results, against, _searched_triple(search))
-        fig.savefig(directory / name, dpi=110)
-        plt.close(fig)
-        files.append(directory / name)
-
-    fig = val_curves_figure(results)
-    fig.savefig(directory / "val_curves.png", dpi=110)
-    plt.close(fig)
-    files.append(directory / "val_curves.png")
+    files = [_save(accuracy_figure(results, against, _searched_triple(search)), directory / name)
+             for against, (name, *_rest) in _ACCURACY_PLOTS.items()]
+    files.append(_save(val_curves_figure(results), directory / "val_curves.png"))
 
     if search is not None and search.trials:
         trials = pd.DataFrame(search.trials)
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), sharey=True)
+        fig = _figure(figsize=(11, 3.6))
+        axes = fig.subplots(1, 3, sharey=True)
         for ax, key in zip(axes, ("alpha", "beta", "gamma"), strict=True):
             ax.scatter(trials[key], trials["val_acc"], c=trials["compound_product"], cmap="viridis", s=40)
             best = search.best
@@ -301,9 +305,7 @@ def _plots(results: list[ModelResult], search, directory: Path) -> list[Path]:
         axes[0].legend(fontsize=7)
         fig.suptitle("Compound-scaling search (colour: alpha * beta^2 * gamma^2)")
         fig.tight_layout()
-        fig.savefig(directory / "search.png", dpi=110)
-        plt.close(fig)
-        files.append(directory / "search.png")
+        files.append(_save(fig, directory / "search.png"))
     return files
 
 
@@ -381,13 +383,16 @@ def _log_report(tracker, files: list[Path], directory: Path) -> None:
 
     try:
         parent = tracker.find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
+        if parent is None:
+            logger.warning("[report] no train stage run in MLflow's experiment (another tracking.uri since the "
+                           "training?): the report is not logged to MLflow; its files are in %s", directory)
         for path in [] if parent is None else files:
             tracker.log_artifact(parent.info.run_id, path, "report")
-    except Exception as err:
-        if not _mlflow_unusable(err):
-            raise
-        logger.warning("[report] MLflow or its artifact store is unreachable or refuses these credentials (%s): "
-                       "the report is not logged to MLflow; its files are in %s", first_line(err), directory)
+    except Exception as err:  # noqa: BLE001 - the files on disk are the report: logging them is a copy
+        why = ("unreachable or refuses these credentials" if _mlflow_unusable(err)
+               else f"refused them ({type(err).__name__})")
+        logger.warning("[report] MLflow or its artifact store is %s (%s): the report is not logged to MLflow; its "
+                       "files are in %s", why, first_line(err), directory)
 
 
 def _mlflow_unusable(err: BaseException) -> bool:
@@ -426,6 +431,14 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     results = list(results.values())
     if not results:
         raise LookupError(f"no trained models under {paths.train_dir}; run the train stage first")
+    for r in results:
+        if r.diverged_at:
+            logger.warning("[report] %s diverged at epoch %d of %d and stopped: its numbers are its best epoch's "
+                           "before (epoch %d)", r.model_name, r.diverged_at, r.epochs, r.best_epoch + 1)
+    if cfg.serve.num_gpus > 0 and latency and not torch.cuda.is_available():
+        logger.info("[report] serve ms: measured on this machine's CPU (%d thread(s), as a replica of "
+                    "serve.num_cpus), while the replicas serve on GPUs (serve.num_gpus): expect them faster",
+                    replica_threads(cfg.serve))
     if latency:
         _measure_latencies(results, cfg.serve, paths.storage, paths.report_dir)
     tracker = Tracker.for_config(cfg)

@@ -50,6 +50,18 @@ class ModelResult:
     timeline: dict[str, float] = field(default_factory=dict)
 
     @property
+    def diverged_at(self) -> int | None:
+        """The epoch (counted from 1) at which its training diverged and stopped (its loss NaN or infinite), if it
+        did: its numbers are those of its best epoch before."""
+        last = self.history[-1] if self.history else {}
+        return int(last["epoch"]) + 1 if last.get("diverged") and "epoch" in last else None
+
+    @property
+    def epochs_trained(self) -> int:
+        """The epochs it trained: ``epochs``, or fewer when it diverged and stopped."""
+        return self.diverged_at or self.epochs
+
+    @property
     def fixed_seconds(self) -> float | None:
         """The run's wall time minus its training loops: what it costs around the training itself."""
         if "recorded" not in self.timeline or "loop_seconds" not in self.timeline:
@@ -107,7 +119,7 @@ def comparison_table(results: list[ModelResult], champion: str | None = None,
             "model": r.model_name,
             "arch": r.arch,
             "input": r.input_size,
-            "epochs": r.epochs,
+            "epochs": r.epochs_trained,  # (fewer than planned for a run that diverged)
             "params": r.params_count,
             "MMACs": round(r.macs / 1e6, 1),
             "best val_acc": round(r.best_val_acc, 4),

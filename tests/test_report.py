@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pipelines.report import accuracy_figure, family_comparison, report_stage, stale_members, val_curves_figure
-from pipelines.results import ModelResult, load_results
+from pipelines.results import ModelResult, comparison_table, load_results
 
 SEARCHED = {"alpha": 1.3, "beta": 1.05, "gamma": 1.2}
 PAPER = {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}
@@ -71,6 +71,19 @@ def test_families_of_one_triple_or_of_unequal_trainings_are_not_compared(caplog)
         table = family_comparison([searched, members[1]], tuple(SEARCHED.values()))
     assert list(table["winner"]) == [""] and table["difference"].isna().all()
     assert "trained for 15 epochs, efficientnet_paper_phi1 for 1: not compared" in caplog.text
+    # A member whose training diverged and stopped (its record says the planned epochs) is no comparison either:
+    # it read as fully trained and lost to the other family.
+    searched.epochs = 3
+    paper = members[1]
+    paper.epochs = 3
+    searched.history = [{"epoch": 0, "val_acc": 0.5}, {"epoch": 1, "val_acc": float("nan"), "diverged": True}]
+    assert (searched.diverged_at, searched.epochs_trained, paper.diverged_at, paper.epochs_trained) == (2, 2, None, 3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        table = family_comparison([searched, paper], tuple(SEARCHED.values()))
+    assert list(table["winner"]) == [""]
+    assert "efficientnet_phi1 was trained for 2 epochs (it diverged), efficientnet_paper_phi1 for 3" in caplog.text
+    assert list(comparison_table([searched, paper])["epochs"]) == [2, 3]  # what each trained
 
 
 def test_the_report_command_names_records_of_other_trainings_and_compares_families_only_when_asked(
@@ -239,6 +252,45 @@ def test_the_report_is_written_while_the_artifact_store_is_unreachable(make_conf
         report = report_stage(cfg, latency=False)
     assert (report.directory / "models.csv").is_file() and list(report.table["model"]) == ["resnet18"]
     assert "MLflow or its artifact store is unreachable" in caplog.text
+
+
+def test_the_report_says_why_it_is_not_logged_to_mlflow_and_any_logging_error_spares_its_files(
+        make_config, caplog, monkeypatch):
+    """With no train stage run in the experiment (another tracking.uri since the training) the report was not
+    logged, without a word; an error MLflow's artifact store raised that is no outage (S3's AccessDenied, a
+    missing credential) failed the report after its files were written, and under `run` serving never started."""
+    from pipelines.tracking import Tracker
+
+    cfg = make_config()
+    record("resnet18", "resnet18", {}, 560_000_000, 0.93).save(cfg.paths.train_dir)
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        report_stage(cfg, latency=False)
+    assert "no train stage run in MLflow's experiment" in caplog.text
+    Tracker.for_config(cfg).start_run("train-1", {"stage": "train", "cnnzoo.stage_parent": "true"})
+
+    def denied(self, run_id, path, artifact_path=None):
+        raise PermissionError("AccessDenied: s3://bucket/mlartifacts")
+
+    monkeypatch.setattr(Tracker, "log_artifact", denied)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        report = report_stage(cfg, latency=False)
+    assert (report.directory / "models.csv").is_file()
+    assert "refused them (PermissionError)" in caplog.text and "not logged to MLflow" in caplog.text
+
+
+def test_the_report_leaves_the_matplotlib_backend_alone(make_config):
+    """It switched the process to Agg: a notebook's inline plots stopped showing after one report figure."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # any backend not Agg
+    try:
+        fig = accuracy_figure(table_records(), "macs")
+        assert matplotlib.get_backend() == "svg" and fig.axes
+        assert val_curves_figure(table_records()).axes and matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
 
 
 def test_serving_latency_is_measured_as_a_replica_runs_the_model(tmp_path, monkeypatch):
