@@ -305,7 +305,19 @@ def node_shapes() -> tuple[list[dict[str, float]], bool]:
 
     shapes = [{key: float(value) for key, value in node["Resources"].items()}
               for node in ray.nodes() if node.get("Alive")]
-    complete = ray_started_here()
+    addable = addable_node_types()
+    return shapes + (addable or []), ray_started_here() or addable is not None
+
+
+#: Where `ray up` leaves the autoscaler's config on the head (JSON, its node types' resources filled in).
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def addable_node_types(bootstrap_config: str = BOOTSTRAP_CONFIG) -> list[dict[str, float]] | None:
+    """The resources of each node type the running Ray's autoscaler can add; None when there is no autoscaler
+    this code can see. From the GCS's cluster config (KubeRay, autoscaler v2), else from the config `ray up`
+    leaves on the head (the GCS holds none for a `ray up` cluster in open-source Ray: cluster.yaml's GPU workers,
+    at zero when a stage starts, went uncounted)."""
     try:
         from ray._private.state import state  # the autoscaler's node types: a DeveloperAPI, so guarded
 
@@ -313,10 +325,22 @@ def node_shapes() -> tuple[list[dict[str, float]], bool]:
     except Exception:  # noqa: BLE001 - another Ray's internals: what the nodes say must do
         config = None
     if config is not None:
-        complete = True
-        shapes += [{key: float(value) for key, value in group.resources.items()}
-                   for group in config.node_group_configs if group.max_count != 0]
-    return shapes, complete
+        return [{key: float(value) for key, value in group.resources.items()}
+                for group in config.node_group_configs if group.max_count != 0]
+    path = Path(bootstrap_config).expanduser()
+    if ray_started_here() or not path.is_file():
+        return None
+    try:
+        import yaml  # (JSON is YAML)
+
+        launcher = yaml.safe_load(path.read_text())
+        types = launcher["available_node_types"]
+        return [{key: float(value) for key, value in (spec.get("resources") or {}).items()}
+                for name, spec in types.items()
+                if name != launcher.get("head_node_type") and int(spec.get("max_workers", 0)) > 0]
+    except Exception as err:  # noqa: BLE001 - unreadable: as if there were none
+        logger.debug("cannot read %s: %s", path, err)
+        return None
 
 
 #: File systems every node of a cluster can mount at the same path (shared storage for Ray Train's checkpoints).
@@ -366,15 +390,8 @@ def warn_if_storage_is_node_local(storage: str) -> None:
         return
     import ray
 
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    try:
-        from ray._private.state import state  # the autoscaler's node types: a DeveloperAPI, so guarded
-
-        config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001
-        config = None
-    if config is not None:  # a node type it can add counts as one more node
-        nodes += sum(1 for group in config.node_group_configs if group.max_count != 0)
+    # A node type the autoscaler can add counts as one more node.
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive")) + len(addable_node_types() or [])
     if message := node_local_storage_warning(storage, nodes, mounts):
         logger.warning(message)
 

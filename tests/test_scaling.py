@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,26 @@ def test_a_node_local_storage_path_on_a_cluster_is_warned_of(storage, nodes, mou
     assert (message is not None) is warned
     if warned:
         assert storage in message and "Unable to set up cluster storage" in message
+
+
+def test_the_node_types_ray_up_leaves_on_the_head_count_as_nodes_it_can_add(tmp_path):
+    """The GCS holds no autoscaler config for a `ray up` cluster in open-source Ray: cluster.yaml's GPU workers,
+    at zero when a stage starts, were not counted (no CPU share from their shape, no warning of a node-local
+    storage_path). `ray up` leaves its config, node types' resources filled in, on the head. Run in a process
+    without Ray (this session's is one the tests started, which no node can join)."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    launcher = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster.yaml").read_text())
+    launcher["available_node_types"]["head"]["resources"].update(CPU=8)  # as `ray up` fills them in
+    launcher["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 4, "GPU": 1, "memory": 1.2e10}
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(json.dumps(launcher))
+    script = ("from pipelines.runtime import addable_node_types as a; "
+              f"print(a({str(bootstrap)!r}), a({str(tmp_path / 'none.yaml')!r}))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "[{'CPU': 4.0, 'GPU': 1.0, 'memory': 12000000000.0}] None"
