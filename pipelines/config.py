@@ -348,12 +348,14 @@ class ModelSelection(_Section):
     )
     model_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="extra create_model keyword arguments per model name (also "
-        "efficientnet_phiN members of search.phis, and efficientnet: the search's baseline)"
+        "efficientnet_phiN members of search.phis, and efficientnet: the search's baseline, which the families "
+        "built from its triple take under their own)"
     )
     model_overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="training settings per model name, over the ones below: "
-        + ", ".join(PER_MODEL_TRAIN_KEYS) + " (e.g. {alexnet: {lr: 0.0003}})",
+        + ", ".join(PER_MODEL_TRAIN_KEYS) + " (e.g. {alexnet: {lr: 0.0003}}; efficientnet's, the search's "
+        "baseline, also reach the families built from its triple, under their own)",
     )
     small_input: Union[bool, Literal["auto"]] = Field(
         "auto", description="small-image stems for inputs up to 64 px; auto decides by data.image_size"
@@ -388,10 +390,27 @@ class TrainConfig(WorkerSettings, Hyperparameters, ModelSelection):
     and where its Ray Train run executes (:class:`WorkerSettings`)."""
 
 
+#: The cnnmodels families built from the search's baseline (``efficientnet``) and its coefficients: the searched
+#: family and the paper's (``search.compare_paper``).
+COMPOUND_FAMILIES = ("efficientnet_phi", "efficientnet_paper_phi")
+
+
+def baseline_settings(settings: dict[str, dict[str, Any]], model_name: str) -> dict[str, Any]:
+    """What a member of a compound-scaled family takes from the search's baseline (``settings["efficientnet"]``:
+    ``train.model_overrides`` or ``train.model_options``), under its own entries: the triple was found on that
+    network and recipe (a member trained on the builder's defaults and train.lr was another network than the one
+    searched). Empty for any other model."""
+    if cnnmodels.family_of(model_name) not in COMPOUND_FAMILIES:
+        return {}
+    return {k: v for k, v in settings.get("efficientnet", {}).items() if k != "phi"}
+
+
 def hyperparameters_for(train: TrainConfig, model_name: str) -> Hyperparameters:
-    """``train``'s hyper-parameters with ``train.model_overrides[model_name]`` applied (validated)."""
+    """``train``'s hyper-parameters with ``train.model_overrides[model_name]`` applied (validated); a member of
+    a compound-scaled family takes the search baseline's (``efficientnet``) under its own."""
     values = train.model_dump(include=set(Hyperparameters.model_fields))
-    return Hyperparameters.model_validate({**values, **train.model_overrides.get(model_name, {})})
+    return Hyperparameters.model_validate({**values, **baseline_settings(train.model_overrides, model_name),
+                                           **train.model_overrides.get(model_name, {})})
 
 
 class SearchConfig(_Section):

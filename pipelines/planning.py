@@ -30,6 +30,7 @@ from .config import (
     PipelineConfig,
     SearchConfig,
     WorkerSettings,
+    baseline_settings,
     hyperparameters_for,
 )
 from .data import DatasetInfo, make_spec
@@ -237,7 +238,8 @@ def resolve_models(cfg: PipelineConfig, coefficients: dict[str, float] | None = 
     searched = None if coefficients is None else {k: float(coefficients[k]) for k in ("alpha", "beta", "gamma")}
     for name in cfg.train.models:
         arch, implied = cnnmodels.resolve_model_name(name)
-        options = {**implied, **cfg.train.model_options.get(name, {})}
+        options = {**baseline_settings(cfg.train.model_options, name), **implied,
+                   **cfg.train.model_options.get(name, {})}
         if searched is not None and cnnmodels.family_of(name) == SEARCHED_FAMILY:
             # A searched member named in train.models is still the searched family's (its model options win):
             # else it took the builder's defaults, the paper's triple, under the searched family's name.
@@ -261,8 +263,9 @@ def resolve_models(cfg: PipelineConfig, coefficients: dict[str, float] | None = 
                 continue  # every multiplier is 1 at phi 0: the searched family's member is the same model
             if name not in known:
                 # Its own model options too (a dropout for efficientnet_phi2), as for a model train.models names.
-                options = {"phi": float(phi), "alpha": alpha, "beta": beta, "gamma": gamma,
-                           **cfg.train.model_options.get(name, {})}
+                # (and the search baseline's, under them: the triple was found on that network)
+                options = {**baseline_settings(cfg.train.model_options, name), "phi": float(phi), "alpha": alpha,
+                           "beta": beta, "gamma": gamma, **cfg.train.model_options.get(name, {})}
                 choices.append(ModelChoice(name, "efficientnet", _with_data_defaults(cfg, "efficientnet", options)))
     return choices
 

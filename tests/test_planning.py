@@ -290,6 +290,33 @@ def test_model_options_reach_the_searched_family_and_the_search_baseline(make_co
     load_config(None, ["search.phis=[0, 1]", "train.model_options={efficientnet_phi1: {alpha: 1.1}}"])
 
 
+def test_the_families_take_the_search_baselines_options_and_recipe(make_config):
+    """The search found its triple on `efficientnet` with train.model_options.efficientnet and trained it with
+    train.model_overrides.efficientnet; the family built from the triple took neither (the builder's defaults,
+    train.lr): efficientnet_phi1, at the search's own phi, was not the network the search picked. Their own
+    entries still win."""
+    from pipelines.config import hyperparameters_for
+    from pipelines.planning import search_template
+
+    cfg = make_config("search.phis=[0, 1]", "search.compare_paper=true",
+                      "train.model_options={efficientnet: {small_input: false, dropout: 0.5}, "
+                      "efficientnet_phi1: {dropout: 0.3}}",
+                      "train.model_overrides={efficientnet: {lr: 0.01, weight_decay: 0.0}}")
+    choices = {c.name: c for c in resolve_models(cfg, {"alpha": 1.3, "beta": 1.05, "gamma": 1.2})}
+    template = search_template(cfg)
+    for name in ("efficientnet_phi0", "efficientnet_phi1", "efficientnet_paper_phi1"):
+        assert choices[name].kwargs["small_input"] is False, name
+        assert hyperparameters_for(cfg.train, name).lr == 0.01 == hyperparameters_for(cfg.train, "efficientnet").lr
+    assert choices["efficientnet_phi0"].kwargs["dropout"] == 0.5 == template.kwargs["dropout"]
+    assert choices["efficientnet_phi1"].kwargs["dropout"] == 0.3  # its own entry first
+    assert choices["efficientnet_phi1"].kwargs["phi"] == 1.0
+    assert choices["efficientnet_paper_phi1"].kwargs["alpha"] == 1.2
+    # other models take nothing of the baseline's
+    b0 = make_config("train.models=[efficientnet_b0]", "train.model_options={efficientnet: {dropout: 0.5}}")
+    assert "dropout" not in {c.name: c for c in resolve_models(b0)}["efficientnet_b0"].kwargs
+    assert hyperparameters_for(cfg.train, "resnet18").lr == cfg.train.lr
+
+
 def test_the_stage_reports_only_records_of_this_training(make_config):
     """A record another training left under a model's name (another learning rate, before this one failed) is
     not reported as this stage's result: the table, the report and serving would show the old model as new."""
