@@ -272,8 +272,8 @@ def check_interrupted_schedules(runs: list[ModelRun]) -> None:
     refused = []
     for run in runs:
         latest = latest_reported_metrics(run)
-        if not latest or "epochs" not in latest or "epoch" not in latest:
-            continue
+        if not latest or "epochs" not in latest or "epoch" not in latest or latest.get("diverged"):
+            continue  # (a diverged run trains no further, whatever its schedule)
         hyper, planned, reached = run.hyper, int(latest["epochs"]), int(latest["epoch"]) + 1
         verdict, was, now = schedule_change(hyper, planned, reached)
         if verdict == "same":
@@ -293,6 +293,28 @@ def check_interrupted_schedules(runs: list[ModelRun]) -> None:
         raise ConfigError("train.epochs", "; ".join(refused) + ". Set train.epochs to the interrupted run's epochs "
                           "to finish it, train the shorter run under another name or workdir, or delete the "
                           f"interrupted run's folder under {runs[0].storage_path} to start it afresh")
+
+
+def _stopped_by_divergence(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[ModelRun], list[str]]:
+    """The runs to train, and the names of those whose training diverged and stopped before and whose record (its
+    best epoch before) stays: re-run with more epochs, it resumed from its NaN weights, trained nothing and was
+    registered again as a model of the new length."""
+    from .trials import latest_reported_metrics
+
+    existing = load_results(cfg.paths.train_dir)
+    keep, stopped = [], []
+    for run in runs:
+        record = existing.get(run.model_name)
+        latest = latest_reported_metrics(run) if record is not None and record.fingerprint == run.fingerprint else {}
+        if latest and latest.get("diverged"):
+            logger.warning("[train] %s diverged at epoch %d of its training and stopped; its record (epoch %d) stays, "
+                           "and more epochs would train nothing from its weights: lower its learning rate "
+                           "(train.model_overrides) to train it again", run.model_name, int(latest["epoch"]) + 1,
+                           record.best_epoch + 1)
+            stopped.append(run.model_name)
+        else:
+            keep.append(run)
+    return keep, stopped
 
 
 def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[ModelRun], list[str]]:
@@ -426,8 +448,10 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
     cpus, per_node = cpus_to_share(cfg.train, free["CPU"], "train")
     runs = plan_model_runs(cfg, info, choices, stage="train", cluster_cpus=cpus, node_cpus=per_node)
     todo, skipped = _split_finished(cfg, runs)
+    todo, stopped = _stopped_by_divergence(cfg, todo)
     if skipped:
         logger.info("[train] already trained, skipping: %s", ", ".join(skipped))
+    skipped += stopped
     for run in todo:
         check_workers_fit(run.workers, f"[train] {run.model_name}")
     if todo:

@@ -518,11 +518,16 @@ def evaluate(ctx: StepContext, loader, what: str = "validation") -> tuple[float,
     return loss_sum / max(count, 1), correct / max(count, 1), int(count)
 
 
-def diverged_epoch(train_loss: float, val_loss: float) -> bool:
-    """Whether an epoch's losses say the weights are no longer numbers (NaN or infinite losses). Its validation
+def diverged(ctx: StepContext) -> bool:
+    """Whether the model's weights (or batch-norm statistics) are no longer numbers, on any rank. Its validation
     accuracy is then class 0's share (argmax of NaN logits), a number that could pass for the best epoch's, so
-    it is reported as NaN and the run stops (every further epoch would train nothing)."""
-    return not (math.isfinite(train_loss) and math.isfinite(val_loss))
+    it is reported as NaN and the run stops (every further epoch would train nothing). The weights, not the
+    epoch's loss: with float16 autocast one overflowing batch makes the loss infinite while the gradient scaler
+    skips its step and the weights stay sound."""
+    with torch.no_grad():
+        broken = sum(int(not torch.isfinite(t).all()) for t in (*ctx.model.parameters(), *ctx.model.buffers())
+                     if t.is_floating_point())
+    return _all_reduce_sums([float(broken)], ctx.device)[0] > 0
 
 
 def report_epoch(ctx: StepContext, epoch: int, metrics: dict[str, Any]) -> None:
@@ -674,13 +679,13 @@ def train_loop_per_worker(config: dict) -> None:
         recalibrate_batchnorm(ctx, run.hyper.precise_bn_batches)
         val_loss, val_acc, _ = evaluate(ctx, ctx.val_loader)
         ctx.add_seconds("eval_seconds", time.perf_counter() - evaluation_started)
-        diverged = diverged_epoch(metrics["train_loss"], val_loss)
+        broken = diverged(ctx)
         # (epochs: the schedule's length, which a re-run of an interrupted run is checked against)
         report_epoch(ctx, epoch, {"epoch": epoch, **metrics, "val_loss": val_loss,
-                                  "val_acc": math.nan if diverged else val_acc, "start_epoch": ctx.start_epoch,
+                                  "val_acc": math.nan if broken else val_acc, "start_epoch": ctx.start_epoch,
                                   "epochs": run.hyper.epochs, "worker_nodes": ctx.worker_nodes,
-                                  **({"diverged": True} if diverged else {})})
-        if diverged:  # every rank sees the same all-reduced losses: all leave the loop together
+                                  **({"diverged": True} if broken else {})})
+        if broken:  # all-reduced: every rank leaves the loop together
             if ctx.rank == 0:
                 logger.error("[%s] training diverged at epoch %d/%d (train_loss %s, val_loss %s): stopping it; "
                              "its best earlier epoch is what it keeps (lower its learning rate, "

@@ -389,15 +389,22 @@ def test_a_search_trial_run_gets_the_median_throughput_of_its_epochs(make_config
     queue = TrackingQueue(tracker)
     callback = TrialTracking(queue, "search", tracker.start_run("search-test", {"stage": "search"}),
                              describe=describe_run)
-    trial = SimpleNamespace(trial_id="s0", config={"run": run.to_dict()}, last_result={})
+    # (Tune's own maximum of val_acc: NaN once a diverged epoch's NaN came last)
+    trial = SimpleNamespace(trial_id="s0", config={"run": run.to_dict()}, last_result={},
+                            metric_analysis={"val_acc": {"max": float("nan")}})
     callback.on_trial_start(0, [], trial)
+    accs = [0.5, 0.7, 0.6, float("nan")]
     for epoch, rate in enumerate([40.0, 100.0, 90.0, 10.0]):
-        trial.last_result = {"epoch": epoch, "val_acc": 0.5, "val_loss": 1.0, "train_images_per_sec": rate}
+        trial.last_result = {"epoch": epoch, "val_acc": accs[epoch], "score": accs[epoch] * 0.9, "val_loss": 1.0,
+                             "train_images_per_sec": rate}
         callback.on_trial_result(0, [], trial, trial.last_result)
     callback.on_trial_complete(0, [], trial)
     assert queue.flush(timeout_s=60) == []
     finished = tracker.find_run("tags.`ray.trial_id` = 's0'")
     assert finished.data.metrics["train_images_per_sec"] == 65.0  # not the last epoch's 10
+    # What the search ranks it by, at its best finite epoch (a diverged last epoch left them out)
+    assert finished.data.metrics["best_val_acc"] == 0.7
+    assert finished.data.metrics["best_score"] == pytest.approx(0.63)
     epochs = tracker.client.get_metric_history(finished.info.run_id, "epoch_images_per_sec")
     assert sorted((m.step, m.value) for m in epochs) == [(0, 40.0), (1, 100.0), (2, 90.0), (3, 10.0)]
 
@@ -841,6 +848,48 @@ def test_progress_lines_come_before_the_interval_passes_and_long_evaluations_pri
     finally:
         worker.logger.removeHandler(handler)
         worker.logger.setLevel(old_level)
+
+
+def test_divergence_is_judged_on_the_weights_not_on_an_epochs_loss():
+    """With float16 autocast one overflowing batch makes the epoch's loss infinite while the gradient scaler skips
+    its step and the weights stay sound: the run must go on. NaN weights or batch-norm statistics stop it."""
+    from types import SimpleNamespace
+
+    from pipelines.worker import diverged
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    ctx = SimpleNamespace(model=model, device=torch.device("cpu"))
+    assert not diverged(ctx)
+    with torch.no_grad():
+        model[1].running_var[0] = float("nan")
+    assert diverged(ctx)
+    with torch.no_grad():
+        model[1].running_var.fill_(1.0)
+        model[0].weight[0, 0] = float("inf")
+    assert diverged(ctx)
+
+
+def test_a_run_that_diverged_is_not_resumed_for_more_epochs(make_config, monkeypatch, caplog):
+    """A run that diverged at epoch 3 of 10 and stopped keeps its record (its best epoch before). Re-run with 20
+    epochs it resumed from its NaN weights, trained nothing and was registered again as a 20-epoch model."""
+    import pipelines.trials as trials
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.results import ModelResult
+    from pipelines.train import _stopped_by_divergence
+
+    cfg = make_config("train.models=[lenet5, alexnet]", "train.epochs=20")
+    runs = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    for run in runs:
+        ModelResult(run.model_name, run.arch, {}, run.run_name, run.fingerprint, 32, 1, 1, 10, 0.8, 1, 0.79, 1.0,
+                    1.0, "/nowhere").save(cfg.paths.train_dir)
+    latest = {"lenet5": {"epoch": 2, "epochs": 10, "val_acc": float("nan"), "diverged": True},
+              "alexnet": {"epoch": 9, "epochs": 10, "val_acc": 0.8}}
+    monkeypatch.setattr(trials, "latest_reported_metrics", lambda run: latest[run.model_name])
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        todo, stopped = _stopped_by_divergence(cfg, runs)
+    assert [r.model_name for r in todo] == ["alexnet"] and stopped == ["lenet5"]
+    assert "lenet5 diverged at epoch 3 of its training and stopped; its record (epoch 2) stays" in caplog.text
 
 
 def test_the_loops_of_one_epoch_share_the_progress_interval(monkeypatch):
