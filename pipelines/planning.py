@@ -424,9 +424,16 @@ def grid_candidate_count(cfg: PipelineConfig) -> int:
     return len(grid_candidates(uncapped, partial(compound_network, search_template(cfg).kwargs)))
 
 
-def search_fingerprint(cfg: PipelineConfig) -> str:
+def search_fingerprints(cfg: PipelineConfig) -> list[str]:
+    """The fingerprints a finished or interrupted search of ``cfg`` may have been saved under: this version's,
+    then the one before settings of a part that is off left it (a search saved then is not thrown away)."""
+    return list(dict.fromkeys([search_fingerprint(cfg), search_fingerprint(cfg, legacy=True)]))
+
+
+def search_fingerprint(cfg: PipelineConfig, legacy: bool = False) -> str:
     """Hash of every setting that decides the search's outcome: the search section (but its concurrency
-    and the family members trained afterwards) and the template run's recipe, epochs included."""
+    and the family members trained afterwards) and the template run's recipe, epochs included. ``legacy``: as
+    computed before settings of a part that is off were left out (:func:`search_fingerprints`)."""
     hyper = hyperparameters_for(cfg.train, "efficientnet").model_copy(update={"epochs": cfg.search.epochs})
     workers = WorkerSettings.model_validate(cfg.train.model_dump(include=set(WorkerSettings.model_fields)))
     search = cfg.search.model_dump(mode="json", exclude=_SEARCH_RUNTIME_KEYS)
@@ -440,14 +447,14 @@ def search_fingerprint(cfg: PipelineConfig) -> str:
     defaults = SearchConfig()
     if cfg.search.mode == "grid":
         search["seed"] = 0
-        candidates = grid_candidate_count(cfg)
-        if cfg.search.num_trials >= candidates:
+        candidates = None if legacy else grid_candidate_count(cfg)
+        if candidates is not None and cfg.search.num_trials >= candidates:
             search["num_trials"] = max(candidates, defaults.num_trials)
-    else:
+    elif not legacy:
         search["step"] = defaults.step
-    if not cfg.search.asha:
+    if not cfg.search.asha and not legacy:
         search["grace_period"], search["reduction_factor"] = defaults.grace_period, defaults.reduction_factor
-    if cfg.search.objective != "mnas":
+    if cfg.search.objective != "mnas" and not legacy:
         search["target_macs"] = defaults.target_macs
     return fingerprint({
         "search": search,

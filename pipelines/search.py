@@ -39,6 +39,7 @@ from .planning import (
     plan_model_runs,
     search_data,
     search_fingerprint,
+    search_fingerprints,
     search_template,
     with_overlapped_startup,
 )
@@ -99,7 +100,7 @@ def load_search_result(cfg: PipelineConfig, content: str | None = None) -> Searc
         result = SearchResult(**json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError):
         return None
-    if result.fingerprint != search_fingerprint(cfg):
+    if result.fingerprint not in search_fingerprints(cfg):
         return None
     if content and result.data_content and result.data_content != content:
         logger.info("[search] %s changed since the search in %s: searching again", cfg.data.root, path)
@@ -235,14 +236,21 @@ def _unreported_trials(grid) -> list[dict[str, Any]]:
         if history is not None and "val_acc" in history and any(v == v for v in history["val_acc"]):
             continue
         c = result.config["coefficients"]
-        unreported.append({"alpha": c["alpha"], "beta": c["beta"], "gamma": c["gamma"],
-                           "error": None if result.error is None else str(result.error)[:500],
-                           "paper": same_triple((c["alpha"], c["beta"], c["gamma"]), PAPER)})
+        record = {"alpha": c["alpha"], "beta": c["beta"], "gamma": c["gamma"],
+                  "error": None if result.error is None else str(result.error)[:500],
+                  "paper": same_triple((c["alpha"], c["beta"], c["gamma"]), PAPER)}
+        if history is not None and "diverged" in history and history["diverged"].fillna(False).astype(bool).any():
+            # (its only epochs' weights went NaN: no error, and running it again would diverge again)
+            record["diverged_at"] = int(history["epoch"][history["diverged"].fillna(False).astype(bool)].iloc[0]) + 1
+        unreported.append(record)
     return unreported
 
 
-def _first_line(error: str | None) -> str:
-    """An error's first line, for a log line that names many."""
+def _why_unreported(record: dict[str, Any]) -> str:
+    """Why a trial reported no epoch, for a log line that names many: its divergence or its error's first line."""
+    if record.get("diverged_at"):
+        return f"diverged at epoch {record['diverged_at']} (its weights NaN)"
+    error = record.get("error")
     return error.strip().splitlines()[0][:200] if error and error.strip() else "no error recorded"
 
 
@@ -275,7 +283,7 @@ def _best(records: list[dict[str, Any]], trials: int, unreported: list[dict[str,
     Logs the trials left out (no epoch reported: ``unreported``, by triple and error) and the failed ones ranked
     last."""
     if len(records) < trials:
-        named = "".join(f"; ({r['alpha']}, {r['beta']}, {r['gamma']}): {_first_line(r['error'])}"
+        named = "".join(f"; ({r['alpha']}, {r['beta']}, {r['gamma']}): {_why_unreported(r)}"
                         for r in unreported)
         logger.warning("[search] %d of %d trial(s) reported no epoch (failed or stopped before the first) and are "
                        "left out%s", trials - len(records), trials, named)
@@ -322,14 +330,31 @@ def _experiment_name(cfg: PipelineConfig, fingerprint: str, force: bool) -> str:
     marker = _experiment_marker(cfg)
     if force:
         return f"{cfg.name}-search-{fingerprint}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # ``fingerprint`` may carry an image folder's content after the settings' fingerprint: kept on the older ones.
+    current, *older = search_fingerprints(cfg)
+    suffix = fingerprint[len(current):] if fingerprint.startswith(current) else None
+    accepted = [fingerprint] + ([f"{legacy}{suffix}" for legacy in older] if suffix is not None else [])
     if marker.is_file():
         try:
             latest = json.loads(marker.read_text())
-            if latest.get("fingerprint") == fingerprint:
+            if latest.get("fingerprint") in accepted:
                 return str(latest["experiment"])
         except (json.JSONDecodeError, AttributeError, KeyError) as err:  # cut short by a crash (older versions)
             logger.warning("[search] %s is damaged (%s): resuming the search's default experiment", marker, err)
+    for older in accepted[1:]:  # an interrupted search saved under the fingerprint before this version's
+        if _experiment_exists(cfg, f"{cfg.name}-search-{older}"):
+            return f"{cfg.name}-search-{older}"
     return f"{cfg.name}-search-{fingerprint}"
+
+
+def _experiment_exists(cfg: PipelineConfig, experiment: str) -> bool:
+    """Whether Tune can restore ``experiment`` from the run's storage."""
+    try:
+        from ray import tune
+
+        return bool(tune.Tuner.can_restore(f"{cfg.paths.storage.rstrip('/')}/{experiment}"))
+    except Exception:  # noqa: BLE001 - storage that does not answer: a new experiment, as before
+        return False
 
 
 def search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
@@ -368,7 +393,9 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     # Read here for an image folder only (it can change under the same settings); the built-in sets cannot.
     content = data_content(describe_dataset(data_cfg.data)) if cfg.data.dataset == "imagefolder" else ""
     if not force and (previous := load_search_result(cfg, content)) is not None:
-        failed = sum(r.get("error") is not None for r in previous.trials) + len(previous.unreported)
+        # (a trial that diverged is not counted: run again, it would diverge again)
+        failed = sum(r.get("error") is not None for r in previous.trials) + sum(
+            not r.get("diverged_at") for r in previous.unreported)
         retry = (f"; {failed} of its trials failed and are not run again (`search --force` runs every trial "
                  "again)") if failed else ""
         logger.info("[search] already done: best alpha=%s, beta=%s, gamma=%s (val_acc %.4f); %s%s",
@@ -465,7 +492,7 @@ def _against_the_paper(records: list[dict], best: dict, unreported: list[dict] =
     if paper is None:
         lost = next((r for r in unreported if r["paper"]), None)
         if lost is not None:  # it would otherwise vanish from the comparison the search exists to make
-            return (f" - the paper's (1.2, 1.1, 1.15) reported no epoch ({_first_line(lost['error'])}), so it is "
+            return (f" - the paper's (1.2, 1.1, 1.15) reported no epoch ({_why_unreported(lost)}), so it is "
                     "not compared")
         return ""
     if best["paper"]:

@@ -871,6 +871,7 @@ class TrialTracking(Callback):
         self.started_at: dict[str, float] = {}
         self.ended: set[str] = set()  # trial ids whose runs have their end queued (or are ended by on_complete)
         self.epoch_rates: dict[str, dict[int, float]] = {}  # trial id -> epoch -> training images/s
+        self.best_seen: dict[str, dict[str, float]] = {}  # trial id -> the highest finite val_acc and score
 
     def progress(self, message: str) -> None:
         logger.info(timestamped(message))
@@ -902,6 +903,11 @@ class TrialTracking(Callback):
             metrics = {EPOCH_METRIC_NAMES.get(k, k): result[k] for k in EPOCH_METRICS if k in result}
             if self.stage == "search" and SCORE in result:  # what the search ranks by (the objective's)
                 metrics[SCORE] = result[SCORE]
+            best = self.best_seen.setdefault(trial.trial_id, {})
+            for name in ("val_acc", SCORE):
+                value = result.get(name)
+                if isinstance(value, (int, float)) and math.isfinite(value) and value > best.get(name, -math.inf):
+                    best[name] = float(value)
             self.queue.put("log_metrics", ref, step=epoch, metrics=metrics)
             if "train_images_per_sec" in result:
                 self.epoch_rates.setdefault(trial.trial_id, {})[epoch] = float(result["train_images_per_sec"])
@@ -938,10 +944,13 @@ class TrialTracking(Callback):
         if "test_acc" not in result:
             # A search trial is ranked by its best epoch, not its last, which is all MLflow's runs table and charts
             # showed of it (Tune keeps each metric's maximum over the trial, across a resumed search too).
+            # (Tune's maximum is NaN once a NaN came last, a diverged epoch's: the finite ones seen here count too)
+            seen = self.best_seen.get(trial.trial_id, {})
             for name, best in (("val_acc", "best_val_acc"), (SCORE, "best_score")):
-                top = (getattr(trial, "metric_analysis", None) or {}).get(name, {}).get("max")
-                if isinstance(top, (int, float)) and math.isfinite(top):
-                    metrics[best] = float(top)
+                tops = [(getattr(trial, "metric_analysis", None) or {}).get(name, {}).get("max"), seen.get(name)]
+                finite = [float(t) for t in tops if isinstance(t, (int, float)) and math.isfinite(t)]
+                if finite:
+                    metrics[best] = max(finite)
         self.queue.put("log_metrics", ref, metrics=metrics, step=0)
         if self.on_complete is not None:
             self.on_complete(trial, ref, self.started_at.get(trial.trial_id, time.time()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -123,6 +124,24 @@ def test_settings_of_a_part_that_is_off_keep_the_cached_search(make_config, base
                  phi=1.0, paper_included=True, fingerprint=search_fingerprint(cfg)).save(cfg.paths.search_result)
     assert load_search_result(cfg) is not None
     assert (load_search_result(make_config(*base, change)) is None) is invalidates
+
+
+def test_a_search_saved_before_the_off_settings_were_left_out_is_still_found(make_config):
+    """Leaving settings of a part that is off out of the fingerprint gave searches saved before (an Optuna search
+    with the quickstart's step) a new one: thrown away once, or an interrupted one started afresh."""
+    from pipelines.planning import search_fingerprints
+    from pipelines.search import _experiment_name
+
+    cfg = make_config("search.mode=optuna")
+    current, legacy = search_fingerprints(cfg)
+    assert legacy == search_fingerprint(cfg, legacy=True) != current
+    SearchResult(best={"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "val_acc": 0.9}, trials=[], objective="val_acc",
+                 phi=1.0, paper_included=True, fingerprint=legacy).save(cfg.paths.search_result)
+    assert load_search_result(cfg) is not None
+    marker = cfg.paths.search_result.with_name("experiment.json")
+    marker.write_text(json.dumps({"fingerprint": legacy, "experiment": "forced-before"}))
+    assert _experiment_name(cfg, current, force=False) == "forced-before"
+    assert search_fingerprints(make_config()) == [search_fingerprint(make_config())]  # the defaults: one
 
 
 def test_train_says_why_the_efficientnet_family_is_left_out(make_config, caplog):

@@ -278,6 +278,14 @@ def test_a_failed_trial_never_wins_and_a_tie_goes_to_the_smaller_model(make_conf
     with caplog.at_level(logging.INFO, logger="pipelines"):
         _log_search_table(records, _best(records, trials=2, unreported=unreported), unreported)
     assert "the paper's (1.2, 1.1, 1.15) reported no epoch (CUDA out of memory), so it is not compared" in caplog.text
+    # One whose only epoch diverged is said to have (it read "no error recorded", and counted as failed).
+    diverged = SimpleNamespace(config=trial(1.0, 1.3, 1.05, 0).config, error=None, metrics_dataframe=pd.DataFrame(
+        {"epoch": [0], "val_acc": [float("nan")], "diverged": [True]}))
+    assert _unreported_trials([diverged])[0]["diverged_at"] == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        _best(records, trials=3, unreported=_unreported_trials([diverged]))
+    assert "(1.0, 1.3, 1.05): diverged at epoch 1 (its weights NaN)" in caplog.text
 
 
 def test_triples_that_build_the_same_network_rank_alike_in_any_result_order(make_config):
