@@ -296,9 +296,9 @@ def main() -> None:
     except ValueError:
         parser.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
     # Absolute before the chdir below: the pipeline runs from the repository and reads these from there.
-    args.data_root = args.data_root.resolve()
+    args.data_root = args.data_root.expanduser().resolve()
     if args.workdir:
-        args.workdir = str(Path(args.workdir).resolve())
+        args.workdir = str(Path(args.workdir).expanduser().resolve())
     from pipelines.config import ConfigError, load_config
     try:
         use_gpu = load_config(str(REPO / PRESET), [f"data.root={args.data_root}", *args.overrides]).train.use_gpu

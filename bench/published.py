@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     # Absolute: the run starts in the repository, and the table is read from here.
     for key in ("workdir", "data_root", "report_only"):
         if getattr(args, key):
-            setattr(args, key, Path(getattr(args, key)).resolve())
+            setattr(args, key, Path(getattr(args, key)).expanduser().resolve())
 
     if args.report_only:
         from pipelines.config import load_config

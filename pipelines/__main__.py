@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,14 +118,21 @@ def _block_until_interrupted(url: str, cfg: PipelineConfig) -> None:
             time.sleep(3600)
     except KeyboardInterrupt as stop:
         logger.info("\n[serve] shutting down")
+        # A second SIGTERM (ray job stop's) while shutting down: this already is the shutdown it asks for.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if outlives_the_command(cfg):
             from ray import serve
 
-            # After SIGTERM the controller is asked and not waited for: the kill follows in seconds.
-            terminated = isinstance(stop, _Terminated)
-            serve.delete(cfg.name, _blocking=not terminated)
-            logger.info("[serve] %s the Serve app %r from the cluster", "deleting" if terminated else "deleted",
-                        cfg.name)
+            if isinstance(stop, _Terminated):
+                # SIGKILL follows in 3 s: the deletion is sent and waited for at most 2 s (the controller goes on
+                # with it after this process is gone), not left to a request the shutdown of Ray could drop.
+                deleting = threading.Thread(target=serve.delete, args=(cfg.name,), daemon=True)
+                deleting.start()
+                deleting.join(timeout=2.0)
+                logger.info("[serve] deleting the Serve app %r from the cluster", cfg.name)
+            else:
+                serve.delete(cfg.name)
+                logger.info("[serve] deleted the Serve app %r from the cluster", cfg.name)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
 

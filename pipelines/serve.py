@@ -469,12 +469,17 @@ def _wait_until_answering(url: str, token: str | None = None, timeout_s: float =
                 body = {}
             if health.status_code == 503 and body.get("errors") and not body.get("not_verified_yet"):
                 errors = body["errors"]
-                detail = ("; ".join(f"{alias}: {error}" for alias, error in errors.items())
-                          if isinstance(errors, dict) else f"{errors} model(s) failed")
+                if isinstance(errors, dict):  # each on a line of its own: the CLI's one-line error is cut short
+                    for alias, error in errors.items():
+                        logger.error("[serve] %s: %s", alias, error)
+                    first = next(iter(errors.items()))
+                    detail = f"{len(errors)} failed (above), the first: {first[0]}: {first[1]}"
+                else:
+                    detail = f"{errors} failed"
                 raise NothingServableError(
-                    f"the Serve app answers at {url} but can serve none of its models: {detail}. On a cluster every "
-                    "replica node must reach the tracking server and the checkpoints (a sqlite tracking.uri or a "
-                    "serve.checkpoints file on this node alone is not there)")
+                    f"the Serve app answers at {url} but can serve none of its models (on a cluster every replica "
+                    "node must reach the tracking server and the checkpoints: a sqlite tracking.uri or a "
+                    f"serve.checkpoints file on this node alone is not there): {detail}")
             return
         time.sleep(0.5)
     logger.warning("[serve] %s does not answer yet after %.0f s; its replicas may still be starting (`serve status` "
