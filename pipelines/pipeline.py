@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import PipelineConfig
+from .config import ConfigError, PipelineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,11 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
     Serving is started but not waited on; the CLI blocks on it.
     """
     from .report import report_stage
+    from .results import as_text, for_display
+    from .runtime import StageBusyError
     from .search import search_stage, searched_coefficients
     from .serve import check_serve_startable, serve_stage
+    from .tracking import first_line
     from .train import train_stage
 
     stages = stages or list(STAGES)
@@ -67,9 +70,21 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
     out = PipelineResult()
     coefficients = None
     if "search" in stages:
-        out.search = search_stage(cfg)
-        out.stages["search"] = "skipped" if out.search.skipped else "ran"
-        coefficients = out.search.coefficients
+        try:
+            out.search = search_stage(cfg)
+        except (ConfigError, StageBusyError):  # refused before any trial: not the search's failure
+            raise
+        except Exception as err:
+            if "train" not in stages:
+                raise
+            # Every trial failed (out of memory at the scaled resolution, say): train.models do not need the
+            # search, and `run` ended before any of them trained. The family is left out; the run exits with 1.
+            logger.error("[pipeline] the search failed (%s): training train.models without the EfficientNet "
+                         "family", first_line(err))
+            out.stages["search"] = "failed"
+        else:
+            out.stages["search"] = "skipped" if out.search.skipped else "ran"
+            coefficients = out.search.coefficients
     elif "train" in stages:  # (says why the family is left out: only news when something is trained)
         coefficients = searched_coefficients(cfg)
 
@@ -82,10 +97,15 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
             return out
         if out.train.pending:
             # Report and serving read the registry, which has not got every version yet.
-            for stage in ("report", "serve"):
-                if stage in stages:
-                    out.stages[stage] = "skipped"
-            logger.warning("[pipeline] report and serve skipped: MLflow has not taken every registration yet")
+            held = [stage for stage in ("report", "serve") if stage in stages]
+            for stage in held:
+                out.stages[stage] = "skipped"
+            if held:
+                logger.warning("[pipeline] %s skipped: MLflow has not taken every registration yet",
+                               " and ".join(held))
+            if "report" in stages and out.train.table is not None and not out.train.table.empty:
+                # (the train stage left its table to the report, which is skipped: printed here, once)
+                logger.info("\n%s", as_text(for_display(out.train.table)))
             out.seconds = time.time() - started
             return out
 

@@ -472,3 +472,43 @@ def test_a_restored_experiment_reports_to_this_process_callbacks(ray_cluster, tm
     assert second.started == first.started  # ... and this process's callback saw it
     # ... with the resuming command's parameters (the search's placement, see trial_run), not the pickled ones
     assert grid[0].metrics["placement"] == "resuming"
+
+
+@pytest.mark.slow
+def test_a_failed_search_leaves_the_other_models_to_train_and_run_exits_with_1(ray_cluster, make_config, caplog):
+    """Every trial failing (here each diverges in its first epoch) ended `run` before any of train.models trained,
+    though they need no search. They train; the family is left out; the result is a failure (exit 1)."""
+    from pipelines.pipeline import run_pipeline
+
+    cfg = make_config("train.models=[lenet5]", "train.epochs=1", "data.image_size=16", "data.train_subset=200",
+                      "search.num_trials=2", "search.epochs=1", "search.asha=false", "search.phis=[0]",
+                      "search.max_concurrent_trials=2", "train.cpus_per_worker=0.95", "train.max_failures=0",
+                      "train.trial_retries=0", "train.model_overrides={efficientnet: {optimizer: sgd, lr: 1.0e+8}}")
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        result = run_pipeline(cfg, ["search", "train"])
+    assert result.stages == {"search": "failed", "train": "ran"} and not result.ok
+    assert result.train.trained == ["lenet5"] and not cfg.paths.search_result.exists()
+    assert "the search failed" in caplog.text and "training train.models without the EfficientNet family" in caplog.text
+
+
+def test_run_with_writes_pending_says_which_asked_stages_wait_and_prints_the_table(make_config, monkeypatch, caplog):
+    """MLflow not having taken every write, `run` said "report and serve skipped" for --stages train alone, and
+    printed no results table at all (the train stage leaves it to the report, which was skipped)."""
+    import pandas as pd
+
+    import pipelines.train as train
+    from pipelines.pipeline import run_pipeline
+
+    table = pd.DataFrame([{"model": "lenet5", "test_acc": 0.9, "champion": False}])
+    result = train.TrainStageResult(results={}, failed=[], skipped=[], trained=["lenet5"], champion=None,
+                                    table=table, pending=3)
+    monkeypatch.setattr(train, "train_stage", lambda cfg, coefficients, show_table=True: result)
+    cfg = make_config("search.phis=[]")
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        run_pipeline(cfg, ["train"])
+    assert "skipped: MLflow has not taken" not in caplog.text
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        out = run_pipeline(cfg, ["train", "report"])
+    assert out.stages == {"train": "ran", "report": "skipped"}
+    assert "[pipeline] report skipped: MLflow has not taken every registration yet" in caplog.text
+    assert "lenet5" in caplog.text.split("report skipped")[1]  # the table, printed once the report is skipped
