@@ -353,7 +353,9 @@ def _refuse_empty_evaluation_shares(info: DatasetInfo, num_workers: int, splits:
         if info.sizes[split] < num_workers:
             raise ConfigError("train.num_workers", f"{num_workers} workers, but the {split} split has "
                                                    f"{info.sizes[split]} image(s): every worker needs one to "
-                                                   f"evaluate; use fewer workers or hold out more ({key})")
+                                                   f"evaluate; use fewer workers or hold out more ({key}, or, "
+                                                   f"for an image folder that comes split, more images in its "
+                                                   f"{split} folder)")
 
 
 def plan_model_runs(
@@ -372,7 +374,9 @@ def plan_model_runs(
     Train run while an unchanged one resumes its own.
     """
     workers = _worker_settings(cfg, cluster_cpus, node_cpus)
-    _refuse_empty_evaluation_shares(info, workers.num_workers, ("val",) if stage == "search" else ("val", "test"))
+    # The search's trials evaluate no test split, but the train stage after it does: refused before the search's
+    # hours rather than after them.
+    _refuse_empty_evaluation_shares(info, workers.num_workers, ("val", "test"))
     runs = []
     for choice in choices:
         hyper = hyperparameters_for(cfg.train, choice.name)
