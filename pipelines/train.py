@@ -295,28 +295,6 @@ def check_interrupted_schedules(runs: list[ModelRun]) -> None:
                           f"interrupted run's folder under {runs[0].storage_path} to start it afresh")
 
 
-def _stopped_by_divergence(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[ModelRun], list[str]]:
-    """The runs to train, and the names of those whose training diverged and stopped before and whose record (its
-    best epoch before) stays: re-run with more epochs, it resumed from its NaN weights, trained nothing and was
-    registered again as a model of the new length."""
-    from .trials import latest_reported_metrics
-
-    existing = load_results(cfg.paths.train_dir)
-    keep, stopped = [], []
-    for run in runs:
-        record = existing.get(run.model_name)
-        latest = latest_reported_metrics(run) if record is not None and record.fingerprint == run.fingerprint else {}
-        if latest and latest.get("diverged"):
-            logger.warning("[train] %s diverged at epoch %d of its training and stopped; its record (epoch %d) stays, "
-                           "and more epochs would train nothing from its weights: lower its learning rate "
-                           "(train.model_overrides) to train it again", run.model_name, int(latest["epoch"]) + 1,
-                           record.best_epoch + 1)
-            stopped.append(run.model_name)
-        else:
-            keep.append(run)
-    return keep, stopped
-
-
 def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[ModelRun], list[str]]:
     """Runs still to train, and the names of those already trained with the same settings to their epochs (or
     further: a run of fewer epochs would resume past its end and record the longer run's model as its own).
@@ -330,6 +308,14 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
         if done is None or done.fingerprint != run.fingerprint:
             continue
         if done.epochs < run.hyper.epochs:
+            if done.diverged_at:
+                # Resumed, it trained nothing from its NaN weights and was registered again as a longer run's.
+                logger.warning("[train] %s diverged at epoch %d of its training and stopped; its record (epoch %d) "
+                               "stays, and more epochs would train nothing from its weights: lower its learning "
+                               "rate (train.model_overrides) to train it again", run.model_name, done.diverged_at,
+                               done.best_epoch + 1)
+                finished.append(run)
+                continue
             _warn_of_a_warm_restart(run, done.epochs)
             continue
         if done.epochs > run.hyper.epochs:
@@ -353,7 +339,7 @@ def current_results(cfg: PipelineConfig, runs: list[ModelRun]) -> dict[str, Mode
     wanted = {run.model_name: run for run in runs}
     return {name: result for name, result in load_results(cfg.paths.train_dir).items()
             if name in wanted and result.fingerprint == wanted[name].fingerprint
-            and result.epochs >= wanted[name].hyper.epochs}
+            and (result.epochs >= wanted[name].hyper.epochs or result.diverged_at)}  # (a diverged one stays)
 
 
 def _unregistered(cfg: PipelineConfig, runs: list[ModelRun]) -> set[str]:
@@ -448,10 +434,8 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
     cpus, per_node = cpus_to_share(cfg.train, free["CPU"], "train")
     runs = plan_model_runs(cfg, info, choices, stage="train", cluster_cpus=cpus, node_cpus=per_node)
     todo, skipped = _split_finished(cfg, runs)
-    todo, stopped = _stopped_by_divergence(cfg, todo)
     if skipped:
         logger.info("[train] already trained, skipping: %s", ", ".join(skipped))
-    skipped += stopped
     for run in todo:
         check_workers_fit(run.workers, f"[train] {run.model_name}")
     if todo:

@@ -867,29 +867,39 @@ def test_divergence_is_judged_on_the_weights_not_on_an_epochs_loss():
         model[1].running_var.fill_(1.0)
         model[0].weight[0, 0] = float("inf")
     assert diverged(ctx)
+    # float16 autocast, activations overflowing: the scaler skips every step, the weights stay finite and nothing
+    # trains: no step of the epoch had a finite loss (all ranks'). One such step among others is no divergence.
+    with torch.no_grad():
+        model[0].weight[0, 0] = 0.0
+    ctx.finite_steps = 0
+    assert diverged(ctx)
+    ctx.finite_steps = 5
+    assert not diverged(ctx)
 
 
-def test_a_run_that_diverged_is_not_resumed_for_more_epochs(make_config, monkeypatch, caplog):
+def test_a_run_that_diverged_is_not_resumed_for_more_epochs_and_stays_in_the_results(make_config, caplog):
     """A run that diverged at epoch 3 of 10 and stopped keeps its record (its best epoch before). Re-run with 20
     epochs it resumed from its NaN weights, trained nothing and was registered again as a 20-epoch model."""
-    import pipelines.trials as trials
     from pipelines.data import describe_dataset
     from pipelines.planning import plan_model_runs, resolve_models
     from pipelines.results import ModelResult
-    from pipelines.train import _stopped_by_divergence
+    from pipelines.train import _split_finished, current_results
 
     cfg = make_config("train.models=[lenet5, alexnet]", "train.epochs=20")
     runs = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
     for run in runs:
+        history = [{"epoch": 0, "val_acc": 0.7}, {"epoch": 1, "val_acc": 0.8}]
+        if run.model_name == "lenet5":
+            history.append({"epoch": 2, "val_acc": float("nan"), "diverged": True})
         ModelResult(run.model_name, run.arch, {}, run.run_name, run.fingerprint, 32, 1, 1, 10, 0.8, 1, 0.79, 1.0,
-                    1.0, "/nowhere").save(cfg.paths.train_dir)
-    latest = {"lenet5": {"epoch": 2, "epochs": 10, "val_acc": float("nan"), "diverged": True},
-              "alexnet": {"epoch": 9, "epochs": 10, "val_acc": 0.8}}
-    monkeypatch.setattr(trials, "latest_reported_metrics", lambda run: latest[run.model_name])
+                    1.0, "/nowhere", history=history).save(cfg.paths.train_dir)
     with caplog.at_level(logging.WARNING, logger="pipelines"):
-        todo, stopped = _stopped_by_divergence(cfg, runs)
-    assert [r.model_name for r in todo] == ["alexnet"] and stopped == ["lenet5"]
+        todo, skipped = _split_finished(cfg, runs)
+    assert [r.model_name for r in todo] == ["alexnet"] and skipped == ["lenet5"]  # alexnet: 10 of 20, resumed
     assert "lenet5 diverged at epoch 3 of its training and stopped; its record (epoch 2) stays" in caplog.text
+    assert "lenet5 was trained to 10 epochs" not in caplog.text  # no warm-restart warning for it
+    # ... and it is this stage's result (its table, the report), not dropped as a shorter training's record.
+    assert set(current_results(cfg, runs)) == {"lenet5"}
 
 
 def test_the_loops_of_one_epoch_share_the_progress_interval(monkeypatch):
