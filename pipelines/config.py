@@ -402,7 +402,8 @@ def baseline_settings(settings: dict[str, dict[str, Any]], model_name: str) -> d
     searched). Empty for any other model."""
     if cnnmodels.family_of(model_name) not in COMPOUND_FAMILIES:
         return {}
-    return {k: v for k, v in settings.get("efficientnet", {}).items() if k != "phi"}
+    # (never its phi nor coefficients: a member's name and the search fix those)
+    return {k: v for k, v in settings.get("efficientnet", {}).items() if k not in ("phi", "alpha", "beta", "gamma")}
 
 
 def hyperparameters_for(train: TrainConfig, model_name: str) -> Hyperparameters:
@@ -1134,9 +1135,11 @@ def _check_failure_rehearsal(cfg: PipelineConfig) -> None:
     at = cfg.train.simulate_failure_at_epoch
     if at is None:
         return
-    # Overrides of models this config trains: its train.models and the searched families' members.
-    trained = [name for name in cfg.train.model_overrides
-               if name in cfg.train.models or cnnmodels.is_family_member(name)]
+    # Models this config trains: its train.models and the searched families' members (which take the
+    # baseline's, efficientnet's, overrides too).
+    from .planning import family_members  # planning builds on this module
+
+    trained = [*cfg.train.models, *family_members(cfg)]
     epochs = max([cfg.train.epochs] + [hyperparameters_for(cfg.train, name).epochs for name in trained])
     if at >= epochs:
         raise ConfigError("train.simulate_failure_at_epoch",

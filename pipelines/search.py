@@ -341,10 +341,12 @@ def _experiment_name(cfg: PipelineConfig, fingerprint: str, force: bool) -> str:
                 return str(latest["experiment"])
         except (json.JSONDecodeError, AttributeError, KeyError) as err:  # cut short by a crash (older versions)
             logger.warning("[search] %s is damaged (%s): resuming the search's default experiment", marker, err)
-    for older in accepted[1:]:  # an interrupted search saved under the fingerprint before this version's
-        if _experiment_exists(cfg, f"{cfg.name}-search-{older}"):
-            return f"{cfg.name}-search-{older}"
-    return f"{cfg.name}-search-{fingerprint}"
+    default = f"{cfg.name}-search-{fingerprint}"
+    if len(accepted) > 1 and not _experiment_exists(cfg, default):
+        for older in accepted[1:]:  # an interrupted search saved under the fingerprint before this version's
+            if _experiment_exists(cfg, f"{cfg.name}-search-{older}"):
+                return f"{cfg.name}-search-{older}"
+    return default
 
 
 def _experiment_exists(cfg: PipelineConfig, experiment: str) -> bool:

@@ -333,6 +333,11 @@ def test_the_families_take_the_search_baselines_options_and_recipe(make_config):
     # other models take nothing of the baseline's
     b0 = make_config("train.models=[efficientnet_b0]", "train.model_options={efficientnet: {dropout: 0.5}}")
     assert "dropout" not in {c.name: c for c in resolve_models(b0)}["efficientnet_b0"].kwargs
+    # Never the baseline's coefficients: a member named in train.models took them over the searched triple.
+    named = make_config("train.models=[efficientnet_phi1]", "search.phis=[0]",
+                        "train.model_options={efficientnet: {alpha: 1.0, beta: 1.0, gamma: 1.0}}")
+    members = {c.name: c for c in resolve_models(named, {"alpha": 1.3, "beta": 1.05, "gamma": 1.2})}
+    assert members["efficientnet_phi1"].kwargs["alpha"] == 1.3 == members["efficientnet_phi0"].kwargs["alpha"]
     assert hyperparameters_for(cfg.train, "resnet18").lr == cfg.train.lr
 
 
