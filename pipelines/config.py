@@ -971,8 +971,12 @@ def _check_warmup(cfg: PipelineConfig) -> None:
         for epochs, what in runs:
             # As long as the run is fine (the peak at its last step: 1-epoch smoke runs of a preset with 1).
             if hyper.warmup_epochs > epochs:
-                key = (f"train.model_overrides.{name}.warmup_epochs"
-                       if "warmup_epochs" in cfg.train.model_overrides.get(name, {}) else "train.warmup_epochs")
+                # The entry the value came from: the model's own, the search baseline's (a family member takes
+                # it), or the section's.
+                key = next((f"train.model_overrides.{source}.warmup_epochs" for source in (name, "efficientnet")
+                            if "warmup_epochs" in cfg.train.model_overrides.get(source, {})
+                            and (source == name or baseline_settings(cfg.train.model_overrides, name))),
+                           "train.warmup_epochs")
                 subject = f"{name}'s {epochs} epochs" if what == "epochs" else f"the search's {epochs} epochs per trial"
                 raise ConfigError(key, f"{hyper.warmup_epochs:g} warm-up epochs are longer than {subject}: the "
                                        "learning rate would never reach its peak nor decay; shorten the warm-up")

@@ -151,6 +151,8 @@ def test_model_overrides_change_only_that_model(make_config):
           "train.simulate_failure_at_epoch=5"], "train.simulate_failure_at_epoch", "the longest model trains 2"),
         (["train.epochs=2", "train.model_overrides={efficientnet: {epochs: 6}}", "train.simulate_failure_at_epoch=6"],
          "train.simulate_failure_at_epoch", "the longest model trains 6"),  # the families take the baseline's
+        (["train.model_overrides={efficientnet: {warmup_epochs: 5}}", "search.epochs=6", "train.epochs=2"],
+         "train.model_overrides.efficientnet.warmup_epochs", "longer than efficientnet_phi0's 2 epochs"),
         (["search.alpha=[1.15, 1.25]", "search.beta=[1.05, 1.15]", "search.gamma=[1.12, 1.18]", "search.step=0.1",
           "search.tolerance=0.005"], "search.step", "has no feasible triple"),
         (["data.seed=-1"], "data.seed", "greater than or equal to 0"),
