@@ -110,8 +110,6 @@ class StepContext:
     #: counts from it, not from the loop's start, so that the quiet tails of the training loop, the batch-norm
     #: pass and validation do not add up to minutes without a line (:class:`LoopProgress`).
     last_line_at: float = field(default_factory=time.perf_counter)
-    #: Steps of the last epoch whose training loss was finite, on all ranks (:func:`diverged`).
-    finite_steps: int | None = None
 
     def mark(self, milestone: str) -> None:
         self.timeline.setdefault(milestone, time.time())
@@ -395,7 +393,6 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
     ctx.model.train()
     # Summed on the device: reading the loss every step made the host wait for each step on a GPU.
     loss_sum, seen = torch.zeros((), dtype=torch.float64, device=ctx.device), 0
-    finite_steps = torch.zeros((), dtype=torch.int64, device=ctx.device)  # steps whose training loss was a number
     started = time.perf_counter()
     progress = LoopProgress(ctx, f"epoch {epoch + 1}/{hyper.epochs}", steps_per_epoch)
     for step, (images, labels) in enumerate(loader):
@@ -404,7 +401,6 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
         for group in ctx.optimizer.param_groups:
             group["lr"] = lr
         outputs, loss = ctx.forward(images, labels)
-        finite_steps += torch.isfinite(loss.detach()).all()
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.scaler.scale(loss).backward()
         ctx.scaler.step(ctx.optimizer)
@@ -424,9 +420,8 @@ def train_epoch(ctx: StepContext, epoch: int) -> dict[str, float]:
     seconds = time.perf_counter() - started
     ctx.add_seconds("loop_seconds", seconds)
     # Global throughput: the sum of every worker's own images per second.
-    loss_sum, seen_all, images_per_sec, finite = _all_reduce_sums(
-        [loss_sum.item(), seen, seen / max(seconds, 1e-9), float(finite_steps.item())], ctx.device)
-    ctx.finite_steps = int(finite) if seen_all else None  # (read by the epoch's divergence check, not reported)
+    loss_sum, seen_all, images_per_sec = _all_reduce_sums([loss_sum.item(), seen, seen / max(seconds, 1e-9)],
+                                                          ctx.device)
     return {"train_loss": loss_sum / max(seen_all, 1), "train_images_per_sec": images_per_sec,
             "epoch_seconds": seconds, "lr": ctx.optimizer.param_groups[0]["lr"]}
 
@@ -523,17 +518,24 @@ def evaluate(ctx: StepContext, loader, what: str = "validation") -> tuple[float,
     return loss_sum / max(count, 1), correct / max(count, 1), int(count)
 
 
+#: A float16 loss scale under this at an epoch's end: the gradient scaler has skipped step after step, halving
+#: the scale each time, because the model's activations or gradients overflow float16 at any scale. A sound
+#: model's scale stays in the thousands (from 65,536; one overflowing batch halves it once).
+LOSS_SCALE_FLOOR = 1.0
+
+
 def diverged(ctx: StepContext) -> bool:
     """Whether training has diverged, on any rank: the model's weights (or batch-norm statistics) are no longer
-    numbers, or no step of the epoch had a finite loss (float16 autocast: the gradient scaler skips every step
-    of a model whose activations overflow, its weights stay finite and nothing trains). Its validation accuracy
-    is then class 0's share (argmax of NaN logits), a number that could pass for the best epoch's, so it is
-    reported as NaN and the run stops. Not one overflowing batch: its step is skipped and the run goes on."""
+    numbers, or (float16 autocast) the gradient scaler skipped steps until its scale fell under
+    :data:`LOSS_SCALE_FLOOR`: the weights stay finite there while nothing trains. Its validation accuracy is then
+    class 0's share (argmax of NaN logits), a number that could pass for the best epoch's, so it is reported as
+    NaN and the run stops."""
     with torch.no_grad():
         broken = sum(int(not torch.isfinite(t).all()) for t in (*ctx.model.parameters(), *ctx.model.buffers())
                      if t.is_floating_point())
-    no_step_counted = getattr(ctx, "finite_steps", None) == 0
-    return _all_reduce_sums([float(broken)], ctx.device)[0] > 0 or no_step_counted
+    if ctx.scaler.is_enabled() and ctx.scaler.get_scale() < LOSS_SCALE_FLOOR:
+        broken += 1
+    return _all_reduce_sums([float(broken)], ctx.device)[0] > 0
 
 
 def report_epoch(ctx: StepContext, epoch: int, metrics: dict[str, Any]) -> None:

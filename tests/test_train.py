@@ -858,7 +858,7 @@ def test_divergence_is_judged_on_the_weights_not_on_an_epochs_loss():
     from pipelines.worker import diverged
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    ctx = SimpleNamespace(model=model, device=torch.device("cpu"))
+    ctx = SimpleNamespace(model=model, device=torch.device("cpu"), scaler=torch.amp.GradScaler("cpu", enabled=False))
     assert not diverged(ctx)
     with torch.no_grad():
         model[1].running_var[0] = float("nan")
@@ -867,13 +867,13 @@ def test_divergence_is_judged_on_the_weights_not_on_an_epochs_loss():
         model[1].running_var.fill_(1.0)
         model[0].weight[0, 0] = float("inf")
     assert diverged(ctx)
-    # float16 autocast, activations overflowing: the scaler skips every step, the weights stay finite and nothing
-    # trains: no step of the epoch had a finite loss (all ranks'). One such step among others is no divergence.
+    # float16 autocast, activations overflowing: the scaler skips every step (halving its scale each time), the
+    # weights stay finite and nothing trains. One overflowing batch (the scale halved once) is no divergence.
     with torch.no_grad():
         model[0].weight[0, 0] = 0.0
-    ctx.finite_steps = 0
+    ctx.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** -20)
     assert diverged(ctx)
-    ctx.finite_steps = 5
+    ctx.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 15)
     assert not diverged(ctx)
 
 
