@@ -726,7 +726,7 @@ def rank_main(rank, store, out):
     model = torch.nn.parallel.DistributedDataParallel(net)
     # Each rank sees other images: rank 1's are shifted by 4 and twice as spread.
     batches = [(torch.randn(8, 1, 4, 4) * (1 + rank) + 4 * rank, torch.zeros(8)) for _ in range(3)]
-    ctx = SimpleNamespace(model=model, train_loader=batches, forward=model, world=2, rank=rank,
+    ctx = SimpleNamespace(model=model, train_loader=batches, forward=model, world=2, rank=rank, last_line_at=0.0,
                           run=SimpleNamespace(model_name="net", workers=SimpleNamespace(progress_interval_s=30.0)))
     # This rank's own statistics: the same recalibration without the other rank.
     alone = SimpleNamespace(model=copy.deepcopy(net), train_loader=batches, world=1, rank=1)
