@@ -588,9 +588,9 @@ def report_test(ctx: StepContext) -> None:
     if best is None:
         if ctx.history and ctx.history[-1].get("diverged"):
             raise RuntimeError(f"{run.model_name}: training diverged (loss {ctx.history[-1]['train_loss']}) at "
-                               f"epoch {ctx.history[-1]['epoch'] + 1}, before any epoch with a finite loss: nothing "
-                               "to test; lower its learning rate (train.model_overrides) and delete its run folder "
-                               "to train it afresh")
+                               f"epoch {ctx.history[-1]['epoch'] + 1}, before any sound epoch: nothing to test; "
+                               "lower its learning rate (train.model_overrides) and delete its run folder to train "
+                               "it afresh")
         raise RuntimeError(f"{run.model_name}: no checkpoint was reported, nothing to evaluate")
     best_checkpoint, best_metrics = best
     if int(best_metrics["epoch"]) != ctx.history[-1]["epoch"]:  # else the model in memory is the best one
