@@ -239,9 +239,10 @@ def _unreported_trials(grid) -> list[dict[str, Any]]:
         record = {"alpha": c["alpha"], "beta": c["beta"], "gamma": c["gamma"],
                   "error": None if result.error is None else str(result.error)[:500],
                   "paper": same_triple((c["alpha"], c["beta"], c["gamma"]), PAPER)}
-        if history is not None and "diverged" in history and history["diverged"].fillna(False).astype(bool).any():
-            # (its only epochs' weights went NaN: no error, and running it again would diverge again)
-            record["diverged_at"] = int(history["epoch"][history["diverged"].fillna(False).astype(bool)].iloc[0]) + 1
+        diverged = history["diverged"].fillna(False).astype(bool) if history is not None and "diverged" in history \
+            else None
+        if diverged is not None and diverged.any():  # (no error, and run again it would diverge again)
+            record["diverged_at"] = int(history["epoch"][diverged].iloc[0]) + 1
         unreported.append(record)
     return unreported
 
@@ -249,7 +250,7 @@ def _unreported_trials(grid) -> list[dict[str, Any]]:
 def _why_unreported(record: dict[str, Any]) -> str:
     """Why a trial reported no epoch, for a log line that names many: its divergence or its error's first line."""
     if record.get("diverged_at"):
-        return f"diverged at epoch {record['diverged_at']} (its weights NaN)"
+        return f"diverged at epoch {record['diverged_at']}"
     error = record.get("error")
     return error.strip().splitlines()[0][:200] if error and error.strip() else "no error recorded"
 

@@ -285,7 +285,7 @@ def test_a_failed_trial_never_wins_and_a_tie_goes_to_the_smaller_model(make_conf
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipelines"):
         _best(records, trials=3, unreported=_unreported_trials([diverged]))
-    assert "(1.0, 1.3, 1.05): diverged at epoch 1 (its weights NaN)" in caplog.text
+    assert "(1.0, 1.3, 1.05): diverged at epoch 1" in caplog.text
 
 
 def test_triples_that_build_the_same_network_rank_alike_in_any_result_order(make_config):

@@ -803,56 +803,67 @@ def test_the_next_model_starts_up_while_one_trains_and_waits_for_the_cores(ray_c
     assert "[train] 1/2 models done in " in out and "[train] 2/2 models done" in out
 
 
-def test_progress_lines_come_before_the_interval_passes_and_long_evaluations_print_them_too(monkeypatch):
-    """A line was printed only once 30 s had passed, after the step that crossed it: with 7 s steps (DenseNet on 2
-    cores) the gaps were 35 s. Validation, the test evaluation and precise BN printed nothing, however long."""
-    import logging
+@pytest.fixture
+def worker_lines(monkeypatch):
+    """The worker module on a clock of its own (``clock[0]``, seconds) and the lines it logs, as (time, message)."""
     from types import SimpleNamespace
 
     import pipelines.worker as worker
 
-    clock = [0.0]
+    clock, lines = [0.0], []
     # The worker module's clock only (patching time.perf_counter itself stopped it for every thread in the process)
     monkeypatch.setattr(worker, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=worker.time.time,
                                                         monotonic=worker.time.monotonic, sleep=worker.time.sleep))
-    lines, handler = [], logging.Handler(logging.INFO)
+    handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append((clock[0], record.getMessage()))
     worker.logger.addHandler(handler)
     old_level = worker.logger.level
     worker.logger.setLevel(logging.INFO)
-    ctx = SimpleNamespace(rank=0, world=2, last_line_at=0.0, run=SimpleNamespace(
-        model_name="densenet121", workers=SimpleNamespace(progress_interval_s=30.0)))
     try:
-        progress = worker.LoopProgress(ctx, "epoch 1/3", 100)
-        for done in range(1, 101):
-            clock[0] += 7.0
-            progress.step(done, done * 64)
-        assert lines, "no progress line"
-        times = [0.0] + [at for at, _ in lines]
-        assert max(b - a for a, b in zip(times, times[1:], strict=False)) <= 30.0
-        assert "[densenet121] epoch 1/3: batch 4/100, 18 img/s, epoch ETA " in lines[0][1]
-
-        lines.clear()
-        model = torch.nn.Linear(4, 3)
-
-        def slow_forward(images):
-            clock[0] += 12.0
-            return model(images)
-
-        ctx.model, ctx.forward, ctx.device = model, slow_forward, torch.device("cpu")
-        batches = [(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)) for _ in range(6)]
-        ctx.last_line_at = clock[0]  # (as an epoch's report leaves it)
-        worker.evaluate(ctx, batches, "test")
-        found = [re.search(r"\[densenet121\] (\w+): batch (\d+)/6, .* (\w+) ETA", message) for _, message in lines]
-        assert [(m.group(1), int(m.group(2)), m.group(3)) for m in found] == [("test", 2, "test"), ("test", 4, "test")]
+        yield clock, lines
     finally:
         worker.logger.removeHandler(handler)
         worker.logger.setLevel(old_level)
 
 
+def test_progress_lines_come_before_the_interval_passes_and_long_evaluations_print_them_too(worker_lines):
+    """A line was printed only once 30 s had passed, after the step that crossed it: with 7 s steps (DenseNet on 2
+    cores) the gaps were 35 s. Validation, the test evaluation and precise BN printed nothing, however long."""
+    from types import SimpleNamespace
+
+    import pipelines.worker as worker
+
+    clock, lines = worker_lines
+    ctx = SimpleNamespace(rank=0, world=2, last_line_at=0.0, run=SimpleNamespace(
+        model_name="densenet121", workers=SimpleNamespace(progress_interval_s=30.0)))
+    progress = worker.LoopProgress(ctx, "epoch 1/3", 100)
+    for done in range(1, 101):
+        clock[0] += 7.0
+        progress.step(done, done * 64)
+    assert lines, "no progress line"
+    times = [0.0] + [at for at, _ in lines]
+    assert max(b - a for a, b in zip(times, times[1:], strict=False)) <= 30.0
+    assert "[densenet121] epoch 1/3: batch 4/100, 18 img/s, epoch ETA " in lines[0][1]
+
+    lines.clear()
+    model = torch.nn.Linear(4, 3)
+
+    def slow_forward(images):
+        clock[0] += 12.0
+        return model(images)
+
+    ctx.model, ctx.forward, ctx.device = model, slow_forward, torch.device("cpu")
+    batches = [(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)) for _ in range(6)]
+    ctx.last_line_at = clock[0]  # (as an epoch's report leaves it)
+    worker.evaluate(ctx, batches, "test")
+    found = [re.search(r"\[densenet121\] (\w+): batch (\d+)/6, .* (\w+) ETA", message) for _, message in lines]
+    assert [(m.group(1), int(m.group(2)), m.group(3)) for m in found] == [("test", 2, "test"), ("test", 4, "test")]
+
+
 def test_divergence_is_judged_on_the_weights_not_on_an_epochs_loss():
     """With float16 autocast one overflowing batch makes the epoch's loss infinite while the gradient scaler skips
-    its step and the weights stay sound: the run must go on. NaN weights or batch-norm statistics stop it."""
+    its step and the weights stay sound: the run must go on. NaN weights or batch-norm statistics stop it, and so
+    does a loss scale the scaler halved below 1 (every step skipped: the weights finite, nothing trained)."""
     from types import SimpleNamespace
 
     from pipelines.worker import diverged
@@ -902,38 +913,26 @@ def test_a_run_that_diverged_is_not_resumed_for_more_epochs_and_stays_in_the_res
     assert set(current_results(cfg, runs)) == {"lenet5"}
 
 
-def test_the_loops_of_one_epoch_share_the_progress_interval(monkeypatch):
+def test_the_loops_of_one_epoch_share_the_progress_interval(worker_lines):
     """Each loop (training, batch-norm statistics, validation) started its own 30 s clock and never printed its
     last batch: their quiet tails added up to 69 s without a line in one epoch. The interval now runs from the
     last line any of them printed."""
-    import logging
     from types import SimpleNamespace
 
     import pipelines.worker as worker
 
-    clock = [0.0]
-    monkeypatch.setattr(worker, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=worker.time.time,
-                                                        monotonic=worker.time.monotonic, sleep=worker.time.sleep))
-    lines, handler = [], logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(clock[0])
-    worker.logger.addHandler(handler)
-    old_level = worker.logger.level
-    worker.logger.setLevel(logging.INFO)
+    clock, lines = worker_lines
     ctx = SimpleNamespace(rank=0, world=1, last_line_at=0.0, run=SimpleNamespace(
         model_name="densenet121", workers=SimpleNamespace(progress_interval_s=30.0)))
-    try:
-        for what, batches, seconds in (("epoch 1/3", 100, 1.0), ("batch-norm statistics", 20, 1.4),
-                                       ("validation", 40, 0.7)):
-            progress = worker.LoopProgress(ctx, what, batches)
-            for done in range(1, batches + 1):
-                clock[0] += seconds
-                progress.step(done, done * 64)
-        times = [0.0, *lines, clock[0]]
-        # The last loop's last batch ends the epoch (156 s), which the epoch's own line reports.
-        assert max(b - a for a, b in zip(times, times[1:], strict=False)) <= 31.0, times
-    finally:
-        worker.logger.removeHandler(handler)
-        worker.logger.setLevel(old_level)
+    for what, batches, seconds in (("epoch 1/3", 100, 1.0), ("batch-norm statistics", 20, 1.4),
+                                   ("validation", 40, 0.7)):
+        progress = worker.LoopProgress(ctx, what, batches)
+        for done in range(1, batches + 1):
+            clock[0] += seconds
+            progress.step(done, done * 64)
+    times = [0.0, *(at for at, _ in lines), clock[0]]
+    # The last loop's last batch ends the epoch (156 s), which the epoch's own line reports.
+    assert max(b - a for a, b in zip(times, times[1:], strict=False)) <= 31.0, times
 
 
 def test_the_stage_eta_weighs_models_by_their_work_and_waits_for_a_twentieth_of_it():
