@@ -76,6 +76,15 @@ class PreprocessSpec:
             raise ValueError("std values must be positive")
         if not isinstance(self.image_size, int) or self.image_size < 1:
             raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
+        # A hand-edited or foreign spec: a string background failed every transparent upload (a 400 telling the
+        # client to send RGB) while /healthz said ok; class names given as one string split into characters.
+        if isinstance(self.background, bool) or not isinstance(self.background, int) or \
+                not 0 <= self.background <= 255:
+            raise ValueError(f"background must be a grey level from 0 to 255, got {self.background!r}")
+        if not self.class_names or not all(isinstance(name, str) and name for name in self.class_names):
+            raise ValueError(f"class_names must be non-empty strings, got {list(self.class_names)!r}")
+        if not isinstance(self.dataset, str):
+            raise ValueError(f"dataset must be a string, got {self.dataset!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 
@@ -99,6 +108,8 @@ class PreprocessSpec:
     def from_dict(cls, data: dict) -> PreprocessSpec:
         data = dict(data)
         for key in ("mean", "std", "class_names"):
+            if not isinstance(data[key], list | tuple):  # a string would pass as a sequence of characters
+                raise ValueError(f"{key} must be a list, got {data[key]!r}")
             data[key] = tuple(data[key])
         return cls(**data)
 

@@ -4,7 +4,9 @@ A registered version's artifacts are this file, ``artifacts/model.pt`` (the weig
 architecture's cnnmodels name and options, the weights and the preprocessing spec; no optimizer state) and
 ``artifacts/preprocess.json`` (the same spec, for reading). Loading rebuilds the architecture from the
 installed ``cnnmodels`` by name and reads the weights with ``torch.load(weights_only=True)``
-(:func:`~pipelines.checkpoints.load_checkpoint`), so nothing is unpickled and a tampered file is refused::
+(:func:`~pipelines.checkpoints.load_checkpoint`), so nothing is unpickled and a tampered checkpoint is refused.
+``mlflow.pyfunc.load_model`` does run this file as stored with the version (models from code): write access to
+the artifact store is code execution for whoever loads the model that way (Serve replicas read only ``model.pt``)::
 
     import mlflow, numpy as np
     from PIL import Image

@@ -38,6 +38,26 @@ def test_round_trip_rebuilds_the_same_model(tmp_path):
     assert load_checkpoint(tmp_path).arch == "resnet18"  # a directory holding model.pt works too
 
 
+def test_a_load_builds_its_model_once_and_each_build_is_a_new_model(tmp_path, monkeypatch):
+    """The model built to verify the weights is the first one handed out: every load built it twice, and the
+    random initialisation of the discarded copy was most of a replica's load (about 2 s for vgg16)."""
+    checkpoint, model = _checkpoint("resnet18", small_input=True)
+    path = save_checkpoint(checkpoint, tmp_path / "model.pt")
+    built = []
+    create = ModelCheckpoint.create_model
+    monkeypatch.setattr(ModelCheckpoint, "create_model", lambda self: built.append(1) or create(self))
+    loaded = load_checkpoint(path)
+    first, second = loaded.build_model(), loaded.build_model()
+    assert len(built) == 2 and first is not second and not first.training and not second.training
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(first(x), model.eval()(x))
+        torch.testing.assert_close(second(x), model(x))
+    import dataclasses
+
+    assert dataclasses.replace(load_checkpoint(path), training_state=None)._verified_model is None
+
+
 def test_truncated_and_garbage_files_are_refused(tmp_path):
     path = save_checkpoint(_checkpoint()[0], tmp_path / "model.pt")
     data = path.read_bytes()
@@ -246,6 +266,7 @@ def test_a_checkpoint_without_generator_states_still_loads(tmp_path):
     (lambda p: p["state_dict"].update({7: torch.zeros(1)}), "keys that are not parameter names"),
     (lambda p: p.update(metrics={"val_acc": "high"}), "must map names to numbers"),
     (lambda p: p.update(training_state=[1, 2]), "'training_state' has the wrong type"),
+    (lambda p: p["spec"].update(class_names="0123456789"), "class_names must be a list"),
 ])
 def test_a_foreign_or_hand_edited_checkpoint_is_refused_with_a_checkpoint_error(tmp_path, damage, message):
     """Each of these crashed with a KeyError or AttributeError traceback, or (NaN normalisation) loaded and
@@ -257,7 +278,9 @@ def test_a_foreign_or_hand_edited_checkpoint_is_refused_with_a_checkpoint_error(
         load_checkpoint(tmp_path / "model.pt")
 
 
-@pytest.mark.parametrize(("field", "value"), [("interpolation", "Bilinear"), ("image_size", 0)])
+@pytest.mark.parametrize(("field", "value"), [("interpolation", "Bilinear"), ("image_size", 0), ("background", "white"),
+                                            ("background", 12.5), ("background", 300), ("class_names", (1, 2)),
+                                            ("class_names", ("0", "")), ("dataset", 7)])
 def test_a_spec_no_request_could_use_is_refused_at_load(tmp_path, field, value):
     """A spec that loaded but fails on every image made every request a 400 (the client's fault) while
     /healthz said ok; refused at load, the model is reported failed instead."""
