@@ -872,6 +872,13 @@ class TrialTracking(Callback):
         self.ended: set[str] = set()  # trial ids whose runs have their end queued (or are ended by on_complete)
         self.epoch_rates: dict[str, dict[int, float]] = {}  # trial id -> epoch -> training images/s
         self.best_seen: dict[str, dict[str, float]] = {}  # trial id -> the highest finite val_acc and score
+        self.logged_epochs: dict[str, set[int]] = {}  # trial id -> the epochs whose metrics it logged
+
+    def __reduce__(self):
+        # Tune writes its callbacks into the experiment's tuner.pkl, in the storage (a bucket on a cluster): this
+        # one's queue and hooks hold the tracking URI's password and the config's Serve token. It is saved as
+        # Tune's no-op callback; a restored experiment gets the resuming process's callbacks (restore_tuner).
+        return (Callback, ())
 
     def progress(self, message: str) -> None:
         logger.info(timestamped(message))
@@ -909,6 +916,7 @@ class TrialTracking(Callback):
                 if isinstance(value, (int, float)) and math.isfinite(value) and value > best.get(name, -math.inf):
                     best[name] = float(value)
             self.queue.put("log_metrics", ref, step=epoch, metrics=metrics)
+            self.logged_epochs.setdefault(trial.trial_id, set()).add(epoch)
             if "train_images_per_sec" in result:
                 self.epoch_rates.setdefault(trial.trial_id, {})[epoch] = float(result["train_images_per_sec"])
             total = trial.config.get("run", {}).get("hyper", {}).get("epochs", "?")
@@ -935,6 +943,7 @@ class TrialTracking(Callback):
         ref = self._run_ref(trial)
         self.ended.add(trial.trial_id)
         result = trial.last_result or {}
+        self._log_epochs_of_earlier_commands(trial, ref, result)
         metrics = {k: result[k] for k in FINAL_METRICS if k in result}
         rates = self.epoch_rates.get(trial.trial_id)
         if "test_acc" not in result and rates:
@@ -956,6 +965,21 @@ class TrialTracking(Callback):
             self.on_complete(trial, ref, self.started_at.get(trial.trial_id, time.time()))
         else:
             self.queue.put("end_run", ref, status="FINISHED")
+
+    def _log_epochs_of_earlier_commands(self, trial, ref: str, result: dict) -> None:
+        """Log the epochs of the finished run's history that this callback did not see: those an earlier command
+        trained before it was interrupted, or all of them for a run resumed only to be tested and registered. Each
+        command's stage has a run of its own, so this run's curves would otherwise start where the resume did."""
+        try:
+            history = json.loads(result.get("history") or "[]")
+        except (TypeError, ValueError):
+            return
+        seen = self.logged_epochs.get(trial.trial_id, set())
+        for row in history if isinstance(history, list) else []:
+            epoch = row.get("epoch") if isinstance(row, dict) else None
+            if isinstance(epoch, int) and epoch not in seen:
+                metrics = {EPOCH_METRIC_NAMES.get(k, k): row[k] for k in EPOCH_METRICS if k in row}
+                self.queue.put("log_metrics", ref, step=epoch, metrics=metrics)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         ref = self._run_ref(trial)

@@ -304,18 +304,18 @@ def run_model_trials(
 def restore_tuner(path: str, trainable, callbacks: list):
     """Tune's restore of an interrupted experiment (unfinished and errored trials run again), with ``callbacks``.
 
-    Tune restores the callbacks pickled with the experiment: those of the process that started it, whose
-    tracking queue this process never flushes (its writes could be lost in an outage) and whose compute gate
-    is gone. This process's callbacks must serve the resumed trials; Ray has no public way to pass them
-    (ray-project/ray#41364), so they replace the restored ones in the tuner's run config.
+    Tune restores the callbacks pickled with the experiment: no-op ones in place of the tracking callback
+    (:class:`~pipelines.tracking_queue.TrialTracking` is saved without its queue, which holds the tracking
+    password), and a compute gate that is gone. This process's callbacks must serve the resumed trials; Ray has no
+    public way to pass them (ray-project/ray#41364), so they replace the restored ones in the tuner's run config.
     """
     from ray import tune
 
     tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     restored = getattr(tuner, "_local_tuner", None)
     if restored is None:  # a Ray that moved it: resume anyway (the tests catch it)
-        logger.warning("this Ray cannot replace a restored experiment's callbacks; its trials report through the "
-                       "restored ones, and their MLflow writes are not kept pending in an outage")
+        logger.warning("this Ray cannot replace a restored experiment's callbacks: its resumed trials are not "
+                       "tracked in MLflow")
     else:
         restored.get_run_config().callbacks = list(callbacks)
     return tuner

@@ -409,6 +409,62 @@ def test_a_search_trial_run_gets_the_median_throughput_of_its_epochs(make_config
     assert sorted((m.step, m.value) for m in epochs) == [(0, 40.0), (1, 100.0), (2, 90.0), (3, 10.0)]
 
 
+def test_a_resumed_models_run_gets_the_epochs_an_earlier_command_trained(make_config):
+    """Each command's stage opens runs of its own: a model interrupted at epoch 3 of 4 and finished by the next
+    command had a run holding only epoch 4's metrics (a run resumed only to be registered, none): its curves in
+    MLflow started where the resume did. The finished run's history fills in the epochs this stage did not see."""
+    import json
+    from types import SimpleNamespace
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.tracking_queue import TrackingQueue, TrialTracking
+    from pipelines.train import describe_run
+
+    cfg = make_config("train.models=[lenet5]", "train.epochs=4")
+    run = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)[0]
+    tracker = Tracker.for_config(cfg)
+    queue = TrackingQueue(tracker)
+    callback = TrialTracking(queue, "train", tracker.start_run("train-test", {"stage": "train"}), describe=describe_run)
+    rows = [{"epoch": e, "train_loss": 2.0 - e / 4, "val_loss": 1.0, "val_acc": 0.5 + e / 10, "lr": 0.1,
+             "train_images_per_sec": 100.0 + e, "epoch_seconds": 3.0, "start_epoch": 0 if e < 3 else 3}
+            for e in range(4)]
+    trial = SimpleNamespace(trial_id="r0", config={"run": run.to_dict()}, last_result={})
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, rows[3])  # the only epoch this command trained
+    trial.last_result = {"test_acc": 0.8, "best_val_acc": 0.8, "best_epoch": 3, "history": json.dumps(rows)}
+    callback.on_trial_complete(0, [], trial)
+    assert queue.flush(timeout_s=60) == []
+    finished = tracker.find_run("tags.`ray.trial_id` = 'r0'")
+    history = tracker.client.get_metric_history(finished.info.run_id, "val_acc")
+    assert sorted((m.step, m.value) for m in history) == [(e, pytest.approx(0.5 + e / 10)) for e in range(4)]
+    rates = tracker.client.get_metric_history(finished.info.run_id, "epoch_images_per_sec")
+    assert sorted(m.step for m in rates) == [0, 1, 2, 3]  # each once: epoch 3 was not logged a second time
+
+
+def test_the_tracking_callback_leaves_its_secrets_out_of_the_experiment_tune_saves(make_config, tmp_path):
+    """Tune writes its callbacks into the experiment's tuner.pkl, in the storage (a bucket on a cluster): the
+    tracking callback's queue held the tracking URI with its password, its hooks the config with the Serve
+    token. It is saved as Tune's no-op callback (a restored experiment gets the resuming command's)."""
+    from ray import tune
+
+    from pipelines.tracking_queue import TrackingQueue, TrialTracking
+    from pipelines.train import ModelFinisher, describe_run
+
+    cfg = make_config("tracking.uri=http://alice:S3cretPW@127.0.0.1:9", "serve.auth_token=T0kenValue")
+    queue = TrackingQueue(Tracker.for_config(cfg))
+    finisher = ModelFinisher(cfg, queue, [])
+    callback = TrialTracking(queue, "train", "parent-id", describe=describe_run, on_complete=finisher,
+                             on_error=finisher.trial_failed, on_epoch=finisher.epoch_done)
+    tune.Tuner(lambda config: None, run_config=tune.RunConfig(name="secrets", storage_path=str(tmp_path),
+                                                              callbacks=[callback]))
+    saved = (tmp_path / "secrets" / "tuner.pkl").read_bytes()
+    assert saved and b"S3cretPW" not in saved and b"T0kenValue" not in saved
+    import pickle
+
+    assert type(pickle.loads(pickle.dumps(callback))) is tune.Callback
+
+
 @pytest.mark.parametrize(("abort", "status"), [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
 def test_an_aborted_stage_ends_its_run_and_the_unfinished_model_runs_and_sends_what_finished(make_config, abort,
                                                                                              status):
