@@ -377,13 +377,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         logger.error("interrupted; re-run the same command to resume")
-        return EXIT_INTERRUPTED
+        return _pending_exit_after_failure(args, cfg, EXIT_INTERRUPTED)
     except Exception as err:  # noqa: BLE001 - every stage failure ends in one line and exit 1
         if args.debug:  # through the console's formatter, which masks a password the traceback quotes
             logger.exception("error: %s", _one_line(err))
         else:
             logger.error("error: %s (run with --debug for the traceback)", _one_line(err))
-        return EXIT_FAILED
+        return _pending_exit_after_failure(args, cfg, EXIT_FAILED)
+
+
+def _pending_exit_after_failure(args, cfg: PipelineConfig, code: int) -> int:
+    """``code``, after saying which writes a failed or interrupted stage left pending and how to send them (they
+    go out with the next command of the config, which a user who does not re-run never learned)."""
+    try:
+        return _pending_exit(args, cfg, code)
+    except Exception as err:  # noqa: BLE001 - the stage's own error is the one to end on
+        logger.debug("could not read the pending writes: %s", err)
+        return code
 
 
 if __name__ == "__main__":

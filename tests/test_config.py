@@ -462,6 +462,23 @@ def test_a_failed_stage_exits_1_with_one_line_and_no_traceback(tmp_path):
     assert "run the train stage first" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_failed_command_says_which_writes_it_left_pending_and_how_to_send_them(tmp_path, capsys):
+    """A failed stage ended on its one error line: the writes it had kept pending for MLflow (sent by the next
+    command of the config) were never mentioned, so a user who did not re-run never learned of `register`."""
+    from pipelines.__main__ import main
+    from pipelines.config import load_config
+    from pipelines.tracking_queue import TrackingQueue
+
+    overrides = [f"workdir={tmp_path}", "name=p", "tracking.uri=http://127.0.0.1:9", "tracking.pending_timeout_s=1"]
+    queue = TrackingQueue.for_config(load_config(None, overrides))
+    queue.put("set_tags", queue.new_run("lenet5", {"stage": "train"}), tags={"note": "written in an outage"})
+    assert len(queue.flush(timeout_s=1)) == 2
+    assert main(["report", *[a for o in overrides for a in ("--set", o)]]) == 1
+    err = capsys.readouterr().err
+    assert "error: LookupError: no trained models under" in err
+    assert "kept in" in err and "python -m pipelines register --set workdir=" in err, err
+
+
 def test_a_failure_message_keeps_its_later_lines_on_the_one_line():
     """Ray's errors put the fix on their later lines ("To fix this, either:" then the options): the first line
     alone ended at the colon."""
