@@ -121,12 +121,7 @@ class Classifier:
         # alias -> when its finished, unclaimed load is let go; cancelled once it is (the timer holds the model)
         self.load_expiries: dict[str, asyncio.TimerHandle] = {}
 
-        async def load(alias: str) -> LoadedModel:  # a function: Serve keeps its cache as an attribute on it
-            return await self._load_once(alias)
-
-        # The LRU size is a config value, so the multiplexed loader is made here rather than as a decorated
-        # method (Serve detects loaders wired up at init).
-        self.get_model = serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)(load)
+        self._make_multiplexed_loader()
         if self.champion is not None:
             # Load (BN-fold, trace) the default model before the first request rather than during it.
             try:
@@ -136,11 +131,28 @@ class Classifier:
         # Kept on the replica: the event loop holds only a weak reference to a task.
         self.reverifying = asyncio.get_running_loop().create_task(self._verify_until_checked())
 
-    async def _load_once(self, alias: str) -> LoadedModel:
-        """Load ``alias`` in a thread (Serve's multiplexer caches the result). A request whose deadline passes
-        during a load leaves the load running, and the next request for the model takes it over: cancelling the
-        thread is impossible, and starting another beside it, as Serve's multiplexer would, doubles the memory
-        and the wait of a model whose load outlasts ``serve.request_timeout_s``, at every request."""
+    def _make_multiplexed_loader(self) -> None:
+        """``get_model``: Serve's multiplexer (an LRU of ``serve.max_models_per_replica`` loaded models) over
+        :meth:`_load_once`. The LRU size is a config value, so the multiplexed loader is made here rather than as
+        a decorated method (Serve detects loaders wired up at init)."""
+        async def load(alias: str) -> LoadedModel:  # a function: Serve keeps its cache as an attribute on it
+            return await self._load_once(alias)
+
+        self._multiplexed_load, self._multiplexer_called = load, False
+        self.get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.serve.max_models_per_replica)(load)
+
+    def _holds(self, alias: str) -> bool | None:
+        """Whether Serve's multiplexer holds ``alias`` loaded; None where this Ray keeps its cache elsewhere."""
+        load = getattr(self, "_multiplexed_load", None)
+        if load is None:
+            return None
+        if not hasattr(load, "__serve_multiplex_wrapper"):  # made at its first call: nothing loaded before
+            return False if not self._multiplexer_called else None
+        models = getattr(load.__dict__["__serve_multiplex_wrapper"], "models", None)
+        return alias in models if isinstance(models, dict) else None
+
+    def _start_load(self, alias: str) -> asyncio.Future:
+        """The load of ``alias`` in a thread: the one under way (or finished, not taken yet), else a new one."""
         load = self.loads.get(alias)
         if load is None:
             s = self.cfg.serve
@@ -149,6 +161,14 @@ class Classifier:
                                                            device=self.device))
             load.add_done_callback(lambda done: self._after_load(alias, done))
             self.loads[alias] = load
+        return load
+
+    async def _load_once(self, alias: str) -> LoadedModel:
+        """Load ``alias`` in a thread (Serve's multiplexer caches the result). A request whose deadline passes
+        during a load leaves the load running, and the next request for the model takes it over: cancelling the
+        thread is impossible, and starting another beside it, as Serve's multiplexer would, doubles the memory
+        and the wait of a model whose load outlasts ``serve.request_timeout_s``, at every request."""
+        load = self._start_load(alias)
         try:
             return await asyncio.shield(load)
         finally:
@@ -202,6 +222,13 @@ class Classifier:
         pass (memory, the registry unreachable) leaves it servable for the next request; any other marks it
         failed for this replica's life."""
         try:
+            if self._holds(served.alias) is False:
+                # Loaded before the multiplexer sees it, which then takes a finished load: it holds one lock over
+                # every load and evicts its least recently used model before loading. A load that outlasted its
+                # request's deadline (a large download, a B7's trace) held every other model's first request
+                # (503) and evicted a model for a load that never arrived, at each request for it.
+                await asyncio.shield(self._start_load(served.alias))
+            self._multiplexer_called = True
             loaded = await self.get_model(served.alias)
         except Exception as err:  # noqa: BLE001 - the model may be unservable, the replica is not
             if is_transient_load_error(err):

@@ -394,3 +394,73 @@ def test_a_checkpoint_file_s_infinite_val_acc_is_not_reported(make_config, tmp_p
     assert by_alias["odd"].status == "ok" and by_alias["odd"].val_acc is None
     assert by_alias["fine"].val_acc == 0.75
     json.dumps([m.val_acc for m in models], allow_nan=False)  # what /models answers with
+
+
+@pytest.fixture
+def replica_with_serves_multiplexer(make_config, tmp_path, monkeypatch):
+    """A replica serving three checkpoint files through Serve's own multiplexer (``serve.multiplexed``, which
+    needs a replica's context and metrics: given here, as a deployment has them); loads of ``slow`` wait for
+    ``gate``; every load is counted."""
+    import ray.serve.multiplex as multiplex
+
+    from pipelines.serve import Classifier
+
+    class NoMetric:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(multiplex, "_get_internal_replica_context",
+                        lambda: SimpleNamespace(app_name="app", deployment="Classifier", replica_id="r1"))
+    monkeypatch.setattr(multiplex, "metrics", SimpleNamespace(Histogram=NoMetric, Gauge=NoMetric, Counter=NoMetric))
+    monkeypatch.setattr(multiplex, "MetricsPusher", NoMetric)
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
+    model = cnnmodels.create_model("lenet5", num_classes=3, in_chans=1)
+    save_checkpoint(ModelCheckpoint("lenet5", {}, spec, model.state_dict()), tmp_path / "lenet5.pt")
+    files = {alias: str(tmp_path / "lenet5.pt") for alias in ("quick", "other", "slow")}
+    cfg = make_config(f"serve.checkpoints={files}", "serve.trace_models=false", "serve.request_timeout_s=5",
+                      "serve.max_models_per_replica=1")
+    replica = object.__new__(Classifier.func_or_class)
+    replica.cfg, replica.store, replica.device, replica.loads = cfg, ModelStore(cfg), torch.device("cpu"), {}
+    replica.load_expiries, replica.registry_champion = {}, None
+    replica.models = replica.store.discover()[0]
+    replica.by_alias = {m.alias: m for m in replica.models}
+    replica._make_multiplexed_loader()
+    calls, gate = [], threading.Event()
+    load = replica.store.load
+
+    def counted_load(served, **options):
+        calls.append(served.alias)
+        if served.alias == "slow":
+            gate.wait(60)
+        return load(served, **options)
+
+    replica.store.load = counted_load
+    yield replica, calls, gate
+    gate.set()
+
+
+def test_a_slow_load_holds_up_no_other_model_and_evicts_none_for_nothing(replica_with_serves_multiplexer):
+    """Serve's multiplexer holds one lock over every load and evicts its least recently used model before it
+    loads: a load that outlasted its request's deadline (a large download, a B7's trace) held every other model's
+    first request until then (503) and evicted a model for a load that never arrived. Loads now finish before
+    the multiplexer sees them."""
+    replica, calls, gate = replica_with_serves_multiplexer
+
+    async def requests():
+        await replica._loaded(replica.by_alias["quick"])
+        with pytest.raises(asyncio.TimeoutError):  # its deadline passes; the load goes on
+            await asyncio.wait_for(replica._loaded(replica.by_alias["slow"]), 0.5)
+        # The model in the LRU stays: no load has arrived to take its place.
+        assert (await replica._loaded(replica.by_alias["quick"])).alias == "quick" and calls == ["quick", "slow"]
+        # Another model's first request while the slow load still runs (and another still waits for it).
+        waiting = asyncio.ensure_future(replica._loaded(replica.by_alias["slow"]))
+        other = await asyncio.wait_for(replica._loaded(replica.by_alias["other"]), 3)
+        assert other.alias == "other" and not waiting.done()
+        gate.set()
+        return await asyncio.wait_for(waiting, 10)
+
+    assert asyncio.run(requests()).alias == "slow"
+    assert calls == ["quick", "slow", "other"]  # the slow model loaded once, for both of its requests
