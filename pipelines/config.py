@@ -617,8 +617,8 @@ class ServeConfig(_Section):
     )
     max_resized_pixels: int = Field(
         4_000_000, ge=1,
-        description="largest image once its shorter side is resized to the model input, before the centre crop "
-        "(400 above; checked from the header)",
+        description="largest image once resized for the model, before the centre crop (shorter side to the input, "
+        "or straight to the square for a long side over twice the short one; 400 above; checked from the header)",
     )
     max_concurrent_decodes: int = Field(
         2, ge=1, description="images a replica decodes and resizes at once (worker threads); the others wait"

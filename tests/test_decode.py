@@ -34,15 +34,18 @@ def encode(image: Image.Image, fmt: str) -> bytes:
 
 
 def test_the_budget_limits_pixels_aspect_ratio_and_the_resized_image():
-    budget = DecodeBudget(max_pixels=1_000_000, max_aspect_ratio=20, max_resized_pixels=16 * 320)
+    budget = DecodeBudget(max_pixels=1_000_000, max_aspect_ratio=20, max_resized_pixels=16 * 32)
     budget.check(1000, 1000, 16)
-    budget.check(320, 16, 16)  # 20:1 resizes to 320x16, exactly the limit
+    budget.check(32, 16, 16)  # 2:1 resizes to 32x16, exactly the limit
+    budget.check(320, 16, 16)  # 20:1 is resized straight to the 16x16 square the crop keeps
     with pytest.raises(ImageDecodeError, match="above the limit of 1,000,000"):
         budget.check(1001, 1000, 16)
     with pytest.raises(ImageDecodeError, match="aspect ratio above the limit of 20"):
-        budget.check(1_000_000, 1, 16)  # a million pixels, but a 16 million pixel strip once resized
-    with pytest.raises(ImageDecodeError, match="resizes to 5,120 pixels for a 16-pixel model"):
-        DecodeBudget(max_resized_pixels=5000).check(16, 320, 16)
+        budget.check(1_000_000, 1, 16)
+    with pytest.raises(ImageDecodeError, match="resizes to 512 pixels for a 16-pixel model"):
+        DecodeBudget(max_resized_pixels=500).check(32, 16, 16)
+    # A panorama for a 600-pixel model (EfficientNet-B7): 360,000 pixels once resized, not a 600x7200 strip.
+    DecodeBudget(max_resized_pixels=1_000_000).check(7200, 600, 600)
     with pytest.raises(ImageDecodeError, match="no pixels"):
         budget.check(0, 5, 16)
 
