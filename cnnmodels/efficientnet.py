@@ -329,7 +329,8 @@ def compound_architecture(phi: float, alpha: float, beta: float, gamma: float, b
     """What :func:`efficientnet` builds from these, without building it: the scaled stages and the input side it
     trains at (``input_size_for``: the scaled resolution, never below the smallest the model takes). Depths round
     up and widths to multiples of 8, so different coefficients can build the same network (at phi 1 every alpha
-    in (1, 1.25] gives B0's block counts); equal results mean the same network."""
+    in (1, 1.25] gives the block counts of the paper's 1.2: one more per stage than B0's, which only alpha 1 keeps);
+    equal results mean the same network."""
     multipliers = CompoundCoefficients(alpha, beta, gamma).multipliers(phi, base_resolution)
     side = max(multipliers.resolution, _min_input_size(small_input))
     return tuple(s.scaled(multipliers.width, multipliers.depth) for s in B0_STAGES), side

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from .config import (
     ConfigError,
     PipelineConfig,
     check_ray_environment,
+    check_writable_locations,
     load_config,
     outlives_the_command,
     paths_in_a_job_copy,
@@ -151,8 +153,8 @@ def _positive_seconds(text: str) -> float:
         seconds = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number above 0")
     return seconds
 
 
@@ -331,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 stages = parse_stages(args.stages)
             except ValueError as err:
                 raise ConfigError("--stages", str(err)) from None
+        if args.command in (*RAY_COMMANDS, "report", "register"):  # (the commands that write under the workdir)
+            check_writable_locations(cfg)
         if args.command in RAY_COMMANDS:
             check_ray_environment(cfg)
             if in_copy := paths_in_a_job_copy(cfg):

@@ -534,6 +534,10 @@ class TrackingConfig(_Section):
         if scheme != scheme.lower():  # MLflow and SQLAlchemy match schemes as written: SQLITE:/// failed late
             raise ValueError(f"write its scheme {scheme!r} in lower case ({scheme.lower()!r})")
         database = value.split("://", 1)[1].split("?", 1)[0] if "://" in value else ""
+        if scheme.split("+", 1)[0] == "sqlite" and "://" in value and database and not database.startswith("/"):
+            # SQLAlchemy reads what follows two slashes as a host: "Invalid SQLite URL" once the stage opened its run
+            raise ValueError(f"a sqlite URI has three slashes before a relative path (sqlite:///{database}) and "
+                             f"four before an absolute one (sqlite:////abs/path/mlflow.db)")
         if scheme.split("+", 1)[0] == "sqlite" and database in ("", "/", "/:memory:", "/file::memory:"):
             # An in-memory database: every process its own, empty; every run and registration lost at exit.
             raise ValueError("an in-memory sqlite database holds nothing past the process (and each process has "
@@ -546,6 +550,10 @@ class TrackingConfig(_Section):
             raise ValueError(f"MLflow has no tracking store for the scheme {scheme!r} (it has "
                              f"{', '.join(known)}){hint}")
         return value
+
+
+#: The URI schemes of the file systems pyarrow (Ray Train and Tune's storage) opens from a ``storage_path``.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 
 
 #: What :func:`redact_uri` leaves of a password: a config copied from ``check-config`` or a run's logged
@@ -736,7 +744,8 @@ class PipelineConfig(_Section):
         "./runs", description="local outputs: <workdir>/<name>/..., the MLflow sqlite file, default Ray storage"
     )
     storage_path: Optional[str] = Field(
-        None, description="Ray Train/Tune storage (default <workdir>/ray_results); S3 or NFS on multi-node clusters"
+        None, description="Ray Train/Tune storage (default <workdir>/ray_results); S3 or NFS on multi-node clusters "
+        "(a URI of pyarrow's: s3, gs, hdfs, abfs...; its credentials in the nodes' environment, not in the URI)"
     )
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -751,7 +760,23 @@ class PipelineConfig(_Section):
         # Ray hands the whole URI to pyarrow, whose query options (MinIO's endpoint_override, a region) end the
         # string: the run directories joined on after them fell into the option's value, and checkpoints read
         # back without them went to AWS itself (registration then retried for good).
-        if value is not None and "://" in value and "?" in value:
+        if value is None:
+            return value
+        if re.match(r"^[A-Za-z][\w+.-]+:/(?!/)", value):  # (s3:/bucket/x became the local directory ./s3:/bucket/x)
+            raise ValueError(f"{value!r}: a URI needs two slashes after its scheme ({value.replace(':/', '://', 1)!r})")
+        if "://" in value:
+            scheme, rest = value.split("://", 1)
+            if scheme not in STORAGE_SCHEMES:
+                close = difflib.get_close_matches(scheme.lower(), STORAGE_SCHEMES, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"pyarrow, which Ray stores runs with, has no file system for the scheme {scheme!r} "
+                                 f"(it has {', '.join(STORAGE_SCHEMES)}){hint}")
+            if "@" in rest.split("/", 1)[0]:
+                # Not echoed. Logged with every run's config.yaml, and lost from the checkpoint paths Ray reports.
+                raise ValueError(f"{scheme}://...@...: credentials in the storage URI would be logged with every run "
+                                 "and are lost from the checkpoint paths built under it; give them in every node's "
+                                 "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the instance's role)")
+        if "://" in value and "?" in value:
             # The options are not echoed: they may hold credentials (pyarrow's secret_key).
             raise ValueError(f"{value.split('?', 1)[0] + '?...'!r}: options in the storage URI are lost from the "
                              "paths built under it; give "
@@ -861,6 +886,12 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
                                        "(mount the bucket, e.g. with s3fs or a shared volume)")
     if Path(cfg.workdir).expanduser().exists() and not Path(cfg.workdir).expanduser().is_dir():
         raise ConfigError("workdir", f"{cfg.workdir!r} is a file, not a directory")
+    _check_creatable_locations(cfg)
+    if cfg.serve.batch_wait_timeout_s > cfg.serve.request_timeout_s / 2:
+        # An idle model's lone request waits the whole batch wait before its forward: at the deadline, a 503.
+        raise ConfigError("serve.batch_wait_timeout_s", f"{cfg.serve.batch_wait_timeout_s:g} s is over half of "
+                          f"serve.request_timeout_s ({cfg.serve.request_timeout_s:g} s): a request to an idle model "
+                          "waits all of it for others to batch with (milliseconds are the usual wait)")
     if (
         data.root
         and data.dataset in ("imagefolder",)
@@ -982,6 +1013,57 @@ def _check_warmup(cfg: PipelineConfig) -> None:
                                        "learning rate would never reach its peak nor decay; shorten the warm-up")
 
 
+#: What the workdir holds beside the run directories: a run named so would be written into it.
+_WORKDIR_ENTRIES = ("mlflow.db", "mlartifacts", "ray_results")
+
+
+def _local_output_locations(cfg: PipelineConfig) -> list[tuple[str, Path, Path]]:
+    """``(key, path, the nearest directory of it that exists)`` for the run directory and a local
+    ``storage_path``."""
+    locations = [("workdir", cfg.paths.run_dir)]
+    if cfg.storage_path and "://" not in cfg.storage_path:
+        locations.append(("storage_path", Path(cfg.paths.storage)))
+    found = []
+    for key, path in locations:
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        found.append((key, path, existing))
+    return found
+
+
+def _check_creatable_locations(cfg: PipelineConfig) -> None:
+    """The run directory and a local ``storage_path`` can be made anywhere: a workdir under a file or in /proc, or
+    a run named as the workdir's database, passed every check and failed once Ray had started. (Whether this user
+    may write there is :func:`check_writable_locations`', on the machine that runs the stages.)"""
+    if cfg.name in _WORKDIR_ENTRIES:
+        raise ConfigError("name", f"{cfg.name!r} is what the workdir keeps beside the run directories; choose "
+                                  "another name")
+    for key, path, existing in _local_output_locations(cfg):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(key, f"{path} is a file, not a directory")
+        if not existing.is_dir():
+            raise ConfigError(key, f"{path} cannot be created: {existing} is a file")
+        if _is_pseudo_file_system(existing):
+            raise ConfigError(key, f"{path} cannot be created: nothing can be written in {existing}")
+
+
+def check_writable_locations(cfg: PipelineConfig) -> None:
+    """:class:`ConfigError` unless this user may create the run directory and a local ``storage_path`` (the
+    nearest directory of each that exists is writable): checked where the stages run, not by ``check-config``,
+    which may validate a cluster's config (``/home/ray/runs``) on another machine. Nothing is created."""
+    for key, path, existing in _local_output_locations(cfg):
+        if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(key, f"{path} cannot be created: this user may not write in {existing}")
+
+
+def _is_pseudo_file_system(path: Path) -> bool:
+    """Whether ``path`` is on /proc or /sys, where even root (whom ``os.access`` always lets write) creates
+    nothing."""
+    resolved = path.resolve()
+    return any(resolved == Path(root) or Path(root) in resolved.parents for root in ("/proc", "/sys"))
+
+
 def _check_model_option_values(cfg: PipelineConfig) -> None:
     """Build each model that has options, as the planner will (with the data's defaults), on the meta device:
     those train.models names, the searched family's members (at stand-in coefficients: the search's are not
@@ -1001,15 +1083,46 @@ def _check_model_option_values(cfg: PipelineConfig) -> None:
             if option == "phi" and isinstance(value, (int, float)) and value > MAX_PHI:  # (before building it)
                 raise ConfigError(f"train.model_options.{name}.phi", f"{value:g} is above {MAX_PHI:g}, the largest "
                                   "phi trained, as in search.phis (EfficientNet-B7 is about 6)")
+            if option in ("alpha", "beta", "gamma") and isinstance(value, (int, float)) and value > MAX_COEFFICIENT:
+                raise ConfigError(f"train.model_options.{name}.{option}", f"{value:g} is above {MAX_COEFFICIENT:g}, "
+                                  "the largest scaling coefficient (the paper's are 1.1-1.2)")
 
     for choice in [*resolve_models(cfg, _ANY_SEARCHED_COEFFICIENTS), search_template(cfg)]:
         if choice.name not in cfg.train.model_options:
             continue
+        _check_compound_scale(choice.name, choice.kwargs)
         try:
             with torch.device("meta"):
                 cnnmodels.create_model(choice.name, num_classes=10, **choice.kwargs)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"train.model_options.{choice.name}", str(err)) from None
+        except (RuntimeError, OverflowError, MemoryError) as err:  # sizes past what torch can count
+            raise ConfigError(f"train.model_options.{choice.name}", f"the model cannot be built: "
+                              f"{type(err).__name__}: {err}") from None
+
+
+#: The most an EfficientNet's options may scale B0's depth, width or input by (coefficient ** phi): beyond the
+#: paper's coefficients at phi 12 (8.9, 3.1, 5.3) and EfficientNet-B7's (3.1, 2.0, 2.4). Building the model to
+#: check its options took minutes past it (alpha 1000: a thousand times B0's blocks).
+MAX_COMPOUND_SCALE = 16.0
+
+
+def _check_compound_scale(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse options that scale an EfficientNet (one with compound coefficients) past :data:`MAX_COMPOUND_SCALE`,
+    before it is built."""
+    builder, implied = cnnmodels.resolve_model_name(name)
+    options = {**cnnmodels.model_options(builder), **implied, **kwargs}
+    if not all(isinstance(options.get(key), (int, float)) for key in ("phi", "alpha", "beta", "gamma")):
+        return
+    for key, what in (("alpha", "depth"), ("beta", "width"), ("gamma", "input size")):
+        try:
+            scale = float(options[key]) ** float(options["phi"])
+        except OverflowError:
+            scale = math.inf
+        if scale > MAX_COMPOUND_SCALE:
+            raise ConfigError(f"train.model_options.{name}.{key}",
+                              f"{options[key]:g} ** phi {options['phi']:g} scales B0's {what} by {scale:.3g}, above "
+                              f"{MAX_COMPOUND_SCALE:g} (EfficientNet-B7's: 3.1, 2.0, 2.4)")
 
 
 def _has_non_finite(value: Any) -> bool:

@@ -214,6 +214,19 @@ def test_model_overrides_change_only_that_model(make_config):
          "train.model_options.efficientnet.phi", "above 12"),
         (["train.models=[efficientnet_phi-0]"], "train.models", "unknown model"),  # B0 under a second name
         (["data.dataset=imagefolder", "data.root=/data/$USER/flowers"], "data.root", "write ${USER}"),
+        # Passed, then failed once Ray had started (or leaked a secret into every run's logged config):
+        (["storage_path=s3://KEY:SECRET@bucket/runs"], "storage_path", "credentials in the storage URI"),
+        (["storage_path=S3://bucket/runs"], "storage_path", "did you mean 's3'"),
+        (["storage_path=s4://bucket/runs"], "storage_path", "no file system for the scheme 's4'"),
+        (["storage_path=s3:/bucket/runs"], "storage_path", "'s3://bucket/runs'"),  # else the local ./s3:/bucket
+        (["tracking.uri=sqlite://runs/mlflow.db"], "tracking.uri", "sqlite:///runs/mlflow.db"),
+        (["train.model_options={efficientnet: {beta: 1e9}}"], "train.model_options.efficientnet.beta", "above 10"),
+        (["train.models=[efficientnet]", "train.model_options={efficientnet: {alpha: 5, phi: 3}}"],
+         "train.model_options.efficientnet.alpha",
+         "scales B0's depth by 125"),  # (alpha 1000 built for minutes)
+        (["workdir=/proc/cnnzoo/runs"], "workdir", "nothing can be written in /proc"),
+        (["name=mlflow.db"], "name", "what the workdir keeps"),
+        (["serve.batch_wait_timeout_s=20"], "serve.batch_wait_timeout_s", "over half of serve.request_timeout_s"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key, fragment):
@@ -221,6 +234,38 @@ def test_config_errors_name_the_key(overrides, key, fragment):
         load_config(None, overrides)
     assert info.value.key.startswith(key), str(info.value)
     assert fragment in str(info.value)
+
+
+def test_a_workdir_under_a_file_or_a_read_only_directory_is_refused(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file") as info:
+        load_config(None, [f"workdir={tmp_path / 'file' / 'runs'}"])
+    assert info.value.key == "workdir"
+    with pytest.raises(ConfigError, match="is a file") as info:
+        load_config(None, [f"workdir={tmp_path}", f"storage_path={tmp_path / 'file'}"])
+    assert info.value.key == "storage_path"
+    # Where the stages run, this user must be able to write there; check-config may validate a cluster's config
+    # (/home/ray/runs) on another machine, so only the commands that write check it.
+    from pipelines.config import check_writable_locations
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    cfg = load_config(None, [f"workdir={read_only / 'runs'}"])
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
+    with pytest.raises(ConfigError, match=f"may not write in {read_only}") as info:  # (root may write anywhere)
+        check_writable_locations(cfg)
+    assert info.value.key == "workdir"
+    from pipelines.__main__ import main
+
+    assert main(["train", "--set", f"workdir={read_only / 'runs'}"]) == 2
+    assert main(["check-config", "--set", f"workdir={read_only / 'runs'}"]) == 0
+    monkeypatch.undo()
+    cfg = load_config(None, [f"workdir={tmp_path / 'new' / 'runs'}"])  # made later, by the stage
+    check_writable_locations(cfg)
+    assert not (tmp_path / "new").exists() and cfg.paths.run_dir == tmp_path / "new" / "runs" / "quickstart"
 
 
 def test_a_mistyped_token_or_password_is_not_echoed_and_a_key_given_twice_is_an_error(tmp_path):

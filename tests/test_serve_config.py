@@ -225,6 +225,9 @@ def test_predict_says_in_one_line_what_is_wrong_with_its_image_or_the_answer(tmp
         with pytest.raises(SystemExit) as refused:  # urllib3's ValueError, a traceback, before
             main(["predict", str(image), "--url", base, "--timeout", "0"])
         assert refused.value.code == 2
+        with pytest.raises(SystemExit) as refused:  # urllib3's OverflowError, a traceback, before
+            main(["predict", str(image), "--url", base, "--timeout", "inf"])
+        assert refused.value.code == 2
         assert main(["predict", str(image), "--url", base.removeprefix("http://")]) == 2  # no scheme
         errors = capsys.readouterr().err
         assert f"needs its scheme: {base}" in errors
@@ -232,7 +235,8 @@ def test_predict_says_in_one_line_what_is_wrong_with_its_image_or_the_answer(tmp
         assert 'error 500: ["a", "list"]' in errors
         assert "/slow/predict gave no answer within" in errors and "(--timeout)" in errors
         assert f"cannot read {tmp_path}" in errors
-        assert "--timeout: 0 is not above 0" in errors
+        assert "--timeout: 0 is not a finite number above 0" in errors
+        assert "--timeout: inf is not a finite number above 0" in errors
         assert "Traceback" not in errors
     finally:
         server.shutdown()
