@@ -221,6 +221,16 @@ def _training_stages(args, stages: list[str] | None) -> list[str]:
     return [args.command] if args.command in ("search", "train") else []
 
 
+def _needs_ray(args, stages: list[str] | None) -> bool:
+    """Whether the command runs on Ray: every command of :data:`RAY_COMMANDS` but ``run`` of the report alone."""
+    return args.command in RAY_COMMANDS and not (args.command == "run" and stages == ["report"])
+
+
+def _serves(args, stages: list[str] | None) -> bool:
+    """Whether the command starts a Serve app (``run`` does unless ``--stages`` leaves serving out)."""
+    return args.command == "serve" or (args.command == "run" and "serve" in (stages or ("serve",)))
+
+
 def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
     """Call the command's stage function(s) on a Ray session; the exit code says whether they succeeded."""
     from .runtime import ray_session
@@ -237,8 +247,7 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
         # Before Ray starts: a bad file is the user's to fix, like a config error, and it must not take a
         # cluster start (or every model's retries) to find out. The stages see the result again, cached.
         check_image_folder(cfg.data)
-    serving = args.command == "serve" or (args.command == "run" and "serve" in (stages or ("serve",)))
-    if serving and ray_address(cfg) in (None, "local"):
+    if _serves(args, stages) and ray_address(cfg) in (None, "local"):
         # The Ray this command starts runs no Serve yet: a port another program holds is found before Ray's
         # start (about 20 s), not after it. (On a cluster, its own Serve may hold the port: checked there.)
         from .serve import check_port_free
@@ -249,6 +258,10 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
 
         report_stage(cfg)
         return 0
+    if not _needs_ray(args, stages):  # `run` of the report alone: no Ray either
+        from .pipeline import run_pipeline
+
+        return 0 if run_pipeline(cfg, stages).ok else EXIT_FAILED
     with ray_session(cfg):
         if args.command == "run":
             from .pipeline import run_pipeline
@@ -335,13 +348,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--stages", str(err)) from None
         if args.command in (*RAY_COMMANDS, "report", "register"):  # (the commands that write under the workdir)
             check_writable_locations(cfg)
-        if args.command in RAY_COMMANDS:
+        if _needs_ray(args, stages):
             check_ray_environment(cfg)
             if in_copy := paths_in_a_job_copy(cfg):
                 logger.warning("warning: %s in the Ray job's unpacked upload (%s), a new directory for each upload "
                                "of different content: the next job would start afresh, without these runs; give "
                                "absolute paths on the nodes (README, Cluster)", ", ".join(in_copy), Path.cwd())
-        if getattr(args, "no_block", False) and not outlives_the_command(cfg):
+        if getattr(args, "no_block", False) and _serves(args, stages) and not outlives_the_command(cfg):
             raise ConfigError("--no-block", "needs a Ray cluster that outlives this command (ray.address, or run it "
                                             "as a Ray job): the local Ray it would start stops, and its Serve app "
                                             "with it, as the command returns")

@@ -505,6 +505,12 @@ def test_a_failed_stage_exits_1_with_one_line_and_no_traceback(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "error: LookupError: no trained models under" in out.stderr
     assert "run the train stage first" in out.stderr and "Traceback" not in out.stderr
+    # `run` of the report alone needs no Ray either (it started one, and refused this RAY_ADDRESS); --no-block,
+    # which is about serving, is no reason to refuse it without a cluster.
+    out = subprocess.run([sys.executable, "-m", "pipelines", "run", "--stages", "report", "--no-block", "--set",
+                          f"workdir={tmp_path}"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:1"})
+    assert out.returncode == 1 and "error: LookupError: no trained models under" in out.stderr, out.stderr
 
 
 def test_a_failed_command_says_which_writes_it_left_pending_and_how_to_send_them(tmp_path, capsys):
