@@ -132,7 +132,13 @@ class PreprocessSpec:
         image.load()
         orientation = _orientation(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            image = Image.fromarray(_scaled_to_bytes(image, sixteen_bit=sixteen_bit), mode="L")
+            # A 16-bit PNG's colour key names a 16-bit value: matched before the scaling merges it with others
+            key = image.info.get("transparency")
+            scaled, alpha = _scaled_to_bytes(image, sixteen_bit=sixteen_bit,
+                                             transparent=key if isinstance(key, int) else None)
+            image = Image.fromarray(scaled, mode="L")
+            if alpha is not None:  # composited on the background below, as the 8-bit image's colour key is
+                image = Image.merge("LA", (image, Image.fromarray(alpha, mode="L")))
         if image.mode in ("L", "RGB") and "transparency" in image.info:
             # A colour key (what optipng makes of an RGBA image whose alpha is all 0 or 255): composited on
             # the background like the same image sent with an alpha channel.
@@ -249,11 +255,14 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _scaled_to_bytes(image: Image.Image, rows: int = 256, *, sixteen_bit: bool = False) -> np.ndarray:
+def _scaled_to_bytes(image: Image.Image, rows: int = 256, *, sixteen_bit: bool = False,
+                     transparent: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """A 16-bit, 32-bit integer or float image as uint8: 16-bit (modes I;16, or ``sixteen_bit``) scaled by
     255/65535, the others by their own peak, clipped at 0. A band of ``rows`` at a time: float copies of the
-    whole image cost 4-8 bytes a pixel."""
+    whole image cost 4-8 bytes a pixel. With ``transparent`` (a colour key), also the alpha channel it makes
+    (0 where a pixel is that value), else None."""
     source = np.asarray(image)
+    alpha = None if transparent is None else np.empty(source.shape, dtype=np.uint8)
     if sixteen_bit or image.mode.startswith("I;16"):
         peak = np.float32(65535.0)
     elif image.mode == "F":  # NaN or inf pixels (holes in depth or remote-sensing data) made the peak NaN
@@ -267,20 +276,26 @@ def _scaled_to_bytes(image: Image.Image, rows: int = 256, *, sixteen_bit: bool =
         band = np.nan_to_num(source[top:top + rows].astype(np.float32), nan=0.0, posinf=peak, neginf=0.0)
         band = band * np.float32(255.0) / peak
         scaled[top:top + rows] = np.clip(band, 0, 255)
-    return scaled
+        if alpha is not None:
+            alpha[top:top + rows] = np.where(source[top:top + rows] == transparent, 0, 255)
+    return scaled, alpha
 
 
 #: Memory per pixel of decoding an image in a Pillow mode (what :meth:`PreprocessSpec.convert_mode` does with
 #: it), relative to an RGB image's; measured on 40 M pixel images: RGB +151 MB, float TIFF +453 MB, RGBA and
-#: LA PNGs +302 MB, a palette PNG with transparency +340 MB, 16-bit +225 MB. "P+alpha": a palette or grey image
-#: with a transparent colour (:func:`decode_mode`).
+#: LA PNGs +302 MB, a palette PNG with transparency +340 MB, 16-bit +225 MB, 16-bit with a transparent colour
+#: +459 MB (against RGB's +153 MB that day). "P+alpha": a palette, grey or RGB image with a transparent colour,
+#: "I+alpha": a 16-bit one (:func:`decode_mode`).
 DECODE_COST: dict[str, float] = {"F": 3.0, "I": 3.0, "RGBA": 2.0, "LA": 2.0, "PA": 2.0, "RGBa": 2.0, "La": 2.0,
-                                 "P+alpha": 2.25, "I;16": 1.5, "I;16B": 1.5, "I;16L": 1.5, "I;16N": 1.5}
+                                 "P+alpha": 2.25, "I;16": 1.5, "I;16B": 1.5, "I;16L": 1.5, "I;16N": 1.5,
+                                 "I+alpha": 3.0}
 
 
 def decode_mode(image: Image.Image) -> str:
     """The mode :data:`DECODE_COST` knows ``image`` by: its own, or "P+alpha" for a transparent colour key."""
-    return "P+alpha" if "transparency" in image.info and image.mode in ("P", "L", "RGB") else image.mode
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB", "I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return "P+alpha" if not image.mode.startswith("I") else "I+alpha"
+    return image.mode
 
 
 @dataclass(frozen=True)

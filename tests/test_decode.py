@@ -398,6 +398,16 @@ def test_a_colour_keyed_png_is_composited_like_the_same_image_with_alpha():
     keyed_rgb = preprocess_upload(encode_with(Image.fromarray(rgb), "PNG", transparency=(0, 0, 0)), spec,
                                   DecodeBudget())
     assert (keyed_rgb - with_alpha).abs().max().item() < 1e-6
+    # A 16-bit PNG's key names a 16-bit value: it lost its transparency in the conversion to 8 bits (the key's
+    # pixels kept their near-black grey).
+    deep = Image.fromarray(grey.astype(np.uint16) * 257)
+    assert deep.mode.startswith("I")
+    keyed_deep = preprocess_upload(encode_with(deep, "PNG", transparency=0), spec, DecodeBudget())
+    assert (keyed_deep - with_alpha).abs().max().item() < 1e-6
+    # And it costs as much to decode as the 3x that its header is counted at (measured: 3.0x an RGB image's).
+    with pytest.raises(ImageDecodeError, match="in mode I\\+alpha, counted 3x"):
+        preprocess_upload(encode_with(Image.fromarray(np.zeros((60, 60), np.uint16)), "PNG", transparency=0), spec,
+                          DecodeBudget(max_pixels=10_000))
 
 
 def test_a_float_image_with_nan_or_inf_pixels_keeps_its_other_pixels():
