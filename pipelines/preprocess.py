@@ -353,8 +353,15 @@ class UnsupportedImageFormat(ImageDecodeError):
     """An image in a format Pillow knows but this server does not accept (HTTP 415)."""
 
 
+#: ISO-BMFF brands of HEIF images (an iPhone's photos): Pillow has no plugin that would recognise them.
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
 def _known_format(prefix: bytes) -> str | None:
-    """The Pillow format whose signature ``prefix`` carries (its header is not parsed), or None."""
+    """The Pillow format whose signature ``prefix`` carries (its header is not parsed), or None; "HEIF" for
+    HEIF/HEIC, which Pillow does not know either (a 415 then says what the server takes, not "unreadable")."""
+    if prefix[4:8] == b"ftyp" and prefix[8:12] in _HEIF_BRANDS:
+        return "HEIF"
     Image.init()
     for name, (_, accept) in Image.OPEN.items():
         try:

@@ -188,6 +188,9 @@ _STRIP_PNG = (b"\x89PNG\r\n\x1a\n"
 @pytest.mark.parametrize("body, status, reason", [(b"", 400, "empty body"),
                                                   (b"not an image at all", 400, "not a readable image"),
                                                   (b"%!PS-Adobe-3.0 EPSF-3.0\n", 415, "EPS images are not accepted"),
+                                                  # an iPhone's photo: was a 400 "not a readable image"
+                                                  (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", 415,
+                                                   "HEIF images are not accepted"),
                                                   (_STRIP_PNG, 400, "aspect ratio above the limit")])
 def test_an_upload_refused_from_its_header_loads_no_model(replica_with_a_gated_load, body, status, reason):
     """Bad input changes nothing: an empty body, bytes that are no image, a refused format or an image over the
