@@ -16,6 +16,7 @@ no duplicate runs after a worker restart, and workers need no access to the trac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import ipaddress
@@ -28,6 +29,7 @@ import tempfile
 import time
 import urllib.parse
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,36 @@ CLIENT_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_RE
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server or its artifact store cannot be written at the start of a stage."""
+
+
+@contextlib.contextmanager
+def fluent_mlflow_uris(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``log_model``, ``register_model``) pointed at ``uri`` for the block, then put back as it
+    was: it reads process-wide URIs (and sets them in the environment, for subprocesses). Left set, a notebook's
+    own ``mlflow.set_tracking_uri`` afterwards still loaded ``models:/`` from the pipeline's store (the registry
+    URI, set too, wins)."""
+    import mlflow
+
+    saved_environment = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    try:  # what was set, not what the getters resolve to (an unset URI follows the tracking URI or the default)
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    except (ImportError, AttributeError):  # an MLflow that moved them
+        saved = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def first_line(err: BaseException) -> str:
@@ -372,18 +404,21 @@ class Tracker:
         the optimizer state (read back with ``weights_only``) and the preprocessing spec as JSON, so
         ``mlflow.pyfunc.load_model`` unpickles nothing and servers download one file.
         """
+        checkpoint = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
+        version_tags = {k: str(v) for k, v in (tags or {}).items()}
+        if (done := self.alias_registered_version(registered_model, run_id, alias, version_tags)) is not None:
+            return done
+        with fluent_mlflow_uris(self.tracking_uri):
+            return self._log_and_register(checkpoint, run_id, registered_model, alias, version_tags)
+
+    def _log_and_register(self, checkpoint, run_id: str, registered_model: str, alias: str,
+                          version_tags: dict[str, str]) -> str:
         import mlflow
         import torch
         import torchvision
 
         from . import pyfunc_model
 
-        checkpoint = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
-        version_tags = {k: str(v) for k, v in (tags or {}).items()}
-        if (done := self.alias_registered_version(registered_model, run_id, alias, version_tags)) is not None:
-            return done
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
         uploaded = self._logged_model_of(run_id, version_tags)
         if uploaded is not None:  # uploaded by an attempt whose registration failed (MLflow down after it)
             version = mlflow.register_model(f"models:/{uploaded}", registered_model, tags=version_tags)

@@ -48,9 +48,34 @@ def artifact_dir(tracker: Tracker, name: str, version: str) -> Path:
     return Path(uri.removeprefix("file://"))
 
 
+def test_registering_leaves_mlflows_process_wide_uris_as_they_were(registered, tmp_path, monkeypatch):
+    """Registration set MLflow's process-wide tracking and registry URIs (and their environment variables) and
+    left them: a notebook's own ``mlflow.set_tracking_uri`` afterwards still loaded ``models:/`` from the
+    pipeline's store, the registry URI winning."""
+    import os
+
+    cfg, tracker, version, model = registered
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mine = f"sqlite:///{tmp_path / 'mine.db'}"
+    mlflow.set_tracking_uri(mine)
+    run_id = tracker.start_run("lenet5-uris", {"stage": "train"})
+    source = tmp_path / "best"
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=SPEC, state_dict=model.state_dict()),
+                    source / "model.pt")
+    tracker.log_and_register(run_id, source, cfg.registered_model_name, "uris", tags={"dataset": "digits"})
+    tracker.client.delete_registered_model_alias(cfg.registered_model_name, "uris")
+    assert mlflow.get_tracking_uri() == mine and mlflow.get_registry_uri() == mine  # the registry follows again
+    assert os.environ.get("MLFLOW_REGISTRY_URI") is None and os.environ.get("MLFLOW_TRACKING_URI") == mine
+    mlflow.set_tracking_uri(None)
+
+
 def test_the_registered_model_is_a_pyfunc_from_code_without_optimizer_state(registered):
     cfg, tracker, version, model = registered
     mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.tracking_uri)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model_name}@{CHAMPION}")
     x = np.random.default_rng(0).standard_normal((3, 1, 32, 32)).astype(np.float32)
     with torch.inference_mode():
@@ -249,24 +274,27 @@ def test_a_planted_pickle_is_never_executed_by_serving_or_the_pyfunc_loader(regi
     save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=SPEC, state_dict=model.state_dict()),
                     source / "model.pt")
     planted_version = tracker.log_and_register(run_id, source, name, "planted", tags={"dataset": "digits"})
-    directory = artifact_dir(tracker, name, planted_version)
-    marker = tmp_path / "pwned"
-    for path in (directory / "python_model.pkl", directory / "artifacts" / "extra.pkl"):
-        torch.save(PlantedCode(marker), path)
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    assert mlflow.pyfunc.load_model(f"models:/{name}@planted").predict(np.zeros((1, 1, 32, 32), np.float32)).shape \
-        == (1, 10)
-    # Now the checkpoint itself: a pickle that runs code when unpickled.
-    torch.save({"format": "cnnzoo.checkpoint", "version": 1, "payload": PlantedCode(marker)},
-               directory / "artifacts" / "model.pt")
-    with pytest.raises(Exception, match="Unsupported global|unreadable"):
-        mlflow.pyfunc.load_model(f"models:/{name}@planted")
-    store = ModelStore(cfg)
-    served = next(m for m in store.discover()[0] if m.alias == "planted")
-    with pytest.raises(CheckpointError, match="unreadable or corrupt"):
-        store.load(served)
-    assert not marker.exists()
-    tracker.client.delete_registered_model_alias(name, "planted")
+    try:  # (the other tests of the module serve the registered model's one alias, lenet5: whatever happens here)
+        directory = artifact_dir(tracker, name, planted_version)
+        marker = tmp_path / "pwned"
+        for path in (directory / "python_model.pkl", directory / "artifacts" / "extra.pkl"):
+            torch.save(PlantedCode(marker), path)
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+        mlflow.set_registry_uri(cfg.tracking_uri)
+        assert mlflow.pyfunc.load_model(f"models:/{name}@planted").predict(
+            np.zeros((1, 1, 32, 32), np.float32)).shape == (1, 10)
+        # Now the checkpoint itself: a pickle that runs code when unpickled.
+        torch.save({"format": "cnnzoo.checkpoint", "version": 1, "payload": PlantedCode(marker)},
+                   directory / "artifacts" / "model.pt")
+        with pytest.raises(Exception, match="Unsupported global|unreadable"):
+            mlflow.pyfunc.load_model(f"models:/{name}@planted")
+        store = ModelStore(cfg)
+        served = next(m for m in store.discover()[0] if m.alias == "planted")
+        with pytest.raises(CheckpointError, match="unreadable or corrupt"):
+            store.load(served)
+        assert not marker.exists()
+    finally:
+        tracker.client.delete_registered_model_alias(name, "planted")
 
 
 @pytest.fixture

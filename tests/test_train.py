@@ -139,6 +139,7 @@ def test_registered_version_loads_back_and_predicts_like_the_checkpoint(ddp_run)
     # The current record, not the fixture's first one: a test that re-registers the run may have run first.
     result = load_results(cfg.paths.train_dir)["lenet5"]
     mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.tracking_uri)
     client = Tracker.for_config(cfg).client
     version = client.get_model_version_by_alias(cfg.registered_model_name, "lenet5")
     assert str(version.version) == result.version
