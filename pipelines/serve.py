@@ -110,12 +110,7 @@ class Classifier:
         self.champion = self.store.servable_champion(self.models, self.registry_champion)
         self.max_bytes = int(s.max_upload_mb * 1024 * 1024)
         self.budget = DecodeBudget.for_serving(s)
-        # Decodes run here, never more than this many at once: the rest wait in the pool's queue, not in memory.
-        self.decoder = ThreadPoolExecutor(max_workers=s.max_concurrent_decodes, thread_name_prefix="decode")
-        self.header_checks = ThreadPoolExecutor(max_workers=s.max_concurrent_decodes, thread_name_prefix="header")
-        # Traced forwards run here, one batch at a time, while the event loop goes on reading and decoding
-        # requests; the next batch is what arrived meanwhile.
-        self.forwards = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._start_executors()
         self.batcher = Batcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s)
         self.loads: dict[str, asyncio.Future] = {}  # alias -> its load, from start until a request takes it
         # alias -> when its finished, unclaimed load is let go; cancelled once it is (the timer holds the model)
@@ -130,6 +125,17 @@ class Classifier:
                 logger.exception("could not preload the champion %s", self.champion)
         # Kept on the replica: the event loop holds only a weak reference to a task.
         self.reverifying = asyncio.get_running_loop().create_task(self._verify_until_checked())
+
+    def _start_executors(self) -> None:
+        """The replica's thread pools: decodes and header checks (``serve.max_concurrent_decodes`` at once each)
+        and forwards (one batch at a time)."""
+        s = self.cfg.serve
+        # Decodes run here, never more than this many at once: the rest wait in the pool's queue, not in memory.
+        self.decoder = ThreadPoolExecutor(max_workers=s.max_concurrent_decodes, thread_name_prefix="decode")
+        self.header_checks = ThreadPoolExecutor(max_workers=s.max_concurrent_decodes, thread_name_prefix="header")
+        # Traced forwards run here, one batch at a time, while the event loop goes on reading and decoding
+        # requests; the next batch is what arrived meanwhile.
+        self.forwards = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
     def _make_multiplexed_loader(self) -> None:
         """``get_model``: Serve's multiplexer (an LRU of ``serve.max_models_per_replica`` loaded models) over

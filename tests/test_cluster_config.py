@@ -519,9 +519,13 @@ def test_a_second_ray_up_stops_the_tracking_server_and_backup_loop_it_finds(clus
     loop = start("sh", "-c", f"while sleep 600; do python -m pipelines.mlflow_state backup {token}; done")
     bystander = start(sys.executable, "-c", "import time; time.sleep(600)", "mlflow", "ui", token)
     try:
-        time.sleep(1.0)
-        child = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").exists()
-                     and _parent_of(p) == server.pid)
+        deadline, child = time.monotonic() + 30, None
+        while child is None and time.monotonic() < deadline:  # (its start takes seconds on a busy machine)
+            child = next((int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").exists()
+                          and _parent_of(p) == server.pid), None)
+            time.sleep(0.1)
+        assert child is not None, "the stand-in server's child never started"
+        time.sleep(0.5)  # (the stand-ins started after it: their processes are up by now)
         monkeypatch.setattr(state, "STOP_TIMEOUT_S", 2.0)
         assert state.main(["stop"]) == 0
         assert server.wait(timeout=20) is not None and loop.wait(timeout=20) is not None

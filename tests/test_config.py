@@ -400,8 +400,9 @@ def test_a_warm_up_longer_than_the_run_is_refused(caplog):
     assert "found the paper's" not in caplog.text
 
 
-def test_cli_config_errors_exit_2_before_ray_starts():
-    # One interpreter runs every case; Ray must never be initialised in it.
+def test_cli_config_errors_exit_2_before_ray_starts(tmp_path):
+    # One interpreter runs every case; Ray must never be initialised in it. In a directory of its own: the default
+    # workdir is ./runs, where a quick start running from the checkout holds its stages' locks.
     script = """
 import os, socket, sys, tempfile, ray
 from pipelines.__main__ import main
@@ -431,7 +432,7 @@ cases = [
     ["run", "--no-block"],
     ["serve", "--no-block", "--set", "ray.address=local"],
     # Two files: one was used and the other dropped without a word.
-    ["check-config", "pipelines/configs/quickstart.yaml", "--config", "fashion-mnist"],
+    ["check-config", "QUICKSTART_YAML", "--config", "fashion-mnist"],
     ["serve", "--set", f"serve.port={port}"],
     ["run", "--stages", "train,serve", "--set", f"serve.port={port}"],
 ]
@@ -444,7 +445,9 @@ codes.append(main(["train", "--set", "ray.address=auto"]))
 print(codes)
 sys.exit(0 if codes == [2] * (len(cases) + 1) + [0, 2] and not ray.is_initialized() and not started else 1)
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    script = script.replace("QUICKSTART_YAML", str(Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+                                                   / "quickstart.yaml"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     for fragment in ("config error: train.modles: unknown key; did you mean 'train.models'?",
                      "train.epochs", "search.alpha: low end 1.3 is above high end 1.1", "search.beta",

@@ -409,8 +409,9 @@ def test_node_cpus_are_those_free_now(ray_cluster):
     share fitted nowhere, and the run waited for good."""
     import time
 
-    from pipelines.runtime import node_cpus
+    from pipelines.runtime import free_resources, node_cpus
 
+    free_resources()  # (an earlier test's actors may still be handing their CPUs back: a reading taken then is low)
     before = sum(node_cpus())
 
     @ray_cluster.remote(num_cpus=1)

@@ -467,3 +467,96 @@ def test_a_slow_load_holds_up_no_other_model_and_evicts_none_for_nothing(replica
 
     assert asyncio.run(requests()).alias == "slow"
     assert calls == ["quick", "slow", "other"]  # the slow model loaded once, for both of its requests
+
+
+def test_a_request_unanswered_within_the_deadline_is_503_and_the_next_one_is_answered(replica_with_a_gated_load):
+    """The replica's own deadline (serve.request_timeout_s, 2 s here): a request whose model is still loading when it
+    passes gets a 503 saying so, the load goes on, and the next request is answered with it."""
+    import io
+    import json
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from pipelines.batching import Batcher
+    from pipelines.http_api import RequestError
+    from pipelines.preprocess import DecodeBudget
+
+    replica, calls, gate, _ = replica_with_a_gated_load
+    replica.get_model, replica.champion, replica.auth_token = replica._load_once, "good", None
+    replica.models, replica.registry_champion = list(replica.by_alias.values()), None
+    replica.max_bytes, replica.budget = 1 << 20, DecodeBudget()
+    replica.decoder = replica.header_checks = ThreadPoolExecutor(max_workers=1)
+    replica.forwards = ThreadPoolExecutor(max_workers=1)
+    square = io.BytesIO()
+    Image.new("L", (32, 32), 128).save(square, "PNG")
+
+    async def two_requests():
+        replica.batcher = Batcher(replica._forward, 8, 0.005)
+        started = time.monotonic()
+        with pytest.raises(RequestError) as late:
+            await replica.predict(_post(square.getvalue()), model="good", top_k=None)
+        waited = time.monotonic() - started
+        gate.set()
+        answered = await replica.predict(_post(square.getvalue()), model="good", top_k=None)
+        return late.value, waited, json.loads(answered.body)
+
+    try:
+        late, waited, answer = asyncio.run(two_requests())
+    finally:
+        replica.decoder.shutdown()
+        replica.forwards.shutdown()
+    assert late.status == 503 and "no answer within serve.request_timeout_s (2 s)" in late.message
+    assert 1.9 < waited < 10
+    assert answer["model"] == "good" and len(answer["predictions"]) == 3 and calls == ["good"]  # loaded once
+
+
+def test_a_replica_decodes_at_most_max_concurrent_decodes_images_at_once(replica_with_a_gated_load, monkeypatch):
+    """Twenty requests at once: their decodes (each up to serve.max_image_pixels, hundreds of MB for the largest)
+    run serve.max_concurrent_decodes (2) at a time, the rest wait in the pool's queue, not in memory."""
+    import io
+    import threading
+    import time
+
+    from PIL import Image
+
+    from pipelines.batching import Batcher
+    from pipelines.preprocess import DecodeBudget
+
+    replica, calls, gate, _ = replica_with_a_gated_load
+    gate.set()
+    replica.store.verify(list(replica.by_alias.values()))
+    replica.get_model, replica.max_bytes, replica.budget = replica._load_once, 1 << 20, DecodeBudget()
+    replica._start_executors()
+    running, most, lock = [0], [0], threading.Lock()
+    decode = type(replica)._answer.__globals__["decode_upload"]
+
+    def counted_decode(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        try:
+            return decode(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    # (Serve's ingress rebuilt the class: its methods read a copy of the module's globals)
+    monkeypatch.setitem(type(replica)._answer.__globals__, "decode_upload", counted_decode)
+    square = io.BytesIO()
+    Image.new("L", (32, 32), 128).save(square, "PNG")
+
+    async def twenty_requests():
+        replica.batcher = Batcher(replica._forward, 8, 0.005)
+        return await asyncio.gather(*(replica._answer(_post(square.getvalue()), replica.by_alias["good"], None)
+                                      for _ in range(20)))
+
+    try:
+        answers = asyncio.run(twenty_requests())
+    finally:
+        for pool in (replica.decoder, replica.header_checks, replica.forwards):
+            pool.shutdown()
+    assert len(answers) == 20 and all(a["model"] == "good" for a in answers)
+    assert most[0] == replica.cfg.serve.max_concurrent_decodes == 2

@@ -277,7 +277,8 @@ def replica_pid(app: str) -> int:
 
 def test_twenty_concurrent_oversized_decodes_leave_the_replica_healthy_and_its_memory_flat(server, digit_png):
     """A 1,000,000 x 1 PNG (1 KB, a million pixels: within serve.max_image_pixels) would resize to a strip of
-    16-32 million pixels per request; 20 at once, and 20 images at the pixel limit."""
+    16-32 million pixels per request; 20 at once, and 20 images at the pixel limit. (This app's limit is 1 M
+    pixels, a few MB a decode: the bound on decodes at once is tested on a replica, test_replica.py.)"""
     cfg, result, url = server
     pid = replica_pid(cfg.name)
     strip = encode(Image.new("L", (1_000_000, 1)))
@@ -363,12 +364,14 @@ def test_auth_token_and_broken_checkpoints(server, strict_app, digit_png):
     assert not marker.exists()  # the planted pickle was refused, never run
     health = requests.get(f"{base}/healthz", headers=AUTH, timeout=60)
     assert health.status_code == 200 and health.json()["status"] == "degraded"
-    assert set(health.json()["errors"]) == {"broken", "planted"}
+    # (vanishing fails once a test asks for it after its file is gone: this test may run after that one)
+    gone = {"vanishing"} if status["vanishing"]["status"] == "error" else set()
+    assert set(health.json()["errors"]) == {"broken", "planted"} | gone
     # Without the token (a load balancer): the status and counts, not the aliases and error texts (file paths,
     # the tracking server) that /models keeps for callers with it.
     anonymous = requests.get(f"{base}/healthz", timeout=60)
-    assert anonymous.status_code == 200 and anonymous.json() == {"status": "degraded", "models": 3, "errors": 2,
-                                                                 "not_verified_yet": 0}
+    assert anonymous.status_code == 200 and anonymous.json() == {
+        "status": "degraded", "models": 3 - len(gone), "errors": 2 + len(gone), "not_verified_yet": 0}
     failed = predict(base, digit_png, params={"model": "broken"}, headers=AUTH)
     assert failed.status_code == 503 and "failed to load" in failed.json()["error"]
     ok = predict(base, digit_png, params={"model": "good"}, headers=AUTH)
