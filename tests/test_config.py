@@ -557,9 +557,10 @@ def test_a_failure_message_keeps_its_later_lines_on_the_one_line():
 
 @pytest.mark.slow
 def test_ctrl_c_while_training_exits_130_and_leaves_the_model_untrained(tmp_path):
-    """The README's promise: Ctrl-C exits 130 and a re-run resumes. Ray Tune's own SIGINT handler would turn
-    the first Ctrl-C into a graceful stop: exit 0, the stage's MLflow run FINISHED, the model counted as
-    trained although it had not finished."""
+    """The README's promise: Ctrl-C exits 130, the model not counted as trained (a re-run resumes it from its
+    checkpoints: the stage's resume is tested in test_train.py). Ray Tune's own SIGINT handler would turn the
+    first Ctrl-C into a graceful stop: exit 0, the stage's MLflow run FINISHED, the model counted as trained
+    although it had not finished."""
     import signal
 
     from pipelines.results import load_results
