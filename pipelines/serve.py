@@ -72,6 +72,10 @@ logger = logging.getLogger(__name__)
 
 #: How often a replica verifies again the models it could not verify at start for a passing reason.
 REVERIFY_INTERVAL_S = 15.0
+#: Models a replica loads at once, beside the ``serve.max_models_per_replica`` it holds: one slow load (a large
+#: download, a B7's trace) holds up no other model's, and a burst of requests for every model does not load them
+#: all at once (each load holds its checkpoint, the model and its traced copy).
+LOADS_AT_ONCE = 2
 
 
 def classify(loaded: LoadedModel, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -161,13 +165,34 @@ class Classifier:
         """The load of ``alias`` in a thread: the one under way (or finished, not taken yet), else a new one."""
         load = self.loads.get(alias)
         if load is None:
-            s = self.cfg.serve
-            load = asyncio.ensure_future(asyncio.to_thread(self.store.load, self.by_alias[alias],
-                                                           fold=s.fold_batchnorm, trace=s.trace_models,
-                                                           device=self.device))
+            load = asyncio.ensure_future(self._load_in_a_slot(alias))
             load.add_done_callback(lambda done: self._after_load(alias, done))
             self.loads[alias] = load
         return load
+
+    async def _load_in_a_slot(self, alias: str) -> LoadedModel:
+        """Load ``alias`` in a thread once one of :data:`LOADS_AT_ONCE` slots is free, said to Serve as loading."""
+        if getattr(self, "_load_slots", None) is None:
+            self._load_slots = asyncio.Semaphore(LOADS_AT_ONCE)
+        async with self._load_slots:
+            self._announce_loading(alias, True)
+            try:
+                s = self.cfg.serve
+                return await asyncio.to_thread(self.store.load, self.by_alias[alias], fold=s.fold_batchnorm,
+                                               trace=s.trace_models, device=self.device)
+            finally:
+                self._announce_loading(alias, False)
+
+    def _announce_loading(self, alias: str, loading: bool) -> None:
+        """Tell Serve's router that this replica is loading ``alias`` (or no longer is), as the multiplexer does
+        for the loads it runs: requests routed by model then come here rather than to a replica with fewer
+        models, which would load it too. (Nothing where this Ray keeps the multiplexer's state elsewhere.)"""
+        wrapper = getattr(getattr(self, "_multiplexed_load", None), "__dict__", {}).get("__serve_multiplex_wrapper")
+        loading_ids = getattr(wrapper, "_model_load_tasks", None)
+        if isinstance(loading_ids, set):
+            (loading_ids.add if loading else loading_ids.discard)(alias)
+            if hasattr(wrapper, "_push_multiplexed_replica_info"):
+                wrapper._push_multiplexed_replica_info = True
 
     async def _load_once(self, alias: str) -> LoadedModel:
         """Load ``alias`` in a thread (Serve's multiplexer caches the result). A request whose deadline passes

@@ -431,17 +431,17 @@ def replica_with_serves_multiplexer(make_config, tmp_path, monkeypatch):
     replica.models = replica.store.discover()[0]
     replica.by_alias = {m.alias: m for m in replica.models}
     replica._make_multiplexed_loader()
-    calls, gate = [], threading.Event()
+    calls, gate, gated = [], threading.Event(), {"slow"}
     load = replica.store.load
 
     def counted_load(served, **options):
         calls.append(served.alias)
-        if served.alias == "slow":
+        if served.alias in gated:
             gate.wait(60)
         return load(served, **options)
 
     replica.store.load = counted_load
-    yield replica, calls, gate
+    yield replica, calls, gate, gated
     gate.set()
 
 
@@ -450,7 +450,7 @@ def test_a_slow_load_holds_up_no_other_model_and_evicts_none_for_nothing(replica
     loads: a load that outlasted its request's deadline (a large download, a B7's trace) held every other model's
     first request until then (503) and evicted a model for a load that never arrived. Loads now finish before
     the multiplexer sees them."""
-    replica, calls, gate = replica_with_serves_multiplexer
+    replica, calls, gate, _ = replica_with_serves_multiplexer
 
     async def requests():
         await replica._loaded(replica.by_alias["quick"])
@@ -560,3 +560,33 @@ def test_a_replica_decodes_at_most_max_concurrent_decodes_images_at_once(replica
             pool.shutdown()
     assert len(answers) == 20 and all(a["model"] == "good" for a in answers)
     assert most[0] == replica.cfg.serve.max_concurrent_decodes == 2
+
+
+def test_a_replica_loads_at_most_two_models_at_once_and_tells_serve_which(replica_with_serves_multiplexer):
+    """Loads run beside the multiplexer's LRU, not under its lock: a burst of first requests for every model
+    loaded them all at once (each load holds a checkpoint, a model and its trace). Two at a time; and Serve's
+    router hears which models a replica is loading, as from the multiplexer's own loads (without it, requests
+    routed by model went to other replicas, which loaded the model too)."""
+    replica, calls, gate, gated = replica_with_serves_multiplexer
+    gate.set()
+
+    async def burst():
+        await replica._loaded(replica.by_alias["quick"])  # (Serve's multiplexer is made at its first call)
+        gate.clear()
+        gated.update({"other", "slow"})
+        replica.by_alias["third"] = replica.by_alias["other"].__class__(**{**vars(replica.by_alias["other"]),
+                                                                           "alias": "third"})
+        gated.add("third")
+        loads = [asyncio.ensure_future(replica._loaded(replica.by_alias[a])) for a in ("other", "slow", "third")]
+        await asyncio.sleep(1.0)
+        loading = set(replica.get_model.__wrapped__.__serve_multiplex_wrapper._model_load_tasks) \
+            if hasattr(replica.get_model, "__wrapped__") else None
+        started = list(calls)
+        gate.set()
+        done = await asyncio.wait_for(asyncio.gather(*loads), 20)
+        return started, loading, [d.alias for d in done]
+
+    started, loading, done = asyncio.run(burst())
+    assert started == ["quick", "other", "slow"]  # the third waited for a slot
+    assert done == ["other", "slow", "third"] and calls == ["quick", "other", "slow", "third"]
+    assert loading == {"other", "slow"}
