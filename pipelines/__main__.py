@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as err:
                 raise ConfigError("--stages", str(err)) from None
         if args.command in (*RAY_COMMANDS, "report", "register"):  # (the commands that write under the workdir)
-            check_writable_locations(cfg)
+            # report and register only read the storage (a read-only mount of the cluster's will do)
+            check_writable_locations(cfg, storage=args.command not in ("report", "register"))
         if _needs_ray(args, stages):
             check_ray_environment(cfg)
             if in_copy := paths_in_a_job_copy(cfg):

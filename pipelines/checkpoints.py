@@ -121,12 +121,15 @@ def _require(payload: dict, key: str, kind: type | tuple[type, ...]) -> Any:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, *, map_location: str | torch.device = "cpu", verify: bool = True
+    path: str | os.PathLike, *, map_location: str | torch.device = "cpu", verify: bool = True,
+    keep_model: bool = True,
 ) -> ModelCheckpoint:
     """Read and validate a checkpoint file (or a directory holding ``model.pt``).
 
     With ``verify`` (default) the weights are also loaded into a fresh model of the recorded architecture
-    (strict) and checked to be finite, so a checkpoint that returns from here is known to be servable.
+    (strict) and checked to be finite, so a checkpoint that returns from here is known to be servable. That model
+    is the first :meth:`ModelCheckpoint.build_model` hands out; ``keep_model=False`` lets it go at once (a caller
+    that builds none: a second copy of the weights held for nothing).
     """
     path = Path(path)
     if path.is_dir():
@@ -179,7 +182,7 @@ def load_checkpoint(
                 raise
             raise CheckpointError(f"checkpoint {path} does not fit architecture {checkpoint.arch!r}: {err}") from None
         _check_outputs(model, spec, path)
-        checkpoint._verified_model = model
+        checkpoint._verified_model = model if keep_model else None
     return checkpoint
 
 

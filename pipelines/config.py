@@ -553,7 +553,8 @@ class TrackingConfig(_Section):
 
 
 #: The URI schemes of the file systems pyarrow (Ray Train and Tune's storage) opens from a ``storage_path``.
-STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+#: (Not Azure's abfs/abfss: the checkpoint paths Ray reports lose the account, so they could not be read back.)
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "file")
 
 
 #: What :func:`redact_uri` leaves of a password: a config copied from ``check-config`` or a run's logged
@@ -618,7 +619,7 @@ class ServeConfig(_Section):
         40_000_000, ge=1,
         description="largest input image, width x height, read from its header before any pixel is decoded (400 "
         "above); counted as RGB pixels: float and 32-bit images count 3x, images with alpha 2x (a transparent colour "
-        "2.25x), 16-bit 1.5x, as they cost to decode",
+        "2.25x), 16-bit 1.5x (3x with a transparent colour), as they cost to decode",
     )
     max_aspect_ratio: float = Field(
         20.0, ge=1.0, description="largest ratio of an input image's long side to its short side (400 above)"
@@ -745,7 +746,7 @@ class PipelineConfig(_Section):
     )
     storage_path: Optional[str] = Field(
         None, description="Ray Train/Tune storage (default <workdir>/ray_results); S3 or NFS on multi-node clusters "
-        "(a URI of pyarrow's: s3, gs, hdfs, abfs...; its credentials in the nodes' environment, not in the URI)"
+        "(s3://, gs://, hdfs://; its credentials in the nodes' environment, not in the URI)"
     )
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -771,11 +772,13 @@ class PipelineConfig(_Section):
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"pyarrow, which Ray stores runs with, has no file system for the scheme {scheme!r} "
                                  f"(it has {', '.join(STORAGE_SCHEMES)}){hint}")
-            if "@" in rest.split("/", 1)[0]:
+            authority = rest.split("/", 1)[0]
+            if "@" in authority and ":" in authority.rsplit("@", 1)[0]:  # (a user name alone, as HDFS's, is none)
                 # Not echoed. Logged with every run's config.yaml, and lost from the checkpoint paths Ray reports.
-                raise ValueError(f"{scheme}://...@...: credentials in the storage URI would be logged with every run "
-                                 "and are lost from the checkpoint paths built under it; give them in every node's "
-                                 "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the instance's role)")
+                raise ValueError(f"{scheme}://...:...@...: a key or password in the storage URI would be logged with "
+                                 "every run and is lost from the checkpoint paths built under it; give it in every "
+                                 "node's environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the "
+                                 "instance's role)")
         if "://" in value and "?" in value:
             # The options are not echoed: they may hold credentials (pyarrow's secret_key).
             raise ValueError(f"{value.split('?', 1)[0] + '?...'!r}: options in the storage URI are lost from the "
@@ -1048,11 +1051,14 @@ def _check_creatable_locations(cfg: PipelineConfig) -> None:
             raise ConfigError(key, f"{path} cannot be created: nothing can be written in {existing}")
 
 
-def check_writable_locations(cfg: PipelineConfig) -> None:
-    """:class:`ConfigError` unless this user may create the run directory and a local ``storage_path`` (the
-    nearest directory of each that exists is writable): checked where the stages run, not by ``check-config``,
-    which may validate a cluster's config (``/home/ray/runs``) on another machine. Nothing is created."""
+def check_writable_locations(cfg: PipelineConfig, storage: bool = True) -> None:
+    """:class:`ConfigError` unless this user may create the run directory and (``storage``: for the commands that
+    train) a local ``storage_path`` (the nearest directory of each that exists is writable): checked where the
+    stages run, not by ``check-config``, which may validate a cluster's config (``/home/ray/runs``) on another
+    machine. Nothing is created."""
     for key, path, existing in _local_output_locations(cfg):
+        if key == "storage_path" and not storage:
+            continue
         if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(key, f"{path} cannot be created: this user may not write in {existing}")
 

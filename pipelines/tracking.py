@@ -404,7 +404,7 @@ class Tracker:
         the optimizer state (read back with ``weights_only``) and the preprocessing spec as JSON, so
         ``mlflow.pyfunc.load_model`` unpickles nothing and servers download one file.
         """
-        checkpoint = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
+        checkpoint = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE, keep_model=False)  # (uploads files)
         version_tags = {k: str(v) for k, v in (tags or {}).items()}
         if (done := self.alias_registered_version(registered_model, run_id, alias, version_tags)) is not None:
             return done

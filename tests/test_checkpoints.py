@@ -56,6 +56,7 @@ def test_a_load_builds_its_model_once_and_each_build_is_a_new_model(tmp_path, mo
     import dataclasses
 
     assert dataclasses.replace(load_checkpoint(path), training_state=None)._verified_model is None
+    assert load_checkpoint(path, keep_model=False)._verified_model is None  # (registration builds none)
 
 
 def test_truncated_and_garbage_files_are_refused(tmp_path):

@@ -215,7 +215,8 @@ def test_model_overrides_change_only_that_model(make_config):
         (["train.models=[efficientnet_phi-0]"], "train.models", "unknown model"),  # B0 under a second name
         (["data.dataset=imagefolder", "data.root=/data/$USER/flowers"], "data.root", "write ${USER}"),
         # Passed, then failed once Ray had started (or leaked a secret into every run's logged config):
-        (["storage_path=s3://KEY:SECRET@bucket/runs"], "storage_path", "credentials in the storage URI"),
+        (["storage_path=s3://KEY:SECRET@bucket/runs"], "storage_path", "a key or password in the storage URI"),
+        (["storage_path=abfss://runs@acct.dfs.core.windows.net/x"], "storage_path", "no file system for the scheme"),
         (["storage_path=S3://bucket/runs"], "storage_path", "did you mean 's3'"),
         (["storage_path=s4://bucket/runs"], "storage_path", "no file system for the scheme 's4'"),
         (["storage_path=s3:/bucket/runs"], "storage_path", "'s3://bucket/runs'"),  # else the local ./s3:/bucket
@@ -262,9 +263,17 @@ def test_a_workdir_under_a_file_or_a_read_only_directory_is_refused(tmp_path, mo
 
     assert main(["train", "--set", f"workdir={read_only / 'runs'}"]) == 2
     assert main(["check-config", "--set", f"workdir={read_only / 'runs'}"]) == 0
+    # report and register only read the storage: a read-only mount of the cluster's is no reason to refuse them
+    cfg = load_config(None, [f"workdir={tmp_path / 'work'}", f"storage_path={read_only / 'storage'}"])
+    with pytest.raises(ConfigError, match="may not write in") as info:
+        check_writable_locations(cfg)
+    assert info.value.key == "storage_path"
+    check_writable_locations(cfg, storage=False)
     monkeypatch.undo()
     cfg = load_config(None, [f"workdir={tmp_path / 'new' / 'runs'}"])  # made later, by the stage
     check_writable_locations(cfg)
+    # A user name in the authority (HDFS's) is no credential
+    assert load_config(None, ["storage_path=hdfs://hadoop@namenode:8020/runs"]).storage_path.startswith("hdfs://")
     assert not (tmp_path / "new").exists() and cfg.paths.run_dir == tmp_path / "new" / "runs" / "quickstart"
 
 
