@@ -234,6 +234,8 @@ _ACCURACY_PLOTS = {
 def val_curves_figure(results: list[ModelResult]):
     """Each model's validation accuracy per epoch, one line each. Colours repeat after ten (matplotlib's
     cycle), so line styles and markers change with each round of them: a GPU preset trains 13 models."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(figsize=(7, 5))
     ax = fig.subplots()
     for i, r in enumerate(results):
@@ -242,6 +244,7 @@ def val_curves_figure(results: list[ModelResult]):
                 linestyle=("-", "--", ":", "-.")[i // 10 % 4], marker="os^D"[i // 10 % 4], markersize=3,
                 label=r.model_name)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (a 2-epoch run had ticks at 1.2, 1.4, ...)
     ax.set_ylabel("validation accuracy")
     ax.set_title("Validation accuracy per epoch")
     ax.grid(True, alpha=0.3)

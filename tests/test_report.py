@@ -500,9 +500,14 @@ def test_every_model_has_a_line_of_its_own_look_in_the_validation_curves():
     import matplotlib.pyplot as plt
 
     records = [record(f"model{i}", "lenet5", {}, 1_000_000, 0.5 + i / 100) for i in range(13)]
+    for r in records:  # two epochs each
+        r.history = [{"epoch": 0, "val_acc": 0.4}, {"epoch": 1, "val_acc": r.test_acc}]
     fig = val_curves_figure(records)
     lines = fig.axes[0].get_lines()
     looks = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in lines}
     assert len(lines) == len(looks) == 13
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [r.model_name for r in records]
+    fig.canvas.draw()  # epochs are whole numbers: a 2-epoch run had ticks at 1.2, 1.4, 1.6 and 1.8
+    ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
     plt.close(fig)
