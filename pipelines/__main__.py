@@ -108,7 +108,8 @@ def _load(args) -> PipelineConfig:
 def _block_until_interrupted(url: str, cfg: PipelineConfig) -> None:
     """Serve until Ctrl-C, then stop serving: a local Ray stops with the command, while on a cluster the Serve
     app (a detached controller's) would go on holding its replicas' CPUs and GPUs and the port, so it is
-    deleted there (``--no-block`` is for leaving it up)."""
+    deleted there (``--no-block`` is for leaving it up). From then on Ctrl-C and SIGTERM are ignored: the command
+    is ending."""
     # Where Ray Tune's own SIGINT handler is back on (TUNE_DISABLE_SIGINT_HANDLER=0, see runtime.py) it stays
     # in place after a run; without Python's default handler back, the first Ctrl-C here would be swallowed.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -120,8 +121,10 @@ def _block_until_interrupted(url: str, cfg: PipelineConfig) -> None:
             time.sleep(3600)
     except KeyboardInterrupt as stop:
         logger.info("\n[serve] shutting down")
-        # A second SIGTERM (ray job stop's) while shutting down: this already is the shutdown it asks for.
+        # A second SIGTERM (ray job stop's) or Ctrl-C while shutting down: this already is the shutdown it asks
+        # for (a second Ctrl-C ended the command with 130 and "re-run the same command to resume").
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if outlives_the_command(cfg):
             from ray import serve
 

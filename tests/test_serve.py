@@ -469,6 +469,8 @@ def test_a_stalled_body_frees_its_slot_at_the_body_deadline(strict_app, digit_pn
 def test_ctrl_c_of_a_blocking_command_on_a_cluster_deletes_its_serve_app(server, monkeypatch):
     """On a cluster the Serve controller is detached: Ctrl-C printed "shutting down" and returned while the app
     went on holding its replicas' CPUs and GPUs and the port."""
+    import signal
+
     from ray import serve
 
     import pipelines.__main__ as cli
@@ -493,13 +495,18 @@ def test_ctrl_c_of_a_blocking_command_on_a_cluster_deletes_its_serve_app(server,
             raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "time", Interrupted)
-    cli._block_until_interrupted("http://127.0.0.1:0", on_cluster)
+    try:
+        cli._block_until_interrupted("http://127.0.0.1:0", on_cluster)
+        # A second Ctrl-C while the command ends (its Ray's shutdown) ended it with 130 and "re-run the same
+        # command to resume": ignored now.
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     assert "blocking" not in serve.status().applications
     assert cfg.name in serve.status().applications  # the other apps are left alone
 
     # `ray job stop` of a blocking `run` or `serve` job: SIGTERM, which left the app serving.
     import os
-    import signal
     import time
 
     serve.run(Placeholder.bind(), name="blocking", route_prefix="/blocking", blocking=False)
@@ -520,6 +527,7 @@ def test_ctrl_c_of_a_blocking_command_on_a_cluster_deletes_its_serve_app(server,
         assert signal.getsignal(signal.SIGTERM) is unhandled  # restored
     finally:
         signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     deadline = time.monotonic() + 30
     while "blocking" in serve.status().applications and time.monotonic() < deadline:
         time.sleep(0.5)  # asked, not waited for
