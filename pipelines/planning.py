@@ -140,6 +140,9 @@ class ModelRun(BaseModel):
     #: Which test images it is tested on (``DatasetInfo.test_split``): a tag of its registered version, so the
     #: champion is chosen among versions tested on the same images. Not part of the fingerprint.
     test_split: str = ""
+    #: Whether the architecture trains channels-last on CPUs too (``channels_last_on_cpu``: DenseNet, GoogLeNet,
+    #: EfficientNet): what ``train.channels_last`` means for it on a CPU worker.
+    channels_last_on_cpu: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelRun:
@@ -174,7 +177,9 @@ class ModelRun(BaseModel):
             **self.hyper.model_dump(mode="json"),
             "num_workers": self.workers.num_workers,
             "amp": self.workers.amp,
-            "channels_last": self.workers.channels_last,
+            # The layout the workers train in (pipelines.worker.uses_channels_last), not the setting: on CPUs
+            # only some architectures use it, and the runs of the others said True while training contiguous.
+            "channels_last": self.workers.channels_last and (self.workers.use_gpu or self.channels_last_on_cpu),
             "dataset": self.data.dataset,
             "augment": self.data.augment,
             "model_kwargs": json.dumps(self.model.kwargs, sort_keys=True),
@@ -389,7 +394,8 @@ def plan_model_runs(
                        run_name=f"{cfg.name}-{stage}-{choice.name}", storage_path=cfg.paths.storage,
                        params_count=profile.inference_params, macs=profile.macs, excluded_files=info.excluded_files,
                        split_sizes=dict(info.sizes), split_membership=info.membership or None,
-                       test_split=info.test_split)
+                       test_split=info.test_split,
+                       channels_last_on_cpu=bool(getattr(model, "channels_last_on_cpu", False)))
         if stage == "train":
             run = run.model_copy(update={"run_name": f"{run.run_name}-{run.fingerprint}"})
         runs.append(run)

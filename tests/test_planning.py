@@ -515,3 +515,22 @@ def test_ray_s_worker_lines_carry_no_colour_codes_outside_a_terminal(monkeypatch
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # the user's own choice stays
     set_env_defaults(console_is_a_terminal=False)
     assert os.environ["RAY_COLOR_PREFIX"] == "1"
+
+
+def test_a_runs_mlflow_params_say_the_layout_its_workers_train_in(make_config):
+    """``channels_last`` was logged as the setting: on CPUs only DenseNet, GoogLeNet and EfficientNet train
+    channels-last, and the other models' runs said True while their workers trained contiguous."""
+    import cnnmodels
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.worker import uses_channels_last
+
+    for use_gpu in ("false", "true"):
+        cfg = make_config("train.models=[lenet5, densenet121]", "train.channels_last=true", f"train.use_gpu={use_gpu}",
+                          *(["ray.address=auto"] if use_gpu == "true" else []))  # (GPUs on the cluster's nodes)
+        runs = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+        for run in runs:
+            model = cnnmodels.create_model(run.arch, num_classes=10, in_chans=1, **run.model.kwargs)
+            assert run.mlflow_params()["channels_last"] == uses_channels_last(model, run.workers, use_gpu == "true")
+        assert [r.mlflow_params()["channels_last"] for r in runs] == ([False, True] if use_gpu == "false"
+                                                                      else [True, True])
