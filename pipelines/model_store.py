@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -180,13 +181,20 @@ def replica_threads(serve) -> int:
     return max(1, int(round(serve.num_cpus)))
 
 
+#: Held while a model is folded and traced: torch.fx's symbolic tracing (the batch-norm folding) patches torch's
+#: module calls process-wide while it runs, so two folds in threads at once (a replica loads two models at once)
+#: failed with "module is not installed as a submodule". Downloads and checkpoint reads still overlap.
+_FOLDING_AND_TRACING = threading.Lock()
+
+
 def prepare_for_serving(model: nn.Module, spec: PreprocessSpec, *, fold: bool = True, trace: bool = False,
                         device: str | torch.device = "cpu") -> LoadedModel:
     """``model`` as a server runs it: eval mode, batch norm folded, on ``device``, traced (each step
     verified against the model's own outputs). Alias and version are left empty."""
-    model, folded = fold_batchnorm(model, spec) if fold else (model.eval(), False)
-    device = torch.device(device)
-    model, traced = trace_for_serving(model.to(device), spec) if trace else (model.to(device), False)
+    with _FOLDING_AND_TRACING:
+        model, folded = fold_batchnorm(model, spec) if fold else (model.eval(), False)
+        device = torch.device(device)
+        model, traced = trace_for_serving(model.to(device), spec) if trace else (model.to(device), False)
     return LoadedModel(alias="", version="", model=model.eval(), spec=spec, folded=folded, device=device,
                        traced=traced)
 

@@ -72,9 +72,10 @@ logger = logging.getLogger(__name__)
 
 #: How often a replica verifies again the models it could not verify at start for a passing reason.
 REVERIFY_INTERVAL_S = 15.0
-#: Models a replica loads at once, beside the ``serve.max_models_per_replica`` it holds: one slow load (a large
-#: download, a B7's trace) holds up no other model's, and a burst of requests for every model does not load them
-#: all at once (each load holds its checkpoint, the model and its traced copy).
+#: Models a replica loads (or holds loaded for a request to take) at once, beside the
+#: ``serve.max_models_per_replica`` it holds: one slow load (a large download, a B7's trace) holds up no other
+#: model's, and a burst of requests for every model does not load them all at once (each load holds its
+#: checkpoint, the model and its traced copy).
 LOADS_AT_ONCE = 2
 
 
@@ -170,18 +171,41 @@ class Classifier:
             self.loads[alias] = load
         return load
 
+    def _load_slots(self) -> tuple[asyncio.Semaphore, set[str], dict[str, int]]:
+        """The :data:`LOADS_AT_ONCE` slots, the aliases holding one, and how many requests wait for each load."""
+        if getattr(self, "_slots", None) is None:
+            self._slots = (asyncio.Semaphore(LOADS_AT_ONCE), set(), {})
+        return self._slots
+
     async def _load_in_a_slot(self, alias: str) -> LoadedModel:
-        """Load ``alias`` in a thread once one of :data:`LOADS_AT_ONCE` slots is free, said to Serve as loading."""
-        if getattr(self, "_load_slots", None) is None:
-            self._load_slots = asyncio.Semaphore(LOADS_AT_ONCE)
-        async with self._load_slots:
-            self._announce_loading(alias, True)
-            try:
-                s = self.cfg.serve
-                return await asyncio.to_thread(self.store.load, self.by_alias[alias], fold=s.fold_batchnorm,
-                                               trace=s.trace_models, device=self.device)
-            finally:
-                self._announce_loading(alias, False)
+        """Load ``alias`` in a thread once one of :data:`LOADS_AT_ONCE` slots is free, said to Serve as loading.
+        The slot is held until the load is taken or let go (:meth:`_forget_load`): a finished load that waits for
+        its next request holds its model too. A load whose every request gave up while it waited for a slot is
+        not run: the requests behind it would wait for loads nobody wants."""
+        slots, holders, waiting = self._load_slots()
+        await slots.acquire()
+        holders.add(alias)
+        if not waiting.get(alias):
+            raise RuntimeError(f"the load of {alias} was given up: no request waits for it")
+        self._announce_loading(alias, True)
+        try:
+            s = self.cfg.serve
+            return await asyncio.to_thread(self.store.load, self.by_alias[alias], fold=s.fold_batchnorm,
+                                           trace=s.trace_models, device=self.device)
+        finally:
+            self._announce_loading(alias, False)
+
+    async def _wait_for_load(self, alias: str, load: asyncio.Future) -> LoadedModel:
+        """``load``'s model, counted as a request waiting for it (see :meth:`_load_in_a_slot`); a request that
+        gives up (its deadline) leaves the load running."""
+        waiting = self._load_slots()[2]
+        waiting[alias] = waiting.get(alias, 0) + 1
+        try:
+            return await asyncio.shield(load)
+        finally:
+            waiting[alias] -= 1
+            if not waiting[alias]:
+                del waiting[alias]
 
     def _announce_loading(self, alias: str, loading: bool) -> None:
         """Tell Serve's router that this replica is loading ``alias`` (or no longer is), as the multiplexer does
@@ -201,7 +225,7 @@ class Classifier:
         and the wait of a model whose load outlasts ``serve.request_timeout_s``, at every request."""
         load = self._start_load(alias)
         try:
-            return await asyncio.shield(load)
+            return await self._wait_for_load(alias, load)
         finally:
             if load.done():  # handed to the multiplexer, or failed: the next request loads afresh
                 self._forget_load(alias, load)
@@ -219,13 +243,17 @@ class Classifier:
                 self.cfg.serve.request_timeout_s, self._forget_load, alias, load)
 
     def _forget_load(self, alias: str, load: asyncio.Future) -> None:
-        """Let ``load`` go, and its expiry timer with it: a timer left running would keep the loaded model in
-        memory after the multiplexer evicted it, one more copy at each reload within a request deadline."""
+        """Let ``load`` go, its slot and its expiry timer with it: a timer left running would keep the loaded model
+        in memory after the multiplexer evicted it, one more copy at each reload within a request deadline."""
         if self.loads.get(alias) is load:
             del self.loads[alias]
             expiry = self.load_expiries.pop(alias, None)
             if expiry is not None:
                 expiry.cancel()
+            slots, holders, _ = self._load_slots()
+            if alias in holders:
+                holders.discard(alias)
+                slots.release()
 
     async def _verify_until_checked(self, interval_s: float = REVERIFY_INTERVAL_S) -> None:
         """Verify again, every ``interval_s``, the models whose verification at start failed for a reason that
@@ -258,7 +286,7 @@ class Classifier:
                 # every load and evicts its least recently used model before loading. A load that outlasted its
                 # request's deadline (a large download, a B7's trace) held every other model's first request
                 # (503) and evicted a model for a load that never arrived, at each request for it.
-                await asyncio.shield(self._start_load(served.alias))
+                await self._wait_for_load(served.alias, self._start_load(served.alias))
             self._multiplexer_called = True
             loaded = await self.get_model(served.alias)
         except Exception as err:  # noqa: BLE001 - the model may be unservable, the replica is not

@@ -590,3 +590,56 @@ def test_a_replica_loads_at_most_two_models_at_once_and_tells_serve_which(replic
     assert started == ["quick", "other", "slow"]  # the third waited for a slot
     assert done == ["other", "slow", "third"] and calls == ["quick", "other", "slow", "third"]
     assert loading == {"other", "slow"}
+
+
+def test_a_load_every_request_gave_up_on_while_it_waited_for_a_slot_is_not_run(replica_with_serves_multiplexer):
+    """A burst of first requests whose deadlines passed while their loads waited for a slot: those loads ran
+    anyway, one after another, and a later request for any other model waited behind loads nobody wanted."""
+    replica, calls, gate, gated = replica_with_serves_multiplexer
+    gated.update({"quick", "other"})
+    replica.by_alias["third"] = replica.by_alias["other"].__class__(**{**vars(replica.by_alias["other"]),
+                                                                       "alias": "third"})
+
+    async def gave_up_waiting():
+        first = [asyncio.ensure_future(replica._loaded(replica.by_alias[a])) for a in ("quick", "other")]
+        await asyncio.sleep(0.5)  # both slots taken
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(replica._loaded(replica.by_alias["third"]), 0.3)
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*first), 20)
+        for _ in range(50):  # the third's load takes a slot, finds no request, and ends
+            await asyncio.sleep(0.05)
+            if "third" not in replica.loads:
+                break
+        return "third" in replica.loads
+
+    assert asyncio.run(gave_up_waiting()) is False
+    assert calls == ["quick", "other"]  # the third model was never loaded
+
+
+def test_models_folded_in_threads_at_once_all_fold():
+    """A replica loads two models at once, in threads: torch.fx's symbolic tracing (the batch-norm folding) patches
+    torch's module calls process-wide while it runs, and folds that overlapped failed with "module is not installed
+    as a submodule" (two of twelve here, before the folding was serialised)."""
+    import threading
+
+    from pipelines.model_store import prepare_for_serving
+
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,), class_names=tuple("0123456789"))
+    errors, folded = [], []
+
+    def fold(arch: str) -> None:
+        for _ in range(3):
+            model = cnnmodels.create_model(arch, num_classes=10, in_chans=1, small_input=True)
+            try:
+                folded.append(prepare_for_serving(model, spec).folded)
+            except Exception as err:  # noqa: BLE001 - counted
+                errors.append(repr(err))
+
+    threads = [threading.Thread(target=fold, args=(arch,)) for arch in ("resnet18", "densenet121", "googlenet",
+                                                                         "vgg11_bn")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(folded) == 12 and all(folded)
