@@ -11,6 +11,7 @@ while MLflow had not taken every write exits with 3; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -108,8 +109,8 @@ def _load(args) -> PipelineConfig:
 def _block_until_interrupted(url: str, cfg: PipelineConfig) -> None:
     """Serve until Ctrl-C, then stop serving: a local Ray stops with the command, while on a cluster the Serve
     app (a detached controller's) would go on holding its replicas' CPUs and GPUs and the port, so it is
-    deleted there (``--no-block`` is for leaving it up). From then on Ctrl-C and SIGTERM are ignored: the command
-    is ending."""
+    deleted there (``--no-block`` is for leaving it up). From then on a Ctrl-C only says that the command is
+    ending (``main`` puts the SIGINT handler back once it has)."""
     # Where Ray Tune's own SIGINT handler is back on (TUNE_DISABLE_SIGINT_HANDLER=0, see runtime.py) it stays
     # in place after a run; without Python's default handler back, the first Ctrl-C here would be swallowed.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -124,7 +125,7 @@ def _block_until_interrupted(url: str, cfg: PipelineConfig) -> None:
         # A second SIGTERM (ray job stop's) or Ctrl-C while shutting down: this already is the shutdown it asks
         # for (a second Ctrl-C ended the command with 130 and "re-run the same command to resume").
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, _say_shutting_down)
         if outlives_the_command(cfg):
             from ray import serve
 
@@ -140,6 +141,10 @@ def _block_until_interrupted(url: str, cfg: PipelineConfig) -> None:
                 logger.info("[serve] deleted the Serve app %r from the cluster", cfg.name)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _say_shutting_down(signum, frame) -> None:
+    logger.info("[serve] already shutting down (a few seconds)")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -227,6 +232,19 @@ def _training_stages(args, stages: list[str] | None) -> list[str]:
 def _needs_ray(args, stages: list[str] | None) -> bool:
     """Whether the command runs on Ray: every command of :data:`RAY_COMMANDS` but ``run`` of the report alone."""
     return args.command in RAY_COMMANDS and not (args.command == "run" and stages == ["report"])
+
+
+@contextlib.contextmanager
+def _sigint_handler_kept():
+    """The SIGINT handler as it was, once the command is done: a blocking command's shutdown replaces it (see
+    :func:`_block_until_interrupted`), which an in-process caller (a notebook) would otherwise keep."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    try:
+        yield
+    finally:
+        if in_main_thread and saved is not None:
+            signal.signal(signal.SIGINT, saved)
 
 
 def _serves(args, stages: list[str] | None) -> bool:
@@ -350,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as err:
                 raise ConfigError("--stages", str(err)) from None
         if args.command in (*RAY_COMMANDS, "report", "register"):  # (the commands that write under the workdir)
-            # report and register only read the storage (a read-only mount of the cluster's will do)
-            check_writable_locations(cfg, storage=args.command not in ("report", "register"))
+            # Only training writes to the storage: report and serve read it (a read-only mount of the cluster's)
+            check_writable_locations(cfg, storage=bool(_training_stages(args, stages)))
         if _needs_ray(args, stages):
             check_ray_environment(cfg)
             if in_copy := paths_in_a_job_copy(cfg):
@@ -389,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
 
             sent = send_pending(cfg)
             return _pending_exit(args, cfg, EXIT_FAILED if sent.unregistered else 0)
-        return _pending_exit(args, cfg, _run_command(args, cfg, stages))
+        with _sigint_handler_kept():
+            code = _run_command(args, cfg, stages)
+        return _pending_exit(args, cfg, code)
     except ImageFolderError as err:  # bad input, like a config error: exit 2 (bad files: with their list)
         logger.error("data error: %s", err)
         return EXIT_CONFIG
