@@ -553,8 +553,9 @@ class TrackingConfig(_Section):
 
 
 #: The URI schemes of the file systems pyarrow (Ray Train and Tune's storage) opens from a ``storage_path``.
-#: (Not Azure's abfs/abfss: the checkpoint paths Ray reports lose the account, so they could not be read back.)
-STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "file")
+#: (Not Azure's abfs/abfss nor HDFS's hdfs/viewfs: the checkpoint paths Ray reports lose the account or the
+#: namenode, so they could not be read back.)
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "file")
 
 
 #: What :func:`redact_uri` leaves of a password: a config copied from ``check-config`` or a run's logged
@@ -746,7 +747,7 @@ class PipelineConfig(_Section):
     )
     storage_path: Optional[str] = Field(
         None, description="Ray Train/Tune storage (default <workdir>/ray_results); S3 or NFS on multi-node clusters "
-        "(s3://, gs://, hdfs://; its credentials in the nodes' environment, not in the URI)"
+        "(s3:// or gs://; its credentials in the nodes' environment, not in the URI)"
     )
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -773,7 +774,7 @@ class PipelineConfig(_Section):
                 raise ValueError(f"pyarrow, which Ray stores runs with, has no file system for the scheme {scheme!r} "
                                  f"(it has {', '.join(STORAGE_SCHEMES)}){hint}")
             authority = rest.split("/", 1)[0]
-            if "@" in authority and ":" in authority.rsplit("@", 1)[0]:  # (a user name alone, as HDFS's, is none)
+            if "@" in authority and ":" in authority.rsplit("@", 1)[0]:  # (a user name alone is none)
                 # Not echoed. Logged with every run's config.yaml, and lost from the checkpoint paths Ray reports.
                 raise ValueError(f"{scheme}://...:...@...: a key or password in the storage URI would be logged with "
                                  "every run and is lost from the checkpoint paths built under it; give it in every "

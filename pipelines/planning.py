@@ -11,6 +11,7 @@ learning rate (or label smoothing, data, model option...) starts a fresh one. Th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -140,9 +141,6 @@ class ModelRun(BaseModel):
     #: Which test images it is tested on (``DatasetInfo.test_split``): a tag of its registered version, so the
     #: champion is chosen among versions tested on the same images. Not part of the fingerprint.
     test_split: str = ""
-    #: Whether the architecture trains channels-last on CPUs too (``channels_last_on_cpu``: DenseNet, GoogLeNet,
-    #: EfficientNet): what ``train.channels_last`` means for it on a CPU worker.
-    channels_last_on_cpu: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelRun:
@@ -179,7 +177,8 @@ class ModelRun(BaseModel):
             "amp": self.workers.amp,
             # The layout the workers train in (pipelines.worker.uses_channels_last), not the setting: on CPUs
             # only some architectures use it, and the runs of the others said True while training contiguous.
-            "channels_last": self.workers.channels_last and (self.workers.use_gpu or self.channels_last_on_cpu),
+            "channels_last": self.workers.channels_last and (
+                self.workers.use_gpu or trains_channels_last_on_cpu(self.arch, json.dumps(self.model.kwargs))),
             "dataset": self.data.dataset,
             "augment": self.data.augment,
             "model_kwargs": json.dumps(self.model.kwargs, sort_keys=True),
@@ -211,6 +210,20 @@ class ModelRun(BaseModel):
         profile = cnnmodels.profile(model, spec.input_shape)
         return self.model_copy(update={"model": choice, "spec": spec, "run_name": f"{self.run_name}-{label}",
                                        "params_count": profile.inference_params, "macs": profile.macs})
+
+
+@functools.lru_cache(maxsize=128)
+def trains_channels_last_on_cpu(arch: str, kwargs_json: str = "{}") -> bool:
+    """Whether ``arch`` (with these options, as JSON) trains channels-last on CPU workers too (its
+    ``channels_last_on_cpu``: DenseNet, GoogLeNet, EfficientNet), built on the meta device to ask it."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = cnnmodels.create_model(arch, **json.loads(kwargs_json))
+    except Exception:  # noqa: BLE001 - a model the meta device cannot build: said as contiguous
+        return False
+    return bool(getattr(model, "channels_last_on_cpu", False))
 
 
 def _build(choice: ModelChoice, num_classes: int, channels: int):
@@ -394,8 +407,7 @@ def plan_model_runs(
                        run_name=f"{cfg.name}-{stage}-{choice.name}", storage_path=cfg.paths.storage,
                        params_count=profile.inference_params, macs=profile.macs, excluded_files=info.excluded_files,
                        split_sizes=dict(info.sizes), split_membership=info.membership or None,
-                       test_split=info.test_split,
-                       channels_last_on_cpu=bool(getattr(model, "channels_last_on_cpu", False)))
+                       test_split=info.test_split)
         if stage == "train":
             run = run.model_copy(update={"run_name": f"{run.run_name}-{run.fingerprint}"})
         runs.append(run)

@@ -269,11 +269,15 @@ def test_a_workdir_under_a_file_or_a_read_only_directory_is_refused(tmp_path, mo
         check_writable_locations(cfg)
     assert info.value.key == "storage_path"
     check_writable_locations(cfg, storage=False)
+    # (run of the report alone, which starts no Ray, as report: it fails for want of trained models, exit 1)
+    assert main(["run", "--stages", "report", "--set", f"workdir={tmp_path / 'work'}",
+                 "--set", f"storage_path={read_only / 'storage'}"]) == 1
     monkeypatch.undo()
     cfg = load_config(None, [f"workdir={tmp_path / 'new' / 'runs'}"])  # made later, by the stage
     check_writable_locations(cfg)
-    # A user name in the authority (HDFS's) is no credential
-    assert load_config(None, ["storage_path=hdfs://hadoop@namenode:8020/runs"]).storage_path.startswith("hdfs://")
+    # A user name in the authority is no credential (refused for the scheme here, not as a password)
+    with pytest.raises(ConfigError, match="no file system for the scheme 'hdfs'"):
+        load_config(None, ["storage_path=hdfs://hadoop@namenode:8020/runs"])
     assert not (tmp_path / "new").exists() and cfg.paths.run_dir == tmp_path / "new" / "runs" / "quickstart"
 
 
