@@ -184,9 +184,14 @@ class Classifier:
         not run: the requests behind it would wait for loads nobody wants."""
         slots, holders, waiting = self._load_slots()
         await slots.acquire()
-        holders.add(alias)
         if not waiting.get(alias):
+            # Gone before it ends: a request arriving now starts a load of its own rather than taking this one's
+            # end for the model's failure.
+            if self.loads.get(alias) is asyncio.current_task():
+                del self.loads[alias]
+            slots.release()
             raise RuntimeError(f"the load of {alias} was given up: no request waits for it")
+        holders.add(alias)
         self._announce_loading(alias, True)
         try:
             s = self.cfg.serve
