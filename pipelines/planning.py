@@ -178,7 +178,7 @@ class ModelRun(BaseModel):
             # The layout the workers train in (pipelines.worker.uses_channels_last), not the setting: on CPUs
             # only some architectures use it, and the runs of the others said True while training contiguous.
             "channels_last": self.workers.channels_last and (
-                self.workers.use_gpu or trains_channels_last_on_cpu(self.arch, json.dumps(self.model.kwargs))),
+                self.workers.use_gpu or trains_channels_last_on_cpu(self.arch)),
             "dataset": self.data.dataset,
             "augment": self.data.augment,
             "model_kwargs": json.dumps(self.model.kwargs, sort_keys=True),
@@ -212,15 +212,16 @@ class ModelRun(BaseModel):
                                        "params_count": profile.inference_params, "macs": profile.macs})
 
 
-@functools.lru_cache(maxsize=128)
-def trains_channels_last_on_cpu(arch: str, kwargs_json: str = "{}") -> bool:
-    """Whether ``arch`` (with these options, as JSON) trains channels-last on CPU workers too (its
-    ``channels_last_on_cpu``: DenseNet, GoogLeNet, EfficientNet), built on the meta device to ask it."""
+@functools.cache
+def trains_channels_last_on_cpu(arch: str) -> bool:
+    """Whether ``arch`` trains channels-last on CPU workers too (its class's ``channels_last_on_cpu``: DenseNet,
+    GoogLeNet, EfficientNet), asked of one built once, at its default options, on the meta device: the class
+    decides, not the options (a search's trials, each with its own coefficients, build none of their own)."""
     import torch
 
     try:
         with torch.device("meta"):
-            model = cnnmodels.create_model(arch, **json.loads(kwargs_json))
+            model = cnnmodels.create_model(arch)
     except Exception:  # noqa: BLE001 - a model the meta device cannot build: said as contiguous
         return False
     return bool(getattr(model, "channels_last_on_cpu", False))
