@@ -771,8 +771,10 @@ class PipelineConfig(_Section):
             if scheme not in STORAGE_SCHEMES:
                 close = difflib.get_close_matches(scheme.lower(), STORAGE_SCHEMES, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"pyarrow, which Ray stores runs with, has no file system for the scheme {scheme!r} "
-                                 f"(it has {', '.join(STORAGE_SCHEMES)}){hint}")
+                raise ValueError(f"the pipeline cannot store runs with the scheme {scheme!r}, only with "
+                                 f"{', '.join(STORAGE_SCHEMES)}{hint} (pyarrow has no file system for some schemes, "
+                                 "and Ray reports the checkpoint paths of abfs, hdfs and viewfs without their account "
+                                 "or namenode, so they could not be read back)")
             authority = rest.split("/", 1)[0]
             if "@" in authority and ":" in authority.rsplit("@", 1)[0]:  # (a user name alone is none)
                 # Not echoed. Logged with every run's config.yaml, and lost from the checkpoint paths Ray reports.

@@ -216,9 +216,10 @@ def test_model_overrides_change_only_that_model(make_config):
         (["data.dataset=imagefolder", "data.root=/data/$USER/flowers"], "data.root", "write ${USER}"),
         # Passed, then failed once Ray had started (or leaked a secret into every run's logged config):
         (["storage_path=s3://KEY:SECRET@bucket/runs"], "storage_path", "a key or password in the storage URI"),
-        (["storage_path=abfss://runs@acct.dfs.core.windows.net/x"], "storage_path", "no file system for the scheme"),
+        (["storage_path=abfss://runs@acct.dfs.core.windows.net/x"], "storage_path",
+         "cannot store runs with the scheme 'abfss'"),
         (["storage_path=S3://bucket/runs"], "storage_path", "did you mean 's3'"),
-        (["storage_path=s4://bucket/runs"], "storage_path", "no file system for the scheme 's4'"),
+        (["storage_path=s4://bucket/runs"], "storage_path", "cannot store runs with the scheme 's4'"),
         (["storage_path=s3:/bucket/runs"], "storage_path", "'s3://bucket/runs'"),  # else the local ./s3:/bucket
         (["tracking.uri=sqlite://runs/mlflow.db"], "tracking.uri", "sqlite:///runs/mlflow.db"),
         (["train.model_options={efficientnet: {beta: 1e9}}"], "train.model_options.efficientnet.beta", "above 10"),
@@ -276,7 +277,7 @@ def test_a_workdir_under_a_file_or_a_read_only_directory_is_refused(tmp_path, mo
     cfg = load_config(None, [f"workdir={tmp_path / 'new' / 'runs'}"])  # made later, by the stage
     check_writable_locations(cfg)
     # A user name in the authority is no credential (refused for the scheme here, not as a password)
-    with pytest.raises(ConfigError, match="no file system for the scheme 'hdfs'"):
+    with pytest.raises(ConfigError, match="cannot store runs with the scheme 'hdfs'"):
         load_config(None, ["storage_path=hdfs://hadoop@namenode:8020/runs"])
     assert not (tmp_path / "new").exists() and cfg.paths.run_dir == tmp_path / "new" / "runs" / "quickstart"
 
