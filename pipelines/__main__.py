@@ -34,6 +34,7 @@ from .config import (
     redact_uri,
 )
 from .console import configure_console
+from .runtime import set_env_defaults
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -355,6 +356,9 @@ def _one_line(err: BaseException, limit: int = 400) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_console()
+    # Before anything imports Ray: it reads some of them once, at import (RAY_DEDUP_LOGS: set in ray_session, it
+    # came too late, and the driver folded concurrent models' progress lines into one "[repeated 3x]").
+    set_env_defaults()
     if args.command == "predict":
         return _predict(args)
     stages = None

@@ -693,3 +693,17 @@ def test_relative_paths_in_a_ray_jobs_unpacked_upload_are_named(tmp_path, monkey
     assert paths_in_a_job_copy(load_config(None, [f"workdir={tmp_path}/runs"])) == []
     monkeypatch.chdir(tmp_path)  # not a job's copy: relative paths are the user's choice
     assert paths_in_a_job_copy(load_config(None, ["workdir=./runs"])) == []
+
+
+def test_the_cli_sets_rays_import_time_settings_before_anything_imports_ray(tmp_path):
+    """RAY_DEDUP_LOGS=0 was set when a command started Ray, after `import ray` had read it: the driver folded the
+    progress lines of models training side by side into one line "[repeated 3x across cluster]" (Ray's
+    deduplication drops every word with a digit, so resnet18's, lenet5's and densenet121's lines look alike)."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_DEDUP_LOGS"}
+    code = ("from pipelines.__main__ import main\n"
+            "status = main(['check-config'])\n"
+            "from ray._private import ray_constants\n"
+            "print('status', status, 'dedup', ray_constants.RAY_DEDUP_LOGS)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.split()[-4:] == ["status", "0", "dedup", "False"], done.stdout[-2000:] + done.stderr[-2000:]
