@@ -358,7 +358,8 @@ def filesystem_of(path: str, mounts: str) -> str:
         if len(fields) < 3:
             continue
         point = fields[1].replace("\\040", " ").rstrip("/") + "/"
-        if target.startswith(point) and len(point) > len(best):
+        # (>=: of two mounts on one point, the later listed is the one in use, as autofs then NFS on it)
+        if target.startswith(point) and len(point) >= len(best):
             best, kind = point, fields[2]
     return kind
 

@@ -110,6 +110,9 @@ def test_a_stochastic_depth_out_of_range_is_refused_by_its_name():
     ("/mnt/bucket/ray", 2, "/dev/root / ext4 rw 0 0\ns3fs /mnt/bucket fuse.s3fs rw 0 0\n", False),
     ("/mnt/efs-local/ray", 3, "/dev/root / ext4 rw 0 0\nfs-1:/ /mnt/efs nfs4 rw 0 0\n", True),  # not under it
     ("/mnt/my dir/ray", 3, "/dev/root / ext4 rw 0 0\nfs-1:/ /mnt/my\\040dir nfs rw 0 0\n", False),  # escaped space
+    # Two mounts on one point (autofs, then the NFS share it mounted): the later is the one in use.
+    ("/shared/ray", 3, "/dev/root / ext4 rw 0 0\n/etc/auto.direct /shared autofs rw 0 0\n"
+                       "nfs:/export /shared nfs4 rw 0 0\n", False),
 ])
 def test_a_node_local_storage_path_on_a_cluster_is_warned_of(storage, nodes, mounts, warned):
     """storage_path on one node's disk: Ray Train's workers on other nodes fail at their first checkpoint, after
