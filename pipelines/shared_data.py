@@ -48,6 +48,9 @@ class SplitsCache:
     cache is there)."""
 
     def __init__(self) -> None:
+        from .console import configure_console
+
+        configure_console()  # its INFO lines (data not shared, and why) reach the driver's console
         self._done: dict[str, list] = {}
         self._failed: dict[str, str] = {}  # key -> what went wrong (raised afresh for each request)
         self._waiting: list[str] = []  # keys in the order they are converted
@@ -173,7 +176,10 @@ def fetch_converted(name: str | None, data: DataConfig, spec: PreprocessSpec) ->
             return None
         arrays = ray.get(refs[0])
     except (ValueError, ray.exceptions.RayError) as err:  # gone with its stage, or failed: convert here
-        logger.info("shared data unavailable (%s); loading it in this worker", type(err).__name__)
+        cause = getattr(err, "cause", None) or err  # a task's error wraps the cache's own
+        reason = (str(cause).strip().splitlines() or [""])[0]
+        logger.warning("shared data unavailable (%s%s); loading it in this worker", type(cause).__name__,
+                       f": {reason}" if reason else "")
         return None
     # Copies: arrays read from the object store are read-only, and the training loop may augment in place.
     return {split: ConvertedSplit(torch.from_numpy(images.copy()), torch.from_numpy(labels.copy()))
