@@ -112,17 +112,33 @@ def _snapshot(db: Path, target: Path) -> None:
         source.close()
 
 
+def _sqlite_schema_revision(db: Path) -> str | None:
+    """The Alembic revision of the sqlite MLflow store ``db``; None for a database without one (no tables yet)."""
+    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = connection.execute("select version_num from alembic_version").fetchone()
+    except sqlite3.DatabaseError:  # no such table (an empty file), or not a database: MLflow's upgrade says
+        return None
+    finally:
+        connection.close()
+    return row[0] if row else None
+
+
 def upgrade(backend_uri: str) -> str | None:
     """Migrate the MLflow store at ``backend_uri`` to the installed MLflow's schema (what ``mlflow db upgrade``
     does; an empty database gets its tables), in this process, so a password in the URI stays off every
-    command line. A sqlite store is copied to ``<db>.before-upgrade`` first (migrations are not transactional);
-    returns that copy's path, or None (no sqlite file yet, or another database: back it up yourself)."""
+    command line. A sqlite store a migration is pending for is copied to ``<db>.before-upgrade`` first
+    (migrations are not transactional); returns that copy's path, or None (no sqlite file yet, a store already
+    at the installed schema, or another database: back it up yourself)."""
     from mlflow.db import upgrade as mlflow_db_upgrade
+    from mlflow.store.db.utils import _get_latest_schema_revision
 
     copy = None
     if backend_uri.startswith("sqlite:///"):
         db = Path(backend_uri.removeprefix("sqlite:///").split("?", 1)[0])
-        if db.is_file():
+        # Only before a migration: the head runs this at every start, and a copy of the migrated store made at
+        # the next `ray up` replaced the only one from before the migration.
+        if db.is_file() and _sqlite_schema_revision(db) != _get_latest_schema_revision():
             copy = db.with_name(db.name + ".before-upgrade")
             _snapshot(db, copy)
     mlflow_db_upgrade.callback(url=backend_uri)

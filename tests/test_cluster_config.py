@@ -448,6 +448,8 @@ def test_a_store_from_an_older_mlflow_is_migrated_before_the_server_starts(tmp_p
     assert revision(db) == head and previous != head
     assert revision(tmp_path / "mlflow.db.before-upgrade") == previous  # the copy from before the migration
     assert main(["upgrade", "--db", str(db)]) == 0 and revision(db) == head  # at the head: nothing to do
+    # The head runs this at every start: the copy from before the migration is not replaced by the migrated store.
+    assert revision(tmp_path / "mlflow.db.before-upgrade") == previous
     start = [c for c in cluster["head_start_ray_commands"]]
     position = {key: next(i for i, c in enumerate(start) if key in c)
                 for key in ("mlflow_state restore", "mlflow_state upgrade", "mlflow server", "mlflow_state wait",
