@@ -274,8 +274,9 @@ def seed_table(pairs: dict[int, tuple[dict | None, dict | None]]) -> pd.DataFram
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each runs both sides (plain, then "
-                        "pipeline), and the goal is judged on the mean accuracy and the median wall-time ratio")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each runs both sides (plain first for "
+                        "the 1st, 3rd, ... seed, the pipeline first for the others), and the goal is judged on the "
+                        "mean accuracy and the median wall-time ratio")
     parser.add_argument("--subset", type=int, help="train on this many images (a smoke run); default: all")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT, help="the four Fashion-MNIST IDX files")
     parser.add_argument("--workdir", help="the pipeline's workdir, kept afterwards (default: a temporary directory, "
@@ -291,6 +292,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.skip_plain and args.skip_pipeline:
         parser.error("nothing to run: --skip-plain and --skip-pipeline")
+    if args.epochs < 1:
+        parser.error(f"--epochs {args.epochs}: at least 1")
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
@@ -304,6 +307,13 @@ def main() -> None:
         use_gpu = load_config(str(REPO / PRESET), [f"data.root={args.data_root}", *args.overrides]).train.use_gpu
     except ConfigError as err:
         parser.error(f"--set: {err}")
+    if not args.skip_pipeline:  # each seed's whole config, before the first side runs (the plain loop: minutes)
+        for seed in seeds:
+            try:
+                load_config(str(REPO / PRESET), pipeline_overrides(args.data_root, args.epochs, args.subset,
+                                                                   args.workdir or "/tmp", seed, tuple(args.overrides)))
+            except ConfigError as err:
+                parser.error(f"--epochs, --subset or --seeds (seed {seed}): {err}")
     if use_gpu:
         parser.error("--set train.use_gpu=true: the plain loop runs on this machine's CPUs, so the comparison "
                      "would set a GPU against CPUs (bench/published.py measures the preset on GPUs)")

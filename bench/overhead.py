@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 
 import pandas as pd
 
-from pipelines.config import load_config
+from pipelines.config import ConfigError, load_config
 from pipelines.runtime import ray_session
 
 PHASES = [  # (column, start milestone, end milestone) in seconds since the run's trial started
@@ -95,7 +96,7 @@ def measure_quickstart(extra: list[str]) -> None:
     from pipelines.report import report_stage
     from pipelines.results import load_results
     from pipelines.search import search_stage
-    from pipelines.serve import serve_stage
+    from pipelines.serve import check_serve_startable, serve_stage
     from pipelines.train import train_stage
 
     seconds = {}
@@ -103,6 +104,7 @@ def measure_quickstart(extra: list[str]) -> None:
         cfg = load_config(None, [f"workdir={workdir}", *extra])
         started = time.time()
         with ray_session(cfg):  # the stages of `python -m pipelines run`, timed one by one
+            check_serve_startable(cfg)  # as `run` does: a port in use failed it after the search and training
             search = search_stage(cfg)
             seconds["search"] = time.time() - started
             train_stage(cfg, search.coefficients)
@@ -140,4 +142,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # a bad --set or model name: the key and why, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -152,7 +152,8 @@ def goal_lines(table: pd.DataFrame) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, help="where the run goes (default: a new temporary directory)")
+    parser.add_argument("--workdir", type=Path, help="where the run goes (default: a new temporary directory, kept "
+                        "for --report-only; its path is printed)")
     parser.add_argument("--data-root", help="the folder of Fashion-MNIST's four IDX files (data.root)")
     parser.add_argument("--gpu-share", type=float, default=0.1,
                         help="share of a GPU per model and search trial (0: train on CPUs)")
@@ -176,9 +177,16 @@ def main(argv: list[str] | None = None) -> int:
                          "give the run's --workdir (and its --set name=..., if it had one)")
         workdir, code = args.report_only, 0
     else:
+        if args.gpu_share > 0:
+            import torch
+
+            if not torch.cuda.is_available():
+                parser.error(f"--gpu-share {args.gpu_share:g}: this machine has no GPU (--gpu-share 0 trains on CPUs)")
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="published-"))
         code, seconds = run_preset(args, workdir)
         print(f"[published] the run ended with exit code {code} after {seconds:.0f} s (workdir {workdir})")
+        if code == 2:  # the pipeline refused the config: nothing ran, and a table of "not finished" would read as one
+            return code
     table = published_table(preset_overrides(args, workdir, devices=False))
     published = [row if row == "no row" else f"{row} {acc:.3f}"
                  for row, acc in zip(table["published"], table["published acc"], strict=True)]

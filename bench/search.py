@@ -13,12 +13,13 @@ the grid's epochs.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 
 import pandas as pd
 
-from pipelines.config import load_config
+from pipelines.config import ConfigError, load_config
 from pipelines.runtime import ray_session
 from pipelines.search import search_stage
 
@@ -76,4 +77,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # a bad --set or model name: the key and why, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

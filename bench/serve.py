@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import io
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from PIL import Image
 
 import cnnmodels
 from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
-from pipelines.config import load_config
+from pipelines.config import ConfigError, load_config
 from pipelines.model_store import prepare_for_serving, replica_threads
 from pipelines.preprocess import PreprocessSpec
 from pipelines.runtime import ray_session
@@ -165,4 +166,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # a bad --set or model name: the key and why, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

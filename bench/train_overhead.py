@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 
@@ -26,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import cnnmodels
-from pipelines.config import load_config
+from pipelines.config import ConfigError, load_config
 from pipelines.data import SplitDataset, describe_dataset, load_splits
 from pipelines.planning import ModelChoice, plan_model_runs
 from pipelines.runtime import ray_session
@@ -138,4 +139,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # a bad --set or model name: the key and why, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
