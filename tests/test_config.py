@@ -514,6 +514,7 @@ def test_configuration_reference_doc_is_current():
     assert config_reference() in doc, "regenerate docs/configuration.md from pipelines.config.config_reference()"
 
 
+@pytest.mark.slow
 def test_a_failed_stage_exits_1_with_one_line_and_no_traceback(tmp_path):
     """report needs no Ray: with RAY_ADDRESS at an address nothing answers it runs (and fails on the records)."""
     out = subprocess.run([sys.executable, "-m", "pipelines", "report", "--set", f"workdir={tmp_path}"],
@@ -530,6 +531,7 @@ def test_a_failed_stage_exits_1_with_one_line_and_no_traceback(tmp_path):
     assert out.returncode == 1 and "error: LookupError: no trained models under" in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 def test_a_failed_command_says_which_writes_it_left_pending_and_how_to_send_them(tmp_path, capsys):
     """A failed stage ended on its one error line: the writes it had kept pending for MLflow (sent by the next
     command of the config) were never mentioned, so a user who did not re-run never learned of `register`."""

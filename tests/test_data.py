@@ -536,6 +536,7 @@ def test_a_tiff_opened_and_not_loaded_yet_is_turned_once():
         assert (bright.mean(axis=0) > np.array(upright.shape) / 2).all(), bright.mean(axis=0)  # bottom right
 
 
+@pytest.mark.slow
 def test_a_turned_photo_takes_no_more_memory_than_an_upright_one(tmp_path):
     """A 24 Mpx JPEG with EXIF orientation 6 (a phone held upright) peaked at twice the memory of the same photo
     upright: it was copied whole to turn it before shrinking."""

@@ -215,6 +215,7 @@ def test_which_load_failures_pass_and_which_stay():
     assert not is_transient_load_error(RuntimeError("Error(s) in loading state_dict for LeNet5"))
 
 
+@pytest.mark.slow
 def test_an_unreachable_artifact_store_can_pass_and_a_missing_checkpoint_or_deleted_version_cannot(registered):
     """The registry answers, but a version's artifacts live on a server that does not: that can pass (503,
     verified again), where it used to read as "holds no weights-only checkpoint", failed for good. A version

@@ -556,6 +556,7 @@ def test_a_tracking_password_stays_out_of_logs_errors_and_served_model_errors(tm
         assert "s3cret" not in text and "alice:***@127.0.0.1:9" in text, text
 
 
+@pytest.mark.slow
 def test_a_write_still_in_flight_when_flush_gives_up_leaves_the_pending_file_once_it_succeeds(make_config, tmp_path,
                                                                                               monkeypatch):
     """After an outage, a slow retry (a model upload) can outlast flush(): it was saved as pending and, when it
@@ -647,6 +648,7 @@ def test_a_second_command_of_the_same_config_does_not_run_a_stage_beside_the_fir
         holder.wait()
 
 
+@pytest.mark.slow
 def test_a_second_command_is_refused_before_its_ray_starts(tmp_path):
     """The lock was found held only once the stage began, after Ray had started (about 24 s): the command says
     so at once. The Ray address names a port nothing listens on, so a command that tried to start Ray hangs."""
@@ -968,6 +970,7 @@ def test_two_commands_of_one_config_share_the_pending_file_without_sending_twice
     assert claims and all(c["token"] == taker.token and {"process", "pidns"} <= set(c) for c in claims)
 
 
+@pytest.mark.slow
 def test_a_ctrl_c_while_flush_waits_for_the_write_in_flight_keeps_it_pending_for_this_command(make_config, tmp_path,
                                                                                                monkeypatch):
     """The second Ctrl-C of an abort most likely comes while flush waits for the write in flight (up to 35 s):
@@ -992,6 +995,7 @@ def test_a_ctrl_c_while_flush_waits_for_the_write_in_flight_keeps_it_pending_for
     assert [op.kind for op in load_pending(tmp_path)] == ["set_tags"]  # the sent one out, the other left
 
 
+@pytest.mark.slow
 def test_a_write_in_flight_that_fails_after_flush_gave_up_keeps_its_place_in_the_pending_file(make_config, tmp_path,
                                                                                               monkeypatch):
     """The write still being sent when flush gave up (a slow upload after an outage), failing then, was saved again

@@ -97,6 +97,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_an_outage_queues_writes_and_register_sends_what_the_stage_left_pending(mlflow_server, tmp_path):
     from pipelines.config import load_config
 
@@ -137,6 +138,7 @@ def test_an_outage_queues_writes_and_register_sends_what_the_stage_left_pending(
     assert not (cfg.paths.run_dir / PENDING_FILE).exists()
 
 
+@pytest.mark.slow
 def test_register_fails_when_mlflow_refuses_a_pending_registration_for_good(mlflow_server, tmp_path):
     """A registration left pending by an outage whose run was then deleted in MLflow's UI is dropped: `register`
     counted it as sent ("sent 3 of 3") and exited 0, so a script saw success for a model not in the registry."""
@@ -165,6 +167,7 @@ def test_register_fails_when_mlflow_refuses_a_pending_registration_for_good(mlfl
     assert not (cfg.paths.run_dir / PENDING_FILE).exists()
 
 
+@pytest.mark.slow
 def test_writes_queued_in_an_outage_outlive_a_command_killed_before_its_flush(mlflow_server, tmp_path):
     """`ray job stop` (SIGKILL 3 s after its SIGTERM), the OOM killer, a lost head: a command killed while MLflow
     was down lost every write it had queued since, its runs left RUNNING without their metrics. The backlog is on

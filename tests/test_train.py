@@ -803,6 +803,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_precise_bn_leaves_every_ddp_rank_with_the_same_statistics(tmp_path):
     """DDP broadcasts buffers only in forwards that need gradients: after precise BN each rank kept the
     statistics of its own images, evaluated its validation shard with them, and rank 0's went into the
