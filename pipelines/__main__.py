@@ -275,6 +275,11 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
         from .serve import check_port_free
 
         check_port_free(cfg.serve)
+    servable = None
+    if args.command == "serve":  # what to serve, before Ray starts: a model not found is a config error
+        from .serve import servable_models
+
+        servable = servable_models(cfg)
     if args.command == "report":  # no Ray: a local one took seconds to start, a cluster's address had to answer
         from .report import report_stage
 
@@ -305,7 +310,7 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
         from .pipeline import log_serving_hints
         from .serve import serve_stage
 
-        handle = serve_stage(cfg)
+        handle = serve_stage(cfg, servable)
         log_serving_hints(handle, cfg)
         if not args.no_block:
             _block_until_interrupted(handle.url, cfg)

@@ -691,8 +691,11 @@ def example_image(cfg: PipelineConfig, directory: Path) -> Path | None:
         return None
 
 
-def serve_stage(cfg: PipelineConfig) -> ServeHandle:
-    """Deploy the app on the running Ray (non-blocking) and wait until it answers ``/healthz``."""
+def servable_models(cfg: PipelineConfig) -> tuple[list[ServedModel], str | None]:
+    """The models the serve stage would deploy and the champion's alias, checked as it checks them: every
+    ``serve.models`` entry found (some, with a warning), the decode budget admitting each model's input. Reads
+    only MLflow (after sending the writes an earlier command left pending) and the checkpoint files: the
+    ``serve`` command calls it before Ray starts (an unknown model took a local Ray's start, about 12 s)."""
     from .tracking_queue import send_pending_before_reading
 
     send_pending_before_reading(cfg)
@@ -715,6 +718,14 @@ def serve_stage(cfg: PipelineConfig) -> ServeHandle:
         raise ConfigError("serve.max_resized_pixels", f"{cfg.serve.max_resized_pixels:,} is below the input of "
                           f"{', '.join(f'{m.alias} ({m.input_size} px)' for m in too_large)}: every request to them "
                           f"would be refused; raise it to at least {largest ** 2:,}")
+    return models, champion
+
+
+def serve_stage(cfg: PipelineConfig,
+                servable: tuple[list[ServedModel], str | None] | None = None) -> ServeHandle:
+    """Deploy the app on the running Ray (non-blocking) and wait until it answers ``/healthz``. ``servable``:
+    what :func:`servable_models` returned for ``cfg`` (the ``serve`` command's check before Ray), else read now."""
+    models, champion = servable if servable is not None else servable_models(cfg)
     check_serve_startable(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
                               "request_timeout_s": proxy_timeout_s(cfg.serve)})

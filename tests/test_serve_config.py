@@ -283,3 +283,14 @@ def test_the_console_says_what_answers_a_request_without_a_model():
 
     assert ServeHandle("http://h", Path("c.yaml"), ["lenet5"], "lenet5").default_model() == "champion: lenet5"
     assert "goes to the best loaded" in ServeHandle("http://h", Path("c.yaml"), ["lenet5"], None).default_model()
+
+
+def test_serve_with_nothing_registered_fails_before_ray_starts(tmp_path):
+    """`serve` looked for its models only once Ray had started (a local Ray: about 12 s; a cluster's address had
+    to answer). The address here names a port nothing listens on: a command that tried Ray first would hang."""
+    command = [sys.executable, "-m", "pipelines", "serve", "--set", f"workdir={tmp_path}", "--set", "name=test",
+               "--set", "ray.address=127.0.0.1:1"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1, refused.stderr
+    assert "registered model 'test' not found" in refused.stderr and "train first" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
