@@ -691,7 +691,9 @@ def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:
         if address is not None and address.is_private and not address.is_loopback:
             # a private address (a cluster head's, cluster.yaml): from a laptop, through an SSH tunnel (README)
             port = url.port or (443 if url.scheme == "https" else 80)
-            local = port if port >= 1024 else 5000  # a port below 1024 needs root on the laptop
+            # Local 5001 for MLflow's 5000 (macOS's AirPlay receiver holds 5000, as the README's tunnel says)
+            # and for a port below 1024 (it needs root on the laptop).
+            local = 5001 if port == 5000 or port < 1024 else port
             host = f"[{url.hostname}]" if address.version == 6 else url.hostname
             hint += (f"; from elsewhere, through an SSH tunnel to a machine that reaches it (ssh -L "
                      f"{local}:{host}:{port} ..., the README's cluster section): {url.scheme}://127.0.0.1:{local}/{page}")

@@ -136,10 +136,11 @@ def test_the_ui_hint_opens_the_model_training_view():
     # a cluster head's private address (what cluster.yaml exports): the laptop's way in is the SSH tunnel
     on_cluster = ui_hint("http://172.31.5.9:5000", "3")
     assert on_cluster.startswith("open http://172.31.5.9:5000/#/experiments/3/")
-    assert "ssh -L 5000:172.31.5.9:5000" in on_cluster
-    assert "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning" in on_cluster
+    assert "ssh -L 5001:172.31.5.9:5000" in on_cluster  # 5001 on the laptop, as the README's tunnel: AirPlay
+    assert "http://127.0.0.1:5001/#/experiments/3/runs?workflowType=machine_learning" in on_cluster
     assert "tunnel" not in ui_hint("http://127.0.0.1:5000", "3") + ui_hint("http://34.210.1.5:5000", "3")
-    assert "ssh -L 5000:[fd00::7]:443 " in ui_hint("https://[fd00::7]", "3")  # brackets; no root port locally
+    assert "ssh -L 5001:[fd00::7]:443 " in ui_hint("https://[fd00::7]", "3")  # brackets; no root port locally
+    assert "ssh -L 8080:10.0.0.1:8080 " in ui_hint("http://10.0.0.1:8080", "3")  # another port: the same locally
 
 
 def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(make_config, tmp_path):
