@@ -33,7 +33,7 @@ import time
 import pandas as pd
 
 from pipelines.config import ConfigError, load_config
-from pipelines.runtime import ray_session
+from pipelines.runtime import ray_session, set_env_defaults
 
 PHASES = [  # (column, start milestone, end milestone) in seconds since the run's trial started
     ("workers up", None, "worker_start"),
@@ -128,6 +128,7 @@ def measure_quickstart(extra: list[str]) -> None:
 
 
 def main() -> None:
+    set_env_defaults()  # before Ray's import, which reads RAY_DEDUP_LOGS once (concurrent runs' lines folded)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", nargs="?", choices=("phases", "quickstart"), default="phases")
     parser.add_argument("--models", nargs="+", default=["lenet5", "resnet18", "vgg11_bn"])

@@ -177,7 +177,14 @@ def main(argv: list[str] | None = None) -> int:
                          "give the run's --workdir (and its --set name=..., if it had one)")
         workdir, code = args.report_only, 0
     else:
-        if args.gpu_share > 0:
+        from pipelines.config import ConfigError, load_config, ray_address
+
+        try:
+            cfg = load_config(REPO / PRESET, preset_overrides(args, REPO, devices=False))
+        except ConfigError as err:
+            parser.error(f"--set: {err}")
+        local_ray = ray_address(cfg) in (None, "local")
+        if args.gpu_share > 0 and local_ray:  # (joining a cluster: the GPUs are its workers', not this machine's)
             import torch
 
             if not torch.cuda.is_available():

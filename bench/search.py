@@ -20,11 +20,13 @@ import time
 import pandas as pd
 
 from pipelines.config import ConfigError, load_config
-from pipelines.runtime import ray_session
-from pipelines.search import search_stage
+from pipelines.runtime import ray_session, set_env_defaults
 
 
 def main() -> None:
+    set_env_defaults()  # before Ray's import, which reads RAY_DEDUP_LOGS once (concurrent runs' lines folded)
+    from pipelines.search import search_stage
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=12)

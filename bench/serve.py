@@ -36,7 +36,7 @@ from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
 from pipelines.config import ConfigError, load_config
 from pipelines.model_store import prepare_for_serving, replica_threads
 from pipelines.preprocess import PreprocessSpec
-from pipelines.runtime import ray_session
+from pipelines.runtime import ray_session, set_env_defaults
 
 CONCURRENCY = (1, 8, 32)
 
@@ -107,6 +107,7 @@ def free_port() -> int:
 
 
 def main() -> None:
+    set_env_defaults()  # before Ray's import, which reads RAY_DEDUP_LOGS once (concurrent runs' lines folded)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--image-size", type=int, default=32)

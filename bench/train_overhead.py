@@ -30,9 +30,7 @@ import cnnmodels
 from pipelines.config import ConfigError, load_config
 from pipelines.data import SplitDataset, describe_dataset, load_splits
 from pipelines.planning import ModelChoice, plan_model_runs
-from pipelines.runtime import ray_session
-from pipelines.trials import build_trainer
-from pipelines.worker import uses_channels_last
+from pipelines.runtime import ray_session, set_env_defaults
 
 
 def plain_loop(run, epochs: int) -> tuple[list[float], list[float], float]:
@@ -50,6 +48,8 @@ def plain_loop(run, epochs: int) -> tuple[list[float], list[float], float]:
     model = cnnmodels.create_model(run.arch, num_classes=spec.num_classes, in_chans=spec.channels,
                                    **run.model.kwargs)
     # The worker's memory-format rule on CPUs, so both sides run the same kernels.
+    from pipelines.worker import uses_channels_last
+
     memory_format = torch.channels_last if uses_channels_last(model, run.workers, on_gpu=False) \
         else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -79,6 +79,9 @@ def plain_loop(run, epochs: int) -> tuple[list[float], list[float], float]:
 
 
 def main() -> None:
+    set_env_defaults()  # before Ray's import, which reads RAY_DEDUP_LOGS once (concurrent runs' lines folded)
+    from pipelines.trials import build_trainer
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--epochs", type=int, default=4)

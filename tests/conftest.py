@@ -24,11 +24,11 @@ ONE_PER_BLOCK_TYPE = ["lenet5", "alexnet", "vgg11", "vgg11_bn", "se_vgg11_bn", "
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``own_ray`` (they start a Ray cluster of their own) run first, before ``ray_cluster`` starts
-    the shared one: two Ray instances on one 2-core machine slowed the simulated cluster from about 120 s to
-    150-170 s, though the idle one used under 0.1 of a core. test_serve.py's tests come right after
-    test_pipeline.py's, whose Serve app they use and then stop (in whatever order the files were given: the
-    app is gone after them; pytest's --ff/--lf/--nf reorder after this hook and can undo it). The rest keep
-    their order."""
+    the shared one: two Ray instances on one 2-core machine slowed the simulated cluster (now a system check in
+    bench/system) from about 120 s to 150-170 s, though the idle one used under 0.1 of a core. test_serve.py's
+    tests come right after test_pipeline.py's, whose Serve app they use and then stop (in whatever order the
+    files were given: the app is gone after them; pytest's --ff/--lf/--nf reorder after this hook and can undo
+    it). The rest keep their order."""
     items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)
     serving = [item for item in items if item.path.name == "test_serve.py"]
     pipeline = [i for i, item in enumerate(items) if item.path.name == "test_pipeline.py"]
@@ -47,7 +47,7 @@ def ray_cluster():
 
     from pipelines.runtime import WORKER_ENV
 
-    # address="local": a `ray start` head elsewhere on this machine (the job-flow test's) is not joined.
+    # address="local": a `ray start` head elsewhere on this machine (bench/system's job-flow check's) is not joined.
     ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=True, logging_level=logging.WARNING,
              runtime_env={"env_vars": dict(WORKER_ENV)})
     yield ray
