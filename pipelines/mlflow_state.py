@@ -127,9 +127,11 @@ def _sqlite_schema_revision(db: Path) -> str | None:
 def upgrade(backend_uri: str) -> str | None:
     """Migrate the MLflow store at ``backend_uri`` to the installed MLflow's schema (what ``mlflow db upgrade``
     does; an empty database gets its tables), in this process, so a password in the URI stays off every
-    command line. A sqlite store a migration is pending for is copied to ``<db>.before-upgrade`` first
-    (migrations are not transactional); returns that copy's path, or None (no sqlite file yet, a store already
-    at the installed schema, or another database: back it up yourself)."""
+    command line. A sqlite store a migration is pending for is copied to ``<db>.before-upgrade-<its revision>``
+    first (migrations are not transactional), a copy already there kept: a migration that failed partway left
+    the store at another revision, whose copy goes beside the one from before it. Returns the copy's path, or
+    None (no sqlite file yet, a store already at the installed schema, or another database: back it up
+    yourself)."""
     from mlflow.db import upgrade as mlflow_db_upgrade
     from mlflow.store.db.utils import _get_latest_schema_revision
 
@@ -138,9 +140,11 @@ def upgrade(backend_uri: str) -> str | None:
         db = Path(backend_uri.removeprefix("sqlite:///").split("?", 1)[0])
         # Only before a migration: the head runs this at every start, and a copy of the migrated store made at
         # the next `ray up` replaced the only one from before the migration.
-        if db.is_file() and _sqlite_schema_revision(db) != _get_latest_schema_revision():
-            copy = db.with_name(db.name + ".before-upgrade")
-            _snapshot(db, copy)
+        revision = _sqlite_schema_revision(db) if db.is_file() else None
+        if db.is_file() and revision != _get_latest_schema_revision():
+            copy = db.with_name(f"{db.name}.before-upgrade-{revision or 'unversioned'}")
+            if not copy.exists():  # the first is the store as it was before any attempt from this revision
+                _snapshot(db, copy)
     mlflow_db_upgrade.callback(url=backend_uri)
     return str(copy) if copy else None
 

@@ -446,10 +446,11 @@ def test_a_store_from_an_older_mlflow_is_migrated_before_the_server_starts(tmp_p
             return connection.execute("select version_num from alembic_version").fetchone()[0]
 
     assert revision(db) == head and previous != head
-    assert revision(tmp_path / "mlflow.db.before-upgrade") == previous  # the copy from before the migration
+    copy = tmp_path / f"mlflow.db.before-upgrade-{previous}"
+    assert revision(copy) == previous  # the copy from before the migration, named after its revision
     assert main(["upgrade", "--db", str(db)]) == 0 and revision(db) == head  # at the head: nothing to do
     # The head runs this at every start: the copy from before the migration is not replaced by the migrated store.
-    assert revision(tmp_path / "mlflow.db.before-upgrade") == previous
+    assert revision(copy) == previous and [p.name for p in tmp_path.glob("mlflow.db.before-*")] == [copy.name]
     start = [c for c in cluster["head_start_ray_commands"]]
     position = {key: next(i for i, c in enumerate(start) if key in c)
                 for key in ("mlflow_state restore", "mlflow_state upgrade", "mlflow server", "mlflow_state wait",
