@@ -169,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, Path(getattr(args, key)).expanduser().resolve())
 
     if args.report_only:
-        from pipelines.config import load_config
+        from pipelines.config import ConfigError, load_config
 
-        run_dir = load_config(REPO / PRESET, preset_overrides(args, args.report_only, devices=False)).paths.run_dir
+        try:
+            run_dir = load_config(REPO / PRESET, preset_overrides(args, args.report_only, devices=False)).paths.run_dir
+        except ConfigError as err:
+            parser.error(f"--set: {err}")
         if not run_dir.is_dir():
             parser.error(f"--report-only {args.report_only}: no run of the preset there ({run_dir} is missing); "
                          "give the run's --workdir (and its --set name=..., if it had one)")

@@ -87,7 +87,7 @@ def restore(db: Path, uri: str) -> bool:
     with filesystem.open_input_stream(path) as stream, partial.open("wb") as out:
         while chunk := stream.read(1 << 20):
             out.write(chunk)
-    check = sqlite3.connect(f"file:{partial}?mode=ro", uri=True)
+    check = sqlite3.connect(_read_only_uri(partial), uri=True)
     try:
         verdict = check.execute("PRAGMA quick_check").fetchone()[0]
     except sqlite3.DatabaseError as err:  # not sqlite at all: "file is not a database"
@@ -101,9 +101,15 @@ def restore(db: Path, uri: str) -> bool:
     return True
 
 
+def _read_only_uri(db: Path) -> str:
+    """sqlite's read-only URI of the file ``db``, percent-encoded: a ``#`` in the path (``/data/run#2``) cut it
+    there, and sqlite opened (created) an empty database at the part before it."""
+    return f"{db.resolve().as_uri()}?mode=ro"
+
+
 def _snapshot(db: Path, target: Path) -> None:
     """A consistent copy of the sqlite database ``db`` at ``target`` (sqlite's online backup API)."""
-    source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    source = sqlite3.connect(_read_only_uri(db), uri=True)
     copy = sqlite3.connect(target)
     try:
         source.backup(copy)
@@ -114,7 +120,7 @@ def _snapshot(db: Path, target: Path) -> None:
 
 def _sqlite_schema_revision(db: Path) -> str | None:
     """The Alembic revision of the sqlite MLflow store ``db``; None for a database without one (no tables yet)."""
-    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    connection = sqlite3.connect(_read_only_uri(db), uri=True)
     try:
         row = connection.execute("select version_num from alembic_version").fetchone()
     except sqlite3.DatabaseError:  # no such table (an empty file), or not a database: MLflow's upgrade says
@@ -124,14 +130,32 @@ def _sqlite_schema_revision(db: Path) -> str | None:
     return row[0] if row else None
 
 
+def _known_revision(revision: str) -> bool:
+    """Whether the installed MLflow's migrations hold the Alembic ``revision``."""
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    try:
+        return ScriptDirectory.from_config(_get_alembic_config("")).get_revision(revision) is not None
+    except Exception:  # noqa: BLE001 - alembic raises its own errors for an unknown or malformed revision
+        return False
+
+
+def _mlflow_version() -> str:
+    import mlflow
+
+    return mlflow.__version__
+
+
 def upgrade(backend_uri: str) -> str | None:
     """Migrate the MLflow store at ``backend_uri`` to the installed MLflow's schema (what ``mlflow db upgrade``
     does; an empty database gets its tables), in this process, so a password in the URI stays off every
-    command line. A sqlite store a migration is pending for is copied to ``<db>.before-upgrade-<its revision>``
-    first (migrations are not transactional), a copy already there kept: a migration that failed partway left
-    the store at another revision, whose copy goes beside the one from before it. Returns the copy's path, or
-    None (no sqlite file yet, a store already at the installed schema, or another database: back it up
-    yourself)."""
+    command line. A sqlite store a migration is pending for is copied to
+    ``<db>.before-upgrade-<its revision>-<time>`` first (migrations are not transactional; earlier copies stay:
+    after a migration that failed partway, the one from before it is the copy to go back to). A store at a
+    revision this MLflow does not know (a newer MLflow migrated it) is refused, copied or changed in nothing.
+    Returns the copy's path, or None (no sqlite file yet, a store already at the installed schema, or another
+    database: back it up yourself)."""
     from mlflow.db import upgrade as mlflow_db_upgrade
     from mlflow.store.db.utils import _get_latest_schema_revision
 
@@ -141,10 +165,14 @@ def upgrade(backend_uri: str) -> str | None:
         # Only before a migration: the head runs this at every start, and a copy of the migrated store made at
         # the next `ray up` replaced the only one from before the migration.
         revision = _sqlite_schema_revision(db) if db.is_file() else None
+        if revision is not None and not _known_revision(revision):
+            raise RuntimeError(f"{db} is at schema revision {revision}, which MLflow {_mlflow_version()} does not "
+                               "know: a newer MLflow migrated it; install at least that version here (README, "
+                               "Cluster: pin no MLflow older than the one that last migrated the store)")
         if db.is_file() and revision != _get_latest_schema_revision():
-            copy = db.with_name(f"{db.name}.before-upgrade-{revision or 'unversioned'}")
-            if not copy.exists():  # the first is the store as it was before any attempt from this revision
-                _snapshot(db, copy)
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            copy = db.with_name(f"{db.name}.before-upgrade-{revision or 'unversioned'}-{stamp}")
+            _snapshot(db, copy)
     mlflow_db_upgrade.callback(url=backend_uri)
     return str(copy) if copy else None
 

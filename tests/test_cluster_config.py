@@ -446,11 +446,23 @@ def test_a_store_from_an_older_mlflow_is_migrated_before_the_server_starts(tmp_p
             return connection.execute("select version_num from alembic_version").fetchone()[0]
 
     assert revision(db) == head and previous != head
-    copy = tmp_path / f"mlflow.db.before-upgrade-{previous}"
+    [copy] = tmp_path.glob(f"mlflow.db.before-upgrade-{previous}-*")
     assert revision(copy) == previous  # the copy from before the migration, named after its revision
     assert main(["upgrade", "--db", str(db)]) == 0 and revision(db) == head  # at the head: nothing to do
     # The head runs this at every start: the copy from before the migration is not replaced by the migrated store.
-    assert revision(copy) == previous and [p.name for p in tmp_path.glob("mlflow.db.before-*")] == [copy.name]
+    assert revision(copy) == previous and list(tmp_path.glob("mlflow.db.before-*")) == [copy]
+    # A store a newer MLflow migrated (a head pinned to an older one): refused, neither copied nor changed.
+    with sqlite3.connect(db) as connection:
+        connection.execute("update alembic_version set version_num = 'ffffffffffff'")
+    assert main(["upgrade", "--db", str(db)]) == 1 and revision(db) == "ffffffffffff"
+    assert list(tmp_path.glob("mlflow.db.before-*")) == [copy]
+    # A path with a '#' (sqlite's URI cut it there and opened an empty database at "run")
+    odd = tmp_path / "run#2" / "mlflow.db"
+    odd.parent.mkdir()
+    _store_one_migration_behind(odd)
+    assert main(["upgrade", "--db", str(odd)]) == 0 and revision(odd) == head
+    [odd_copy] = odd.parent.glob(f"mlflow.db.before-upgrade-{previous}-*")
+    assert revision(odd_copy) == previous and not (tmp_path / "run").exists()
     start = [c for c in cluster["head_start_ray_commands"]]
     position = {key: next(i for i, c in enumerate(start) if key in c)
                 for key in ("mlflow_state restore", "mlflow_state upgrade", "mlflow server", "mlflow_state wait",
