@@ -127,6 +127,35 @@ def _disagreement(reference: nn.Module, candidate: nn.Module, probe: torch.Tenso
     return (actual - expected).abs().max().item()
 
 
+def _trace_in_this_thread(model: nn.Module) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace(model)``, leaving other threads' module calls alone.
+
+    torch.fx's tracer patches ``nn.Module.__call__`` and ``__getattr__`` process-wide while it traces: a
+    replica folding a model it had just loaded failed every forward its other threads ran meanwhile (the
+    requests for its other models) with "module is not installed as a submodule".
+    """
+    import torch.fx as fx
+
+    class ThisThreadTracer(fx.Tracer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.thread = threading.get_ident()
+
+        def call_module(self, m, forward, args, kwargs):
+            if threading.get_ident() != self.thread:
+                return forward(*args, **kwargs)  # the module's own call, untraced
+            return super().call_module(m, forward, args, kwargs)
+
+        def getattr(self, attr, attr_val, parameter_proxy_cache):
+            if threading.get_ident() != self.thread:
+                return attr_val
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    tracer = ThisThreadTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
 def fold_batchnorm(model: nn.Module, spec: PreprocessSpec) -> tuple[nn.Module, bool]:
     """Fold eval-mode batch norm into the preceding convolutions (torch.fx conv-BN fusion).
 
@@ -137,7 +166,8 @@ def fold_batchnorm(model: nn.Module, spec: PreprocessSpec) -> tuple[nn.Module, b
 
     model = model.eval()
     try:
-        folded = fuse(model, inplace=False)
+        # (fuse copies the traced module: the model handed in is left as it is)
+        folded = fuse(_trace_in_this_thread(model), inplace=False, no_trace=True)
     except Exception as err:  # noqa: BLE001 - untraceable models are served unfolded
         logger.info("batch-norm folding skipped: %s", err)
         return model, False
@@ -182,8 +212,8 @@ def replica_threads(serve) -> int:
 
 
 #: Held while a model is folded and traced: torch.fx's symbolic tracing (the batch-norm folding) patches torch's
-#: module calls process-wide while it runs, so two folds in threads at once (a replica loads two models at once)
-#: failed with "module is not installed as a submodule". Downloads and checkpoint reads still overlap.
+#: module calls process-wide while it runs, and two tracers at once undo each other's patches (a replica loads
+#: two models at once: "module is not installed as a submodule"). Downloads and checkpoint reads still overlap.
 _FOLDING_AND_TRACING = threading.Lock()
 
 

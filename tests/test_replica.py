@@ -643,3 +643,45 @@ def test_models_folded_in_threads_at_once_all_fold():
     for thread in threads:
         thread.join()
     assert errors == [] and len(folded) == 12 and all(folded)
+
+
+def test_folding_a_model_leaves_the_forwards_of_other_threads_alone():
+    """torch.fx's tracer patches nn.Module's calls process-wide while it traces: a replica folding a model it had
+    just loaded failed every forward its other threads ran meanwhile (requests for its other models), with
+    "module is not installed as a submodule"."""
+    import threading
+
+    import torch
+
+    import cnnmodels
+    from pipelines.model_store import fold_batchnorm
+    from pipelines.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(image_size=32, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
+                          class_names=tuple(str(i) for i in range(10)))
+    served = cnnmodels.create_model("lenet5", num_classes=10).eval()
+    loading = cnnmodels.create_model("resnet50", num_classes=10).eval()
+    done, errors, forwards = threading.Event(), [], []
+
+    def answer_requests():
+        x = torch.randn(1, 3, 32, 32)
+        while not done.is_set():
+            try:
+                with torch.inference_mode():
+                    served(x)
+                forwards.append(1)
+            except Exception as err:  # noqa: BLE001 - counted
+                errors.append(f"{type(err).__name__}: {err}")
+
+    thread = threading.Thread(target=answer_requests)
+    thread.start()
+    try:
+        folds = [fold_batchnorm(loading, spec)[1] for _ in range(3)]
+    finally:
+        done.set()
+        thread.join()
+    assert folds == [True] * 3
+    assert forwards and not errors, errors[:3]
+    # and the tracer's patches are gone afterwards: a plain call works, the model handed in is unchanged
+    assert served(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loading.modules())
