@@ -134,6 +134,15 @@ class ModelFinisher:
         # epoch ended and how long it took. Models train side by side (ten on one GPU), so the finished ones
         # alone said little: two small models done after 4 minutes promised 43 more when 8 were left.
         self.running: dict[str, dict[str, float]] = {}
+        # What the estimate measures in seconds, not multiply-adds: on 2 cores LeNet-5 and AlexNet spent most of
+        # their minute in the ~12 s every model pays to start and to be tested, and MACs x epochs made that look
+        # like a slow pace over the big models ("about 17 min to go" with 4.8 left). Seconds per MAC also differ
+        # several-fold between families.
+        self.epoch_seconds: dict[str, list[float]] = {}  # model -> [seconds, epochs] between its epoch reports
+        self.slot_seconds: dict[str, float] = {}  # finished model -> trial start to finish, less its gate wait
+        self.fixed: dict[str, float] = {}  # finished model -> that, less its epochs at its pace: the fixed cost
+        self.after_training: dict[str, float] = {}  # finished model -> its last epoch's report to its finish
+        self.first_start: float | None = None  # the earliest trial start seen (the stage's own set-up before)
 
     def _open(self) -> list[str]:
         return [n for n in self.macs if n not in self.finished and n not in self.failed and n not in self.lost]
@@ -162,13 +171,97 @@ class ModelFinisher:
         seconds = previous["epoch_seconds"] if previous else 0.0
         if previous is not None and previous["start"] == start and previous["reached"] < reached:
             seconds = (now - previous["at"]) / (reached - previous["reached"])
+            measured = self.epoch_seconds.setdefault(name, [0.0, 0])
+            measured[0] += now - previous["at"]
+            measured[1] += reached - previous["reached"]
         self.running[name] = {"start": start, "reached": reached, "at": now, "epoch_seconds": seconds}
 
+    def _pace_per_epoch(self) -> tuple[float, float] | None:
+        """Seconds per epoch of a model not measured yet, as ``(a, b)`` for ``a + b * MACs``: a line through the
+        measured models (a: what every epoch costs whatever the model, validation and checkpoint; b: seconds per
+        MAC). None before two models of different MACs are measured: LeNet-5's 1 s at 0.4 MMACs alone says
+        nothing of the others'."""
+        points = [(self.macs[n], s / e) for n, (s, e) in self.epoch_seconds.items() if e > 0 and n in self.macs]
+        if len({m for m, _ in points}) < 2:
+            return None
+        mean_m = sum(m for m, _ in points) / len(points)
+        mean_s = sum(s for _, s in points) / len(points)
+        b = sum((m - mean_m) * (s - mean_s) for m, s in points) / sum((m - mean_m) ** 2 for m, _ in points)
+        if b <= 0:  # bigger models were no slower: the MACs say nothing here
+            return mean_s, 0.0
+        a = mean_s - b * mean_m
+        if a < 0:  # no negative seconds for small models: through the origin instead
+            return 0.0, sum(s for _, s in points) / sum(m for m, _ in points)
+        return a, b
+
+    def _seconds_per_epoch(self, name: str, fit: tuple[float, float] | None) -> float | None:
+        """The model's own measured seconds per epoch, else the fit's for its MACs (None: nothing measured)."""
+        seconds, epochs = self.epoch_seconds.get(name, (0.0, 0))
+        if epochs:
+            return seconds / epochs
+        return None if fit is None else fit[0] + fit[1] * self.macs[name]
+
+    def _seconds(self, now: float) -> tuple[float, float, list[float], bool] | None:
+        """``(done, to_go, tails, queued)`` in model-seconds (one model training for one second is one): what
+        the stage did, what it has still to do, each running model's seconds left, and whether any model left
+        has not started training yet. None until a finished model measured the fixed cost."""
+        if not self.fixed:
+            return None
+        fixed = float(np.median(list(self.fixed.values())))
+        after = min(float(np.median(list(self.after_training.values()))) if self.after_training else 0.0, fixed)
+        before = fixed - after  # a running model paid this before its first epoch
+        fit = self._pace_per_epoch()
+        done = sum(self.slot_seconds.values())
+        for name in self.finished:
+            if name not in self.slot_seconds and name in self.macs:  # finished without a measured start time
+                done += fixed + self.done[name] / self.macs[name] * (self._seconds_per_epoch(name, fit) or 0.0)
+        to_go, tails, queued = 0.0, [], False
+        for name in self._open():
+            per_epoch = self._seconds_per_epoch(name, fit)
+            progress = self.running.get(name)
+            if progress is None:
+                if per_epoch is None:
+                    return None
+                to_go += fixed + self.epochs[name] * per_epoch
+                queued = True
+                continue
+            # A running model's latest epoch time: ten models sharing a GPU speed up as the others finish.
+            latest = progress["epoch_seconds"] or per_epoch
+            if latest is None:
+                return None
+            left = max(self.epochs[name] - progress["reached"], 0)
+            since = max(now - progress["at"], 0.0)
+            if left and since > latest:  # an epoch past its expected length: taken as half done, and so the rest
+                latest = 2 * since
+            remaining = left * latest - since + after if left else max(after - since, 0.0)
+            done += before + (progress["reached"] - progress["start"]) * (per_epoch or latest) + min(
+                since, left * latest + after)
+            to_go += remaining
+            tails.append(remaining)
+        return done, to_go, tails, queued
+
     def eta(self, now: float | None = None) -> float | None:
-        """Seconds the rest of the stage should take: the work left at the pace of the work done so far (see
-        :func:`stage_eta`), but never less than the slowest model in training needs for its epochs left at
-        its own pace (under concurrency, the last models' tail)."""
+        """Seconds the rest of the stage should take, in seconds of training, not MACs: each model's own
+        measured seconds per epoch (a fit over the measured models by MACs for those not started) plus the
+        fixed cost the finished ones measured (start-up, test and record); the models left take that many
+        model-seconds at the rate the stage did them so far (models side by side: ten on a GPU, two on 2
+        cores), and never less than the slowest running model needs (the last models' tail). Before a model
+        has finished with a measured start time: multiply-adds x epochs at the pace so far."""
         now = time.time() if now is None else now
+        measured = self._seconds(now)
+        if measured is None:
+            return self._eta_by_work(now)
+        done, to_go, tails, queued = measured
+        tail = max(tails, default=0.0)
+        if not queued:  # every model left is training: the slowest one ends the stage
+            return tail if to_go > 0 else None
+        elapsed = now - (self.first_start if self.first_start is not None else self.started)
+        pace = stage_eta(elapsed, done, to_go)
+        return None if pace is None else max(pace, tail)
+
+    def _eta_by_work(self, now: float) -> float | None:
+        """The work left at the pace of the work done so far (see :func:`stage_eta`), but never less than the
+        slowest model in training needs for its epochs left at its own pace."""
         pace = stage_eta(now - self.started, self.work_done(), self.work_to_go())
         open_models = self._open()
         tails = [(self.epochs[n] - p["reached"]) * p["epoch_seconds"] - (now - p["at"])
@@ -186,13 +279,29 @@ class ModelFinisher:
         """A model's trial failed: the stage's estimate stops counting its work as still to go."""
         self.lost.add(trial.config["run"]["model"]["name"])
 
-    def model_finished(self, name: str, epochs_trained: int, now: float | None = None) -> str:
-        """Count a finished model (``epochs_trained``: the epochs this stage trained it); returns the stage's
-        progress line."""
+    def model_finished(self, name: str, epochs_trained: int, now: float | None = None, *,
+                       started_at: float | None = None, waited: float = 0.0) -> str:
+        """Count a finished model (``epochs_trained``: the epochs this stage trained it; ``started_at``: when its
+        trial started, ``waited``: the seconds it waited at the compute gate, to measure its fixed cost);
+        returns the stage's progress line."""
         self.finished.append(name)
         self.done[name] = self.macs.get(name, 1) * epochs_trained
         now = time.time() if now is None else now
-        eta = self.eta(now)
+        progress = self.running.get(name)
+        if progress is not None and now >= progress["at"]:
+            self.after_training[name] = now - progress["at"]
+        if started_at is not None and started_at <= now and name in self.macs:
+            self.first_start = started_at if self.first_start is None else min(self.first_start, started_at)
+            wall = max(now - started_at - max(waited, 0.0), 0.0)
+            self.slot_seconds[name] = wall
+            per_epoch = self._seconds_per_epoch(name, self._pace_per_epoch())
+            if per_epoch is not None:
+                self.fixed[name] = max(wall - epochs_trained * per_epoch, 0.0)
+        try:  # Tune does not guard on_complete: an estimate must never end the stage
+            eta = self.eta(now)
+        except Exception as err:  # noqa: BLE001
+            logger.warning("[train] no estimate of the time to go (%s: %s)", type(err).__name__, err)
+            eta = None
         to_go = f", about {duration(eta)} to go" if eta is not None else ""
         return f"[train] {len(self.finished)}/{len(self.macs)} models done in {duration(now - self.started)}{to_go}"
 
@@ -210,7 +319,11 @@ class ModelFinisher:
         # crediting all 15 made the rest of the stage look minutes away when it was hours.
         start_epoch = (trial.last_result or {}).get("start_epoch")
         trained = epochs_of_the_last_attempt(result.history, None if start_epoch is None else int(start_epoch))
-        logger.info(timestamped(self.model_finished(name, trained)))
+        # The wait at the compute gate (overlapped start-up) is the previous model's training, not a cost.
+        timeline = result.timeline
+        waited = max(timeline["compute_granted"] - timeline["restored"], 0.0) if {
+            "compute_granted", "restored"} <= timeline.keys() else 0.0
+        logger.info(timestamped(self.model_finished(name, trained, started_at=started_at, waited=waited)))
 
 
 @dataclass

@@ -1372,3 +1372,109 @@ def test_a_resumed_model_counts_only_the_epochs_this_stage_trained():
     # attempt trained nothing; it was credited with all 15 epochs and the stage promised seconds for hours.
     assert epochs_of_the_last_attempt(history(0), start_epoch=15) == 0
     assert epochs_of_the_last_attempt(history(14), start_epoch=14) == 1
+
+
+def _replay_stage(finisher, runs: dict, order: list[str], slots: int, epoch_seconds, before: float, after: float,
+                  *, with_start: bool = True) -> list[tuple[float, str, str]]:
+    """Replay a train stage into ``finisher``: ``order`` in Tune's order, ``slots`` models at a time, each paying
+    ``before`` seconds to start, its epochs of ``epoch_seconds(name)``, and ``after`` seconds to be tested and
+    recorded. Returns (when, model, progress line) of each finish; the stage ends at the last."""
+    from types import SimpleNamespace
+
+    t0 = finisher.started + 5  # the stage's own set-up before the first trial
+    free_at = [t0] * slots
+    events = []  # (time, kind, name, payload)
+    for name in order:
+        slot = min(range(slots), key=free_at.__getitem__)
+        start = free_at[slot]
+        epochs = runs[name].hyper.epochs
+        for epoch in range(epochs):
+            events.append((start + before + (epoch + 1) * epoch_seconds(name), "epoch", name, (epoch, start)))
+        end = start + before + epochs * epoch_seconds(name) + after
+        events.append((end, "done", name, (epochs, start)))
+        free_at[slot] = end
+    lines = []
+    for when, kind, name, (value, start) in sorted(events, key=lambda e: (e[0], e[1] == "done")):
+        trial = SimpleNamespace(config={"run": runs[name].to_dict()})
+        if kind == "epoch":
+            finisher.epoch_done(trial, {"epoch": value, "start_epoch": 0}, now=when)
+        else:
+            started = {"started_at": start} if with_start else {}
+            lines.append((when, name, finisher.model_finished(name, value, now=when, **started)))
+    return lines
+
+
+def test_the_stage_eta_counts_each_models_fixed_cost_in_seconds_not_multiply_adds(make_config):
+    """A new user's quick start on 2 cores said "about 17 min to go" at 2 of 9 models with 4.8 min left: the
+    first models (LeNet-5, AlexNet: few multiply-adds) spent most of their time in the ~12 s every model pays
+    to start and to be tested, which MACs x epochs read as a slow pace over the large models."""
+    import re
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.train import ModelFinisher
+
+    order = ["lenet5", "alexnet", "vgg11_bn", "googlenet", "resnet18", "densenet121", "se_resnet18"]
+    cfg = make_config("train.models=[" + ",".join(order) + "]", "train.epochs=2")
+    runs = {r.model_name: r for r in plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg),
+                                                      cluster_cpus=2)}
+    per_mmac = {name: 2.0 * 1e-6 * runs[name].macs for name in order}
+
+    def epoch_seconds(name: str) -> float:  # validation and checkpoint, then the training loop by size
+        return 1.0 + 20 * per_mmac[name] / max(per_mmac.values())
+
+    def seconds(text: str) -> float:  # "about 1 min 33 s to go" -> 93
+        to_go = re.search(r"about (?:(\d+) min )?(\d+) s to go", text)
+        return int(to_go.group(1) or 0) * 60 + int(to_go.group(2))
+
+    for slots in (1, 2):
+        finisher = ModelFinisher(cfg, queue=None, runs=list(runs.values()))
+        lines = _replay_stage(finisher, runs, order, slots, epoch_seconds, before=10.0, after=2.0)
+        end = lines[-1][0]
+        when, _, line = lines[1]  # the second model done
+        assert "2/7 models done" in line and "to go" in line, line
+        left = end - when
+        assert 0.6 * left <= seconds(line) <= 1.5 * left, (slots, line, left)
+        # and every later estimate within the same bounds (the last model's line has nothing to go)
+        for when, _, line in lines[2:-1]:
+            assert "to go" in line and 0.5 * (end - when) <= seconds(line) <= 1.6 * (end - when), (slots, line,
+                                                                                                 end - when)
+    # Without a trial's start time (an older Tune callback), the estimate is the one by multiply-adds, as before.
+    fallback = ModelFinisher(cfg, queue=None, runs=list(runs.values()))
+    _replay_stage(fallback, runs, order, 2, epoch_seconds, before=10.0, after=2.0, with_start=False)
+    assert not fallback.fixed
+
+
+def test_a_running_model_past_its_usual_epoch_still_leaves_time_to_go_and_a_failing_estimate_is_no_error(
+        make_config, caplog, monkeypatch):
+    """A model whose epoch ran over its measured length had "0 s" left (the line lost its time to go while the
+    stage had minutes to run); and an error in the estimate, called from Tune's callback unguarded, would
+    have ended the stage."""
+    from types import SimpleNamespace
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.train import ModelFinisher
+
+    cfg = make_config("train.models=[lenet5, alexnet, resnet18]", "train.epochs=4")
+    runs = {r.model_name: r for r in plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg),
+                                                      cluster_cpus=2)}
+    finisher = ModelFinisher(cfg, queue=None, runs=list(runs.values()))
+    t0 = finisher.started
+    trial = {name: SimpleNamespace(config={"run": runs[name].to_dict()}) for name in runs}
+    for epoch in range(4):  # lenet5: 10 s to start, 4 epochs of 2 s, 2 s to finish
+        finisher.epoch_done(trial["lenet5"], {"epoch": epoch, "start_epoch": 0}, now=t0 + 10 + 2 * (epoch + 1))
+    finisher.model_finished("lenet5", 4, now=t0 + 20, started_at=t0)
+    for epoch in range(2):  # alexnet, beside it: epochs of 5 s
+        finisher.epoch_done(trial["alexnet"], {"epoch": epoch, "start_epoch": 0}, now=t0 + 10 + 5 * (epoch + 1))
+    for epoch in range(4):
+        finisher.epoch_done(trial["resnet18"], {"epoch": epoch, "start_epoch": 0}, now=t0 + 30 + 3 * (epoch + 1))
+    finisher.model_finished("resnet18", 4, now=t0 + 44, started_at=t0 + 20)
+    # alexnet's third epoch is 60 s late: it is still training, with two epochs to go
+    late = finisher.eta(now=t0 + 20 + 60)
+    assert late is not None and late > 0
+    monkeypatch.setattr(finisher, "eta", lambda now=None: 1 / 0)
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        line = finisher.model_finished("alexnet", 4, now=t0 + 100, started_at=t0)
+    assert line.startswith("[train] 3/3 models done") and "to go" not in line
+    assert "no estimate of the time to go (ZeroDivisionError" in caplog.text
