@@ -167,7 +167,8 @@ def fold_batchnorm(model: nn.Module, spec: PreprocessSpec) -> tuple[nn.Module, b
     model = model.eval()
     try:
         # (fuse copies the traced module: the model handed in is left as it is)
-        folded = fuse(_trace_in_this_thread(model), inplace=False, no_trace=True)
+        with _FOLDING_AND_TRACING:  # two tracers at once would route one's module calls through the other's patch
+            folded = fuse(_trace_in_this_thread(model), inplace=False, no_trace=True)
     except Exception as err:  # noqa: BLE001 - untraceable models are served unfolded
         logger.info("batch-norm folding skipped: %s", err)
         return model, False
@@ -214,7 +215,7 @@ def replica_threads(serve) -> int:
 #: Held while a model is folded and traced: torch.fx's symbolic tracing (the batch-norm folding) patches torch's
 #: module calls process-wide while it runs, and two tracers at once undo each other's patches (a replica loads
 #: two models at once: "module is not installed as a submodule"). Downloads and checkpoint reads still overlap.
-_FOLDING_AND_TRACING = threading.Lock()
+_FOLDING_AND_TRACING = threading.RLock()
 
 
 def prepare_for_serving(model: nn.Module, spec: PreprocessSpec, *, fold: bool = True, trace: bool = False,

@@ -231,13 +231,17 @@ class ModelFinisher:
                 return None
             left = max(self.epochs[name] - progress["reached"], 0)
             since = max(now - progress["at"], 0.0)
-            if left and since > latest:  # an epoch past its expected length: taken as half done, and so the rest
-                latest = 2 * since
-            remaining = left * latest - since + after if left else max(after - since, 0.0)
-            done += before + (progress["reached"] - progress["start"]) * (per_epoch or latest) + min(
-                since, left * latest + after)
+            if not left:
+                remaining = max(after - since, 0.0)
+            elif since > latest:  # an epoch past its expected length: taken as half done, the rest at its pace
+                # (not all of them at twice it: a neighbour starting on a shared GPU doubled the whole tail)
+                remaining = since + (left - 1) * since + after
+            else:
+                remaining = left * latest - since + after
+            done += before + (progress["reached"] - progress["start"]) * (per_epoch or latest) + since
             to_go += remaining
-            tails.append(remaining)
+            if progress["epoch_seconds"]:  # its own pace measured: a fit's (by MACs, other models) is no tail
+                tails.append(remaining)
         return done, to_go, tails, queued
 
     def eta(self, now: float | None = None) -> float | None:
@@ -295,7 +299,8 @@ class ModelFinisher:
             wall = max(now - started_at - max(waited, 0.0), 0.0)
             self.slot_seconds[name] = wall
             per_epoch = self._seconds_per_epoch(name, self._pace_per_epoch())
-            if per_epoch is not None:
+            # Not after a restart from a checkpoint (a worker lost): the trial's wall holds the lost attempt too.
+            if per_epoch is not None and (progress is None or progress["start"] == 0):
                 self.fixed[name] = max(wall - epochs_trained * per_epoch, 0.0)
         try:  # Tune does not guard on_complete: an estimate must never end the stage
             eta = self.eta(now)

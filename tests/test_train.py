@@ -1470,7 +1470,9 @@ def test_a_running_model_past_its_usual_epoch_still_leaves_time_to_go_and_a_fail
     for epoch in range(4):
         finisher.epoch_done(trial["resnet18"], {"epoch": epoch, "start_epoch": 0}, now=t0 + 30 + 3 * (epoch + 1))
     finisher.model_finished("resnet18", 4, now=t0 + 44, started_at=t0 + 20)
-    # alexnet's third epoch is 60 s late: it is still training, with two epochs to go
+    # alexnet's third epoch running over its 5 s adds about that epoch, not every epoch left at twice its pace
+    assert finisher.eta(now=t0 + 25.1) - finisher.eta(now=t0 + 24.9) < 5.5
+    # ... and 60 s late, it is still training, with two epochs to go
     late = finisher.eta(now=t0 + 20 + 60)
     assert late is not None and late > 0
     monkeypatch.setattr(finisher, "eta", lambda now=None: 1 / 0)
