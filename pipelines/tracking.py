@@ -696,6 +696,7 @@ def ui_hint(tracking_uri: str, experiment_id: str, port: int = 5000) -> str:
             local = 5001 if port == 5000 or port < 1024 else port
             host = f"[{url.hostname}]" if address.version == 6 else url.hostname
             hint += (f"; from elsewhere, through an SSH tunnel to a machine that reaches it (ssh -L "
-                     f"{local}:{host}:{port} ..., the README's cluster section): {url.scheme}://127.0.0.1:{local}/{page}")
+                     f"{local}:{host}:{port} ..., the README's cluster section): "
+                     f"{url.scheme}://127.0.0.1:{local}{url.path.rstrip('/')}/{page}")  # (a server under a prefix)
         return hint
     return f"mlflow ui --backend-store-uri '{shown}' --port {port}   # then http://127.0.0.1:{port}/{page}{note}"

@@ -141,6 +141,7 @@ def test_the_ui_hint_opens_the_model_training_view():
     assert "tunnel" not in ui_hint("http://127.0.0.1:5000", "3") + ui_hint("http://34.210.1.5:5000", "3")
     assert "ssh -L 5001:[fd00::7]:443 " in ui_hint("https://[fd00::7]", "3")  # brackets; no root port locally
     assert "ssh -L 8080:10.0.0.1:8080 " in ui_hint("http://10.0.0.1:8080", "3")  # another port: the same locally
+    assert "http://127.0.0.1:5001/mlflow/#/experiments/3/" in ui_hint("http://10.0.0.5:5000/mlflow/", "3")  # prefix
 
 
 def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(make_config, tmp_path):
