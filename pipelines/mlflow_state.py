@@ -141,12 +141,6 @@ def _known_revision(revision: str) -> bool:
         return False
 
 
-def _mlflow_version() -> str:
-    import mlflow
-
-    return mlflow.__version__
-
-
 def upgrade(backend_uri: str) -> str | None:
     """Migrate the MLflow store at ``backend_uri`` to the installed MLflow's schema (what ``mlflow db upgrade``
     does; an empty database gets its tables), in this process, so a password in the URI stays off every
@@ -166,7 +160,9 @@ def upgrade(backend_uri: str) -> str | None:
         # the next `ray up` replaced the only one from before the migration.
         revision = _sqlite_schema_revision(db) if db.is_file() else None
         if revision is not None and not _known_revision(revision):
-            raise RuntimeError(f"{db} is at schema revision {revision}, which MLflow {_mlflow_version()} does not "
+            import mlflow
+
+            raise RuntimeError(f"{db} is at schema revision {revision}, which MLflow {mlflow.__version__} does not "
                                "know: a newer MLflow migrated it; install at least that version here (README, "
                                "Cluster: pin no MLflow older than the one that last migrated the store)")
         if db.is_file() and revision != _get_latest_schema_revision():

@@ -235,7 +235,7 @@ class ModelFinisher:
                 remaining = max(after - since, 0.0)
             elif since > latest:  # an epoch past its expected length: taken as half done, the rest at its pace
                 # (not all of them at twice it: a neighbour starting on a shared GPU doubled the whole tail)
-                remaining = since + (left - 1) * since + after
+                remaining = left * since + after
             else:
                 remaining = left * latest - since + after
             done += before + (progress["reached"] - progress["start"]) * (per_epoch or latest) + since
