@@ -105,6 +105,40 @@ def make_config(tmp_path, empty_mlflow_store):
 
 
 @pytest.fixture
+def pipelines_cli(monkeypatch, capsys):
+    """``python -m pipelines ARGV`` run in this process, for commands that must end before Ray starts:
+    ``pipelines_cli("train", "--set", ..., env={...})`` returns its exit code, stdout, stderr, and whether it
+    reached Ray, which is refused (this process's session Ray would let such a command through, where a user's
+    would start one, seconds on 2 cores, or hang on an address nothing answers). A subprocess per command cost
+    4-8 s of imports each; ``python -m`` itself is run by the Ctrl-C and config-error tests in test_config.py."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import pipelines.runtime as runtime
+    from pipelines.__main__ import main
+
+    reached = []
+
+    @contextlib.contextmanager
+    def no_ray(cfg):
+        reached.append(cfg)
+        raise AssertionError("the command went on to start Ray")
+        yield  # (a generator, as the real one)
+
+    monkeypatch.setattr(runtime, "ray_session", no_ray)
+
+    def run(*argv: str, env: dict[str, str] | None = None) -> SimpleNamespace:
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err, started_ray=bool(reached))
+
+    return run
+
+
+@pytest.fixture
 def refusing_credentials():
     """The URL of an HTTP server that answers every request 401, as MLflow (or the proxy in front of it) does to
     an expired token."""

@@ -485,10 +485,9 @@ def test_ctrl_c_while_the_config_is_checked_exits_130_without_a_traceback(monkey
     assert cli.main(["check-config"]) == cli.EXIT_INTERRUPTED
 
 
-def test_check_config_prints_the_resolved_config(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pipelines", "check-config", "--set", "train.epochs=7",
-                          "--set", f"workdir={tmp_path}"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+def test_check_config_prints_the_resolved_config(tmp_path, pipelines_cli):
+    out = pipelines_cli("check-config", "--set", "train.epochs=7", "--set", f"workdir={tmp_path}")
+    assert out.returncode == 0 and not out.started_ray, out.stderr
     resolved = yaml.safe_load(out.stdout)
     assert resolved["train"]["epochs"] == 7
     assert resolved["train"]["models"][0] == "lenet5"
@@ -514,21 +513,18 @@ def test_configuration_reference_doc_is_current():
     assert config_reference() in doc, "regenerate docs/configuration.md from pipelines.config.config_reference()"
 
 
-@pytest.mark.slow
-def test_a_failed_stage_exits_1_with_one_line_and_no_traceback(tmp_path):
+def test_a_failed_stage_exits_1_with_one_line_and_no_traceback(tmp_path, pipelines_cli):
     """report needs no Ray: with RAY_ADDRESS at an address nothing answers it runs (and fails on the records)."""
-    out = subprocess.run([sys.executable, "-m", "pipelines", "report", "--set", f"workdir={tmp_path}"],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:1"})
-    assert out.returncode == 1, out.stdout + out.stderr
+    nowhere = {"RAY_ADDRESS": "http://127.0.0.1:1"}
+    out = pipelines_cli("report", "--set", f"workdir={tmp_path}", env=nowhere)
+    assert out.returncode == 1 and not out.started_ray, out.stdout + out.stderr
     assert "error: LookupError: no trained models under" in out.stderr
     assert "run the train stage first" in out.stderr and "Traceback" not in out.stderr
     # `run` of the report alone needs no Ray either (it started one, and refused this RAY_ADDRESS); --no-block,
     # which is about serving, is no reason to refuse it without a cluster.
-    out = subprocess.run([sys.executable, "-m", "pipelines", "run", "--stages", "report", "--no-block", "--set",
-                          f"workdir={tmp_path}"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:1"})
+    out = pipelines_cli("run", "--stages", "report", "--no-block", "--set", f"workdir={tmp_path}", env=nowhere)
     assert out.returncode == 1 and "error: LookupError: no trained models under" in out.stderr, out.stderr
+    assert not out.started_ray
 
 
 @pytest.mark.slow
@@ -583,17 +579,21 @@ def test_ctrl_c_while_training_exits_130_and_leaves_the_model_untrained(tmp_path
     from pipelines.tracking import Tracker
 
     overrides = [f"workdir={tmp_path}", "name=interrupted", "train.models=[lenet5]", "train.epochs=50",
-                 "data.image_size=16", "data.train_subset=300", "ray.include_dashboard=false", "ray.num_cpus=1"]
+                 "data.image_size=16", "data.train_subset=300", "ray.include_dashboard=false", "ray.num_cpus=1",
+                 "train.progress_interval_s=0.01"]
     command = [sys.executable, "-m", "pipelines", "train"] + [a for o in overrides for a in ("--set", o)]
     # SIGINT at its default in the child: a suite started in the background (`cmd &`) has it ignored, and
     # Python keeps an inherited ignore, so the Ctrl-C would never arrive.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    output = []
+    output, progress = [], "[lenet5] epoch 1/50: batch "
     try:
         for line in process.stdout:
             output.append(line)
-            if "lenet5: epoch 1/50" in line:  # training, with a checkpoint to resume from
+            # Training, with a checkpoint to resume from; the worker's progress lines within the epoch reached this
+            # console (through Ray's log monitor, which may deliver them after the driver's epoch line).
+            epoch_done = "lenet5: epoch " in "".join(output)
+            if (epoch_done and progress in "".join(output)) or "lenet5: epoch 5/50" in line:
                 process.send_signal(signal.SIGINT)
                 break
         rest, _ = process.communicate(timeout=120)
@@ -602,6 +602,7 @@ def test_ctrl_c_while_training_exits_130_and_leaves_the_model_untrained(tmp_path
     log = "".join(output) + rest
     assert process.returncode == 130, log
     assert "interrupted; re-run the same command to resume" in log
+    assert progress in log and " img/s, epoch ETA " in log, log  # long epochs are never silent (issue #12)
     cfg = load_config(None, overrides)
     assert load_results(cfg.paths.train_dir) == {}
     tracker = Tracker.for_config(cfg)

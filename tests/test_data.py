@@ -832,25 +832,16 @@ def test_the_error_shows_the_first_ten_bad_files_and_the_count(tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["bad files", "loose images"])
-def test_cli_exits_2_naming_what_to_fix_before_ray_starts(tmp_path, problem):
-    import subprocess
-    import sys
-
+def test_cli_exits_2_naming_what_to_fix_before_ray_starts(tmp_path, problem, pipelines_cli):
     if problem == "bad files":
         write_folder_with_bad_files(tmp_path / "images")
     else:  # a flat folder of images, no class folders
         (tmp_path / "images").mkdir()
         for i in range(4):
             Image.new("RGB", (8, 8)).save(tmp_path / "images" / f"{i}.png")
-    script = f"""
-import sys, ray
-from pipelines.__main__ import main
-code = main(["train", "--set", "workdir={tmp_path / 'runs'}", "--set", "data.dataset=imagefolder",
-             "--set", "data.root={tmp_path / 'images'}"])
-print("exit", code, "ray", ray.is_initialized())
-"""
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert "exit 2 ray False" in out.stdout, out.stdout + out.stderr
+    out = pipelines_cli("train", "--set", f"workdir={tmp_path / 'runs'}", "--set", "data.dataset=imagefolder",
+                        "--set", f"data.root={tmp_path / 'images'}")
+    assert out.returncode == 2 and not out.started_ray, out.stdout + out.stderr
     if problem == "bad files":
         assert "data error: 2 of the 14 image files" in out.stderr
         assert "cat/broken.png" in out.stderr and "dog/empty.jpg" in out.stderr and "._0.png" not in out.stderr

@@ -833,36 +833,6 @@ def test_the_learning_rate_warms_up_linearly_then_follows_the_schedule():
     assert constant == [0.1] * 30
 
 
-@pytest.mark.slow
-def test_the_next_model_starts_up_while_one_trains_and_waits_for_the_cores(ray_cluster, make_config, capfd):
-    """Overlapped start-up: two runs are admitted on the 2-CPU session Ray, but the compute gate lets only
-    one train at a time; both are trained, tested and registered as usual, with progress on the console."""
-    import time
-
-    from pipelines.console import configure_console
-
-    configure_console()
-    cfg = make_config("train.models=[lenet5, vgg11]", "train.overlap_startup=true", "train.epochs=2",
-                      "data.train_subset=200", "data.image_size=16", "train.progress_interval_s=0.01", *FAST[1:])
-    stage = train_stage(cfg)
-    assert stage.ok and sorted(stage.trained) == ["lenet5", "vgg11"]
-
-    def at(result, milestone: str) -> float:  # wall-clock time of a run's milestone
-        return result.timeline["started_at"] + result.timeline[milestone]
-
-    first, second = sorted(stage.results.values(), key=lambda r: at(r, "compute_granted"))
-    assert at(second, "worker_start") < at(first, "test_start"), "the second run did not start up meanwhile"
-    # (milestones are kept to the millisecond: 2 ms for the rounding of both)
-    assert at(second, "compute_granted") >= at(first, "compute_released") - 0.002, "both trained at the same time"
-    assert all(r.version for r in stage.results.values()), "both registered"
-    out, deadline = "", time.monotonic() + 30
-    while "[vgg11] epoch 1/2: batch " not in out and time.monotonic() < deadline:
-        out += capfd.readouterr().out  # worker lines reach the driver's console through Ray's log monitor
-        time.sleep(0.2)
-    assert "[vgg11] epoch 1/2: batch " in out and " img/s, epoch ETA " in out  # within an epoch
-    assert "[train] 1/2 models done in " in out and "[train] 2/2 models done" in out
-
-
 @pytest.fixture
 def worker_lines(monkeypatch):
     """The worker module on a clock of its own (``clock[0]``, seconds) and the lines it logs, as (time, message)."""
