@@ -201,10 +201,12 @@ class ModelFinisher:
             return seconds / epochs
         return None if fit is None else fit[0] + fit[1] * self.macs[name]
 
-    def _seconds(self, now: float) -> tuple[float, float, list[float], bool] | None:
-        """``(done, to_go, tails, queued)`` in model-seconds (one model training for one second is one): what
-        the stage did, what it has still to do, each running model's seconds left, and whether any model left
-        has not started training yet. None until a finished model measured the fixed cost."""
+    def _seconds(self, now: float) -> tuple[float, float, list[float], list[float], bool] | None:
+        """``(done, to_go, tails, ends, queued)`` in model-seconds (one model training for one second is one):
+        what the stage did, what it has still to do, the seconds left of each running model whose own pace is
+        measured (tails) and of every running model (ends: a pace not measured yet is the fit's by MACs), and
+        whether any model left has not started training yet. None until a finished model measured the fixed
+        cost."""
         if not self.fixed:
             return None
         fixed = float(np.median(list(self.fixed.values())))
@@ -215,7 +217,7 @@ class ModelFinisher:
         for name in self.finished:
             if name not in self.slot_seconds and name in self.macs:  # finished without a measured start time
                 done += fixed + self.done[name] / self.macs[name] * (self._seconds_per_epoch(name, fit) or 0.0)
-        to_go, tails, queued = 0.0, [], False
+        to_go, tails, ends, queued = 0.0, [], [], False
         for name in self._open():
             per_epoch = self._seconds_per_epoch(name, fit)
             progress = self.running.get(name)
@@ -240,9 +242,10 @@ class ModelFinisher:
                 remaining = left * latest - since + after
             done += before + (progress["reached"] - progress["start"]) * (per_epoch or latest) + since
             to_go += remaining
+            ends.append(remaining)
             if progress["epoch_seconds"]:  # its own pace measured: a fit's (by MACs, other models) is no tail
                 tails.append(remaining)
-        return done, to_go, tails, queued
+        return done, to_go, tails, ends, queued
 
     def eta(self, now: float | None = None) -> float | None:
         """Seconds the rest of the stage should take, in seconds of training, not MACs: each model's own
@@ -255,10 +258,11 @@ class ModelFinisher:
         measured = self._seconds(now)
         if measured is None:
             return self._eta_by_work(now)
-        done, to_go, tails, queued = measured
+        done, to_go, tails, ends, queued = measured
+        if not queued:  # every model left is training: the slowest one ends the stage, its pace measured or not
+            # (a model that has reported one epoch in this attempt has no pace of its own yet: "0 s to go")
+            return max(ends, default=0.0) if to_go > 0 else None
         tail = max(tails, default=0.0)
-        if not queued:  # every model left is training: the slowest one ends the stage
-            return tail if to_go > 0 else None
         elapsed = now - (self.first_start if self.first_start is not None else self.started)
         pace = stage_eta(elapsed, done, to_go)
         return None if pace is None else max(pace, tail)

@@ -1450,3 +1450,28 @@ def test_a_running_model_past_its_usual_epoch_still_leaves_time_to_go_and_a_fail
         line = finisher.model_finished("alexnet", 4, now=t0 + 100, started_at=t0)
     assert line.startswith("[train] 3/3 models done") and "to go" not in line
     assert "no estimate of the time to go (ZeroDivisionError" in caplog.text
+
+
+def test_the_last_running_model_without_a_pace_of_its_own_still_leaves_time_to_go(make_config):
+    """Every model left training, the slowest having reported only its first epoch of this attempt (no pace of
+    its own yet): the stage said "about 0 s to go" with its epochs left to train."""
+    from types import SimpleNamespace
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.train import ModelFinisher
+
+    cfg = make_config("train.models=[lenet5, alexnet, resnet18]", "train.epochs=10")
+    runs = {r.model_name: r for r in plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg),
+                                                      cluster_cpus=2)}
+    finisher = ModelFinisher(cfg, queue=None, runs=list(runs.values()))
+    t0 = finisher.started
+    trial = {name: SimpleNamespace(config={"run": runs[name].to_dict()}) for name in runs}
+    for epoch in range(10):  # lenet5 and alexnet side by side: 10 s to start, epochs of 2 s and 5 s
+        finisher.epoch_done(trial["lenet5"], {"epoch": epoch, "start_epoch": 0}, now=t0 + 10 + 2 * (epoch + 1))
+        finisher.epoch_done(trial["alexnet"], {"epoch": epoch, "start_epoch": 0}, now=t0 + 10 + 5 * (epoch + 1))
+    finisher.model_finished("lenet5", 10, now=t0 + 32, started_at=t0)
+    finisher.epoch_done(trial["resnet18"], {"epoch": 0, "start_epoch": 0}, now=t0 + 55)  # started at 32
+    line = finisher.model_finished("alexnet", 10, now=t0 + 62, started_at=t0)
+    assert line.startswith("[train] 2/3 models done") and "to go" in line, line
+    assert finisher.eta(now=t0 + 62) > 9 * 5  # nine epochs left, each at least alexnet's 5 s by the MACs fit
