@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1066,17 +1066,21 @@ def send_pending(cfg) -> SentPending:
 
 @contextlib.contextmanager
 def flushed_on_abort(queue: TrackingQueue, parent: str | None, trials: TrialTracking | None = None,
-                     timeout_s: float = 10.0) -> Iterator[None]:
+                     timeout_s: float = 10.0, closing: Sequence[tuple[str, dict]] = ()) -> Iterator[None]:
     """Ctrl-C or an error inside: the stage's MLflow run ``parent`` and the child runs of ``trials`` still running
-    end as KILLED (FAILED after an error), and the queued writes go out (or are kept pending when MLflow does not
-    take them within ``timeout_s``) before the exception goes on. Without this, an error lost the registrations
-    of models that had finished: the writer is a daemon thread, and their result records then said trained."""
+    end as KILLED (FAILED after an error), the stage's ``closing`` writes (``(kind, kwargs)``: the champion alias,
+    which the finished models' registrations may move) are queued after what finished, and the queued writes go
+    out (or are kept pending when MLflow does not take them within ``timeout_s``) before the exception goes on.
+    Without this, an error lost the registrations of models that had finished: the writer is a daemon thread, and
+    their result records then said trained."""
     try:
         yield
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
         if trials is not None:
             trials.end_open_runs(status)
+        for kind, kwargs in closing:
+            queue.put(kind, **kwargs)
         if parent is not None:
             queue.put("end_run", parent, status=status)
         queue.keep_on_disk()

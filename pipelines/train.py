@@ -575,14 +575,16 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
             {"dataset": info.dataset, "models": ",".join(r.model_name for r in runs), "epochs": cfg.train.epochs,
              "num_workers": cfg.train.num_workers}, cfg.to_yaml())
     queue = TrackingQueue.for_config(cfg, tracker)
+    # The champion alias follows the versions registered, also those of the models that finished before an abort
+    # (a Ctrl-C after 3 of 10: `register` found nothing pending and never moved it).
+    champion_args = {"registered_model": cfg.registered_model_name, "test_split": info.test_split}
     if todo:
         finisher = ModelFinisher(cfg, queue, todo)
         tracking = TrialTracking(queue, "train", parent, describe=describe_run, on_complete=finisher,
                                  on_error=finisher.trial_failed, on_epoch=finisher.epoch_done)
-        with flushed_on_abort(queue, parent, tracking):
+        with flushed_on_abort(queue, parent, tracking, closing=[("update_champion", champion_args)]):
             failed = _train_models(cfg, queue, parent, info, todo, free, tracking, finisher)
-    champion_write = queue.put("update_champion", registered_model=cfg.registered_model_name,
-                               test_split=info.test_split)
+    champion_write = queue.put("update_champion", **champion_args)
     pending = queue.flush(cfg.tracking.pending_timeout_s)
     # Trained, but its registration was refused for good (a diverged model's NaN weights, its run or checkpoint
     # deleted): not in the registry, so not served; the stage failed for it. Also a model skipped for a

@@ -1475,3 +1475,35 @@ def test_the_last_running_model_without_a_pace_of_its_own_still_leaves_time_to_g
     line = finisher.model_finished("alexnet", 10, now=t0 + 62, started_at=t0)
     assert line.startswith("[train] 2/3 models done") and "to go" in line, line
     assert finisher.eta(now=t0 + 62) > 9 * 5  # nine epochs left, each at least alexnet's 5 s by the MACs fit
+
+
+def test_a_stage_aborted_after_a_model_registered_moves_the_champion_to_it(ray_cluster, make_config, monkeypatch,
+                                                                          tmp_path):
+    """A Ctrl-C after some models had finished sent their registrations but never the champion alias, and
+    `register` then found nothing pending: `serve` and the report went on with an older champion, or none."""
+    import pipelines.train as train
+    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+    from pipelines.data import describe_dataset
+    from pipelines.preprocess import PreprocessSpec
+    from pipelines.tracking import CHAMPION
+
+    cfg = make_config("train.models=[lenet5]")
+    test_split = describe_dataset(cfg.data).test_split
+
+    def finished_one_then_interrupted(cfg, queue, parent, *args):
+        spec = PreprocessSpec(image_size=32, channels=1, mean=(0.3,), std=(0.4,),
+                              class_names=tuple(str(i) for i in range(10)), dataset="digits")
+        model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+        save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict(),
+                                        model_name="lenet5"), tmp_path / "best" / "model.pt")
+        tracker = Tracker.for_config(cfg)
+        run_id = tracker.start_run("lenet5", {"stage": "train"})
+        tracker.log_and_register(run_id, tmp_path / "best", cfg.registered_model_name, "lenet5",
+                                 tags={"test_acc": 0.5, "dataset": "digits", "test_split": test_split})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_train_models", finished_one_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(cfg)
+    registered = Tracker.for_config(cfg).client.get_registered_model(cfg.registered_model_name)
+    assert registered.aliases.get(CHAMPION) == registered.aliases["lenet5"]
