@@ -468,3 +468,13 @@ def test_the_pixel_budget_counts_what_an_images_mode_costs_to_decode():
     keyed = encode_with(Image.fromarray(np.zeros((70, 70), np.uint8)).convert("P"), "PNG", transparency=0)
     with pytest.raises(ImageDecodeError, match="in mode P\\+alpha"):
         check_image_header(keyed, budget)
+
+
+def test_the_largest_pixel_budget_the_config_takes_is_the_largest_image_pillow_opens():
+    """serve.max_image_pixels above Pillow's own limit passed the config, and Pillow then refused images within
+    the budget with a 400 "image too large" (checked against the Pillow installed)."""
+    from PIL import Image
+
+    from pipelines.config import PILLOW_PIXEL_LIMIT
+
+    assert PILLOW_PIXEL_LIMIT == 2 * Image.MAX_IMAGE_PIXELS
