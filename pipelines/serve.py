@@ -264,9 +264,13 @@ class Classifier:
         """Verify again, every ``interval_s``, the models whose verification at start failed for a reason that
         can pass (the registry or its artifact store unreachable), until each is ok or failed for good: a
         replica started during an outage serves them once it is over, without a restart."""
-        while pending := [m for m in self.models if m.status == "unchecked"]:
+        while any(m.status == "unchecked" for m in self.models):
             await asyncio.sleep(interval_s)
-            await asyncio.to_thread(self.store.verify, pending)
+            # Those still unchecked after the wait: a request may have loaded one meanwhile (ok) or failed it for
+            # good (a GPU error), which a verification listed before the wait undid (an unfoldable model back to
+            # "ok", reloaded by every request; a served one back to "not verified yet").
+            if pending := [m for m in self.models if m.status == "unchecked"]:
+                await asyncio.to_thread(self.store.verify, pending)
             self.champion = self.store.servable_champion(self.models, self.registry_champion)
 
     def _resolve(self, requested: str) -> ServedModel:
