@@ -404,9 +404,11 @@ class ModelStore:
         ok = [m for m in models if m.status == "ok"]
         if champion in {m.alias for m in ok}:
             return champion
-        # As the registry: among the models tested on the champion's test images (or that do not say on which).
+        # As the registry: among the models tested on the champion's test images (or that do not say on which);
+        # none of them loaded, the best of the others rather than no default model at all (a 503 for every
+        # request without one, while models served).
         if champion_split := next((m.test_split for m in models if m.alias == champion), ""):
-            ok = [m for m in ok if m.test_split in ("", champion_split)]
+            ok = [m for m in ok if m.test_split in ("", champion_split)] or ok
         if all(m.test_acc is None for m in ok):  # checkpoint files: their own validation accuracy ranks them
             return choose_champion({m.alias: m.val_acc for m in ok}, allow_unscored=True)
         return choose_champion({m.alias: m.test_acc for m in ok}, tiebreak={m.alias: m.val_acc for m in ok},

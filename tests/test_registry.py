@@ -418,6 +418,11 @@ def test_the_champion_is_chosen_among_versions_tested_on_the_same_images(make_co
     for model in models:
         model.status = "error" if model.alias == champion else "ok"
     assert ModelStore.servable_champion(models, champion) == "resnet18"
+    # None tested on the champion's images loaded: the best of the others, not no default model (a 503 for every
+    # request without a model, while lenet5 served).
+    for model in models:
+        model.status = "ok" if model.alias == "lenet5" else "error"
+    assert ModelStore.servable_champion(models, champion) == "lenet5"
 
 
 def test_an_imagefolder_version_counts_only_for_its_own_root(make_config, tmp_path):
