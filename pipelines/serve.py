@@ -544,10 +544,11 @@ class NothingServableError(RuntimeError):
     """The app answers, but every model it was given failed for good on its replica."""
 
 
-def _wait_until_answering(url: str, token: str | None = None, timeout_s: float = 120.0) -> None:
-    """Wait until the app answers ``/healthz`` (200 or 503), at most ``timeout_s``; say so when it does not.
-    :class:`NothingServableError` when it answers that every model failed for good (none ok, none still to be
-    verified): the stage passed, and printed a URL whose every request was refused."""
+def _wait_until_answering(url: str, token: str | None = None, timeout_s: float = 120.0) -> dict:
+    """Wait until the app answers ``/healthz`` (200 or 503), at most ``timeout_s``, and return its body (empty
+    when it does not answer in time, said in a warning). :class:`NothingServableError` when it answers that every
+    model failed for good (none ok, none still to be verified): the stage passed, and printed a URL whose every
+    request was refused."""
     import requests
 
     deadline = time.time() + timeout_s
@@ -575,10 +576,23 @@ def _wait_until_answering(url: str, token: str | None = None, timeout_s: float =
                     f"the Serve app answers at {url} but can serve none of its models (on a cluster every replica "
                     "node must reach the tracking server and the checkpoints: a sqlite tracking.uri or a "
                     f"serve.checkpoints file on this node alone is not there): {detail}")
-            return
+            return body if isinstance(body, dict) else {}
         time.sleep(0.5)
     logger.warning("[serve] %s does not answer yet after %.0f s; its replicas may still be starting (`serve status` "
                    "on the cluster says where they are)", url, timeout_s)
+    return {}
+
+
+def served_as_reported(models: list[str], champion: str | None, health: dict) -> tuple[list[str], str | None]:
+    """The aliases and champion the console announces, less the models the replica's ``/healthz`` answer says
+    failed for good (each named in a warning): it announced a champion whose every request was a 503, and
+    requests without a model went to another model meanwhile."""
+    failed = health.get("errors")
+    if not isinstance(failed, dict) or not failed:  # (without the token: counts only)
+        return models, champion
+    for alias, error in failed.items():
+        logger.warning("[serve] %s is not served (requests for it get a 503): %s", alias, error)
+    return [m for m in models if m not in failed], None if champion in failed else champion
 
 
 def _serve_runs_on_this_ray() -> bool:
@@ -739,10 +753,10 @@ def serve_stage(cfg: PipelineConfig,
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.serve.port}"
     try:
-        _wait_until_answering(url, cfg.serve.bearer_token())
+        health = _wait_until_answering(url, cfg.serve.bearer_token())
     except NothingServableError:
         serve.delete(cfg.name)  # its replicas would go on holding their CPUs and GPUs, serving nothing
         raise
+    served, champion = served_as_reported([m.alias for m in models], champion, health)
     sample = example_image(cfg, config_path.parent)
-    return ServeHandle(url=url, config_path=config_path, models=[m.alias for m in models], champion=champion,
-                       sample_image=sample)
+    return ServeHandle(url=url, config_path=config_path, models=served, champion=champion, sample_image=sample)

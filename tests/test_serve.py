@@ -343,7 +343,7 @@ def strict_app(server, tmp_path_factory):
     serve.delete("strict")
 
 
-def test_auth_token_and_broken_checkpoints(server, strict_app, digit_png):
+def test_auth_token_and_broken_checkpoints(server, strict_app, digit_png, caplog):
     _, result, _ = server
     base, marker = strict_app
     assert requests.get(f"{base}/models", timeout=60).status_code == 401
@@ -377,6 +377,18 @@ def test_auth_token_and_broken_checkpoints(server, strict_app, digit_png):
     ok = predict(base, digit_png, params={"model": "good"}, headers=AUTH)
     assert ok.status_code == 200 and ok.json()["model"] == "good"
     assert models["champion"] == "good"
+    # What the console announces once the app answers: the failed ones left out, each in a warning (it listed
+    # every model it was given, and a champion that failed).
+    import logging
+
+    from pipelines.serve import _wait_until_answering, served_as_reported
+
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        served, champion = served_as_reported(["good", "broken", "planted", "three"], "broken",
+                                              _wait_until_answering(base, TOKEN))
+    assert served == ["good", "three"] and champion is None
+    assert "[serve] broken is not served (requests for it get a 503): CheckpointError" in caplog.text
+    assert served_as_reported(["good", "broken"], "good", {"errors": 1}) == (["good", "broken"], "good")
 
 
 def test_an_app_whose_every_model_failed_is_not_reported_as_serving(server, tmp_path):
