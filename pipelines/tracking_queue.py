@@ -478,14 +478,21 @@ class TrackingQueue:
                                       "so its model is not registered (the next `python -m pipelines train` "
                                       "trains it again)") from err
             raise
-        record = _record_of_this_training(result_file, tags)
-        if record is not None:
-            # The result record was written when training ended; it learns its version now.
-            record.version = version
-            record.mlflow_run_id = self._resolve(ref)
-            if "started_at" in record.timeline:
-                record.timeline["registered"] = round(time.time() - record.timeline["started_at"], 3)
-            record.save(Path(result_file).parent)
+        try:
+            record = _record_of_this_training(result_file, tags)
+            if record is not None:
+                # The result record was written when training ended; it learns its version now.
+                record.version = version
+                record.mlflow_run_id = run_id
+                if "started_at" in record.timeline:
+                    record.timeline["registered"] = round(time.time() - record.timeline["started_at"], 3)
+                record.save(Path(result_file).parent)
+        except Exception as err:  # noqa: BLE001 - the registration went through: what fails now is local
+            # (a record damaged or unwritable): retried as an outage, it said "MLflow is unreachable" every 10 s
+            # and held up every write behind it, for good, as every retry met the same file.
+            logger.error("[tracking] %s: registered %s v%s, but its result record %s could not be updated (%s: "
+                         "%s); the version is in MLflow", alias, registered_model, version, result_file,
+                         type(err).__name__, err)
         logger.info("[tracking] %s: registered %s v%s as @%s", alias, registered_model, version, alias)
         return version
 

@@ -1097,3 +1097,36 @@ def test_the_pending_file_keeps_no_tracking_password(make_config, tmp_path):
     assert _pending_body(tmp_path / "tracking-pending.json", "postgresql://db:5432/mlflow")["ops"]
     with pytest.raises(ConfigError, match="another tracking store"):
         _pending_body(tmp_path / "tracking-pending.json", "postgresql://mlflow@db2:5432/mlflow")
+
+
+def test_a_result_record_that_fails_after_the_registration_went_through_holds_up_nothing(make_config, tmp_path,
+                                                                                        caplog):
+    """The version registered, its result record damaged (cut short by a crash): the failure to read it was
+    retried as an outage ("MLflow is unreachable" every 10 s), holding up every write behind it for good."""
+    import logging
+
+    import cnnmodels
+    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+    from pipelines.preprocess import PreprocessSpec
+    from pipelines.tracking_queue import TrackingQueue
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
+    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()),
+                    tmp_path / "best" / "model.pt")
+    record = tmp_path / "train" / "lenet5.json"
+    record.parent.mkdir()
+    record.write_text('{"model_name": "lenet5", "arch": "le')  # cut short
+    queue = TrackingQueue(tracker, tmp_path / "pending.json")
+    queue.put("register", run_id, checkpoint_path=str(tmp_path / "best"), storage_path=str(tmp_path),
+              registered_model=cfg.registered_model_name, alias="lenet5", tags={"test_acc": 0.5},
+              result_file=str(record))
+    queue.put("set_tags", run_id, tags={"behind": "the registration"})
+    with caplog.at_level(logging.ERROR, logger="pipelines"):
+        assert queue.flush(timeout_s=3) == [] and queue.dropped == []
+    assert tracker.client.get_run(run_id).data.tags["behind"] == "the registration"
+    assert tracker.client.get_registered_model(cfg.registered_model_name).aliases["lenet5"] == 1
+    assert "registered test v1, but its result record" in caplog.text and "could not be updated" in caplog.text
