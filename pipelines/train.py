@@ -354,8 +354,15 @@ def _warn_of_a_warm_restart(run: ModelRun, trained_epochs: int) -> None:
     """A run extended to more epochs continues from its checkpoint, its cosine schedule spread over the new
     length: the learning rate, near zero at the old end, goes back up (a warm restart). Said, since the result is
     not what the same epochs from scratch would give."""
+    from .trials import latest_reported_metrics
+
     hyper = run.hyper
     if hyper.schedule == "constant" or trained_epochs == 0:
+        return
+    latest = latest_reported_metrics(run)
+    if latest and str(latest.get("epochs")) == str(hyper.epochs) and int(latest.get("epoch", -1)) >= trained_epochs:
+        # The extension began in an earlier command, interrupted since: it resumes past the old end on the schedule
+        # it has been on (the warning named the rate of the old end, a restart that had already happened).
         return
     resumed = schedule_change(hyper, trained_epochs, trained_epochs)[2]  # the rate where it resumes
     logger.warning("[train] %s was trained to %d epochs with these settings; it continues to %d from its "

@@ -1507,3 +1507,35 @@ def test_a_stage_aborted_after_a_model_registered_moves_the_champion_to_it(ray_c
         train_stage(cfg)
     registered = Tracker.for_config(cfg).client.get_registered_model(cfg.registered_model_name)
     assert registered.aliases.get(CHAMPION) == registered.aliases["lenet5"]
+
+
+def test_an_interrupted_extension_resumes_without_a_second_warm_restart_warning(make_config, caplog):
+    """A model trained to 5 epochs, extended to 10 and interrupted at epoch 8: re-run with 10, it resumes at
+    epoch 9 on its 10-epoch schedule, but the warning said it "continues to 10 from its checkpoint" with the
+    learning rate going back up to that of epoch 5."""
+    import json
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.results import ModelResult
+    from pipelines.train import _split_finished
+    from pipelines.trials import RUN_SNAPSHOT
+
+    cfg = make_config("train.models=[lenet5]", "train.epochs=10")
+    [run] = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    ModelResult(model_name="lenet5", arch="lenet5", model_kwargs={}, run_name=run.run_name,
+                fingerprint=run.fingerprint, input_size=32, params_count=1, macs=1, epochs=5, best_val_acc=0.9,
+                best_epoch=4, test_acc=0.9, train_images_per_sec=1.0, train_seconds=1.0,
+                checkpoint_path="").save(cfg.paths.train_dir)
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert _split_finished(cfg, [run]) == ([run], [])
+    assert "was trained to 5 epochs with these settings; it continues to 10" in caplog.text  # a first extension
+    caplog.clear()
+    run_dir = Path(run.storage_path) / run.run_name
+    (run_dir / "checkpoint_000007").mkdir(parents=True)
+    (run_dir / "checkpoint_000007" / "model.pt").write_bytes(b"weights")
+    (run_dir / RUN_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {
+        "metrics": {"epoch": 7, "epochs": 10}, "checkpoint_dir_name": "checkpoint_000007"}}))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert _split_finished(cfg, [run]) == ([run], [])
+    assert "continues to 10" not in caplog.text
