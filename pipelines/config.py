@@ -1146,12 +1146,18 @@ def _has_non_finite(value: Any) -> bool:
 
 
 def _serve_checks(cfg: PipelineConfig) -> None:
-    """Who may call the endpoint, and a decode budget every request can meet."""
-    serve = cfg.serve
-    check_serve_access(serve)
-    if serve.num_gpus > 0 and _local_gpus(cfg) == 0:
+    """Who may call the endpoint, a decode budget every request can meet, and a GPU for the replicas."""
+    if cfg.serve.num_gpus > 0 and _local_gpus(cfg) == 0:
         raise ConfigError("serve.num_gpus", "this machine has no GPU for the local Ray (ray.num_gpus or CUDA): the "
                                             "replicas would never be placed; set serve.num_gpus: 0")
+    check_serve_settings(cfg)
+
+
+def check_serve_settings(cfg: PipelineConfig) -> None:
+    """The serving checks that hold wherever the app is built (``serve deploy`` of a written config on a cluster
+    included): who may call the endpoint, and a decode budget every request can meet."""
+    serve = cfg.serve
+    check_serve_access(serve)
     if serve.autoscaling and serve.min_replicas > serve.max_replicas:
         raise ConfigError("serve.min_replicas", f"{serve.min_replicas} is above serve.max_replicas "
                                                 f"({serve.max_replicas})")

@@ -48,7 +48,7 @@ from .config import (
     ConfigError,
     PipelineConfig,
     ServeConfig,
-    check_serve_access,
+    check_serve_settings,
     has_masked_password,
     redact_uri,
 )
@@ -458,11 +458,13 @@ def app_builder(args: dict):
     that had one (``require_token``) or binds a non-loopback host is refused without it.
     """
     cfg = PipelineConfig.model_validate(_with_tracking_password(args["config"]))
-    check_serve_access(cfg.serve)
+    # The checks `serve` makes, on a config edited since it was written (a serve.models typo deployed an app of no
+    # models, every request refused, without a word).
+    check_serve_settings(cfg)
     if args.get("require_token") and cfg.serve.bearer_token() is None:
         raise ConfigError("serve.auth_token_env", "this application requires a bearer token: export it in the "
                                                   "variable serve.auth_token_env names where it is deployed")
-    return build_app(cfg)
+    return build_app(cfg, servable_models(cfg))
 
 
 def _with_tracking_password(config: dict) -> dict:

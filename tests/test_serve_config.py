@@ -94,6 +94,15 @@ def test_serve_config_yaml_holds_no_token_and_only_its_owner_reads_it(make_confi
                               )["applications"][0]["args"]
     assert env_args["require_token"] is False
     app_builder(env_args)  # loopback, no token: builds
+    # The file edited before `serve deploy`: checked as `serve` checks its config (a serve.models typo deployed an
+    # app of no models, every request refused; a replica that could never fill a batch deployed as well).
+    edited = {**env_args, "config": {**env_args["config"], "serve": {**env_args["config"]["serve"],
+                                                                      "models": ["b"]}}}
+    with pytest.raises(ConfigError, match="b: not among serve.checkpoints"):
+        app_builder(edited)
+    edited["config"]["serve"].update(models=[], max_ongoing_requests=1, max_batch_size=8)
+    with pytest.raises(ConfigError, match="a replica could never fill a batch"):
+        app_builder(edited)
 
 
 def test_serve_config_yaml_holds_no_tracking_password_and_the_deployment_reads_it_from_the_environment(
