@@ -182,6 +182,8 @@ def _plan_trials(cfg: PipelineConfig, template: ModelRun) -> _SearchPlan:
 
 def _parent_run(tracker, cfg: PipelineConfig, experiment: str, dataset: str) -> str:
     """The search's MLflow parent run: reopened when this experiment ran before (a resumed search)."""
+    from .tracking import stage_start_wait
+
     search = cfg.search
     return tracker.open_stage_run(
         f"search-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -189,7 +191,7 @@ def _parent_run(tracker, cfg: PipelineConfig, experiment: str, dataset: str) -> 
         {"mode": search.mode, "phi": search.phi, "target": search.target, "tolerance": search.tolerance,
          "epochs": search.epochs, "alpha_range": list(search.alpha), "beta_range": list(search.beta),
          "gamma_range": list(search.gamma), "objective": search.objective, "dataset": dataset},
-        cfg.to_yaml(), reuse=f"tags.`cnnzoo.experiment` = '{experiment}'")
+        cfg.to_yaml(), reuse=f"tags.`cnnzoo.experiment` = '{experiment}'", wait_s=stage_start_wait(cfg))
 
 
 def _trial_records(grid, phi: float) -> list[dict[str, Any]]:

@@ -162,6 +162,17 @@ CLIENT_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_RE
                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
+#: How long a stage's start waits for a tracking server that does not answer (a restart takes seconds), at most:
+#: a wrong port or host then fails within this, not at once (``tracking.pending_timeout_s`` caps it too).
+STAGE_START_WAIT_S = 30.0
+
+
+def stage_start_wait(cfg) -> float:
+    """Seconds a stage's start waits for a tracking server that does not answer: :data:`STAGE_START_WAIT_S`, or
+    ``tracking.pending_timeout_s`` when shorter."""
+    return min(cfg.tracking.pending_timeout_s, STAGE_START_WAIT_S)
+
+
 class TrackingUnavailable(RuntimeError):
     """The tracking server or its artifact store cannot be written at the start of a stage."""
 
@@ -366,22 +377,38 @@ class Tracker:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
     def open_stage_run(self, run_name: str, tags: dict[str, str], params: dict[str, Any], config_yaml: str,
-                       reuse: str | None = None) -> str:
+                       reuse: str | None = None, wait_s: float = 0.0) -> str:
         """Open a stage's parent run (the run ``reuse`` matches, when there is one) and write the resolved
         config into it as ``config.yaml``. This is the stage's check that the tracking store and the
         artifact store both take writes, made before any model starts: a wrong URI or bucket is a
-        :class:`TrackingUnavailable` error in seconds, not after training."""
-        try:
-            previous = self.find_run(reuse) if reuse else None
-            if previous is not None:
-                run_id = previous.info.run_id
-                self.reopen(run_id)
-            else:
-                run_id = self.start_run(run_name, tags)
-            self.log_params(run_id, params)
-        except Exception as err:
-            raise TrackingUnavailable(f"cannot write to the MLflow tracking store at {redact_uri(self.tracking_uri)}: "
-                                      f"{first_line(err)}") from err
+        :class:`TrackingUnavailable` error in seconds, not after training. A server that does not answer
+        (:func:`is_unreachable`: restarting, say) is waited for up to ``wait_s`` first."""
+        deadline, run_id, waiting = None, None, False
+        while True:
+            try:
+                if run_id is None:  # (a retry after the run was created only logs its parameters)
+                    previous = self.find_run(reuse) if reuse else None
+                    if previous is not None:
+                        run_id = previous.info.run_id
+                        self.reopen(run_id)
+                    else:
+                        run_id = self.start_run(run_name, tags)
+                self.log_params(run_id, params)
+                break
+            except Exception as err:
+                if deadline is None:  # from the first failure (the client's own retries took seconds before it)
+                    deadline = time.monotonic() + wait_s
+                if is_unreachable(err) and time.monotonic() < deadline:
+                    if not waiting:
+                        logger.warning("[tracking] MLflow at %s does not answer (%s); trying again for up to %.0f s",
+                                       redact_uri(self.tracking_uri), first_line(err), wait_s)
+                        waiting = True
+                    time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+                    continue
+                raise TrackingUnavailable(f"cannot write to the MLflow tracking store at "
+                                          f"{redact_uri(self.tracking_uri)}: {first_line(err)}") from err
+        if waiting:
+            logger.info("[tracking] MLflow at %s answers again", redact_uri(self.tracking_uri))
         try:
             self.client.log_text(run_id, config_yaml, "config.yaml")
         except Exception as err:

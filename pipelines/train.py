@@ -553,7 +553,7 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
                  show_table: bool = True) -> TrainStageResult:
     from .data import describe_dataset
     from .runtime import check_workers_fit, cpus_to_share, free_resources, warn_if_storage_is_node_local
-    from .tracking import Tracker
+    from .tracking import Tracker, stage_start_wait
     from .tracking_queue import TrackingQueue, TrialTracking, check_pending_writes, flushed_on_abort
 
     info = describe_dataset(cfg.data)
@@ -580,7 +580,7 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
         parent = tracker.open_stage_run(
             f"train-{time.strftime('%Y%m%d-%H%M%S')}", {"stage": "train", "cnnzoo.stage_parent": "true"},
             {"dataset": info.dataset, "models": ",".join(r.model_name for r in runs), "epochs": cfg.train.epochs,
-             "num_workers": cfg.train.num_workers}, cfg.to_yaml())
+             "num_workers": cfg.train.num_workers}, cfg.to_yaml(), wait_s=stage_start_wait(cfg))
     queue = TrackingQueue.for_config(cfg, tracker)
     # The champion alias follows the versions registered, also those of the models that finished before an abort
     # (a Ctrl-C after 3 of 10: `register` found nothing pending and never moved it).
