@@ -266,6 +266,10 @@ class TrackingQueue:
                 outcome = self._execute(op)
                 if outcome is not None:  # Tune pickles the queue with its callbacks: keep only what matters
                     self.outcomes[op.seq] = outcome
+                if op.kind == "register":  # registered now: an earlier registration of it dropped is no failure
+                    # (an earlier command's, left pending, whose checkpoint was gone: the model trained again)
+                    alias = str(op.args.get("alias"))
+                    self.dropped_registrations[:] = [d for d in self.dropped_registrations if d[0] != alias]
             except Exception as err:  # noqa: BLE001 - sorted into retry and drop below
                 if _is_permanent(err):
                     message = redact_text(f"{DESCRIPTIONS.get(op.kind, op.kind)} for run {op.ref}: {err}")

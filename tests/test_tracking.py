@@ -1130,3 +1130,29 @@ def test_a_result_record_that_fails_after_the_registration_went_through_holds_up
     assert tracker.client.get_run(run_id).data.tags["behind"] == "the registration"
     assert tracker.client.get_registered_model(cfg.registered_model_name).aliases["lenet5"] == 1
     assert "registered test v1, but its result record" in caplog.text and "could not be updated" in caplog.text
+
+
+def test_a_registration_dropped_before_one_of_the_same_model_went_through_fails_nothing(make_config, tmp_path):
+    """An earlier command's registration left pending, its checkpoint gone since (a lifecycle rule), and the model
+    trained again from scratch: the old one dropped, the new one registered, and the stage still failed the model
+    as "trained but not registered"."""
+    import cnnmodels
+    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+    from pipelines.preprocess import PreprocessSpec
+    from pipelines.tracking_queue import TrackingQueue
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("lenet5", {"stage": "train"})
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
+    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()),
+                    tmp_path / "storage" / "fresh" / "model.pt")
+    queue = TrackingQueue(tracker, tmp_path / "pending.json")
+    for checkpoint, epochs in (("checkpoint_000009", 10), ("fresh", 20)):  # the first one is gone
+        queue.put("register", run_id, checkpoint_path=str(tmp_path / "storage" / checkpoint),
+                  storage_path=str(tmp_path / "storage"), registered_model=cfg.registered_model_name, alias="lenet5",
+                  tags={"fingerprint": "f", "epochs": epochs})
+    assert queue.flush(timeout_s=10) == [] and len(queue.dropped) == 1 and "is gone from" in queue.dropped[0]
+    assert queue.dropped_registrations == []
+    assert tracker.client.get_registered_model(cfg.registered_model_name).aliases["lenet5"] == 1
