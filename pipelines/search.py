@@ -472,7 +472,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     queue.put("set_tags", parent, tags={"alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"]})
     queue.put("log_metrics", parent, metrics={"best_val_acc": best["val_acc"], "best_score": best["score"],
                                               "trial_epochs": sum(r["epochs_trained"] for r in records)})
-    queue.put("log_artifact", parent, path=str(result.path))
+    queue.put("log_text", parent, text=Path(result.path).read_text(), artifact_file=Path(result.path).name)
     queue.put("end_run", parent, status="FINISHED")
     queue.flush(cfg.tracking.pending_timeout_s)
     _log_search_table(records, best, unreported)

@@ -74,6 +74,7 @@ CLAIM_TTL_S = 3600.0
 #: What each kind of write is, for the pending summary.
 DESCRIPTIONS = {"start_run": "run created", "start_trial_run": "run created", "log_params": "params",
                 "log_metrics": "metrics", "set_tags": "tags", "end_run": "run ended", "log_artifact": "artifact",
+                "log_text": "artifact",
                 "register": "model registration", "update_champion": "champion alias"}
 
 
@@ -454,6 +455,11 @@ class TrackingQueue:
         if not Path(path).exists():  # deleted since (or `register` run elsewhere): no retry brings it back
             raise UnsendableWrite(f"the file {path} to log is gone")
         self.tracker.log_artifact(self._resolve(ref), path, artifact_path)
+
+    def _do_log_text(self, ref: str, text: str, artifact_file: str) -> None:
+        # The text itself is queued (and kept pending), not its file's path: the file may change or go before the
+        # write is sent (`search --force` deletes the finished search's result, then writes the new one).
+        self.tracker.client.log_text(self._resolve(ref), text, artifact_file)
 
     def _do_register(self, ref: str, checkpoint_path: str, storage_path: str, registered_model: str, alias: str,
                      tags: dict, result_file: str | None = None) -> str:

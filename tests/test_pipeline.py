@@ -54,12 +54,14 @@ def test_search_trials_respect_the_constraint_and_include_the_paper(pipeline_run
     assert {"alpha", "beta", "gamma", "val_acc", "score", "params_count", "macs"} <= set(best["best"])
 
 
-def test_search_is_tracked_as_a_parent_with_a_child_per_trial(pipeline_run):
+def test_search_is_tracked_as_a_parent_with_a_child_per_trial(pipeline_run, tmp_path):
     cfg, result = pipeline_run
     tracker = Tracker.for_config(cfg)
     parent = tracker.find_run("tags.stage = 'search' and tags.`cnnzoo.stage_parent` = 'true'")
     assert parent.info.status == "FINISHED"
     assert float(parent.data.params["best_alpha"]) == result.search.best["alpha"]
+    logged = tracker.client.download_artifacts(parent.info.run_id, "best.json", str(tmp_path))
+    assert open(logged).read() == cfg.paths.search_result.read_text()  # the search's result, as it was written
     children = tracker.client.search_runs([tracker.experiment_id],
                                           f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 2

@@ -182,6 +182,11 @@ def test_a_write_no_retry_can_send_is_dropped_and_the_writes_behind_it_go_out(ma
     queue.put("log_artifact", run_id, path=str(tmp_path / "deleted-since.json"))
     queue.put("log_metrics", run_id, metrics={"after_the_artifact": 1.0})
     assert queue.flush(timeout_s=20) == [] and "deleted-since.json to log is gone" in queue.dropped[2]
+    # The search's result goes as its text, queued with it: the file may be gone or rewritten before the write
+    # goes out (`search --force` deletes it first), which dropped it, or logged the next search's result.
+    queue.put("log_text", run_id, text='{"best": 1}', artifact_file="best.json")
+    assert queue.flush(timeout_s=20) == [] and len(queue.dropped) == 3
+    assert open(tracker.client.download_artifacts(run_id, "best.json", str(tmp_path))).read() == '{"best": 1}'
     assert tracker.client.get_run(run_id).data.metrics["after_the_artifact"] == 1.0
     del queue.dropped[2]
     # Noted in the model's record: the next train stage does not run it again to register it (and fail again).
