@@ -437,6 +437,9 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     if force:
         _begin_forced_search(cfg, experiment_fingerprint, experiment)
     queue = TrackingQueue.for_config(cfg, tracker)
+    # Reopened above, while the interrupted command's "run ended (KILLED)" may still be pending: sent by this queue
+    # first, it showed the resumed search as KILLED until its end. Reopened again after what was pending.
+    queue.put("reopen", parent)
     callback = TrialTracking(queue, "search", parent, describe=partial(describe_search_trial, search.phi))
     # Every trial runs the template with its own coefficients: they overlap as the training stage's models do.
     overlapped, capacity = with_overlapped_startup(cfg, [template] * plan.trials, free["CPU"], node_cpus())

@@ -73,9 +73,9 @@ CLAIM_TTL_S = 3600.0
 #: MLflow errors that no retry can fix: the write is dropped with an error message.
 #: What each kind of write is, for the pending summary.
 DESCRIPTIONS = {"start_run": "run created", "start_trial_run": "run created", "log_params": "params",
-                "log_metrics": "metrics", "set_tags": "tags", "end_run": "run ended", "log_artifact": "artifact",
-                "log_text": "artifact",
-                "register": "model registration", "update_champion": "champion alias"}
+                "log_metrics": "metrics", "set_tags": "tags", "end_run": "run ended", "reopen": "run reopened",
+                "log_artifact": "artifact", "log_text": "artifact", "register": "model registration",
+                "update_champion": "champion alias"}
 
 
 @dataclass
@@ -450,6 +450,9 @@ class TrackingQueue:
 
     def _do_end_run(self, ref: str, status: str, end_time_ms: int | None = None) -> None:
         self.tracker.end_run(self._resolve(ref), status, end_time_ms)
+
+    def _do_reopen(self, ref: str) -> None:
+        self.tracker.reopen(self._resolve(ref))
 
     def _do_log_artifact(self, ref: str, path: str, artifact_path: str | None = None) -> None:
         if not Path(path).exists():  # deleted since (or `register` run elsewhere): no retry brings it back

@@ -1161,3 +1161,23 @@ def test_a_registration_dropped_before_one_of_the_same_model_went_through_fails_
     assert queue.flush(timeout_s=10) == [] and len(queue.dropped) == 1 and "is gone from" in queue.dropped[0]
     assert queue.dropped_registrations == []
     assert tracker.client.get_registered_model(cfg.registered_model_name).aliases["lenet5"] == 1
+
+
+def test_a_resumed_runs_reopening_comes_after_the_end_its_interrupted_command_left_pending(make_config, tmp_path):
+    """A search interrupted in an outage left "run ended (KILLED)" of its parent run pending; the resumed search
+    reopened that run, then its queue sent the old end: the search read KILLED in MLflow while it ran."""
+    from pipelines.tracking_queue import PENDING_FILE, TrackingQueue
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    parent = tracker.start_run("search-1", {"stage": "search"})
+    pending = cfg.paths.run_dir / PENDING_FILE  # what the interrupted command left (it is gone: no claim)
+    pending.parent.mkdir(parents=True, exist_ok=True)
+    pending.write_text(json.dumps({"tracking_uri": cfg.tracking_uri, "run_ids": {}, "claims": {}, "ops": [
+        {"seq": 1, "kind": "end_run", "ref": parent, "args": {"status": "KILLED"}, "uid": "u1"}]}))
+    tracker.reopen(parent)  # the resumed search's open_stage_run
+    resumed = TrackingQueue.for_config(cfg, tracker)
+    assert len(resumed) == 1
+    resumed.put("reopen", parent)  # as search_stage queues it
+    assert resumed.flush(timeout_s=10) == []
+    assert tracker.client.get_run(parent).info.status == "RUNNING"
