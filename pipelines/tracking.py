@@ -389,8 +389,8 @@ class Tracker:
                 if run_id is None:  # (a retry after the run was created only logs its parameters)
                     previous = self.find_run(reuse) if reuse else None
                     if previous is not None:
+                        self.reopen(previous.info.run_id)  # (before run_id: a reopening that failed is retried)
                         run_id = previous.info.run_id
-                        self.reopen(run_id)
                     else:
                         run_id = self.start_run(run_name, tags)
                 self.log_params(run_id, params)
