@@ -1180,22 +1180,12 @@ def check_serve_settings(cfg: PipelineConfig) -> None:
                           f"{serve.max_image_pixels:,} pixels is below one {cfg.data.image_size}x"
                           f"{cfg.data.image_size} model input: every upload would be refused (the default is "
                           "40,000,000)")
-    if serve.max_image_pixels > PILLOW_PIXEL_LIMIT:
-        # Pillow refuses larger images itself (a DecompressionBombError, before any budget is asked), so a larger
-        # budget would be a promise the replicas break with a 400.
-        raise ConfigError("serve.max_image_pixels",
-                          f"{serve.max_image_pixels:,} is above {PILLOW_PIXEL_LIMIT:,} pixels, the largest image "
-                          "Pillow opens at all")
     if serve.max_resized_pixels < cfg.data.image_size ** 2:
         raise ConfigError("serve.max_resized_pixels",
                           f"{serve.max_resized_pixels:,} is below one {cfg.data.image_size}x{cfg.data.image_size} "
                           "model input: no image could be served")
     _check_model_inputs_fit(cfg)
 
-
-#: Pillow's own limit: it refuses to open an image of more pixels (twice ``PIL.Image.MAX_IMAGE_PIXELS``, its
-#: DecompressionBombError), whatever ``serve.max_image_pixels`` allows.
-PILLOW_PIXEL_LIMIT = 178_956_970
 
 #: No model input is larger (EfficientNet-B7's 600 px; the searched family scales data.image_size, checked
 #: apart): a decode budget at least this square admits every listed model without building one.

@@ -18,7 +18,8 @@ from PIL import Image, ImageOps
 from .image_structure import check_structure
 
 __all__ = ["PreprocessSpec", "ImageDecodeError", "UnsupportedImageFormat", "DecodeBudget", "ACCEPTED_FORMATS",
-           "open_image", "check_image_header", "decode_image", "preprocess_upload", "is_out_of_memory", "ALPHA_MODES"]
+           "open_image", "check_image_header", "admit_budget_in_pillow", "decode_image", "preprocess_upload",
+           "is_out_of_memory", "ALPHA_MODES"]
 
 #: Pillow modes with an alpha band (a palette's transparency is in ``image.info`` instead).
 ALPHA_MODES = frozenset({"RGBA", "LA", "La", "RGBa", "PA"})
@@ -347,6 +348,16 @@ class DecodeBudget:
     def for_serving(cls, serve) -> DecodeBudget:
         """The budget of a ``serve`` config section (:class:`pipelines.config.ServeConfig`)."""
         return cls(serve.max_image_pixels, serve.max_aspect_ratio, serve.max_resized_pixels)
+
+
+def admit_budget_in_pillow(budget: DecodeBudget) -> None:
+    """Let Pillow open every image ``budget`` admits. Pillow refuses, by itself, images over twice
+    ``Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels by default; a warning over it): under a larger
+    ``serve.max_image_pixels`` images within the budget were refused with a 400. The budget is checked from the
+    header first, counting pixels by what they cost to decode, so it is the limit that holds. Pillow's setting is
+    process-wide: for a replica's process, whose every decode goes through its budget; it is only ever raised."""
+    if Image.MAX_IMAGE_PIXELS is not None and budget.max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = budget.max_pixels
 
 
 class UnsupportedImageFormat(ImageDecodeError):

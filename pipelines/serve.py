@@ -63,7 +63,13 @@ from .http_api import (
     read_image_bytes,
 )
 from .model_store import LoadedModel, ModelStore, ServedModel, is_transient_load_error, replica_threads
-from .preprocess import DecodeBudget, PreprocessSpec, import_resizing, is_out_of_memory
+from .preprocess import (
+    DecodeBudget,
+    PreprocessSpec,
+    admit_budget_in_pillow,
+    import_resizing,
+    is_out_of_memory,
+)
 
 __all__ = ["Classifier", "build_app", "app_builder", "serve_stage", "write_serve_config", "ServeHandle",
            "is_transient_load_error"]
@@ -115,6 +121,7 @@ class Classifier:
         self.champion = self.store.servable_champion(self.models, self.registry_champion)
         self.max_bytes = int(s.max_upload_mb * 1024 * 1024)
         self.budget = DecodeBudget.for_serving(s)
+        admit_budget_in_pillow(self.budget)
         self._start_executors()
         self.batcher = Batcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s)
         self.loads: dict[str, asyncio.Future] = {}  # alias -> its load, from start until a request takes it

@@ -470,11 +470,24 @@ def test_the_pixel_budget_counts_what_an_images_mode_costs_to_decode():
         check_image_header(keyed, budget)
 
 
-def test_the_largest_pixel_budget_the_config_takes_is_the_largest_image_pillow_opens():
-    """serve.max_image_pixels above Pillow's own limit passed the config, and Pillow then refused images within
-    the budget with a 400 "image too large" (checked against the Pillow installed)."""
-    from PIL import Image
 
-    from pipelines.config import PILLOW_PIXEL_LIMIT
+def test_a_budget_above_pillows_own_limit_admits_the_images_within_it(monkeypatch):
+    """serve.max_image_pixels above Pillow's own limit (twice ``Image.MAX_IMAGE_PIXELS``, 178,956,970 pixels):
+    Pillow refused images within the budget itself, a 400 "image too large". A replica lets Pillow open what its
+    budget admits (checked from the header before any pixel is decoded); the rest is refused by the budget."""
+    import struct
 
-    assert PILLOW_PIXEL_LIMIT == 2 * Image.MAX_IMAGE_PIXELS
+    from pipelines.preprocess import admit_budget_in_pillow, check_image_header
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    header = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 10_000, 8, 2, 0, 0, 0))
+              + _png_chunk(b"IEND", b""))  # 200,000,000 RGB pixels, none of them sent
+    budget = DecodeBudget(max_pixels=250_000_000)
+    with pytest.raises(ImageDecodeError, match="too large"):  # Pillow's refusal, within the budget
+        check_image_header(header, budget)
+    admit_budget_in_pillow(budget)
+    check_image_header(header, budget)  # within the budget: passes its header check
+    with pytest.raises(ImageDecodeError, match="above the limit of 150,000,000"):
+        check_image_header(header, DecodeBudget(max_pixels=150_000_000))  # the budget's own refusal
+    admit_budget_in_pillow(DecodeBudget(max_pixels=1000))  # a smaller budget never lowers Pillow's limit
+    assert Image.MAX_IMAGE_PIXELS == 250_000_000
