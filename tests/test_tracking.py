@@ -1104,24 +1104,28 @@ def test_the_pending_file_keeps_no_tracking_password(make_config, tmp_path):
         _pending_body(tmp_path / "tracking-pending.json", "postgresql://mlflow@db2:5432/mlflow")
 
 
+def _save_a_lenet5_checkpoint(path) -> None:
+    """A lenet5 checkpoint of random weights for 1-channel, 10-class digits at ``path``."""
+    import cnnmodels
+    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
+    from pipelines.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
+    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
+    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()), path)
+
 def test_a_result_record_that_fails_after_the_registration_went_through_holds_up_nothing(make_config, tmp_path,
                                                                                         caplog):
     """The version registered, its result record damaged (cut short by a crash): the failure to read it was
     retried as an outage ("MLflow is unreachable" every 10 s), holding up every write behind it for good."""
     import logging
 
-    import cnnmodels
-    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
-    from pipelines.preprocess import PreprocessSpec
     from pipelines.tracking_queue import TrackingQueue
 
     cfg = make_config()
     tracker = Tracker.for_config(cfg)
     run_id = tracker.start_run("lenet5", {"stage": "train"})
-    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
-    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
-    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()),
-                    tmp_path / "best" / "model.pt")
+    _save_a_lenet5_checkpoint(tmp_path / "best" / "model.pt")
     record = tmp_path / "train" / "lenet5.json"
     record.parent.mkdir()
     record.write_text('{"model_name": "lenet5", "arch": "le')  # cut short
@@ -1141,18 +1145,12 @@ def test_a_registration_dropped_before_one_of_the_same_model_went_through_fails_
     """An earlier command's registration left pending, its checkpoint gone since (a lifecycle rule), and the model
     trained again from scratch: the old one dropped, the new one registered, and the stage still failed the model
     as "trained but not registered"."""
-    import cnnmodels
-    from pipelines.checkpoints import ModelCheckpoint, save_checkpoint
-    from pipelines.preprocess import PreprocessSpec
     from pipelines.tracking_queue import TrackingQueue
 
     cfg = make_config()
     tracker = Tracker.for_config(cfg)
     run_id = tracker.start_run("lenet5", {"stage": "train"})
-    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.5,), class_names=tuple("0123456789"))
-    model = cnnmodels.create_model("lenet5", num_classes=10, in_chans=1)
-    save_checkpoint(ModelCheckpoint(arch="lenet5", model_kwargs={}, spec=spec, state_dict=model.state_dict()),
-                    tmp_path / "storage" / "fresh" / "model.pt")
+    _save_a_lenet5_checkpoint(tmp_path / "storage" / "fresh" / "model.pt")
     queue = TrackingQueue(tracker, tmp_path / "pending.json")
     for checkpoint, epochs in (("checkpoint_000009", 10), ("fresh", 20)):  # the first one is gone
         queue.put("register", run_id, checkpoint_path=str(tmp_path / "storage" / checkpoint),
