@@ -1415,23 +1415,28 @@ def test_the_stage_eta_counts_each_models_fixed_cost_in_seconds_not_multiply_add
     assert not fallback.fixed
 
 
-def test_a_running_model_past_its_usual_epoch_still_leaves_time_to_go_and_a_failing_estimate_is_no_error(
-        make_config, caplog, monkeypatch):
-    """A model whose epoch ran over its measured length had "0 s" left (the line lost its time to go while the
-    stage had minutes to run); and an error in the estimate, called from Tune's callback unguarded, would
-    have ended the stage."""
+def _finisher_of_three(make_config, epochs: int):
+    """A stage's ModelFinisher for lenet5, alexnet and resnet18 of ``epochs`` each, its start time, and a Tune
+    trial stand-in per model (what ``epoch_done`` reads)."""
     from types import SimpleNamespace
 
     from pipelines.data import describe_dataset
     from pipelines.planning import plan_model_runs, resolve_models
     from pipelines.train import ModelFinisher
 
-    cfg = make_config("train.models=[lenet5, alexnet, resnet18]", "train.epochs=4")
+    cfg = make_config("train.models=[lenet5, alexnet, resnet18]", f"train.epochs={epochs}")
     runs = {r.model_name: r for r in plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg),
                                                       cluster_cpus=2)}
     finisher = ModelFinisher(cfg, queue=None, runs=list(runs.values()))
-    t0 = finisher.started
     trial = {name: SimpleNamespace(config={"run": runs[name].to_dict()}) for name in runs}
+    return finisher, finisher.started, trial
+
+def test_a_running_model_past_its_usual_epoch_still_leaves_time_to_go_and_a_failing_estimate_is_no_error(
+        make_config, caplog, monkeypatch):
+    """A model whose epoch ran over its measured length had "0 s" left (the line lost its time to go while the
+    stage had minutes to run); and an error in the estimate, called from Tune's callback unguarded, would
+    have ended the stage."""
+    finisher, t0, trial = _finisher_of_three(make_config, epochs=4)
     for epoch in range(4):  # lenet5: 10 s to start, 4 epochs of 2 s, 2 s to finish
         finisher.epoch_done(trial["lenet5"], {"epoch": epoch, "start_epoch": 0}, now=t0 + 10 + 2 * (epoch + 1))
     finisher.model_finished("lenet5", 4, now=t0 + 20, started_at=t0)
@@ -1455,18 +1460,7 @@ def test_a_running_model_past_its_usual_epoch_still_leaves_time_to_go_and_a_fail
 def test_the_last_running_model_without_a_pace_of_its_own_still_leaves_time_to_go(make_config):
     """Every model left training, the slowest having reported only its first epoch of this attempt (no pace of
     its own yet): the stage said "about 0 s to go" with its epochs left to train."""
-    from types import SimpleNamespace
-
-    from pipelines.data import describe_dataset
-    from pipelines.planning import plan_model_runs, resolve_models
-    from pipelines.train import ModelFinisher
-
-    cfg = make_config("train.models=[lenet5, alexnet, resnet18]", "train.epochs=10")
-    runs = {r.model_name: r for r in plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg),
-                                                      cluster_cpus=2)}
-    finisher = ModelFinisher(cfg, queue=None, runs=list(runs.values()))
-    t0 = finisher.started
-    trial = {name: SimpleNamespace(config={"run": runs[name].to_dict()}) for name in runs}
+    finisher, t0, trial = _finisher_of_three(make_config, epochs=10)
     for epoch in range(10):  # lenet5 and alexnet side by side: 10 s to start, epochs of 2 s and 5 s
         finisher.epoch_done(trial["lenet5"], {"epoch": epoch, "start_epoch": 0}, now=t0 + 10 + 2 * (epoch + 1))
         finisher.epoch_done(trial["alexnet"], {"epoch": epoch, "start_epoch": 0}, now=t0 + 10 + 5 * (epoch + 1))
