@@ -67,6 +67,8 @@ PENDING_FILE = "tracking-pending.json"
 EXIT_PENDING = 3
 #: Longest wait between two attempts while the tracking store is unreachable.
 RETRY_CAP_S = 10.0
+#: How long flush waits, beyond the client's request timeout, for a write in flight when it gives up.
+IN_FLIGHT_SLACK_S = 5.0
 #: How long a pending write taken over by a command on another host (or in a container since restarted) stays
 #: that command's; one on this host is its command's for as long as that process runs.
 CLAIM_TTL_S = 3600.0
@@ -287,7 +289,8 @@ class TrackingQueue:
                     self._note_outage(err)
                     with self._lock:
                         self._keep_backlog_on_disk()
-                        self._lock.wait(timeout=delay)  # flush() wakes it to stop
+                        if not self._stop:  # (a write that failed after flush gave up: its end is due now)
+                            self._lock.wait(timeout=delay)  # flush() wakes it to stop
                     delay = min(delay * 2, RETRY_CAP_S)
                     continue
             with self._lock:  # the file is written under the lock: flush() writes it too
@@ -542,7 +545,8 @@ class TrackingQueue:
                     self._stop = True
                     self._lock.notify_all()
             # An attempt in flight ends within the client's request timeout; it may still succeed.
-            writer_deadline = time.monotonic() + float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")) + 5
+            request_timeout_s = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"))
+            writer_deadline = time.monotonic() + request_timeout_s + IN_FLIGHT_SLACK_S
             with self._lock:
                 while self._writer_alive() and time.monotonic() < writer_deadline:
                     self._lock.wait(timeout=min(1.0, max(0.0, writer_deadline - time.monotonic())))

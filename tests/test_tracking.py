@@ -396,7 +396,7 @@ def test_metrics_and_run_ends_keep_the_time_they_were_queued_at(make_config, tmp
     queue.put("log_metrics", ref, metrics={"val_acc": 0.5}, step=0)
     queue.put("end_run", ref, status="FINISHED")
     queued = int(time.time() * 1000)
-    time.sleep(2.5)
+    time.sleep(0.5)  # sent at least this much later: time enough to tell the two apart
     state["down"] = False
     assert queue.flush(timeout_s=30) == [] and queue.dropped == [] and state["replies_lost"] == 1
     run_id = queue.run_id(ref)
@@ -573,11 +573,12 @@ def test_a_write_still_in_flight_when_flush_gives_up_leaves_the_pending_file_onc
 
     from pipelines.tracking_queue import TrackingQueue
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "0")  # flush waits 5 s for an attempt in flight
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "0")
+    monkeypatch.setattr("pipelines.tracking_queue.IN_FLIGHT_SLACK_S", 1.0)  # flush waits 1 s for it in flight
     tracker = Tracker.for_config(make_config())
     run_id = tracker.start_run("lenet5", {"stage": "train"})
     queue = queue_with_a_slow_write(tracker, tmp_path / "pending.json")
-    queue.put("slow_tags", run_id, tags={"sent": "late"}, seconds=8)
+    queue.put("slow_tags", run_id, tags={"sent": "late"}, seconds=5)
     assert [op.kind for op in queue.flush(timeout_s=2)] == ["slow_tags"]  # the retry starts after 1 s
     assert (tmp_path / "pending.json").exists()
     writer: threading.Thread = queue._thread
@@ -988,7 +989,7 @@ def test_a_ctrl_c_while_flush_waits_for_the_write_in_flight_keeps_it_pending_for
     tracker = Tracker.for_config(make_config())
     run_id = tracker.start_run("lenet5", {"stage": "train"})
     queue = queue_with_a_slow_write(tracker, tmp_path / "tracking-pending.json")
-    queue.put("slow_tags", run_id, tags={"sent": "once"}, seconds=6)
+    queue.put("slow_tags", run_id, tags={"sent": "once"}, seconds=4.5)  # in flight from 1 s to 5.5 s
     queue.put("set_tags", run_id, tags={"queued": "behind"})
     flush_interrupted(queue, after_s=3.0, timeout_s=2)  # the wait for MLflow ends at 2 s: in the writer's
     body = json.loads((tmp_path / "tracking-pending.json").read_text())
@@ -1010,23 +1011,29 @@ def test_a_write_in_flight_that_fails_after_flush_gave_up_keeps_its_place_in_the
     class QueueWithAFailingSlowWrite(TrackingQueue):
         attempts = 0
 
+        failed_at = None
+
         def _do_slow_upload(self, ref, seconds):
             self.attempts += 1
             if self.attempts == 2:  # the retry: slow, then the connection resets
                 time.sleep(seconds)
+                self.failed_at = time.monotonic()
             raise ConnectionError("MLflow is down")
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "0")  # flush waits 5 s for an attempt in flight
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "0")
+    monkeypatch.setattr("pipelines.tracking_queue.IN_FLIGHT_SLACK_S", 1.0)  # flush waits 1 s for it in flight
     tracker = Tracker.for_config(make_config())
     queue = QueueWithAFailingSlowWrite(tracker, tmp_path / "tracking-pending.json")
-    queue.put("slow_upload", "local:run", seconds=10)
+    queue.put("slow_upload", "local:run", seconds=5)
     queue.put("update_champion", registered_model="m")
     queue.put("end_run", "local:run", status="FINISHED")
-    left = queue.flush(timeout_s=3)  # the retry starts after 1 s and outlasts flush (3 s, then 5 s for it)
+    left = queue.flush(timeout_s=2)  # the retry starts after 1 s and outlasts flush (2 s, then 1 s for it)
     assert [op.kind for op in left] == ["slow_upload", "update_champion", "end_run"]
     assert queue.attempts == 2 and queue._thread.is_alive()  # in flight when flush gave up
     queue._thread.join(timeout=30)
     assert queue.attempts == 2 and not queue._thread.is_alive()
+    # Its writer ended then, not after one more back-off (2 s here, up to 10 s: a stage's end held up that long).
+    assert time.monotonic() - queue.failed_at < 1.0
     assert [op.kind for op in load_pending(tmp_path)] == ["slow_upload", "update_champion", "end_run"]
     # ... and it is no longer held: the next command takes all three, in that order.
     assert [op.kind for op in load_pending(tmp_path, this_process=True)] == ["slow_upload", "update_champion",
