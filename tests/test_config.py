@@ -528,9 +528,10 @@ def test_a_failed_stage_exits_1_with_one_line_and_no_traceback(tmp_path, pipelin
 
 
 @pytest.mark.slow
-def test_a_failed_command_says_which_writes_it_left_pending_and_how_to_send_them(tmp_path, capsys):
+def test_a_failed_command_says_which_writes_it_left_pending_and_how_to_send_them(tmp_path, capsys, monkeypatch):
     """A failed stage ended on its one error line: the writes it had kept pending for MLflow (sent by the next
     command of the config) were never mentioned, so a user who did not re-run never learned of `register`."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # nothing listens on port 9: refused at once
     from pipelines.__main__ import main
     from pipelines.config import load_config
     from pipelines.tracking_queue import TrackingQueue

@@ -167,13 +167,16 @@ def test_a_damaged_download_is_fetched_again(registered):
                                    atol=1e-4)
 
 
-def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_outage_is_over(registered):
+def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_outage_is_over(registered,
+                                                                                              monkeypatch):
     """A replica that starts while the registry is unreachable (after listing the versions): its models stay
     ``unchecked``, not failed for the replica's life, and are verified again until they load."""
     import asyncio
     import shutil
 
     from pipelines.serve import Classifier
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once: several rounds in the outage
 
     cfg, tracker, _, _ = registered
     store = ModelStore(cfg)
@@ -234,10 +237,12 @@ def test_which_load_failures_pass_and_which_stay():
 
 
 @pytest.mark.slow
-def test_an_unreachable_artifact_store_can_pass_and_a_missing_checkpoint_or_deleted_version_cannot(registered):
+def test_an_unreachable_artifact_store_can_pass_and_a_missing_checkpoint_or_deleted_version_cannot(registered,
+                                                                                                   monkeypatch):
     """The registry answers, but a version's artifacts live on a server that does not: that can pass (503,
     verified again), where it used to read as "holds no weights-only checkpoint", failed for good. A version
     whose files are gone, or which was deleted in MLflow's UI, stays failed."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the unreachable store refuses at once
     cfg, tracker, _, _ = registered
     client, name = tracker.client, "elsewhere"
     client.create_registered_model(name)
