@@ -14,9 +14,8 @@ from ray.tune import Callback
 from cnnmodels.scaling import constraint_value
 from pipelines.config import SearchConfig, load_config
 from pipelines.planning import resolve_models, search_fingerprint
-from pipelines.search import describe_search_trial, search_stage
+from pipelines.search import search_stage
 from pipelines.search_space import PAPER, FeasibleRegion, feasible_points, grid_candidates
-from pipelines.tracking import Tracker
 
 
 def test_grid_candidates_are_feasible_capped_and_start_with_the_paper():
@@ -360,46 +359,6 @@ def test_a_finished_search_with_failed_trials_says_so_when_reused(make_config, c
         again = search_stage(cfg)
     assert again.skipped and again.unreported == [lost]
     assert "2 of its trials failed and are not run again (`search --force` runs every trial again)" in caplog.text
-
-
-@pytest.mark.slow
-def test_optuna_mode_runs_two_feasible_trials_ranked_by_the_objective(ray_cluster, make_config):
-    """Optuna's search, under the MnasNet objective with a target below every trial's MACs: Optuna and ASHA
-    follow the score the winner is ranked by (they followed val_acc, whatever the objective). `search --force`
-    after a finished search is a system check (bench/system/test_forced_search.py), for its time."""
-    from pipelines.trials import EPOCHS_DONE
-
-    cfg = make_config("search.mode=optuna", "search.num_trials=2", "search.epochs=1", "search.asha=false",
-                      "search.alpha=[1.0, 1.4]", "search.beta=[1.0, 1.3]", "search.gamma=[1.0, 1.3]",
-                      "search.max_concurrent_trials=2", "train.cpus_per_worker=0.95", "data.image_size=16",
-                      "data.train_subset=200", "train.optimizer=adamw", "train.lr=0.003", "search.objective=mnas",
-                      "search.target_macs=1000")
-    result = search_stage(cfg)
-    assert len(result.trials) == 2
-    assert any(t["paper"] for t in result.trials)  # enqueued as Optuna's first point
-    for trial in result.trials:
-        assert abs(trial["compound_product"] - 2.0) <= 0.1 + 1e-3
-        assert trial["epochs_trained"] == 1
-    assert cfg.paths.search_result.is_file()
-    again = search_stage(cfg)
-    assert again.skipped and again.best == result.best
-    reported = {}
-    for results in Path(cfg.paths.storage).glob(f"{cfg.name}-search-*/*/result.json"):
-        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-        reported[results.parent.name] = rows
-    assert len(reported) == 2
-    by_macs = {t["macs"]: t for t in result.trials}
-    for rows in reported.values():
-        assert rows[0]["config"]["mnas_target_macs"] == 1000
-        macs = describe_search_trial(cfg.search.phi, rows[0]["config"])[2]["macs"]
-        assert [r["score"] for r in rows] == pytest.approx([r["val_acc"] * (macs / 1000) ** -0.07 for r in rows])
-        # What ASHA compares trials by, through Tune's own session: the epochs the model has reached.
-        assert [r[EPOCHS_DONE] for r in rows] == [r["epoch"] + 1 for r in rows] == [1]
-        assert max(r["score"] for r in rows) == pytest.approx(by_macs[macs]["score"])
-    tracker = Tracker.for_config(cfg)
-    parents = tracker.client.search_runs([tracker.experiment_id],
-                                         "tags.stage = 'search' and tags.`cnnzoo.stage_parent` = 'true'")
-    assert len(parents) == 1
 
 
 class SeenTrials(Callback):
