@@ -339,8 +339,8 @@ def strict_app(server, tmp_path_factory):
     while requests.get(f"{url}/strict/healthz", timeout=30).status_code not in (200, 503) and time.time() < deadline:
         time.sleep(0.5)
     (directory / "vanishing.pt").unlink()  # verified at start, gone when first requested
-    yield f"{url}/strict", marker
-    serve.delete("strict")
+    # (Deleted with the others by the module's serve.shutdown, at once rather than one 2 s drain after another.)
+    return f"{url}/strict", marker
 
 
 def test_auth_token_and_broken_checkpoints(server, strict_app, digit_png, caplog):
@@ -510,7 +510,8 @@ def test_ctrl_c_of_a_blocking_command_on_a_cluster_deletes_its_serve_app(server,
 
     cfg, _, _ = server
 
-    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+    # (No graceful drain: each delete waited Serve's default 2 s for requests this app never gets.)
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=0)
     class Placeholder:
         def __call__(self, request) -> str:
             return "up"

@@ -228,8 +228,10 @@ def test_a_diverged_model_stops_at_once_and_fails_the_stage(ray_cluster, make_co
     long schedule), scored each with class 0's share as val_acc (argmax of NaN logits: a number that could pass
     for the best epoch's) and failed only at its registration. Now the epoch reports val_acc NaN, the run stops
     there, and the model fails naming the divergence; a re-run trains nothing from its NaN weights."""
+    # No Tune retries: each would start a trial actor (about 5 s) only to stop at once (the next test's subject).
     cfg = make_config("train.models=[lenet5]", "train.epochs=3", "train.optimizer=sgd", "train.lr=1e8",
-                      "train.max_failures=0", "data.train_subset=200", "data.image_size=32", "train.batch_size=64")
+                      "train.max_failures=0", "train.trial_retries=0", "data.train_subset=200",
+                      "data.image_size=32", "train.batch_size=64")
     stage = train_stage(cfg)
     assert stage.failed == ["lenet5"] and stage.trained == [] and not stage.ok
     tracked = Tracker.for_config(cfg).find_run("tags.stage = 'train' and tags.`cnnzoo.model` = 'lenet5'")
@@ -505,51 +507,46 @@ def test_an_aborted_stage_ends_its_run_and_the_unfinished_model_runs_and_sends_w
 
 @pytest.mark.slow
 def test_every_block_type_trains_one_short_epoch_through_the_worker_loop(ray_cluster, make_config, tmp_path):
-    """One architecture per family and block type through train_loop_per_worker in one Train run."""
+    """One architecture per family and block type through train_loop_per_worker, each in a Ray Train run of its
+    own in Ray Train's local mode (``num_workers=0``): the function runs in this process with Ray Train's context,
+    reports and checkpoint API as a worker has them, without a controller and worker processes (about 15 s of
+    start-up on 2 cores; the worker loop in real worker processes is every other Ray test's)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipelines.data import describe_dataset, make_spec
     from pipelines.planning import ModelChoice, plan_model_runs
+    from pipelines.worker import train_loop_per_worker
 
     # bfloat16 autocast (train.cpu_bf16): every block type must train under it as well as in fp32 (the rest of
     # the suite), e.g. DenseNet's concatenations and the SE gates mixing bf16 and fp32 tensors.
     cfg = make_config("data.image_size=16", "data.train_subset=10", "data.val_fraction=0.01",
                       "train.batch_size=8", "train.models=[lenet5]", "train.cpu_bf16=true")
-    free = ray_cluster.available_resources()["CPU"]  # a Serve app from other tests may hold some
     info = describe_dataset(cfg.data)
-    template = plan_model_runs(cfg, info, [ModelChoice("lenet5", "lenet5")], epochs=1, cluster_cpus=free)[0]
-    runs = []
-    for name in ONE_PER_BLOCK_TYPE:
-        kwargs = {} if name == "lenet5" else {"small_input": True}
-        with torch.device("meta"):  # only its input-size attributes are needed here
-            model = cnnmodels.create_model(name, num_classes=10, in_chans=1, **kwargs)
-        size = model.input_size_for(cfg.data.image_size)
-        # stage "search": a trial without the final test evaluation
-        runs.append(template.model_copy(update={"model": ModelChoice(name, name, kwargs), "stage": "search",
-                                                "spec": make_spec(info, size)}))
-    log = tmp_path / "trained.jsonl"
-
-    def train_each(config):
-        from pipelines.worker import train_loop_per_worker
-
-        for run in config["runs"]:
-            train_loop_per_worker({"run": run})
-            with open(config["log"], "a") as f:
-                f.write(json.dumps({"model": run["model"]["name"]}) + "\n")
-
-    result = TorchTrainer(
-        train_each, train_loop_config={"runs": [r.to_dict() for r in runs], "log": str(log)},
-        scaling_config=ray.train.ScalingConfig(num_workers=1,
-                                               resources_per_worker={"CPU": runs[0].workers.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name="every-arch", storage_path=str(tmp_path / "ray"))).fit()
-    trained = [json.loads(line)["model"] for line in log.read_text().splitlines()]
-    assert trained == ONE_PER_BLOCK_TYPE
-    # Each one's epoch was reported, and trained to finite losses (a NaN in bf16 would not raise on its own).
-    reported = result.metrics_dataframe
-    assert len(reported) == len(ONE_PER_BLOCK_TYPE), reported
-    losses = reported[["train_loss", "val_loss"]].to_numpy(dtype=float)
-    assert np.isfinite(losses).all(), reported[["train_loss", "val_loss"]]
+    template = plan_model_runs(cfg, info, [ModelChoice("lenet5", "lenet5")], epochs=1, cluster_cpus=2)[0]
+    threads = torch.get_num_threads()  # (a worker sets its own: this process's is put back below)
+    reported = {}
+    try:
+        for name in ONE_PER_BLOCK_TYPE:
+            kwargs = {} if name == "lenet5" else {"small_input": True}
+            with torch.device("meta"):  # only its input-size attributes are needed here
+                model = cnnmodels.create_model(name, num_classes=10, in_chans=1, **kwargs)
+            size = model.input_size_for(cfg.data.image_size)
+            # stage "search": a trial without the final test evaluation
+            run = template.model_copy(update={"model": ModelChoice(name, name, kwargs), "stage": "search",
+                                              "spec": make_spec(info, size)})
+            result = TorchTrainer(
+                train_loop_per_worker, train_loop_config={"run": run.to_dict()},
+                scaling_config=ray.train.ScalingConfig(num_workers=0),
+                run_config=ray.train.RunConfig(name=f"every-arch-{name}", storage_path=str(tmp_path / "ray"))).fit()
+            reported[name] = result.metrics if result.checkpoint is not None else None
+    finally:
+        torch.set_num_threads(threads)
+    # Each one's epoch was reported with its checkpoint, and trained to finite losses (a NaN in bf16 would not
+    # raise on its own).
+    assert [name for name, metrics in reported.items() if metrics and metrics["epoch"] == 0] == ONE_PER_BLOCK_TYPE
+    losses = {name: (metrics["train_loss"], metrics["val_loss"]) for name, metrics in reported.items()}
+    assert np.isfinite(list(losses.values())).all(), losses
 
 
 @pytest.mark.slow
