@@ -70,6 +70,14 @@ class MlflowServer:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
+@pytest.fixture(autouse=True)
+def _no_client_backoff(monkeypatch):
+    """MLflow's client retries without sleeping between tries: with the pipeline's back-off (about 2.5 s per
+    refused request) each write tried in an outage cost seconds of nothing; what the queue does is the same."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
+
+
 @pytest.fixture(scope="module")
 def running_server(tmp_path_factory):
     # One store for the module (a cold start creates the database, the slow part); tests use their own
@@ -99,7 +107,8 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_an_outage_queues_writes_and_register_sends_what_the_stage_left_pending(mlflow_server, tmp_path):
+def test_an_outage_queues_writes_and_register_sends_what_the_stage_left_pending(mlflow_server, tmp_path,
+                                                                              pipelines_cli):
     from pipelines.config import load_config
 
     overrides = [f"workdir={tmp_path / 'work'}", "name=pending", f"tracking.uri={mlflow_server.uri}",
@@ -121,14 +130,15 @@ def test_an_outage_queues_writes_and_register_sends_what_the_stage_left_pending(
     saved = json.loads((cfg.paths.run_dir / PENDING_FILE).read_text())
     assert saved["run_ids"] == {run: queue.run_id(run)} and len(saved["ops"]) == 5
 
-    command = [sys.executable, "-m", "pipelines", "register", *[a for o in overrides for a in ("--set", o)]]
-    still_down = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    arguments = ["register", *[a for o in overrides for a in ("--set", o)]]
+    still_down = pipelines_cli(*arguments)  # (in this process; the one below is a real `python -m`)
     assert still_down.returncode == EXIT_PENDING, still_down.stderr
     # The five writes and the champion alias, with the command that sends them.
     assert "python -m pipelines register" in still_down.stderr and "6 write(s)" in still_down.stderr
 
     mlflow_server.start()
-    sent = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    sent = subprocess.run([sys.executable, "-m", "pipelines", *arguments], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert sent.returncode == 0, sent.stderr
     client = Tracker(mlflow_server.uri, "pending").client
     assert client.get_run(queue.run_id(run)).data.tags["note"] == "written late"
@@ -140,7 +150,7 @@ def test_an_outage_queues_writes_and_register_sends_what_the_stage_left_pending(
 
 
 @pytest.mark.slow
-def test_register_fails_when_mlflow_refuses_a_pending_registration_for_good(mlflow_server, tmp_path):
+def test_register_fails_when_mlflow_refuses_a_pending_registration_for_good(mlflow_server, tmp_path, pipelines_cli):
     """A registration left pending by an outage whose run was then deleted in MLflow's UI is dropped: `register`
     counted it as sent ("sent 3 of 3") and exited 0, so a script saw success for a model not in the registry."""
     from pipelines.config import load_config
@@ -159,8 +169,7 @@ def test_register_fails_when_mlflow_refuses_a_pending_registration_for_good(mlfl
     mlflow_server.start()
     Tracker(mlflow_server.uri, "refused").client.delete_run(queue.run_id(run))
 
-    command = [sys.executable, "-m", "pipelines", "register", *[a for o in overrides for a in ("--set", o)]]
-    sent = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    sent = pipelines_cli("register", *[a for o in overrides for a in ("--set", o)])
     assert sent.returncode == 1, sent.stderr
     assert "not registered (MLflow refused it for good" in sent.stderr and "lenet5" in sent.stderr
     # The champion alias went out; the registration and the run's end were refused (the run is deleted).
@@ -169,7 +178,8 @@ def test_register_fails_when_mlflow_refuses_a_pending_registration_for_good(mlfl
 
 
 @pytest.mark.slow
-def test_writes_queued_in_an_outage_outlive_a_command_killed_before_its_flush(mlflow_server, tmp_path):
+def test_writes_queued_in_an_outage_outlive_a_command_killed_before_its_flush(mlflow_server, tmp_path,
+                                                                            pipelines_cli):
     """`ray job stop` (SIGKILL 3 s after its SIGTERM), the OOM killer, a lost head: a command killed while MLflow
     was down lost every write it had queued since, its runs left RUNNING without their metrics. The backlog is on
     disk from the first failed attempt, and the next command sends it."""
@@ -198,8 +208,7 @@ def test_writes_queued_in_an_outage_outlive_a_command_killed_before_its_flush(ml
         process.kill()
         process.wait()
     mlflow_server.start()
-    command = [sys.executable, "-m", "pipelines", "register", *[a for o in overrides for a in ("--set", o)]]
-    sent = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    sent = pipelines_cli("register", *[a for o in overrides for a in ("--set", o)])
     assert sent.returncode == 0, sent.stderr
     client = Tracker(mlflow_server.uri, "killed").client
     [run] = client.search_runs([client.get_experiment_by_name("killed").experiment_id],
@@ -266,12 +275,13 @@ def test_a_stage_starting_while_the_tracking_server_restarts_waits_for_it(mlflow
 
 @pytest.mark.slow
 def test_training_goes_on_through_a_tracking_outage(ray_cluster, mlflow_server, make_config):
-    """The server stops while the first model trains and comes back later: both models train on, and at
-    the end every epoch's metrics, both registrations and the champion are in MLflow."""
+    """The server stops while the model trains and comes back after it finished: training goes on, and at the end
+    every epoch's metrics, its registration and the champion are in MLflow. (One model: runs created in an outage
+    are the queue's, tested above.)"""
     from pipelines.train import train_stage
 
-    cfg = make_config("train.models=[lenet5, alexnet]", "train.epochs=2", f"tracking.uri={mlflow_server.uri}",
-                      "train.max_concurrent_models=1", "data.image_size=16", "data.train_subset=400")
+    cfg = make_config("train.models=[lenet5]", "train.epochs=2", f"tracking.uri={mlflow_server.uri}",
+                      "data.image_size=16", "data.train_subset=400")
     tracker = Tracker.for_config(cfg)
 
     def first_model_started() -> bool:
@@ -304,19 +314,18 @@ def test_training_goes_on_through_a_tracking_outage(ray_cluster, mlflow_server, 
     assert "error" not in outage, outage.get("error")
     assert outage["stopped"] < outage["lenet5_done"] < outage["back"] < ended
     assert not outage["lenet5_done_before"], "the server stopped before the first model finished"
-    assert result.ok and result.pending == 0 and set(result.trained) == {"lenet5", "alexnet"}
+    assert result.ok and result.pending == 0 and result.trained == ["lenet5"]
     assert ended - outage["back"] < 120, "the stage ends soon after the server's return"
 
     records = load_results(cfg.paths.train_dir)
     versions, champion = tracker.registered_versions(cfg.registered_model_name)
-    assert {v.alias for v in versions} >= {"lenet5", "alexnet"} and champion is not None
-    assert result.champion in {"lenet5", "alexnet"}
-    for name in ("lenet5", "alexnet"):
-        assert records[name].version, f"{name}'s record learns its registered version"
-        history = tracker.client.get_metric_history(records[name].mlflow_run_id, "val_acc")
-        assert sorted(m.step for m in history) == [0, 1], f"{name}: every epoch's metrics reached MLflow"
-        if name == "lenet5":  # an epoch reported while the server was down, sent once it was back
-            assert max(m.timestamp for m in history) > outage["stopped_ms"], history
+    assert {v.alias for v in versions} >= {"lenet5"} and champion is not None
+    assert result.champion == "lenet5"
+    assert records["lenet5"].version, "its record learns its registered version"
+    history = tracker.client.get_metric_history(records["lenet5"].mlflow_run_id, "val_acc")
+    assert sorted(m.step for m in history) == [0, 1], "every epoch's metrics reached MLflow"
+    # An epoch reported while the server was down, sent once it was back.
+    assert max(m.timestamp for m in history) > outage["stopped_ms"], history
     assert CHAMPION in tracker.client.get_registered_model(cfg.registered_model_name).aliases
     assert not (cfg.paths.run_dir / PENDING_FILE).exists()
 
