@@ -592,38 +592,6 @@ def test_autocast_follows_amp_on_gpus_and_cpu_bf16_on_cpus(make_config):
     assert auto == (torch.bfloat16 if cpu_has_native_bf16() else None)
 
 
-RANK_PRECISION = """
-import sys, torch, torch.distributed as dist
-from pipelines.worker import common_autocast_dtype
-rank, port, local = int(sys.argv[1]), sys.argv[2], getattr(torch, sys.argv[3], None)
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-print(common_autocast_dtype(local, torch.device("cpu")))
-dist.destroy_process_group()
-"""
-
-
-@pytest.mark.parametrize("rank0, rank1, agreed", [
-    ("bfloat16", "float16", "torch.float16"),  # an A10G beside a T4: float16 with a scaler on both
-    ("bfloat16", "fp32", "None"),  # cpu_bf16 auto on CPUs with and without native bf16: float32 on both
-    ("bfloat16", "bfloat16", "torch.bfloat16"),
-])
-def test_the_ranks_of_a_run_train_at_one_precision(rank0, rank1, agreed):
-    """Each rank chose its autocast dtype by its own hardware: mixed nodes trained one DDP model at two precisions
-    (bf16 without a scaler beside float16 with one: one rank stepped 32768 times too far, the replicas drifted)."""
-    import subprocess
-    import sys
-
-    from conftest import free_port
-
-    port = free_port()
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_PRECISION, str(rank), str(port), local],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank, local in enumerate((rank0, rank1))]
-    outputs = [rank.communicate(timeout=120) for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0], outputs
-    assert [out.strip().splitlines()[-1] for out, _ in outputs] == [agreed, agreed]
-
-
 def test_a_gpu_that_only_emulates_bf16_trains_in_float16(make_config, monkeypatch):
     """torch counts emulated bf16 as supported (a T4 or V100 says yes): those GPUs trained in bf16 without tensor
     cores, never taking the float16-with-a-scaler path meant for them."""
@@ -768,15 +736,19 @@ def test_googlenets_train_loss_is_its_main_heads_as_val_loss_is(make_config):
     assert train_epoch(ctx, 0)["train_loss"] == pytest.approx(math.log(10), abs=0.3)
 
 
-PRECISE_BN_ACROSS_RANKS = """
-import copy, os, sys, tempfile
+#: Two DDP ranks (gloo, one process each) on which the tests below check what the ranks must agree on: the
+#: autocast dtype for each case of PRECISION_CASES (rank 0's and rank 1's own choice), and precise BN's
+#: statistics. One pair of processes for all of them: each process costs seconds of imports on 2 cores.
+TWO_RANKS = """
+import copy, json, sys
 from types import SimpleNamespace
 import torch
 import torch.distributed as dist
-from pipelines.worker import recalibrate_batchnorm
+from pipelines.worker import common_autocast_dtype, recalibrate_batchnorm
 
-def rank_main(rank, store, out):
+def rank_main(rank, store, out, cases):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    agreed = [str(common_autocast_dtype(getattr(torch, case[rank], None), torch.device("cpu"))) for case in cases]
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
     model = torch.nn.parallel.DistributedDataParallel(net)
@@ -791,29 +763,52 @@ def rank_main(rank, store, out):
     recalibrate_batchnorm(ctx, batches=3)
     bn, own = model.module[1], alone.model[1]
     torch.save({"mean": bn.running_mean, "var": bn.running_var, "own_mean": own.running_mean,
-                "own_var": own.running_var}, f"{out}/rank{rank}.pt")
+                "own_var": own.running_var, "agreed": agreed}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 if __name__ == "__main__":
     out = sys.argv[1]
-    torch.multiprocessing.spawn(rank_main, args=(f"{out}/store", out), nprocs=2)
+    torch.multiprocessing.spawn(rank_main, args=(f"{out}/store", out, json.loads(sys.argv[2])), nprocs=2)
 """
 
+PRECISION_CASES = [
+    ("bfloat16", "float16", "torch.float16"),  # an A10G beside a T4: float16 with a scaler on both
+    ("bfloat16", "fp32", "None"),  # cpu_bf16 auto on CPUs with and without native bf16: float32 on both
+    ("bfloat16", "bfloat16", "torch.bfloat16"),
+]
 
-@pytest.mark.slow
-def test_precise_bn_leaves_every_ddp_rank_with_the_same_statistics(tmp_path):
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """What each of TWO_RANKS' ranks saved."""
+    import json
+
+    directory = tmp_path_factory.mktemp("two-ranks")
+    script = directory / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    cases = json.dumps([[rank0, rank1] for rank0, rank1, _ in PRECISION_CASES])
+    out = subprocess.run([sys.executable, str(script), str(directory), cases], capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [torch.load(directory / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("case", range(len(PRECISION_CASES)), ids=["-".join(c) for c in PRECISION_CASES])
+def test_the_ranks_of_a_run_train_at_one_precision(two_ranks, case):
+    """Each rank chose its autocast dtype by its own hardware: mixed nodes trained one DDP model at two precisions
+    (bf16 without a scaler beside float16 with one: one rank stepped 32768 times too far, the replicas drifted)."""
+    agreed = PRECISION_CASES[case][2]
+    assert [rank["agreed"][case] for rank in two_ranks] == [agreed, agreed]
+
+
+def test_precise_bn_leaves_every_ddp_rank_with_the_same_statistics(two_ranks):
     """DDP broadcasts buffers only in forwards that need gradients: after precise BN each rank kept the
     statistics of its own images, evaluated its validation shard with them, and rank 0's went into the
     checkpoint. The ranks' statistics are averaged now."""
-    script = tmp_path / "precise_bn.py"
-    script.write_text(PRECISE_BN_ACROSS_RANKS)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for key in ("mean", "var"):
-        assert not torch.allclose(ranks[0][f"own_{key}"], ranks[1][f"own_{key}"])  # the ranks saw other images
-        average = (ranks[0][f"own_{key}"] + ranks[1][f"own_{key}"]) / 2
-        for rank in ranks:
+        assert not torch.allclose(two_ranks[0][f"own_{key}"], two_ranks[1][f"own_{key}"])  # they saw other images
+        average = (two_ranks[0][f"own_{key}"] + two_ranks[1][f"own_{key}"]) / 2
+        for rank in two_ranks:
             torch.testing.assert_close(rank[key], average)
 
 
