@@ -435,8 +435,9 @@ def test_a_failed_search_leaves_the_other_models_to_train_and_run_exits_with_1(r
 
     cfg = make_config("train.models=[lenet5]", "train.epochs=1", "data.image_size=16", "data.train_subset=200",
                       "search.num_trials=1", "search.epochs=1", "search.asha=false", "search.phis=[0]",
-                      "train.cpus_per_worker=0.95", "train.max_failures=0",
-                      "train.trial_retries=0", "train.model_overrides={efficientnet: {optimizer: sgd, lr: 1.0e+8}}")
+                      "search.train_subset=64", "train.cpus_per_worker=0.95", "train.max_failures=0",
+                      "train.trial_retries=0",  # (4 steps of 16 images at lr 1e8: NaN weights, a short epoch)
+                      "train.model_overrides={efficientnet: {optimizer: sgd, lr: 1.0e+8, batch_size: 16}}")
     with caplog.at_level(logging.INFO, logger="pipelines"):
         result = run_pipeline(cfg, ["search", "train"])
     assert result.stages == {"search": "failed", "train": "ran"} and not result.ok
