@@ -75,6 +75,25 @@ def test_grid_trials_that_train_at_the_smallest_input_count_as_one_network(make_
     assert len(trained) == len(grid_candidates(cfg.search, partial(_network_at, template)))
 
 
+def test_the_grid_plan_hands_tune_one_trial_per_candidate_the_papers_point_among_them(make_config):
+    """The grid's plan (search.mode's default) as Tune gets it: one trial per candidate through ``grid_search``,
+    no search algorithm. (The suite's end-to-end search is Optuna's; the grid's runs through Tune in the failed-
+    search test below.)"""
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, search_template
+    from pipelines.search import _plan_trials
+
+    cfg = make_config("search.mode=grid", "search.num_trials=2", "search.step=0.1", "search.alpha=[1.0, 1.4]",
+                      "search.beta=[1.0, 1.3]", "search.gamma=[1.0, 1.3]", "data.image_size=16")
+    template = plan_model_runs(cfg, describe_dataset(cfg.data), [search_template(cfg)], stage="search",
+                               cluster_cpus=2)[0]
+    plan = _plan_trials(cfg, template)
+    assert plan.search_alg is None and plan.num_samples == 1 and plan.trials == 2 and plan.paper_included
+    grid = [(c["alpha"], c["beta"], c["gamma"]) for c in plan.param_space["coefficients"]["grid_search"]]
+    assert len(grid) == 2 and PAPER in grid
+    assert plan.param_space["run"] == template.to_dict()
+
+
 def test_the_paper_is_left_out_when_the_constraint_or_the_ranges_exclude_it():
     search = SearchConfig(tolerance=0.05, step=0.05)  # 1.92 is 0.08 away from 2.0
     assert PAPER not in grid_candidates(search)

@@ -406,6 +406,48 @@ def test_metrics_and_run_ends_keep_the_time_they_were_queued_at(make_config, tmp
     assert run.info.status == "FINISHED" and before <= run.info.start_time <= run.info.end_time <= queued
 
 
+def test_a_trial_starting_in_an_outage_gets_its_run_under_its_parent_once_mlflow_is_back(make_config, tmp_path,
+                                                                                          monkeypatch):
+    """A Tune trial that starts while MLflow is down (a stage's next model, a search trial): its find-or-create
+    run is queued like any write, and created under the stage's run with what was logged to it once MLflow is
+    back (not reopened from another trial's, not lost)."""
+    from pipelines.tracking_queue import TrackingQueue
+
+    tracker = Tracker.for_config(make_config())
+    parent = tracker.start_run("train", {"stage": "train"})
+    tracker.start_run("lenet5", {"stage": "train", "ray.trial_id": "t0"}, parent)  # an earlier trial's
+    state = {"down": True, "tries": 0}
+    real_find_run, real_start_run = tracker.find_run, tracker.start_run
+
+    def find_run(*args, **kwargs):
+        state["tries"] += 1
+        if state["down"]:
+            raise ConnectionError("MLflow is down")
+        return real_find_run(*args, **kwargs)
+
+    def start_run(*args, **kwargs):
+        if state["down"]:
+            raise ConnectionError("MLflow is down")
+        return real_start_run(*args, **kwargs)
+
+    monkeypatch.setattr(tracker, "find_run", find_run)
+    monkeypatch.setattr(tracker, "start_run", start_run)
+    queue = TrackingQueue(tracker, tmp_path / "pending.json")
+    ref = queue.trial_run("local:trial:t1", find="tags.`ray.trial_id` = 't1' and tags.stage = 'train'",
+                          run_name="alexnet", tags={"stage": "train", "ray.trial_id": "t1"}, parent=parent)
+    queue.put("log_metrics", ref, metrics={"val_acc": 0.5}, step=0)
+    deadline = time.monotonic() + 10
+    while state["tries"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state["tries"] >= 1 and queue.run_id(ref) is None  # tried, and not created while MLflow is down
+    state["down"] = False
+    assert queue.flush(timeout_s=30) == [] and queue.dropped == []
+    run = tracker.client.get_run(queue.run_id(ref))
+    assert run.info.run_name == "alexnet" and run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["ray.trial_id"] == "t1"
+    assert [m.value for m in tracker.client.get_metric_history(run.info.run_id, "val_acc")] == [0.5]
+
+
 def test_a_checkpoint_this_process_may_not_read_is_not_marked_unregistrable(make_config, tmp_path, monkeypatch):
     """A checkpoint whose permissions keep this process out (NFS root-squash, another uid): no retry changes that,
     so the registration is dropped, but the model is not marked unregistrable for good: the next train stage

@@ -276,8 +276,8 @@ def test_a_stage_starting_while_the_tracking_server_restarts_waits_for_it(mlflow
 @pytest.mark.slow
 def test_training_goes_on_through_a_tracking_outage(ray_cluster, mlflow_server, make_config):
     """The server stops while the model trains and comes back after it finished: training goes on, and at the end
-    every epoch's metrics, its registration and the champion are in MLflow. (One model: runs created in an outage
-    are the queue's, tested above.)"""
+    every epoch's metrics, its registration and the champion are in MLflow. (One model: a run created in an outage
+    is the queue's to send, tested above for a stage's run and in test_tracking.py for a trial's.)"""
     from pipelines.train import train_stage
 
     cfg = make_config("train.models=[lenet5]", "train.epochs=2", f"tracking.uri={mlflow_server.uri}",
