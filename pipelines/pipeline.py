@@ -61,11 +61,13 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
     from .search import search_stage, searched_coefficients
     from .serve import check_serve_startable, serve_stage
     from .tracking import first_line
-    from .train import train_stage
+    from .train import check_schedules_before_the_search, train_stage
 
     stages = stages or list(STAGES)
     if "serve" in stages and len(stages) > 1:  # before hours of training, not after them
         check_serve_startable(cfg)
+    if "search" in stages and "train" in stages:  # a lowered train.epochs: refused before the search, not after
+        check_schedules_before_the_search(cfg)
     started = time.time()
     out = PipelineResult()
     coefficients = None

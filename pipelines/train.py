@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 
+import cnnmodels
+
 from .compute_gate import ReleaseOnTrialEnd, compute_gate
 from .config import PipelineConfig, redact_text
 from .console import duration, timestamped
 from .optim import lr_at
-from .planning import ModelChoice, ModelRun, plan_model_runs, resolve_models, with_overlapped_startup
+from .planning import SEARCHED_FAMILY, ModelChoice, ModelRun, plan_model_runs, resolve_models, with_overlapped_startup
 from .results import ModelResult, as_text, comparison_table, for_display, load_results
 from .shared_data import prepare, shared_splits
 from .trials import run_model_trials, trial_resources, trial_run_name
@@ -386,9 +388,9 @@ def schedule_change(hyper, planned: int, reached: int) -> tuple[str, float, floa
     return ("longer" if hyper.epochs > planned else "shorter"), was, now
 
 
-def check_interrupted_schedules(runs: list[ModelRun]) -> None:
+def check_interrupted_schedules(runs: list[ModelRun], *, warn: bool = True) -> None:
     """Refuse (ConfigError on ``train.epochs``, exit 2) to resume an interrupted run with fewer epochs than it was
-    training to, and warn when it resumes with more.
+    training to, and (``warn``) warn when it resumes with more.
 
     Epochs are not in a run's fingerprint (a longer run continues the same training), so a re-run resumes the
     checkpoint of any length. Fewer epochs cut its learning-rate schedule short: the rate dropped at once, and a
@@ -408,7 +410,7 @@ def check_interrupted_schedules(runs: list[ModelRun]) -> None:
         if verdict == "same":
             continue
         if verdict == "longer":
-            if reached < planned:  # (a finished run extended: _warn_of_a_warm_restart says it)
+            if reached < planned and warn:  # (a finished run extended: _warn_of_a_warm_restart says it)
                 logger.warning("[train] %s: its interrupted run was training to %d epochs; it resumes at epoch %d "
                                "with its %s schedule spread over %d epochs: the learning rate goes from %.0f%% to "
                                "%.0f%% of train.lr", run.model_name, planned, reached + 1, hyper.schedule,
@@ -424,6 +426,32 @@ def check_interrupted_schedules(runs: list[ModelRun]) -> None:
                           f"interrupted run's folder under {runs[0].storage_path} to start it afresh")
 
 
+def check_schedules_before_the_search(cfg: PipelineConfig) -> None:
+    """:func:`check_interrupted_schedules` for the models of ``train.models`` that do not wait for the search,
+    made before it: ``run`` with ``train.epochs`` lowered under an interrupted run refused it only after its
+    search (minutes to hours). The searched family's runs depend on the search's result; the train stage checks
+    those (and these again)."""
+    from .data import describe_dataset
+    from .runtime import cpus_to_share, free_resources
+
+    choices = [c for c in resolve_models(cfg) if cnnmodels.family_of(c.name) != SEARCHED_FAMILY]
+    if not choices:
+        return
+    cpus, per_node = cpus_to_share(cfg.train, free_resources()["CPU"], "train")
+    runs = plan_model_runs(cfg, describe_dataset(cfg.data), choices, stage="train", cluster_cpus=cpus,
+                           node_cpus=per_node)
+    existing = load_results(cfg.paths.train_dir)
+    check_interrupted_schedules([r for r in runs if not _finished(existing.get(r.model_name), r)], warn=False)
+
+
+def _finished(done: ModelResult | None, run: ModelRun) -> bool:
+    """Whether ``done`` (the model's result record) is ``run`` trained to its epochs or further, or stopped for
+    good (diverged): nothing to train, whatever else may be due (its registration)."""
+    if done is None or done.fingerprint != run.fingerprint:
+        return False
+    return done.epochs >= run.hyper.epochs or bool(done.diverged_at)
+
+
 def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[ModelRun], list[str]]:
     """Runs still to train, and the names of those already trained with the same settings to their epochs (or
     further: a run of fewer epochs would resume past its end and record the longer run's model as its own).
@@ -434,20 +462,17 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
     finished = []
     for run in runs:
         done = existing.get(run.model_name)
-        if done is None or done.fingerprint != run.fingerprint:
+        if not _finished(done, run):
+            if done is not None and done.fingerprint == run.fingerprint:
+                _warn_of_a_warm_restart(run, done.epochs)
             continue
         if done.epochs < run.hyper.epochs:
-            if done.diverged_at:
-                # Resumed, it trained nothing from its NaN weights and was registered again as a longer run's.
-                logger.warning("[train] %s diverged at epoch %d of its training and stopped; its record (epoch %d) "
-                               "stays, and more epochs would train nothing from its weights: lower its learning "
-                               "rate (train.model_overrides) to train it again", run.model_name, done.diverged_at,
-                               done.best_epoch + 1)
-                finished.append(run)
-                continue
-            _warn_of_a_warm_restart(run, done.epochs)
-            continue
-        if done.epochs > run.hyper.epochs:
+            # Resumed, it trained nothing from its NaN weights and was registered again as a longer run's.
+            logger.warning("[train] %s diverged at epoch %d of its training and stopped; its record (epoch %d) "
+                           "stays, and more epochs would train nothing from its weights: lower its learning "
+                           "rate (train.model_overrides) to train it again", run.model_name, done.diverged_at,
+                           done.best_epoch + 1)
+        elif done.epochs > run.hyper.epochs:
             logger.warning("[train] %s was trained to %d epochs with these settings; train.epochs=%d asks for "
                            "fewer, so that result stays (a shorter run of its own needs another workdir or name)",
                            run.model_name, done.epochs, run.hyper.epochs)

@@ -248,7 +248,7 @@ def test_a_diverged_model_stops_at_once_and_fails_the_stage(ray_cluster, make_co
 
 
 @pytest.mark.slow
-def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster, make_config):
+def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster, make_config, monkeypatch):
     """Tune's trial retries are for a lost driver: a Train run that gave up after train.max_failures (here 0)
     is not run again by the retry, which would otherwise resume it and hide the failure."""
     cfg = make_config("train.models=[lenet5]", "train.epochs=2", "train.max_failures=0", "train.trial_retries=1",
@@ -273,6 +273,14 @@ def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster,
         train_stage(shorter)
     assert refused.value.key == "train.epochs" and "delete the interrupted run's folder" in str(refused.value)
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+    # `run` refuses it before its search (minutes to hours on a CPU), not once the search is done.
+    import pipelines.search
+    from pipelines.pipeline import run_pipeline
+
+    monkeypatch.setattr(pipelines.search, "search_stage", lambda *args, **kwargs: pytest.fail("searched first"))
+    with pytest.raises(ConfigError, match="was training to 2 epochs") as refused:
+        run_pipeline(shorter, ["search", "train"])
+    assert refused.value.key == "train.epochs"
     # Its checkpoint gone (deleted by hand, a bucket's lifecycle rule): the run starts afresh, nothing to cut.
     import shutil
 
