@@ -7,6 +7,7 @@ stage skips such models on a re-run, and the report and serving stages read them
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .paths import write_text_atomically
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -87,9 +90,12 @@ def load_results(directory: str | os.PathLike) -> dict[str, ModelResult]:
     for path in sorted(directory.glob("*.json")):
         try:
             result = ModelResult.load(path)
-        except (ValueError, IsADirectoryError, TypeError, KeyError, AttributeError):  # AttributeError: not an object
-            # A foreign or damaged file (not JSON, not UTF-8, a folder) is not a finished model. A record the
-            # storage fails to read (EIO, permissions) is not skipped: the model would be trained again.
+        except (ValueError, IsADirectoryError, TypeError, KeyError, AttributeError) as err:  # (not an object)
+            # A foreign or damaged file (not JSON, not UTF-8, a folder) is not a finished model: said, since its
+            # model then leaves the report and trains again. A record the storage fails to read (EIO,
+            # permissions) is not skipped: the model would be trained again.
+            logger.warning("[results] %s is not a readable result record (%s: %s): left out", path,
+                           type(err).__name__, str(err)[:200])
             continue
         results[result.model_name] = result
     return results
@@ -128,8 +134,13 @@ def comparison_table(results: list[ModelResult], champion: str | None = None,
             "train s": round(r.train_seconds, 1),
             # Always a column (empty where unmeasured): the CSV's columns must not depend on which model failed.
             "serve ms": round(r.serving_latency_ms, 2) if r.serving_latency_ms is not None else None,
+            # The registry's champion version, not merely its name: a record whose registration was dropped
+            # (its version empty; the alias still on an older training's) is not what `serve` answers with.
+            # By name alone only without versions to compare: the champion's unknown, or a record from before
+            # records kept theirs.
             "champion": r.model_name == champion and not r.registration_error
-                        and (not champion_version or not r.version or str(r.version) == str(champion_version)),
+                        and (not champion_version or str(r.version) == str(champion_version)
+                             or not (r.version or r.registered_model)),
         })
     return pd.DataFrame(rows)
 

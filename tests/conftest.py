@@ -188,13 +188,16 @@ TINY = [
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(ray_cluster, tmp_path_factory):
+def pipeline_run(ray_cluster, tmp_path_factory, empty_mlflow_store):
     """``run_pipeline`` through every stage on the tiny config; the deployment stays up for the serve tests."""
+    import shutil
+
     from pipelines.config import load_config
     from pipelines.pipeline import run_pipeline
 
     workdir = tmp_path_factory.mktemp("pipeline")
     cfg = load_config(None, [f"workdir={workdir}", "name=tiny", f"serve.port={free_port()}", *TINY])
+    shutil.copyfile(empty_mlflow_store, cfg.paths.mlflow_db)  # (as make_config does)
     result = run_pipeline(cfg)
     return cfg, result
 

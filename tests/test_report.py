@@ -202,14 +202,18 @@ def test_no_family_comparison_without_both_families():
     assert list(table["winner"]) == ["same model", ""]  # phi 2 has one member only: nothing won there
 
 
-def test_foreign_or_damaged_files_among_the_records_are_not_finished_models(tmp_path):
+def test_foreign_or_damaged_files_among_the_records_are_not_finished_models(tmp_path, caplog):
     record("resnet18", "resnet18", {}, 560_000_000, 0.93).save(tmp_path)
     (tmp_path / "list.json").write_text("[1, 2]")  # valid JSON, not a record: crashed the train stage and report
     (tmp_path / "cut.json").write_text('{"model_name": "vgg')
     (tmp_path / "other.json").write_text('{"unrelated": true}')
     (tmp_path / "latin1.json").write_bytes('{"model_name": "caf\xe9"}'.encode("latin-1"))  # not UTF-8
     (tmp_path / "folder.json").mkdir()  # a directory named like a record
-    assert list(load_results(tmp_path)) == ["resnet18"]
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert list(load_results(tmp_path)) == ["resnet18"]
+    # Each said (a record cut short silently left the report, and its model trained again without a word).
+    for name in ("list.json", "cut.json", "other.json", "latin1.json", "folder.json"):
+        assert f"{tmp_path / name} is not a readable result record" in caplog.text, name
 
 
 def test_the_report_is_written_while_mlflow_is_unreachable(make_config, caplog, monkeypatch):
@@ -453,6 +457,11 @@ def test_the_report_shows_the_records_it_is_given_their_epochs_and_the_champion_
                                     ("", "the weights are not finite", False)):  # diverged: the alias stayed
         current.version, current.registration_error = version, error
         assert list(comparison_table([current, older], "resnet18", "2")["champion"]) == [False, starred]
+    # A record of today's format whose registration was dropped (its checkpoint gone, the run deleted in the UI):
+    # no version, and the alias still on an older training's: not starred with numbers `serve` does not answer.
+    current.registered_model, current.version, current.registration_error = "test", "", ""
+    assert list(comparison_table([current, older], "resnet18", "2")["champion"]) == [False, False]
+    assert list(comparison_table([current, older], "resnet18", None)["champion"]) == [False, True]  # unknown
     shown = for_display(table)
     assert list(shown["model"]) == ["vgg11", "resnet18 *"] and "champion" not in shown
     # The console's table: a latency not measured (the train stage's) read "None".
