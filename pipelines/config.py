@@ -1448,10 +1448,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         for part in path[:-1]:
             child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
+            if child is not None and not isinstance(child, dict):
                 raise ConfigError(".".join(path), f"{part!r} is not a section")
+            # A copy: a YAML alias (``vgg11_bn: *slow``) is one dict under two keys, and the override is this
+            # key's alone (it changed both models' settings).
+            child = node[part] = dict(child or {})
             node = child
         node[path[-1]] = value
     return data

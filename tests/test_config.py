@@ -84,6 +84,19 @@ def test_model_overrides_change_only_that_model(make_config):
     assert (runs["resnet18"].hyper.lr, runs["resnet18"].hyper.epochs) == (0.01, cfg.train.epochs)
 
 
+def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
+    """PyYAML gives an alias (``vgg11_bn: *slow``) the anchor's own dict: ``--set`` of one model's learning rate
+    changed the other's too, its fingerprint and training with it, without a word."""
+    from pipelines.config import load_config
+
+    config = tmp_path / "shared.yaml"
+    config.write_text("train:\n  models: [alexnet, vgg11_bn]\n  model_overrides:\n"
+                      "    alexnet: &slow {optimizer: adamw, lr: 0.0003}\n    vgg11_bn: *slow\n")
+    cfg = load_config(str(config), [f"workdir={tmp_path}", "train.model_overrides.alexnet.lr=0.001"])
+    assert cfg.train.model_overrides["alexnet"]["lr"] == 0.001
+    assert cfg.train.model_overrides["vgg11_bn"]["lr"] == 0.0003
+
+
 @pytest.mark.parametrize(
     "overrides, key, fragment",
     [
