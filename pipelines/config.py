@@ -1123,6 +1123,8 @@ def _check_compound_scale(name: str, kwargs: dict[str, Any]) -> None:
     options = {**cnnmodels.model_options(builder), **implied, **kwargs}
     if not all(isinstance(options.get(key), (int, float)) for key in ("phi", "alpha", "beta", "gamma")):
         return
+    if options["phi"] < 0 or min(options[key] for key in ("alpha", "beta", "gamma")) < 1:
+        return  # (the builder refuses those, naming the option: a power of them is no scale, or not a number)
     for key, what in (("alpha", "depth"), ("beta", "width"), ("gamma", "input size")):
         try:
             scale = float(options[key]) ** float(options["phi"])
@@ -1324,6 +1326,14 @@ def _check_local_resources(cfg: PipelineConfig) -> None:
     if cfg.serve.num_gpus > gpus > 0:
         raise ConfigError("serve.num_gpus", f"{cfg.serve.num_gpus:g} is more than the {gpus:g} GPUs of the local Ray: "
                                             "no replica would ever be placed")
+    # Every replica at once: Serve waits without end for an app whose replicas do not all fit (after the training).
+    replicas_key = "serve.min_replicas" if cfg.serve.autoscaling else "serve.num_replicas"
+    replicas = cfg.serve.min_replicas if cfg.serve.autoscaling else cfg.serve.num_replicas
+    for what, each, have in (("CPUs", cfg.serve.num_cpus, cpus), ("GPUs", cfg.serve.num_gpus, gpus)):
+        if replicas > 1 and each > 0 and replicas * each > have + 1e-6 and (what == "CPUs" or have > 0):
+            raise ConfigError(replicas_key, f"{replicas} replicas x {each:g} {what} (serve.num_{what[:3].lower()}s) is "
+                                            f"more than the {have:g} {what} of the local Ray: the app would never "
+                                            "start")
 
 
 def _check_gpu_shares(cfg: PipelineConfig) -> None:
