@@ -955,6 +955,10 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
         raise ConfigError("search.tolerance", f"{search.tolerance:g} reaches below 1 from search.target "
                                               f"{search.target:g} (alpha * beta^2 * gamma^2 is at least 1); use "
                                               f"less than {search.target - 1.0:g}")
+    if search.compare_paper and not any(phi > 0 for phi in search.phis):
+        # At phi 0 both families are B0 (trained once): nothing to compare, and the report said nothing of it.
+        raise ConfigError("search.compare_paper", f"needs a phi above 0 in search.phis (it is {list(search.phis)}: at "
+                                                  "phi 0 both families are the same B0)")
     if search.asha and search.grace_period > search.epochs:  # Ray's ASHA asserts grace_period <= max_t
         raise ConfigError("search.grace_period", f"{search.grace_period} is above search.epochs ({search.epochs}): "
                                                  "ASHA cannot wait longer than a trial runs; lower it or set "
