@@ -177,8 +177,9 @@ def family_comparison(results: list[ModelResult], searched: tuple[float, float, 
             row[f"{label} MMACs"] = round(r.macs / 1e6, 1) if r else None
             row[f"{label} test_acc"] = round(r.test_acc, 4) if r else None
         difference = searched.test_acc - paper.test_acc if searched and paper else math.nan
-        if searched and paper and (searched.epochs_trained != paper.epochs_trained or searched.diverged_at
-                                   or paper.diverged_at):  # a shorter or longer training, or one that diverged
+        if searched and paper and not same_model and (
+                searched.epochs_trained != paper.epochs_trained or searched.diverged_at
+                or paper.diverged_at):  # a shorter or longer training, or one that diverged (B0: itself)
             logger.warning("[report] phi %g: %s was trained for %d epochs%s, %s for %d%s: not compared", phi,
                            searched.model_name, searched.epochs_trained,
                            " (it diverged)" if searched.diverged_at else "", paper.model_name,

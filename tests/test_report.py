@@ -84,6 +84,13 @@ def test_families_of_one_triple_or_of_unequal_trainings_are_not_compared(caplog)
     assert list(table["winner"]) == [""]
     assert "efficientnet_phi1 was trained for 2 epochs (it diverged), efficientnet_paper_phi1 for 3" in caplog.text
     assert list(comparison_table([searched, paper])["epochs"]) == [2, 3]  # what each trained
+    # At phi 0 B0 stands for both families: one that diverged was "not compared" with itself.
+    b0 = record("efficientnet_phi0", "efficientnet", {"phi": 0.0, **SEARCHED}, 8_000_000, 0.9)
+    b0.epochs, b0.history = 3, searched.history
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        table = family_comparison([b0, searched, paper], tuple(SEARCHED.values()))
+    assert list(table["winner"]) == ["same model", ""] and "phi 0" not in caplog.text
 
 
 def test_the_report_command_names_records_of_other_trainings_and_compares_families_only_when_asked(
