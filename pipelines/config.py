@@ -959,6 +959,7 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
         # At phi 0 both families are B0 (trained once): nothing to compare, and the report said nothing of it.
         raise ConfigError("search.compare_paper", f"needs a phi above 0 in search.phis (it is {list(search.phis)}: at "
                                                   "phi 0 both families are the same B0)")
+    _check_searched_scale(search)
     if search.asha and search.grace_period > search.epochs:  # Ray's ASHA asserts grace_period <= max_t
         raise ConfigError("search.grace_period", f"{search.grace_period} is above search.epochs ({search.epochs}): "
                                                  "ASHA cannot wait longer than a trial runs; lower it or set "
@@ -1138,6 +1139,26 @@ def _check_compound_scale(name: str, kwargs: dict[str, Any]) -> None:
             raise ConfigError(f"train.model_options.{name}.{key}",
                               f"{options[key]:g} ** phi {options['phi']:g} scales B0's {what} by {scale:.3g}, above "
                               f"{MAX_COMPOUND_SCALE:g} (EfficientNet-B7's: 3.1, 2.0, 2.4)")
+
+
+def _check_searched_scale(search: SearchConfig) -> None:
+    """Refuse search ranges and phis whose networks may scale B0 past :data:`MAX_COMPOUND_SCALE`, as
+    ``train.model_options`` are refused (:func:`_check_compound_scale`): the family at ``search.phis`` (or a trial
+    at ``search.phi``) built from a coefficient the search can pick, at most its range's high end and what the
+    constraint leaves with the other two at their low ends."""
+    top = max([search.phi, *search.phis])
+    key = "search.phis" if max(search.phis, default=0.0) >= search.phi else "search.phi"
+    bound = search.target + search.tolerance
+    (a_low, a_high), (b_low, b_high), (g_low, g_high) = search.alpha, search.beta, search.gamma
+    reachable = {"alpha": min(a_high, bound / (b_low ** 2 * g_low ** 2)),
+                 "beta": min(b_high, math.sqrt(bound / (a_low * g_low ** 2))),
+                 "gamma": min(g_high, math.sqrt(bound / (a_low * b_low ** 2)))}
+    for (name, coefficient), what in zip(reachable.items(), ("depth", "width", "input size"), strict=True):
+        scale = coefficient ** top
+        if scale > MAX_COMPOUND_SCALE:
+            raise ConfigError(key, f"phi {top:g} with search.{name} up to {coefficient:.3g} would scale B0's {what} by "
+                                   f"{scale:.3g}, above {MAX_COMPOUND_SCALE:g} (EfficientNet-B7's: 3.1, 2.0, 2.4); "
+                                   f"lower the phi or narrow search.{name}")
 
 
 def _has_non_finite(value: Any) -> bool:
