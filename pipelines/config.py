@@ -1473,6 +1473,12 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
             raise ConfigError(key, "the value is not valid YAML (not shown: it is a secret); put it in quotes, "
                                    f"--set '{key}=\"...\"'") from None
         raise ConfigError(key, f"value {raw!r} is not valid YAML: {err}") from None
+    text_given = raw.strip()
+    if (isinstance(value, str) and value != text_given and text_given[:1] not in "\"'"
+            and re.search(r"\s#", text_given)):
+        # YAML reads " #" as a comment's start: `data.root=/data/run #2` set /data/run without a word.
+        raise ConfigError(key, "the value holds ' #', which YAML reads as the start of a comment (the rest would be "
+                               f"dropped); put it in quotes: --set '{key}=\"...\"'")
     return key.split("."), value
 
 

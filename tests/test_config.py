@@ -177,6 +177,7 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
         (["serve.autoscaling=true", "serve.min_replicas=3"], "serve.min_replicas", "above serve.max_replicas (2)"),
         (["serve.max_upload_mb=1e-9"], "serve.max_upload_mb", "under 1 KB"),
         (["search.compare_paper=true", "search.phis=[0]"], "search.compare_paper", "needs a phi above 0"),
+        (["data.root=/tmp/run #2"], "data.root", "reads as the start of a comment"),  # it set /tmp/run
         # The family a search can pick, past what train.model_options may scale B0 by (1.4 ** 12: 56.7x the depth)
         (["search.phis=[0, 12]"], "search.phis", "phi 12 with search.alpha up to 1.4 would scale B0's depth by 56.7"),
         (["search.phi=9"], "search.phi", "above 16"),
