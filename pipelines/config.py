@@ -1443,6 +1443,22 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """Integers as YAML 1.2 reads them: YAML 1.1 (PyYAML) read ``train.epochs=010`` as octal 8 and ``1:30`` as
+    base-60 90, without a word."""
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    if ":" in text:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is a base-60 number in YAML 1.1 (1:30 is 90); "
+                                                "write the number itself, or quote it if it is text", node.start_mark)
+    digits = text.lstrip("+-")
+    if digits[:2].lower() in ("0x", "0o", "0b"):
+        return int(text, 0)
+    return int(text, 10)  # (a leading 0 is no octal: 010 is 10)
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def _load_yaml(text: str) -> Any:
     try:
         return yaml.load(text, Loader=_YamlLoader)

@@ -99,6 +99,14 @@ def test_no_preset_trains_alexnet_at_a_rate_that_leaves_it_at_chance(preset):
     assert not (recipe["optimizer"] == "sgd" and float(recipe["lr"]) >= 0.01), recipe
 
 
+def test_integers_read_as_yaml_1_2_reads_them():
+    """PyYAML follows YAML 1.1: `train.epochs=010` trained 8 epochs (octal)."""
+    from pipelines.config import load_config
+
+    cfg = load_config(None, ["train.epochs=010", "train.batch_size=0x40", "serve.port=8_024", "train.seed=0_7"])
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.serve.port, cfg.train.seed) == (10, 64, 8024, 7)
+
+
 def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
     """PyYAML gives an alias (``vgg11_bn: *slow``) the anchor's own dict: ``--set`` of one model's learning rate
     changed the other's too, its fingerprint and training with it, without a word."""
@@ -178,6 +186,7 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
         (["serve.max_upload_mb=1e-9"], "serve.max_upload_mb", "under 1 KB"),
         (["search.compare_paper=true", "search.phis=[0]"], "search.compare_paper", "needs a phi above 0"),
         (["data.root=/tmp/run #2"], "data.root", "reads as the start of a comment"),  # it set /tmp/run
+        (["train.epochs=1:30"], "train.epochs", "base-60 number in YAML 1.1"),  # it set 90
         # The family a search can pick, past what train.model_options may scale B0 by (1.4 ** 12: 56.7x the depth)
         (["search.phis=[0, 12]"], "search.phis", "phi 12 with search.alpha up to 1.4 would scale B0's depth by 56.7"),
         (["search.phi=9"], "search.phi", "above 16"),
