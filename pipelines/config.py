@@ -160,6 +160,13 @@ def _at_least_one_or_auto(value):
     return value
 
 
+def _whole_number_or_auto(value):
+    """Before the union's own parsing, whose message named an integer only ("valid integer" for ``auto2``)."""
+    if value == "auto" or isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ValueError(f"must be a whole number or auto (got {value!r})")
+
+
 def _ray_quantity(value):
     """A resource amount Ray takes: 0, or at least its precision of 0.0001 (a smaller one passed here and Ray
     refused it once it had started)."""
@@ -382,6 +389,12 @@ class ModelSelection(_Section):
         return names
 
     _positive_concurrency = field_validator("max_concurrent_models")(_at_least_one_or_auto)
+    _concurrency_kind = field_validator("max_concurrent_models", mode="before")(_whole_number_or_auto)
+
+    @field_validator("small_input", mode="before")
+    @classmethod
+    def _small_input_mode(cls, value):
+        return _bool_or_word(value, "auto")
 
 
 # Fields come in reverse order of the bases: the model list first, then how each model trains, then where.
@@ -455,6 +468,7 @@ class SearchConfig(_Section):
     )
 
     _positive_trials = field_validator("max_concurrent_trials")(_at_least_one_or_auto)
+    _trials_kind = field_validator("max_concurrent_trials", mode="before")(_whole_number_or_auto)
     gpus_per_trial: Optional[float] = Field(
         None, gt=0.0, le=1.0,
         description="share of a GPU each worker of a search trial reserves (a trial has train.num_workers "

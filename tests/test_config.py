@@ -187,6 +187,10 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
         (["search.compare_paper=true", "search.phis=[0]"], "search.compare_paper", "needs a phi above 0"),
         (["data.root=/tmp/run #2"], "data.root", "reads as the start of a comment"),  # it set /tmp/run
         (["train.epochs=1:30"], "train.epochs", "base-60 number in YAML 1.1"),  # it set 90
+        # Settings that take a word too: the message named only the boolean or integer
+        (["train.small_input=maybe"], "train.small_input", "must be true, false or auto (got 'maybe')"),
+        (["train.max_concurrent_models=abc"], "train.max_concurrent_models", "must be a whole number or auto"),
+        (["search.max_concurrent_trials=auto2"], "search.max_concurrent_trials", "must be a whole number or auto"),
         # The family a search can pick, past what train.model_options may scale B0 by (1.4 ** 12: 56.7x the depth)
         (["search.phis=[0, 12]"], "search.phis", "phi 12 with search.alpha up to 1.4 would scale B0's depth by 56.7"),
         (["search.phi=9"], "search.phi", "above 16"),
