@@ -578,7 +578,7 @@ def describe_dataset(cfg: DataConfig) -> DatasetInfo:
             for level, probe in probes.items():
                 converted[level].append(probe.image_to_uint8(image) if level == 0 or _has_alpha(image)
                                         else converted[0][-1])
-            alphas.append(probes[0].shrink(image) if _has_alpha(image) else None)
+            alphas.append(probes[0].alpha_thumbnail(image) if _has_alpha(image) else None)
         background = transparency_background(alphas)
         stack = torch.stack(converted[background or 0]).double() / 255.0
         mean = stack.mean(dim=(0, 2, 3)).numpy()

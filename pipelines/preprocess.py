@@ -123,6 +123,28 @@ class PreprocessSpec:
         through float64 copies of the whole image, a 4000x4000 RGBA PNG 305 MB through full-size compositing;
         now the scaling goes a band of rows at a time and the compositing works on the shrunk image.
         """
+        image, orientation = self._shrinkable(image)
+        image = self.shrink(image)
+        if image.mode in ALPHA_MODES:
+            rgba = image.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (self.background,) * 3 + (255,))
+            image = Image.alpha_composite(canvas, rgba)
+        target = "L" if self.channels == 1 else "RGB"
+        if image.mode != target:
+            try:
+                image = image.convert(target)
+            except ValueError:  # Pillow converts some modes (LAB) to RGB only
+                image = image.convert("RGB").convert(target)
+        return turned(image, orientation)
+
+    def alpha_thumbnail(self, image: Image.Image) -> Image.Image:
+        """``image`` shrunk as :meth:`convert_mode` shrinks it, its transparency kept (an alpha band in place of
+        a palette's or a colour key's): what the choice of a background (``transparency_background``) reads."""
+        return self.shrink(self._shrinkable(image)[0])
+
+    def _shrinkable(self, image: Image.Image) -> tuple[Image.Image, int]:
+        """``image`` in a mode :meth:`shrink` can average (8-bit, transparency as an alpha band), and its EXIF
+        orientation: ``reduce`` refuses palette, 1-bit and 16-bit images."""
         # (read before any conversion: the copies have no format): PNG and PGM/PPM open as mode I only with 16-bit
         # samples (Pillow scales a PGM's maxval to 65535), which were stretched to each image's own peak
         sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM"))
@@ -148,18 +170,7 @@ class PreprocessSpec:
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         elif image.mode in ("1", "PA"):
             image = image.convert("L" if image.mode == "1" else "RGBA")
-        image = self.shrink(image)
-        if image.mode in ALPHA_MODES:
-            rgba = image.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (self.background,) * 3 + (255,))
-            image = Image.alpha_composite(canvas, rgba)
-        target = "L" if self.channels == 1 else "RGB"
-        if image.mode != target:
-            try:
-                image = image.convert(target)
-            except ValueError:  # Pillow converts some modes (LAB) to RGB only
-                image = image.convert("RGB").convert(target)
-        return turned(image, orientation)
+        return image, orientation
 
     def shrink(self, image: Image.Image) -> Image.Image:
         """Average ``image`` down by the largest whole factor that keeps its shorter side at least twice

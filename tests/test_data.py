@@ -1096,6 +1096,34 @@ def test_random_crops_pad_with_the_data_sets_background():
         assert (crops == 0).any() == (background == 0)
 
 
+@pytest.mark.parametrize("kind", ["gif", "palette png", "1-bit png", "16-bit png"])
+def test_large_palette_1_bit_and_16_bit_images_with_transparency_are_described(tmp_path, kind):
+    """A transparent GIF (how Pillow saves RGBA as GIF) or a pngquant-ed PNG at 4x the input size: describing the
+    data set (the stages' first step) shrank its alpha thumbnail in its own mode, which Pillow's reduce refuses
+    ("image has wrong mode"): every stage ended in a traceback."""
+    rng = np.random.default_rng(0)
+    for name in ("arrow", "star"):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            icon = np.zeros((128, 128), dtype=np.uint8)
+            top = int(rng.integers(20, 60))
+            icon[top:top + 40, 30:90] = 255  # the drawn part; 0 is the transparent colour key
+            if kind == "gif":
+                rgba = np.zeros((128, 128, 4), dtype=np.uint8)
+                rgba[..., 3] = icon  # black strokes on transparency
+                Image.fromarray(rgba, "RGBA").save(tmp_path / name / f"{i}.gif")
+                continue
+            if kind == "16-bit png":
+                image = Image.fromarray(icon.astype(np.uint16) * 257)
+            else:
+                image = Image.fromarray(icon).convert("P" if kind == "palette png" else "1")
+            image.save(tmp_path / name / f"{i}.png", transparency=0)
+    info = describe_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=32))
+    assert info.sizes["train"] > 0 and info.background in (0, 255)
+    if kind == "gif":  # black strokes on transparency: onto white, or every image would be all black
+        assert info.background == 255
+
+
 def test_dark_drawings_on_transparency_go_onto_white_and_light_ones_onto_black(tmp_path):
     """The background was chosen from how bright the images were composited onto black: black strokes on
     transparency (icons, signatures) went onto black, every image all black in training and serving."""
