@@ -29,6 +29,7 @@ reverse proxy's job (README).
 # No ``from __future__ import annotations`` here: Serve pickles the route handlers by value, and FastAPI must
 # see real types (not strings to resolve against module globals) in their signatures.
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -277,7 +278,14 @@ class Classifier:
             # good (a GPU error), which a verification listed before the wait undid (an unfoldable model back to
             # "ok", reloaded by every request; a served one back to "not verified yet").
             if pending := [m for m in self.models if m.status == "unchecked"]:
-                await asyncio.to_thread(self.store.verify, pending)
+                # On copies, applied to those still unchecked once it is done: it takes seconds (a download),
+                # and a request may load one (ok) or fail it for good meanwhile, which its result would undo.
+                checked = [dataclasses.replace(m) for m in pending]
+                await asyncio.to_thread(self.store.verify, checked)
+                for served, result in zip(pending, checked, strict=True):
+                    if served.status == "unchecked":
+                        for field in dataclasses.fields(result):
+                            setattr(served, field.name, getattr(result, field.name))
             self.champion = self.store.servable_champion(self.models, self.registry_champion)
 
     def _resolve(self, requested: str) -> ServedModel:

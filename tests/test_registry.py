@@ -219,6 +219,31 @@ def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_o
     asyncio.run(failed_by_a_request_meanwhile())
     assert models[0].status == "error" and "illegal memory access" in models[0].error
 
+    # ... nor while the round's verification itself ran (in a thread: seconds, a download).
+    store.tracker = Tracker("http://127.0.0.1:9", cfg.name)
+    shutil.rmtree(store.cache_dir, ignore_errors=True)
+    store.verified_files.clear()
+    store.verify(models)
+    assert models[0].status == "unchecked"
+    store.tracker = tracker
+    verify = store.verify
+    import time
+
+    def slow_verify(pending):
+        time.sleep(1.0)
+        verify(pending)
+
+    store.verify = slow_verify
+
+    async def failed_while_the_round_verifies():
+        checking = asyncio.ensure_future(replica._verify_until_checked(interval_s=0.1))
+        await asyncio.sleep(0.6)  # the round's verification is in its thread now
+        models[0].mark_failed(RuntimeError("CUDA error: an illegal memory access was encountered"))
+        await asyncio.wait_for(checking, 60)
+
+    asyncio.run(failed_while_the_round_verifies())
+    assert models[0].status == "error" and "illegal memory access" in models[0].error
+
 
 def test_which_load_failures_pass_and_which_stay():
     from mlflow.exceptions import MlflowException
