@@ -184,6 +184,17 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int,
     # Stratify when every class can appear on both sides.
     if classes > 0 and classes <= held_out <= len(rest) - classes:
         keep, held = train_test_split(indices, test_size=held_out, random_state=seed, stratify=rest)
+        # The single-image classes count in held_out but are all kept: where they are most of the data, the
+        # rest gives up over half its images, and sklearn's allocation left a two-image class none to train
+        # on. Such a class takes one back, for one of a class with images to spare.
+        rng = np.random.default_rng(seed)
+        for label in np.setdiff1d(np.unique(rest), labels[keep]):
+            kept_per_class = np.bincount(labels[keep], minlength=len(counts))
+            spare = keep[kept_per_class[labels[keep]] > 1]
+            if spare.size == 0:
+                break
+            back, out = held[labels[held] == label][0], rng.choice(spare)
+            keep, held = np.append(keep[keep != out], back), np.append(held[held != back], out)
     else:
         # Too few images to stratify (fewer held out than classes, say): a random split, but one image of
         # every class stays on the kept side, or a class could end with no training image, its output never

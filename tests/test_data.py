@@ -73,6 +73,19 @@ def test_a_split_too_small_to_stratify_still_keeps_every_class_in_training():
         stratified_split(np.array([0, 1, 2]), 0.5, seed=0)
 
 
+def test_a_long_tail_of_single_image_classes_leaves_a_two_image_class_one_to_train_on():
+    """70 classes of one image (kept), one of 2 and two of 14: the 20% held out came all from the 30 others, and
+    sklearn's stratified allocation held out both images of the 2-image class in every seed tried."""
+    from pipelines.data import stratified_split
+
+    labels = np.concatenate([np.arange(70), [70] * 2, [71] * 14, [72] * 14])
+    for seed in range(20):
+        keep, held = stratified_split(labels, 0.2, seed=seed)
+        assert len(held) == int(np.ceil(0.2 * len(labels)))  # as many held out as asked
+        assert sorted(np.concatenate([keep, held]).tolist()) == list(range(len(labels)))
+        assert set(labels[keep]) == set(range(73)), seed  # every class has an image to train on
+
+
 def test_damaged_fashion_mnist_files_are_named(tmp_path):
     """A cut-off, non-gzip, empty or mismatched IDX file ended in EOFError, BadGzipFile, IndexError or a reshape
     error that named no file."""
