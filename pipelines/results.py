@@ -18,6 +18,9 @@ from .paths import write_text_atomically
 
 logger = logging.getLogger(__name__)
 
+#: Unreadable records already named in a warning by this process (a `run` reads the records several times).
+_unreadable_said: set[str] = set()
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -94,8 +97,10 @@ def load_results(directory: str | os.PathLike) -> dict[str, ModelResult]:
             # A foreign or damaged file (not JSON, not UTF-8, a folder) is not a finished model: said, since its
             # model then leaves the report and trains again. A record the storage fails to read (EIO,
             # permissions) is not skipped: the model would be trained again.
-            logger.warning("[results] %s is not a readable result record (%s: %s): left out", path,
-                           type(err).__name__, str(err)[:200])
+            if str(path) not in _unreadable_said:
+                _unreadable_said.add(str(path))
+                logger.warning("[results] %s is not a readable result record (%s: %s): left out", path,
+                               type(err).__name__, str(err)[:200])
             continue
         results[result.model_name] = result
     return results

@@ -221,6 +221,10 @@ def test_foreign_or_damaged_files_among_the_records_are_not_finished_models(tmp_
     # Each said (a record cut short silently left the report, and its model trained again without a word).
     for name in ("list.json", "cut.json", "other.json", "latin1.json", "folder.json"):
         assert f"{tmp_path / name} is not a readable result record" in caplog.text, name
+    caplog.clear()  # once per process: a `run` reads the records three times
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert list(load_results(tmp_path)) == ["resnet18"]
+    assert "not a readable result record" not in caplog.text
 
 
 def test_the_report_is_written_while_mlflow_is_unreachable(make_config, caplog, monkeypatch):
