@@ -201,14 +201,17 @@ def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_o
     assert models[0].status == "ok" and models[0].error is None
     assert replica.champion == "lenet5" == registry_champion
 
+    def unverified_at_start() -> None:  # verified again during an outage: unchecked, then the registry is back
+        store.tracker = Tracker("http://127.0.0.1:9", cfg.name)
+        shutil.rmtree(store.cache_dir, ignore_errors=True)
+        store.verified_files.clear()
+        store.verify(models)
+        assert models[0].status == "unchecked"
+        store.tracker = tracker
+
     # A request that failed the model for good while the next round waited: that round leaves it failed (the
     # round verified what was unchecked before its wait, and set the model back to "ok").
-    store.tracker = Tracker("http://127.0.0.1:9", cfg.name)
-    shutil.rmtree(store.cache_dir, ignore_errors=True)
-    store.verified_files.clear()
-    store.verify(models)
-    assert models[0].status == "unchecked"
-    store.tracker = tracker
+    unverified_at_start()
 
     async def failed_by_a_request_meanwhile():
         checking = asyncio.ensure_future(replica._verify_until_checked(interval_s=0.5))
@@ -220,12 +223,7 @@ def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_o
     assert models[0].status == "error" and "illegal memory access" in models[0].error
 
     # ... nor while the round's verification itself ran (in a thread: seconds, a download).
-    store.tracker = Tracker("http://127.0.0.1:9", cfg.name)
-    shutil.rmtree(store.cache_dir, ignore_errors=True)
-    store.verified_files.clear()
-    store.verify(models)
-    assert models[0].status == "unchecked"
-    store.tracker = tracker
+    unverified_at_start()
     verify = store.verify
     import time
 
