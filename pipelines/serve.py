@@ -396,7 +396,7 @@ class Classifier:
         self,
         request: Request,
         model: str | None = Query(None, description="alias (default: the champion)"),
-        top_k: int | None = Query(None, ge=1, le=1000,
+        top_k: int | None = Query(None, ge=1,  # (at most the model's classes: _top_k's own 422)
                                   description="number of classes returned (default: serve.default_top_k, at most "
                                               "the model's classes)"),
     ) -> JSONResponse:

@@ -326,8 +326,14 @@ def strict_app(server, tmp_path_factory):
     save_checkpoint(ModelCheckpoint("lenet5", {}, spec, cnnmodels.create_model("lenet5", num_classes=3,
                                                                                in_chans=1).state_dict()),
                     directory / "three.pt")
+    wide = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,),
+                          class_names=tuple(f"class{i}" for i in range(1200)))  # more classes than top_k's 1000
+    save_checkpoint(ModelCheckpoint("lenet5", {}, wide, cnnmodels.create_model("lenet5", num_classes=1200,
+                                                                               in_chans=1).state_dict()),
+                    directory / "wide.pt")
     # "three" (random weights, no metrics) first: the champion is the file with the best validation accuracy.
-    checkpoints = {"three": str(directory / "three.pt"), "good": result.train.results["lenet5"].checkpoint_path,
+    checkpoints = {"three": str(directory / "three.pt"), "wide": str(directory / "wide.pt"),
+                   "good": result.train.results["lenet5"].checkpoint_path,
                    **{name: str(directory / f"{name}.pt") for name in ("broken", "planted", "vanishing")}}
     strict = cfg.serve.model_copy(update={
         "auth_token": SecretStr(TOKEN), "checkpoints": checkpoints, "body_timeout_s": 2.0, "request_timeout_s": 4.0,
@@ -371,7 +377,7 @@ def test_auth_token_and_broken_checkpoints(server, strict_app, digit_png, caplog
     # the tracking server) that /models keeps for callers with it.
     anonymous = requests.get(f"{base}/healthz", timeout=60)
     assert anonymous.status_code == 200 and anonymous.json() == {
-        "status": "degraded", "models": 3 - len(gone), "errors": 2 + len(gone), "not_verified_yet": 0}
+        "status": "degraded", "models": 4 - len(gone), "errors": 2 + len(gone), "not_verified_yet": 0}
     failed = predict(base, digit_png, params={"model": "broken"}, headers=AUTH)
     assert failed.status_code == 503 and "failed to load" in failed.json()["error"]
     ok = predict(base, digit_png, params={"model": "good"}, headers=AUTH)
@@ -438,6 +444,9 @@ def test_top_k_defaults_to_the_class_count_of_a_small_model(strict_app, digit_pn
     assert len(predict(base, digit_png, params={"model": "three", "top_k": 2}, headers=AUTH).json()["predictions"]) == 2
     too_many = predict(base, digit_png, params={"model": "three", "top_k": 4}, headers=AUTH)
     assert too_many.status_code == 422 and "at most 3" in too_many.json()["error"]
+    # Up to the model's class count, as README says: the query's own cap of 1000 refused 1100 of 1200 classes.
+    wide = predict(base, digit_png, params={"model": "wide", "top_k": 1100}, headers=AUTH)
+    assert wide.status_code == 200 and len(wide.json()["predictions"]) == 1100, wide.text
     image = tmp_path / "digit.png"
     image.write_bytes(digit_png)
     # The token from CNNZOO_SERVE_TOKEN, as the pipeline's hint has it: out of the process list.
