@@ -394,6 +394,8 @@ def load_imagefolder(cfg: DataConfig, excluded: frozenset[str] = frozenset()) ->
         found = (f"{len(classes)} class folder with images ({classes[0]}/)" if classes
                  else "no class folders with images")
         hint = f"; its {loose} images directly in it belong in class folders" if loose else ""
+        if len(classes) == 1 and _has_class_folders(base / classes[0]):  # an archive's wrapper folder
+            hint += f"; {classes[0]}/ itself holds class folders: set data.root to {base / classes[0]}"
         raise ImageFolderError(f"{base} needs at least two class folders of images ({', '.join(IMAGE_EXTENSIONS)}), "
                                f"one per class: found {found}{hint}")
     train_all = RawSplit(labels=labels, paths=paths)

@@ -884,6 +884,7 @@ def test_truncated_jpegs_and_dangling_links_are_bad_files(tmp_path):
 @pytest.mark.parametrize(("layout", "message"), [
     ("loose", "its 6 images directly in it belong in class folders"),
     ("one class", "found 1 class folder with images (cat/)"),
+    ("wrapper folder", "dataset/ itself holds class folders: set data.root to "),  # an archive's top folder
     ("val has an unknown class", "lacks: Dog/ (class folders match by exact name"),
     ("empty test", "holds no images in class folders"),
 ])
@@ -897,6 +898,8 @@ def test_image_folders_no_model_can_learn_from_are_refused_with_what_to_fix(tmp_
         _write_images(tmp_path, classes=("cat",))
         (tmp_path / "__MACOSX" / "cat").mkdir(parents=True)  # an unzip's leftovers: hidden files only
         (tmp_path / "__MACOSX" / "cat" / "._0.png").write_bytes(b"Mac OS X")
+    elif layout == "wrapper folder":
+        _write_images(tmp_path / "dataset")
     else:
         _write_images(tmp_path / "train")
         _write_images(tmp_path / "val", classes=("cat", "Dog") if layout.startswith("val") else ("cat", "dog"))
