@@ -495,8 +495,8 @@ def forget_loaded_splits() -> None:
 
 
 def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
-    """Save the first test image as ``sample-<dataset>-<class>.png`` (for the example request printed after
-    serving)."""
+    """Save the first test image as ``sample-<dataset>-<class>.png`` (``.tiff`` for 16-bit, 32-bit and float
+    pixels) for the example request printed after serving."""
     from .image_folder import check_image_folder  # imports this module
 
     splits = load_splits(cfg, check_image_folder(cfg))
@@ -506,14 +506,20 @@ def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
     path = directory / f"sample-{cfg.dataset}-{safe}.png"
     # Upright as training saw it (a phone photo's EXIF orientation: PNG keeps no EXIF, so it would go sideways).
     image = upright(splits.test.pil(0))
-    if image.mode not in PNG_MODES:  # a CMYK JPEG, a float TIFF: PNG cannot hold them, the server takes RGB
+    if image.mode in WIDE_MODES:
+        # As they are, in a TIFF: the server scales them as training did. Converted to RGB they were clipped (a
+        # float image all black, a big-endian 16-bit one white), and a PNG holds 32-bit integers not at all.
+        path = path.with_suffix(".tiff")
+    elif image.mode not in PNG_MODES:  # a CMYK JPEG: PNG cannot hold it, the server takes RGB
         image = image.convert("RGB")
     image.save(path)
     return path
 
 
-#: Pillow modes a PNG file can hold.
-PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
+#: Pillow modes a PNG file can hold as they are.
+PNG_MODES = frozenset({"1", "L", "LA", "I;16", "P", "RGB", "RGBA"})
+#: Pillow modes of 16-bit, 32-bit and float pixels that a PNG would not keep.
+WIDE_MODES = frozenset({"I", "F", "I;16B", "I;16L", "I;16N"})
 
 
 def _channel_stats(images: np.ndarray, channels: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ trained to its epochs) and resumes the rest from its checkpoints.
 from __future__ import annotations
 
 import logging
+import mimetypes
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,7 +154,8 @@ def log_serving_hints(serving, cfg: PipelineConfig, seconds_to_serving: float | 
     after = f" {seconds_to_serving:.0f} s after the start" if seconds_to_serving is not None else ""
     logger.info("\n[serve] serving %d model(s) at %s (%s)%s: %s", len(serving.models), serving.url,
                 serving.default_model(), after, ", ".join(serving.models))
-    logger.info("  curl -s -X POST --data-binary @%s -H 'Content-Type: image/png'%s %s/predict", image, auth,
-                serving.url)
+    content_type = mimetypes.guess_type(str(image))[0] or "image/png"  # (a TIFF for 16-bit or float images)
+    logger.info("  curl -s -X POST --data-binary @%s -H 'Content-Type: %s'%s %s/predict", image, content_type,
+                auth, serving.url)
     logger.info("  %spython -m pipelines predict %s --url %s", token, image, serving.url)
     logger.info("  API docs: %s/docs   Serve config for `serve deploy`: %s", serving.url, serving.config_path)

@@ -714,7 +714,7 @@ def example_image(cfg: PipelineConfig, directory: Path) -> Path | None:
     serving from checkpoints needs no data (the `serve` command downloaded CIFAR-10 for its example)."""
     from .data import write_sample_image
 
-    if saved := sorted(directory.glob(f"sample-{cfg.data.dataset}-*.png")):
+    if saved := sorted(p for p in directory.glob(f"sample-{cfg.data.dataset}-*") if p.suffix in (".png", ".tiff")):
         return saved[0]
     # Digits and image folders are never downloaded: as they are, the splits training loaded are reused.
     data = cfg.data

@@ -223,6 +223,29 @@ def test_the_example_image_is_written_whatever_the_mode_of_the_first_test_image(
     with Image.open(write_sample_image(cfg, tmp_path / "serve")) as written:
         assert written.size == (24, 20)  # upright, as training sees it
 
+    # Float, big-endian 16-bit and 32-bit TIFFs: converted to RGB the example was all black or all white (what
+    # the model got bore no relation to training's), and mode I could not be written as PNG (no example at all).
+    from pipelines.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(image_size=16, channels=1, mean=(0.0,), std=(1.0,), class_names=("cat", "dog"))
+    ramp = np.tile(np.linspace(0.0, 1.0, 24), (20, 1))
+    for mode, pixels in (("F", ramp.astype(np.float32)), ("I;16B", (ramp * 60000).astype(">u2")),
+                         ("I", (ramp * 2**20).astype(np.int32))):
+        folder = tmp_path / f"wide-{mode}"
+        for name in ("cat", "dog"):
+            (folder / name).mkdir(parents=True)
+            for i in range(6):
+                image = Image.fromarray(pixels)
+                assert image.mode == mode
+                image.save(folder / name / f"{i}.tiff")
+        cfg = cfg.model_copy(update={"root": str(folder)})
+        sample = write_sample_image(cfg, tmp_path / f"serve-{mode}")
+        trained = load_splits(cfg).test.pil(0)
+        with Image.open(sample) as written:
+            assert written.format == "TIFF", mode
+            # What serving makes of the example is what training makes of the image it stands for.
+            assert torch.equal(spec.image_to_uint8(written), spec.image_to_uint8(trained)), mode
+
 
 def test_serving_never_downloads_a_data_set_for_its_example_image(make_config, tmp_path):
     """The `serve` command (from checkpoints: no data needed) wrote its example image from the data set, with

@@ -296,3 +296,21 @@ def test_serve_with_nothing_registered_fails_before_ray_starts(tmp_path, pipelin
     assert refused.returncode == 1 and not refused.started_ray, refused.stderr
     assert "registered model 'test' not found" in refused.stderr and "train first" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_the_example_request_names_the_sample_images_own_content_type(make_config, caplog):
+    """The example image of 16-bit or float data is a TIFF: the printed curl said image/png for it."""
+    import logging
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from pipelines.pipeline import log_serving_hints
+
+    cfg = make_config()
+    for sample, content_type in (("sample-x-cat.tiff", "image/tiff"), ("sample-x-cat.png", "image/png")):
+        serving = SimpleNamespace(sample_image=Path(sample), models=["lenet5"], url="http://127.0.0.1:8000",
+                                  config_path=Path("serve.yaml"), default_model=lambda: "champion: lenet5")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipelines"):
+            log_serving_hints(serving, cfg)
+        assert f"--data-binary @{sample} -H 'Content-Type: {content_type}'" in caplog.text
