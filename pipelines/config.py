@@ -445,11 +445,15 @@ class SearchConfig(_Section):
     train_subset: Optional[int] = Field(
         None, ge=10, description="search on this many training images (a cheaper proxy); default: data.train_subset"
     )
-    phis: list[float] = Field(default_factory=lambda: [0.0, 1.0], description="family members to train")
+    phis: list[float] = Field(
+        default_factory=lambda: [0.0, 1.0],
+        description="family members to train (refused when the search ranges could scale B0's depth, width or input "
+        "past 16x at the largest phi: 1.4 ** 9 already does)",
+    )
     compare_paper: bool = Field(
         False, description="also train the family of the paper's (1.2, 1.1, 1.15) at the same phis but 0 "
         "(efficientnet_paper_phiN; at phi 0 both families are B0), so the report shows whether the search paid; "
-        "skipped when the search found the paper's triple"
+        "skipped when the search found the paper's triple; needs a phi above 0 in `search.phis`"
     )
     base_model: str = Field("efficientnet", description="the baseline that is scaled")
     objective: Literal["val_acc", "mnas"] = Field(
@@ -610,9 +614,11 @@ class ServeConfig(_Section):
         "allow_unauthenticated)",
     )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
-    num_replicas: int = Field(1, ge=1, description="replicas (without autoscaling)")
+    num_replicas: int = Field(
+        1, ge=1, description="replicas (without autoscaling); on a local Ray all of them must fit its CPUs and GPUs"
+    )
     autoscaling: bool = Field(False, description="autoscale between min_replicas and max_replicas")
-    min_replicas: int = Field(1, ge=0, description="autoscaling lower bound")
+    min_replicas: int = Field(1, ge=0, description="autoscaling lower bound (on a local Ray, all of them must fit)")
     max_replicas: int = Field(2, ge=1, description="autoscaling upper bound")
     num_cpus: float = Field(0.5, ge=0.0, description="CPUs per replica (fractions fit small machines)")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (fractions share a GPU)")
