@@ -141,14 +141,19 @@ def main() -> None:
     if not rows:
         raise SystemExit("nothing measured: every model was skipped at the given --sizes")
     table = pd.DataFrame(rows)
+    first, second = "cnnmodels", "torchvision"
+    if args.noise_floor:  # both columns are torchvision's: headed as what they are, in the table and the summary
+        first, second = "torchvision copy A", "torchvision copy B"
+        table = table.rename(columns={"cnnmodels img/s": f"{first} img/s", "torchvision img/s": f"{second} img/s"})
     print()
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads")
     if args.noise_floor:
         print("noise floor: both columns are torchvision's model (identical copies); ratios show the noise")
     print(table.to_markdown(index=False) if args.markdown else table.to_string(index=False))
-    print(f"\nmedian ratio (cnnmodels / torchvision): {table['ratio'].median():.3f}; "
-          f"min {table['ratio'].min():.3f} ({table.loc[table['ratio'].idxmin(), 'model']}); "
-          f"same kernels as torchvision: {(table['same kernels'] == 'yes').sum()} of {len(table)}")
+    print(f"\nmedian ratio ({first} / {second}): {table['ratio'].median():.3f}; "
+          f"min {table['ratio'].min():.3f} ({table.loc[table['ratio'].idxmin(), 'model']})"
+          + ("" if args.noise_floor else
+             f"; same kernels as torchvision: {(table['same kernels'] == 'yes').sum()} of {len(table)}"))
 
 
 if __name__ == "__main__":

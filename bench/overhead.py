@@ -131,15 +131,21 @@ def main() -> None:
     set_env_defaults()  # before Ray's import, which reads RAY_DEDUP_LOGS once (concurrent runs' lines folded)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", nargs="?", choices=("phases", "quickstart"), default="phases")
-    parser.add_argument("--models", nargs="+", default=["lenet5", "resnet18", "vgg11_bn"])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--models", nargs="+",
+                        help="phases: default lenet5 resnet18 vgg11_bn; quickstart: train.models (default the quick "
+                        "start's)")
+    parser.add_argument("--epochs", type=int, help="phases: default 2; quickstart: train.epochs (default the quick "
+                        "start's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides, as for python -m pipelines")
     args = parser.parse_args()
     if args.what == "phases":
-        measure_phases(args.models, args.epochs, args.overrides)
+        measure_phases(args.models or ["lenet5", "resnet18", "vgg11_bn"], args.epochs or 2, args.overrides)
     else:
-        measure_quickstart(args.overrides)
+        # (before the --set overrides, which win, as on the pipelines command line)
+        given = ([f"train.models=[{', '.join(args.models)}]"] if args.models else []) + (
+            [f"train.epochs={args.epochs}"] if args.epochs is not None else [])
+        measure_quickstart(given + args.overrides)
 
 
 if __name__ == "__main__":

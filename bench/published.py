@@ -8,8 +8,9 @@ model's test accuracy beside the nearest row of the published table (zalandorese
 "Benchmark"), the difference in points, and whether the goal is met: every model at least its published
 number where the table has one, the best at least 0.955.
 
-``--deadline`` stops the run after that many seconds (as Ctrl-C does: finished models keep their records)
-and reports what finished; ``--report-only WORKDIR`` prints the table of an earlier run without training.
+``--deadline`` ends the run within that many seconds: a Ctrl-C ``--stop-grace`` seconds before it (finished
+models keep their records, the abort sends or keeps its MLflow writes), a kill at the deadline if it is still
+running; then it reports what finished; ``--report-only WORKDIR`` prints the table of an earlier run without training.
 
     python bench/published.py --data-root /usr/share/datasets/fashion-mnist --markdown
     python bench/published.py --deadline 540 --workdir /tmp/runs          # a lent GPU machine's budget
@@ -45,7 +46,6 @@ PUBLISHED = {
     "densenet121": ("DenseNet-BC", 0.954, "nearest"),
 }
 BEST_GOAL = 0.955
-STOP_GRACE_S = 150
 
 
 def preset_overrides(args: argparse.Namespace, workdir: Path, *, devices: bool = True) -> list[str]:
@@ -76,14 +76,16 @@ def run_preset(args: argparse.Namespace, workdir: Path) -> tuple[int, float]:
     process = subprocess.Popen(command, cwd=REPO, start_new_session=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    grace = min(args.stop_grace, args.deadline / 2) if args.deadline else args.stop_grace
     try:
-        process.wait(timeout=args.deadline or None)
+        process.wait(timeout=args.deadline - grace if args.deadline else None)
     except subprocess.TimeoutExpired:
-        print(f"[published] deadline of {args.deadline:g} s: stopping the run (Ctrl-C)", flush=True)
-        _stop(process)
+        print(f"[published] {grace:g} s before the deadline of {args.deadline:g} s: stopping the run (Ctrl-C)",
+              flush=True)
+        _stop(process, grace)
     except KeyboardInterrupt:
         print("[published] interrupted: stopping the run (Ctrl-C)", flush=True)
-        _stop(process)
+        _stop(process, grace)
     return process.returncode, time.perf_counter() - start
 
 
@@ -91,12 +93,12 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Ctrl-C to the run, then time for its abort to send or keep its MLflow writes (tracking.pending_timeout_s
-    is 120 s by default) before it is killed."""
+def _stop(process: subprocess.Popen, grace: float) -> None:
+    """Ctrl-C to the run, then ``grace`` seconds for its abort to send or keep its MLflow writes before it is
+    killed."""
     try:
         os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=STOP_GRACE_S)
+        process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -126,7 +128,8 @@ def published_table(overrides: list[str]) -> pd.DataFrame:
                "train s": None, "train img/s": None, "published": f"{published_name} ({match})" if match else "no row",
                "published acc": published_acc}
         if result is not None:
-            row.update(epochs=result.epochs, test_acc=result.test_acc,
+            # (the epochs it trained: fewer than the preset's for a run that diverged and stopped)
+            row.update(epochs=result.epochs_trained, test_acc=result.test_acc,
                        **{"best val_acc (epoch)": f"{result.best_val_acc:.4f} ({result.best_epoch + 1})",
                           "train s": round(result.train_seconds), "train img/s": round(result.train_images_per_sec)})
         rows.append(row)
@@ -158,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-share", type=float, default=0.1,
                         help="share of a GPU per model and search trial (0: train on CPUs)")
     parser.add_argument("--stages", default="search,train,report")
-    parser.add_argument("--deadline", type=float, default=0, help="stop the run after this many seconds (0: none)")
+    parser.add_argument("--deadline", type=float, default=0,
+                        help="end the run within this many seconds, the table after it (0: none)")
+    parser.add_argument("--stop-grace", type=float, default=60,
+                        help="with --deadline: the Ctrl-C comes this many seconds before it (at most half of it), "
+                        "for the run's abort; a kill at the deadline (default 60)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another config override")
     parser.add_argument("--report-only", type=Path, metavar="WORKDIR", help="only print the table of this workdir")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
