@@ -64,14 +64,12 @@ class PartialConv(nn.Module):
         super().__init__()
         self.connections = connections
         self.convs = nn.ModuleList(nn.Conv2d(len(c), 1, kernel_size) for c in connections)
-        for i, c in enumerate(connections):
-            self.register_buffer(f"index{i}", torch.tensor(c), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = [
-            conv(x.index_select(1, getattr(self, f"index{i}"))) for i, conv in enumerate(self.convs)
-        ]
-        return torch.cat(outputs, dim=1)
+        # The table is indexed from Python lists, not held in buffers: non-persistent buffers are not in the state
+        # dict, so a model built on the meta device, moved with to_empty and loaded strictly kept uninitialised
+        # indices (an out-of-bounds error, or silently wrong maps).
+        return torch.cat([conv(x[:, list(c)]) for c, conv in zip(self.connections, self.convs, strict=True)], dim=1)
 
 
 class RBFOutput(nn.Module):

@@ -51,6 +51,19 @@ def test_lenet5_paper_variant_has_60000_trainable_parameters():
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
 
 
+def test_lenet5_paper_variant_built_on_meta_and_loaded_strictly_computes_the_same():
+    """The fast-init pattern (build on meta, to_empty, strict load) must leave nothing uninitialised: C3's
+    connection table once lived in non-persistent buffers, garbage after to_empty (an out-of-bounds error)."""
+    torch.manual_seed(0)
+    reference = create_model("lenet5", num_classes=10, in_chans=1, variant="paper").eval()
+    with torch.device("meta"):
+        fast = create_model("lenet5", num_classes=10, in_chans=1, variant="paper")
+    fast = fast.to_empty(device="cpu")
+    fast.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(3, 1, 32, 32)
+    torch.testing.assert_close(fast.eval()(x), reference(x))
+
+
 def test_se_adds_the_papers_ten_percent_to_resnet50():
     extra = n_params(create_model("se_resnet50")) - n_params(create_model("resnet50"))
     assert extra == 2_530_992
@@ -263,6 +276,12 @@ def test_kernel_counter_sees_a_one_kernel_difference_and_leaves_the_model_alone(
     assert next(model.parameters()).device.type == "cpu"  # counted on a meta copy
     assert calls[("aten.relu", ((2, 4, 6, 6),))] == 1
     assert calls != training_step_kernels(conv_relu(inplace=True), input_size=(3, 8, 8))
+    # A model already on meta is counted on a copy too: counting it twice gives the same counter (gradients left
+    # on it added their accumulation to the second count) and leaves it in eval mode.
+    with torch.device("meta"):
+        on_meta = conv_relu(inplace=False).eval()
+    assert training_step_kernels(on_meta, input_size=(3, 8, 8)) == training_step_kernels(on_meta, input_size=(3, 8, 8))
+    assert not on_meta.training and all(p.grad is None for p in on_meta.parameters())
 
 
 def test_unknown_model_name_lists_closest_names():

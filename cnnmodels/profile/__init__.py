@@ -183,8 +183,9 @@ def training_step_kernels(model: nn.Module, input_size: tuple[int, ...] = (3, 64
     """
     from ..googlenet import googlenet_loss  # handles plain logits and GoogLeNet's aux outputs alike
 
-    if any(p.device.type != "meta" for p in model.parameters()):
-        model = copy.deepcopy(model).to("meta")
+    # Always a copy (of a meta model too: cheap): training the caller's model gave it .grad tensors, so a second
+    # count of the same model recorded gradient accumulation the first had not, and left it in train mode.
+    model = copy.deepcopy(model).to("meta")
     model.train()
     x = torch.randn(batch_size, *input_size, device="meta")
     y = torch.zeros(batch_size, dtype=torch.long, device="meta")
