@@ -177,6 +177,10 @@ class TrackingUnavailable(RuntimeError):
     """The tracking server or its artifact store cannot be written at the start of a stage."""
 
 
+class DeletedExperiment(TrackingUnavailable):
+    """The config's MLflow experiment was deleted (its name stays taken until it is restored or purged)."""
+
+
 @contextlib.contextmanager
 def fluent_mlflow_uris(uri: str) -> Iterator[None]:
     """MLflow's fluent API (``log_model``, ``register_model``) pointed at ``uri`` for the block, then put back as it
@@ -322,6 +326,17 @@ class Tracker:
                     # Opens the classic runs table rather than the GenAI view in MLflow 3's UI.
                     tags={"mlflow.experimentKind": "custom_model_development"},
                 )
+            elif experiment.lifecycle_stage == "deleted":
+                # MLflow keeps a deleted experiment's name taken: writing to it fails ("must be in the 'active'
+                # state") and creating another of the name too, at every stage, until it is restored or purged.
+                uri, number = redact_uri(self.tracking_uri), experiment.experiment_id
+                database = ("$MLFLOW_TRACKING_URI" if uri.startswith(("sqlite:", "postgresql", "mysql", "mssql"))
+                            else "<the server's database>")
+                raise DeletedExperiment(
+                    f"MLflow experiment '{self.experiment_name}' (id {number}) is deleted (in the MLflow UI?) and "
+                    f"keeps its name taken: with MLFLOW_TRACKING_URI={uri}, restore it (`mlflow experiments restore "
+                    f"--experiment-id {number}`) or remove it and its runs for good (`mlflow gc --experiment-ids "
+                    f"{number} --backend-store-uri {database}`); or give this config another `name`")
             else:
                 self._experiment_id = experiment.experiment_id
         return self._experiment_id
@@ -395,6 +410,8 @@ class Tracker:
                         run_id = self.start_run(run_name, tags)
                 self.log_params(run_id, params)
                 break
+            except DeletedExperiment:
+                raise  # (its whole message: the commands that end it)
             except Exception as err:
                 if deadline is None:  # from the first failure (the client's own retries took seconds before it)
                     deadline = time.monotonic() + wait_s

@@ -120,6 +120,34 @@ def test_database_stores_keep_their_artifacts_in_the_workdir(make_config):
     assert Tracker.for_config(make_config("tracking.uri=http://head:5000")).artifact_root is None  # the server's
 
 
+def test_a_deleted_experiment_is_named_with_how_to_restore_it_and_the_command_given_works(make_config):
+    """An experiment deleted in MLflow's UI kept its name taken: every stage then failed with MLflow's "must be in
+    the 'active' state" (and the report found "no train stage run"), with no way out named."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from pipelines.tracking import TrackingUnavailable
+
+    cfg = make_config()
+    tracker = Tracker.for_config(cfg)
+    tracker.client.delete_experiment(tracker.experiment_id)
+    fresh = Tracker.for_config(cfg)
+    with pytest.raises(TrackingUnavailable, match=r"'test' \(id \d+\) is deleted") as refused:
+        fresh.open_stage_run("train", {"stage": "train"}, {}, "{}")
+    restore = re.search(r"MLFLOW_TRACKING_URI=(sqlite:///\S+), restore it \(`mlflow (experiments restore "
+                        r"--experiment-id \d+)`\)", str(refused.value))
+    assert restore and "--backend-store-uri $MLFLOW_TRACKING_URI`" in str(refused.value), refused.value
+    assert len(str(refused.value)) - len(restore.group(1)) < 350  # whole on the CLI's one line (400 characters)
+    # The command it names brings the experiment back, and the stage opens its run in it.
+    subprocess.run([sys.executable, "-m", "mlflow", *restore.group(2).split()], check=True, capture_output=True,
+                   env={**os.environ, "MLFLOW_TRACKING_URI": restore.group(1)})
+    again = Tracker.for_config(cfg)
+    run_id = again.open_stage_run("train", {"stage": "train"}, {}, "{}")
+    assert again.client.get_run(run_id).info.experiment_id == tracker.experiment_id
+
+
 def test_a_missing_registered_model_is_a_lookup_error(make_config):
     tracker = Tracker.for_config(make_config())
     with pytest.raises(LookupError, match="train first"):
