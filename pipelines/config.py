@@ -264,7 +264,9 @@ class Hyperparameters(_Section):
     lr: float = Field(0.05, gt=0.0, description="peak learning rate (for the global batch)")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, Nesterov) or adamw")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
-    weight_decay: float = Field(5e-4, ge=0.0, description="weight decay (not applied to biases and norm scales)")
+    weight_decay: float = Field(
+        5e-4, ge=0.0, description="weight decay (not applied to 1-D parameters: biases, norm scales)"
+    )
     schedule: Literal["cosine", "constant"] = Field("cosine", description="learning-rate schedule after warm-up")
     warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up length, in epochs")
     precise_bn_batches: int = Field(

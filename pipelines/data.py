@@ -683,7 +683,9 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(self, dataset, *, rank: int, world: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        # The seed spread out: DistributedSampler shuffles epoch N by seed + N, so seed s + 1 replayed seed s's
+        # orders one epoch late, and runs over consecutive seeds (bench/accuracy.py --seeds) shared them.
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=(seed * 1_000_003) % 2**62)
         self.epoch_seed = 0
 
     def start_epoch(self, epoch: int, epoch_seed: int) -> None:

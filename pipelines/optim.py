@@ -14,7 +14,7 @@ __all__ = ["lr_at", "make_optimizer"]
 def lr_at(base_lr: float, schedule: str, warmup_epochs: float, epochs: int, step: int, steps_per_epoch: int) -> float:
     """The learning rate at global ``step``: linear warm-up, then constant or cosine decay to zero."""
     total = max(1, epochs * steps_per_epoch)
-    warmup = int(warmup_epochs * steps_per_epoch)
+    warmup = round(warmup_epochs * steps_per_epoch)  # (truncated, 0.29 epochs of 100 steps were 28 steps)
     if warmup and step < warmup:
         return base_lr * (step + 1) / warmup
     if schedule == "constant":
@@ -24,7 +24,8 @@ def lr_at(base_lr: float, schedule: str, warmup_epochs: float, epochs: int, step
 
 
 def make_optimizer(run: ModelRun, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW; no weight decay on biases and norm scales (decaying them only hurts)."""
+    """SGD (Nesterov) or AdamW; no weight decay on one-dimensional parameters: biases, norm scales (and LeNet-5's
+    paper-variant subsampling coefficients, one per map), whose decay only hurts."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:

@@ -1055,6 +1055,10 @@ def test_epoch_order_depends_on_seed_and_epoch_only(tmp_path):
     other = EpochSampler(dataset, rank=0, world=1, seed=7)
     other.start_epoch(4, epoch_seed=11)
     assert [i for i, _ in other] != [i for i, _ in first]
+    # The next seed does not replay this seed's orders one epoch late (shuffled by seed + epoch, it did)
+    next_seed = EpochSampler(dataset, rank=0, world=1, seed=8)
+    next_seed.start_epoch(2, epoch_seed=11)
+    assert [i for i, _ in next_seed] != [i for i, _ in first]
     halves = [EpochSampler(dataset, rank=r, world=2, seed=7) for r in (0, 1)]
     for half in halves:
         half.start_epoch(3, epoch_seed=11)

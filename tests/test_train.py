@@ -830,6 +830,8 @@ def test_the_learning_rate_warms_up_linearly_then_follows_the_schedule():
     assert cosine[20] == pytest.approx(0.05, abs=0.003)  # half-way through the decay
     constant = [lr_at(0.1, "constant", 0.0, 3, step, steps) for step in range(30)]
     assert constant == [0.1] * 30
+    # A fractional warm-up is rounded to whole steps, not truncated (0.29 of 100 steps was 28 steps)
+    assert lr_at(0.1, "constant", 0.29, 1, 27, 100) == pytest.approx(0.1 * 28 / 29)
 
 
 @pytest.fixture
