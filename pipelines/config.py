@@ -914,6 +914,11 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
                                        "(mount the bucket, e.g. with s3fs or a shared volume)")
     if Path(cfg.workdir).expanduser().exists() and not Path(cfg.workdir).expanduser().is_dir():
         raise ConfigError("workdir", f"{cfg.workdir!r} is a file, not a directory")
+    if cfg.tracking.uri is None and any(mark in str(cfg.paths.mlflow_db) for mark in "%?"):
+        # SQLAlchemy reads the sqlite URI's path as a URL's: %41 decoded to A (another database, if that one
+        # exists), ? cut the path short; the stage then retried "unable to open database file" for minutes.
+        raise ConfigError("workdir", f"the default tracking store {cfg.paths.mlflow_db} has a '%' or '?' in its "
+                          "path, which its sqlite URI cannot carry: choose a workdir without them, or set tracking.uri")
     _check_creatable_locations(cfg)
     if cfg.serve.batch_wait_timeout_s > cfg.serve.request_timeout_s / 2:
         # An idle model's lone request waits the whole batch wait before its forward: at the deadline, a 503.

@@ -281,6 +281,8 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
          "train.model_options.efficientnet.alpha",
          "scales B0's depth by 125"),  # (alpha 1000 built for minutes)
         (["workdir=/proc/cnnzoo/runs"], "workdir", "nothing can be written in /proc"),
+        (["workdir=/tmp/w%41b"], "workdir", "a '%' or '?' in its path"),  # (sqlite:///.../w%41b: .../wAb)
+        (["workdir=/tmp/run?1"], "workdir", "a '%' or '?' in its path"),
         (["name=mlflow.db"], "name", "what the workdir keeps"),
         (["serve.batch_wait_timeout_s=20"], "serve.batch_wait_timeout_s", "over half of serve.request_timeout_s"),
     ],
