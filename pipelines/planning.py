@@ -425,7 +425,10 @@ def search_data(cfg: PipelineConfig) -> DataConfig:
 def search_template(cfg: PipelineConfig) -> ModelChoice:
     """The baseline the search scales: EfficientNet at ``search.phi`` on the data's resolution, with
     ``train.model_options.efficientnet`` (as ``train.model_overrides.efficientnet`` sets its recipe)."""
-    options = {**cfg.train.model_options.get("efficientnet", {}), "phi": float(cfg.search.phi)}
+    # (without the coefficients train.model_options.efficientnet may give the user's own efficientnet: every trial
+    # sets its own, so in the search's fingerprint they only discarded a finished search)
+    options = {**{k: v for k, v in cfg.train.model_options.get("efficientnet", {}).items()
+                  if k not in ("alpha", "beta", "gamma")}, "phi": float(cfg.search.phi)}
     return ModelChoice("efficientnet", "efficientnet", _with_data_defaults(cfg, "efficientnet", options))
 
 

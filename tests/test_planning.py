@@ -144,6 +144,14 @@ def test_a_search_saved_before_the_off_settings_were_left_out_is_still_found(mak
     assert search_fingerprints(make_config()) == [search_fingerprint(make_config())]  # the defaults: one
 
 
+def test_the_coefficients_of_the_users_own_efficientnet_do_not_change_the_search(make_config):
+    """Every trial sets its own (alpha, beta, gamma): the user's efficientnet's in train.model_options changed the
+    search's fingerprint only, and a finished search was thrown away ("run with other settings")."""
+    plain = search_fingerprint(make_config())
+    assert search_fingerprint(make_config("train.model_options={efficientnet: {alpha: 1.3, beta: 1.0}}")) == plain
+    assert search_fingerprint(make_config("train.model_options={efficientnet: {dropout: 0.3}}")) != plain
+
+
 def test_train_says_why_the_efficientnet_family_is_left_out(make_config, caplog):
     """`train` (as `run`) trains the family only from a finished search of these settings, and says so when it
     leaves the family out: no search yet, or one run with other settings (here another learning rate)."""
