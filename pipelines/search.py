@@ -301,7 +301,17 @@ def _best(records: list[dict[str, Any]], trials: int, unreported: list[dict[str,
                        "did not: %s", len(failed), ", ".join(
                            f"({r['alpha']}, {r['beta']}, {r['gamma']}): {(r['error'].splitlines() or [''])[0][:200]}"
                            for r in failed))
-    return dict(records[0])
+    best = records[0]
+    longer = [r["epochs_trained"] for r in records
+              if r["error"] is None and r["epochs_trained"] > best["epochs_trained"]]
+    if longer:
+        # Ranked by its best epoch's score, a trial ASHA stopped (its score fell at a rung) can still lead trials it
+        # kept training: say so rather than let "beats" read as equal training.
+        logger.warning("[search] the best triple (%s, %s, %s) trained %d epoch(s) and was stopped, while %d other "
+                       "trial(s) trained up to %d: its score %.4f is its best epoch's, from less training than "
+                       "theirs", best["alpha"], best["beta"], best["gamma"], best["epochs_trained"], len(longer),
+                       max(longer), best["score"])
+    return dict(best)
 
 
 def _baseline_macs(template: ModelRun) -> int:
@@ -515,6 +525,13 @@ def _against_the_paper(records: list[dict], best: dict, unreported: list[dict] =
         against = f" against {max(best_then):.4f} for the best" if best_then else ""
         return (f" - the paper's (1.2, 1.1, 1.15), stopped by ASHA after {epochs} epoch(s), had val_acc "
                 f"{paper['val_acc']:.4f} by then{against}")
+    if epochs > best["epochs_trained"]:
+        # The mirror case: the best was stopped early and the paper's trained on; set them side by side at the
+        # best's epochs, where both trained.
+        paper_then = [a for a in (paper.get("val_acc_per_epoch") or [])[:best["epochs_trained"]] if a is not None]
+        then = f" had {max(paper_then):.4f} by then and" if paper_then else ""
+        return (f" - stopped after {best['epochs_trained']} epoch(s); the paper's (1.2, 1.1, 1.15){then} reached "
+                f"{paper['val_acc']:.4f} in {epochs}")
     if paper["score"] == best["score"]:
         return f" - ties with the paper's (1.2, 1.1, 1.15) at {paper['score']:.4f}, in fewer MACs or more epochs"
     return f" - beats the paper's (1.2, 1.1, 1.15) at {paper['score']:.4f}"

@@ -243,7 +243,20 @@ def test_the_paper_stopped_early_by_asha_is_compared_at_its_own_epochs(make_conf
     with caplog.at_level(logging.INFO, logger="pipelines"):
         _log_search_table(records, _best(records, trials=2))
     assert "stopped by ASHA after 1 epoch(s), had val_acc 0.8652 by then against 0.8702 for the best" in caplog.text
-    assert "beats" not in caplog.text
+    assert "beats" not in caplog.text and "was stopped" not in caplog.text
+
+    # The mirror case: the best peaked at an epoch ASHA then stopped it after, the paper's trained on. It said
+    # "beats the paper's", comparing 2 epochs against 3, and nothing else.
+    caplog.clear()
+    records = _trial_records([trial(1.0, 1.2, 1.2, [0.85, 0.70]), trial(1.2, 1.1, 1.15, [0.80, 0.82, 0.83])],
+                             phi=cfg.search.phi)
+    _score(records, cfg, template)
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        _log_search_table(records, _best(records, trials=2))
+    assert "the best triple (1.0, 1.2, 1.2) trained 2 epoch(s) and was stopped, while 1 other trial(s) trained up " \
+           "to 3" in caplog.text
+    assert ("stopped after 2 epoch(s); the paper's (1.2, 1.1, 1.15) had 0.8200 by then and reached 0.8300 in 3"
+            in caplog.text) and "beats" not in caplog.text
 
 def test_a_failed_trial_never_wins_and_a_tie_goes_to_the_smaller_model(make_config, caplog):
     """A trial that failed after reporting ranks below every finished one, whatever its val_acc (its triple
