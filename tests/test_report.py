@@ -531,3 +531,26 @@ def test_every_model_has_a_line_of_its_own_look_in_the_validation_curves():
     ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
     plt.close(fig)
+
+
+def test_the_search_plot_stars_the_best_on_what_it_was_ranked_by():
+    """Under the MnasNet objective the star went at the best's val_acc on a plot of val_acc, below trials of
+    higher accuracy and more MACs: the plot showed a winner that was not the best by its own axis."""
+    import matplotlib.pyplot as plt
+
+    from pipelines.report import search_figure
+    from pipelines.search import SearchResult
+
+    trials = [{"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "compound_product": 1.92, "val_acc": 0.90, "score": 0.85,
+               "paper": True},
+              {"alpha": 1.0, "beta": 1.2, "gamma": 1.2, "compound_product": 2.07, "val_acc": 0.88, "score": 0.87,
+               "paper": False}]
+    for objective, y_values, label in (("mnas", [0.85, 0.87], "score"), ("val_acc", [0.90, 0.88], "accuracy")):
+        search = SearchResult(best=dict(trials[1]), trials=trials, objective=objective, phi=1.0, paper_included=True,
+                              fingerprint="0")
+        fig = search_figure(search)
+        ax = fig.axes[0]
+        points, star = ax.collections[0], ax.collections[1]
+        assert [float(y) for _, y in points.get_offsets()] == y_values
+        assert float(star.get_offsets()[0][1]) == y_values[1] and label in ax.get_ylabel()
+        plt.close(fig)
