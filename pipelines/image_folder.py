@@ -61,13 +61,37 @@ class BadImageFilesError(ImageFolderError):
             + "\nfix or remove them, or set data.skip_bad_files: true to train without them")
 
 
+#: Folders file servers and operating systems add beside users' files: a Synology NAS's "@eaDir/" holds a thumbnail
+#: of every image (read as training data, each leaked its original's label across the splits).
+SYSTEM_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
+                            "lost+found"})
+
+
 def _is_hidden(relative: str) -> bool:
     # ".DS_Store", macOS's AppleDouble "._x.jpg" next to every copied image, ".ipynb_checkpoints/", ".git/"
-    return any(part.startswith(".") for part in relative.split("/"))
+    return any(part.startswith(".") or part in SYSTEM_FOLDERS for part in relative.split("/"))
 
 
 def _class_names(directory: Path) -> list[str]:
-    return sorted(d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return sorted(d.name for d in directory.iterdir() if d.is_dir() and not _is_hidden(d.name))
+
+
+def _files_not_read(root: Path) -> list[str]:
+    """Files in the class folders that are not read for their names (no image extension; hidden ones aside),
+    relative to ``root``: a class with half its files saved as ``.heic`` trained on the other half, unsaid."""
+    base = _training_folder(root)
+    folders = [base]
+    if base != root:
+        folders += [folder for split in ("val", "test") if (folder := _split_folder(root, split)) is not None]
+    skipped = []
+    for folder in folders:
+        for name in _class_names(folder):
+            for top, subfolders, files in os.walk(folder / name, followlinks=True):
+                subfolders[:] = sorted(d for d in subfolders if not _is_hidden(d))
+                skipped += [relative for file in sorted(files)
+                            if not file.lower().endswith(IMAGE_EXTENSIONS)
+                            and not _is_hidden(relative := Path(top, file).relative_to(root).as_posix())]
+    return skipped
 
 
 def _scan_class_folders(root: Path, directory: Path,
@@ -312,7 +336,10 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
         except OSError:  # a dangling link (DVC, git-annex, a moved cache): the check lists it as unreadable
             content.update(os.fsencode(f"{path}\0missing\n"))
             continue
-        content.update(os.fsencode(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
+        # (the change time and inode too: a file rewritten in place with its mtime put back, as cp -p, rsync -a
+        # or tar do, kept its size and mtime, and the check passed what was now unreadable)
+        content.update(os.fsencode(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0"
+                                   f"{stat.st_ino}\n"))
     key = (str(root), content.hexdigest())
     if _LAST_CONTENT.get(key[0]) != key[1]:
         # Files added, removed or changed since this process last read the folder (back to an earlier state
@@ -336,6 +363,11 @@ def check_image_folder(cfg: DataConfig) -> tuple[str, ...]:
             more = len(bad) - BadImageFilesError.SHOWN
             logger.warning("[data] data.skip_bad_files: leaving out %d unreadable file(s) of %s: %s%s", len(bad),
                            root, shown, f" and {more} more" if more > 0 else "")
+        if skipped := _files_not_read(root):
+            logger.warning("[data] %d file(s) in the class folders of %s are not read: their names do not end in an "
+                           "image extension (%s): %s%s; rename them (or convert them) to train on them", len(skipped),
+                           root, " ".join(IMAGE_EXTENSIONS), ", ".join(skipped[:5]),
+                           f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         base = _training_folder(root)
         if empty := _empty_class_folders(base, list(splits.class_names)):
             logger.warning("[data] no images in %s, so they are not classes: %s", base,

@@ -998,6 +998,42 @@ def test_validation_and_test_images_that_copy_training_images_are_reported(tmp_p
     assert any("of the 12 validation images are byte-identical" in m for m in messages), messages
 
 
+def test_nas_thumbnail_folders_are_not_data_and_files_not_read_for_their_names_are_reported(tmp_path):
+    """A Synology NAS's @eaDir/ (a thumbnail of every image) joined its class's training data, each thumbnail
+    leaking its original's label across the splits; files of other extensions (.heic, a .jfif not read, none at
+    all) were left out without a word."""
+    import os
+
+    from pipelines.image_folder import BadImageFilesError, check_image_folder
+
+    _write_images(tmp_path, per_class=6)
+    for i in range(6):  # @eaDir/<image name>/SYNOFILE_THUMB_M.jpg beside each cat, and a "#recycle" class folder
+        (tmp_path / "cat" / "@eaDir" / f"{i}.png").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "@eaDir" / f"{i}.png" / "SYNOFILE_THUMB_M.jpg")
+    (tmp_path / "#recycle").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "#recycle" / "old.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "photo.jfif", format="JPEG")  # read: a JPEG by another name
+    (tmp_path / "dog" / "scan.heic").write_bytes(b"not read")
+    (tmp_path / "dog" / "noext").write_bytes(b"not read")
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16)
+    messages = _image_folder_warnings(cfg)
+    splits = load_splits(cfg)
+    assert splits.class_names == ("cat", "dog")
+    every = [p for split in (splits.train, splits.val, splits.test) for p in split.paths]
+    assert len(every) == 13 and not [p for p in every if "@eaDir" in p] and any(p.endswith(".jfif") for p in every)
+    assert any("2 file(s) in the class folders of" in m and "dog/noext, dog/scan.heic" in m for m in messages), \
+        messages
+
+    # A file rewritten in place with its modification time put back (cp -p, rsync -a) is checked again
+    target = tmp_path / "dog" / "0.png"
+    before = os.stat(target)
+    intact = target.read_bytes()
+    target.write_bytes(intact[:40] + bytes(len(intact) - 40))  # same size: its pixel data zeroed
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(BadImageFilesError, match="dog/0.png"):
+        check_image_folder(cfg)
+
+
 def test_folders_without_images_are_not_classes_and_val_labels_follow_train(tmp_path):
 
     _write_images(tmp_path / "train", classes=("ant", "bee", "cow"), per_class=4)
