@@ -219,9 +219,12 @@ def _read_idx(path: Path, help_text: str | None = None) -> np.ndarray:
     (:class:`IncompleteIdxFile` when it is cut short or unreadable) and saying how to get a good copy
     (``help_text``; default: Debian's package or data.root)."""
     help_text = help_text or _FASHION_MNIST_HELP
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
+        # gzip or not by the content, not the name: a browser that unpacked a download kept its .gz (and a
+        # download again was the same file), where reading by the name refused it as "cut short"
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError; a cut-off .gz, EOFError
         raise IncompleteIdxFile(f"{path} cannot be read ({type(err).__name__}: {err}); replace it with a complete "
@@ -242,12 +245,26 @@ def _read_idx(path: Path, help_text: str | None = None) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
+#: Where under a data.root the four files may lie: in it, in torchvision's download folder under it, and in that
+#: folder's raw/ (a data.root of torchvision's own .../FashionMNIST).
+IDX_FOLDERS = (".", "FashionMNIST/raw", "raw")
+
+
 def _find_idx(directory: Path, stem: str) -> Path | None:
-    for candidate in (directory / stem, directory / f"{stem}.gz", directory / "FashionMNIST" / "raw" / stem,
-                      directory / "FashionMNIST" / "raw" / f"{stem}.gz"):
-        if candidate.is_file():
-            return candidate
+    for folder in IDX_FOLDERS:
+        for name in (stem, f"{stem}.gz"):
+            if (candidate := directory / folder / name).is_file():
+                return candidate
     return None
+
+
+def _misnamed_idx_files(directory: Path) -> list[str]:
+    """IDX files under ``directory`` by other names than the four looked for (``train-images.idx3-ubyte``, as
+    some mirrors name them): passed over, the error said only "not found"."""
+    expected = {name for stem in FASHION_MNIST_FILES.values() for name in (stem, f"{stem}.gz")}
+    return sorted({str(path.relative_to(directory)) for folder in IDX_FOLDERS
+                   for path in (directory / folder).glob("*idx[0-9]*ubyte*")
+                   if path.is_file() and path.name not in expected})
 
 
 def _default_root(dataset: str) -> Path:
@@ -392,8 +409,13 @@ def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
                                 "(plain or .gz); add them, or point data.root at a complete copy")
             unfinished = f"{', '.join(missing)} missing"
     where = ", ".join(map(str, searched))
+    expected = ", ".join(FASHION_MNIST_FILES.values())
+    if root is not None and (misnamed := _misnamed_idx_files(root)):
+        raise DataError(f"data.root {root} holds IDX files under other names than Fashion-MNIST's four ({expected}, "
+                        f"plain or .gz): {', '.join(misnamed[:8])}; rename them")
     if not cfg.download:
-        raise DataError(f"Fashion-MNIST IDX files not found in {where} and data.download is false; " + help_text)
+        raise DataError(f"Fashion-MNIST IDX files ({expected}, plain or .gz) not found in {where} and "
+                        "data.download is false; " + help_text)
     target = root or _default_root("fashion-mnist")
     try:
         target.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,7 @@ def test_damaged_fashion_mnist_files_are_named(tmp_path):
 
     good = {"train_images": idx((12, 28, 28)), "train_labels": idx((12,)), "test_images": idx((4, 28, 28)),
             "test_labels": idx((4,))}
-    damages = {"cut off": lambda raw: gzip.compress(raw)[:-20], "not gzip": lambda raw: raw,
+    damages = {"cut off": lambda raw: gzip.compress(raw)[:-20], "not gzip": lambda raw: raw[:-7],
                "empty": lambda raw: gzip.compress(b""), "short": lambda raw: gzip.compress(raw[:-5]),
                "no IDX": lambda raw: gzip.compress(b"PK\x03\x04" + raw)}
     for damage, damaged in damages.items():
@@ -141,6 +141,23 @@ def test_damaged_fashion_mnist_files_are_named(tmp_path):
     (letters / f"{FASHION_MNIST_FILES['train_labels']}.gz").write_bytes(gzip.compress(good["train_labels"]))
     with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz holds label 26, but Fashion-MNIST has 10"):
         load_splits(DataConfig(dataset="fashion-mnist", root=str(letters), download=False))
+
+    # Read by their content, not their names: complete plain files that keep a .gz (a browser unpacked the
+    # download) were refused as "cut short", and a download again was the same file.
+    unpacked = tmp_path / "unpacked" / "raw"  # under raw/: a data.root of torchvision's own .../FashionMNIST
+    unpacked.mkdir(parents=True)
+    for key, stem in FASHION_MNIST_FILES.items():
+        (unpacked / f"{stem}.gz").write_bytes(good[key])
+    assert len(load_splits(DataConfig(dataset="fashion-mnist", root=str(unpacked.parent), download=False)).test) == 4
+    # The four under other names (a mirror's dots): named, with the names looked for, not just "not found"
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for key, stem in FASHION_MNIST_FILES.items():
+        (renamed / stem.replace("-idx", ".idx")).write_bytes(good[key])
+    for download in (False, True):  # (not passed over for a download beside them either)
+        with pytest.raises(DataError, match=r"other names than Fashion-MNIST's four \(train-images-idx3-ubyte, .*: "
+                                            r"t10k-images.idx3-ubyte, t10k-labels.idx1-ubyte, train-images.idx3-ubyte"):
+            load_splits(DataConfig(dataset="fashion-mnist", root=str(renamed), download=download))
 
 
 def test_train_subset_is_stratified():
