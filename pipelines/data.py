@@ -518,8 +518,8 @@ def forget_loaded_splits() -> None:
 
 
 def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
-    """Save the first test image as ``sample-<dataset>-<class>.png`` (``.tiff`` for 16-bit, 32-bit and float
-    pixels) for the example request printed after serving."""
+    """Save the first test image as ``sample-<dataset>-<class>.png`` (``.tiff`` for 32-bit and float pixels
+    and other 16-bit ones than PNG's and PGM's) for the example request printed after serving."""
     from .image_folder import check_image_folder  # imports this module
 
     splits = load_splits(cfg, check_image_folder(cfg))
@@ -528,8 +528,14 @@ def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"sample-{cfg.dataset}-{safe}.png"
     # Upright as training saw it (a phone photo's EXIF orientation: PNG keeps no EXIF, so it would go sideways).
-    image = upright(splits.test.pil(0))
-    if image.mode in WIDE_MODES:
+    original = splits.test.pil(0)
+    # PNG and PGM/PPM open as mode I only with 16-bit samples, which training scales by 65535 (read before
+    # upright, whose copy has no format); saved as a mode-I TIFF, the server scaled it by its own peak instead
+    sixteen_bit = original.mode == "I" and original.format in ("PNG", "PPM")
+    image = upright(original)
+    if sixteen_bit:
+        image = image.convert("I;16")  # a 16-bit PNG: read as such
+    elif image.mode in WIDE_MODES:
         # As they are, in a TIFF: the server scales them as training did. Converted to RGB they were clipped (a
         # float image all black, a big-endian 16-bit one white), and a PNG holds 32-bit integers not at all.
         path = path.with_suffix(".tiff")

@@ -262,6 +262,18 @@ def test_the_example_image_is_written_whatever_the_mode_of_the_first_test_image(
             assert written.format == "TIFF", mode
             # What serving makes of the example is what training makes of the image it stands for.
             assert torch.equal(spec.image_to_uint8(written), spec.image_to_uint8(trained)), mode
+    # A dark 16-bit PGM (mode I, scaled by 65535 in training) was written as a mode-I TIFF, which the server
+    # scaled by its own peak: a mean pixel of 133 for training's 40
+    folder = tmp_path / "pgm16"
+    for name in ("cat", "dog"):
+        (folder / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray((ramp * 20000).astype(np.uint16)).save(folder / name / f"{i}.pgm")
+    cfg = cfg.model_copy(update={"root": str(folder)})
+    trained = load_splits(cfg).test.pil(0)
+    assert trained.mode == "I" and trained.format == "PPM"
+    with Image.open(write_sample_image(cfg, tmp_path / "serve-pgm16")) as written:
+        assert torch.equal(spec.image_to_uint8(written), spec.image_to_uint8(trained))
 
 
 def test_serving_never_downloads_a_data_set_for_its_example_image(make_config, tmp_path):
