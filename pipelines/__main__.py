@@ -188,6 +188,13 @@ def _predict(args) -> int:
         params["model"] = args.model
     headers = {"Content-Type": "application/octet-stream"}
     token = (args.token or os.environ.get(PREDICT_TOKEN_ENV) or "").strip()  # (a file's newline kept in a variable)
+    if token and not all("!" <= ch <= "~" for ch in token):
+        # The server's own rule (serve.auth_token). Sent as it was, a pasted curly quote was a traceback, and a
+        # line break inside "cannot reach" the server, with the whole token printed.
+        where = "--token" if args.token else PREDICT_TOKEN_ENV
+        logger.error("error: %s: the bearer token may hold only printable ASCII characters without spaces or line "
+                     "breaks (no server token has others); it was not sent", where)
+        return EXIT_CONFIG
     if token:
         headers["Authorization"] = f"Bearer {token}"
     url = f"{args.url.rstrip('/')}/predict"

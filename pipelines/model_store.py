@@ -387,6 +387,7 @@ class ModelStore:
         """Fill in what ``served`` does not know yet from its loaded checkpoint: a checkpoint file
         (``serve.checkpoints``) has no registry tags, so its architecture, data set, input size, validation
         accuracy and parameter count are what the file itself says."""
+        served.version = served.version or loaded.version  # (a file's "epochN", as /predict answers with)
         served.arch = served.arch or loaded.arch
         served.dataset = served.dataset or loaded.spec.dataset
         served.input_size = served.input_size or loaded.spec.image_size

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import Query, Request
+from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
@@ -91,6 +91,12 @@ def classify(loaded: LoadedModel, tensors: list[torch.Tensor]) -> torch.Tensor:
     batch = torch.cat(tensors).to(loaded.device)
     with torch.inference_mode():
         return torch.softmax(loaded.model(batch).float(), dim=1).cpu()
+
+
+async def require_token(request: Request) -> None:
+    """401 unless the request carries this replica's token: a route dependency, so it comes before FastAPI judges
+    the query (a bad top_k from a client without the token got 422, not the README's 401)."""
+    authorize(request, serve.get_replica_context().servable_object.auth_token)
 
 
 @serve.deployment(name="Classifier", health_check_period_s=10)
@@ -391,7 +397,8 @@ class Classifier:
         }
 
     @api.post("/predict", summary="Classify one image", openapi_extra=PREDICT_REQUEST_BODY,
-              responses=error_responses(400, 401, 404, 408, 413, 415, 422, 503))
+              responses=error_responses(400, 401, 404, 408, 413, 415, 422, 503),
+              dependencies=[Depends(require_token)])
     async def predict(
         self,
         request: Request,
@@ -401,7 +408,6 @@ class Classifier:
                                               "the model's classes)"),
     ) -> JSONResponse:
         started = time.perf_counter()
-        authorize(request, self.auth_token)
         # The id Serve routed by: its proxy reads the header in either spelling (serve_multiplexed_model_id, or
         # serve-multiplexed-model-id as proxies that drop underscores in header names forward it).
         requested = model or serve.get_multiplexed_model_id() or CHAMPION
@@ -416,9 +422,9 @@ class Classifier:
         answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
         return JSONResponse(answer)
 
-    @api.get("/models", summary="Servable models and the champion", responses=error_responses(401))
+    @api.get("/models", summary="Servable models and the champion", responses=error_responses(401),
+             dependencies=[Depends(require_token)])
     async def list_models(self, request: Request) -> dict[str, Any]:
-        authorize(request, self.auth_token)
         return {"champion": self.champion, "registered_model": self.cfg.registered_model_name,
                 "dataset": self.cfg.data.dataset,
                 "models": [dict(asdict(m), champion=m.alias == self.champion) for m in self.models]}

@@ -356,6 +356,9 @@ def test_auth_token_and_broken_checkpoints(server, strict_app, digit_png, caplog
     assert predict(base, digit_png).status_code == 401
     wrong = predict(base, digit_png, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and "error" in wrong.json()
+    for bad_top_k in (0, "abc"):  # the token first: FastAPI's query check answered 422 to clients without it
+        assert predict(base, digit_png, params={"top_k": bad_top_k}).status_code == 401
+    assert predict(base, digit_png, params={"top_k": 0}, headers=AUTH).status_code == 422
     models = requests.get(f"{base}/models", headers=AUTH, timeout=60).json()
     status = {m["alias"]: m for m in models["models"]}
     assert status["good"]["status"] == "ok" and status["broken"]["status"] == "error"
@@ -382,6 +385,8 @@ def test_auth_token_and_broken_checkpoints(server, strict_app, digit_png, caplog
     assert failed.status_code == 503 and "failed to load" in failed.json()["error"]
     ok = predict(base, digit_png, params={"model": "good"}, headers=AUTH)
     assert ok.status_code == 200 and ok.json()["model"] == "good"
+    # A checkpoint file's version in /models is the one /predict answers with ("" there before)
+    assert ok.json()["version"] == status["good"]["version"] == f"epoch{trained.epoch}"
     assert models["champion"] == "good"
     # What the console announces once the app answers: the failed ones left out, each in a warning (it listed
     # every model it was given, and a champion that failed).

@@ -3,6 +3,7 @@ never printed or written in clear; the GPU presets and cluster.yaml agree on it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -232,7 +233,17 @@ def test_predict_says_in_one_line_what_is_wrong_with_its_image_or_the_answer(tmp
             main(["predict", str(image), "--url", base, "--timeout", "inf"])
         assert refused.value.code == 2
         assert main(["predict", str(image), "--url", base.removeprefix("http://")]) == 2  # no scheme
+        # A token no server can hold: a curly quote was a UnicodeEncodeError traceback, a line break inside
+        # "cannot reach" the server with the token printed
+        assert main(["predict", str(image), "--url", base, "--token", "abc\u201cdef"]) == 2
+        os.environ["CNNZOO_SERVE_TOKEN"] = "secret-first-line\nsecret-second-line"
+        try:
+            assert main(["predict", str(image), "--url", base]) == 2
+        finally:
+            del os.environ["CNNZOO_SERVE_TOKEN"]
         errors = capsys.readouterr().err
+        assert "--token: the bearer token may hold only printable ASCII" in errors
+        assert "CNNZOO_SERVE_TOKEN: the bearer token may hold only" in errors and "secret" not in errors
         assert f"needs its scheme: {base}" in errors
         assert "answered 200 with something that is not a prediction: <html>" in errors
         assert 'error 500: ["a", "list"]' in errors
