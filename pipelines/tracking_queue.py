@@ -166,6 +166,7 @@ class TrackingQueue:
         #: The (first, last) sequence numbers of the backlog last put on disk during an outage, and when (time.time).
         self._backlog_on_disk: tuple[int, int] | None = None
         self._saved_at = 0.0
+        self._retry_now = False  # flush() asks the writer for one retry at once, out of its back-off
         if self.pending_file is not None:
             _wait_for_the_write_in_flight(self.pending_file)
         if self.pending_file is not None and self.pending_file.exists():
@@ -289,8 +290,13 @@ class TrackingQueue:
                     self._note_outage(err)
                     with self._lock:
                         self._keep_backlog_on_disk()
-                        if not self._stop:  # (a write that failed after flush gave up: its end is due now)
-                            self._lock.wait(timeout=delay)  # flush() wakes it to stop
+                        # The whole back-off, cut short only by flush() ending the queue (and none for a write that
+                        # failed after flush gave up: its end is due now). Woken by every put (each epoch's
+                        # metrics), it retried at each one, against a recovering server, and rewrote the file.
+                        retry_at = time.monotonic() + delay
+                        while not (self._stop or self._retry_now) and (left := retry_at - time.monotonic()) > 0:
+                            self._lock.wait(timeout=left)
+                        self._retry_now = False
                     delay = min(delay * 2, RETRY_CAP_S)
                     continue
             with self._lock:  # the file is written under the lock: flush() writes it too
@@ -538,6 +544,10 @@ class TrackingQueue:
                                            "(tracking.pending_timeout_s)", duration(timeout_s), len(self._ops))
                             announced = True
                         self._ensure_thread()
+                        # A retry each second while the stage's end waits for the backlog, not at the end of the
+                        # writer's back-off (up to RETRY_CAP_S after MLflow is back)
+                        self._retry_now = True
+                        self._lock.notify_all()
                         # The writer wakes this after each write; while MLflow is down, at the deadline.
                         self._lock.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic()))
                                         if self._down_since is not None else 1.0)

@@ -148,6 +148,32 @@ def test_a_deleted_experiment_is_named_with_how_to_restore_it_and_the_command_gi
     assert again.client.get_run(run_id).info.experiment_id == tracker.experiment_id
 
 
+def test_writes_queued_in_an_outage_wait_out_the_retry_back_off(make_config, tmp_path, monkeypatch):
+    """Every write queued during an outage (a metric per epoch, from Tune's callbacks) woke the writer from its
+    back-off: the oldest write was retried at each one, against a server that was recovering, and the pending
+    file rewritten each time (put() waiting for it)."""
+    import requests
+
+    from pipelines.tracking_queue import TrackingQueue
+
+    queue = TrackingQueue(Tracker.for_config(make_config()), tmp_path / "pending.json")
+    attempts = []
+
+    def unreachable(op):
+        attempts.append(time.monotonic())
+        raise requests.exceptions.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(queue, "_execute", unreachable)
+    started = time.monotonic()
+    for step in range(25):  # 2.5 s of writes, one every 0.1 s
+        queue.put("log_metrics", "0123abcd", metrics={"val_acc": 0.5}, step=step)
+        time.sleep(0.1)
+    left = queue.flush(0.0)
+    assert len(left) == 25
+    # Retries after 1 s, then 2 s more: three attempts in 2.5 s (there were 25, one per write)
+    assert 2 <= len(attempts) <= 4, [round(t - started, 2) for t in attempts]
+
+
 def test_a_missing_registered_model_is_a_lookup_error(make_config):
     tracker = Tracker.for_config(make_config())
     with pytest.raises(LookupError, match="train first"):
