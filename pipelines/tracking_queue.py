@@ -308,9 +308,13 @@ class TrackingQueue:
                        or time.time() - self._saved_at >= DRAIN_SAVE_INTERVAL_S)
                 if self._tracks_file and due:
                     # After the queue's end only the write that was in flight is this queue's to take out.
-                    self._save_pending([] if self._in_flight is not None else list(self._ops))
-                    self._saved_at = time.time()
-                    self._tracks_file = bool(self._ops) and self._in_flight is None
+                    try:
+                        self._save_pending([] if self._in_flight is not None else list(self._ops))
+                        self._saved_at = time.time()
+                        self._tracks_file = bool(self._ops) and self._in_flight is None
+                    except OSError as err:  # (a full disk: the writer goes on sending, the file is tried again)
+                        logger.warning("[tracking] could not take the writes sent out of %s: %s", self.pending_file,
+                                       err)
                 # Up again, said before flush() wakes: seen still down, a flush with no time left gave up.
                 was_down, self._down_since = self._down_since, None
                 self._lock.notify_all()

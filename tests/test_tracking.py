@@ -174,6 +174,40 @@ def test_writes_queued_in_an_outage_wait_out_the_retry_back_off(make_config, tmp
     assert 2 <= len(attempts) <= 4, [round(t - started, 2) for t in attempts]
 
 
+def test_a_pending_file_that_cannot_be_rewritten_does_not_stop_the_writer(make_config, tmp_path, monkeypatch):
+    """Taking a sent write out of the pending file on a full disk raised OSError in the writer thread: it ended,
+    and the writes behind it were not sent until the next put or flush."""
+    import requests
+
+    from pipelines.tracking_queue import TrackingQueue
+
+    queue = TrackingQueue(Tracker.for_config(make_config()), tmp_path / "pending.json")
+    sent, saves = [], []
+    real_save = queue._save_pending
+
+    def once_down(op):
+        if not sent and not saves:
+            raise requests.exceptions.ConnectionError("Connection refused")  # an outage: the backlog goes to disk
+        sent.append(op.args["step"])
+
+    def full_disk_once(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # the first save after the outage: the sent write taken out of the file
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "_execute", once_down)
+    monkeypatch.setattr(queue, "_save_pending", full_disk_once)
+    monkeypatch.setattr("pipelines.tracking_queue.DRAIN_SAVE_INTERVAL_S", 0.0)  # the file follows every write
+    for step in range(3):
+        queue.put("log_metrics", "0123abcd", metrics={"val_acc": 0.5}, step=step)
+    deadline = time.monotonic() + 10
+    while len(sent) < 3 and time.monotonic() < deadline:  # by the writer alone: no flush to restart it
+        time.sleep(0.1)
+    assert sent == [0, 1, 2]
+    assert queue.flush(1.0) == [] and not (tmp_path / "pending.json").exists()
+
+
 def test_a_missing_registered_model_is_a_lookup_error(make_config):
     tracker = Tracker.for_config(make_config())
     with pytest.raises(LookupError, match="train first"):
