@@ -144,6 +144,9 @@ class TrackingQueue:
         self.tracker = tracker
         self.pending_file = Path(pending_file) if pending_file else None
         self.run_ids: dict[str, str] = {}  #: reference -> MLflow run id, once the run exists
+        #: the trial references whose run this queue created or reopened (the others in run_ids came from the
+        #: pending file: an earlier command's, ended when it stopped)
+        self._started_trials: set[str] = set()
         self.outcomes: dict[int, Any] = {}  #: seq -> what the write returned (e.g. a registered version)
         self.dropped: list[str] = []  #: writes MLflow refused for good, as messages
         #: (alias, fingerprint) of the registrations among them
@@ -178,12 +181,13 @@ class TrackingQueue:
             state["_ops"] = list(self._ops)
             # Copies: the writer thread changes them (an outage's retries, a run created elsewhere) while Tune
             # pickles its callbacks.
-            for name in ("run_ids", "outcomes", "_own_uids", "dropped", "dropped_registrations"):
+            for name in ("run_ids", "outcomes", "_own_uids", "dropped", "dropped_registrations", "_started_trials"):
                 state[name] = type(state[name])(state[name])
         return {**state, "_lock": None, "_thread": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_started_trials", set())  # (a queue pickled before it was kept)
         self._ops = deque(state["_ops"])
         self._lock = threading.Condition()
 
@@ -442,7 +446,12 @@ class TrackingQueue:
 
     def _do_start_trial_run(self, ref: str, find: str, run_name: str, tags: dict, parent: str,
                             start_time_ms: int | None = None) -> str:
-        if ref not in self.run_ids:
+        if ref in self.run_ids and ref not in self._started_trials:
+            # A restored trial whose run an earlier command created and ended (KILLED) as it stopped, its id read
+            # from the pending file that command left: reopened, as one found in MLflow is (it stayed KILLED
+            # while it trained again)
+            self.tracker.reopen(self.run_ids[ref])
+        elif ref not in self.run_ids:
             parent_id = self._resolve(parent)
             existing = self.tracker.find_run(f"{find} and tags.`mlflow.parentRunId` = '{parent_id}'")
             if existing is not None:
@@ -450,6 +459,7 @@ class TrackingQueue:
                 self.run_ids[ref] = existing.info.run_id
             else:
                 self.run_ids[ref] = self.tracker.start_run(run_name, tags, parent_id, start_time_ms)
+        self._started_trials.add(ref)
         return self.run_ids[ref]
 
     def _do_log_params(self, ref: str, params: dict) -> None:

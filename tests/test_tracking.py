@@ -208,6 +208,37 @@ def test_a_pending_file_that_cannot_be_rewritten_does_not_stop_the_writer(make_c
     assert queue.flush(1.0) == [] and not (tmp_path / "pending.json").exists()
 
 
+def test_a_restored_trial_reopens_the_run_an_earlier_command_left_in_the_pending_file(make_config, tmp_path,
+                                                                                         monkeypatch):
+    """A resumed search's trial whose run id came from the pending file an interrupted command left (with a
+    write MLflow had not taken) was neither found nor reopened: its run stayed KILLED while it trained again."""
+    import requests
+
+    from pipelines.tracking_queue import TrackingQueue
+
+    tracker = Tracker.for_config(make_config())
+    parent = tracker.start_run("search", {"stage": "search"})
+    pending = tmp_path / "pending.json"
+    ref, find = "local:trial:p:search:t1", "tags.`cnnzoo.trial` = 't1'"
+    first = TrackingQueue(tracker, pending)
+    first.trial_run(ref, find, "trial-t1", {"cnnzoo.trial": "t1"}, parent)
+    assert first.flush(5.0) == []
+    run_id = first.run_ids[ref]
+
+    def unreachable(op):
+        raise requests.exceptions.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(first, "_execute", unreachable)  # the interruption: its run's end left unsent
+    first.put("end_run", ref, status="KILLED")
+    assert len(first.flush(0.0)) == 1 and pending.exists()
+
+    second = TrackingQueue(tracker, pending)  # the re-run: the end is sent, then the restored trial starts
+    second.trial_run(ref, find, "trial-t1", {"cnnzoo.trial": "t1"}, parent)
+    second.put("log_metrics", ref, metrics={"val_acc": 0.5}, step=1)
+    assert second.flush(5.0) == []
+    assert second.run_ids[ref] == run_id and tracker.client.get_run(run_id).info.status == "RUNNING"
+
+
 def test_a_missing_registered_model_is_a_lookup_error(make_config):
     tracker = Tracker.for_config(make_config())
     with pytest.raises(LookupError, match="train first"):
