@@ -64,12 +64,18 @@ class PartialConv(nn.Module):
         super().__init__()
         self.connections = connections
         self.convs = nn.ModuleList(nn.Conv2d(len(c), 1, kernel_size) for c in connections)
+        # The table's index tensors per device, made from the tuples when first needed there. Not buffers:
+        # non-persistent buffers are not in the state dict, so a model built on the meta device, moved with
+        # to_empty and loaded strictly kept uninitialised indices (an out-of-bounds error, or wrong maps). Nor
+        # made at every forward: a CPU index for a GPU input is a copy and a wait per output map.
+        self._indices: dict[torch.device, list[torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The table is indexed from Python lists, not held in buffers: non-persistent buffers are not in the state
-        # dict, so a model built on the meta device, moved with to_empty and loaded strictly kept uninitialised
-        # indices (an out-of-bounds error, or silently wrong maps).
-        return torch.cat([conv(x[:, list(c)]) for c, conv in zip(self.connections, self.convs, strict=True)], dim=1)
+        indices = self._indices.get(x.device)
+        if indices is None:
+            indices = self._indices[x.device] = [torch.tensor(c, device=x.device) for c in self.connections]
+        return torch.cat([conv(x.index_select(1, index)) for index, conv in zip(indices, self.convs, strict=True)],
+                         dim=1)
 
 
 class RBFOutput(nn.Module):

@@ -914,11 +914,13 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
                                        "(mount the bucket, e.g. with s3fs or a shared volume)")
     if Path(cfg.workdir).expanduser().exists() and not Path(cfg.workdir).expanduser().is_dir():
         raise ConfigError("workdir", f"{cfg.workdir!r} is a file, not a directory")
-    if cfg.tracking.uri is None and any(mark in str(cfg.paths.mlflow_db) for mark in "%?"):
+    if cfg.tracking.uri is None and re.search(r"\?|%[0-9A-Fa-f]{2}", str(cfg.paths.mlflow_db)):
         # SQLAlchemy reads the sqlite URI's path as a URL's: %41 decoded to A (another database, if that one
-        # exists), ? cut the path short; the stage then retried "unable to open database file" for minutes.
-        raise ConfigError("workdir", f"the default tracking store {cfg.paths.mlflow_db} has a '%' or '?' in its "
-                          "path, which its sqlite URI cannot carry: choose a workdir without them, or set tracking.uri")
+        # exists), ? cut the path short; the stage then retried "unable to open database file" for minutes. (A
+        # '%' without two hex digits after it, "50%off", stays as it is.)
+        raise ConfigError("workdir", f"the default tracking store {cfg.paths.mlflow_db} has a '?' or a '%' and two "
+                          "hex digits in its path, which its sqlite URI cannot carry: choose a workdir without them, "
+                          "or set tracking.uri")
     _check_creatable_locations(cfg)
     if cfg.serve.batch_wait_timeout_s > cfg.serve.request_timeout_s / 2:
         # An idle model's lone request waits the whole batch wait before its forward: at the deadline, a 503.
@@ -1128,7 +1130,7 @@ def _check_model_option_values(cfg: PipelineConfig) -> None:
                 raise ConfigError(f"train.model_options.{name}.{option}", f"{value:g} is above {MAX_COEFFICIENT:g}, "
                                   "the largest scaling coefficient (the paper's are 1.1-1.2)")
 
-    for choice in [*resolve_models(cfg, _ANY_SEARCHED_COEFFICIENTS), search_template(cfg)]:
+    for choice in [*resolve_models(cfg, _ANY_SEARCHED_COEFFICIENTS), search_template(cfg, with_user_coefficients=True)]:
         if choice.name not in cfg.train.model_options:
             continue
         _check_compound_scale(choice.name, choice.kwargs)

@@ -348,7 +348,10 @@ class ModelStore:
         model = checkpoint.build_model()
         params_count = inference_params(model, checkpoint.spec)  # before batch norm is folded away
         loaded = prepare_for_serving(model, checkpoint.spec, fold=fold, trace=trace, device=device)
-        loaded.alias, loaded.version = served.alias, served.version or f"epoch{checkpoint.epoch}"
+        # A checkpoint file's version is the epoch it holds now (replaced while served, it is another one)
+        from_registry = served.source.startswith("models:/")
+        loaded.alias = served.alias
+        loaded.version = served.version if from_registry and served.version else f"epoch{checkpoint.epoch}"
         loaded.arch, loaded.metrics, loaded.params_count = checkpoint.arch, dict(checkpoint.metrics), params_count
         self.specs[served.alias] = checkpoint.spec
         if served.source.startswith("models:/"):
@@ -387,7 +390,8 @@ class ModelStore:
         """Fill in what ``served`` does not know yet from its loaded checkpoint: a checkpoint file
         (``serve.checkpoints``) has no registry tags, so its architecture, data set, input size, validation
         accuracy and parameter count are what the file itself says."""
-        served.version = served.version or loaded.version  # (a file's "epochN", as /predict answers with)
+        if not served.source.startswith("models:/"):  # a file's "epochN", as /predict answers with
+            served.version = loaded.version
         served.arch = served.arch or loaded.arch
         served.dataset = served.dataset or loaded.spec.dataset
         served.input_size = served.input_size or loaded.spec.image_size

@@ -422,13 +422,14 @@ def search_data(cfg: PipelineConfig) -> DataConfig:
     return cfg.data.model_copy(update={"train_subset": cfg.search.train_subset})
 
 
-def search_template(cfg: PipelineConfig) -> ModelChoice:
+def search_template(cfg: PipelineConfig, *, with_user_coefficients: bool = False) -> ModelChoice:
     """The baseline the search scales: EfficientNet at ``search.phi`` on the data's resolution, with
-    ``train.model_options.efficientnet`` (as ``train.model_overrides.efficientnet`` sets its recipe)."""
-    # (without the coefficients train.model_options.efficientnet may give the user's own efficientnet: every trial
-    # sets its own, so in the search's fingerprint they only discarded a finished search)
+    ``train.model_options.efficientnet`` (as ``train.model_overrides.efficientnet`` sets its recipe), but the
+    coefficients it may give the user's own efficientnet: every trial sets its own, so in the search's
+    fingerprint they only discarded a finished search. ``with_user_coefficients``: with them (the config check
+    builds what the user wrote; searches saved before they were left out have them in their fingerprint)."""
     options = {**{k: v for k, v in cfg.train.model_options.get("efficientnet", {}).items()
-                  if k not in ("alpha", "beta", "gamma")}, "phi": float(cfg.search.phi)}
+                  if with_user_coefficients or k not in ("alpha", "beta", "gamma")}, "phi": float(cfg.search.phi)}
     return ModelChoice("efficientnet", "efficientnet", _with_data_defaults(cfg, "efficientnet", options))
 
 
@@ -453,13 +454,17 @@ def grid_candidate_count(cfg: PipelineConfig) -> int:
 def search_fingerprints(cfg: PipelineConfig) -> list[str]:
     """The fingerprints a finished or interrupted search of ``cfg`` may have been saved under: this version's,
     then the one before settings of a part that is off left it (a search saved then is not thrown away)."""
-    return list(dict.fromkeys([search_fingerprint(cfg), search_fingerprint(cfg, legacy=True)]))
+    # (and with the user's efficientnet coefficients in the template, as searches saved before 2026-12-02 have)
+    return list(dict.fromkeys([search_fingerprint(cfg), search_fingerprint(cfg, legacy=True),
+                               search_fingerprint(cfg, with_user_coefficients=True),
+                               search_fingerprint(cfg, legacy=True, with_user_coefficients=True)]))
 
 
-def search_fingerprint(cfg: PipelineConfig, legacy: bool = False) -> str:
+def search_fingerprint(cfg: PipelineConfig, legacy: bool = False, with_user_coefficients: bool = False) -> str:
     """Hash of every setting that decides the search's outcome: the search section (but its concurrency
     and the family members trained afterwards) and the template run's recipe, epochs included. ``legacy``: as
-    computed before settings of a part that is off were left out (:func:`search_fingerprints`)."""
+    computed before settings of a part that is off were left out (:func:`search_fingerprints`);
+    ``with_user_coefficients``: see :func:`search_template`."""
     hyper = hyperparameters_for(cfg.train, "efficientnet").model_copy(update={"epochs": cfg.search.epochs})
     workers = WorkerSettings.model_validate(cfg.train.model_dump(include=set(WorkerSettings.model_fields)))
     search = cfg.search.model_dump(mode="json", exclude=_SEARCH_RUNTIME_KEYS)
@@ -484,7 +489,8 @@ def search_fingerprint(cfg: PipelineConfig, legacy: bool = False) -> str:
         search["target_macs"] = defaults.target_macs
     return fingerprint({
         "search": search,
-        "template": _recipe(search_template(cfg), search_data(cfg), hyper, workers),
+        "template": _recipe(search_template(cfg, with_user_coefficients=with_user_coefficients), search_data(cfg),
+                            hyper, workers),
         "epochs": cfg.search.epochs,
     })
 

@@ -281,8 +281,8 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
          "train.model_options.efficientnet.alpha",
          "scales B0's depth by 125"),  # (alpha 1000 built for minutes)
         (["workdir=/proc/cnnzoo/runs"], "workdir", "nothing can be written in /proc"),
-        (["workdir=/tmp/w%41b"], "workdir", "a '%' or '?' in its path"),  # (sqlite:///.../w%41b: .../wAb)
-        (["workdir=/tmp/run?1"], "workdir", "a '%' or '?' in its path"),
+        (["workdir=/tmp/w%41b"], "workdir", "a '?' or a '%' and two hex digits"),  # (sqlite:///.../w%41b: wAb)
+        (["workdir=/tmp/run?1"], "workdir", "a '?' or a '%' and two hex digits"),
         (["name=mlflow.db"], "name", "what the workdir keeps"),
         (["serve.batch_wait_timeout_s=20"], "serve.batch_wait_timeout_s", "over half of serve.request_timeout_s"),
     ],
@@ -292,6 +292,17 @@ def test_config_errors_name_the_key(overrides, key, fragment):
         load_config(None, overrides)
     assert info.value.key.startswith(key), str(info.value)
     assert fragment in str(info.value)
+
+
+def test_a_percent_sign_that_sqlite_keeps_is_a_valid_workdir(tmp_path):
+    """Only '?' and '%XX' break the default sqlite URI: "50%off" works with MLflow and must not be refused."""
+    from pipelines.tracking import Tracker
+
+    cfg = load_config(None, [f"workdir={tmp_path / 'lr_50%off'}"])
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("probe", {"stage": "train"})
+    assert tracker.client.get_run(run_id).info.experiment_id == tracker.experiment_id
+    assert cfg.paths.mlflow_db.is_file() and "%off" in str(cfg.paths.mlflow_db)
 
 
 def test_a_workdir_under_a_file_or_a_read_only_directory_is_refused(tmp_path, monkeypatch):

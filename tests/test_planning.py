@@ -147,9 +147,15 @@ def test_a_search_saved_before_the_off_settings_were_left_out_is_still_found(mak
 def test_the_coefficients_of_the_users_own_efficientnet_do_not_change_the_search(make_config):
     """Every trial sets its own (alpha, beta, gamma): the user's efficientnet's in train.model_options changed the
     search's fingerprint only, and a finished search was thrown away ("run with other settings")."""
+    from pipelines.planning import search_fingerprints
+
     plain = search_fingerprint(make_config())
-    assert search_fingerprint(make_config("train.model_options={efficientnet: {alpha: 1.3, beta: 1.0}}")) == plain
+    own = make_config("train.model_options={efficientnet: {alpha: 1.3, beta: 1.0}}")
+    assert search_fingerprint(own) == plain
     assert search_fingerprint(make_config("train.model_options={efficientnet: {dropout: 0.3}}")) != plain
+    # A search saved before, with them in its fingerprint, is still this config's (not thrown away once more)
+    before = search_fingerprint(own, with_user_coefficients=True)
+    assert before != plain and before in search_fingerprints(own)
 
 
 def test_train_says_why_the_efficientnet_family_is_left_out(make_config, caplog):

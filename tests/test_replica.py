@@ -685,3 +685,18 @@ def test_folding_a_model_leaves_the_forwards_of_other_threads_alone():
     # and the tracer's patches are gone afterwards: a plain call works, the model handed in is unchanged
     assert served(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loading.modules())
+
+
+def test_a_checkpoint_files_version_is_the_epoch_it_holds_when_loaded(make_config, tmp_path):
+    """/models gave a checkpoint file's version as "" while /predict answered "epoch3"; once /models had it, a
+    file replaced while served was answered with the old file's epoch."""
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
+    model = cnnmodels.create_model("lenet5", num_classes=3, in_chans=1)
+    path = tmp_path / "lenet5.pt"
+    save_checkpoint(ModelCheckpoint("lenet5", {}, spec, model.state_dict(), epoch=3), path)
+    store = ModelStore(make_config(f"serve.checkpoints={{good: {path}}}", "serve.trace_models=false"))
+    [served], _ = store.discover()
+    store.verify([served])
+    assert served.status == "ok" and served.version == "epoch3"  # what /models lists
+    save_checkpoint(ModelCheckpoint("lenet5", {}, spec, model.state_dict(), epoch=7), path)  # trained on
+    assert store.load(served, fold=False).version == "epoch7"

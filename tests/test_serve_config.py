@@ -3,7 +3,6 @@ never printed or written in clear; the GPU presets and cluster.yaml agree on it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -190,7 +189,7 @@ def test_relative_paths_are_made_absolute_where_the_command_runs(tmp_path, monke
     assert load_config(None, ["tracking.uri=sqlite:////srv/mlflow.db"]).tracking.uri == "sqlite:////srv/mlflow.db"
 
 
-def test_predict_says_in_one_line_what_is_wrong_with_its_image_or_the_answer(tmp_path, capsys):
+def test_predict_says_in_one_line_what_is_wrong_with_its_image_or_the_answer(tmp_path, capsys, monkeypatch):
     """Another service on the port (a 200 that is not a prediction) and an image path that cannot be read
     ended in tracebacks; an answer slower than the client's wait was "cannot reach"."""
     import threading
@@ -236,11 +235,9 @@ def test_predict_says_in_one_line_what_is_wrong_with_its_image_or_the_answer(tmp
         # A token no server can hold: a curly quote was a UnicodeEncodeError traceback, a line break inside
         # "cannot reach" the server with the token printed
         assert main(["predict", str(image), "--url", base, "--token", "abc\u201cdef"]) == 2
-        os.environ["CNNZOO_SERVE_TOKEN"] = "secret-first-line\nsecret-second-line"
-        try:
-            assert main(["predict", str(image), "--url", base]) == 2
-        finally:
-            del os.environ["CNNZOO_SERVE_TOKEN"]
+        monkeypatch.setenv("CNNZOO_SERVE_TOKEN", "secret-first-line\nsecret-second-line")
+        assert main(["predict", str(image), "--url", base]) == 2
+        monkeypatch.undo()
         errors = capsys.readouterr().err
         assert "--token: the bearer token may hold only printable ASCII" in errors
         assert "CNNZOO_SERVE_TOKEN: the bearer token may hold only" in errors and "secret" not in errors
