@@ -122,11 +122,16 @@ class ModelFinisher:
     its callbacks).
     """
 
-    def __init__(self, cfg: PipelineConfig, queue, runs: list[ModelRun]) -> None:
+    def __init__(self, cfg: PipelineConfig, queue, runs: list[ModelRun],
+                 resumes_at: dict[str, int] | None = None) -> None:
         self.cfg = cfg
         self.queue = queue
         self.macs = {run.model_name: max(run.macs, 1) for run in runs}
         self.epochs = {run.model_name: run.hyper.epochs for run in runs}
+        # The epoch each interrupted run resumes at (:func:`check_interrupted_schedules`): a run trained to its
+        # end and only to be registered has no epoch to go, one stopped at 14 of 15 one (all of them were counted)
+        self.resumes_at = {name: min(epoch, self.epochs[name]) for name, epoch in (resumes_at or {}).items()
+                           if name in self.epochs}
         self.started = time.time()
         self.finished: list[str] = []
         self.failed: list[str] = []
@@ -152,7 +157,8 @@ class ModelFinisher:
     def work_to_go(self) -> int:
         """The work (MACs x epochs) the models neither finished nor failed have still to do: the epochs they
         have not reached (all of them for a model that has reported none yet)."""
-        return sum(self.macs[n] * max(self.epochs[n] - int(self.running.get(n, {}).get("reached", 0)), 0)
+        return sum(self.macs[n] * max(self.epochs[n] - int(self.running.get(n, {}).get("reached",
+                                                                          self.resumes_at.get(n, 0))), 0)
                    for n in self._open())
 
     def work_done(self) -> int:
@@ -226,7 +232,7 @@ class ModelFinisher:
             if progress is None:
                 if per_epoch is None:
                     return None
-                to_go += fixed + self.epochs[name] * per_epoch
+                to_go += fixed + (self.epochs[name] - self.resumes_at.get(name, 0)) * per_epoch
                 queued = True
                 continue
             # A running model's latest epoch time: ten models sharing a GPU speed up as the others finish.
@@ -388,7 +394,7 @@ def schedule_change(hyper, planned: int, reached: int) -> tuple[str, float, floa
     return ("longer" if hyper.epochs > planned else "shorter"), was, now
 
 
-def check_interrupted_schedules(runs: list[ModelRun], *, warn: bool = True) -> None:
+def check_interrupted_schedules(runs: list[ModelRun], *, warn: bool = True) -> dict[str, int]:
     """Refuse (ConfigError on ``train.epochs``, exit 2) to resume an interrupted run with fewer epochs than it was
     training to, and (``warn``) warn when it resumes with more.
 
@@ -396,13 +402,16 @@ def check_interrupted_schedules(runs: list[ModelRun], *, warn: bool = True) -> N
     checkpoint of any length. Fewer epochs cut its learning-rate schedule short: the rate dropped at once, and a
     run stopped at epoch 5 of 10 and re-run with ``train.epochs: 5`` trained nothing more and was registered as a
     5-epoch model with its rate still at half of ``train.lr``. Runs whose checkpoints predate the recorded
-    length are left to the workers' own check (no checkpoint past ``train.epochs``)."""
+    length are left to the workers' own check (no checkpoint past ``train.epochs``). Returns the epoch each
+    interrupted run resumes at (a diverged run's: its last, as it trains no further), for the stage's estimate."""
     from .config import ConfigError
     from .trials import latest_reported_metrics
 
-    refused = []
+    refused, resumes_at = [], {}
     for run in runs:
         latest = latest_reported_metrics(run)
+        if latest and "epoch" in latest:
+            resumes_at[run.model_name] = run.hyper.epochs if latest.get("diverged") else int(latest["epoch"]) + 1
         if not latest or "epochs" not in latest or "epoch" not in latest or latest.get("diverged"):
             continue  # (a diverged run trains no further, whatever its schedule)
         hyper, planned, reached = run.hyper, int(latest["epochs"]), int(latest["epoch"]) + 1
@@ -424,6 +433,7 @@ def check_interrupted_schedules(runs: list[ModelRun], *, warn: bool = True) -> N
         raise ConfigError("train.epochs", "; ".join(refused) + ". Set train.epochs to the interrupted run's epochs "
                           "to finish it, train the shorter run under another name or workdir, or delete the "
                           f"interrupted run's folder under {runs[0].storage_path} to start it afresh")
+    return resumes_at
 
 
 def check_schedules_before_the_search(cfg: PipelineConfig) -> None:
@@ -558,6 +568,12 @@ def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[Mode
         )
     failed = [result.config["run"]["model"]["name"] for result in grid if result.error is not None]
     failed += [name for name in finisher.failed if name not in failed]
+    # Neither finished nor failed: Tune left its loop early and returned as if done (it handles a Ctrl-C itself
+    # where TUNE_DISABLE_SIGINT_HANDLER is not 1: a notebook's interrupt, a call without ray_session). Counted
+    # as trained, the stage said it succeeded (exit 0) and left their MLflow runs RUNNING: now the abort's path.
+    unfinished = [r.model_name for r in todo if r.model_name not in finisher.finished and r.model_name not in failed]
+    if unfinished:
+        raise KeyboardInterrupt(f"the training of {', '.join(unfinished)} was interrupted")
     queue.put("end_run", parent, status="FAILED" if failed else "FINISHED")
     return failed
 
@@ -594,7 +610,7 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
         check_workers_fit(run.workers, f"[train] {run.model_name}")
     if todo:
         warn_if_storage_is_node_local(cfg.paths.storage)
-    check_interrupted_schedules(todo)
+    resumes_at = check_interrupted_schedules(todo)
     check_pending_writes(cfg)  # writes pending for another store: exit 2 before the stage's run is opened
     tracker = Tracker.for_config(cfg)
     failed = []
@@ -611,7 +627,7 @@ def _train_stage(cfg: PipelineConfig, coefficients: dict[str, float] | None = No
     # (a Ctrl-C after 3 of 10: `register` found nothing pending and never moved it).
     champion_args = {"registered_model": cfg.registered_model_name, "test_split": info.test_split}
     if todo:
-        finisher = ModelFinisher(cfg, queue, todo)
+        finisher = ModelFinisher(cfg, queue, todo, resumes_at)
         tracking = TrialTracking(queue, "train", parent, describe=describe_run, on_complete=finisher,
                                  on_error=finisher.trial_failed, on_epoch=finisher.epoch_done)
         with flushed_on_abort(queue, parent, tracking, closing=[("update_champion", champion_args)]):

@@ -1247,6 +1247,39 @@ def test_a_failed_model_leaves_the_stages_estimate(make_config):
     assert finisher.work_to_go() == work["lenet5"]
 
 
+def test_the_stage_estimate_counts_only_the_epochs_an_interrupted_run_has_left(make_config):
+    """A run trained to its end and re-opened only to be registered (or resumed at epoch 14 of 15) was counted
+    with all its epochs to go: "about 1 min 52 s to go" for a registration of about 12 s."""
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.train import ModelFinisher
+
+    cfg = make_config("train.models=[lenet5, resnet18]", "train.epochs=15")
+    runs = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    macs = {run.model_name: max(run.macs, 1) for run in runs}
+    finisher = ModelFinisher(cfg, queue=None, runs=runs, resumes_at={"lenet5": 15, "resnet18": 14})
+    assert finisher.work_to_go() == macs["resnet18"] * 1
+    assert ModelFinisher(cfg, queue=None, runs=runs).work_to_go() == sum(m * 15 for m in macs.values())
+
+
+def test_a_stage_tune_returned_from_without_finishing_its_models_is_an_interruption(ray_cluster, make_config,
+                                                                                   monkeypatch):
+    """Where Tune handles a Ctrl-C itself (a notebook's interrupt, TUNE_DISABLE_SIGINT_HANDLER=0) it leaves its
+    loop and returns normally, the models unfinished and without errors: the stage listed them as trained, said
+    it succeeded and ended its MLflow run FINISHED. (run_model_trials stands in for Tune's early return here: an
+    empty result grid, no trial run.)"""
+    import pipelines.train as train
+    from pipelines.results import load_results
+
+    cfg = make_config("train.models=[lenet5]", "data.train_subset=100", "data.image_size=16")
+    monkeypatch.setattr(train, "run_model_trials", lambda *args, **kwargs: [])
+    with pytest.raises(KeyboardInterrupt, match="the training of lenet5 was interrupted"):
+        train.train_stage(cfg, show_table=False)
+    parent = Tracker.for_config(cfg).find_run("tags.stage = 'train' and tags.`cnnzoo.stage_parent` = 'true'")
+    assert parent.info.status == "KILLED"
+    assert "lenet5" not in load_results(cfg.paths.train_dir)
+
+
 def test_the_stage_eta_counts_the_epochs_of_models_training_side_by_side(make_config):
     """Ten models on one GPU (H200, the fashion-mnist preset): after LeNet-5 and AlexNet finished at 4 min 05 s,
     the stage said "about 42 min 58 s to go" while the others were a third to three quarters through and
