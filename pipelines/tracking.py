@@ -357,7 +357,13 @@ class Tracker:
         return runs[0] if runs else None
 
     def reopen(self, run_id: str, parent_run_id: str | None = None) -> None:
+        """A run running again (a resumed stage or trial): its status RUNNING, and the error of its failed attempt
+        kept as ``previous_error`` (left as ``error``, a trial that then finished still showed the traceback)."""
         self.client.update_run(run_id, status="RUNNING")
+        error = self.client.get_run(run_id).data.tags.get("error")
+        if error is not None:
+            self.client.set_tag(run_id, "previous_error", error)
+            self.client.delete_tag(run_id, "error")
         if parent_run_id:
             self.client.set_tag(run_id, TAG_PARENT, parent_run_id)
 

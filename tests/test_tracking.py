@@ -238,6 +238,14 @@ def test_a_restored_trial_reopens_the_run_an_earlier_command_left_in_the_pending
     assert second.flush(5.0) == []
     assert second.run_ids[ref] == run_id and tracker.client.get_run(run_id).info.status == "RUNNING"
 
+    # A trial that failed (its error tagged) and is restored: running again, the old error kept aside, not shown
+    # as the error of a run that then finishes
+    tracker.client.set_tag(run_id, "error", "RuntimeError: out of memory")
+    tracker.end_run(run_id, "FAILED")
+    tracker.reopen(run_id)
+    tags = tracker.client.get_run(run_id).data.tags
+    assert "error" not in tags and tags["previous_error"] == "RuntimeError: out of memory"
+
 
 def test_a_missing_registered_model_is_a_lookup_error(make_config):
     tracker = Tracker.for_config(make_config())
