@@ -294,9 +294,10 @@ class TrackingQueue:
                     self._note_outage(err)
                     with self._lock:
                         self._keep_backlog_on_disk()
-                        # The whole back-off, cut short only by flush() ending the queue (and none for a write that
-                        # failed after flush gave up: its end is due now). Woken by every put (each epoch's
-                        # metrics), it retried at each one, against a recovering server, and rewrote the file.
+                        # The whole back-off, cut short only by flush() (ending the queue, or asking for a retry
+                        # while a stage's end waits; none for a write that failed after flush gave up: its end is
+                        # due now). Woken by every put (each epoch's metrics), it retried at each one, against a
+                        # recovering server, and rewrote the file.
                         retry_at = time.monotonic() + delay
                         while not (self._stop or self._retry_now) and (left := retry_at - time.monotonic()) > 0:
                             self._lock.wait(timeout=left)

@@ -156,7 +156,7 @@ class ModelFinisher:
 
     def work_to_go(self) -> int:
         """The work (MACs x epochs) the models neither finished nor failed have still to do: the epochs they
-        have not reached (all of them for a model that has reported none yet)."""
+        have not reached (for a model that has reported none yet, all from the epoch its run resumes at)."""
         return sum(self.macs[n] * max(self.epochs[n] - int(self.running.get(n, {}).get("reached",
                                                                           self.resumes_at.get(n, 0))), 0)
                    for n in self._open())
