@@ -287,7 +287,11 @@ class Classifier:
                 # On copies, applied to those still unchecked once it is done: it takes seconds (a download),
                 # and a request may load one (ok) or fail it for good meanwhile, which its result would undo.
                 checked = [dataclasses.replace(m) for m in pending]
-                await asyncio.to_thread(self.store.verify, checked)
+                # In one of the load slots (the models load one at a time in it): beside two requests' loads it
+                # made a third model in memory, past the max_models_per_replica + 2 a replica is sized for
+                slots, _, _ = self._load_slots()
+                async with slots:
+                    await asyncio.to_thread(self.store.verify, checked)
                 for served, result in zip(pending, checked, strict=True):
                     if served.status == "unchecked":
                         for field in dataclasses.fields(result):

@@ -242,6 +242,25 @@ def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_o
     asyncio.run(failed_while_the_round_verifies())
     assert models[0].status == "error" and "illegal memory access" in models[0].error
 
+    # A round verifies in one of the replica's two load slots: with both held by requests' loads it waits (it
+    # loaded a third model beside them, past the max_models_per_replica + 2 a replica is sized for).
+    store.verify = verify
+    unverified_at_start()
+    replica._slots = None  # (this event loop's)
+
+    async def verified_once_a_load_slot_is_free():
+        slots, _, _ = replica._load_slots()
+        await slots.acquire()
+        await slots.acquire()
+        checking = asyncio.ensure_future(replica._verify_until_checked(interval_s=0.1))
+        await asyncio.sleep(1.0)
+        assert models[0].status == "unchecked" and not checking.done()
+        slots.release()
+        await asyncio.wait_for(checking, 60)
+
+    asyncio.run(verified_once_a_load_slot_is_free())
+    assert models[0].status == "ok"
+
 
 def test_which_load_failures_pass_and_which_stay():
     from mlflow.exceptions import MlflowException
