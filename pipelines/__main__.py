@@ -27,6 +27,7 @@ from .config import (
     PipelineConfig,
     check_ray_environment,
     check_writable_locations,
+    is_valid_bearer_token,
     load_config,
     outlives_the_command,
     paths_in_a_job_copy,
@@ -188,7 +189,7 @@ def _predict(args) -> int:
         params["model"] = args.model
     headers = {"Content-Type": "application/octet-stream"}
     token = (args.token or os.environ.get(PREDICT_TOKEN_ENV) or "").strip()  # (a file's newline kept in a variable)
-    if token and not all("!" <= ch <= "~" for ch in token):
+    if token and not is_valid_bearer_token(token):
         # The server's own rule (serve.auth_token). Sent as it was, a pasted curly quote was a traceback, and a
         # line break inside "cannot reach" the server, with the whole token printed.
         where = "--token" if args.token else PREDICT_TOKEN_ENV

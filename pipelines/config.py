@@ -724,6 +724,12 @@ class ServeConfig(_Section):
         return None
 
 
+def is_valid_bearer_token(token: str) -> bool:
+    """Printable ASCII without spaces: HTTP clients send a header as bytes that the server reads as Latin-1 (a
+    non-ASCII token matched from one client and not another), and a space cannot be told from the header's own."""
+    return all("!" <= ch <= "~" for ch in token)
+
+
 def check_serve_access(serve: ServeConfig) -> None:
     """:class:`ConfigError` unless the endpoint is either loopback-only or protected by a token (or the config
     says ``allow_unauthenticated``); the token's environment variable must be set where this runs."""
@@ -733,9 +739,7 @@ def check_serve_access(serve: ServeConfig) -> None:
         raise ConfigError("serve.auth_token_env", f"environment variable {serve.auth_token_env} is not set or "
                           "empty (it holds the bearer token)")
     token = serve.bearer_token()
-    if token is not None and not all("!" <= ch <= "~" for ch in token):
-        # HTTP clients send a header as bytes that the server reads as Latin-1: a non-ASCII token matched from
-        # one client and not another; a space inside cannot be told from the header's own.
+    if token is not None and not is_valid_bearer_token(token):
         raise ConfigError("serve.auth_token_env" if serve.auth_token_env else "serve.auth_token",
                           "the bearer token may hold only printable ASCII characters without spaces (for example "
                           "from `openssl rand -hex 32`)")

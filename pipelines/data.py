@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from .config import DataConfig
-from .preprocess import ALPHA_MODES, PreprocessSpec, upright
+from .preprocess import ALPHA_MODES, PreprocessSpec, has_sixteen_bit_samples, upright
 
 __all__ = [
     "DatasetInfo",
@@ -529,9 +529,9 @@ def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
     path = directory / f"sample-{cfg.dataset}-{safe}.png"
     # Upright as training saw it (a phone photo's EXIF orientation: PNG keeps no EXIF, so it would go sideways).
     original = splits.test.pil(0)
-    # PNG and PGM/PPM open as mode I only with 16-bit samples, which training scales by 65535 (read before
-    # upright, whose copy has no format); saved as a mode-I TIFF, the server scaled it by its own peak instead
-    sixteen_bit = original.mode == "I" and original.format in ("PNG", "PPM")
+    # 16-bit samples in mode I, which training scales by 65535 (read before upright, whose copy has no format);
+    # saved as a mode-I TIFF, the server scaled it by its own peak instead
+    sixteen_bit = original.mode == "I" and has_sixteen_bit_samples(original)
     image = upright(original)
     if sixteen_bit:
         image = image.convert("I;16")  # a 16-bit PNG: read as such

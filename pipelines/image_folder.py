@@ -79,12 +79,8 @@ def _class_names(directory: Path) -> list[str]:
 def _files_not_read(root: Path) -> list[str]:
     """Files in the class folders that are not read for their names (no image extension; hidden ones aside),
     relative to ``root``: a class with half its files saved as ``.heic`` trained on the other half, unsaid."""
-    base = _training_folder(root)
-    folders = [base]
-    if base != root:
-        folders += [folder for split in ("val", "test") if (folder := _split_folder(root, split)) is not None]
     skipped = []
-    for folder in folders:
+    for folder in _split_folders(root):
         for name in _class_names(folder):
             for top, subfolders, files in os.walk(folder / name, followlinks=True):
                 subfolders[:] = sorted(d for d in subfolders if not _is_hidden(d))
@@ -216,15 +212,18 @@ def _empty_class_folders(directory: Path, classes: list[str]) -> list[str]:
     return [name for name in _class_names(directory) if name not in classes] if directory.is_dir() else []
 
 
+def _split_folders(root: Path) -> list[Path]:
+    """The folders of class folders the image folder's splits are read from: ``root`` (or its ``train/``), and its
+    ``val/`` and ``test/`` where it has them."""
+    base = _training_folder(root)
+    if base == root:
+        return [base]
+    return [base, *(folder for split in ("val", "test") if (folder := _split_folder(root, split)) is not None)]
+
+
 def _image_folder_files(root: Path) -> list[str]:
     """Every file the image folder's splits would read (before exclusions), in a stable order."""
-    base = _training_folder(root)
-    paths = _scan_class_folders(root, base)[1]
-    if base != root:
-        for split in ("val", "test"):
-            if (folder := _split_folder(root, split)) is not None:
-                paths += _scan_class_folders(root, folder)[1]
-    return paths
+    return [path for folder in _split_folders(root) for path in _scan_class_folders(root, folder)[1]]
 
 
 def _unreadable(path: str, data: bytes | None = None) -> str | None:

@@ -42,6 +42,13 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image this pipeline can read (the message says why)."""
 
 
+def has_sixteen_bit_samples(image: Image.Image) -> bool:
+    """Whether ``image``, as opened (its format read: copies have none), holds 16-bit samples, which are scaled by
+    65535: the I;16 modes, and mode I from PNG or PGM/PPM (Pillow opens those so only with 16-bit samples, a PGM's
+    maxval scaled to 65535)."""
+    return image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM"))
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How raw images become model input.
@@ -145,9 +152,9 @@ class PreprocessSpec:
     def _shrinkable(self, image: Image.Image) -> tuple[Image.Image, int]:
         """``image`` in a mode :meth:`shrink` can average (8-bit, transparency as an alpha band), and its EXIF
         orientation: ``reduce`` refuses palette, 1-bit and 16-bit images."""
-        # (read before any conversion: the copies have no format): PNG and PGM/PPM open as mode I only with 16-bit
-        # samples (Pillow scales a PGM's maxval to 65535), which were stretched to each image's own peak
-        sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM"))
+        # (read before any conversion: the copies have no format): 16-bit samples were stretched to each image's
+        # own peak
+        sixteen_bit = has_sixteen_bit_samples(image)
         # Turned upright last, once shrunk: turned first, a phone photo (EXIF orientation 6) was copied whole,
         # twice the memory the decode budget counts (306 against 159 MB for 40 Mpx). Read once the pixels are
         # loaded: Pillow's TIFF plugin turns a TIFF itself as it loads, and drops its tag (an image opened and

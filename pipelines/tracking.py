@@ -173,6 +173,12 @@ def stage_start_wait(cfg) -> float:
     return min(cfg.tracking.pending_timeout_s, STAGE_START_WAIT_S)
 
 
+def is_database_uri(uri: str) -> bool:
+    """Whether ``uri`` is a database store MLflow opens itself (sqlite, PostgreSQL, MySQL, SQL Server; with or
+    without a driver, ``postgresql+psycopg2``), not a tracking server."""
+    return uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql")
+
+
 class TrackingUnavailable(RuntimeError):
     """The tracking server or its artifact store cannot be written at the start of a stage."""
 
@@ -291,8 +297,7 @@ class Tracker:
         under `ray job submit`, a temporary copy of the job's working directory.) Only registered versions trained
         on ``cfg.data`` count (for ``imagefolder``: the same ``data.root``)."""
         uri = cfg.tracking_uri
-        database = uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql")
-        root = cfg.paths.mlflow_artifacts.as_uri() if database else None
+        root = cfg.paths.mlflow_artifacts.as_uri() if is_database_uri(uri) else None
         data_root = cfg.data.root if cfg.data.dataset == "imagefolder" else None
         return cls(uri, cfg.name, artifact_root=root, dataset=cfg.data.dataset, data_root=data_root)
 
@@ -330,8 +335,7 @@ class Tracker:
                 # MLflow keeps a deleted experiment's name taken: writing to it fails ("must be in the 'active'
                 # state") and creating another of the name too, at every stage, until it is restored or purged.
                 uri, number = redact_uri(self.tracking_uri), experiment.experiment_id
-                database = ("$MLFLOW_TRACKING_URI" if uri.startswith(("sqlite:", "postgresql", "mysql", "mssql"))
-                            else "<the server's database>")
+                database = "$MLFLOW_TRACKING_URI" if is_database_uri(uri) else "<the server's database>"
                 raise DeletedExperiment(
                     f"MLflow experiment '{self.experiment_name}' (id {number}) is deleted (in the MLflow UI?) and "
                     f"keeps its name taken: with MLFLOW_TRACKING_URI={uri}, restore it (`mlflow experiments restore "
