@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,9 +80,46 @@ class ModelResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelResult:
+        """The record in ``path``; a field of the wrong type (a hand edit, another program's file) is a
+        ``ValueError`` naming it, not a ``TypeError`` in whichever stage first does arithmetic with it."""
         data = json.loads(Path(path).read_text())
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        known = _field_kinds()
+        values = {k: v for k, v in data.items() if k in known}
+        for name, value in values.items():
+            if not _is_kind(value, known[name]):
+                raise ValueError(f"its {name!r} is {value!r}, not {known[name]}")
+        return cls(**values)
+
+
+def _field_kinds() -> dict[str, str]:
+    """Each record field's JSON kind: ``int``, ``number``, ``number or null``, ``string``, ``object``, ``list of
+    objects`` or ``object of numbers``."""
+    hints = typing.get_type_hints(ModelResult)
+    kinds = {int: "int", float: "number", float | None: "number or null", str: "string",
+             dict[str, Any]: "object", dict[str, float]: "object of numbers", list[dict[str, float]]: "list of objects"}
+    return {f.name: kinds[hints[f.name]] for f in fields(ModelResult)}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return _is_number(value)
+    if kind == "number or null":
+        return value is None or _is_number(value)
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "object of numbers":
+        return isinstance(value, dict) and all(_is_number(v) for v in value.values())
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)  # list of objects
 
 
 def load_results(directory: str | os.PathLike) -> dict[str, ModelResult]:
@@ -101,6 +139,14 @@ def load_results(directory: str | os.PathLike) -> dict[str, ModelResult]:
                 _unreadable_said.add(str(path))
                 logger.warning("[results] %s is not a readable result record (%s: %s): left out", path,
                                type(err).__name__, str(err)[:200])
+            continue
+        if result.model_name != path.stem:
+            # A copy kept beside the records (``resnet18.old.json``): filed under the name inside it, it replaced
+            # the model's own record whenever it sorted later, and the model trained again at every run.
+            if str(path) not in _unreadable_said:
+                _unreadable_said.add(str(path))
+                logger.warning("[results] %s holds the record of %r, not of %r (a copy?): left out", path,
+                               result.model_name, path.stem)
             continue
         results[result.model_name] = result
     return results

@@ -227,6 +227,33 @@ def test_foreign_or_damaged_files_among_the_records_are_not_finished_models(tmp_
     assert "not a readable result record" not in caplog.text
 
 
+@pytest.mark.parametrize(("field", "value"), [("test_acc", "0.9"), ("best_val_acc", None), ("macs", "10"),
+                                            ("epochs", 2.0), ("epochs", True), ("history", {"epoch": 0}),
+                                            ("history", "abc"), ("model_kwargs", []), ("timeline", {"x": "1"})])
+def test_a_record_with_a_field_of_the_wrong_type_is_left_out_naming_it(tmp_path, caplog, field, value):
+    """Each loaded, then failed the report or the train stage with a TypeError or KeyError naming no file."""
+    import json
+
+    path = record("resnet18", "resnet18", {}, 560_000_000, 0.93).save(tmp_path)
+    data = json.loads(path.read_text())
+    data[field] = value
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert load_results(tmp_path) == {}
+    assert f"{path} is not a readable result record (ValueError: its {field!r} is" in caplog.text
+
+
+def test_a_copy_of_a_record_under_another_name_does_not_replace_the_models_own(tmp_path, caplog):
+    """``resnet18_old.json`` sorts after ``resnet18.json``: filed under the name inside it, the old record
+    replaced the model's own, whose fingerprint then never matched (trained again at every run)."""
+    old = record("resnet18", "resnet18", {}, 560_000_000, 0.10)
+    old.save(tmp_path).rename(tmp_path / "resnet18_old.json")
+    record("resnet18", "resnet18", {}, 560_000_000, 0.93).save(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert load_results(tmp_path)["resnet18"].test_acc == 0.93
+    assert "resnet18_old.json holds the record of 'resnet18', not of 'resnet18_old'" in caplog.text
+
+
 def test_the_report_is_written_while_mlflow_is_unreachable(make_config, caplog, monkeypatch):
     """The champion lookup used to crash the stage before any file was written once an outage stopped reading
     as "nothing registered"; the table and plots come from the result records and need no MLflow."""
