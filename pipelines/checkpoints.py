@@ -132,8 +132,10 @@ def load_checkpoint(
     that builds none: a second copy of the weights held for nothing).
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and path.name != CHECKPOINT_FILE:
         path = path / CHECKPOINT_FILE
+    if path.is_dir():  # not "does not exist": a storage mount's gap passes, a folder in its place stays
+        raise UnreadableCheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise MissingCheckpointError(f"checkpoint {path} does not exist")
     check_archive(path)
@@ -173,6 +175,11 @@ def load_checkpoint(
         for name, tensor in state_dict.items():
             if not isinstance(tensor, torch.Tensor):
                 raise CheckpointError(f"checkpoint {path}: state entry {name!r} is not a tensor")
+            # A meta or sparse tensor failed the finiteness check below with a raw RuntimeError, which reads as a
+            # passing failure (a registration retried for ever); a complex one lost its imaginary part on loading.
+            if tensor.is_meta or tensor.layout is not torch.strided or tensor.is_complex():
+                raise CheckpointError(f"checkpoint {path}: state entry {name!r} is not a dense real tensor "
+                                      f"({tensor.dtype}, {tensor.layout}, on {tensor.device.type})")
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise CheckpointError(f"checkpoint {path}: weights {name!r} hold NaN or infinity")
         try:
@@ -333,4 +340,20 @@ def load_rng_state(directory: str | os.PathLike, rank: int) -> dict[str, Any] | 
     missing = [key for key in ("python", "numpy", "torch") if key not in payload]
     if missing:
         raise CheckpointError(f"generator state {path} lacks {', '.join(missing)}")
-    return {key: payload[key] for key in ("python", "numpy", "torch", "cuda") if key in payload}
+    state = {key: payload[key] for key in ("python", "numpy", "torch", "cuda") if key in payload}
+    _check_rng_state(state, path)
+    return state
+
+
+def _check_rng_state(state: dict[str, Any], path: Path) -> None:
+    """Refuse generator states that would not apply: tried on this process's generators, which are put back
+    either way. A bad one failed the resume with a bare TypeError after Python's stream had already been set."""
+    if "cuda" in state and not (isinstance(state["cuda"], torch.Tensor) and state["cuda"].dtype == torch.uint8):
+        raise CheckpointError(f"generator state {path}: its 'cuda' entry is not a byte tensor")
+    saved = capture_rng_state()
+    try:
+        restore_rng_state(state)
+    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, OverflowError) as err:
+        raise CheckpointError(f"generator state {path} is malformed: {type(err).__name__}: {err}") from None
+    finally:
+        restore_rng_state(saved)

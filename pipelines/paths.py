@@ -33,16 +33,37 @@ def atomic_writer(path: str | os.PathLike, *, binary: bool = False) -> Iterator[
     plain ``open()`` would (0666 less the umask): mkstemp's 0600 made the report, the search result and the train
     records unreadable to anyone else sharing a workdir, and followed the files into MLflow's artifact store
     (copied with their mode), unreadable to a server or replica running as another user."""
-    path = Path(path)
+    # A link is followed (it stays a link to the new content): os.replace put a plain file in its place and left
+    # the file it pointed to as it was.
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb" if binary else "w") as f:
             yield f
+            # On the disk before the rename: after a power loss a file system may otherwise show the renamed
+            # file empty or short (ext4 with data=writeback, XFS).
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; file systems that cannot sync a directory are left as they are."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:

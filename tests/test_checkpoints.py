@@ -223,6 +223,30 @@ def test_save_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_an_atomic_write_follows_a_link_and_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
+    """A linked record (a workdir's file linked elsewhere) became a plain file and the file it named kept the old
+    text; and nothing was synced before the rename, which after a power loss can show the file empty."""
+    import os
+
+    from pipelines import paths
+    from pipelines.paths import write_text_atomically
+
+    target = tmp_path / "shared" / "best.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "best.json"
+    link.symlink_to(target)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(paths.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                       real_fsync(fd))[1])
+    monkeypatch.setattr(paths.os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    write_text_atomically(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].endswith(".tmp") and events[1][1] == str(target) and events[2][1] == str(target.parent)
+
+
 def test_generator_states_round_trip_weights_only(tmp_path):
     import random
 
@@ -277,6 +301,54 @@ def test_a_foreign_or_hand_edited_checkpoint_is_refused_with_a_checkpoint_error(
     torch.save(payload, tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    (lambda t: t.to("meta"), "on meta"),
+    (lambda t: t.to_sparse(), "sparse"),
+    (lambda t: t.to(torch.complex64), "complex64"),
+])
+def test_a_weight_that_is_not_a_dense_real_tensor_is_a_checkpoint_error(tmp_path, layout, message):
+    """A meta or sparse weight failed the check with a bare RuntimeError or NotImplementedError, which the
+    registration took for a passing failure and retried for ever; a complex one loaded without its imaginary
+    part."""
+    payload = _checkpoint()[0].to_payload()
+    payload["state_dict"]["c1.weight"] = layout(payload["state_dict"]["c1.weight"])
+    torch.save(payload, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=f"'c1.weight' is not a dense real tensor .*{message}"):
+        load_checkpoint(tmp_path / "model.pt")
+
+
+def test_a_folder_in_place_of_the_checkpoint_file_is_unreadable_not_missing(tmp_path):
+    """Named as the file or as the folder holding it: "does not exist" read as a storage that may come back (a
+    registration retried for ever)."""
+    from pipelines.checkpoints import UnreadableCheckpointError
+
+    (tmp_path / "model.pt").mkdir()
+    for path in (tmp_path, tmp_path / "model.pt"):
+        with pytest.raises(UnreadableCheckpointError, match="is a directory"):
+            load_checkpoint(path)
+
+
+@pytest.mark.parametrize(("key", "value"), [("torch", torch.zeros(5)), ("python", (3, (1, 2), None)),
+                                            ("numpy", ("MT19937", torch.zeros(3, dtype=torch.int64), 0, 0, 0.0)),
+                                            ("cuda", [1, 2])])
+def test_malformed_generator_states_are_refused_and_change_no_generator(tmp_path, key, value):
+    """They loaded, then failed the resume with a bare TypeError or ValueError naming no file, at every attempt,
+    after Python's generator had already been set from the file."""
+    import random
+
+    from pipelines.checkpoints import capture_rng_state, load_rng_state, save_rng_state
+
+    state = capture_rng_state()
+    state[key] = value
+    save_rng_state(tmp_path, 0, state)
+    random.seed(5)
+    expected = random.random()
+    random.seed(5)
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'rng_state_rank0.pt'}"):
+        load_rng_state(tmp_path, 0)
+    assert random.random() == expected
 
 
 @pytest.mark.parametrize(("field", "value"), [("interpolation", "Bilinear"), ("image_size", 0), ("background", "white"),
