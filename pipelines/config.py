@@ -1016,7 +1016,14 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
             f"no (alpha, beta, gamma) in alpha {list(search.alpha)}, beta {list(search.beta)}, gamma "
             f"{list(search.gamma)} satisfies |alpha * beta^2 * gamma^2 - {search.target}| <= {search.tolerance}",
         )
-    from .search_space import paper_is_feasible  # (it imports this module)
+    from .search_space import FeasibleRegion, paper_is_feasible  # (it imports this module)
+
+    if search.mode == "optuna" and not FeasibleRegion.of(search).has_points(search.num_trials):
+        # Two trials of one triple would share one Ray Train run (named after it): the second resumed the first.
+        raise ConfigError("search.num_trials", f"{search.num_trials} trials, but alpha {list(search.alpha)}, beta "
+                                               f"{list(search.beta)} and gamma {list(search.gamma)} hold fewer "
+                                               "different feasible triples at 4 decimals; lower it or widen the "
+                                               "ranges")
 
     if search.mode == "grid" and not feasible and not paper_is_feasible(search):  # the paper's is a grid trial too
         raise ConfigError(

@@ -13,7 +13,7 @@ coefficient in its configured range.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +102,29 @@ def _rounded_within(bounds: tuple[float, float], t: float, decimals: int = 4) ->
     return min(max(round(value, decimals), inner_low), inner_high)
 
 
+def _scaled_bounds(bounds: tuple[float, float], decimals: int = 4) -> tuple[int, int]:
+    """The smallest and largest multiples of 10^-decimals between ``bounds``, times 10^decimals."""
+    scale = 10**decimals
+    return math.ceil(bounds[0] * scale - 1e-9), math.floor(bounds[1] * scale + 1e-9)
+
+
+def _by_distance(bounds: tuple[float, float], value: float, decimals: int = 4) -> Iterator[float]:
+    """The numbers of ``decimals`` decimals between ``bounds``, nearest ``value`` first (``value`` itself first
+    when no such number lies between them, as :func:`_rounded_within` leaves it)."""
+    low, high = _scaled_bounds(bounds, decimals)
+    if low > high:
+        if bounds[0] <= value <= bounds[1]:
+            yield value
+        return
+    scale = 10**decimals
+    start = min(max(round(value * scale), low), high)
+    yield start / scale
+    for step in range(1, high - low + 1):
+        for k in (start - step, start + step):
+            if low <= k <= high:
+                yield k / scale
+
+
 @dataclass(frozen=True)
 class FeasibleRegion:
     """Maps (u, v, w) in [0, 1]^3 onto feasible (alpha, beta, gamma): every draw satisfies the constraint."""
@@ -138,6 +161,33 @@ class FeasibleRegion:
         b = _rounded_within(self.beta_bounds(a), v)
         return a, b, _rounded_within(self.gamma_bounds(a, b), w)
 
+    def free_point(self, point: tuple[float, float, float],
+                   taken: set[tuple[float, float, float]]) -> tuple[float, float, float]:
+        """``point``, or the feasible 4-decimal triple nearest it (gamma moved first, then beta, then alpha) that
+        is not in ``taken``: two draws that round to one triple named one Ray Train run, and the second trial
+        resumed the first's (trained nothing, or went on from where ASHA had stopped it). ``point`` itself when
+        the region has no other (:meth:`has_points` refuses such searches up front)."""
+        if point not in taken:
+            return point
+        a, b, g = point
+        for a2 in _by_distance(self.alpha_bounds(), a):
+            for b2 in _by_distance(self.beta_bounds(a2), b):
+                for g2 in _by_distance(self.gamma_bounds(a2, b2), g):
+                    if (a2, b2, g2) not in taken:
+                        return a2, b2, g2
+        return point
+
+    def has_points(self, count: int) -> bool:
+        """Whether the region holds at least ``count`` different triples at 4 decimals."""
+        found = 0
+        for a in _by_distance(self.alpha_bounds(), self.alpha[0]):
+            for b in _by_distance(self.beta_bounds(a), self.beta[0]):
+                low, high = _scaled_bounds(self.gamma_bounds(a, b))
+                found += max(0, high - low + 1)
+                if found >= count:
+                    return True
+        return False
+
     def inverse(self, a: float, b: float, g: float) -> tuple[float, float, float] | None:
         """The (u, v, w) of a triple, if it lies in the region."""
         result = []
@@ -151,5 +201,12 @@ class FeasibleRegion:
 def optuna_space(region: FeasibleRegion, trial) -> dict[str, Any]:
     """OptunaSearch define-by-run space: three unit draws mapped to a feasible triple."""
     u, v, w = (trial.suggest_float(name, 0.0, 1.0) for name in ("u_alpha", "u_beta", "u_gamma"))
-    a, b, g = region.point(u, v, w)
+    taken = {tuple(t.user_attrs[TRIPLE]) for t in trial.study.trials
+             if t.number != trial.number and TRIPLE in t.user_attrs}
+    a, b, g = region.free_point(region.point(u, v, w), taken)
+    trial.set_user_attr(TRIPLE, [a, b, g])
     return {"coefficients": {"alpha": a, "beta": b, "gamma": g}}
+
+
+#: The Optuna trial attribute holding the triple a trial trains (its draws' point, or the free one next to it).
+TRIPLE = "cnnzoo_coefficients"

@@ -12,7 +12,7 @@ import pytest
 from ray.tune import Callback
 
 from cnnmodels.scaling import constraint_value
-from pipelines.config import SearchConfig, load_config
+from pipelines.config import ConfigError, SearchConfig, load_config
 from pipelines.planning import resolve_models, search_fingerprint
 from pipelines.search import search_stage
 from pipelines.search_space import PAPER, FeasibleRegion, feasible_points, grid_candidates
@@ -123,6 +123,32 @@ def test_feasible_region_maps_every_draw_onto_the_constraint():
         assert all(round(c, 4) == c for c in (a, b, g))
     uvw = region.inverse(*PAPER)
     assert uvw is not None and region.point(*uvw) == pytest.approx(PAPER, abs=1e-3)
+
+
+def test_optuna_trials_never_share_a_triple_and_a_search_wanting_more_than_the_region_holds_is_refused():
+    """Draws that round to one 4-decimal triple named one Ray Train run: the second trial resumed the first's
+    (trained nothing, or went on where ASHA had stopped it). Through Ray's own OptunaSearch, as the search runs
+    it, on a region of 6 triples (alpha and beta fixed, a tight tolerance): 6 trials, 6 triples."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines.search_space import optuna_space
+
+    narrow = ["search.mode=optuna", "search.alpha=[1.2, 1.2]", "search.beta=[1.1, 1.1]", "search.gamma=[1.0, 1.3]",
+              "search.tolerance=0.001"]
+    cfg = load_config(None, [*narrow, "search.num_trials=6"])
+    region = FeasibleRegion.of(cfg.search)
+    searcher = OptunaSearch(space=partial(optuna_space, region), metric="score", mode="max", seed=0,
+                            points_to_evaluate=[{"u_alpha": 0.0, "u_beta": 0.0, "u_gamma": 0.5}] * 2)
+    triples = []
+    for i in range(6):
+        c = searcher.suggest(f"trial{i}")["coefficients"]
+        triples.append((c["alpha"], c["beta"], c["gamma"]))
+        searcher.on_trial_complete(f"trial{i}", {"score": 0.5})
+    assert len(set(triples)) == 6, triples  # (the two enqueued draws are one point)
+    assert all(abs(constraint_value(*t) - 2.0) <= 0.001 + 1e-12 for t in triples)
+    with pytest.raises(ConfigError, match="hold fewer different feasible triples") as refused:
+        load_config(None, [*narrow, "search.num_trials=7"])
+    assert refused.value.key == "search.num_trials"
 
 
 def test_found_coefficients_define_the_efficientnet_family(make_config):
