@@ -6,6 +6,7 @@ the pixels it was trained on: the same channel count, size, interpolation and no
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import numbers
@@ -221,13 +222,23 @@ class PreprocessSpec:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) to normalised float32 on the same device."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        mean, std = normalization_tensors(tuple(self.mean), tuple(self.std), images.device)
         return (images.float().div_(255.0) - mean) / std
 
     def tensor_from_image(self, image: Image.Image) -> torch.Tensor:
         """Model input (1, C, H, W) float32 for one PIL image."""
         return self.normalize(self.image_to_uint8(image).unsqueeze(0))
+
+
+@functools.lru_cache(maxsize=64)
+def normalization_tensors(mean: tuple[float, ...], std: tuple[float, ...],
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as (1, C, 1, 1) tensors on ``device``, made once per device: ``torch.tensor(...,
+    device="cuda")`` copies from the host and waits for the GPU to finish all queued work, twice per training
+    step (the host could never queue a step ahead). Made outside inference mode, so training can use them too."""
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
 
 #: The image formats an upload may be in (Pillow format names); anything else is refused before Pillow parses it.

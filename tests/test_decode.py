@@ -491,3 +491,35 @@ def test_a_budget_above_pillows_own_limit_admits_the_images_within_it(monkeypatc
         check_image_header(header, DecodeBudget(max_pixels=150_000_000))  # the budget's own refusal
     admit_budget_in_pillow(DecodeBudget(max_pixels=1000))  # a smaller budget never lowers Pillow's limit
     assert Image.MAX_IMAGE_PIXELS == 250_000_000
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a GPU"))])
+def test_normalizing_a_batch_makes_its_constants_once_per_device_and_never_waits_for_the_gpu(device):
+    """``torch.tensor(mean, device="cuda")`` at every batch copied from the host and waited for the GPU's queued
+    work, twice per training step; the constants are now made once per device (and outside inference mode, so
+    a spec first used to serve can still train)."""
+    import torch
+
+    from pipelines.preprocess import normalization_tensors
+
+    spec = PreprocessSpec(image_size=4, channels=3, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.1),
+                          class_names=tuple("ab"))
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8, device=device)
+    expected = (images.float() / 255 - torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)) / torch.tensor(
+        spec.std, device=device).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        served = spec.normalize(images)
+    first = normalization_tensors(spec.mean, spec.std, images.device)
+    assert not first[0].is_inference()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host-device wait raises
+    try:
+        trained = spec.normalize(images)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(served, expected)
+    torch.testing.assert_close(trained, expected)
+    assert all(a is b for a, b in zip(first, normalization_tensors(spec.mean, spec.std, images.device), strict=True))
