@@ -37,6 +37,11 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_HEALTH_CHECK_INTER
               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+def worker_env() -> dict[str, str]:
+    """:data:`WORKER_ENV` less what the user set: a runtime_env's variables override the processes' own."""
+    return {key: os.environ.get(key, value) for key, value in WORKER_ENV.items()}
+
+
 def set_env_defaults(console_is_a_terminal: bool | None = None) -> None:
     """Ray's settings of :data:`_ENV_DEFAULTS` where the user has not set them; and, with the console not a
     terminal (a log file, `ray job logs`, CI), Ray's worker-line prefixes without colour codes: they reached
@@ -55,9 +60,9 @@ def ray_session(cfg: PipelineConfig) -> Iterator[None]:
 
     If Ray is already initialised in this process (tests, notebooks), it is used as it is and left running.
     """
+    set_env_defaults()  # before Ray's import: it reads RAY_DEDUP_LOGS once, then
     import ray
 
-    set_env_defaults()
     if ray.is_initialized():
         yield
         return
@@ -68,7 +73,7 @@ def ray_session(cfg: PipelineConfig) -> Iterator[None]:
         # "local", not None: None would join any `ray start` cluster on this machine, with other settings.
         address = "local"
         kwargs.update(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
-                      runtime_env={"env_vars": dict(WORKER_ENV)})
+                      runtime_env={"env_vars": worker_env()})
     ray.init(address=address, **kwargs)
     try:
         yield

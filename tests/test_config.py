@@ -683,19 +683,23 @@ def test_ctrl_c_while_training_exits_130_and_leaves_the_model_untrained(tmp_path
 
 
 RAY_OF_ITS_OWN = """
-import json, os, sys, ray
+import json, os, sys
 from pipelines.config import load_config
 from pipelines.runtime import WORKER_ENV, ray_session
 
 cfg = load_config(None, [f"workdir={sys.argv[1]}", "name=t", "ray.address=local", "ray.num_cpus=1",
                          "ray.num_gpus=0", "ray.include_dashboard=false"])
 with ray_session(cfg):
+    import ray
+    from ray._private import ray_constants
+
     @ray.remote(num_cpus=0)
     def worker_env():
         return {key: os.environ.get(key) for key in WORKER_ENV}
 
     resources = ray.cluster_resources()
-    print(json.dumps([resources.get("CPU"), resources.get("GPU", 0), ray.get(worker_env.remote())]))
+    print(json.dumps([resources.get("CPU"), resources.get("GPU", 0), ray.get(worker_env.remote()),
+                      ray_constants.RAY_DEDUP_LOGS]))
 print(json.dumps(ray.is_initialized()))
 """
 
@@ -705,17 +709,20 @@ print(json.dumps(ray.is_initialized()))
 def test_ray_address_local_starts_a_ray_sized_and_set_up_by_the_config(tmp_path):
     """``ray.address: local`` (or RAY_ADDRESS=local) is a Ray of the command's own like no address at all: it
     ignored ray.num_cpus / num_gpus and the workers' environment (every worker line printed twice). A real Ray,
-    in a process of its own (the session's is another), ended with the command."""
+    in a process of its own (the session's is another), ended with the command. A worker setting the user set
+    stays theirs (the runtime_env overrode it), and Ray, imported by the session itself, stops folding repeated
+    lines (it read RAY_DEDUP_LOGS before the session set it)."""
     import json
 
     from pipelines.runtime import WORKER_ENV
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_DEDUP_LOGS"))}
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "2"
     out = subprocess.run([sys.executable, "-c", RAY_OF_ITS_OWN, str(tmp_path)], capture_output=True, text=True,
                          timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith(("[", "true", "false"))]
-    assert lines == [[1.0, 0, WORKER_ENV], False]
+    assert lines == [[1.0, 0, {**WORKER_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}, False], False]
 
 
 def test_yaml_merge_keys_and_empty_variables_read_as_yaml_and_the_shell_do(tmp_path, monkeypatch):
