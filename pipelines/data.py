@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from .config import DataConfig
-from .preprocess import ALPHA_MODES, PreprocessSpec, has_sixteen_bit_samples, upright
+from .preprocess import ALPHA_MODES, PreprocessSpec, has_sixteen_bit_samples, open_image_file, upright
 
 __all__ = [
     "DatasetInfo",
@@ -85,7 +85,7 @@ class RawSplit:
     def pil(self, index: int) -> Image.Image:
         if self.images is not None:
             return Image.fromarray(self.images[index])
-        with Image.open(self.paths[index]) as image:
+        with open_image_file(self.paths[index]) as image:
             image.load()
             return image
 

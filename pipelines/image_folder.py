@@ -31,6 +31,7 @@ from .data import (
     load_splits,
     stratified_split,
 )
+from .preprocess import ACCEPTED_FORMATS
 
 __all__ = ["BadImageFilesError", "ImageFolderError", "check_image_folder", "load_imagefolder"]
 
@@ -235,13 +236,29 @@ def _unreadable(path: str, data: bytes | None = None) -> str | None:
     except UnicodeEncodeError:  # bytes Python could only keep as surrogates: JSON, MLflow and logs refuse them
         return "its name is not valid UTF-8 (a zip made on Windows, say): rename it, e.g. with convmv"
     try:
-        with Image.open(path if data is None else io.BytesIO(data)) as image:
+        if data is None:
+            data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as image:
             image.verify()
-        with Image.open(path if data is None else io.BytesIO(data)) as image:  # verify leaves it unusable
+        with Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as image:  # verify leaves it unusable
             image.load()
     except Exception as err:  # noqa: BLE001 - Pillow raises many types (UnidentifiedImageError, SyntaxError...)
+        other = _other_format(data)
+        if other is not None:  # (an AVIF or ICO file named .jpg: it trained, and the server refused it with 415)
+            return f"{other} image data, which the server does not take ({', '.join(ACCEPTED_FORMATS)}): convert it"
         return f"{type(err).__name__}: {err}".strip()
     return None
+
+
+def _other_format(data: bytes | None) -> str | None:
+    """The format of an image Pillow reads but the server does not take (not one of :data:`ACCEPTED_FORMATS`)."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format if image.format not in ACCEPTED_FORMATS else None
+    except Exception:  # noqa: BLE001 - not an image at all
+        return None
 
 
 def _checked(path: str, decoders: ThreadPoolExecutor | None = None) -> tuple[str | None, str | None]:

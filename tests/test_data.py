@@ -490,6 +490,38 @@ def test_training_and_serving_see_identical_pixels():
     assert torch.equal(served, dataset[0][0])
 
 
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_an_uncompressed_tiff_turned_by_its_exif_trains_on_the_pixels_the_server_sees(tmp_path, mode):
+    """Opened by path, Pillow memory-mapped the file and read it with the turned width as its row stride
+    (orientations 5-8): training and its mean/std saw diagonal stripes where the server saw the picture."""
+    ramp = (np.arange(24 * 40).reshape(40, 24) % 251).astype(np.uint8)
+    image = Image.fromarray(ramp, "L").convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter: the upright picture is 40 wide, 24 high
+    path = tmp_path / "scan.tif"
+    image.save(path, exif=exif)  # uncompressed, one strip
+    channels = 3 if mode == "RGBA" else 1
+    spec = PreprocessSpec(image_size=24, channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels,
+                          class_names=("a", "b"))
+    trained = spec.image_to_uint8(RawSplit(labels=np.array([0]), paths=[str(path)]).pil(0))
+    served = spec.image_to_uint8(decode_image(path.read_bytes(), max_pixels=10_000))
+    assert torch.equal(trained, served)
+    upright = spec.image_to_uint8(Image.fromarray(np.rot90(ramp, -1).copy(), "L").convert(mode))
+    assert torch.equal(trained, upright)
+
+
+def test_an_image_the_server_would_refuse_is_a_bad_file_saying_so(tmp_path):
+    """An ICO (or AVIF) saved as .png trained without a word, and the server answered the same file 415."""
+    from pipelines.image_folder import BadImageFilesError, check_image_folder
+
+    _write_images(tmp_path, per_class=6)
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "cat" / "icon.png", format="ICO")
+    with pytest.raises(BadImageFilesError) as info:
+        check_image_folder(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    [(path, reason)] = info.value.bad
+    assert path == "cat/icon.png" and reason.startswith("ICO image data, which the server does not take (PNG,")
+
+
 def _spec(channels, background=0):
     return PreprocessSpec(image_size=8, channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels,
                           class_names=("a", "b"), background=background)
