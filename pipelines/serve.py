@@ -130,7 +130,8 @@ class Classifier:
         self.budget = DecodeBudget.for_serving(s)
         admit_budget_in_pillow(self.budget)
         self._start_executors()
-        self.batcher = Batcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s)
+        self.batcher = Batcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s,
+                               key=lambda item: id(item[0]))  # one model at a time, each answered when done
         self.loads: dict[str, asyncio.Future] = {}  # alias -> its load, from start until a request takes it
         # alias -> when its finished, unclaimed load is let go; cancelled once it is (the timer holds the model)
         self.load_expiries: dict[str, asyncio.TimerHandle] = {}

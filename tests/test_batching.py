@@ -85,6 +85,53 @@ def test_abandoned_requests_are_left_out_and_errors_reach_only_their_batch():
     assert model.batches == [[1], [-1, 3], [5]]
 
 
+def test_an_idle_model_waits_no_longer_than_its_batch_takes_to_fill():
+    """``wait_s`` is the most an idle model waits: a full batch waited all of it anyway."""
+    model = SlowModel(seconds=0.0)
+
+    async def scenario():
+        batcher = Batcher(model, max_batch_size=4, wait_s=30.0)
+        return await asyncio.wait_for(asyncio.gather(*(submit_later(batcher, i, 0.005 * i) for i in range(4))), 5)
+
+    assert asyncio.run(scenario()) == [0, 2, 4, 6]
+    assert model.batches == [[0, 1, 2, 3]]
+
+
+def test_items_of_another_key_in_a_batch_are_answered_when_their_own_run_is_done():
+    """A multiplexed replica's batch holds several models' requests: the small model's requests waited for the
+    large model's forward (run after it, or before) to be answered."""
+
+    async def scenario():
+        gate = asyncio.Event()  # (made on the loop that runs the scenario)
+        seen = []
+
+        async def run(items):
+            seen.append(list(items))
+            if items[0].startswith("large"):
+                await gate.wait()
+            return [item.upper() for item in items]
+
+        batcher = Batcher(run, max_batch_size=8, wait_s=0.05, key=lambda item: item.split("-")[0])
+        large = [asyncio.ensure_future(batcher.submit(f"large-{i}")) for i in range(2)]
+        small = [asyncio.ensure_future(batcher.submit(f"small-{i}")) for i in range(2)]
+        await asyncio.sleep(0.2)
+        assert seen == [["large-0", "large-1"]]  # one batch's turn, the large model's group first ...
+        gate.set()
+        assert await asyncio.gather(*large) == ["LARGE-0", "LARGE-1"]
+        assert await asyncio.gather(*small) == ["SMALL-0", "SMALL-1"]
+        gate.clear()
+        small = [asyncio.ensure_future(batcher.submit(f"small-{i}")) for i in range(2, 4)]
+        large = [asyncio.ensure_future(batcher.submit(f"large-{i}")) for i in range(2, 4)]
+        # ... and the small model's answered while the large one's forward still runs
+        assert await asyncio.wait_for(asyncio.gather(*small), 2) == ["SMALL-2", "SMALL-3"]
+        assert not any(f.done() for f in large)
+        gate.set()
+        assert await asyncio.gather(*large) == ["LARGE-2", "LARGE-3"]
+        return seen
+
+    assert asyncio.run(scenario())[1:] == [["small-0", "small-1"], ["small-2", "small-3"], ["large-2", "large-3"]]
+
+
 def test_a_batch_size_below_one_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         Batcher(SlowModel(), max_batch_size=0)
