@@ -93,7 +93,8 @@ async def _validation_error(_, err: RequestValidationError):
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_, err: StarletteHTTPException):
-    return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+    # With the exception's headers: a 405 names the methods allowed (RFC 9110), a 401 its WWW-Authenticate.
+    return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
 
 
 @api.exception_handler(MemoryError)

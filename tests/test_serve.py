@@ -179,6 +179,7 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, digit_pn
         ("EPS", lambda: predict(url, encode(Image.new("RGB", (8, 8)), "EPS")), 415),
         ("body over max_upload_mb", lambda: predict(url, b"\x89PNG" + b"0" * (2 * 1024 * 1024)), 413),
         ("unsupported content type", lambda: predict(url, b"{}", content_type="application/json"), 415),
+        ("GET", lambda: requests.get(f"{url}/predict", timeout=30), 405),
         ("unknown alias", lambda: predict(url, digit_png, params={"model": "resnet9000"}), 404),
         ("top_k zero", lambda: predict(url, digit_png, params={"top_k": 0}), 422),
         ("top_k not a number", lambda: predict(url, digit_png, params={"top_k": "many"}), 422),
@@ -202,6 +203,7 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, digit_pn
         assert good.status_code == 200, (name, good.text)
     unknown = predict(url, digit_png, params={"model": "resnet9000"}).json()["error"]
     assert "lenet5" in unknown and "resnet18" in unknown
+    assert requests.get(f"{url}/predict", timeout=30).headers.get("allow") == "POST"  # (RFC 9110: a 405 says)
     text = requests.post(f"{url}/predict", files={"file": (None, digit_png)}, timeout=30).json()["error"]
     assert "must be a file upload" in text
     text = requests.post(f"{url}/predict", data=cut_off, headers={"content-type": "multipart/form-data; boundary=b0"},
