@@ -212,8 +212,12 @@ class Classifier:
             s = self.cfg.serve
             return await asyncio.to_thread(self.store.load, self.by_alias[alias], fold=s.fold_batchnorm,
                                            trace=s.trace_models, device=self.device)
-        finally:
+        except BaseException:
             self._announce_loading(alias, False)
+            raise
+        # A finished load stays announced until a request takes it (the multiplexer then lists the model as
+        # loaded) or it is let go (:meth:`_forget_load`): a retry routed by model should come here, to the model
+        # already loaded, not to a replica with fewer models, which would load it again.
 
     async def _wait_for_load(self, alias: str, load: asyncio.Future) -> LoadedModel:
         """``load``'s model, counted as a request waiting for it (see :meth:`_load_in_a_slot`); a request that
@@ -267,6 +271,8 @@ class Classifier:
         in memory after the multiplexer evicted it, one more copy at each reload within a request deadline."""
         if self.loads.get(alias) is load:
             del self.loads[alias]
+            if not self._holds(alias):  # (taken: the multiplexer lists it as loaded itself)
+                self._announce_loading(alias, False)
             expiry = self.load_expiries.pop(alias, None)
             if expiry is not None:
                 expiry.cancel()

@@ -592,6 +592,35 @@ def test_a_replica_loads_at_most_two_models_at_once_and_tells_serve_which(replic
     assert loading == {"other", "slow"}
 
 
+def test_a_finished_load_no_request_has_taken_stays_announced_to_serve_until_taken_or_let_go(
+        replica_with_serves_multiplexer):
+    """A load that outlasted its request's deadline finished with the model held for the next request, but the
+    replica stopped telling Serve's router it had it: a retry routed by model went to a replica with fewer models,
+    which loaded it again (and likely timed out again)."""
+    replica, calls, gate, gated = replica_with_serves_multiplexer
+    gated.add("other")
+
+    async def scenario():
+        await replica._loaded(replica.by_alias["quick"])  # (Serve's multiplexer is made at its first call)
+        wrapper = replica._multiplexed_load.__dict__["__serve_multiplex_wrapper"]
+        announced = []
+        for alias in ("slow", "other"):
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(replica._loaded(replica.by_alias[alias]), 0.3)
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(replica.loads["slow"], replica.loads["other"]), 20)
+        announced.append(set(wrapper._model_load_tasks))  # both finished, neither taken
+        replica._forget_load("other", replica.loads["other"])  # as its expiry does
+        announced.append(set(wrapper._model_load_tasks))
+        taken = await replica._loaded(replica.by_alias["slow"])
+        announced.append(set(wrapper._model_load_tasks))
+        return announced, taken.alias, set(wrapper.models)
+
+    announced, taken, loaded = asyncio.run(scenario())
+    assert announced == [{"slow", "other"}, {"slow"}, set()]
+    assert taken == "slow" and loaded == {"slow"} and calls == ["quick", "slow", "other"]
+
+
 def test_a_load_every_request_gave_up_on_while_it_waited_for_a_slot_is_not_run(replica_with_serves_multiplexer):
     """A burst of first requests whose deadlines passed while their loads waited for a slot: those loads ran
     anyway, one after another, and a later request for any other model waited behind loads nobody wanted."""
