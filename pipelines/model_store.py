@@ -196,7 +196,8 @@ def trace_for_serving(model: nn.Module, spec: PreprocessSpec) -> tuple[nn.Module
             # take the GIL) between kernels. Until TorchScript goes, it is the one GIL-free forward; once it
             # is gone, this raises and models are served eagerly (serve.trace_models: false does that now).
             warnings.simplefilter("ignore", FutureWarning)
-            traced = torch.jit.trace(model.eval(), _probe(spec, 2, device), check_trace=False)
+            with _FOLDING_AND_TRACING:
+                traced = torch.jit.trace(model.eval(), _probe(spec, 2, device), check_trace=False)
     except Exception as err:  # noqa: BLE001 - untraceable models are served eagerly
         logger.info("tracing skipped: %s", err)
         return model, False
@@ -212,9 +213,10 @@ def replica_threads(serve) -> int:
     return max(1, int(round(serve.num_cpus)))
 
 
-#: Held while a model is folded and traced: torch.fx's symbolic tracing (the batch-norm folding) patches torch's
-#: module calls process-wide while it runs, and two tracers at once undo each other's patches (a replica loads
-#: two models at once: "module is not installed as a submodule"). Downloads and checkpoint reads still overlap.
+#: Held while a model is traced (torch.fx for the batch-norm folding, TorchScript): torch.fx's symbolic tracing
+#: patches torch's module calls process-wide while it runs, and two tracers at once undo each other's patches (a
+#: replica loads two models at once: "module is not installed as a submodule"). The forwards that check each step
+#: run outside it: a large model's dozen of them held up every other model's load for seconds.
 _FOLDING_AND_TRACING = threading.RLock()
 
 
@@ -222,10 +224,9 @@ def prepare_for_serving(model: nn.Module, spec: PreprocessSpec, *, fold: bool = 
                         device: str | torch.device = "cpu") -> LoadedModel:
     """``model`` as a server runs it: eval mode, batch norm folded, on ``device``, traced (each step
     verified against the model's own outputs). Alias and version are left empty."""
-    with _FOLDING_AND_TRACING:
-        model, folded = fold_batchnorm(model, spec) if fold else (model.eval(), False)
-        device = torch.device(device)
-        model, traced = trace_for_serving(model.to(device), spec) if trace else (model.to(device), False)
+    model, folded = fold_batchnorm(model, spec) if fold else (model.eval(), False)
+    device = torch.device(device)
+    model, traced = trace_for_serving(model.to(device), spec) if trace else (model.to(device), False)
     return LoadedModel(alias="", version="", model=model.eval(), spec=spec, folded=folded, device=device,
                        traced=traced)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 import weakref
 from types import SimpleNamespace
 
@@ -672,6 +673,40 @@ def test_models_folded_in_threads_at_once_all_fold():
     for thread in threads:
         thread.join()
     assert errors == [] and len(folded) == 12 and all(folded)
+
+
+def test_a_large_models_checking_forwards_hold_up_no_other_models_preparation():
+    """Folding and tracing were serialised as a whole, the forwards that check each step included (about a
+    dozen: seconds for a B7 at 600 px on a CPU): a small model's load waited for all of them. Here the large
+    model's real forwards wait for a gate, and the small model is folded and traced meanwhile."""
+    from pipelines.model_store import prepare_for_serving
+
+    gate = threading.Event()
+
+    class Large(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.head = torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            if isinstance(x, torch.Tensor) and not torch.jit.is_tracing():  # not fx's symbolic trace, nor jit's
+                gate.wait(30)
+            return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+    spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
+    large = threading.Thread(target=prepare_for_serving, args=(Large(), spec), kwargs={"trace": True})
+    large.start()
+    try:
+        time.sleep(0.5)  # the large model is in its first checking forward
+        done = []
+        small = threading.Thread(target=lambda: done.append(prepare_for_serving(
+            cnnmodels.create_model("lenet5", num_classes=3, in_chans=1), spec, trace=True)))
+        small.start()
+        small.join(20)
+        assert done and done[0].folded and done[0].traced and large.is_alive()
+    finally:
+        gate.set()
+        large.join(30)
 
 
 def test_folding_a_model_leaves_the_forwards_of_other_threads_alone():
