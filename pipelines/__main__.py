@@ -129,17 +129,15 @@ def _block_until_interrupted(url: str, cfg: PipelineConfig) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, _say_shutting_down)
         if outlives_the_command(cfg):
-            from ray import serve
+            from .serve import delete_app
 
             if isinstance(stop, _Terminated):
-                # SIGKILL follows in 3 s: the deletion is sent and waited for at most 2 s (the controller goes on
-                # with it after this process is gone), not left to a request the shutdown of Ray could drop.
-                deleting = threading.Thread(target=serve.delete, args=(cfg.name,), daemon=True)
-                deleting.start()
-                deleting.join(timeout=2.0)
+                # SIGKILL follows in 3 s: the deletion is sent and waited for at most 2 s, not left to a request
+                # the shutdown of Ray could drop.
+                delete_app(cfg.name, wait_s=2.0)
                 logger.info("[serve] deleting the Serve app %r from the cluster", cfg.name)
             else:
-                serve.delete(cfg.name)
+                delete_app(cfg.name)
                 logger.info("[serve] deleted the Serve app %r from the cluster", cfg.name)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)

@@ -29,10 +29,13 @@ reverse proxy's job (README).
 # No ``from __future__ import annotations`` here: Serve pickles the route handlers by value, and FastAPI must
 # see real types (not strings to resolve against module globals) in their signatures.
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +54,7 @@ from .config import (
     ServeConfig,
     check_serve_settings,
     has_masked_password,
+    outlives_the_command,
     redact_uri,
 )
 from .http_api import (
@@ -773,6 +777,33 @@ def servable_models(cfg: PipelineConfig) -> tuple[list[ServedModel], str | None]
     return models, champion
 
 
+def delete_app(name: str, wait_s: float | None = None) -> None:
+    """Delete the Serve app ``name``; with ``wait_s``, waited for at most that long (the controller goes on with
+    it after this process is gone: a SIGKILL follows ``ray job stop``'s SIGTERM in 3 s)."""
+    if wait_s is None:
+        serve.delete(name)
+        return
+    deleting = threading.Thread(target=serve.delete, args=(name,), daemon=True)
+    deleting.start()
+    deleting.join(timeout=wait_s)
+
+
+@contextlib.contextmanager
+def deleted_unless_started(cfg: PipelineConfig) -> Iterator[None]:
+    """The app deployed in the block is deleted when the block does not finish: every model failed, a Ctrl-C or
+    ``ray job stop`` while replicas start (minutes, on a cluster adding a GPU node), any error. A local Ray ends
+    with the command; a cluster's detached Serve controller kept the app, its replicas' CPUs and GPUs and the
+    port, though the command had failed."""
+    try:
+        yield
+    except BaseException as err:
+        if isinstance(err, NothingServableError) or outlives_the_command(cfg):
+            logger.info("[serve] deleting the Serve app %r: it did not start (%s)", cfg.name, type(err).__name__)
+            # SystemExit: Ray's own SIGTERM handler (`ray job stop`), a SIGKILL 3 s behind it.
+            delete_app(cfg.name, wait_s=2.0 if isinstance(err, SystemExit) else None)
+        raise
+
+
 def serve_stage(cfg: PipelineConfig,
                 servable: tuple[list[ServedModel], str | None] | None = None) -> ServeHandle:
     """Deploy the app on the running Ray (non-blocking) and wait until it answers ``/healthz``. ``servable``:
@@ -783,14 +814,11 @@ def serve_stage(cfg: PipelineConfig,
                               "request_timeout_s": proxy_timeout_s(cfg.serve)})
     _check_running_http_options(cfg.serve)
     config_path = write_serve_config(cfg)
-    serve.run(build_app(cfg, (models, champion)), name=cfg.name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.serve.port}"
-    try:
+    with deleted_unless_started(cfg):
+        serve.run(build_app(cfg, (models, champion)), name=cfg.name, route_prefix="/", blocking=False)
         health = _wait_until_answering(url, cfg.serve.bearer_token())
-    except NothingServableError:
-        serve.delete(cfg.name)  # its replicas would go on holding their CPUs and GPUs, serving nothing
-        raise
     served, champion = served_as_reported([m.alias for m in models], champion, health)
     sample = example_image(cfg, config_path.parent)
     return ServeHandle(url=url, config_path=config_path, models=served, champion=champion, sample_image=sample)

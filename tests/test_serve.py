@@ -514,6 +514,40 @@ def _read_http_response(connection: socket.socket) -> str:
     return (head + b"\r\n\r\n" + body).decode()
 
 
+def test_an_app_that_does_not_finish_starting_on_a_cluster_is_deleted(server):
+    """Ctrl-C or ``ray job stop`` while the replicas start (minutes where a GPU node is added), or an error: the
+    app was deleted only once serving had started, and a cluster's detached controller kept it, with its
+    replicas' CPUs and GPUs and the port, though the command had ended with 130 (or 15)."""
+    from ray import serve
+
+    from pipelines.serve import deleted_unless_started
+
+    cfg, _, _ = server
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=0)
+    class Placeholder:
+        def __call__(self, request) -> str:
+            return "up"
+
+    on_cluster = cfg.model_copy(update={"name": "starting", "ray": cfg.ray.model_copy(update={"address": "auto"})})
+    for stop in (KeyboardInterrupt(), SystemExit(15), RuntimeError("the deployment failed")):
+        with pytest.raises(type(stop)), deleted_unless_started(on_cluster):
+            serve.run(Placeholder.bind(), name="starting", route_prefix="/starting", blocking=False)
+            assert "starting" in serve.status().applications
+            raise stop
+        deadline = time.monotonic() + 30
+        while "starting" in serve.status().applications and time.monotonic() < deadline:
+            time.sleep(0.5)  # (the SIGTERM's deletion is asked, waited for at most 2 s)
+        assert "starting" not in serve.status().applications, stop
+    assert cfg.name in serve.status().applications  # the other apps are left alone
+    local = cfg.model_copy(update={"name": "starting"})  # a local Ray ends with the command: nothing to delete
+    with pytest.raises(KeyboardInterrupt), deleted_unless_started(local):
+        serve.run(Placeholder.bind(), name="starting", route_prefix="/starting", blocking=False)
+        raise KeyboardInterrupt
+    assert "starting" in serve.status().applications
+    serve.delete("starting")
+
+
 def test_ctrl_c_of_a_blocking_command_on_a_cluster_deletes_its_serve_app(server, monkeypatch):
     """On a cluster the Serve controller is detached: Ctrl-C printed "shutting down" and returned while the app
     went on holding its replicas' CPUs and GPUs and the port."""
