@@ -230,6 +230,16 @@ def cpu_sharing_basis(free_cpus: float, free_nodes: list[float], shapes: list[di
     return sum(totals), totals
 
 
+def requests_fitting(free: float, need: float, resource: str = "CPU") -> int:
+    """How many requests of ``need`` of ``resource`` the ``free`` amount holds. A GPU share below one is placed
+    on one GPU, never split across two: 8 GPUs hold 16 shares of 0.4, not 20 (a partly used GPU, as a Serve
+    replica's quarter leaves one, counts for what is left on it)."""
+    if resource != "GPU" or need >= 1.0:
+        return math.floor((free + 1e-9) / need)
+    whole = math.floor(free + 1e-9)
+    return whole * math.floor(1.0 / need + 1e-9) + math.floor((free - whole + 1e-9) / need)
+
+
 def runs_fitting_nodes(workers, nodes: list[dict[str, float]]) -> int:
     """How many runs of ``workers`` (a :class:`~pipelines.planning.WorkerSettings`) the free resources of
     ``nodes`` (:func:`free_per_node`) hold at once, node by node: a worker's CPUs and GPU share are all on one
@@ -240,7 +250,7 @@ def runs_fitting_nodes(workers, nodes: list[dict[str, float]]) -> int:
     need = {key: value for key, value in need.items() if value > 0}
     if not need:
         return 1 << 30
-    slots = [min(math.floor((node.get(key, 0.0) + 1e-9) / value) for key, value in need.items()) for node in nodes]
+    slots = [min(requests_fitting(node.get(key, 0.0), value, key) for key, value in need.items()) for node in nodes]
     if workers.placement_strategy == "STRICT_PACK":
         return sum(slot // workers.num_workers for slot in slots)
     if workers.placement_strategy == "STRICT_SPREAD":  # k runs fit iff the nodes give each a slot on k of them
@@ -271,7 +281,7 @@ def concurrency_for(requested: int | str, per_trial: dict[str, float], trials: i
 def _concurrency(requested: int | str, per_trial: dict[str, float], trials: int,
                  free: dict[str, float] | None, workers, nodes: list[dict[str, float]] | None) -> int:
     free = free if free is not None else free_resources()
-    fits = [math.floor((free.get(key, 0.0) + 1e-9) / need) for key, need in per_trial.items() if need > 0]
+    fits = [requests_fitting(free.get(key, 0.0), need, key) for key, need in per_trial.items() if need > 0]
     if fits and min(fits) < 1:
         wanted = ", ".join(f"{need:g} {key}" for key, need in per_trial.items() if need > 0)
         have = ", ".join(f"{free.get(key, 0.0):g} {key}" for key, need in per_trial.items() if need > 0)

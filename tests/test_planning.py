@@ -214,6 +214,21 @@ def test_concurrency_counts_how_many_runs_fit_the_free_resources(caplog):
     assert "only 16 CPU are free" in caplog.text
 
 
+def test_gpu_shares_below_one_are_counted_per_gpu_as_ray_places_them():
+    """Ray places a fractional GPU on one GPU: 8 GPUs hold 16 runs of 0.4, not the 20 the total divided by the
+    share counted (runs started that then waited, and the "N at a time" line overstated N)."""
+    from pipelines.config import WorkerSettings
+    from pipelines.runtime import requests_fitting, runs_fitting_nodes
+
+    assert requests_fitting(8.0, 0.4, "GPU") == 16 and requests_fitting(8.0, 0.5, "GPU") == 16
+    assert requests_fitting(1.0, 0.3, "GPU") == 3
+    assert requests_fitting(7.75, 0.5, "GPU") == 15  # a Serve replica's quarter of one GPU: one share fewer on it
+    assert requests_fitting(8.0, 0.4, "CPU") == 20 and requests_fitting(4.0, 2.0, "GPU") == 2
+    assert concurrency_for("auto", {"CPU": 1.0, "GPU": 0.4}, 100, {"CPU": 64.0, "GPU": 8.0}) == 16
+    workers = WorkerSettings(num_workers=1, cpus_per_worker=1.0, use_gpu=True, gpus_per_worker=0.4)
+    assert runs_fitting_nodes(workers, [{"CPU": 32.0, "GPU": 8.0}] * 4) == 64
+
+
 def test_every_output_location_comes_from_one_paths_object(make_config, tmp_path):
     cfg = make_config(f"storage_path={tmp_path / 'shared'}")
     paths = cfg.paths
