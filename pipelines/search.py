@@ -180,6 +180,20 @@ def _plan_trials(cfg: PipelineConfig, template: ModelRun) -> _SearchPlan:
     return _SearchPlan({"run": template.to_dict()}, search_alg, search.num_trials, search.num_trials, paper_included)
 
 
+def with_search_gpu_share(cfg: PipelineConfig, template: ModelRun) -> ModelRun:
+    """The search's template run with ``search.gpus_per_trial`` as its workers' GPU share. Without
+    ``train.use_gpu`` the trials run on CPUs: the share is then said to be unused (a GPU preset tried on a CPU
+    machine with ``--set train.use_gpu=false``), not silently dropped."""
+    share = cfg.search.gpus_per_trial
+    if share is None:
+        return template
+    if not cfg.train.use_gpu:
+        logger.warning("[search] search.gpus_per_trial (%g) is left unused: train.use_gpu is false, so the trials "
+                       "run on CPUs", share)
+        return template
+    return template.model_copy(update={"workers": template.workers.model_copy(update={"gpus_per_worker": share})})
+
+
 def _parent_run(tracker, cfg: PipelineConfig, experiment: str, dataset: str) -> str:
     """The search's MLflow parent run: reopened when this experiment ran before (a resumed search)."""
     from .tracking import stage_start_wait
@@ -429,9 +443,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     template = plan_model_runs(data_cfg, info, [search_template(cfg)], stage="search", epochs=search.epochs,
                                cluster_cpus=cpus, node_cpus=per_node)[0].model_copy(
                                    update={"run_name": experiment})
-    if search.gpus_per_trial is not None:
-        template = template.model_copy(update={"workers": template.workers.model_copy(
-            update={"gpus_per_worker": search.gpus_per_trial})})
+    template = with_search_gpu_share(cfg, template)
     plan = _plan_trials(cfg, template)
     if not plan.paper_included:
         logger.info("[search] note: the paper's (1.2, 1.1, 1.15) (product %.3f) is outside the configured ranges "

@@ -151,6 +151,25 @@ def test_optuna_trials_never_share_a_triple_and_a_search_wanting_more_than_the_r
     assert refused.value.key == "search.num_trials"
 
 
+def test_a_search_gpu_share_is_applied_on_gpus_and_said_unused_without_them(make_config, caplog):
+    """``search.gpus_per_trial`` with ``train.use_gpu: false`` (the cifar10-gpu preset tried on a CPU machine):
+    the trials ran on CPUs without a word about the setting."""
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, search_template
+    from pipelines.search import with_search_gpu_share
+
+    def template(cfg):
+        return plan_model_runs(cfg, describe_dataset(cfg.data), [search_template(cfg)], stage="search",
+                               cluster_cpus=2)[0]
+
+    on_cpus = make_config("search.gpus_per_trial=0.5", "data.image_size=16")
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert with_search_gpu_share(on_cpus, template(on_cpus)).workers == template(on_cpus).workers
+    assert "search.gpus_per_trial (0.5) is left unused: train.use_gpu is false" in caplog.text
+    on_gpus = make_config("search.gpus_per_trial=0.5", "data.image_size=16", "train.use_gpu=true", "ray.num_gpus=1")
+    assert with_search_gpu_share(on_gpus, template(on_gpus)).workers.gpus_per_worker == 0.5
+
+
 def test_found_coefficients_define_the_efficientnet_family(make_config):
     cfg = make_config("train.models=[resnet18]", "search.phis=[0, 1, 2]", "data.image_size=16")
     choices = {c.name: c for c in resolve_models(cfg, {"alpha": 1.3, "beta": 1.1, "gamma": 1.1})}
