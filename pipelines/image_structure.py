@@ -55,6 +55,8 @@ MAX_TIFF_TAGS = 1024
 #: each; per sample (bits per sample, sample format, extra samples): at most this many; a colour map three per
 #: palette entry of up to 16 bits.
 MAX_TIFF_TAG_VALUES = {"single": 16, "per_sample": 1024, "colour_map": 3 * 65536}
+#: Chunks of a WebP walked for its EXIF (an animated one has a chunk per frame; the EXIF chunk comes last).
+MAX_WEBP_CHUNKS = 1 << 16
 #: Strips or tiles of a TIFF: at most one strip per row and sample, or one 16 x 16 tile (the smallest the format
 #: allows) per sample, and never more than this.
 MAX_TIFF_OFFSETS = 1 << 18
@@ -101,6 +103,8 @@ def check_structure(data: bytes) -> None:
         _check_gif(data)
     elif data.startswith(_TIFF_CLASSIC + _TIFF_BIG):
         _check_tiff(data)
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        _check_webp(data)
     elif data[:1] == b"P" and len(data) > 1 and data[1:2] in b"0123456fy":  # Pillow's PPM family
         tokens = 2 if data[1:2] in (b"1", b"4") else 3
         if _PPM_HEADER[tokens].match(data[:MAX_PPM_HEADER_BYTES]) is None:
@@ -210,6 +214,8 @@ def _check_png(data: bytes) -> None:
                 if compressed > MAX_PNG_COMPRESSED_CHUNKS:
                     _refuse(f"malformed PNG: more than {MAX_PNG_COMPRESSED_CHUNKS} compressed text or profile "
                             "chunks")
+            if kind == b"eXIf":
+                _check_exif(data[position + 8:position + 8 + length])
             if kind == b"IEND":
                 return
         position += 12 + length
@@ -319,3 +325,79 @@ def _check_tiff(data: bytes) -> None:
     if offsets > most:
         _refuse(f"malformed TIFF: {offsets:,} {what} for a {width}x{height} image of {samples} sample(s) "
                 f"(at most {most:,})")
+    _check_exif_directories(data, order, big, entries)
+
+
+#: Directories an image's first one points to whose tags Pillow parses in Python when it loads the image or reads
+#: its EXIF: EXIF and GPS, and the EXIF directory's Interop one.
+_EXIF_POINTERS = {34665: "EXIF directory", 34853: "GPS directory"}
+_INTEROP_POINTER = 40965
+
+
+def _pointer(entry: tuple[int, int, bytes] | None, order: str, big: bool) -> int | None:
+    """The offset a directory-pointer tag holds (a LONG or IFD value, or their 64-bit kinds in a BigTIFF)."""
+    if entry is None or entry[1] != 1:
+        return None
+    kind, _, value = entry
+    formats = {4: "I", 13: "I", 16: "Q", 18: "Q"}
+    if kind not in formats or struct.calcsize(formats[kind]) > len(value):
+        return None
+    return struct.unpack_from(f"{order}{formats[kind]}", value)[0]
+
+
+def _directory(data: bytes, offset: int, order: str, big: bool, what: str) -> dict[int, tuple[int, int, bytes]]:
+    """The entries of the directory at ``offset`` (none where it lies outside ``data``: Pillow's error then),
+    refused beyond :data:`MAX_TIFF_TAGS` tags."""
+    count_format, entry_format, entry_size = ("Q", "HHQ8s", 20) if big else ("H", "HHI4s", 12)
+    count_size = struct.calcsize(count_format)
+    if offset + count_size > len(data):
+        return {}
+    tags = struct.unpack_from(f"{order}{count_format}", data, offset)[0]
+    if tags > MAX_TIFF_TAGS:
+        _refuse(f"malformed TIFF: {tags:,} tags in its {what} (at most {MAX_TIFF_TAGS})")
+    entries = {}
+    for index in range(tags):
+        at = offset + count_size + index * entry_size
+        if at + entry_size > len(data):
+            break
+        tag, kind, count, value = struct.unpack_from(f"{order}{entry_format}", data, at)
+        entries[tag] = (kind, count, value)
+    return entries
+
+
+def _check_exif_directories(data: bytes, order: str, big: bool, first: dict[int, tuple[int, int, bytes]]) -> None:
+    """The EXIF and GPS directories ``first`` points to, and the EXIF one's Interop directory: Pillow parses every
+    tag of them when it loads the image, which the first directory's bound left unbounded (65,535 tags in an 8x8
+    TIFF's EXIF directory held a decode thread for about a second)."""
+    for tag, what in _EXIF_POINTERS.items():
+        offset = _pointer(first.get(tag), order, big)
+        if offset is None:
+            continue
+        entries = _directory(data, offset, order, big, what)
+        if tag == 34665 and (inner := _pointer(entries.get(_INTEROP_POINTER), order, big)) is not None:
+            _directory(data, inner, order, big, "Interop directory")
+
+
+def _check_exif(payload: bytes) -> None:
+    """An EXIF block (a PNG's eXIf chunk, a WebP's EXIF chunk: a TIFF stream without pixels): its first directory,
+    which reading the orientation parses tag by tag, and the directories it points to, within
+    :data:`MAX_TIFF_TAGS` tags each. A block without its TIFF header is left to Pillow (it reads as no EXIF)."""
+    payload = payload.removeprefix(b"Exif\x00\x00")
+    if not payload.startswith(_TIFF_CLASSIC) or len(payload) < 8:
+        return
+    order = "<" if payload[:2] == b"II" else ">"
+    first = _directory(payload, struct.unpack_from(f"{order}I", payload, 4)[0], order, False, "EXIF block")
+    _check_exif_directories(payload, order, False, first)
+
+
+def _check_webp(data: bytes) -> None:
+    """A WebP's EXIF chunk (:func:`_check_exif`), among its first :data:`MAX_WEBP_CHUNKS` chunks (libwebp walks
+    the container in C: only this walk is Python)."""
+    position = 12
+    for _ in range(MAX_WEBP_CHUNKS):
+        if position + 8 > len(data):
+            return
+        kind, length = struct.unpack_from("<4sI", data, position)
+        if kind == b"EXIF":
+            _check_exif(data[position + 8:position + 8 + length])
+        position += 8 + length + (length & 1)

@@ -117,6 +117,31 @@ def _tiff_with_strips(strips: int, big: bool = False, extra: tuple = ()) -> byte
     return header + directory + bytes(8) + struct.pack(f"<{strips}{value}", *([offsets_at] * strips))
 
 
+def _exif_block(tags: int, pointer: int | None = None) -> bytes:
+    """An EXIF block (a TIFF stream without pixels) whose first directory holds ``tags`` SHORT tags; with
+    ``pointer`` (34665: EXIF, 34853: GPS), a first directory of that one tag pointing to a directory of them."""
+    import struct
+
+    def directory(count: int) -> bytes:
+        return struct.pack("<H", count) + b"".join(struct.pack("<HHIHH", 1 + i, 3, 1, i, 0) for i in range(count)) \
+            + struct.pack("<I", 0)
+
+    if pointer is None:
+        return b"II*\x00" + struct.pack("<I", 8) + directory(tags)
+    first = struct.pack("<H", 1) + struct.pack("<HHII", pointer, 4, 1, 8 + 2 + 12 + 4) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + first + directory(tags)
+
+
+def _tiff_pointing_to(pointer: int, tags: int) -> bytes:
+    """An 8 x 8 grey TIFF whose first directory points (tag ``pointer``) to a directory of ``tags`` tags."""
+    import struct
+
+    placeholder = _tiff_with_strips(8, extra=((pointer, 4, 1, 0),))
+    base = _tiff_with_strips(8, extra=((pointer, 4, 1, len(placeholder)),))
+    return base + struct.pack("<H", tags) + b"".join(struct.pack("<HHIHH", 1 + i, 3, 1, i, 0)
+                                                     for i in range(tags)) + struct.pack("<I", 0)
+
+
 @functools.cache
 def _structure_bombs() -> dict[str, bytes]:
     """1 MB bodies of tiny structural elements or stray bytes, each walked by Pillow one Python step per element
@@ -159,7 +184,19 @@ def _structure_bombs() -> dict[str, bytes]:
                                       + b"\xff\xd9"),
         "jpeg_frame_headers": jpeg[:2] + (b"\xff\xc0\x00\x11" + bytes(15)) * 8 + jpeg[2:],
         "ppm_comment_in_a_number": b"P5 1#\n2#\n3#" + b"c" * size + b"\n255\n" + bytes(64),
+        # Directories Pillow parses tag by tag when it loads the image or reads its orientation (a second each).
+        "tiff_exif_directory": _tiff_pointing_to(34665, 65535),
+        "tiff_gps_directory": _tiff_pointing_to(34853, 65535),
+        "png_exif_block": png[:33] + _png_chunk(b"eXIf", _exif_block(65535)) + png[33:],
+        "png_exif_directory": png[:33] + _png_chunk(b"eXIf", _exif_block(65535, pointer=34665)) + png[33:],
+        "webp_exif_block": _webp_with_exif(_exif_block(65535)),
     }
+
+
+def _webp_with_exif(exif: bytes) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, "WEBP", exif=exif)
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("kind", [
@@ -167,7 +204,8 @@ def _structure_bombs() -> dict[str, bytes]:
     "jpeg_scans", "jpeg_comment_hiding_scans", "jpeg_frame_headers", "png_chunks", "png_data_chunks",
     "gif_extension_blocks", "gif_empty_extensions", "gif_extension_after_an_empty_block", "gif_stray_bytes",
     "ppm_header", "ppm_comment_in_a_number", "tiff_tags", "tiff_strips", "bigtiff_strips", "tiff_strips_beside_tiles",
-    "tiff_tag_twice", "tiff_resolution_values"])
+    "tiff_tag_twice", "tiff_resolution_values", "tiff_exif_directory", "tiff_gps_directory", "png_exif_block",
+    "png_exif_directory", "webp_exif_block"])
 def test_containers_no_encoder_writes_are_refused_before_pillow_parses_them(kind):
     """Pillow's header parse runs in Python per structural element (on a replica's event loop) and a JPEG's scans
     each cost a pass over the image: an upload of thousands of tiny elements or stray bytes is refused from a
