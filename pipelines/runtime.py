@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, PipelineConfig, ray_address
@@ -333,6 +334,21 @@ def addable_node_types(bootstrap_config: str = BOOTSTRAP_CONFIG) -> list[dict[st
     this code can see. From the GCS's cluster config (KubeRay, autoscaler v2), else from the config `ray up`
     leaves on the head (the GCS holds none for a `ray up` cluster in open-source Ray: cluster.yaml's GPU workers,
     at zero when a stage starts, went uncounted)."""
+    groups = addable_node_groups(bootstrap_config)
+    return None if groups is None else [shape for shape, _ in groups.types]
+
+
+@dataclass(frozen=True)
+class NodeGroups:
+    """The node types an autoscaler can add: each one's resources and the most nodes of it (None: no limit), and
+    the most worker nodes in all (None: no limit)."""
+
+    types: list[tuple[dict[str, float], int | None]]
+    max_workers: int | None
+
+
+def addable_node_groups(bootstrap_config: str = BOOTSTRAP_CONFIG) -> NodeGroups | None:
+    """:func:`addable_node_types` with how many nodes of each type, and in all, the autoscaler may run."""
     try:
         from ray._private.state import state  # the autoscaler's node types: a DeveloperAPI, so guarded
 
@@ -340,8 +356,9 @@ def addable_node_types(bootstrap_config: str = BOOTSTRAP_CONFIG) -> list[dict[st
     except Exception:  # noqa: BLE001 - another Ray's internals: what the nodes say must do
         config = None
     if config is not None:
-        return [{key: float(value) for key, value in group.resources.items()}
-                for group in config.node_group_configs if group.max_count != 0]
+        return NodeGroups([({key: float(value) for key, value in group.resources.items()},
+                            group.max_count if group.max_count >= 0 else None)
+                           for group in config.node_group_configs if group.max_count != 0], None)
     path = Path(bootstrap_config).expanduser()
     if ray_started_here() or not path.is_file():
         return None
@@ -350,12 +367,44 @@ def addable_node_types(bootstrap_config: str = BOOTSTRAP_CONFIG) -> list[dict[st
 
         launcher = yaml.safe_load(path.read_text())
         types = launcher["available_node_types"]
-        return [{key: float(value) for key, value in (spec.get("resources") or {}).items()}
-                for name, spec in types.items()
-                if name != launcher.get("head_node_type") and int(spec.get("max_workers", 0)) > 0]
+        limit = launcher.get("max_workers")
+        return NodeGroups([({key: float(value) for key, value in (spec.get("resources") or {}).items()},
+                            int(spec["max_workers"]))
+                           for name, spec in types.items()
+                           if name != launcher.get("head_node_type") and int(spec.get("max_workers", 0)) > 0],
+                          int(limit) if limit is not None else None)
     except Exception as err:  # noqa: BLE001 - unreadable: as if there were none
         logger.debug("cannot read %s: %s", path, err)
         return None
+
+
+def most_workers_placeable(need: dict[str, float], spread: bool, alive: list[dict[str, float]],
+                           groups: NodeGroups | None) -> int | None:
+    """How many workers of ``need`` (CPU, GPU) the cluster can ever hold at once: on its ``alive`` nodes (their
+    totals) and on the nodes its autoscaler may add (``groups``: each type up to its count, less the alive nodes
+    of its shape, and all within the cluster's cap on worker nodes); with ``spread`` (STRICT_SPREAD) one per node.
+    None where the autoscaler's limits are not all known (a node type without a limit or without its resources)."""
+    needed = {key: value for key, value in need.items() if value > 0}
+    if not needed:
+        return None
+
+    def slots(shape: dict[str, float]) -> int:
+        held = min(requests_fitting(shape.get(key, 0.0), value, key) for key, value in needed.items())
+        return min(held, 1) if spread else held
+
+    total = sum(slots(node) for node in alive)
+    if groups is None:
+        return total
+    if any(count is None or "CPU" not in shape for shape, count in groups.types):
+        return None  # (a type's resources not filled in: what it holds is not known here)
+    alive_workers = max(len(alive) - 1, 0)  # (one of them the head)
+    room = None if groups.max_workers is None else max(groups.max_workers - alive_workers, 0)
+    addable = []
+    for shape, count in groups.types:
+        running = sum(1 for node in alive if all(node.get(key, 0.0) == shape.get(key, 0.0) for key in ("CPU", "GPU")))
+        addable += [slots(shape)] * max(count - running, 0)
+    addable.sort(reverse=True)
+    return total + sum(addable if room is None else addable[:room])
 
 
 #: File systems every node of a cluster can mount at the same path (shared storage for Ray Train's checkpoints).
@@ -438,6 +487,7 @@ def check_workers_fit(workers, what: str, gpu_key: str = "train.gpus_per_worker"
     shapes, complete = node_shapes()
     if not shapes or any(all(shape.get(key, 0.0) + 1e-6 >= value for key, value in need.items()
                              if value > 0) for shape in shapes):
+        _check_workers_fit_the_cluster(workers, what, gpu_key)
         return
     wanted = ", ".join(f"{value:g} {key}" for key, value in need.items() if value > 0)
     largest = max(shapes, key=lambda shape: (shape.get("GPU", 0.0), shape.get("CPU", 0.0)))
@@ -453,3 +503,26 @@ def check_workers_fit(workers, what: str, gpu_key: str = "train.gpus_per_worker"
     if complete:
         raise ConfigError(key, message)
     logger.warning("warning: %s; it waits until such a node joins", message)
+
+
+def _check_workers_fit_the_cluster(workers, what: str, gpu_key: str) -> None:
+    """Refuse a run of more workers than the whole cluster can ever hold at once (its nodes and those its
+    autoscaler may add, within each node type's ``max_workers`` and the cluster's): each worker fitted some node,
+    and the autoscaler stopped at its limits while Ray Train retried the worker group without end."""
+    if workers.placement_strategy == "STRICT_PACK" or not ray_started_here() and addable_node_groups() is None:
+        return  # (all on one node: checked above; nodes this code cannot see may join)
+    import ray
+
+    need = {"CPU": float(workers.cpus_per_worker), "GPU": float(workers.gpus_per_worker) if workers.use_gpu else 0}
+    alive = [{key: float(value) for key, value in node["Resources"].items()}
+             for node in ray.nodes() if node.get("Alive")]
+    spread = workers.placement_strategy == "STRICT_SPREAD"
+    most = most_workers_placeable(need, spread, alive, None if ray_started_here() else addable_node_groups())
+    if most is None or workers.num_workers <= most:
+        return
+    per = "one per node (train.placement_strategy STRICT_SPREAD)" if spread else "at once"
+    raise ConfigError("train.num_workers", f"{what}: {workers.num_workers} workers, but this cluster can hold at "
+                                           f"most {most} of them {per}, with every node its autoscaler may add "
+                                           f"(each type's and the cluster's max_workers); lower train.num_workers "
+                                           f"or {gpu_key if workers.use_gpu else 'train.cpus_per_worker'}, or "
+                                           "raise max_workers in the cluster's config")

@@ -125,6 +125,28 @@ def test_a_node_local_storage_path_on_a_cluster_is_warned_of(storage, nodes, mou
         assert storage in message and "Unable to set up cluster storage" in message
 
 
+def test_a_run_of_more_workers_than_the_autoscaler_may_ever_run_is_counted_against_its_limits():
+    """cluster.yaml's 4 x g5.xlarge (one GPU each) took train.num_workers: 8 with use_gpu: every worker fitted a
+    node type, the autoscaler stopped at 4 nodes, and Ray Train retried the worker group without end."""
+    from pipelines.runtime import NodeGroups, most_workers_placeable
+
+    head, gpu_node = {"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0}
+    cluster = NodeGroups([(gpu_node, 4)], 4)  # cluster.yaml: gpu_worker max_workers 4, max_workers 4
+    one_gpu = {"CPU": 1.0, "GPU": 1.0}
+    assert most_workers_placeable(one_gpu, False, [head], cluster) == 4
+    assert most_workers_placeable(one_gpu, False, [head, gpu_node, gpu_node], cluster) == 4  # 2 up, 2 to add
+    assert most_workers_placeable({"CPU": 1.0, "GPU": 0.5}, False, [head], cluster) == 8
+    assert most_workers_placeable({"CPU": 6.0}, False, [head], cluster) == 1  # only the head holds 6 CPUs
+    assert most_workers_placeable({"CPU": 1.0}, True, [head], cluster) == 5  # STRICT_SPREAD: one per node
+    # The cluster's own cap: 4 worker nodes in all, the larger type first.
+    mixed = NodeGroups([(gpu_node, 4), ({"CPU": 16.0}, 10)], 4)
+    assert most_workers_placeable({"CPU": 1.0}, False, [head], mixed) == 8 + 4 * 16
+    # Unknown limits or resources: nothing is refused.
+    assert most_workers_placeable(one_gpu, False, [head], NodeGroups([(gpu_node, None)], None)) is None
+    assert most_workers_placeable(one_gpu, False, [head], NodeGroups([({}, 4)], 4)) is None
+    assert most_workers_placeable(one_gpu, False, [head, gpu_node], None) == 1  # no autoscaler: the nodes there
+
+
 def test_the_node_types_ray_up_leaves_on_the_head_count_as_nodes_it_can_add(tmp_path):
     """The GCS holds no autoscaler config for a `ray up` cluster in open-source Ray: cluster.yaml's GPU workers,
     at zero when a stage starts, were not counted (no CPU share from their shape, no warning of a node-local
@@ -141,8 +163,11 @@ def test_the_node_types_ray_up_leaves_on_the_head_count_as_nodes_it_can_add(tmp_
     launcher["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 4, "GPU": 1, "memory": 1.2e10}
     bootstrap = tmp_path / "ray_bootstrap_config.yaml"
     bootstrap.write_text(json.dumps(launcher))
-    script = ("from pipelines.runtime import addable_node_types as a; "
-              f"print(a({str(bootstrap)!r}), a({str(tmp_path / 'none.yaml')!r}))")
+    script = ("from pipelines.runtime import addable_node_groups as g, addable_node_types as a; "
+              f"print(a({str(bootstrap)!r}), a({str(tmp_path / 'none.yaml')!r})); print(g({str(bootstrap)!r}))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "[{'CPU': 4.0, 'GPU': 1.0, 'memory': 12000000000.0}] None"
+    # With how many of them, and of all workers, the autoscaler may run (cluster.yaml: 4 and 4).
+    assert out.stdout.split("\n")[1] == ("NodeGroups(types=[({'CPU': 4.0, 'GPU': 1.0, 'memory': 12000000000.0}, 4)], "
+                                         "max_workers=4)")

@@ -336,9 +336,13 @@ def test_a_worker_no_node_can_hold_is_refused_before_the_stage_starts(ray_cluste
         return SimpleNamespace(cpus_per_worker=cpus, gpus_per_worker=gpus, use_gpu=gpus > 0,
                                num_workers=count, placement_strategy=strategy)
 
-    check_workers_fit(workers(1.5), "fits")  # two workers of 1.5 CPUs: one per node would do
+    check_workers_fit(workers(0.9), "fits")  # two workers of 0.9 CPUs
     with pytest.raises(ConfigError, match="all its workers together"):
         check_workers_fit(workers(1.5, strategy="STRICT_PACK"), "packed")
+    # Each worker fits the node, but not both at once: Ray Train retried for good (here the 2-CPU local Ray).
+    with pytest.raises(ConfigError, match="2 workers, but this cluster can hold at most 1 of them") as too_many:
+        check_workers_fit(workers(1.5), "two of 1.5 CPUs")
+    assert too_many.value.key == "train.num_workers"
     with pytest.raises(ConfigError) as no_gpu:
         check_workers_fit(workers(1, gpus=0.5), "gpu", gpu_key="search.gpus_per_trial")
     assert no_gpu.value.key == "search.gpus_per_trial"
