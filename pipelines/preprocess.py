@@ -172,6 +172,11 @@ class PreprocessSpec:
             image = Image.fromarray(scaled, mode="L")
             if alpha is not None:  # composited on the background below, as the 8-bit image's colour key is
                 image = Image.merge("LA", (image, Image.fromarray(alpha, mode="L")))
+        if image.mode == "1" and isinstance(image.info.get("transparency"), int):
+            # Its colour key: the conversion to L below dropped it (transparent areas kept their colour).
+            key = 255 if image.info["transparency"] else 0
+            grey = image.convert("L")
+            image = Image.merge("LA", (grey, grey.point(lambda v: 0 if v == key else 255)))
         if image.mode in ("L", "RGB") and "transparency" in image.info:
             # A colour key (what optipng makes of an RGBA image whose alpha is all 0 or 255): composited on
             # the background like the same image sent with an alpha channel.
@@ -275,6 +280,20 @@ def turned(image: Image.Image, orientation: int) -> Image.Image:
     drop its EXIF); itself when that is 1 or unknown."""
     method = _UNDO_ORIENTATION.get(orientation)
     return image.transpose(method) if method is not None else image
+
+
+def key_on_pixel_scale(image: Image.Image) -> Image.Image:
+    """``image`` (just opened, not loaded) with a 2- or 4-bit grey PNG's colour key on the scale of its pixels:
+    Pillow keeps the key on the file's (a 2-bit white is 3) and stretches the pixels to 0-255, so no pixel matched
+    it and transparent areas kept their colour. Read from the file's sample layout, which the load drops."""
+    tile = getattr(image, "tile", None) or []
+    raw = tile[0][3] if tile else None
+    raw = raw[0] if isinstance(raw, tuple) and raw else raw
+    scale = {"L;2": 85, "L;4": 17}.get(raw, 1) if isinstance(raw, str) else 1
+    key = image.info.get("transparency")
+    if image.mode == "L" and scale > 1 and isinstance(key, int):
+        image.info["transparency"] = min(key * scale, 255)
+    return image
 
 
 def _orientation(image: Image.Image) -> int:
@@ -419,7 +438,7 @@ def open_image_file(path: str | os.PathLike) -> Image.Image:
     :data:`ACCEPTED_FORMATS`. Opened by path, Pillow memory-maps an uncompressed TIFF and read one turned by its
     EXIF (orientations 5-8) with the turned width as its row stride: training saw stripes where the server saw
     the picture."""
-    return Image.open(io.BytesIO(Path(path).read_bytes()), formats=list(ACCEPTED_FORMATS))
+    return key_on_pixel_scale(Image.open(io.BytesIO(Path(path).read_bytes()), formats=list(ACCEPTED_FORMATS)))
 
 
 def open_image(data: bytes, formats: tuple[str, ...] = ACCEPTED_FORMATS) -> Image.Image:
@@ -433,7 +452,7 @@ def open_image(data: bytes, formats: tuple[str, ...] = ACCEPTED_FORMATS) -> Imag
         raise ImageDecodeError("empty body: send the image bytes")
     check_structure(data)
     try:
-        return Image.open(io.BytesIO(data), formats=list(formats))
+        return key_on_pixel_scale(Image.open(io.BytesIO(data), formats=list(formats)))
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"image too large: {err}") from None
     except Exception:  # noqa: BLE001 - Pillow raises many types for garbage input

@@ -535,6 +535,21 @@ def test_every_pil_mode_converts_to_the_model_input(mode, channels):
     assert tensor.shape == (1, channels, 8, 8) and tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_a_low_bit_depth_grey_pngs_colour_key_is_transparent_in_training_and_serving(tmp_path, bits):
+    """Optimisers (optipng, oxipng) write black-and-white images as 1-, 2- or 4-bit grey PNGs with a colour key:
+    a 2- or 4-bit key stayed on the file's scale while the pixels were stretched to 0-255, and a 1-bit image's
+    key was dropped with its mode: the transparent white stayed white on a black background."""
+    grey = np.tile(np.array([0, 255, 0, 255], dtype=np.uint8), (4, 1))  # black strokes, white transparent
+    image = Image.fromarray(grey > 0) if bits == 1 else Image.fromarray(grey, "L")
+    path = tmp_path / "key.png"
+    image.save(path, "PNG", transparency=1 if bits == 1 else 2**bits - 1, **({} if bits == 1 else {"bits": bits}))
+    spec = PreprocessSpec(image_size=4, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b"), background=0)
+    trained = spec.image_to_uint8(RawSplit(labels=np.array([0]), paths=[str(path)]).pil(0))
+    served = spec.image_to_uint8(decode_image(path.read_bytes(), max_pixels=10_000))
+    assert torch.equal(trained, served) and int(trained.max()) == 0  # every white pixel on the black background
+
+
 def test_16_bit_and_float_images_are_scaled_not_clipped():
     # Pillow's own conversion to L clips 16-bit values at 255 and truncates floats: a mid-grey 16-bit scan
     # would turn white and a 0-1 float image black.
