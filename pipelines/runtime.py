@@ -378,6 +378,10 @@ def addable_node_groups(bootstrap_config: str = BOOTSTRAP_CONFIG) -> NodeGroups 
         return None
 
 
+#: The resource only the head node has.
+HEAD_RESOURCE = "node:__internal_head__"
+
+
 def most_workers_placeable(need: dict[str, float], spread: bool, alive: list[dict[str, float]],
                            groups: NodeGroups | None) -> int | None:
     """How many workers of ``need`` (CPU, GPU) the cluster can ever hold at once: on its ``alive`` nodes (their
@@ -397,13 +401,21 @@ def most_workers_placeable(need: dict[str, float], spread: bool, alive: list[dic
         return total
     if any(count is None or "CPU" not in shape for shape, count in groups.types):
         return None  # (a type's resources not filled in: what it holds is not known here)
-    alive_workers = max(len(alive) - 1, 0)  # (one of them the head)
-    room = None if groups.max_workers is None else max(groups.max_workers - alive_workers, 0)
-    addable = []
-    for shape, count in groups.types:
-        running = sum(1 for node in alive if all(node.get(key, 0.0) == shape.get(key, 0.0) for key in ("CPU", "GPU")))
-        addable += [slots(shape)] * max(count - running, 0)
-    addable.sort(reverse=True)
+    # Each alive worker node taken for one node of the first type of its shape with a node left to run (the head
+    # is none: `ray up` leaves its type out); one of no type's shape (joined by hand) counts against no limit.
+    left = [count for _, count in groups.types]
+    launched = 0
+    for node in alive:
+        if HEAD_RESOURCE in node:
+            continue
+        for index, (shape, _) in enumerate(groups.types):
+            if left[index] > 0 and all(node.get(key, 0.0) == shape.get(key, 0.0) for key in ("CPU", "GPU")):
+                left[index] -= 1
+                launched += 1
+                break
+    room = None if groups.max_workers is None else max(groups.max_workers - launched, 0)
+    addable = sorted((slots(shape) for (shape, _), count in zip(groups.types, left, strict=True)
+                      for _ in range(count)), reverse=True)
     return total + sum(addable if room is None else addable[:room])
 
 

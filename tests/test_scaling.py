@@ -145,6 +145,13 @@ def test_a_run_of_more_workers_than_the_autoscaler_may_ever_run_is_counted_again
     assert most_workers_placeable(one_gpu, False, [head], NodeGroups([(gpu_node, None)], None)) is None
     assert most_workers_placeable(one_gpu, False, [head], NodeGroups([({}, 4)], 4)) is None
     assert most_workers_placeable(one_gpu, False, [head, gpu_node], None) == 1  # no autoscaler: the nodes there
+    # The head is no worker node, though it may have a worker type's shape; a node is one type's, not two.
+    head_like = {"CPU": 4.0, "GPU": 1.0, "node:__internal_head__": 1.0}
+    assert most_workers_placeable(one_gpu, False, [head_like], cluster) == 5
+    assert most_workers_placeable({"CPU": 8.0}, False, [{"CPU": 8.0, "node:__internal_head__": 1.0},
+                                                        {"CPU": 8.0}], NodeGroups([({"CPU": 8.0}, 2)], 2)) == 3
+    spot_and_on_demand = NodeGroups([(gpu_node, 2), (gpu_node, 2)], None)
+    assert most_workers_placeable(one_gpu, False, [head, gpu_node], spot_and_on_demand) == 4
 
 
 def test_the_node_types_ray_up_leaves_on_the_head_count_as_nodes_it_can_add(tmp_path):
