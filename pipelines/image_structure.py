@@ -391,8 +391,8 @@ def _check_exif(payload: bytes) -> None:
 
 
 def _check_webp(data: bytes) -> None:
-    """A WebP's EXIF chunk (:func:`_check_exif`), among its first :data:`MAX_WEBP_CHUNKS` chunks (libwebp walks
-    the container in C: only this walk is Python)."""
+    """A WebP's EXIF chunk (:func:`_check_exif`), and at most :data:`MAX_WEBP_CHUNKS` chunks before the end (past
+    them the EXIF chunk could hide from this walk)."""
     position = 12
     for _ in range(MAX_WEBP_CHUNKS):
         if position + 8 > len(data):
@@ -401,3 +401,5 @@ def _check_webp(data: bytes) -> None:
         if kind == b"EXIF":
             _check_exif(data[position + 8:position + 8 + length])
         position += 8 + length + (length & 1)
+    if position + 8 <= len(data):
+        _refuse(f"malformed WebP: more than {MAX_WEBP_CHUNKS:,} chunks")

@@ -344,7 +344,7 @@ DECODE_COST: dict[str, float] = {"F": 3.0, "I": 3.0, "RGBA": 2.0, "LA": 2.0, "PA
 
 def decode_mode(image: Image.Image) -> str:
     """The mode :data:`DECODE_COST` knows ``image`` by: its own, or "P+alpha" for a transparent colour key."""
-    if "transparency" in image.info and image.mode in ("P", "L", "RGB", "I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if "transparency" in image.info and image.mode in ("1", "P", "L", "RGB", "I;16", "I;16B", "I;16L", "I;16N", "I"):
         return "P+alpha" if not image.mode.startswith("I") else "I+alpha"
     return image.mode
 

@@ -190,13 +190,20 @@ def _structure_bombs() -> dict[str, bytes]:
         "png_exif_block": png[:33] + _png_chunk(b"eXIf", _exif_block(65535)) + png[33:],
         "png_exif_directory": png[:33] + _png_chunk(b"eXIf", _exif_block(65535, pointer=34665)) + png[33:],
         "webp_exif_block": _webp_with_exif(_exif_block(65535)),
+        "webp_chunks_hiding_exif": _webp_with_exif(_exif_block(65535), padding=70_000),
     }
 
 
-def _webp_with_exif(exif: bytes) -> bytes:
+def _webp_with_exif(exif: bytes, padding: int = 0) -> bytes:
+    """An 8 x 8 WebP with ``exif``, after ``padding`` empty chunks of no kind Pillow knows."""
+    import struct
+
     buffer = io.BytesIO()
     Image.new("L", (8, 8)).save(buffer, "WEBP", exif=exif)
-    return buffer.getvalue()
+    data = buffer.getvalue()
+    exif_at = data.index(b"EXIF", 12)
+    data = data[:exif_at] + b"JUNK\x00\x00\x00\x00" * padding + data[exif_at:]
+    return data[:4] + struct.pack("<I", len(data) - 8) + data[8:]
 
 
 @pytest.mark.parametrize("kind", [
@@ -205,7 +212,7 @@ def _webp_with_exif(exif: bytes) -> bytes:
     "gif_extension_blocks", "gif_empty_extensions", "gif_extension_after_an_empty_block", "gif_stray_bytes",
     "ppm_header", "ppm_comment_in_a_number", "tiff_tags", "tiff_strips", "bigtiff_strips", "tiff_strips_beside_tiles",
     "tiff_tag_twice", "tiff_resolution_values", "tiff_exif_directory", "tiff_gps_directory", "png_exif_block",
-    "png_exif_directory", "webp_exif_block"])
+    "png_exif_directory", "webp_exif_block", "webp_chunks_hiding_exif"])
 def test_containers_no_encoder_writes_are_refused_before_pillow_parses_them(kind):
     """Pillow's header parse runs in Python per structural element (on a replica's event loop) and a JPEG's scans
     each cost a pass over the image: an upload of thousands of tiny elements or stray bytes is refused from a
@@ -561,3 +568,13 @@ def test_normalizing_a_batch_makes_its_constants_once_per_device_and_never_waits
     torch.testing.assert_close(served, expected)
     torch.testing.assert_close(trained, expected)
     assert all(a is b for a, b in zip(first, normalization_tensors(spec.mean, spec.std, images.device), strict=True))
+
+
+def test_a_one_bit_images_colour_key_is_counted_as_the_others_are():
+    """A keyed 1-bit image is composited through an alpha band as a keyed grey one is, but was charged as a plain
+    1-bit image: a 40 Mpx upload passed the budget using about twice the memory it is sized for."""
+    from pipelines.preprocess import decode_mode
+
+    buffer = io.BytesIO()
+    Image.new("1", (8, 8), 1).save(buffer, "PNG", transparency=1)
+    assert decode_mode(Image.open(io.BytesIO(buffer.getvalue()))) == "P+alpha"
