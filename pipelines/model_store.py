@@ -189,15 +189,16 @@ def trace_for_serving(model: nn.Module, spec: PreprocessSpec) -> tuple[nn.Module
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        # (the warning filters are the process's: set and put back under the lock, or two traces at once undid
+        # each other's)
+        with _FOLDING_AND_TRACING, warnings.catch_warnings(), torch.no_grad():
             # cnnmodels' input-size check reads the shape as a Python bool: constant for a fixed input size.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # torch.jit.trace is deprecated for torch.compile/torch.export, whose CPU models run Python (and
             # take the GIL) between kernels. Until TorchScript goes, it is the one GIL-free forward; once it
             # is gone, this raises and models are served eagerly (serve.trace_models: false does that now).
             warnings.simplefilter("ignore", FutureWarning)
-            with _FOLDING_AND_TRACING:
-                traced = torch.jit.trace(model.eval(), _probe(spec, 2, device), check_trace=False)
+            traced = torch.jit.trace(model.eval(), _probe(spec, 2, device), check_trace=False)
     except Exception as err:  # noqa: BLE001 - untraceable models are served eagerly
         logger.info("tracing skipped: %s", err)
         return model, False
