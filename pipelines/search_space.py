@@ -125,6 +125,10 @@ def _by_distance(bounds: tuple[float, float], value: float, decimals: int = 4) -
                 yield k / scale
 
 
+#: The (alpha, beta) pairs :meth:`FeasibleRegion.free_point` looks through before it gives the draw back as it is.
+MAX_FREE_POINT_PAIRS = 100_000
+
+
 @dataclass(frozen=True)
 class FeasibleRegion:
     """Maps (u, v, w) in [0, 1]^3 onto feasible (alpha, beta, gamma): every draw satisfies the constraint."""
@@ -170,22 +174,33 @@ class FeasibleRegion:
         if point not in taken:
             return point
         a, b, g = point
+        pairs = 0
         for a2 in _by_distance(self.alpha_bounds(), a):
             for b2 in _by_distance(self.beta_bounds(a2), b):
                 for g2 in _by_distance(self.gamma_bounds(a2, b2), g):
                     if (a2, b2, g2) not in taken:
                         return a2, b2, g2
+                pairs += 1
+                if pairs > MAX_FREE_POINT_PAIRS:  # (a tolerance so tight that most pairs have no gamma)
+                    return point
         return point
 
     def has_points(self, count: int) -> bool:
-        """Whether the region holds at least ``count`` different triples at 4 decimals."""
+        """Whether the region holds at least ``count`` different triples at 4 decimals: per alpha, the gammas of
+        every beta at once (a pair at a time took seconds where a tight tolerance leaves few)."""
+        import numpy as np
+
         found = 0
         for a in _by_distance(self.alpha_bounds(), self.alpha[0]):
-            for b in _by_distance(self.beta_bounds(a), self.beta[0]):
-                low, high = _scaled_bounds(self.gamma_bounds(a, b))
-                found += max(0, high - low + 1)
-                if found >= count:
-                    return True
+            low, high = _scaled_bounds(self.beta_bounds(a))
+            if low > high:
+                continue
+            b = np.arange(low, high + 1) / 10**4
+            g_low = np.maximum(self.gamma[0], np.sqrt(self.low / (a * b**2)))
+            g_high = np.minimum(self.gamma[1], np.sqrt(self.high / (a * b**2)))
+            found += int(np.maximum(np.floor(g_high * 10**4 + 1e-9) - np.ceil(g_low * 10**4 - 1e-9) + 1, 0).sum())
+            if found >= count:
+                return True
         return False
 
     def inverse(self, a: float, b: float, g: float) -> tuple[float, float, float] | None:
