@@ -793,11 +793,13 @@ def deleted_unless_started(cfg: PipelineConfig) -> Iterator[None]:
     """The app deployed in the block is deleted when the block does not finish: every model failed, a Ctrl-C or
     ``ray job stop`` while replicas start (minutes, on a cluster adding a GPU node), any error. A local Ray ends
     with the command; a cluster's detached Serve controller kept the app, its replicas' CPUs and GPUs and the
-    port, though the command had failed."""
+    port, though the command had failed. An app of the name already running (left up with ``--no-block``, and
+    redeployed in place) is left to Serve, but where every model failed."""
+    existed = cfg.name in serve.status().applications
     try:
         yield
     except BaseException as err:
-        if isinstance(err, NothingServableError) or outlives_the_command(cfg):
+        if isinstance(err, NothingServableError) or outlives_the_command(cfg) and not existed:
             logger.info("[serve] deleting the Serve app %r: it did not start (%s)", cfg.name, type(err).__name__)
             # SystemExit: Ray's own SIGTERM handler (`ray job stop`), a SIGKILL 3 s behind it.
             delete_app(cfg.name, wait_s=2.0 if isinstance(err, SystemExit) else None)

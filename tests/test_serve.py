@@ -540,6 +540,13 @@ def test_an_app_that_does_not_finish_starting_on_a_cluster_is_deleted(server):
             time.sleep(0.5)  # (the SIGTERM's deletion is asked, waited for at most 2 s)
         assert "starting" not in serve.status().applications, stop
     assert cfg.name in serve.status().applications  # the other apps are left alone
+    # An app of the name already running (left up with --no-block): its redeploy cut short leaves it to Serve.
+    serve.run(Placeholder.bind(), name="starting", route_prefix="/starting", blocking=False)
+    with pytest.raises(KeyboardInterrupt), deleted_unless_started(on_cluster):
+        serve.run(Placeholder.bind(), name="starting", route_prefix="/starting", blocking=False)
+        raise KeyboardInterrupt
+    assert "starting" in serve.status().applications
+    serve.delete("starting")
     local = cfg.model_copy(update={"name": "starting"})  # a local Ray ends with the command: nothing to delete
     with pytest.raises(KeyboardInterrupt), deleted_unless_started(local):
         serve.run(Placeholder.bind(), name="starting", route_prefix="/starting", blocking=False)
