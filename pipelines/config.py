@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+import urllib.parse
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -201,13 +202,37 @@ def _bool_or_word(value, *words: str):
     raise ValueError(f"must be {', '.join(('true', 'false', *words[:-1]))} or {words[-1]} (got {value!r})")
 
 
+#: The largest side images are trained at (``data.image_size``, an EfficientNet's ``base_resolution``).
+MAX_IMAGE_SIZE = 1024
+#: The longest file name most file systems take (ext4, XFS, APFS, NTFS: 255 bytes).
+MAX_NAME_BYTES = 255
+
+
+def checked_local_path(value: str | None) -> str | None:
+    """A local path as a config may give it: refused (``ValueError``) with a NUL byte in it, a ``~user`` whose
+    home is unknown, or a part longer than :data:`MAX_NAME_BYTES`; each failed later with an OSError, a
+    ValueError or a RuntimeError traceback, some only once Ray had started. URIs and None pass as they are."""
+    if value is None or "://" in value:
+        return value
+    if "\0" in value:
+        raise ValueError("a path cannot hold a NUL byte")
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # Path.expanduser: "Could not determine home directory"
+        raise ValueError(f"{value!r}: {value.split('/', 1)[0]} is no user's home on this machine") from None
+    if long := [part for part in path.parts if len(part.encode(errors="surrogateescape")) > MAX_NAME_BYTES]:
+        raise ValueError(f"its part {long[0][:40]!r}... is over {MAX_NAME_BYTES} bytes, longer than a file name "
+                         "can be")
+    return value
+
+
 class DataConfig(_Section):
     dataset: str = Field("digits", description="digits, fashion-mnist, cifar10 or imagefolder")
     root: Optional[str] = Field(
         None, description="data directory (fashion-mnist, cifar10, imagefolder); unset: fashion-mnist reads "
         "/usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist) when there, and downloads go to "
         "$CNNZOO_DATA/<dataset> (default ~/.cache/cnnzoo/data/<dataset>)")
-    image_size: int = Field(32, ge=8, le=1024, description="side length the images are resized to")
+    image_size: int = Field(32, ge=8, le=MAX_IMAGE_SIZE, description="side length the images are resized to")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of the training data held out for validation")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="held-out share where the data set has no test split")
     train_subset: Optional[int] = Field(
@@ -243,7 +268,7 @@ class DataConfig(_Section):
             return value
         if not value.strip():  # not the current directory: "needs data.root" says what is missing
             return None
-        return os.path.abspath(os.path.expanduser(value))
+        return os.path.abspath(os.path.expanduser(checked_local_path(value)))
 
     @field_validator("dataset")
     @classmethod
@@ -524,7 +549,7 @@ class TrackingConfig(_Section):
     uri: Optional[str] = Field(None, description="MLflow tracking URI (default: sqlite file under workdir; a "
                                "relative sqlite path is made absolute where the command runs)")
     registered_model: Optional[str] = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
         description="registry name (default: the pipeline name); MLflow refuses '/', ':' and the like")
     pending_timeout_s: float = Field(
         120.0, ge=0,
@@ -562,6 +587,19 @@ class TrackingConfig(_Section):
             # An in-memory database: every process its own, empty; every run and registration lost at exit.
             raise ValueError("an in-memory sqlite database holds nothing past the process (and each process has "
                              "its own); give a file, sqlite:///path/mlflow.db")
+        if scheme in ("http", "https"):
+            # http:// sent MLflow to a host named "api"; a bad port was taken for an outage and waited for
+            try:
+                parts = urllib.parse.urlsplit(value)
+                port = parts.port
+            except ValueError as err:
+                raise ValueError(f"{scheme}://...: not a URL MLflow can reach ({err})") from None
+            if not parts.hostname:
+                raise ValueError(f"{scheme}://...: the server's host is missing ({scheme}://host:5000)")
+            if port == 0:
+                raise ValueError(f"{scheme}://...: port 0 is no server's")
+        if scheme.split("+", 1)[0] == "sqlite" and "://" in value:
+            checked_local_path(database)
         value = absolute_sqlite_uri(value)
         known = TRACKING_SCHEMES + _plugin_tracking_schemes()
         if scheme.split("+", 1)[0] not in known:
@@ -609,6 +647,10 @@ def _plugin_tracking_schemes() -> tuple[str, ...]:
     return tuple(point.name for point in entry_points(group="mlflow.tracking_store"))
 
 
+#: Serve keeps replica and request counts as 32-bit integers: a larger one failed the deploy, after training.
+MAX_SERVE_COUNT = 2**31 - 1
+
+
 class ServeConfig(_Section):
     host: str = Field(
         "127.0.0.1",
@@ -617,11 +659,13 @@ class ServeConfig(_Section):
     )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     num_replicas: int = Field(
-        1, ge=1, description="replicas (without autoscaling); on a local Ray all of them must fit its CPUs and GPUs"
+        1, ge=1, le=MAX_SERVE_COUNT,
+        description="replicas (without autoscaling); on a local Ray all of them must fit its CPUs and GPUs",
     )
     autoscaling: bool = Field(False, description="autoscale between min_replicas and max_replicas")
-    min_replicas: int = Field(1, ge=0, description="autoscaling lower bound (on a local Ray, all of them must fit)")
-    max_replicas: int = Field(2, ge=1, description="autoscaling upper bound")
+    min_replicas: int = Field(1, ge=0, le=MAX_SERVE_COUNT,
+                              description="autoscaling lower bound (on a local Ray, all of them must fit)")
+    max_replicas: int = Field(2, ge=1, le=MAX_SERVE_COUNT, description="autoscaling upper bound")
     num_cpus: float = Field(0.5, ge=0.0, description="CPUs per replica (fractions fit small machines)")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (fractions share a GPU)")
     max_batch_size: int = Field(16, ge=1, description="dynamic batching: largest batch")
@@ -629,10 +673,12 @@ class ServeConfig(_Section):
         0.005, ge=0.0, description="dynamic batching: how long a request waits for others when the model is idle"
     )
     max_ongoing_requests: int = Field(
-        64, ge=1, description="requests a replica accepts at once (must be >= max_batch_size for batches to fill)"
+        64, ge=1, le=MAX_SERVE_COUNT,
+        description="requests a replica accepts at once (must be >= max_batch_size for batches to fill)",
     )
     max_queued_requests: int = Field(
-        256, ge=1, description="requests waiting to be given a replica slot, per Serve proxy (503 beyond; a "
+        256, ge=1, le=MAX_SERVE_COUNT,
+        description="requests waiting to be given a replica slot, per Serve proxy (503 beyond; a "
         "burst arriving at once counts too): a saturated or still-starting deployment refuses at once "
         "instead of queueing without bound"
     )
@@ -765,7 +811,7 @@ def is_loopback(host: str) -> bool:
 class PipelineConfig(_Section):
     name: str = Field(
         "quickstart",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,  # (Ray's run names add a model and a hash)
         description="MLflow experiment, registered model and run directory name",
     )
     workdir: str = Field(
@@ -782,6 +828,8 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    _local_workdir = field_validator("workdir")(checked_local_path)
+
     @field_validator("storage_path")
     @classmethod
     def _a_storage_uri_without_options(cls, value):
@@ -791,7 +839,12 @@ class PipelineConfig(_Section):
         if value is None:
             return value
         if re.match(r"^[A-Za-z][\w+.-]+:/(?!/)", value):  # (s3:/bucket/x became the local directory ./s3:/bucket/x)
-            raise ValueError(f"{value!r}: a URI needs two slashes after its scheme ({value.replace(':/', '://', 1)!r})")
+            slashes = ":///" if value.lower().startswith("file:") else "://"  # (file://tmp/x names a host "tmp")
+            fixed = value.replace(":/", slashes, 1)
+            raise ValueError(f"{value!r}: a URI needs two slashes after its scheme ({fixed!r})")
+        checked_local_path(value)
+        if "://" in value and any(c.isspace() for c in value):
+            raise ValueError(f"{value!r}: a URI cannot hold spaces (pyarrow cannot parse it)")
         if "://" in value:
             scheme, rest = value.split("://", 1)
             if scheme not in STORAGE_SCHEMES:
@@ -802,6 +855,11 @@ class PipelineConfig(_Section):
                                  "and Ray reports the checkpoint paths of abfs, hdfs and viewfs without their account "
                                  "or namenode, so they could not be read back)")
             authority = rest.split("/", 1)[0]
+            if scheme == "file" and authority:  # pyarrow: "Unsupported hostname"
+                raise ValueError(f"{value!r}: a file URI has three slashes before an absolute path "
+                                 f"(file:///{rest}), or none at all (a plain path)")
+            if scheme != "file" and not authority.rsplit("@", 1)[-1]:  # pyarrow: "Missing bucket name"
+                raise ValueError(f"{value!r}: the bucket is missing ({scheme}://bucket/path)")
             if "@" in authority and ":" in authority.rsplit("@", 1)[0]:  # (a user name alone is none)
                 # Not echoed. Logged with every run's config.yaml, and lost from the checkpoint paths Ray reports.
                 raise ValueError(f"{scheme}://...:...@...: a key or password in the storage URI would be logged with "
@@ -1137,6 +1195,9 @@ def _check_model_option_values(cfg: PipelineConfig) -> None:
             if option == "phi" and isinstance(value, (int, float)) and value > MAX_PHI:  # (before building it)
                 raise ConfigError(f"train.model_options.{name}.phi", f"{value:g} is above {MAX_PHI:g}, the largest "
                                   "phi trained, as in search.phis (EfficientNet-B7 is about 6)")
+            if option == "base_resolution" and isinstance(value, (int, float)) and value > MAX_IMAGE_SIZE:
+                raise ConfigError(f"train.model_options.{name}.base_resolution", f"{value:g} is above "
+                                  f"{MAX_IMAGE_SIZE}, the largest data.image_size")
             if option in ("alpha", "beta", "gamma") and isinstance(value, (int, float)) and value > MAX_COEFFICIENT:
                 raise ConfigError(f"train.model_options.{name}.{option}", f"{value:g} is above {MAX_COEFFICIENT:g}, "
                                   "the largest scaling coefficient (the paper's are 1.1-1.2)")
@@ -1283,7 +1344,7 @@ def _check_model_inputs_fit(cfg: PipelineConfig) -> None:
         side = side_at(PAPER_COEFFICIENTS.gamma)
         if cfg.search.compare_paper and side ** 2 > budget:
             too_large.append(f"efficientnet_paper_phi{max(phis):g} ({side} px)")
-    if budget < _LARGEST_TABLE_INPUT ** 2:
+    if budget < _LARGEST_TABLE_INPUT ** 2 or cfg.train.model_options:  # (options may scale any input past the table)
         import torch
 
         from .planning import resolve_models  # planning builds on this module
@@ -1382,6 +1443,10 @@ def _check_local_resources(cfg: PipelineConfig) -> None:
         raise ConfigError(setting, f"{workers} worker(s) x {per_worker:g} CPUs (and {TRIAL_DRIVER_CPU:g} for the "
                                    f"trial) is more than the {cpus:g} of the local Ray (ray.num_cpus): the run would "
                                    "never be placed")
+    if not train.use_gpu and cfg.data.loader_workers > cpus:
+        # Each training worker starts them for its train and validation loaders: 100,000 processes were accepted
+        raise ConfigError("data.loader_workers", f"{cfg.data.loader_workers} loader processes per training worker "
+                                                 f"is more than the {cpus:g} CPUs of the local Ray")
     if train.use_gpu and train.gpus_per_worker * workers > gpus:
         raise ConfigError("train.gpus_per_worker", f"{workers} worker(s) x {train.gpus_per_worker:g} GPU is more "
                                                    f"than the {gpus:g} of the local Ray (ray.num_gpus or CUDA)")
@@ -1515,20 +1580,35 @@ def _is_secret_key(key: str) -> bool:
     return "token" in key or any(secret == key or secret.startswith(f"{key}.") for secret in SECRET_KEYS)
 
 
+def yaml_error_line(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line, without the text it quotes (the line at fault may hold a token or a password:
+    ``auth_token: @x`` is not valid YAML)."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return type(err).__name__
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context = getattr(err, "context", None)
+    text = f"{context + ': ' if context else ''}{problem}{where}"
+    # Without what it quotes of a value ("the tag '!Zx9...'" is the token); a key given twice is named.
+    return text if problem.startswith("duplicate key") else re.sub(r"'[^']*'", "'...'", text)
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(text, "overrides look like key=value, e.g. train.epochs=5")
     key, _, raw = text.partition("=")
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(key, "malformed key")
+        raise ConfigError(key or "--set", f"malformed key {key!r} in {text.partition('=')[0]!r}=...: write "
+                                          "section.key=value")
     try:
         value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         if _is_secret_key(key):  # PyYAML quotes the text
             raise ConfigError(key, "the value is not valid YAML (not shown: it is a secret); put it in quotes, "
                                    f"--set '{key}=\"...\"'") from None
-        raise ConfigError(key, f"value {raw!r} is not valid YAML: {err}") from None
+        raise ConfigError(key, f"value {raw!r} is not valid YAML: {yaml_error_line(err)}") from None
     text_given = raw.strip()
     if (isinstance(value, str) and value != text_given and text_given[:1] not in "\"'"
             and re.search(r"\s#", text_given)):
@@ -1593,7 +1673,7 @@ def read_yaml(path: str | os.PathLike | None) -> dict:
     try:
         data = _load_yaml(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError("--config", f"{source} is not valid YAML: {err}") from None
+        raise ConfigError("--config", f"{source} is not valid YAML: {yaml_error_line(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{source} must hold a mapping of sections")
     # A section whose keys are all commented out (``ray:`` then ``#  address: auto``) reads as None: its defaults.
@@ -1651,7 +1731,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
     ``${VAR}`` references in values are replaced by environment variables first.
     """
-    data = expand_env(apply_overrides(read_yaml(path), overrides or []))
+    try:
+        data = expand_env(apply_overrides(read_yaml(path), overrides or []))
+    except RecursionError:  # (&x [resnet18, *x]: a list that holds itself)
+        raise ConfigError("config", "a YAML alias refers to the value it is in (&x [..., *x]), in the --config "
+                                    "file or a --set value") from None
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as err:

@@ -285,6 +285,32 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
         (["workdir=/tmp/run?1"], "workdir", "a '?' or a '%' and two hex digits"),
         (["name=mlflow.db"], "name", "what the workdir keeps"),
         (["serve.batch_wait_timeout_s=20"], "serve.batch_wait_timeout_s", "over half of serve.request_timeout_s"),
+        # Tracebacks (OSError, RuntimeError, ValueError, RecursionError) or failures once Ray had started:
+        (["name=" + "a" * 150], "name", "at most 100 characters"),
+        (["tracking.registered_model=" + "a" * 150], "tracking.registered_model", "at most 100 characters"),
+        (["workdir=/tmp/" + "a" * 300], "workdir", "over 255 bytes"),
+        (["storage_path=/tmp/" + "a" * 300], "storage_path", "over 255 bytes"),
+        (["data.dataset=imagefolder", "data.root=/tmp/" + "a" * 300], "data.root", "over 255 bytes"),
+        (["workdir=~cnnzoo-no-such-user/runs"], "workdir", "~cnnzoo-no-such-user is no user's home"),
+        (['workdir="/tmp/a\\0b"'], "workdir", "NUL byte"),
+        (["train.models=&x [*x]"], "config", "a YAML alias refers to the value it is in"),
+        (["=5"], "--set", "malformed key ''"),
+        (["storage_path=file:/tmp/x"], "storage_path", "'file:///tmp/x'"),  # (file://tmp/x names a host)
+        (["storage_path=file://tmp/x"], "storage_path", "three slashes"),
+        (["storage_path=s3:///x"], "storage_path", "the bucket is missing"),
+        (["storage_path=gs://"], "storage_path", "the bucket is missing"),
+        (["storage_path='s3://bucket x/y'"], "storage_path", "cannot hold spaces"),
+        (["tracking.uri=http://"], "tracking.uri", "the server's host is missing"),
+        (["tracking.uri=http://mlflow:abc"], "tracking.uri", "not a URL MLflow can reach"),
+        (["tracking.uri=https://[::1"], "tracking.uri", "not a URL MLflow can reach"),
+        (["tracking.uri=sqlite:////tmp/" + "a" * 300 + "/mlflow.db"], "tracking.uri", "over 255 bytes"),
+        (["serve.max_ongoing_requests=2147483648"], "serve.max_ongoing_requests", "less than or equal to 2147483647"),
+        (["serve.num_replicas=2147483648", "serve.num_cpus=0"], "serve.num_replicas", "less than or equal to"),
+        (["train.models=[efficientnet]", "train.model_options={efficientnet: {base_resolution: 100000}}"],
+         "train.model_options.efficientnet.base_resolution", "above 1024"),
+        (["train.models=[efficientnet]", "train.model_options={efficientnet: {base_resolution: 1024, phi: 6}}"],
+         "serve.max_resized_pixels", "efficientnet ("),
+        (["data.loader_workers=100000"], "data.loader_workers", "more than the"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key, fragment):
@@ -410,6 +436,17 @@ def test_config_errors_never_echo_a_secret(override, key, secret, monkeypatch):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert info.value.key == key and secret not in str(info.value)
+
+
+@pytest.mark.parametrize("line", ["  auth_token: @Zx9kQ2s", "  auth_token: !Zx9kQ2s", "  auth_token: `Zx9kQ2s"])
+def test_a_config_file_that_is_not_yaml_is_refused_without_quoting_its_line(tmp_path, line):
+    """PyYAML's error quotes the line at fault: a token starting with @, ! or ` is not valid YAML, and the
+    refusal printed it (the --set path hid it)."""
+    config = tmp_path / "secret.yaml"
+    config.write_text(f"serve:\n{line}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(config), [])
+    assert info.value.key == "--config" and "line 2" in str(info.value) and "Zx9kQ2s" not in str(info.value)
 
 
 def test_the_masks_check_config_prints_are_refused_as_a_token_or_password(tmp_path):
