@@ -196,28 +196,38 @@ def family_comparison(results: list[ModelResult], searched: tuple[float, float, 
     return pd.DataFrame(rows)
 
 
+#: Colours and markers of the models outside the EfficientNet families: matplotlib's cycle less its blue and
+#: red, which read as the paper's (royalblue) and the searched (crimson) family; a marker per round of colours.
+_OTHER_COLORS = ("C1", "C2", "C4", "C5", "C6", "C7", "C8", "C9")
+_OTHER_MARKERS = "o^sDvPX*"
+
+
 def _scatter(ax, results: list[ModelResult], x_of, xlabel: str, searched=None) -> None:
     families = _families(results, searched)
     members = [r for family in families.values() for r in family]
-    for r in results:
-        if r not in members:
-            ax.scatter(x_of(r), r.test_acc, s=36)
-            ax.annotate(r.model_name, (x_of(r), r.test_acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    # Each its own legend entry: names written beside the points ran together where models cost alike (a GPU
+    # preset's vgg16_bn and se_vgg16_bn, its five ResNet-sized models), and matplotlib's red passed for a member
+    # of the searched family.
+    for i, r in enumerate(r for r in results if r not in members):
+        ax.scatter(x_of(r), r.test_acc, s=40, color=_OTHER_COLORS[i % len(_OTHER_COLORS)],
+                   marker=_OTHER_MARKERS[i // len(_OTHER_COLORS) % len(_OTHER_MARKERS)], label=r.model_name)
     for prefix, family in families.items():
         who, color, style = _FAMILY_STYLES[prefix]
         # Both families start from B0 (phi 0 is the same model whatever the triple, so the paper's is not
         # trained): the paper's line starts from the searched family's, as family_comparison pairs them.
         line = family
         shared = families.get(SEARCHED_FAMILY, [])[:1]
-        if prefix == PAPER_FAMILY and shared and _phi(shared[0]) == 0 and _phi(family[0]) > 0:
-            line = shared + family
+        if prefix == PAPER_FAMILY and shared and _phi(shared[0]) == 0:
+            # (a paper_phi0 record is an older training's B0: left out, as the family table leaves it out)
+            line = shared + [r for r in family if _phi(r) > 0]
         ax.plot([x_of(r) for r in line], [r.test_acc for r in line], style, color=color,
                 label=f"EfficientNet, {who} {_reference_triple(prefix, family, searched)}")
-        for r in family:
+        for r in (r for r in line if r in family):
             ax.annotate(r.model_name.replace("efficientnet_", ""), (x_of(r), r.test_acc), textcoords="offset points",
                         xytext=(4, -10), fontsize=8, color=color)
-    if families:
-        ax.legend(fontsize=8, loc="best")
+    if results:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  ncol=2 if len(results) > 24 else 1)
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
@@ -260,7 +270,7 @@ def accuracy_figure(results: list[ModelResult], against: str = "macs",
     ``accuracy_vs_params.png``: test accuracy of every model, each EfficientNet family a labelled line
     (``searched``: the current search's triple, see :func:`family_comparison`)."""
     _, x_of, label, title = _ACCURACY_PLOTS[against]
-    fig = _figure(figsize=(7, 5))
+    fig = _figure(figsize=(9.5, 5))  # (the legend beside the axes)
     ax = fig.subplots()
     _scatter(ax, results, x_of, label, searched)
     ax.set_title(f"Test accuracy vs {title}")
@@ -294,10 +304,18 @@ def search_figure(search):
     # What the winner was ranked by: under the MnasNet objective, its score (the best's star sat below trials
     # of higher accuracy and more MACs on a plot of val_acc)
     metric = "score" if search.objective == "mnas" and "score" in trials and "score" in best else "val_acc"
-    fig = _figure(figsize=(11, 3.6))
+    # A failed trial ranks below every other whatever it reached (search.py): drawn apart, or it stood above the
+    # star with nothing to say why it was not the best.
+    failed = trials["error"].notna() if "error" in trials else pd.Series(False, index=trials.index)
+    fig = _figure(figsize=(12, 3.6))
     axes = fig.subplots(1, 3, sharey=True)
+    products = trials["compound_product"]
     for ax, key in zip(axes, ("alpha", "beta", "gamma"), strict=True):
-        ax.scatter(trials[key], trials[metric], c=trials["compound_product"], cmap="viridis", s=40)
+        points = ax.scatter(trials[key][~failed], trials[metric][~failed], c=products[~failed], cmap="viridis",
+                            vmin=products.min(), vmax=products.max(), s=40)
+        if failed.any():
+            ax.scatter(trials[key][failed], trials[metric][failed], marker="x", color="grey", s=40,
+                       label="failed (ranked last)")
         ax.scatter([best[key]], [best[metric]], marker="*", s=200, color="crimson", label="best")
         paper = trials[trials["paper"]]
         if not paper.empty:
@@ -309,6 +327,7 @@ def search_figure(search):
     axes[0].legend(fontsize=7)
     fig.suptitle("Compound-scaling search (colour: alpha * beta^2 * gamma^2)")
     fig.tight_layout()
+    fig.colorbar(points, ax=list(axes), label="alpha * beta^2 * gamma^2", pad=0.01)
     return fig
 
 
@@ -401,11 +420,28 @@ def _log_report(tracker, files: list[Path], directory: Path) -> None:
                            "training?): the report is not logged to MLflow; its files are in %s", directory)
         for path in [] if parent is None else files:
             tracker.log_artifact(parent.info.run_id, path, "report")
+        if parent is not None:
+            _delete_stale_artifacts(tracker, parent.info.run_id, {path.name for path in files})
     except Exception as err:  # noqa: BLE001 - the files on disk are the report: logging them is a copy
         why = ("unreachable or refuses these credentials" if _mlflow_unusable(err)
                else f"refused them ({type(err).__name__})")
         logger.warning("[report] MLflow or its artifact store is %s (%s): the report is not logged to MLflow; its "
                        "files are in %s", why, first_line(err), directory)
+
+
+def _delete_stale_artifacts(tracker, run_id: str, written: set[str]) -> None:
+    """Delete from the run's ``report/`` the files of an earlier report this one did not write (a search plot or
+    a family table of other settings): a report of nothing new lands in the same train run, and MLflow showed the
+    old verdict beside the new table. Other files there are left alone; an artifact store that cannot delete
+    (some cannot) leaves them, with a line saying so."""
+    stale = [item.path for item in tracker.client.list_artifacts(run_id, "report")
+             if not item.is_dir and Path(item.path).name in REPORT_FILES and Path(item.path).name not in written]
+    for path in stale:
+        try:
+            tracker.delete_artifact(run_id, path)
+        except Exception as err:  # noqa: BLE001 - a copy of an old file: said, not fatal
+            logger.warning("[report] MLflow keeps %s of an earlier report (its artifact store did not delete it: "
+                           "%s)", path, type(err).__name__)
 
 
 def _mlflow_unusable(err: BaseException) -> bool:
@@ -494,6 +530,6 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
         wins = families["winner"].value_counts()
         logger.info("\n[report] does the search pay? The searched EfficientNet family against the paper's, per phi "
                     "(searched won at %d, the paper at %d, ties %d):\n%s", wins.get("searched", 0),
-                    wins.get("paper", 0), wins.get("tie", 0), families.to_string(index=False))
+                    wins.get("paper", 0), wins.get("tie", 0), as_text(families))
     logger.info("[report] %d models; table and plots in %s", len(results), directory)
     return ReportResult(table=table, directory=directory, files=files, families=families)

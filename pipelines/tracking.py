@@ -401,6 +401,13 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def delete_artifact(self, run_id: str, artifact_path: str) -> None:
+        """Delete one of a run's artifacts (MLflow's client has no call for it: its artifact repository does,
+        for local, S3 and proxied stores)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(self.client.get_run(run_id).info.artifact_uri).delete_artifacts(artifact_path)
+
     def open_stage_run(self, run_name: str, tags: dict[str, str], params: dict[str, Any], config_yaml: str,
                        reuse: str | None = None, wait_s: float = 0.0) -> str:
         """Open a stage's parent run (the run ``reuse`` matches, when there is one) and write the resolved

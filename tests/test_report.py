@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import matplotlib.colors
 import pandas as pd
 import pytest
 
@@ -55,8 +56,13 @@ def test_the_report_sets_the_searched_family_against_the_papers_and_marks_the_wi
     assert set(lines) == {"EfficientNet, searched (1.3, 1.05, 1.2)", "EfficientNet, paper (1.2, 1.1, 1.15)"}
     searched, paper = lines["EfficientNet, searched (1.3, 1.05, 1.2)"], lines["EfficientNet, paper (1.2, 1.1, 1.15)"]
     assert list(searched.get_xdata()) == [8.0, 30.0] and list(searched.get_ydata()) == [0.90, 0.915]
-    assert list(paper.get_xdata()) == [8.0, 26.0] and list(paper.get_ydata()) == [0.92, 0.91]
-    assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == list(lines)
+    # From the searched family's B0, as the family table pairs them (the older paper_phi0 record's 0.92 is not it)
+    assert list(paper.get_xdata()) == [8.0, 26.0] and list(paper.get_ydata()) == [0.90, 0.91]
+    # Every model in the legend (beside the axes), the others each in a colour of its own, none the families'.
+    legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert sorted(legend) == sorted([*lines, "resnet18"])
+    [resnet] = [c for c in figure.axes[0].collections if c.get_label() == "resnet18"]
+    assert tuple(resnet.get_facecolor()[0][:3]) not in {matplotlib.colors.to_rgb(c) for c in ("crimson", "royalblue")}
 
 
 def test_families_of_one_triple_or_of_unequal_trainings_are_not_compared(caplog):
@@ -163,7 +169,7 @@ def test_a_member_left_from_an_earlier_search_is_neither_drawn_nor_compared_as_o
     # The paper's line starts from B0, the searched family's phi 0 (the same model; the paper's is not trained).
     assert lines == {"EfficientNet, searched (1.3, 1.05, 1.2)": [8.0, 30.0],
                      "EfficientNet, paper (1.2, 1.1, 1.15)": [8.0, 26.0, 55.0]}
-    assert "efficientnet_phi2" in [t.get_text() for t in ax.texts]  # drawn on its own, named
+    assert "efficientnet_phi2" in [t.get_text() for t in ax.get_legend().get_texts()]  # drawn on its own, named
     plt.close(figure)
 
 
@@ -523,6 +529,48 @@ def test_files_of_an_earlier_report_that_this_one_does_not_write_are_removed(mak
     report = report_stage(cfg, latency=False)
     assert sorted(p.name for p in directory.iterdir()) == sorted([p.name for p in report.files] + ["notes.txt"])
     assert "search.png" not in {p.name for p in report.files}
+
+
+def test_files_of_an_earlier_report_are_deleted_from_mlflow_too(make_config):
+    """A report of nothing newly trained lands in the same train run: the earlier report's search plot and family
+    tables stayed in MLflow beside the new table (deleted on disk only). Other files of the run stay."""
+    from pipelines.tracking import Tracker
+
+    cfg = make_config()
+    record("resnet18", "resnet18", {}, 560_000_000, 0.93).save(cfg.paths.train_dir)
+    tracker = Tracker.for_config(cfg)
+    run_id = tracker.start_run("train", {"stage": "train", "cnnzoo.stage_parent": "true"})
+    earlier = cfg.paths.workdir / "earlier"
+    earlier.mkdir(parents=True)
+    for name in ("search.png", "families.csv", "notes.txt"):
+        (earlier / name).write_text("an earlier report's")
+        tracker.log_artifact(run_id, earlier / name, "report")
+    report = report_stage(cfg, latency=False)
+    logged = sorted(item.path.split("/")[-1] for item in tracker.client.list_artifacts(run_id, "report"))
+    assert logged == sorted([p.name for p in report.files] + ["notes.txt"])
+
+
+def test_a_failed_trial_is_drawn_apart_in_the_search_plot():
+    """A failed trial ranks below every other whatever its accuracy: drawn as the others, it stood above the star
+    with nothing to say why; and the colours had no scale."""
+    import matplotlib.pyplot as plt
+
+    from pipelines.report import search_figure
+    from pipelines.search import SearchResult
+
+    trials = [{"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "compound_product": 1.92, "val_acc": 0.90, "paper": True,
+               "error": None},
+              {"alpha": 1.0, "beta": 1.2, "gamma": 1.2, "compound_product": 2.07, "val_acc": 0.95, "paper": False,
+               "error": "OutOfMemoryError"}]
+    search = SearchResult(best=dict(trials[0]), trials=trials, objective="val_acc", phi=1.0, paper_included=True,
+                          fingerprint="0")
+    fig = search_figure(search)
+    ax = fig.axes[0]
+    [failed] = [c for c in ax.collections if c.get_label() == "failed (ranked last)"]
+    assert [float(y) for _, y in failed.get_offsets()] == [0.95]
+    assert [float(y) for _, y in ax.collections[0].get_offsets()] == [0.90]  # the others, coloured
+    assert any(a.get_ylabel() == "alpha * beta^2 * gamma^2" for a in fig.axes)  # the colour bar
+    plt.close(fig)
 
 
 def test_run_with_only_the_report_finishes_while_mlflow_is_down(make_config, caplog, monkeypatch):
