@@ -995,14 +995,17 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
         and "://" not in data.root
         and not Path(data.root).expanduser().is_dir()
     ):
-        raise ConfigError("data.root", f"directory {data.root!r} does not exist")
+        raise ConfigError("data.root", f"{data.root!r} is a file, not a directory of class folders"
+                          if Path(data.root).expanduser().exists() else f"directory {data.root!r} does not exist")
     if (
         data.root
         and data.dataset in ("fashion-mnist", "cifar10")
         and not data.download
         and not Path(data.root).expanduser().is_dir()
     ):
-        raise ConfigError("data.root", f"directory {data.root!r} does not exist and data.download is false")
+        raise ConfigError("data.root", f"{data.root!r} is a file, not the data set's directory"
+                          if Path(data.root).expanduser().exists()
+                          else f"directory {data.root!r} does not exist and data.download is false")
     # Per-model entries for known models that are not selected are ignored (a preset may tune models a
     # `--set train.models=[...]` leaves out); names that are no model at all are typos and errors.
     for section in ("model_options", "model_overrides"):

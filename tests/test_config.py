@@ -311,6 +311,8 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
         (["train.models=[efficientnet]", "train.model_options={efficientnet: {base_resolution: 1024, phi: 6}}"],
          "serve.max_resized_pixels", "efficientnet ("),
         (["data.loader_workers=100000"], "data.loader_workers", "more than the"),
+        (["data.dataset=imagefolder", "data.root=/etc/hostname"], "data.root", "is a file, not a directory"),
+        (["data.dataset=fashion-mnist", "data.root=/etc/hostname", "data.download=false"], "data.root", "is a file"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key, fragment):
