@@ -125,10 +125,6 @@ def _by_distance(bounds: tuple[float, float], value: float, decimals: int = 4) -
                 yield k / scale
 
 
-#: The (alpha, beta) pairs :meth:`FeasibleRegion.free_point` looks through before it gives the draw back as it is.
-MAX_FREE_POINT_PAIRS = 100_000
-
-
 @dataclass(frozen=True)
 class FeasibleRegion:
     """Maps (u, v, w) in [0, 1]^3 onto feasible (alpha, beta, gamma): every draw satisfies the constraint."""
@@ -174,16 +170,33 @@ class FeasibleRegion:
         if point not in taken:
             return point
         a, b, g = point
-        pairs = 0
         for a2 in _by_distance(self.alpha_bounds(), a):
-            for b2 in _by_distance(self.beta_bounds(a2), b):
+            for b2 in self._betas_with_gammas(a2, b):
                 for g2 in _by_distance(self.gamma_bounds(a2, b2), g):
                     if (a2, b2, g2) not in taken:
                         return a2, b2, g2
-                pairs += 1
-                if pairs > MAX_FREE_POINT_PAIRS:  # (a tolerance so tight that most pairs have no gamma)
-                    return point
         return point
+
+    def _betas_with_gammas(self, a: float, near: float) -> list[float]:
+        """The betas (at 4 decimals, nearest ``near`` first) that leave some gamma at ``a``: under a tight
+        tolerance most leave none, and trying each in turn took seconds."""
+        import numpy as np
+
+        low, high = _scaled_bounds(self.beta_bounds(a))
+        if low > high:  # (no 4-decimal beta: an unrounded one, as :meth:`point` draws it)
+            b_low, b_high = self.beta_bounds(a)
+            return [min(max(near, b_low), b_high)] if b_low <= b_high else []
+        betas = np.arange(low, high + 1) / 10**4
+        g_low, g_high = self._gamma_bounds_of(a, betas)
+        keep = betas[g_low <= g_high]
+        return [float(round(b, 4)) for b in keep[np.argsort(np.abs(keep - near), kind="stable")]]
+
+    def _gamma_bounds_of(self, a: float, betas):
+        """:meth:`gamma_bounds` for an array of betas."""
+        import numpy as np
+
+        return (np.maximum(self.gamma[0], np.sqrt(self.low / (a * betas**2))),
+                np.minimum(self.gamma[1], np.sqrt(self.high / (a * betas**2))))
 
     def has_points(self, count: int) -> bool:
         """Whether the region holds at least ``count`` different triples at 4 decimals: per alpha, the gammas of
@@ -193,12 +206,17 @@ class FeasibleRegion:
         found = 0
         for a in _by_distance(self.alpha_bounds(), self.alpha[0]):
             low, high = _scaled_bounds(self.beta_bounds(a))
-            if low > high:
-                continue
-            b = np.arange(low, high + 1) / 10**4
-            g_low = np.maximum(self.gamma[0], np.sqrt(self.low / (a * b**2)))
-            g_high = np.minimum(self.gamma[1], np.sqrt(self.high / (a * b**2)))
-            found += int(np.maximum(np.floor(g_high * 10**4 + 1e-9) - np.ceil(g_low * 10**4 - 1e-9) + 1, 0).sum())
+            if low > high:  # (no 4-decimal beta: the unrounded one :meth:`point` draws)
+                b_low, b_high = self.beta_bounds(a)
+                if b_low <= b_high:
+                    g_low, g_high = self._gamma_bounds_of(a, np.array([b_low]))
+                    rounded = np.floor(g_high * 10**4 + 1e-9) - np.ceil(g_low * 10**4 - 1e-9) + 1
+                    found += int(np.where(rounded > 0, rounded, (g_low <= g_high).astype(float)).sum())
+            else:
+                g_low, g_high = self._gamma_bounds_of(a, np.arange(low, high + 1) / 10**4)
+                rounded = np.floor(g_high * 10**4 + 1e-9) - np.ceil(g_low * 10**4 - 1e-9) + 1
+                # (a gamma range with no 4-decimal number in it still holds its unrounded gamma)
+                found += int(np.where(rounded > 0, rounded, (g_low <= g_high).astype(float)).sum())
             if found >= count:
                 return True
         return False

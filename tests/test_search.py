@@ -149,6 +149,8 @@ def test_optuna_trials_never_share_a_triple_and_a_search_wanting_more_than_the_r
     with pytest.raises(ConfigError, match="hold fewer different feasible triples") as refused:
         load_config(None, [*narrow, "search.num_trials=7"])
     assert refused.value.key == "search.num_trials"
+    # A range with no 4-decimal number in it still holds the unrounded value the draws take.
+    load_config(None, ["search.mode=optuna", "search.beta=[1.10004, 1.10004]", "search.num_trials=1"])
 
 
 def test_a_search_gpu_share_is_applied_on_gpus_and_said_unused_without_them(make_config, caplog):
