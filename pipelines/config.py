@@ -592,8 +592,10 @@ class TrackingConfig(_Section):
             try:
                 parts = urllib.parse.urlsplit(value)
                 port = parts.port
-            except ValueError as err:
-                raise ValueError(f"{scheme}://...: not a URL MLflow can reach ({err})") from None
+            except ValueError:  # (urllib's text may quote a piece of the password)
+                raise ValueError(f"{scheme}://...: not a URL MLflow can reach (a port that is not a number, or an "
+                                 "unencoded '/', '#', '?' or '@' in the user or password: percent-encode them)") \
+                    from None
             if not parts.hostname:
                 raise ValueError(f"{scheme}://...: the server's host is missing ({scheme}://host:5000)")
             if port == 0:
@@ -1347,12 +1349,17 @@ def _check_model_inputs_fit(cfg: PipelineConfig) -> None:
         side = side_at(PAPER_COEFFICIENTS.gamma)
         if cfg.search.compare_paper and side ** 2 > budget:
             too_large.append(f"efficientnet_paper_phi{max(phis):g} ({side} px)")
-    if budget < _LARGEST_TABLE_INPUT ** 2 or cfg.train.model_options:  # (options may scale any input past the table)
+    # Every model where the budget is below the table's largest input; else those whose options may scale an
+    # input past it (building each model at every load cost a second).
+    if budget < _LARGEST_TABLE_INPUT ** 2 or cfg.train.model_options:
         import torch
 
         from .planning import resolve_models  # planning builds on this module
 
         for choice in resolve_models(cfg):
+            if budget >= _LARGEST_TABLE_INPUT ** 2 and not _may_scale_the_input(cfg.train.model_options.get(
+                    choice.name, {})):
+                continue
             with torch.device("meta"):
                 model = cnnmodels.create_model(choice.arch, num_classes=10, **choice.kwargs)
             if (side := model.input_size_for(cfg.data.image_size)) ** 2 > budget:
@@ -1360,6 +1367,14 @@ def _check_model_inputs_fit(cfg: PipelineConfig) -> None:
     if too_large:
         raise ConfigError("serve.max_resized_pixels", f"{budget:,} is below the input of {', '.join(too_large)}: "
                                                       "every request to them would be refused; raise it")
+
+
+#: Model options that can change a model's input size.
+_INPUT_OPTIONS = frozenset({"phi", "gamma", "base_resolution", "small_input"})
+
+
+def _may_scale_the_input(options: dict[str, Any]) -> bool:
+    return bool(_INPUT_OPTIONS & set(options))
 
 
 def _local_gpus(cfg: PipelineConfig) -> int | None:
@@ -1446,10 +1461,11 @@ def _check_local_resources(cfg: PipelineConfig) -> None:
         raise ConfigError(setting, f"{workers} worker(s) x {per_worker:g} CPUs (and {TRIAL_DRIVER_CPU:g} for the "
                                    f"trial) is more than the {cpus:g} of the local Ray (ray.num_cpus): the run would "
                                    "never be placed")
-    if not train.use_gpu and cfg.data.loader_workers > cpus:
-        # Each training worker starts them for its train and validation loaders: 100,000 processes were accepted
+    if not train.use_gpu and cfg.data.loader_workers > max(4 * cpus, 8):
+        # Each training worker starts them for its train and validation loaders: 100,000 processes were accepted.
+        # (More than the CPUs can pay off for slow decoding: up to four per CPU.)
         raise ConfigError("data.loader_workers", f"{cfg.data.loader_workers} loader processes per training worker "
-                                                 f"is more than the {cpus:g} CPUs of the local Ray")
+                                                 f"is more than four per CPU of the local Ray ({cpus:g})")
     if train.use_gpu and train.gpus_per_worker * workers > gpus:
         raise ConfigError("train.gpus_per_worker", f"{workers} worker(s) x {train.gpus_per_worker:g} GPU is more "
                                                    f"than the {gpus:g} of the local Ray (ray.num_gpus or CUDA)")
@@ -1593,8 +1609,11 @@ def yaml_error_line(err: yaml.YAMLError) -> str:
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
     context = getattr(err, "context", None)
     text = f"{context + ': ' if context else ''}{problem}{where}"
-    # Without what it quotes of a value ("the tag '!Zx9...'" is the token); a key given twice is named.
-    return text if problem.startswith("duplicate key") else re.sub(r"'[^']*'", "'...'", text)
+    # Without what it quotes of a value ("the tag '!Zx9...'" is the token); a key given twice is named, and so
+    # are a character ('\t') and PyYAML's token names ('<block end>').
+    if problem.startswith("duplicate key"):
+        return text
+    return re.sub(r"'(?!<)[^'\s]{3,}'", "'...'", text)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

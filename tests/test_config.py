@@ -310,7 +310,7 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
          "train.model_options.efficientnet.base_resolution", "above 1024"),
         (["train.models=[efficientnet]", "train.model_options={efficientnet: {base_resolution: 1024, phi: 6}}"],
          "serve.max_resized_pixels", "efficientnet ("),
-        (["data.loader_workers=100000"], "data.loader_workers", "more than the"),
+        (["data.loader_workers=100000"], "data.loader_workers", "more than four per CPU"),
         (["data.dataset=imagefolder", "data.root=/etc/hostname"], "data.root", "is a file, not a directory"),
         (["data.dataset=fashion-mnist", "data.root=/etc/hostname", "data.download=false"], "data.root", "is a file"),
     ],
@@ -431,6 +431,8 @@ def test_a_database_password_in_the_tracking_uri_is_masked_wherever_it_is_shown(
     ("tracking.uri=postgresql://mlflow:s3cret@${CNNZOO_TEST_UNSET_HOST}/mlflow", "tracking.uri", "s3cret"),
     ("serve.auth_token=t0kenpart-${CNNZOO_TEST_UNSET_SUFFIX}", "serve.auth_token", "t0kenpart"),
     ("storage_path=s3://bucket/ray?access_key=AKIA&secret_key=wJalrSECRET", "storage_path", "wJalrSECRET"),
+    # An unencoded '/' in the password: urllib's refusal quoted the part before it as the port
+    ("tracking.uri=https://mlflow:s3cr/3tpw@mlflow.internal/", "tracking.uri", "s3cr"),
 ])
 def test_config_errors_never_echo_a_secret(override, key, secret, monkeypatch):
     monkeypatch.delenv("CNNZOO_TEST_UNSET_HOST", raising=False)
@@ -449,6 +451,9 @@ def test_a_config_file_that_is_not_yaml_is_refused_without_quoting_its_line(tmp_
     with pytest.raises(ConfigError) as info:
         load_config(str(config), [])
     assert info.value.key == "--config" and "line 2" in str(info.value) and "Zx9kQ2s" not in str(info.value)
+    config.write_text("train:\n\tepochs: 2\n")  # what is at fault is still named where it is no value
+    with pytest.raises(ConfigError, match=r"found character '\\t' that cannot start any token \(line 2"):
+        load_config(str(config), [])
 
 
 def test_the_masks_check_config_prints_are_refused_as_a_token_or_password(tmp_path):
