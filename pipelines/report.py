@@ -229,6 +229,7 @@ def _scatter(ax, results: list[ModelResult], x_of, xlabel: str, searched=None) -
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
                   ncol=2 if len(results) > 24 else 1)
     ax.set_xscale("log")
+    ax.margins(x=0.12)  # (the labels of the rightmost points ran under the legend)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
     ax.grid(True, alpha=0.3)
@@ -434,7 +435,12 @@ def _delete_stale_artifacts(tracker, run_id: str, written: set[str]) -> None:
     a family table of other settings): a report of nothing new lands in the same train run, and MLflow showed the
     old verdict beside the new table. Other files there are left alone; an artifact store that cannot delete
     (some cannot) leaves them, with a line saying so."""
-    stale = [item.path for item in tracker.client.list_artifacts(run_id, "report")
+    try:
+        listed = tracker.client.list_artifacts(run_id, "report")
+    except Exception as err:  # noqa: BLE001 - the report is logged; only the old files' clean-up is left
+        logger.warning("[report] MLflow's files of earlier reports were not checked (%s)", type(err).__name__)
+        return
+    stale = [item.path for item in listed
              if not item.is_dir and Path(item.path).name in REPORT_FILES and Path(item.path).name not in written]
     for path in stale:
         try:

@@ -406,7 +406,9 @@ class Tracker:
         for local, S3 and proxied stores)."""
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        get_artifact_repository(self.client.get_run(run_id).info.artifact_uri).delete_artifacts(artifact_path)
+        # (with this tracker's URI: a proxied store's mlflow-artifacts:/ URI resolved against the process's)
+        get_artifact_repository(self.client.get_run(run_id).info.artifact_uri,
+                                tracking_uri=self.tracking_uri).delete_artifacts(artifact_path)
 
     def open_stage_run(self, run_name: str, tags: dict[str, str], params: dict[str, Any], config_yaml: str,
                        reuse: str | None = None, wait_s: float = 0.0) -> str:
