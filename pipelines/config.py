@@ -1698,7 +1698,12 @@ def read_yaml(path: str | os.PathLike | None) -> dict:
         raise ConfigError("--config", f"{source} is not valid YAML: {yaml_error_line(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{source} must hold a mapping of sections")
-    # A section whose keys are all commented out (``ray:`` then ``#  address: auto``) reads as None: its defaults.
+    return _empty_sections_as_defaults(data)
+
+
+def _empty_sections_as_defaults(data: dict) -> dict:
+    """A section whose keys are all commented out (``ray:`` then ``#  address: auto``), or set empty (``--set
+    ray=``), reads as None: its defaults."""
     sections = {name for name, f in PipelineConfig.model_fields.items()
                 if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
     return {key: {} if value is None and key in sections else value for key, value in data.items()}
@@ -1754,7 +1759,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     ``${VAR}`` references in values are replaced by environment variables first.
     """
     try:
-        data = expand_env(apply_overrides(read_yaml(path), overrides or []))
+        data = expand_env(_empty_sections_as_defaults(apply_overrides(read_yaml(path), overrides or [])))
     except RecursionError:  # (&x [resnet18, *x]: a list that holds itself)
         raise ConfigError("config", "a YAML alias refers to the value it is in (&x [..., *x]), in the --config "
                                     "file or a --set value") from None

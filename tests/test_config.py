@@ -393,6 +393,13 @@ def test_a_mistyped_token_or_password_is_not_echoed_and_a_key_given_twice_is_an_
         load_config(str(twice), [])
 
 
+def test_a_section_set_empty_on_the_command_line_is_its_defaults():
+    """``--set ray=`` (as an empty section in a file) was "Input should be a valid dictionary"."""
+    from pipelines.config import RayConfig
+
+    assert load_config(None, ["ray.num_cpus=3", "ray="]).ray == RayConfig()
+
+
 def test_a_section_whose_keys_are_all_commented_out_keeps_its_defaults(tmp_path):
     """``ray:`` with only comments under it reads as None in YAML: "ray: Input should be a valid dictionary"."""
     preset = tmp_path / "preset.yaml"
