@@ -251,7 +251,8 @@ class DataConfig(_Section):
     skip_bad_files: bool = Field(
         False,
         description="imagefolder: leave out (with a warning) the image files Pillow cannot open, such as a corrupt "
-        "PNG or a zero-byte JPEG, instead of stopping with exit 2 and their list",
+        "PNG or a zero-byte JPEG, or that are in a format the server does not take (an AVIF named .jpg), instead "
+        "of stopping with exit 2 and their list",
     )
 
     @field_validator("augment", mode="before")
@@ -466,7 +467,8 @@ class SearchConfig(_Section):
         "grid", description="grid (feasible grid points) or optuna (Optuna sampling inside the feasible region)"
     )
     step: float = Field(0.05, gt=0.0, description="grid spacing")
-    num_trials: int = Field(8, ge=1, description="at most this many trials")
+    num_trials: int = Field(8, ge=1, description="grid: at most this many trials; optuna: this many, each of its "
+                            "own triple (ranges holding fewer at 4 decimals are refused)")
     epochs: int = Field(3, ge=1, description="training budget of each trial")
     phi: float = Field(1.0, gt=0.0, le=MAX_PHI, description="the compound coefficient the search scales by")
     train_subset: Optional[int] = Field(
@@ -504,7 +506,7 @@ class SearchConfig(_Section):
         None, gt=0.0, le=1.0,
         description="share of a GPU each worker of a search trial reserves (a trial has train.num_workers "
         "workers; a fraction, so that several trials share a GPU, needs train.num_workers: 1); default: "
-        "train.gpus_per_worker",
+        "train.gpus_per_worker; unused (said in a warning) without train.use_gpu",
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Optuna sampler seed")
 
