@@ -241,17 +241,28 @@ def requests_fitting(free: float, need: float, resource: str = "CPU") -> int:
     return whole * math.floor(1.0 / need + 1e-9) + math.floor((free - whole + 1e-9) / need)
 
 
+def worker_need(workers) -> dict[str, float]:
+    """What one worker of ``workers`` (a :class:`~pipelines.planning.WorkerSettings`) reserves: its CPUs, and its
+    GPU share with ``use_gpu``; only what is above zero."""
+    need = {"CPU": float(workers.cpus_per_worker), "GPU": float(workers.gpus_per_worker) if workers.use_gpu else 0.0}
+    return {key: value for key, value in need.items() if value > 0}
+
+
+def worker_slots(node: dict[str, float], need: dict[str, float]) -> int:
+    """How many workers of ``need`` (:func:`worker_need`, not empty) the resources ``node`` lists hold."""
+    return min(requests_fitting(node.get(key, 0.0), value, key) for key, value in need.items())
+
+
 def runs_fitting_nodes(workers, nodes: list[dict[str, float]]) -> int:
     """How many runs of ``workers`` (a :class:`~pipelines.planning.WorkerSettings`) the free resources of
     ``nodes`` (:func:`free_per_node`) hold at once, node by node: a worker's CPUs and GPU share are all on one
     node, under STRICT_PACK all of a run's workers, under STRICT_SPREAD each of a run's workers on another node.
     The cluster's totals counted a CPU-only head's CPUs for GPU workers, and CPUs spread over nodes that no one
     node holds: runs waited that "auto" counted on."""
-    need = {"CPU": float(workers.cpus_per_worker), "GPU": float(workers.gpus_per_worker) if workers.use_gpu else 0.0}
-    need = {key: value for key, value in need.items() if value > 0}
+    need = worker_need(workers)
     if not need:
         return 1 << 30
-    slots = [min(requests_fitting(node.get(key, 0.0), value, key) for key, value in need.items()) for node in nodes]
+    slots = [worker_slots(node, need) for node in nodes]
     if workers.placement_strategy == "STRICT_PACK":
         return sum(slot // workers.num_workers for slot in slots)
     if workers.placement_strategy == "STRICT_SPREAD":  # k runs fit iff the nodes give each a slot on k of them
@@ -393,7 +404,7 @@ def most_workers_placeable(need: dict[str, float], spread: bool, alive: list[dic
         return None
 
     def slots(shape: dict[str, float]) -> int:
-        held = min(requests_fitting(shape.get(key, 0.0), value, key) for key, value in needed.items())
+        held = worker_slots(shape, needed)
         return min(held, 1) if spread else held
 
     total = sum(slots(node) for node in alive)
@@ -525,7 +536,7 @@ def _check_workers_fit_the_cluster(workers, what: str, gpu_key: str) -> None:
         return  # (all on one node: checked above; nodes this code cannot see may join)
     import ray
 
-    need = {"CPU": float(workers.cpus_per_worker), "GPU": float(workers.gpus_per_worker) if workers.use_gpu else 0}
+    need = worker_need(workers)
     alive = [{key: float(value) for key, value in node["Resources"].items()}
              for node in ray.nodes() if node.get("Alive")]
     spread = workers.placement_strategy == "STRICT_SPREAD"
