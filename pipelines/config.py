@@ -1534,6 +1534,10 @@ def _format_validation_error(err: ValidationError) -> ConfigError:
     secret = any("token" in part for part in loc)  # a mistyped token is still a token: never echoed
     if first["type"] not in ("value_error",) and not isinstance(got, (dict, list)) and not secret:
         message = f"{message} (got {got!r})"
+    elif first["type"] == "string_type" and isinstance(got, (dict, list)):
+        # An unquoted value with ": " or a leading "[" or "-" (an IPv6 host "::", "[a]") reads as YAML structure.
+        read_as = "a mapping" if isinstance(got, dict) else "a list"
+        message = f"{message}; YAML read {read_as} there: quote the value ({key}: '...')"
     return ConfigError(key, message)
 
 

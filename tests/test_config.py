@@ -144,6 +144,9 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
         (["train.models=[efficientnet]", "train.model_options.efficientnet={phi: -1, alpha: 0}"],
          "train.model_options.efficientnet", "must be a finite number >= "),
         (["serve.port=70000"], "serve.port", "less than or equal to 65535"),
+        # Unquoted "::" (an IPv6 host) reads as a YAML mapping: the message said "valid string" and no more.
+        (["serve.host=::"], "serve.host", "YAML read a mapping there: quote the value (serve.host: '...')"),
+        (["name=[a]"], "name", "YAML read a list there: quote the value"),
         (["data.augment=crops"], "data.augment", "must be true, false, flip or crop"),
         (["train.model_overrides={resnet18: {cpu_bf16: maybe}}"], "train.model_overrides.resnet18.cpu_bf16",
          "must be true, false or auto"),
