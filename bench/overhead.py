@@ -60,7 +60,7 @@ def phase_rows(results, stage_started: float) -> pd.DataFrame:
         # Queued: the next run trains meanwhile (pipelines/tracking_queue.py), so it is not in "fixed".
         row["registered after"] = t.get("registered", float("nan")) - t["recorded"]
         row["wall"] = t["recorded"]
-        row["fixed"] = t["recorded"] - t["loop_seconds"] - row["waiting"]
+        row["fixed"] = r.fixed_seconds
         rows.append(row)
     table = pd.DataFrame(rows)
     medians = table.drop(columns="model").median().to_dict()
@@ -120,6 +120,10 @@ def measure_quickstart(extra: list[str]) -> None:
              "fixed s": None if getattr(r, "fixed_seconds", None) is None else round(r.fixed_seconds, 1)}
             for r in sorted(results, key=lambda r: -r.test_acc)]
     print(pd.DataFrame(rows).to_string(index=False))
+    fixed = [row["fixed s"] for row in rows if row["fixed s"] is not None]
+    if fixed:
+        print(f"\nfixed cost of a run (its wall time minus its training loops and its wait): median "
+              f"{statistics.median(fixed):.1f} s")
     print(f"\nquick start: serving {len(handle.models)} models after {serving:.0f} s "
           f"(search {seconds['search']:.0f} s, train {seconds['train']:.0f} s)")
     print(f"train stage {seconds['train']:.0f} s, training loops {loops:.0f} s = {loops / seconds['train']:.0%} of it")
@@ -140,6 +144,8 @@ def main() -> None:
                         help="config overrides, as for python -m pipelines")
     args = parser.parse_args()
     if args.what == "phases":
+        if args.epochs is not None and args.epochs < 1:
+            parser.error(f"--epochs must be at least 1 for phases (got {args.epochs})")
         measure_phases(args.models or ["lenet5", "resnet18", "vgg11_bn"], args.epochs or 2, args.overrides)
     else:
         # (before the --set overrides, which win, as on the pipelines command line)

@@ -70,10 +70,13 @@ class ModelResult:
 
     @property
     def fixed_seconds(self) -> float | None:
-        """The run's wall time minus its training loops: what it costs around the training itself."""
-        if "recorded" not in self.timeline or "loop_seconds" not in self.timeline:
+        """The run's wall time minus its training loops and its wait for the compute gate: what it costs around the
+        training itself (the wait is another model's training, with ``train.overlap_startup``)."""
+        t = self.timeline
+        if "recorded" not in t or "loop_seconds" not in t:
             return None
-        return self.timeline["recorded"] - self.timeline["loop_seconds"]
+        waited = t["compute_granted"] - t["restored"] if "compute_granted" in t and "restored" in t else 0.0
+        return t["recorded"] - t["loop_seconds"] - waited
 
     def save(self, directory: str | os.PathLike) -> Path:
         return write_text_atomically(Path(directory) / f"{self.model_name}.json", json.dumps(asdict(self), indent=2))

@@ -629,3 +629,14 @@ def test_the_search_plot_stars_the_best_on_what_it_was_ranked_by():
         assert [float(y) for _, y in points.get_offsets()] == y_values
         assert float(star.get_offsets()[0][1]) == y_values[1] and label in ax.get_ylabel()
         plt.close(fig)
+
+
+def test_a_runs_fixed_cost_leaves_out_its_wait_for_the_compute_gate():
+    """With train.overlap_startup a run waits at the compute gate while the model before it trains; that wait was
+    counted as the run's own fixed cost (bench/overhead.py quickstart: 38 s where its start-up took 14)."""
+    result = record("resnet18", "resnet18", {}, 560_000_000, 0.93)
+    assert result.fixed_seconds is None  # a record from before timelines: nothing to say
+    result.timeline = {"restored": 9.0, "compute_granted": 49.0, "loop_seconds": 30.0, "recorded": 84.0}
+    assert result.fixed_seconds == pytest.approx(14.0)  # 84 s wall - 30 s of loops - 40 s of waiting
+    result.timeline = {"loop_seconds": 30.0, "recorded": 44.0}  # no gate (overlap off): nothing to leave out
+    assert result.fixed_seconds == pytest.approx(14.0)
