@@ -466,38 +466,37 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     # Every trial runs the template with its own coefficients: they overlap as the training stage's models do.
     overlapped, capacity = with_overlapped_startup(cfg, [template] * plan.trials, free["CPU"], node_cpus())
     template = overlapped[0]
-    with flushed_on_abort(queue, parent, callback), shared_splits() as shared, compute_gate(capacity) as gate:
-        if search.mode == "grid":  # every trial's input size is known: convert them now
-            prepare(shared, template.data, [template.with_coefficients(**c).spec
-                                            for c in plan.param_space["coefficients"]["grid_search"]])
-        plan.param_space["run"] = template.model_copy(update={"shared_data": shared, "compute_gate": gate}).to_dict()
-        plan.param_space["mnas_target_macs"] = _mnas_target_macs(cfg, template)
-        grid = run_model_trials(
-            cfg.paths, experiment=experiment, param_space=plan.param_space,
-            callbacks=[callback, ReleaseOnTrialEnd(gate, trial_run_name)],
-            max_concurrent=concurrency_for(search.max_concurrent_trials, trial_resources(template), plan.trials,
-                                           free, gate_capacity=capacity, workers=template.workers),
-            num_samples=plan.num_samples, search_alg=plan.search_alg, scheduler=scheduler, restore=True,
-            trial_retries=cfg.train.trial_retries, placement=plan.param_space["run"], metric=SCORE,
-        )
-    records, unreported = _trial_records(grid, search.phi), _unreported_trials(grid)
-    _score(records, cfg, template)
-    try:
-        best = _best(records, len(grid), unreported)
-    except RuntimeError:
-        queue.put("end_run", parent, status="FAILED")
-        queue.flush(cfg.tracking.pending_timeout_s)
-        raise
-    result = SearchResult(best=best, trials=records, objective=search.objective, phi=search.phi,
-                          paper_included=plan.paper_included, fingerprint=fingerprint, data_content=content,
-                          unreported=unreported)
-    result.save(cfg.paths.search_result)
-    queue.put("log_params", parent,
-              params={"best_alpha": best["alpha"], "best_beta": best["beta"], "best_gamma": best["gamma"]})
-    queue.put("set_tags", parent, tags={"alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"]})
-    queue.put("log_metrics", parent, metrics={"best_val_acc": best["val_acc"], "best_score": best["score"],
-                                              "trial_epochs": sum(r["epochs_trained"] for r in records)})
-    queue.put("log_text", parent, text=Path(result.path).read_text(), artifact_file=Path(result.path).name)
+    # An error or Ctrl-C after Tune returns (reading the trials, saving the result) ends the parent run too: it
+    # stayed RUNNING, and the last trials' writes died with the daemon writer.
+    with flushed_on_abort(queue, parent, callback):
+        with shared_splits() as shared, compute_gate(capacity) as gate:
+            if search.mode == "grid":  # every trial's input size is known: convert them now
+                prepare(shared, template.data, [template.with_coefficients(**c).spec
+                                                for c in plan.param_space["coefficients"]["grid_search"]])
+            shared_run = template.model_copy(update={"shared_data": shared, "compute_gate": gate})
+            plan.param_space["run"] = shared_run.to_dict()
+            plan.param_space["mnas_target_macs"] = _mnas_target_macs(cfg, template)
+            grid = run_model_trials(
+                cfg.paths, experiment=experiment, param_space=plan.param_space,
+                callbacks=[callback, ReleaseOnTrialEnd(gate, trial_run_name)],
+                max_concurrent=concurrency_for(search.max_concurrent_trials, trial_resources(template), plan.trials,
+                                               free, gate_capacity=capacity, workers=template.workers),
+                num_samples=plan.num_samples, search_alg=plan.search_alg, scheduler=scheduler, restore=True,
+                trial_retries=cfg.train.trial_retries, placement=plan.param_space["run"], metric=SCORE,
+            )
+        records, unreported = _trial_records(grid, search.phi), _unreported_trials(grid)
+        _score(records, cfg, template)
+        best = _best(records, len(grid), unreported)  # no trial finished: ends the parent run FAILED
+        result = SearchResult(best=best, trials=records, objective=search.objective, phi=search.phi,
+                              paper_included=plan.paper_included, fingerprint=fingerprint, data_content=content,
+                              unreported=unreported)
+        result.save(cfg.paths.search_result)
+        queue.put("log_params", parent,
+                  params={"best_alpha": best["alpha"], "best_beta": best["beta"], "best_gamma": best["gamma"]})
+        queue.put("set_tags", parent, tags={"alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"]})
+        queue.put("log_metrics", parent, metrics={"best_val_acc": best["val_acc"], "best_score": best["score"],
+                                                  "trial_epochs": sum(r["epochs_trained"] for r in records)})
+        queue.put("log_text", parent, text=Path(result.path).read_text(), artifact_file=Path(result.path).name)
     queue.put("end_run", parent, status="FINISHED")
     queue.flush(cfg.tracking.pending_timeout_s)
     _log_search_table(records, best, unreported)

@@ -545,3 +545,24 @@ def test_run_with_writes_pending_says_which_asked_stages_wait_and_prints_the_tab
     assert out.stages == {"train": "ran", "report": "skipped"}
     assert "[pipeline] report skipped: MLflow has not taken every registration yet" in caplog.text
     assert "lenet5" in caplog.text.split("report skipped")[1]  # the table, printed once the report is skipped
+
+
+def test_an_error_after_the_trials_ends_the_searchs_run_and_keeps_its_writes(ray_cluster, make_config, monkeypatch):
+    """An error or Ctrl-C once Tune had returned (reading the trials' results, saving the search's record: a full
+    disk) left the search's MLflow run RUNNING for good and dropped the writes still queued (a daemon writer)."""
+    import pipelines.search as search
+    from pipelines.tracking import Tracker
+
+    cfg = make_config("search.epochs=1")
+    monkeypatch.setattr(search, "run_model_trials", lambda *args, **kwargs: [])  # (no trial trained here)
+
+    def disk_full(grid, phi):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(search, "_trial_records", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        search_stage(cfg)
+    tracker = Tracker.for_config(cfg)
+    experiments = [e.experiment_id for e in tracker.client.search_experiments()]
+    [run] = tracker.client.search_runs(experiments, "attributes.run_name LIKE 'search-%'")
+    assert run.info.status == "FAILED"
