@@ -55,6 +55,7 @@ from .config import (
     check_serve_settings,
     has_masked_password,
     outlives_the_command,
+    redact_text,
     redact_uri,
 )
 from .http_api import (
@@ -336,7 +337,8 @@ class Classifier:
             loaded = await self.get_model(served.alias)
         except Exception as err:  # noqa: BLE001 - the model may be unservable, the replica is not
             if is_transient_load_error(err):
-                logger.warning("model %s could not be loaded now: %s: %s", served.alias, type(err).__name__, err)
+                logger.warning("model %s could not be loaded now: %s: %s", served.alias, type(err).__name__,
+                               redact_text(str(err)))  # (MLflow's errors name the URL, password included)
                 raise RequestError(503, f"model {served.alias!r} could not be loaded now ({type(err).__name__}); "
                                         "retry later") from None
             served.mark_failed(err)

@@ -277,6 +277,27 @@ def test_a_checkpoint_file_verified_only_at_request_time_reports_what_it_says(re
     assert replica.champion == "good"
 
 
+def test_a_load_failing_for_a_passing_reason_logs_no_tracking_password(replica_with_a_gated_load, caplog):
+    """MLflow's client names the full URL of a request that failed, credentials included: a replica logged it as
+    it came (no console redaction in a replica), and Ray streams replica logs to the driver's console."""
+    import logging
+
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.serve import RequestError
+
+    replica, calls, gate, failures = replica_with_a_gated_load
+    gate.set()
+    served = replica.by_alias["good"]
+    replica.get_model, replica.models, replica.registry_champion = replica._load_once, [served], None
+    failures.append(MlflowException("API request to http://alice:s3cret@mlflow:5000/api/2.0/mlflow/model-versions"
+                                    "/get failed with exception ConnectionError"))
+    with caplog.at_level(logging.WARNING, logger="pipelines"), pytest.raises(RequestError) as refused:
+        asyncio.run(replica._loaded(served))
+    assert refused.value.status == 503 and "could not be loaded now" in caplog.text
+    assert "s3cret" not in caplog.text and "alice:***@mlflow:5000" in caplog.text
+
+
 def test_an_upload_s_header_is_parsed_beside_the_event_loop(replica_with_a_gated_load, monkeypatch):
     """Pillow parses headers in Python: one it takes long over (whatever the structure bounds let through) stalled
     every request of the replica, its deadlines and health checks, when it was parsed on the event loop."""
