@@ -24,6 +24,7 @@ Exit codes: 0 done (or nothing to do), 1 failed, 2 a missing setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sqlite3
@@ -64,10 +65,17 @@ def backup(db: Path, uri: str) -> int:
         _snapshot(db, snapshot)
         filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
         partial = f"{path}.partial-{uuid.uuid4().hex}"  # two backups at once (the loop, a manual one) each their own
-        with snapshot.open("rb") as data, filesystem.open_output_stream(partial) as out:
-            while chunk := data.read(1 << 20):
-                out.write(chunk)
-        filesystem.move(partial, path)
+        try:
+            with snapshot.open("rb") as data, filesystem.open_output_stream(partial) as out:
+                while chunk := data.read(1 << 20):
+                    out.write(chunk)
+            filesystem.move(partial, path)
+        except BaseException:
+            # A stream's close writes out what it was given, so an upload cut short (the loop's SIGTERM at `ray
+            # up`, the network) left a truncated object under a fresh name at every attempt, never deleted.
+            with contextlib.suppress(Exception):
+                filesystem.delete_file(partial)
+            raise
         return snapshot.stat().st_size
 
 

@@ -588,3 +588,54 @@ def test_the_state_commands_name_a_missing_setting_and_skip_a_managed_backend(tm
     monkeypatch.setenv("CNNZOO_MLFLOW_BACKEND_URI", "postgresql+psycopg://u@db.internal/mlflow")
     assert main(["backup", "--db", str(tmp_path / "absent.db")]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cut_short_by", ["the upload", "the move"])
+def test_a_backup_cut_short_leaves_no_partial_object_behind(tmp_path, monkeypatch, cut_short_by):
+    """The backup loop's SIGTERM (cluster.yaml stops it at every `ray up`) or a network error mid-upload left a
+    truncated ``mlflow.db.partial-<id>`` in the bucket: a stream's close writes what it was given, each attempt
+    uses a fresh name, and nothing ever deleted them."""
+    import sqlite3
+
+    import pipelines.mlflow_state as state
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("create table t (x)")
+        connection.executemany("insert into t values (?)", [(b"x" * 1000,)] * 3000)  # ~3 MB: several chunks
+    bucket = tmp_path / "bucket"
+    real_filesystem = state._filesystem
+
+    class CutShort:
+        def __init__(self, filesystem):
+            self.filesystem = filesystem
+
+        def __getattr__(self, name):
+            return getattr(self.filesystem, name)
+
+        def open_output_stream(self, path):
+            stream = self.filesystem.open_output_stream(path)
+            if cut_short_by != "the upload":
+                return stream
+            write = stream.write
+
+            class Stream:  # SystemExit(143), as the loop's SIGTERM handler raises, after the first chunk
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    stream.close()
+
+                def write(self, chunk):
+                    write(chunk)
+                    raise SystemExit(143)
+
+            return Stream()
+
+        def move(self, source, destination):
+            raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(state, "_filesystem", lambda uri: (CutShort(real_filesystem(uri)[0]), real_filesystem(uri)[1]))
+    with pytest.raises((SystemExit, OSError)):
+        state.backup(db, str(bucket / "mlflow.db"))
+    assert list(bucket.iterdir()) == []
