@@ -387,8 +387,10 @@ def _torchvision_fashion_mnist(target: Path) -> dict[str, np.ndarray]:
 def _fashion_mnist_arrays(cfg: DataConfig) -> dict[str, np.ndarray]:
     root = Path(cfg.root).expanduser() if cfg.root else None
     # Debian's copy only where no data.root is given: a data.root with a typo trained on that copy without a
-    # word, and recorded the wrong root with its models.
-    searched = [root] if root else [DEBIAN_FASHION_MNIST]
+    # word, and recorded the wrong root with its models. Without one and with data.download false (offline), an
+    # earlier download to the default cache is read too: it was "not found". (With downloads on, torchvision's
+    # reading of the cache below also redoes a download that was cut short.)
+    searched = [root] if root else [DEBIAN_FASHION_MNIST, *([] if cfg.download else [_default_root("fashion-mnist")])]
     # With data.root set, Debian's copy is not read: the fix is the root (or unsetting it).
     help_text = (f"check data.root, or unset it to read Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_MNIST})"
                  if root else _FASHION_MNIST_HELP)

@@ -831,6 +831,10 @@ def test_the_default_download_cut_short_is_done_again_and_files_of_other_data_ar
     extracted.write_bytes(b"")
     forget_loaded_splits()
     assert np.array_equal(load_splits(cfg).test.labels, expected["test_labels"])
+    # Offline afterwards (data.download false): the copy downloaded to the cache is read, not "not found".
+    forget_loaded_splits()
+    offline = load_splits(DataConfig(dataset="fashion-mnist", download=False))
+    assert np.array_equal(offline.test.labels, expected["test_labels"])
 
     # Readable IDX files of other data under data.root's download directory: refused, not returned
     other = tmp_path / "other" / "FashionMNIST" / "raw"
