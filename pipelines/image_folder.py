@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -146,6 +147,12 @@ SPLIT_LIKE_NAMES = frozenset({"train", "training", "train_set", "training_set", 
                               "validation", "val_set", "validation_set", "test", "testing", "test_set", "testset"})
 
 
+def _is_split_like(name: str) -> bool:
+    """Whether a folder's name says it is a split: one of SPLIT_LIKE_NAMES, in any case, with or without a number
+    after it (Kaggle's ``test1/``, COCO's ``train2017/`` and ``val2017/``)."""
+    return re.sub(r"[-_ ]?\d+$", "", name.lower()) in SPLIT_LIKE_NAMES
+
+
 def _has_class_folders(directory: Path) -> bool:
     return directory.is_dir() and bool(_class_names(directory))
 
@@ -175,22 +182,31 @@ def _refuse_disguised_splits(root: Path) -> None:
     if _training_folder(root) != root:
         read = [root / "train"] + [folder for split in SPLIT_FOLDERS if (folder := _split_folder(root, split))]
         # Compared as folders, not names: on a case-insensitive file system root/"val" is Val/, and read.
-        unread = [name for name in _class_names(root) if name.lower() in SPLIT_LIKE_NAMES
-                  and not any((root / name).samefile(folder) for folder in read)]
+        others = [name for name in _class_names(root) if not any((root / name).samefile(folder) for folder in read)]
+        unread = [name for name in others if _is_split_like(name)]
         if unread:  # Val/ or testing/ beside train/: silently left out, its images never validated or tested on
             raise ImageFolderError(
                 f"{root} comes split (train/), but {', '.join(f'{n}/' for n in unread)} would not be read: name the "
                 "validation folder val/, valid/ or validation/ and the test folder test/ (lower case), one of each")
+        # A class named train/ with folders in it (bus/ car/ train/, each sorted by year) made the folder read as
+        # split: the classes became train/'s folders, and every other class's images were left out unsaid.
+        if unread := [name for name in others if _has_images(root / name)]:
+            raise ImageFolderError(
+                f"{root} is read as split, as train/ holds folders (the classes: "
+                f"{', '.join(f'{n}/' for n in _class_names(root / 'train')[:5])}), but "
+                f"{', '.join(f'{n}/' for n in unread[:5])}{' ...' if len(unread) > 5 else ''} beside it hold images "
+                "that would not be read: if train/ is a class, not the training split, rename it; otherwise move "
+                "them out of data.root")
         return
     disguised = [name for name in _class_names(root)
-                 if name.lower() in SPLIT_LIKE_NAMES and _has_class_folders(root / name)]
+                 if _is_split_like(name) and _has_class_folders(root / name)]
     if disguised:
         raise ImageFolderError(
             f"{root} looks split, but not into train/ val/ test/: {', '.join(f'{n}/' for n in disguised)} hold "
             "class folders and would each be read as one class; rename the training folder to train/ (the "
             f"others to val/, valid/ or validation/, and test/), or set data.root to the folder that holds the "
             "classes")
-    split_named = [name for name in _class_names(root) if name.lower() in SPLIT_LIKE_NAMES and _has_images(root / name)]
+    split_named = [name for name in _class_names(root) if _is_split_like(name) and _has_images(root / name)]
     if len(split_named) >= 2:  # Kaggle's train/*.jpg and test/*.jpg (labels in the file names): a train-vs-test model
         raise ImageFolderError(
             f"{root} holds {', '.join(f'{n}/' for n in split_named)} with images directly in them: they would be "
@@ -205,7 +221,8 @@ def _refuse_disguised_splits(root: Path) -> None:
         raise ImageFolderError(
             f"{root} holds {', '.join(f'{n}/' for n in loose)} with images directly in it beside the class folders: "
             "it would be read as a class named after a split; move it out of data.root (unlabelled images are not "
-            "trained on), or split the folder as train/<class>/ and test/<class>/")
+            "trained on), or split the folder as train/<class>/ and test/<class>/ (if it is a class, not a split: "
+            "put all the class folders under train/)")
 
 
 def _empty_class_folders(directory: Path, classes: list[str]) -> list[str]:

@@ -459,6 +459,21 @@ def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classe
     _write_images(unlabelled, classes=("train", "test"), per_class=8)
     with pytest.raises(ImageFolderError, match=r"test/, train/ with images directly in them"):
         check_image_folder(DataConfig(dataset="imagefolder", root=str(unlabelled)))
+    # The same as Kaggle unpacks it (test1/), and COCO's train2017/ val2017/: a number after the split's name.
+    for names in (("train", "test1"), ("train2017", "val2017")):
+        numbered = tmp_path / "-".join(names)
+        _write_images(numbered, classes=names, per_class=8)
+        with pytest.raises(ImageFolderError, match=r"with images directly in them"):
+            check_image_folder(DataConfig(dataset="imagefolder", root=str(numbered)))
+    # A class named train/ whose images are sorted into folders (by year) made the folder read as split: trained
+    # on the classes "2019" and "2020", every bus and car image left out without a word.
+    vehicles = tmp_path / "vehicles"
+    for name in ("bus", "car", "train"):
+        for year in ("2019", "2020"):
+            _write_images(vehicles / name, classes=(year,), per_class=4)
+    with pytest.raises(ImageFolderError, match=r"read as split, as train/ holds folders \(the classes: 2019/, 2020/\), "
+                                               r"but bus/, car/ beside it hold images that would not be read"):
+        check_image_folder(DataConfig(dataset="imagefolder", root=str(vehicles)))
     # One unlabelled test/ of loose images beside the class folders became a class named "test", silently.
     beside = tmp_path / "unlabelled-test"
     _write_images(beside, classes=("cat", "dog", "bird"), per_class=6)
