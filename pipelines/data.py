@@ -519,18 +519,29 @@ def forget_loaded_splits() -> None:
     _load_splits_cached.cache_clear()
 
 
-def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
-    """Save the first test image as ``sample-<dataset>-<class>.png`` (``.tiff`` for 32-bit and float pixels
-    and other 16-bit ones than PNG's and PGM's) for the example request printed after serving."""
-    from .image_folder import check_image_folder  # imports this module
+#: The test images tried for the example request's image before giving up (bad files left out of training).
+MAX_SAMPLE_TRIES = 100
 
-    splits = load_splits(cfg, check_image_folder(cfg))
-    label = splits.class_names[int(splits.test.labels[0])]
+
+def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
+    """Save the first readable test image as ``sample-<dataset>-<class>.png`` (``.tiff`` for 32-bit and float
+    pixels and other 16-bit ones than PNG's and PGM's) for the example request printed after serving."""
+    # An image folder's files are not all checked again for one image (the `serve` command in a new process
+    # decoded every file of the folder, minutes for a large one): the first test image that opens is taken.
+    splits = load_splits(cfg)
+    for index in range(min(len(splits.test), MAX_SAMPLE_TRIES)):
+        try:
+            original = splits.test.pil(index)
+            break
+        except Exception:  # noqa: BLE001 - a file Pillow cannot read (data.skip_bad_files): the next one
+            continue
+    else:
+        raise DataError(f"none of the first {MAX_SAMPLE_TRIES} test images of {cfg.dataset} could be read")
+    label = splits.class_names[int(splits.test.labels[index])]
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"sample-{cfg.dataset}-{safe}.png"
     # Upright as training saw it (a phone photo's EXIF orientation: PNG keeps no EXIF, so it would go sideways).
-    original = splits.test.pil(0)
     # 16-bit samples in mode I, which training scales by 65535 (read before upright, whose copy has no format);
     # saved as a mode-I TIFF, the server scaled it by its own peak instead
     sixteen_bit = original.mode == "I" and has_sixteen_bit_samples(original)

@@ -518,7 +518,11 @@ def _channels(paths: list[str]) -> int:
     # CHANNEL_SAMPLE (fewer than 2x) spread evenly.
     step = max(1, len(paths) // CHANNEL_SAMPLE)
     for path in paths[::step]:
-        with Image.open(path) as image:
+        try:
+            image = Image.open(path)
+        except Exception:  # noqa: BLE001 - a bad file, in a listing not checked first (the example image's)
+            continue
+        with image:
             if image.mode not in GREY_MODES:
                 return 3
     return 1

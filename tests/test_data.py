@@ -214,6 +214,30 @@ def test_data_too_big_to_convert_up_front_is_decoded_per_item_and_not_converted_
     assert shared_data.converted_for_sharing(cfg, spec) is None
 
 
+def test_the_example_image_decodes_no_more_than_it_needs(tmp_path, monkeypatch):
+    """`serve` in a new process checked every file of an image folder (each decoded) to save one example image:
+    minutes for a large folder before its hints were printed. Files that do not open are passed over."""
+    import pipelines.image_folder as image_folder
+    from pipelines.data import load_splits, write_sample_image
+
+    _write_images(tmp_path / "images", per_class=12)
+    for name in ("cat", "dog"):
+        for i in range(12):
+            if i % 2:
+                (tmp_path / "images" / name / f"{i}.png").write_bytes(b"not a png")
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "images"), skip_bad_files=True, test_fraction=0.4)
+    assert any(open(p, "rb").read(9) == b"not a png" for p in load_splits(cfg).test.paths)
+
+    def check_every_file(cfg):
+        raise AssertionError("every file of the folder checked for one example image")
+
+    monkeypatch.setattr(image_folder, "check_image_folder", check_every_file)
+    for tries in range(3):  # whichever test image comes first, a readable one is written
+        cfg = cfg.model_copy(update={"seed": tries})
+        with Image.open(write_sample_image(cfg, tmp_path / f"serve{tries}")) as written:
+            assert written.size == (24, 20)
+
+
 def test_the_example_image_is_written_whatever_the_mode_of_the_first_test_image(tmp_path):
     """A CMYK JPEG first in the test split: PNG cannot hold CMYK, and the example request after serving was
     silently left out."""
