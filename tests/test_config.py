@@ -677,6 +677,12 @@ def test_a_failure_message_keeps_its_later_lines_on_the_one_line():
                               "- or use host:6379")
     assert _one_line(RuntimeError("x" * 1000)).endswith("x...") and len(_one_line(RuntimeError("x" * 1000))) < 430
     assert _one_line(KeyError()) == "KeyError"
+    # This project's own messages are read whole: a missing Fashion-MNIST's (~480 characters) lost its second fix.
+    from pipelines.data import DataError
+
+    missing = DataError("Fashion-MNIST IDX files not found " + "in /a/long/path " * 25 + "; or set data.root to ...")
+    assert _one_line(missing).endswith("or set data.root to ...") and len(_one_line(missing)) > 430
+    assert _one_line(DataError("y" * 5000)).endswith("y...")  # (not without end)
     # Ray wraps a task's error in its remote traceback (with colour codes): the line ended in the traceback's
     # first frames, the cause ("Failed to bind to address") cut off.
     import ray.exceptions
