@@ -362,8 +362,9 @@ def _one_line(err: BaseException, limit: int = 400) -> str:
     text = " ".join(line.strip() for line in _ANSI_CODES.sub("", str(err)).strip().splitlines() if line.strip())
     # This project's own errors are written to be read whole: a missing Fashion-MNIST's (about 480 characters)
     # lost its second fix, "or set data.root to ...". Others (a library's, a remote traceback) are cut.
-    own = type(err).__module__.split(".")[0] == __name__.split(".")[0]
-    if len(text) > limit and not (own and len(text) <= 4 * limit):
+    if type(err).__module__.split(".")[0] == __name__.split(".")[0]:
+        limit *= 4
+    if len(text) > limit:
         text = text[:limit].rstrip() + "..."
     return f"{type(err).__name__}: {text}".rstrip(": ")
 
