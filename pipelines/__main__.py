@@ -362,7 +362,7 @@ def _one_line(err: BaseException, limit: int = 400) -> str:
     text = " ".join(line.strip() for line in _ANSI_CODES.sub("", str(err)).strip().splitlines() if line.strip())
     # This project's own errors are written to be read whole: a missing Fashion-MNIST's (about 480 characters)
     # lost its second fix, "or set data.root to ...". Others (a library's, a remote traceback) are cut.
-    if type(err).__module__.split(".")[0] == __name__.split(".")[0]:
+    if type(err).__module__.split(".")[0] == __package__:  # (__name__ is "__main__" under python -m)
         limit *= 4
     if len(text) > limit:
         text = text[:limit].rstrip() + "..."
