@@ -56,3 +56,10 @@ def test_profile_cli_input_below_the_models_minimum_exits_2_without_a_traceback(
     assert out.returncode == 2
     assert "resnet18 needs inputs of at least 32x32 pixels, got 16x16" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_profile_cli_negative_input_size_exits_2_without_a_traceback(capsys):
+    """A negative size reached torch.zeros before the model's size check: a traceback, exit 1."""
+    out = run_main(capsys, "resnet18", "--input-size", "3", "-5", "32")
+    assert out.returncode == 2 and "input_size holds a negative size: (3, -5, 32)" in out.stderr
+    assert "Traceback" not in out.stderr

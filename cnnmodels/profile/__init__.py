@@ -108,6 +108,8 @@ def profile(model: nn.Module, input_size: tuple[int, ...] | None = None) -> Prof
         # 224 px, unless the model cannot take it (LeNet-5's 32-35 px): its own size then
         largest = getattr(model, "max_input_size", None)
         input_size = (default[0], 224, 224) if largest is None or largest >= 224 else default
+    if any(size < 0 for size in input_size):  # (torch.zeros' own error named no model and no option)
+        raise ValueError(f"input_size holds a negative size: {tuple(input_size)}")
     stages = _stage_modules(model)
     module_to_stage: dict[nn.Module, str] = {}
     for stage_name, stage in stages:
