@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ImageClassifier
+from .layers import ImageClassifier, check_probability
 from .registry import register_model
 
 __all__ = ["AlexNet", "alexnet"]
@@ -28,6 +28,7 @@ class AlexNet(ImageClassifier):
         self, num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.5, small_input: bool = False
     ) -> None:
         super().__init__()
+        check_probability("dropout", dropout)
         self.num_classes = num_classes
         stem = nn.Conv2d(in_chans, 64, 3, 1, 1) if small_input else nn.Conv2d(in_chans, 64, 11, 4, 2)
         self.features = nn.Sequential(

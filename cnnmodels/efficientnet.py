@@ -24,7 +24,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .layers import ConvNormAct, ImageClassifier, SqueezeExcitation, StochasticDepth
+from .layers import ConvNormAct, ImageClassifier, SqueezeExcitation, StochasticDepth, check_probability
 from .registry import register_family, register_model
 from .scaling import PAPER_COEFFICIENTS, CompoundCoefficients, scale_channels, scale_depth
 
@@ -136,8 +136,8 @@ class EfficientNet(ImageClassifier):
         super().__init__()
         # (each block's share, below it, failed naming neither the option nor the value; the last block's share
         # is (n - 1) / n of it, so 1 itself is fine, as in torchvision)
-        if not 0.0 <= stochastic_depth_prob <= 1.0:
-            raise ValueError(f"stochastic_depth_prob must be in [0, 1], got {stochastic_depth_prob}")
+        check_probability("stochastic_depth_prob", stochastic_depth_prob)
+        check_probability("dropout", dropout)
         self.num_classes = num_classes
         self.width_multiplier = width_multiplier
         self.depth_multiplier = depth_multiplier

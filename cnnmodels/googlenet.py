@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ImageClassifier, SqueezeExcitation
+from .layers import ImageClassifier, SqueezeExcitation, check_probability
 from .registry import register_model
 
 __all__ = [
@@ -167,6 +167,8 @@ class GoogLeNet(ImageClassifier):
         kernel5 = 3 if torchvision_compat else 5
         if dropout is None:
             dropout = 0.2 if torchvision_compat else 0.4
+        check_probability("dropout", dropout)
+        check_probability("dropout_aux", dropout_aux)
 
         if small_input:
             self.conv1 = BasicConv2d(in_chans, 64, bn_eps=bn_eps, kernel_size=3, stride=1, padding=1)

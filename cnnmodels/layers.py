@@ -34,6 +34,14 @@ def check_input_size(x: torch.Tensor, min_size: int, model_name: str, max_size: 
         raise ValueError(f"{model_name} takes inputs of at most {max_size}x{max_size} pixels, got {height}x{width}")
 
 
+def check_probability(name: str, p: float) -> float:
+    """``p`` when it is a probability; a ValueError naming the option otherwise. NaN passes ``nn.Dropout``'s
+    own range check: the model built, and its every forward pass (eval too) failed naming neither."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {p}")
+    return p
+
+
 class ImageClassifier(nn.Module):
     """Interface every cnnmodels architecture implements (the timm convention).
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ImageClassifier, SqueezeExcitation, init_conv_bn_linear
+from .layers import ImageClassifier, SqueezeExcitation, check_probability, init_conv_bn_linear
 from .registry import register_model
 
 __all__ = ["VGG", "VGG_CONFIGS", "make_vgg_features", "build_vgg"]
@@ -69,6 +69,7 @@ class VGG(ImageClassifier):
         se_reduction: int | None = None,
     ) -> None:
         super().__init__()
+        check_probability("dropout", dropout)
         self.num_classes = num_classes
         # Rounding pooled sizes up lets odd sizes such as 28 px pass all five pools (28-14-7-4-2-1).
         self.features = make_vgg_features(config, in_chans, batch_norm, se_reduction, ceil_mode=small_input)

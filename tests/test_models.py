@@ -228,12 +228,14 @@ def test_option_values_of_the_wrong_type_are_refused():
         create_model("resnet18", small_input="no")
     with pytest.raises(TypeError, match="stem_stride must be an integer, got 2.0"):
         create_model("resnet18", small_input=True, stem_stride=2.0)
-    with pytest.raises(TypeError, match="dropout must be a finite number, got True"):
+    with pytest.raises(TypeError, match="dropout must be a number, got True"):
         create_model("efficientnet_b0", dropout=True)
     # NaN passes nn.Dropout's range check: the model built, and its every forward (eval too) failed in dropout.
-    for name in ("vgg11", "alexnet", "googlenet", "efficientnet"):
-        with pytest.raises(TypeError, match="dropout must be a finite number, got nan"):
+    for name in ("vgg11", "alexnet", "googlenet", "efficientnet", "se_vgg11_bn", "se_googlenet"):
+        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\], got nan"):
             create_model(name, dropout=float("nan"))
+    with pytest.raises(ValueError, match=r"dropout_aux must be in \[0, 1\], got nan"):
+        cnnmodels.googlenet.GoogLeNet(dropout_aux=float("nan"))
     with pytest.raises(ValueError, match="se_reduction must be a positive integer, got 0"):
         create_model("se_resnet50", se_reduction=0)
     with pytest.raises(ValueError, match="num_classes must be a positive integer, got True"):
