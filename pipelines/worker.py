@@ -371,6 +371,38 @@ def restore(ctx: StepContext) -> None:
                         "resuming with fresh random streams", ctx.run.model_name)
 
 
+def run_epoch(ctx: StepContext, epoch: int) -> tuple[dict, float, float, bool]:
+    """One epoch of the run: train, recalibrate batch norm, validate; (the training metrics, val_loss, val_acc,
+    whether it diverged). Each epoch after the attempt's first gets a new DDP wrapper (:func:`rewrap_ddp`)."""
+    if epoch > ctx.start_epoch:
+        rewrap_ddp(ctx)
+    metrics = train_epoch(ctx, epoch)
+    evaluation_started = time.perf_counter()
+    recalibrate_batchnorm(ctx, ctx.run.hyper.precise_bn_batches)
+    val_loss, val_acc, _ = evaluate(ctx, ctx.val_loader)
+    ctx.add_seconds("eval_seconds", time.perf_counter() - evaluation_started)
+    return metrics, val_loss, val_acc, diverged(ctx)
+
+
+def rewrap_ddp(ctx: StepContext) -> None:
+    """Wrap the model in a new DDP wrapper, as a resumed run's is. DDP regroups its gradient buckets after its
+    first step, which changes the order the ranks' gradients are summed in: with three or more ranks a run
+    resumed at an epoch (a new wrapper) drifted from one that went on (0.15 apart in resnet18's weights one
+    epoch later, 3 CPU ranks), where the docs promise the same weights. One wrapper per epoch makes both the same;
+    it costs a broadcast of the weights from rank 0 per epoch."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    old = ctx.model
+    if not isinstance(old, DistributedDataParallel):
+        return  # one worker: no DDP
+    module = old.module
+    # Its gradient hooks go now, not when the garbage collector gets to it: two reducers would see each gradient.
+    old.reducer._remove_autograd_hooks()
+    on_device = {"device_ids": [ctx.device], "output_device": ctx.device} if ctx.device.type != "cpu" else {}
+    ctx.model = old = None  # (its buckets freed before the new wrapper allocates its own)
+    ctx.model = DistributedDataParallel(module, **on_device)
+
+
 def _gather_node_ids(world: int) -> list[str]:
     """The Ray node of every rank, in rank order (recorded so users can see where their workers ran)."""
     import ray
@@ -682,12 +714,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(ctx.start_epoch if training_left else run.hyper.epochs, run.hyper.epochs):
         if run.workers.simulate_failure_at_epoch == epoch and not ctx.resumed and epoch > 0 and ctx.rank == 0:
             _kill_this_worker_for_rehearsal(run, epoch)
-        metrics = train_epoch(ctx, epoch)
-        evaluation_started = time.perf_counter()
-        recalibrate_batchnorm(ctx, run.hyper.precise_bn_batches)
-        val_loss, val_acc, _ = evaluate(ctx, ctx.val_loader)
-        ctx.add_seconds("eval_seconds", time.perf_counter() - evaluation_started)
-        broken = diverged(ctx)
+        metrics, val_loss, val_acc, broken = run_epoch(ctx, epoch)
         # (epochs: the schedule's length, which a re-run of an interrupted run is checked against)
         report_epoch(ctx, epoch, {"epoch": epoch, **metrics, "val_loss": val_loss,
                                   "val_acc": math.nan if broken else val_acc, "start_epoch": ctx.start_epoch,
