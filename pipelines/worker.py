@@ -19,6 +19,7 @@ directories); every rank reports (``ray.train.report`` is a barrier).
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import logging
 import math
@@ -399,7 +400,8 @@ def rewrap_ddp(ctx: StepContext) -> None:
     # Its gradient hooks go now, not when the garbage collector gets to it: two reducers would see each gradient.
     old.reducer._remove_autograd_hooks()
     on_device = {"device_ids": [ctx.device], "output_device": ctx.device} if ctx.device.type != "cpu" else {}
-    ctx.model = old = None  # (its buckets freed before the new wrapper allocates its own)
+    ctx.model = old = None
+    gc.collect()  # DDP sits in a reference cycle: its buckets (a gradient's size) freed before the new ones
     ctx.model = DistributedDataParallel(module, **on_device)
 
 
