@@ -598,32 +598,17 @@ def report_epoch(ctx: StepContext, epoch: int, metrics: dict[str, Any]) -> None:
     ctx.last_line_at = time.perf_counter()  # the driver prints the epoch's line on this report
 
 
-def _best_reported_checkpoint(run: ModelRun):
-    """The run's reported checkpoint with the highest val_acc and its metrics, or None. Only this model's: Ray
-    hands back what its run directory recorded, another model's checkpoints too when the directory was reused by
-    hand (tested in its place, or failing to load, after training)."""
+def _best_reported_checkpoint():
     import ray.train
 
     reported = ray.train.get_all_reported_checkpoints()
     # (A diverged epoch reports val_acc NaN: never the best, and max() would not rank it reliably.)
     scored = [(r.checkpoint, r.metrics) for r in reported
-              if "val_acc" in r.metrics and math.isfinite(float(r.metrics["val_acc"]))
-              and _reported_owner(r.checkpoint) in (None, (run.model_name, run.arch))]
+              if "val_acc" in r.metrics and math.isfinite(float(r.metrics["val_acc"]))]
     if not scored:
         return None
     # Highest val_acc; among equals the later epoch (trained longer).
     return max(scored, key=lambda cm: (cm[1]["val_acc"], cm[1]["epoch"]))
-
-
-def _reported_owner(checkpoint) -> tuple[str, str] | None:
-    """The model a reported checkpoint holds, from its meta file alone (no download of the weights from remote
-    storage); None when it has none to read (written before meta files existed)."""
-    try:
-        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{CHECKPOINT_META}") as stream:
-            data = json.loads(stream.read())
-        return str(data["model_name"]), str(data["arch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def report_test(ctx: StepContext) -> None:
@@ -633,7 +618,7 @@ def report_test(ctx: StepContext) -> None:
 
     run = ctx.run
     ctx.mark("test_start")
-    best = _best_reported_checkpoint(run)
+    best = _best_reported_checkpoint()
     if best is None:
         if ctx.history and ctx.history[-1].get("diverged"):
             raise RuntimeError(f"{run.model_name}: training diverged (loss {ctx.history[-1]['train_loss']}) at "

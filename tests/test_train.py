@@ -654,31 +654,6 @@ def _worker_context(make_config, model: str, *overrides: str, **kwargs):
     return build_context(run, rank=0, world=1, device=torch.device("cpu"))
 
 
-def test_the_best_checkpoint_tested_is_this_models_own(make_config, tmp_path, monkeypatch):
-    """Ray hands back every checkpoint its run directory recorded: in a directory reused by hand for another
-    model, that model's better-scoring checkpoint was taken as this run's best (its weights tested and
-    registered, or a load failing after training)."""
-    import json
-    from types import SimpleNamespace
-
-    import ray.train
-
-    from pipelines.worker import _best_reported_checkpoint
-
-    ctx = _worker_context(make_config, "lenet5")
-    reported = []
-    for epoch, (owner, val_acc) in enumerate([("lenet5", 0.8), ("alexnet", 0.95), (None, 0.7), ("lenet5", 0.85)]):
-        directory = tmp_path / f"checkpoint_{epoch}"
-        directory.mkdir()
-        if owner is not None:  # (none: a checkpoint written before meta files, counted as before)
-            (directory / "meta.json").write_text(json.dumps({"model_name": owner, "arch": owner, "epoch": epoch}))
-        reported.append(SimpleNamespace(checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                                        metrics={"epoch": epoch, "val_acc": val_acc}))
-    monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", lambda: reported)
-    checkpoint, metrics = _best_reported_checkpoint(ctx.run)
-    assert metrics == {"epoch": 3, "val_acc": 0.85} and checkpoint.path.endswith("checkpoint_3")
-
-
 def test_no_training_batch_holds_a_single_image(make_config):
     """A small set's last batch was kept whatever its size: one image left over made batch norm fail ("Expected
     more than 1 value per channel") in a model whose last maps are 1x1, at the end of every epoch."""
