@@ -368,8 +368,8 @@ def latest_reported_metrics(run: ModelRun) -> dict | None:
 
 
 def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
-    """Let a run whose checkpoints were deleted (by hand, by a bucket's lifecycle rule) or damaged (a
-    truncated upload, changed bytes) start again.
+    """Let a run whose checkpoints were deleted (by hand, by a bucket's lifecycle rule), damaged (a truncated
+    upload, changed bytes) or are another model's (its run directory reused by hand) start again.
 
     Ray Train refuses to start a run whose record of checkpoints names one that is gone ("a corrupted run
     directory"), at every attempt and every later invocation, so such a model could never be trained again; a
@@ -401,6 +401,14 @@ def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
         if checkpoint_gone(path, run.storage_path):
             lost, why = path, "is gone from the storage"
             break
+    for name in names if lost is None else []:
+        # Ray hands a run every checkpoint its record names: another model's (a run directory reused by hand)
+        # held the record's best place, was tested and registered as this model's (or failed to load), and
+        # pushed this model's own best checkpoints out.
+        path = f"{run_dir}/{name}"
+        if (owner := checkpoint_owner(path, run.storage_path)) not in (None, (run.model_name, run.arch)):
+            lost, why = path, f"is {owner[0]}'s (a run directory reused for another model)"
+            break
     for name in read_back if lost is None else []:
         path = f"{run_dir}/{name}"
         if damage := checkpoint_damage(path, run.storage_path):
@@ -413,6 +421,20 @@ def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
     logger.warning("[%s] its checkpoint %s %s, so the run cannot resume: starting it afresh (Ray's record of its "
                    "checkpoints is kept as %s)", run.model_name, lost, why, aside)
     return lost
+
+
+def checkpoint_owner(path: str, storage_path: str) -> tuple[str, str] | None:
+    """The (model name, architecture) a reported checkpoint holds, from its meta file alone (no download of its
+    weights); None when that cannot be read (written before meta files, a storage that does not answer)."""
+    from .worker import CHECKPOINT_META
+
+    try:
+        checkpoint = _reported_checkpoint(path, storage_path)
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{CHECKPOINT_META}") as stream:
+            data = json.loads(stream.read())
+        return str(data["model_name"]), str(data["arch"])
+    except Exception:  # noqa: BLE001 - pyarrow raises OSError subclasses and more; a damaged file: not this check's
+        return None
 
 
 def checkpoint_damage(path: str, storage_path: str) -> str | None:

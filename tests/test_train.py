@@ -195,7 +195,8 @@ def test_a_run_whose_checkpoints_were_deleted_or_damaged_starts_afresh(ddp_run, 
     result = stage.results["lenet5"]
     run_dir = tmp_path / "storage" / result.run_name
     shutil.copytree(Path(cfg.paths.storage) / result.run_name, run_dir)
-    run = SimpleNamespace(model_name="lenet5", run_name=result.run_name, storage_path=str(tmp_path / "storage"))
+    run = SimpleNamespace(model_name="lenet5", arch="lenet5", run_name=result.run_name,
+                          storage_path=str(tmp_path / "storage"))
     snapshot = json.loads((run_dir / RUN_SNAPSHOT).read_text())
     recorded = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
     # Ray's record, as this code reads it (the run's other tests may have trained it on since the fixture).
@@ -219,6 +220,34 @@ def test_a_run_whose_checkpoints_were_deleted_or_damaged_starts_afresh(ddp_run, 
     assert not (run_dir / RUN_SNAPSHOT).exists() and len(list(run_dir.glob(f"{RUN_SNAPSHOT}.gone-*"))) == 1
     assert all((run_dir / name).is_dir() for name in recorded[1:])  # what is left stays
     assert "is gone from the storage, so the run cannot resume: starting it afresh" in caplog.text
+
+
+def test_a_run_directory_reused_for_another_model_starts_afresh(tmp_path, caplog):
+    """Ray hands a run every checkpoint its record names: in a run directory reused by hand, the other model's
+    checkpoint held the record's best place, was tested and registered as this model's (or failed to load after
+    training), and pushed this model's own best checkpoints out. Such a record is set aside: the run starts
+    afresh."""
+    import json
+    from types import SimpleNamespace
+
+    from pipelines.trials import RUN_SNAPSHOT, set_aside_a_record_of_lost_checkpoints
+
+    run_dir = tmp_path / "storage" / "run"
+    owners = {"checkpoint_000000": "lenet5", "checkpoint_000001": "alexnet"}
+    for name, owner in owners.items():
+        (run_dir / name).mkdir(parents=True)
+        torch.save({}, run_dir / name / "model.pt")
+        (run_dir / name / "meta.json").write_text(json.dumps({"model_name": owner, "arch": owner}))
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": name} for name in owners],
+                "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000000"}}
+    (run_dir / RUN_SNAPSHOT).write_text(json.dumps(snapshot))
+    run = SimpleNamespace(model_name="lenet5", arch="lenet5", run_name="run", storage_path=str(tmp_path / "storage"))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert set_aside_a_record_of_lost_checkpoints(run) == f"{run_dir}/checkpoint_000001"
+    assert not (run_dir / RUN_SNAPSHOT).exists() and "is alexnet's (a run directory reused" in caplog.text
+    (run_dir / RUN_SNAPSHOT).write_text(json.dumps(snapshot))  # every checkpoint its own: nothing to do
+    (run_dir / "checkpoint_000001" / "meta.json").write_text(json.dumps({"model_name": "lenet5", "arch": "lenet5"}))
+    assert set_aside_a_record_of_lost_checkpoints(run) is None and (run_dir / RUN_SNAPSHOT).exists()
 
 
 @pytest.mark.slow
