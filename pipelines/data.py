@@ -527,8 +527,14 @@ def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
     """Save the first readable test image as ``sample-<dataset>-<class>.png`` (``.tiff`` for 32-bit and float
     pixels and other 16-bit ones than PNG's and PGM's) for the example request printed after serving."""
     # An image folder's files are not all checked again for one image (the `serve` command in a new process
-    # decoded every file of the folder, minutes for a large one): the first test image that opens is taken.
-    splits = load_splits(cfg)
+    # decoded every file of the folder, minutes for a large one): training refuses bad files, so its split is the
+    # one without exclusions. Only data.skip_bad_files leaves some out, which changes the split: checked then.
+    if cfg.dataset == "imagefolder" and cfg.skip_bad_files:
+        from .image_folder import check_image_folder  # imports this module
+
+        splits = load_splits(cfg, check_image_folder(cfg))
+    else:
+        splits = load_splits(cfg)
     for index in range(min(len(splits.test), MAX_SAMPLE_TRIES)):
         try:
             original = splits.test.pil(index)
