@@ -148,9 +148,17 @@ SPLIT_LIKE_NAMES = frozenset({"train", "training", "train_set", "training_set", 
 
 
 def _is_split_like(name: str) -> bool:
-    """Whether a folder's name says it is a split: one of SPLIT_LIKE_NAMES, in any case, with or without a number
-    after it (Kaggle's ``test1/``, COCO's ``train2017/`` and ``val2017/``)."""
-    return re.sub(r"[-_ ]?\d+$", "", name.lower()) in SPLIT_LIKE_NAMES
+    """Whether a folder's name says it is a split: one of SPLIT_LIKE_NAMES, in any case."""
+    return name.lower() in SPLIT_LIKE_NAMES
+
+
+def _split_kind(name: str) -> str | None:
+    """``train``, ``val`` or ``test`` for a folder named as that split, with or without a number after the name
+    (Kaggle's ``test1/``, COCO's ``train2017/``); None for other names."""
+    base = re.sub(r"[-_ ]?\d+$", "", name.lower())
+    if base not in SPLIT_LIKE_NAMES:
+        return None
+    return "train" if base.startswith("train") else "test" if base.startswith("test") else "val"
 
 
 def _has_class_folders(directory: Path) -> bool:
@@ -189,8 +197,10 @@ def _refuse_disguised_splits(root: Path) -> None:
                 f"{root} comes split (train/), but {', '.join(f'{n}/' for n in unread)} would not be read: name the "
                 "validation folder val/, valid/ or validation/ and the test folder test/ (lower case), one of each")
         # A class named train/ with folders in it (bus/ car/ train/, each sorted by year) made the folder read as
-        # split: the classes became train/'s folders, and every other class's images were left out unsaid.
-        if unread := [name for name in others if _has_images(root / name)]:
+        # split: the classes became train/'s folders, and every other class's images were left out unsaid. (Beside
+        # a val/ or test/ other folders are extras, not read: STL-10's unlabeled/, a nested copy of the archive.)
+        held_out = len(read) > 1
+        if not held_out and (unread := [name for name in others if _has_class_folders(root / name)]):
             raise ImageFolderError(
                 f"{root} is read as split, as train/ holds folders (the classes: "
                 f"{', '.join(f'{n}/' for n in _class_names(root / 'train')[:5])}), but "
@@ -206,7 +216,9 @@ def _refuse_disguised_splits(root: Path) -> None:
             "class folders and would each be read as one class; rename the training folder to train/ (the "
             f"others to val/, valid/ or validation/, and test/), or set data.root to the folder that holds the "
             "classes")
-    split_named = [name for name in _class_names(root) if _is_split_like(name) and _has_images(root / name)]
+    split_named = [name for name in _class_names(root) if _split_kind(name) and _has_images(root / name)]
+    if len({_split_kind(name) for name in split_named}) < 2:  # numbered names alone may be classes (test1/ test2/)
+        split_named = [name for name in split_named if _is_split_like(name)]
     if len(split_named) >= 2:  # Kaggle's train/*.jpg and test/*.jpg (labels in the file names): a train-vs-test model
         raise ImageFolderError(
             f"{root} holds {', '.join(f'{n}/' for n in split_named)} with images directly in them: they would be "

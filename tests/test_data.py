@@ -506,6 +506,24 @@ def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classe
     with pytest.raises(ImageFolderError, match=r"read as split, as train/ holds folders \(the classes: 2019/, 2020/\), "
                                                r"but bus/, car/ beside it hold images that would not be read"):
         check_image_folder(DataConfig(dataset="imagefolder", root=str(vehicles)))
+    # Still read as they were: numbered classes (one split's name with numbers is no split layout), extras
+    # beside a split folder's val/ or test/ (STL-10's unlabeled/, a nested copy of the archive), a train/ beside
+    # loose images with nothing held out.
+    for classes in (("test1", "test2", "test3"), ("bus", "car", "train2")):
+        numbered = tmp_path / "-".join(classes)
+        _write_images(numbered, classes=classes, per_class=8)
+        assert len(check_image_folder(DataConfig(dataset="imagefolder", root=str(numbered)))) == 0
+    stl = tmp_path / "stl"
+    for split, count in (("train", 8), ("test", 2)):
+        _write_images(stl / split, per_class=count)
+    _write_images(stl / "unlabeled", classes=("",), per_class=4)
+    _write_images(stl / "copy", classes=("cat", "dog"), per_class=2)
+    splits = load_splits(DataConfig(dataset="imagefolder", root=str(stl)))
+    assert splits.class_names == ("cat", "dog") and len(splits.test) == 4
+    loose = tmp_path / "train-and-loose"
+    _write_images(loose / "train", per_class=8)
+    _write_images(loose / "predict", classes=("",), per_class=4)
+    assert len(check_image_folder(DataConfig(dataset="imagefolder", root=str(loose)))) == 0
     # One unlabelled test/ of loose images beside the class folders became a class named "test", silently.
     beside = tmp_path / "unlabelled-test"
     _write_images(beside, classes=("cat", "dog", "bird"), per_class=6)
