@@ -191,8 +191,8 @@ def _refuse_disguised_splits(root: Path) -> None:
         read = [root / "train"] + [folder for split in SPLIT_FOLDERS if (folder := _split_folder(root, split))]
         # Compared as folders, not names: on a case-insensitive file system root/"val" is Val/, and read.
         others = [name for name in _class_names(root) if not any((root / name).samefile(folder) for folder in read)]
-        unread = [name for name in others if _is_split_like(name)]
-        if unread:  # Val/ or testing/ beside train/: silently left out, its images never validated or tested on
+        unread = [name for name in others if _split_kind(name)]
+        if unread:  # Val/, testing/ or val2017/ beside train/: left out unsaid, never validated or tested on
             raise ImageFolderError(
                 f"{root} comes split (train/), but {', '.join(f'{n}/' for n in unread)} would not be read: name the "
                 "validation folder val/, valid/ or validation/ and the test folder test/ (lower case), one of each")
@@ -200,7 +200,7 @@ def _refuse_disguised_splits(root: Path) -> None:
         # split: the classes became train/'s folders, and every other class's images were left out unsaid. (Beside
         # a val/ or test/ other folders are extras, not read: STL-10's unlabeled/, a nested copy of the archive.)
         held_out = len(read) > 1
-        if not held_out and (unread := [name for name in others if _has_class_folders(root / name)]):
+        if not held_out and (unread := [name for name in others if _has_images(root / name)]):
             raise ImageFolderError(
                 f"{root} is read as split, as train/ holds folders (the classes: "
                 f"{', '.join(f'{n}/' for n in _class_names(root / 'train')[:5])}), but "
@@ -209,7 +209,7 @@ def _refuse_disguised_splits(root: Path) -> None:
                 "them out of data.root")
         return
     disguised = [name for name in _class_names(root)
-                 if _is_split_like(name) and _has_class_folders(root / name)]
+                 if _split_kind(name) and _has_class_folders(root / name)]
     if disguised:
         raise ImageFolderError(
             f"{root} looks split, but not into train/ val/ test/: {', '.join(f'{n}/' for n in disguised)} hold "
@@ -217,9 +217,9 @@ def _refuse_disguised_splits(root: Path) -> None:
             f"others to val/, valid/ or validation/, and test/), or set data.root to the folder that holds the "
             "classes")
     split_named = [name for name in _class_names(root) if _split_kind(name) and _has_images(root / name)]
-    if len({_split_kind(name) for name in split_named}) < 2:  # numbered names alone may be classes (test1/ test2/)
-        split_named = [name for name in split_named if _is_split_like(name)]
-    if len(split_named) >= 2:  # Kaggle's train/*.jpg and test/*.jpg (labels in the file names): a train-vs-test model
+    # Kaggle's train/*.jpg and test/*.jpg (labels in the file names; test1/ as it unpacks): a train-vs-test model.
+    # (Numbered names of one split alone, test1/ test2/ test3/, may be classes.)
+    if len({_split_kind(name) for name in split_named}) >= 2 or sum(map(_is_split_like, split_named)) >= 2:
         raise ImageFolderError(
             f"{root} holds {', '.join(f'{n}/' for n in split_named)} with images directly in them: they would be "
             "read as classes named after splits; put each split's images into class folders (train/cat/1.jpg, "
@@ -227,6 +227,7 @@ def _refuse_disguised_splits(root: Path) -> None:
     # One unlabelled test/ (or val/) of loose images beside the class folders became a class named "test", its
     # images split into training, validation and test as that class. (A class train/ stays: COCO has one.)
     loose = [name for name in split_named if name.lower() not in ("train", "training")
+             and not (_split_kind(name) == "train" and not _is_split_like(name))  # (train2/ may be a class too)
              and any(path.is_file() and path.name.lower().endswith(IMAGE_EXTENSIONS)
                      for path in (root / name).iterdir())]
     if loose and len(_class_names(root)) > len(loose):

@@ -520,10 +520,27 @@ def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classe
     _write_images(stl / "copy", classes=("cat", "dog"), per_class=2)
     splits = load_splits(DataConfig(dataset="imagefolder", root=str(stl)))
     assert splits.class_names == ("cat", "dog") and len(splits.test) == 4
-    loose = tmp_path / "train-and-loose"
-    _write_images(loose / "train", per_class=8)
-    _write_images(loose / "predict", classes=("",), per_class=4)
-    assert len(check_image_folder(DataConfig(dataset="imagefolder", root=str(loose)))) == 0
+    mac = tmp_path / "zipped-on-a-mac"  # a folder of folders without images (an unzip's __MACOSX/): no class
+    _write_images(mac / "train", per_class=8)
+    (mac / "__MACOSX" / "train" / "cat").mkdir(parents=True)
+    (mac / "__MACOSX" / "train" / "cat" / "._0.png").write_bytes(b"Mac OS X")
+    assert len(check_image_folder(DataConfig(dataset="imagefolder", root=str(mac)))) == 0
+    # Refused: a lone numbered split beside the classes (Kaggle's test1/ once train/ is sorted into classes), a
+    # numbered split-like folder beside train/ and test/ (never read), flat classes beside a class named train/
+    # holding folders (read as split: bus/ and car/ dropped).
+    kaggle_sorted = tmp_path / "sorted"
+    _write_images(kaggle_sorted, classes=("cat", "dog", "test1"), per_class=6)
+    coco_like = tmp_path / "coco-like"
+    for split in ("train", "test", "val2017"):
+        _write_images(coco_like / split, per_class=3)
+    flat = tmp_path / "flat-beside-train"
+    _write_images(flat, classes=("bus", "car"), per_class=4)
+    _write_images(flat / "train", classes=("2019", "2020"), per_class=4)
+    for root, message in ((kaggle_sorted, "holds test1/ with images directly in it beside the class folders"),
+                          (coco_like, r"comes split \(train/\), but val2017/ would not be read"),
+                          (flat, "but bus/, car/ beside it hold images that would not be read")):
+        with pytest.raises(ImageFolderError, match=message):
+            check_image_folder(DataConfig(dataset="imagefolder", root=str(root)))
     # One unlabelled test/ of loose images beside the class folders became a class named "test", silently.
     beside = tmp_path / "unlabelled-test"
     _write_images(beside, classes=("cat", "dog", "bird"), per_class=6)
