@@ -364,6 +364,8 @@ def latest_reported_metrics(run: ModelRun) -> dict | None:
         return None
     if not isinstance(metrics, dict) or checkpoint_gone(f"{record.rsplit('/', 1)[0]}/{name}", run.storage_path):
         return None
+    if _another_models_checkpoint(run, record.rsplit("/", 1)[0], snapshot) is not None:
+        return None  # (another model's: the run starts afresh)
     return metrics
 
 
@@ -401,14 +403,8 @@ def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
         if checkpoint_gone(path, run.storage_path):
             lost, why = path, "is gone from the storage"
             break
-    for name in names if lost is None else []:
-        # Ray hands a run every checkpoint its record names: another model's (a run directory reused by hand)
-        # held the record's best place, was tested and registered as this model's (or failed to load), and
-        # pushed this model's own best checkpoints out.
-        path = f"{run_dir}/{name}"
-        if (owner := checkpoint_owner(path, run.storage_path)) not in (None, (run.model_name, run.arch)):
-            lost, why = path, f"is {owner[0]}'s (a run directory reused for another model)"
-            break
+    if lost is None and (other := _another_models_checkpoint(run, run_dir, snapshot)) is not None:
+        lost, why = other[0], f"is {other[1]}'s (a run directory reused for another model)"
     for name in read_back if lost is None else []:
         path = f"{run_dir}/{name}"
         if damage := checkpoint_damage(path, run.storage_path):
@@ -421,6 +417,20 @@ def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
     logger.warning("[%s] its checkpoint %s %s, so the run cannot resume: starting it afresh (Ray's record of its "
                    "checkpoints is kept as %s)", run.model_name, lost, why, aside)
     return lost
+
+
+def _another_models_checkpoint(run: ModelRun, run_dir: str, snapshot: dict) -> tuple[str, str] | None:
+    """The first checkpoint in the run's record that another model wrote (a run directory reused by hand), with
+    that model's name; None when all are this model's (or say nothing). Ray hands a run every checkpoint its
+    record names: another model's held the record's best place, was tested and registered as this model's (or
+    failed to load), and pushed this model's own best checkpoints out."""
+    results = snapshot.get("checkpoint_results") if isinstance(snapshot, dict) else None
+    for result in results if isinstance(results, list) else []:
+        name = result.get("checkpoint_dir_name") if isinstance(result, dict) else None
+        if isinstance(name, str) and (owner := checkpoint_owner(f"{run_dir}/{name}", run.storage_path)) not in (
+                None, (run.model_name, run.arch)):
+            return f"{run_dir}/{name}", owner[0]
+    return None
 
 
 def checkpoint_owner(path: str, storage_path: str) -> tuple[str, str] | None:

@@ -230,7 +230,7 @@ def test_a_run_directory_reused_for_another_model_starts_afresh(tmp_path, caplog
     import json
     from types import SimpleNamespace
 
-    from pipelines.trials import RUN_SNAPSHOT, set_aside_a_record_of_lost_checkpoints
+    from pipelines.trials import RUN_SNAPSHOT, latest_reported_metrics, set_aside_a_record_of_lost_checkpoints
 
     run_dir = tmp_path / "storage" / "run"
     owners = {"checkpoint_000000": "lenet5", "checkpoint_000001": "alexnet"}
@@ -242,11 +242,16 @@ def test_a_run_directory_reused_for_another_model_starts_afresh(tmp_path, caplog
                 "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000000"}}
     (run_dir / RUN_SNAPSHOT).write_text(json.dumps(snapshot))
     run = SimpleNamespace(model_name="lenet5", arch="lenet5", run_name="run", storage_path=str(tmp_path / "storage"))
+    # Nor are its metrics an interrupted run of this model's (the driver's check of train.epochs against them).
+    snapshot["latest_checkpoint_result"]["metrics"] = {"epoch": 7, "epochs": 20}
+    (run_dir / RUN_SNAPSHOT).write_text(json.dumps(snapshot))
+    assert latest_reported_metrics(run) is None
     with caplog.at_level(logging.WARNING, logger="pipelines"):
         assert set_aside_a_record_of_lost_checkpoints(run) == f"{run_dir}/checkpoint_000001"
     assert not (run_dir / RUN_SNAPSHOT).exists() and "is alexnet's (a run directory reused" in caplog.text
     (run_dir / RUN_SNAPSHOT).write_text(json.dumps(snapshot))  # every checkpoint its own: nothing to do
     (run_dir / "checkpoint_000001" / "meta.json").write_text(json.dumps({"model_name": "lenet5", "arch": "lenet5"}))
+    assert latest_reported_metrics(run) == {"epoch": 7, "epochs": 20}
     assert set_aside_a_record_of_lost_checkpoints(run) is None and (run_dir / RUN_SNAPSHOT).exists()
 
 
