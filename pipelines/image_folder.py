@@ -191,6 +191,10 @@ def _refuse_disguised_splits(root: Path) -> None:
         read = [root / "train"] + [folder for split in SPLIT_FOLDERS if (folder := _split_folder(root, split))]
         # Compared as folders, not names: on a case-insensitive file system root/"val" is Val/, and read.
         others = [name for name in _class_names(root) if not any((root / name).samefile(folder) for folder in read)]
+        # (A numbered one of loose images is an unlabelled set, as Kaggle's test1/: not read, nothing lost.)
+        unlabelled = [name for name in others if _split_kind(name) and not _is_split_like(name)
+                      and not _has_class_folders(root / name)]
+        others = [name for name in others if name not in unlabelled]
         unread = [name for name in others if _split_kind(name)]
         if unread:  # Val/, testing/ or val2017/ beside train/: left out unsaid, never validated or tested on
             raise ImageFolderError(

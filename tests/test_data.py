@@ -525,6 +525,12 @@ def test_common_split_layouts_are_read_as_splits_or_refused_never_read_as_classe
     (mac / "__MACOSX" / "train" / "cat").mkdir(parents=True)
     (mac / "__MACOSX" / "train" / "cat" / "._0.png").write_bytes(b"Mac OS X")
     assert len(check_image_folder(DataConfig(dataset="imagefolder", root=str(mac)))) == 0
+    # Kaggle's dogs-vs-cats with train/ sorted into classes: its unlabelled test1/ is not read, as before (it was
+    # refused, and renamed test/ as the message said, refused again for holding no class folders).
+    dogs_vs_cats = tmp_path / "dogs-vs-cats-sorted"
+    _write_images(dogs_vs_cats / "train", per_class=8)
+    _write_images(dogs_vs_cats / "test1", classes=("",), per_class=4)
+    assert load_splits(DataConfig(dataset="imagefolder", root=str(dogs_vs_cats))).class_names == ("cat", "dog")
     # Refused: a lone numbered split beside the classes (Kaggle's test1/ once train/ is sorted into classes), a
     # numbered split-like folder beside train/ and test/ (never read), flat classes beside a class named train/
     # holding folders (read as split: bus/ and car/ dropped).
