@@ -398,7 +398,9 @@ def rewrap_ddp(ctx: StepContext) -> None:
         return  # one worker: no DDP
     module = old.module
     # Its gradient hooks go now, not when the garbage collector gets to it: two reducers would see each gradient.
-    old.reducer._remove_autograd_hooks()
+    # (A private method: without it, the collection below ends the reducer, whose destructor removes them too.)
+    if (remove_hooks := getattr(getattr(old, "reducer", None), "_remove_autograd_hooks", None)) is not None:
+        remove_hooks()
     on_device = {"device_ids": [ctx.device], "output_device": ctx.device} if ctx.device.type != "cpu" else {}
     ctx.model = old = None
     gc.collect()  # DDP sits in a reference cycle: its buckets (a gradient's size) freed before the new ones
