@@ -188,9 +188,20 @@ def load_checkpoint(
             if _can_pass(err):
                 raise
             raise CheckpointError(f"checkpoint {path} does not fit architecture {checkpoint.arch!r}: {err}") from None
+        _check_weight_kinds(model, state_dict, path)
         _check_outputs(model, spec, path)
         checkpoint._verified_model = model if keep_model else None
     return checkpoint
+
+
+def _check_weight_kinds(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse integer or boolean tensors where the model holds floating-point weights: ``load_state_dict``
+    converts them without a word (integer weights truncated to whole numbers, a model of zeros answering one class
+    for every image), while a float16 or bfloat16 checkpoint of a float32 model loads as it should."""
+    for name, expected in model.state_dict().items():
+        given = state_dict.get(name)
+        if isinstance(given, torch.Tensor) and expected.is_floating_point() and not given.is_floating_point():
+            raise CheckpointError(f"checkpoint {path}: weights {name!r} are {given.dtype}, not floating point")
 
 
 def _raise_read_error(path: Path, err: Exception) -> NoReturn:

@@ -203,6 +203,9 @@ _OTHER_MARKERS = "o^sDvPX*"
 
 
 def _scatter(ax, results: list[ModelResult], x_of, xlabel: str, searched=None) -> None:
+    # A score that is not a number has no place on the axes (matplotlib drops it; two or more such points and
+    # nothing else failed the log axis, and the report with it): the table lists them.
+    results = [r for r in results if math.isfinite(r.test_acc)]
     families = _families(results, searched)
     members = [r for family in families.values() for r in family]
     # Each its own legend entry: names written beside the points ran together where models cost alike (a GPU

@@ -195,6 +195,21 @@ def test_mismatched_and_non_finite_weights_are_refused(tmp_path):
         load_checkpoint(tmp_path / "c.pt")
 
 
+def test_integer_weights_are_refused_and_half_precision_ones_load(tmp_path):
+    """load_state_dict converts integer weights into the model's float ones without a word: every weight truncated
+    to a whole number (LeNet-5's to zero) served one class for every image."""
+    checkpoint, _ = _checkpoint()
+    as_integers = {k: v.to(torch.int64) if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
+    with pytest.raises(CheckpointError, match=r"weights 'c1.weight' are torch.int64, not floating point"):
+        load_checkpoint(save_checkpoint(ModelCheckpoint(**{**checkpoint.__dict__, "state_dict": as_integers}),
+                                        tmp_path / "int.pt"))
+    as_half = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
+    model = load_checkpoint(save_checkpoint(ModelCheckpoint(**{**checkpoint.__dict__, "state_dict": as_half}),
+                                            tmp_path / "half.pt")).build_model()
+    assert model.c1.weight.dtype == torch.float32
+    assert torch.equal(model.c1.weight, checkpoint.state_dict["c1.weight"].half().float())
+
+
 def test_finite_weights_whose_outputs_are_not_are_refused(tmp_path):
     """A flipped sign in a batch norm's running variance is finite, but makes every output NaN; and a spec whose
     input size the model cannot take (LeNet-5 at 64 px) would fail on every request."""

@@ -640,3 +640,22 @@ def test_a_runs_fixed_cost_leaves_out_its_wait_for_the_compute_gate():
     assert result.fixed_seconds == pytest.approx(14.0)  # 84 s wall - 30 s of loops - 40 s of waiting
     result.timeline = {"loop_seconds": 30.0, "recorded": 44.0}  # no gate (overlap off): nothing to leave out
     assert result.fixed_seconds == pytest.approx(14.0)
+
+
+def test_models_without_a_finite_test_accuracy_are_left_off_the_plots():
+    """Two or more NaN scores and nothing else failed the log axis (matplotlib dropped the points, leaving it no
+    data), and the report with it: its table rewritten beside the previous plots, nothing logged."""
+    import matplotlib.pyplot as plt
+
+    nan = float("nan")
+    for against in ("macs", "params"):
+        figure = accuracy_figure([record("lenet5", "lenet5", {}, 400_000, nan),
+                                  record("alexnet", "alexnet", {}, 9_000_000, nan)], against)
+        assert len(figure.axes[0].collections) == 0 and len(figure.axes[0].get_lines()) == 0
+        plt.close(figure)
+    figure = accuracy_figure([record("lenet5", "lenet5", {}, 400_000, nan),
+                              record("alexnet", "alexnet", {}, 9_000_000, 0.9),
+                              record("vgg11", "vgg11", {}, 90_000_000, float("inf"))], "macs")
+    [drawn] = figure.axes[0].collections
+    assert list(drawn.get_offsets()[0]) == [9.0, 0.9]
+    plt.close(figure)
