@@ -282,7 +282,8 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
 
         check_port_free(cfg.serve)
     servable = None
-    if args.command == "serve":  # what to serve, before Ray starts: a model not found is a config error
+    # What to serve, before Ray starts, where nothing trains first: a model not found is a config error.
+    if args.command == "serve" or (args.command == "run" and stages == ["serve"]):
         from .serve import servable_models
 
         servable = servable_models(cfg)
@@ -299,7 +300,7 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
         if args.command == "run":
             from .pipeline import run_pipeline
 
-            result = run_pipeline(cfg, stages)
+            result = run_pipeline(cfg, stages, servable=servable)
             if result.serve is not None and not args.no_block:
                 _block_until_interrupted(result.serve.url, cfg)
             return 0 if result.ok else EXIT_FAILED

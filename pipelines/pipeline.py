@@ -10,9 +10,12 @@ import logging
 import mimetypes
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, PipelineConfig
+
+if TYPE_CHECKING:
+    from .model_store import ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +54,12 @@ class PipelineResult:
         return "failed" not in self.stages.values()
 
 
-def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> PipelineResult:
+def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, *,
+                 servable: tuple[list[ServedModel], str | None] | None = None) -> PipelineResult:
     """Run the chosen stages in order on the current Ray session (see :func:`pipelines.runtime.ray_session`).
 
-    Serving is started but not waited on; the CLI blocks on it.
+    Serving is started but not waited on; the CLI blocks on it. ``servable``: what
+    :func:`pipelines.serve.servable_models` found before Ray started, where serving is the only stage.
     """
     from .report import report_stage
     from .results import as_text, for_display
@@ -119,7 +124,7 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None) -> Pipeli
         out.stages["report"] = "ran"
 
     if "serve" in stages:
-        out.serve = serve_stage(cfg)
+        out.serve = serve_stage(cfg, servable)
         out.stages["serve"] = "ran"
         out.seconds_to_serving = time.time() - started
         log_serving_hints(out.serve, cfg, out.seconds_to_serving)

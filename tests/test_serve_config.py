@@ -306,6 +306,13 @@ def test_serve_with_nothing_registered_fails_before_ray_starts(tmp_path, pipelin
     assert "Traceback" not in refused.stderr
 
 
+def test_run_of_the_serve_stage_alone_finds_its_models_before_ray_starts(tmp_path, pipelines_cli):
+    """`run --stages serve` looked for its models once a local Ray had started (12-20 s), as `serve` did before."""
+    refused = pipelines_cli("run", "--stages", "serve", "--set", f"workdir={tmp_path}", "--set", "name=test")
+    assert refused.returncode == 1 and not refused.started_ray, refused.stderr
+    assert "registered model 'test' not found" in refused.stderr and "train first" in refused.stderr, refused.stderr
+
+
 def test_the_example_request_names_the_sample_images_own_content_type(make_config, caplog):
     """The example image of 16-bit or float data is a TIFF: the printed curl said image/png for it."""
     import logging
