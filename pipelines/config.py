@@ -92,6 +92,8 @@ MAX_GRID_POINTS = 2_000_000
 MAX_PHI = 12.0
 #: The largest compound-scaling coefficient a search range may reach.
 MAX_COEFFICIENT = 10.0
+#: The largest request body a replica may take (serve.max_upload_mb), 1 TB.
+MAX_UPLOAD_MB = 1_048_576
 
 
 class _Section(BaseModel):
@@ -1299,6 +1301,9 @@ def check_serve_settings(cfg: PipelineConfig) -> None:
     if serve.max_upload_mb * 1024 * 1024 < 1024:
         raise ConfigError("serve.max_upload_mb", f"{serve.max_upload_mb:g} MB is under 1 KB: every request would "
                                                  "be refused as too large")
+    if serve.max_upload_mb > MAX_UPLOAD_MB:  # (1e303 overflowed to infinity in bytes: every replica failed to start)
+        raise ConfigError("serve.max_upload_mb", f"{serve.max_upload_mb:g} MB is above {MAX_UPLOAD_MB:,} MB (1 TB), "
+                                                 "more than any request body can be")
     if unreachable := sorted(alias for alias in serve.checkpoints if alias in ("", CHAMPION)):
         raise ConfigError("serve.checkpoints", f"the alias {unreachable[0]!r} cannot name a checkpoint: requests for "
                                                f"{CHAMPION!r} go to the best servable model, and no request "
@@ -1573,20 +1578,46 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+def _refuse_base_60(text: str, node: yaml.ScalarNode) -> None:
+    if ":" in text:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is a base-60 number in YAML 1.1 (1:30 is 90); "
+                                                "write the number itself, or quote it if it is text", node.start_mark)
+
+
+#: The most digits an integer may have: a longer one overflowed the float arithmetic of the checks with a traceback
+#: instead of the key's message (a float reaches about 1.8e308); shorter ones get each key's own bounds.
+_MAX_INTEGER_DIGITS = 300
+
+
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     """Integers as YAML 1.2 reads them: YAML 1.1 (PyYAML) read ``train.epochs=010`` as octal 8 and ``1:30`` as
     base-60 90, without a word."""
     text = str(loader.construct_scalar(node)).replace("_", "")
-    if ":" in text:
-        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is a base-60 number in YAML 1.1 (1:30 is 90); "
-                                                "write the number itself, or quote it if it is text", node.start_mark)
+    _refuse_base_60(text, node)
     digits = text.lstrip("+-")
-    if digits[:2].lower() in ("0x", "0o", "0b"):
-        return int(text, 0)
-    return int(text, 10)  # (a leading 0 is no octal: 010 is 10)
+    try:
+        value = int(text, 0) if digits[:2].lower() in ("0x", "0o", "0b") else int(text, 10)  # (010 is 10)
+    except ValueError:  # YAML 1.1 resolves `0x_` as an integer, leaving no digits; over 4,300 digits Python refuses
+        raise yaml.constructor.ConstructorError(None, None, f"{_clip(text)!r} is not a readable integer",
+                                                node.start_mark) from None
+    if abs(value) >= 10**_MAX_INTEGER_DIGITS:
+        raise yaml.constructor.ConstructorError(None, None, f"{_clip(text)} is too large an integer (more than "
+                                                f"{_MAX_INTEGER_DIGITS} digits)", node.start_mark)
+    return value
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    """Floats as YAML 1.2 reads them: YAML 1.1 read ``train.lr=1:30.5`` as base-60 90.5."""
+    _refuse_base_60(str(loader.construct_scalar(node)), node)
+    return loader.construct_yaml_float(node)
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 _YamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_YamlLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def _load_yaml(text: str) -> Any:

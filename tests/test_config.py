@@ -190,6 +190,12 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
         (["search.compare_paper=true", "search.phis=[0]"], "search.compare_paper", "needs a phi above 0"),
         (["data.root=/tmp/run #2"], "data.root", "reads as the start of a comment"),  # it set /tmp/run
         (["train.epochs=1:30"], "train.epochs", "base-60 number in YAML 1.1"),  # it set 90
+        (["train.lr=1:30.5"], "train.lr", "base-60 number in YAML 1.1"),  # it set 90.5
+        (["train.epochs=0x_"], "train.epochs", "'0x' is not a readable integer"),  # a traceback
+        (["train.epochs=" + "9" * 4400], "train.epochs", "is not a readable integer"),  # a traceback (Python's limit)
+        (["ray.num_cpus=1" + "0" * 310], "ray.num_cpus", "too large an integer"),  # a traceback (OverflowError)
+        (["search.alpha=[1, 1" + "0" * 310 + "]"], "search.alpha", "too large an integer"),  # a traceback
+        (["serve.max_upload_mb=1e303"], "serve.max_upload_mb", "above 1,048,576 MB"),  # every replica failed
         # Settings that take a word too: the message named only the boolean or integer
         (["train.small_input=maybe"], "train.small_input", "must be true, false or auto (got 'maybe')"),
         (["train.max_concurrent_models=abc"], "train.max_concurrent_models", "must be a whole number or auto"),
