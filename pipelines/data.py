@@ -180,8 +180,9 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int,
     indices = np.arange(len(labels))[~singles]
     rest = labels[~singles]
     classes = len(np.unique(rest))
-    # ``count``: exactly that many (a fraction of it took ceil(61 / n * n) = 62 for some n, float rounding).
-    held_out = count if count is not None else int(np.ceil(fraction * len(labels)))
+    # ``count``: exactly that many (a fraction of it took ceil(61 / n * n) = 62 for some n, float rounding). A
+    # fraction's product is rounded before its ceiling for the same reason: 0.07 of 600 is 42.00000000000001.
+    held_out = count if count is not None else int(np.ceil(round(fraction * len(labels), 9)))
     # Stratify when every class can appear on both sides.
     if classes > 0 and classes <= held_out <= len(rest) - classes:
         keep, held = train_test_split(indices, test_size=held_out, random_state=seed, stratify=rest)

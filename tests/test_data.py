@@ -86,6 +86,17 @@ def test_a_long_tail_of_single_image_classes_leaves_a_two_image_class_one_to_tra
         assert set(labels[keep]) == set(range(73)), seed  # every class has an image to train on
 
 
+def test_a_fraction_holds_out_its_exact_share_despite_float_rounding():
+    """0.07 of 600 is 42.00000000000001 in floats, and a validation split after the test split (0.1 / 0.9 of 63
+    images) 7.000000000000001: each held out one image too many."""
+    from pipelines.data import stratified_split
+
+    for labels, fraction, expected in ((np.arange(600) % 6, 0.07, 42), (np.arange(63) % 3, 0.1 / (1 - 0.1), 7),
+                                       (np.arange(61) % 2, 0.25, 16)):
+        _, held = stratified_split(labels, fraction, seed=0)
+        assert len(held) == expected, (fraction, len(labels))
+
+
 def test_damaged_fashion_mnist_files_are_named(tmp_path):
     """A cut-off, non-gzip, empty or mismatched IDX file ended in EOFError, BadGzipFile, IndexError or a reshape
     error that named no file."""
