@@ -74,15 +74,16 @@ PREDICT_REQUEST_BODY = {"requestBody": {"required": True, "content": {
 class RequestError(Exception):
     """A client error: HTTP ``status`` and a message for ``{"error": ...}``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 @api.exception_handler(RequestError)
 async def _request_error(_, err: RequestError):
-    return JSONResponse({"error": err.message}, status_code=err.status)
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -116,7 +117,9 @@ def authorize(request: Request, token: str | None) -> None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+        # The challenge RFC 9110 requires of every 401 (RFC 6750's scheme): clients that negotiate read it.
+        raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                           headers={"WWW-Authenticate": "Bearer"})
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:

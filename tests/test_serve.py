@@ -358,6 +358,7 @@ def test_auth_token_and_broken_checkpoints(server, strict_app, digit_png, caplog
     assert predict(base, digit_png).status_code == 401
     wrong = predict(base, digit_png, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and "error" in wrong.json()
+    assert wrong.headers["WWW-Authenticate"] == "Bearer"  # the challenge every 401 carries (RFC 9110)
     for bad_top_k in (0, "abc"):  # the token first: FastAPI's query check answered 422 to clients without it
         assert predict(base, digit_png, params={"top_k": bad_top_k}).status_code == 401
     assert predict(base, digit_png, params={"top_k": 0}, headers=AUTH).status_code == 422
