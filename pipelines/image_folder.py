@@ -32,7 +32,8 @@ from .data import (
     load_splits,
     stratified_split,
 )
-from .preprocess import ACCEPTED_FORMATS
+from .image_structure import check_structure
+from .preprocess import ACCEPTED_FORMATS, ImageDecodeError
 
 __all__ = ["BadImageFilesError", "ImageFolderError", "check_image_folder", "load_imagefolder"]
 
@@ -272,6 +273,10 @@ def _unreadable(path: str, data: bytes | None = None) -> str | None:
     try:
         if data is None:
             data = Path(path).read_bytes()
+        try:
+            check_structure(data)
+        except ImageDecodeError as err:  # (a plain-text PGM over 1 MB trained, and the server refused it with 400)
+            return f"the server refuses it: {err}"
         with Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as image:
             image.verify()
         with Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as image:  # verify leaves it unusable

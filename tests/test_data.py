@@ -621,6 +621,24 @@ def test_an_image_the_server_would_refuse_is_a_bad_file_saying_so(tmp_path):
     assert path == "cat/icon.png" and reason.startswith("ICO image data, which the server does not take (PNG,")
 
 
+def test_an_image_whose_structure_the_server_refuses_is_a_bad_file_saying_so(tmp_path):
+    """A plain-text PGM over 1 MB read fine for training (Pillow decodes it in Python, slowly), and the server
+    refused every upload of it with 400: a model trained on images it could never be sent."""
+    from pipelines.image_folder import BadImageFilesError, check_image_folder
+
+    _write_images(tmp_path, per_class=6)
+    pixels = np.random.default_rng(0).integers(0, 256, (480, 640))
+    text = b"P2\n640 480\n255\n" + "\n".join(" ".join(map(str, row)) for row in pixels).encode() + b"\n"
+    assert len(text) > 1 << 20
+    (tmp_path / "cat" / "scan.pgm").write_bytes(text)
+    with pytest.raises(ImageDecodeError, match="plain-text"):
+        decode_image(text, max_pixels=10_000_000)
+    with pytest.raises(BadImageFilesError) as info:
+        check_image_folder(DataConfig(dataset="imagefolder", root=str(tmp_path)))
+    [(path, reason)] = info.value.bad
+    assert path == "cat/scan.pgm" and reason.startswith("the server refuses it: a plain-text (ASCII) PBM/PGM/PPM")
+
+
 def _spec(channels, background=0):
     return PreprocessSpec(image_size=8, channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels,
                           class_names=("a", "b"), background=background)
