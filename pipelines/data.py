@@ -37,7 +37,14 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from .config import DataConfig
-from .preprocess import ALPHA_MODES, PreprocessSpec, has_sixteen_bit_samples, open_image_file, upright
+from .preprocess import (
+    ALPHA_MODES,
+    EXIF_ORIENTATION,
+    PreprocessSpec,
+    has_sixteen_bit_samples,
+    image_orientation,
+    open_image_file,
+)
 
 __all__ = [
     "DatasetInfo",
@@ -525,8 +532,9 @@ MAX_SAMPLE_TRIES = 100
 
 
 def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
-    """Save the first readable test image as ``sample-<dataset>-<class>.png`` (``.tiff`` for 32-bit and float
-    pixels and other 16-bit ones than PNG's and PGM's) for the example request printed after serving."""
+    """Save the first readable test image as ``sample-<dataset>-<class>.png`` (``.tiff`` for CMYK, 32-bit and
+    float pixels and other 16-bit ones than PNG's and PGM's) for the example request printed after serving: its
+    pixels as training reads them, with their EXIF orientation."""
     # An image folder's files are not all checked again for one image (the `serve` command in a new process
     # decoded every file of the folder, minutes for a large one): training refuses bad files, so its split is the
     # one without exclusions. Only data.skip_bad_files leaves some out, which changes the split: checked then.
@@ -548,20 +556,27 @@ def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"sample-{cfg.dataset}-{safe}.png"
-    # Upright as training saw it (a phone photo's EXIF orientation: PNG keeps no EXIF, so it would go sideways).
-    # 16-bit samples in mode I, which training scales by 65535 (read before upright, whose copy has no format);
-    # saved as a mode-I TIFF, the server scaled it by its own peak instead
-    sixteen_bit = original.mode == "I" and has_sixteen_bit_samples(original)
-    image = upright(original)
-    if sixteen_bit:
+    # A phone photo's pixels as they are, with its EXIF orientation: the server shrinks an image before turning it
+    # upright, as training does; a sample saved upright was shrunk on the turned grid, pixels apart from training's
+    # wherever a side is no multiple of the shrink factor. 16-bit samples in mode I, which training scales by
+    # 65535: saved as a mode-I TIFF, the server scaled it by its own peak instead.
+    orientation = image_orientation(original)
+    image = original
+    if has_sixteen_bit_samples(original) and original.mode == "I":
         image = image.convert("I;16")  # a 16-bit PNG: read as such
-    elif image.mode in WIDE_MODES:
+    elif image.mode in WIDE_MODES or image.mode == "CMYK":
         # As they are, in a TIFF: the server scales them as training did. Converted to RGB they were clipped (a
-        # float image all black, a big-endian 16-bit one white), and a PNG holds 32-bit integers not at all.
+        # float image all black, a big-endian 16-bit one white), and a PNG holds 32-bit integers not at all; a
+        # CMYK JPEG converted before its shrink was a grey level off training's, which converts after it.
         path = path.with_suffix(".tiff")
-    elif image.mode not in PNG_MODES:  # a CMYK JPEG: PNG cannot hold it, the server takes RGB
+    elif image.mode not in PNG_MODES:  # (no other mode comes from a file the server takes)
         image = image.convert("RGB")
-    image.save(path)
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = orientation
+        image.save(path, exif=exif)
+    else:
+        image.save(path)
     return path
 
 

@@ -163,7 +163,7 @@ class PreprocessSpec:
         # loaded: Pillow's TIFF plugin turns a TIFF itself as it loads, and drops its tag (an image opened and
         # not loaded yet, as Image.open gives it, was turned twice).
         image.load()
-        orientation = _orientation(image)
+        orientation = image_orientation(image)
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             # A 16-bit PNG's colour key names a 16-bit value: matched before the scaling merges it with others
             key = image.info.get("transparency")
@@ -263,8 +263,8 @@ def import_resizing() -> None:
 
 def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says (a phone photo); itself when upright, or when its EXIF
-    cannot be read (:func:`_orientation`)."""
-    if _orientation(image) != 1:  # exif_transpose copies even an upright image
+    cannot be read (:func:`image_orientation`)."""
+    if image_orientation(image) != 1:  # exif_transpose copies even an upright image
         image = ImageOps.exif_transpose(image)
     return image
 
@@ -296,12 +296,16 @@ def key_on_pixel_scale(image: Image.Image) -> Image.Image:
     return image
 
 
-def _orientation(image: Image.Image) -> int:
+#: The EXIF tag of an image's orientation (1: upright; 2-8: how it is to be turned).
+EXIF_ORIENTATION = 0x0112
+
+
+def image_orientation(image: Image.Image) -> int:
     """The EXIF orientation (1: upright). An EXIF block Pillow cannot parse (a PNG eXIf chunk without its
     byte-order header, as some cameras and editors write) reads as upright: the pixels are fine, and the
     check of an image folder never reads EXIF, so raising here failed training mid-epoch on every retry."""
     try:
-        return int(image.getexif().get(0x0112, 1))
+        return int(image.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - Pillow raises SyntaxError, struct.error, ValueError... for damaged EXIF
         return 1
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from pipelines.config import DataConfig
 from pipelines.data import DEBIAN_FASHION_MNIST, RawSplit, SplitDataset, describe_dataset, load_splits, make_spec
@@ -259,34 +259,44 @@ def test_the_example_image_decodes_no_more_than_it_needs(tmp_path, monkeypatch):
 
 def test_the_example_image_is_written_whatever_the_mode_of_the_first_test_image(tmp_path):
     """A CMYK JPEG first in the test split: PNG cannot hold CMYK, and the example request after serving was
-    silently left out."""
-    from pipelines.data import write_sample_image
+    silently left out. What serving makes of the example is what training makes of the image it stands for."""
+    from pipelines.data import load_splits, write_sample_image
+    from pipelines.preprocess import PreprocessSpec
 
+    def served(sample: Path, spec: PreprocessSpec) -> torch.Tensor:
+        return spec.image_to_uint8(decode_image(sample.read_bytes(), max_pixels=10_000_000))
+
+    rgb = PreprocessSpec(image_size=16, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3, class_names=("cat", "dog"))
+    noise = np.random.default_rng(0).integers(0, 256, (301, 203, 3), dtype=np.uint8)  # sides no multiple of 16
     for name in ("cat", "dog"):
         (tmp_path / "images" / name).mkdir(parents=True)
         for i in range(6):
-            Image.new("CMYK", (20, 24), (i * 40, 0, 0, 0)).save(tmp_path / "images" / name / f"{i}.jpg")
+            Image.fromarray(noise).convert("CMYK").save(tmp_path / "images" / name / f"{i}.jpg")
     cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "images"), val_fraction=0.2, test_fraction=0.2)
     sample = write_sample_image(cfg, tmp_path / "serve")
     with Image.open(sample) as written:
-        assert written.format == "PNG" and written.mode == "RGB"
+        # As it is (converted to RGB before the shrink, training converting after it, it was a grey level off)
+        assert written.format == "TIFF" and written.mode == "CMYK"
+    assert torch.equal(served(sample, rgb), rgb.image_to_uint8(load_splits(cfg).test.pil(0)))
 
-    # Phone photos: stored sideways with an EXIF orientation, which PNG does not keep. Training turns them
-    # upright; the example image went out sideways.
+    # Phone photos: stored sideways with an EXIF orientation. Saved upright, the example went out shrunk on the
+    # turned grid: pixels up to 7 grey levels off training's, which shrinks before turning it upright.
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     for name in ("cat", "dog"):
         (tmp_path / "photos" / name).mkdir(parents=True)
         for i in range(6):
-            Image.new("RGB", (20, 24), (i * 40, 0, 0)).save(tmp_path / "photos" / name / f"{i}.jpg", exif=exif)
+            Image.fromarray(noise).save(tmp_path / "photos" / name / f"{i}.jpg", exif=exif)
     cfg = cfg.model_copy(update={"root": str(tmp_path / "photos")})
-    with Image.open(write_sample_image(cfg, tmp_path / "serve")) as written:
-        assert written.size == (24, 20)  # upright, as training sees it
+    sample = write_sample_image(cfg, tmp_path / "serve-photos")
+    trained = load_splits(cfg).test.pil(0)
+    with Image.open(sample) as written:
+        assert written.format == "PNG" and written.getexif()[0x0112] == 6  # shown upright by viewers too
+    assert torch.equal(served(sample, rgb), rgb.image_to_uint8(trained))
+    assert not torch.equal(rgb.image_to_uint8(trained), rgb.image_to_uint8(ImageOps.exif_transpose(trained)))
 
     # Float, big-endian 16-bit and 32-bit TIFFs: converted to RGB the example was all black or all white (what
     # the model got bore no relation to training's), and mode I could not be written as PNG (no example at all).
-    from pipelines.preprocess import PreprocessSpec
-
     spec = PreprocessSpec(image_size=16, channels=1, mean=(0.0,), std=(1.0,), class_names=("cat", "dog"))
     ramp = np.tile(np.linspace(0.0, 1.0, 24), (20, 1))
     for mode, pixels in (("F", ramp.astype(np.float32)), ("I;16B", (ramp * 60000).astype(">u2")),
