@@ -36,7 +36,7 @@ from .config import (
 )
 from .data import DatasetInfo, make_spec
 from .preprocess import PreprocessSpec
-from .search_space import PAPER, grid_candidates, same_triple
+from .search_space import PAPER, coefficients_label, grid_candidates, same_triple
 
 __all__ = [
     "ModelChoice",
@@ -81,11 +81,6 @@ class ModelChoice:
     name: str
     arch: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def coefficients_label(alpha: float, beta: float, gamma: float) -> str:
-    """``a1.2_b1.1_g1.15``: how search trials are named in Ray, MLflow and the results."""
-    return f"a{alpha:g}_b{beta:g}_g{gamma:g}"
 
 
 def _recipe(choice: ModelChoice, data: DataConfig, hyper: Hyperparameters, workers: WorkerSettings) -> dict:

@@ -22,6 +22,7 @@ from cnnmodels.scaling import PAPER_COEFFICIENTS, constraint_value, feasible_gri
 from .config import SearchConfig
 
 __all__ = ["PAPER", "paper_is_feasible", "same_triple", "feasible_points", "grid_candidates", "FeasibleRegion",
+           "coefficients_label",
            "optuna_space"]
 
 PAPER = (PAPER_COEFFICIENTS.alpha, PAPER_COEFFICIENTS.beta, PAPER_COEFFICIENTS.gamma)
@@ -90,6 +91,11 @@ def grid_candidates(search: SearchConfig,
     return chosen
 
 
+def coefficients_label(alpha: float, beta: float, gamma: float) -> str:
+    """``a1.2_b1.1_g1.15``: how search trials are named in Ray, MLflow and the results."""
+    return f"a{alpha:g}_b{beta:g}_g{gamma:g}"
+
+
 def _rounded_within(bounds: tuple[float, float], t: float, decimals: int = 4) -> float:
     """The point at ``t`` in [0, 1] between ``bounds``, rounded to ``decimals`` without leaving them (unrounded
     where no such number lies between them)."""
@@ -109,12 +115,14 @@ def _scaled_bounds(bounds: tuple[float, float], decimals: int = 4) -> tuple[int,
 
 
 def _by_distance(bounds: tuple[float, float], value: float, decimals: int = 4) -> Iterator[float]:
-    """The numbers of ``decimals`` decimals between ``bounds``, nearest ``value`` first (``value`` itself first
-    when no such number lies between them, as :func:`_rounded_within` leaves it)."""
+    """The numbers of ``decimals`` decimals between ``bounds``, nearest ``value`` first (where no such number lies
+    between them, the unrounded one nearest ``value``, as :func:`_rounded_within` leaves a draw there: the value
+    of another beta's window was outside this one, and the triple :meth:`FeasibleRegion.has_points` counts for it
+    out of reach)."""
     low, high = _scaled_bounds(bounds, decimals)
     if low > high:
-        if bounds[0] <= value <= bounds[1]:
-            yield value
+        if bounds[0] <= bounds[1]:
+            yield min(max(value, bounds[0]), bounds[1])
         return
     scale = 10**decimals
     start = min(max(round(value * scale), low), high)
@@ -123,6 +131,11 @@ def _by_distance(bounds: tuple[float, float], value: float, decimals: int = 4) -
         for k in (start - step, start + step):
             if low <= k <= high:
                 yield k / scale
+
+
+#: Up to how many Optuna trials :meth:`FeasibleRegion.has_points` hands out their triples to check a count that
+#: includes unrounded triples (a second or two for 200, in regions that narrow far less); above, the count decides.
+_CHECKED_TRIALS = 200
 
 
 @dataclass(frozen=True)
@@ -166,14 +179,17 @@ class FeasibleRegion:
         """``point``, or the feasible 4-decimal triple nearest it (gamma moved first, then beta, then alpha) that
         is not in ``taken``: two draws that round to one triple named one Ray Train run, and the second trial
         resumed the first's (trained nothing, or went on from where ASHA had stopped it). ``point`` itself when
-        the region has no other (:meth:`has_points` refuses such searches up front)."""
-        if point not in taken:
+        the region has no other (:meth:`has_points` refuses such searches up front). Triples are told apart by
+        their names (:func:`coefficients_label`): unrounded ones, where a window holds no 4-decimal number, can
+        differ past the six digits a name shows."""
+        names = {coefficients_label(*t) for t in taken}
+        if coefficients_label(*point) not in names:
             return point
         a, b, g = point
         for a2 in _by_distance(self.alpha_bounds(), a):
             for b2 in self._betas_with_gammas(a2, b):
                 for g2 in _by_distance(self.gamma_bounds(a2, b2), g):
-                    if (a2, b2, g2) not in taken:
+                    if coefficients_label(a2, b2, g2) not in names:
                         return a2, b2, g2
         return point
 
@@ -199,27 +215,46 @@ class FeasibleRegion:
                 np.minimum(self.gamma[1], np.sqrt(self.high / (a * betas**2))))
 
     def has_points(self, count: int) -> bool:
-        """Whether the region holds at least ``count`` different triples at 4 decimals: per alpha, the gammas of
-        every beta at once (a pair at a time took seconds where a tight tolerance leaves few)."""
+        """Whether the region holds at least ``count`` different triples at 4 decimals that :meth:`free_point` can
+        give trials: counted per alpha, the gammas of every beta at once (a pair at a time took seconds where a
+        tight tolerance leaves few). Where the count includes unrounded triples (windows too narrow for a
+        4-decimal number, which the trials may not reach), up to :data:`_CHECKED_TRIALS` trials are also given
+        their triples one after another, as the search gives them."""
+        enough, exact = self._counts_points(count)
+        if not enough or exact or count > _CHECKED_TRIALS:
+            return enough
+        taken: set[tuple[float, float, float]] = set()
+        start = self.point(0.5, 0.5, 0.5)
+        for _ in range(count):
+            point = self.free_point(start, taken)
+            if coefficients_label(*point) in {coefficients_label(*t) for t in taken}:
+                return False
+            taken.add(point)
+        return True
+
+    def _counts_points(self, count: int) -> tuple[bool, bool]:
+        """Whether the count reaches ``count``, and whether it counted only 4-decimal triples (every one of which
+        :meth:`free_point` reaches)."""
         import numpy as np
 
-        found = 0
+        found, exact = 0, _scaled_bounds(self.alpha_bounds())[0] <= _scaled_bounds(self.alpha_bounds())[1]
         for a in _by_distance(self.alpha_bounds(), self.alpha[0]):
             low, high = _scaled_bounds(self.beta_bounds(a))
             if low > high:  # (no 4-decimal beta: the unrounded one :meth:`point` draws)
                 b_low, b_high = self.beta_bounds(a)
-                if b_low <= b_high:
-                    g_low, g_high = self._gamma_bounds_of(a, np.array([b_low]))
-                    rounded = np.floor(g_high * 10**4 + 1e-9) - np.ceil(g_low * 10**4 - 1e-9) + 1
-                    found += int(np.where(rounded > 0, rounded, (g_low <= g_high).astype(float)).sum())
+                betas = np.array([b_low] if b_low <= b_high else [])
+                exact = exact and not betas.size
             else:
-                g_low, g_high = self._gamma_bounds_of(a, np.arange(low, high + 1) / 10**4)
-                rounded = np.floor(g_high * 10**4 + 1e-9) - np.ceil(g_low * 10**4 - 1e-9) + 1
-                # (a gamma range with no 4-decimal number in it still holds its unrounded gamma)
-                found += int(np.where(rounded > 0, rounded, (g_low <= g_high).astype(float)).sum())
+                betas = np.arange(low, high + 1) / 10**4
+            g_low, g_high = self._gamma_bounds_of(a, betas)
+            rounded = np.floor(g_high * 10**4 + 1e-9) - np.ceil(g_low * 10**4 - 1e-9) + 1
+            # (a gamma range with no 4-decimal number in it still holds its unrounded gamma)
+            unrounded = (rounded <= 0) & (g_low <= g_high)
+            exact = exact and not unrounded.any()
+            found += int(np.where(rounded > 0, rounded, unrounded.astype(float)).sum())
             if found >= count:
-                return True
-        return False
+                return True, exact
+        return False, exact
 
     def inverse(self, a: float, b: float, g: float) -> tuple[float, float, float] | None:
         """The (u, v, w) of a triple, if it lies in the region."""

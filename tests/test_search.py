@@ -153,6 +153,27 @@ def test_optuna_trials_never_share_a_triple_and_a_search_wanting_more_than_the_r
     load_config(None, ["search.mode=optuna", "search.beta=[1.10004, 1.10004]", "search.num_trials=1"])
 
 
+def test_optuna_trials_in_windows_too_narrow_for_4_decimals_get_runs_of_their_own():
+    """Under a tolerance of 1e-5 a beta's gamma window holds no 4-decimal number: the unrounded gammas of two
+    draws differed past the six digits a run's name shows, and the second trial resumed the first's run. Under
+    1e-4 the config check counted triples the trials could not reach, and two trials got one triple."""
+    import random
+
+    from pipelines.search_space import coefficients_label
+
+    for tolerance, trials in ((1e-5, 3), (1e-5, 8), (1e-4, 11)):
+        cfg = SearchConfig(mode="optuna", alpha=(1.2, 1.2), beta=(1.1, 1.101), gamma=(1.0, 1.4),
+                           tolerance=tolerance, num_trials=trials)
+        region = FeasibleRegion.of(cfg)
+        assert region.has_points(trials)
+        for seed in range(20):
+            draws, taken = random.Random(seed), set()
+            for _ in range(trials):
+                taken.add(region.free_point(region.point(draws.random(), draws.random(), draws.random()), taken))
+            assert len({coefficients_label(*t) for t in taken}) == trials, (tolerance, seed, sorted(taken))
+            assert all(abs(constraint_value(*t) - 2.0) <= tolerance + 1e-12 for t in taken)
+
+
 def test_a_search_gpu_share_is_applied_on_gpus_and_said_unused_without_them(make_config, caplog):
     """``search.gpus_per_trial`` with ``train.use_gpu: false`` (the cifar10-gpu preset tried on a CPU machine):
     the trials ran on CPUs without a word about the setting."""
