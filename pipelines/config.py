@@ -112,7 +112,8 @@ class RayConfig(_Section):
                     "job instead)"
     )
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray (default: all)")
-    num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of a local Ray (default: all)")
+    num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of a local Ray (default: all; no more than CUDA "
+                                    "sees where a stage uses one)")
     include_dashboard: bool = Field(True, description="Ray's dashboard (Ray Train's state checks need it)")
 
     @field_validator("address")
@@ -1044,6 +1045,7 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
     _check_warmup(cfg)
     _check_gpu_shares(cfg)
     _check_local_resources(cfg)
+    _check_declared_gpus(cfg)
     _check_batch_split(cfg)
     _check_failure_rehearsal(cfg)
     search = cfg.search
@@ -1490,6 +1492,25 @@ def _check_local_resources(cfg: PipelineConfig) -> None:
             raise ConfigError(replicas_key, f"{replicas} replicas x {each:g} {what} (serve.num_{what[:3].lower()}s) is "
                                             f"more than the {have:g} {what} of the local Ray: the app would never "
                                             "start")
+
+
+def _check_declared_gpus(cfg: PipelineConfig) -> None:
+    """A local Ray told of more GPUs (ray.num_gpus) than CUDA sees here, where a stage would use one: Ray hands a
+    worker or replica a GPU that is not there, and it fails once placed ("Found no NVIDIA driver")."""
+    declared = cfg.ray.num_gpus
+    if declared is None or ray_address(cfg) not in (None, "local"):
+        return
+    if not (cfg.train.use_gpu or cfg.serve.num_gpus > 0):
+        return  # (GPUs no stage asks for: Ray may be told of any)
+    import torch
+
+    seen = torch.cuda.device_count()
+    if declared > seen:
+        fix = (f"set ray.num_gpus: {seen} or leave it out (all of them)" if seen else
+               "leave it out and set train.use_gpu: false and serve.num_gpus: 0, or run on a GPU node (ray.address: "
+               "auto)")
+        raise ConfigError("ray.num_gpus", f"{declared} GPU(s) for the local Ray, but CUDA sees {seen} on this "
+                                          f"machine: the stages given one would fail to find it; {fix}")
 
 
 def _check_gpu_shares(cfg: PipelineConfig) -> None:

@@ -105,6 +105,18 @@ def make_config(tmp_path, empty_mlflow_store):
 
 
 @pytest.fixture
+def cuda_devices(monkeypatch):
+    """``cuda_devices(2)``: this process's CUDA sees 2 GPUs, for configs of a GPU machine's local Ray (declaring
+    more GPUs than CUDA sees is refused)."""
+    import torch
+
+    def see(count: int) -> None:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+    return see
+
+
+@pytest.fixture
 def pipelines_cli(monkeypatch, capsys):
     """``python -m pipelines ARGV`` run in this process, for commands that must end before Ray starts:
     ``pipelines_cli("train", "--set", ..., env={...})`` returns its exit code, stdout, stderr, and whether it

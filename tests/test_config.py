@@ -30,8 +30,9 @@ def test_default_config_is_the_embedded_quickstart():
     assert cfg.search.phis  # the EfficientNet family comes from the search
 
 
-def test_set_overrides_parse_yaml_values(tmp_path):
+def test_set_overrides_parse_yaml_values(tmp_path, cuda_devices):
     # The quickstart's per-model settings for alexnet are ignored when alexnet is not selected.
+    cuda_devices(1)
     cfg = load_config(None, ["train.models=[resnet18, lenet5]", "train.epochs=5", "train.lr=0.1",
                              f"workdir={tmp_path}", "search.alpha=[1.0, 1.3]", "train.use_gpu=true",
                              "ray.num_gpus=1"])
@@ -329,6 +330,23 @@ def test_config_errors_name_the_key(overrides, key, fragment):
         load_config(None, overrides)
     assert info.value.key.startswith(key), str(info.value)
     assert fragment in str(info.value)
+
+
+def test_more_gpus_declared_than_cuda_sees_are_refused_where_a_stage_uses_one(cuda_devices):
+    """Ray hands a worker or replica a GPU it was told of: one CUDA does not see failed once placed ("Found no
+    NVIDIA driver"), after Ray's start, or after the training for a replica."""
+    cuda_devices(0)
+    for overrides, fix in ((["train.use_gpu=true", "ray.num_gpus=1"], "set train.use_gpu: false"),
+                           (["serve.num_gpus=0.5", "ray.num_gpus=2"], "serve.num_gpus: 0")):
+        with pytest.raises(ConfigError, match="CUDA sees 0 on this machine") as refused:
+            load_config(None, overrides)
+        assert refused.value.key == "ray.num_gpus" and fix in str(refused.value)
+    load_config(None, ["ray.num_gpus=4"])  # no stage asks for one: Ray may be told of any
+    load_config(None, ["ray.address=auto", "train.use_gpu=true"])  # a cluster's GPUs are its nodes'
+    cuda_devices(1)
+    with pytest.raises(ConfigError, match="set ray.num_gpus: 1 or leave it out"):
+        load_config(None, ["train.use_gpu=true", "ray.num_gpus=2"])
+    assert load_config(None, ["train.use_gpu=true", "ray.num_gpus=1"]).ray.num_gpus == 1
 
 
 def test_a_percent_sign_that_sqlite_keeps_is_a_valid_workdir(tmp_path):

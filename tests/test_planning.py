@@ -175,7 +175,8 @@ def test_train_says_why_the_efficientnet_family_is_left_out(make_config, caplog)
     assert "the finished search was run with other search or training settings" in caplog.text
 
 
-def test_cpus_per_worker_split_the_free_cpus_among_one_models_workers(make_config):
+def test_cpus_per_worker_split_the_free_cpus_among_one_models_workers(make_config, cuda_devices):
+    cuda_devices(1)
     assert auto_cpus_per_worker(make_config(), 2.0) == 1.95
     assert auto_cpus_per_worker(make_config("train.num_workers=2"), 2.0) == 0.97
     # However many workers, one model's run fits the free CPUs (a floor of 0.25 per worker made 8 workers on 2

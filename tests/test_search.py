@@ -174,9 +174,10 @@ def test_optuna_trials_in_windows_too_narrow_for_4_decimals_get_runs_of_their_ow
             assert all(abs(constraint_value(*t) - 2.0) <= tolerance + 1e-12 for t in taken)
 
 
-def test_a_search_gpu_share_is_applied_on_gpus_and_said_unused_without_them(make_config, caplog):
+def test_a_search_gpu_share_is_applied_on_gpus_and_said_unused_without_them(make_config, caplog, cuda_devices):
     """``search.gpus_per_trial`` with ``train.use_gpu: false`` (the cifar10-gpu preset tried on a CPU machine):
     the trials ran on CPUs without a word about the setting."""
+    cuda_devices(1)
     from pipelines.data import describe_dataset
     from pipelines.planning import plan_model_runs, search_template
     from pipelines.search import with_search_gpu_share
