@@ -145,6 +145,8 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
         locked = True
     except Timeout:
         raise StageBusyError(_busy(run_dir, stage)) from None
+    except PermissionError as err:  # another user's lock file (a shared workdir): not to be run beside unguarded
+        raise StageBusyError(_not_ours(run_dir, stage, err)) from None
     except (OSError, NotImplementedError) as err:  # a filesystem without locks (NFSv3 without lockd): unguarded
         logger.warning("[%s] %s cannot be locked (%s); nothing stops a second command of this config from running "
                        "this stage at the same time", stage, run_dir, err)
@@ -157,8 +159,16 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
 
 
 def _busy(run_dir: Path, stage: str) -> str:
+    # (Another workdir alone does not do where storage_path is set: Ray keeps the runs there by name.)
     return (f"another command is running the {stage} stage of this config ({run_dir}); wait for it to end, or give "
-            "this one another name or workdir")
+            "this one another name")
+
+
+def _not_ours(run_dir: Path, stage: str, err: OSError) -> str:
+    return (f"the lock of the {stage} stage of this config cannot be opened ({err.strerror}: {err.filename or run_dir}"
+            "), another user's file: a command of theirs may be running the stage; two at once would share their "
+            "checkpoints. Ask them, make the workdir's files group-writable (umask 002 for every user), or give "
+            "this one another name and workdir")
 
 
 def check_stages_free(run_dir: Path, stages: Iterable[str]) -> None:
@@ -175,6 +185,8 @@ def check_stages_free(run_dir: Path, stages: Iterable[str]) -> None:
             lock.acquire(timeout=0)
         except Timeout:
             raise StageBusyError(_busy(run_dir, stage)) from None
+        except PermissionError as err:
+            raise StageBusyError(_not_ours(run_dir, stage, err)) from None
         except (OSError, NotImplementedError):
             continue
         lock.release()

@@ -336,7 +336,7 @@ def checkpoint_to_resume(restored, run: ModelRun, rank: int) -> tuple[ModelCheck
                 raise RuntimeError(f"{run.model_name}: the run's latest checkpoint is of epoch {ckpt.epoch + 1}, "
                                    f"beyond train.epochs={run.hyper.epochs} (an interrupted longer run of the same "
                                    "settings); raise train.epochs to at least that, or train the shorter run under "
-                                   "another name or workdir")
+                                   "another name")
             return ckpt, load_rng_state(directory, rank)
     if rank == 0:
         logger.info("[%s] ignoring the run's latest checkpoint (it belongs to %s); starting fresh",

@@ -872,6 +872,31 @@ def test_a_workdir_that_cannot_be_locked_runs_its_stage_unguarded(tmp_path, monk
     assert ran and "cannot be locked (" in caplog.text and "No locks available" in caplog.text
 
 
+def test_another_users_lock_file_is_refused_not_run_beside(tmp_path, monkeypatch):
+    """In a workdir shared by several users, a lock file of another user (0644 under umask 022) cannot be opened
+    for writing: read as a filesystem without locks, the stage ran unguarded beside that user's command. (As
+    root, which opens any file, the operating system's refusal is stood in for.)"""
+    import errno
+
+    import filelock
+
+    from pipelines.runtime import StageBusyError, check_stages_free, exclusive_stage
+
+    def not_ours(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "run" / ".train.lock"))
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", not_ours)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(StageBusyError, match=r"cannot be opened \(Permission denied: .*\.train\.lock\), another "
+                                             "user's file") as refused:
+        check_stages_free(tmp_path / "run", ["train"])
+    assert "umask 002" in str(refused.value)
+    ran = []
+    with pytest.raises(StageBusyError, match="another user's file"), exclusive_stage(tmp_path / "run", "train"):
+        ran.append(True)
+    assert not ran
+
+
 def test_errors_are_sorted_into_outages_and_refusals():
     """A sqlite file locked by another writer or a database server that is down raises the driver's
     OperationalError unwrapped: it read as a refusal (the report stopped, replicas marked the model failed for
