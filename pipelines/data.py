@@ -113,9 +113,9 @@ class ImageSplits:
     channels: int
     dataset: str
 
-    def membership(self, root: str | os.PathLike | None) -> str:
-        """A short hash of which file is in which split, in what order, under which label (paths relative to
-        ``root``); "" for in-memory data sets. Two copies of an image folder with the same classes and split
+    def membership(self, root: str | os.PathLike | None, splits: tuple[str, ...] = ("train", "val", "test")) -> str:
+        """A short hash of which file is in which of ``splits``, in what order, under which label (paths relative
+        to ``root``); "" for in-memory data sets. Two copies of an image folder with the same classes and split
         sizes can still differ (a file renamed, an image moved between classes): each node's worker reads its
         own copy, and DDP ranks with different file lists train on each other's validation and test images."""
         if self.train.paths is None:
@@ -123,7 +123,7 @@ class ImageSplits:
         import hashlib
 
         digest = hashlib.sha256()
-        for name in ("train", "val", "test"):
+        for name in splits:
             split = getattr(self, name)
             for relative, label in zip(_relative_paths(split.paths, root), split.labels.tolist(), strict=True):
                 digest.update(f"{name}\t{relative}\t{label}\n".encode())
@@ -171,6 +171,9 @@ class DatasetInfo:
     membership: str = ""
     #: :meth:`ImageSplits.test_identity`: which test images the models' test accuracies are measured on.
     test_split: str = ""
+    #: :meth:`ImageSplits.membership` of the training and validation splits alone ("" for in-memory data sets):
+    #: part of a model's fingerprint, as what it learns from and is chosen by.
+    training_membership: str = ""
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int,
@@ -678,6 +681,7 @@ def describe_dataset(cfg: DataConfig) -> DatasetInfo:
         excluded_files=excluded,
         membership=splits.membership(cfg.root),
         test_split=splits.test_identity(cfg.root),
+        training_membership=splits.membership(cfg.root, ("train", "val")),
     )
 
 

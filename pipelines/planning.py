@@ -134,8 +134,13 @@ class ModelRun(BaseModel):
     #: Which file is in which split (``DatasetInfo.membership``): checked like ``split_sizes`` (None: not).
     split_membership: str | None = None
     #: Which test images it is tested on (``DatasetInfo.test_split``): a tag of its registered version, so the
-    #: champion is chosen among versions tested on the same images. Not part of the fingerprint.
+    #: champion is chosen among versions tested on the same images. Not part of the fingerprint: a model trained
+    #: is tested again on other test images, not trained again.
     test_split: str = ""
+    #: An image folder's training and validation files with their labels (``DatasetInfo.training_membership``):
+    #: part of the fingerprint. The settings alone kept a model trained before images were added, relabelled
+    #: (moved to another class folder) or removed, and it was skipped as trained. None for in-memory data sets.
+    training_membership: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelRun:
@@ -193,6 +198,8 @@ class ModelRun(BaseModel):
         payload = {**_recipe(self.model, self.data, self.hyper, self.workers), "spec": self.spec.to_dict()}
         if self.excluded_files:  # only when there are any: runs on clean data keep their earlier names
             payload["excluded_files"] = sorted(self.excluded_files)
+        if self.training_membership:  # (image folders only: the built-in data sets' runs keep their names)
+            payload["training_files"] = self.training_membership
         return fingerprint(payload)
 
     def with_coefficients(self, alpha: float, beta: float, gamma: float) -> ModelRun:
@@ -403,7 +410,7 @@ def plan_model_runs(
                        run_name=f"{cfg.name}-{stage}-{choice.name}", storage_path=cfg.paths.storage,
                        params_count=profile.inference_params, macs=profile.macs, excluded_files=info.excluded_files,
                        split_sizes=dict(info.sizes), split_membership=info.membership or None,
-                       test_split=info.test_split)
+                       test_split=info.test_split, training_membership=info.training_membership or None)
         if stage == "train":
             run = run.model_copy(update={"run_name": f"{run.run_name}-{run.fingerprint}"})
         runs.append(run)
@@ -491,12 +498,13 @@ def search_fingerprint(cfg: PipelineConfig, legacy: bool = False, with_user_coef
 
 
 def data_content(info: DatasetInfo) -> str:
-    """A short hash of what an image folder holds, as the search saw it (its classes, channels, split sizes and
-    the files left out): its files can change under the same settings (:func:`search_fingerprint`), and the
-    finished search was then reused, or an interrupted one resumed trials planned for the old files (their
+    """A short hash of what an image folder holds, as the search saw it (its classes, channels, split sizes, the
+    files left out, and which training and validation files it has under which labels): its files can change
+    under the same settings (:func:`search_fingerprint`), and the finished search was then reused (images
+    relabelled or replaced by others too), or an interrupted one resumed trials planned for the old files (their
     class count, their split sizes), which failed every retry. "" for the built-in data sets, which never
     change."""
     if info.dataset != "imagefolder":
         return ""
     return fingerprint({"classes": list(info.class_names), "channels": info.channels, "sizes": info.sizes,
-                        "excluded_files": sorted(info.excluded_files)})
+                        "excluded_files": sorted(info.excluded_files), "training_files": info.training_membership})

@@ -51,6 +51,8 @@ class ModelResult:
     version: str = ""
     #: Why its checkpoint can never be registered (a diverged run's NaN weights), so no re-run tries again.
     registration_error: str = ""
+    #: Which test images ``test_acc`` was measured on (``ModelRun.test_split``; "" in records from before it).
+    test_split: str = ""
     serving_latency_ms: float | None = None
     #: Seconds since the run's trial started (``started_at``, wall-clock) at each milestone, and the summed
     #: seconds of its phases (``loop_seconds``...): where a run's time goes (``bench/overhead.py``).

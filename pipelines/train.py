@@ -69,7 +69,7 @@ def finish_model_trial(cfg: PipelineConfig, queue, trial, run_ref: str, started_
         train_images_per_sec=float(np.median(throughput)) if throughput else 0.0,
         train_seconds=float(sum(h["epoch_seconds"] for h in history)),
         checkpoint_path=result["best_checkpoint_path"], history=history, mlflow_run_id=queue.run_id(run_ref) or "",
-        registered_model=cfg.registered_model_name, version="",
+        registered_model=cfg.registered_model_name, version="", test_split=run.test_split,
     )
     driver["recorded"] = time.time()
     model_result.timeline = _timeline(json.loads(result.get("timeline", "{}")), started_at, driver)
@@ -431,7 +431,7 @@ def check_interrupted_schedules(runs: list[ModelRun], *, warn: bool = True) -> d
                        "schedule short")
     if refused:
         raise ConfigError("train.epochs", "; ".join(refused) + ". Set train.epochs to the interrupted run's epochs "
-                          "to finish it, train the shorter run under another name or workdir, or delete the "
+                          "to finish it, train the shorter run under another name, or delete the "
                           f"interrupted run's folder under {runs[0].storage_path} to start it afresh")
     return resumes_at
 
@@ -484,7 +484,7 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
                            done.best_epoch + 1)
         elif done.epochs > run.hyper.epochs:
             logger.warning("[train] %s was trained to %d epochs with these settings; train.epochs=%d asks for "
-                           "fewer, so that result stays (a shorter run of its own needs another workdir or name)",
+                           "fewer, so that result stays (a shorter run of its own needs another name)",
                            run.model_name, done.epochs, run.hyper.epochs)
         finished.append(run)
     unregistered = _unregistered(cfg, [r for r in finished if existing[r.model_name].epochs == r.hyper.epochs
@@ -492,6 +492,16 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
     for name in unregistered:
         logger.info("[train] %s is trained but not in the registry (lost or deleted): finishing its run again from "
                     "its last checkpoint to register it", name)
+    # Trained, but tested on other test images (an image folder's test/ changed): its record's test_acc compared
+    # with nothing the other models are tested on, and the champion, chosen among versions of the current test
+    # images, was none of them.
+    retested = [r.model_name for r in finished if r.model_name not in unregistered
+                and existing[r.model_name].test_split not in ("", r.test_split)
+                and existing[r.model_name].epochs == r.hyper.epochs and not existing[r.model_name].registration_error]
+    for name in retested:
+        logger.info("[train] %s is trained but was tested on other test images (the data set's test split "
+                    "changed): finishing its run again from its last checkpoint to test and register it", name)
+    unregistered = [*unregistered, *retested]
     skipped = [r.model_name for r in finished if r.model_name not in unregistered]
     return [r for r in runs if r.model_name not in skipped], skipped
 

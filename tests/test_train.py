@@ -1308,6 +1308,63 @@ def test_which_finished_models_are_registered_again(make_config, monkeypatch):
     assert _split_finished(down, runs)[0] == []  # the registry cannot be asked: nothing is retrained for it
 
 
+def test_an_image_folders_changed_files_retrain_or_retest_its_models(make_config, tmp_path):
+    """The fingerprint held only the settings, the class names and a sample's mean and std: images relabelled
+    (moved to another class folder) or added to training left the models skipped as trained, and the finished
+    search reused. Images added to test/ left every model skipped with its test accuracy on the old test images,
+    and the champion, chosen among versions tested on the new ones, was none: the alias deleted."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.data import describe_dataset, forget_loaded_splits
+    from pipelines.planning import data_content, plan_model_runs, resolve_models
+    from pipelines.results import ModelResult
+    from pipelines.train import _split_finished
+
+    root, rng = tmp_path / "images", np.random.default_rng(0)
+    for split, count in (("train", 12), ("val", 3), ("test", 3)):
+        for name in ("ant", "bee"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    cfg = make_config("data.dataset=imagefolder", f"data.root={root}", "data.image_size=16", "train.batch_size=8",
+                      "train.models=[lenet5]")
+
+    def plan():
+        forget_loaded_splits()  # (the files changed)
+        info = describe_dataset(cfg.data)
+        [run] = plan_model_runs(cfg, info, resolve_models(cfg), cluster_cpus=2)
+        return run, data_content(info)
+
+    run, content = plan()
+    ModelResult(model_name="lenet5", arch="lenet5", model_kwargs={}, run_name=run.run_name,
+                fingerprint=run.fingerprint, input_size=16, params_count=1, macs=1, epochs=run.hyper.epochs,
+                best_val_acc=0.5, best_epoch=0, test_acc=0.5, train_images_per_sec=1.0, train_seconds=1.0,
+                checkpoint_path="", test_split=run.test_split).save(cfg.paths.train_dir)
+    client, name = Tracker.for_config(cfg).client, cfg.registered_model_name
+    client.create_registered_model(name)
+    version = client.create_model_version(name, "/nowhere", tags={
+        "dataset": "imagefolder", "data_root": str(root), "model_name": "lenet5", "fingerprint": run.fingerprint,
+        "epochs": str(run.hyper.epochs), "test_split": run.test_split}).version
+    client.set_registered_model_alias(name, "lenet5", version)
+    assert _split_finished(cfg, [run]) == ([], ["lenet5"])
+
+    Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / "test" / "bee" / "9.png")
+    tested_anew, _ = plan()
+    assert tested_anew.fingerprint == run.fingerprint and tested_anew.test_split != run.test_split
+    todo, skipped = _split_finished(cfg, [tested_anew])  # trained, so resumed to test and register it again
+    assert [r.model_name for r in todo] == ["lenet5"] and skipped == []
+
+    (root / "test" / "bee" / "9.png").unlink()
+    assert plan() == (run, content)
+    (root / "val" / "ant" / "0.png").rename(root / "val" / "bee" / "0a.png")  # relabelled: the same split sizes
+    relabelled, relabelled_content = plan()
+    assert relabelled.fingerprint != run.fingerprint and relabelled_content != content
+    (root / "val" / "bee" / "0a.png").rename(root / "val" / "ant" / "0.png")
+    Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / "train" / "ant" / "99.png")
+    assert plan()[0].fingerprint not in (run.fingerprint, relabelled.fingerprint)  # more to learn from
+
+
 def test_a_run_whose_gate_is_gone_computes_with_the_cpus_it_reserved(ray_cluster, make_config):
     """A search resumed by Tune's restore keeps its trials' saved settings, naming the interrupted stage's gate:
     nothing held its runs back any more, and each trained with a full share's threads on a smaller reservation
