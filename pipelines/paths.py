@@ -27,19 +27,20 @@ __all__ = ["RunPaths", "atomic_writer", "write_text_atomically"]
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, *, binary: bool = False) -> Iterator[IO]:
+def atomic_writer(path: str | os.PathLike, *, binary: bool = False, mode: int = 0o666) -> Iterator[IO]:
     """A file whose content replaces ``path`` whole when the block ends without an error: a crash or a full disk
     leaves the old file (or none), never a cut-off one that the next command would fail to read. Created as a
     plain ``open()`` would (0666 less the umask): mkstemp's 0600 made the report, the search result and the train
     records unreadable to anyone else sharing a workdir, and followed the files into MLflow's artifact store
-    (copied with their mode), unreadable to a server or replica running as another user."""
+    (copied with their mode), unreadable to a server or replica running as another user. ``mode``: another
+    creation mode (0600 for a file that is its owner's alone), the umask applied."""
     # A link is followed (it stays a link to the new content): os.replace put a plain file in its place and left
     # the file it pointed to as it was.
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb" if binary else "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb" if binary else "w") as f:
             yield f
             # On the disk before the rename: after a power loss a file system may otherwise show the renamed
             # file empty or short (ext4 with data=writeback, XFS).
@@ -66,9 +67,9 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through :func:`atomic_writer`."""
-    with atomic_writer(path) as f:
+def write_text_atomically(path: str | os.PathLike, text: str, mode: int = 0o666) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_writer` (``mode``: its creation mode)."""
+    with atomic_writer(path, mode=mode) as f:
         f.write(text)
     return Path(path)
 

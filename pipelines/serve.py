@@ -69,6 +69,7 @@ from .http_api import (
     read_image_bytes,
 )
 from .model_store import LoadedModel, ModelStore, ServedModel, is_transient_load_error, replica_threads
+from .paths import write_text_atomically
 from .preprocess import (
     DecodeBudget,
     PreprocessSpec,
@@ -552,9 +553,8 @@ def write_serve_config(cfg: PipelineConfig) -> Path:
     if masked_uri:
         header += "# The tracking URI's password is not written here: export MLFLOW_TRACKING_URI (the full URI) " \
                   "where it deploys.\n"
-    path.touch(mode=0o600)
-    path.chmod(0o600)  # touch keeps an existing file's mode
-    path.write_text(header + yaml.safe_dump(document, sort_keys=False))
+    # Whole or not at all (a crash or a full disk left `serve deploy` a cut-off file), its owner's alone.
+    write_text_atomically(path, header + yaml.safe_dump(document, sort_keys=False), mode=0o600)
     return path
 
 
