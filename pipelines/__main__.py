@@ -283,7 +283,8 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
         check_port_free(cfg.serve)
     servable = None
     # What to serve, before Ray starts, where nothing trains first: a model not found is a config error.
-    if args.command == "serve" or (args.command == "run" and stages == ["serve"]):
+    if args.command == "serve" or (args.command == "run" and "serve" in (stages or ())
+                                   and not {"search", "train"} & set(stages)):
         from .serve import servable_models
 
         servable = servable_models(cfg)

@@ -1619,11 +1619,11 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     try:
         value = int(text, 0) if digits[:2].lower() in ("0x", "0o", "0b") else int(text, 10)  # (010 is 10)
     except ValueError:  # YAML 1.1 resolves `0x_` as an integer, leaving no digits; over 4,300 digits Python refuses
-        raise yaml.constructor.ConstructorError(None, None, f"{_clip(text)!r} is not a readable integer",
+        raise yaml.constructor.ConstructorError(None, None, f"{_quoted_if_short(text)} is not a readable integer",
                                                 node.start_mark) from None
     if abs(value) >= 10**_MAX_INTEGER_DIGITS:
-        raise yaml.constructor.ConstructorError(None, None, f"{_clip(text)} is too large an integer (more than "
-                                                f"{_MAX_INTEGER_DIGITS} digits)", node.start_mark)
+        raise yaml.constructor.ConstructorError(None, None, f"{_quoted_if_short(text)} is too large an integer (more "
+                                                f"than {_MAX_INTEGER_DIGITS} decimal digits)", node.start_mark)
     return value
 
 
@@ -1633,8 +1633,10 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
     return loader.construct_yaml_float(node)
 
 
-def _clip(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+def _quoted_if_short(text: str, limit: int = 40) -> str:
+    """``text`` quoted, as YAML errors mask quoted values of secret keys; a longer one not at all (a long token of
+    digits or hex is a secret all the same)."""
+    return repr(text) if len(text) <= limit else f"a value of {len(text):,} characters"
 
 
 _YamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)

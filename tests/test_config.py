@@ -332,6 +332,17 @@ def test_config_errors_name_the_key(overrides, key, fragment):
     assert fragment in str(info.value)
 
 
+def test_a_long_integer_token_is_not_echoed_by_the_yaml_error(tmp_path):
+    """A token of hex digits read as a too large integer: the error quoted its first 40 characters, past the
+    masking of quoted values (which the "..." inside the quotes broke)."""
+    token = "0x" + "ab12" * 70
+    path = tmp_path / "c.yaml"
+    path.write_text(f"serve:\n  auth_token: {token}\n")
+    with pytest.raises(ConfigError, match="a value of 282 characters is too large an integer") as refused:
+        load_config(path, [])
+    assert "ab12ab12" not in str(refused.value)
+
+
 def test_more_gpus_declared_than_cuda_sees_are_refused_where_a_stage_uses_one(cuda_devices):
     """Ray hands a worker or replica a GPU it was told of: one CUDA does not see failed once placed ("Found no
     NVIDIA driver"), after Ray's start, or after the training for a replica."""

@@ -307,10 +307,13 @@ def test_serve_with_nothing_registered_fails_before_ray_starts(tmp_path, pipelin
 
 
 def test_run_of_the_serve_stage_alone_finds_its_models_before_ray_starts(tmp_path, pipelines_cli):
-    """`run --stages serve` looked for its models once a local Ray had started (12-20 s), as `serve` did before."""
-    refused = pipelines_cli("run", "--stages", "serve", "--set", f"workdir={tmp_path}", "--set", "name=test")
-    assert refused.returncode == 1 and not refused.started_ray, refused.stderr
-    assert "registered model 'test' not found" in refused.stderr and "train first" in refused.stderr, refused.stderr
+    """`run --stages serve` looked for its models once a local Ray had started (12-20 s), as `serve` did before;
+    with the report before it, after the report too."""
+    for stages in ("serve", "report,serve"):
+        refused = pipelines_cli("run", "--stages", stages, "--set", f"workdir={tmp_path}", "--set", "name=test")
+        assert refused.returncode == 1 and not refused.started_ray, refused.stderr
+        assert "registered model 'test' not found" in refused.stderr and "train first" in refused.stderr, \
+            refused.stderr
 
 
 def test_the_example_request_names_the_sample_images_own_content_type(make_config, caplog):
