@@ -25,6 +25,7 @@ import gzip
 import logging
 import math
 import os
+import shutil
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -567,13 +568,15 @@ def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
     image = original
     if has_sixteen_bit_samples(original) and original.mode == "I":
         image = image.convert("I;16")  # a 16-bit PNG: read as such
-    elif image.mode in WIDE_MODES or image.mode == "CMYK":
-        # As they are, in a TIFF: the server scales them as training did. Converted to RGB they were clipped (a
-        # float image all black, a big-endian 16-bit one white), and a PNG holds 32-bit integers not at all; a
-        # CMYK JPEG converted before its shrink was a grey level off training's, which converts after it.
-        path = path.with_suffix(".tiff")
-    elif image.mode not in PNG_MODES:  # (no other mode comes from a file the server takes)
-        image = image.convert("RGB")
+    elif image.mode not in PNG_MODES and splits.test.paths is not None:
+        # The file itself, which the server reads as training did: float, 32-bit and big-endian 16-bit pixels
+        # converted to RGB were clipped (all black or white) and a PNG holds none of them; a CMYK or LAB image
+        # converted before its shrink was up to 29 grey levels off training's, which converts after it; and a
+        # TIFF written with its EXIF orientation is turned upright as Pillow loads it, before the shrink.
+        source = Path(splits.test.paths[index])
+        path = path.with_suffix(_FORMAT_SUFFIXES.get(original.format or "", source.suffix.lower()))
+        shutil.copyfile(source, path)
+        return path
     if orientation != 1:
         exif = Image.Exif()
         exif[EXIF_ORIENTATION] = orientation
@@ -583,10 +586,11 @@ def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
     return path
 
 
+#: The sample's file name suffix for the formats the server takes (its curl names the content type by it).
+_FORMAT_SUFFIXES = {"JPEG": ".jpg", "TIFF": ".tiff", "WEBP": ".webp", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp",
+                    "PPM": ".ppm"}
 #: Pillow modes a PNG file can hold as they are.
 PNG_MODES = frozenset({"1", "L", "LA", "I;16", "P", "RGB", "RGBA"})
-#: Pillow modes of 16-bit, 32-bit and float pixels that a PNG would not keep.
-WIDE_MODES = frozenset({"I", "F", "I;16B", "I;16L", "I;16N"})
 
 
 def _channel_stats(images: np.ndarray, channels: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:

@@ -268,21 +268,22 @@ def test_the_example_image_is_written_whatever_the_mode_of_the_first_test_image(
 
     rgb = PreprocessSpec(image_size=16, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3, class_names=("cat", "dog"))
     noise = np.random.default_rng(0).integers(0, 256, (301, 203, 3), dtype=np.uint8)  # sides no multiple of 16
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     for name in ("cat", "dog"):
         (tmp_path / "images" / name).mkdir(parents=True)
         for i in range(6):
-            Image.fromarray(noise).convert("CMYK").save(tmp_path / "images" / name / f"{i}.jpg")
+            Image.fromarray(noise).convert("CMYK").save(tmp_path / "images" / name / f"{i}.jpg", exif=exif)
     cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "images"), val_fraction=0.2, test_fraction=0.2)
     sample = write_sample_image(cfg, tmp_path / "serve")
     with Image.open(sample) as written:
-        # As it is (converted to RGB before the shrink, training converting after it, it was a grey level off)
-        assert written.format == "TIFF" and written.mode == "CMYK"
+        # The file itself (converted to RGB before the shrink, training converting after it, it was a grey level
+        # off; as a TIFF with its orientation, turned upright as Pillow loads it, up to 19 grey levels)
+        assert written.format == "JPEG" and written.mode == "CMYK" and sample.suffix == ".jpg"
     assert torch.equal(served(sample, rgb), rgb.image_to_uint8(load_splits(cfg).test.pil(0)))
 
     # Phone photos: stored sideways with an EXIF orientation. Saved upright, the example went out shrunk on the
     # turned grid: pixels up to 7 grey levels off training's, which shrinks before turning it upright.
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     for name in ("cat", "dog"):
         (tmp_path / "photos" / name).mkdir(parents=True)
         for i in range(6):
