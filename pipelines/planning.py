@@ -497,14 +497,17 @@ def search_fingerprint(cfg: PipelineConfig, legacy: bool = False, with_user_coef
     })
 
 
-def data_content(info: DatasetInfo) -> str:
+def data_content(info: DatasetInfo, *, with_training_files: bool = True) -> str:
     """A short hash of what an image folder holds, as the search saw it (its classes, channels, split sizes, the
     files left out, and which training and validation files it has under which labels): its files can change
     under the same settings (:func:`search_fingerprint`), and the finished search was then reused (images
     relabelled or replaced by others too), or an interrupted one resumed trials planned for the old files (their
     class count, their split sizes), which failed every retry. "" for the built-in data sets, which never
-    change."""
+    change. ``with_training_files=False``: the hash of searches saved before the files counted."""
     if info.dataset != "imagefolder":
         return ""
-    return fingerprint({"classes": list(info.class_names), "channels": info.channels, "sizes": info.sizes,
-                        "excluded_files": sorted(info.excluded_files), "training_files": info.training_membership})
+    content = {"classes": list(info.class_names), "channels": info.channels, "sizes": info.sizes,
+               "excluded_files": sorted(info.excluded_files)}
+    if with_training_files:
+        content["training_files"] = info.training_membership
+    return fingerprint(content)

@@ -88,11 +88,13 @@ class SearchResult:
         self.path = str(path)
 
 
-def load_search_result(cfg: PipelineConfig, content: str | None = None) -> SearchResult | None:
+def load_search_result(cfg: PipelineConfig, content: str | None = None,
+                       earlier_content: str | None = None) -> SearchResult | None:
     """The finished search of this config (same search settings), if there is one. ``content``: the image
     folder's content now (:func:`~pipelines.planning.data_content`), for the search stage, which searches again
     once it changed; the train stage and the report take the search as it was (they never read the folder
-    for it: a report needs no data)."""
+    for it: a report needs no data). ``earlier_content``: the content as searches saved before the training
+    files counted hashed it: such a search is taken and saved with ``content``, which tells changes from now on."""
     path = cfg.paths.search_result
     if not path.is_file():
         return None
@@ -102,6 +104,9 @@ def load_search_result(cfg: PipelineConfig, content: str | None = None) -> Searc
         return None
     if result.fingerprint not in search_fingerprints(cfg):
         return None
+    if content and earlier_content and result.data_content == earlier_content:
+        result.data_content = content
+        result.save(path)
     if content and result.data_content and result.data_content != content:
         logger.info("[search] %s changed since the search in %s: searching again", cfg.data.root, path)
         return None
@@ -420,8 +425,11 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     search = cfg.search
     data_cfg = cfg.model_copy(update={"data": search_data(cfg)})
     # Read here for an image folder only (it can change under the same settings); the built-in sets cannot.
-    content = data_content(describe_dataset(data_cfg.data)) if cfg.data.dataset == "imagefolder" else ""
-    if not force and (previous := load_search_result(cfg, content)) is not None:
+    content = earlier_content = ""
+    if cfg.data.dataset == "imagefolder":
+        folder = describe_dataset(data_cfg.data)
+        content, earlier_content = data_content(folder), data_content(folder, with_training_files=False)
+    if not force and (previous := load_search_result(cfg, content, earlier_content)) is not None:
         # (a trial that diverged is not counted: run again, it would diverge again)
         failed = sum(r.get("error") is not None for r in previous.trials) + sum(
             not r.get("diverged_at") for r in previous.unreported)

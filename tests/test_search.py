@@ -174,6 +174,44 @@ def test_optuna_trials_in_windows_too_narrow_for_4_decimals_get_runs_of_their_ow
             assert all(abs(constraint_value(*t) - 2.0) <= tolerance + 1e-12 for t in taken)
 
 
+def test_an_image_folder_search_is_searched_again_once_its_images_are_relabelled(make_config, tmp_path, caplog):
+    """Images moved between class folders (the same classes and split sizes) left the finished search reused. A
+    search saved before the training files counted is taken once as it is, and tells changes from then on."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.data import describe_dataset, forget_loaded_splits
+    from pipelines.planning import data_content, search_data
+    from pipelines.search import SearchResult, load_search_result
+
+    root, rng = tmp_path / "images", np.random.default_rng(0)
+    for name in ("ant", "bee"):
+        (root / name).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / name / f"{i}.png")
+    cfg = make_config("data.dataset=imagefolder", f"data.root={root}", "data.image_size=16")
+
+    def contents():
+        forget_loaded_splits()
+        info = describe_dataset(search_data(cfg))
+        return data_content(info), data_content(info, with_training_files=False)
+
+    content, earlier = contents()
+    assert content != earlier
+    best = {"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "val_acc": 0.5}
+    SearchResult(best=best, trials=[], objective="val_acc", phi=1.0, paper_included=True,
+                 fingerprint=search_fingerprint(cfg), data_content=earlier).save(cfg.paths.search_result)
+    assert load_search_result(cfg, content, earlier).coefficients == {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}
+    assert json.loads(cfg.paths.search_result.read_text())["data_content"] == content  # saved as it is now
+    moved = next(p for p in sorted((root / "ant").iterdir()) if p.name in {"3.png", "4.png", "5.png", "6.png"})
+    moved.rename(root / "bee" / f"a{moved.name}")  # relabelled: the same classes and split sizes
+    relabelled, relabelled_earlier = contents()
+    assert relabelled_earlier == earlier and relabelled != content
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        assert load_search_result(cfg, relabelled, relabelled_earlier) is None
+    assert "changed since the search" in caplog.text
+
+
 def test_a_search_gpu_share_is_applied_on_gpus_and_said_unused_without_them(make_config, caplog, cuda_devices):
     """``search.gpus_per_trial`` with ``train.use_gpu: false`` (the cifar10-gpu preset tried on a CPU machine):
     the trials ran on CPUs without a word about the setting."""
