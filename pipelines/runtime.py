@@ -140,13 +140,14 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(run_dir / f".{stage}.lock"))
+    shared = None
     try:
         lock.acquire(timeout=0)
         locked = True
     except Timeout:
         raise StageBusyError(_busy(run_dir, stage)) from None
     except PermissionError as err:  # another user's lock file (a shared workdir): not to be run beside unguarded
-        raise StageBusyError(_not_ours(run_dir, stage, err)) from None
+        shared, locked = _shared_lock_of_another_users_file(run_dir, stage, err), False
     except (OSError, NotImplementedError) as err:  # a filesystem without locks (NFSv3 without lockd): unguarded
         logger.warning("[%s] %s cannot be locked (%s); nothing stops a second command of this config from running "
                        "this stage at the same time", stage, run_dir, err)
@@ -156,6 +157,29 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
     finally:
         if locked:
             lock.release()
+        if shared is not None:
+            os.close(shared)  # (its lock goes with it)
+
+
+def _shared_lock_of_another_users_file(run_dir: Path, stage: str, err: OSError) -> int:
+    """A shared lock on the lock file another user left (opened read-only: it is theirs, or in a sticky
+    directory), held for the stage: that user's next command cannot take its exclusive lock meanwhile. Refused
+    as busy while their command holds it: read as a filesystem without locks, the stage ran beside theirs."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir / f".{stage}.lock", os.O_RDONLY)
+    except OSError:
+        raise StageBusyError(_not_ours(run_dir, stage, err)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StageBusyError(_busy(run_dir, stage)) from None
+    except OSError:
+        os.close(fd)
+        raise StageBusyError(_not_ours(run_dir, stage, err)) from None
+    return fd
 
 
 def _busy(run_dir: Path, stage: str) -> str:
@@ -165,10 +189,10 @@ def _busy(run_dir: Path, stage: str) -> str:
 
 
 def _not_ours(run_dir: Path, stage: str, err: OSError) -> str:
-    return (f"the lock of the {stage} stage of this config cannot be opened ({err.strerror}: {err.filename or run_dir}"
-            "), another user's file: a command of theirs may be running the stage; two at once would share their "
-            "checkpoints. Ask them, make the workdir's files group-writable (umask 002 for every user), or give "
-            "this one another name and workdir")
+    return (f"the lock of the {stage} stage of this config cannot be opened or locked ({err.strerror or err}: "
+            f"{err.filename or run_dir}), another user's file: a command of theirs may be running the stage; two "
+            "at once would share their checkpoints. Make it readable to this user, or give this one another name "
+            "and workdir")
 
 
 def check_stages_free(run_dir: Path, stages: Iterable[str]) -> None:
@@ -186,7 +210,8 @@ def check_stages_free(run_dir: Path, stages: Iterable[str]) -> None:
         except Timeout:
             raise StageBusyError(_busy(run_dir, stage)) from None
         except PermissionError as err:
-            raise StageBusyError(_not_ours(run_dir, stage, err)) from None
+            os.close(_shared_lock_of_another_users_file(run_dir, stage, err))
+            continue
         except (OSError, NotImplementedError):
             continue
         lock.release()

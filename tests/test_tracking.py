@@ -872,29 +872,47 @@ def test_a_workdir_that_cannot_be_locked_runs_its_stage_unguarded(tmp_path, monk
     assert ran and "cannot be locked (" in caplog.text and "No locks available" in caplog.text
 
 
-def test_another_users_lock_file_is_refused_not_run_beside(tmp_path, monkeypatch):
-    """In a workdir shared by several users, a lock file of another user (0644 under umask 022) cannot be opened
-    for writing: read as a filesystem without locks, the stage ran unguarded beside that user's command. (As
-    root, which opens any file, the operating system's refusal is stood in for.)"""
+def test_another_users_lock_file_is_refused_while_held_and_locked_shared_otherwise(tmp_path, monkeypatch):
+    """In a workdir shared by several users, a lock file of another user (0644 under umask 022, or any in a
+    sticky directory) cannot be opened for writing: read as a filesystem without locks, the stage ran unguarded
+    beside that user's command. (As root, which opens any file, the operating system's refusal is stood in for;
+    the other user's command is a real process holding the lock.)"""
     import errno
+    import subprocess
+    import sys
 
     import filelock
 
     from pipelines.runtime import StageBusyError, check_stages_free, exclusive_stage
 
-    def not_ours(self, *args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "run" / ".train.lock"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from filelock import FileLock; "
+         f"lock = FileLock({str(run_dir / '.train.lock')!r}); lock.acquire(); print('held', flush=True); "
+         "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
 
-    monkeypatch.setattr(filelock.FileLock, "acquire", not_ours)
-    (tmp_path / "run").mkdir()
-    with pytest.raises(StageBusyError, match=r"cannot be opened \(Permission denied: .*\.train\.lock\), another "
-                                             "user's file") as refused:
-        check_stages_free(tmp_path / "run", ["train"])
-    assert "umask 002" in str(refused.value)
-    ran = []
-    with pytest.raises(StageBusyError, match="another user's file"), exclusive_stage(tmp_path / "run", "train"):
-        ran.append(True)
-    assert not ran
+        def not_ours(self, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(run_dir / ".train.lock"))
+
+        monkeypatch.setattr(filelock.FileLock, "acquire", not_ours)
+        with pytest.raises(StageBusyError, match="another command is running the train stage"):
+            check_stages_free(run_dir, ["train"])
+        ran = []
+        with pytest.raises(StageBusyError, match="another command"), exclusive_stage(run_dir, "train"):
+            ran.append(True)
+        assert not ran
+    finally:
+        holder.kill()
+        holder.wait()
+    check_stages_free(run_dir, ["train"])  # their command ended: free
+    with exclusive_stage(run_dir, "train"):  # run, holding the file shared: their next command is kept out
+        monkeypatch.undo()
+        with pytest.raises(filelock.Timeout):
+            filelock.FileLock(str(run_dir / ".train.lock")).acquire(timeout=0)
+    filelock.FileLock(str(run_dir / ".train.lock")).acquire(timeout=0)  # and let in once the stage ends
 
 
 def test_errors_are_sorted_into_outages_and_refusals():
