@@ -147,7 +147,7 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
     except Timeout:
         raise StageBusyError(_busy(run_dir, stage)) from None
     except PermissionError as err:  # another user's lock file (a shared workdir): not to be run beside unguarded
-        shared, locked = _shared_lock_of_another_users_file(run_dir, stage, err), False
+        shared, locked = _lock_of_another_users_file(run_dir, stage, err), False
     except (OSError, NotImplementedError) as err:  # a filesystem without locks (NFSv3 without lockd): unguarded
         logger.warning("[%s] %s cannot be locked (%s); nothing stops a second command of this config from running "
                        "this stage at the same time", stage, run_dir, err)
@@ -161,23 +161,29 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
             os.close(shared)  # (its lock goes with it)
 
 
-def _shared_lock_of_another_users_file(run_dir: Path, stage: str, err: OSError) -> int:
-    """A shared lock on the lock file another user left (opened read-only: it is theirs, or in a sticky
-    directory), held for the stage: that user's next command cannot take its exclusive lock meanwhile. Refused
-    as busy while their command holds it: read as a filesystem without locks, the stage ran beside theirs."""
+def _lock_of_another_users_file(run_dir: Path, stage: str, err: OSError) -> int | None:
+    """The lock file another user left (theirs, or any in a sticky directory), opened read-only and locked
+    exclusively for the stage (flock locks a file whatever its open mode): every other command, theirs or this
+    user's, is kept out meanwhile. Refused as busy while one holds it: read as a filesystem without locks, the
+    stage ran beside theirs. None on a filesystem without locks (said, and run unguarded, as for one's own)."""
+    import errno
     import fcntl
 
     try:
-        fd = os.open(run_dir / f".{stage}.lock", os.O_RDONLY)
+        fd = os.open(run_dir / f".{stage}.lock", os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         raise StageBusyError(_not_ours(run_dir, stage, err)) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise StageBusyError(_busy(run_dir, stage)) from None
-    except OSError:
+    except OSError as flock_err:
         os.close(fd)
+        if flock_err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):  # (NFSv3 without lockd)
+            logger.warning("[%s] %s cannot be locked (%s); nothing stops a second command of this config from "
+                           "running this stage at the same time", stage, run_dir, flock_err)
+            return None
         raise StageBusyError(_not_ours(run_dir, stage, err)) from None
     return fd
 
@@ -210,7 +216,8 @@ def check_stages_free(run_dir: Path, stages: Iterable[str]) -> None:
         except Timeout:
             raise StageBusyError(_busy(run_dir, stage)) from None
         except PermissionError as err:
-            os.close(_shared_lock_of_another_users_file(run_dir, stage, err))
+            if (fd := _lock_of_another_users_file(run_dir, stage, err)) is not None:
+                os.close(fd)
             continue
         except (OSError, NotImplementedError):
             continue

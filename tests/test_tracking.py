@@ -872,7 +872,7 @@ def test_a_workdir_that_cannot_be_locked_runs_its_stage_unguarded(tmp_path, monk
     assert ran and "cannot be locked (" in caplog.text and "No locks available" in caplog.text
 
 
-def test_another_users_lock_file_is_refused_while_held_and_locked_shared_otherwise(tmp_path, monkeypatch):
+def test_another_users_lock_file_is_refused_while_held_and_locked_otherwise(tmp_path, monkeypatch):
     """In a workdir shared by several users, a lock file of another user (0644 under umask 022, or any in a
     sticky directory) cannot be opened for writing: read as a filesystem without locks, the stage ran unguarded
     beside that user's command. (As root, which opens any file, the operating system's refusal is stood in for;
@@ -908,7 +908,12 @@ def test_another_users_lock_file_is_refused_while_held_and_locked_shared_otherwi
         holder.kill()
         holder.wait()
     check_stages_free(run_dir, ["train"])  # their command ended: free
-    with exclusive_stage(run_dir, "train"):  # run, holding the file shared: their next command is kept out
+    with exclusive_stage(run_dir, "train"):  # run, holding their file locked read-only
+        # A second command of this user (a job submitted twice) is kept out, as is their next command
+        with pytest.raises(StageBusyError, match="another command is running the train stage"):
+            check_stages_free(run_dir, ["train"])
+        with pytest.raises(StageBusyError, match="another command"), exclusive_stage(run_dir, "train"):
+            pass
         monkeypatch.undo()
         with pytest.raises(filelock.Timeout):
             filelock.FileLock(str(run_dir / ".train.lock")).acquire(timeout=0)
