@@ -1601,7 +1601,8 @@ _YamlLoader.add_implicit_resolver(
 
 def _refuse_base_60(text: str, node: yaml.ScalarNode) -> None:
     if ":" in text:
-        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is a base-60 number in YAML 1.1 (1:30 is 90); "
+        raise yaml.constructor.ConstructorError(None, None, f"{_quoted_if_short(text)} is a base-60 number in YAML "
+                                                "1.1 (1:30 is 90); "
                                                 "write the number itself, or quote it if it is text", node.start_mark)
 
 
@@ -1634,9 +1635,11 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
 
 
 def _quoted_if_short(text: str, limit: int = 40) -> str:
-    """``text`` quoted, as YAML errors mask quoted values of secret keys; a longer one not at all (a long token of
-    digits or hex is a secret all the same)."""
-    return repr(text) if len(text) <= limit else f"a value of {len(text):,} characters"
+    """``text`` quoted, as YAML errors mask the quoted values they print (one without spaces or quotes); a longer
+    one, or one the masking would not match (``!!int "my secret token"``), not at all: a secret all the same."""
+    if len(text) <= limit and not re.search(r"[\s'\"]", text):
+        return f"'{text}'"
+    return f"a value of {len(text):,} characters"
 
 
 _YamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)

@@ -341,6 +341,12 @@ def test_a_long_integer_token_is_not_echoed_by_the_yaml_error(tmp_path):
     with pytest.raises(ConfigError, match="a value of 282 characters is too large an integer") as refused:
         load_config(path, [])
     assert "ab12ab12" not in str(refused.value)
+    for tagged in ('!!int "my secret token"', "!!int \"sec'retXYZ\"", '!!int "pw d:1"'):  # (unmasked when quoted)
+        path.write_text(f"serve:\n  auth_token: {tagged}\n")
+        with pytest.raises(ConfigError, match="a value of") as refused:
+            load_config(path, [])
+        assert "secret" not in str(refused.value) and "retXYZ" not in str(refused.value) and "pw d" not in \
+            str(refused.value)
 
 
 def test_more_gpus_declared_than_cuda_sees_are_refused_where_a_stage_uses_one(cuda_devices):
