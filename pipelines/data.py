@@ -589,6 +589,8 @@ def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
 #: The sample's file name suffix for the formats the server takes (its curl names the content type by it).
 _FORMAT_SUFFIXES = {"JPEG": ".jpg", "TIFF": ".tiff", "WEBP": ".webp", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp",
                     "PPM": ".ppm"}
+#: The suffixes :func:`write_sample_image` names its files with.
+SAMPLE_SUFFIXES = frozenset(_FORMAT_SUFFIXES.values())
 #: Pillow modes a PNG file can hold as they are.
 PNG_MODES = frozenset({"1", "L", "LA", "I;16", "P", "RGB", "RGBA"})
 

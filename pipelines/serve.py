@@ -735,9 +735,9 @@ def example_image(cfg: PipelineConfig, directory: Path) -> Path | None:
     """The image of the example request printed after serving: the one an earlier run saved in ``directory``,
     else the data set's first test image where the data is at hand. Never downloaded for it, nor an error:
     serving from checkpoints needs no data (the `serve` command downloaded CIFAR-10 for its example)."""
-    from .data import write_sample_image
+    from .data import SAMPLE_SUFFIXES, write_sample_image
 
-    if saved := sorted(p for p in directory.glob(f"sample-{cfg.data.dataset}-*") if p.suffix in (".png", ".tiff")):
+    if saved := sorted(p for p in directory.glob(f"sample-{cfg.data.dataset}-*") if p.suffix in SAMPLE_SUFFIXES):
         return saved[0]
     # Digits and image folders are never downloaded: as they are, the splits training loaded are reused.
     data = cfg.data

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -281,6 +282,18 @@ def test_the_example_image_is_written_whatever_the_mode_of_the_first_test_image(
         # off; as a TIFF with its orientation, turned upright as Pillow loads it, up to 19 grey levels)
         assert written.format == "JPEG" and written.mode == "CMYK" and sample.suffix == ".jpg"
     assert torch.equal(served(sample, rgb), rgb.image_to_uint8(load_splits(cfg).test.pil(0)))
+    # Saved once, and found again by the next command's serving, the data set gone or not (only .png and .tiff
+    # samples were, and every serve read the folder again for a .jpg one)
+    from pipelines.config import load_config
+    from pipelines.serve import example_image
+
+    shutil.copytree(tmp_path / "images", tmp_path / "images-copy")
+    served_cfg = load_config(None, [f"workdir={tmp_path / 'runs'}", "data.dataset=imagefolder",
+                                    f"data.root={tmp_path / 'images-copy'}", "data.val_fraction=0.2",
+                                    "data.test_fraction=0.2"])
+    first = example_image(served_cfg, tmp_path / "serve-again")
+    shutil.rmtree(tmp_path / "images-copy")
+    assert first is not None and first.suffix == ".jpg" and example_image(served_cfg, tmp_path / "serve-again") == first
 
     # Phone photos: stored sideways with an EXIF orientation. Saved upright, the example went out shrunk on the
     # turned grid: pixels up to 7 grey levels off training's, which shrinks before turning it upright.
