@@ -536,9 +536,9 @@ MAX_SAMPLE_TRIES = 100
 
 
 def write_sample_image(cfg: DataConfig, directory: Path) -> Path:
-    """Save the first readable test image as ``sample-<dataset>-<class>.png`` (``.tiff`` for CMYK, 32-bit and
-    float pixels and other 16-bit ones than PNG's and PGM's) for the example request printed after serving: its
-    pixels as training reads them, with their EXIF orientation."""
+    """Save the first readable test image as ``sample-<dataset>-<class>.png`` for the example request printed
+    after serving: its pixels as training reads them, with their EXIF orientation; an image folder's file itself
+    where PNG cannot hold its mode (CMYK, LAB, 32-bit and float pixels, 16-bit ones other than PNG's and PGM's)."""
     # An image folder's files are not all checked again for one image (the `serve` command in a new process
     # decoded every file of the folder, minutes for a large one): training refuses bad files, so its split is the
     # one without exclusions. Only data.skip_bad_files leaves some out, which changes the split: checked then.
