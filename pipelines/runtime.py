@@ -140,14 +140,14 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(run_dir / f".{stage}.lock"))
-    shared = None
+    borrowed = None  # another user's lock file, locked through a read-only descriptor
     try:
         lock.acquire(timeout=0)
         locked = True
     except Timeout:
         raise StageBusyError(_busy(run_dir, stage)) from None
     except PermissionError as err:  # another user's lock file (a shared workdir): not to be run beside unguarded
-        shared, locked = _lock_of_another_users_file(run_dir, stage, err), False
+        borrowed, locked = _lock_of_another_users_file(run_dir, stage, err), False
     except (OSError, NotImplementedError) as err:  # a filesystem without locks (NFSv3 without lockd): unguarded
         logger.warning("[%s] %s cannot be locked (%s); nothing stops a second command of this config from running "
                        "this stage at the same time", stage, run_dir, err)
@@ -157,8 +157,8 @@ def exclusive_stage(run_dir: Path, stage: str) -> Iterator[None]:
     finally:
         if locked:
             lock.release()
-        if shared is not None:
-            os.close(shared)  # (its lock goes with it)
+        if borrowed is not None:
+            os.close(borrowed)  # (its lock goes with it)
 
 
 def _lock_of_another_users_file(run_dir: Path, stage: str, err: OSError) -> int | None:

@@ -426,9 +426,10 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     data_cfg = cfg.model_copy(update={"data": search_data(cfg)})
     # Read here for an image folder only (it can change under the same settings); the built-in sets cannot.
     content = earlier_content = ""
+    info = None
     if cfg.data.dataset == "imagefolder":
-        folder = describe_dataset(data_cfg.data)
-        content, earlier_content = data_content(folder), data_content(folder, with_training_files=False)
+        info = describe_dataset(data_cfg.data)
+        content, earlier_content = data_content(info), data_content(info, with_training_files=False)
     if not force and (previous := load_search_result(cfg, content, earlier_content)) is not None:
         # (a trial that diverged is not counted: run again, it would diverge again)
         failed = sum(r.get("error") is not None for r in previous.trials) + sum(
@@ -441,7 +442,7 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
         previous.skipped = True
         return previous
 
-    info = describe_dataset(data_cfg.data)
+    info = info or describe_dataset(data_cfg.data)  # (an image folder's read once: 256 of its images decoded)
     fingerprint = search_fingerprint(cfg)
     # An image folder's trials are planned for its files: changed, they are another experiment, not resumed.
     experiment_fingerprint = f"{fingerprint}-{content}" if content else fingerprint
