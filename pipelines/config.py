@@ -695,7 +695,8 @@ class ServeConfig(_Section):
         40_000_000, ge=1,
         description="largest input image, width x height, read from its header before any pixel is decoded (400 "
         "above); counted as RGB pixels: float and 32-bit images count 3x, images with alpha 2x (a transparent colour "
-        "2.25x), 16-bit 1.5x (3x with a transparent colour), as they cost to decode",
+        "2.25x), 16-bit 1.5x (3x with a transparent colour), WebP 4x, progressive JPEG 1.75x (2.5x without chroma "
+        "subsampling, 3x in CMYK), as they cost to decode",
     )
     max_aspect_ratio: float = Field(
         20.0, ge=1.0, description="largest ratio of an input image's long side to its short side (400 above)"

@@ -22,7 +22,7 @@ from .image_structure import check_structure
 
 __all__ = ["PreprocessSpec", "ImageDecodeError", "UnsupportedImageFormat", "DecodeBudget", "ACCEPTED_FORMATS",
            "open_image", "check_image_header", "admit_budget_in_pillow", "decode_image", "preprocess_upload",
-           "is_out_of_memory", "ALPHA_MODES"]
+           "decode_cost", "is_out_of_memory", "ALPHA_MODES"]
 
 #: Pillow modes with an alpha band (a palette's transparency is in ``image.info`` instead).
 ALPHA_MODES = frozenset({"RGBA", "LA", "La", "RGBa", "PA"})
@@ -353,6 +353,34 @@ def decode_mode(image: Image.Image) -> str:
     return image.mode
 
 
+#: What decoding a WebP costs per pixel, relative to an RGB image's, whatever its mode: Pillow decodes every
+#: WebP through libwebp's animation decoder, two RGBA canvases and a copy of the frame (40 M pixels: +607 MB
+#: over the baseline as an RGB WebP of 133 KB, RGBA the same per pixel, against +157 MB as a PNG).
+WEBP_DECODE_COST = 4.0
+
+
+def _progressive_jpeg_cost(image: Image.Image) -> float:
+    """A progressive JPEG's decoder holds every component's DCT coefficients (2 bytes a sample) until the last
+    scan, on top of the image: 1 + half the samples per pixel (measured at 40 M pixels: 4:4:4 RGB +379 MB, 2.4x;
+    4:2:0 +266 MB, 1.7x; CMYK +455 MB, 2.9x)."""
+    sampling = [(h, v) for _, h, v, _ in getattr(image, "layer", None) or [(0, 1, 1, 0)] * len(image.getbands())]
+    most = max(h for h, _ in sampling) * max(v for _, v in sampling)
+    return 1.0 + 0.5 * sum(h * v for h, v in sampling) / most
+
+
+def decode_cost(image: Image.Image) -> tuple[float, str]:
+    """What decoding ``image`` (opened, header only) costs in memory per pixel, relative to an RGB PNG's or
+    baseline JPEG's, and what makes it cost that (for an error message): its mode (:data:`DECODE_COST`), or its
+    format where that costs more (a WebP, a progressive JPEG)."""
+    mode = decode_mode(image)
+    costs = [(DECODE_COST.get(mode, 1.0), f"in mode {mode}")]
+    if image.format == "WEBP":
+        costs.append((WEBP_DECODE_COST, "a WebP"))
+    elif image.format == "JPEG" and image.info.get("progressive"):
+        costs.append((_progressive_jpeg_cost(image), "a progressive JPEG"))
+    return max(costs, key=lambda cost: cost[0])
+
+
 @dataclass(frozen=True)
 class DecodeBudget:
     """What one upload may cost, checked from its header before any pixel is decoded or resized.
@@ -368,16 +396,18 @@ class DecodeBudget:
     max_aspect_ratio: float = 20.0
     max_resized_pixels: int = 4_000_000
 
-    def check(self, width: int, height: int, image_size: int | None = None, mode: str | None = None) -> None:
+    def check(self, width: int, height: int, image_size: int | None = None,
+              cost: tuple[float, str] = (1.0, "")) -> None:
         """Raise :class:`ImageDecodeError` if a ``width`` x ``height`` image (resized for ``image_size``) is over.
 
-        ``max_pixels`` counts RGB pixels: an image of another Pillow ``mode`` counts as many as its decoding
-        costs in memory (:data:`DECODE_COST`; a float TIFF 3x, an image with alpha or transparency 2x)."""
+        ``max_pixels`` counts RGB pixels: an image that costs more to decode counts as many as its decoding
+        costs in memory (``cost``: :func:`decode_cost`'s factor and reason; a float TIFF 3x, an image with alpha
+        or transparency 2x, a WebP 4x)."""
         if width < 1 or height < 1:
             raise ImageDecodeError("image has no pixels")
-        cost = DECODE_COST.get(mode or "", 1.0)
-        if width * height * cost > self.max_pixels:
-            counted = f" (in mode {mode}, counted {cost:g}x: what it costs to decode)" if cost != 1.0 else ""
+        factor, reason = cost
+        if width * height * factor > self.max_pixels:
+            counted = f" ({reason}, counted {factor:.3g}x: what it costs to decode)" if factor != 1.0 else ""
             raise ImageDecodeError(f"image has {width}x{height} pixels{counted}, above the limit of "
                                    f"{self.max_pixels:,}")
         short, long = sorted((width, height))
@@ -483,12 +513,14 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode image bytes with Pillow, fully, refusing anything that is not a sane image.
 
     Raises :class:`ImageDecodeError` for empty or non-image bytes, truncated files and images above
-    ``max_pixels`` (decompression bombs) - checked from the header, before the pixels are decoded - and
+    ``max_pixels`` (decompression bombs; counted as :func:`decode_cost` says) - checked from the header, before
+    the pixels are decoded - and
     :class:`UnsupportedImageFormat` for formats other than :data:`ACCEPTED_FORMATS`.
     """
     image = open_image(data)
     # Only the pixel count: the aspect ratio and resize limits concern a model's input (preprocess_upload).
-    DecodeBudget(max_pixels=max_pixels, max_aspect_ratio=math.inf).check(image.width, image.height)
+    DecodeBudget(max_pixels=max_pixels, max_aspect_ratio=math.inf).check(image.width, image.height,
+                                                                         cost=decode_cost(image))
     return _load_pixels(image)
 
 
@@ -499,7 +531,7 @@ def check_image_header(data: bytes, budget: DecodeBudget) -> None:
     Raises :class:`ImageDecodeError` (:class:`UnsupportedImageFormat` for a refused format).
     """
     image = open_image(data)
-    budget.check(image.width, image.height, mode=decode_mode(image))
+    budget.check(image.width, image.height, cost=decode_cost(image))
 
 
 def preprocess_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -> torch.Tensor:
@@ -509,7 +541,7 @@ def preprocess_upload(data: bytes, spec: PreprocessSpec, budget: DecodeBudget) -
     :class:`UnsupportedImageFormat` for a refused format); running out of memory is a ``MemoryError``.
     """
     image = open_image(data)
-    budget.check(image.width, image.height, spec.image_size, mode=decode_mode(image))
+    budget.check(image.width, image.height, spec.image_size, cost=decode_cost(image))
     _load_pixels(image)
     try:
         return spec.tensor_from_image(image)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipelines.preprocess import (
     PreprocessSpec,
     UnsupportedImageFormat,
     check_image_header,
+    decode_cost,
     decode_image,
     open_image,
     preprocess_upload,
@@ -513,6 +515,48 @@ def test_the_pixel_budget_counts_what_an_images_mode_costs_to_decode():
     keyed = encode_with(Image.fromarray(np.zeros((70, 70), np.uint8)).convert("P"), "PNG", transparency=0)
     with pytest.raises(ImageDecodeError, match="in mode P\\+alpha"):
         check_image_header(keyed, budget)
+
+
+def test_the_pixel_budget_counts_what_a_webp_or_a_progressive_jpeg_costs_to_decode():
+    """At 40 M pixels (the default budget) an RGB WebP of 133 KB took 607 MB to decode and a progressive JPEG
+    379 MB (4:4:4) or 266 MB (4:2:0), against 157 MB as a PNG or a baseline JPEG: all were counted 1x."""
+    budget = DecodeBudget(max_pixels=10_000)
+    grey = Image.fromarray(np.zeros((60, 60), np.uint8))  # 3,600 pixels
+    assert check_image_header(encode(grey, "PNG"), budget) is None
+    assert check_image_header(encode_with(grey, "JPEG", progressive=False), budget) is None
+    with pytest.raises(ImageDecodeError, match=r"60x60 pixels \(a WebP, counted 4x"):
+        preprocess_upload(encode(grey, "WEBP"), SPEC, budget)
+    assert check_image_header(encode(grey.resize((50, 50)), "WEBP"), budget) is None  # 2,500 pixels, 4x
+    colour = Image.new("RGB", (64, 64), (90, 120, 150))  # 4,096 pixels
+    with pytest.raises(ImageDecodeError, match=r"a progressive JPEG, counted 2\.5x"):
+        check_image_header(encode_with(colour, "JPEG", progressive=True, subsampling=0), budget)  # 4:4:4
+    # 4:2:0 keeps half the chroma coefficients: 1.75x
+    assert check_image_header(encode_with(colour, "JPEG", progressive=True, subsampling=2), budget) is None
+    with pytest.raises(ImageDecodeError, match=r"a progressive JPEG, counted 1\.75x"):
+        check_image_header(encode_with(colour.resize((80, 80)), "JPEG", progressive=True, subsampling=2), budget)
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "progressive JPEG"])
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from Linux's /proc")
+def test_the_largest_webp_or_progressive_jpeg_the_budget_admits_costs_what_the_largest_png_does(tmp_path, fmt):
+    """The factors are what decoding costs: the largest image the default budget admits in each format takes
+    about the 157 MB (over the baseline) of a 40 M pixel RGB PNG, not 2.5-4 times it."""
+    budget = DecodeBudget()
+    options = {"quality": 80} if fmt == "WEBP" else {"progressive": True, "subsampling": 0}  # (4:4:4)
+
+    def encoded(side: int) -> bytes:
+        return encode_with(Image.new("RGB", (side, side), (90, 120, 150)), fmt.split()[-1], **options)
+
+    factor, _ = decode_cost(open_image(encoded(8)))
+    side = math.isqrt(int(budget.max_pixels / factor))  # the largest square the budget admits
+    data = encoded(side)
+    check_image_header(data, budget)
+    with pytest.raises(ImageDecodeError):
+        check_image_header(encoded(side + 2), budget)
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(data)
+    peak_mb = peak_mb_converting(upload)
+    assert peak_mb < 200, f"{fmt} of {side}x{side}: {peak_mb:.0f} MB over the baseline"
 
 
 
