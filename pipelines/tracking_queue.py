@@ -474,6 +474,9 @@ class TrackingQueue:
 
     def _do_end_run(self, ref: str, status: str, end_time_ms: int | None = None) -> None:
         self.tracker.end_run(self._resolve(ref), status, end_time_ms)
+        # A trial started again after this is reopened: its run ended, also when this queue sent the start and end
+        # an earlier command left pending (the run stayed FAILED, its traceback shown, while it trained again).
+        self._started_trials.discard(ref)
 
     def _do_reopen(self, ref: str) -> None:
         self.tracker.reopen(self._resolve(ref))

@@ -247,6 +247,43 @@ def test_a_restored_trial_reopens_the_run_an_earlier_command_left_in_the_pending
     assert "error" not in tags and tags["previous_error"] == "RuntimeError: out of memory"
 
 
+def test_a_restored_trial_reopens_its_run_when_its_whole_first_attempt_was_left_pending(make_config, tmp_path,
+                                                                                          monkeypatch):
+    """MLflow down from before a trial started until the command stopped: the re-run's queue sent the pending
+    start, error and end (FAILED), then the restored trial's own start found the run as its own and neither
+    reopened nor found it: FAILED with the traceback while it trained again, FINISHED with it after."""
+    import requests
+
+    from pipelines.tracking_queue import TrackingQueue
+
+    tracker = Tracker.for_config(make_config())
+    parent = tracker.start_run("search", {"stage": "search"})
+    pending = tmp_path / "pending.json"
+    ref, find = "local:trial:p:search:t1", "tags.`cnnzoo.trial` = 't1'"
+    first = TrackingQueue(tracker, pending)
+
+    def unreachable(op):
+        raise requests.exceptions.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(first, "_execute", unreachable)
+    first.trial_run(ref, find, "trial-t1", {"cnnzoo.trial": "t1"}, parent)
+    first.put("log_metrics", ref, metrics={"val_acc": 0.3}, step=0)
+    first.put("set_tags", ref, tags={"error": "RuntimeError: out of memory"})
+    first.put("end_run", ref, status="FAILED")
+    assert len(first.flush(0.0)) == 4 and pending.exists()
+
+    second = TrackingQueue(tracker, pending)  # MLflow back: the first attempt goes out, then the restored trial
+    second.trial_run(ref, find, "trial-t1", {"cnnzoo.trial": "t1"}, parent)
+    second.put("log_metrics", ref, metrics={"val_acc": 0.5}, step=1)
+    assert second.flush(5.0) == []
+    run = tracker.client.get_run(second.run_ids[ref])
+    assert run.info.status == "RUNNING"
+    assert "error" not in run.data.tags and run.data.tags["previous_error"] == "RuntimeError: out of memory"
+    assert len(tracker.client.search_runs([run.info.experiment_id], "tags.`cnnzoo.trial` = 't1'")) == 1
+    second.put("end_run", ref, status="FINISHED")
+    assert second.flush(5.0) == [] and tracker.client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
 def test_a_missing_registered_model_is_a_lookup_error(make_config):
     tracker = Tracker.for_config(make_config())
     with pytest.raises(LookupError, match="train first"):
