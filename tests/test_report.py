@@ -99,6 +99,39 @@ def test_families_of_one_triple_or_of_unequal_trainings_are_not_compared(caplog)
     assert list(table["winner"]) == ["same model", ""] and "phi 0" not in caplog.text
 
 
+def test_members_tested_on_other_test_images_are_not_compared_and_a_win_by_one_image_is_no_tie(
+        make_config, caplog):
+    """An image folder's test/ changed and a member's test again failed: its older test accuracy was set against
+    the other family's and named a winner, and the report ranked it beside the others without a word. A win by
+    one image in 30,000 read "0.8414, 0.8413, difference 0.0, tie"."""
+    searched = record("efficientnet_phi1", "efficientnet", {"phi": 1.0, **SEARCHED}, 30_000_000, 0.9)
+    paper = record("efficientnet_paper_phi1", "efficientnet", {"phi": 1.0, **PAPER}, 26_000_000, 0.8)
+    searched.test_split, paper.test_split = "new", "old"
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        table = family_comparison([searched, paper], tuple(SEARCHED.values()))
+    assert list(table["winner"]) == [""] and table["difference"].isna().all()
+    assert "efficientnet_phi1 and efficientnet_paper_phi1 were tested on different test images" in caplog.text
+    paper.test_split = "new"
+    assert list(family_comparison([searched, paper], tuple(SEARCHED.values()))["winner"]) == ["searched"]
+
+    searched.test_acc, paper.test_acc = 25241 / 30000, 25240 / 30000
+    table = family_comparison([searched, paper], tuple(SEARCHED.values()))
+    assert list(table["winner"]) == ["searched"] and list(table["difference"]) == [0.0001]
+    paper.test_acc = 25240.5 / 30000  # (both read 0.8414): a tie as shown
+    assert list(family_comparison([searched, paper], tuple(SEARCHED.values()))["winner"]) == ["tie"]
+
+    cfg = make_config()
+    resnet = record("resnet18", "resnet18", {}, 560_000_000, 0.95)
+    resnet.test_split, paper.test_split = "old", "old"
+    for r in (searched, paper, resnet, record("vgg11", "vgg11", {}, 900_000_000, 0.9)):  # vgg11: no split known
+        r.save(cfg.paths.train_dir)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        report_stage(cfg, latency=False)
+    assert ("efficientnet_phi1 was tested on other test images than efficientnet_paper_phi1, resnet18 (the data "
+            "set's test split changed") in caplog.text
+
+
 def test_the_report_command_names_records_of_other_trainings_and_compares_families_only_when_asked(
         make_config, caplog, monkeypatch):
     """`report` reports every record under the run's directory: a model of an earlier data set or settings was
