@@ -491,7 +491,9 @@ def build_app(cfg: PipelineConfig, discovered: tuple[list[ServedModel], str | No
 
 
 def app_builder(args: dict):
-    """Application builder for ``serve deploy``/``serve run`` configs: ``args: {config: {...}, require_token}``.
+    """Application builder for ``serve deploy``/``serve run`` configs: ``args: {config: {...}, require_token,
+    served}`` (``served``: what the file was written for, see :func:`write_serve_config`; what is served is
+    read again here).
 
     The token comes from ``serve.auth_token_env`` in the environment the application is built in; a config
     that had one (``require_token``) or binds a non-loopback host is refused without it.
@@ -521,12 +523,22 @@ def _with_tracking_password(config: dict) -> dict:
     return {**config, "tracking": {**config["tracking"], "uri": full}}
 
 
-def write_serve_config(cfg: PipelineConfig) -> Path:
+def _served_stamp(models: list[ServedModel], champion: str | None) -> dict:
+    """Which model each alias stands for (its registry version, else its checkpoint's training fingerprint or
+    path) and the champion's alias."""
+    return {"champion": champion, "models": {m.alias: m.version or m.fingerprint or m.source for m in models}}
+
+
+def write_serve_config(cfg: PipelineConfig,
+                       served: tuple[list[ServedModel], str | None] | None = None) -> Path:
     """A Serve config file for ``serve deploy`` on a running cluster, next to the run's outputs.
 
     It never holds the token (only ``serve.auth_token_env``, the name of the variable holding it) nor the
     tracking URI's password (masked: the full URI is read from ``MLFLOW_TRACKING_URI`` where it is deployed),
-    and is readable by its owner only.
+    and is readable by its owner only. ``served``: the models and champion it is written for
+    (:func:`servable_models`), named in its args: Serve rebuilds an app only when its import path, runtime env
+    or args change, so the file written after a new registration was byte for byte the one before, and `serve
+    deploy` of it kept the versions the app was first built with.
     """
     import yaml
 
@@ -544,7 +556,8 @@ def write_serve_config(cfg: PipelineConfig) -> Path:
             "name": cfg.name,
             "route_prefix": "/",
             "import_path": "pipelines.serve:app_builder",
-            "args": {"config": config, "require_token": s.bearer_token() is not None},
+            "args": {"config": config, "require_token": s.bearer_token() is not None,
+                     **({"served": _served_stamp(*served)} if served is not None else {})},
         }],
     }
     header = f"# serve deploy {path}   (on a running Ray cluster)\n"
@@ -817,7 +830,7 @@ def serve_stage(cfg: PipelineConfig,
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
                               "request_timeout_s": proxy_timeout_s(cfg.serve)})
     _check_running_http_options(cfg.serve)
-    config_path = write_serve_config(cfg)
+    config_path = write_serve_config(cfg, (models, champion))
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.serve.port}"
     with deleted_unless_started(cfg):

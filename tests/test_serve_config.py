@@ -105,6 +105,34 @@ def test_serve_config_yaml_holds_no_token_and_only_its_owner_reads_it(make_confi
         app_builder(edited)
 
 
+def test_serve_config_yaml_changes_with_what_it_serves_so_serve_deploy_rebuilds_the_app(make_config):
+    """Serve rebuilds a running app only when its import path, runtime env or args change: the file written
+    after a new champion was registered was byte for byte the earlier one, and `serve deploy` of it kept
+    serving the old versions without a word."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.model_store import ServedModel
+    from pipelines.serve import app_builder, write_serve_config
+
+    cfg = make_config()
+
+    def code_version(models, champion):
+        document = yaml.safe_load(write_serve_config(cfg, (models, champion)).read_text())
+        return get_app_code_version(ServeDeploySchema.model_validate(document).applications[0]), document
+
+    resnet = ServedModel(alias="resnet18", source="models:/m/1", version="1")
+    before, document = code_version([resnet], "resnet18")
+    assert document["applications"][0]["args"]["served"] == {"champion": "resnet18", "models": {"resnet18": "1"}}
+    assert code_version([resnet], "resnet18")[0] == before  # unchanged: no needless rebuild
+    vgg = ServedModel(alias="vgg11", source="models:/m/2", version="2")
+    assert code_version([resnet, vgg], "vgg11")[0] != before  # a new version, the champion moved: rebuilt
+    retrained = ServedModel(alias="resnet18", source="models:/m/3", version="3")
+    assert code_version([retrained], "resnet18")[0] != before
+    with pytest.raises(LookupError, match="train first"):  # the builder takes the stamp (and reads MLflow)
+        app_builder(document["applications"][0]["args"])
+
+
 def test_serve_config_yaml_holds_no_tracking_password_and_the_deployment_reads_it_from_the_environment(
         make_config, monkeypatch, tmp_path):
     """The file kept the tracking URI's password in clear (the Serve controller keeps what `serve deploy`
