@@ -8,6 +8,7 @@ before Ray starts. Any problem raises :class:`ConfigError` naming the key; the C
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import math
@@ -64,6 +65,17 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
         self.message = message
+
+
+@contextlib.contextmanager
+def _looking_at(key: str, path: str | os.PathLike):
+    """A path that cannot be looked at (a directory above it this user may not search, a name too long) is a
+    :class:`ConfigError` naming ``key``: ``Path.exists`` and ``is_dir`` raise for it, and the check ended with a
+    traceback (exit 1)."""
+    try:
+        yield
+    except OSError as err:
+        raise ConfigError(key, f"cannot look at {str(path)!r}: {err.strerror or err}") from None
 
 
 def _did_you_mean(word: str, choices, n: int = 1, cutoff: float = 0.6) -> str:
@@ -982,8 +994,9 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
     if data.root and "://" in data.root:  # else a relative path named like the URL, on the driver only
         raise ConfigError("data.root", f"{data.root!r}: data sets are read from a local or mounted directory "
                                        "(mount the bucket, e.g. with s3fs or a shared volume)")
-    if Path(cfg.workdir).expanduser().exists() and not Path(cfg.workdir).expanduser().is_dir():
-        raise ConfigError("workdir", f"{cfg.workdir!r} is a file, not a directory")
+    with _looking_at("workdir", cfg.workdir):
+        if Path(cfg.workdir).expanduser().exists() and not Path(cfg.workdir).expanduser().is_dir():
+            raise ConfigError("workdir", f"{cfg.workdir!r} is a file, not a directory")
     if cfg.tracking.uri is None and re.search(r"\?|%[0-9A-Fa-f]{2}", str(cfg.paths.mlflow_db)):
         # SQLAlchemy reads the sqlite URI's path as a URL's: %41 decoded to A (another database, if that one
         # exists), ? cut the path short; the stage then retried "unable to open database file" for minutes. (A
@@ -997,23 +1010,24 @@ def _semantic_checks(cfg: PipelineConfig) -> None:
         raise ConfigError("serve.batch_wait_timeout_s", f"{cfg.serve.batch_wait_timeout_s:g} s is over half of "
                           f"serve.request_timeout_s ({cfg.serve.request_timeout_s:g} s): a request to an idle model "
                           "waits all of it for others to batch with (milliseconds are the usual wait)")
-    if (
-        data.root
-        and data.dataset in ("imagefolder",)
-        and "://" not in data.root
-        and not Path(data.root).expanduser().is_dir()
-    ):
-        raise ConfigError("data.root", f"{data.root!r} is a file, not a directory of class folders"
-                          if Path(data.root).expanduser().exists() else f"directory {data.root!r} does not exist")
-    if (
-        data.root
-        and data.dataset in ("fashion-mnist", "cifar10")
-        and not data.download
-        and not Path(data.root).expanduser().is_dir()
-    ):
-        raise ConfigError("data.root", f"{data.root!r} is a file, not the data set's directory"
-                          if Path(data.root).expanduser().exists()
-                          else f"directory {data.root!r} does not exist and data.download is false")
+    with _looking_at("data.root", data.root or ""):
+        if (
+            data.root
+            and data.dataset in ("imagefolder",)
+            and "://" not in data.root
+            and not Path(data.root).expanduser().is_dir()
+        ):
+            raise ConfigError("data.root", f"{data.root!r} is a file, not a directory of class folders"
+                              if Path(data.root).expanduser().exists() else f"directory {data.root!r} does not exist")
+        if (
+            data.root
+            and data.dataset in ("fashion-mnist", "cifar10")
+            and not data.download
+            and not Path(data.root).expanduser().is_dir()
+        ):
+            raise ConfigError("data.root", f"{data.root!r} is a file, not the data set's directory"
+                              if Path(data.root).expanduser().exists()
+                              else f"directory {data.root!r} does not exist and data.download is false")
     # Per-model entries for known models that are not selected are ignored (a preset may tune models a
     # `--set train.models=[...]` leaves out); names that are no model at all are typos and errors.
     for section in ("model_options", "model_overrides"):
@@ -1147,8 +1161,9 @@ def _local_output_locations(cfg: PipelineConfig) -> list[tuple[str, Path, Path]]
     found = []
     for key, path in locations:
         existing = path
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
+        with _looking_at(key, path):
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
         found.append((key, path, existing))
     return found
 
@@ -1161,12 +1176,13 @@ def _check_creatable_locations(cfg: PipelineConfig) -> None:
         raise ConfigError("name", f"{cfg.name!r} is what the workdir keeps beside the run directories; choose "
                                   "another name")
     for key, path, existing in _local_output_locations(cfg):
-        if path.exists() and not path.is_dir():
-            raise ConfigError(key, f"{path} is a file, not a directory")
-        if not existing.is_dir():
-            raise ConfigError(key, f"{path} cannot be created: {existing} is a file")
-        if _is_pseudo_file_system(existing):
-            raise ConfigError(key, f"{path} cannot be created: nothing can be written in {existing}")
+        with _looking_at(key, path):
+            if path.exists() and not path.is_dir():
+                raise ConfigError(key, f"{path} is a file, not a directory")
+            if not existing.is_dir():
+                raise ConfigError(key, f"{path} cannot be created: {existing} is a file")
+            if _is_pseudo_file_system(existing):
+                raise ConfigError(key, f"{path} cannot be created: nothing can be written in {existing}")
 
 
 def check_writable_locations(cfg: PipelineConfig, storage: bool = True) -> None:
@@ -1177,8 +1193,9 @@ def check_writable_locations(cfg: PipelineConfig, storage: bool = True) -> None:
     for key, path, existing in _local_output_locations(cfg):
         if key == "storage_path" and not storage:
             continue
-        if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(key, f"{path} cannot be created: this user may not write in {existing}")
+        with _looking_at(key, path):
+            if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+                raise ConfigError(key, f"{path} cannot be created: this user may not write in {existing}")
 
 
 def _is_pseudo_file_system(path: Path) -> bool:
@@ -1734,14 +1751,19 @@ def _bundled_preset(name: str) -> str | None:
     return wanted if wanted in _bundled_presets() else None
 
 
+def _is_file(path: str | os.PathLike) -> bool:
+    with _looking_at("--config", path):
+        return Path(path).is_file()
+
+
 def read_yaml(path: str | os.PathLike | None) -> dict:
     """The raw YAML mapping of ``path``, or of the embedded default config when ``path`` is None."""
     if path is None:
         text = resources.files("pipelines.configs").joinpath(DEFAULT_CONFIG).read_text()
         source = f"embedded {DEFAULT_CONFIG}"
-    elif Path(f"{path}.yaml").is_file() and not Path(path).is_file():  # `--config mine` for ./mine.yaml
+    elif _is_file(f"{path}.yaml") and not _is_file(path):  # `--config mine` for ./mine.yaml
         return read_yaml(f"{path}.yaml")
-    elif not Path(path).is_file() and (preset := _bundled_preset(str(path))) is not None:
+    elif not _is_file(path) and (preset := _bundled_preset(str(path))) is not None:
         # A preset by its name (`--config fashion-mnist`), wherever the command runs: an installed package's
         # presets are not under the working directory.
         text, source = resources.files("pipelines.configs").joinpath(preset).read_text(), f"bundled {preset}"
@@ -1809,9 +1831,11 @@ def expand_env(data: Any, key: str = "") -> Any:
         value = os.environ.get(name)
         if default is not None and not value:  # the shell's `:-`: unset or empty
             return default
-        if value is None:
+        if not value:  # empty as well: cifar10-gpu's storage_path went to node-local disk, failing once Ray ran
             shown = "" if _is_secret_key(key) else f" (the value is {data!r})"
-            raise ConfigError(key, f"environment variable {name} is not set{shown}")
+            state = "is not set" if value is None else "is set but empty"
+            raise ConfigError(key, f"environment variable {name} {state}{shown}; write ${{{name}:-default}} for "
+                                   "a fallback")
         return value
 
     return _ENV_REFERENCE.sub(substitute, data)

@@ -886,3 +886,41 @@ def test_the_cli_sets_rays_import_time_settings_before_anything_imports_ray(tmp_
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.stdout.split()[-4:] == ["status", "0", "dedup", "False"], done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_a_path_this_user_may_not_look_at_is_a_config_error_naming_its_key(tmp_path, pipelines_cli, monkeypatch):
+    """A workdir, data.root, storage_path or --config under a directory this user may not search (another user's
+    0700 home, as Ray images' `ray` user meets it): Path.exists raised PermissionError, and the check ended in a
+    traceback (exit 1) instead of exit 2 naming the key. A --config name over 255 bytes did the same."""
+    locked = tmp_path / "locked"
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):  # (root searches every directory: what a 0700 one of another user does)
+        if str(self).startswith(f"{locked}/"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    monkeypatch.chdir(tmp_path)
+    for args, key in ((["--set", f"workdir={locked}/runs"], "workdir"),
+                      (["--set", "data.dataset=imagefolder", "--set", f"data.root={locked}/images"], "data.root"),
+                      (["--set", f"storage_path={locked}/ray"], "storage_path"),
+                      (["--config", f"{locked}/mine"], "--config")):
+        refused = pipelines_cli("check-config", *args)
+        assert refused.returncode == 2, (key, refused.stderr)
+        assert f"{key}: cannot look at '{locked}/" in refused.stderr and "Permission denied" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    refused = pipelines_cli("check-config", "--config", "c" * 300)
+    assert refused.returncode == 2 and "--config: cannot look at" in refused.stderr, refused.stderr
+    assert "File name too long" in refused.stderr
+
+
+def test_an_environment_reference_set_but_empty_is_refused_as_an_unset_one_is(make_config, monkeypatch):
+    """`CNNZOO_STORAGE_PATH=` passed cifar10-gpu's check with storage_path '' (node-local storage on a cluster,
+    failing once Ray Train ran); `MLFLOW_TRACKING_URI=` was refused as "a file store"."""
+    monkeypatch.setenv("CNNZOO_TEST_EMPTY", "")
+    with pytest.raises(ConfigError, match=r"storage_path: environment variable CNNZOO_TEST_EMPTY is set but empty"):
+        make_config("storage_path=${CNNZOO_TEST_EMPTY}")
+    with pytest.raises(ConfigError, match="tracking.uri: environment variable CNNZOO_TEST_UNSET_X is not set"):
+        make_config("tracking.uri=${CNNZOO_TEST_UNSET_X}")
+    assert make_config("storage_path=${CNNZOO_TEST_EMPTY:-/tmp/store}").storage_path == "/tmp/store"
