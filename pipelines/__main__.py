@@ -280,7 +280,7 @@ def _run_command(args, cfg: PipelineConfig, stages: list[str] | None) -> int:
         # start (about 20 s), not after it. (On a cluster, its own Serve may hold the port: checked there.)
         from .serve import check_port_free
 
-        check_port_free(cfg.serve)
+        check_port_free(cfg.serve, local=True)
     servable = None
     # What to serve, before Ray starts, where nothing trains first: a model not found is a config error.
     if args.command == "serve" or (args.command == "run" and "serve" in (stages or ())

@@ -662,12 +662,16 @@ def _serve_runs_on_this_ray() -> bool:
         return False
 
 
-def check_port_free(s: ServeConfig) -> None:
+def check_port_free(s: ServeConfig, local: bool = False) -> None:
     """Before Serve starts on this Ray: ``serve.host``:``serve.port`` must be free on this node. Serve's proxy
     listens with SO_REUSEPORT, and so does another command's: a second `serve` started beside a running one
     shared its port without a word, the kernel splitting requests between the two apps; a port another program
     holds failed the stage after seconds with a traceback of the proxy's. A ConfigError naming the key instead.
-    A Serve already running on this Ray (a cluster's, redeployed) holds the port itself: not checked."""
+    A Serve already running on this Ray (a cluster's, redeployed) holds the port itself: not checked.
+
+    ``local``: for a Ray this command starts on this machine, where Serve's proxy binds: a host that is no
+    address of it (another machine's, a typo) or does not resolve is refused too (it failed `run` at its serve
+    stage, after the search and training)."""
     import errno
     import socket
 
@@ -683,7 +687,14 @@ def check_port_free(s: ServeConfig) -> None:
             raise ConfigError("serve.port", f"{s.host}:{s.port} is already in use on this node (another "
                               "`serve` or `run` still serving, or another program); stop it, or choose another "
                               "serve.port") from None
-        # Else an address or family this node lacks (IPv6 off in a container): Serve's own start says what is wrong
+        if local and isinstance(err, socket.gaierror):
+            raise ConfigError("serve.host", f"{s.host!r} does not resolve on this machine ({err.strerror})") from None
+        if local and err.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError("serve.host", f"{s.host} is not an address of this machine, where the Ray this "
+                              "command starts serves: use 127.0.0.1, 0.0.0.0 (every address) or one of its own"
+                              ) from None
+        # Else a family this node lacks (IPv6 off in a container), or a cluster node's address: Serve's own start
+        # says what is wrong
 
 
 def check_serve_startable(cfg: PipelineConfig) -> None:

@@ -315,6 +315,14 @@ def test_a_port_another_listener_holds_is_refused_before_serve_starts(monkeypatc
         serve_module.check_port_free(ServeConfig(port=port))  # this Ray's own Serve holds it: redeployed
 
 
+def test_a_serve_host_that_is_no_address_of_this_machine_is_refused_before_a_local_ray_starts(pipelines_cli):
+    """A LAN address copied from another machine passed every check: `run` failed at its serve stage, after the
+    search and training, where Serve's proxy could not bind it."""
+    refused = pipelines_cli("serve", "--set", "serve.host=192.0.2.1", "--set", "serve.allow_unauthenticated=true")
+    assert refused.returncode == 2 and not refused.started_ray, refused.stderr
+    assert "serve.host: 192.0.2.1 is not an address of this machine" in refused.stderr
+
+
 def test_the_console_says_what_answers_a_request_without_a_model():
     """With serve.models leaving the registry's champion out, the console said "champion: None" while requests
     without a model were answered by the best model served."""
