@@ -913,7 +913,7 @@ class PipelineConfig(_Section):
         config = self.model_dump(mode="json")
         if config["tracking"]["uri"]:
             config["tracking"]["uri"] = redact_uri(config["tracking"]["uri"])
-        return yaml.safe_dump(config, sort_keys=False)
+        return yaml.dump(config, Dumper=_YamlDumper, sort_keys=False)
 
 
 #: A database URI's password, as SQLAlchemy reads it: after ``user:``, up to the first ``@`` (``/`` included).
@@ -1606,15 +1606,21 @@ class _YamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+#: The floats :class:`_YamlLoader` reads: YAML 1.1's and those with an exponent but no dot (YAML 1.2).
+_YAML12_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                 |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                 |[-+]?\.(?:inf|Inf|INF)
-                |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
+                |\.(?:nan|NaN|NAN))$""", re.X)
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """Quotes the strings :class:`_YamlLoader` would read as floats: ``name: 1e3`` (a string) was written plain,
+    and ``check-config``'s output or a run's logged config loaded back as a float, refused."""
+
+
+_YamlDumper.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
 
 
 def _refuse_base_60(text: str, node: yaml.ScalarNode) -> None:

@@ -924,3 +924,13 @@ def test_an_environment_reference_set_but_empty_is_refused_as_an_unset_one_is(ma
     with pytest.raises(ConfigError, match="tracking.uri: environment variable CNNZOO_TEST_UNSET_X is not set"):
         make_config("tracking.uri=${CNNZOO_TEST_UNSET_X}")
     assert make_config("storage_path=${CNNZOO_TEST_EMPTY:-/tmp/store}").storage_path == "/tmp/store"
+
+
+def test_check_configs_output_loads_back_as_the_same_config_with_number_like_strings(tmp_path):
+    """A string the loader reads as a float (YAML 1.2's `1e3`) was printed plain by check-config (and logged so
+    with every run): loaded back, `name: 1e3` was a float, refused."""
+    cfg = load_config(None, ["name='1e3'", "tracking.registered_model='2E5'", "serve.models=['1e3', '.5e1']",
+                             "serve.allow_unauthenticated=true"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(cfg.to_yaml())
+    assert load_config(str(printed), []) == cfg
