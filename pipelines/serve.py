@@ -309,7 +309,16 @@ class Classifier:
                     if served.status == "unchecked":
                         for field in dataclasses.fields(result):
                             setattr(served, field.name, getattr(result, field.name))
-            self.champion = self.store.servable_champion(self.models, self.registry_champion)
+            champion = self.store.servable_champion(self.models, self.registry_champion)
+            if champion is not None and champion != self.champion:
+                # Loaded (folded, traced) before requests go to it, as the champion is at start: switched to
+                # straight after its check, every request without a model waited for its first load (503s past
+                # serve.request_timeout_s for a large one) while the model it replaced was loaded and answering.
+                try:
+                    await self._loaded(self.by_alias[champion])
+                except RequestError:  # (said by the load; one failed for good is no champion any more)
+                    champion = self.store.servable_champion(self.models, self.registry_champion)
+            self.champion = champion
 
     def _resolve(self, requested: str) -> ServedModel:
         alias = self.champion if requested == CHAMPION else requested

@@ -491,6 +491,32 @@ def test_a_slow_load_holds_up_no_other_model_and_evicts_none_for_nothing(replica
     assert calls == ["quick", "slow", "other"]  # the slow model loaded once, for both of its requests
 
 
+def test_a_champion_verified_late_is_loaded_before_requests_go_to_it(replica_with_serves_multiplexer):
+    """The registry's champion unchecked at start (MLflow down): requests without a model went to the best
+    loaded one; once the champion's check passed they went to it straight away, each waiting for its first load
+    (503 past the deadline for a large one) while the model it replaced was loaded and answering."""
+    replica, calls, _, _ = replica_with_serves_multiplexer
+    for served in replica.models:
+        served.status = "unchecked" if served.alias == "other" else "ok"
+    replica.registry_champion = "other"
+
+    def verify(models):  # MLflow back: the check passes
+        for served in models:
+            served.status = "ok"
+
+    replica.store.verify = verify
+
+    async def outage_over():
+        replica.champion = replica.store.servable_champion(replica.models, replica.registry_champion)
+        assert replica.champion != "other"
+        await replica._loaded(replica.by_alias[replica.champion])  # the fallback answering
+        await replica._verify_until_checked(interval_s=0)
+        return replica.champion, replica._holds("other")
+
+    assert asyncio.run(outage_over()) == ("other", True)
+    assert calls[-1] == "other"
+
+
 def test_a_request_unanswered_within_the_deadline_is_503_and_the_next_one_is_answered(replica_with_a_gated_load):
     """The replica's own deadline (serve.request_timeout_s, 2 s here): a request whose model is still loading when it
     passes gets a 503 saying so, the load goes on, and the next request is answered with it."""
