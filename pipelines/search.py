@@ -494,6 +494,12 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
                 trial_retries=cfg.train.trial_retries, placement=plan.param_space["run"], metric=SCORE,
             )
         records, unreported = _trial_records(grid, search.phi), _unreported_trials(grid)
+        # Neither finished nor failed: Tune left its loop early and returned as if done (it handles a Ctrl-C itself
+        # where TUNE_DISABLE_SIGINT_HANDLER is not 1, and always a SIGUSR1). Saved, the partial search was reused
+        # as finished, its best so far the family's coefficients, and never resumed: the abort's path instead, as
+        # the train stage's (the next command restores the experiment).
+        if (ended := grid.num_terminated + grid.num_errors) < plan.trials:
+            raise KeyboardInterrupt(f"the search was interrupted: {ended} of its {plan.trials} trials ended")
         _score(records, cfg, template)
         best = _best(records, len(grid), unreported)  # no trial finished: ends the parent run FAILED
         result = SearchResult(best=best, trials=records, objective=search.objective, phi=search.phi,

@@ -607,6 +607,32 @@ def test_run_with_writes_pending_says_which_asked_stages_wait_and_prints_the_tab
     assert "lenet5" in caplog.text.split("report skipped")[1]  # the table, printed once the report is skipped
 
 
+class _EarlyReturnedGrid(list):
+    """Tune's result grid as it returns early, interrupted: its trials neither finished nor failed."""
+
+    num_terminated = num_errors = 0
+
+
+def test_a_search_tune_returned_from_without_ending_its_trials_is_an_interruption(ray_cluster, make_config,
+                                                                                  monkeypatch):
+    """Where Tune handles a Ctrl-C itself (TUNE_DISABLE_SIGINT_HANDLER=0, a notebook) or a SIGUSR1, it leaves its
+    loop and returns normally, the running trials without errors: the search saved its best so far as finished,
+    reused it as "already done" by every later command, and exited 0. (run_model_trials stands in for Tune's early
+    return here.)"""
+    import pipelines.search as search
+    from pipelines.tracking import Tracker
+
+    cfg = make_config("search.epochs=1")
+    monkeypatch.setattr(search, "run_model_trials", lambda *args, **kwargs: _EarlyReturnedGrid())
+    with pytest.raises(KeyboardInterrupt, match="the search was interrupted: 0 of its"):
+        search_stage(cfg)
+    assert not cfg.paths.search_result.exists()
+    tracker = Tracker.for_config(cfg)
+    experiments = [e.experiment_id for e in tracker.client.search_experiments()]
+    [run] = tracker.client.search_runs(experiments, "attributes.run_name LIKE 'search-%'")
+    assert run.info.status == "KILLED"
+
+
 def test_an_error_after_the_trials_ends_the_searchs_run_and_keeps_its_writes(ray_cluster, make_config, monkeypatch):
     """An error or Ctrl-C once Tune had returned (reading the trials' results, saving the search's record: a full
     disk) left the search's MLflow run RUNNING for good and dropped the writes still queued (a daemon writer)."""
