@@ -341,8 +341,22 @@ def _baseline_macs(template: ModelRun) -> int:
 
 
 def _experiment_marker(cfg: PipelineConfig) -> Path:
-    """Where the latest experiment of the search's settings is named, beside the search result."""
+    """Where the latest forced experiment of each of the search's settings is named, beside the search result."""
     return cfg.paths.search_result.with_name("experiment.json")
+
+
+def _forced_experiments(marker: Path) -> dict[str, str]:
+    """The marker's forced experiments by search fingerprint; empty for a damaged (or no) marker."""
+    if not marker.is_file():
+        return {}
+    try:
+        latest = json.loads(marker.read_text())
+        if "experiments" in latest:
+            return {str(key): str(value) for key, value in latest["experiments"].items()}
+        return {str(latest["fingerprint"]): str(latest["experiment"])}  # (one only, as older versions wrote it)
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as err:  # cut short by a crash
+        logger.warning("[search] %s is damaged (%s): resuming the search's default experiment", marker, err)
+        return {}
 
 
 def _begin_forced_search(cfg: PipelineConfig, fingerprint: str, experiment: str) -> None:
@@ -350,7 +364,11 @@ def _begin_forced_search(cfg: PipelineConfig, fingerprint: str, experiment: str)
     interrupted forced search must not pass for done on the next run, which resumes it instead. Only once the
     stage's checks passed and its MLflow run is open: a forced search refused at its start (an MLflow outage,
     too few validation images) kept nothing of the finished one, and the next run trained every trial again."""
-    write_text_atomically(_experiment_marker(cfg), json.dumps({"fingerprint": fingerprint, "experiment": experiment}))
+    # One per settings: with only the latest kept, forcing other settings made going back to these resume their
+    # unforced experiment (the results forced away from) or start afresh, the forced one's progress lost.
+    marker = _experiment_marker(cfg)
+    write_text_atomically(marker, json.dumps({"experiments": {**_forced_experiments(marker),
+                                                              fingerprint: experiment}}))
     cfg.paths.search_result.unlink(missing_ok=True)
 
 
@@ -366,13 +384,9 @@ def _experiment_name(cfg: PipelineConfig, fingerprint: str, force: bool) -> str:
     current, *older = search_fingerprints(cfg)
     suffix = fingerprint[len(current):] if fingerprint.startswith(current) else None
     accepted = [fingerprint] + ([f"{legacy}{suffix}" for legacy in older] if suffix is not None else [])
-    if marker.is_file():
-        try:
-            latest = json.loads(marker.read_text())
-            if latest.get("fingerprint") in accepted:
-                return str(latest["experiment"])
-        except (json.JSONDecodeError, AttributeError, KeyError) as err:  # cut short by a crash (older versions)
-            logger.warning("[search] %s is damaged (%s): resuming the search's default experiment", marker, err)
+    forced = _forced_experiments(marker)
+    if found := next((forced[key] for key in accepted if key in forced), None):
+        return found
     default = f"{cfg.name}-search-{fingerprint}"
     if len(accepted) > 1 and not _experiment_exists(cfg, default):
         for older in accepted[1:]:  # an interrupted search saved under the fingerprint before this version's

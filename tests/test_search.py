@@ -302,6 +302,30 @@ def test_asha_compares_a_restarted_trial_at_the_epochs_its_model_reached(monkeyp
     assert scheduler.on_trial_result(None, restarted, result) == TrialScheduler.CONTINUE
 
 
+def test_going_back_to_settings_searched_with_force_resumes_their_forced_experiment(make_config, monkeypatch):
+    """experiment.json named one forced experiment: forcing settings B, then A, then running B again resumed B's
+    unforced experiment (the results forced away from) or started B afresh, the forced one's progress lost."""
+    import pipelines.search as search
+    from pipelines.search import _begin_forced_search, _experiment_name
+
+    cfg = make_config()
+    monkeypatch.setattr(search.time, "strftime", lambda fmt: "20261202-180000")
+    forced_b = _experiment_name(cfg, "bbbb", force=True)
+    _begin_forced_search(cfg, "bbbb", forced_b)
+    monkeypatch.setattr(search.time, "strftime", lambda fmt: "20261202-190000")
+    forced_a = _experiment_name(cfg, "aaaa", force=True)
+    _begin_forced_search(cfg, "aaaa", forced_a)
+    assert _experiment_name(cfg, "bbbb", force=False) == forced_b == f"{cfg.name}-search-bbbb-20261202-180000"
+    assert _experiment_name(cfg, "aaaa", force=False) == forced_a
+    assert _experiment_name(cfg, "cccc", force=False) == f"{cfg.name}-search-cccc"
+    # A marker an earlier version wrote (one experiment) is read, and kept when another is forced
+    marker = cfg.paths.search_result.with_name("experiment.json")
+    marker.write_text(json.dumps({"fingerprint": "bbbb", "experiment": "older-forced-b"}))
+    _begin_forced_search(cfg, "aaaa", forced_a)
+    assert _experiment_name(cfg, "bbbb", force=False) == "older-forced-b"
+    assert _experiment_name(cfg, "aaaa", force=False) == forced_a
+
+
 def test_a_search_marker_cut_short_resumes_the_default_experiment(make_config, caplog):
     """An experiment.json left empty by a crash or a full disk stopped every later search with a JSONDecodeError;
     the marker and best.json are now written through a temporary file, and a damaged marker is named and passed
