@@ -222,3 +222,24 @@ class PlantedCode:
 
     def __reduce__(self):
         return (open, (str(self.path), "w"))
+
+
+@pytest.fixture
+def serve_replica_context(monkeypatch):
+    """What Serve's multiplexer (``serve.multiplexed``) needs of a replica, given as a deployment has it: its
+    context and metrics. For replicas built from the deployment's own methods, without Serve."""
+    from types import SimpleNamespace
+
+    import ray.serve.multiplex as multiplex
+
+    class NoMetric:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(multiplex, "_get_internal_replica_context",
+                        lambda: SimpleNamespace(app_name="app", deployment="Classifier", replica_id="r1"))
+    monkeypatch.setattr(multiplex, "metrics", SimpleNamespace(Histogram=NoMetric, Gauge=NoMetric, Counter=NoMetric))
+    monkeypatch.setattr(multiplex, "MetricsPusher", NoMetric)

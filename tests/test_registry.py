@@ -168,7 +168,8 @@ def test_a_damaged_download_is_fetched_again(registered):
 
 
 def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_outage_is_over(registered,
-                                                                                              monkeypatch):
+                                                                                              monkeypatch,
+                                                                                              serve_replica_context):
     """A replica that starts while the registry is unreachable (after listing the versions): its models stay
     ``unchecked``, not failed for the replica's life, and are verified again until they load."""
     import asyncio
@@ -187,6 +188,8 @@ def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_o
     assert [(m.status, m.error.startswith("not verified yet: ")) for m in models] == [("unchecked", True)]
     replica = object.__new__(Classifier.func_or_class)  # the deployment's own methods, without Serve
     replica.store, replica.models, replica.registry_champion = store, models, registry_champion
+    replica.cfg, replica.device, replica.loads, replica.load_expiries = cfg, torch.device("cpu"), {}, {}
+    replica.by_alias = {m.alias: m for m in models}
     replica.champion = store.servable_champion(models, registry_champion)
     assert replica.champion is None
 
@@ -197,9 +200,11 @@ def test_a_model_unverifiable_at_start_for_a_passing_reason_is_served_once_the_o
         store.tracker = tracker  # the registry is back
         await asyncio.wait_for(checking, 60)
 
+    replica._make_multiplexed_loader()
     asyncio.run(outage_then_recovery())
     assert models[0].status == "ok" and models[0].error is None
     assert replica.champion == "lenet5" == registry_champion
+    assert replica._holds("lenet5")  # loaded before requests without a model went to it
 
     def unverified_at_start() -> None:  # verified again during an outage: unchecked, then the registry is back
         store.tracker = Tracker("http://127.0.0.1:9", cfg.name)

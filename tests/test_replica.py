@@ -422,25 +422,12 @@ def test_a_checkpoint_file_s_infinite_val_acc_is_not_reported(make_config, tmp_p
 
 
 @pytest.fixture
-def replica_with_serves_multiplexer(make_config, tmp_path, monkeypatch):
+def replica_with_serves_multiplexer(make_config, tmp_path, serve_replica_context):
     """A replica serving three checkpoint files through Serve's own multiplexer (``serve.multiplexed``, which
     needs a replica's context and metrics: given here, as a deployment has them); loads of ``slow`` wait for
     ``gate``; every load is counted."""
-    import ray.serve.multiplex as multiplex
-
     from pipelines.serve import Classifier
 
-    class NoMetric:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(multiplex, "_get_internal_replica_context",
-                        lambda: SimpleNamespace(app_name="app", deployment="Classifier", replica_id="r1"))
-    monkeypatch.setattr(multiplex, "metrics", SimpleNamespace(Histogram=NoMetric, Gauge=NoMetric, Counter=NoMetric))
-    monkeypatch.setattr(multiplex, "MetricsPusher", NoMetric)
     spec = PreprocessSpec(image_size=32, channels=1, mean=(0.5,), std=(0.25,), class_names=("a", "b", "c"))
     model = cnnmodels.create_model("lenet5", num_classes=3, in_chans=1)
     save_checkpoint(ModelCheckpoint("lenet5", {}, spec, model.state_dict()), tmp_path / "lenet5.pt")
