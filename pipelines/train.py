@@ -150,6 +150,7 @@ class ModelFinisher:
         self.fixed: dict[str, float] = {}  # finished model -> that, less its epochs at its pace: the fixed cost
         self.after_training: dict[str, float] = {}  # finished model -> its last epoch's report to its finish
         self.first_start: float | None = None  # the earliest trial start seen (the stage's own set-up before)
+        self.lost_progress: dict[str, tuple[dict[str, float], float]] = {}  # lost model -> its progress, when lost
 
     def _open(self) -> list[str]:
         return [n for n in self.macs if n not in self.finished and n not in self.failed and n not in self.lost]
@@ -209,12 +210,12 @@ class ModelFinisher:
             return seconds / epochs
         return None if fit is None else fit[0] + fit[1] * self.macs[name]
 
-    def _seconds(self, now: float) -> tuple[float, float, list[float], list[float], bool] | None:
-        """``(done, to_go, tails, ends, queued)`` in model-seconds (one model training for one second is one):
-        what the stage did, what it has still to do, the seconds left of each running model whose own pace is
-        measured (tails) and of every running model (ends: a pace not measured yet is the fit's by MACs), and
-        whether any model left has not started training yet. None until a finished model measured the fixed
-        cost."""
+    def _seconds(self, now: float) -> tuple[float, float, list[float], list[float], bool, float | None] | None:
+        """``(done, to_go, tails, ends, queued, began)`` in model-seconds (one model training for one second is
+        one): what the stage did, what it has still to do, the seconds left of each running model whose own pace
+        is measured (tails) and of every running model (ends: a pace not measured yet is the fit's by MACs),
+        whether any model left has not started training yet, and when the first model started (that of a
+        finished one, or a lost one's as its time says). None until a finished model measured the fixed cost."""
         if not self.fixed:
             return None
         fixed = float(np.median(list(self.fixed.values())))
@@ -225,6 +226,15 @@ class ModelFinisher:
         for name in self.finished:
             if name not in self.slot_seconds and name in self.macs:  # finished without a measured start time
                 done += fixed + self.done[name] / self.macs[name] * (self._seconds_per_epoch(name, fit) or 0.0)
+        began = self.first_start
+        for name, (progress, lost_at) in self.lost_progress.items():  # its time so far, as a running model's
+            pace = self._seconds_per_epoch(name, fit) or progress["epoch_seconds"]
+            spent = before + (progress["reached"] - progress["start"]) * pace + max(lost_at - progress["at"], 0.0)
+            done += spent
+            # (its start, not measured: the stage's time counted from the first finished model's start left out
+            # a model lost before it, while its seconds were counted as done)
+            lost_start = max(lost_at - spent, self.started)
+            began = lost_start if began is None else min(began, lost_start)
         to_go, tails, ends, queued = 0.0, [], [], False
         for name in self._open():
             per_epoch = self._seconds_per_epoch(name, fit)
@@ -253,7 +263,7 @@ class ModelFinisher:
             ends.append(remaining)
             if progress["epoch_seconds"]:  # its own pace measured: a fit's (by MACs, other models) is no tail
                 tails.append(remaining)
-        return done, to_go, tails, ends, queued
+        return done, to_go, tails, ends, queued, began
 
     def eta(self, now: float | None = None) -> float | None:
         """Seconds the rest of the stage should take, in seconds of training, not MACs: each model's own
@@ -266,12 +276,12 @@ class ModelFinisher:
         measured = self._seconds(now)
         if measured is None:
             return self._eta_by_work(now)
-        done, to_go, tails, ends, queued = measured
+        done, to_go, tails, ends, queued, began = measured
         if not queued:  # every model left is training: the slowest one ends the stage, its pace measured or not
             # (a model that has reported one epoch in this attempt has no pace of its own yet: "0 s to go")
             return max(ends, default=0.0) if to_go > 0 else None
         tail = max(tails, default=0.0)
-        elapsed = now - (self.first_start if self.first_start is not None else self.started)
+        elapsed = now - (began if began is not None else self.started)
         pace = stage_eta(elapsed, done, to_go)
         return None if pace is None else max(pace, tail)
 
@@ -291,9 +301,16 @@ class ModelFinisher:
             return tail
         return max(pace, tail)
 
-    def trial_failed(self, trial) -> None:
-        """A model's trial failed: the stage's estimate stops counting its work as still to go."""
-        self.lost.add(trial.config["run"]["model"]["name"])
+    def trial_failed(self, trial, now: float | None = None) -> None:
+        """A model's trial failed: the stage's estimate stops counting its work as still to go, and counts the
+        epochs it trained as done: the stage's time holds them, and a pace of that time over the other models'
+        work alone said "about 3 min 28 s to go" with 25 s left."""
+        name = trial.config["run"]["model"]["name"]
+        self.lost.add(name)
+        progress = self.running.get(name)
+        if progress is not None:
+            self.done[name] = self.macs.get(name, 1) * max(int(progress["reached"] - progress["start"]), 0)
+            self.lost_progress[name] = (dict(progress), time.time() if now is None else now)
 
     def model_finished(self, name: str, epochs_trained: int, now: float | None = None, *,
                        started_at: float | None = None, waited: float = 0.0) -> str:

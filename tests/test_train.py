@@ -1721,3 +1721,32 @@ def test_an_interrupted_extension_resumes_without_a_second_warm_restart_warning(
     with caplog.at_level(logging.WARNING, logger="pipelines"):
         assert _split_finished(cfg, [run]) == ([run], [])
     assert "continues to 10" not in caplog.text
+
+
+
+@pytest.mark.parametrize("lost_first", [True, False], ids=["lost-first", "lost-second"])
+@pytest.mark.parametrize("with_start", [True, False], ids=["by-seconds", "by-work"])
+def test_a_model_lost_after_some_epochs_counts_its_time_as_done(make_config, with_start, lost_first):
+    """A trial that failed for good left the stage's work but not its time: the stage said "about 3 min 28 s to
+    go" with about 25 s left (the pace was the whole stage's time over the other models' work alone)."""
+    finisher, t0, trial = _finisher_of_three(make_config, epochs=4)
+
+    def lenet5(start: float) -> float:  # 10 s to start, 4 epochs of 2 s, 2 s to finish
+        for epoch in range(4):
+            finisher.epoch_done(trial["lenet5"], {"epoch": epoch, "start_epoch": 0}, now=start + 10 + 2 * (epoch + 1))
+        finisher.model_finished("lenet5", 4, now=start + 20, started_at=start if with_start else None)
+        return start + 20
+
+    def resnet18(start: float) -> float:  # 10 s to start, 3 epochs of 20 s, then it fails for good
+        for epoch in range(3):
+            finisher.epoch_done(trial["resnet18"], {"epoch": epoch, "start_epoch": 0},
+                                now=start + 10 + 20 * (epoch + 1))
+        finisher.trial_failed(trial["resnet18"], now=start + 71)
+        return start + 71
+
+    # one model at a time; alexnet, last, is still queued: 10 s to start, 4 epochs of about 10 s (the line
+    # through the other two by multiply-adds), 2 s to finish
+    now = lenet5(resnet18(t0)) if lost_first else resnet18(lenet5(t0))
+    assert now == t0 + 91
+    eta = finisher.eta(now=now)
+    assert eta is not None and 0.6 * 52 <= eta <= 1.5 * 52, eta
