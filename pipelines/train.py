@@ -534,12 +534,13 @@ def current_results(cfg: PipelineConfig, runs: list[ModelRun]) -> dict[str, Mode
 
 
 def _unregistered(cfg: PipelineConfig, runs: list[ModelRun]) -> set[str]:
-    """The names among ``runs`` whose training no registered version holds (by its fingerprint and epochs tags;
-    versions registered before those tags existed count for their alias, or for any epochs) and that no pending
+    """The names among ``runs`` whose training no registered version holds (by its fingerprint, epochs and test
+    split tags; versions registered before those tags existed count for their alias, for any epochs or any test
+    images) and that no pending
     write will register. Empty when the registry cannot be asked: an outage retrains nothing. Any version counts,
     aliased or not: an alias moved by a pipeline on other data under the same registered name is no reason to
     register again."""
-    from .tracking import TAG_FINGERPRINT, Tracker, first_line
+    from .tracking import TAG_FINGERPRINT, TAG_TEST_SPLIT, Tracker, first_line
     from .tracking_queue import load_pending
 
     if not runs:
@@ -557,12 +558,17 @@ def _unregistered(cfg: PipelineConfig, runs: list[ModelRun]) -> set[str]:
     # Versions registered before the epochs tag existed count for any epochs, as before.
     # By model name too (versions from before that tag count for any name): two names can share a fingerprint
     # (efficientnet_phi0 and an efficientnet at phi 0 named in train.models: the same B0).
-    trainings = {(v.tags.get("model_name"), v.tags.get(TAG_FINGERPRINT), v.tags.get("epochs")) for v in versions}
+    # And by the test images it was tested on (versions from before that tag count for any): a model retested on
+    # a changed test split whose new version was lost in a crash had only its old one, which the champion, chosen
+    # among versions of the current test images, passes over; it was never registered again.
+    trainings = {(v.tags.get("model_name"), v.tags.get(TAG_FINGERPRINT), v.tags.get("epochs"),
+                  v.tags.get(TAG_TEST_SPLIT) or None) for v in versions}
     untagged = {v.alias for v in aliased if TAG_FINGERPRINT not in v.tags}
 
     def registered(run: ModelRun) -> bool:
-        return bool({(name, run.fingerprint, epochs) for name in (run.model_name, None)
-                     for epochs in (str(run.hyper.epochs), None)} & trainings)
+        return bool({(name, run.fingerprint, epochs, split) for name in (run.model_name, None)
+                     for epochs in (str(run.hyper.epochs), None) for split in (run.test_split or None, None)}
+                    & trainings)
 
     return {r.model_name for r in runs
             if r.model_name not in pending and not registered(r) and r.model_name not in untagged}

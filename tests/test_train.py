@@ -1174,6 +1174,31 @@ def test_a_version_of_another_model_with_the_same_fingerprint_does_not_count_as_
     assert _unregistered(cfg, runs) == {"b0_by_hand"}
 
 
+def test_a_version_tested_on_other_test_images_does_not_count_as_registered(make_config, tmp_path):
+    """A model retested on a changed test split (its record now names the new one) whose new version was lost in a
+    crash had only its version of the old test images, which counted as its registration: it was never
+    registered again, and the champion, chosen among versions of the current test images, passed it over."""
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.train import _unregistered
+
+    cfg = make_config("train.models=[lenet5]", "train.epochs=1")
+    [run] = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    assert run.test_split
+    client = Tracker.for_config(cfg).client
+    client.create_registered_model(cfg.registered_model_name)
+    (tmp_path / "model").mkdir()
+    tags = {"model_name": "lenet5", "fingerprint": run.fingerprint, "epochs": "1"}
+    client.create_model_version(cfg.registered_model_name, str(tmp_path / "model"),
+                                tags={**tags, "test_split": "another-test-split"})
+    assert _unregistered(cfg, [run]) == {"lenet5"}
+    # a version of these test images holds it, and so does one from before the tag (any test images)
+    for version_tags in ({**tags, "test_split": run.test_split}, tags):
+        version = client.create_model_version(cfg.registered_model_name, str(tmp_path / "model"), tags=version_tags)
+        assert _unregistered(cfg, [run]) == set()
+        client.delete_model_version(cfg.registered_model_name, version.version)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_a_workers_request_goes_before_the_sizes_queued_and_a_failed_conversion_is_not_repeated(ray_cluster, caplog):
