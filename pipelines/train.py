@@ -379,12 +379,17 @@ def _warn_of_a_warm_restart(run: ModelRun, trained_epochs: int) -> None:
     """A run extended to more epochs continues from its checkpoint, its cosine schedule spread over the new
     length: the learning rate, near zero at the old end, goes back up (a warm restart). Said, since the result is
     not what the same epochs from scratch would give."""
-    from .trials import latest_reported_metrics
+    from .trials import resume_point
 
     hyper = run.hyper
     if hyper.schedule == "constant" or trained_epochs == 0:
         return
-    latest = latest_reported_metrics(run)
+    start, latest = resume_point(run)
+    if start == "afresh":  # (its checkpoints deleted: no warm restart, the longer schedule from its start)
+        logger.info("[train] %s was trained to %d epochs with these settings, but its checkpoints are gone from "
+                    "%s: it trains afresh to %d epochs", run.model_name, trained_epochs, run.storage_path,
+                    hyper.epochs)
+        return
     if latest and str(latest.get("epochs")) == str(hyper.epochs) and int(latest.get("epoch", -1)) >= trained_epochs:
         # The extension began in an earlier command, interrupted since: it resumes past the old end on the schedule
         # it has been on (the warning named the rate of the old end, a restart that had already happened).

@@ -356,17 +356,42 @@ def latest_reported_metrics(run: ModelRun) -> dict | None:
     Train's record; None without one (a first start), when that checkpoint is gone (the run starts afresh:
     :func:`set_aside_a_record_of_lost_checkpoints`), or when the storage does not answer or the record cannot
     be read (then the workers' own checks decide)."""
+    return resume_point(run)[1]
+
+
+def resume_point(run: ModelRun) -> tuple[str, dict | None]:
+    """Where the run's next start begins: ``("resumes", metrics)`` from its latest checkpoint (the metrics
+    reported with it), ``("afresh", None)`` where it surely trains from scratch (its storage answers and holds
+    no record of its checkpoints, or the record names none, or one that is gone or another model's), and
+    ``("unknown", None)`` where the storage does not answer or the record cannot be read."""
+    import pyarrow.fs
+
     try:
-        _, record, snapshot = _run_record(run)
-        latest = snapshot["latest_checkpoint_result"]
+        fs, record, snapshot = _run_record(run)
+    except FileNotFoundError:  # no record; afresh only where the storage's root is there (not a volume unmounted)
+        try:
+            storage = run.storage_path if "://" in run.storage_path else os.path.abspath(run.storage_path)
+            root_fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+            there = root_fs.get_file_info(root).type == pyarrow.fs.FileType.Directory
+        except Exception:  # noqa: BLE001 - pyarrow raises OSError subclasses and more for a store that is down
+            there = False
+        return ("afresh" if there else "unknown"), None
+    except Exception:  # noqa: BLE001 - storage down, another Ray's format
+        return "unknown", None
+    latest = snapshot.get("latest_checkpoint_result", {}) if isinstance(snapshot, dict) else {}
+    if latest is None:  # a run that reported no checkpoint
+        return "afresh", None
+    try:
         metrics, name = latest["metrics"], latest["checkpoint_dir_name"]
-    except Exception:  # noqa: BLE001 - no record, storage down, another Ray's format
-        return None
-    if not isinstance(metrics, dict) or checkpoint_gone(f"{record.rsplit('/', 1)[0]}/{name}", run.storage_path):
-        return None
-    if _another_models_checkpoint(run, record.rsplit("/", 1)[0], snapshot) is not None:
-        return None  # (another model's: the run starts afresh)
-    return metrics
+    except Exception:  # noqa: BLE001 - another Ray's format
+        return "unknown", None
+    if not isinstance(metrics, dict):
+        return "unknown", None
+    run_dir = record.rsplit("/", 1)[0]
+    if checkpoint_gone(f"{run_dir}/{name}", run.storage_path) or _another_models_checkpoint(
+            run, run_dir, snapshot) is not None:
+        return "afresh", None  # (the record is set aside: set_aside_a_record_of_lost_checkpoints)
+    return "resumes", metrics
 
 
 def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:

@@ -255,6 +255,44 @@ def test_a_run_directory_reused_for_another_model_starts_afresh(tmp_path, caplog
     assert set_aside_a_record_of_lost_checkpoints(run) is None and (run_dir / RUN_SNAPSHOT).exists()
 
 
+def test_a_longer_run_warns_of_a_warm_restart_only_where_a_checkpoint_is_there_to_resume(make_config, caplog):
+    """A run trained to 1 epoch and extended to 3 said its schedule restarts warm from its checkpoint even with its
+    checkpoints deleted (the storage's run folder gone): it trained from scratch, as the warning told the user to
+    arrange by hand."""
+    import json
+
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.train import _warn_of_a_warm_restart
+    from pipelines.trials import RUN_SNAPSHOT, resume_point
+
+    cfg = make_config("train.models=[lenet5]", "train.epochs=3")
+    [run] = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=2)
+    Path(run.storage_path).mkdir(parents=True, exist_ok=True)
+    assert resume_point(run) == ("afresh", None)
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        _warn_of_a_warm_restart(run, 1)
+    assert "warm restart" not in caplog.text and "checkpoints are gone" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    run_dir = Path(run.storage_path) / run.run_name  # its 1-epoch checkpoint there: a warm restart
+    (run_dir / "checkpoint_000000").mkdir(parents=True)
+    torch.save({}, run_dir / "checkpoint_000000" / "model.pt")
+    (run_dir / "checkpoint_000000" / "meta.json").write_text(json.dumps({"model_name": "lenet5", "arch": "lenet5"}))
+    metrics = {"epoch": 0, "epochs": 1}
+    (run_dir / RUN_SNAPSHOT).write_text(json.dumps({
+        "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_000000"}],
+        "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000000", "metrics": metrics}}))
+    assert resume_point(run) == ("resumes", metrics)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        _warn_of_a_warm_restart(run, 1)
+    assert "warm restart" in caplog.text and "checkpoints are gone" not in caplog.text
+    # a storage that does not answer (a volume not mounted): not said to train afresh
+    unmounted = run.model_copy(update={"storage_path": str(Path(run.storage_path) / "not-mounted")})
+    assert resume_point(unmounted) == ("unknown", None)
+
+
 @pytest.mark.slow
 def test_a_diverged_model_stops_at_once_and_fails_the_stage(ray_cluster, make_config):
     """lenet5 at lr 1e8 trains to NaN weights in its first epoch. It went on for every epoch left (hours on a
