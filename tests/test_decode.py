@@ -536,6 +536,25 @@ def test_the_pixel_budget_counts_what_a_webp_or_a_progressive_jpeg_costs_to_deco
         check_image_header(encode_with(colour.resize((80, 80)), "JPEG", progressive=True, subsampling=2), budget)
 
 
+def test_a_progressive_jpeg_from_a_phone_or_with_invalid_sampling_factors_is_counted_or_refused():
+    """A progressive JPEG with an MPF segment (as phone cameras write) opens as an MPO and was counted 1x, not the
+    2.5x of the same image without it; one whose frame header gives 0 as its sampling factors (Pillow does not
+    check them) raised ZeroDivisionError in the budget's check: a 500."""
+    budget = DecodeBudget(max_pixels=10_000)
+    colour = Image.new("RGB", (64, 64), (90, 120, 150))  # 4,096 pixels, 2.5x as a 4:4:4 progressive JPEG
+    phone = encode_with(colour, "MPO", progressive=True, subsampling=0, save_all=True, append_images=[colour])
+    assert Image.open(io.BytesIO(phone)).format == "MPO"
+    with pytest.raises(ImageDecodeError, match=r"a progressive JPEG, counted 2\.5x"):
+        check_image_header(phone, budget)
+    data = bytearray(encode_with(colour, "JPEG", progressive=True, subsampling=0))
+    frame = data.index(b"\xff\xc2")
+    for component in range(3):  # each component: its id, its sampling byte (h << 4 | v), its quantisation table
+        data[frame + 10 + 3 * component + 1] = 0
+    for check in (lambda: check_image_header(bytes(data), budget), lambda: preprocess_upload(bytes(data), SPEC, DecodeBudget())):
+        with pytest.raises(ImageDecodeError, match="sampling factors"):
+            check()
+
+
 @pytest.mark.parametrize("fmt", ["WEBP", "progressive JPEG"])
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from Linux's /proc")
 def test_the_largest_webp_or_progressive_jpeg_the_budget_admits_costs_what_the_largest_png_does(tmp_path, fmt):
