@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import ipaddress
 import math
 import os
@@ -1757,9 +1758,16 @@ def _bundled_preset(name: str) -> str | None:
     return wanted if wanted in _bundled_presets() else None
 
 
-def _is_file(path: str | os.PathLike) -> bool:
+def _is_file(path: str | os.PathLike, *, guessed: bool = False) -> bool:
+    """Whether ``path`` is a file (ConfigError on ``--config`` where it cannot be looked at); ``guessed``: a name
+    this code made up (``mine`` + ``.yaml``), which is no file where the suffix makes it too long."""
     with _looking_at("--config", path):
-        return Path(path).is_file()
+        try:
+            return Path(path).is_file()
+        except OSError as err:
+            if guessed and err.errno == errno.ENAMETOOLONG:
+                return False
+            raise
 
 
 def read_yaml(path: str | os.PathLike | None) -> dict:
@@ -1767,7 +1775,7 @@ def read_yaml(path: str | os.PathLike | None) -> dict:
     if path is None:
         text = resources.files("pipelines.configs").joinpath(DEFAULT_CONFIG).read_text()
         source = f"embedded {DEFAULT_CONFIG}"
-    elif _is_file(f"{path}.yaml") and not _is_file(path):  # `--config mine` for ./mine.yaml
+    elif not _is_file(path) and _is_file(f"{path}.yaml", guessed=True):  # `--config mine` for ./mine.yaml
         return read_yaml(f"{path}.yaml")
     elif not _is_file(path) and (preset := _bundled_preset(str(path))) is not None:
         # A preset by its name (`--config fashion-mnist`), wherever the command runs: an installed package's

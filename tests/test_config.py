@@ -915,6 +915,18 @@ def test_a_path_this_user_may_not_look_at_is_a_config_error_naming_its_key(tmp_p
     assert "File name too long" in refused.stderr
 
 
+def test_a_config_file_whose_name_is_too_long_for_a_yaml_suffix_loads(tmp_path, pipelines_cli):
+    """`--config` of a file whose name is 251 to 255 bytes: its `.yaml` sibling was looked at first, a name too
+    long, and the file named was refused as "cannot look at" a file the user never named."""
+    config = tmp_path / ("c" * 252)
+    config.write_text("name: long-named\n")
+    checked = pipelines_cli("check-config", "--config", str(config), "--set", f"workdir={tmp_path}/runs")
+    assert checked.returncode == 0, checked.stderr
+    missing = pipelines_cli("check-config", "--config", str(tmp_path / ("d" * 252)))
+    assert missing.returncode == 2 and "--config: file" in missing.stderr and "not found" in missing.stderr, \
+        missing.stderr
+
+
 def test_an_environment_reference_set_but_empty_is_refused_as_an_unset_one_is(make_config, monkeypatch):
     """`CNNZOO_STORAGE_PATH=` passed cifar10-gpu's check with storage_path '' (node-local storage on a cluster,
     failing once Ray Train ran); `MLFLOW_TRACKING_URI=` was refused as "a file store"."""

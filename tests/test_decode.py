@@ -550,7 +550,8 @@ def test_a_progressive_jpeg_from_a_phone_or_with_invalid_sampling_factors_is_cou
     frame = data.index(b"\xff\xc2")
     for component in range(3):  # each component: its id, its sampling byte (h << 4 | v), its quantisation table
         data[frame + 10 + 3 * component + 1] = 0
-    for check in (lambda: check_image_header(bytes(data), budget), lambda: preprocess_upload(bytes(data), SPEC, DecodeBudget())):
+    for check in (lambda: check_image_header(bytes(data), budget),
+                  lambda: preprocess_upload(bytes(data), SPEC, DecodeBudget())):
         with pytest.raises(ImageDecodeError, match="sampling factors"):
             check()
 
