@@ -533,9 +533,19 @@ def _with_tracking_password(config: dict) -> dict:
 
 
 def _served_stamp(models: list[ServedModel], champion: str | None) -> dict:
-    """Which model each alias stands for (its registry version, else its checkpoint's training fingerprint or
-    path) and the champion's alias."""
-    return {"champion": champion, "models": {m.alias: m.version or m.fingerprint or m.source for m in models}}
+    """Which model each alias stands for (its registry version, else its checkpoint file's path, size and
+    modification time: a retrained checkpoint copied over the same path is another model) and the champion's
+    alias."""
+    def stamp(model: ServedModel) -> str:
+        if model.version:
+            return model.version
+        try:
+            stat = Path(model.source).stat()
+        except OSError:  # (not here to look at: serving it checks it)
+            return model.source
+        return f"{model.source} ({stat.st_size} bytes, modified {stat.st_mtime_ns} ns)"
+
+    return {"champion": champion, "models": {m.alias: stamp(m) for m in models}}
 
 
 def write_serve_config(cfg: PipelineConfig,

@@ -3,6 +3,7 @@ never printed or written in clear; the GPU presets and cluster.yaml agree on it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -131,6 +132,15 @@ def test_serve_config_yaml_changes_with_what_it_serves_so_serve_deploy_rebuilds_
     assert code_version([retrained], "resnet18")[0] != before
     with pytest.raises(LookupError, match="train first"):  # the builder takes the stamp (and reads MLflow)
         app_builder(document["applications"][0]["args"])
+    # serve.checkpoints: a retrained checkpoint copied over the same path is another model
+    checkpoint = cfg.paths.run_dir / "best.pt"
+    checkpoint.write_bytes(b"first weights")
+    os.utime(checkpoint, ns=(1_000_000_000, 1_000_000_000))
+    served_file = ServedModel(alias="resnet18", source=str(checkpoint))
+    before = code_version([served_file], None)[0]
+    assert code_version([served_file], None)[0] == before
+    checkpoint.write_bytes(b"other weights")  # (the same size: its time tells)
+    assert code_version([served_file], None)[0] != before
 
 
 def test_serve_config_yaml_holds_no_tracking_password_and_the_deployment_reads_it_from_the_environment(
