@@ -473,20 +473,24 @@ REPORT_FILES = ("models.csv", "models.md", *(name for name, *_ in _ACCURACY_PLOT
                 "search.png", "families.csv", "families.md")
 
 
-def _warn_of_other_test_images(results: list[ModelResult]) -> None:
+def _warn_of_other_test_images(results: list[ModelResult], others: list[str] | tuple[str, ...] = ()) -> None:
     """Name the models tested on other test images than most (an image folder's test/ changed, and their test
-    again failed or has not run): ranked by test accuracy beside the others with nothing to tell them apart."""
+    again failed or has not run): ranked by test accuracy beside the others with nothing to tell them apart.
+    ``others``: records of other trainings than this config's (:func:`other_trainings`): the test images most of
+    this config's own records were tested on are the reference, and only its own are retested by `train`."""
     by_split: dict[str, list[str]] = {}
     for r in results:
         if r.test_split:
             by_split.setdefault(r.test_split, []).append(r.model_name)
     if len(by_split) > 1:
-        usual = max(by_split.values(), key=len)
-        others = sorted(name for names in by_split.values() if names is not usual for name in names)
+        usual = max(by_split.values(), key=lambda names: (sum(n not in others for n in names), len(names)))
+        odd = sorted(name for names in by_split.values() if names is not usual for name in names)
+        retested = [name for name in odd if name not in others]
+        advice = "" if not retested else "; a `train` re-run tests " + (
+            "them" if len(retested) == len(odd) else ", ".join(retested)) + " again"
         logger.warning("[report] %s tested on other test images than %s (the data set's test split changed "
-                       "between their trainings; a `train` re-run tests them again): their test accuracies do not "
-                       "compare", ", ".join(others) + (" were" if len(others) > 1 else " was"),
-                       ", ".join(sorted(usual)))
+                       "between their trainings%s): their test accuracies do not compare",
+                       ", ".join(odd) + (" were" if len(odd) > 1 else " was"), ", ".join(sorted(usual)), advice)
 
 
 def report_stage(cfg: PipelineConfig, *, latency: bool = True,
@@ -502,6 +506,7 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     send_pending_before_reading(cfg)
     paths = cfg.paths
     search = load_search_result(cfg)  # only a search with this config's settings
+    others: list[str] = []
     if results is None:
         results = load_results(paths.train_dir)
         if others := other_trainings(cfg, list(results.values()), search):
@@ -511,7 +516,7 @@ def report_stage(cfg: PipelineConfig, *, latency: bool = True,
     results = list(results.values())
     if not results:
         raise LookupError(f"no trained models under {paths.train_dir}; run the train stage first")
-    _warn_of_other_test_images(results)
+    _warn_of_other_test_images(results, others)
     for r in results:
         if r.diverged_at:
             logger.warning("[report] %s diverged at epoch %d of %d and stopped: its numbers are its best epoch's "

@@ -132,6 +132,29 @@ def test_members_tested_on_other_test_images_are_not_compared_and_a_win_by_one_i
             "set's test split changed") in caplog.text
 
 
+def test_the_test_images_of_this_configs_own_records_are_the_reference_for_the_others(caplog):
+    """Records of other trainings (kept by `report`, which says so) outnumbering this config's own made this
+    config's models the odd ones out, with the advice that a `train` re-run tests them again; nor does `train`
+    retest another training's records (it would train them afresh)."""
+    from pipelines.report import _warn_of_other_test_images
+
+    records = [record(name, name, {}, 1_000_000, 0.9) for name in ("a", "b", "c", "d", "e")]
+    for r, split in zip(records, ("new", "new", "old", "old", "old"), strict=True):
+        r.test_split = split
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        _warn_of_other_test_images(records, others=["c", "d", "e"])
+    assert "c, d, e were tested on other test images than a, b" in caplog.text and "re-run" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        _warn_of_other_test_images(records, others=["d", "e"])  # a, b and c this config's: c is retested
+    assert "c, d, e were tested on other test images than a, b" in caplog.text
+    assert "re-run tests c again" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        _warn_of_other_test_images(records)  # all this config's: most of them the reference
+    assert "a, b were tested on other test images than c, d, e" in caplog.text and "re-run tests them" in caplog.text
+
+
 def test_the_report_command_names_records_of_other_trainings_and_compares_families_only_when_asked(
         make_config, caplog, monkeypatch):
     """`report` reports every record under the run's directory: a model of an earlier data set or settings was
