@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from .batching import Batcher
+from .checkpoints import CHECKPOINT_FILE
 from .config import (
     CHAMPION,
     ConfigError,
@@ -540,7 +541,9 @@ def _served_stamp(models: list[ServedModel], champion: str | None) -> dict:
         if model.version:
             return model.version
         try:
-            stat = Path(model.source).stat()
+            path = Path(model.source)
+            # (a directory holding model.pt, as load_checkpoint takes: the file copied over is model.pt)
+            stat = (path / CHECKPOINT_FILE if path.is_dir() else path).stat()
         except OSError:  # (not here to look at: serving it checks it)
             return model.source
         return f"{model.source} ({stat.st_size} bytes, modified {stat.st_mtime_ns} ns)"

@@ -141,6 +141,15 @@ def test_serve_config_yaml_changes_with_what_it_serves_so_serve_deploy_rebuilds_
     assert code_version([served_file], None)[0] == before
     checkpoint.write_bytes(b"other weights")  # (the same size: its time tells)
     assert code_version([served_file], None)[0] != before
+    # ... and a directory holding model.pt, as serve.checkpoints takes it: by its model.pt
+    directory = cfg.paths.run_dir / "best"
+    directory.mkdir()
+    (directory / "model.pt").write_bytes(b"first weights")
+    os.utime(directory / "model.pt", ns=(1_000_000_000, 1_000_000_000))
+    served_dir = ServedModel(alias="resnet18", source=str(directory))
+    before = code_version([served_dir], None)[0]
+    (directory / "model.pt").write_bytes(b"other weights")
+    assert code_version([served_dir], None)[0] != before
 
 
 def test_serve_config_yaml_holds_no_tracking_password_and_the_deployment_reads_it_from_the_environment(
