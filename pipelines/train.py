@@ -509,20 +509,19 @@ def _split_finished(cfg: PipelineConfig, runs: list[ModelRun]) -> tuple[list[Mod
                            "fewer, so that result stays (a shorter run of its own needs another name)",
                            run.model_name, done.epochs, run.hyper.epochs)
         finished.append(run)
-    unregistered = _unregistered(cfg, [r for r in finished if existing[r.model_name].epochs == r.hyper.epochs
-                                       and not existing[r.model_name].registration_error])
-    for name in unregistered:
-        logger.info("[train] %s is trained but not in the registry (lost or deleted): finishing its run again from "
-                    "its last checkpoint to register it", name)
+    complete = [r for r in finished if existing[r.model_name].epochs == r.hyper.epochs
+                and not existing[r.model_name].registration_error]
     # Trained, but tested on other test images (an image folder's test/ changed): its record's test_acc compared
     # with nothing the other models are tested on, and the champion, chosen among versions of the current test
-    # images, was none of them.
-    retested = [r.model_name for r in finished if r.model_name not in unregistered
-                and existing[r.model_name].test_split not in ("", r.test_split)
-                and existing[r.model_name].epochs == r.hyper.epochs and not existing[r.model_name].registration_error]
+    # images, was none of them. (Its versions are of the old test images: said as that, not as "lost".)
+    retested = [r.model_name for r in complete if existing[r.model_name].test_split not in ("", r.test_split)]
     for name in retested:
         logger.info("[train] %s is trained but was tested on other test images (the data set's test split "
                     "changed): finishing its run again from its last checkpoint to test and register it", name)
+    unregistered = sorted(_unregistered(cfg, [r for r in complete if r.model_name not in retested]))
+    for name in unregistered:
+        logger.info("[train] %s is trained but not in the registry (lost or deleted): finishing its run again from "
+                    "its last checkpoint to register it", name)
     unregistered = [*unregistered, *retested]
     skipped = [r.model_name for r in finished if r.model_name not in unregistered]
     return [r for r in runs if r.model_name not in skipped], skipped

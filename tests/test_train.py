@@ -1371,7 +1371,7 @@ def test_which_finished_models_are_registered_again(make_config, monkeypatch):
     assert _split_finished(down, runs)[0] == []  # the registry cannot be asked: nothing is retrained for it
 
 
-def test_an_image_folders_changed_files_retrain_or_retest_its_models(make_config, tmp_path):
+def test_an_image_folders_changed_files_retrain_or_retest_its_models(make_config, tmp_path, caplog):
     """The fingerprint held only the settings, the class names and a sample's mean and std: images relabelled
     (moved to another class folder) or added to training left the models skipped as trained, and the finished
     search reused. Images added to test/ left every model skipped with its test accuracy on the old test images,
@@ -1415,8 +1415,12 @@ def test_an_image_folders_changed_files_retrain_or_retest_its_models(make_config
     Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / "test" / "bee" / "9.png")
     tested_anew, _ = plan()
     assert tested_anew.fingerprint == run.fingerprint and tested_anew.test_split != run.test_split
-    todo, skipped = _split_finished(cfg, [tested_anew])  # trained, so resumed to test and register it again
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        todo, skipped = _split_finished(cfg, [tested_anew])  # trained, so resumed to test and register it again
     assert [r.model_name for r in todo] == ["lenet5"] and skipped == []
+    # said as what it is (its version is of the old test images), not as a registration lost
+    assert "lenet5 is trained but was tested on other test images" in caplog.text
+    assert "not in the registry" not in caplog.text
 
     (root / "test" / "bee" / "9.png").unlink()
     assert plan() == (run, content)
