@@ -384,11 +384,11 @@ def _warn_of_a_warm_restart(run: ModelRun, trained_epochs: int) -> None:
     hyper = run.hyper
     if hyper.schedule == "constant" or trained_epochs == 0:
         return
-    start, latest = resume_point(run)
+    start, latest = resume_point(run, read_checkpoints=True)  # (a download from remote storage: extensions only)
     if start == "afresh":  # (its checkpoints deleted: no warm restart, the longer schedule from its start)
-        logger.info("[train] %s was trained to %d epochs with these settings, but its checkpoints are gone from "
-                    "%s: it trains afresh to %d epochs", run.model_name, trained_epochs, run.storage_path,
-                    hyper.epochs)
+        logger.info("[train] %s was trained to %d epochs with these settings, but its checkpoints under %s "
+                    "cannot be resumed (gone, damaged or another model's): it trains afresh to %d epochs",
+                    run.model_name, trained_epochs, run.storage_path, hyper.epochs)
         return
     if latest and str(latest.get("epochs")) == str(hyper.epochs) and int(latest.get("epoch", -1)) >= trained_epochs:
         # The extension began in an earlier command, interrupted since: it resumes past the old end on the schedule

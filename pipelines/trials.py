@@ -359,11 +359,13 @@ def latest_reported_metrics(run: ModelRun) -> dict | None:
     return resume_point(run)[1]
 
 
-def resume_point(run: ModelRun) -> tuple[str, dict | None]:
+def resume_point(run: ModelRun, *, read_checkpoints: bool = False) -> tuple[str, dict | None]:
     """Where the run's next start begins: ``("resumes", metrics)`` from its latest checkpoint (the metrics
     reported with it), ``("afresh", None)`` where it surely trains from scratch (its storage answers and holds
-    no record of its checkpoints, or the record names none, or one that is gone or another model's), and
-    ``("unknown", None)`` where the storage does not answer or the record cannot be read."""
+    no record of its checkpoints, or the record names none, or one that is gone or another model's, or, with
+    ``read_checkpoints`` (a download from remote storage), damaged: the record is set aside,
+    :func:`set_aside_a_record_of_lost_checkpoints`), and ``("unknown", None)`` where the storage does not answer
+    or the record cannot be read."""
     import pyarrow.fs
 
     try:
@@ -382,16 +384,37 @@ def resume_point(run: ModelRun) -> tuple[str, dict | None]:
     if latest is None:  # a run that reported no checkpoint
         return "afresh", None
     try:
-        metrics, name = latest["metrics"], latest["checkpoint_dir_name"]
+        metrics, _ = latest["metrics"], latest["checkpoint_dir_name"]
     except Exception:  # noqa: BLE001 - another Ray's format
         return "unknown", None
     if not isinstance(metrics, dict):
         return "unknown", None
-    run_dir = record.rsplit("/", 1)[0]
-    if checkpoint_gone(f"{run_dir}/{name}", run.storage_path) or _another_models_checkpoint(
-            run, run_dir, snapshot) is not None:
-        return "afresh", None  # (the record is set aside: set_aside_a_record_of_lost_checkpoints)
-    return "resumes", metrics
+    try:
+        lost = _unresumable(run, record.rsplit("/", 1)[0], snapshot, read_checkpoints=read_checkpoints)
+    except Exception:  # noqa: BLE001 - another Ray's format
+        return "unknown", None
+    return ("afresh", None) if lost is not None else ("resumes", metrics)
+
+
+def _unresumable(run: ModelRun, run_dir: str, snapshot: dict, *, read_checkpoints: bool = True
+                 ) -> tuple[str, str] | None:
+    """The first checkpoint in the run's record (``snapshot``) it cannot resume with, and why: gone from the
+    storage, another model's, or (``read_checkpoints``) damaged; None when there is none."""
+    names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+    for name in names:
+        path = f"{run_dir}/{name}"
+        if checkpoint_gone(path, run.storage_path):
+            return path, "is gone from the storage"
+    if (other := _another_models_checkpoint(run, run_dir, snapshot)) is not None:
+        return other[0], f"is {other[1]}'s (a run directory reused for another model)"
+    # The checkpoints a run reads back: the latest (a resume) and the best (its test evaluation); Ray keeps the
+    # results sorted by score, the best last. A record without its latest: any may be the one resumed.
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    for name in (list(dict.fromkeys([latest, *names[-1:]])) if latest else names) if read_checkpoints else []:
+        path = f"{run_dir}/{name}"
+        if damage := checkpoint_damage(path, run.storage_path):
+            return path, f"is damaged ({damage})"
+    return None
 
 
 def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
@@ -414,29 +437,12 @@ def set_aside_a_record_of_lost_checkpoints(run: ModelRun) -> str | None:
     """
     try:
         fs, record, snapshot = _run_record(run)
-        names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
-        # The checkpoints a run reads back: the latest (a resume) and the best (its test evaluation); Ray keeps
-        # the results sorted by score, the best last. A record without its latest: any may be the one resumed.
-        latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-        read_back = list(dict.fromkeys([latest, *names[-1:]])) if latest else names
+        unresumable = _unresumable(run, record.rsplit("/", 1)[0], snapshot)
     except Exception:  # noqa: BLE001 - no record (a first start), storage down, another Ray's format: Ray decides
         return None
-    run_dir = record.rsplit("/", 1)[0]
-    lost, why = None, ""
-    for name in names:
-        path = f"{run_dir}/{name}"
-        if checkpoint_gone(path, run.storage_path):
-            lost, why = path, "is gone from the storage"
-            break
-    if lost is None and (other := _another_models_checkpoint(run, run_dir, snapshot)) is not None:
-        lost, why = other[0], f"is {other[1]}'s (a run directory reused for another model)"
-    for name in read_back if lost is None else []:
-        path = f"{run_dir}/{name}"
-        if damage := checkpoint_damage(path, run.storage_path):
-            lost, why = path, f"is damaged ({damage})"
-            break
-    if lost is None:
+    if unresumable is None:
         return None
+    lost, why = unresumable
     aside = f"{record}.gone-{time.strftime('%Y%m%d-%H%M%S')}"
     fs.move(record, aside)
     logger.warning("[%s] its checkpoint %s %s, so the run cannot resume: starting it afresh (Ray's record of its "

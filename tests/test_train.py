@@ -272,7 +272,7 @@ def test_a_longer_run_warns_of_a_warm_restart_only_where_a_checkpoint_is_there_t
     assert resume_point(run) == ("afresh", None)
     with caplog.at_level(logging.INFO, logger="pipelines"):
         _warn_of_a_warm_restart(run, 1)
-    assert "warm restart" not in caplog.text and "checkpoints are gone" in caplog.text
+    assert "warm restart" not in caplog.text and "cannot be resumed" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
     run_dir = Path(run.storage_path) / run.run_name  # its 1-epoch checkpoint there: a warm restart
@@ -287,7 +287,22 @@ def test_a_longer_run_warns_of_a_warm_restart_only_where_a_checkpoint_is_there_t
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipelines"):
         _warn_of_a_warm_restart(run, 1)
-    assert "warm restart" in caplog.text and "checkpoints are gone" not in caplog.text
+    assert "warm restart" in caplog.text and "cannot be resumed" not in caplog.text
+    # an older checkpoint in its record gone (a lifecycle rule takes the oldest first), or its latest damaged:
+    # the record is set aside and the run starts afresh
+    snapshot = json.loads((run_dir / RUN_SNAPSHOT).read_text())
+    snapshot["checkpoint_results"].insert(0, {"checkpoint_dir_name": "checkpoint_older"})
+    (run_dir / RUN_SNAPSHOT).write_text(json.dumps(snapshot))
+    assert resume_point(run) == ("afresh", None)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        _warn_of_a_warm_restart(run, 1)
+    assert "warm restart" not in caplog.text and "cannot be resumed" in caplog.text
+    snapshot["checkpoint_results"].pop(0)
+    (run_dir / RUN_SNAPSHOT).write_text(json.dumps(snapshot))
+    (run_dir / "checkpoint_000000" / "model.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert resume_point(run) == ("resumes", metrics)  # (not read unless asked: a download from remote storage)
+    assert resume_point(run, read_checkpoints=True) == ("afresh", None)
     # a storage that does not answer (a volume not mounted): not said to train afresh
     unmounted = run.model_copy(update={"storage_path": str(Path(run.storage_path) / "not-mounted")})
     assert resume_point(unmounted) == ("unknown", None)
