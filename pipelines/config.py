@@ -1157,7 +1157,7 @@ def _local_output_locations(cfg: PipelineConfig) -> list[tuple[str, Path, Path]]
     """``(key, path, the nearest directory of it that exists)`` for the run directory and a local
     ``storage_path``."""
     locations = [("workdir", cfg.paths.run_dir)]
-    if cfg.storage_path and "://" not in cfg.storage_path:
+    if cfg.storage_path and "://" not in cfg.paths.storage:  # (file:///x is the directory /x)
         locations.append(("storage_path", Path(cfg.paths.storage)))
     found = []
     for key, path in locations:

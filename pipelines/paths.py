@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,6 +94,10 @@ class RunPaths:
     def of(cls, workdir: str, name: str, storage_path: str | None = None) -> RunPaths:
         root = Path(workdir).expanduser().resolve()
         run_dir = root / name
+        if storage_path and storage_path.lower().startswith("file://"):
+            # A local directory however spelled: every check of local storage (one node's disk on a cluster, a
+            # directory this user may not write) looks at plain paths only.
+            storage_path = urllib.parse.unquote(storage_path[len("file://"):])
         if not storage_path:
             storage = str(root / "ray_results")
         elif "://" in storage_path:

@@ -476,7 +476,19 @@ def most_workers_placeable(need: dict[str, float], spread: bool, alive: list[dic
 
 #: File systems every node of a cluster can mount at the same path (shared storage for Ray Train's checkpoints).
 SHARED_FILESYSTEMS = ("nfs", "nfs4", "efs", "cifs", "smb3", "lustre", "gpfs", "beegfs", "glusterfs", "ceph",
-                      "cephfs", "fuse")
+                      "cephfs")
+#: FUSE file systems (``fuse.<subtype>`` in /proc/mounts) of a bucket or a network share; others, such as rootless
+#: containers' fuse-overlayfs or lxcfs, are one node's own. A FUSE mount without a subtype is taken as shared.
+SHARED_FUSE_SUBTYPES = ("s3fs", "goofys", "geesefs", "gcsfuse", "mountpoint-s3", "blobfuse", "blobfuse2", "sshfs",
+                        "juicefs", "rclone", "glusterfs", "ceph-fuse", "alluxio-fuse", "lustre", "beegfs")
+
+
+def is_shared_filesystem(kind: str) -> bool:
+    """Whether a file system of type ``kind`` (as /proc/mounts names it) can be the same on every node."""
+    main, _, subtype = kind.partition(".")
+    if main in ("fuse", "fuseblk"):
+        return main == "fuse" and (not subtype or subtype in SHARED_FUSE_SUBTYPES)
+    return main in SHARED_FILESYSTEMS
 
 
 def filesystem_of(path: str, mounts: str) -> str:
@@ -503,7 +515,7 @@ def node_local_storage_warning(storage: str, nodes: int, mounts: str) -> str | N
     if "://" in storage or nodes <= 1:
         return None
     kind = filesystem_of(storage, mounts)
-    if kind.split(".")[0] in SHARED_FILESYSTEMS:
+    if is_shared_filesystem(kind):
         return None
     return (f"warning: storage_path {storage} is a directory of this node ({kind or 'unknown'} file system), and "
             f"this cluster has or can add {nodes} nodes: training workers on another node fail at their first "

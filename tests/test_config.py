@@ -915,6 +915,21 @@ def test_a_path_this_user_may_not_look_at_is_a_config_error_naming_its_key(tmp_p
     assert "File name too long" in refused.stderr
 
 
+def test_a_file_uri_storage_path_is_the_local_directory_it_names(make_config, tmp_path, monkeypatch):
+    """storage_path: file:///home/ray/ckpt passed as a URI: the warning of storage on one node's disk on a cluster
+    and the check that this user may write there were both skipped (they looked at plain paths only)."""
+    from pipelines.config import check_writable_locations
+    from pipelines.runtime import node_local_storage_warning
+
+    cfg = make_config(f"storage_path=file://{tmp_path}/my%20ckpt")
+    assert cfg.paths.storage == f"{tmp_path}/my ckpt"
+    assert cfg.paths.experiment("search").startswith(f"{tmp_path}/my ckpt/")
+    assert node_local_storage_warning(cfg.paths.storage, 3, "/dev/root / ext4 rw 0 0\n") is not None
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))  # (root may write anywhere)
+    with pytest.raises(ConfigError, match="storage_path: .* cannot be created: this user may not write in"):
+        check_writable_locations(cfg)
+
+
 def test_a_config_file_whose_name_is_too_long_for_a_yaml_suffix_loads(tmp_path, pipelines_cli):
     """`--config` of a file whose name is 251 to 255 bytes: its `.yaml` sibling was looked at first, a name too
     long, and the file named was refused as "cannot look at" a file the user never named."""

@@ -108,6 +108,9 @@ def test_a_stochastic_depth_out_of_range_is_refused_by_its_name():
     # Shared mounts at the same path on every node: NFS/EFS, a FUSE-mounted bucket (the longest mount point wins).
     ("/mnt/efs/ray", 3, "overlay / overlay rw 0 0\nfs-1:/ /mnt/efs nfs4 rw 0 0\n", False),
     ("/mnt/bucket/ray", 2, "/dev/root / ext4 rw 0 0\ns3fs /mnt/bucket fuse.s3fs rw 0 0\n", False),
+    ("/mnt/bucket/ray", 2, "/dev/root / ext4 rw 0 0\nmountpoint-s3 /mnt/bucket fuse rw 0 0\n", False),
+    # ... but not every FUSE file system: a rootless container's root (fuse-overlayfs) is the node's own disk
+    ("/home/u/ray", 3, "fuse-overlayfs / fuse.fuse-overlayfs rw 0 0\n", True),
     ("/mnt/efs-local/ray", 3, "/dev/root / ext4 rw 0 0\nfs-1:/ /mnt/efs nfs4 rw 0 0\n", True),  # not under it
     ("/mnt/my dir/ray", 3, "/dev/root / ext4 rw 0 0\nfs-1:/ /mnt/my\\040dir nfs rw 0 0\n", False),  # escaped space
     # Two mounts on one point (autofs, then the NFS share it mounted): the later is the one in use.
@@ -116,7 +119,8 @@ def test_a_stochastic_depth_out_of_range_is_refused_by_its_name():
 ])
 def test_a_node_local_storage_path_on_a_cluster_is_warned_of(storage, nodes, mounts, warned):
     """storage_path on one node's disk: Ray Train's workers on other nodes fail at their first checkpoint, after
-    an epoch, once per train.max_failures retry; nothing said so before the stage started."""
+    an epoch, once per train.max_failures retry; nothing said so before the stage started. (Any FUSE mount was
+    taken for a shared one.)"""
     from pipelines.runtime import node_local_storage_warning
 
     message = node_local_storage_warning(storage, nodes, mounts)
