@@ -424,6 +424,8 @@ def asha_scheduler(search: SearchConfig):
 
 
 def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
+    import ray
+
     from .data import describe_dataset
     from .runtime import (
         check_workers_fit,
@@ -502,7 +504,8 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
             grid = run_model_trials(
                 cfg.paths, experiment=experiment, param_space=plan.param_space,
                 callbacks=[callback, ReleaseOnTrialEnd(gate, trial_run_name)],
-                max_concurrent=concurrency_for(search.max_concurrent_trials, trial_resources(template), plan.trials,
+                max_concurrent=concurrency_for(search.max_concurrent_trials,
+                                               trial_resources(template, ray.cluster_resources()), plan.trials,
                                                free, gate_capacity=capacity, workers=template.workers),
                 num_samples=plan.num_samples, search_alg=plan.search_alg, scheduler=scheduler, restore=True,
                 trial_retries=cfg.train.trial_retries, placement=plan.param_space["run"], metric=SCORE,

@@ -582,13 +582,14 @@ def _train_models(cfg: PipelineConfig, queue, parent: str, info, todo: list[Mode
                   tracking, finisher: ModelFinisher) -> list[str]:
     """Run ``todo`` as Tune trials under the MLflow run ``parent``, mirrored into MLflow by ``tracking`` (a
     :class:`~pipelines.tracking_queue.TrialTracking` that calls ``finisher``); returns the failed models' names."""
+    import ray
     from ray import tune
 
     from .runtime import concurrency_for, node_cpus
 
     todo, capacity = with_overlapped_startup(cfg, todo, free["CPU"], node_cpus())
-    concurrency = concurrency_for(cfg.train.max_concurrent_models, trial_resources(todo[0]), len(todo), free,
-                                  gate_capacity=capacity, workers=todo[0].workers)
+    concurrency = concurrency_for(cfg.train.max_concurrent_models, trial_resources(todo[0], ray.cluster_resources()),
+                                  len(todo), free, gate_capacity=capacity, workers=todo[0].workers)
     training_at_once = min(concurrency, capacity) if capacity else concurrency
     logger.info("[train] training %d model(s) on %s (%d train / %d val / %d test images), %d worker(s) each, "
                 "%d at a time%s: %s", len(todo), info.dataset, info.sizes["train"], info.sizes["val"],

@@ -63,10 +63,13 @@ DRIVER_NODE_RESOURCE_PER_TRIAL = 1.0
 GAVE_UP_FILE = "cnnzoo-trial-gave-up.json"
 
 
-def trial_resources(run: ModelRun) -> dict[str, float]:
-    """CPU and GPU one trial of ``run`` holds at once: its driver and all of its workers."""
+def trial_resources(run: ModelRun, cluster: Mapping[str, float] | None = None) -> dict[str, float]:
+    """CPU and GPU one trial of ``run`` holds at once: all of its workers and its driver, which takes no CPU on a
+    cluster (``cluster``: ``ray.cluster_resources()``) whose head hosts the drivers (:func:`trial_driver_resources`:
+    a sliver counted per trial left a run's worth of GPUs idle, 7 runs on 8 places)."""
     workers = run.workers
-    return {"CPU": float(workers.cpus_per_worker) * workers.num_workers + TRIAL_DRIVER_RESOURCES["CPU"],
+    driver = trial_driver_resources(cluster) if cluster is not None else TRIAL_DRIVER_RESOURCES
+    return {"CPU": float(workers.cpus_per_worker) * workers.num_workers + float(driver.get("CPU", 0.0)),
             "GPU": workers.gpus_per_worker * workers.num_workers if workers.use_gpu else 0.0}
 
 

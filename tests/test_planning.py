@@ -215,6 +215,27 @@ def test_concurrency_counts_how_many_runs_fit_the_free_resources(caplog):
     assert "only 16 CPU are free" in caplog.text
 
 
+def test_a_trial_driver_on_the_heads_driver_resource_takes_no_cpu_from_the_workers_nodes(make_config):
+    """On cluster.yaml's layout (trial drivers on the head's cnnzoo_driver resource, no CPU of theirs) each trial
+    was still counted with a driver's sliver of CPU: 2.01 per run of 2 CPUs left one run's place idle, 7 runs at a
+    time on four 4-CPU nodes instead of 8 (1 instead of 2 on one such node)."""
+    from pipelines.data import describe_dataset
+    from pipelines.planning import plan_model_runs, resolve_models
+    from pipelines.trials import DRIVER_NODE_RESOURCE, trial_resources
+
+    cfg = make_config("train.models=[lenet5]", "train.cpus_per_worker=1.5")
+    [run] = plan_model_runs(cfg, describe_dataset(cfg.data), resolve_models(cfg), cluster_cpus=8)
+    head = {"CPU": 0.0, DRIVER_NODE_RESOURCE: 1000.0}
+    workers = [{"CPU": 3.0}, {"CPU": 3.0}]  # two runs of 1.5 CPUs each
+    cluster = {"CPU": 6.0, DRIVER_NODE_RESOURCE: 1000.0}
+    per_trial = trial_resources(run, cluster)
+    assert per_trial["CPU"] == 1.5
+    assert concurrency_for("auto", per_trial, 9, {"CPU": 6.0, "GPU": 0.0}, workers=run.workers,
+                           nodes=[head, *workers]) == 4
+    # without the driver resource (a laptop, CI) drivers take a sliver of CPU where they run
+    assert trial_resources(run, {"CPU": 6.0})["CPU"] > 1.5 and trial_resources(run)["CPU"] > 1.5
+
+
 def test_gpu_shares_below_one_are_counted_per_gpu_as_ray_places_them():
     """Ray places a fractional GPU on one GPU: 8 GPUs hold 16 runs of 0.4, not the 20 the total divided by the
     share counted (runs started that then waited, and the "N at a time" line overstated N)."""
