@@ -480,12 +480,13 @@ SHARED_FILESYSTEMS = ("nfs", "nfs4", "efs", "cifs", "smb3", "lustre", "gpfs", "b
 #: FUSE file systems (``fuse.<subtype>`` in /proc/mounts) of a bucket or a network share; others, such as rootless
 #: containers' fuse-overlayfs or lxcfs, are one node's own. A FUSE mount without a subtype is taken as shared.
 SHARED_FUSE_SUBTYPES = ("s3fs", "goofys", "geesefs", "gcsfuse", "mountpoint-s3", "blobfuse", "blobfuse2", "sshfs",
-                        "juicefs", "rclone", "glusterfs", "ceph-fuse", "alluxio-fuse", "lustre", "beegfs")
+                        "juicefs", "rclone", "glusterfs", "ceph-fuse", "alluxio-fuse", "lustre", "beegfs", "mfs",
+                        "lizardfs", "seaweedfs", "weed", "ossfs", "cosfs", "cvmfs", "efs", "nfs", "davfs", "smbnetfs")
 
 
 def is_shared_filesystem(kind: str) -> bool:
     """Whether a file system of type ``kind`` (as /proc/mounts names it) can be the same on every node."""
-    main, _, subtype = kind.partition(".")
+    main, _, subtype = kind.lower().partition(".")
     if main in ("fuse", "fuseblk"):
         return main == "fuse" and (not subtype or subtype in SHARED_FUSE_SUBTYPES)
     return main in SHARED_FILESYSTEMS

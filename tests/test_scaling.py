@@ -111,6 +111,8 @@ def test_a_stochastic_depth_out_of_range_is_refused_by_its_name():
     ("/mnt/bucket/ray", 2, "/dev/root / ext4 rw 0 0\nmountpoint-s3 /mnt/bucket fuse rw 0 0\n", False),
     # ... but not every FUSE file system: a rootless container's root (fuse-overlayfs) is the node's own disk
     ("/home/u/ray", 3, "fuse-overlayfs / fuse.fuse-overlayfs rw 0 0\n", True),
+    ("/mnt/jfs/ray", 3, "/dev/root / ext4 rw 0 0\nJuiceFS:vol /mnt/jfs fuse.JuiceFS rw 0 0\n", False),
+    ("/mnt/mfs/ray", 3, "/dev/root / ext4 rw 0 0\nmfsmaster:9421 /mnt/mfs fuse.mfs rw 0 0\n", False),
     ("/mnt/efs-local/ray", 3, "/dev/root / ext4 rw 0 0\nfs-1:/ /mnt/efs nfs4 rw 0 0\n", True),  # not under it
     ("/mnt/my dir/ray", 3, "/dev/root / ext4 rw 0 0\nfs-1:/ /mnt/my\\040dir nfs rw 0 0\n", False),  # escaped space
     # Two mounts on one point (autofs, then the NFS share it mounted): the later is the one in use.
