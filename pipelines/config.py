@@ -887,6 +887,11 @@ class PipelineConfig(_Section):
                                  "every run and is lost from the checkpoint paths built under it; give it in every "
                                  "node's environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the "
                                  "instance's role)")
+        if "://" in value and "#" in value:  # (pyarrow drops a fragment: the runs went to another directory)
+            raise ValueError(f"{value!r}: a storage URI cannot hold '#' (pyarrow reads what follows as a fragment, "
+                             "not as part of the path)")
+        if value.lower().rstrip("/") in ("file:", "file:/"):  # (file:// alone: no path at all)
+            raise ValueError(f"{value!r}: the file URI names no directory (file:///absolute/path)")
         if "://" in value and "?" in value:
             # The options are not echoed: they may hold credentials (pyarrow's secret_key).
             raise ValueError(f"{value.split('?', 1)[0] + '?...'!r}: options in the storage URI are lost from the "

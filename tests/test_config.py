@@ -307,6 +307,8 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
         (["=5"], "--set", "malformed key ''"),
         (["storage_path=file:/tmp/x"], "storage_path", "'file:///tmp/x'"),  # (file://tmp/x names a host)
         (["storage_path=file://tmp/x"], "storage_path", "three slashes"),
+        (["storage_path=file:///tmp/x#y"], "storage_path", "cannot hold '#'"),
+        (["storage_path=file://"], "storage_path", "names no directory"),
         (["storage_path=s3:///x"], "storage_path", "the bucket is missing"),
         (["storage_path=gs://"], "storage_path", "the bucket is missing"),
         (["storage_path='s3://bucket x/y'"], "storage_path", "cannot hold spaces"),
