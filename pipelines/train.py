@@ -427,7 +427,7 @@ def check_interrupted_schedules(runs: list[ModelRun], *, warn: bool = True) -> d
     length are left to the workers' own check (no checkpoint past ``train.epochs``). Returns the epoch each
     interrupted run resumes at (a diverged run's: its last, as it trains no further), for the stage's estimate."""
     from .config import ConfigError
-    from .trials import latest_reported_metrics
+    from .trials import latest_reported_metrics, resume_point
 
     refused, resumes_at = [], {}
     for run in runs:
@@ -446,6 +446,8 @@ def check_interrupted_schedules(runs: list[ModelRun], *, warn: bool = True) -> d
                                "with its %s schedule spread over %d epochs: the learning rate goes from %.0f%% to "
                                "%.0f%% of train.lr", run.model_name, planned, reached + 1, hyper.schedule,
                                hyper.epochs, 100 * was, 100 * now)
+            continue
+        if resume_point(run, read_checkpoints=True)[0] == "afresh":  # (damaged: set aside, nothing to cut short)
             continue
         refused.append(f"{run.model_name} (run {run.run_name}): an interrupted run of these settings was training "
                        f"to {planned} epochs (its latest checkpoint is of epoch {reached}, its learning rate at "

@@ -378,6 +378,17 @@ def test_a_train_run_that_spent_its_failures_is_not_retried_by_tune(ray_cluster,
     [run] = plan_model_runs(shorter, describe_dataset(shorter.data), resolve_models(shorter), cluster_cpus=2)
     with pytest.raises(ConfigError):
         check_interrupted_schedules([run])
+    # Its checkpoints damaged (an upload cut short): set aside at its start, the run trains afresh: nothing to cut
+    run_dir = Path(cfg.paths.storage) / run.run_name
+    weights = {path: path.read_bytes() for path in run_dir.glob("checkpoint_*/model.pt")}
+    assert weights
+    for path, data in weights.items():
+        path.write_bytes(data[: len(data) // 2])
+    check_interrupted_schedules([run])
+    for path, data in weights.items():
+        path.write_bytes(data)
+    with pytest.raises(ConfigError):
+        check_interrupted_schedules([run])
     for checkpoint in (Path(cfg.paths.storage) / run.run_name).glob("checkpoint_*"):
         if checkpoint.is_dir():  # (not Ray's record of them, checkpoint_manager_snapshot.json)
             shutil.rmtree(checkpoint)
