@@ -168,6 +168,9 @@ class DatasetInfo:
     #: Image-folder files left out because Pillow cannot read them (``data.skip_bad_files``), relative to
     #: ``data.root``; the runs carry them to the workers (``ModelRun.excluded_files``).
     excluded_files: tuple[str, ...] = ()
+    #: Those of ``excluded_files`` that only the test split would have read (a split folder's ``test/``): what the
+    #: models learn from and are chosen by does not depend on them.
+    test_excluded_files: tuple[str, ...] = ()
     #: :meth:`ImageSplits.membership` of the driver's read ("" for in-memory data sets).
     membership: str = ""
     #: :meth:`ImageSplits.test_identity`: which test images the models' test accuracies are measured on.
@@ -646,7 +649,7 @@ def describe_dataset(cfg: DataConfig) -> DatasetInfo:
 
     Image folders are checked first (:func:`~pipelines.image_folder.check_image_folder`): a bad file raises
     :class:`~pipelines.image_folder.BadImageFilesError` here, on the driver, before any run is planned."""
-    from .image_folder import check_image_folder  # imports this module
+    from .image_folder import check_image_folder, test_only_files  # imports this module
 
     excluded = check_image_folder(cfg)
     splits = load_splits(cfg, excluded)
@@ -693,6 +696,7 @@ def describe_dataset(cfg: DataConfig) -> DatasetInfo:
         background=background,
         sizes={"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         excluded_files=excluded,
+        test_excluded_files=test_only_files(cfg.root, excluded) if excluded else (),
         membership=splits.membership(cfg.root),
         test_split=splits.test_identity(cfg.root),
         training_membership=splits.membership(cfg.root, ("train", "val")),

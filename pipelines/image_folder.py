@@ -35,7 +35,7 @@ from .data import (
 from .image_structure import check_structure
 from .preprocess import ACCEPTED_FORMATS, ImageDecodeError
 
-__all__ = ["BadImageFilesError", "ImageFolderError", "check_image_folder", "load_imagefolder"]
+__all__ = ["BadImageFilesError", "ImageFolderError", "check_image_folder", "load_imagefolder", "test_only_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,16 @@ def _split_folders(root: Path) -> list[Path]:
     if base == root:
         return [base]
     return [base, *(folder for split in ("val", "test") if (folder := _split_folder(root, split)) is not None)]
+
+
+def test_only_files(root: str | os.PathLike, files: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of ``files`` (relative to ``root``) that only the test split reads: the ones in a split folder's
+    ``test/``. An unsplit folder (or a split one without ``test/``) draws its test images from the same files as
+    training, so none of its files is the test split's alone."""
+    root = Path(root).expanduser()
+    if _training_folder(root) == root or (test := _split_folder(root, "test")) is None:
+        return ()
+    return tuple(file for file in files if (root / file).is_relative_to(test))
 
 
 def _image_folder_files(root: Path) -> list[str]:

@@ -48,6 +48,7 @@ __all__ = [
     "search_template",
     "search_fingerprint",
     "data_content",
+    "earlier_data_contents",
     "coefficients_label",
     "auto_cpus_per_worker",
     "family_members",
@@ -128,6 +129,9 @@ class ModelRun(BaseModel):
     #: Image-folder files the driver's check found unreadable and ``data.skip_bad_files`` leaves out
     #: (relative to ``data.root``): every worker builds its file list without them, without re-checking.
     excluded_files: tuple[str, ...] = ()
+    #: Those of ``excluded_files`` only the test split would have read (``DatasetInfo.test_excluded_files``): not
+    #: part of the fingerprint, as the test images are not (an unreadable test image retrained every model).
+    test_excluded_files: tuple[str, ...] = ()
     #: The split sizes the driver planned with (``DatasetInfo.sizes``): a worker that reads its own copy of the
     #: data checks it finds the same (None in runs planned before it existed: not checked).
     split_sizes: dict[str, int] | None = None
@@ -196,8 +200,9 @@ class ModelRun(BaseModel):
         """Hash of every setting that decides the result (model, data, preprocessing, hyper-parameters but
         epochs, workers, precision): equal fingerprints mean a re-run continues this run."""
         payload = {**_recipe(self.model, self.data, self.hyper, self.workers), "spec": self.spec.to_dict()}
-        if self.excluded_files:  # only when there are any: runs on clean data keep their earlier names
-            payload["excluded_files"] = sorted(self.excluded_files)
+        # Only when there are any: runs on clean data keep their earlier names.
+        if training_excluded := sorted(set(self.excluded_files) - set(self.test_excluded_files)):
+            payload["excluded_files"] = training_excluded
         if self.training_membership:  # (image folders only: the built-in data sets' runs keep their names)
             payload["training_files"] = self.training_membership
         return fingerprint(payload)
@@ -409,8 +414,9 @@ def plan_model_runs(
         run = ModelRun(model=choice, data=cfg.data, hyper=hyper, workers=workers, spec=spec, stage=stage,
                        run_name=f"{cfg.name}-{stage}-{choice.name}", storage_path=cfg.paths.storage,
                        params_count=profile.inference_params, macs=profile.macs, excluded_files=info.excluded_files,
-                       split_sizes=dict(info.sizes), split_membership=info.membership or None,
-                       test_split=info.test_split, training_membership=info.training_membership or None)
+                       test_excluded_files=info.test_excluded_files, split_sizes=dict(info.sizes),
+                       split_membership=info.membership or None, test_split=info.test_split,
+                       training_membership=info.training_membership or None)
         if stage == "train":
             run = run.model_copy(update={"run_name": f"{run.run_name}-{run.fingerprint}"})
         runs.append(run)
@@ -497,17 +503,37 @@ def search_fingerprint(cfg: PipelineConfig, legacy: bool = False, with_user_coef
     })
 
 
-def data_content(info: DatasetInfo, *, with_training_files: bool = True) -> str:
-    """A short hash of what an image folder holds, as the search saw it (its classes, channels, split sizes, the
-    files left out, and which training and validation files it has under which labels): its files can change
-    under the same settings (:func:`search_fingerprint`), and the finished search was then reused (images
-    relabelled or replaced by others too), or an interrupted one resumed trials planned for the old files (their
-    class count, their split sizes), which failed every retry. "" for the built-in data sets, which never
-    change. ``with_training_files=False``: the hash of searches saved before the files counted."""
+def data_content(info: DatasetInfo) -> str:
+    """A short hash of what an image folder holds for the search (its classes, channels, training and validation
+    split sizes, the files of those splits left out, and which training and validation files it has under which
+    labels): its files can change under the same settings (:func:`search_fingerprint`), and the finished search
+    was then reused (images relabelled or replaced by others too), or an interrupted one resumed trials planned
+    for the old files (their class count, their split sizes), which failed every retry. A split folder's
+    ``test/`` is not in it: the search never reads it, and adding test images searched again. "" for the
+    built-in data sets, which never change."""
+    return _data_content(info, training_files=True, test_split=False)
+
+
+def earlier_data_contents(info: DatasetInfo) -> list[str]:
+    """:func:`data_content` as earlier versions hashed it, latest first: with the test split's size and files
+    left out (before 2026-12-03), and before that without the training files. A search saved under one of them
+    is taken once (:func:`~pipelines.search.load_search_result`) and saved under :func:`data_content`."""
+    if info.dataset != "imagefolder":
+        return []
+    return [_data_content(info, training_files=True, test_split=True),
+            _data_content(info, training_files=False, test_split=True)]
+
+
+def _data_content(info: DatasetInfo, *, training_files: bool, test_split: bool) -> str:
     if info.dataset != "imagefolder":
         return ""
-    content = {"classes": list(info.class_names), "channels": info.channels, "sizes": info.sizes,
-               "excluded_files": sorted(info.excluded_files)}
-    if with_training_files:
+    if test_split:
+        sizes, excluded = info.sizes, set(info.excluded_files)
+    else:
+        sizes = {split: size for split, size in info.sizes.items() if split != "test"}
+        excluded = set(info.excluded_files) - set(info.test_excluded_files)
+    content = {"classes": list(info.class_names), "channels": info.channels, "sizes": sizes,
+               "excluded_files": sorted(excluded)}
+    if training_files:
         content["training_files"] = info.training_membership
     return fingerprint(content)

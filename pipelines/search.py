@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,7 @@ from .planning import (
     ModelRun,
     compound_network,
     data_content,
+    earlier_data_contents,
     plan_model_runs,
     search_data,
     search_fingerprint,
@@ -89,12 +91,13 @@ class SearchResult:
 
 
 def load_search_result(cfg: PipelineConfig, content: str | None = None,
-                       earlier_content: str | None = None) -> SearchResult | None:
+                       earlier_contents: Sequence[str] = ()) -> SearchResult | None:
     """The finished search of this config (same search settings), if there is one. ``content``: the image
     folder's content now (:func:`~pipelines.planning.data_content`), for the search stage, which searches again
     once it changed; the train stage and the report take the search as it was (they never read the folder
-    for it: a report needs no data). ``earlier_content``: the content as searches saved before the training
-    files counted hashed it: such a search is taken and saved with ``content``, which tells changes from now on."""
+    for it: a report needs no data). ``earlier_contents``: the content as earlier versions hashed it
+    (:func:`~pipelines.planning.earlier_data_contents`): a search saved under one is taken and saved with
+    ``content``, which tells changes from now on."""
     path = cfg.paths.search_result
     if not path.is_file():
         return None
@@ -104,7 +107,7 @@ def load_search_result(cfg: PipelineConfig, content: str | None = None,
         return None
     if result.fingerprint not in search_fingerprints(cfg):
         return None
-    if content and earlier_content and result.data_content == earlier_content:
+    if content and result.data_content in earlier_contents:
         result.data_content = content
         result.save(path)
     if content and result.data_content and result.data_content != content:
@@ -372,18 +375,22 @@ def _begin_forced_search(cfg: PipelineConfig, fingerprint: str, experiment: str)
     cfg.paths.search_result.unlink(missing_ok=True)
 
 
-def _experiment_name(cfg: PipelineConfig, fingerprint: str, force: bool) -> str:
+def _experiment_name(cfg: PipelineConfig, fingerprint: str, force: bool, earlier: Sequence[str] = ()) -> str:
     """The search's Tune experiment (its trials' Train runs are named after it). A re-run continues the latest
     experiment of these settings, interrupted or finished; ``force`` names a new one, since a finished one
     would only be restored, its trials not run again (:func:`_begin_forced_search` records it once the stage's
-    checks have passed)."""
+    checks have passed). ``earlier``: ``fingerprint`` as earlier versions wrote it (an image folder's content
+    hashed otherwise), tried after it."""
     marker = _experiment_marker(cfg)
     if force:
         return f"{cfg.name}-search-{fingerprint}-{time.strftime('%Y%m%d-%H%M%S')}"
     # ``fingerprint`` may carry an image folder's content after the settings' fingerprint: kept on the older ones.
     current, *older = search_fingerprints(cfg)
-    suffix = fingerprint[len(current):] if fingerprint.startswith(current) else None
-    accepted = [fingerprint] + ([f"{legacy}{suffix}" for legacy in older] if suffix is not None else [])
+    accepted = []
+    for name in (fingerprint, *earlier):
+        suffix = name[len(current):] if name.startswith(current) else None
+        accepted += [name] + ([f"{legacy}{suffix}" for legacy in older] if suffix is not None else [])
+    accepted = list(dict.fromkeys(accepted))
     forced = _forced_experiments(marker)
     if found := next((forced[key] for key in accepted if key in forced), None):
         return found
@@ -441,12 +448,11 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     search = cfg.search
     data_cfg = cfg.model_copy(update={"data": search_data(cfg)})
     # Read here for an image folder only (it can change under the same settings); the built-in sets cannot.
-    content = earlier_content = ""
-    info = None
+    content, earlier_contents, info = "", [], None
     if cfg.data.dataset == "imagefolder":
         info = describe_dataset(data_cfg.data)
-        content, earlier_content = data_content(info), data_content(info, with_training_files=False)
-    if not force and (previous := load_search_result(cfg, content, earlier_content)) is not None:
+        content, earlier_contents = data_content(info), earlier_data_contents(info)
+    if not force and (previous := load_search_result(cfg, content, earlier_contents)) is not None:
         # (a trial that diverged is not counted: run again, it would diverge again)
         failed = sum(r.get("error") is not None for r in previous.trials) + sum(
             not r.get("diverged_at") for r in previous.unreported)
@@ -462,7 +468,8 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     fingerprint = search_fingerprint(cfg)
     # An image folder's trials are planned for its files: changed, they are another experiment, not resumed.
     experiment_fingerprint = f"{fingerprint}-{content}" if content else fingerprint
-    experiment = _experiment_name(cfg, experiment_fingerprint, force)
+    experiment = _experiment_name(cfg, experiment_fingerprint, force,
+                                  [f"{fingerprint}-{earlier}" for earlier in earlier_contents])
     free = free_resources()
     cpus, per_node = cpus_to_share(cfg.train, free["CPU"], "search")
     template = plan_model_runs(data_cfg, info, [search_template(cfg)], stage="search", epochs=search.epochs,

@@ -181,7 +181,7 @@ def test_an_image_folder_search_is_searched_again_once_its_images_are_relabelled
     from PIL import Image
 
     from pipelines.data import describe_dataset, forget_loaded_splits
-    from pipelines.planning import data_content, search_data
+    from pipelines.planning import data_content, earlier_data_contents, search_data
     from pipelines.search import SearchResult, load_search_result
 
     root, rng = tmp_path / "images", np.random.default_rng(0)
@@ -194,22 +194,88 @@ def test_an_image_folder_search_is_searched_again_once_its_images_are_relabelled
     def contents():
         forget_loaded_splits()
         info = describe_dataset(search_data(cfg))
-        return data_content(info), data_content(info, with_training_files=False)
+        return data_content(info), earlier_data_contents(info)
 
     content, earlier = contents()
-    assert content != earlier
+    assert content not in earlier
     best = {"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "val_acc": 0.5}
     SearchResult(best=best, trials=[], objective="val_acc", phi=1.0, paper_included=True,
-                 fingerprint=search_fingerprint(cfg), data_content=earlier).save(cfg.paths.search_result)
+                 fingerprint=search_fingerprint(cfg), data_content=earlier[-1]).save(cfg.paths.search_result)
     assert load_search_result(cfg, content, earlier).coefficients == {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}
     assert json.loads(cfg.paths.search_result.read_text())["data_content"] == content  # saved as it is now
     moved = next(p for p in sorted((root / "ant").iterdir()) if p.name in {"3.png", "4.png", "5.png", "6.png"})
     moved.rename(root / "bee" / f"a{moved.name}")  # relabelled: the same classes and split sizes
     relabelled, relabelled_earlier = contents()
-    assert relabelled_earlier == earlier and relabelled != content
+    assert relabelled_earlier[-1] == earlier[-1] and relabelled != content
     with caplog.at_level(logging.INFO, logger="pipelines"):
         assert load_search_result(cfg, relabelled, relabelled_earlier) is None
     assert "changed since the search" in caplog.text
+
+
+def test_test_images_added_to_a_split_folder_leave_its_search_and_models_as_they_were(make_config, tmp_path):
+    """The search's record of an image folder held every split's size and unreadable files: a split folder's
+    images added to test/ (which the search never reads) searched again, and an unreadable one left out of test/
+    (data.skip_bad_files) changed every model's fingerprint too, so all of them trained again. Now only the
+    training and validation splits count; a search saved under the content as it was hashed before is taken once,
+    and an interrupted one is resumed."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.data import describe_dataset, forget_loaded_splits
+    from pipelines.planning import data_content, earlier_data_contents, plan_model_runs, search_data
+    from pipelines.search import SearchResult, _experiment_name, load_search_result
+
+    root, rng = tmp_path / "images", np.random.default_rng(0)
+    for split, count in (("train", 12), ("val", 3), ("test", 3)):
+        for name in ("ant", "bee"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    cfg = make_config("data.dataset=imagefolder", f"data.root={root}", "data.image_size=16", "train.batch_size=8",
+                      "train.models=[lenet5]", "data.skip_bad_files=true")
+
+    def read():
+        forget_loaded_splits()  # (the files changed)
+        info = describe_dataset(search_data(cfg))
+        [run] = plan_model_runs(cfg, info, resolve_models(cfg), cluster_cpus=2)
+        return info, run
+
+    info, run = read()
+    content = data_content(info)
+    best = {"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "val_acc": 0.5}
+    SearchResult(best=best, trials=[], objective="val_acc", phi=1.0, paper_included=True,
+                 fingerprint=search_fingerprint(cfg), data_content=content).save(cfg.paths.search_result)
+
+    Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / "test" / "bee" / "9.png")
+    (root / "test" / "ant" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")  # left out: unreadable
+    tested_anew, rerun = read()
+    assert tested_anew.excluded_files == tested_anew.test_excluded_files == ("test/ant/cut.png",)
+    assert rerun.excluded_files == ("test/ant/cut.png",)  # (the workers still leave it out)
+    assert data_content(tested_anew) == content and load_search_result(cfg, content) is not None
+    assert rerun.fingerprint == run.fingerprint and rerun.test_split != run.test_split  # tested again, not trained
+
+    # A search saved under the content before test/ was left out (with the split sizes of then) is taken once.
+    (root / "test" / "bee" / "9.png").unlink(), (root / "test" / "ant" / "cut.png").unlink()
+    info, _ = read()
+    [with_test_split, *_] = earlier_data_contents(info)
+    assert with_test_split != content
+    SearchResult(best=best, trials=[], objective="val_acc", phi=1.0, paper_included=True,
+                 fingerprint=search_fingerprint(cfg), data_content=with_test_split).save(cfg.paths.search_result)
+    assert load_search_result(cfg, content, earlier_data_contents(info)) is not None
+    assert json.loads(cfg.paths.search_result.read_text())["data_content"] == content
+    # An interrupted one (a Tune experiment under the content as hashed before) is resumed, not started afresh.
+    current, earlier = f"{search_fingerprint(cfg)}-{content}", f"{search_fingerprint(cfg)}-{with_test_split}"
+    interrupted = Path(cfg.paths.storage) / f"{cfg.name}-search-{earlier}"
+    interrupted.mkdir(parents=True)
+    (interrupted / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    assert _experiment_name(cfg, current, False, [earlier]) == interrupted.name
+    assert _experiment_name(cfg, current, False) == f"{cfg.name}-search-{current}"
+
+    # Images the search and the models learn from still count: an unreadable training image left out changes both.
+    (root / "train" / "ant" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    changed, retrained = read()
+    assert changed.test_excluded_files == () and changed.excluded_files == ("train/ant/cut.png",)
+    assert data_content(changed) != content and retrained.fingerprint != run.fingerprint
 
 
 def test_a_search_gpu_share_is_applied_on_gpus_and_said_unused_without_them(make_config, caplog, cuda_devices):
