@@ -859,13 +859,18 @@ class PipelineConfig(_Section):
         # back without them went to AWS itself (registration then retried for good).
         if value is None:
             return value
+        # Never echoed: the options (pyarrow's secret_key) and a key:password@ before the bucket.
+        shown = re.sub(r"^([A-Za-z][\w+.-]*:/+)[^/@]*:[^/@]*@", r"\1...:...@",
+                       value.split("?", 1)[0] + ("?..." if "?" in value else ""))
         if re.match(r"^[A-Za-z][\w+.-]+:/(?!/)", value):  # (s3:/bucket/x became the local directory ./s3:/bucket/x)
             slashes = ":///" if value.lower().startswith("file:") else "://"  # (file://tmp/x names a host "tmp")
-            fixed = value.replace(":/", slashes, 1)
-            raise ValueError(f"{value!r}: a URI needs two slashes after its scheme ({fixed!r})")
+            fixed = shown.replace(":/", slashes, 1)
+            raise ValueError(f"{shown!r}: a URI needs two slashes after its scheme ({fixed!r})")
         checked_local_path(value)
+        if value.lower().startswith("file://"):  # the local path it names, as RunPaths.of reads it (%00: a NUL)
+            checked_local_path(urllib.parse.unquote(value[len("file://"):]))
         if "://" in value and any(c.isspace() for c in value):
-            raise ValueError(f"{value!r}: a URI cannot hold spaces (pyarrow cannot parse it)")
+            raise ValueError(f"{shown!r}: a URI cannot hold spaces (pyarrow cannot parse it)")
         if "://" in value:
             scheme, rest = value.split("://", 1)
             if scheme not in STORAGE_SCHEMES:
@@ -877,10 +882,10 @@ class PipelineConfig(_Section):
                                  "or namenode, so they could not be read back)")
             authority = rest.split("/", 1)[0]
             if scheme == "file" and authority:  # pyarrow: "Unsupported hostname"
-                raise ValueError(f"{value!r}: a file URI has three slashes before an absolute path "
-                                 f"(file:///{rest}), or none at all (a plain path)")
+                raise ValueError(f"{shown!r}: a file URI has three slashes before an absolute path "
+                                 f"(file:///{shown.split('://', 1)[1]}), or none at all (a plain path)")
             if scheme != "file" and not authority.rsplit("@", 1)[-1]:  # pyarrow: "Missing bucket name"
-                raise ValueError(f"{value!r}: the bucket is missing ({scheme}://bucket/path)")
+                raise ValueError(f"{shown!r}: the bucket is missing ({scheme}://bucket/path)")
             if "@" in authority and ":" in authority.rsplit("@", 1)[0]:  # (a user name alone is none)
                 # Not echoed. Logged with every run's config.yaml, and lost from the checkpoint paths Ray reports.
                 raise ValueError(f"{scheme}://...:...@...: a key or password in the storage URI would be logged with "
@@ -888,13 +893,12 @@ class PipelineConfig(_Section):
                                  "node's environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the "
                                  "instance's role)")
         if "://" in value and "#" in value:  # (pyarrow drops a fragment: the runs went to another directory)
-            raise ValueError(f"{value!r}: a storage URI cannot hold '#' (pyarrow reads what follows as a fragment, "
+            raise ValueError(f"{shown!r}: a storage URI cannot hold '#' (pyarrow reads what follows as a fragment, "
                              "not as part of the path)")
         if value.lower().rstrip("/") in ("file:", "file:/"):  # (file:// alone: no path at all)
-            raise ValueError(f"{value!r}: the file URI names no directory (file:///absolute/path)")
+            raise ValueError(f"{shown!r}: the file URI names no directory (file:///absolute/path)")
         if "://" in value and "?" in value:
-            # The options are not echoed: they may hold credentials (pyarrow's secret_key).
-            raise ValueError(f"{value.split('?', 1)[0] + '?...'!r}: options in the storage URI are lost from the "
+            raise ValueError(f"{shown!r}: options in the storage URI are lost from the "
                              "paths built under it; give "
                              "an S3-compatible store's endpoint as AWS_ENDPOINT_URL (and the region as "
                              "AWS_DEFAULT_REGION) in every node's environment instead")

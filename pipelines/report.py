@@ -477,7 +477,9 @@ def _warn_of_other_test_images(results: list[ModelResult], others: list[str] | t
     """Name the models tested on other test images than most (an image folder's test/ changed, and their test
     again failed or has not run): ranked by test accuracy beside the others with nothing to tell them apart.
     ``others``: records of other trainings than this config's (:func:`other_trainings`): the test images most of
-    this config's own records were tested on are the reference, and only its own are retested by `train`."""
+    this config's own records were tested on are the reference, and only its own are retested by `train`. Which
+    of them it retests the report cannot tell (it reads no data): those not tested on the current test images,
+    which may be the reference's."""
     by_split: dict[str, list[str]] = {}
     for r in results:
         if r.test_split:
@@ -485,9 +487,9 @@ def _warn_of_other_test_images(results: list[ModelResult], others: list[str] | t
     if len(by_split) > 1:
         usual = max(by_split.values(), key=lambda names: (sum(n not in others for n in names), len(names)))
         odd = sorted(name for names in by_split.values() if names is not usual for name in names)
-        retested = [name for name in odd if name not in others]
-        advice = "" if not retested else "; a `train` re-run tests " + (
-            "them" if len(retested) == len(odd) else ", ".join(retested)) + " again"
+        own_splits = {r.test_split for r in results if r.test_split and r.model_name not in others}
+        advice = ("; a `train` re-run tests this config's models again where their test images are not the "
+                  "current ones") if len(own_splits) > 1 else ""
         logger.warning("[report] %s tested on other test images than %s (the data set's test split changed "
                        "between their trainings%s): their test accuracies do not compare",
                        ", ".join(odd) + (" were" if len(odd) > 1 else " was"), ", ".join(sorted(usual)), advice)

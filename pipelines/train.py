@@ -448,6 +448,7 @@ def check_interrupted_schedules(runs: list[ModelRun], *, warn: bool = True) -> d
                                hyper.epochs, 100 * was, 100 * now)
             continue
         if resume_point(run, read_checkpoints=True)[0] == "afresh":  # (damaged: set aside, nothing to cut short)
+            resumes_at.pop(run.model_name, None)  # (it trains every epoch: the estimate counts them all)
             continue
         refused.append(f"{run.model_name} (run {run.run_name}): an interrupted run of these settings was training "
                        f"to {planned} epochs (its latest checkpoint is of epoch {reached}, its learning rate at "

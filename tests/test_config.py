@@ -308,6 +308,8 @@ def test_an_override_of_a_yaml_alias_changes_only_the_key_it_names(tmp_path):
         (["storage_path=file:/tmp/x"], "storage_path", "'file:///tmp/x'"),  # (file://tmp/x names a host)
         (["storage_path=file://tmp/x"], "storage_path", "three slashes"),
         (["storage_path=file:///tmp/x#y"], "storage_path", "cannot hold '#'"),
+        (["storage_path=file:///tmp/a%00b"], "storage_path", "NUL byte"),  # (a ValueError traceback)
+        (["storage_path=file:///tmp/" + "%61" * 300], "storage_path", "over 255 bytes"),
         (["storage_path=file://"], "storage_path", "names no directory"),
         (["storage_path=s3:///x"], "storage_path", "the bucket is missing"),
         (["storage_path=gs://"], "storage_path", "the bucket is missing"),
@@ -484,6 +486,12 @@ def test_a_database_password_in_the_tracking_uri_is_masked_wherever_it_is_shown(
     ("tracking.uri=postgresql://mlflow:s3cret@${CNNZOO_TEST_UNSET_HOST}/mlflow", "tracking.uri", "s3cret"),
     ("serve.auth_token=t0kenpart-${CNNZOO_TEST_UNSET_SUFFIX}", "serve.auth_token", "t0kenpart"),
     ("storage_path=s3://bucket/ray?access_key=AKIA&secret_key=wJalrSECRET", "storage_path", "wJalrSECRET"),
+    # Refused for a '#', a space or a missing slash before the options' check: each error showed the whole URI.
+    ("storage_path=s3://bucket/ray?secret_key=wJalrSECRET#x", "storage_path", "wJalrSECRET"),
+    ("storage_path='s3://bucket/ray?secret_key=wJalrSECRET x'", "storage_path", "wJalrSECRET"),
+    ("storage_path=s3:/bucket/ray?secret_key=wJalrSECRET", "storage_path", "wJalrSECRET"),
+    ("storage_path=s3://KEY:wJalrSECRET@/ray", "storage_path", "wJalrSECRET"),  # (the bucket missing first)
+    ("storage_path=s3:/KEY:wJalrSECRET@bucket/ray", "storage_path", "wJalrSECRET"),
     # An unencoded '/' in the password: urllib's refusal quoted the part before it as the port
     ("tracking.uri=https://mlflow:s3cr/3tpw@mlflow.internal/", "tracking.uri", "s3cr"),
 ])
