@@ -375,22 +375,18 @@ def _begin_forced_search(cfg: PipelineConfig, fingerprint: str, experiment: str)
     cfg.paths.search_result.unlink(missing_ok=True)
 
 
-def _experiment_name(cfg: PipelineConfig, fingerprint: str, force: bool, earlier: Sequence[str] = ()) -> str:
+def _experiment_name(cfg: PipelineConfig, fingerprint: str, force: bool) -> str:
     """The search's Tune experiment (its trials' Train runs are named after it). A re-run continues the latest
     experiment of these settings, interrupted or finished; ``force`` names a new one, since a finished one
     would only be restored, its trials not run again (:func:`_begin_forced_search` records it once the stage's
-    checks have passed). ``earlier``: ``fingerprint`` as earlier versions wrote it (an image folder's content
-    hashed otherwise), tried after it."""
+    checks have passed)."""
     marker = _experiment_marker(cfg)
     if force:
         return f"{cfg.name}-search-{fingerprint}-{time.strftime('%Y%m%d-%H%M%S')}"
     # ``fingerprint`` may carry an image folder's content after the settings' fingerprint: kept on the older ones.
     current, *older = search_fingerprints(cfg)
-    accepted = []
-    for name in (fingerprint, *earlier):
-        suffix = name[len(current):] if name.startswith(current) else None
-        accepted += [name] + ([f"{legacy}{suffix}" for legacy in older] if suffix is not None else [])
-    accepted = list(dict.fromkeys(accepted))
+    suffix = fingerprint[len(current):] if fingerprint.startswith(current) else None
+    accepted = [fingerprint] + ([f"{legacy}{suffix}" for legacy in older] if suffix is not None else [])
     forced = _forced_experiments(marker)
     if found := next((forced[key] for key in accepted if key in forced), None):
         return found
@@ -467,9 +463,10 @@ def _search_stage(cfg: PipelineConfig, *, force: bool = False) -> SearchResult:
     info = info or describe_dataset(data_cfg.data)  # (an image folder's read once: 256 of its images decoded)
     fingerprint = search_fingerprint(cfg)
     # An image folder's trials are planned for its files: changed, they are another experiment, not resumed.
-    experiment_fingerprint = f"{fingerprint}-{content}" if content else fingerprint
-    experiment = _experiment_name(cfg, experiment_fingerprint, force,
-                                  [f"{fingerprint}-{earlier}" for earlier in earlier_contents])
+    # Named with the test split's files in: the trials carry every split's sizes, which each worker checks, so an
+    # interrupted search resumed after test/ changed failed every retry. (The hash the names had before.)
+    experiment_fingerprint = f"{fingerprint}-{earlier_contents[0]}" if content else fingerprint
+    experiment = _experiment_name(cfg, experiment_fingerprint, force)
     free = free_resources()
     cpus, per_node = cpus_to_share(cfg.train, free["CPU"], "search")
     template = plan_model_runs(data_cfg, info, [search_template(cfg)], stage="search", epochs=search.epochs,

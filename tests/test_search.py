@@ -223,7 +223,7 @@ def test_test_images_added_to_a_split_folder_leave_its_search_and_models_as_they
 
     from pipelines.data import describe_dataset, forget_loaded_splits
     from pipelines.planning import data_content, earlier_data_contents, plan_model_runs, search_data
-    from pipelines.search import SearchResult, _experiment_name, load_search_result
+    from pipelines.search import SearchResult, load_search_result
 
     root, rng = tmp_path / "images", np.random.default_rng(0)
     for split, count in (("train", 12), ("val", 3), ("test", 3)):
@@ -263,13 +263,13 @@ def test_test_images_added_to_a_split_folder_leave_its_search_and_models_as_they
                  fingerprint=search_fingerprint(cfg), data_content=with_test_split).save(cfg.paths.search_result)
     assert load_search_result(cfg, content, earlier_data_contents(info)) is not None
     assert json.loads(cfg.paths.search_result.read_text())["data_content"] == content
-    # An interrupted one (a Tune experiment under the content as hashed before) is resumed, not started afresh.
-    current, earlier = f"{search_fingerprint(cfg)}-{content}", f"{search_fingerprint(cfg)}-{with_test_split}"
-    interrupted = Path(cfg.paths.storage) / f"{cfg.name}-search-{earlier}"
-    interrupted.mkdir(parents=True)
-    (interrupted / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
-    assert _experiment_name(cfg, current, False, [earlier]) == interrupted.name
-    assert _experiment_name(cfg, current, False) == f"{cfg.name}-search-{current}"
+    # An interrupted search is resumed only on the same test images too: its trials carry every split's size,
+    # which each worker checks (resumed after test/ changed, every retry failed). Its experiment is named as before.
+    assert with_test_split == earlier_data_contents(info)[0]
+    Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / "test" / "bee" / "9.png")
+    grown, _ = read()
+    assert data_content(grown) == content and earlier_data_contents(grown)[0] != with_test_split
+    (root / "test" / "bee" / "9.png").unlink()
 
     # Images the search and the models learn from still count: an unreadable training image left out changes both.
     (root / "train" / "ant" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
