@@ -175,6 +175,18 @@ def refusing_credentials():
     server.shutdown()
 
 
+def write_split_folder(root: Path, rng, counts=(("train", 12), ("val", 3), ("test", 3))) -> None:
+    """A split image folder of random 12x12 grey PNGs: ``root/<split>/{ant,bee}/<i>.png``, ``count`` per class."""
+    import numpy as np
+    from PIL import Image
+
+    for split, count in counts:
+        for name in ("ant", "bee"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+
+
 def free_port() -> int:
     import socket
 

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from conftest import write_split_folder
 from ray.tune import Callback
 
 from cnnmodels.scaling import constraint_value
@@ -226,11 +227,7 @@ def test_test_images_added_to_a_split_folder_leave_its_search_and_models_as_they
     from pipelines.search import SearchResult, load_search_result
 
     root, rng = tmp_path / "images", np.random.default_rng(0)
-    for split, count in (("train", 12), ("val", 3), ("test", 3)):
-        for name in ("ant", "bee"):
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    write_split_folder(root, rng)
     cfg = make_config("data.dataset=imagefolder", f"data.root={root}", "data.image_size=16", "train.batch_size=8",
                       "train.models=[lenet5]", "data.skip_bad_files=true")
 

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_PER_BLOCK_TYPE
+from conftest import ONE_PER_BLOCK_TYPE, write_split_folder
 
 import cnnmodels
 from pipelines.checkpoints import load_checkpoint
@@ -1411,11 +1411,7 @@ def test_an_image_folders_changed_files_retrain_or_retest_its_models(make_config
     from pipelines.train import _split_finished
 
     root, rng = tmp_path / "images", np.random.default_rng(0)
-    for split, count in (("train", 12), ("val", 3), ("test", 3)):
-        for name in ("ant", "bee"):
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    write_split_folder(root, rng)
     cfg = make_config("data.dataset=imagefolder", f"data.root={root}", "data.image_size=16", "train.batch_size=8",
                       "train.models=[lenet5]")
 
